@@ -1,0 +1,104 @@
+// The long-lived group object of one rank, and the dispatch / combine operators.
+//
+// A Group is created once per rank for an EP domain (and optional TP domain) by a runtime (see
+// moedist/inproc.h), owns its buffers and is reused across calls. Every rank of the world calls
+// dispatch (and later combine) with its own inputs; the calls are collective.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "moedist/config.h"
+#include "moedist/tensor.h"
+
+namespace moedist {
+
+class Transport;  // internal
+
+// Caller-provided output buffers. Any subset may be given; absent ones come from the group's own
+// storage (valid until the next dispatch on this group). Shapes must be at least the ones dispatch
+// reports (expand_x rows >= A * max(T, 1), and so on).
+struct DispatchOutputs {
+  MutableTensorView expand_x;           // (A*max(T,1), H) int8 (quant_mode 2) or x.dtype
+  MutableTensorView dynamic_scales;     // (A*max(T,1),) fp32
+  MutableTensorView expand_idx;         // (BS*K,) int32
+  MutableTensorView expert_token_nums;  // (local_expert_num,) int64
+  MutableTensorView ep_recv_counts;     // (W*local_expert_num*(T==2?2:1),) int32
+  MutableTensorView tp_recv_counts;     // (T,) int32 (T == 2 only)
+  MutableTensorView expand_scales;      // (A*max(T,1),) fp32 (when expert_scales is given)
+};
+
+struct DispatchOptions {
+  TensorView scales;         // optional smooth scales (E, H) fp32, or (E+1, H) with shared experts
+  TensorView x_active_mask;  // reserved in V1: must be absent
+  TensorView expert_scales;  // optional (BS, K) fp32 router weights, carried to expand_scales
+  int quant_mode = 0;        // 0 = none, 2 = dynamic per-token int8
+  int expert_token_nums_type = 1;  // 0 = prefix sum over local experts, 1 = count per local expert
+  DispatchOutputs out;       // optional caller buffers
+};
+
+// Views of the seven outputs. Only the valid prefix of expand_x / dynamic_scales / expand_scales
+// (valid_rows rows) is written; rows past it are unspecified, as on the NPU.
+struct DispatchResult {
+  TensorView expand_x;
+  TensorView dynamic_scales;     // present (A*max(T,1) long) for every quant_mode; meaningful for quant_mode 2
+  TensorView expand_idx;
+  TensorView expert_token_nums;
+  TensorView ep_recv_counts;
+  TensorView tp_recv_counts;     // absent unless T == 2
+  TensorView expand_scales;      // absent unless expert_scales was given
+  std::int64_t valid_rows = 0;   // rows written: own EP rows + (T == 2) the TP peer's rows
+  std::int64_t A = 0;            // the capacity of this call
+};
+
+struct CombineOptions {
+  TensorView tp_send_counts;    // dispatch's tp_recv_counts (T == 2 only)
+  TensorView x_active_mask;     // reserved: must be absent
+  TensorView activation_scale;  // reserved: must be absent
+  TensorView weight_scale;      // reserved: must be absent
+  TensorView group_list;        // reserved: must be absent
+  TensorView expand_scales;     // accepted (dispatch's expand_scales), checked, not used: weights come from expert_scales
+  TensorView shared_expert_x;   // reserved in V1: must be absent
+  int out_dtype = 0;            // reserved: must be 0
+  int comm_quant_mode = 0;      // 0 = none, 2 = int8 communication quantization of expert outputs
+  int group_list_type = 0;      // reserved: must be 0
+  MutableTensorView out;        // optional caller buffer (BS, H), same dtype as expand_x
+};
+
+// Bytes this rank moved in its last call (for benchmarks and tests).
+struct TrafficCounters {
+  std::int64_t dispatch_rows_sent = 0;   // rows this rank wrote into receive windows (its own included)
+  std::int64_t dispatch_bytes_sent = 0;
+  std::int64_t combine_rows_read = 0;    // expert-output rows this rank read back
+  std::int64_t combine_bytes_read = 0;
+};
+
+class Group {
+ public:
+  Group(const GroupConfig& config, std::unique_ptr<Transport> transport);
+  ~Group();
+  Group(const Group&) = delete;
+  Group& operator=(const Group&) = delete;
+
+  const GroupConfig& config() const noexcept;
+  int local_expert_num() const noexcept;
+  bool is_shared_expert_rank() const noexcept;
+
+  // torch_npu.npu_moe_distribute_dispatch. x: (BS, H) bf16/fp16; expert_ids: (BS, K) int32.
+  DispatchResult dispatch(const TensorView& x, const TensorView& expert_ids, const DispatchOptions& options = {});
+
+  // torch_npu.npu_moe_distribute_combine. Returns (BS, H) in expand_x's dtype: options.out if given,
+  // else group storage valid until the next combine on this group.
+  TensorView combine(const TensorView& expand_x, const TensorView& expert_ids, const TensorView& expand_idx,
+                     const TensorView& ep_send_counts, const TensorView& expert_scales,
+                     const CombineOptions& options = {});
+
+  const TrafficCounters& traffic() const noexcept;
+
+  struct State;  // implementation detail (src/ops/group_state.h)
+
+ private:
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace moedist

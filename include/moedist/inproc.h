@@ -1,0 +1,42 @@
+// The in-process runtime: N ranks as threads of one process, each calling dispatch/combine as a
+// separate process would. No MPI, no setup.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <memory>
+
+#include "moedist/group.h"
+
+namespace moedist {
+
+struct RuntimeOptions {
+  // Longest wait for a peer in any phase; a wait past it raises a PeerError naming the peer and phase.
+  std::chrono::milliseconds timeout{30000};
+};
+
+class InProcessWorld {
+ public:
+  // world_size = ep_world_size * max(tp_world_size, 1) threads will join.
+  explicit InProcessWorld(int world_size, RuntimeOptions options = {});
+  ~InProcessWorld();
+  InProcessWorld(const InProcessWorld&) = delete;
+  InProcessWorld& operator=(const InProcessWorld&) = delete;
+
+  int world_size() const noexcept;
+
+  // Called once by each rank's thread; collective. The rank's place in the world is its global rank
+  // ep_rank_id * max(tp_world_size, 1) + tp_rank_id. Ranks that disagree about the configuration get a
+  // config_mismatch error.
+  std::unique_ptr<Group> join(const GroupConfig& config);
+
+ private:
+  struct Hub;
+  std::shared_ptr<Hub> hub_;
+};
+
+// Runs fn(rank) for rank = 0..n-1 on n threads and waits for all. If any throw, rethrows the exception
+// of the lowest failing rank after all threads finished.
+void run_ranks(int n, const std::function<void(int rank)>& fn);
+
+}  // namespace moedist

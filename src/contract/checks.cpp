@@ -1,0 +1,280 @@
+#include "contract/checks.h"
+
+#include <vector>
+
+#include "contract/errors.h"
+
+namespace moedist::contract {
+namespace {
+
+std::string shape_text(const Layout& v) {
+  if (v.ndim == 0) return "None";
+  if (v.ndim == 1) return concat("(", v.shape[0], ",)");
+  return concat("(", v.shape[0], ", ", v.shape[1], ")");
+}
+
+void require_present(const char* name, const Layout& v) {
+  if (!v.present()) fail(ErrorCode::invalid_argument, name, "None", "is required");
+}
+
+void require_absent(const char* name, const Layout& v, const char* why) {
+  if (v.present()) fail(ErrorCode::invalid_argument, name, shape_text(v), why);
+}
+
+template <class View>
+void require_dtype(const char* name, const View& v, DType want) {
+  if (v.dtype != want)
+    fail(ErrorCode::invalid_dtype, concat(name, ".dtype"), std::string(dtype_name(v.dtype)),
+         concat("must be ", dtype_name(want)));
+}
+
+template <class View>
+void require_half(const char* name, const View& v) {
+  if (v.dtype != DType::bf16 && v.dtype != DType::fp16)
+    fail(ErrorCode::invalid_dtype, concat(name, ".dtype"), std::string(dtype_name(v.dtype)),
+         "must be bfloat16 or float16");
+}
+
+void require_ndim(const char* name, const Layout& v, int ndim) {
+  if (v.ndim != ndim) fail(ErrorCode::invalid_shape, concat(name, ".shape"), shape_text(v), concat("must be ", ndim, "-D"));
+}
+
+template <class View>
+void require_data(const char* name, const View& v) {
+  if (v.numel() > 0 && v.data == nullptr)
+    fail(ErrorCode::invalid_argument, concat(name, ".data"), "nullptr", concat("a tensor of shape ", shape_text(v), " needs data"));
+  if (v.shape[0] < 0 || (v.ndim == 2 && v.shape[1] < 0))
+    fail(ErrorCode::invalid_shape, concat(name, ".shape"), shape_text(v), "extents must be >= 0");
+}
+
+void require_matrix(const char* name, const Layout& v, std::int64_t rows, std::int64_t cols) {
+  if (v.ndim != 2 || v.shape[0] != rows || v.shape[1] != cols)
+    fail(ErrorCode::invalid_shape, concat(name, ".shape"), shape_text(v), concat("must be (", rows, ", ", cols, ")"));
+}
+
+void require_vector_len(const char* name, const Layout& v, std::int64_t len) {
+  if (v.ndim != 1 || v.shape[0] != len)
+    fail(ErrorCode::invalid_shape, concat(name, ".shape"), shape_text(v), concat("must be (", len, ",)"));
+}
+
+void require_vector_min(const char* name, const Layout& v, std::int64_t len) {
+  if (v.ndim != 1 || v.shape[0] < len)
+    fail(ErrorCode::invalid_shape, concat(name, ".shape"), shape_text(v), concat("must be 1-D with at least ", len, " entries"));
+}
+
+// expert_ids: ids in [0, E), K distinct values per row (§3.1).
+void check_expert_ids(const TensorView& ids, int E) {
+  const std::int64_t bs = ids.rows(), k = ids.cols();
+  std::vector<std::int64_t> last_row(static_cast<std::size_t>(E), -1);
+  for (std::int64_t b = 0; b < bs; ++b) {
+    for (std::int64_t j = 0; j < k; ++j) {
+      const std::int32_t e = ids.at<std::int32_t>(b, j);
+      if (e < 0 || e >= E)
+        fail(ErrorCode::invalid_argument, concat("expert_ids[", b, ", ", j, "]"), concat(e),
+             concat("must be in [0, moe_expert_num = ", E, ")"));
+      if (last_row[static_cast<std::size_t>(e)] == b)
+        fail(ErrorCode::invalid_argument, concat("expert_ids[", b, ", ", j, "]"), concat(e),
+             concat("the K ids of a row must be distinct; row ", b, " repeats it"));
+      last_row[static_cast<std::size_t>(e)] = b;
+    }
+  }
+}
+
+// Shape rules shared by dispatch and combine: expert_ids (BS, K) int32 with 1 <= K <= E, and the
+// per-call limits of the Ascend profiles.
+void check_ids_and_profile(const GroupConfig& c, const TensorView& ids, std::int64_t h) {
+  require_present("expert_ids", ids);
+  require_ndim("expert_ids", ids, 2);
+  require_dtype("expert_ids", ids, DType::int32);
+  require_data("expert_ids", ids);
+  const std::int64_t bs = ids.rows(), k = ids.cols();
+  if (k < 1 || k > c.moe_expert_num)
+    fail(ErrorCode::invalid_shape, "expert_ids.shape[1] (K)", concat(k), concat("must be in [1, moe_expert_num = ", c.moe_expert_num, "]"));
+  if (c.global_bs != 0 && bs * c.ep_world_size > c.global_bs)
+    fail_value("global_bs", c.global_bs,
+               concat("must be >= BS * ep_world_size = ", bs, " * ", c.ep_world_size, " (BS of this rank is ", bs, ")"));
+  if (c.profile == Profile::ascend_a3) {
+    if (h != 7168) fail_value("H", h, "profile ascend_a3 needs H == 7168");
+    if (k > 8) fail_value("K", k, "profile ascend_a3 allows K <= 8");
+    if (bs < 1 || bs > 512) fail_value("BS", bs, "profile ascend_a3 allows 1 <= BS <= 512");
+  } else if (c.profile == Profile::ascend_a2) {
+    if (h % 32 != 0 || h > 7168) fail_value("H", h, "profile ascend_a2 needs H % 32 == 0 and H <= 7168");
+    if (k > 16) fail_value("K", k, "profile ascend_a2 allows K <= 16");
+    if (bs < 1 || bs > 256) fail_value("BS", bs, "profile ascend_a2 allows 1 <= BS <= 256");
+  }
+  check_expert_ids(ids, c.moe_expert_num);
+}
+
+}  // namespace
+
+CallShape check_dispatch(const GroupConfig& c, const TensorView& x, const TensorView& ids, const DispatchOptions& o) {
+  require_present("x", x);
+  require_ndim("x", x, 2);
+  require_half("x", x);
+  require_data("x", x);
+  const std::int64_t bs = x.rows(), h = x.cols();
+  if (h < 1) fail(ErrorCode::invalid_shape, "x.shape[1] (H)", concat(h), "must be >= 1");
+  require_present("expert_ids", ids);
+  require_ndim("expert_ids", ids, 2);
+  if (ids.rows() != bs)
+    fail(ErrorCode::invalid_shape, "expert_ids.shape", shape_text(ids), concat("must have BS = x.shape[0] = ", bs, " rows"));
+  check_ids_and_profile(c, ids, h);
+  const std::int64_t k = ids.cols();
+
+  if (o.quant_mode == 1)
+    fail(ErrorCode::unsupported, "quant_mode", "1", "static quantization is not supported (0 = none, 2 = dynamic int8)");
+  if (o.quant_mode != 0 && o.quant_mode != 2) fail_value("quant_mode", o.quant_mode, "must be 0 (none) or 2 (dynamic int8)");
+  if (o.scales.present()) {
+    if (o.quant_mode == 0) fail(ErrorCode::invalid_argument, "scales", shape_text(o.scales), "must be None with quant_mode 0");
+    require_dtype("scales", o.scales, DType::fp32);
+    require_matrix("scales", o.scales, c.moe_expert_num + (c.shared_expert_rank_num > 0 ? 1 : 0), h);
+    require_data("scales", o.scales);
+  }
+  require_absent("x_active_mask", o.x_active_mask, "is reserved in the V1 operators and must be None");
+  if (o.expert_scales.present()) {
+    if (c.profile == Profile::ascend_a3)
+      fail(ErrorCode::invalid_argument, "expert_scales", shape_text(o.expert_scales), "profile ascend_a3 does not support it (must be None)");
+    require_dtype("expert_scales", o.expert_scales, DType::fp32);
+    require_matrix("expert_scales", o.expert_scales, bs, k);
+    require_data("expert_scales", o.expert_scales);
+  }
+  if (o.expert_token_nums_type != 0 && o.expert_token_nums_type != 1)
+    fail_value("expert_token_nums_type", o.expert_token_nums_type, "must be 0 (prefix sums) or 1 (counts)");
+
+  // Caller output buffers: dtype and at least the shapes torch_npu allocates.
+  const Topology topo(c);
+  const std::int64_t rows = topo.capacity_a(c.ep_rank_id, bs, k) * topo.T;
+  const DispatchOutputs& out = o.out;
+  if (out.expand_x.present()) {
+    require_dtype("out.expand_x", out.expand_x, o.quant_mode == 2 ? DType::int8 : x.dtype);
+    if (out.expand_x.ndim != 2 || out.expand_x.shape[0] < rows || out.expand_x.shape[1] != h)
+      fail(ErrorCode::invalid_shape, "out.expand_x.shape", shape_text(out.expand_x),
+           concat("must be (>= A * max(tp_world_size, 1) = ", rows, ", H = ", h, ")"));
+    require_data("out.expand_x", out.expand_x);
+  }
+  if (out.dynamic_scales.present()) {
+    require_dtype("out.dynamic_scales", out.dynamic_scales, DType::fp32);
+    require_vector_min("out.dynamic_scales", out.dynamic_scales, rows);
+    require_data("out.dynamic_scales", out.dynamic_scales);
+  }
+  if (out.expand_scales.present()) {
+    require_dtype("out.expand_scales", out.expand_scales, DType::fp32);
+    require_vector_min("out.expand_scales", out.expand_scales, rows);
+    require_data("out.expand_scales", out.expand_scales);
+  }
+  if (out.expand_idx.present()) {
+    require_dtype("out.expand_idx", out.expand_idx, DType::int32);
+    require_vector_len("out.expand_idx", out.expand_idx, bs * k);
+    require_data("out.expand_idx", out.expand_idx);
+  }
+  if (out.expert_token_nums.present()) {
+    require_dtype("out.expert_token_nums", out.expert_token_nums, DType::int64);
+    require_vector_len("out.expert_token_nums", out.expert_token_nums, topo.local_experts(c.ep_rank_id));
+    require_data("out.expert_token_nums", out.expert_token_nums);
+  }
+  if (out.ep_recv_counts.present()) {
+    require_dtype("out.ep_recv_counts", out.ep_recv_counts, DType::int32);
+    require_vector_min("out.ep_recv_counts", out.ep_recv_counts, topo.ep_recv_counts_len(c.ep_rank_id));
+    require_data("out.ep_recv_counts", out.ep_recv_counts);
+  }
+  if (out.tp_recv_counts.present()) {
+    if (c.tp_world_size != 2)
+      fail(ErrorCode::invalid_argument, "out.tp_recv_counts", shape_text(out.tp_recv_counts), "is only produced with tp_world_size = 2");
+    require_dtype("out.tp_recv_counts", out.tp_recv_counts, DType::int32);
+    require_vector_len("out.tp_recv_counts", out.tp_recv_counts, 2);
+    require_data("out.tp_recv_counts", out.tp_recv_counts);
+  }
+  return CallShape{bs, k, h};
+}
+
+CallShape check_combine(const GroupConfig& c, const TensorView& expand_x, const TensorView& ids,
+                        const TensorView& expand_idx, const TensorView& ep_send_counts,
+                        const TensorView& expert_scales, const CombineOptions& o, CombineCounts* counts) {
+  require_present("expand_x", expand_x);
+  require_ndim("expand_x", expand_x, 2);
+  require_half("expand_x", expand_x);
+  require_data("expand_x", expand_x);
+  const std::int64_t h = expand_x.cols();
+  if (h < 1) fail(ErrorCode::invalid_shape, "expand_x.shape[1] (H)", concat(h), "must be >= 1");
+  check_ids_and_profile(c, ids, h);
+  const std::int64_t bs = ids.rows(), k = ids.cols();
+
+  require_present("expand_idx", expand_idx);
+  require_dtype("expand_idx", expand_idx, DType::int32);
+  require_vector_len("expand_idx", expand_idx, bs * k);
+  require_data("expand_idx", expand_idx);
+  for (std::int64_t t = 0; t < bs * k; ++t) {
+    const std::int32_t v = expand_idx.at<std::int32_t>(t);
+    if (v < 0) fail_value(concat("expand_idx[", t, "]"), v, "must be >= 0 (use dispatch's expand_idx)");
+  }
+
+  require_present("expert_scales", expert_scales);
+  require_dtype("expert_scales", expert_scales, DType::fp32);
+  require_matrix("expert_scales", expert_scales, bs, k);
+  require_data("expert_scales", expert_scales);
+
+  const Topology topo(c);
+  const int own_len = topo.W * topo.local_experts(c.ep_rank_id);
+  const int full_len = topo.ep_recv_counts_len(c.ep_rank_id);
+  require_present("ep_send_counts", ep_send_counts);
+  require_dtype("ep_send_counts", ep_send_counts, DType::int32);
+  require_vector_min("ep_send_counts", ep_send_counts, full_len);
+  require_data("ep_send_counts", ep_send_counts);
+  // Each half is an inclusive prefix sum: non-negative and non-decreasing.
+  for (int half = 0; half * own_len < full_len; ++half) {
+    std::int32_t prev = 0;
+    for (int i = half * own_len; i < (half + 1) * own_len; ++i) {
+      const std::int32_t v = ep_send_counts.at<std::int32_t>(i);
+      if (v < prev)
+        fail_value(concat("ep_send_counts[", i, "]"), v,
+                   concat("must be a non-decreasing prefix sum (previous entry ", prev, "); use dispatch's ep_recv_counts"));
+      prev = v;
+    }
+  }
+  counts->own_rows = ep_send_counts.at<std::int32_t>(own_len - 1);
+  counts->peer_rows = topo.T == 2 ? ep_send_counts.at<std::int32_t>(full_len - 1) : 0;
+  const std::int64_t needed = counts->own_rows + counts->peer_rows;
+  if (expand_x.rows() < needed)
+    fail(ErrorCode::invalid_shape, "expand_x.shape", shape_text(expand_x),
+         concat("must have at least the ", needed, " valid rows that ep_send_counts", topo.T == 2 ? " and tp_send_counts" : "", " describe"));
+  if (topo.is_shared(c.ep_rank_id) && ep_send_counts.at<std::int32_t>(topo.S - 1) != bs)
+    fail_value(concat("ep_send_counts[", topo.S - 1, "]"), ep_send_counts.at<std::int32_t>(topo.S - 1),
+               concat("on a shared-expert rank it must equal this rank's BS = ", bs, " (its own rows come first)"));
+
+  if (topo.T == 2) {
+    require_present("tp_send_counts", o.tp_send_counts);
+    require_dtype("tp_send_counts", o.tp_send_counts, DType::int32);
+    require_vector_len("tp_send_counts", o.tp_send_counts, 2);
+    require_data("tp_send_counts", o.tp_send_counts);
+    const std::int32_t self = o.tp_send_counts.at<std::int32_t>(c.tp_rank_id);
+    const std::int32_t peer = o.tp_send_counts.at<std::int32_t>(1 - c.tp_rank_id);
+    if (self != counts->own_rows || peer != counts->peer_rows)
+      fail(ErrorCode::invalid_argument, "tp_send_counts", concat("[", o.tp_send_counts.at<std::int32_t>(0), ", ", o.tp_send_counts.at<std::int32_t>(1), "]"),
+           concat("must match ep_send_counts (own rows ", counts->own_rows, " at tp_rank_id ", c.tp_rank_id, ", peer rows ", counts->peer_rows, ")"));
+  }
+
+  if (o.comm_quant_mode != 0 && o.comm_quant_mode != 2)
+    fail_value("comm_quant_mode", o.comm_quant_mode, "must be 0 (none) or 2 (int8)");
+  if (o.comm_quant_mode != 0 && c.tp_world_size == 2)
+    fail_value("comm_quant_mode", o.comm_quant_mode, "must be 0 with a TP domain (tp_world_size = 2)");
+  require_absent("x_active_mask", o.x_active_mask, "is reserved in the V1 operators and must be None");
+  require_absent("activation_scale", o.activation_scale, "is reserved and must be None");
+  require_absent("weight_scale", o.weight_scale, "is reserved and must be None");
+  require_absent("group_list", o.group_list, "is reserved and must be None");
+  require_absent("shared_expert_x", o.shared_expert_x, "is reserved in the V1 operators and must be None");
+  if (o.out_dtype != 0) fail_value("out_dtype", o.out_dtype, "is reserved and must be 0");
+  if (o.group_list_type != 0) fail_value("group_list_type", o.group_list_type, "is reserved and must be 0");
+  if (o.expand_scales.present()) {
+    require_dtype("expand_scales", o.expand_scales, DType::fp32);
+    require_vector_min("expand_scales", o.expand_scales, needed);
+    require_data("expand_scales", o.expand_scales);
+  }
+  if (o.out.present()) {
+    require_dtype("out", o.out, expand_x.dtype);
+    require_matrix("out", o.out, bs, h);
+    require_data("out", o.out);
+  }
+  return CallShape{bs, k, h};
+}
+
+}  // namespace moedist::contract

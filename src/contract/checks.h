@@ -1,0 +1,29 @@
+// Validation of one rank's call arguments (contract §6): every rule that can be checked on this rank
+// alone, before anything is exchanged or written. Rules that need all ranks (equal BS with
+// global_bs = 0, equal H / K / dtype, expand_idx against the expert rank's counts) are checked by the
+// operators on the exchanged records, with the helpers at the end of this file.
+#pragma once
+
+#include <cstdint>
+
+#include "contract/layout.h"
+#include "moedist/config.h"
+#include "moedist/group.h"
+
+namespace moedist::contract {
+
+// Checks x, expert_ids, the options and any caller output buffers. Returns the call shape.
+CallShape check_dispatch(const GroupConfig& config, const TensorView& x, const TensorView& expert_ids,
+                         const DispatchOptions& options);
+
+struct CombineCounts {
+  std::int64_t own_rows = 0;   // rows of expand_x that came from this rank's EP group (n_self)
+  std::int64_t peer_rows = 0;  // rows that came from the TP peer (n_peer; 0 without TP)
+};
+
+// Checks the combine arguments; returns the call shape and the row counts read from ep_send_counts.
+CallShape check_combine(const GroupConfig& config, const TensorView& expand_x, const TensorView& expert_ids,
+                        const TensorView& expand_idx, const TensorView& ep_send_counts,
+                        const TensorView& expert_scales, const CombineOptions& options, CombineCounts* counts);
+
+}  // namespace moedist::contract

@@ -1,0 +1,28 @@
+// Helpers that build the contract's validation errors: "<parameter> = <value>: <rule>".
+#pragma once
+
+#include <sstream>
+#include <string>
+
+#include "moedist/error.h"
+
+namespace moedist::contract {
+
+template <class... Parts>
+std::string concat(const Parts&... parts) {
+  std::ostringstream os;
+  (os << ... << parts);
+  return os.str();
+}
+
+[[noreturn]] inline void fail(ErrorCode code, const std::string& parameter, const std::string& value,
+                              const std::string& rule) {
+  throw ValidationError(code, parameter, value, rule);
+}
+
+template <class V>
+[[noreturn]] void fail_value(const std::string& parameter, const V& value, const std::string& rule) {
+  fail(ErrorCode::invalid_argument, parameter, concat(value), rule);
+}
+
+}  // namespace moedist::contract

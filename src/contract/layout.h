@@ -1,0 +1,94 @@
+// Where rows live: the rank topology of a group (contract §3.1), the capacity A (§3.3, §3.4.1, §3.5)
+// and the byte layout of a rank's communication window. Pure functions of the configuration and the
+// call shape; nothing here knows how bytes move.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+#include "moedist/config.h"
+
+namespace moedist::contract {
+
+struct CallShape {
+  std::int64_t bs = 0;  // this rank's tokens
+  std::int64_t k = 0;
+  std::int64_t h = 0;
+};
+
+class Topology {
+ public:
+  explicit Topology(const GroupConfig& c)
+      : W(c.ep_world_size),
+        S(c.shared_expert_rank_num),
+        E(c.moe_expert_num),
+        L(moe_local_expert_num(c)),
+        T(tp_domain_size(c)),
+        ep_rank(c.ep_rank_id),
+        tp_rank(c.tp_rank_id),
+        global_bs(c.global_bs) {}
+
+  int W, S, E, L, T, ep_rank, tp_rank;
+  std::int64_t global_bs;
+
+  bool is_shared(int ep) const noexcept { return ep < S; }
+  int local_experts(int ep) const noexcept { return ep < S ? 1 : L; }
+  int expert_rank(int expert) const noexcept { return S + expert / L; }
+  int expert_local(int expert) const noexcept { return expert % L; }
+  int global_rank(int ep, int tp) const noexcept { return ep * T + tp; }
+  int world_size() const noexcept { return W * T; }
+  // Entries of a send-count record: rows per (destination EP rank d, local expert l), index d * L + l.
+  int count_record_len() const noexcept { return W * L; }
+  int ep_recv_counts_len(int ep) const noexcept { return W * local_experts(ep) * (T == 2 ? 2 : 1); }
+  std::int64_t effective_global_bs(std::int64_t bs) const noexcept { return global_bs != 0 ? global_bs : bs * W; }
+  // The contract's A: shared rank global_bs / S, MoE rank global_bs * min(L, K).
+  std::int64_t capacity_a(int ep, std::int64_t bs, std::int64_t k) const noexcept {
+    const std::int64_t gbs = effective_global_bs(bs);
+    return is_shared(ep) ? gbs / S : gbs * std::min<std::int64_t>(L, k);
+  }
+};
+
+inline std::size_t align_up(std::size_t n, std::size_t a) noexcept { return (n + a - 1) / a * a; }
+
+// A rank's window. The dispatch region holds expand_x (rows of H elements, int8 or 16-bit),
+// dynamic_scales and expand_scales exactly as the outputs are shaped, so results can be views into it.
+// The combine region holds this rank's expert-output rows ready for the source ranks to read (after
+// the TP reduce, optionally int8-quantized) and the inbox for the TP peer's partial rows. The layout
+// does not depend on quant modes, so dispatch and combine of one shape agree on it.
+struct WindowLayout {
+  WindowLayout(const Topology& topo, const CallShape& shape, int ep) {
+    capacity_a = topo.capacity_a(ep, shape.bs, shape.k);
+    dispatch_rows = capacity_a * topo.T;
+    const auto rows = static_cast<std::size_t>(dispatch_rows);
+    const auto h = static_cast<std::size_t>(shape.h);
+    comm_quant_groups = (h + 7) / 8;
+    expand_x_offset = 0;
+    dynamic_scales_offset = align_up(expand_x_offset + rows * h * 2, 64);
+    expand_scales_offset = align_up(dynamic_scales_offset + rows * 4, 64);
+    combine_row_bytes = std::max(h * 2, align_up(comm_quant_groups * 2 + h, 2));
+    combine_rows_offset = align_up(expand_scales_offset + rows * 4, 64);
+    const auto own_rows = static_cast<std::size_t>(capacity_a);
+    tp_inbox_offset = align_up(combine_rows_offset + own_rows * combine_row_bytes, 64);
+    total_bytes = align_up(tp_inbox_offset + (topo.T == 2 ? own_rows * h * 2 : 0), 64);
+  }
+
+  std::int64_t capacity_a = 0;     // A
+  std::int64_t dispatch_rows = 0;  // A * max(T, 1)
+  std::size_t comm_quant_groups = 0;
+  std::size_t expand_x_offset = 0, dynamic_scales_offset = 0, expand_scales_offset = 0;
+  std::size_t combine_rows_offset = 0, combine_row_bytes = 0, tp_inbox_offset = 0;
+  std::size_t total_bytes = 0;
+};
+
+// Bytes of the outputs a group keeps outside its window (expand_idx, counts, the combine output and
+// the count-exchange buffers).
+inline std::size_t group_output_bytes(const Topology& topo, const CallShape& s, int ep) noexcept {
+  const auto bsk = static_cast<std::size_t>(s.bs * s.k);
+  const std::size_t record = 64 + static_cast<std::size_t>(topo.count_record_len()) * 4;
+  return bsk * 4 * 2 + static_cast<std::size_t>(topo.local_experts(ep)) * 8 +
+         static_cast<std::size_t>(topo.ep_recv_counts_len(ep)) * 4 + 8 +
+         static_cast<std::size_t>(s.bs * s.h) * 2 + record * static_cast<std::size_t>(topo.world_size() + 1);
+}
+
+}  // namespace moedist::contract

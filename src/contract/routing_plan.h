@@ -1,0 +1,56 @@
+// The routing plan (contract §3.2-§3.4): what a rank sends where, and where every block lands.
+// Pure: inputs are the rank's expert_ids and the send-count records of its EP group.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "contract/layout.h"
+#include "moedist/tensor.h"
+
+namespace moedist::contract {
+
+// What one rank sends, from its own expert_ids alone.
+struct SendPlan {
+  // counts[d * L + l]: rows for EP rank d's local expert l. A shared-expert rank d uses entry l = 0
+  // for the tokens of this (MoE) rank it receives under the V1 split.
+  std::vector<std::int32_t> counts;
+  // expand_idx[b * K + k]: the occurrence number of expert_ids[b, k] among this rank's earlier
+  // routing entries (§3.2), i.e. the entry's slot inside its (expert, source rank) block.
+  std::vector<std::int32_t> expand_idx;
+
+  // expert_ids must already be validated (ids in [0, E)). Reuses the vectors' storage.
+  void build(const Topology& topo, const TensorView& expert_ids, int source_ep);
+
+ private:
+  std::vector<std::int32_t> seen_;  // per expert, scratch
+};
+
+// ep_recv_counts of EP rank `dest` (its own half, W * local_experts(dest) entries): the inclusive prefix
+// sum over its blocks, (local expert, source rank) order on a MoE rank (§3.3); on a shared-expert rank
+// the split of its own rows for sources r < S and the rows of sources r >= S (§3.4.1).
+// records(r) returns source rank r's SendPlan::counts; dest_bs is the destination's own BS.
+template <class Records>
+void receive_prefix_sums(const Topology& topo, const Records& records, int dest, std::int64_t dest_bs,
+                         std::int32_t* out) {
+  std::int64_t sum = 0;
+  if (topo.is_shared(dest)) {
+    for (int r = 0; r < topo.W; ++r) {
+      if (r < topo.S) {
+        sum += (r + dest + 1) * dest_bs / topo.S - (r + dest) * dest_bs / topo.S;
+      } else {
+        sum += records(r)[dest * topo.L];
+      }
+      out[r] = static_cast<std::int32_t>(sum);
+    }
+    return;
+  }
+  for (int l = 0; l < topo.L; ++l) {
+    for (int r = 0; r < topo.W; ++r) {
+      sum += records(r)[dest * topo.L + l];
+      out[l * topo.W + r] = static_cast<std::int32_t>(sum);
+    }
+  }
+}
+
+}  // namespace moedist::contract

@@ -1,0 +1,240 @@
+// Combine = validate, exchange the row tables, stage this rank's expert-output rows in its window
+// (after the TP reduce, optionally int8-quantized), then every source rank reads the rows of its own
+// tokens from the expert ranks' windows and reduces them in place (§4.1-§4.5).
+#include <algorithm>
+#include <cstring>
+
+#include "contract/checks.h"
+#include "contract/errors.h"
+#include "contract/shared_split.h"
+#include "kernels/row_kernels.h"
+#include "ops/group_state.h"
+
+namespace moedist {
+
+using contract::concat;
+using numeric::Half;
+
+namespace {
+
+// Start of block `index` in an inclusive prefix-sum table.
+inline std::int64_t block_begin(const std::int32_t* table, int index) { return index == 0 ? 0 : table[index - 1]; }
+
+// A peer's row table must be a prefix sum within its capacity, and TP peers must agree on each other's rows.
+void check_combine_record(const Group::State& s, int r, const char* phase) {
+  const contract::Topology& topo = s.topo;
+  const CallHeader& hd = s.header(r);
+  const std::int32_t* table = s.counts(r);
+  const int ep = r / topo.T;
+  const int len = topo.W * topo.local_experts(ep);
+  const std::int64_t capacity = topo.capacity_a(ep, hd.bs, hd.k);
+  std::int32_t prev = 0;
+  for (int i = 0; i < len; ++i) {
+    if (table[i] < prev || table[i] > capacity) {
+      throw PeerError(ErrorCode::protocol, r, phase,
+                      concat("rank ", s.me(), ": the row table of rank ", r, " is not a prefix sum within its capacity ",
+                             capacity, " (entry ", i, " = ", table[i], ")"));
+    }
+    prev = table[i];
+  }
+  if (hd.own_rows != prev || hd.peer_rows < 0 || hd.peer_rows > capacity) {
+    throw PeerError(ErrorCode::protocol, r, phase, concat("rank ", s.me(), ": rank ", r, " reports inconsistent row counts"));
+  }
+  if (topo.T == 2 && ep == topo.ep_rank && r != s.me()) {
+    const CallHeader& mine = s.header(s.me());
+    if (hd.own_rows != mine.peer_rows || hd.peer_rows != mine.own_rows) {
+      throw PeerError(ErrorCode::config_mismatch, r, phase,
+                      concat("rank ", s.me(), " holds ", mine.own_rows, " own and ", mine.peer_rows, " peer rows but its TP peer rank ", r,
+                             " holds ", hd.own_rows, " own and ", hd.peer_rows, ": pass each rank its own dispatch outputs"));
+    }
+  }
+}
+
+// The routing this rank passes to combine must be the one it dispatched: every (expert, this rank)
+// block at the expert rank must hold exactly as many rows as expert_ids sends there, and every
+// expand_idx must point inside its block. Returns normally or throws a ValidationError.
+void check_routes(Group::State& s, const TensorView& expert_ids, const TensorView& expand_idx) {
+  const contract::Topology& topo = s.topo;
+  const int my_ep = topo.ep_rank;
+  s.plan.build(topo, expert_ids, my_ep);  // per-expert counts of this call's expert_ids
+  for (int e = 0; e < topo.E; ++e) {
+    const int d = topo.expert_rank(e);
+    const std::int32_t* table = s.counts(topo.global_rank(d, topo.tp_rank));
+    const int index = topo.expert_local(e) * topo.W + my_ep;
+    const std::int64_t rows = table[index] - block_begin(table, index);
+    const std::int32_t sent = s.plan.counts[static_cast<std::size_t>(topo.S * topo.L + e)];
+    if (rows != sent) {
+      contract::fail(ErrorCode::invalid_argument, "expert_ids", concat("(routes ", sent, " tokens to expert ", e, ")"),
+                     concat("rank ", d, " holds ", rows, " rows of this rank for expert ", e,
+                            "; pass combine the expert_ids given to dispatch, and each rank its own ep_send_counts"));
+    }
+  }
+  const std::int64_t n = expand_idx.rows();
+  for (std::int64_t t = 0; t < n; ++t) {
+    const std::int32_t e = expert_ids.at<std::int32_t>(t / expert_ids.cols(), t % expert_ids.cols());
+    const std::int32_t slot = expand_idx.at<std::int32_t>(t);
+    const std::int32_t rows = s.plan.counts[static_cast<std::size_t>(topo.S * topo.L + e)];
+    if (slot >= rows) {
+      contract::fail(ErrorCode::invalid_argument, concat("expand_idx[", t, "]"), concat(slot),
+                     concat("must be < ", rows, ", the rows this rank sent to expert ", e, "; use dispatch's expand_idx"));
+    }
+  }
+  if (topo.S > 0 && !topo.is_shared(my_ep)) {
+    const std::int64_t bs = expert_ids.rows();
+    for (int sr = 0; sr < topo.S; ++sr) {
+      const std::int32_t* table = s.counts(topo.global_rank(sr, topo.tp_rank));
+      const std::int64_t rows = table[my_ep] - table[my_ep - 1];
+      const std::int64_t want = contract::shared_range_count(my_ep, sr, bs, topo.S);
+      if (rows != want) {
+        contract::fail(ErrorCode::invalid_argument, "expert_ids.shape[0] (BS)", concat(bs),
+                       concat("shared-expert rank ", sr, " holds ", rows, " rows of this rank, but BS = ", bs, " assigns it ",
+                              want, "; pass combine the tensors of the matching dispatch"));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_ids, const TensorView& expand_idx,
+                          const TensorView& ep_send_counts, const TensorView& expert_scales, const CombineOptions& o) {
+  State& s = *state_;
+  const contract::Topology& topo = s.topo;
+  const int me = s.me();
+  const int my_ep = topo.ep_rank, my_tp = topo.tp_rank;
+  ++s.seq;
+
+  // 1. Validate locally; publish this rank's row table (ep_send_counts, own half).
+  std::exception_ptr local_error;
+  contract::CallShape shape;
+  contract::CombineCounts rows;
+  try {
+    shape = contract::check_combine(s.config, expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, o, &rows);
+  } catch (...) {
+    local_error = std::current_exception();
+  }
+  CallHeader& hd = s.own_header();
+  hd.bs = shape.bs;
+  hd.k = shape.k;
+  hd.h = shape.h;
+  hd.dtype = static_cast<std::int64_t>(expand_x.dtype);
+  hd.mode = o.comm_quant_mode;
+  hd.has_expert_scales = 0;
+  hd.own_rows = rows.own_rows;
+  hd.peer_rows = rows.peer_rows;
+  std::int32_t* own_table = s.own_counts();
+  std::fill_n(own_table, topo.count_record_len(), 0);
+  if (!local_error) {
+    for (int i = 0; i < topo.W * topo.local_experts(my_ep); ++i) own_table[i] = ep_send_counts.at<std::int32_t>(i);
+  }
+  s.exchange(CallKind::combine, local_error, "combine.counts");
+  s.require_same_call("combine.counts", true);
+  for (int r = 0; r < s.transport->size(); ++r) check_combine_record(s, r, "combine.counts");
+  s.ensure_windows("combine.window");
+
+  std::exception_ptr route_error;
+  try {
+    check_routes(s, expert_ids, expand_idx);
+  } catch (...) {
+    route_error = std::current_exception();
+  }
+
+  // 2. Stage this rank's rows: TP reduce first (§4.4), else optional int8 quantization (§4.5).
+  const std::int64_t h = shape.h, k = shape.k, bs = shape.bs;
+  const Half type = expand_x.dtype == DType::bf16 ? Half::bf16 : Half::fp16;
+  const contract::WindowLayout my_layout(topo, shape, my_ep);
+  std::byte* my_window = s.transport->window(me);
+  std::byte* my_stage = my_window + my_layout.combine_rows_offset;
+  const std::size_t row_bytes = my_layout.combine_row_bytes;
+  const std::size_t groups = my_layout.comm_quant_groups;
+  const std::int64_t x_cs = expand_x.strides[1];
+  if (topo.T == 2) {
+    const int peer = topo.global_rank(my_ep, 1 - my_tp);
+    if (!route_error) {
+      // The peer's tokens' rows of this rank's partial result go to the peer's inbox.
+      const contract::WindowLayout peer_layout(topo, s.shape_of(peer), my_ep);
+      auto* inbox = reinterpret_cast<std::uint16_t*>(s.transport->window(peer) + peer_layout.tp_inbox_offset);
+      for (std::int64_t i = 0; i < rows.peer_rows; ++i) {
+        kernels::copy_row16(expand_x.ptr<std::uint16_t>(rows.own_rows + i, 0), x_cs, h, inbox + i * h);
+      }
+    }
+    s.step(route_error, "combine.tp");
+    const auto* inbox = reinterpret_cast<const std::uint16_t*>(my_window + my_layout.tp_inbox_offset);
+    for (std::int64_t i = 0; i < rows.own_rows; ++i) {
+      kernels::tp_reduce_row(expand_x.ptr<std::uint16_t>(i, 0), x_cs, inbox + i * h, type, h,
+                             reinterpret_cast<std::uint16_t*>(my_stage + static_cast<std::size_t>(i) * row_bytes));
+    }
+    s.step(nullptr, "combine.data");
+  } else {
+    if (!route_error) {
+      for (std::int64_t i = 0; i < rows.own_rows; ++i) {
+        std::byte* dst = my_stage + static_cast<std::size_t>(i) * row_bytes;
+        if (o.comm_quant_mode == 2) {
+          kernels::comm_quantize_row(expand_x.ptr<std::uint16_t>(i, 0), x_cs, type, h,
+                                     reinterpret_cast<std::int8_t*>(dst + groups * 2), reinterpret_cast<std::uint16_t*>(dst));
+        } else {
+          kernels::copy_row16(expand_x.ptr<std::uint16_t>(i, 0), x_cs, h, reinterpret_cast<std::uint16_t*>(dst));
+        }
+      }
+    }
+    s.step(route_error, "combine.data");
+  }
+
+  // 3. Reduce every token from the expert ranks' staged rows (§4.2), shared expert unweighted (§4.3).
+  MutableTensorView out = o.out;
+  if (!out.present()) {
+    if (s.combine_out.dtype() != expand_x.dtype || s.combine_out.rows() != bs || s.combine_out.cols() != h) {
+      s.combine_out = Tensor(expand_x.dtype, bs, h);
+    }
+    out = s.combine_out.mutable_view();
+  }
+  std::vector<const std::byte*> stage_of(static_cast<std::size_t>(topo.W));
+  for (int d = 0; d < topo.W; ++d) {
+    const int gd = topo.global_rank(d, my_tp);
+    const contract::WindowLayout layout(topo, s.shape_of(gd), d);
+    stage_of[static_cast<std::size_t>(d)] = s.transport->window(gd) + layout.combine_rows_offset;
+  }
+  const bool quantized = o.comm_quant_mode == 2;
+  const auto add_row = [&](float* acc, const std::byte* src, bool weighted, float weight) {
+    if (quantized) {
+      const auto* scales = reinterpret_cast<const std::uint16_t*>(src);
+      const auto* q = reinterpret_cast<const std::int8_t*>(src + groups * 2);
+      if (weighted) kernels::accumulate_scaled_comm_quant(acc, q, scales, type, weight, h);
+      else kernels::accumulate_comm_quant(acc, q, scales, type, h);
+    } else {
+      const auto* y = reinterpret_cast<const std::uint16_t*>(src);
+      if (weighted) kernels::accumulate_scaled(acc, y, type, weight, h);
+      else kernels::accumulate(acc, y, type, h);
+    }
+  };
+  float* acc = s.row_scratch(h);
+  int shared_target = 0;
+  for (std::int64_t b = 0; b < bs; ++b) {
+    std::fill_n(acc, h, 0.0f);
+    for (std::int64_t j = 0; j < k; ++j) {
+      const std::int32_t e = expert_ids.at<std::int32_t>(b, j);
+      const int d = topo.expert_rank(e);
+      const std::int32_t* table = s.counts(topo.global_rank(d, my_tp));
+      const std::int64_t row = block_begin(table, topo.expert_local(e) * topo.W + my_ep) + expand_idx.at<std::int32_t>(b * k + j);
+      add_row(acc, stage_of[static_cast<std::size_t>(d)] + static_cast<std::size_t>(row) * row_bytes, true,
+              expert_scales.at<float>(b, j));
+    }
+    if (topo.S > 0) {
+      if (topo.is_shared(my_ep)) {
+        add_row(acc, my_stage + static_cast<std::size_t>(b) * row_bytes, false, 1.0f);
+      } else {
+        while (b >= contract::shared_range_begin(my_ep, shared_target + 1, bs, topo.S)) ++shared_target;
+        const std::int32_t* table = s.counts(topo.global_rank(shared_target, my_tp));
+        const std::int64_t row = table[my_ep - 1] + b - contract::shared_range_begin(my_ep, shared_target, bs, topo.S);
+        add_row(acc, stage_of[static_cast<std::size_t>(shared_target)] + static_cast<std::size_t>(row) * row_bytes, false, 1.0f);
+      }
+    }
+    kernels::store_row(acc, type, h, out.ptr<std::uint16_t>(b, 0), out.strides[1]);
+  }
+  const std::int64_t rows_read = bs * k + (topo.S > 0 ? bs : 0);
+  s.traffic.combine_rows_read = rows_read;
+  s.traffic.combine_bytes_read = rows_read * static_cast<std::int64_t>(quantized ? h + 2 * static_cast<std::int64_t>(groups) : 2 * h);
+  return out;
+}
+
+}  // namespace moedist

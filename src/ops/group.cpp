@@ -1,0 +1,170 @@
+// Group construction, the join handshake and the collective-call plumbing shared by dispatch and combine.
+#include <algorithm>
+#include <cstring>
+
+#include "contract/errors.h"
+#include "ops/group_state.h"
+
+namespace moedist {
+
+using contract::concat;
+
+namespace {
+std::int64_t error_code_of(const std::exception_ptr& e, std::string* message) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const Error& err) {
+    *message = err.what();
+    return static_cast<std::int64_t>(err.code());
+  } catch (const std::exception& err) {
+    *message = err.what();
+    return static_cast<std::int64_t>(ErrorCode::internal);
+  }
+}
+}  // namespace
+
+Group::State::State(const GroupConfig& c, std::unique_ptr<Transport> t)
+    : config(c), topo(c), transport(std::move(t)) {
+  record_bytes = sizeof(CallHeader) + static_cast<std::size_t>(topo.count_record_len()) * sizeof(std::int32_t);
+  record_bytes = contract::align_up(record_bytes, 8);
+  own_record.resize(record_bytes);
+  records.resize(record_bytes * static_cast<std::size_t>(transport->size()));
+  steps.resize(static_cast<std::size_t>(transport->size()));
+  dest_prefix.resize(static_cast<std::size_t>(topo.W));
+}
+
+void Group::State::exchange(CallKind kind, const std::exception_ptr& local_error, const char* phase) {
+  CallHeader& hd = own_header();
+  hd.kind = static_cast<std::int64_t>(kind);
+  hd.seq = seq;
+  hd.window_bytes = static_cast<std::int64_t>(transport->window_size(me()));
+  hd.status = 0;
+  std::memset(hd.message, 0, sizeof(hd.message));
+  if (local_error) {
+    std::string message;
+    hd.status = error_code_of(local_error, &message);
+    std::strncpy(hd.message, message.c_str(), sizeof(hd.message) - 1);
+  }
+  transport->allgather(own_record.data(), record_bytes, records.data(), phase);
+  if (local_error) std::rethrow_exception(local_error);
+  for (int r = 0; r < transport->size(); ++r) {
+    const CallHeader& other = header(r);
+    if (other.status != 0) {
+      throw PeerError(ErrorCode::peer_failed, r, phase,
+                      concat("rank ", me(), ": peer rank ", r, " failed in phase '", phase, "' (",
+                             error_code_name(static_cast<ErrorCode>(other.status)), "): ", other.message));
+    }
+    if (other.kind != hd.kind) {
+      throw PeerError(ErrorCode::config_mismatch, r, phase,
+                      concat("rank ", me(), " is in phase '", phase, "' but rank ", r,
+                             " made a different call (call kind ", other.kind, " vs ", hd.kind,
+                             "): every rank must call dispatch and combine in the same order"));
+    }
+    if (other.seq != hd.seq) {
+      throw PeerError(ErrorCode::protocol, r, phase,
+                      concat("rank ", me(), " is at call ", hd.seq, " but rank ", r, " is at call ", other.seq));
+    }
+  }
+}
+
+void Group::State::step(const std::exception_ptr& local_error, const char* phase) {
+  StepRecord mine;
+  mine.seq = seq;
+  if (local_error) {
+    std::string message;
+    mine.status = error_code_of(local_error, &message);
+    std::strncpy(mine.message, message.c_str(), sizeof(mine.message) - 1);
+  }
+  transport->allgather(&mine, sizeof(mine), steps.data(), phase);
+  if (local_error) std::rethrow_exception(local_error);
+  for (int r = 0; r < transport->size(); ++r) {
+    const StepRecord& other = steps[static_cast<std::size_t>(r)];
+    if (other.status != 0) {
+      throw PeerError(ErrorCode::peer_failed, r, phase,
+                      concat("rank ", me(), ": peer rank ", r, " failed in phase '", phase, "' (",
+                             error_code_name(static_cast<ErrorCode>(other.status)), "): ", other.message));
+    }
+    if (other.seq != seq) {
+      throw PeerError(ErrorCode::protocol, r, phase,
+                      concat("rank ", me(), " is at call ", seq, " but rank ", r, " is at call ", other.seq));
+    }
+  }
+}
+
+void Group::State::require_same_call(const char* phase, bool check_bs) const {
+  const CallHeader& mine = header(me());
+  for (int r = 0; r < transport->size(); ++r) {
+    const CallHeader& o = header(r);
+    auto mismatch = [&](const char* what, std::int64_t a, std::int64_t b) {
+      throw PeerError(ErrorCode::config_mismatch, r, phase,
+                      concat("rank ", me(), " has ", what, " = ", a, " but rank ", r, " has ", b,
+                             ": all ranks must agree on it"));
+    };
+    if (o.h != mine.h) mismatch("H", mine.h, o.h);
+    if (o.k != mine.k) mismatch("K", mine.k, o.k);
+    if (o.dtype != mine.dtype) mismatch("the dtype code", mine.dtype, o.dtype);
+    if (o.mode != mine.mode) mismatch(header(me()).kind == static_cast<std::int64_t>(CallKind::dispatch) ? "quant_mode" : "comm_quant_mode", mine.mode, o.mode);
+    if (o.has_expert_scales != mine.has_expert_scales) mismatch("expert_scales given (1) or not (0)", mine.has_expert_scales, o.has_expert_scales);
+    if (check_bs && config.global_bs == 0 && o.bs != mine.bs && tp_of(r) == topo.tp_rank) {
+      throw PeerError(ErrorCode::config_mismatch, r, phase,
+                      concat("global_bs = 0 requires the same BS on every rank, but rank ", me(), " has BS ", mine.bs,
+                             " and rank ", r, " has BS ", o.bs, "; pass global_bs = max BS * ep_world_size"));
+    }
+  }
+}
+
+void Group::State::ensure_windows(const char* phase) {
+  bool grow = false;
+  std::size_t mine = 0;
+  for (int r = 0; r < transport->size(); ++r) {
+    const contract::WindowLayout layout(topo, shape_of(r), ep_of(r));
+    if (static_cast<std::int64_t>(layout.total_bytes) > header(r).window_bytes) grow = true;
+    if (r == me()) mine = layout.total_bytes;
+  }
+  if (grow) transport->resize_window(mine, phase);
+}
+
+Group::Group(const GroupConfig& config, std::unique_ptr<Transport> transport)
+    : state_(std::make_unique<State>(config, std::move(transport))) {
+  State& s = *state_;
+  CallHeader& hd = s.own_header();
+  hd.ep_world_size = config.ep_world_size;
+  hd.ep_rank_id = config.ep_rank_id;
+  hd.moe_expert_num = config.moe_expert_num;
+  hd.tp_world_size = config.tp_world_size;
+  hd.tp_rank_id = config.tp_rank_id;
+  hd.shared_expert_rank_num = config.shared_expert_rank_num;
+  hd.shared_expert_num = config.shared_expert_num;
+  hd.expert_shard_type = config.expert_shard_type;
+  hd.global_bs = config.global_bs;
+  hd.profile = static_cast<std::int64_t>(config.profile);
+  s.exchange(CallKind::join, nullptr, "join");
+  for (int r = 0; r < s.transport->size(); ++r) {
+    const CallHeader& o = s.header(r);
+    auto differ = [&](const char* what, std::int64_t a, std::int64_t b) {
+      if (a != b) {
+        throw PeerError(ErrorCode::config_mismatch, r, "join",
+                        concat("rank ", s.me(), " has ", what, " = ", a, " but rank ", r, " has ", b,
+                               ": every rank of a group must pass the same configuration"));
+      }
+    };
+    differ("ep_world_size", hd.ep_world_size, o.ep_world_size);
+    differ("moe_expert_num", hd.moe_expert_num, o.moe_expert_num);
+    differ("tp_world_size", hd.tp_world_size, o.tp_world_size);
+    differ("shared_expert_rank_num", hd.shared_expert_rank_num, o.shared_expert_rank_num);
+    differ("shared_expert_num", hd.shared_expert_num, o.shared_expert_num);
+    differ("expert_shard_type", hd.expert_shard_type, o.expert_shard_type);
+    differ("global_bs", hd.global_bs, o.global_bs);
+    differ("profile", hd.profile, o.profile);
+    differ("global rank of (ep_rank_id, tp_rank_id)", r, o.ep_rank_id * s.topo.T + o.tp_rank_id);
+  }
+}
+
+Group::~Group() = default;
+
+const GroupConfig& Group::config() const noexcept { return state_->config; }
+int Group::local_expert_num() const noexcept { return moedist::local_expert_num(state_->config); }
+bool Group::is_shared_expert_rank() const noexcept { return moedist::is_shared_expert_rank(state_->config); }
+const TrafficCounters& Group::traffic() const noexcept { return state_->traffic; }
+
+}  // namespace moedist

@@ -1,0 +1,103 @@
+// The state a Group keeps between calls, and the call record every rank publishes at the start of a
+// collective call (its status, its call shape and its routing counts).
+#pragma once
+
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "contract/layout.h"
+#include "contract/routing_plan.h"
+#include "moedist/group.h"
+#include "transport/transport.h"
+
+namespace moedist {
+
+enum class CallKind : std::int64_t { join = 1, dispatch = 2, combine = 3, step = 4 };
+
+// Fixed-size header of a call record; a record is the header followed by count_record_len() int32.
+struct CallHeader {
+  std::int64_t kind = 0;
+  std::int64_t seq = 0;
+  std::int64_t status = 0;  // 0 = ok, else the ErrorCode of the rank's local failure
+  std::int64_t bs = 0, k = 0, h = 0;
+  std::int64_t dtype = 0;
+  std::int64_t mode = 0;                 // quant_mode (dispatch) or comm_quant_mode (combine)
+  std::int64_t has_expert_scales = 0;
+  std::int64_t own_rows = 0, peer_rows = 0;  // combine: n_self, n_peer
+  std::int64_t window_bytes = 0;         // the sender's current window size
+  // Configuration (checked at join).
+  std::int64_t ep_world_size = 0, ep_rank_id = 0, moe_expert_num = 0, tp_world_size = 0, tp_rank_id = 0;
+  std::int64_t shared_expert_rank_num = 0, shared_expert_num = 0, expert_shard_type = 0, global_bs = 0, profile = 0;
+  char message[256] = {};  // the rank's error message when status != 0
+};
+
+// What a rank publishes at a barrier inside a call: whether it can go on.
+struct StepRecord {
+  std::int64_t seq = 0;
+  std::int64_t status = 0;
+  char message[256] = {};
+};
+
+struct Group::State {
+  State(const GroupConfig& c, std::unique_ptr<Transport> t);
+
+  GroupConfig config;
+  contract::Topology topo;
+  std::unique_ptr<Transport> transport;
+  std::int64_t seq = 0;
+  TrafficCounters traffic;
+
+  // Call records of the last exchange, rank-major, and this rank's own record.
+  std::size_t record_bytes = 0;
+  std::vector<std::byte> own_record;
+  std::vector<std::byte> records;
+  std::vector<StepRecord> steps;
+
+  contract::SendPlan plan;
+  // Per destination EP rank: its ep_recv_counts (own half) as computed from the records.
+  std::vector<std::vector<std::int32_t>> dest_prefix;
+  std::vector<std::int32_t> peer_prefix;  // the TP peer's own half (T == 2)
+
+  // Group-owned outputs.
+  std::vector<std::int32_t> expand_idx, ep_recv_counts, tp_recv_counts;
+  std::vector<std::int64_t> expert_token_nums;
+  Tensor combine_out;
+  std::vector<float> scratch;  // row-sized fp32 scratch (quantization, accumulation)
+
+  CallHeader& own_header() { return *reinterpret_cast<CallHeader*>(own_record.data()); }
+  std::int32_t* own_counts() { return reinterpret_cast<std::int32_t*>(own_record.data() + sizeof(CallHeader)); }
+  const CallHeader& header(int rank) const {
+    return *reinterpret_cast<const CallHeader*>(records.data() + static_cast<std::size_t>(rank) * record_bytes);
+  }
+  const std::int32_t* counts(int rank) const {
+    return reinterpret_cast<const std::int32_t*>(records.data() + static_cast<std::size_t>(rank) * record_bytes +
+                                                 sizeof(CallHeader));
+  }
+
+  // Starts a collective call: publishes this rank's record (status from `local_error`, if any) and
+  // gathers everyone's. Then rethrows this rank's own error, or raises a PeerError for the first rank
+  // that failed, so that every rank leaves the call together and the group stays usable.
+  void exchange(CallKind kind, const std::exception_ptr& local_error, const char* phase);
+  // A barrier that also carries a status: raises like exchange() when any rank failed.
+  void step(const std::exception_ptr& local_error, const char* phase);
+  // Checks that every rank's record agrees with this rank's on the given fields.
+  void require_same_call(const char* phase, bool check_bs) const;
+  // Resizes windows when any rank's window is smaller than its layout for the given shapes needs.
+  void ensure_windows(const char* phase);
+  contract::CallShape shape_of(int rank) const {
+    const CallHeader& hd = header(rank);
+    return contract::CallShape{hd.bs, hd.k, hd.h};
+  }
+  int ep_of(int rank) const { return rank / topo.T; }
+  int tp_of(int rank) const { return rank % topo.T; }
+  int me() const { return transport->rank(); }
+  float* row_scratch(std::int64_t h) {
+    if (scratch.size() < static_cast<std::size_t>(h)) scratch.resize(static_cast<std::size_t>(h));
+    return scratch.data();
+  }
+};
+
+}  // namespace moedist

@@ -1,0 +1,57 @@
+// The in-process runtime: a world of threads sharing one InProcHub.
+#include <exception>
+#include <thread>
+#include <vector>
+
+#include "contract/errors.h"
+#include "moedist/inproc.h"
+#include "transport/inproc_transport.h"
+
+namespace moedist {
+
+struct InProcessWorld::Hub {
+  std::shared_ptr<InProcHub> hub;
+};
+
+InProcessWorld::InProcessWorld(int world_size, RuntimeOptions options) : hub_(std::make_shared<Hub>()) {
+  if (world_size < 1) contract::fail_value("world_size", world_size, "must be >= 1");
+  if (options.timeout.count() <= 0) contract::fail_value("timeout (ms)", options.timeout.count(), "must be > 0");
+  hub_->hub = std::make_shared<InProcHub>(world_size, options.timeout);
+}
+
+InProcessWorld::~InProcessWorld() = default;
+
+int InProcessWorld::world_size() const noexcept { return hub_->hub->size(); }
+
+std::unique_ptr<Group> InProcessWorld::join(const GroupConfig& config) {
+  validate_config(config);
+  const int want = config.ep_world_size * tp_domain_size(config);
+  if (want != world_size()) {
+    contract::fail(ErrorCode::config_mismatch, "ep_world_size * max(tp_world_size, 1)", contract::concat(want),
+                   contract::concat("must equal the world size of this runtime, ", world_size()));
+  }
+  const int rank = global_rank(config);
+  hub_->hub->claim(rank);
+  return std::make_unique<Group>(config, std::make_unique<InProcTransport>(hub_->hub, rank));
+}
+
+void run_ranks(int n, const std::function<void(int rank)>& fn) {
+  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(n));
+  std::vector<std::thread> threads;
+  threads.reserve(static_cast<std::size_t>(n));
+  for (int r = 0; r < n; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        fn(r);
+      } catch (...) {
+        errors[static_cast<std::size_t>(r)] = std::current_exception();
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (const std::exception_ptr& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+}  // namespace moedist

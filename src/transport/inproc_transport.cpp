@@ -1,0 +1,117 @@
+#include "transport/inproc_transport.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <sstream>
+
+#include "moedist/error.h"
+
+namespace moedist {
+
+InProcHub::InProcHub(int size, std::chrono::milliseconds timeout)
+    : size_(size),
+      timeout_(timeout),
+      arrived_at_(static_cast<std::size_t>(size), 0),
+      claimed_(static_cast<std::size_t>(size), false),
+      windows_(static_cast<std::size_t>(size)) {
+  slots_[0].resize(static_cast<std::size_t>(size));
+  slots_[1].resize(static_cast<std::size_t>(size));
+}
+
+InProcHub::~InProcHub() {
+  for (Window& w : windows_) {
+    std::free(w.data);
+    std::free(w.retired);
+  }
+}
+
+void InProcHub::claim(int rank) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (rank < 0 || rank >= size_) {
+    throw Error(ErrorCode::invalid_argument,
+                "global rank " + std::to_string(rank) + " is outside the world of " + std::to_string(size_) + " ranks");
+  }
+  if (claimed_[static_cast<std::size_t>(rank)]) {
+    throw Error(ErrorCode::config_mismatch, "global rank " + std::to_string(rank) +
+                                                " joined twice: two threads passed the same ep_rank_id / tp_rank_id");
+  }
+  claimed_[static_cast<std::size_t>(rank)] = true;
+}
+
+void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out, std::string_view phase) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (failed_) {
+    throw PeerError(ErrorCode::peer_failed, failed_peer_, std::string(phase),
+                    "rank " + std::to_string(rank) + ": the group failed earlier and is unusable: " + failed_reason_);
+  }
+  const std::uint64_t gen = generation_;
+  auto& slots = slots_[gen & 1];
+  const auto* src = static_cast<const std::byte*>(in);
+  slots[static_cast<std::size_t>(rank)].assign(src, src + bytes);
+  arrived_at_[static_cast<std::size_t>(rank)] = gen + 1;
+  if (++arrived_ == size_) {
+    arrived_ = 0;
+    ++generation_;
+    cv_.notify_all();
+  } else {
+    const auto deadline = std::chrono::steady_clock::now() + timeout_;
+    const bool done = cv_.wait_until(lock, deadline, [&] { return generation_ != gen || failed_; });
+    if (!done) {
+      std::ostringstream missing;
+      int first_missing = -1;
+      for (int r = 0; r < size_; ++r) {
+        if (arrived_at_[static_cast<std::size_t>(r)] != gen + 1) {
+          if (first_missing < 0) first_missing = r;
+          missing << (missing.tellp() > 0 ? ", " : "") << r;
+        }
+      }
+      std::ostringstream msg;
+      msg << "rank " << rank << ": timed out after " << timeout_.count() << " ms in phase '" << phase
+          << "' waiting for rank " << first_missing << " (not arrived: " << missing.str() << ")";
+      failed_ = true;
+      failed_peer_ = first_missing;
+      failed_reason_ = msg.str();
+      cv_.notify_all();
+      throw PeerError(ErrorCode::timeout, first_missing, std::string(phase), msg.str());
+    }
+    if (generation_ == gen) {  // woken by another rank's failure
+      throw PeerError(ErrorCode::peer_failed, failed_peer_, std::string(phase),
+                      "rank " + std::to_string(rank) + ": the group failed in phase '" + std::string(phase) +
+                          "': " + failed_reason_);
+    }
+  }
+  auto* dst = static_cast<std::byte*>(out);
+  for (int r = 0; r < size_; ++r) {
+    const auto& slot = slots[static_cast<std::size_t>(r)];
+    if (slot.size() != bytes) {
+      throw PeerError(ErrorCode::config_mismatch, r, std::string(phase),
+                      "rank " + std::to_string(r) + " sent a " + std::to_string(slot.size()) + "-byte record in phase '" +
+                          std::string(phase) + "' where rank " + std::to_string(rank) + " expected " +
+                          std::to_string(bytes) + " bytes: the ranks disagree about the group configuration");
+    }
+    std::memcpy(dst + static_cast<std::size_t>(r) * bytes, slot.data(), bytes);
+  }
+}
+
+void InProcHub::resize_window(int rank, std::size_t bytes) {
+  Window& w = windows_[static_cast<std::size_t>(rank)];
+  if (bytes <= w.size) return;
+  const std::size_t rounded = (bytes + 4095) / 4096 * 4096;
+  void* fresh = std::aligned_alloc(4096, rounded);
+  if (fresh == nullptr) throw std::bad_alloc();
+  std::free(w.retired);
+  w.retired = w.data;
+  w.data = static_cast<std::byte*>(fresh);
+  w.size = rounded;
+}
+
+void InProcTransport::resize_window(std::size_t bytes, std::string_view phase) {
+  // Only this rank touches its own Window entry; the allgather that follows publishes the new pointer.
+  hub_->resize_window(rank_, bytes);
+  const char token = 0;
+  std::vector<char> sink(static_cast<std::size_t>(hub_->size()));
+  hub_->allgather(rank_, &token, 1, sink.data(), phase);
+}
+
+}  // namespace moedist

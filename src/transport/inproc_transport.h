@@ -1,0 +1,73 @@
+// In-process transport: ranks are threads of one process sharing a Hub. Windows are plain heap
+// buffers, so a peer's window is reached by pointer.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "transport/transport.h"
+
+namespace moedist {
+
+class InProcHub {
+ public:
+  InProcHub(int size, std::chrono::milliseconds timeout);
+  ~InProcHub();
+
+  int size() const noexcept { return size_; }
+  std::chrono::milliseconds timeout() const noexcept { return timeout_; }
+
+  // Claims `rank` for one joining thread; throws if the rank is out of range or already taken.
+  void claim(int rank);
+
+  void allgather(int rank, const void* in, std::size_t bytes, void* out, std::string_view phase);
+  void resize_window(int rank, std::size_t bytes);
+  std::size_t window_size(int rank) const noexcept { return windows_[static_cast<std::size_t>(rank)].size; }
+  std::byte* window(int rank) noexcept { return windows_[static_cast<std::size_t>(rank)].data; }
+
+ private:
+  struct Window {
+    std::byte* data = nullptr;
+    std::size_t size = 0;
+    std::byte* retired = nullptr;  // the previous buffer, kept until the next resize
+  };
+
+  const int size_;
+  const std::chrono::milliseconds timeout_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::uint64_t generation_ = 0;
+  int arrived_ = 0;
+  std::vector<std::uint64_t> arrived_at_;             // per rank: 1 + the generation it last entered
+  std::vector<std::vector<std::byte>> slots_[2];      // double-buffered by generation parity
+  std::vector<bool> claimed_;
+  bool failed_ = false;
+  int failed_peer_ = -1;
+  std::string failed_reason_;
+  std::vector<Window> windows_;
+};
+
+class InProcTransport final : public Transport {
+ public:
+  InProcTransport(std::shared_ptr<InProcHub> hub, int rank) : hub_(std::move(hub)), rank_(rank) {}
+
+  int rank() const noexcept override { return rank_; }
+  int size() const noexcept override { return hub_->size(); }
+  void allgather(const void* in, std::size_t bytes, void* out, std::string_view phase) override {
+    hub_->allgather(rank_, in, bytes, out, phase);
+  }
+  void resize_window(std::size_t bytes, std::string_view phase) override;
+  std::size_t window_size(int rank) const noexcept override { return hub_->window_size(rank); }
+  std::byte* window(int rank) noexcept override { return hub_->window(rank); }
+
+ private:
+  std::shared_ptr<InProcHub> hub_;
+  int rank_;
+};
+
+}  // namespace moedist
