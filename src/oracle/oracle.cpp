@@ -1,0 +1,476 @@
+// The reference oracle, written straight from the contract (ascend-op-semantics.md §5, V1, kernel-code
+// column). Every rank's dispatch is computed from the global routing stream, then combine walks the
+// recorded provenance of every row backwards. Plain loops and plain containers throughout: this code
+// is the yardstick the fast path is measured against, so it favours obviousness over speed.
+#include "oracle/oracle.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace moedist::oracle {
+namespace {
+
+using numeric::Half;
+
+// ---------------------------------------------------------------------------------------------
+// Rank geometry (§0.3, §3.1)
+
+int tp_domain_size(const Case& c) { return std::max(c.tp_world_size, 1); }
+
+int global_rank(const Case& c, int ep_rank, int tp_rank) { return ep_rank * tp_domain_size(c) + tp_rank; }
+
+// Experts per MoE rank, L = E / (W - S).
+int moe_local_expert_num(const Case& c) { return c.moe_expert_num / (c.ep_world_size - c.shared_expert_rank_num); }
+
+int expert_home_rank(const Case& c, int expert) { return c.shared_expert_rank_num + expert / moe_local_expert_num(c); }
+
+int expert_local_index(const Case& c, int expert) { return expert % moe_local_expert_num(c); }
+
+// Smooth-scales row for a MoE expert (§2.3, V1): e + 1 when shared experts exist (row 0 is theirs), else e.
+int smooth_row_for_moe_expert(const Case& c, int expert) { return c.shared_expert_rank_num > 0 ? expert + 1 : expert; }
+constexpr int kSmoothRowForSharedExpert = 0;
+
+// Integer floor / ceil division of non-negative numbers, as the V1 shared split (§3.4.1) writes them.
+std::int64_t floor_div(std::int64_t numerator, std::int64_t denominator) { return numerator / denominator; }
+std::int64_t ceil_div(std::int64_t numerator, std::int64_t denominator) {
+  return (numerator + denominator - 1) / denominator;
+}
+
+void require(bool condition, const std::string& what) {
+  if (!condition) throw std::invalid_argument("moedist oracle: " + what);
+}
+
+// Internal consistency checks: these fire only if the oracle itself is wrong.
+void ensure(bool condition, const char* what) {
+  if (!condition) throw std::logic_error(std::string("moedist oracle internal error: ") + what);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch rows
+
+// top-k index recorded for a row that carries a whole token to the shared expert.
+constexpr std::int64_t kSharedExpertSlot = -1;
+
+// Where a dispatched row came from, inside one EP group.
+struct Provenance {
+  int src_ep_rank = 0;
+  std::int64_t token = 0;
+  std::int64_t topk = kSharedExpertSlot;
+};
+
+// One row exactly as dispatch delivers it to the receiving rank.
+struct DeliveredRow {
+  Provenance from;
+  std::vector<std::uint16_t> x;  // quant_mode 0: bit copy of the source row
+  std::vector<std::int8_t> q;    // quant_mode 2
+  float dynamic_scale = 0.0f;    // quant_mode 2
+  float expand_scale = 1.0f;     // expert_scales[b, k]; 1.0 on shared-expert rows
+};
+
+// Builds the payload of source row `token` of `src`, quantized on the sender with smooth row `scales_row`
+// (§2.2 for quant_mode 2, §2.4 for quant_mode 0).
+DeliveredRow make_row(const Case& c, const RankInput& src, const Provenance& from, int scales_row) {
+  DeliveredRow row;
+  row.from = from;
+  const std::int64_t h = c.h;
+  const std::uint16_t* source = src.x.data() + from.token * h;
+
+  if (c.quant_mode == 0) {
+    row.x.assign(source, source + h);
+  } else {
+    std::vector<float> v(static_cast<std::size_t>(h));
+    for (std::int64_t i = 0; i < h; ++i) {
+      v[i] = numeric::half_to_f32(c.dtype, source[i]);
+      if (!src.scales.empty()) {
+        const float smooth = src.scales[scales_row * h + i];
+        const float smoothed = v[i] * smooth;
+        v[i] = smoothed;
+      }
+    }
+    float amax = 0.0f;
+    for (const float value : v) amax = std::max(amax, std::fabs(value));
+    // An all-zero row gives ds = +inf, w = 0 * inf = NaN -> q = 0 (rint_to_int8), and 1/inf = 0 as its scale.
+    const float ds = 127.0f / amax;
+    row.q.resize(static_cast<std::size_t>(h));
+    for (std::int64_t i = 0; i < h; ++i) {
+      const float w = v[i] * ds;
+      row.q[i] = numeric::rint_to_int8(w);
+    }
+    row.dynamic_scale = 1.0f / ds;
+  }
+
+  if (from.topk != kSharedExpertSlot && !src.expert_scales.empty()) {
+    row.expand_scale = src.expert_scales[from.token * c.k + from.topk];
+  }
+  return row;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch inside one EP group (one TP rank's view of the world)
+
+// What one EP rank holds after the EP all-to-all, before any TP all-gather.
+struct EpRankDispatch {
+  std::vector<DeliveredRow> rows;                   // in expand_x order
+  std::vector<std::int32_t> ep_recv_counts;         // inclusive cumsum, W * local_expert_num
+  std::vector<std::int64_t> rows_per_local_expert;  // local_expert_num entries
+  std::vector<std::int32_t> expand_idx;             // bs * k
+};
+
+// One (src_rank, b, k) routing entry of the global stream (§5 golden).
+struct RoutingEntry {
+  int src_ep_rank = 0;
+  std::int64_t token = 0;
+  std::int64_t topk = 0;
+  int expert = 0;
+};
+
+// V1 shared-expert destination of token b on MoE rank r (§3.4.1, the s(b) form exactly as written).
+struct SharedTarget {
+  int shared_rank = 0;
+  std::int64_t slot = 0;  // position inside the (source r) block on that shared rank
+};
+
+SharedTarget v1_shared_target(int src_ep_rank, std::int64_t token, std::int64_t bs, int shared_rank_num) {
+  const std::int64_t r = src_ep_rank;
+  const std::int64_t s_num = shared_rank_num;
+  const std::int64_t t0 = floor_div(r * bs, s_num);
+  const std::int64_t s = ceil_div((token + 1 + t0) * s_num, bs) - 1 - r;
+  const std::int64_t slot = token - (floor_div((s + r) * bs, s_num) - t0);
+  return SharedTarget{static_cast<int>(s), slot};
+}
+
+std::vector<EpRankDispatch> dispatch_ep_group(const Case& c, int tp_rank) {
+  const int w = c.ep_world_size;
+  const int shared_num = c.shared_expert_rank_num;
+  const int moe_l = moe_local_expert_num(c);
+  auto input = [&](int ep_rank) -> const RankInput& { return c.ranks[global_rank(c, ep_rank, tp_rank)]; };
+
+  std::vector<EpRankDispatch> result(static_cast<std::size_t>(w));
+
+  // expand_idx (§3.2): occurrence number of each id among earlier entries of the same source rank.
+  for (int r = 0; r < w; ++r) {
+    const RankInput& src = input(r);
+    std::vector<std::int32_t> seen(static_cast<std::size_t>(c.moe_expert_num), 0);
+    for (const std::int32_t expert : src.expert_ids) {
+      result[r].expand_idx.push_back(seen[expert]);
+      ++seen[expert];
+    }
+  }
+
+  // The global (src_rank, b, k) stream, stably sorted by expert (§3.3 golden). Within one expert the
+  // stable sort keeps source-rank-major, flattened-index-minor order, which is the block order.
+  std::vector<RoutingEntry> stream;
+  for (int r = 0; r < w; ++r) {
+    const RankInput& src = input(r);
+    for (std::int64_t b = 0; b < src.bs; ++b) {
+      for (std::int64_t k = 0; k < c.k; ++k) {
+        stream.push_back(RoutingEntry{r, b, k, src.expert_ids[b * c.k + k]});
+      }
+    }
+  }
+  std::stable_sort(stream.begin(), stream.end(),
+                   [](const RoutingEntry& a, const RoutingEntry& b) { return a.expert < b.expert; });
+
+  // MoE ranks (§3.3): their experts are consecutive, so their slice of the sorted stream is already in
+  // (local expert, source rank, flattened index) order.
+  for (int d = shared_num; d < w; ++d) {
+    EpRankDispatch& out = result[d];
+    std::vector<std::int32_t> block_count(static_cast<std::size_t>(moe_l) * w, 0);  // index l*W + r
+    out.rows_per_local_expert.assign(static_cast<std::size_t>(moe_l), 0);
+    for (const RoutingEntry& entry : stream) {
+      if (expert_home_rank(c, entry.expert) != d) continue;
+      const int local = expert_local_index(c, entry.expert);
+      const Provenance from{entry.src_ep_rank, entry.token, entry.topk};
+      out.rows.push_back(make_row(c, input(entry.src_ep_rank), from, smooth_row_for_moe_expert(c, entry.expert)));
+      ++block_count[local * w + entry.src_ep_rank];
+      ++out.rows_per_local_expert[local];
+    }
+    std::int32_t running = 0;
+    for (const std::int32_t count : block_count) {
+      running += count;
+      out.ep_recv_counts.push_back(running);
+    }
+  }
+
+  // Shared ranks (§3.4.1): own tokens first, then one block per MoE source rank r = S..W-1.
+  for (int s = 0; s < shared_num; ++s) {
+    EpRankDispatch& out = result[s];
+    const RankInput& own = input(s);
+    std::vector<std::int32_t> source_count(static_cast<std::size_t>(w), 0);
+
+    for (std::int64_t b = 0; b < own.bs; ++b) {
+      out.rows.push_back(make_row(c, own, Provenance{s, b, kSharedExpertSlot}, kSmoothRowForSharedExpert));
+    }
+    // The r < S entries are the kernel's bookkeeping split of the own rows; they sum to BS_s.
+    for (int r = 0; r < shared_num; ++r) {
+      const std::int64_t count = floor_div((r + s + 1) * own.bs, shared_num) - floor_div((r + s) * own.bs, shared_num);
+      source_count[r] = static_cast<std::int32_t>(count);
+    }
+
+    for (int r = shared_num; r < w; ++r) {
+      const RankInput& src = input(r);
+      // Collect the tokens rank r sends here, each at the slot the formula gives it.
+      std::vector<std::int64_t> token_at_slot;
+      std::vector<std::int64_t> slot_of_token;
+      for (std::int64_t b = 0; b < src.bs; ++b) {
+        const SharedTarget target = v1_shared_target(r, b, src.bs, shared_num);
+        if (target.shared_rank != s) continue;
+        slot_of_token.push_back(target.slot);
+        token_at_slot.push_back(b);
+      }
+      std::vector<std::int64_t> block(token_at_slot.size(), -1);
+      for (std::size_t i = 0; i < token_at_slot.size(); ++i) {
+        const std::int64_t slot = slot_of_token[i];
+        ensure(slot >= 0 && slot < static_cast<std::int64_t>(block.size()) && block[slot] == -1,
+               "V1 shared-expert slots do not form a permutation");
+        block[slot] = token_at_slot[i];
+      }
+      for (const std::int64_t b : block) {
+        out.rows.push_back(make_row(c, src, Provenance{r, b, kSharedExpertSlot}, kSmoothRowForSharedExpert));
+      }
+      source_count[r] = static_cast<std::int32_t>(block.size());
+    }
+
+    std::int32_t running = 0;
+    for (const std::int32_t count : source_count) {
+      running += count;
+      out.ep_recv_counts.push_back(running);
+    }
+    out.rows_per_local_expert = {static_cast<std::int64_t>(out.rows.size())};
+    ensure(running == static_cast<std::int32_t>(out.rows.size()), "shared-rank counts disagree with its rows");
+  }
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Combine arithmetic
+
+// comm_quant_mode 2 (§4.5): quantize an expert-output row in groups of 8 on the sender and dequantize it
+// on the receiver, in place. The last group is shorter when h is not a multiple of 8.
+void comm_quant_round_trip(Half dtype, std::uint16_t* row, std::int64_t h) {
+  constexpr std::int64_t kGroupSize = 8;
+  const float inv127 = 1.0f / 127.0f;
+  for (std::int64_t begin = 0; begin < h; begin += kGroupSize) {
+    const std::int64_t end = std::min(begin + kGroupSize, h);
+    float group_max = 0.0f;
+    for (std::int64_t i = begin; i < end; ++i)
+      group_max = std::max(group_max, std::fabs(numeric::half_to_f32(dtype, row[i])));
+    const float scale = group_max * inv127;
+    // The receiver only sees the scale after it travelled in x's dtype.
+    const float received_scale = numeric::half_to_f32(dtype, numeric::f32_to_half_rne(dtype, scale));
+    for (std::int64_t i = begin; i < end; ++i) {
+      std::int8_t q = 0;
+      if (scale != 0.0f) {
+        const float ratio = numeric::half_to_f32(dtype, row[i]) / scale;  // divides by the unrounded scale
+        const float ratio_via_fp16 = numeric::fp16_to_f32(numeric::f32_to_fp16_rne(ratio));
+        q = numeric::rint_to_int8(ratio_via_fp16);
+      }
+      const float dequantized = static_cast<float>(q) * received_scale;
+      row[i] = numeric::f32_to_half_rne(dtype, dequantized);
+    }
+  }
+}
+
+// Where one routing entry's (or one token's shared) expert output sits: EP rank and row of expand_x.
+struct RowLocation {
+  int ep_rank = -1;
+  std::int64_t row = -1;
+};
+
+void validate_shapes(const Case& c) {
+  require(c.ep_world_size >= 1, "ep_world_size must be >= 1");
+  require(c.tp_world_size >= 0 && c.tp_world_size <= 2, "tp_world_size must be 0, 1 or 2");
+  require(c.shared_expert_rank_num >= 0 && c.shared_expert_rank_num < c.ep_world_size,
+          "shared_expert_rank_num must be in [0, W)");
+  require(c.moe_expert_num > 0 && c.moe_expert_num % (c.ep_world_size - c.shared_expert_rank_num) == 0,
+          "moe_expert_num must be a positive multiple of W - S");
+  require(c.quant_mode == 0 || c.quant_mode == 2, "quant_mode must be 0 or 2");
+  require(c.h >= 1 && c.k >= 1, "h and k must be >= 1");
+  require(static_cast<std::int64_t>(c.ranks.size()) == std::int64_t{c.ep_world_size} * tp_domain_size(c),
+          "ranks must hold W * max(T, 1) entries");
+  for (const RankInput& rank : c.ranks) {
+    require(rank.bs >= 0, "bs must be >= 0");
+    require(static_cast<std::int64_t>(rank.x.size()) == rank.bs * c.h, "x must hold bs * h values");
+    require(static_cast<std::int64_t>(rank.expert_ids.size()) == rank.bs * c.k, "expert_ids must hold bs * k values");
+    for (const std::int32_t expert : rank.expert_ids)
+      require(expert >= 0 && expert < c.moe_expert_num, "expert id out of range");
+    const std::int64_t scale_rows = c.moe_expert_num + (c.shared_expert_rank_num > 0 ? 1 : 0);
+    require(rank.scales.empty() || static_cast<std::int64_t>(rank.scales.size()) == scale_rows * c.h,
+            "scales must be empty or (E + (S > 0)) * h values");
+    require(rank.expert_scales.empty() || static_cast<std::int64_t>(rank.expert_scales.size()) == rank.bs * c.k,
+            "expert_scales must be empty or bs * k values");
+  }
+}
+
+}  // namespace
+
+std::vector<RankOutput> run(const Case& c) {
+  validate_shapes(c);
+  const int w = c.ep_world_size;
+  const int tp_size = tp_domain_size(c);
+  const bool has_tp_peer = c.tp_world_size == 2;
+  const std::int64_t h = c.h;
+  const std::int64_t topk = c.k;
+
+  std::vector<std::vector<EpRankDispatch>> group_dispatch;  // [tp_rank][ep_rank]
+  for (int t = 0; t < tp_size; ++t) group_dispatch.push_back(dispatch_ep_group(c, t));
+
+  // expand_scales exist when router weights were given; a rank that gave none counts as weight 1.0.
+  bool any_expert_scales = false;
+  for (const RankInput& rank : c.ranks) any_expert_scales = any_expert_scales || !rank.expert_scales.empty();
+
+  // ---- dispatch outputs: own EP rows, then (TP) the peer's own EP rows (§3.5) ----
+  std::vector<RankOutput> outputs(c.ranks.size());
+  for (int ep = 0; ep < w; ++ep) {
+    for (int t = 0; t < tp_size; ++t) {
+      RankOutput& out = outputs[global_rank(c, ep, t)];
+      const EpRankDispatch& own = group_dispatch[t][ep];
+      const EpRankDispatch* peer = has_tp_peer ? &group_dispatch[1 - t][ep] : nullptr;
+
+      std::vector<const DeliveredRow*> rows;
+      for (const DeliveredRow& row : own.rows) rows.push_back(&row);
+      if (peer != nullptr) {
+        for (const DeliveredRow& row : peer->rows) rows.push_back(&row);
+      }
+      out.valid_rows = static_cast<std::int64_t>(rows.size());
+      for (const DeliveredRow* row : rows) {
+        if (c.quant_mode == 0) {
+          out.expand_x.insert(out.expand_x.end(), row->x.begin(), row->x.end());
+        } else {
+          out.expand_x_int8.insert(out.expand_x_int8.end(), row->q.begin(), row->q.end());
+          out.dynamic_scales.push_back(row->dynamic_scale);
+        }
+        if (any_expert_scales) out.expand_scales.push_back(row->expand_scale);
+      }
+
+      out.expand_idx = own.expand_idx;
+      out.ep_recv_counts = own.ep_recv_counts;
+      if (peer != nullptr) {
+        out.ep_recv_counts.insert(out.ep_recv_counts.end(), peer->ep_recv_counts.begin(), peer->ep_recv_counts.end());
+        out.tp_recv_counts.assign(2, 0);
+        out.tp_recv_counts[t] = static_cast<std::int32_t>(own.rows.size());
+        out.tp_recv_counts[1 - t] = static_cast<std::int32_t>(peer->rows.size());
+      }
+
+      std::int64_t cumulative = 0;
+      for (std::size_t l = 0; l < own.rows_per_local_expert.size(); ++l) {
+        const std::int64_t count =
+            own.rows_per_local_expert[l] + (peer != nullptr ? peer->rows_per_local_expert[l] : 0);
+        cumulative += count;
+        out.expert_token_nums.push_back(c.expert_token_nums_type == 0 ? cumulative : count);
+      }
+    }
+  }
+
+  // ---- combine: expert outputs Y per global rank, valid_rows * h in x's dtype ----
+  std::vector<std::vector<std::uint16_t>> expert_out(c.ranks.size());
+  for (std::size_t g = 0; g < c.ranks.size(); ++g) {
+    const RankOutput& out = outputs[g];
+    if (c.ranks[g].has_combine_x) {
+      require(static_cast<std::int64_t>(c.ranks[g].combine_x.size()) == out.valid_rows * h,
+              "combine_x must hold valid_rows * h values");
+      expert_out[g] = c.ranks[g].combine_x;
+    } else if (c.quant_mode == 0) {
+      expert_out[g] = out.expand_x;  // identity expert
+    } else {
+      // Identity expert on a quantized row: its dequantized value.
+      expert_out[g].resize(static_cast<std::size_t>(out.valid_rows * h));
+      for (std::int64_t row = 0; row < out.valid_rows; ++row) {
+        for (std::int64_t i = 0; i < h; ++i) {
+          const float dequantized = static_cast<float>(out.expand_x_int8[row * h + i]) * out.dynamic_scales[row];
+          expert_out[g][row * h + i] = numeric::f32_to_half_rne(c.dtype, dequantized);
+        }
+      }
+    }
+  }
+
+  // TP reduce (§4.4): own row i plus the peer's copy of it, which sits after the peer's own rows.
+  if (has_tp_peer) {
+    std::vector<std::vector<std::uint16_t>> reduced = expert_out;
+    for (int ep = 0; ep < w; ++ep) {
+      for (int t = 0; t < 2; ++t) {
+        const int self_rank = global_rank(c, ep, t);
+        const int peer_rank = global_rank(c, ep, 1 - t);
+        const auto n_self = static_cast<std::int64_t>(group_dispatch[t][ep].rows.size());
+        const auto n_peer_self = static_cast<std::int64_t>(group_dispatch[1 - t][ep].rows.size());
+        for (std::int64_t row = 0; row < n_self; ++row) {
+          for (std::int64_t i = 0; i < h; ++i) {
+            const float mine = numeric::half_to_f32(c.dtype, expert_out[self_rank][row * h + i]);
+            const float theirs = numeric::half_to_f32(c.dtype, expert_out[peer_rank][(n_peer_self + row) * h + i]);
+            const float sum = mine + theirs;
+            // V1 CustomAdd: bf16 rounds half away from zero (CAST_ROUND); fp16 is a native, nearest-even add.
+            reduced[self_rank][row * h + i] =
+                c.dtype == Half::bf16 ? numeric::f32_to_bf16_round_away(sum) : numeric::f32_to_fp16_rne(sum);
+          }
+        }
+      }
+    }
+    expert_out = std::move(reduced);
+  }
+
+  if (c.comm_quant_mode == 2) {
+    for (std::size_t g = 0; g < c.ranks.size(); ++g) {
+      const std::int64_t rows = outputs[g].valid_rows;
+      for (std::int64_t row = 0; row < rows; ++row) comm_quant_round_trip(c.dtype, expert_out[g].data() + row * h, h);
+    }
+  }
+
+  // Weighted sum per token (§4.2, §4.3), one EP group at a time.
+  for (int t = 0; t < tp_size; ++t) {
+    const std::vector<EpRankDispatch>& dispatch = group_dispatch[t];
+    // Invert the provenance records: where did dispatch put (r, b, k), and (r, b)'s shared copy?
+    std::vector<std::vector<RowLocation>> moe_location(static_cast<std::size_t>(w));
+    std::vector<std::vector<RowLocation>> shared_location(static_cast<std::size_t>(w));
+    for (int r = 0; r < w; ++r) {
+      const std::int64_t bs = c.ranks[global_rank(c, r, t)].bs;
+      moe_location[r].resize(static_cast<std::size_t>(bs * topk));
+      shared_location[r].resize(static_cast<std::size_t>(bs));
+    }
+    for (int d = 0; d < w; ++d) {
+      for (std::size_t row = 0; row < dispatch[d].rows.size(); ++row) {
+        const Provenance& from = dispatch[d].rows[row].from;
+        RowLocation& slot = from.topk == kSharedExpertSlot
+                                ? shared_location[from.src_ep_rank][from.token]
+                                : moe_location[from.src_ep_rank][from.token * topk + from.topk];
+        ensure(slot.ep_rank == -1, "a routing entry was delivered twice");
+        slot = RowLocation{d, static_cast<std::int64_t>(row)};
+      }
+    }
+
+    for (int r = 0; r < w; ++r) {
+      const int g = global_rank(c, r, t);
+      const RankInput& src = c.ranks[g];
+      RankOutput& out = outputs[g];
+      out.combine_out.assign(static_cast<std::size_t>(src.bs * h), 0);
+      for (std::int64_t b = 0; b < src.bs; ++b) {
+        for (std::int64_t i = 0; i < h; ++i) {
+          float acc = 0.0f;
+          for (std::int64_t k = 0; k < topk; ++k) {
+            const RowLocation& at = moe_location[r][b * topk + k];
+            ensure(at.ep_rank >= 0, "a routing entry was never delivered");
+            const std::uint16_t y = expert_out[global_rank(c, at.ep_rank, t)][at.row * h + i];
+            const float weight = src.expert_scales.empty() ? 1.0f : src.expert_scales[b * topk + k];
+            const float weighted = numeric::half_to_f32(c.dtype, y) * weight;
+            acc = acc + weighted;
+          }
+          if (c.shared_expert_rank_num > 0) {
+            // The shared expert's output is added with weight 1 (§4.2, [DOC≠CODE] #1).
+            const RowLocation& at = shared_location[r][b];
+            ensure(at.ep_rank >= 0, "a token never reached a shared expert");
+            const std::uint16_t y = expert_out[global_rank(c, at.ep_rank, t)][at.row * h + i];
+            acc = acc + numeric::half_to_f32(c.dtype, y);
+          }
+          out.combine_out[b * h + i] = numeric::f32_to_half_rne(c.dtype, acc);
+        }
+      }
+    }
+  }
+  return outputs;
+}
+
+}  // namespace moedist::oracle
