@@ -1,0 +1,324 @@
+#include "test_support.h"
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <sstream>
+
+#include "moedist/moedist.h"
+#include "numeric/convert.h"
+
+namespace moedist::testing {
+
+using numeric::Half;
+
+std::uint16_t to_half_bits(DType dtype, float value) {
+  return dtype == DType::bf16 ? numeric::f32_to_bf16_rne(value) : numeric::f32_to_fp16_rne(value);
+}
+
+namespace {
+
+Half half_of(DType d) { return d == DType::bf16 ? Half::bf16 : Half::fp16; }
+
+int pick(std::mt19937_64& rng, int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); }
+bool chance(std::mt19937_64& rng, double p) { return std::bernoulli_distribution(p)(rng); }
+
+void fill_half(std::mt19937_64& rng, Tensor& t, float spread) {
+  std::normal_distribution<float> normal(0.0f, spread);
+  auto* p = t.data<std::uint16_t>();
+  for (std::int64_t i = 0; i < t.numel(); ++i) p[i] = to_half_bits(t.dtype(), normal(rng));
+}
+
+}  // namespace
+
+casefile::Case random_case(std::mt19937_64& rng, const CaseLimits& lim) {
+  casefile::Case c;
+  const int W = pick(rng, 1, lim.max_ep_world_size);
+  std::vector<int> shared_choices{0};
+  for (int s = 1; s < W; ++s) {
+    if (W % s == 0) shared_choices.push_back(s);
+  }
+  c.ep_world_size = W;
+  c.shared_expert_rank_num = chance(rng, 0.35) ? shared_choices[static_cast<std::size_t>(pick(rng, 0, static_cast<int>(shared_choices.size()) - 1))] : 0;
+  const int moe_ranks = W - c.shared_expert_rank_num;
+  c.tp_world_size = lim.allow_tp && chance(rng, 0.25) ? 2 : pick(rng, 0, 1);
+  const int L = c.tp_world_size == 2 ? 1 : pick(rng, 1, 4);
+  c.moe_expert_num = moe_ranks * L;
+  c.dtype = chance(rng, 0.5) ? DType::bf16 : DType::fp16;
+  c.quant_mode = chance(rng, 0.5) ? 2 : 0;
+  c.expert_token_nums_type = pick(rng, 0, 1);
+  c.comm_quant_mode = c.tp_world_size != 2 && chance(rng, 0.3) ? 2 : 0;
+  const int K = pick(rng, 1, std::min(c.moe_expert_num, lim.max_k));
+  const std::int64_t H = pick(rng, 1, static_cast<int>(lim.max_h));
+  const bool uneven = chance(rng, 0.4);
+  const std::int64_t max_bs = pick(rng, uneven ? 1 : 0, static_cast<int>(lim.max_bs));
+  c.global_bs = uneven ? max_bs * W * (chance(rng, 0.3) ? 2 : 1) : (chance(rng, 0.5) ? 0 : max_bs * W);
+  const bool with_scales = c.quant_mode == 2 && chance(rng, 0.6);
+  const bool with_expert_scales = chance(rng, 0.7);
+  const int T = std::max(c.tp_world_size, 1);
+  for (int g = 0; g < W * T; ++g) {
+    casefile::RankInputs in;
+    const std::int64_t bs = uneven ? pick(rng, 0, static_cast<int>(max_bs)) : max_bs;
+    in.x = Tensor(c.dtype, bs, H);
+    fill_half(rng, in.x, chance(rng, 0.2) ? 100.0f : 1.0f);
+    if (bs > 0 && chance(rng, 0.15)) {  // an all-zero row: q = 0, scale 0
+      std::fill_n(in.x.data<std::uint16_t>() + pick(rng, 0, static_cast<int>(bs) - 1) * H, H, std::uint16_t{0});
+    }
+    in.expert_ids = Tensor(DType::int32, bs, K);
+    std::vector<std::int32_t> ids(static_cast<std::size_t>(c.moe_expert_num));
+    for (std::int64_t b = 0; b < bs; ++b) {
+      for (int e = 0; e < c.moe_expert_num; ++e) ids[static_cast<std::size_t>(e)] = e;
+      std::shuffle(ids.begin(), ids.end(), rng);
+      std::copy_n(ids.begin(), K, in.expert_ids.data<std::int32_t>() + b * K);
+    }
+    if (with_scales) {
+      in.scales = Tensor(DType::fp32, c.moe_expert_num + (c.shared_expert_rank_num > 0 ? 1 : 0), H);
+      std::uniform_real_distribution<float> u(0.25f, 4.0f);
+      for (std::int64_t i = 0; i < in.scales.numel(); ++i) in.scales.data<float>()[i] = u(rng);
+    }
+    if (with_expert_scales) {
+      in.expert_scales = Tensor(DType::fp32, bs, K);
+      std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+      for (std::int64_t i = 0; i < in.expert_scales.numel(); ++i) in.expert_scales.data<float>()[i] = u(rng);
+    }
+    c.ranks.push_back(std::move(in));
+  }
+  if (chance(rng, 0.5)) {  // explicit expert outputs, sized by the valid rows of each rank
+    const std::vector<oracle::RankOutput> layout = oracle::run(to_oracle_case(c));
+    for (int g = 0; g < W * T; ++g) {
+      casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
+      in.combine_x = Tensor(c.dtype, layout[static_cast<std::size_t>(g)].valid_rows, H);
+      fill_half(rng, in.combine_x, 2.0f);
+    }
+  }
+  return c;
+}
+
+std::string describe(const casefile::Case& c) {
+  std::ostringstream os;
+  const casefile::RankInputs& r0 = c.ranks.front();
+  os << "W=" << c.ep_world_size << " T=" << c.tp_world_size << " E=" << c.moe_expert_num << " S=" << c.shared_expert_rank_num
+     << " K=" << r0.expert_ids.cols() << " H=" << r0.x.cols() << " global_bs=" << c.global_bs << " quant=" << c.quant_mode
+     << " comm_quant=" << c.comm_quant_mode << " dtype=" << dtype_name(c.dtype) << " etn_type=" << c.expert_token_nums_type
+     << " scales=" << r0.scales.present() << " expert_scales=" << r0.expert_scales.present()
+     << " combine_x=" << r0.combine_x.present() << " BS=[";
+  for (std::size_t g = 0; g < c.ranks.size(); ++g) os << (g ? "," : "") << c.ranks[g].x.rows();
+  os << "]";
+  return os.str();
+}
+
+oracle::Case to_oracle_case(const casefile::Case& c) {
+  oracle::Case o;
+  o.ep_world_size = c.ep_world_size;
+  o.tp_world_size = c.tp_world_size;
+  o.moe_expert_num = c.moe_expert_num;
+  o.shared_expert_rank_num = c.shared_expert_rank_num;
+  o.global_bs = c.global_bs;
+  o.quant_mode = c.quant_mode;
+  o.expert_token_nums_type = c.expert_token_nums_type;
+  o.comm_quant_mode = c.comm_quant_mode;
+  o.dtype = half_of(c.dtype);
+  o.h = c.ranks.front().x.cols();
+  o.k = c.ranks.front().expert_ids.cols();
+  for (const casefile::RankInputs& in : c.ranks) {
+    oracle::RankInput r;
+    r.bs = in.x.rows();
+    r.x.assign(in.x.data<std::uint16_t>(), in.x.data<std::uint16_t>() + in.x.numel());
+    r.expert_ids.assign(in.expert_ids.data<std::int32_t>(), in.expert_ids.data<std::int32_t>() + in.expert_ids.numel());
+    if (in.scales.present()) r.scales.assign(in.scales.data<float>(), in.scales.data<float>() + in.scales.numel());
+    if (in.expert_scales.present())
+      r.expert_scales.assign(in.expert_scales.data<float>(), in.expert_scales.data<float>() + in.expert_scales.numel());
+    r.has_combine_x = in.combine_x.present();
+    if (r.has_combine_x)
+      r.combine_x.assign(in.combine_x.data<std::uint16_t>(), in.combine_x.data<std::uint16_t>() + in.combine_x.numel());
+    o.ranks.push_back(std::move(r));
+  }
+  return o;
+}
+
+namespace {
+
+// A copy of a contiguous tensor placed in a larger buffer so that the view has the given strides.
+struct Strided {
+  std::vector<std::byte> storage;
+  TensorView view;
+};
+
+Strided make_strided(const Tensor& t, std::int64_t row_pad, std::int64_t col_stride) {
+  Strided s;
+  const std::size_t elem = dtype_size(t.dtype());
+  const std::int64_t rows = t.rows(), cols = t.cols();
+  const std::int64_t row_stride = cols * col_stride + row_pad;
+  s.storage.assign(static_cast<std::size_t>(std::max<std::int64_t>(rows * row_stride, 1)) * elem, std::byte{0x5a});
+  for (std::int64_t r = 0; r < rows; ++r) {
+    for (std::int64_t col = 0; col < cols; ++col) {
+      std::memcpy(s.storage.data() + static_cast<std::size_t>(r * row_stride + col * col_stride) * elem,
+                  static_cast<const std::byte*>(t.raw()) + static_cast<std::size_t>(r * cols + col) * elem, elem);
+    }
+  }
+  s.view = matrix_view(s.storage.data(), t.dtype(), rows, cols, row_stride, col_stride);
+  return s;
+}
+
+// Copies the first `rows` rows (or entries) of a view into a new contiguous tensor.
+Tensor copy_rows(const TensorView& v, std::int64_t rows) {
+  const std::size_t elem = dtype_size(v.dtype);
+  Tensor t = v.ndim == 2 ? Tensor(v.dtype, rows, v.cols()) : Tensor(v.dtype, rows);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    for (std::int64_t col = 0; col < v.cols(); ++col) {
+      std::memcpy(static_cast<std::byte*>(t.raw()) + static_cast<std::size_t>(r * v.cols() + col) * elem,
+                  static_cast<const std::byte*>(v.data) + static_cast<std::size_t>(v.offset(r, col)) * elem, elem);
+    }
+  }
+  return t;
+}
+
+}  // namespace
+
+std::vector<casefile::RankOutputs> run_runtime(const casefile::Case& c, const RunOptions& opt) {
+  const int T = std::max(c.tp_world_size, 1);
+  const int world = c.ep_world_size * T;
+  std::vector<casefile::RankOutputs> outputs(static_cast<std::size_t>(world));
+  InProcessWorld runtime(world, RuntimeOptions{std::chrono::milliseconds(60000)});
+  run_ranks(world, [&](int g) {
+    const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
+    GroupConfig cfg;
+    cfg.ep_world_size = c.ep_world_size;
+    cfg.ep_rank_id = g / T;
+    cfg.tp_world_size = c.tp_world_size;
+    cfg.tp_rank_id = g % T;
+    cfg.moe_expert_num = c.moe_expert_num;
+    cfg.shared_expert_rank_num = c.shared_expert_rank_num;
+    cfg.global_bs = c.global_bs;
+    std::unique_ptr<Group> group = runtime.join(cfg);
+
+    const std::int64_t bs = in.x.rows(), h = in.x.cols(), k = in.expert_ids.cols();
+    Strided x = make_strided(in.x, 3, opt.strided_inputs ? 2 : 1);
+    Strided ids = make_strided(in.expert_ids, opt.strided_inputs ? 1 : 0, 1);
+    Tensor ones(DType::fp32, bs, k);
+    std::fill_n(ones.data<float>(), bs * k, 1.0f);
+    Strided weights = make_strided(in.expert_scales.present() ? in.expert_scales : ones, opt.strided_inputs ? 2 : 0, 1);
+
+    DispatchOptions dopt;
+    dopt.quant_mode = c.quant_mode;
+    dopt.expert_token_nums_type = c.expert_token_nums_type;
+    if (in.scales.present()) dopt.scales = in.scales.view();
+    if (in.expert_scales.present()) dopt.expert_scales = weights.view;
+    Tensor out_x, out_scales, out_expand_scales, out_idx, out_etn, out_ep, out_tp;
+    if (opt.caller_outputs) {
+      CapacityQuery q{bs, k, h, c.dtype, c.quant_mode};
+      const CapacityReport cap = capacity(cfg, q);
+      out_x = Tensor(c.quant_mode == 2 ? DType::int8 : c.dtype, cap.expand_x_rows, h);
+      out_scales = Tensor(DType::fp32, cap.expand_x_rows);
+      out_expand_scales = Tensor(DType::fp32, cap.expand_x_rows);
+      out_idx = Tensor(DType::int32, bs * k);
+      out_etn = Tensor(DType::int64, group->local_expert_num());
+      out_ep = Tensor(DType::int32, static_cast<std::int64_t>(c.ep_world_size) * group->local_expert_num() * (T == 2 ? 2 : 1));
+      dopt.out.expand_x = out_x.mutable_view();
+      dopt.out.dynamic_scales = out_scales.mutable_view();
+      if (in.expert_scales.present()) dopt.out.expand_scales = out_expand_scales.mutable_view();
+      dopt.out.expand_idx = out_idx.mutable_view();
+      dopt.out.expert_token_nums = out_etn.mutable_view();
+      dopt.out.ep_recv_counts = out_ep.mutable_view();
+      if (T == 2) {
+        out_tp = Tensor(DType::int32, 2);
+        dopt.out.tp_recv_counts = out_tp.mutable_view();
+      }
+    }
+    const DispatchResult d = group->dispatch(x.view, ids.view, dopt);
+
+    casefile::RankOutputs& o = outputs[static_cast<std::size_t>(g)];
+    o.expand_x = copy_rows(d.expand_x, d.valid_rows);
+    if (c.quant_mode == 2) o.dynamic_scales = copy_rows(d.dynamic_scales, d.valid_rows);
+    if (in.expert_scales.present()) o.expand_scales = copy_rows(d.expand_scales, d.valid_rows);
+    o.expand_idx = copy_rows(d.expand_idx, d.expand_idx.rows());
+    o.expert_token_nums = copy_rows(d.expert_token_nums, d.expert_token_nums.rows());
+    o.ep_recv_counts = copy_rows(d.ep_recv_counts, d.ep_recv_counts.rows());
+    if (T == 2) o.tp_recv_counts = copy_rows(d.tp_recv_counts, 2);
+
+    // Expert outputs: the given ones, or identity experts (the dispatched row, dequantized).
+    Tensor identity;
+    Strided given;
+    TensorView expert_out = d.expand_x;  // quant_mode 0 identity: feed dispatch's own view back
+    if (in.combine_x.present()) {
+      given = make_strided(in.combine_x, opt.strided_inputs ? 1 : 0, 1);
+      expert_out = given.view;
+    } else if (c.quant_mode == 2) {
+      identity = Tensor(c.dtype, d.valid_rows, h);
+      for (std::int64_t r = 0; r < d.valid_rows; ++r) {
+        const float scale = d.dynamic_scales.at<float>(r);
+        for (std::int64_t col = 0; col < h; ++col) {
+          const float v = static_cast<float>(d.expand_x.at<std::int8_t>(r, col)) * scale;
+          identity.data<std::uint16_t>()[r * h + col] = numeric::f32_to_half_rne(half_of(c.dtype), v);
+        }
+      }
+      expert_out = identity.view();
+    }
+    CombineOptions copt;
+    copt.comm_quant_mode = c.comm_quant_mode;
+    if (T == 2) copt.tp_send_counts = d.tp_recv_counts;
+    Tensor combined;
+    if (opt.caller_outputs) {
+      combined = Tensor(c.dtype, bs, h);
+      copt.out = combined.mutable_view();
+    }
+    const TensorView y = group->combine(expert_out, ids.view, d.expand_idx, d.ep_recv_counts, weights.view, copt);
+    o.combine_out = copy_rows(y, bs);
+  });
+  return outputs;
+}
+
+namespace {
+
+template <class T>
+std::string compare_values(const char* what, int g, const T* got, std::int64_t got_n, const std::vector<T>& want) {
+  if (got_n != static_cast<std::int64_t>(want.size())) {
+    return "rank " + std::to_string(g) + " " + what + ": " + std::to_string(got_n) + " values, oracle has " +
+           std::to_string(want.size());
+  }
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    if (std::memcmp(&got[i], &want[i], sizeof(T)) != 0) {
+      std::ostringstream os;
+      os << "rank " << g << " " << what << "[" << i << "]: got " << +got[i] << ", oracle " << +want[i];
+      return os.str();
+    }
+  }
+  return "";
+}
+
+template <class T>
+std::string compare_tensor(const char* what, int g, const Tensor& got, const std::vector<T>& want) {
+  return compare_values(what, g, got.present() ? got.data<T>() : nullptr, got.numel(), want);
+}
+
+}  // namespace
+
+std::string compare_with_oracle(const casefile::Case& c, const std::vector<casefile::RankOutputs>& got,
+                                const std::vector<oracle::RankOutput>& want) {
+  for (std::size_t g = 0; g < want.size(); ++g) {
+    const casefile::RankOutputs& o = got[g];
+    const oracle::RankOutput& w = want[g];
+    const int r = static_cast<int>(g);
+    std::string diff;
+    if (o.expand_x.rows() != w.valid_rows)
+      return "rank " + std::to_string(r) + " valid rows: got " + std::to_string(o.expand_x.rows()) + ", oracle " +
+             std::to_string(w.valid_rows);
+    if (c.quant_mode == 2) {
+      if (!(diff = compare_tensor("expand_x(int8)", r, o.expand_x, w.expand_x_int8)).empty()) return diff;
+      if (!(diff = compare_tensor("dynamic_scales", r, o.dynamic_scales, w.dynamic_scales)).empty()) return diff;
+    } else if (!(diff = compare_tensor("expand_x", r, o.expand_x, w.expand_x)).empty()) {
+      return diff;
+    }
+    if (c.ranks[g].expert_scales.present() && !(diff = compare_tensor("expand_scales", r, o.expand_scales, w.expand_scales)).empty())
+      return diff;
+    if (!(diff = compare_tensor("expand_idx", r, o.expand_idx, w.expand_idx)).empty()) return diff;
+    if (!(diff = compare_tensor("expert_token_nums", r, o.expert_token_nums, w.expert_token_nums)).empty()) return diff;
+    if (!(diff = compare_tensor("ep_recv_counts", r, o.ep_recv_counts, w.ep_recv_counts)).empty()) return diff;
+    if (c.tp_world_size == 2 && !(diff = compare_tensor("tp_recv_counts", r, o.tp_recv_counts, w.tp_recv_counts)).empty())
+      return diff;
+    if (!(diff = compare_tensor("combine_out", r, o.combine_out, w.combine_out)).empty()) return diff;
+  }
+  return "";
+}
+
+}  // namespace moedist::testing
