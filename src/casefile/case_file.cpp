@@ -1,0 +1,576 @@
+#include "casefile/case_file.h"
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <charconv>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <map>
+#include <optional>
+#include <string_view>
+#include <utility>
+
+#include "casefile/safetensors.h"
+#include "moedist/config.h"
+#include "moedist/error.h"
+#include "moedist/group.h"
+#include "numeric/convert.h"
+
+namespace moedist::casefile {
+namespace {
+
+// A sanity bound on W * max(T, 1): replay starts one thread per rank, and no deployment of the
+// operators comes near this many ranks (the largest Ascend A3 EP domain is 288, times a TP of 2).
+constexpr std::int64_t kMaxRanks = 4096;
+
+constexpr std::string_view kOutputsFormat = "moedist-replay-outputs";
+constexpr std::string_view kOutputsVersion = "1";
+
+[[noreturn]] void fail(const std::string& where, const std::string& what) {
+  throw Error(ErrorCode::case_file, where + ": " + what);
+}
+
+std::string tensor_name(int rank, std::string_view field) {
+  return "rank" + std::to_string(rank) + "." + std::string(field);
+}
+
+std::string dtype_text(DType dtype) { return std::string(safetensors_dtype_name(dtype)); }
+
+std::string shape_text(const Tensor& t) {
+  if (!t.present()) return "(absent)";
+  std::vector<std::int64_t> shape{t.rows()};
+  if (t.ndim() == 2) shape.push_back(t.cols());
+  return shape_to_string(shape);
+}
+
+// "rank12.expert_ids" -> (12, "expert_ids"). The rank is canonical decimal (no sign, no leading zero),
+// so that one rank has exactly one spelling.
+bool parse_tensor_name(std::string_view name, int* rank, std::string_view* field) {
+  constexpr std::string_view kPrefix = "rank";
+  if (name.substr(0, kPrefix.size()) != kPrefix) return false;
+  name.remove_prefix(kPrefix.size());
+  const std::size_t dot = name.find('.');
+  if (dot == std::string_view::npos || dot == 0 || dot > 9) return false;
+  const std::string_view digits = name.substr(0, dot);
+  if (digits.size() > 1 && digits.front() == '0') return false;
+  int value = 0;
+  for (const char ch : digits) {
+    if (ch < '0' || ch > '9') return false;
+    value = value * 10 + (ch - '0');
+  }
+  *rank = value;
+  *field = name.substr(dot + 1);
+  return true;
+}
+
+// A metadata integer: the whole string must be a decimal integer within [min, max].
+std::int64_t parse_metadata_int(const std::string& where, const std::map<std::string, std::string>& metadata,
+                                const char* key, std::int64_t min, std::int64_t max) {
+  const auto it = metadata.find(key);
+  if (it == metadata.end()) {
+    fail(where, std::string("missing metadata key '") + key +
+                    "' (a case file needs ep_world_size, tp_world_size, moe_expert_num, shared_expert_rank_num, "
+                    "shared_expert_num, global_bs, quant_mode, expert_token_nums_type, comm_quant_mode, dtype)");
+  }
+  const std::string& text = it->second;
+  std::int64_t value = 0;
+  const char* first = text.data();
+  const char* last = text.data() + text.size();
+  const auto [end, ec] = std::from_chars(first, last, value);
+  if (text.empty() || ec == std::errc::invalid_argument || end != last) {
+    fail(where, std::string("metadata '") + key + "' is '" + text + "', not a decimal integer");
+  }
+  if (ec == std::errc::result_out_of_range || value < min || value > max) {
+    fail(where, std::string("metadata '") + key + "' is " + text + ", outside [" + std::to_string(min) + ", " +
+                    std::to_string(max) + "]");
+  }
+  return value;
+}
+
+int rank_count(const Case& c) { return c.ep_world_size * std::max(c.tp_world_size, 1); }
+
+// Ranges every case must satisfy to be read, written or run. The MoE rules themselves (E a multiple of
+// W - S, T in {0, 2}, ...) are left to the library, which names them precisely.
+void check_scalars(const std::string& where, const Case& c) {
+  const auto check = [&](const char* key, std::int64_t value, std::int64_t min, std::int64_t max) {
+    if (value < min || value > max) {
+      fail(where, std::string(key) + " is " + std::to_string(value) + ", outside [" + std::to_string(min) + ", " +
+                      std::to_string(max) + "]");
+    }
+  };
+  constexpr std::int64_t kIntMax = std::numeric_limits<int>::max();
+  check("ep_world_size", c.ep_world_size, 1, kMaxRanks);
+  check("tp_world_size", c.tp_world_size, 0, kMaxRanks);
+  const std::int64_t ranks = std::int64_t{c.ep_world_size} * std::max(c.tp_world_size, 1);
+  if (ranks > kMaxRanks) {
+    fail(where, "ep_world_size " + std::to_string(c.ep_world_size) + " x max(tp_world_size, 1) " +
+                    std::to_string(std::max(c.tp_world_size, 1)) + " = " + std::to_string(ranks) +
+                    " ranks, more than the " + std::to_string(kMaxRanks) + " a case may hold");
+  }
+  check("moe_expert_num", c.moe_expert_num, 0, kIntMax);
+  check("shared_expert_rank_num", c.shared_expert_rank_num, 0, kIntMax);
+  check("shared_expert_num", c.shared_expert_num, 0, kIntMax);
+  check("global_bs", c.global_bs, 0, std::numeric_limits<std::int64_t>::max());
+  check("quant_mode", c.quant_mode, 0, kIntMax);
+  check("expert_token_nums_type", c.expert_token_nums_type, 0, kIntMax);
+  check("comm_quant_mode", c.comm_quant_mode, 0, kIntMax);
+  if (c.dtype != DType::bf16 && c.dtype != DType::fp16) {
+    fail(where, "dtype must be bfloat16 or float16, got " + dtype_text(c.dtype));
+  }
+}
+
+// The structural rules of a case: every rank has x and expert_ids, dtypes and ranks are right, and
+// the extents that must agree across tensors and ranks do.
+void check_case(const std::string& where, const Case& c) {
+  check_scalars(where, c);
+  const int n = rank_count(c);
+  if (static_cast<std::int64_t>(c.ranks.size()) != n) {
+    fail(where, "the case has " + std::to_string(c.ranks.size()) + " ranks but ep_world_size x max(tp_world_size, 1) = " +
+                    std::to_string(n));
+  }
+  std::int64_t h = -1;
+  std::int64_t k = -1;
+  for (int g = 0; g < n; ++g) {
+    const RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
+    const auto bad = [&](std::string_view field, const std::string& rule) {
+      fail(where, "tensor '" + tensor_name(g, field) + "': " + rule);
+    };
+    if (!in.x.present()) {
+      fail(where, "missing tensor '" + tensor_name(g, "x") + "' (every rank 0.." + std::to_string(n - 1) +
+                      " needs x and expert_ids)");
+    }
+    if (!in.expert_ids.present()) {
+      fail(where, "missing tensor '" + tensor_name(g, "expert_ids") + "' (every rank 0.." + std::to_string(n - 1) +
+                      " needs x and expert_ids)");
+    }
+    if (in.x.ndim() != 2) bad("x", "must be 2-D (BS, H), got shape " + shape_text(in.x));
+    if (in.x.dtype() != c.dtype) {
+      bad("x", "dtype " + dtype_text(in.x.dtype()) + " differs from the case dtype " + dtype_text(c.dtype));
+    }
+    if (h < 0) h = in.x.cols();
+    if (in.x.cols() != h) {
+      bad("x", "has H = " + std::to_string(in.x.cols()) + " but rank0.x has H = " + std::to_string(h) +
+                   " (H must be the same on every rank)");
+    }
+    const std::int64_t bs = in.x.rows();
+
+    if (in.expert_ids.ndim() != 2) bad("expert_ids", "must be 2-D (BS, K), got shape " + shape_text(in.expert_ids));
+    if (in.expert_ids.dtype() != DType::int32) {
+      bad("expert_ids", "dtype must be I32, got " + dtype_text(in.expert_ids.dtype()));
+    }
+    if (in.expert_ids.rows() != bs) {
+      bad("expert_ids", "has " + std::to_string(in.expert_ids.rows()) + " rows but x has BS = " + std::to_string(bs));
+    }
+    if (k < 0) k = in.expert_ids.cols();
+    if (in.expert_ids.cols() != k) {
+      bad("expert_ids", "has K = " + std::to_string(in.expert_ids.cols()) + " but rank0.expert_ids has K = " +
+                            std::to_string(k) + " (K must be the same on every rank)");
+    }
+
+    if (in.scales.present()) {
+      if (in.scales.ndim() != 2) bad("scales", "must be 2-D (E[+1], H), got shape " + shape_text(in.scales));
+      if (in.scales.dtype() != DType::fp32) bad("scales", "dtype must be F32, got " + dtype_text(in.scales.dtype()));
+    }
+    if (in.expert_scales.present()) {
+      if (in.expert_scales.dtype() != DType::fp32) {
+        bad("expert_scales", "dtype must be F32, got " + dtype_text(in.expert_scales.dtype()));
+      }
+      if (in.expert_scales.ndim() != 2 || in.expert_scales.rows() != bs || in.expert_scales.cols() != k) {
+        bad("expert_scales", "shape " + shape_text(in.expert_scales) + " must equal expert_ids' shape " +
+                                 shape_text(in.expert_ids));
+      }
+    }
+    if (in.combine_x.present()) {
+      if (in.combine_x.ndim() != 2) bad("combine_x", "must be 2-D (rows, H), got shape " + shape_text(in.combine_x));
+      if (in.combine_x.dtype() != c.dtype) {
+        bad("combine_x", "dtype " + dtype_text(in.combine_x.dtype()) + " differs from x's dtype " +
+                             dtype_text(c.dtype));
+      }
+      if (in.combine_x.cols() != h) {
+        bad("combine_x", "has " + std::to_string(in.combine_x.cols()) + " columns but H = " + std::to_string(h));
+      }
+    }
+  }
+}
+
+Tensor* input_field(RankInputs& in, std::string_view field) {
+  if (field == "x") return &in.x;
+  if (field == "expert_ids") return &in.expert_ids;
+  if (field == "scales") return &in.scales;
+  if (field == "expert_scales") return &in.expert_scales;
+  if (field == "combine_x") return &in.combine_x;
+  return nullptr;
+}
+
+Tensor* output_field(RankOutputs& out, std::string_view field) {
+  if (field == "expand_x") return &out.expand_x;
+  if (field == "dynamic_scales") return &out.dynamic_scales;
+  if (field == "expand_scales") return &out.expand_scales;
+  if (field == "expand_idx") return &out.expand_idx;
+  if (field == "expert_token_nums") return &out.expert_token_nums;
+  if (field == "ep_recv_counts") return &out.ep_recv_counts;
+  if (field == "tp_recv_counts") return &out.tp_recv_counts;
+  if (field == "combine_out") return &out.combine_out;
+  return nullptr;
+}
+
+// The first `rows` rows of a (possibly strided) 1-D or 2-D view, as an owning contiguous tensor.
+Tensor copy_prefix(const TensorView& view, std::int64_t rows) {
+  if (!view.present()) return Tensor();
+  if (rows < 0 || rows > view.rows()) {
+    throw Error(ErrorCode::internal, "replay: asked for " + std::to_string(rows) + " rows of an output with " +
+                                         std::to_string(view.rows()));
+  }
+  const std::size_t element = dtype_size(view.dtype);
+  const auto* base = static_cast<const unsigned char*>(view.data);
+  if (view.ndim == 1) {
+    Tensor copy(view.dtype, rows);
+    auto* dst = static_cast<unsigned char*>(copy.raw());
+    for (std::int64_t i = 0; i < rows; ++i) {
+      std::memcpy(dst + static_cast<std::size_t>(i) * element, base + view.offset(i) * static_cast<std::int64_t>(element),
+                  element);
+    }
+    return copy;
+  }
+  const std::int64_t cols = view.cols();
+  Tensor copy(view.dtype, rows, cols);
+  auto* dst = static_cast<unsigned char*>(copy.raw());
+  for (std::int64_t i = 0; i < rows; ++i) {
+    for (std::int64_t j = 0; j < cols; ++j) {
+      std::memcpy(dst + static_cast<std::size_t>(i * cols + j) * element,
+                  base + view.offset(i, j) * static_cast<std::int64_t>(element), element);
+    }
+  }
+  return copy;
+}
+
+numeric::Half half_of(DType dtype) { return dtype == DType::bf16 ? numeric::Half::bf16 : numeric::Half::fp16; }
+
+// Identity experts under quant_mode 2: each valid row back in x's dtype, out[h] = rne(fl32(q[h] * scale)).
+// Rows past the valid ones stay zero; combine never reads them.
+Tensor dequantize_rows(const DispatchResult& d, DType dtype) {
+  if (d.expand_x.dtype != DType::int8) {
+    throw Error(ErrorCode::internal, "replay: quant_mode 2 dispatch returned expand_x of dtype " +
+                                         dtype_text(d.expand_x.dtype) + ", expected I8");
+  }
+  const std::int64_t h = d.expand_x.cols();
+  Tensor rows(dtype, d.expand_x.rows(), h);
+  auto* out = rows.data<std::uint16_t>();
+  const numeric::Half half = half_of(dtype);
+  for (std::int64_t r = 0; r < d.valid_rows; ++r) {
+    const float scale = d.dynamic_scales.at<float>(r);
+    for (std::int64_t j = 0; j < h; ++j) {
+      const float value = static_cast<float>(d.expand_x.at<std::int8_t>(r, j)) * scale;
+      out[r * h + j] = numeric::f32_to_half_rne(half, value);
+    }
+  }
+  return rows;
+}
+
+// Rethrows the error that explains a failed run best: the first rank's own error (a validation error,
+// say) rather than the peer_failed / timeout errors it caused on the other ranks. The message gains the
+// rank, which library messages do not carry.
+[[noreturn]] void rethrow_root_cause(const std::vector<std::exception_ptr>& errors, const Case& c,
+                                     std::exception_ptr fallback) {
+  const int tp = std::max(c.tp_world_size, 1);
+  std::optional<std::size_t> chosen;
+  for (std::size_t g = 0; g < errors.size(); ++g) {
+    if (!errors[g]) continue;
+    try {
+      std::rethrow_exception(errors[g]);
+    } catch (const Error& e) {
+      const bool consequence = e.code() == ErrorCode::peer_failed || e.code() == ErrorCode::timeout;
+      if (!consequence) {
+        chosen = g;
+        break;
+      }
+      if (!chosen) chosen = g;
+    } catch (...) {
+      if (!chosen) chosen = g;
+    }
+  }
+  if (!chosen) std::rethrow_exception(fallback);
+  const int g = static_cast<int>(*chosen);
+  try {
+    std::rethrow_exception(errors[*chosen]);
+  } catch (const Error& e) {
+    throw Error(e.code(), "rank " + std::to_string(g) + " (ep_rank " + std::to_string(g / tp) + ", tp_rank " +
+                              std::to_string(g % tp) + "): " + e.what());
+  }
+}
+
+}  // namespace
+
+Case read_case(const std::string& path) {
+  const SafetensorsReader reader(path);
+  const std::string where = "file '" + path + "'";
+  const auto& metadata = reader.metadata();
+  constexpr std::int64_t kIntMax = std::numeric_limits<int>::max();
+
+  Case c;
+  c.ep_world_size = static_cast<int>(parse_metadata_int(where, metadata, "ep_world_size", 1, kMaxRanks));
+  c.tp_world_size = static_cast<int>(parse_metadata_int(where, metadata, "tp_world_size", 0, kMaxRanks));
+  c.moe_expert_num = static_cast<int>(parse_metadata_int(where, metadata, "moe_expert_num", 0, kIntMax));
+  c.shared_expert_rank_num =
+      static_cast<int>(parse_metadata_int(where, metadata, "shared_expert_rank_num", 0, kIntMax));
+  c.shared_expert_num = static_cast<int>(parse_metadata_int(where, metadata, "shared_expert_num", 0, kIntMax));
+  c.global_bs =
+      parse_metadata_int(where, metadata, "global_bs", 0, std::numeric_limits<std::int64_t>::max());
+  c.quant_mode = static_cast<int>(parse_metadata_int(where, metadata, "quant_mode", 0, kIntMax));
+  c.expert_token_nums_type =
+      static_cast<int>(parse_metadata_int(where, metadata, "expert_token_nums_type", 0, kIntMax));
+  c.comm_quant_mode = static_cast<int>(parse_metadata_int(where, metadata, "comm_quant_mode", 0, kIntMax));
+  const auto dtype = metadata.find("dtype");
+  if (dtype == metadata.end()) fail(where, "missing metadata key 'dtype' (\"bfloat16\" or \"float16\")");
+  if (dtype->second == "bfloat16") {
+    c.dtype = DType::bf16;
+  } else if (dtype->second == "float16") {
+    c.dtype = DType::fp16;
+  } else {
+    fail(where, "metadata 'dtype' is '" + dtype->second + "', expected \"bfloat16\" or \"float16\"");
+  }
+  check_scalars(where, c);
+
+  const int n = rank_count(c);
+  c.ranks.resize(static_cast<std::size_t>(n));
+  for (const SafetensorsEntry& entry : reader.entries()) {
+    int g = 0;
+    std::string_view field;
+    Tensor* slot = nullptr;
+    if (parse_tensor_name(entry.name, &g, &field)) {
+      if (g >= n) {
+        fail(where, "tensor '" + entry.name + "' names rank " + std::to_string(g) + " but the case has " +
+                        std::to_string(n) + " ranks (ep_world_size " + std::to_string(c.ep_world_size) +
+                        " x max(tp_world_size, 1) " + std::to_string(std::max(c.tp_world_size, 1)) + ")");
+      }
+      slot = input_field(c.ranks[static_cast<std::size_t>(g)], field);
+    }
+    if (slot == nullptr) {
+      fail(where, "unknown tensor '" + entry.name +
+                      "' (a case holds rank{g}.x, .expert_ids, .scales, .expert_scales and .combine_x)");
+    }
+    *slot = reader.read_tensor(entry);
+  }
+  check_case(where, c);
+  return c;
+}
+
+void write_case(const std::string& path, const Case& c) {
+  check_case("case for '" + path + "'", c);
+  SafetensorsWriter writer;
+  writer.set_metadata("ep_world_size", std::to_string(c.ep_world_size));
+  writer.set_metadata("tp_world_size", std::to_string(c.tp_world_size));
+  writer.set_metadata("moe_expert_num", std::to_string(c.moe_expert_num));
+  writer.set_metadata("shared_expert_rank_num", std::to_string(c.shared_expert_rank_num));
+  writer.set_metadata("shared_expert_num", std::to_string(c.shared_expert_num));
+  writer.set_metadata("global_bs", std::to_string(c.global_bs));
+  writer.set_metadata("quant_mode", std::to_string(c.quant_mode));
+  writer.set_metadata("expert_token_nums_type", std::to_string(c.expert_token_nums_type));
+  writer.set_metadata("comm_quant_mode", std::to_string(c.comm_quant_mode));
+  writer.set_metadata("dtype", c.dtype == DType::bf16 ? "bfloat16" : "float16");
+  for (std::size_t g = 0; g < c.ranks.size(); ++g) {
+    const RankInputs& in = c.ranks[g];
+    const int rank = static_cast<int>(g);
+    writer.add(tensor_name(rank, "x"), in.x);
+    writer.add(tensor_name(rank, "expert_ids"), in.expert_ids);
+    if (in.scales.present()) writer.add(tensor_name(rank, "scales"), in.scales);
+    if (in.expert_scales.present()) writer.add(tensor_name(rank, "expert_scales"), in.expert_scales);
+    if (in.combine_x.present()) writer.add(tensor_name(rank, "combine_x"), in.combine_x);
+  }
+  writer.write(path);
+}
+
+std::vector<RankOutputs> run_case(const Case& c, const RuntimeOptions& options) {
+  check_case("case", c);
+  const int n = rank_count(c);
+  const int tp = std::max(c.tp_world_size, 1);
+  InProcessWorld world(n, options);
+  std::vector<RankOutputs> outputs(static_cast<std::size_t>(n));
+  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(n));
+
+  // Every rank meets here after dispatch. A rank that failed (or whose combine_x does not fit) sets
+  // `skip_combine` first, so that no rank enters combine and waits there for a peer that never comes.
+  std::barrier after_dispatch(n);
+  std::atomic<bool> skip_combine{false};
+
+  const auto rank_main = [&](int g) {
+    const auto index = static_cast<std::size_t>(g);
+    const RankInputs& in = c.ranks[index];
+    RankOutputs& out = outputs[index];
+    std::unique_ptr<Group> group;
+    DispatchResult d;
+    Tensor expert_rows;  // owns the expert outputs combine reads, unless they are dispatch's expand_x
+    TensorView expert_out;
+    try {
+      GroupConfig config;
+      config.ep_world_size = c.ep_world_size;
+      config.ep_rank_id = g / tp;
+      config.moe_expert_num = c.moe_expert_num;
+      config.tp_world_size = c.tp_world_size;
+      config.tp_rank_id = g % tp;
+      config.shared_expert_rank_num = c.shared_expert_rank_num;
+      config.shared_expert_num = c.shared_expert_num;
+      config.global_bs = c.global_bs;
+      group = world.join(config);
+
+      DispatchOptions dispatch_options;
+      if (in.scales.present()) dispatch_options.scales = in.scales;
+      if (in.expert_scales.present()) dispatch_options.expert_scales = in.expert_scales;
+      dispatch_options.quant_mode = c.quant_mode;
+      dispatch_options.expert_token_nums_type = c.expert_token_nums_type;
+      d = group->dispatch(in.x, in.expert_ids, dispatch_options);
+
+      out.expand_x = copy_prefix(d.expand_x, d.valid_rows);
+      if (c.quant_mode == 2) out.dynamic_scales = copy_prefix(d.dynamic_scales, d.valid_rows);
+      if (in.expert_scales.present()) out.expand_scales = copy_prefix(d.expand_scales, d.valid_rows);
+      out.expand_idx = copy_prefix(d.expand_idx, d.expand_idx.rows());
+      out.expert_token_nums = copy_prefix(d.expert_token_nums, d.expert_token_nums.rows());
+      out.ep_recv_counts = copy_prefix(d.ep_recv_counts, d.ep_recv_counts.rows());
+      out.tp_recv_counts = copy_prefix(d.tp_recv_counts, d.tp_recv_counts.rows());
+
+      if (in.combine_x.present()) {
+        if (in.combine_x.rows() != d.valid_rows) {
+          throw Error(ErrorCode::case_file, "tensor '" + tensor_name(g, "combine_x") + "' has " +
+                                                std::to_string(in.combine_x.rows()) +
+                                                " rows but dispatch produced " + std::to_string(d.valid_rows) +
+                                                " valid rows on this rank (combine_x holds one row per valid row)");
+        }
+        // Same row count as dispatch's expand_x, so combine sees the shape it would on the device.
+        expert_rows = Tensor(c.dtype, d.expand_x.rows(), d.expand_x.cols());
+        if (in.combine_x.nbytes() != 0) std::memcpy(expert_rows.raw(), in.combine_x.raw(), in.combine_x.nbytes());
+        expert_out = expert_rows;
+      } else if (c.quant_mode == 2) {
+        expert_rows = dequantize_rows(d, c.dtype);
+        expert_out = expert_rows;
+      } else {
+        expert_out = d.expand_x;
+      }
+    } catch (...) {
+      errors[index] = std::current_exception();
+      skip_combine.store(true);
+      after_dispatch.arrive_and_drop();
+      throw;
+    }
+    after_dispatch.arrive_and_wait();
+    if (skip_combine.load()) return;
+
+    try {
+      Tensor unit_weights;
+      TensorView weights = in.expert_scales;
+      if (!in.expert_scales.present()) {
+        unit_weights = Tensor(DType::fp32, in.expert_ids.rows(), in.expert_ids.cols());
+        std::fill_n(unit_weights.data<float>(), unit_weights.numel(), 1.0f);
+        weights = unit_weights;
+      }
+      CombineOptions combine_options;
+      if (c.tp_world_size == 2) combine_options.tp_send_counts = d.tp_recv_counts;
+      combine_options.comm_quant_mode = c.comm_quant_mode;
+      const TensorView combined =
+          group->combine(expert_out, in.expert_ids, d.expand_idx, d.ep_recv_counts, weights, combine_options);
+      out.combine_out = copy_prefix(combined, combined.rows());
+    } catch (...) {
+      errors[index] = std::current_exception();
+      throw;
+    }
+  };
+
+  try {
+    run_ranks(n, rank_main);
+  } catch (...) {
+    rethrow_root_cause(errors, c, std::current_exception());
+  }
+  return outputs;
+}
+
+void write_outputs(const std::string& path, const std::vector<RankOutputs>& outputs) {
+  SafetensorsWriter writer;
+  writer.set_metadata("format", std::string(kOutputsFormat));
+  writer.set_metadata("version", std::string(kOutputsVersion));
+  for (std::size_t g = 0; g < outputs.size(); ++g) {
+    const RankOutputs& out = outputs[g];
+    const int rank = static_cast<int>(g);
+    // Required outputs go through add() unconditionally, which rejects an absent tensor.
+    writer.add(tensor_name(rank, "expand_x"), out.expand_x);
+    if (out.dynamic_scales.present()) writer.add(tensor_name(rank, "dynamic_scales"), out.dynamic_scales);
+    if (out.expand_scales.present()) writer.add(tensor_name(rank, "expand_scales"), out.expand_scales);
+    writer.add(tensor_name(rank, "expand_idx"), out.expand_idx);
+    writer.add(tensor_name(rank, "expert_token_nums"), out.expert_token_nums);
+    writer.add(tensor_name(rank, "ep_recv_counts"), out.ep_recv_counts);
+    if (out.tp_recv_counts.present()) writer.add(tensor_name(rank, "tp_recv_counts"), out.tp_recv_counts);
+    writer.add(tensor_name(rank, "combine_out"), out.combine_out);
+  }
+  writer.write(path);
+}
+
+std::vector<RankOutputs> read_outputs(const std::string& path, int world_size) {
+  if (world_size < 1 || world_size > kMaxRanks) {
+    throw Error(ErrorCode::invalid_argument, "read_outputs: world_size " + std::to_string(world_size) +
+                                                 " is outside [1, " + std::to_string(kMaxRanks) + "]");
+  }
+  const SafetensorsReader reader(path);
+  const std::string where = "file '" + path + "'";
+  const auto& metadata = reader.metadata();
+  const auto format = metadata.find("format");
+  if (format == metadata.end() || format->second != kOutputsFormat) {
+    fail(where, "not a replay output file (metadata 'format' must be \"" + std::string(kOutputsFormat) + "\")");
+  }
+  const auto version = metadata.find("version");
+  if (version == metadata.end() || version->second != kOutputsVersion) {
+    fail(where, "unsupported replay output version '" + (version == metadata.end() ? "" : version->second) +
+                    "' (this build reads version " + std::string(kOutputsVersion) + ")");
+  }
+
+  std::vector<RankOutputs> outputs(static_cast<std::size_t>(world_size));
+  for (const SafetensorsEntry& entry : reader.entries()) {
+    int g = 0;
+    std::string_view field;
+    Tensor* slot = nullptr;
+    if (parse_tensor_name(entry.name, &g, &field)) {
+      if (g >= world_size) {
+        fail(where, "tensor '" + entry.name + "' names rank " + std::to_string(g) + " but the world has " +
+                        std::to_string(world_size) + " ranks");
+      }
+      slot = output_field(outputs[static_cast<std::size_t>(g)], field);
+    }
+    if (slot == nullptr) fail(where, "unknown tensor '" + entry.name + "' in a replay output file");
+    *slot = reader.read_tensor(entry);
+  }
+
+  for (int g = 0; g < world_size; ++g) {
+    const RankOutputs& out = outputs[static_cast<std::size_t>(g)];
+    const auto require = [&](const Tensor& t, std::string_view field, int ndim, std::initializer_list<DType> dtypes) {
+      if (!t.present()) fail(where, "missing tensor '" + tensor_name(g, field) + "'");
+      if (t.ndim() != ndim) {
+        fail(where, "tensor '" + tensor_name(g, field) + "' must be " + std::to_string(ndim) + "-D, got shape " +
+                        shape_text(t));
+      }
+      if (std::find(dtypes.begin(), dtypes.end(), t.dtype()) == dtypes.end()) {
+        fail(where, "tensor '" + tensor_name(g, field) + "' has unexpected dtype " + dtype_text(t.dtype()));
+      }
+    };
+    require(out.expand_x, "expand_x", 2, {DType::int8, DType::bf16, DType::fp16});
+    require(out.expand_idx, "expand_idx", 1, {DType::int32});
+    require(out.expert_token_nums, "expert_token_nums", 1, {DType::int64});
+    require(out.ep_recv_counts, "ep_recv_counts", 1, {DType::int32});
+    require(out.combine_out, "combine_out", 2, {DType::bf16, DType::fp16});
+    if (out.tp_recv_counts.present()) require(out.tp_recv_counts, "tp_recv_counts", 1, {DType::int32});
+    for (const auto& [tensor, field] : {std::pair<const Tensor*, std::string_view>{&out.dynamic_scales, "dynamic_scales"},
+                                        {&out.expand_scales, "expand_scales"}}) {
+      if (!tensor->present()) continue;
+      require(*tensor, field, 1, {DType::fp32});
+      if (tensor->rows() != out.expand_x.rows()) {
+        fail(where, "tensor '" + tensor_name(g, field) + "' has " + std::to_string(tensor->rows()) +
+                        " entries but expand_x has " + std::to_string(out.expand_x.rows()) + " valid rows");
+      }
+    }
+    if (out.combine_out.cols() != out.expand_x.cols()) {
+      fail(where, "tensor '" + tensor_name(g, "combine_out") + "' has H = " + std::to_string(out.combine_out.cols()) +
+                      " but expand_x has H = " + std::to_string(out.expand_x.cols()));
+    }
+  }
+  return outputs;
+}
+
+}  // namespace moedist::casefile

@@ -1,0 +1,709 @@
+// Case files: the safetensors layer on its own (round trips, every malformed-file rule), the case
+// mapping (write -> read, structural rules) and replay round trips (run_case -> write_outputs ->
+// read_outputs). Whether replay's numbers are right is the oracle property tests' business.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <initializer_list>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <unistd.h>
+
+#include "casefile/case_file.h"
+#include "casefile/safetensors.h"
+#include "moedist/error.h"
+#include "numeric/convert.h"
+
+namespace moedist::casefile {
+namespace {
+
+namespace fs = std::filesystem;
+
+class CaseFileTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ = fs::temp_directory_path() /
+           ("moedist_casefile_" + std::to_string(::getpid()) + "_" + info->test_suite_name() + "_" + info->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override {
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+
+ private:
+  fs::path dir_;
+};
+
+// ---- helpers ------------------------------------------------------------------------------------
+
+void write_bytes(const std::string& file, const std::string& bytes) {
+  std::ofstream out(file, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+std::string length_prefix(std::uint64_t n) {
+  std::string bytes(8, '\0');
+  for (int i = 0; i < 8; ++i) bytes[static_cast<std::size_t>(i)] = static_cast<char>((n >> (8 * i)) & 0xffu);
+  return bytes;
+}
+
+// A file with the given header text and data buffer.
+std::string safetensors_bytes(const std::string& header, const std::string& data) {
+  return length_prefix(header.size()) + header + data;
+}
+
+// Runs fn, expects a case_file error whose message contains every fragment.
+void expect_case_file_error(const std::function<void()>& fn, std::initializer_list<std::string> fragments) {
+  try {
+    fn();
+    ADD_FAILURE() << "expected a case_file error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::case_file) << e.what();
+    const std::string message = e.what();
+    for (const std::string& fragment : fragments) {
+      EXPECT_NE(message.find(fragment), std::string::npos) << "message lacks '" << fragment << "': " << message;
+    }
+  }
+}
+
+void expect_bad_file(const std::string& file, const std::string& bytes, std::initializer_list<std::string> fragments) {
+  write_bytes(file, bytes);
+  expect_case_file_error([&] { SafetensorsReader reader(file); }, fragments);
+}
+
+Tensor patterned(DType dtype, std::vector<std::int64_t> shape, unsigned seed) {
+  Tensor t = shape.size() == 1 ? Tensor(dtype, shape[0]) : Tensor(dtype, shape[0], shape[1]);
+  auto* bytes = static_cast<unsigned char*>(t.raw());
+  for (std::size_t i = 0; i < t.nbytes(); ++i) bytes[i] = static_cast<unsigned char>((i * 37 + seed * 11 + 5) & 0xffu);
+  return t;
+}
+
+void expect_same_tensor(const Tensor& a, const Tensor& b, const std::string& label) {
+  ASSERT_EQ(a.present(), b.present()) << label;
+  if (!a.present()) return;
+  EXPECT_EQ(a.dtype(), b.dtype()) << label;
+  ASSERT_EQ(a.ndim(), b.ndim()) << label;
+  ASSERT_EQ(a.rows(), b.rows()) << label;
+  ASSERT_EQ(a.cols(), b.cols()) << label;
+  if (a.nbytes() != 0) {
+    EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0) << label << ": bytes differ";
+  }
+}
+
+void expect_same_outputs(const std::vector<RankOutputs>& a, const std::vector<RankOutputs>& b) {
+  ASSERT_EQ(a.size(), b.size());
+  for (std::size_t g = 0; g < a.size(); ++g) {
+    const std::string rank = "rank" + std::to_string(g) + ".";
+    expect_same_tensor(a[g].expand_x, b[g].expand_x, rank + "expand_x");
+    expect_same_tensor(a[g].dynamic_scales, b[g].dynamic_scales, rank + "dynamic_scales");
+    expect_same_tensor(a[g].expand_scales, b[g].expand_scales, rank + "expand_scales");
+    expect_same_tensor(a[g].expand_idx, b[g].expand_idx, rank + "expand_idx");
+    expect_same_tensor(a[g].expert_token_nums, b[g].expert_token_nums, rank + "expert_token_nums");
+    expect_same_tensor(a[g].ep_recv_counts, b[g].ep_recv_counts, rank + "ep_recv_counts");
+    expect_same_tensor(a[g].tp_recv_counts, b[g].tp_recv_counts, rank + "tp_recv_counts");
+    expect_same_tensor(a[g].combine_out, b[g].combine_out, rank + "combine_out");
+  }
+}
+
+std::uint16_t to_half(DType dtype, float value) {
+  return numeric::f32_to_half_rne(dtype == DType::bf16 ? numeric::Half::bf16 : numeric::Half::fp16, value);
+}
+
+struct CaseShape {
+  int ep_world_size = 2;
+  int tp_world_size = 0;
+  int moe_expert_num = 4;
+  int shared_expert_rank_num = 0;
+  std::int64_t global_bs = 0;
+  int quant_mode = 0;
+  DType dtype = DType::bf16;
+  std::vector<std::int64_t> bs;  // per global rank; empty = 3 everywhere
+  std::int64_t k = 2;
+  std::int64_t h = 8;
+  bool scales = false;
+  bool expert_scales = false;
+};
+
+// A valid case: small exactly representable x values, K distinct expert ids per token.
+Case make_case(const CaseShape& shape) {
+  Case c;
+  c.ep_world_size = shape.ep_world_size;
+  c.tp_world_size = shape.tp_world_size;
+  c.moe_expert_num = shape.moe_expert_num;
+  c.shared_expert_rank_num = shape.shared_expert_rank_num;
+  c.global_bs = shape.global_bs;
+  c.quant_mode = shape.quant_mode;
+  c.dtype = shape.dtype;
+  const int n = shape.ep_world_size * std::max(shape.tp_world_size, 1);
+  for (int g = 0; g < n; ++g) {
+    const std::int64_t bs = shape.bs.empty() ? 3 : shape.bs[static_cast<std::size_t>(g)];
+    RankInputs in;
+    in.x = Tensor(shape.dtype, bs, shape.h);
+    for (std::int64_t b = 0; b < bs; ++b) {
+      for (std::int64_t j = 0; j < shape.h; ++j) {
+        const float value = static_cast<float>((g * 7 + b * 5 + j * 3) % 17 - 8) * 0.25f;
+        in.x.data<std::uint16_t>()[b * shape.h + j] = to_half(shape.dtype, value);
+      }
+    }
+    in.expert_ids = Tensor(DType::int32, bs, shape.k);
+    for (std::int64_t b = 0; b < bs; ++b) {
+      for (std::int64_t k = 0; k < shape.k; ++k) {
+        in.expert_ids.data<std::int32_t>()[b * shape.k + k] =
+            static_cast<std::int32_t>((g + b + k) % shape.moe_expert_num);
+      }
+    }
+    if (shape.scales) {
+      const std::int64_t rows = shape.moe_expert_num + (shape.shared_expert_rank_num > 0 ? 1 : 0);
+      in.scales = Tensor(DType::fp32, rows, shape.h);
+      for (std::int64_t i = 0; i < in.scales.numel(); ++i) {
+        in.scales.data<float>()[i] = 0.5f + static_cast<float>(i % 5) * 0.25f;
+      }
+    }
+    if (shape.expert_scales) {
+      in.expert_scales = Tensor(DType::fp32, bs, shape.k);
+      for (std::int64_t i = 0; i < in.expert_scales.numel(); ++i) {
+        in.expert_scales.data<float>()[i] = 0.25f + static_cast<float>((i + g) % 3) * 0.125f;
+      }
+    }
+    c.ranks.push_back(std::move(in));
+  }
+  return c;
+}
+
+// The metadata a valid case file carries, for tests that build files by hand.
+std::map<std::string, std::string> base_metadata() {
+  return {{"ep_world_size", "2"},   {"tp_world_size", "0"}, {"moe_expert_num", "4"},
+          {"shared_expert_rank_num", "0"}, {"shared_expert_num", "1"}, {"global_bs", "0"},
+          {"quant_mode", "0"},      {"expert_token_nums_type", "1"}, {"comm_quant_mode", "0"},
+          {"dtype", "bfloat16"}};
+}
+
+// Writes a case file from raw parts, bypassing write_case's own checks.
+void write_parts(const std::string& file, const std::map<std::string, std::string>& metadata,
+                 const std::vector<std::pair<std::string, const Tensor*>>& tensors) {
+  SafetensorsWriter writer;
+  for (const auto& [key, value] : metadata) writer.set_metadata(key, value);
+  for (const auto& [name, tensor] : tensors) writer.add(name, *tensor);
+  writer.write(file);
+}
+
+// ---- safetensors layer --------------------------------------------------------------------------
+
+TEST_F(CaseFileTest, SafetensorsRoundTripsEveryDtypeIncludingZeroSize) {
+  const std::vector<std::pair<std::string, Tensor>> tensors = [] {
+    std::vector<std::pair<std::string, Tensor>> list;
+    list.emplace_back("a_bf16", patterned(DType::bf16, {3, 5}, 1));
+    list.emplace_back("b_f16", patterned(DType::fp16, {7}, 2));
+    list.emplace_back("c_f32", patterned(DType::fp32, {2, 3}, 3));
+    list.emplace_back("d_i8", patterned(DType::int8, {5, 3}, 4));
+    list.emplace_back("e_i32", patterned(DType::int32, {4}, 5));
+    list.emplace_back("f_i64", patterned(DType::int64, {2, 2}, 6));
+    list.emplace_back("g_empty_bf16", patterned(DType::bf16, {0, 8}, 7));
+    list.emplace_back("h_empty_i64", patterned(DType::int64, {0}, 8));
+    list.emplace_back("i_empty_cols", patterned(DType::fp32, {4, 0}, 9));
+    return list;
+  }();
+  SafetensorsWriter writer;
+  writer.set_metadata("note", "round trip");
+  writer.set_metadata("empty", "");
+  // Added in reverse name order so that buffer order and name order differ.
+  for (auto it = tensors.rbegin(); it != tensors.rend(); ++it) writer.add(it->first, it->second);
+  writer.write(path("all.safetensors"));
+
+  const SafetensorsReader reader(path("all.safetensors"));
+  EXPECT_EQ(reader.metadata(), (std::map<std::string, std::string>{{"note", "round trip"}, {"empty", ""}}));
+  ASSERT_EQ(reader.entries().size(), tensors.size());
+  for (const auto& [name, tensor] : tensors) {
+    const SafetensorsEntry* entry = reader.find(name);
+    ASSERT_NE(entry, nullptr) << name;
+    EXPECT_EQ(entry->dtype, tensor.dtype()) << name;
+    EXPECT_EQ(entry->nbytes(), tensor.nbytes()) << name;
+    expect_same_tensor(reader.read_tensor(*entry), tensor, name);
+  }
+  EXPECT_EQ(reader.find("missing"), nullptr);
+  EXPECT_EQ(reader.find("g_empty_bf16")->shape, (std::vector<std::int64_t>{0, 8}));
+}
+
+TEST_F(CaseFileTest, SafetensorsWriterPadsHeaderToEightBytes) {
+  const Tensor t = patterned(DType::int64, {3}, 1);
+  SafetensorsWriter writer;
+  writer.add("t", t);
+  writer.write(path("pad.safetensors"));
+  std::ifstream in(path("pad.safetensors"), std::ios::binary);
+  unsigned char length[8] = {};
+  in.read(reinterpret_cast<char*>(length), 8);
+  std::uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | length[i];
+  EXPECT_EQ(n % 8, 0u);
+  EXPECT_EQ(fs::file_size(path("pad.safetensors")), 8 + n + t.nbytes());
+}
+
+TEST_F(CaseFileTest, SafetensorsReadsForeignLayouts) {
+  // Hand-written headers: keys in any order, spaces and padding, an empty file with no tensors,
+  // a data buffer laid out in a different order from the header.
+  write_bytes(path("empty.safetensors"), safetensors_bytes("{}      ", ""));
+  const SafetensorsReader empty(path("empty.safetensors"));
+  EXPECT_TRUE(empty.entries().empty());
+  EXPECT_TRUE(empty.metadata().empty());
+
+  const std::string header =
+      R"({ "b": {"shape": [2], "data_offsets": [0, 8], "dtype": "I32"},
+           "a": {"data_offsets": [8, 10], "dtype": "I8", "shape": [1, 2]},
+           "__metadata__": {"k": "v"} }   )";
+  std::string data;
+  for (std::int32_t v : {7, -3}) data.append(reinterpret_cast<const char*>(&v), 4);
+  data += std::string("\x05\xfb", 2);
+  write_bytes(path("foreign.safetensors"), safetensors_bytes(header, data));
+  const SafetensorsReader reader(path("foreign.safetensors"));
+  EXPECT_EQ(reader.metadata().at("k"), "v");
+  const Tensor b = reader.read_tensor(*reader.find("b"));
+  EXPECT_EQ(b.data<std::int32_t>()[0], 7);
+  EXPECT_EQ(b.data<std::int32_t>()[1], -3);
+  const Tensor a = reader.read_tensor(*reader.find("a"));
+  ASSERT_EQ(a.ndim(), 2);
+  EXPECT_EQ(a.data<std::int8_t>()[1], -5);
+}
+
+TEST_F(CaseFileTest, RejectsMissingAndTruncatedFiles) {
+  expect_case_file_error([&] { SafetensorsReader reader(path("nope.safetensors")); }, {"nope.safetensors", "cannot open"});
+  expect_case_file_error([&] { SafetensorsReader reader(path("")); }, {"cannot open"});
+  expect_bad_file(path("short"), "abc", {"short", "3 bytes", "8-byte header length"});
+  expect_bad_file(path("empty"), "", {"0 bytes"});
+  // A well-formed file cut short: the header length now runs past the end.
+  const std::string header = R"({"t":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})";
+  const std::string whole = safetensors_bytes(header, std::string(16, '\0'));
+  expect_bad_file(path("cut_header"), whole.substr(0, 20), {"runs past the end of the file", "truncated"});
+  // Cut inside the data: the tensor now reaches past the buffer.
+  expect_bad_file(path("cut_data"), whole.substr(0, whole.size() - 4), {"tensor 't'", "past the data buffer"});
+}
+
+TEST_F(CaseFileTest, RejectsBadHeaderLengths) {
+  expect_bad_file(path("huge"), length_prefix(std::uint64_t{1} << 40) + "{}", {"exceeds the limit"});
+  expect_bad_file(path("max"), length_prefix(~std::uint64_t{0}) + "{}", {"exceeds the limit"});
+  expect_bad_file(path("zero"), length_prefix(0) + "{}", {"header length 0"});
+  expect_bad_file(path("long"), length_prefix(100) + "{}", {"header length 100", "past the end"});
+}
+
+TEST_F(CaseFileTest, RejectsBadJson) {
+  expect_bad_file(path("garbage"), safetensors_bytes("{not json}", ""), {"not valid JSON"});
+  expect_bad_file(path("cut"), safetensors_bytes(R"({"t": {"dtype": "F32")", ""), {"not valid JSON"});
+  expect_bad_file(path("array"), safetensors_bytes("[1, 2]", ""), {"must start with '{'"});
+  expect_bad_file(path("trailing"), safetensors_bytes("{} x", ""), {"not valid JSON"});
+  expect_bad_file(path("utf8"), safetensors_bytes("{\"\xff\": 1}", ""), {"not valid JSON"});
+  expect_bad_file(path("dup"),
+                  safetensors_bytes(R"({"t":{"dtype":"I8","shape":[1],"data_offsets":[0,1]},)"
+                                    R"("t":{"dtype":"I8","shape":[1],"data_offsets":[1,2]}})",
+                                    "ab"),
+                  {"'t' twice"});
+}
+
+TEST_F(CaseFileTest, RejectsBadEntries) {
+  const auto entry_file = [&](const std::string& name, const std::string& spec, std::size_t data_bytes,
+                              std::initializer_list<std::string> fragments) {
+    expect_bad_file(path(name), safetensors_bytes("{\"t\": " + spec + "}", std::string(data_bytes, '\0')), fragments);
+  };
+  entry_file("not_object", "[1]", 0, {"tensor 't'", "JSON object"});
+  entry_file("no_offsets", R"({"dtype":"F32","shape":[1]})", 4, {"tensor 't'", "missing field 'data_offsets'"});
+  entry_file("no_dtype", R"({"shape":[1],"data_offsets":[0,4]})", 4, {"missing field 'dtype'"});
+  entry_file("no_shape", R"({"dtype":"F32","data_offsets":[0,4]})", 4, {"missing field 'shape'"});
+  entry_file("extra", R"({"dtype":"F32","shape":[1],"data_offsets":[0,4],"align":8})", 4, {"unknown field 'align'"});
+  entry_file("f64", R"({"dtype":"F64","shape":[1],"data_offsets":[0,8]})", 8, {"unsupported dtype 'F64'"});
+  entry_file("bool", R"({"dtype":"BOOL","shape":[1],"data_offsets":[0,1]})", 1, {"unsupported dtype 'BOOL'"});
+  entry_file("dtype_num", R"({"dtype":3,"shape":[1],"data_offsets":[0,4]})", 4, {"dtype must be a string"});
+  entry_file("neg_dim", R"({"dtype":"F32","shape":[-1],"data_offsets":[0,4]})", 4, {"non-negative integers"});
+  entry_file("float_dim", R"({"dtype":"F32","shape":[1.0],"data_offsets":[0,4]})", 4, {"non-negative integers"});
+  entry_file("shape_obj", R"({"dtype":"F32","shape":{},"data_offsets":[0,4]})", 4, {"shape must be an array"});
+  entry_file("one_offset", R"({"dtype":"F32","shape":[1],"data_offsets":[4]})", 4, {"data_offsets must be [begin, end]"});
+  entry_file("neg_offset", R"({"dtype":"F32","shape":[1],"data_offsets":[-4,0]})", 4, {"data_offsets must be"});
+  entry_file("reversed", R"({"dtype":"F32","shape":[1],"data_offsets":[4,0]})", 4, {"end before they begin"});
+  entry_file("mismatch", R"({"dtype":"BF16","shape":[2,3],"data_offsets":[0,10]})", 10,
+             {"tensor 't'", "hold 10 bytes", "[2, 3]", "needs 12 bytes"});
+  entry_file("overflow", R"({"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]})", 4,
+             {"size overflows"});
+  entry_file("out_of_range", R"({"dtype":"F32","shape":[2],"data_offsets":[0,8]})", 4, {"past the data buffer of 4 bytes"});
+  entry_file("big_offset", R"({"dtype":"F32","shape":[1],"data_offsets":[0,18446744073709551615]})", 4,
+             {"data_offsets must be"});
+  expect_bad_file(path("empty_name"),
+                  safetensors_bytes(R"({"":{"dtype":"I8","shape":[1],"data_offsets":[0,1]}})", "a"), {"empty name"});
+}
+
+TEST_F(CaseFileTest, RejectsOverlapsGapsAndTrailingBytes) {
+  expect_bad_file(path("overlap"),
+                  safetensors_bytes(R"({"a":{"dtype":"I8","shape":[4],"data_offsets":[0,4]},)"
+                                    R"("b":{"dtype":"I8","shape":[4],"data_offsets":[2,6]}})",
+                                    std::string(6, 'x')),
+                  {"tensor 'b'", "overlap tensor 'a'"});
+  expect_bad_file(path("same"),
+                  safetensors_bytes(R"({"a":{"dtype":"I8","shape":[4],"data_offsets":[0,4]},)"
+                                    R"("b":{"dtype":"I8","shape":[4],"data_offsets":[0,4]}})",
+                                    std::string(4, 'x')),
+                  {"overlap"});
+  expect_bad_file(path("gap"),
+                  safetensors_bytes(R"({"a":{"dtype":"I8","shape":[2],"data_offsets":[0,2]},)"
+                                    R"("b":{"dtype":"I8","shape":[2],"data_offsets":[4,6]}})",
+                                    std::string(6, 'x')),
+                  {"bytes [2, 4)", "belong to no tensor"});
+  expect_bad_file(path("trailing"),
+                  safetensors_bytes(R"({"a":{"dtype":"I8","shape":[2],"data_offsets":[0,2]}})", std::string(5, 'x')),
+                  {"5 bytes", "cover only 2"});
+}
+
+TEST_F(CaseFileTest, RejectsBadMetadata) {
+  expect_bad_file(path("meta_array"), safetensors_bytes(R"({"__metadata__": [1]})", ""), {"__metadata__ must be"});
+  expect_bad_file(path("meta_number"), safetensors_bytes(R"({"__metadata__": {"quant_mode": 2}})", ""),
+                  {"'quant_mode' must be a string"});
+  expect_bad_file(path("meta_null"), safetensors_bytes(R"({"__metadata__": {"a": null}})", ""), {"must be a string"});
+}
+
+TEST_F(CaseFileTest, ReadTensorRejectsRanksOtherThanOneAndTwo) {
+  write_bytes(path("ranks.safetensors"),
+              safetensors_bytes(R"({"cube":{"dtype":"I8","shape":[1,2,2],"data_offsets":[0,4]},)"
+                                R"("scalar":{"dtype":"I8","shape":[],"data_offsets":[4,5]}})",
+                                std::string(5, 'x')));
+  const SafetensorsReader reader(path("ranks.safetensors"));  // legal safetensors ...
+  expect_case_file_error([&] { (void)reader.read_tensor(*reader.find("cube")); },
+                         {"tensor 'cube'", "[1, 2, 2]", "rank 3", "1-D or 2-D"});
+  expect_case_file_error([&] { (void)reader.read_tensor(*reader.find("scalar")); }, {"rank 0", "1-D or 2-D"});
+}
+
+TEST_F(CaseFileTest, WriterRejectsMisuse) {
+  const Tensor t = patterned(DType::int8, {2}, 1);
+  SafetensorsWriter writer;
+  writer.add("t", t);
+  expect_case_file_error([&] { writer.add("t", t); }, {"'t' added twice"});
+  expect_case_file_error([&] { writer.add("__metadata__", t); }, {"not a valid tensor name"});
+  expect_case_file_error([&] { writer.add("absent", Tensor()); }, {"'absent' is absent"});
+  expect_case_file_error([&] { writer.write(path("no_such_dir/out.safetensors")); }, {"cannot open for writing"});
+}
+
+// ---- case files ---------------------------------------------------------------------------------
+
+TEST_F(CaseFileTest, CaseWriteReadRoundTrip) {
+  CaseShape shape;
+  shape.tp_world_size = 2;
+  shape.moe_expert_num = 2;
+  shape.dtype = DType::fp16;
+  shape.bs = {3, 0, 2, 1};
+  shape.global_bs = 6;
+  shape.quant_mode = 2;
+  shape.scales = true;
+  shape.expert_scales = true;
+  Case c = make_case(shape);
+  c.comm_quant_mode = 0;
+  c.expert_token_nums_type = 0;
+  c.ranks[2].combine_x = patterned(DType::fp16, {5, shape.h}, 3);
+  write_case(path("case.safetensors"), c);
+
+  const Case back = read_case(path("case.safetensors"));
+  EXPECT_EQ(back.ep_world_size, c.ep_world_size);
+  EXPECT_EQ(back.tp_world_size, c.tp_world_size);
+  EXPECT_EQ(back.moe_expert_num, c.moe_expert_num);
+  EXPECT_EQ(back.shared_expert_rank_num, c.shared_expert_rank_num);
+  EXPECT_EQ(back.shared_expert_num, c.shared_expert_num);
+  EXPECT_EQ(back.global_bs, c.global_bs);
+  EXPECT_EQ(back.quant_mode, c.quant_mode);
+  EXPECT_EQ(back.expert_token_nums_type, c.expert_token_nums_type);
+  EXPECT_EQ(back.comm_quant_mode, c.comm_quant_mode);
+  EXPECT_EQ(back.dtype, c.dtype);
+  ASSERT_EQ(back.ranks.size(), c.ranks.size());
+  for (std::size_t g = 0; g < c.ranks.size(); ++g) {
+    const std::string rank = "rank" + std::to_string(g) + ".";
+    expect_same_tensor(back.ranks[g].x, c.ranks[g].x, rank + "x");
+    expect_same_tensor(back.ranks[g].expert_ids, c.ranks[g].expert_ids, rank + "expert_ids");
+    expect_same_tensor(back.ranks[g].scales, c.ranks[g].scales, rank + "scales");
+    expect_same_tensor(back.ranks[g].expert_scales, c.ranks[g].expert_scales, rank + "expert_scales");
+    expect_same_tensor(back.ranks[g].combine_x, c.ranks[g].combine_x, rank + "combine_x");
+  }
+
+  // The metadata is all strings, under the documented keys.
+  const SafetensorsReader raw(path("case.safetensors"));
+  EXPECT_EQ(raw.metadata().at("dtype"), "float16");
+  EXPECT_EQ(raw.metadata().at("global_bs"), "6");
+  EXPECT_EQ(raw.metadata().at("tp_world_size"), "2");
+  EXPECT_EQ(raw.find("rank1.x")->shape, (std::vector<std::int64_t>{0, 8}));
+}
+
+TEST_F(CaseFileTest, CaseMetadataRules) {
+  const Case c = make_case(CaseShape{});
+  const auto tensors = [&] {
+    std::vector<std::pair<std::string, const Tensor*>> list;
+    for (std::size_t g = 0; g < c.ranks.size(); ++g) {
+      list.emplace_back("rank" + std::to_string(g) + ".x", &c.ranks[g].x);
+      list.emplace_back("rank" + std::to_string(g) + ".expert_ids", &c.ranks[g].expert_ids);
+    }
+    return list;
+  }();
+  const std::string file = path("meta.safetensors");
+  const auto expect_metadata_error = [&](const std::map<std::string, std::string>& metadata,
+                                         std::initializer_list<std::string> fragments) {
+    write_parts(file, metadata, tensors);
+    expect_case_file_error([&] { (void)read_case(file); }, fragments);
+  };
+
+  write_parts(file, base_metadata(), tensors);
+  EXPECT_NO_THROW((void)read_case(file));
+
+  for (const auto& [key, value] : base_metadata()) {
+    auto metadata = base_metadata();
+    metadata.erase(key);
+    expect_metadata_error(metadata, {"missing metadata key '" + key + "'"});
+  }
+  for (const std::string bad : {"12abc", "", " 2", "2 ", "+2", "0x10", "2.0", "two"}) {
+    auto metadata = base_metadata();
+    metadata["quant_mode"] = bad;
+    expect_metadata_error(metadata, {"metadata 'quant_mode'", "not a decimal integer"});
+  }
+  auto metadata = base_metadata();
+  metadata["global_bs"] = "-6";
+  expect_metadata_error(metadata, {"'global_bs' is -6", "outside"});
+  metadata = base_metadata();
+  metadata["ep_world_size"] = "0";
+  expect_metadata_error(metadata, {"'ep_world_size' is 0"});
+  metadata = base_metadata();
+  metadata["moe_expert_num"] = "99999999999999999999";
+  expect_metadata_error(metadata, {"'moe_expert_num'", "outside"});
+  metadata = base_metadata();
+  metadata["ep_world_size"] = "4096";
+  metadata["tp_world_size"] = "2";
+  expect_metadata_error(metadata, {"8192 ranks"});
+  metadata = base_metadata();
+  metadata["dtype"] = "float32";
+  expect_metadata_error(metadata, {"metadata 'dtype' is 'float32'"});
+  // Extra metadata keys (notes, provenance) are allowed.
+  metadata = base_metadata();
+  metadata["comment"] = "recorded on host 3";
+  write_parts(file, metadata, tensors);
+  EXPECT_NO_THROW((void)read_case(file));
+}
+
+TEST_F(CaseFileTest, CaseTensorRules) {
+  const Case c = make_case(CaseShape{});
+  const std::string file = path("tensors.safetensors");
+  // The valid tensors of the two ranks, with one entry replaced (nullptr removes it) and extras added.
+  const auto expect_tensor_error = [&](const std::string& replace, const Tensor* with,
+                                       std::initializer_list<std::string> fragments,
+                                       const std::vector<std::pair<std::string, const Tensor*>>& extra = {}) {
+    std::vector<std::pair<std::string, const Tensor*>> list;
+    for (std::size_t g = 0; g < c.ranks.size(); ++g) {
+      for (const auto& [field, tensor] : {std::pair<std::string, const Tensor*>{"x", &c.ranks[g].x},
+                                          {"expert_ids", &c.ranks[g].expert_ids}}) {
+        const std::string name = "rank" + std::to_string(g) + "." + field;
+        if (name == replace) {
+          if (with != nullptr) list.emplace_back(name, with);
+        } else {
+          list.emplace_back(name, tensor);
+        }
+      }
+    }
+    list.insert(list.end(), extra.begin(), extra.end());
+    write_parts(file, base_metadata(), list);
+    expect_case_file_error([&] { (void)read_case(file); }, fragments);
+  };
+
+  expect_tensor_error("rank1.x", nullptr, {"missing tensor 'rank1.x'"});
+  expect_tensor_error("rank0.expert_ids", nullptr, {"missing tensor 'rank0.expert_ids'"});
+  const Tensor x_f16 = patterned(DType::fp16, {3, 8}, 1);
+  expect_tensor_error("rank1.x", &x_f16, {"'rank1.x'", "dtype F16 differs from the case dtype BF16"});
+  const Tensor x_f32 = patterned(DType::fp32, {3, 8}, 1);
+  expect_tensor_error("rank0.x", &x_f32, {"'rank0.x'", "dtype F32"});
+  const Tensor x_1d = patterned(DType::bf16, {24}, 1);
+  expect_tensor_error("rank0.x", &x_1d, {"'rank0.x'", "must be 2-D"});
+  const Tensor x_wide = patterned(DType::bf16, {3, 9}, 1);
+  expect_tensor_error("rank1.x", &x_wide, {"'rank1.x'", "H = 9", "H = 8"});
+  const Tensor ids_i64 = patterned(DType::int64, {3, 2}, 1);
+  expect_tensor_error("rank0.expert_ids", &ids_i64, {"'rank0.expert_ids'", "dtype must be I32"});
+  const Tensor ids_rows = patterned(DType::int32, {2, 2}, 1);
+  expect_tensor_error("rank0.expert_ids", &ids_rows, {"'rank0.expert_ids'", "2 rows", "BS = 3"});
+  const Tensor ids_k = patterned(DType::int32, {3, 3}, 1);
+  expect_tensor_error("rank1.expert_ids", &ids_k, {"'rank1.expert_ids'", "K = 3", "K = 2"});
+
+  const Tensor* none = nullptr;
+  const Tensor stray = patterned(DType::int8, {1}, 1);
+  expect_tensor_error("", none, {"unknown tensor 'bias'"}, {{"bias", &stray}});
+  expect_tensor_error("", none, {"unknown tensor 'rank0.bias'"}, {{"rank0.bias", &stray}});
+  expect_tensor_error("", none, {"unknown tensor 'rank01.x'"}, {{"rank01.x", &c.ranks[1].x}});
+  expect_tensor_error("", none, {"'rank2.x' names rank 2", "2 ranks"}, {{"rank2.x", &c.ranks[1].x}});
+  const Tensor combine_f32 = patterned(DType::fp32, {3, 8}, 1);
+  const Tensor scales_1d = patterned(DType::fp32, {8}, 1);
+  expect_tensor_error("", none, {"'rank0.scales'", "must be 2-D"}, {{"rank0.scales", &scales_1d}});
+  const Tensor scales_bf16 = patterned(DType::bf16, {4, 8}, 1);
+  expect_tensor_error("", none, {"'rank0.scales'", "dtype must be F32"}, {{"rank0.scales", &scales_bf16}});
+  const Tensor weights_shape = patterned(DType::fp32, {3, 3}, 1);
+  expect_tensor_error("", none, {"'rank1.expert_scales'", "[3, 3]", "[3, 2]"},
+                      {{"rank1.expert_scales", &weights_shape}});
+  const Tensor weights_bf16 = patterned(DType::bf16, {3, 2}, 1);
+  expect_tensor_error("", none, {"'rank1.expert_scales'", "dtype must be F32"},
+                      {{"rank1.expert_scales", &weights_bf16}});
+  expect_tensor_error("", none, {"'rank0.combine_x'", "dtype F32 differs"}, {{"rank0.combine_x", &combine_f32}});
+  const Tensor combine_narrow = patterned(DType::bf16, {3, 4}, 1);
+  expect_tensor_error("", none, {"'rank0.combine_x'", "4 columns", "H = 8"}, {{"rank0.combine_x", &combine_narrow}});
+
+  // 3-D tensors are valid safetensors but never moedist tensors.
+  write_bytes(file, safetensors_bytes(R"({"rank0.x":{"dtype":"BF16","shape":[1,3,8],"data_offsets":[0,48]},)"
+                                      R"("__metadata__":{"ep_world_size":"1","tp_world_size":"0",)"
+                                      R"("moe_expert_num":"1","shared_expert_rank_num":"0","shared_expert_num":"1",)"
+                                      R"("global_bs":"0","quant_mode":"0","expert_token_nums_type":"1",)"
+                                      R"("comm_quant_mode":"0","dtype":"bfloat16"}})",
+                                      std::string(48, '\0')));
+  expect_case_file_error([&] { (void)read_case(file); }, {"tensor 'rank0.x'", "rank 3", "1-D or 2-D"});
+}
+
+TEST_F(CaseFileTest, WriteCaseChecksStructure) {
+  Case c = make_case(CaseShape{});
+  c.ranks.pop_back();
+  expect_case_file_error([&] { write_case(path("bad.safetensors"), c); }, {"1 ranks", "= 2"});
+  Case d = make_case(CaseShape{});
+  d.ranks[1].x = Tensor();
+  expect_case_file_error([&] { write_case(path("bad.safetensors"), d); }, {"missing tensor 'rank1.x'"});
+  Case e = make_case(CaseShape{});
+  e.dtype = DType::fp32;
+  expect_case_file_error([&] { write_case(path("bad.safetensors"), e); }, {"bfloat16 or float16"});
+  EXPECT_FALSE(fs::exists(path("bad.safetensors")));
+}
+
+TEST_F(CaseFileTest, ReadOutputsChecksItsFormat) {
+  const Tensor t = patterned(DType::int32, {2}, 1);
+  write_parts(path("case_like.safetensors"), base_metadata(), {{"rank0.expand_idx", &t}});
+  expect_case_file_error([&] { (void)read_outputs(path("case_like.safetensors"), 1); },
+                         {"not a replay output file"});
+  write_parts(path("v2.safetensors"), {{"format", "moedist-replay-outputs"}, {"version", "2"}}, {});
+  expect_case_file_error([&] { (void)read_outputs(path("v2.safetensors"), 1); }, {"version '2'"});
+  write_parts(path("partial.safetensors"), {{"format", "moedist-replay-outputs"}, {"version", "1"}},
+              {{"rank0.expand_idx", &t}});
+  expect_case_file_error([&] { (void)read_outputs(path("partial.safetensors"), 1); },
+                         {"missing tensor 'rank0.expand_x'"});
+  try {
+    (void)read_outputs(path("partial.safetensors"), 0);
+    ADD_FAILURE() << "world_size 0 accepted";
+  } catch (const Error& error) {
+    EXPECT_EQ(error.code(), ErrorCode::invalid_argument);
+  }
+}
+
+// ---- replay -------------------------------------------------------------------------------------
+
+// write_case -> read_case -> run_case -> write_outputs -> read_outputs gives back exactly what run_case
+// returned, and running the original case again gives the same bytes (replay is deterministic).
+std::vector<RankOutputs> replay_round_trip(const Case& c, const std::string& case_file, const std::string& out_file) {
+  write_case(case_file, c);
+  const Case back = read_case(case_file);
+  std::vector<RankOutputs> outputs = run_case(back);
+  write_outputs(out_file, outputs);
+  const std::vector<RankOutputs> reread = read_outputs(out_file, static_cast<int>(outputs.size()));
+  expect_same_outputs(reread, outputs);
+  expect_same_outputs(run_case(c), outputs);
+  return outputs;
+}
+
+TEST_F(CaseFileTest, ReplayRoundTripIdentityExperts) {
+  const Case c = make_case(CaseShape{});
+  const auto outputs = replay_round_trip(c, path("case.safetensors"), path("out.safetensors"));
+  ASSERT_EQ(outputs.size(), 2u);
+  std::int64_t valid_total = 0;
+  for (std::size_t g = 0; g < outputs.size(); ++g) {
+    const RankOutputs& out = outputs[g];
+    valid_total += out.expand_x.rows();
+    EXPECT_FALSE(out.dynamic_scales.present());
+    EXPECT_FALSE(out.expand_scales.present());
+    EXPECT_FALSE(out.tp_recv_counts.present());
+    EXPECT_EQ(out.expand_idx.rows(), 3 * 2);
+    // Identity experts with unit weights and no shared expert: combine_out = K * x, exactly.
+    const Tensor& x = c.ranks[g].x;
+    ASSERT_EQ(out.combine_out.rows(), x.rows());
+    for (std::int64_t i = 0; i < x.numel(); ++i) {
+      const float expected = 2.0f * numeric::bf16_to_f32(x.data<std::uint16_t>()[i]);
+      EXPECT_EQ(numeric::bf16_to_f32(out.combine_out.data<std::uint16_t>()[i]), expected) << "rank " << g << " i " << i;
+    }
+  }
+  EXPECT_EQ(valid_total, 2 * 3 * 2);  // every (token, k) lands exactly once
+}
+
+TEST_F(CaseFileTest, ReplayRoundTripQuantizedWithWeightsAndEmptyRank) {
+  CaseShape shape;
+  shape.dtype = DType::fp16;
+  shape.quant_mode = 2;
+  shape.expert_scales = true;
+  shape.bs = {3, 0};
+  shape.global_bs = 6;
+  const Case c = make_case(shape);
+  const auto outputs = replay_round_trip(c, path("case.safetensors"), path("out.safetensors"));
+  for (const RankOutputs& out : outputs) {
+    EXPECT_EQ(out.expand_x.dtype(), DType::int8);
+    EXPECT_EQ(out.dynamic_scales.rows(), out.expand_x.rows());
+    EXPECT_EQ(out.expand_scales.rows(), out.expand_x.rows());
+    EXPECT_EQ(out.combine_out.dtype(), DType::fp16);
+  }
+  EXPECT_EQ(outputs[1].combine_out.rows(), 0);
+}
+
+TEST_F(CaseFileTest, ReplayRoundTripSharedExpertWithSmoothScales) {
+  CaseShape shape;
+  shape.ep_world_size = 4;
+  shape.shared_expert_rank_num = 1;
+  shape.moe_expert_num = 3;
+  shape.quant_mode = 2;
+  shape.scales = true;
+  shape.bs = {4, 4, 4, 4};
+  const Case c = make_case(shape);
+  const auto outputs = replay_round_trip(c, path("case.safetensors"), path("out.safetensors"));
+  EXPECT_EQ(outputs[0].expert_token_nums.rows(), 1);  // the shared-expert rank hosts one expert
+}
+
+TEST_F(CaseFileTest, ReplayRoundTripTensorParallelWithExpertOutputs) {
+  CaseShape shape;
+  shape.tp_world_size = 2;
+  shape.moe_expert_num = 2;
+  shape.bs = {2, 3, 1, 2};
+  shape.global_bs = 6;
+  shape.expert_scales = true;
+  Case c = make_case(shape);
+  // Learn each rank's valid rows from an identity run, then give explicit expert outputs.
+  const auto identity = run_case(c);
+  for (std::size_t g = 0; g < c.ranks.size(); ++g) {
+    ASSERT_TRUE(identity[g].tp_recv_counts.present());
+    EXPECT_EQ(identity[g].tp_recv_counts.rows(), 2);
+    c.ranks[g].combine_x = Tensor(shape.dtype, identity[g].expand_x.rows(), shape.h);
+    for (std::int64_t i = 0; i < c.ranks[g].combine_x.numel(); ++i) {
+      c.ranks[g].combine_x.data<std::uint16_t>()[i] = to_half(shape.dtype, static_cast<float>(i % 7) - 3.0f);
+    }
+  }
+  replay_round_trip(c, path("case.safetensors"), path("out.safetensors"));
+}
+
+TEST_F(CaseFileTest, ReplayRejectsCombineXWithWrongRowCount) {
+  Case c = make_case(CaseShape{});
+  const auto identity = run_case(c);
+  c.ranks[1].combine_x = Tensor(c.dtype, identity[1].expand_x.rows() + 1, 8);
+  expect_case_file_error([&] { (void)run_case(c); },
+                         {"rank 1", "'rank1.combine_x'", std::to_string(identity[1].expand_x.rows() + 1) + " rows",
+                          std::to_string(identity[1].expand_x.rows()) + " valid rows"});
+}
+
+TEST_F(CaseFileTest, ReplayReportsLibraryValidationErrors) {
+  Case c = make_case(CaseShape{});
+  c.ranks[1].expert_ids.data<std::int32_t>()[0] = 99;  // structurally fine, semantically out of range
+  write_case(path("case.safetensors"), c);
+  const Case back = read_case(path("case.safetensors"));
+  try {
+    (void)run_case(back);
+    ADD_FAILURE() << "expert id 99 accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(e.code(), ErrorCode::case_file) << e.what();
+    EXPECT_NE(std::string(e.what()).find("rank "), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace moedist::casefile
