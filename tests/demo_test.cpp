@@ -1,0 +1,250 @@
+// The layer behind `moedist demo` on small shapes: it must match its dense reference in every mode, and its checker
+// must catch each planted bug.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "demo_layer.h"
+#include "moedist/error.h"
+
+namespace {
+
+using moedist::DType;
+using moedist::demo::DemoOptions;
+using moedist::demo::DemoReport;
+using moedist::demo::Fault;
+
+// W 4, BS 3, H 64, K 2 and no shared expert; cases change what they test.
+DemoOptions small() {
+  DemoOptions o;
+  o.ep_world_size = 4;
+  o.tp_world_size = 0;
+  o.shared_expert_rank_num = 0;
+  o.moe_expert_num = 8;
+  o.bs = 3;
+  o.hidden = 64;
+  o.topk = 2;
+  o.quant_mode = 0;
+  o.intermediate = 16;
+  o.seed = 7;
+  o.timeout_ms = 20000;
+  return o;
+}
+
+struct Case {
+  const char* name;
+  DemoOptions options;
+};
+
+std::vector<Case> passing_cases() {
+  std::vector<Case> cases;
+  cases.push_back({"S0_quant0_bf16_L2", small()});
+  {
+    DemoOptions o = small();
+    o.quant_mode = 2;
+    cases.push_back({"S0_quant2_scales_L2", o});
+  }
+  {
+    DemoOptions o = small();
+    o.quant_mode = 2;
+    o.smooth_scales = false;
+    o.dtype = DType::fp16;
+    cases.push_back({"S0_quant2_noscales_fp16", o});
+  }
+  {
+    DemoOptions o = small();
+    o.shared_expert_rank_num = 2;
+    o.moe_expert_num = 4;
+    o.quant_mode = 2;
+    cases.push_back({"S2_quant2_scales_L2", o});
+  }
+  {
+    DemoOptions o = small();
+    o.shared_expert_rank_num = 2;
+    o.moe_expert_num = 4;
+    o.dtype = DType::fp16;
+    cases.push_back({"S2_quant0_fp16", o});
+  }
+  {
+    DemoOptions o = small();
+    o.tp_world_size = 2;
+    o.moe_expert_num = 4;
+    cases.push_back({"T2_S0_quant0", o});
+  }
+  {
+    DemoOptions o = small();
+    o.tp_world_size = 2;
+    o.shared_expert_rank_num = 2;
+    o.moe_expert_num = 2;
+    o.quant_mode = 2;
+    cases.push_back({"T2_S2_quant2_scales", o});
+  }
+  {
+    DemoOptions o = small();
+    o.shared_expert_rank_num = 2;
+    o.moe_expert_num = 4;
+    o.quant_mode = 2;
+    o.comm_quant_mode = 2;
+    cases.push_back({"S2_quant2_commquant2", o});
+  }
+  {
+    DemoOptions o = small();
+    o.expert_token_nums_type = 0;
+    o.global_bs = 2 * o.bs * o.ep_world_size;
+    cases.push_back({"prefix_token_nums_larger_global_bs", o});
+  }
+  return cases;
+}
+
+// Names the case in test listings instead of dumping its bytes.
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
+class DemoPasses : public ::testing::TestWithParam<Case> {};
+
+TEST_P(DemoPasses, MatchesDenseReference) {
+  const DemoOptions& o = GetParam().options;
+  std::ostringstream out;
+  const DemoReport report = moedist::demo::run_demo(o, out);
+  SCOPED_TRACE(out.str());
+  EXPECT_TRUE(report.passed);
+  EXPECT_TRUE(report.all_finite);
+  EXPECT_LE(report.max_rel_error, report.tolerance);
+  EXPECT_EQ(report.tolerance, moedist::demo::effective_tolerance(o));
+  EXPECT_GT(report.max_abs_reference, 0.0);
+  const int tp = o.tp_world_size == 2 ? 2 : 1;
+  EXPECT_EQ(report.world_size, o.ep_world_size * tp);
+  EXPECT_EQ(report.tokens, o.ep_world_size * tp * o.bs);
+  // Every token goes to K experts, plus the shared expert when there is one; with TP both ranks of a pair see it.
+  const std::int64_t expected_rows = report.tokens * (o.topk + (o.shared_expert_rank_num > 0 ? 1 : 0)) * tp;
+  EXPECT_EQ(report.expert_rows, expected_rows);
+  EXPECT_NE(out.str().find("PASS"), std::string::npos);
+  if (o.quant_mode == 2) {
+    EXPECT_GE(report.unquantized_rel_diff, 0.0);
+  } else {
+    EXPECT_LT(report.unquantized_rel_diff, 0.0);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(SmallShapes, DemoPasses, ::testing::ValuesIn(passing_cases()),
+                         [](const ::testing::TestParamInfo<Case>& param_info) { return std::string(param_info.param.name); });
+
+// The checker's self-test: each planted bug must be reported as a mismatch, in a plain and a shared/quantized setup.
+TEST(DemoChecker, CatchesEveryPlantedFault) {
+  DemoOptions shared_quant = small();
+  shared_quant.shared_expert_rank_num = 2;
+  shared_quant.moe_expert_num = 4;
+  shared_quant.quant_mode = 2;
+  DemoOptions tp_pair = small();
+  tp_pair.tp_world_size = 2;
+  tp_pair.moe_expert_num = 4;
+  for (const DemoOptions& base : {small(), shared_quant, tp_pair}) {
+    for (Fault fault : {Fault::drop_expert, Fault::swap_rows, Fault::swap_weights}) {
+      DemoOptions o = base;
+      o.fault = fault;
+      std::ostringstream out;
+      const DemoReport report = moedist::demo::run_demo(o, out);
+      SCOPED_TRACE(out.str());
+      EXPECT_FALSE(report.passed) << moedist::demo::fault_name(fault);
+      EXPECT_GT(report.max_rel_error, report.tolerance);
+      EXPECT_NE(out.str().find("MISMATCH"), std::string::npos);
+    }
+  }
+}
+
+// The tolerance is what decides: far below the rounding the layer does, a correct run must fail.
+TEST(DemoChecker, AppliesAnExplicitTolerance) {
+  DemoOptions o = small();
+  o.tolerance = 1e-9;
+  std::ostringstream out;
+  const DemoReport report = moedist::demo::run_demo(o, out);
+  EXPECT_FALSE(report.passed) << out.str();
+  EXPECT_EQ(report.tolerance, 1e-9);
+}
+
+TEST(DemoChecker, AutomaticToleranceFollowsTheRounding) {
+  DemoOptions o;
+  EXPECT_DOUBLE_EQ(moedist::demo::effective_tolerance(o), 4 * 0x1p-8);
+  o.dtype = DType::fp16;
+  EXPECT_DOUBLE_EQ(moedist::demo::effective_tolerance(o), 4 * 0x1p-11);
+  o.comm_quant_mode = 2;
+  EXPECT_DOUBLE_EQ(moedist::demo::effective_tolerance(o), 4 * 0x1p-11 + 1.0 / 127);
+  o.tolerance = 0.25;
+  EXPECT_DOUBLE_EQ(moedist::demo::effective_tolerance(o), 0.25);
+}
+
+TEST(DemoChecker, FaultNamesRoundTrip) {
+  for (Fault fault : {Fault::none, Fault::drop_expert, Fault::swap_rows, Fault::swap_weights}) {
+    Fault parsed = Fault::none;
+    ASSERT_TRUE(moedist::demo::fault_from_name(moedist::demo::fault_name(fault), &parsed));
+    EXPECT_EQ(parsed, fault);
+  }
+  Fault parsed = Fault::none;
+  EXPECT_FALSE(moedist::demo::fault_from_name("flip-bits", &parsed));
+}
+
+void expect_rejected(const DemoOptions& o, const std::string& parameter) {
+  try {
+    moedist::demo::validate_options(o);
+    ADD_FAILURE() << "accepted options that break a rule of " << parameter;
+  } catch (const moedist::ValidationError& e) {
+    EXPECT_EQ(e.parameter(), parameter) << e.what();
+  }
+}
+
+TEST(DemoOptions, RejectsBadCombinations) {
+  DemoOptions o = small();
+  o.transport = "tcp";
+  expect_rejected(o, "transport");
+
+  o = small();
+  o.tp_world_size = 2;
+  o.moe_expert_num = 4;
+  o.intermediate = 15;
+  expect_rejected(o, "intermediate");
+
+  o = small();
+  o.topk = 9;
+  expect_rejected(o, "topk");
+
+  o = small();
+  o.bs = 0;
+  expect_rejected(o, "bs");
+
+  o = small();
+  o.quant_mode = 1;
+  expect_rejected(o, "quant_mode");
+
+  o = small();
+  o.topk = 1;
+  o.fault = Fault::swap_weights;
+  expect_rejected(o, "topk");
+
+  o = small();
+  o.tolerance = -1e-3;
+  expect_rejected(o, "tolerance");
+
+  // The contract's own rule, reported by the library: E must be a multiple of W - S.
+  o = small();
+  o.moe_expert_num = 6;
+  o.shared_expert_rank_num = 0;
+  EXPECT_THROW(moedist::demo::validate_options(o), moedist::ValidationError);
+}
+
+TEST(DemoOptions, DefaultsAreTheOperatorPageExample) {
+  const DemoOptions o;
+  EXPECT_EQ(o.ep_world_size, 16);
+  EXPECT_EQ(o.shared_expert_rank_num, 2);
+  EXPECT_EQ(o.moe_expert_num, 14);
+  EXPECT_EQ(o.bs, 8);
+  EXPECT_EQ(o.hidden, 7168);
+  EXPECT_EQ(o.topk, 8);
+  EXPECT_EQ(o.quant_mode, 2);
+  EXPECT_TRUE(o.smooth_scales);
+  EXPECT_EQ(o.dtype, DType::bf16);
+  EXPECT_NO_THROW(moedist::demo::validate_options(o));
+}
+
+}  // namespace

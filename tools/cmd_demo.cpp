@@ -1,0 +1,112 @@
+// `moedist demo`: a whole MoE layer over N in-process ranks, checked against a dense computation (demo_layer.h).
+#include <iostream>
+#include <memory>
+#include <string>
+
+#include "commands.h"
+#include "demo_layer.h"
+#include "moedist/error.h"
+
+namespace moedist::cli {
+
+namespace {
+
+struct DemoFlags {
+  demo::DemoOptions options;
+  bool no_scales = false;
+  std::string dtype = "bf16";
+  std::string profile = "portable";
+  std::string fault = "none";
+};
+
+demo::DemoOptions resolve(const DemoFlags& flags) {
+  demo::DemoOptions o = flags.options;
+  o.smooth_scales = !flags.no_scales;
+  o.dtype = flags.dtype == "fp16" ? DType::fp16 : DType::bf16;
+  // The CLI11 checks below already limit these names to valid ones.
+  profile_from_name(flags.profile.c_str(), &o.profile);
+  demo::fault_from_name(flags.fault, &o.fault);
+  return o;
+}
+
+}  // namespace
+
+void add_demo(CLI::App& app, int* exit_code) {
+  auto flags = std::make_shared<DemoFlags>();
+  demo::DemoOptions& o = flags->options;
+  CLI::App* cmd = app.add_subcommand(
+      "demo",
+      "Run a whole MoE layer (softmax top-K router, dispatch, a per-expert SiLU MLP on OpenBLAS, combine) on "
+      "in-process ranks and check it against a dense single-process fp64 computation of the same layer. The "
+      "defaults are the operator page's example: 16 ranks, 2 shared-expert ranks, 14 MoE experts, BS 8, H 7168, "
+      "K 8, quant_mode 2 with smooth scales, bf16.");
+  cmd->footer("Exit status: 0 when the combine output matches the reference within --tolerance, 1 on a mismatch, "
+              "2 on an error.");
+
+  cmd->add_option("--ep-world-size", o.ep_world_size, "EP domain size W")->capture_default_str()->check(
+      CLI::PositiveNumber);
+  cmd->add_option("--tp-world-size", o.tp_world_size,
+                  "TP domain size: 0 or 1 for none; 2 makes TP pairs that hold the same experts, each rank computing "
+                  "half of the MLP's intermediate dimension, which combine's TP reduce adds up (needs 1 expert per "
+                  "MoE rank)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({0, 1, 2}));
+  cmd->add_option("--shared-expert-rank-num", o.shared_expert_rank_num,
+                  "ranks [0, S) host the shared expert (0: no shared expert)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--moe-expert-num", o.moe_expert_num, "MoE experts E, a multiple of W - S")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--bs", o.bs, "tokens per rank")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--hidden", o.hidden, "hidden size H")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--topk", o.topk, "experts per token K")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--quant-mode", o.quant_mode, "0: none; 2: dynamic per-token int8 in dispatch")
+      ->capture_default_str()
+      ->check(CLI::IsMember({0, 2}));
+  cmd->add_flag("--no-scales", flags->no_scales,
+                "do not pass smooth scales to dispatch (they are passed with --quant-mode 2 by default, and never "
+                "with --quant-mode 0, which rejects them)");
+  cmd->add_option("--dtype", flags->dtype, "token dtype")->capture_default_str()->check(CLI::IsMember({"bf16", "fp16"}));
+  cmd->add_option("--intermediate", o.intermediate, "expert MLP intermediate size")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--global-bs", o.global_bs, "global_bs: 0 (= BS * W) or a multiple of W that is >= BS * W")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--expert-token-nums-type", o.expert_token_nums_type,
+                  "0: expert_token_nums is a prefix sum; 1: a count per local expert")
+      ->capture_default_str()
+      ->check(CLI::IsMember({0, 1}));
+  cmd->add_option("--comm-quant-mode", o.comm_quant_mode, "combine: 0 none; 2 int8 communication of expert outputs")
+      ->capture_default_str()
+      ->check(CLI::IsMember({0, 2}));
+  cmd->add_option("--seed", o.seed, "seed of every generated input and weight")->capture_default_str();
+  cmd->add_option("--timeout-ms", o.timeout_ms, "longest wait for a peer in any phase")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--tolerance", o.tolerance,
+                  "pass when max|output - reference| <= tolerance * max|reference|; 0 = automatic: 4 unit roundoffs "
+                  "of the dtype (2^-8 bf16, 2^-11 fp16), plus 1/127 with --comm-quant-mode 2")
+      ->capture_default_str();
+  cmd->add_option("--profile", flags->profile, "limits enforced on top of the contract's rules")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"portable", "ascend_a3", "ascend_a2"}));
+  cmd->add_option("--transport", o.transport, "how ranks talk (this build: inproc, one thread per rank)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"inproc"}));
+  cmd->add_option("--inject-fault", flags->fault,
+                  "self-test of the checker: plant a bug, after which the run must report MISMATCH. drop-expert: the "
+                  "first MoE rank returns zeros; swap-rows: it swaps two expert-output rows; swap-weights: rank 0 "
+                  "gives combine its expert_scales with columns 0 and K-1 swapped")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"none", "drop-expert", "swap-rows", "swap-weights"}));
+
+  cmd->callback([flags, exit_code] {
+    const demo::DemoReport report = demo::run_demo(resolve(*flags), std::cout);
+    std::cout.flush();
+    *exit_code = report.passed ? 0 : 1;
+  });
+}
+
+}  // namespace moedist::cli

@@ -1,0 +1,94 @@
+// The layer behind `moedist demo`: a whole MoE layer (router top-k, dispatch, a per-expert MLP, combine) over
+// N in-process ranks, checked against a dense single-process fp64 computation of the same layer.
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <string>
+#include <string_view>
+
+#include "moedist/config.h"
+#include "moedist/dtype.h"
+
+namespace moedist::demo {
+
+// A bug the demo can plant on purpose. It is a self-test of the checker: with any fault other than none, a
+// run must end in MISMATCH.
+enum class Fault : std::uint8_t {
+  none,
+  drop_expert,   // the first MoE rank (TP rank 0) returns zeros instead of its expert outputs: a missing expert
+  swap_rows,     // the first MoE rank (TP rank 0) swaps its first and last valid expert-output rows: a row-order bug
+                 // (both faults change nothing if that rank received no rows, or for swap_rows a single row)
+  swap_weights,  // global rank 0 gives combine expert_scales with columns 0 and K-1 swapped: weights on the wrong experts
+};
+
+const char* fault_name(Fault fault) noexcept;  // "none", "drop-expert", "swap-rows", "swap-weights"
+bool fault_from_name(std::string_view name, Fault* out) noexcept;
+
+// Parameter names follow torch_npu.npu_moe_distribute_dispatch / _combine. The defaults are the operator page's
+// example program: 16 ranks, 2 shared-expert ranks, 14 MoE experts, BS 8, H 7168, K 8, quant_mode 2 with smooth
+// scales, bf16.
+struct DemoOptions {
+  int ep_world_size = 16;
+  int tp_world_size = 0;  // 0 or 1: no TP domain; 2: TP pairs with replicated experts, each computing half the MLP
+  int shared_expert_rank_num = 2;
+  int moe_expert_num = 14;
+  std::int64_t bs = 8;
+  std::int64_t hidden = 7168;
+  int topk = 8;
+  int quant_mode = 2;          // 0 or 2
+  bool smooth_scales = true;   // pass smooth scales to dispatch (used with quant_mode 2 only, as on the NPU)
+  DType dtype = DType::bf16;   // bf16 or fp16
+  std::int64_t intermediate = 64;  // expert MLP intermediate size
+  std::int64_t global_bs = 0;
+  int expert_token_nums_type = 1;
+  int comm_quant_mode = 0;
+  std::uint64_t seed = 0;
+  std::int64_t timeout_ms = 30000;
+  // A run passes when max|combine output - reference| <= tolerance * max|reference|. 0 picks it from the rounding
+  // the layer does (effective_tolerance).
+  double tolerance = 0;
+  Profile profile = Profile::portable;
+  std::string transport = "inproc";
+  Fault fault = Fault::none;
+};
+
+struct PhaseTime {
+  double median_ms = 0;  // over ranks
+  double max_ms = 0;
+};
+
+struct DemoReport {
+  bool passed = false;
+  int world_size = 0;                // W * max(T, 1) ranks
+  std::int64_t tokens = 0;           // tokens over all ranks
+  std::int64_t rows_dispatched = 0;  // rows all ranks wrote into receive windows (each rank's own included)
+  std::int64_t expert_rows = 0;      // rows all experts processed (with T = 2, each row on both TP ranks)
+  PhaseTime setup, route, dispatch, experts, combine;
+  double ranks_wall_ms = 0;  // the whole multi-rank run, setup included
+  double reference_ms = 0;   // the dense reference (both variants)
+  double max_abs_error = 0;  // max |combine output - reference|
+  double max_abs_reference = 0;
+  double max_rel_error = 0;  // max_abs_error / max_abs_reference: what the tolerance applies to
+  double tolerance = 0;      // the tolerance applied (effective_tolerance)
+  bool all_finite = true;    // every combine output element is finite
+  // Informational (quant_mode 2 only, else negative): max |combine output - unquantized layer| / max |that layer|,
+  // i.e. what int8 dispatch quantization costs end to end.
+  double unquantized_rel_diff = -1;
+};
+
+// The tolerance a run applies: options.tolerance when it is set, else 4 unit roundoffs of the dtype (2^-8 for bf16,
+// 2^-11 for fp16; the expert outputs, the combine output and, with TP, the partial sums are each rounded to it) plus
+// 1/127 with comm_quant_mode 2 (int8 expert outputs, one scale per 8 elements). Measured errors stay below half of
+// it; a missing expert, a misplaced row or a misapplied weight exceeds it many times over.
+double effective_tolerance(const DemoOptions& options) noexcept;
+
+// Throws ValidationError when the options break a rule of the demo or of the contract (checked with the library's
+// own validate_config and capacity).
+void validate_options(const DemoOptions& options);
+
+// Validates, runs the layer on W * max(T, 1) rank threads, computes the reference, prints the summary table to
+// `out` and returns the numbers. Library errors (a peer timeout, a rejected call) propagate as moedist::Error.
+DemoReport run_demo(const DemoOptions& options, std::ostream& out);
+
+}  // namespace moedist::demo
