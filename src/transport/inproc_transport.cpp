@@ -17,6 +17,8 @@ InProcHub::InProcHub(int size, std::chrono::milliseconds timeout)
       windows_(static_cast<std::size_t>(size)) {
   slots_[0].resize(static_cast<std::size_t>(size));
   slots_[1].resize(static_cast<std::size_t>(size));
+  // Every window starts with one page, so a window is never null (calls where every BS is 0 address it too).
+  for (int r = 0; r < size; ++r) resize_window(r, 1);
 }
 
 InProcHub::~InProcHub() {
