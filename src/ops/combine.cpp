@@ -113,17 +113,8 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
   } catch (...) {
     local_error = std::current_exception();
   }
-  CallHeader& hd = s.own_header();
-  hd.bs = shape.bs;
-  hd.k = shape.k;
-  hd.h = shape.h;
-  hd.dtype = static_cast<std::int64_t>(expand_x.dtype);
-  hd.mode = o.comm_quant_mode;
-  hd.has_expert_scales = 0;
-  hd.own_rows = rows.own_rows;
-  hd.peer_rows = rows.peer_rows;
+  s.describe_call(shape, expand_x.dtype, o.comm_quant_mode, false, rows.own_rows, rows.peer_rows);
   std::int32_t* own_table = s.own_counts();
-  std::fill_n(own_table, topo.count_record_len(), 0);
   if (!local_error) {
     for (int i = 0; i < topo.W * topo.local_experts(my_ep); ++i) own_table[i] = ep_send_counts.at<std::int32_t>(i);
   }

@@ -76,15 +76,7 @@ DispatchResult Group::dispatch(const TensorView& x, const TensorView& expert_ids
   } catch (...) {
     local_error = std::current_exception();
   }
-  CallHeader& hd = s.own_header();
-  hd.bs = shape.bs;
-  hd.k = shape.k;
-  hd.h = shape.h;
-  hd.dtype = static_cast<std::int64_t>(x.dtype);
-  hd.mode = o.quant_mode;
-  hd.has_expert_scales = o.expert_scales.present() ? 1 : 0;
-  hd.own_rows = hd.peer_rows = 0;
-  std::fill_n(s.own_counts(), topo.count_record_len(), 0);
+  s.describe_call(shape, x.dtype, o.quant_mode, o.expert_scales.present(), 0, 0);
   if (!local_error) std::copy(s.plan.counts.begin(), s.plan.counts.end(), s.own_counts());
   s.exchange(CallKind::dispatch, local_error, "dispatch.counts");
   s.require_same_call("dispatch.counts", true);

@@ -33,6 +33,20 @@ Group::State::State(const GroupConfig& c, std::unique_ptr<Transport> t)
   dest_prefix.resize(static_cast<std::size_t>(topo.W));
 }
 
+void Group::State::describe_call(const contract::CallShape& shape, DType dtype, int mode, bool has_expert_scales,
+                                 std::int64_t own_rows, std::int64_t peer_rows) {
+  CallHeader& hd = own_header();
+  hd.bs = shape.bs;
+  hd.k = shape.k;
+  hd.h = shape.h;
+  hd.dtype = static_cast<std::int64_t>(dtype);
+  hd.mode = mode;
+  hd.has_expert_scales = has_expert_scales ? 1 : 0;
+  hd.own_rows = own_rows;
+  hd.peer_rows = peer_rows;
+  std::fill_n(own_counts(), topo.count_record_len(), 0);
+}
+
 void Group::State::exchange(CallKind kind, const std::exception_ptr& local_error, const char* phase) {
   CallHeader& hd = own_header();
   hd.kind = static_cast<std::int64_t>(kind);

@@ -77,6 +77,9 @@ struct Group::State {
                                                  sizeof(CallHeader));
   }
 
+  // Fills this rank's call header for the next exchange and clears its count record.
+  void describe_call(const contract::CallShape& shape, DType dtype, int mode, bool has_expert_scales,
+                     std::int64_t own_rows, std::int64_t peer_rows);
   // Starts a collective call: publishes this rank's record (status from `local_error`, if any) and
   // gathers everyone's. Then rethrows this rank's own error, or raises a PeerError for the first rank
   // that failed, so that every rank leaves the call together and the group stays usable.
