@@ -119,7 +119,8 @@ void Group::State::require_same_call(const char* phase, bool check_bs) const {
     if (o.dtype != mine.dtype) mismatch("the dtype code", mine.dtype, o.dtype);
     if (o.mode != mine.mode) mismatch(header(me()).kind == static_cast<std::int64_t>(CallKind::dispatch) ? "quant_mode" : "comm_quant_mode", mine.mode, o.mode);
     if (o.has_expert_scales != mine.has_expert_scales) mismatch("expert_scales given (1) or not (0)", mine.has_expert_scales, o.has_expert_scales);
-    if (check_bs && config.global_bs == 0 && o.bs != mine.bs && tp_of(r) == topo.tp_rank) {
+    // Every rank of the world, TP peers included: the TP all-gather sizes the peer's rows by this BS too.
+    if (check_bs && config.global_bs == 0 && o.bs != mine.bs) {
       throw PeerError(ErrorCode::config_mismatch, r, phase,
                       concat("global_bs = 0 requires the same BS on every rank, but rank ", me(), " has BS ", mine.bs,
                              " and rank ", r, " has BS ", o.bs, "; pass global_bs = max BS * ep_world_size"));
@@ -136,6 +137,15 @@ void Group::State::ensure_windows(const char* phase) {
     if (r == me()) mine = layout.total_bytes;
   }
   if (grow) transport->resize_window(mine, phase);
+  // Every address computed from here on lies inside these sizes; check what the transport really mapped.
+  for (int r = 0; r < transport->size(); ++r) {
+    const contract::WindowLayout layout(topo, shape_of(r), ep_of(r));
+    if (transport->window_size(r) < layout.total_bytes) {
+      throw PeerError(ErrorCode::protocol, r, phase,
+                      concat("rank ", me(), ": the window of rank ", r, " has ", transport->window_size(r), " bytes but its layout needs ",
+                             layout.total_bytes));
+    }
+  }
 }
 
 Group::Group(const GroupConfig& config, std::unique_ptr<Transport> transport)

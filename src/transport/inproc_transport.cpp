@@ -73,12 +73,13 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
           << "' waiting for rank " << first_missing << " (not arrived: " << missing.str() << ")";
       failed_ = true;
       failed_peer_ = first_missing;
+      failed_code_ = ErrorCode::timeout;
       failed_reason_ = msg.str();
       cv_.notify_all();
       throw PeerError(ErrorCode::timeout, first_missing, std::string(phase), msg.str());
     }
-    if (generation_ == gen) {  // woken by another rank's failure
-      throw PeerError(ErrorCode::peer_failed, failed_peer_, std::string(phase),
+    if (generation_ == gen) {  // woken by another rank's failure: report the same cause and peer
+      throw PeerError(failed_code_, failed_peer_, std::string(phase),
                       "rank " + std::to_string(rank) + ": the group failed in phase '" + std::string(phase) +
                           "': " + failed_reason_);
     }
@@ -109,11 +110,23 @@ void InProcHub::resize_window(int rank, std::size_t bytes) {
 }
 
 void InProcTransport::resize_window(std::size_t bytes, std::string_view phase) {
-  // Only this rank touches its own Window entry; the allgather that follows publishes the new pointer.
-  hub_->resize_window(rank_, bytes);
-  const char token = 0;
-  std::vector<char> sink(static_cast<std::size_t>(hub_->size()));
-  hub_->allgather(rank_, &token, 1, sink.data(), phase);
+  // Only this rank touches its own Window entry; the allgather that follows publishes the new pointer
+  // and tells every rank whether every allocation succeeded, so a failure is raised everywhere alike.
+  char failed = 0;
+  try {
+    hub_->resize_window(rank_, bytes);
+  } catch (const std::bad_alloc&) {
+    failed = 1;
+  }
+  std::vector<char> all(static_cast<std::size_t>(hub_->size()));
+  hub_->allgather(rank_, &failed, 1, all.data(), phase);
+  for (int r = 0; r < hub_->size(); ++r) {
+    if (all[static_cast<std::size_t>(r)] != 0) {
+      throw PeerError(ErrorCode::capacity, r, std::string(phase),
+                      "rank " + std::to_string(r) + " could not allocate its " + (r == rank_ ? std::to_string(bytes) + "-byte " : "") +
+                          "window in phase '" + std::string(phase) + "'");
+    }
+  }
 }
 
 }  // namespace moedist

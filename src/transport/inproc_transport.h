@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "moedist/error.h"
 #include "transport/transport.h"
 
 namespace moedist {
@@ -48,6 +49,7 @@ class InProcHub {
   std::vector<bool> claimed_;
   bool failed_ = false;
   int failed_peer_ = -1;
+  ErrorCode failed_code_ = ErrorCode::peer_failed;
   std::string failed_reason_;
   std::vector<Window> windows_;
 };
