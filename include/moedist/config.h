@@ -53,7 +53,11 @@ struct CapacityQuery {
 
 struct CapacityReport {
   std::int64_t A = 0;                 // most rows this rank can receive in the EP domain (the contract's A)
-  std::int64_t expand_x_rows = 0;     // A * max(tp_world_size, 1): rows of expand_x
+  std::int64_t expand_x_rows = 0;     // A * max(tp_world_size, 1): rows of expand_x, as torch_npu allocates it
+  // Rows the group's window holds: A * max(T, 1), except on a shared-expert rank where ranks with
+  // different BS can send more than A rows (the V1 split rotates each rank's remainder); there it is
+  // (max BS + (W - S) * ceil(max BS / S)) * max(T, 1) when that is larger.
+  std::int64_t max_receive_rows = 0;
   std::int64_t global_bs = 0;         // effective global_bs (BS * W when the config says 0)
   std::int64_t window_bytes = 0;      // bytes of the rank's communication window
   std::int64_t output_bytes = 0;      // bytes of group-owned dispatch + combine outputs

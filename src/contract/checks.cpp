@@ -93,6 +93,13 @@ void check_ids_and_profile(const GroupConfig& c, const TensorView& ids, std::int
   if (c.global_bs != 0 && bs * c.ep_world_size > c.global_bs)
     fail_value("global_bs", c.global_bs,
                concat("must be >= BS * ep_world_size = ", bs, " * ", c.ep_world_size, " (BS of this rank is ", bs, ")"));
+  check_profile_call_limits(c, bs, k, h);
+  check_expert_ids(ids, c.moe_expert_num);
+}
+
+}  // namespace
+
+void check_profile_call_limits(const GroupConfig& c, std::int64_t bs, std::int64_t k, std::int64_t h) {
   if (c.profile == Profile::ascend_a3) {
     if (h != 7168) fail_value("H", h, "profile ascend_a3 needs H == 7168");
     if (k > 8) fail_value("K", k, "profile ascend_a3 allows K <= 8");
@@ -102,10 +109,7 @@ void check_ids_and_profile(const GroupConfig& c, const TensorView& ids, std::int
     if (k > 16) fail_value("K", k, "profile ascend_a2 allows K <= 16");
     if (bs < 1 || bs > 256) fail_value("BS", bs, "profile ascend_a2 allows 1 <= BS <= 256");
   }
-  check_expert_ids(ids, c.moe_expert_num);
 }
-
-}  // namespace
 
 CallShape check_dispatch(const GroupConfig& c, const TensorView& x, const TensorView& ids, const DispatchOptions& o) {
   require_present("x", x);
@@ -230,6 +234,13 @@ CallShape check_combine(const GroupConfig& c, const TensorView& expand_x, const 
                    concat("must be a non-decreasing prefix sum (previous entry ", prev, "); use dispatch's ep_recv_counts"));
       prev = v;
     }
+  }
+  const std::int64_t most = topo.receive_rows(c.ep_rank_id, bs, k);
+  for (int i = 0; i < full_len; ++i) {
+    const std::int32_t v = ep_send_counts.at<std::int32_t>(i);
+    if (v > most)
+      fail_value(concat("ep_send_counts[", i, "]"), v,
+                 concat("exceeds the ", most, " rows this rank can receive; use dispatch's ep_recv_counts"));
   }
   counts->own_rows = ep_send_counts.at<std::int32_t>(own_len - 1);
   counts->peer_rows = topo.T == 2 ? ep_send_counts.at<std::int32_t>(full_len - 1) : 0;

@@ -12,6 +12,9 @@
 
 namespace moedist::contract {
 
+// The per-call limits of the opt-in Ascend profiles (H, K, BS); nothing for Profile::portable.
+void check_profile_call_limits(const GroupConfig& config, std::int64_t bs, std::int64_t k, std::int64_t h);
+
 // Checks x, expert_ids, the options and any caller output buffers. Returns the call shape.
 CallShape check_dispatch(const GroupConfig& config, const TensorView& x, const TensorView& expert_ids,
                          const DispatchOptions& options);

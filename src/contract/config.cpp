@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "contract/checks.h"
 #include "contract/errors.h"
 #include "contract/layout.h"
 #include "moedist/config.h"
@@ -98,10 +99,13 @@ CapacityReport capacity(const GroupConfig& config, const CapacityQuery& q) {
   if (q.h < 1) fail_value("h", q.h, "must be >= 1");
   if (q.x_dtype != DType::bf16 && q.x_dtype != DType::fp16)
     fail_value("x_dtype", dtype_name(q.x_dtype), "must be bfloat16 or float16");
-  if (q.quant_mode != 0 && q.quant_mode != 2) fail_value("quant_mode", q.quant_mode, "must be 0 or 2");
+  if (q.quant_mode == 1)
+    contract::fail(ErrorCode::unsupported, "quant_mode", "1", "static quantization is not supported (0 = none, 2 = dynamic int8)");
+  if (q.quant_mode != 0 && q.quant_mode != 2) fail_value("quant_mode", q.quant_mode, "must be 0 (none) or 2 (dynamic int8)");
   if (config.global_bs != 0 && q.bs * config.ep_world_size > config.global_bs)
     fail_value("bs", q.bs, concat("bs * ep_world_size must be <= global_bs = ", config.global_bs));
 
+  contract::check_profile_call_limits(config, q.bs, q.k, q.h);
   const contract::Topology topo(config);
   const contract::CallShape shape{q.bs, q.k, q.h};
   const contract::WindowLayout layout(topo, shape, config.ep_rank_id);
@@ -109,7 +113,8 @@ CapacityReport capacity(const GroupConfig& config, const CapacityQuery& q) {
   CapacityReport r;
   r.global_bs = topo.effective_global_bs(q.bs);
   r.A = layout.capacity_a;
-  r.expand_x_rows = layout.dispatch_rows;
+  r.expand_x_rows = layout.capacity_a * topo.T;
+  r.max_receive_rows = layout.dispatch_rows;
   r.window_bytes = static_cast<std::int64_t>(layout.total_bytes);
   r.output_bytes = static_cast<std::int64_t>(contract::group_output_bytes(topo, shape, config.ep_rank_id));
   r.total_bytes = r.window_bytes + r.output_bytes;

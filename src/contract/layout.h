@@ -47,6 +47,17 @@ class Topology {
     const std::int64_t gbs = effective_global_bs(bs);
     return is_shared(ep) ? gbs / S : gbs * std::min<std::int64_t>(L, k);
   }
+  // The most rows rank `ep` can really receive in its EP group. On a MoE rank that is A. On a
+  // shared-expert rank A = global_bs / S is exact when every rank has the same BS, but ranks with
+  // different BS can exceed it (the V1 split rotates each rank's remainder independently), so the
+  // bound is max(A, maxBS + (W - S) * ceil(maxBS / S)): its own rows plus at most ceil(BS_r / S) rows
+  // from each MoE rank r.
+  std::int64_t receive_rows(int ep, std::int64_t bs, std::int64_t k) const noexcept {
+    const std::int64_t a = capacity_a(ep, bs, k);
+    if (!is_shared(ep)) return a;
+    const std::int64_t max_bs = effective_global_bs(bs) / W;
+    return std::max(a, max_bs + (W - S) * ((max_bs + S - 1) / S));
+  }
 };
 
 inline std::size_t align_up(std::size_t n, std::size_t a) noexcept { return (n + a - 1) / a * a; }
@@ -59,7 +70,8 @@ inline std::size_t align_up(std::size_t n, std::size_t a) noexcept { return (n +
 struct WindowLayout {
   WindowLayout(const Topology& topo, const CallShape& shape, int ep) {
     capacity_a = topo.capacity_a(ep, shape.bs, shape.k);
-    dispatch_rows = capacity_a * topo.T;
+    receive_rows = topo.receive_rows(ep, shape.bs, shape.k);
+    dispatch_rows = receive_rows * topo.T;
     const auto rows = static_cast<std::size_t>(dispatch_rows);
     const auto h = static_cast<std::size_t>(shape.h);
     comm_quant_groups = (h + 7) / 8;
@@ -68,13 +80,14 @@ struct WindowLayout {
     expand_scales_offset = align_up(dynamic_scales_offset + rows * 4, 64);
     combine_row_bytes = std::max(h * 2, align_up(comm_quant_groups * 2 + h, 2));
     combine_rows_offset = align_up(expand_scales_offset + rows * 4, 64);
-    const auto own_rows = static_cast<std::size_t>(capacity_a);
+    const auto own_rows = static_cast<std::size_t>(receive_rows);
     tp_inbox_offset = align_up(combine_rows_offset + own_rows * combine_row_bytes, 64);
     total_bytes = align_up(tp_inbox_offset + (topo.T == 2 ? own_rows * h * 2 : 0), 64);
   }
 
-  std::int64_t capacity_a = 0;     // A
-  std::int64_t dispatch_rows = 0;  // A * max(T, 1)
+  std::int64_t capacity_a = 0;     // the contract's A
+  std::int64_t receive_rows = 0;   // the most rows this rank can receive in its EP group (>= A)
+  std::int64_t dispatch_rows = 0;  // receive_rows * max(T, 1): rows of expand_x in the window
   std::size_t comm_quant_groups = 0;
   std::size_t expand_x_offset = 0, dynamic_scales_offset = 0, expand_scales_offset = 0;
   std::size_t combine_rows_offset = 0, combine_row_bytes = 0, tp_inbox_offset = 0;

@@ -27,7 +27,7 @@ void check_combine_record(const Group::State& s, int r, const char* phase) {
   const std::int32_t* table = s.counts(r);
   const int ep = r / topo.T;
   const int len = topo.W * topo.local_experts(ep);
-  const std::int64_t capacity = topo.capacity_a(ep, hd.bs, hd.k);
+  const std::int64_t capacity = topo.receive_rows(ep, hd.bs, hd.k);
   std::int32_t prev = 0;
   for (int i = 0; i < len; ++i) {
     if (table[i] < prev || table[i] > capacity) {
@@ -40,12 +40,14 @@ void check_combine_record(const Group::State& s, int r, const char* phase) {
   if (hd.own_rows != prev || hd.peer_rows < 0 || hd.peer_rows > capacity) {
     throw PeerError(ErrorCode::protocol, r, phase, concat("rank ", s.me(), ": rank ", r, " reports inconsistent row counts"));
   }
-  if (topo.T == 2 && ep == topo.ep_rank && r != s.me()) {
-    const CallHeader& mine = s.header(s.me());
-    if (hd.own_rows != mine.peer_rows || hd.peer_rows != mine.own_rows) {
+  // Checked for every TP pair on every rank, so that all ranks fail alike.
+  if (topo.T == 2) {
+    const int peer = topo.global_rank(ep, 1 - r % topo.T);
+    const CallHeader& other = s.header(peer);
+    if (hd.own_rows != other.peer_rows || hd.peer_rows != other.own_rows) {
       throw PeerError(ErrorCode::config_mismatch, r, phase,
-                      concat("rank ", s.me(), " holds ", mine.own_rows, " own and ", mine.peer_rows, " peer rows but its TP peer rank ", r,
-                             " holds ", hd.own_rows, " own and ", hd.peer_rows, ": pass each rank its own dispatch outputs"));
+                      concat("rank ", r, " holds ", hd.own_rows, " own and ", hd.peer_rows, " peer rows but its TP peer rank ", peer,
+                             " holds ", other.own_rows, " own and ", other.peer_rows, " peer rows: pass each rank its own dispatch outputs"));
     }
   }
 }
@@ -56,13 +58,14 @@ void check_combine_record(const Group::State& s, int r, const char* phase) {
 void check_routes(Group::State& s, const TensorView& expert_ids, const TensorView& expand_idx) {
   const contract::Topology& topo = s.topo;
   const int my_ep = topo.ep_rank;
-  s.plan.build(topo, expert_ids, my_ep);  // per-expert counts of this call's expert_ids
+  // A plan of its own: dispatch's plan backs the expand_idx view dispatch returned.
+  s.route_plan.build(topo, expert_ids, my_ep);
   for (int e = 0; e < topo.E; ++e) {
     const int d = topo.expert_rank(e);
     const std::int32_t* table = s.counts(topo.global_rank(d, topo.tp_rank));
     const int index = topo.expert_local(e) * topo.W + my_ep;
     const std::int64_t rows = table[index] - block_begin(table, index);
-    const std::int32_t sent = s.plan.counts[static_cast<std::size_t>(topo.S * topo.L + e)];
+    const std::int32_t sent = s.route_plan.counts[static_cast<std::size_t>(topo.S * topo.L + e)];
     if (rows != sent) {
       contract::fail(ErrorCode::invalid_argument, "expert_ids", concat("(routes ", sent, " tokens to expert ", e, ")"),
                      concat("rank ", d, " holds ", rows, " rows of this rank for expert ", e,
@@ -73,7 +76,7 @@ void check_routes(Group::State& s, const TensorView& expert_ids, const TensorVie
   for (std::int64_t t = 0; t < n; ++t) {
     const std::int32_t e = expert_ids.at<std::int32_t>(t / expert_ids.cols(), t % expert_ids.cols());
     const std::int32_t slot = expand_idx.at<std::int32_t>(t);
-    const std::int32_t rows = s.plan.counts[static_cast<std::size_t>(topo.S * topo.L + e)];
+    const std::int32_t rows = s.route_plan.counts[static_cast<std::size_t>(topo.S * topo.L + e)];
     if (slot >= rows) {
       contract::fail(ErrorCode::invalid_argument, concat("expand_idx[", t, "]"), concat(slot),
                      concat("must be < ", rows, ", the rows this rank sent to expert ", e, "; use dispatch's expand_idx"));

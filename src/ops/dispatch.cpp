@@ -47,14 +47,14 @@ struct Destination {
   std::byte* expand_x = nullptr;  // row 0 of expand_x in the destination's window
   float* dynamic_scales = nullptr;
   float* expand_scales = nullptr;
-  std::int64_t capacity_rows = 0;  // rows of its own EP region (A)
+  std::int64_t capacity_rows = 0;  // rows of its own EP region
 };
 
 // One copy of a token row: where it goes and which smooth-scales row quantizes it.
 struct RowTarget {
   const Destination* dest;
   std::int64_t row;
-  const float* smooth;  // nullptr: no smoothing
+  std::int64_t smooth_row;  // row of `scales`, or -1: no smoothing
   float weight;
 };
 
@@ -90,10 +90,10 @@ DispatchResult Group::dispatch(const TensorView& x, const TensorView& expert_ids
       const int gd = topo.global_rank(d, tp);
       prefix.resize(static_cast<std::size_t>(topo.W * topo.local_experts(d)));
       contract::receive_prefix_sums(topo, records_of_group(tp), d, s.header(gd).bs, prefix.data());
-      const std::int64_t a = topo.capacity_a(d, s.header(gd).bs, shape.k);
-      if (prefix.back() > a) {
+      const std::int64_t most = topo.receive_rows(d, s.header(gd).bs, shape.k);
+      if (prefix.back() > most) {
         throw PeerError(ErrorCode::capacity, gd, "dispatch.counts",
-                        concat("rank ", me, ": rank ", gd, " would receive ", prefix.back(), " rows but its capacity A is ", a));
+                        concat("rank ", me, ": rank ", gd, " would receive ", prefix.back(), " rows but can hold at most ", most));
       }
       if (tp == my_tp) s.dest_prefix[static_cast<std::size_t>(d)] = prefix;
       if (tp != my_tp && d == my_ep) s.peer_prefix = prefix;  // the TP peer's own half (§3.5)
@@ -114,7 +114,7 @@ DispatchResult Group::dispatch(const TensorView& x, const TensorView& expert_ids
     dest.expand_x = base + layout.expand_x_offset;
     dest.dynamic_scales = reinterpret_cast<float*>(base + layout.dynamic_scales_offset);
     dest.expand_scales = reinterpret_cast<float*>(base + layout.expand_scales_offset);
-    dest.capacity_rows = layout.capacity_a;
+    dest.capacity_rows = layout.receive_rows;
   }
   // First row of this rank's block at each (destination, local expert).
   std::vector<std::int64_t> block_start(static_cast<std::size_t>(topo.count_record_len()), 0);
@@ -130,10 +130,16 @@ DispatchResult Group::dispatch(const TensorView& x, const TensorView& expert_ids
   const Half type = x.dtype == DType::bf16 ? Half::bf16 : Half::fp16;
   const std::int64_t x_cs = x.strides[1];
   const bool smoothing = o.scales.present();
-  const auto smooth_row = [&](std::int64_t row) -> const float* {
-    return smoothing ? o.scales.ptr<float>(row, 0) : nullptr;
+  const auto smooth_row = [&](std::int64_t row) -> std::int64_t { return smoothing ? row : -1; };
+  float* scratch = s.row_scratch(2 * h);
+  float* gathered_scales = scratch + h;
+  // A scales row as a packed pointer: itself when its columns are contiguous, else gathered.
+  const auto smooth_ptr = [&](std::int64_t row) -> const float* {
+    if (row < 0) return nullptr;
+    if (o.scales.strides[1] == 1) return o.scales.ptr<float>(row, 0);
+    for (std::int64_t i = 0; i < h; ++i) gathered_scales[i] = o.scales.at<float>(row, i);
+    return gathered_scales;
   };
-  float* scratch = s.row_scratch(h);
   std::vector<RowTarget> targets(static_cast<std::size_t>(k + 1));
   std::int64_t rows_sent = 0;
   int shared_target = 0;  // shared-expert rank of the current token (MoE source ranks)
@@ -168,13 +174,13 @@ DispatchResult Group::dispatch(const TensorView& x, const TensorView& expert_ids
       std::byte* dst = t.dest->expand_x + static_cast<std::size_t>(t.row * h) * out_elem;
       if (!quant) {
         kernels::copy_row16(xrow, x_cs, h, reinterpret_cast<std::uint16_t*>(dst));
-      } else if (t.smooth == nullptr && unsmoothed != nullptr) {
+      } else if (t.smooth_row < 0 && unsmoothed != nullptr) {
         std::memcpy(dst, unsmoothed->dest->expand_x + static_cast<std::size_t>(unsmoothed->row * h), static_cast<std::size_t>(h));
         t.dest->dynamic_scales[t.row] = unsmoothed->dest->dynamic_scales[unsmoothed->row];
       } else {
-        kernels::quantize_row(xrow, x_cs, type, t.smooth, h, reinterpret_cast<std::int8_t*>(dst),
+        kernels::quantize_row(xrow, x_cs, type, smooth_ptr(t.smooth_row), h, reinterpret_cast<std::int8_t*>(dst),
                               &t.dest->dynamic_scales[t.row], scratch);
-        if (t.smooth == nullptr) unsmoothed = &t;
+        if (t.smooth_row < 0) unsmoothed = &t;
       }
       if (o.expert_scales.present()) t.dest->expand_scales[t.row] = t.weight;
     }
@@ -237,8 +243,18 @@ DispatchResult Group::dispatch(const TensorView& x, const TensorView& expert_ids
   result.ep_recv_counts = vector_view(s.ep_recv_counts.data(), DType::int32, static_cast<std::int64_t>(s.ep_recv_counts.size()));
   if (topo.T == 2) result.tp_recv_counts = vector_view(s.tp_recv_counts.data(), DType::int32, 2);
 
-  // Caller buffers get copies of the valid part; their views replace the group's.
+  // Caller buffers get copies of the valid part; their views replace the group's. They were checked
+  // against torch_npu's shapes (A rows); a shared-expert rank can receive more than A rows when ranks
+  // have different BS, so check the rows of this call before writing any of them.
   const DispatchOutputs& out = o.out;
+  for (const MutableTensorView* buffer : {&out.expand_x, &out.dynamic_scales, &out.expand_scales}) {
+    if (buffer->present() && buffer->rows() < valid) {
+      const char* name = buffer == &out.expand_x ? "out.expand_x" : buffer == &out.dynamic_scales ? "out.dynamic_scales" : "out.expand_scales";
+      contract::fail(ErrorCode::capacity, concat(name, ".shape[0]"), concat(buffer->rows()),
+                     concat("this call produced ", valid, " rows on this shared-expert rank, more than A * max(T, 1) because "
+                            "ranks have different BS; size buffers with capacity().max_receive_rows"));
+    }
+  }
   if (out.expand_x.present()) {
     for (std::int64_t r = 0; r < valid; ++r) {
       const std::byte* src = my_window + my_layout.expand_x_offset + static_cast<std::size_t>(r * h) * out_elem;

@@ -31,14 +31,14 @@ struct CallHeader {
   // Configuration (checked at join).
   std::int64_t ep_world_size = 0, ep_rank_id = 0, moe_expert_num = 0, tp_world_size = 0, tp_rank_id = 0;
   std::int64_t shared_expert_rank_num = 0, shared_expert_num = 0, expert_shard_type = 0, global_bs = 0, profile = 0;
-  char message[256] = {};  // the rank's error message when status != 0
+  char message[1024] = {};  // the rank's error message when status != 0
 };
 
 // What a rank publishes at a barrier inside a call: whether it can go on.
 struct StepRecord {
   std::int64_t seq = 0;
   std::int64_t status = 0;
-  char message[256] = {};
+  char message[1024] = {};
 };
 
 struct Group::State {
@@ -56,7 +56,8 @@ struct Group::State {
   std::vector<std::byte> records;
   std::vector<StepRecord> steps;
 
-  contract::SendPlan plan;
+  contract::SendPlan plan;        // dispatch's; backs DispatchResult::expand_idx
+  contract::SendPlan route_plan;  // combine's check of the routing it is given
   // Per destination EP rank: its ep_recv_counts (own half) as computed from the records.
   std::vector<std::vector<std::int32_t>> dest_prefix;
   std::vector<std::int32_t> peer_prefix;  // the TP peer's own half (T == 2)
