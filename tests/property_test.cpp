@@ -5,6 +5,7 @@
 
 #include <random>
 
+#include "moedist/inproc.h"
 #include "test_support.h"
 
 namespace moedist::testing {
@@ -38,6 +39,46 @@ TEST(RandomConfigs, LargerHiddenSizes) {
   lim.max_h = 1100;
   lim.max_bs = 12;
   for (std::uint64_t seed = 90000; seed < 90012; ++seed) run_and_compare(seed, lim);
+}
+
+// One group per rank serves a sequence of calls whose H, K, BS, dtype and modes change: windows grow,
+// state carries over, and every call still matches the oracle.
+TEST(RandomConfigs, OneGroupServesChangingShapes) {
+  for (std::uint64_t seed = 500; seed < 510; ++seed) {
+    std::mt19937_64 rng(seed);
+    casefile::Case c = random_case(rng);
+    const int world = c.ep_world_size * std::max(c.tp_world_size, 1);
+    const std::int64_t bs_zero_gbs = c.ranks.front().x.rows();
+    std::vector<casefile::Case> calls;
+    for (int call = 0; call < 6; ++call) {
+      CaseLimits lim;
+      lim.max_h = 40 + 60 * call;  // growing hidden sizes force the windows to grow
+      random_inputs(c, rng, lim, bs_zero_gbs + call % 3);
+      calls.push_back(std::move(c));
+      c = casefile::Case{};
+      c.ep_world_size = calls.back().ep_world_size;
+      c.tp_world_size = calls.back().tp_world_size;
+      c.moe_expert_num = calls.back().moe_expert_num;
+      c.shared_expert_rank_num = calls.back().shared_expert_rank_num;
+      c.global_bs = calls.back().global_bs;
+    }
+    std::vector<std::vector<casefile::RankOutputs>> got(calls.size());
+    for (auto& per_rank : got) per_rank.resize(static_cast<std::size_t>(world));
+    InProcessWorld runtime(world);
+    run_ranks(world, [&](int g) {
+      std::unique_ptr<Group> group = runtime.join(rank_config(calls.front(), g));
+      for (std::size_t i = 0; i < calls.size(); ++i) {
+        RunOptions opt;
+        opt.strided_inputs = i % 2 == 1;
+        opt.caller_outputs = i % 3 == 2;
+        got[i][static_cast<std::size_t>(g)] = run_rank(*group, calls[i], g, opt);
+      }
+    });
+    for (std::size_t i = 0; i < calls.size(); ++i) {
+      EXPECT_EQ(compare_with_oracle(calls[i], got[i], oracle::run(to_oracle_case(calls[i]))), "")
+          << "seed " << seed << " call " << i << ": " << describe(calls[i]);
+    }
+  }
 }
 
 TEST(RandomConfigs, SameCaseTwiceOnOneRunnerIsDeterministic) {

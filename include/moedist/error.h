@@ -19,6 +19,7 @@ enum class ErrorCode : int {
   case_file = 9,         // a malformed or inconsistent case file
   unsupported = 10,      // a feature or mode moedist does not implement (for example quant_mode 1)
   internal = 11,
+  peer_lost = 12,        // a peer process exited or was killed
 };
 
 const char* error_code_name(ErrorCode code) noexcept;

@@ -6,5 +6,6 @@
 #include "moedist/error.h"
 #include "moedist/group.h"
 #include "moedist/inproc.h"
+#include "moedist/shm.h"
 #include "moedist/tensor.h"
 #include "moedist/version.h"

@@ -17,6 +17,7 @@ const char* error_code_name(ErrorCode code) noexcept {
     case ErrorCode::case_file: return "case_file";
     case ErrorCode::unsupported: return "unsupported";
     case ErrorCode::internal: return "internal";
+    case ErrorCode::peer_lost: return "peer_lost";
   }
   return "unknown";
 }

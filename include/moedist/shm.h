@@ -1,0 +1,50 @@
+// Ranks as separate processes on one host, connected through shared memory.
+//
+// Each rank's window is a memfd mapped by every rank of the job: dispatch writes every row straight
+// into its receiver's window (one copy), combine reads expert outputs straight from the expert ranks'
+// windows. Nothing is created in /dev/shm. Processes find each other through abstract Unix sockets
+// named after the job, accept only peers of the same user, and exchange the memfds over them.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "moedist/group.h"
+
+namespace moedist {
+
+struct ShmOptions {
+  // Longest wait for a peer in any phase (connecting included). A peer that exits or is killed is
+  // reported sooner, as soon as its connection closes (ErrorCode::peer_lost).
+  std::chrono::milliseconds timeout{5000};
+  // How long a waiting rank spins before it sleeps on a futex.
+  std::chrono::microseconds spin{20};
+  // Test hook: called with the phase name as every collective step starts (fault-injection tests
+  // kill the process from here). Leave empty in production.
+  std::function<void(std::string_view phase)> on_phase;
+};
+
+// Joins the group of job `job` as the rank the config names (global rank ep_rank_id * max(T, 1) +
+// tp_rank_id, world size ep_world_size * max(T, 1)). Collective over all processes of the job.
+std::unique_ptr<Group> join_shm(const GroupConfig& config, const std::string& job, const ShmOptions& options = {});
+
+// What `moedist launch` (or any launcher that sets the same variables) tells a process.
+struct LaunchEnvironment {
+  int rank = 0;           // MOEDIST_RANK
+  int world_size = 0;     // MOEDIST_WORLD_SIZE
+  int tp_world_size = 0;  // MOEDIST_TP_WORLD_SIZE (0 when unset)
+  std::string job;        // MOEDIST_JOB
+};
+
+// Reads the MOEDIST_* variables; throws moedist::Error naming the variable when one is missing or bad.
+LaunchEnvironment launch_environment();
+
+// Joins from the launcher's environment: ep_rank_id and tp_rank_id come from MOEDIST_RANK (global rank
+// g = ep_rank * max(tp_world_size, 1) + tp_rank); tp_world_size from MOEDIST_TP_WORLD_SIZE unless the
+// config sets it; the world size must equal ep_world_size * max(tp_world_size, 1).
+std::unique_ptr<Group> join_shm_from_env(GroupConfig config, const ShmOptions& options = {});
+
+}  // namespace moedist

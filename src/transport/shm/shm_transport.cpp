@@ -1,0 +1,302 @@
+#include "transport/shm/shm_transport.h"
+
+#include <linux/futex.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstring>
+
+#include "moedist/error.h"
+
+namespace moedist::shm {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr std::uint64_t kControlMagic = 0x6d6f65646973744bull;  // "moedistK"
+constexpr std::uint32_t kControlVersion = 1;
+constexpr std::size_t kSlotBytes = 256 * 1024;  // largest record of one collective step
+constexpr std::size_t kPage = 4096;
+constexpr std::uint64_t kAllocationFailed = ~std::uint64_t{0};  // a SegmentNote that says the allocation failed
+
+std::size_t round_to_page(std::size_t n) { return (n + kPage - 1) / kPage * kPage; }
+
+std::uint64_t hash_of(const std::string& s) {
+  std::uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+int futex(std::atomic<std::uint32_t>* word, int op, std::uint32_t value, const timespec* timeout) {
+  return static_cast<int>(::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(word), op, value, timeout, nullptr, 0));
+}
+
+// A memfd of `bytes` bytes mapped read-write; the descriptor is returned for sharing.
+std::byte* create_shared(std::size_t bytes, const char* name, int* fd_out) {
+  const int fd = ::memfd_create(name, MFD_CLOEXEC);
+  if (fd < 0) throw Error(ErrorCode::internal, std::string("memfd_create: ") + std::strerror(errno));
+  if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+    const int err = errno;
+    ::close(fd);
+    throw Error(ErrorCode::capacity, "cannot size a " + std::to_string(bytes) + "-byte shared window: " + std::strerror(err));
+  }
+  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) {
+    const int err = errno;
+    ::close(fd);
+    throw Error(ErrorCode::capacity, "cannot map a " + std::to_string(bytes) + "-byte shared window: " + std::strerror(err));
+  }
+  *fd_out = fd;
+  return static_cast<std::byte*>(p);
+}
+
+// What a rank tells each peer about a memfd it sends.
+struct SegmentNote {
+  std::uint64_t bytes = 0;  // 0: no new segment
+};
+
+}  // namespace
+
+// The head of a rank's control segment, followed by two record slots (steps alternate between them).
+struct ShmTransport::Control {
+  std::uint64_t magic;
+  std::uint32_t version;
+  std::int32_t rank;
+  std::int32_t world;
+  std::uint32_t owner_uid;
+  std::uint64_t job_hash;
+  std::uint64_t slot_bytes;
+  alignas(64) std::atomic<std::uint32_t> steps;  // futex word: collective steps entered (records published)
+  alignas(64) std::uint64_t record_bytes[2];
+
+  std::byte* slot(std::uint32_t step) noexcept {
+    return reinterpret_cast<std::byte*>(this) + kControlHead + (step & 1u) * slot_bytes;
+  }
+  static constexpr std::size_t kControlHead = 256;
+};
+
+ShmTransport::ShmTransport(const std::string& job, int rank, int world_size, const ShmOptions& options)
+    : options_(options),
+      job_hash_(hash_of(job)),
+      mesh_(job, rank, world_size, Clock::now() + options.timeout),
+      controls_(static_cast<std::size_t>(world_size)),
+      windows_(static_cast<std::size_t>(world_size)),
+      retired_(static_cast<std::size_t>(world_size)) {
+  static_assert(sizeof(Control) <= Control::kControlHead, "control head must fit its reserved bytes");
+  const std::size_t control_bytes = round_to_page(Control::kControlHead + 2 * kSlotBytes);
+  int control_fd = -1, window_fd = -1;
+  Mapping& own_control = controls_[static_cast<std::size_t>(rank)];
+  own_control.base = create_shared(control_bytes, "moedist-control", &control_fd);
+  own_control.size = control_bytes;
+  Control* c = new (own_control.base) Control{};
+  c->magic = kControlMagic;
+  c->version = kControlVersion;
+  c->rank = rank;
+  c->world = world_size;
+  c->owner_uid = static_cast<std::uint32_t>(::getuid());
+  c->job_hash = job_hash_;
+  c->slot_bytes = kSlotBytes;
+  Mapping& own_window = windows_[static_cast<std::size_t>(rank)];
+  own_window.base = create_shared(kPage, "moedist-window", &window_fd);
+  own_window.size = kPage;
+
+  const char* phase = "connect";
+  try {
+    const SegmentNote control_note{control_bytes}, window_note{kPage};
+    for (int peer = 0; peer < world_size; ++peer) {
+      if (peer == rank) continue;
+      mesh_.send(peer, &control_note, sizeof(control_note), control_fd, phase);
+      mesh_.send(peer, &window_note, sizeof(window_note), window_fd, phase);
+    }
+    const auto deadline = Clock::now() + options_.timeout;
+    for (int peer = 0; peer < world_size; ++peer) {
+      if (peer == rank) continue;
+      SegmentNote note;
+      int fd = mesh_.receive(peer, &note, sizeof(note), deadline, phase);
+      controls_[static_cast<std::size_t>(peer)] = map_peer_memfd(fd, note.bytes, peer, "control segment", phase);
+      const Control* pc = control(peer);
+      if (pc->magic != kControlMagic || pc->version != kControlVersion || pc->rank != peer || pc->world != world_size ||
+          pc->job_hash != job_hash_ || pc->owner_uid != ::getuid() || pc->slot_bytes != kSlotBytes ||
+          note.bytes < Control::kControlHead + 2 * kSlotBytes) {
+        throw PeerError(ErrorCode::protocol, peer, phase,
+                        "the control segment of rank " + std::to_string(peer) + " fails its checks (magic, version, rank, world, job, owner or size)");
+      }
+      fd = mesh_.receive(peer, &note, sizeof(note), deadline, phase);
+      windows_[static_cast<std::size_t>(peer)] = map_peer_memfd(fd, note.bytes, peer, "window", phase);
+    }
+  } catch (...) {
+    ::close(control_fd);
+    ::close(window_fd);
+    for (Mapping& m : controls_) if (m.base != nullptr) ::munmap(m.base, m.size);
+    for (Mapping& m : windows_) if (m.base != nullptr) ::munmap(m.base, m.size);
+    throw;
+  }
+  // The mappings keep the memory alive; no name or descriptor is left behind.
+  ::close(control_fd);
+  ::close(window_fd);
+}
+
+ShmTransport::~ShmTransport() {
+  for (auto* list : {&controls_, &windows_, &retired_}) {
+    for (Mapping& m : *list) {
+      if (m.base != nullptr) ::munmap(m.base, m.size);
+    }
+  }
+}
+
+ShmTransport::Control* ShmTransport::control(int rank) const noexcept {
+  return reinterpret_cast<Control*>(controls_[static_cast<std::size_t>(rank)].base);
+}
+
+ShmTransport::Mapping ShmTransport::map_peer_memfd(int fd, std::size_t expected, int peer, const char* what, const char* phase) {
+  if (fd < 0) {
+    throw PeerError(ErrorCode::protocol, peer, phase, "rank " + std::to_string(peer) + " sent no descriptor for its " + what);
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || st.st_uid != ::getuid() || static_cast<std::size_t>(st.st_size) != expected || expected == 0) {
+    ::close(fd);
+    throw PeerError(ErrorCode::protocol, peer, phase,
+                    "the " + std::string(what) + " of rank " + std::to_string(peer) + " has the wrong owner or size (expected " +
+                        std::to_string(expected) + " bytes)");
+  }
+  void* p = ::mmap(nullptr, expected, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  const int err = errno;
+  ::close(fd);
+  if (p == MAP_FAILED) {
+    throw PeerError(ErrorCode::capacity, peer, phase, "cannot map the " + std::string(what) + " of rank " + std::to_string(peer) + ": " + std::strerror(err));
+  }
+  return Mapping{static_cast<std::byte*>(p), expected};
+}
+
+void ShmTransport::fail(const PeerError& error) {
+  failed_ = true;
+  failed_peer_ = error.peer();
+  failed_reason_ = error.what();
+  throw error;
+}
+
+void ShmTransport::enter(std::string_view phase) {
+  if (failed_) {
+    throw PeerError(ErrorCode::peer_failed, failed_peer_, std::string(phase),
+                    "rank " + std::to_string(rank()) + ": the group failed earlier and is unusable: " + failed_reason_);
+  }
+  if (options_.on_phase) options_.on_phase(phase);
+}
+
+void ShmTransport::wait_for(int peer, std::uint32_t target, Clock::time_point deadline, const char* phase) {
+  std::atomic<std::uint32_t>* word = &control(peer)->steps;
+  const auto reached = [&](std::uint32_t seen) { return static_cast<std::int32_t>(seen - target) >= 0; };
+  const auto spin_end = Clock::now() + options_.spin;
+  do {
+    if (reached(word->load(std::memory_order_acquire))) return;
+  } while (Clock::now() < spin_end);
+  for (;;) {
+    const std::uint32_t seen = word->load(std::memory_order_acquire);
+    if (reached(seen)) return;
+    if (mesh_.peer_gone(peer)) {
+      fail(PeerError(ErrorCode::peer_lost, peer, phase,
+                     "rank " + std::to_string(rank()) + ": rank " + std::to_string(peer) + " (pid " + std::to_string(mesh_.peer_pid(peer)) +
+                         ") exited or was killed; lost in phase '" + phase + "'"));
+    }
+    const auto now = Clock::now();
+    if (now >= deadline) {
+      fail(PeerError(ErrorCode::timeout, peer, phase,
+                     "rank " + std::to_string(rank()) + ": timed out after " + std::to_string(options_.timeout.count()) +
+                         " ms in phase '" + phase + "' waiting for rank " + std::to_string(peer)));
+    }
+    // Sleep until the peer publishes (it wakes us), or 20 ms pass and we look at its liveness again.
+    const auto slice = std::min<Clock::duration>(deadline - now, std::chrono::milliseconds(20));
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(slice).count();
+    const timespec ts{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
+    futex(word, FUTEX_WAIT, seen, &ts);
+  }
+}
+
+void ShmTransport::allgather(const void* in, std::size_t bytes, void* out, std::string_view phase_view) {
+  enter(phase_view);
+  const std::string phase(phase_view);
+  if (bytes > kSlotBytes) {
+    throw Error(ErrorCode::capacity, "a record of " + std::to_string(bytes) + " bytes exceeds the " + std::to_string(kSlotBytes) +
+                                         "-byte slot of the shared-memory transport");
+  }
+  const std::uint32_t step = ++steps_;
+  Control* mine = control(rank());
+  std::memcpy(mine->slot(step), in, bytes);
+  mine->record_bytes[step & 1u] = bytes;
+  mine->steps.store(step, std::memory_order_release);
+  futex(&mine->steps, FUTEX_WAKE, INT_MAX, nullptr);
+
+  const auto deadline = Clock::now() + options_.timeout;
+  auto* dst = static_cast<std::byte*>(out);
+  for (int peer = 0; peer < size(); ++peer) {
+    if (peer != rank()) wait_for(peer, step, deadline, phase.c_str());
+    Control* pc = control(peer);
+    const std::uint64_t got = pc->record_bytes[step & 1u];
+    if (got != bytes) {
+      fail(PeerError(ErrorCode::config_mismatch, peer, phase,
+                     "rank " + std::to_string(peer) + " sent a " + std::to_string(got) + "-byte record in phase '" + phase + "' where rank " +
+                         std::to_string(rank()) + " expected " + std::to_string(bytes) +
+                         " bytes: the ranks disagree about the group configuration"));
+    }
+    std::memcpy(dst + static_cast<std::size_t>(peer) * bytes, pc->slot(step), bytes);
+  }
+}
+
+void ShmTransport::resize_window(std::size_t bytes, std::string_view phase_view) {
+  enter(phase_view);
+  const std::string phase(phase_view);
+  const auto deadline = Clock::now() + options_.timeout;
+  try {
+    SegmentNote note;
+    int fd = -1;
+    const auto me = static_cast<std::size_t>(rank());
+    std::string own_failure;
+    if (bytes > windows_[me].size) {
+      note.bytes = round_to_page(bytes);
+      try {
+        std::byte* fresh = create_shared(note.bytes, "moedist-window", &fd);
+        if (retired_[me].base != nullptr) ::munmap(retired_[me].base, retired_[me].size);
+        retired_[me] = windows_[me];
+        windows_[me] = Mapping{fresh, note.bytes};
+      } catch (const Error& e) {
+        own_failure = e.what();
+        note.bytes = kAllocationFailed;  // tell the peers, so every rank fails alike instead of waiting
+      }
+    }
+    for (int peer = 0; peer < size(); ++peer) {
+      if (peer != rank()) mesh_.send(peer, &note, sizeof(note), fd, phase.c_str());
+    }
+    if (fd >= 0) ::close(fd);
+    int failed_peer = own_failure.empty() ? -1 : rank();
+    for (int peer = 0; peer < size(); ++peer) {
+      if (peer == rank()) continue;
+      SegmentNote theirs;
+      const int peer_fd = mesh_.receive(peer, &theirs, sizeof(theirs), deadline, phase.c_str());
+      if (theirs.bytes == 0 || theirs.bytes == kAllocationFailed) {
+        if (peer_fd >= 0) ::close(peer_fd);
+        if (theirs.bytes == kAllocationFailed && failed_peer < 0) failed_peer = peer;
+        continue;
+      }
+      const Mapping fresh = map_peer_memfd(peer_fd, theirs.bytes, peer, "window", phase.c_str());
+      Mapping& retired = retired_[static_cast<std::size_t>(peer)];
+      if (retired.base != nullptr) ::munmap(retired.base, retired.size);
+      retired = windows_[static_cast<std::size_t>(peer)];
+      windows_[static_cast<std::size_t>(peer)] = fresh;
+    }
+    if (failed_peer >= 0) {
+      // The group stays usable: every rank saw the same notes and raises the same error.
+      throw PeerError(ErrorCode::capacity, failed_peer, phase,
+                      failed_peer == rank() ? own_failure
+                                            : "rank " + std::to_string(failed_peer) + " could not allocate its window in phase '" + phase + "'");
+    }
+  } catch (const PeerError& e) {
+    if (e.code() == ErrorCode::capacity) throw;
+    fail(e);
+  }
+}
+
+}  // namespace moedist::shm

@@ -1,0 +1,56 @@
+// The shared-memory transport: ranks are processes; each owns a control segment (the futex word and
+// record slots of its collective steps) and a window, both memfds that every rank maps.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moedist/error.h"
+#include "moedist/shm.h"
+#include "transport/shm/socket_mesh.h"
+#include "transport/transport.h"
+
+namespace moedist::shm {
+
+class ShmTransport final : public Transport {
+ public:
+  ShmTransport(const std::string& job, int rank, int world_size, const ShmOptions& options);
+  ~ShmTransport() override;
+
+  int rank() const noexcept override { return mesh_.rank(); }
+  int size() const noexcept override { return mesh_.size(); }
+  void allgather(const void* in, std::size_t bytes, void* out, std::string_view phase) override;
+  void resize_window(std::size_t bytes, std::string_view phase) override;
+  std::size_t window_size(int rank) const noexcept override { return windows_[static_cast<std::size_t>(rank)].size; }
+  std::byte* window(int rank) noexcept override { return windows_[static_cast<std::size_t>(rank)].base; }
+
+ private:
+  struct Mapping {
+    std::byte* base = nullptr;
+    std::size_t size = 0;
+  };
+  struct Control;
+
+  Control* control(int rank) const noexcept;
+  void wait_for(int peer, std::uint32_t target, std::chrono::steady_clock::time_point deadline, const char* phase);
+  void enter(std::string_view phase);
+  [[noreturn]] void fail(const PeerError& error);
+  Mapping map_peer_memfd(int fd, std::size_t expected, int peer, const char* what, const char* phase);
+
+  ShmOptions options_;
+  std::uint64_t job_hash_ = 0;
+  SocketMesh mesh_;
+  std::vector<Mapping> controls_;
+  std::vector<Mapping> windows_;
+  std::vector<Mapping> retired_;  // each rank's previous window, unmapped at its next resize
+  std::uint32_t steps_ = 0;       // collective steps this rank has entered
+  bool failed_ = false;
+  int failed_peer_ = -1;
+  std::string failed_reason_;
+};
+
+}  // namespace moedist::shm
