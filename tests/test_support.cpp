@@ -44,21 +44,29 @@ casefile::Case random_case(std::mt19937_64& rng, const CaseLimits& lim) {
   c.tp_world_size = lim.allow_tp && chance(rng, 0.25) ? 2 : pick(rng, 0, 1);
   const int L = c.tp_world_size == 2 ? 1 : pick(rng, 1, 4);
   c.moe_expert_num = moe_ranks * L;
+  const bool uneven = chance(rng, 0.4);
+  const std::int64_t max_bs = pick(rng, uneven ? 1 : 0, static_cast<int>(lim.max_bs));
+  c.global_bs = uneven ? max_bs * W * (chance(rng, 0.3) ? 2 : 1) : (chance(rng, 0.5) ? 0 : max_bs * W);
+  random_inputs(c, rng, lim, max_bs);
+  return c;
+}
+
+void random_inputs(casefile::Case& c, std::mt19937_64& rng, const CaseLimits& lim, std::int64_t bs_for_global_bs_zero) {
+  const int W = c.ep_world_size;
+  c.ranks.clear();
   c.dtype = chance(rng, 0.5) ? DType::bf16 : DType::fp16;
   c.quant_mode = chance(rng, 0.5) ? 2 : 0;
   c.expert_token_nums_type = pick(rng, 0, 1);
   c.comm_quant_mode = c.tp_world_size != 2 && chance(rng, 0.3) ? 2 : 0;
   const int K = pick(rng, 1, std::min(c.moe_expert_num, lim.max_k));
   const std::int64_t H = pick(rng, 1, static_cast<int>(lim.max_h));
-  const bool uneven = chance(rng, 0.4);
-  const std::int64_t max_bs = pick(rng, uneven ? 1 : 0, static_cast<int>(lim.max_bs));
-  c.global_bs = uneven ? max_bs * W * (chance(rng, 0.3) ? 2 : 1) : (chance(rng, 0.5) ? 0 : max_bs * W);
   const bool with_scales = c.quant_mode == 2 && chance(rng, 0.6);
   const bool with_expert_scales = chance(rng, 0.7);
   const int T = std::max(c.tp_world_size, 1);
+  const std::int64_t max_bs = c.global_bs != 0 ? c.global_bs / W : bs_for_global_bs_zero;
   for (int g = 0; g < W * T; ++g) {
     casefile::RankInputs in;
-    const std::int64_t bs = uneven ? pick(rng, 0, static_cast<int>(max_bs)) : max_bs;
+    const std::int64_t bs = c.global_bs != 0 ? pick(rng, 0, static_cast<int>(max_bs)) : max_bs;
     in.x = Tensor(c.dtype, bs, H);
     fill_half(rng, in.x, chance(rng, 0.2) ? 100.0f : 1.0f);
     if (bs > 0 && chance(rng, 0.15)) {  // an all-zero row: q = 0, scale 0
@@ -91,7 +99,6 @@ casefile::Case random_case(std::mt19937_64& rng, const CaseLimits& lim) {
       fill_half(rng, in.combine_x, 2.0f);
     }
   }
-  return c;
 }
 
 std::string describe(const casefile::Case& c) {
@@ -175,95 +182,119 @@ Tensor copy_rows(const TensorView& v, std::int64_t rows) {
 
 }  // namespace
 
-std::vector<casefile::RankOutputs> run_runtime(const casefile::Case& c, const RunOptions& opt) {
+GroupConfig rank_config(const casefile::Case& c, int g) {
   const int T = std::max(c.tp_world_size, 1);
-  const int world = c.ep_world_size * T;
+  GroupConfig cfg;
+  cfg.ep_world_size = c.ep_world_size;
+  cfg.ep_rank_id = g / T;
+  cfg.tp_world_size = c.tp_world_size;
+  cfg.tp_rank_id = g % T;
+  cfg.moe_expert_num = c.moe_expert_num;
+  cfg.shared_expert_rank_num = c.shared_expert_rank_num;
+  cfg.global_bs = c.global_bs;
+  return cfg;
+}
+
+casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, const RunOptions& opt) {
+  const int T = std::max(c.tp_world_size, 1);
+  const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
+  const GroupConfig cfg = group.config();
+  const std::int64_t bs = in.x.rows(), h = in.x.cols(), k = in.expert_ids.cols();
+  Strided x = make_strided(in.x, 3, opt.strided_inputs ? 2 : 1);
+  Strided ids = make_strided(in.expert_ids, opt.strided_inputs ? 1 : 0, 1);
+  Tensor ones(DType::fp32, bs, k);
+  std::fill_n(ones.data<float>(), bs * k, 1.0f);
+  Strided weights = make_strided(in.expert_scales.present() ? in.expert_scales : ones, opt.strided_inputs ? 2 : 0, 1);
+
+  DispatchOptions dopt;
+  dopt.quant_mode = c.quant_mode;
+  dopt.expert_token_nums_type = c.expert_token_nums_type;
+  Strided scales;
+  if (in.scales.present()) {
+    scales = make_strided(in.scales, opt.strided_inputs ? 5 : 0, opt.strided_inputs ? 2 : 1);
+    dopt.scales = scales.view;
+  }
+  if (in.expert_scales.present()) dopt.expert_scales = weights.view;
+  Tensor out_x, out_scales, out_expand_scales, out_idx, out_etn, out_ep, out_tp;
+  Strided strided_out_x;
+  if (opt.caller_outputs) {
+    CapacityQuery q{bs, k, h, c.dtype, c.quant_mode};
+    const CapacityReport cap = capacity(cfg, q);
+    out_x = Tensor(c.quant_mode == 2 ? DType::int8 : c.dtype, cap.max_receive_rows, h);
+    out_scales = Tensor(DType::fp32, cap.max_receive_rows);
+    out_expand_scales = Tensor(DType::fp32, cap.max_receive_rows);
+    out_idx = Tensor(DType::int32, bs * k);
+    out_etn = Tensor(DType::int64, group.local_expert_num());
+    out_ep = Tensor(DType::int32, static_cast<std::int64_t>(c.ep_world_size) * group.local_expert_num() * (T == 2 ? 2 : 1));
+    dopt.out.expand_x = out_x.mutable_view();
+    if (opt.strided_inputs) {  // a non-contiguous output buffer: padded rows, every other column
+      strided_out_x = make_strided(out_x, 7, 2);
+      dopt.out.expand_x = matrix_view(static_cast<void*>(strided_out_x.storage.data()), out_x.dtype(), out_x.rows(), h,
+                                      strided_out_x.view.strides[0], 2);
+    }
+    dopt.out.dynamic_scales = out_scales.mutable_view();
+    if (in.expert_scales.present()) dopt.out.expand_scales = out_expand_scales.mutable_view();
+    dopt.out.expand_idx = out_idx.mutable_view();
+    dopt.out.expert_token_nums = out_etn.mutable_view();
+    dopt.out.ep_recv_counts = out_ep.mutable_view();
+    if (T == 2) {
+      out_tp = Tensor(DType::int32, 2);
+      dopt.out.tp_recv_counts = out_tp.mutable_view();
+    }
+  }
+  const DispatchResult d = group.dispatch(x.view, ids.view, dopt);
+
+  casefile::RankOutputs o;
+  o.expand_x = copy_rows(d.expand_x, d.valid_rows);
+  if (c.quant_mode == 2) o.dynamic_scales = copy_rows(d.dynamic_scales, d.valid_rows);
+  if (in.expert_scales.present()) o.expand_scales = copy_rows(d.expand_scales, d.valid_rows);
+  o.expand_idx = copy_rows(d.expand_idx, d.expand_idx.rows());
+  o.expert_token_nums = copy_rows(d.expert_token_nums, d.expert_token_nums.rows());
+  o.ep_recv_counts = copy_rows(d.ep_recv_counts, d.ep_recv_counts.rows());
+  if (T == 2) o.tp_recv_counts = copy_rows(d.tp_recv_counts, 2);
+
+  // Expert outputs: the given ones, or identity experts (the dispatched row, dequantized).
+  Tensor identity;
+  Strided given;
+  TensorView expert_out = d.expand_x;  // quant_mode 0 identity: feed dispatch's own view back
+  if (in.combine_x.present()) {
+    given = make_strided(in.combine_x, opt.strided_inputs ? 1 : 0, opt.strided_inputs ? 2 : 1);
+    expert_out = given.view;
+  } else if (c.quant_mode == 2) {
+    identity = Tensor(c.dtype, d.valid_rows, h);
+    for (std::int64_t r = 0; r < d.valid_rows; ++r) {
+      const float scale = d.dynamic_scales.at<float>(r);
+      for (std::int64_t col = 0; col < h; ++col) {
+        const float v = static_cast<float>(d.expand_x.at<std::int8_t>(r, col)) * scale;
+        identity.data<std::uint16_t>()[r * h + col] = numeric::f32_to_half_rne(half_of(c.dtype), v);
+      }
+    }
+    expert_out = identity.view();
+    if (opt.strided_inputs) {
+      given = make_strided(identity, 3, 2);
+      expert_out = given.view;
+    }
+  }
+  CombineOptions copt;
+  copt.comm_quant_mode = c.comm_quant_mode;
+  if (T == 2) copt.tp_send_counts = d.tp_recv_counts;
+  Tensor combined;
+  if (opt.caller_outputs) {
+    combined = Tensor(c.dtype, bs, h);
+    copt.out = combined.mutable_view();
+  }
+  const TensorView y = group.combine(expert_out, ids.view, d.expand_idx, d.ep_recv_counts, weights.view, copt);
+  o.combine_out = copy_rows(y, bs);
+  return o;
+}
+
+std::vector<casefile::RankOutputs> run_runtime(const casefile::Case& c, const RunOptions& opt) {
+  const int world = c.ep_world_size * std::max(c.tp_world_size, 1);
   std::vector<casefile::RankOutputs> outputs(static_cast<std::size_t>(world));
   InProcessWorld runtime(world, RuntimeOptions{std::chrono::milliseconds(60000)});
   run_ranks(world, [&](int g) {
-    const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
-    GroupConfig cfg;
-    cfg.ep_world_size = c.ep_world_size;
-    cfg.ep_rank_id = g / T;
-    cfg.tp_world_size = c.tp_world_size;
-    cfg.tp_rank_id = g % T;
-    cfg.moe_expert_num = c.moe_expert_num;
-    cfg.shared_expert_rank_num = c.shared_expert_rank_num;
-    cfg.global_bs = c.global_bs;
-    std::unique_ptr<Group> group = runtime.join(cfg);
-
-    const std::int64_t bs = in.x.rows(), h = in.x.cols(), k = in.expert_ids.cols();
-    Strided x = make_strided(in.x, 3, opt.strided_inputs ? 2 : 1);
-    Strided ids = make_strided(in.expert_ids, opt.strided_inputs ? 1 : 0, 1);
-    Tensor ones(DType::fp32, bs, k);
-    std::fill_n(ones.data<float>(), bs * k, 1.0f);
-    Strided weights = make_strided(in.expert_scales.present() ? in.expert_scales : ones, opt.strided_inputs ? 2 : 0, 1);
-
-    DispatchOptions dopt;
-    dopt.quant_mode = c.quant_mode;
-    dopt.expert_token_nums_type = c.expert_token_nums_type;
-    if (in.scales.present()) dopt.scales = in.scales.view();
-    if (in.expert_scales.present()) dopt.expert_scales = weights.view;
-    Tensor out_x, out_scales, out_expand_scales, out_idx, out_etn, out_ep, out_tp;
-    if (opt.caller_outputs) {
-      CapacityQuery q{bs, k, h, c.dtype, c.quant_mode};
-      const CapacityReport cap = capacity(cfg, q);
-      out_x = Tensor(c.quant_mode == 2 ? DType::int8 : c.dtype, cap.expand_x_rows, h);
-      out_scales = Tensor(DType::fp32, cap.expand_x_rows);
-      out_expand_scales = Tensor(DType::fp32, cap.expand_x_rows);
-      out_idx = Tensor(DType::int32, bs * k);
-      out_etn = Tensor(DType::int64, group->local_expert_num());
-      out_ep = Tensor(DType::int32, static_cast<std::int64_t>(c.ep_world_size) * group->local_expert_num() * (T == 2 ? 2 : 1));
-      dopt.out.expand_x = out_x.mutable_view();
-      dopt.out.dynamic_scales = out_scales.mutable_view();
-      if (in.expert_scales.present()) dopt.out.expand_scales = out_expand_scales.mutable_view();
-      dopt.out.expand_idx = out_idx.mutable_view();
-      dopt.out.expert_token_nums = out_etn.mutable_view();
-      dopt.out.ep_recv_counts = out_ep.mutable_view();
-      if (T == 2) {
-        out_tp = Tensor(DType::int32, 2);
-        dopt.out.tp_recv_counts = out_tp.mutable_view();
-      }
-    }
-    const DispatchResult d = group->dispatch(x.view, ids.view, dopt);
-
-    casefile::RankOutputs& o = outputs[static_cast<std::size_t>(g)];
-    o.expand_x = copy_rows(d.expand_x, d.valid_rows);
-    if (c.quant_mode == 2) o.dynamic_scales = copy_rows(d.dynamic_scales, d.valid_rows);
-    if (in.expert_scales.present()) o.expand_scales = copy_rows(d.expand_scales, d.valid_rows);
-    o.expand_idx = copy_rows(d.expand_idx, d.expand_idx.rows());
-    o.expert_token_nums = copy_rows(d.expert_token_nums, d.expert_token_nums.rows());
-    o.ep_recv_counts = copy_rows(d.ep_recv_counts, d.ep_recv_counts.rows());
-    if (T == 2) o.tp_recv_counts = copy_rows(d.tp_recv_counts, 2);
-
-    // Expert outputs: the given ones, or identity experts (the dispatched row, dequantized).
-    Tensor identity;
-    Strided given;
-    TensorView expert_out = d.expand_x;  // quant_mode 0 identity: feed dispatch's own view back
-    if (in.combine_x.present()) {
-      given = make_strided(in.combine_x, opt.strided_inputs ? 1 : 0, 1);
-      expert_out = given.view;
-    } else if (c.quant_mode == 2) {
-      identity = Tensor(c.dtype, d.valid_rows, h);
-      for (std::int64_t r = 0; r < d.valid_rows; ++r) {
-        const float scale = d.dynamic_scales.at<float>(r);
-        for (std::int64_t col = 0; col < h; ++col) {
-          const float v = static_cast<float>(d.expand_x.at<std::int8_t>(r, col)) * scale;
-          identity.data<std::uint16_t>()[r * h + col] = numeric::f32_to_half_rne(half_of(c.dtype), v);
-        }
-      }
-      expert_out = identity.view();
-    }
-    CombineOptions copt;
-    copt.comm_quant_mode = c.comm_quant_mode;
-    if (T == 2) copt.tp_send_counts = d.tp_recv_counts;
-    Tensor combined;
-    if (opt.caller_outputs) {
-      combined = Tensor(c.dtype, bs, h);
-      copt.out = combined.mutable_view();
-    }
-    const TensorView y = group->combine(expert_out, ids.view, d.expand_idx, d.ep_recv_counts, weights.view, copt);
-    o.combine_out = copy_rows(y, bs);
+    std::unique_ptr<Group> group = runtime.join(rank_config(c, g));
+    outputs[static_cast<std::size_t>(g)] = run_rank(*group, c, g, opt);
   });
   return outputs;
 }
@@ -319,6 +350,146 @@ std::string compare_with_oracle(const casefile::Case& c, const std::vector<casef
     if (!(diff = compare_tensor("combine_out", r, o.combine_out, w.combine_out)).empty()) return diff;
   }
   return "";
+}
+
+}  // namespace moedist::testing
+
+// ----- processes over shared memory -----
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+
+namespace moedist::testing {
+namespace {
+
+constexpr std::size_t kSlotBytes = 16u << 20;  // results of one rank
+
+struct Writer {
+  std::byte* p;
+  std::byte* end;
+  void put(const void* data, std::size_t n) {
+    if (p + n > end) throw std::runtime_error("test result slot overflow");
+    std::memcpy(p, data, n);
+    p += n;
+  }
+};
+
+struct Reader {
+  const std::byte* p;
+  void get(void* data, std::size_t n) {
+    std::memcpy(data, p, n);
+    p += n;
+  }
+};
+
+void put_tensor(Writer& w, const Tensor& t) {
+  const std::int64_t head[4] = {t.present() ? 1 : 0, static_cast<std::int64_t>(t.dtype()), t.ndim(), t.rows()};
+  const std::int64_t cols = t.cols();
+  w.put(head, sizeof(head));
+  w.put(&cols, sizeof(cols));
+  if (t.present()) w.put(t.raw(), t.nbytes());
+}
+
+Tensor get_tensor(Reader& r) {
+  std::int64_t head[4], cols;
+  r.get(head, sizeof(head));
+  r.get(&cols, sizeof(cols));
+  if (head[0] == 0) return Tensor();
+  Tensor t = head[2] == 2 ? Tensor(static_cast<DType>(head[1]), head[3], cols) : Tensor(static_cast<DType>(head[1]), head[3]);
+  r.get(t.raw(), t.nbytes());
+  return t;
+}
+
+std::string unique_job() {
+  static std::atomic<int> counter{0};
+  return "t" + std::to_string(::getpid()) + "-" + std::to_string(counter++) + "-" +
+         std::to_string(std::chrono::steady_clock::now().time_since_epoch().count() % 1000000007);
+}
+
+}  // namespace
+
+ProcessRun run_processes(const casefile::Case& c, const RunOptions& opt, const ShmOptions& shm,
+                         const std::function<void(int, ShmOptions&)>& customize) {
+  const int world = c.ep_world_size * std::max(c.tp_world_size, 1);
+  const std::size_t total = kSlotBytes * static_cast<std::size_t>(world);
+  void* area = ::mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (area == MAP_FAILED) throw std::runtime_error("mmap of the result area failed");
+  auto* slots = static_cast<std::byte*>(area);
+  const std::string job = unique_job();
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<pid_t> pids(static_cast<std::size_t>(world), -1);
+  for (int g = 0; g < world; ++g) {
+    const pid_t pid = ::fork();
+    if (pid < 0) throw std::runtime_error("fork failed");
+    if (pid == 0) {
+      std::byte* slot = slots + static_cast<std::size_t>(g) * kSlotBytes;
+      int code = 0;
+      try {
+        ShmOptions options = shm;
+        if (customize) customize(g, options);
+        std::unique_ptr<Group> group = join_shm(rank_config(c, g), job, options);
+        const casefile::RankOutputs o = run_rank(*group, c, g, opt);
+        const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        Writer w{slot + 1024, slot + kSlotBytes};
+        w.put(&secs, sizeof(secs));
+        for (const Tensor* t : {&o.expand_x, &o.dynamic_scales, &o.expand_scales, &o.expand_idx, &o.expert_token_nums,
+                                &o.ep_recv_counts, &o.tp_recv_counts, &o.combine_out}) {
+          put_tensor(w, *t);
+        }
+      } catch (const std::exception& e) {
+        const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        std::memcpy(slot + 1024, &secs, sizeof(secs));
+        const std::string msg = std::string(e.what()).substr(0, 1000);
+        std::memcpy(slot, msg.c_str(), msg.size() + 1);
+        code = 3;
+      }
+      ::_exit(code);
+    }
+    pids[static_cast<std::size_t>(g)] = pid;
+  }
+  ProcessRun run;
+  run.outputs.resize(static_cast<std::size_t>(world));
+  run.errors.resize(static_cast<std::size_t>(world));
+  run.wait_status.resize(static_cast<std::size_t>(world));
+  run.seconds.resize(static_cast<std::size_t>(world));
+  for (int g = 0; g < world; ++g) {
+    int status = 0;
+    ::waitpid(pids[static_cast<std::size_t>(g)], &status, 0);
+    run.wait_status[static_cast<std::size_t>(g)] = status;
+    const std::byte* slot = slots + static_cast<std::size_t>(g) * kSlotBytes;
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+      Reader r{slot + 1024};
+      r.get(&run.seconds[static_cast<std::size_t>(g)], sizeof(double));
+      casefile::RankOutputs& o = run.outputs[static_cast<std::size_t>(g)];
+      for (Tensor* t : {&o.expand_x, &o.dynamic_scales, &o.expand_scales, &o.expand_idx, &o.expert_token_nums,
+                        &o.ep_recv_counts, &o.tp_recv_counts, &o.combine_out}) {
+        *t = get_tensor(r);
+      }
+    } else if (WIFEXITED(status) && WEXITSTATUS(status) == 3) {
+      std::memcpy(&run.seconds[static_cast<std::size_t>(g)], slot + 1024, sizeof(double));
+      run.errors[static_cast<std::size_t>(g)] = reinterpret_cast<const char*>(slot);
+    } else {
+      run.errors[static_cast<std::size_t>(g)] =
+          WIFSIGNALED(status) ? "killed by signal " + std::to_string(WTERMSIG(status)) : "exit status " + std::to_string(WEXITSTATUS(status));
+    }
+  }
+  ::munmap(area, total);
+  return run;
+}
+
+std::vector<std::string> moedist_shm_entries() {
+  std::vector<std::string> found;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator("/dev/shm", ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.find("moedist") != std::string::npos) found.push_back(name);
+  }
+  return found;
 }
 
 }  // namespace moedist::testing

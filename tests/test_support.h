@@ -8,6 +8,10 @@
 #include <vector>
 
 #include "casefile/case_file.h"
+#include "moedist/group.h"
+#include "moedist/shm.h"
+
+#include <functional>
 #include "oracle/oracle.h"
 
 namespace moedist::testing {
@@ -23,6 +27,10 @@ struct CaseLimits {
 // A random configuration that satisfies every semantic rule, with random inputs for every rank.
 casefile::Case random_case(std::mt19937_64& rng, const CaseLimits& limits = {});
 
+// New random inputs (dtype, modes, K, H, BS, tensors) for the configuration already in `c`; BS is
+// random per rank when global_bs != 0, else `bs_for_global_bs_zero` on every rank.
+void random_inputs(casefile::Case& c, std::mt19937_64& rng, const CaseLimits& limits, std::int64_t bs_for_global_bs_zero);
+
 // One-line description for failure messages.
 std::string describe(const casefile::Case& c);
 
@@ -34,6 +42,12 @@ struct RunOptions {
   bool caller_outputs = false;  // give dispatch and combine caller-provided output buffers
 };
 
+// The GroupConfig of global rank g of a case.
+GroupConfig rank_config(const casefile::Case& c, int g);
+
+// Runs one rank's dispatch then combine on an existing group (any transport).
+casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, const RunOptions& options);
+
 // Runs dispatch then combine for every rank on the in-process runtime (independently of
 // casefile::run_case, so that the two runners check each other).
 std::vector<casefile::RankOutputs> run_runtime(const casefile::Case& c, const RunOptions& options);
@@ -44,5 +58,24 @@ std::string compare_with_oracle(const casefile::Case& c, const std::vector<casef
 
 // 16-bit float helpers for building inputs.
 std::uint16_t to_half_bits(DType dtype, float value);
+
+}  // namespace moedist::testing
+
+namespace moedist::testing {
+
+struct ProcessRun {
+  std::vector<casefile::RankOutputs> outputs;  // per global rank (empty tensors where the rank failed)
+  std::vector<std::string> errors;             // per global rank: "" or the error the rank raised
+  std::vector<int> wait_status;                // per global rank: waitpid status
+  std::vector<double> seconds;                 // per global rank: time from start to the rank's return
+};
+
+// Runs every rank of the case as its own process (fork) over the shared-memory transport, on a fresh
+// job. `customize(g, options)` may change one rank's ShmOptions (fault-injection tests set on_phase).
+ProcessRun run_processes(const casefile::Case& c, const RunOptions& options, const ShmOptions& shm,
+                         const std::function<void(int, ShmOptions&)>& customize = {});
+
+// Entries of /dev/shm whose name mentions moedist (there should never be any).
+std::vector<std::string> moedist_shm_entries();
 
 }  // namespace moedist::testing
