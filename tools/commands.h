@@ -9,5 +9,6 @@ namespace moedist::cli {
 void add_demo(CLI::App& app, int* exit_code);
 void add_replay(CLI::App& app, int* exit_code);
 void add_size(CLI::App& app, int* exit_code);
+void add_launch(CLI::App& app, int* exit_code);
 
 }  // namespace moedist::cli

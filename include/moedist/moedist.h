@@ -6,6 +6,7 @@
 #include "moedist/error.h"
 #include "moedist/group.h"
 #include "moedist/inproc.h"
+#include "moedist/launch.h"
 #include "moedist/shm.h"
 #include "moedist/tensor.h"
 #include "moedist/version.h"
