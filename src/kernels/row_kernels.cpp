@@ -1,116 +1,114 @@
-#include "kernels/row_kernels.h"
+// Run-time choice of the row-kernel variants, and the entry points that route each call.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 
-#include <algorithm>
-#include <cmath>
+#include "kernels/row_kernels_impl.h"
 
 namespace moedist::kernels {
+namespace {
 
-using numeric::f32_to_half_rne;
-using numeric::half_to_f32;
+bool cpu_has(Isa isa) noexcept {
+  __builtin_cpu_init();
+  switch (isa) {
+    case Isa::scalar: return true;
+    case Isa::avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+    case Isa::avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16");
+  }
+  return false;
+}
+
+const RowKernelTable* table_of(Isa isa) noexcept {
+  switch (isa) {
+    case Isa::avx512: return &avx512::kTable;
+    case Isa::avx2: return &avx2::kTable;
+    case Isa::scalar: break;
+  }
+  return &scalar::kTable;
+}
+
+const RowKernelTable* initial_table() noexcept {
+  if (const char* forced = std::getenv("MOEDIST_KERNELS")) {
+    for (Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512}) {
+      if (std::strcmp(forced, isa_name(isa)) == 0 && cpu_has(isa)) return table_of(isa);
+    }
+  }
+  for (Isa isa : {Isa::avx512, Isa::avx2}) {
+    if (cpu_has(isa)) return table_of(isa);
+  }
+  return &scalar::kTable;
+}
+
+std::atomic<const RowKernelTable*> g_table{initial_table()};
+
+inline const RowKernelTable& active() noexcept { return *g_table.load(std::memory_order_relaxed); }
+
+}  // namespace
+
+const char* isa_name(Isa isa) noexcept {
+  switch (isa) {
+    case Isa::scalar: return "scalar";
+    case Isa::avx2: return "avx2";
+    case Isa::avx512: return "avx512";
+  }
+  return "unknown";
+}
+
+bool isa_supported(Isa isa) noexcept { return cpu_has(isa); }
+Isa active_isa() noexcept { return active().isa; }
+
+bool force_isa(Isa isa) noexcept {
+  if (!cpu_has(isa)) return false;
+  g_table.store(table_of(isa));
+  return true;
+}
 
 void copy_row16(const std::uint16_t* src, std::int64_t col_stride, std::int64_t h, std::uint16_t* dst) {
-  if (col_stride == 1) {
-    std::copy(src, src + h, dst);
-    return;
-  }
-  for (std::int64_t i = 0; i < h; ++i) dst[i] = src[i * col_stride];
+  scalar::copy_row16(src, col_stride, h, dst);  // a memcpy when contiguous: nothing to vectorize by hand
 }
 
 void quantize_row(const std::uint16_t* x, std::int64_t col_stride, Half type, const float* smooth, std::int64_t h,
                   std::int8_t* q, float* scale, float* scratch) {
-  float amax = 0.0f;
-  for (std::int64_t i = 0; i < h; ++i) {
-    float v = half_to_f32(type, x[i * col_stride]);
-    if (smooth != nullptr) v = v * smooth[i];
-    scratch[i] = v;
-    amax = std::max(amax, std::fabs(v));
-  }
-  const float ds = 127.0f / amax;
-  for (std::int64_t i = 0; i < h; ++i) {
-    const float w = scratch[i] * ds;
-    q[i] = numeric::rint_to_int8(w);
-  }
-  *scale = 1.0f / ds;
+  if (col_stride == 1) active().quantize_row(x, type, smooth, h, q, scale, scratch);
+  else scalar::quantize_row(x, col_stride, type, smooth, h, q, scale, scratch);
 }
 
 void dequantize_row(const std::int8_t* q, float scale, Half type, std::int64_t h, std::uint16_t* y) {
-  for (std::int64_t i = 0; i < h; ++i) {
-    const float v = static_cast<float>(q[i]) * scale;
-    y[i] = f32_to_half_rne(type, v);
-  }
+  scalar::dequantize_row(q, scale, type, h, y);
 }
 
 void accumulate_scaled(float* acc, const std::uint16_t* y, Half type, float s, std::int64_t h) {
-  for (std::int64_t i = 0; i < h; ++i) {
-    const float p = half_to_f32(type, y[i]) * s;
-    acc[i] = acc[i] + p;
-  }
+  active().accumulate_scaled(acc, y, type, s, h);
 }
 
-void accumulate(float* acc, const std::uint16_t* y, Half type, std::int64_t h) {
-  for (std::int64_t i = 0; i < h; ++i) acc[i] = acc[i] + half_to_f32(type, y[i]);
-}
+void accumulate(float* acc, const std::uint16_t* y, Half type, std::int64_t h) { active().accumulate(acc, y, type, h); }
 
 void store_row(const float* acc, Half type, std::int64_t h, std::uint16_t* out, std::int64_t col_stride) {
-  for (std::int64_t i = 0; i < h; ++i) out[i * col_stride] = f32_to_half_rne(type, acc[i]);
+  if (col_stride == 1) active().store_row(acc, type, h, out);
+  else scalar::store_row(acc, type, h, out, col_stride);
 }
 
-void tp_reduce_row(const std::uint16_t* a, std::int64_t a_col_stride, const std::uint16_t* b, Half type,
-                   std::int64_t h, std::uint16_t* out) {
-  for (std::int64_t i = 0; i < h; ++i) {
-    const float sum = half_to_f32(type, a[i * a_col_stride]) + half_to_f32(type, b[i]);
-    out[i] = type == Half::bf16 ? numeric::f32_to_bf16_round_away(sum) : numeric::f32_to_fp16_rne(sum);
-  }
+void tp_reduce_row(const std::uint16_t* a, std::int64_t a_col_stride, const std::uint16_t* b, Half type, std::int64_t h,
+                   std::uint16_t* out) {
+  if (a_col_stride == 1) active().tp_reduce_row(a, b, type, h, out);
+  else scalar::tp_reduce_row(a, a_col_stride, b, type, h, out);
 }
 
 void comm_quantize_row(const std::uint16_t* y, std::int64_t col_stride, Half type, std::int64_t h, std::int8_t* q,
                        std::uint16_t* group_scales) {
-  const float inv127 = 1.0f / 127.0f;
-  for (std::int64_t g0 = 0, g = 0; g0 < h; g0 += 8, ++g) {
-    const std::int64_t g1 = std::min<std::int64_t>(g0 + 8, h);
-    float m = 0.0f;
-    for (std::int64_t i = g0; i < g1; ++i) m = std::max(m, std::fabs(half_to_f32(type, y[i * col_stride])));
-    const float sc = m * inv127;
-    group_scales[g] = f32_to_half_rne(type, sc);
-    for (std::int64_t i = g0; i < g1; ++i) {
-      if (sc == 0.0f) {
-        q[i] = 0;
-        continue;
-      }
-      const float ratio = half_to_f32(type, y[i * col_stride]) / sc;
-      q[i] = numeric::rint_to_int8(numeric::fp16_to_f32(numeric::f32_to_fp16_rne(ratio)));
-    }
-  }
+  scalar::comm_quantize_row(y, col_stride, type, h, q, group_scales);
 }
-
-namespace {
-template <bool kWeighted>
-void accumulate_comm_quant_impl(float* acc, const std::int8_t* q, const std::uint16_t* group_scales, Half type,
-                                float s, std::int64_t h) {
-  for (std::int64_t g0 = 0, g = 0; g0 < h; g0 += 8, ++g) {
-    const std::int64_t g1 = std::min<std::int64_t>(g0 + 8, h);
-    const float sc = half_to_f32(type, group_scales[g]);
-    for (std::int64_t i = g0; i < g1; ++i) {
-      const float y = half_to_f32(type, f32_to_half_rne(type, static_cast<float>(q[i]) * sc));
-      if constexpr (kWeighted) {
-        const float p = y * s;
-        acc[i] = acc[i] + p;
-      } else {
-        acc[i] = acc[i] + y;
-      }
-    }
-  }
-}
-}  // namespace
 
 void accumulate_scaled_comm_quant(float* acc, const std::int8_t* q, const std::uint16_t* group_scales, Half type,
                                   float s, std::int64_t h) {
-  accumulate_comm_quant_impl<true>(acc, q, group_scales, type, s, h);
+  scalar::accumulate_scaled_comm_quant(acc, q, group_scales, type, s, h);
 }
 
 void accumulate_comm_quant(float* acc, const std::int8_t* q, const std::uint16_t* group_scales, Half type,
                            std::int64_t h) {
-  accumulate_comm_quant_impl<false>(acc, q, group_scales, type, 0.0f, h);
+  scalar::accumulate_comm_quant(acc, q, group_scales, type, h);
 }
 
 }  // namespace moedist::kernels

@@ -1,6 +1,10 @@
 // Row kernels: the per-row arithmetic of dispatch and combine, bit-exact to the contract
 // (§2.2 quantization, §4.2 weighted reduce, §4.4 TP reduce, §4.5 communication quantization).
 // Rows of 16-bit floats are passed as raw bits with their format (numeric::Half).
+//
+// Each kernel has a scalar variant (the reference) and, where it pays, AVX2 and AVX-512 variants
+// (avx512_bf16 where present) that give bit-identical results. The best variant the CPU supports is
+// chosen once at run time; MOEDIST_KERNELS=scalar|avx2|avx512 or force_isa() overrides the choice.
 #pragma once
 
 #include <cstdint>
@@ -10,6 +14,13 @@
 namespace moedist::kernels {
 
 using numeric::Half;
+
+enum class Isa : std::uint8_t { scalar, avx2, avx512 };
+const char* isa_name(Isa isa) noexcept;
+bool isa_supported(Isa isa) noexcept;
+Isa active_isa() noexcept;
+// Selects the variants to use from now on (tests and benchmarks); returns false if the CPU lacks it.
+bool force_isa(Isa isa) noexcept;
 
 // Copies h 16-bit elements read with col_stride (elements) into a packed row.
 void copy_row16(const std::uint16_t* src, std::int64_t col_stride, std::int64_t h, std::uint16_t* dst);

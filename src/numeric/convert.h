@@ -1,5 +1,9 @@
 // Bit-exact scalar conversions between bf16 / fp16 / fp32 / int8, with the rounding each step of the
 // contract names. This is the only code the reference oracle shares with the fast path.
+//
+// A NaN converted to bf16 / fp16 becomes the canonical quiet NaN (0x7fc0 / 0x7e00). NaN payloads and
+// signs are not stable through arithmetic (compilers may swap the operands of a commutative multiply,
+// and x86 returns the first NaN operand), so storing one canonical NaN keeps every result bit-exact.
 #pragma once
 
 #include <bit>
@@ -10,10 +14,13 @@ namespace moedist::numeric {
 
 inline float bf16_to_f32(std::uint16_t h) noexcept { return std::bit_cast<float>(std::uint32_t{h} << 16); }
 
-// fp32 -> bf16, round half to even (CAST_RINT). NaN stays a quiet NaN.
+constexpr std::uint16_t kBf16CanonicalNan = 0x7fc0;
+constexpr std::uint16_t kFp16CanonicalNan = 0x7e00;
+
+// fp32 -> bf16, round half to even (CAST_RINT). NaN becomes the canonical NaN.
 inline std::uint16_t f32_to_bf16_rne(float f) noexcept {
   std::uint32_t x = std::bit_cast<std::uint32_t>(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((x >> 16) | 0x40u);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return kBf16CanonicalNan;
   x += 0x7fffu + ((x >> 16) & 1u);
   return static_cast<std::uint16_t>(x >> 16);
 }
@@ -21,7 +28,7 @@ inline std::uint16_t f32_to_bf16_rne(float f) noexcept {
 // fp32 -> bf16, round half away from zero (CAST_ROUND, used by the V1 TP reduce).
 inline std::uint16_t f32_to_bf16_round_away(float f) noexcept {
   std::uint32_t x = std::bit_cast<std::uint32_t>(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((x >> 16) | 0x40u);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return kBf16CanonicalNan;
   x += 0x8000u;  // sign-magnitude: adding half an ulp to the magnitude rounds ties away from zero
   return static_cast<std::uint16_t>(x >> 16);
 }
@@ -39,14 +46,13 @@ inline float fp16_to_f32(std::uint16_t h) noexcept {
   return std::bit_cast<float>(sign | ((exp + 112u) << 23) | (mant << 13));
 }
 
-// fp32 -> fp16, round half to even (CAST_RINT), overflow to infinity, NaN stays a quiet NaN.
+// fp32 -> fp16, round half to even (CAST_RINT), overflow to infinity, NaN becomes the canonical NaN.
 inline std::uint16_t f32_to_fp16_rne(float f) noexcept {
   const std::uint32_t x = std::bit_cast<std::uint32_t>(f);
   const std::uint32_t sign = (x >> 16) & 0x8000u;
   const std::uint32_t ax = x & 0x7fffffffu;
-  if (ax >= 0x7f800000u) {
-    return static_cast<std::uint16_t>(sign | 0x7c00u | (ax > 0x7f800000u ? (0x200u | ((ax >> 13) & 0x3ffu)) : 0u));
-  }
+  if (ax > 0x7f800000u) return kFp16CanonicalNan;
+  if (ax == 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7c00u);
   if (ax >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // >= 65520: rounds to inf
   if (ax < 0x38800000u) {
     // below the smallest normal 2^-14: the result is round(|f| * 2^24) units of 2^-24 (exact scaling)

@@ -1,0 +1,124 @@
+// AVX2 + F16C row kernels (compiled with -march=x86-64-v3; used only when the CPU has them). Bit-identical
+// to the scalar kernels for the same reasons as the AVX-512 ones; tails shorter than 8 use the scalar code.
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "kernels/row_kernels_impl.h"
+
+namespace moedist::kernels::avx2 {
+namespace {
+
+inline __m256 load_half(const std::uint16_t* p, Half type) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if (type == Half::bf16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  return _mm256_cvtph_ps(raw);
+}
+
+inline __m256 abs_ps(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+
+inline __m128i pack_low16(__m256i r) {  // eight 32-bit lanes holding 16-bit values -> eight uint16
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+// NaN lanes become the canonical NaN of the format (numeric/convert.h).
+inline __m128i canonical_nans(__m128i halves, __m256 v, Half type) {
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  if (_mm256_movemask_ps(nan) == 0) return halves;
+  const __m128i nan16 = _mm_packs_epi32(_mm256_castsi256_si128(_mm256_castps_si256(nan)), _mm256_extracti128_si256(_mm256_castps_si256(nan), 1));
+  const short canonical = static_cast<short>(type == Half::bf16 ? numeric::kBf16CanonicalNan : numeric::kFp16CanonicalNan);
+  return _mm_blendv_epi8(halves, _mm_set1_epi16(canonical), nan16);
+}
+
+inline __m128i to_bf16(__m256 v, bool round_away) {
+  const __m256i bits = _mm256_castps_si256(v);
+  __m256i bias = _mm256_set1_epi32(0x8000);
+  if (!round_away) bias = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1)));
+  return canonical_nans(pack_low16(_mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16)), v, Half::bf16);
+}
+
+inline __m128i to_fp16_rne(__m256 v) {
+  return canonical_nans(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), v, Half::fp16);
+}
+
+inline __m128i to_half_rne(__m256 v, Half type) { return type == Half::bf16 ? to_bf16(v, false) : to_fp16_rne(v); }
+
+void quantize_row(const std::uint16_t* x, Half type, const float* smooth, std::int64_t h, std::int8_t* q, float* scale,
+                  float* scratch) {
+  const std::int64_t full = h / 8 * 8;
+  __m256 amax = _mm256_setzero_ps();
+  __m256 unordered = _mm256_setzero_ps();
+  for (std::int64_t i = 0; i < full; i += 8) {
+    __m256 v = load_half(x + i, type);
+    if (smooth != nullptr) v = _mm256_mul_ps(v, _mm256_loadu_ps(smooth + i));
+    _mm256_storeu_ps(scratch + i, v);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    amax = _mm256_max_ps(amax, abs_ps(v));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, amax);
+  float amax_s = 0.0f;
+  for (float lane : lanes) amax_s = std::max(amax_s, lane);
+  bool has_nan = _mm256_movemask_ps(unordered) != 0;
+  for (std::int64_t i = full; i < h; ++i) {
+    float v = numeric::half_to_f32(type, x[i]);
+    if (smooth != nullptr) v = v * smooth[i];
+    scratch[i] = v;
+    has_nan = has_nan || std::isnan(v);
+    amax_s = std::max(amax_s, std::fabs(v));
+  }
+  const float ds = 127.0f / amax_s;
+  if (has_nan || !std::isfinite(amax_s) || !std::isfinite(ds)) {  // the scalar kernel defines these rows
+    scalar::quantize_row(x, 1, type, smooth, h, q, scale, scratch);
+    return;
+  }
+  const __m256 vds = _mm256_set1_ps(ds);
+  for (std::int64_t i = 0; i < full; i += 8) {
+    const __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(scratch + i), vds));
+    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi16(w16, w16));
+  }
+  for (std::int64_t i = full; i < h; ++i) q[i] = numeric::rint_to_int8(scratch[i] * ds);
+  *scale = 1.0f / ds;
+}
+
+void accumulate_scaled(float* acc, const std::uint16_t* y, Half type, float s, std::int64_t h) {
+  const std::int64_t full = h / 8 * 8;
+  const __m256 vs = _mm256_set1_ps(s);
+  for (std::int64_t i = 0; i < full; i += 8) {
+    _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), _mm256_mul_ps(load_half(y + i, type), vs)));
+  }
+  scalar::accumulate_scaled(acc + full, y + full, type, s, h - full);
+}
+
+void accumulate(float* acc, const std::uint16_t* y, Half type, std::int64_t h) {
+  const std::int64_t full = h / 8 * 8;
+  for (std::int64_t i = 0; i < full; i += 8) {
+    _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), load_half(y + i, type)));
+  }
+  scalar::accumulate(acc + full, y + full, type, h - full);
+}
+
+void store_row(const float* acc, Half type, std::int64_t h, std::uint16_t* out) {
+  const std::int64_t full = h / 8 * 8;
+  for (std::int64_t i = 0; i < full; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), to_half_rne(_mm256_loadu_ps(acc + i), type));
+  }
+  scalar::store_row(acc + full, type, h - full, out + full, 1);
+}
+
+void tp_reduce_row(const std::uint16_t* a, const std::uint16_t* b, Half type, std::int64_t h, std::uint16_t* out) {
+  const std::int64_t full = h / 8 * 8;
+  for (std::int64_t i = 0; i < full; i += 8) {
+    const __m256 sum = _mm256_add_ps(load_half(a + i, type), load_half(b + i, type));
+    const __m128i r = type == Half::bf16 ? to_bf16(sum, true) : to_fp16_rne(sum);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), r);
+  }
+  scalar::tp_reduce_row(a + full, 1, b + full, type, h - full, out + full);
+}
+
+}  // namespace
+
+const RowKernelTable kTable{Isa::avx2, quantize_row, accumulate_scaled, accumulate, store_row, tp_reduce_row};
+
+}  // namespace moedist::kernels::avx2
