@@ -17,11 +17,12 @@ void run_and_compare(std::uint64_t seed, const CaseLimits& limits) {
   RunOptions opt;
   opt.strided_inputs = (seed % 3) == 1;
   opt.caller_outputs = (seed % 2) == 1;
+  opt.outputs_in_window = (seed % 3) == 2;
   const auto want = oracle::run(to_oracle_case(c));
   const auto got = run_runtime(c, opt);
   const std::string diff = compare_with_oracle(c, got, want);
   EXPECT_EQ(diff, "") << "seed " << seed << ": " << describe(c) << " strided=" << opt.strided_inputs
-                      << " caller_outputs=" << opt.caller_outputs;
+                      << " caller_outputs=" << opt.caller_outputs << " outputs_in_window=" << opt.outputs_in_window;
 }
 
 class RandomConfigs : public ::testing::TestWithParam<int> {};

@@ -34,6 +34,7 @@ TEST_P(ShmRandomConfigs, ProcessesMatchTheOracleBitExactly) {
     RunOptions opt;
     opt.strided_inputs = (seed % 3) == 1;
     opt.caller_outputs = (seed % 2) == 1;
+    opt.outputs_in_window = (seed % 3) == 2;
     const ProcessRun run = run_processes(c, opt, test_shm_options());
     ASSERT_EQ(first_error(run), "") << "seed " << seed << ": " << describe(c);
     EXPECT_EQ(compare_with_oracle(c, run.outputs, oracle::run(to_oracle_case(c))), "") << "seed " << seed << ": " << describe(c);

@@ -275,6 +275,15 @@ casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, con
       expert_out = given.view;
     }
   }
+  if (opt.outputs_in_window && T == 1 && !opt.strided_inputs) {  // the experts write straight into the window
+    const MutableTensorView buffer = group.combine_buffer(c.dtype);
+    if (!buffer.present() || buffer.rows() < d.valid_rows) throw std::runtime_error("combine_buffer() is missing or too small");
+    Tensor rows = copy_rows(expert_out, d.valid_rows);
+    for (std::int64_t r = 0; r < d.valid_rows; ++r) {
+      std::memcpy(buffer.ptr<std::uint16_t>(r, 0), rows.data<std::uint16_t>() + r * h, static_cast<std::size_t>(h) * 2);
+    }
+    expert_out = buffer;
+  }
   CombineOptions copt;
   copt.comm_quant_mode = c.comm_quant_mode;
   if (T == 2) copt.tp_send_counts = d.tp_recv_counts;

@@ -40,6 +40,7 @@ oracle::Case to_oracle_case(const casefile::Case& c);
 struct RunOptions {
   bool strided_inputs = false;  // pass x, expert_ids, expert_scales and combine inputs as non-contiguous views
   bool caller_outputs = false;  // give dispatch and combine caller-provided output buffers
+  bool outputs_in_window = false;  // write the expert outputs into Group::combine_buffer() (T <= 1)
 };
 
 // The GroupConfig of global rank g of a case.

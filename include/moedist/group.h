@@ -95,6 +95,12 @@ class Group {
 
   const TrafficCounters& traffic() const noexcept;
 
+  // A (rows, H) view in this rank's communication window, after a dispatch and until the next one,
+  // where the experts can write their outputs (rows in expand_x order). Passed to combine as expand_x,
+  // its rows are read by the source ranks in place, with no copy. Absent with a TP domain (T = 2), whose
+  // reduce needs both halves, and before the first dispatch.
+  MutableTensorView combine_buffer(DType dtype);
+
   struct State;  // implementation detail (src/ops/group_state.h)
 
  private:

@@ -133,15 +133,22 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
     route_error = std::current_exception();
   }
 
-  // 2. Stage this rank's rows: TP reduce first (§4.4), else optional int8 quantization (§4.5).
+  // 2. Make this rank's rows readable by the source ranks: TP reduce first (§4.4), else optional int8
+  //    quantization (§4.5). Rows that already sit in this rank's window (dispatch's expand_x view passed
+  //    back, or combine_buffer()) are read in place: no copy at all.
   const std::int64_t h = shape.h, k = shape.k, bs = shape.bs;
   const Half type = expand_x.dtype == DType::bf16 ? Half::bf16 : Half::fp16;
   const contract::WindowLayout my_layout(topo, shape, my_ep);
   std::byte* my_window = s.transport->window(me);
   std::byte* my_stage = my_window + my_layout.combine_rows_offset;
-  const std::size_t row_bytes = my_layout.combine_row_bytes;
+  const std::size_t stage_row_bytes = my_layout.combine_row_bytes;
   const std::size_t groups = my_layout.comm_quant_groups;
   const std::int64_t x_cs = expand_x.strides[1];
+  const auto* x_base = static_cast<const std::byte*>(expand_x.data);
+  const bool in_stage = x_base == my_stage && x_cs == 1 && static_cast<std::size_t>(expand_x.strides[0]) * 2 == stage_row_bytes;
+  const bool in_dispatch_region = x_base == my_window + my_layout.expand_x_offset && x_cs == 1 && expand_x.strides[0] == h;
+  std::size_t rows_offset = my_layout.combine_rows_offset;
+  std::size_t row_bytes = stage_row_bytes;
   if (topo.T == 2) {
     const int peer = topo.global_rank(my_ep, 1 - my_tp);
     if (!route_error) {
@@ -154,27 +161,32 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
     }
     s.step(route_error, "combine.tp");
     const auto* inbox = reinterpret_cast<const std::uint16_t*>(my_window + my_layout.tp_inbox_offset);
-    for (std::int64_t i = 0; i < rows.own_rows; ++i) {
+    for (std::int64_t i = 0; i < rows.own_rows; ++i) {  // row by row, so reducing in place is safe
       kernels::tp_reduce_row(expand_x.ptr<std::uint16_t>(i, 0), x_cs, inbox + i * h, type, h,
-                             reinterpret_cast<std::uint16_t*>(my_stage + static_cast<std::size_t>(i) * row_bytes));
+                             reinterpret_cast<std::uint16_t*>(my_stage + static_cast<std::size_t>(i) * stage_row_bytes));
     }
-    s.step(nullptr, "combine.data");
-  } else {
-    if (!route_error) {
+  } else if (!route_error) {
+    if (o.comm_quant_mode == 2) {
+      // Quantize through a scratch row: the source row may be the very slot it is written to.
+      auto* packed = reinterpret_cast<std::byte*>(s.row_scratch(h + static_cast<std::int64_t>(stage_row_bytes) / 4 + 1));
       for (std::int64_t i = 0; i < rows.own_rows; ++i) {
-        std::byte* dst = my_stage + static_cast<std::size_t>(i) * row_bytes;
-        if (o.comm_quant_mode == 2) {
-          kernels::comm_quantize_row(expand_x.ptr<std::uint16_t>(i, 0), x_cs, type, h,
-                                     reinterpret_cast<std::int8_t*>(dst + groups * 2), reinterpret_cast<std::uint16_t*>(dst));
-        } else {
-          kernels::copy_row16(expand_x.ptr<std::uint16_t>(i, 0), x_cs, h, reinterpret_cast<std::uint16_t*>(dst));
-        }
+        kernels::comm_quantize_row(expand_x.ptr<std::uint16_t>(i, 0), x_cs, type, h, reinterpret_cast<std::int8_t*>(packed + groups * 2),
+                                   reinterpret_cast<std::uint16_t*>(packed));
+        std::memcpy(my_stage + static_cast<std::size_t>(i) * stage_row_bytes, packed, groups * 2 + static_cast<std::size_t>(h));
+      }
+    } else if (in_dispatch_region) {
+      rows_offset = my_layout.expand_x_offset;
+      row_bytes = static_cast<std::size_t>(h) * 2;
+    } else if (!in_stage) {
+      for (std::int64_t i = 0; i < rows.own_rows; ++i) {
+        kernels::copy_row16(expand_x.ptr<std::uint16_t>(i, 0), x_cs, h,
+                            reinterpret_cast<std::uint16_t*>(my_stage + static_cast<std::size_t>(i) * stage_row_bytes));
       }
     }
-    s.step(route_error, "combine.data");
   }
+  s.step(topo.T == 2 ? nullptr : route_error, "combine.data", rows_offset, row_bytes);
 
-  // 3. Reduce every token from the expert ranks' staged rows (§4.2), shared expert unweighted (§4.3).
+  // 3. Reduce every token from the expert ranks' rows (§4.2), shared expert unweighted (§4.3).
   MutableTensorView out = o.out;
   if (!out.present()) {
     if (s.combine_out.dtype() != expand_x.dtype || s.combine_out.rows() != bs || s.combine_out.cols() != h) {
@@ -182,48 +194,74 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
     }
     out = s.combine_out.mutable_view();
   }
-  std::vector<const std::byte*> stage_of(static_cast<std::size_t>(topo.W));
-  for (int d = 0; d < topo.W; ++d) {
-    const int gd = topo.global_rank(d, my_tp);
-    const contract::WindowLayout layout(topo, s.shape_of(gd), d);
-    stage_of[static_cast<std::size_t>(d)] = s.transport->window(gd) + layout.combine_rows_offset;
-  }
   const bool quantized = o.comm_quant_mode == 2;
-  const auto add_row = [&](float* acc, const std::byte* src, bool weighted, float weight) {
-    if (quantized) {
-      const auto* scales = reinterpret_cast<const std::uint16_t*>(src);
-      const auto* q = reinterpret_cast<const std::int8_t*>(src + groups * 2);
-      if (weighted) kernels::accumulate_scaled_comm_quant(acc, q, scales, type, weight, h);
-      else kernels::accumulate_comm_quant(acc, q, scales, type, h);
-    } else {
-      const auto* y = reinterpret_cast<const std::uint16_t*>(src);
-      if (weighted) kernels::accumulate_scaled(acc, y, type, weight, h);
-      else kernels::accumulate(acc, y, type, h);
+  const std::size_t min_row_bytes = quantized ? groups * 2 + static_cast<std::size_t>(h) : static_cast<std::size_t>(h) * 2;
+  std::vector<const std::byte*> rows_of(static_cast<std::size_t>(topo.W));
+  std::vector<std::size_t> row_bytes_of(static_cast<std::size_t>(topo.W));
+  for (int d = 0; d < topo.W; ++d) {
+    // Where rank d published its rows; checked against its window before any address is formed.
+    const int gd = topo.global_rank(d, my_tp);
+    const StepRecord& published = s.steps[static_cast<std::size_t>(gd)];
+    const std::int64_t held = s.header(gd).own_rows;
+    if (published.row_bytes < static_cast<std::int64_t>(min_row_bytes) || published.rows_offset < 0 ||
+        static_cast<std::size_t>(published.rows_offset) + static_cast<std::size_t>(held * published.row_bytes) > s.transport->window_size(gd)) {
+      throw PeerError(ErrorCode::protocol, gd, "combine.data",
+                      concat("rank ", me, ": rank ", gd, " published its rows at offset ", published.rows_offset, " with ",
+                             published.row_bytes, "-byte rows, outside its window"));
     }
+    rows_of[static_cast<std::size_t>(d)] = s.transport->window(gd) + published.rows_offset;
+    row_bytes_of[static_cast<std::size_t>(d)] = static_cast<std::size_t>(published.row_bytes);
+  }
+  // The K + 1 rows of one token and their weights (the shared expert's is unweighted).
+  struct Term {
+    const std::byte* row;
+    bool weighted;
+    float weight;
   };
-  float* acc = s.row_scratch(h);
+  std::vector<Term> terms(static_cast<std::size_t>(k + 1));
+  // Reduce in chunks of H so the fp32 accumulator stays in L1; every element still adds its terms in
+  // increasing k, so the result is bit-identical to a whole-row reduce.
+  constexpr std::int64_t kChunk = 1024;  // a multiple of the comm-quant group of 8
+  float* acc = s.row_scratch(std::min(h, kChunk));
   int shared_target = 0;
   for (std::int64_t b = 0; b < bs; ++b) {
-    std::fill_n(acc, h, 0.0f);
+    std::size_t n = 0;
     for (std::int64_t j = 0; j < k; ++j) {
       const std::int32_t e = expert_ids.at<std::int32_t>(b, j);
-      const int d = topo.expert_rank(e);
-      const std::int32_t* table = s.counts(topo.global_rank(d, my_tp));
+      const auto d = static_cast<std::size_t>(topo.expert_rank(e));
+      const std::int32_t* table = s.counts(topo.global_rank(topo.expert_rank(e), my_tp));
       const std::int64_t row = block_begin(table, topo.expert_local(e) * topo.W + my_ep) + expand_idx.at<std::int32_t>(b * k + j);
-      add_row(acc, stage_of[static_cast<std::size_t>(d)] + static_cast<std::size_t>(row) * row_bytes, true,
-              expert_scales.at<float>(b, j));
+      terms[n++] = Term{rows_of[d] + static_cast<std::size_t>(row) * row_bytes_of[d], true, expert_scales.at<float>(b, j)};
     }
     if (topo.S > 0) {
-      if (topo.is_shared(my_ep)) {
-        add_row(acc, my_stage + static_cast<std::size_t>(b) * row_bytes, false, 1.0f);
-      } else {
+      std::size_t d = static_cast<std::size_t>(my_ep);
+      std::int64_t row = b;  // a shared-expert rank's own token: its own row b
+      if (!topo.is_shared(my_ep)) {
         while (b >= contract::shared_range_begin(my_ep, shared_target + 1, bs, topo.S)) ++shared_target;
         const std::int32_t* table = s.counts(topo.global_rank(shared_target, my_tp));
-        const std::int64_t row = table[my_ep - 1] + b - contract::shared_range_begin(my_ep, shared_target, bs, topo.S);
-        add_row(acc, stage_of[static_cast<std::size_t>(shared_target)] + static_cast<std::size_t>(row) * row_bytes, false, 1.0f);
+        row = table[my_ep - 1] + b - contract::shared_range_begin(my_ep, shared_target, bs, topo.S);
+        d = static_cast<std::size_t>(shared_target);
       }
+      terms[n++] = Term{rows_of[d] + static_cast<std::size_t>(row) * row_bytes_of[d], false, 1.0f};
     }
-    kernels::store_row(acc, type, h, out.ptr<std::uint16_t>(b, 0), out.strides[1]);
+    for (std::int64_t h0 = 0; h0 < h; h0 += kChunk) {
+      const std::int64_t len = std::min(kChunk, h - h0);
+      std::fill_n(acc, len, 0.0f);
+      for (std::size_t i = 0; i < n; ++i) {
+        const Term& t = terms[i];
+        if (quantized) {
+          const auto* scales = reinterpret_cast<const std::uint16_t*>(t.row) + h0 / 8;
+          const auto* q = reinterpret_cast<const std::int8_t*>(t.row + groups * 2) + h0;
+          if (t.weighted) kernels::accumulate_scaled_comm_quant(acc, q, scales, type, t.weight, len);
+          else kernels::accumulate_comm_quant(acc, q, scales, type, len);
+        } else {
+          const auto* y = reinterpret_cast<const std::uint16_t*>(t.row) + h0;
+          if (t.weighted) kernels::accumulate_scaled(acc, y, type, t.weight, len);
+          else kernels::accumulate(acc, y, type, len);
+        }
+      }
+      kernels::store_row(acc, type, len, out.ptr<std::uint16_t>(b, h0), out.strides[1]);
+    }
   }
   const std::int64_t rows_read = bs * k + (topo.S > 0 ? bs : 0);
   s.traffic.combine_rows_read = rows_read;

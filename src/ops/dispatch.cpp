@@ -230,6 +230,7 @@ DispatchResult Group::dispatch(const TensorView& x, const TensorView& expert_ids
     s.tp_recv_counts[static_cast<std::size_t>(1 - my_tp)] = static_cast<std::int32_t>(n_peer);
   }
 
+  s.last_dispatch = shape;
   DispatchResult result;
   result.valid_rows = valid;
   result.A = my_layout.capacity_a;

@@ -81,9 +81,12 @@ void Group::State::exchange(CallKind kind, const std::exception_ptr& local_error
   }
 }
 
-void Group::State::step(const std::exception_ptr& local_error, const char* phase) {
+void Group::State::step(const std::exception_ptr& local_error, const char* phase, std::size_t rows_offset,
+                        std::size_t row_bytes) {
   StepRecord mine;
   mine.seq = seq;
+  mine.rows_offset = static_cast<std::int64_t>(rows_offset);
+  mine.row_bytes = static_cast<std::int64_t>(row_bytes);
   if (local_error) {
     std::string message;
     mine.status = error_code_of(local_error, &message);
@@ -190,5 +193,14 @@ const GroupConfig& Group::config() const noexcept { return state_->config; }
 int Group::local_expert_num() const noexcept { return moedist::local_expert_num(state_->config); }
 bool Group::is_shared_expert_rank() const noexcept { return moedist::is_shared_expert_rank(state_->config); }
 const TrafficCounters& Group::traffic() const noexcept { return state_->traffic; }
+
+MutableTensorView Group::combine_buffer(DType dtype) {
+  State& s = *state_;
+  if (s.topo.T == 2 || s.last_dispatch.h == 0 || (dtype != DType::bf16 && dtype != DType::fp16)) return MutableTensorView{};
+  const contract::WindowLayout layout(s.topo, s.last_dispatch, s.topo.ep_rank);
+  std::byte* base = s.transport->window(s.me()) + layout.combine_rows_offset;
+  return matrix_view(static_cast<void*>(base), dtype, layout.receive_rows, s.last_dispatch.h,
+                     static_cast<std::int64_t>(layout.combine_row_bytes / 2), 1);
+}
 
 }  // namespace moedist

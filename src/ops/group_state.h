@@ -38,6 +38,8 @@ struct CallHeader {
 struct StepRecord {
   std::int64_t seq = 0;
   std::int64_t status = 0;
+  std::int64_t rows_offset = 0;  // combine.data: where in its window the rank's expert-output rows start
+  std::int64_t row_bytes = 0;    // and their stride in bytes
   char message[1024] = {};
 };
 
@@ -67,6 +69,7 @@ struct Group::State {
   std::vector<std::int64_t> expert_token_nums;
   Tensor combine_out;
   std::vector<float> scratch;  // row-sized fp32 scratch (quantization, accumulation)
+  contract::CallShape last_dispatch;  // shape of the last successful dispatch (for combine_buffer())
 
   CallHeader& own_header() { return *reinterpret_cast<CallHeader*>(own_record.data()); }
   std::int32_t* own_counts() { return reinterpret_cast<std::int32_t*>(own_record.data() + sizeof(CallHeader)); }
@@ -86,7 +89,8 @@ struct Group::State {
   // that failed, so that every rank leaves the call together and the group stays usable.
   void exchange(CallKind kind, const std::exception_ptr& local_error, const char* phase);
   // A barrier that also carries a status: raises like exchange() when any rank failed.
-  void step(const std::exception_ptr& local_error, const char* phase);
+  void step(const std::exception_ptr& local_error, const char* phase, std::size_t rows_offset = 0,
+            std::size_t row_bytes = 0);
   // Checks that every rank's record agrees with this rank's on the given fields.
   void require_same_call(const char* phase, bool check_bs) const;
   // Resizes windows when any rank's window is smaller than its layout for the given shapes needs.
