@@ -1,10 +1,14 @@
 // Case files: the safetensors layer on its own (round trips, every malformed-file rule), the case
-// mapping (write -> read, structural rules) and replay round trips (run_case -> write_outputs ->
-// read_outputs). Whether replay's numbers are right is the oracle property tests' business.
+// mapping (write -> read, structural rules), replay round trips (run_case -> write_outputs ->
+// read_outputs), and replay with ranks as processes (the parent's failure reports, and `moedist replay`
+// over both transports, byte for byte). Whether replay's numbers are right is the oracle property
+// tests' business.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -51,6 +55,11 @@ class CaseFileTest : public ::testing::Test {
 void write_bytes(const std::string& file, const std::string& bytes) {
   std::ofstream out(file, std::ios::binary | std::ios::trunc);
   out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+std::string read_bytes(const std::string& file) {
+  std::ifstream in(file, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
 std::string length_prefix(std::uint64_t n) {
@@ -630,14 +639,31 @@ TEST_F(CaseFileTest, ReplayRoundTripIdentityExperts) {
   EXPECT_EQ(valid_total, 2 * 3 * 2);  // every (token, k) lands exactly once
 }
 
-TEST_F(CaseFileTest, ReplayRoundTripQuantizedWithWeightsAndEmptyRank) {
+// fp16, quant_mode 2, combine weights, and a rank without tokens.
+Case quantized_case_with_empty_rank() {
   CaseShape shape;
   shape.dtype = DType::fp16;
   shape.quant_mode = 2;
   shape.expert_scales = true;
   shape.bs = {3, 0};
   shape.global_bs = 6;
-  const Case c = make_case(shape);
+  return make_case(shape);
+}
+
+// W 4 with one shared-expert rank, quant_mode 2 and smooth scales.
+Case shared_expert_case_with_smooth_scales() {
+  CaseShape shape;
+  shape.ep_world_size = 4;
+  shape.shared_expert_rank_num = 1;
+  shape.moe_expert_num = 3;
+  shape.quant_mode = 2;
+  shape.scales = true;
+  shape.bs = {4, 4, 4, 4};
+  return make_case(shape);
+}
+
+TEST_F(CaseFileTest, ReplayRoundTripQuantizedWithWeightsAndEmptyRank) {
+  const Case c = quantized_case_with_empty_rank();
   const auto outputs = replay_round_trip(c, path("case.safetensors"), path("out.safetensors"));
   for (const RankOutputs& out : outputs) {
     EXPECT_EQ(out.expand_x.dtype(), DType::int8);
@@ -649,19 +675,13 @@ TEST_F(CaseFileTest, ReplayRoundTripQuantizedWithWeightsAndEmptyRank) {
 }
 
 TEST_F(CaseFileTest, ReplayRoundTripSharedExpertWithSmoothScales) {
-  CaseShape shape;
-  shape.ep_world_size = 4;
-  shape.shared_expert_rank_num = 1;
-  shape.moe_expert_num = 3;
-  shape.quant_mode = 2;
-  shape.scales = true;
-  shape.bs = {4, 4, 4, 4};
-  const Case c = make_case(shape);
+  const Case c = shared_expert_case_with_smooth_scales();
   const auto outputs = replay_round_trip(c, path("case.safetensors"), path("out.safetensors"));
   EXPECT_EQ(outputs[0].expert_token_nums.rows(), 1);  // the shared-expert rank hosts one expert
 }
 
-TEST_F(CaseFileTest, ReplayRoundTripTensorParallelWithExpertOutputs) {
+// W 2 x TP 2 with uneven BS, combine weights and explicit expert outputs (combine_x).
+Case tensor_parallel_case_with_expert_outputs() {
   CaseShape shape;
   shape.tp_world_size = 2;
   shape.moe_expert_num = 2;
@@ -672,14 +692,18 @@ TEST_F(CaseFileTest, ReplayRoundTripTensorParallelWithExpertOutputs) {
   // Learn each rank's valid rows from an identity run, then give explicit expert outputs.
   const auto identity = run_case(c);
   for (std::size_t g = 0; g < c.ranks.size(); ++g) {
-    ASSERT_TRUE(identity[g].tp_recv_counts.present());
+    EXPECT_TRUE(identity[g].tp_recv_counts.present());
     EXPECT_EQ(identity[g].tp_recv_counts.rows(), 2);
     c.ranks[g].combine_x = Tensor(shape.dtype, identity[g].expand_x.rows(), shape.h);
     for (std::int64_t i = 0; i < c.ranks[g].combine_x.numel(); ++i) {
       c.ranks[g].combine_x.data<std::uint16_t>()[i] = to_half(shape.dtype, static_cast<float>(i % 7) - 3.0f);
     }
   }
-  replay_round_trip(c, path("case.safetensors"), path("out.safetensors"));
+  return c;
+}
+
+TEST_F(CaseFileTest, ReplayRoundTripTensorParallelWithExpertOutputs) {
+  replay_round_trip(tensor_parallel_case_with_expert_outputs(), path("case.safetensors"), path("out.safetensors"));
 }
 
 TEST_F(CaseFileTest, ReplayRejectsCombineXWithWrongRowCount) {
@@ -703,6 +727,123 @@ TEST_F(CaseFileTest, ReplayReportsLibraryValidationErrors) {
     EXPECT_NE(e.code(), ErrorCode::case_file) << e.what();
     EXPECT_NE(std::string(e.what()).find("rank "), std::string::npos) << e.what();
   }
+}
+
+// ---- ranks as processes ---------------------------------------------------------------------------
+
+// A worker process hands one rank's outputs to the parent in a file of their own.
+TEST_F(CaseFileTest, RankOutputFilesRoundTrip) {
+  std::vector<RankOutputs> outputs = run_case(tensor_parallel_case_with_expert_outputs());
+  write_rank_outputs(path("rank2.safetensors"), 2, outputs[2]);
+  std::vector<RankOutputs> back;
+  back.push_back(read_rank_outputs(path("rank2.safetensors"), 2));
+  std::vector<RankOutputs> expected;
+  expected.push_back(std::move(outputs[2]));
+  expect_same_outputs(back, expected);
+  expect_case_file_error([&] { (void)read_rank_outputs(path("rank2.safetensors"), 1); },
+                         {"names rank 2", "holds the outputs of rank 1 only"});
+}
+
+// run_rank_processes with `sh` as the worker program: what the parent says when a worker fails without
+// writing an error, and that its private directory is gone afterwards.
+void expect_rank_processes_fail(int ranks, const std::string& script, ErrorCode code,
+                                std::initializer_list<std::string> fragments) {
+  std::string dir;
+  try {
+    run_rank_processes(
+        ranks, 0,
+        [&](const std::string& private_dir) {
+          dir = private_dir;
+          return std::vector<std::string>{"sh", "-c", script};
+        },
+        [](int g, const std::string&) { ADD_FAILURE() << "read a result of rank " << g; });
+    ADD_FAILURE() << "no error for: " << script;
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), code) << e.what();
+    for (const std::string& fragment : fragments) {
+      EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << "lacks '" << fragment << "': " << e.what();
+    }
+  }
+  ASSERT_FALSE(dir.empty());
+  EXPECT_FALSE(fs::exists(dir)) << dir << " outlived the run";
+}
+
+TEST_F(CaseFileTest, RankProcessesNameTheRankThatDied) {
+  // The killed rank is named, not the ranks that exited 0 without a result.
+  expect_rank_processes_fail(3, "[ \"$MOEDIST_RANK\" != 1 ] || kill -9 $$", ErrorCode::peer_lost,
+                             {"rank 1 (pid ", "killed by signal 9", "without reporting an error"});
+  expect_rank_processes_fail(3, "[ \"$MOEDIST_RANK\" != 2 ] || exit 3", ErrorCode::peer_lost,
+                             {"rank 2 (pid ", "exited with status 3"});
+  expect_rank_processes_fail(2, "exit 0", ErrorCode::internal,
+                             {"rank 0 (ep_rank 0, tp_rank 0)", "exited 0 without writing"});
+}
+
+// `moedist replay` as a user runs it, over both transports. ctest runs these as cli.replay_shm with
+// MOEDIST_CLI naming the binary (tools/CMakeLists.txt); run alone, they are skipped.
+class ReplayCli : public CaseFileTest {
+ protected:
+  void SetUp() override {
+    CaseFileTest::SetUp();
+    const char* cli = std::getenv("MOEDIST_CLI");
+    if (cli == nullptr || *cli == '\0') GTEST_SKIP() << "MOEDIST_CLI is unset; ctest sets it for cli.replay_shm";
+    cli_ = cli;
+  }
+
+  // Runs `moedist replay FLAGS CASE OUT`; returns its exit status and leaves its stdout and stderr in *log.
+  int replay(const std::string& flags, const std::string& case_file, const std::string& out_file, std::string* log) {
+    const std::string log_file = path("replay.log");
+    const std::string command = "'" + cli_ + "' replay " + flags + " '" + case_file + "' '" + out_file + "' > '" +
+                                log_file + "' 2>&1";
+    const int status = std::system(command.c_str());
+    *log = read_bytes(log_file);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+
+ private:
+  std::string cli_;
+};
+
+TEST_F(ReplayCli, ShmWritesTheSameBytesAsInproc) {
+  std::vector<std::pair<std::string, Case>> cases;
+  cases.emplace_back("identity experts", make_case(CaseShape{}));
+  cases.emplace_back("tensor parallel with expert outputs", tensor_parallel_case_with_expert_outputs());
+  cases.emplace_back("shared expert with smooth scales", shared_expert_case_with_smooth_scales());
+  cases.emplace_back("quantized, a rank without tokens", quantized_case_with_empty_rank());
+
+  for (const auto& [name, c] : cases) {
+    SCOPED_TRACE(name);
+    write_case(path("case.safetensors"), c);
+    std::string log;
+    ASSERT_EQ(replay("", path("case.safetensors"), path("inproc.safetensors"), &log), 0) << log;
+    ASSERT_EQ(replay("--transport shm", path("case.safetensors"), path("shm.safetensors"), &log), 0) << log;
+    EXPECT_NE(log.find("wrote the outputs of " + std::to_string(c.ranks.size()) + " ranks"), std::string::npos) << log;
+    const std::string inproc = read_bytes(path("inproc.safetensors"));
+    EXPECT_FALSE(inproc.empty());
+    EXPECT_TRUE(read_bytes(path("shm.safetensors")) == inproc) << "the shm replay wrote other bytes";
+    write_outputs(path("library.safetensors"), run_case(c));
+    EXPECT_TRUE(read_bytes(path("library.safetensors")) == inproc) << "the CLI wrote other bytes than run_case";
+  }
+}
+
+TEST_F(ReplayCli, ShmNamesTheFailingRank) {
+  Case bad_id = make_case(CaseShape{});
+  bad_id.ranks[1].expert_ids.data<std::int32_t>()[0] = 99;
+  write_case(path("bad_id.safetensors"), bad_id);
+  std::string log;
+  EXPECT_EQ(replay("--transport shm", path("bad_id.safetensors"), path("out.safetensors"), &log), 2) << log;
+  EXPECT_NE(log.find("rank 1 (ep_rank 1, tp_rank 0): expert_ids"), std::string::npos) << log;
+  EXPECT_FALSE(fs::exists(path("out.safetensors")));
+
+  // Rank 1 fails between dispatch and combine, so the others lose it in combine: its own error is reported.
+  Case bad_rows = make_case(CaseShape{});
+  const auto identity = run_case(bad_rows);
+  bad_rows.ranks[1].combine_x = Tensor(bad_rows.dtype, identity[1].expand_x.rows() + 1, 8);
+  write_case(path("bad_rows.safetensors"), bad_rows);
+  EXPECT_EQ(replay("--transport shm --timeout-ms 20000", path("bad_rows.safetensors"), path("out.safetensors"), &log),
+            2)
+      << log;
+  EXPECT_NE(log.find("error (case_file): rank 1 (ep_rank 1, tp_rank 0): tensor 'rank1.combine_x'"), std::string::npos)
+      << log;
 }
 
 }  // namespace

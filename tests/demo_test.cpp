@@ -1,14 +1,18 @@
 // The layer behind `moedist demo` on small shapes: it must match its dense reference in every mode, and its checker
-// must catch each planted bug.
+// must catch each planted bug, over the in-process runtime and over shared memory.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "demo_layer.h"
 #include "moedist/error.h"
+#include "moedist/launch.h"
+#include "moedist/shm.h"
 
 namespace {
 
@@ -16,6 +20,7 @@ using moedist::DType;
 using moedist::demo::DemoOptions;
 using moedist::demo::DemoReport;
 using moedist::demo::Fault;
+using moedist::demo::RankRecord;
 
 // W 4, BS 3, H 64, K 2 and no shared expert; cases change what they test.
 DemoOptions small() {
@@ -185,6 +190,73 @@ TEST(DemoChecker, FaultNamesRoundTrip) {
   EXPECT_FALSE(moedist::demo::fault_from_name("flip-bits", &parsed));
 }
 
+// ---- over shared memory ----
+
+// The shm transport with every rank a thread of this test, all joined to one fresh job: the layer's code path over
+// shared memory. The ctest tests cli.demo_shm, cli.demo_tp_shm, cli.demo_shm_detects_planted_bug and
+// cli.demo_defaults_shm (tools/CMakeLists.txt) run the same with a process per rank.
+std::vector<RankRecord> run_shm_threads(const DemoOptions& o) {
+  const std::string job = moedist::new_job_name();
+  moedist::ShmOptions shm;
+  shm.timeout = std::chrono::milliseconds(o.timeout_ms);
+  return moedist::demo::run_rank_threads(
+      o, [&](const moedist::GroupConfig& config) { return moedist::join_shm(config, job, shm); });
+}
+
+// Three of passing_cases(): a shared expert with int8 dispatch and smooth scales, and TP pairs with and without.
+std::vector<Case> shm_cases() {
+  std::vector<Case> cases;
+  for (const Case& c : passing_cases()) {
+    const std::string name = c.name;
+    if (name == "S2_quant2_scales_L2" || name == "T2_S0_quant0" || name == "T2_S2_quant2_scales") cases.push_back(c);
+  }
+  return cases;
+}
+
+class DemoOverShm : public ::testing::TestWithParam<Case> {};
+
+// The transports move the same bytes, so every rank's combine output equals the in-process run's, bit for bit, and
+// the check passes.
+TEST_P(DemoOverShm, MatchesTheInProcessRunBitForBit) {
+  DemoOptions o = GetParam().options;
+  const std::vector<RankRecord> inproc = moedist::demo::run_inproc_ranks(o);
+  const std::vector<RankRecord> shm = run_shm_threads(o);
+  ASSERT_EQ(shm.size(), inproc.size());
+  for (std::size_t g = 0; g < shm.size(); ++g) {
+    ASSERT_EQ(shm[g].out.nbytes(), inproc[g].out.nbytes()) << "rank " << g;
+    EXPECT_EQ(std::memcmp(shm[g].out.raw(), inproc[g].out.raw(), shm[g].out.nbytes()), 0) << "rank " << g;
+    EXPECT_EQ(shm[g].valid_rows, inproc[g].valid_rows) << "rank " << g;
+    EXPECT_EQ(shm[g].rows_sent, inproc[g].rows_sent) << "rank " << g;
+  }
+
+  o.transport = "shm";
+  std::ostringstream out;
+  const DemoReport report = moedist::demo::run_demo(o, out, run_shm_threads);
+  SCOPED_TRACE(out.str());
+  EXPECT_TRUE(report.passed);
+  EXPECT_NE(out.str().find("transport shm"), std::string::npos);
+}
+
+INSTANTIATE_TEST_SUITE_P(SmallShapes, DemoOverShm, ::testing::ValuesIn(shm_cases()),
+                         [](const ::testing::TestParamInfo<Case>& param_info) { return std::string(param_info.param.name); });
+
+TEST(DemoOverShmChecker, CatchesPlantedFaults) {
+  for (const Case& c : shm_cases()) {
+    for (Fault fault : {Fault::drop_expert, Fault::swap_weights}) {
+      DemoOptions o = c.options;
+      o.transport = "shm";
+      o.fault = fault;
+      std::ostringstream out;
+      const DemoReport report = moedist::demo::run_demo(o, out, run_shm_threads);
+      SCOPED_TRACE(out.str());
+      EXPECT_FALSE(report.passed) << c.name << " " << moedist::demo::fault_name(fault);
+      EXPECT_NE(out.str().find("MISMATCH"), std::string::npos);
+    }
+  }
+}
+
+// ---- options ----
+
 void expect_rejected(const DemoOptions& o, const std::string& parameter) {
   try {
     moedist::demo::validate_options(o);
@@ -198,6 +270,8 @@ TEST(DemoOptions, RejectsBadCombinations) {
   DemoOptions o = small();
   o.transport = "tcp";
   expect_rejected(o, "transport");
+  o.transport = "shm";
+  EXPECT_NO_THROW(moedist::demo::validate_options(o));
 
   o = small();
   o.tp_world_size = 2;

@@ -1,8 +1,20 @@
-// `moedist demo`: a whole MoE layer over N in-process ranks, checked against a dense computation (demo_layer.h).
+// `moedist demo`: a whole MoE layer over N ranks, checked against a dense computation (demo_layer.h).
+//
+// With --transport shm every rank is a process of this binary, started through moedist::launch with the
+// parent's own flags plus --shm-worker-dir DIR. Each worker runs its rank (demo::run_shm_rank) and writes its
+// record to DIR (casefile::run_rank_worker); the parent reads the records back and checks them as the
+// in-process demo does.
+#include <charconv>
+#include <cstdint>
+#include <cstdio>
 #include <iostream>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "casefile/case_file.h"
+#include "casefile/safetensors.h"
 #include "commands.h"
 #include "demo_layer.h"
 #include "moedist/error.h"
@@ -11,12 +23,15 @@ namespace moedist::cli {
 
 namespace {
 
+constexpr const char* kWorkerFlag = "--shm-worker-dir";
+
 struct DemoFlags {
   demo::DemoOptions options;
   bool no_scales = false;
   std::string dtype = "bf16";
   std::string profile = "portable";
   std::string fault = "none";
+  std::string worker_dir;  // set (by the parent) in the rank processes of --transport shm
 };
 
 demo::DemoOptions resolve(const DemoFlags& flags) {
@@ -29,6 +44,64 @@ demo::DemoOptions resolve(const DemoFlags& flags) {
   return o;
 }
 
+// A rank record as a worker hands it to the parent: a safetensors file with its tensors, and its timings and
+// row counts as metadata (doubles printed with 17 significant digits, so they come back exactly).
+using demo::RankRecord;
+constexpr std::pair<const char*, Tensor RankRecord::*> kRecordTensors[] = {
+    {"x", &RankRecord::x}, {"expert_ids", &RankRecord::expert_ids}, {"expert_scales", &RankRecord::expert_scales},
+    {"out", &RankRecord::out}};
+constexpr std::pair<const char*, double RankRecord::*> kRecordTimes[] = {
+    {"setup_ms", &RankRecord::setup_ms},       {"route_ms", &RankRecord::route_ms},
+    {"dispatch_ms", &RankRecord::dispatch_ms}, {"experts_ms", &RankRecord::experts_ms},
+    {"combine_ms", &RankRecord::combine_ms}};
+constexpr std::pair<const char*, std::int64_t RankRecord::*> kRecordCounts[] = {
+    {"valid_rows", &RankRecord::valid_rows}, {"rows_sent", &RankRecord::rows_sent}};
+
+void write_record(const std::string& path, const RankRecord& record) {
+  casefile::SafetensorsWriter writer;
+  for (const auto& [name, field] : kRecordTensors) writer.add(name, record.*field);
+  char text[32];
+  for (const auto& [name, field] : kRecordTimes) {
+    std::snprintf(text, sizeof text, "%.17g", record.*field);
+    writer.set_metadata(name, text);
+  }
+  for (const auto& [name, field] : kRecordCounts) writer.set_metadata(name, std::to_string(record.*field));
+  writer.write(path);
+}
+
+RankRecord read_record(const std::string& path) {
+  const casefile::SafetensorsReader reader(path);
+  const auto missing = [&](const char* what, const char* name) {
+    return Error(ErrorCode::internal, "demo: the rank record '" + path + "' lacks a valid " + what + " '" + name + "'");
+  };
+  const auto number = [&](const char* name, auto* value) {
+    const auto it = reader.metadata().find(name);
+    if (it == reader.metadata().end()) throw missing("metadata value", name);
+    const std::string& text = it->second;
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), *value);
+    if (ec != std::errc() || end != text.data() + text.size()) throw missing("metadata value", name);
+  };
+  RankRecord record;
+  for (const auto& [name, field] : kRecordTensors) {
+    const casefile::SafetensorsEntry* entry = reader.find(name);
+    if (entry == nullptr) throw missing("tensor", name);
+    record.*field = reader.read_tensor(*entry);
+  }
+  for (const auto& [name, field] : kRecordTimes) number(name, &(record.*field));
+  for (const auto& [name, field] : kRecordCounts) number(name, &(record.*field));
+  return record;
+}
+
+// The shm runner: a process of this binary per rank, with the parent's flags plus the worker flag.
+std::vector<RankRecord> run_rank_processes(const demo::DemoOptions& o) {
+  std::vector<RankRecord> records(static_cast<std::size_t>(demo::world_size(o)));
+  casefile::run_rank_processes(
+      demo::world_size(o), o.tp_world_size,
+      [](const std::string& dir) { return casefile::own_command_line({kWorkerFlag, dir}); },
+      [&](int g, const std::string& path) { records[static_cast<std::size_t>(g)] = read_record(path); });
+  return records;
+}
+
 }  // namespace
 
 void add_demo(CLI::App& app, int* exit_code) {
@@ -37,11 +110,13 @@ void add_demo(CLI::App& app, int* exit_code) {
   CLI::App* cmd = app.add_subcommand(
       "demo",
       "Run a whole MoE layer (softmax top-K router, dispatch, a per-expert SiLU MLP on OpenBLAS, combine) on "
-      "in-process ranks and check it against a dense single-process fp64 computation of the same layer. The "
-      "defaults are the operator page's example: 16 ranks, 2 shared-expert ranks, 14 MoE experts, BS 8, H 7168, "
-      "K 8, quant_mode 2 with smooth scales, bf16.");
+      "in-process ranks (threads) or, with --transport shm, on rank processes over shared memory, and check it "
+      "against a dense single-process fp64 computation of the same layer. The defaults are the operator page's "
+      "example: 16 ranks, 2 shared-expert ranks, 14 MoE experts, BS 8, H 7168, K 8, quant_mode 2 with smooth "
+      "scales, bf16.");
   cmd->footer("Exit status: 0 when the combine output matches the reference within --tolerance, 1 on a mismatch, "
-              "2 on an error.");
+              "2 on an error (with shm, the message names the failed rank: its own error, or how its process "
+              "died).");
 
   cmd->add_option("--ep-world-size", o.ep_world_size, "EP domain size W")->capture_default_str()->check(
       CLI::PositiveNumber);
@@ -82,7 +157,7 @@ void add_demo(CLI::App& app, int* exit_code) {
       ->capture_default_str()
       ->check(CLI::IsMember({0, 2}));
   cmd->add_option("--seed", o.seed, "seed of every generated input and weight")->capture_default_str();
-  cmd->add_option("--timeout-ms", o.timeout_ms, "longest wait for a peer in any phase")
+  cmd->add_option("--timeout-ms", o.timeout_ms, "longest wait for a peer in any phase (shm: connecting included)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   cmd->add_option("--tolerance", o.tolerance,
@@ -92,9 +167,11 @@ void add_demo(CLI::App& app, int* exit_code) {
   cmd->add_option("--profile", flags->profile, "limits enforced on top of the contract's rules")
       ->capture_default_str()
       ->check(CLI::IsMember({"portable", "ascend_a3", "ascend_a2"}));
-  cmd->add_option("--transport", o.transport, "how ranks talk (this build: inproc, one thread per rank)")
+  cmd->add_option("--transport", o.transport,
+                  "where ranks run: inproc, a thread per rank in this process; shm, a process per rank (this "
+                  "binary, started like `moedist launch` does), connected through shared memory")
       ->capture_default_str()
-      ->check(CLI::IsMember({"inproc"}));
+      ->check(CLI::IsMember({"inproc", "shm"}));
   cmd->add_option("--inject-fault", flags->fault,
                   "self-test of the checker: plant a bug, after which the run must report MISMATCH. drop-expert: the "
                   "first MoE rank returns zeros; swap-rows: it swaps two expert-output rows; swap-weights: rank 0 "
@@ -102,8 +179,20 @@ void add_demo(CLI::App& app, int* exit_code) {
       ->capture_default_str()
       ->check(CLI::IsMember({"none", "drop-expert", "swap-rows", "swap-weights"}));
 
+  // Internal: makes this process one rank of a --transport shm run, writing its record to the directory.
+  cmd->add_option(kWorkerFlag, flags->worker_dir)->group("");
+
   cmd->callback([flags, exit_code] {
-    const demo::DemoReport report = demo::run_demo(resolve(*flags), std::cout);
+    const demo::DemoOptions options = resolve(*flags);
+    if (!flags->worker_dir.empty()) {
+      *exit_code = casefile::run_rank_worker(flags->worker_dir, [&](int, const std::string& path) {
+        write_record(path, demo::run_shm_rank(options));
+      });
+      return;
+    }
+    const demo::DemoReport report =
+        demo::run_demo(options, std::cout, options.transport == "shm" ? demo::RankRunner(run_rank_processes)
+                                                                      : demo::RankRunner(demo::run_inproc_ranks));
     std::cout.flush();
     *exit_code = report.passed ? 0 : 1;
   });

@@ -1,4 +1,9 @@
-// `moedist replay CASE OUT`: run a recorded case on the in-process runtime and write every rank's outputs.
+// `moedist replay CASE OUT`: run a recorded case and write every rank's outputs.
+//
+// With --transport shm every rank is a process of this binary, started through moedist::launch with the
+// parent's own arguments plus --shm-worker-dir DIR. Each worker runs its rank over shared memory and writes its
+// outputs to DIR (casefile::run_case_worker); the parent merges them into OUT, the same file the in-process
+// replay writes.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -13,10 +18,13 @@
 namespace moedist::cli {
 
 void add_replay(CLI::App& app, int* exit_code) {
+  constexpr const char* kWorkerFlag = "--shm-worker-dir";
   struct Args {
     std::string case_path;
     std::string out_path;
     std::int64_t timeout_ms = 30000;
+    std::string transport = "inproc";
+    std::string worker_dir;  // set (by the parent) in the rank processes of --transport shm
   };
   auto args = std::make_shared<Args>();
 
@@ -25,22 +33,44 @@ void add_replay(CLI::App& app, int* exit_code) {
   sub->footer(
       "CASE is a safetensors file holding the group configuration (as __metadata__ strings) and each rank's\n"
       "inputs rank{g}.x, rank{g}.expert_ids and optionally .scales, .expert_scales, .combine_x. replay runs\n"
-      "dispatch then combine on every rank of an in-process world (one thread per rank) and writes OUT, a\n"
-      "safetensors file with rank{g}.expand_x, .dynamic_scales, .expand_scales, .expand_idx,\n"
-      ".expert_token_nums, .ep_recv_counts, .tp_recv_counts and .combine_out. Without combine_x the experts\n"
-      "are identities. It prints one line per rank and exits 0; a malformed case or a rule the inputs break\n"
-      "exits 2 with a message naming the tensor and the rule. The format is in docs/case-files.md.");
+      "dispatch then combine on every rank, each a thread of one process (--transport inproc) or a process of\n"
+      "its own over shared memory (--transport shm), and writes OUT, a safetensors file with rank{g}.expand_x,\n"
+      ".dynamic_scales, .expand_scales, .expand_idx, .expert_token_nums, .ep_recv_counts, .tp_recv_counts and\n"
+      ".combine_out; both transports write the same bytes. Without combine_x the experts are identities. It\n"
+      "prints one line per rank and exits 0; a malformed case or a rule the inputs break exits 2 with a message\n"
+      "naming the rank, the tensor and the rule. The format is in docs/case-files.md.");
   sub->add_option("CASE", args->case_path, "Case file to run (safetensors; see docs/case-files.md)")->required();
   sub->add_option("OUT", args->out_path, "Where to write every rank's outputs (safetensors)")->required();
-  sub->add_option("--timeout-ms", args->timeout_ms, "Longest wait for a peer in any phase, in milliseconds")
+  sub->add_option("--timeout-ms", args->timeout_ms,
+                  "Longest wait for a peer in any phase, in milliseconds (shm: connecting included)")
       ->capture_default_str()
       ->check(CLI::Range(std::int64_t{1}, std::int64_t{24} * 3600 * 1000));
+  sub->add_option("--transport", args->transport,
+                  "Where ranks run: inproc, a thread per rank in this process; shm, a process per rank (this "
+                  "binary, started like `moedist launch` does), connected through shared memory")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"inproc", "shm"}));
+  // Internal: makes this process one rank of a --transport shm run, writing its outputs to the directory.
+  sub->add_option(kWorkerFlag, args->worker_dir)->group("");
 
   sub->callback([args, exit_code] {
+    const std::chrono::milliseconds timeout(args->timeout_ms);
+    if (!args->worker_dir.empty()) {
+      ShmOptions shm;
+      shm.timeout = timeout;
+      *exit_code = casefile::run_case_worker(args->case_path, args->worker_dir, shm);
+      return;
+    }
     const casefile::Case c = casefile::read_case(args->case_path);
-    RuntimeOptions options;
-    options.timeout = std::chrono::milliseconds(args->timeout_ms);
-    const std::vector<casefile::RankOutputs> outputs = casefile::run_case(c, options);
+    std::vector<casefile::RankOutputs> outputs;
+    if (args->transport == "shm") {
+      outputs = casefile::run_case_processes(
+          c, [](const std::string& dir) { return casefile::own_command_line({kWorkerFlag, dir}); });
+    } else {
+      RuntimeOptions options;
+      options.timeout = timeout;
+      outputs = casefile::run_case(c, options);
+    }
     casefile::write_outputs(args->out_path, outputs);
 
     const int tp = std::max(c.tp_world_size, 1);

@@ -1,8 +1,8 @@
 // The layer behind `moedist demo`; see demo_layer.h.
 //
-// Every rank (a thread of one InProcessWorld) builds its inputs from the seed and its global rank, routes its
-// tokens with a softmax top-K router, dispatches them, runs the MLP of each of its experts over the rows dispatch
-// gave it, and combines. Afterwards a dense fp64 computation of the same layer, made without any moedist call from
+// Every rank (a thread of one InProcessWorld, or a process over shared memory) builds its inputs from the seed and
+// its global rank, routes its tokens with a softmax top-K router, dispatches them, runs the MLP of each of its
+// experts over the rows dispatch gave it, and combines. Afterwards a dense fp64 computation of the same layer, made without any moedist call from
 // the inputs the ranks used, is compared with every rank's combine output.
 #include "demo_layer.h"
 
@@ -23,6 +23,7 @@
 #include "moedist/error.h"
 #include "moedist/group.h"
 #include "moedist/inproc.h"
+#include "moedist/shm.h"
 #include "moedist/tensor.h"
 #include "numeric/convert.h"
 
@@ -32,7 +33,7 @@ namespace {
 
 constexpr Fault kAllFaults[] = {Fault::none, Fault::drop_expert, Fault::swap_rows, Fault::swap_weights};
 
-// One thread per rank: far beyond this the demo would only measure the scheduler.
+// One thread or process per rank: far beyond this the demo would only measure the scheduler.
 constexpr std::int64_t kMaxWorldSize = 1024;
 
 using Clock = std::chrono::steady_clock;
@@ -40,6 +41,19 @@ using Clock = std::chrono::steady_clock;
 double ms_since(Clock::time_point start) {
   return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
 }
+
+// OpenBLAS on one thread while it lives: the ranks (threads or processes) already outnumber the cores. The
+// previous setting comes back afterwards, so that the reference may use every core.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() : previous_(openblas_get_num_threads()) { openblas_set_num_threads(1); }
+  ~SingleThreadedBlas() { openblas_set_num_threads(previous_); }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int previous_;
+};
 
 __attribute__((format(printf, 1, 2))) std::string format(const char* fmt, ...) {
   char buf[512];
@@ -105,7 +119,7 @@ struct Shape {
         BS(o.bs),
         H(o.hidden),
         I(o.intermediate),
-        world(o.ep_world_size * std::max(o.tp_world_size, 1)),
+        world(world_size(o)),
         scales(o.quant_mode == 2 && o.smooth_scales),
         scale_rows(o.shared_expert_rank_num > 0 ? o.moe_expert_num + 1 : o.moe_expert_num),
         half(o.dtype == DType::bf16 ? numeric::Half::bf16 : numeric::Half::fp16) {}
@@ -262,17 +276,11 @@ GroupConfig config_for(const DemoOptions& o, int ep_rank, int tp_rank) {
   return c;
 }
 
-// What a rank leaves for the check and the summary.
-struct RankRecord {
-  Tensor x;
-  Routing routing;
-  Tensor out;  // combine output (BS, H)
-  double setup_ms = 0, route_ms = 0, dispatch_ms = 0, experts_ms = 0, combine_ms = 0;
-  std::int64_t valid_rows = 0;
-  std::int64_t rows_sent = 0;
-};
+}  // namespace
 
-void run_rank(int global_rank, const DemoOptions& o, const Shape& s, InProcessWorld& world, RankRecord& rec) {
+RankRecord run_rank(const DemoOptions& o, int global_rank, const JoinGroup& join) {
+  const Shape s(o);
+  RankRecord rec;
   const int ep_rank = global_rank / s.T;
   const int tp_rank = global_rank % s.T;
   const bool shared_rank = ep_rank < s.S;
@@ -290,11 +298,11 @@ void run_rank(int global_rank, const DemoOptions& o, const Shape& s, InProcessWo
   }
   std::vector<ExpertWeights> weights;
   for (int e : experts) weights.push_back(make_expert_weights(o.seed, e, s.H, s.I));
-  std::unique_ptr<Group> group = world.join(config_for(o, ep_rank, tp_rank));
+  std::unique_ptr<Group> group = join(config_for(o, ep_rank, tp_rank));
   rec.setup_ms = ms_since(start);
 
   start = Clock::now();
-  rec.routing = route(rec.x, gate, s);
+  Routing routing = route(rec.x, gate, s);
   rec.route_ms = ms_since(start);
 
   start = Clock::now();
@@ -302,7 +310,7 @@ void run_rank(int global_rank, const DemoOptions& o, const Shape& s, InProcessWo
   if (s.scales) dispatch_options.scales = matrix_view(smooth.data(), DType::fp32, s.scale_rows, s.H);
   dispatch_options.quant_mode = o.quant_mode;
   dispatch_options.expert_token_nums_type = o.expert_token_nums_type;
-  const DispatchResult d = group->dispatch(rec.x, rec.routing.expert_ids, dispatch_options);
+  const DispatchResult d = group->dispatch(rec.x, routing.expert_ids, dispatch_options);
   rec.dispatch_ms = ms_since(start);
 
   // Experts: local expert l owns the next expert_token_nums rows of expand_x (a count or an inclusive prefix sum).
@@ -335,10 +343,10 @@ void run_rank(int global_rank, const DemoOptions& o, const Shape& s, InProcessWo
 
   start = Clock::now();
   Tensor swapped_scales;
-  TensorView combine_scales = rec.routing.expert_scales;
+  TensorView combine_scales = routing.expert_scales;
   if (o.fault == Fault::swap_weights && global_rank == 0) {
     swapped_scales = Tensor(DType::fp32, s.BS, s.K);
-    const float* src = rec.routing.expert_scales.data<float>();
+    const float* src = routing.expert_scales.data<float>();
     float* dst = swapped_scales.data<float>();
     std::copy_n(src, s.BS * s.K, dst);
     for (std::int64_t b = 0; b < s.BS; ++b) std::swap(dst[b * s.K], dst[b * s.K + s.K - 1]);
@@ -347,7 +355,7 @@ void run_rank(int global_rank, const DemoOptions& o, const Shape& s, InProcessWo
   CombineOptions combine_options;
   combine_options.tp_send_counts = d.tp_recv_counts;
   combine_options.comm_quant_mode = o.comm_quant_mode;
-  const TensorView y = group->combine(expert_out, rec.routing.expert_ids, d.expand_idx, d.ep_recv_counts,
+  const TensorView y = group->combine(expert_out, routing.expert_ids, d.expand_idx, d.ep_recv_counts,
                                       combine_scales, combine_options);
   rec.combine_ms = ms_since(start);
 
@@ -357,7 +365,12 @@ void run_rank(int global_rank, const DemoOptions& o, const Shape& s, InProcessWo
   }
   rec.valid_rows = d.valid_rows;
   rec.rows_sent = group->traffic().dispatch_rows_sent;
+  rec.expert_ids = std::move(routing.expert_ids);
+  rec.expert_scales = std::move(routing.expert_scales);
+  return rec;
 }
+
+namespace {
 
 // ---- dense reference ----
 
@@ -409,8 +422,8 @@ std::vector<double> reference_layer(const DemoOptions& o, const Shape& s, const 
           entries.push_back({token, 1.0});
           continue;
         }
-        const auto* ids = ranks[static_cast<std::size_t>(g)].routing.expert_ids.data<std::int32_t>() + b * s.K;
-        const auto* w = ranks[static_cast<std::size_t>(g)].routing.expert_scales.data<float>() + b * s.K;
+        const auto* ids = ranks[static_cast<std::size_t>(g)].expert_ids.data<std::int32_t>() + b * s.K;
+        const auto* w = ranks[static_cast<std::size_t>(g)].expert_scales.data<float>() + b * s.K;
         for (int k = 0; k < s.K; ++k) {
           if (ids[k] == e) entries.push_back({token, static_cast<double>(w[k])});
         }
@@ -484,8 +497,9 @@ PhaseTime phase_time(const std::vector<RankRecord>& ranks, double RankRecord::*f
 }
 
 void print_report(const DemoOptions& o, const Shape& s, const DemoReport& r, std::ostream& out) {
-  out << format("moedist demo: one MoE layer on %d in-process ranks (transport %s, profile %s)\n", r.world_size,
-                o.transport.c_str(), profile_name(o.profile));
+  out << format("moedist demo: one MoE layer on %d %s (transport %s, profile %s)\n", r.world_size,
+                o.transport == "shm" ? "rank processes" : "in-process ranks", o.transport.c_str(),
+                profile_name(o.profile));
   if (s.S > 0) {
     out << format("  ranks     EP %d x TP %d; %d shared-expert ranks, %d MoE ranks x %d expert%s\n", s.W, s.T, s.S,
                   s.W - s.S, s.L, s.L == 1 ? "" : "s");
@@ -557,8 +571,9 @@ double effective_tolerance(const DemoOptions& o) noexcept {
 
 void validate_options(const DemoOptions& o) {
   const auto text = [](auto v) { return std::to_string(v); };
-  if (o.transport != "inproc") {
-    reject(ErrorCode::unsupported, "transport", o.transport, "the demo runs on the in-process transport: inproc");
+  if (o.transport != "inproc" && o.transport != "shm") {
+    reject(ErrorCode::unsupported, "transport", o.transport,
+           "the demo runs on inproc (threads of one process) or shm (processes over shared memory)");
   }
   if (o.ep_world_size < 1) reject(ErrorCode::invalid_argument, "ep_world_size", text(o.ep_world_size), "must be >= 1");
   if (o.tp_world_size < 0 || o.tp_world_size > 2) {
@@ -566,7 +581,7 @@ void validate_options(const DemoOptions& o) {
   }
   if (static_cast<std::int64_t>(o.ep_world_size) * std::max(o.tp_world_size, 1) > kMaxWorldSize) {
     reject(ErrorCode::invalid_argument, "ep_world_size", text(o.ep_world_size),
-           "ep_world_size * max(tp_world_size, 1) must be at most 1024 (the demo runs one thread per rank)");
+           "ep_world_size * max(tp_world_size, 1) must be at most 1024 (the demo runs one thread or process per rank)");
   }
   if (o.bs < 1) reject(ErrorCode::invalid_argument, "bs", text(o.bs), "the demo needs at least one token per rank");
   if (o.hidden < 1) reject(ErrorCode::invalid_argument, "hidden", text(o.hidden), "must be >= 1");
@@ -606,31 +621,45 @@ void validate_options(const DemoOptions& o) {
   capacity(config, query);
 }
 
-DemoReport run_demo(const DemoOptions& o, std::ostream& out) {
+int world_size(const DemoOptions& o) noexcept { return o.ep_world_size * std::max(o.tp_world_size, 1); }
+
+std::vector<RankRecord> run_rank_threads(const DemoOptions& o, const JoinGroup& join) {
+  const int world = world_size(o);
+  std::vector<RankRecord> ranks(static_cast<std::size_t>(world));
+  const SingleThreadedBlas blas;
+  run_ranks(world, [&](int rank) { ranks[static_cast<std::size_t>(rank)] = run_rank(o, rank, join); });
+  return ranks;
+}
+
+std::vector<RankRecord> run_inproc_ranks(const DemoOptions& o) {
+  RuntimeOptions runtime;
+  runtime.timeout = std::chrono::milliseconds(o.timeout_ms);
+  InProcessWorld world(world_size(o), runtime);
+  return run_rank_threads(o, [&](const GroupConfig& config) { return world.join(config); });
+}
+
+RankRecord run_shm_rank(const DemoOptions& o) {
+  const SingleThreadedBlas blas;
+  ShmOptions shm;
+  shm.timeout = std::chrono::milliseconds(o.timeout_ms);
+  return run_rank(o, launch_environment().rank,
+                  [&](const GroupConfig& config) { return join_shm_from_env(config, shm); });
+}
+
+DemoReport run_demo(const DemoOptions& o, std::ostream& out, const RankRunner& runner) {
   validate_options(o);
   const Shape s(o);
   DemoReport report;
   report.world_size = s.world;
   report.tokens = s.world * s.BS;
 
-  // 16 rank threads on a few cores: each rank's BLAS calls stay on its own thread.
-  const int blas_threads = openblas_get_num_threads();
-  openblas_set_num_threads(1);
-  std::vector<RankRecord> ranks(static_cast<std::size_t>(s.world));
-  {
-    RuntimeOptions runtime;
-    runtime.timeout = std::chrono::milliseconds(o.timeout_ms);
-    InProcessWorld world(s.world, runtime);
-    const auto start = Clock::now();
-    try {
-      run_ranks(s.world, [&](int rank) { run_rank(rank, o, s, world, ranks[static_cast<std::size_t>(rank)]); });
-    } catch (...) {
-      openblas_set_num_threads(blas_threads);
-      throw;
-    }
-    report.ranks_wall_ms = ms_since(start);
+  auto start = Clock::now();
+  const std::vector<RankRecord> ranks = runner(o);
+  report.ranks_wall_ms = ms_since(start);
+  if (static_cast<int>(ranks.size()) != s.world) {
+    throw Error(ErrorCode::internal, format("demo: the rank runner returned %zu records for %d ranks", ranks.size(),
+                                            s.world));
   }
-  openblas_set_num_threads(blas_threads);  // the reference runs alone and may use every core
 
   report.setup = phase_time(ranks, &RankRecord::setup_ms);
   report.route = phase_time(ranks, &RankRecord::route_ms);
@@ -642,7 +671,7 @@ DemoReport run_demo(const DemoOptions& o, std::ostream& out) {
     report.expert_rows += r.valid_rows;
   }
 
-  const auto start = Clock::now();
+  start = Clock::now();
   const Comparison checked = compare(s, ranks, reference_layer(o, s, ranks, o.quant_mode == 2));
   if (o.quant_mode == 2) report.unquantized_rel_diff = compare(s, ranks, reference_layer(o, s, ranks, false)).rel();
   report.reference_ms = ms_since(start);

@@ -1,14 +1,20 @@
 // The layer behind `moedist demo`: a whole MoE layer (router top-k, dispatch, a per-expert MLP, combine) over
-// N in-process ranks, checked against a dense single-process fp64 computation of the same layer.
+// N ranks (threads of one process, or processes), checked against a dense single-process fp64 computation of the
+// same layer.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <iosfwd>
+#include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "moedist/config.h"
 #include "moedist/dtype.h"
+#include "moedist/group.h"
+#include "moedist/tensor.h"
 
 namespace moedist::demo {
 
@@ -49,9 +55,14 @@ struct DemoOptions {
   // the layer does (effective_tolerance).
   double tolerance = 0;
   Profile profile = Profile::portable;
+  // inproc: ranks are threads (run_inproc_ranks); shm: ranks are processes (the runner `moedist demo` passes to
+  // run_demo). Named in the summary.
   std::string transport = "inproc";
   Fault fault = Fault::none;
 };
+
+// W * max(T, 1): the number of ranks.
+int world_size(const DemoOptions& options) noexcept;
 
 struct PhaseTime {
   double median_ms = 0;  // over ranks
@@ -65,7 +76,7 @@ struct DemoReport {
   std::int64_t rows_dispatched = 0;  // rows all ranks wrote into receive windows (each rank's own included)
   std::int64_t expert_rows = 0;      // rows all experts processed (with T = 2, each row on both TP ranks)
   PhaseTime setup, route, dispatch, experts, combine;
-  double ranks_wall_ms = 0;  // the whole multi-rank run, setup included
+  double ranks_wall_ms = 0;  // the whole multi-rank run, setup (and starting rank processes) included
   double reference_ms = 0;   // the dense reference (both variants)
   double max_abs_error = 0;  // max |combine output - reference|
   double max_abs_reference = 0;
@@ -87,8 +98,44 @@ double effective_tolerance(const DemoOptions& options) noexcept;
 // own validate_config and capacity).
 void validate_options(const DemoOptions& options);
 
-// Validates, runs the layer on W * max(T, 1) rank threads, computes the reference, prints the summary table to
-// `out` and returns the numbers. Library errors (a peer timeout, a rejected call) propagate as moedist::Error.
-DemoReport run_demo(const DemoOptions& options, std::ostream& out);
+// What one rank leaves for the check and the summary: the inputs it used, its combine output, its timings.
+struct RankRecord {
+  Tensor x;              // (BS, H) its tokens
+  Tensor expert_ids;     // (BS, K) int32: the router's top-K experts
+  Tensor expert_scales;  // (BS, K) fp32: their renormalized weights
+  Tensor out;            // (BS, H) combine output
+  double setup_ms = 0, route_ms = 0, dispatch_ms = 0, experts_ms = 0, combine_ms = 0;
+  std::int64_t valid_rows = 0;  // rows its experts processed
+  std::int64_t rows_sent = 0;   // rows its dispatch wrote into receive windows (its own included)
+};
+
+// Joins the group of a transport with one rank's configuration.
+using JoinGroup = std::function<std::unique_ptr<Group>(const GroupConfig& config)>;
+
+// Runs every rank (global ranks 0 .. world_size - 1) and returns their records in rank order.
+using RankRunner = std::function<std::vector<RankRecord>(const DemoOptions& options)>;
+
+// One rank's part of the layer: builds its tokens, the router and its experts' weights from the seed, joins
+// through `join` (all of that timed as setup), routes, dispatches, runs its experts, combines. Plants
+// options.fault where it belongs. Its BLAS calls run on the calling thread's BLAS settings.
+RankRecord run_rank(const DemoOptions& options, int global_rank, const JoinGroup& join);
+
+// Every rank on a thread of its own, joining through `join`, with BLAS on one thread per rank (W * T ranks share
+// a few cores). Rethrows the lowest failing rank's error.
+std::vector<RankRecord> run_rank_threads(const DemoOptions& options, const JoinGroup& join);
+
+// The inproc runner: run_rank_threads on one InProcessWorld (RuntimeOptions.timeout from options.timeout_ms).
+std::vector<RankRecord> run_inproc_ranks(const DemoOptions& options);
+
+// One rank of `moedist demo --transport shm`, in a process of its own started by moedist::launch: the global rank
+// is MOEDIST_RANK, the group comes from join_shm_from_env (ShmOptions.timeout from options.timeout_ms), and BLAS
+// runs on one thread, since the job's processes share the cores.
+RankRecord run_shm_rank(const DemoOptions& options);
+
+// Validates, runs the ranks with `runner` (its wall time is the report's ranks_wall_ms), computes the reference,
+// prints the summary table to `out` and returns the numbers. The runner decides where ranks run; `moedist demo
+// --transport shm` passes one that starts a process per rank. Library errors (a peer timeout, a rejected call)
+// propagate as moedist::Error.
+DemoReport run_demo(const DemoOptions& options, std::ostream& out, const RankRunner& runner = run_inproc_ranks);
 
 }  // namespace moedist::demo

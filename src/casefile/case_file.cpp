@@ -3,9 +3,15 @@
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <cerrno>
 #include <charconv>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <optional>
@@ -16,6 +22,8 @@
 #include "moedist/config.h"
 #include "moedist/error.h"
 #include "moedist/group.h"
+#include "moedist/launch.h"
+#include "moedist/shm.h"
 #include "numeric/convert.h"
 
 namespace moedist::casefile {
@@ -269,19 +277,26 @@ Tensor dequantize_rows(const DispatchResult& d, DType dtype) {
   return rows;
 }
 
-// Rethrows the error that explains a failed run best: the first rank's own error (a validation error,
-// say) rather than the peer_failed / timeout errors it caused on the other ranks. The message gains the
-// rank, which library messages do not carry.
-[[noreturn]] void rethrow_root_cause(const std::vector<std::exception_ptr>& errors, const Case& c,
-                                     std::exception_ptr fallback) {
-  const int tp = std::max(c.tp_world_size, 1);
+// "rank g (ep_rank e, tp_rank t)": how a failure names its rank, which library messages do not carry.
+std::string rank_label(int g, int tp_world_size) {
+  const int tp = std::max(tp_world_size, 1);
+  return "rank " + std::to_string(g) + " (ep_rank " + std::to_string(g / tp) + ", tp_rank " + std::to_string(g % tp) +
+         ")";
+}
+
+// Rethrows the error that explains a failed run best, given each rank's error (null where the rank did
+// not fail): the first rank's own error (a validation error, say) rather than the peer_failed /
+// peer_lost / timeout errors it caused on the other ranks, its message prefixed with the rank's label.
+// Returns when no rank failed.
+void rethrow_root_cause(const std::vector<std::exception_ptr>& errors, int tp_world_size) {
   std::optional<std::size_t> chosen;
   for (std::size_t g = 0; g < errors.size(); ++g) {
     if (!errors[g]) continue;
     try {
       std::rethrow_exception(errors[g]);
     } catch (const Error& e) {
-      const bool consequence = e.code() == ErrorCode::peer_failed || e.code() == ErrorCode::timeout;
+      const bool consequence = e.code() == ErrorCode::peer_failed || e.code() == ErrorCode::peer_lost ||
+                               e.code() == ErrorCode::timeout;
       if (!consequence) {
         chosen = g;
         break;
@@ -291,16 +306,224 @@ Tensor dequantize_rows(const DispatchResult& d, DType dtype) {
       if (!chosen) chosen = g;
     }
   }
-  if (!chosen) std::rethrow_exception(fallback);
-  const int g = static_cast<int>(*chosen);
+  if (!chosen) return;
   try {
     std::rethrow_exception(errors[*chosen]);
   } catch (const Error& e) {
-    throw Error(e.code(), "rank " + std::to_string(g) + " (ep_rank " + std::to_string(g / tp) + ", tp_rank " +
-                              std::to_string(g % tp) + "): " + e.what());
+    throw Error(e.code(), rank_label(static_cast<int>(*chosen), tp_world_size) + ": " + e.what());
   }
 }
 
+// A rank between dispatch and combine: what its combine needs.
+struct DispatchedRank {
+  DispatchResult result;
+  Tensor expert_rows;  // owns the expert outputs combine reads, unless they are dispatch's expand_x
+  TensorView expert_out;
+};
+
+// Dispatch for rank g; its dispatch outputs, cut to the valid rows, go to `out`. Also prepares the
+// expert outputs: combine_x, or the identity experts.
+DispatchedRank dispatch_rank(Group& group, const Case& c, int g, RankOutputs& out) {
+  const RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
+  DispatchOptions dispatch_options;
+  if (in.scales.present()) dispatch_options.scales = in.scales;
+  if (in.expert_scales.present()) dispatch_options.expert_scales = in.expert_scales;
+  dispatch_options.quant_mode = c.quant_mode;
+  dispatch_options.expert_token_nums_type = c.expert_token_nums_type;
+  DispatchedRank dispatched;
+  DispatchResult& d = dispatched.result;
+  d = group.dispatch(in.x, in.expert_ids, dispatch_options);
+
+  out.expand_x = copy_prefix(d.expand_x, d.valid_rows);
+  if (c.quant_mode == 2) out.dynamic_scales = copy_prefix(d.dynamic_scales, d.valid_rows);
+  if (in.expert_scales.present()) out.expand_scales = copy_prefix(d.expand_scales, d.valid_rows);
+  out.expand_idx = copy_prefix(d.expand_idx, d.expand_idx.rows());
+  out.expert_token_nums = copy_prefix(d.expert_token_nums, d.expert_token_nums.rows());
+  out.ep_recv_counts = copy_prefix(d.ep_recv_counts, d.ep_recv_counts.rows());
+  out.tp_recv_counts = copy_prefix(d.tp_recv_counts, d.tp_recv_counts.rows());
+
+  if (in.combine_x.present()) {
+    if (in.combine_x.rows() != d.valid_rows) {
+      throw Error(ErrorCode::case_file, "tensor '" + tensor_name(g, "combine_x") + "' has " +
+                                            std::to_string(in.combine_x.rows()) + " rows but dispatch produced " +
+                                            std::to_string(d.valid_rows) +
+                                            " valid rows on this rank (combine_x holds one row per valid row)");
+    }
+    // Same row count as dispatch's expand_x, so combine sees the shape it would on the device.
+    dispatched.expert_rows = Tensor(c.dtype, d.expand_x.rows(), d.expand_x.cols());
+    if (in.combine_x.nbytes() != 0) {
+      std::memcpy(dispatched.expert_rows.raw(), in.combine_x.raw(), in.combine_x.nbytes());
+    }
+    dispatched.expert_out = dispatched.expert_rows;
+  } else if (c.quant_mode == 2) {
+    dispatched.expert_rows = dequantize_rows(d, c.dtype);
+    dispatched.expert_out = dispatched.expert_rows;
+  } else {
+    dispatched.expert_out = d.expand_x;
+  }
+  return dispatched;
+}
+
+// Combine for rank g (weights 1.0 where the case has no expert_scales); its output goes to `out`.
+void combine_rank(Group& group, const Case& c, int g, const DispatchedRank& dispatched, RankOutputs& out) {
+  const RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
+  const DispatchResult& d = dispatched.result;
+  Tensor unit_weights;
+  TensorView weights = in.expert_scales;
+  if (!in.expert_scales.present()) {
+    unit_weights = Tensor(DType::fp32, in.expert_ids.rows(), in.expert_ids.cols());
+    std::fill_n(unit_weights.data<float>(), unit_weights.numel(), 1.0f);
+    weights = unit_weights;
+  }
+  CombineOptions combine_options;
+  if (c.tp_world_size == 2) combine_options.tp_send_counts = d.tp_recv_counts;
+  combine_options.comm_quant_mode = c.comm_quant_mode;
+  const TensorView combined =
+      group.combine(dispatched.expert_out, in.expert_ids, d.expand_idx, d.ep_recv_counts, weights, combine_options);
+  out.combine_out = copy_prefix(combined, combined.rows());
+}
+
+// The tensors of one rank's outputs, added to a replay output file.
+void add_rank_outputs(SafetensorsWriter& writer, int g, const RankOutputs& out) {
+  // Required outputs go through add() unconditionally, which rejects an absent tensor.
+  writer.add(tensor_name(g, "expand_x"), out.expand_x);
+  if (out.dynamic_scales.present()) writer.add(tensor_name(g, "dynamic_scales"), out.dynamic_scales);
+  if (out.expand_scales.present()) writer.add(tensor_name(g, "expand_scales"), out.expand_scales);
+  writer.add(tensor_name(g, "expand_idx"), out.expand_idx);
+  writer.add(tensor_name(g, "expert_token_nums"), out.expert_token_nums);
+  writer.add(tensor_name(g, "ep_recv_counts"), out.ep_recv_counts);
+  if (out.tp_recv_counts.present()) writer.add(tensor_name(g, "tp_recv_counts"), out.tp_recv_counts);
+  writer.add(tensor_name(g, "combine_out"), out.combine_out);
+}
+
+SafetensorsWriter output_file_writer() {
+  SafetensorsWriter writer;
+  writer.set_metadata("format", std::string(kOutputsFormat));
+  writer.set_metadata("version", std::string(kOutputsVersion));
+  return writer;
+}
+
+// Reads a replay output file that holds the outputs of ranks [first, first + count): checks its format,
+// reads every rank{g}.* tensor and checks each rank's tensors. `holds` says which ranks, for messages.
+std::vector<RankOutputs> read_output_file(const std::string& path, int first, int count, const std::string& holds) {
+  const SafetensorsReader reader(path);
+  const std::string where = "file '" + path + "'";
+  const auto& metadata = reader.metadata();
+  const auto format = metadata.find("format");
+  if (format == metadata.end() || format->second != kOutputsFormat) {
+    fail(where, "not a replay output file (metadata 'format' must be \"" + std::string(kOutputsFormat) + "\")");
+  }
+  const auto version = metadata.find("version");
+  if (version == metadata.end() || version->second != kOutputsVersion) {
+    fail(where, "unsupported replay output version '" + (version == metadata.end() ? "" : version->second) +
+                    "' (this build reads version " + std::string(kOutputsVersion) + ")");
+  }
+
+  std::vector<RankOutputs> outputs(static_cast<std::size_t>(count));
+  for (const SafetensorsEntry& entry : reader.entries()) {
+    int g = 0;
+    std::string_view field;
+    Tensor* slot = nullptr;
+    if (parse_tensor_name(entry.name, &g, &field)) {
+      if (g < first || g >= first + count) {
+        fail(where, "tensor '" + entry.name + "' names rank " + std::to_string(g) + " but " + holds);
+      }
+      slot = output_field(outputs[static_cast<std::size_t>(g - first)], field);
+    }
+    if (slot == nullptr) fail(where, "unknown tensor '" + entry.name + "' in a replay output file");
+    *slot = reader.read_tensor(entry);
+  }
+
+  for (int g = first; g < first + count; ++g) {
+    const RankOutputs& out = outputs[static_cast<std::size_t>(g - first)];
+    const auto require = [&](const Tensor& t, std::string_view field, int ndim, std::initializer_list<DType> dtypes) {
+      if (!t.present()) fail(where, "missing tensor '" + tensor_name(g, field) + "'");
+      if (t.ndim() != ndim) {
+        fail(where, "tensor '" + tensor_name(g, field) + "' must be " + std::to_string(ndim) + "-D, got shape " +
+                        shape_text(t));
+      }
+      if (std::find(dtypes.begin(), dtypes.end(), t.dtype()) == dtypes.end()) {
+        fail(where, "tensor '" + tensor_name(g, field) + "' has unexpected dtype " + dtype_text(t.dtype()));
+      }
+    };
+    require(out.expand_x, "expand_x", 2, {DType::int8, DType::bf16, DType::fp16});
+    require(out.expand_idx, "expand_idx", 1, {DType::int32});
+    require(out.expert_token_nums, "expert_token_nums", 1, {DType::int64});
+    require(out.ep_recv_counts, "ep_recv_counts", 1, {DType::int32});
+    require(out.combine_out, "combine_out", 2, {DType::bf16, DType::fp16});
+    if (out.tp_recv_counts.present()) require(out.tp_recv_counts, "tp_recv_counts", 1, {DType::int32});
+    for (const auto& [tensor, field] : {std::pair<const Tensor*, std::string_view>{&out.dynamic_scales, "dynamic_scales"},
+                                        {&out.expand_scales, "expand_scales"}}) {
+      if (!tensor->present()) continue;
+      require(*tensor, field, 1, {DType::fp32});
+      if (tensor->rows() != out.expand_x.rows()) {
+        fail(where, "tensor '" + tensor_name(g, field) + "' has " + std::to_string(tensor->rows()) +
+                        " entries but expand_x has " + std::to_string(out.expand_x.rows()) + " valid rows");
+      }
+    }
+    if (out.combine_out.cols() != out.expand_x.cols()) {
+      fail(where, "tensor '" + tensor_name(g, "combine_out") + "' has H = " + std::to_string(out.combine_out.cols()) +
+                      " but expand_x has H = " + std::to_string(out.expand_x.cols()));
+    }
+  }
+  return outputs;
+}
+
+// ---- ranks as processes ----
+
+// A worker's files in the private directory.
+constexpr const char* kResultSuffix = ".result";
+constexpr const char* kErrorSuffix = ".error";
+
+std::string rank_file(const std::string& dir, int g, const char* suffix) {
+  return dir + "/rank" + std::to_string(g) + suffix;
+}
+
+// A fresh directory only this user can enter (mkdtemp: mode 0700), removed with its contents on
+// destruction, so that no worker's file outlives the run, whatever way it ends.
+class PrivateDir {
+ public:
+  PrivateDir() {
+    std::string pattern = (std::filesystem::temp_directory_path() / "moedist-ranks-XXXXXX").string();
+    if (::mkdtemp(pattern.data()) == nullptr) {
+      throw Error(ErrorCode::internal, "cannot create a private directory from '" + pattern + "': " + std::strerror(errno));
+    }
+    path_ = pattern;
+  }
+  ~PrivateDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  PrivateDir(const PrivateDir&) = delete;
+  PrivateDir& operator=(const PrivateDir&) = delete;
+
+  const std::string& path() const noexcept { return path_; }
+
+ private:
+  std::string path_;
+};
+
+// A worker's error file: the numeric error code, a newline, the message.
+void write_rank_error(const std::string& path, ErrorCode code, const std::string& message) {
+  std::ofstream file(path, std::ios::binary | std::ios::trunc);
+  file << static_cast<int>(code) << '\n' << message;
+  file.close();
+  if (!file) throw Error(ErrorCode::internal, "cannot write '" + path + "': " + std::strerror(errno));
+}
+
+Error read_rank_error(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  const std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  const std::size_t newline = text.find('\n');
+  int code = 0;
+  const char* end = text.data() + (newline == std::string::npos ? text.size() : newline);
+  const auto [parsed_end, ec] = std::from_chars(text.data(), end, code);
+  if (newline == std::string::npos || ec != std::errc() || parsed_end != end ||
+      error_code_name(static_cast<ErrorCode>(code)) == std::string_view("unknown")) {
+    return Error(ErrorCode::internal, "the worker's error file '" + path + "' is malformed: '" + text + "'");
+  }
+  return Error(static_cast<ErrorCode>(code), text.substr(newline + 1));
+}
 }  // namespace
 
 Case read_case(const std::string& path) {
@@ -382,10 +605,30 @@ void write_case(const std::string& path, const Case& c) {
   writer.write(path);
 }
 
+GroupConfig group_config(const Case& c, int g) {
+  const int tp = std::max(c.tp_world_size, 1);
+  GroupConfig config;
+  config.ep_world_size = c.ep_world_size;
+  config.ep_rank_id = g / tp;
+  config.moe_expert_num = c.moe_expert_num;
+  config.tp_world_size = c.tp_world_size;
+  config.tp_rank_id = g % tp;
+  config.shared_expert_rank_num = c.shared_expert_rank_num;
+  config.shared_expert_num = c.shared_expert_num;
+  config.global_bs = c.global_bs;
+  return config;
+}
+
+RankOutputs run_case_rank(Group& group, const Case& c, int g) {
+  RankOutputs out;
+  const DispatchedRank dispatched = dispatch_rank(group, c, g, out);
+  combine_rank(group, c, g, dispatched, out);
+  return out;
+}
+
 std::vector<RankOutputs> run_case(const Case& c, const RuntimeOptions& options) {
   check_case("case", c);
   const int n = rank_count(c);
-  const int tp = std::max(c.tp_world_size, 1);
   InProcessWorld world(n, options);
   std::vector<RankOutputs> outputs(static_cast<std::size_t>(n));
   std::vector<std::exception_ptr> errors(static_cast<std::size_t>(n));
@@ -397,56 +640,11 @@ std::vector<RankOutputs> run_case(const Case& c, const RuntimeOptions& options) 
 
   const auto rank_main = [&](int g) {
     const auto index = static_cast<std::size_t>(g);
-    const RankInputs& in = c.ranks[index];
-    RankOutputs& out = outputs[index];
     std::unique_ptr<Group> group;
-    DispatchResult d;
-    Tensor expert_rows;  // owns the expert outputs combine reads, unless they are dispatch's expand_x
-    TensorView expert_out;
+    DispatchedRank dispatched;
     try {
-      GroupConfig config;
-      config.ep_world_size = c.ep_world_size;
-      config.ep_rank_id = g / tp;
-      config.moe_expert_num = c.moe_expert_num;
-      config.tp_world_size = c.tp_world_size;
-      config.tp_rank_id = g % tp;
-      config.shared_expert_rank_num = c.shared_expert_rank_num;
-      config.shared_expert_num = c.shared_expert_num;
-      config.global_bs = c.global_bs;
-      group = world.join(config);
-
-      DispatchOptions dispatch_options;
-      if (in.scales.present()) dispatch_options.scales = in.scales;
-      if (in.expert_scales.present()) dispatch_options.expert_scales = in.expert_scales;
-      dispatch_options.quant_mode = c.quant_mode;
-      dispatch_options.expert_token_nums_type = c.expert_token_nums_type;
-      d = group->dispatch(in.x, in.expert_ids, dispatch_options);
-
-      out.expand_x = copy_prefix(d.expand_x, d.valid_rows);
-      if (c.quant_mode == 2) out.dynamic_scales = copy_prefix(d.dynamic_scales, d.valid_rows);
-      if (in.expert_scales.present()) out.expand_scales = copy_prefix(d.expand_scales, d.valid_rows);
-      out.expand_idx = copy_prefix(d.expand_idx, d.expand_idx.rows());
-      out.expert_token_nums = copy_prefix(d.expert_token_nums, d.expert_token_nums.rows());
-      out.ep_recv_counts = copy_prefix(d.ep_recv_counts, d.ep_recv_counts.rows());
-      out.tp_recv_counts = copy_prefix(d.tp_recv_counts, d.tp_recv_counts.rows());
-
-      if (in.combine_x.present()) {
-        if (in.combine_x.rows() != d.valid_rows) {
-          throw Error(ErrorCode::case_file, "tensor '" + tensor_name(g, "combine_x") + "' has " +
-                                                std::to_string(in.combine_x.rows()) +
-                                                " rows but dispatch produced " + std::to_string(d.valid_rows) +
-                                                " valid rows on this rank (combine_x holds one row per valid row)");
-        }
-        // Same row count as dispatch's expand_x, so combine sees the shape it would on the device.
-        expert_rows = Tensor(c.dtype, d.expand_x.rows(), d.expand_x.cols());
-        if (in.combine_x.nbytes() != 0) std::memcpy(expert_rows.raw(), in.combine_x.raw(), in.combine_x.nbytes());
-        expert_out = expert_rows;
-      } else if (c.quant_mode == 2) {
-        expert_rows = dequantize_rows(d, c.dtype);
-        expert_out = expert_rows;
-      } else {
-        expert_out = d.expand_x;
-      }
+      group = world.join(group_config(c, g));
+      dispatched = dispatch_rank(*group, c, g, outputs[index]);
     } catch (...) {
       errors[index] = std::current_exception();
       skip_combine.store(true);
@@ -457,19 +655,7 @@ std::vector<RankOutputs> run_case(const Case& c, const RuntimeOptions& options) 
     if (skip_combine.load()) return;
 
     try {
-      Tensor unit_weights;
-      TensorView weights = in.expert_scales;
-      if (!in.expert_scales.present()) {
-        unit_weights = Tensor(DType::fp32, in.expert_ids.rows(), in.expert_ids.cols());
-        std::fill_n(unit_weights.data<float>(), unit_weights.numel(), 1.0f);
-        weights = unit_weights;
-      }
-      CombineOptions combine_options;
-      if (c.tp_world_size == 2) combine_options.tp_send_counts = d.tp_recv_counts;
-      combine_options.comm_quant_mode = c.comm_quant_mode;
-      const TensorView combined =
-          group->combine(expert_out, in.expert_ids, d.expand_idx, d.ep_recv_counts, weights, combine_options);
-      out.combine_out = copy_prefix(combined, combined.rows());
+      combine_rank(*group, c, g, dispatched, outputs[index]);
     } catch (...) {
       errors[index] = std::current_exception();
       throw;
@@ -479,28 +665,15 @@ std::vector<RankOutputs> run_case(const Case& c, const RuntimeOptions& options) 
   try {
     run_ranks(n, rank_main);
   } catch (...) {
-    rethrow_root_cause(errors, c, std::current_exception());
+    rethrow_root_cause(errors, c.tp_world_size);
+    throw;
   }
   return outputs;
 }
 
 void write_outputs(const std::string& path, const std::vector<RankOutputs>& outputs) {
-  SafetensorsWriter writer;
-  writer.set_metadata("format", std::string(kOutputsFormat));
-  writer.set_metadata("version", std::string(kOutputsVersion));
-  for (std::size_t g = 0; g < outputs.size(); ++g) {
-    const RankOutputs& out = outputs[g];
-    const int rank = static_cast<int>(g);
-    // Required outputs go through add() unconditionally, which rejects an absent tensor.
-    writer.add(tensor_name(rank, "expand_x"), out.expand_x);
-    if (out.dynamic_scales.present()) writer.add(tensor_name(rank, "dynamic_scales"), out.dynamic_scales);
-    if (out.expand_scales.present()) writer.add(tensor_name(rank, "expand_scales"), out.expand_scales);
-    writer.add(tensor_name(rank, "expand_idx"), out.expand_idx);
-    writer.add(tensor_name(rank, "expert_token_nums"), out.expert_token_nums);
-    writer.add(tensor_name(rank, "ep_recv_counts"), out.ep_recv_counts);
-    if (out.tp_recv_counts.present()) writer.add(tensor_name(rank, "tp_recv_counts"), out.tp_recv_counts);
-    writer.add(tensor_name(rank, "combine_out"), out.combine_out);
-  }
+  SafetensorsWriter writer = output_file_writer();
+  for (std::size_t g = 0; g < outputs.size(); ++g) add_rank_outputs(writer, static_cast<int>(g), outputs[g]);
   writer.write(path);
 }
 
@@ -509,68 +682,128 @@ std::vector<RankOutputs> read_outputs(const std::string& path, int world_size) {
     throw Error(ErrorCode::invalid_argument, "read_outputs: world_size " + std::to_string(world_size) +
                                                  " is outside [1, " + std::to_string(kMaxRanks) + "]");
   }
-  const SafetensorsReader reader(path);
-  const std::string where = "file '" + path + "'";
-  const auto& metadata = reader.metadata();
-  const auto format = metadata.find("format");
-  if (format == metadata.end() || format->second != kOutputsFormat) {
-    fail(where, "not a replay output file (metadata 'format' must be \"" + std::string(kOutputsFormat) + "\")");
-  }
-  const auto version = metadata.find("version");
-  if (version == metadata.end() || version->second != kOutputsVersion) {
-    fail(where, "unsupported replay output version '" + (version == metadata.end() ? "" : version->second) +
-                    "' (this build reads version " + std::string(kOutputsVersion) + ")");
-  }
+  return read_output_file(path, 0, world_size, "the world has " + std::to_string(world_size) + " ranks");
+}
 
-  std::vector<RankOutputs> outputs(static_cast<std::size_t>(world_size));
-  for (const SafetensorsEntry& entry : reader.entries()) {
-    int g = 0;
-    std::string_view field;
-    Tensor* slot = nullptr;
-    if (parse_tensor_name(entry.name, &g, &field)) {
-      if (g >= world_size) {
-        fail(where, "tensor '" + entry.name + "' names rank " + std::to_string(g) + " but the world has " +
-                        std::to_string(world_size) + " ranks");
-      }
-      slot = output_field(outputs[static_cast<std::size_t>(g)], field);
-    }
-    if (slot == nullptr) fail(where, "unknown tensor '" + entry.name + "' in a replay output file");
-    *slot = reader.read_tensor(entry);
-  }
+void write_rank_outputs(const std::string& path, int g, const RankOutputs& outputs) {
+  SafetensorsWriter writer = output_file_writer();
+  add_rank_outputs(writer, g, outputs);
+  writer.write(path);
+}
 
-  for (int g = 0; g < world_size; ++g) {
-    const RankOutputs& out = outputs[static_cast<std::size_t>(g)];
-    const auto require = [&](const Tensor& t, std::string_view field, int ndim, std::initializer_list<DType> dtypes) {
-      if (!t.present()) fail(where, "missing tensor '" + tensor_name(g, field) + "'");
-      if (t.ndim() != ndim) {
-        fail(where, "tensor '" + tensor_name(g, field) + "' must be " + std::to_string(ndim) + "-D, got shape " +
-                        shape_text(t));
-      }
-      if (std::find(dtypes.begin(), dtypes.end(), t.dtype()) == dtypes.end()) {
-        fail(where, "tensor '" + tensor_name(g, field) + "' has unexpected dtype " + dtype_text(t.dtype()));
-      }
-    };
-    require(out.expand_x, "expand_x", 2, {DType::int8, DType::bf16, DType::fp16});
-    require(out.expand_idx, "expand_idx", 1, {DType::int32});
-    require(out.expert_token_nums, "expert_token_nums", 1, {DType::int64});
-    require(out.ep_recv_counts, "ep_recv_counts", 1, {DType::int32});
-    require(out.combine_out, "combine_out", 2, {DType::bf16, DType::fp16});
-    if (out.tp_recv_counts.present()) require(out.tp_recv_counts, "tp_recv_counts", 1, {DType::int32});
-    for (const auto& [tensor, field] : {std::pair<const Tensor*, std::string_view>{&out.dynamic_scales, "dynamic_scales"},
-                                        {&out.expand_scales, "expand_scales"}}) {
-      if (!tensor->present()) continue;
-      require(*tensor, field, 1, {DType::fp32});
-      if (tensor->rows() != out.expand_x.rows()) {
-        fail(where, "tensor '" + tensor_name(g, field) + "' has " + std::to_string(tensor->rows()) +
-                        " entries but expand_x has " + std::to_string(out.expand_x.rows()) + " valid rows");
-      }
-    }
-    if (out.combine_out.cols() != out.expand_x.cols()) {
-      fail(where, "tensor '" + tensor_name(g, "combine_out") + "' has H = " + std::to_string(out.combine_out.cols()) +
-                      " but expand_x has H = " + std::to_string(out.expand_x.cols()));
+RankOutputs read_rank_outputs(const std::string& path, int g) {
+  if (g < 0 || g >= kMaxRanks) {
+    throw Error(ErrorCode::invalid_argument, "read_rank_outputs: rank " + std::to_string(g) + " is outside [0, " +
+                                                 std::to_string(kMaxRanks) + ")");
+  }
+  std::vector<RankOutputs> outputs =
+      read_output_file(path, g, 1, "the file holds the outputs of rank " + std::to_string(g) + " only");
+  return std::move(outputs.front());
+}
+
+std::vector<std::string> own_command_line(const std::vector<std::string>& extra) {
+  std::ifstream file("/proc/self/cmdline", std::ios::binary);
+  const std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  if (text.empty()) throw Error(ErrorCode::internal, "cannot read this process's arguments from /proc/self/cmdline");
+  // NUL-terminated arguments. argv[0] becomes /proc/self/exe: in a forked child it still names this
+  // binary, without a PATH lookup, and even if the file was replaced since this process started.
+  std::vector<std::string> argv{"/proc/self/exe"};
+  std::size_t begin = text.find('\0');
+  while (begin != std::string::npos && begin + 1 < text.size()) {
+    const std::size_t end = text.find('\0', begin + 1);
+    argv.push_back(text.substr(begin + 1, (end == std::string::npos ? text.size() : end) - begin - 1));
+    begin = end;
+  }
+  // Before a "--" separator, if there is one, so that the extra arguments are still read as options.
+  argv.insert(std::find(argv.begin() + 1, argv.end(), "--"), extra.begin(), extra.end());
+  return argv;
+}
+
+void run_rank_processes(int ranks, int tp_world_size, const WorkerCommand& worker_command,
+                        const std::function<void(int g, const std::string& path)>& read_result) {
+  const PrivateDir dir;
+  LaunchOptions options;
+  options.ranks = ranks;
+  options.tp_world_size = tp_world_size;
+  options.argv = worker_command(dir.path());
+  const LaunchResult launched = launch(options);
+
+  // A rank that died without a word comes first: the other ranks' errors (peer_lost) follow from it.
+  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(ranks));
+  for (const RankExit& exit : launched.ranks) {
+    const std::string error_file = rank_file(dir.path(), exit.rank, kErrorSuffix);
+    if (std::filesystem::exists(error_file)) {
+      errors[static_cast<std::size_t>(exit.rank)] = std::make_exception_ptr(read_rank_error(error_file));
+    } else if (!exit.ok()) {
+      throw Error(ErrorCode::peer_lost, exit.describe() + " without reporting an error");
     }
   }
+  rethrow_root_cause(errors, tp_world_size);
+  for (int g = 0; g < ranks; ++g) {
+    const std::string result = rank_file(dir.path(), g, kResultSuffix);
+    if (!std::filesystem::exists(result)) {
+      throw Error(ErrorCode::internal, rank_label(g, tp_world_size) + ": the worker exited 0 without writing '" +
+                                           result + "'");
+    }
+    read_result(g, result);
+  }
+}
+
+int run_rank_worker(const std::string& dir, const std::function<void(int g, const std::string& path)>& produce) {
+  int g = -1;
+  ErrorCode code = ErrorCode::internal;
+  std::string message;
+  try {
+    g = launch_environment().rank;
+    produce(g, rank_file(dir, g, kResultSuffix));
+    return 0;
+  } catch (const Error& e) {
+    code = e.code();
+    message = e.what();
+  } catch (const std::exception& e) {
+    message = e.what();
+  }
+  if (g >= 0) {
+    try {
+      write_rank_error(rank_file(dir, g, kErrorSuffix), code, message);
+      return 2;
+    } catch (const std::exception& e) {
+      message += std::string(" (and then: ") + e.what() + ")";
+    }
+  }
+  // No rank or no error file: stderr is all that is left, and the parent sees a failure without a report.
+  std::fprintf(stderr, "moedist worker: error (%s): %s\n", error_code_name(code), message.c_str());
+  return 2;
+}
+
+std::vector<RankOutputs> run_case_processes(const Case& c, const WorkerCommand& worker_command) {
+  check_case("case", c);
+  const int n = rank_count(c);
+  // Configuration errors are reported here as run_case reports them, instead of by n processes at once
+  // (or by the launcher, for a TP size it cannot start).
+  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(n));
+  for (int g = 0; g < n; ++g) {
+    try {
+      validate_config(group_config(c, g));
+    } catch (...) {
+      errors[static_cast<std::size_t>(g)] = std::current_exception();
+    }
+  }
+  rethrow_root_cause(errors, c.tp_world_size);
+
+  std::vector<RankOutputs> outputs(static_cast<std::size_t>(n));
+  run_rank_processes(n, c.tp_world_size, worker_command, [&](int g, const std::string& path) {
+    outputs[static_cast<std::size_t>(g)] = read_rank_outputs(path, g);
+  });
   return outputs;
+}
+
+int run_case_worker(const std::string& case_path, const std::string& dir, const ShmOptions& options) {
+  return run_rank_worker(dir, [&](int g, const std::string& path) {
+    const Case c = read_case(case_path);
+    const std::unique_ptr<Group> group = join_shm_from_env(group_config(c, g), options);
+    write_rank_outputs(path, g, run_case_rank(*group, c, g));
+  });
 }
 
 }  // namespace moedist::casefile

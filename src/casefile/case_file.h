@@ -1,11 +1,14 @@
 // Case files: a recorded dispatch/combine run of every rank, in safetensors format (docs/case-files.md).
 #pragma once
 
+#include <functional>
 #include <string>
 #include <vector>
 
 #include "moedist/dtype.h"
+#include "moedist/group.h"
 #include "moedist/inproc.h"
+#include "moedist/shm.h"
 #include "moedist/tensor.h"
 
 namespace moedist::casefile {
@@ -49,6 +52,14 @@ struct RankOutputs {
 Case read_case(const std::string& path);
 void write_case(const std::string& path, const Case& c);
 
+// The configuration global rank g of the case joins its group with (profile portable).
+GroupConfig group_config(const Case& c, int g);
+
+// One rank's dispatch then combine, on a group of any transport joined with group_config(c, g). A
+// combine_x whose row count differs from the rank's valid rows is a case_file error, raised before
+// combine. Errors carry no rank prefix; the runners below add it.
+RankOutputs run_case_rank(Group& group, const Case& c, int g);
+
 // Run dispatch then combine for every rank on the in-process runtime. A failure raises the first
 // rank's own error (not the peer_failed / timeout errors it causes elsewhere) as a moedist::Error with
 // its code and a "rank g (ep_rank e, tp_rank t): " prefix; a combine_x whose row count differs from
@@ -58,5 +69,47 @@ std::vector<RankOutputs> run_case(const Case& c, const RuntimeOptions& options =
 // Write / read replay outputs (tensors named rank{g}.expand_x, ...; see docs/case-files.md).
 void write_outputs(const std::string& path, const std::vector<RankOutputs>& outputs);
 std::vector<RankOutputs> read_outputs(const std::string& path, int world_size);
+
+// One rank's outputs alone: a replay output file (same format and version) that holds only rank g's
+// tensors, still named rank{g}.*. A worker process writes one; the parent merges them with write_outputs.
+void write_rank_outputs(const std::string& path, int g, const RankOutputs& outputs);
+RankOutputs read_rank_outputs(const std::string& path, int g);
+
+// ---- ranks as processes ----------------------------------------------------------------------------
+// `moedist replay --transport shm` and `moedist demo --transport shm` run every rank as a worker process
+// of their own binary. The parent hands the workers a private directory; worker g writes its result
+// there, or its error if it fails, and the parent reads them back once every worker has exited.
+
+// Given the private directory, the worker program and its arguments.
+using WorkerCommand = std::function<std::vector<std::string>(const std::string& dir)>;
+
+// This process's own command line (/proc/self/exe, then the arguments from /proc/self/cmdline) with
+// `extra` appended (before a "--" separator, if any): how a command starts copies of itself as its
+// workers, with the same flags.
+std::vector<std::string> own_command_line(const std::vector<std::string>& extra);
+
+// Parent side. Creates a private directory (mkdtemp, mode 0700), starts `ranks` processes of
+// worker_command(dir) with moedist::launch (tp_world_size is exported when > 0), waits for all, then
+// calls read_result(g, path of rank g's result) for g = 0..ranks-1, and removes the directory, also when
+// something throws. Failures are raised as a moedist::Error that names the rank: first a rank that died
+// without reporting ("rank 3 (pid 1234) was killed by signal 9 (Killed) ..."), since the others'
+// peer_lost errors follow from it; else the first rank's own error rather than the peer_failed /
+// peer_lost / timeout errors it caused elsewhere, prefixed "rank g (ep_rank e, tp_rank t): ".
+void run_rank_processes(int ranks, int tp_world_size, const WorkerCommand& worker_command,
+                        const std::function<void(int g, const std::string& path)>& read_result);
+
+// Worker side, in a process run_rank_processes started: calls produce(g, path) for the rank the
+// launcher's environment names (MOEDIST_RANK) to write its result to `path`. An exception from produce
+// is written where the parent looks for it. Returns the exit status for the process: 0, or 2 on error.
+int run_rank_worker(const std::string& dir, const std::function<void(int g, const std::string& path)>& produce);
+
+// Replay with every rank a process (run_rank_processes) over the shared-memory transport:
+// worker_command(dir) must start a program that calls run_case_worker with `dir` on the file `c` was
+// read from. Returns what run_case returns for the same case, byte for byte, and reports failures alike.
+std::vector<RankOutputs> run_case_processes(const Case& c, const WorkerCommand& worker_command);
+
+// One worker of run_case_processes: reads the case, joins its group with join_shm_from_env, runs its
+// rank (run_case_rank) and writes its outputs with write_rank_outputs. Returns the exit status.
+int run_case_worker(const std::string& case_path, const std::string& dir, const ShmOptions& options);
 
 }  // namespace moedist::casefile
