@@ -117,7 +117,9 @@ LaunchResult launch(const LaunchOptions& options) {
       ::setenv("MOEDIST_RANK", std::to_string(rank).c_str(), 1);
       ::setenv("MOEDIST_WORLD_SIZE", world.c_str(), 1);
       ::setenv("MOEDIST_JOB", result.job.c_str(), 1);
+      // Never pass on a TP size this launch did not ask for (the launcher may itself run under one).
       if (options.tp_world_size > 0) ::setenv("MOEDIST_TP_WORLD_SIZE", std::to_string(options.tp_world_size).c_str(), 1);
+      else ::unsetenv("MOEDIST_TP_WORLD_SIZE");
       ::execvp(argv[0], argv.data());
       std::fprintf(stderr, "moedist launch: rank %d: cannot run '%s': %s\n", rank, argv[0], std::strerror(errno));
       ::_exit(127);

@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <climits>
 #include <cstring>
+#include <optional>
 
 #include "moedist/error.h"
 
@@ -267,15 +268,30 @@ void ShmTransport::resize_window(std::size_t bytes, std::string_view phase_view)
         note.bytes = kAllocationFailed;  // tell the peers, so every rank fails alike instead of waiting
       }
     }
+    // Send to every peer and read every peer's note before raising anything: a rank that gave up
+    // half-way would look lost to the ranks it had not reached yet, and they would name it, not the
+    // rank that really died.
+    std::optional<PeerError> lost;
     for (int peer = 0; peer < size(); ++peer) {
-      if (peer != rank()) mesh_.send(peer, &note, sizeof(note), fd, phase.c_str());
+      if (peer == rank()) continue;
+      try {
+        mesh_.send(peer, &note, sizeof(note), fd, phase.c_str());
+      } catch (const PeerError& e) {
+        if (!lost) lost = e;
+      }
     }
     if (fd >= 0) ::close(fd);
     int failed_peer = own_failure.empty() ? -1 : rank();
     for (int peer = 0; peer < size(); ++peer) {
       if (peer == rank()) continue;
       SegmentNote theirs;
-      const int peer_fd = mesh_.receive(peer, &theirs, sizeof(theirs), deadline, phase.c_str());
+      int peer_fd = -1;
+      try {
+        peer_fd = mesh_.receive(peer, &theirs, sizeof(theirs), deadline, phase.c_str());
+      } catch (const PeerError& e) {
+        if (!lost || (lost->code() != ErrorCode::peer_lost && e.code() == ErrorCode::peer_lost)) lost = e;
+        continue;
+      }
       if (theirs.bytes == 0 || theirs.bytes == kAllocationFailed) {
         if (peer_fd >= 0) ::close(peer_fd);
         if (theirs.bytes == kAllocationFailed && failed_peer < 0) failed_peer = peer;
@@ -287,6 +303,7 @@ void ShmTransport::resize_window(std::size_t bytes, std::string_view phase_view)
       retired = windows_[static_cast<std::size_t>(peer)];
       windows_[static_cast<std::size_t>(peer)] = fresh;
     }
+    if (lost) throw *lost;
     if (failed_peer >= 0) {
       // The group stays usable: every rank saw the same notes and raises the same error.
       throw PeerError(ErrorCode::capacity, failed_peer, phase,

@@ -37,6 +37,15 @@ std::uint64_t hash_job(const std::string& job) {
   throw PeerError(code, peer, phase, what + ": " + std::strerror(errno));
 }
 
+// A send or receive on a peer's connection failed: a reset or broken pipe means the process is gone.
+[[noreturn]] void fail_io(int peer, const char* phase, const char* operation) {
+  const int err = errno;
+  const bool gone = err == ECONNRESET || err == EPIPE || err == ENOTCONN;
+  throw PeerError(gone ? ErrorCode::peer_lost : ErrorCode::peer_failed, peer, phase,
+                  "rank " + std::to_string(peer) + (gone ? " exited or was killed" : " is unreachable") + " (" + operation + ": " +
+                      std::strerror(err) + ") in phase '" + phase + "'");
+}
+
 sockaddr_un address_of(const std::string& job, int rank, socklen_t* len) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
@@ -72,7 +81,7 @@ void write_all(int fd, const void* data, std::size_t bytes, int peer, const char
   while (bytes > 0) {
     const ssize_t n = ::send(fd, p, bytes, MSG_NOSIGNAL);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) fail_errno(ErrorCode::peer_lost, peer, phase, "rank " + std::to_string(peer) + " is unreachable (send)");
+    if (n <= 0) fail_io(peer, phase, "send");
     p += n;
     bytes -= static_cast<std::size_t>(n);
   }
@@ -89,7 +98,7 @@ void read_exact(int fd, void* data, std::size_t bytes, Clock::time_point deadlin
     if (n == 0) {
       throw PeerError(ErrorCode::peer_lost, peer, phase, "rank " + std::to_string(peer) + " exited or was killed (its connection closed) in phase '" + std::string(phase) + "'");
     }
-    if (n < 0) fail_errno(ErrorCode::peer_failed, peer, phase, "receiving from rank " + std::to_string(peer));
+    if (n < 0) fail_io(peer, phase, "recv");
     p += n;
     bytes -= static_cast<std::size_t>(n);
   }
@@ -114,6 +123,23 @@ SocketMesh::SocketMesh(const std::string& job, int rank, int world_size, Clock::
   mine.uid = static_cast<std::int32_t>(::getuid());
   const char* phase = "connect";
 
+  // Claim the rank for the life of the mesh: a second process that says it is this rank fails here,
+  // at once, instead of racing for the connections.
+  {
+    claim_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (claim_ < 0) fail_errno(ErrorCode::internal, rank, phase, "socket");
+    socklen_t len = 0;
+    const sockaddr_un addr = address_of(job + ".claim", rank, &len);
+    if (::bind(claim_, reinterpret_cast<const sockaddr*>(&addr), len) != 0) {
+      const int err = errno;
+      ::close(claim_);
+      claim_ = -1;
+      errno = err;
+      fail_errno(ErrorCode::config_mismatch, rank, phase,
+                 "rank " + std::to_string(rank) + " of job '" + job + "' is already taken by another process on this host");
+    }
+  }
+
   // Listen for the higher ranks; connect to the lower ones.
   int listener = -1;
   if (rank + 1 < world_size) {
@@ -132,6 +158,8 @@ SocketMesh::SocketMesh(const std::string& job, int rank, int world_size, Clock::
   }
   const auto cleanup = [&] {
     if (listener >= 0) ::close(listener);
+    ::close(claim_);
+    claim_ = -1;
     for (int& fd : fds_) {
       if (fd >= 0) ::close(fd);
       fd = -1;
@@ -197,6 +225,8 @@ SocketMesh::SocketMesh(const std::string& job, int rank, int world_size, Clock::
       Hello theirs;
       try {
         read_exact(fd, &theirs, sizeof(theirs), deadline, -1, phase);
+        // Answer before judging, so that a peer with a different world size sees the mismatch too.
+        if (theirs.magic == kHelloMagic && theirs.job_hash == mine.job_hash) write_all(fd, &mine, sizeof(mine), theirs.rank, phase);
         check_peer(fd, theirs, -1);
       } catch (...) {
         ::close(fd);
@@ -209,7 +239,6 @@ SocketMesh::SocketMesh(const std::string& job, int rank, int world_size, Clock::
       }
       fds_[static_cast<std::size_t>(theirs.rank)] = fd;
       pids_[static_cast<std::size_t>(theirs.rank)] = theirs.pid;
-      write_all(fd, &mine, sizeof(mine), theirs.rank, phase);
     }
   } catch (...) {
     cleanup();
@@ -224,6 +253,7 @@ SocketMesh::~SocketMesh() {
   for (int fd : fds_) {
     if (fd >= 0) ::close(fd);
   }
+  if (claim_ >= 0) ::close(claim_);
 }
 
 void SocketMesh::send(int peer, const void* data, std::size_t bytes, int fd, const char* phase) {
@@ -248,7 +278,7 @@ void SocketMesh::send(int peer, const void* data, std::size_t bytes, int fd, con
   do {
     n = ::sendmsg(sock, &msg, MSG_NOSIGNAL);
   } while (n < 0 && errno == EINTR);
-  if (n < 0) fail_errno(ErrorCode::peer_lost, peer, phase, "rank " + std::to_string(peer) + " is unreachable (sendmsg)");
+  if (n < 0) fail_io(peer, phase, "sendmsg");
   // The descriptor travels with the first byte; send whatever the kernel did not take.
   if (static_cast<std::size_t>(n) < bytes) write_all(sock, static_cast<const char*>(data) + n, bytes - static_cast<std::size_t>(n), peer, phase);
 }
@@ -274,7 +304,7 @@ int SocketMesh::receive(int peer, void* data, std::size_t bytes, Clock::time_poi
     throw PeerError(ErrorCode::peer_lost, peer, phase,
                     "rank " + std::to_string(peer) + " exited or was killed (its connection closed) in phase '" + phase + "'");
   }
-  if (n < 0) fail_errno(ErrorCode::peer_failed, peer, phase, "receiving from rank " + std::to_string(peer));
+  if (n < 0) fail_io(peer, phase, "recvmsg");
   int fd = -1;
   for (cmsghdr* cm = CMSG_FIRSTHDR(&msg); cm != nullptr; cm = CMSG_NXTHDR(&msg, cm)) {
     if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int))) {

@@ -33,6 +33,7 @@ class SocketMesh {
 
  private:
   int rank_, world_;
+  int claim_ = -1;         // bound to "moedist.<job>.claim.<rank>" while the mesh lives
   std::vector<int> fds_;   // connection to each peer (-1 for self)
   std::vector<int> pids_;
 };
