@@ -40,7 +40,8 @@ int futex(std::atomic<std::uint32_t>* word, int op, std::uint32_t value, const t
 std::byte* create_shared(std::size_t bytes, const char* name, int* fd_out) {
   const int fd = ::memfd_create(name, MFD_CLOEXEC);
   if (fd < 0) throw Error(ErrorCode::internal, std::string("memfd_create: ") + std::strerror(errno));
-  if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+  // Owner-only, like a 0600 file: a memfd has no name, but /proc/<pid>/fd would otherwise expose it.
+  if (::fchmod(fd, 0600) != 0 || ::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
     const int err = errno;
     ::close(fd);
     throw Error(ErrorCode::capacity, "cannot size a " + std::to_string(bytes) + "-byte shared window: " + std::strerror(err));
@@ -158,10 +159,11 @@ ShmTransport::Mapping ShmTransport::map_peer_memfd(int fd, std::size_t expected,
     throw PeerError(ErrorCode::protocol, peer, phase, "rank " + std::to_string(peer) + " sent no descriptor for its " + what);
   }
   struct stat st {};
-  if (::fstat(fd, &st) != 0 || st.st_uid != ::getuid() || static_cast<std::size_t>(st.st_size) != expected || expected == 0) {
+  if (::fstat(fd, &st) != 0 || st.st_uid != ::getuid() || (st.st_mode & 077) != 0 ||
+      static_cast<std::size_t>(st.st_size) != expected || expected == 0) {
     ::close(fd);
     throw PeerError(ErrorCode::protocol, peer, phase,
-                    "the " + std::string(what) + " of rank " + std::to_string(peer) + " has the wrong owner or size (expected " +
+                    "the " + std::string(what) + " of rank " + std::to_string(peer) + " has the wrong owner, mode or size (expected " +
                         std::to_string(expected) + " bytes)");
   }
   void* p = ::mmap(nullptr, expected, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
