@@ -704,6 +704,9 @@ TEST(ShmFault, TwoProcessesClaimingTheSameConnectingRank) {
       o.timeout = milliseconds(1500);
       auto group = join_shm(fc.rank(g), job, o);
       workload(*group, g, fc);
+      // Hold the group (and so the claim on the rank) a while: a claimant that starts only after the
+      // job is over would rightly wait for a rank 0 that is no longer there, which is not this test.
+      std::this_thread::sleep_for(milliseconds(1000));
     });
     ASSERT_EQ(ranks.wait(milliseconds(30000)), "") << all_outcomes(ranks);
     std::printf("[ outcome ] two processes claiming rank 1, round %d:%s\n", round, all_outcomes(ranks).c_str());
