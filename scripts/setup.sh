@@ -9,6 +9,9 @@ packages=(
   libopenblas-dev                                # expert matmuls of `moedist demo`
   nlohmann-json3-dev                             # case files (safetensors headers)
   libcli11-dev                                   # the command-line tool
+  libopenmpi-dev openmpi-bin                     # `moedist bench`'s MPI baseline (optional: skipped without it)
+  libbenchmark-dev                               # kernel micro-benchmarks (optional: moedist_micro_bench)
+  gnuplot-nox                                    # `moedist bench --plot` (optional)
 )
 
 missing=()

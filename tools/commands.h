@@ -12,3 +12,7 @@ void add_size(CLI::App& app, int* exit_code);
 void add_launch(CLI::App& app, int* exit_code);
 
 }  // namespace moedist::cli
+
+namespace moedist::cli {
+void add_bench(CLI::App& app, int* exit_code);
+}  // namespace moedist::cli

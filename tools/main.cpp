@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   moedist::cli::add_replay(app, &exit_code);
   moedist::cli::add_size(app, &exit_code);
   moedist::cli::add_launch(app, &exit_code);
+  moedist::cli::add_bench(app, &exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,83 @@
+// The transports `moedist bench` times at a grid point, each running every rank through run_rank_loop
+// (workload.h):
+//   inproc        moedist, ranks as threads of this process (InProcessWorld)
+//   shm           moedist, ranks as processes (moedist::launch of a rank program, join_shm_from_env)
+//   mpi           the MPI baseline (bench/mpi_baseline.h) under mpirun
+//   memcpy-floor  the bytes every rank must move (its logical bytes) memcpy'd, nothing else, by min(W, usable
+//                 CPUs) threads at once (rank r's bytes by thread r mod that count)
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "workload.h"
+
+namespace moedist::bench {
+
+struct RunSettings {
+  LoopOptions loop;
+  std::int64_t timeout_ms = 60000;  // longest wait for a peer (moedist's timeout, and the bench's own barrier)
+};
+
+// What timing one transport at one point gave: samples, or why there are none.
+struct RunOutcome {
+  bool ok = false;
+  bool tried = true;  // false: not run at all (too large for memory, tools missing)
+  std::string error;
+  OpSamples samples;
+};
+
+RunOutcome run_inproc(const Point& p, const RunSettings& settings);
+RunOutcome run_memcpy_floor(const Point& p, const RunSettings& settings);
+
+// Starts W processes of `rank_program` followed by the path of a private work directory (the `moedist` tool
+// passes itself and its hidden `bench-rank` subcommand); each must call shm_rank_main with that directory.
+RunOutcome run_shm(const Point& p, const RunSettings& settings, const std::vector<std::string>& rank_program);
+// The body of one such process (rank MOEDIST_RANK): reads the point from the directory, joins the job's group,
+// runs the loop, leaves its samples (or its error) in the directory. Returns the process's exit status.
+int shm_rank_main(const std::string& dir);
+
+// Where the MPI baseline runs from.
+struct MpiTools {
+  std::string mpirun;    // path of mpirun
+  std::string baseline;  // path of moedist_mpi_baseline
+};
+// Finds mpirun in PATH and the baseline (`explicit_baseline` if given, else the one this build made, else next to
+// `self_dir`, else in PATH). Returns "" when both are there, else why the MPI baseline cannot run.
+std::string find_mpi_tools(const std::string& explicit_baseline, const std::string& self_dir, MpiTools* tools);
+
+// "mpirun (Open MPI) 4.1.4 (/usr/bin/mpirun); baseline PATH", from `mpirun --version`.
+std::string describe_mpi(const MpiTools& tools);
+
+// One mpirun of W ranks for all `points` (all with the same W): on_point(i, outcome) for each point in order, as
+// its result arrives. Points the run never reached get an outcome with the reason. *library gets the MPI
+// library's version line.
+void run_mpi_points(const MpiTools& tools, const std::vector<Point>& points, const RunSettings& settings,
+                    const std::function<void(std::size_t index, RunOutcome outcome)>& on_point, std::string* library);
+
+// Runs argv (PATH lookup) with extra "NAME=value" environment entries, calling on_line for each line it writes to
+// stdout; its stderr is captured into *stderr_text when given (else inherited). Returns the waitpid status, or
+// -1 with *stderr_text set when it cannot start.
+int run_program(const std::vector<std::string>& argv, const std::vector<std::string>& extra_env,
+                const std::function<void(const std::string& line)>& on_line, std::string* stderr_text);
+
+// A private (0700) directory under the temporary directory, removed with everything in it.
+class WorkDir {
+ public:
+  explicit WorkDir(const std::string& prefix);  // "<tmp>/<prefix>-XXXXXX"
+  ~WorkDir();
+  WorkDir(const WorkDir&) = delete;
+  WorkDir& operator=(const WorkDir&) = delete;
+  const std::string& path() const noexcept { return path_; }
+
+ private:
+  std::string path_;
+};
+
+// Path of a program in PATH, or "".
+std::string find_in_path(const std::string& name);
+
+}  // namespace moedist::bench

@@ -1,0 +1,317 @@
+#include "sweep.h"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <optional>
+#include <ostream>
+#include <sstream>
+#include <stdexcept>
+
+#include "moedist/config.h"
+
+namespace moedist::bench {
+
+namespace {
+
+bool contains(const std::vector<std::string>& list, const std::string& item) {
+  return std::find(list.begin(), list.end(), item) != list.end();
+}
+
+std::string gb(std::int64_t bytes) {
+  std::ostringstream s;
+  s.precision(1);
+  s << std::fixed << static_cast<double>(bytes) * 1e-9 << " GB";
+  return s.str();
+}
+
+// Progress on stderr: a bar redrawn in place on a terminal, else a line per run.
+class Progress {
+ public:
+  Progress(std::ostream& os, int total, bool tty) : os_(os), total_(total), tty_(tty) {}
+
+  void begin(const std::string& what) {
+    what_ = what;
+    if (tty_) {
+      draw();
+    } else {
+      os_ << "[" << done_ + 1 << "/" << total_ << "] " << what << "\n";
+      os_.flush();
+    }
+  }
+  void end(int runs = 1) {
+    done_ += runs;
+    if (tty_) draw();
+  }
+  // Erases the bar so that other output starts on a clean line.
+  void clear() {
+    if (tty_) {
+      os_ << "\r\033[K";
+      os_.flush();
+    }
+  }
+
+ private:
+  void draw() {
+    constexpr int kWidth = 30;
+    const int filled = total_ > 0 ? done_ * kWidth / total_ : kWidth;
+    os_ << "\r\033[K[" << std::string(static_cast<std::size_t>(filled), '#')
+        << std::string(static_cast<std::size_t>(kWidth - filled), '.') << "] " << done_ << "/" << total_ << "  " << what_;
+    os_.flush();
+  }
+
+  std::ostream& os_;
+  int total_, done_ = 0;
+  bool tty_;
+  std::string what_;
+};
+
+std::vector<ResultRow> rows_of(const std::string& transport, const Point& p, const PointBytes& bytes,
+                               const OpSamples& samples) {
+  const std::vector<double>* per_op[] = {&samples.dispatch_us, &samples.combine_us, &samples.roundtrip_us};
+  const OpBytes op_bytes[] = {bytes.dispatch, bytes.combine, bytes.roundtrip};
+  std::vector<ResultRow> rows;
+  for (std::size_t i = 0; i < std::size(kOps); ++i) {
+    ResultRow r;
+    r.transport = transport;
+    r.point = p;
+    r.op = kOps[i];
+    r.stats = summarize(*per_op[i]);
+    r.bytes = op_bytes[i];
+    if (r.stats.p50_us > 0) {  // bytes per microsecond * 1e-3 = GB/s
+      r.logical_gbps = static_cast<double>(r.bytes.logical) / r.stats.p50_us * 1e-3;
+      r.wire_gbps = static_cast<double>(r.bytes.wire) / r.stats.p50_us * 1e-3;
+    }
+    rows.push_back(r);
+  }
+  return rows;
+}
+
+void add_ratios(std::vector<ResultRow>& rows) {
+  for (ResultRow& r : rows) {
+    for (const ResultRow& base : rows) {
+      if (base.op != r.op || base.stats.p50_us <= 0) continue;
+      if (base.transport == "mpi") r.x_mpi = r.stats.p50_us / base.stats.p50_us;
+      if (base.transport == "memcpy-floor") r.x_floor = r.stats.p50_us / base.stats.p50_us;
+    }
+  }
+}
+
+// "" when the run fits in memory, else the skip reason.
+std::string memory_problem(const std::string& transport, const Point& p, const PointBytes& bytes, double fraction) {
+  const std::int64_t need = memory_needed(transport, p, bytes);
+  const std::int64_t available = memory_available();
+  if (available < 0 || static_cast<double>(need) <= fraction * static_cast<double>(available)) return "";
+  std::string how = transport == "inproc" || transport == "shm" ? " (moedist::capacity() of " + std::to_string(p.W) + " ranks, plus inputs)" : "";
+  return "needs about " + gb(need) + how + ", more than " + std::to_string(static_cast<int>(fraction * 100)) + "% of the " +
+         gb(available) + " available";
+}
+
+}  // namespace
+
+void validate(const SweepOptions& o) {
+  const auto fail = [](const std::string& what) { throw std::invalid_argument(what); };
+  if (o.transports.empty()) fail("--transport: name at least one transport");
+  for (const std::string& t : o.transports) {
+    if (std::find(std::begin(kTransports), std::end(kTransports), t) == std::end(kTransports))
+      fail("--transport: unknown transport '" + t + "' (inproc, shm, mpi, memcpy-floor)");
+  }
+  if (o.world_sizes.empty() || o.bs.empty() || o.hidden.empty() || o.topk.empty() || o.quant_modes.empty())
+    fail("every grid list (--ep-world-size, --bs, --hidden, --topk, --quant-mode) needs at least one value");
+  for (int w : o.world_sizes) {
+    if (w < 1 || w > 1024) fail("--ep-world-size: " + std::to_string(w) + " is not in [1, 1024]");
+  }
+  for (std::int64_t b : o.bs) {
+    if (b < 0) fail("--bs: " + std::to_string(b) + " is negative");
+  }
+  for (std::int64_t h : o.hidden) {
+    if (h < 1) fail("--hidden: " + std::to_string(h) + " is not positive");
+  }
+  for (int k : o.topk) {
+    if (k < 1) fail("--topk: " + std::to_string(k) + " is not positive");
+  }
+  for (int q : o.quant_modes) {
+    if (q != 0 && q != 2) fail("--quant-mode: " + std::to_string(q) + " is not 0 or 2");
+  }
+  if (o.moe_expert_num < 0) fail("--moe-expert-num: must be positive (or 0 for W * --local-experts)");
+  if (o.local_experts < 1) fail("--local-experts: must be positive");
+  if (o.run.loop.warmup < 1) fail("--warmup: at least 1 (the timed count is sized from the warm-up)");
+  if (o.run.loop.max_iters < 1 || o.run.loop.min_iters < 1) fail("--iters and --min-iters: at least 1");
+  if (!(o.run.loop.max_seconds >= 0)) fail("--max-point-seconds: must not be negative");
+  if (o.run.timeout_ms < 1) fail("--timeout-ms: must be positive");
+  if (!(o.memory_fraction > 0 && o.memory_fraction <= 1)) fail("memory fraction must be in (0, 1]");
+}
+
+std::vector<Point> grid_points(const SweepOptions& o, int W) {
+  std::vector<Point> points;
+  for (int q : o.quant_modes) {
+    for (std::int64_t h : o.hidden) {
+      for (int k : o.topk) {
+        for (std::int64_t bs : o.bs) {
+          Point p;
+          p.W = W;
+          p.bs = bs;
+          p.h = h;
+          p.k = k;
+          p.E = o.moe_expert_num > 0 ? o.moe_expert_num : W * o.local_experts;
+          p.quant_mode = q;
+          p.dtype = o.dtype;
+          p.seed = o.seed;
+          points.push_back(p);
+        }
+      }
+    }
+  }
+  return points;
+}
+
+std::int64_t memory_needed(const std::string& transport, const Point& p, const PointBytes& bytes) {
+  const std::int64_t x = p.bs * p.h * 2, routing = p.bs * p.k * 8, smooth = p.quant_mode == 2 ? p.E * p.h * 4 : 0;
+  std::int64_t total = 0;
+  if (transport == "memcpy-floor") {
+    for (int r = 0; r < p.W; ++r)
+      total += 2 * (bytes.dispatch_per_rank[static_cast<std::size_t>(r)] + bytes.combine_per_rank[static_cast<std::size_t>(r)]);
+    return total;
+  }
+  for (int r = 0; r < p.W; ++r) {
+    const std::int64_t received = bytes.received_rows[static_cast<std::size_t>(r)];
+    const std::int64_t identity = p.quant_mode == 2 ? received * 2 * p.h : 0;
+    total += x + routing + smooth + identity;
+    if (transport == "mpi") {
+      // send, receive and sorted dispatch rows; expert outputs sent back and received; combine output
+      total += bytes.dispatch_per_rank[static_cast<std::size_t>(r)] + 2 * received * dispatch_row_bytes(p) +
+               received * 2 * p.h + bytes.combine_per_rank[static_cast<std::size_t>(r)] + x;
+    }
+  }
+  if (transport == "inproc" || transport == "shm") {
+    const GroupConfig config{.ep_world_size = p.W, .moe_expert_num = p.E};
+    const CapacityQuery query{.bs = p.bs, .k = p.k, .h = p.h, .x_dtype = p.dtype, .quant_mode = p.quant_mode};
+    total += p.W * capacity(config, query).total_bytes;  // every rank has the same role (S = 0)
+  }
+  return total;
+}
+
+std::int64_t memory_available() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  std::int64_t kib = 0;
+  std::string unit;
+  while (meminfo >> key >> kib >> unit) {
+    if (key == "MemAvailable:") return kib * 1024;
+  }
+  return -1;
+}
+
+namespace {
+
+// The MPI baseline at every usable point of one W: one mpirun for all the points that fit in memory. Entries stay
+// empty for unusable points.
+std::vector<std::optional<RunOutcome>> run_mpi_for(const SweepOptions& o, const MpiTools& tools, const std::string& unavailable,
+                                                   const std::vector<Point>& points,
+                                                   const std::vector<std::string>& problems,
+                                                   const std::vector<PointBytes>& bytes, Progress& progress,
+                                                   std::string* library) {
+  std::vector<std::optional<RunOutcome>> outcomes(points.size());
+  std::vector<Point> batch;
+  std::vector<std::size_t> index;
+  for (std::size_t i = 0; i < points.size(); ++i) {
+    if (!problems[i].empty()) continue;
+    RunOutcome skip;
+    skip.tried = false;
+    skip.error = unavailable.empty() ? memory_problem("mpi", points[i], bytes[i], o.memory_fraction) : unavailable;
+    if (skip.error.empty()) {
+      batch.push_back(points[i]);
+      index.push_back(i);
+    } else {
+      outcomes[i] = skip;
+      progress.end();
+    }
+  }
+  if (batch.empty()) return outcomes;
+  progress.begin("mpi " + describe(batch.front()) + " (one mpirun for " + std::to_string(batch.size()) + " points)");
+  run_mpi_points(
+      tools, batch, o.run,
+      [&](std::size_t i, RunOutcome outcome) {
+        outcomes[index[i]] = std::move(outcome);
+        progress.end();
+        if (i + 1 < batch.size()) progress.begin("mpi " + describe(batch[i + 1]));
+      },
+      library);
+  return outcomes;
+}
+
+// One of the transports that run in or from this process, unless the point would not fit in memory.
+RunOutcome run_local(const std::string& transport, const Point& p, const PointBytes& bytes, const SweepOptions& o,
+                     Progress& progress) {
+  RunOutcome outcome;
+  outcome.error = memory_problem(transport, p, bytes, o.memory_fraction);
+  outcome.tried = outcome.error.empty();
+  if (outcome.tried) {
+    progress.begin(transport + " " + describe(p));
+    if (transport == "inproc") outcome = run_inproc(p, o.run);
+    else if (transport == "shm") outcome = run_shm(p, o.run, o.rank_program);
+    else outcome = run_memcpy_floor(p, o.run);
+  }
+  progress.end();
+  return outcome;
+}
+
+}  // namespace
+
+SweepResult run_sweep(const SweepOptions& o, std::ostream& out, std::ostream& progress_stream, bool progress_tty) {
+  validate(o);
+  SweepResult result;
+  MpiTools tools;
+  const bool want_mpi = contains(o.transports, "mpi");
+  if (want_mpi) {
+    result.mpi_unavailable = find_mpi_tools(o.mpi_baseline, o.self_dir, &tools);
+    if (!result.mpi_unavailable.empty()) out << "skipped mpi: " << result.mpi_unavailable << "\n\n";
+  }
+
+  int total = 0;
+  for (int W : o.world_sizes) total += static_cast<int>(grid_points(o, W).size() * o.transports.size());
+  Progress progress(progress_stream, total, progress_tty);
+
+  for (int W : o.world_sizes) {
+    const std::vector<Point> points = grid_points(o, W);
+    std::vector<std::string> problems;
+    std::vector<PointBytes> bytes(points.size());
+    for (std::size_t i = 0; i < points.size(); ++i) {
+      problems.push_back(point_problem(points[i]));
+      if (problems.back().empty()) bytes[i] = count_bytes(points[i]);
+    }
+    // The MPI baseline first, so that its numbers are there when each point's table is printed.
+    std::vector<std::optional<RunOutcome>> mpi(points.size());
+    if (want_mpi) mpi = run_mpi_for(o, tools, result.mpi_unavailable, points, problems, bytes, progress, &result.mpi_library);
+
+    for (std::size_t i = 0; i < points.size(); ++i) {
+      const Point& p = points[i];
+      std::vector<ResultRow> rows;
+      std::vector<SkipRow> skipped;
+      if (!problems[i].empty()) {
+        skipped.push_back({"*", p, problems[i], false});
+        progress.end(static_cast<int>(o.transports.size()));
+      }
+      for (const std::string& t : problems[i].empty() ? o.transports : std::vector<std::string>()) {
+        const RunOutcome outcome = t == "mpi" ? mpi[i].value_or(RunOutcome{}) : run_local(t, p, bytes[i], o, progress);
+        if (outcome.ok) {
+          for (ResultRow& r : rows_of(t, p, bytes[i], outcome.samples)) rows.push_back(std::move(r));
+        } else if (!(t == "mpi" && !result.mpi_unavailable.empty())) {  // mpi's absence was said once, at the top
+          skipped.push_back({t, p, outcome.error, outcome.tried});
+          if (outcome.tried) ++result.failures;
+        }
+      }
+      add_ratios(rows);
+      progress.clear();
+      print_point(out, p, bytes[i], rows, skipped);
+      out.flush();
+      result.rows.insert(result.rows.end(), rows.begin(), rows.end());
+      result.skipped.insert(result.skipped.end(), skipped.begin(), skipped.end());
+    }
+  }
+  progress.clear();
+  return result;
+}
+
+}  // namespace moedist::bench

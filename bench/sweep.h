@@ -1,0 +1,110 @@
+// `moedist bench`'s sweep: every transport at every point of the grid, the statistics and ratios of each, and
+// the outputs (text tables, JSON, CSV, plot). The `moedist bench` subcommand (tools/cmd_bench.cpp) is a thin
+// layer of flags over this; tests/bench_test.cpp drives it directly.
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "runners.h"
+#include "workload.h"
+
+namespace moedist::bench {
+
+inline constexpr const char* kTransports[] = {"inproc", "shm", "mpi", "memcpy-floor"};
+inline constexpr const char* kOps[] = {"dispatch", "combine", "roundtrip"};
+
+struct SweepOptions {
+  std::vector<std::string> transports = {"inproc", "shm", "mpi", "memcpy-floor"};
+  std::vector<int> world_sizes = {2, 4, 8, 16};
+  std::vector<std::int64_t> bs = {1, 16, 64, 256, 1024, 4096};
+  std::vector<std::int64_t> hidden = {7168};
+  std::vector<int> topk = {8};
+  std::vector<int> quant_modes = {0, 2};
+  int moe_expert_num = 0;  // 0: E = W * local_experts for each W
+  int local_experts = 4;
+  DType dtype = DType::bf16;
+  std::uint64_t seed = 1;
+  RunSettings run;
+  double memory_fraction = 0.8;  // skip a run that needs more than this share of MemAvailable
+  std::vector<std::string> rank_program;  // shm: the program (and arguments) of a rank process
+  std::string mpi_baseline;               // explicit moedist_mpi_baseline, or "" to look for it
+  std::string self_dir;                   // directory of the running tool (where the baseline may also be)
+};
+
+// Throws std::invalid_argument naming the flag when an option is unusable.
+void validate(const SweepOptions& options);
+
+// The points of one W, in the order they run: quant_mode, H, K, then BS.
+std::vector<Point> grid_points(const SweepOptions& options, int W);
+
+struct ResultRow {
+  std::string transport;
+  Point point;
+  std::string op;  // dispatch, combine, roundtrip
+  Stats stats;
+  OpBytes bytes;
+  double logical_gbps = 0, wire_gbps = 0;  // bytes / p50 latency
+  double x_mpi = std::numeric_limits<double>::quiet_NaN();    // p50 / the mpi baseline's p50 (NaN: none)
+  double x_floor = std::numeric_limits<double>::quiet_NaN();  // p50 / the memcpy floor's p50 (NaN: none)
+};
+
+struct SkipRow {
+  std::string transport;  // "*": every transport (the point itself is unusable)
+  Point point;
+  std::string reason;
+  bool failed = false;    // the run was tried and failed (an error), rather than not tried (memory, no MPI)
+};
+
+struct SweepResult {
+  std::vector<ResultRow> rows;
+  std::vector<SkipRow> skipped;
+  std::string mpi_library;      // the MPI library's version line, when mpi ran
+  std::string mpi_unavailable;  // why mpi did not run at all ("" if it ran or was not asked for)
+  int failures = 0;             // runs that were tried and failed
+};
+
+// Bytes a transport needs at a point, summed over its ranks, estimated before running it (moedist's from
+// moedist::capacity()); and the memory the system has available now (MemAvailable, -1 if unknown).
+std::int64_t memory_needed(const std::string& transport, const Point& p, const PointBytes& bytes);
+std::int64_t memory_available();
+
+// Runs the sweep. A table per point goes to `out` as the point completes; progress goes to `progress` (a bar
+// redrawn in place when progress_tty, else one "[i/N]" line per run).
+SweepResult run_sweep(const SweepOptions& options, std::ostream& out, std::ostream& progress, bool progress_tty);
+
+// ---- outputs (report.cpp) ----
+
+// The exact command, the machine, the kernel ISA and the date, for the top of every output.
+struct RunInfo {
+  std::string command;
+  std::string date;
+  std::string cpu_model;
+  int logical_cpus = 0, usable_cpus = 0;
+  double memory_gib = 0;
+  std::string kernel;
+  std::string isa;  // the row-kernel variant in use, how it was chosen, and what the CPU supports
+  std::string version;
+  std::string build;
+  std::string mpi;  // the MPI the baseline runs on, why it cannot run, or "not asked for"
+};
+// `options` says whether and where the MPI baseline runs.
+RunInfo collect_run_info(const std::string& command, const SweepOptions& options);
+
+// What each column means; printed at the top of the text output and by `moedist bench --help`.
+std::string definitions_text();
+
+void print_header(std::ostream& out, const RunInfo& info, const SweepOptions& options);
+void print_point(std::ostream& out, const Point& p, const PointBytes& bytes, const std::vector<ResultRow>& rows,
+                 const std::vector<SkipRow>& skipped);
+
+void write_json(const std::string& path, const RunInfo& info, const SweepOptions& options, const SweepResult& result);
+void write_csv(const std::string& path, const SweepResult& result);
+// Round-trip p50 latency against BS (log-log), a panel per (W, H, K, quant_mode), a line per transport, with
+// gnuplot. Returns "" when the PNG was written, else why not.
+std::string write_plot(const std::string& png_path, const SweepResult& result);
+
+}  // namespace moedist::bench

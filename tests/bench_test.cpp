@@ -1,0 +1,234 @@
+// `moedist bench`'s library (bench/): a quick sweep over the in-process transport and the memcpy floor, its JSON
+// and CSV outputs, and the byte counts, percentiles and skips the tables rest on.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "sweep.h"
+#include "workload.h"
+
+namespace moedist::bench {
+namespace {
+
+SweepOptions quick_options() {
+  SweepOptions o;
+  o.transports = {"inproc", "memcpy-floor"};
+  o.world_sizes = {2};
+  o.bs = {1, 16};
+  o.hidden = {256};
+  o.topk = {2};
+  o.quant_modes = {0, 2};
+  o.run.loop.warmup = 1;
+  o.run.loop.max_iters = 3;
+  o.run.loop.min_iters = 3;
+  return o;
+}
+
+std::string temp_path(const std::string& name) {
+  return (std::filesystem::temp_directory_path() / ("moedist_bench_test_" + std::to_string(::getpid()) + "_" + name)).string();
+}
+
+// Bytes of an operation computed here, from the routing alone: a set of destination ranks per token.
+OpBytes expected_bytes(const Point& p, const std::string& op) {
+  const std::int64_t drow = p.quant_mode == 2 ? p.h * 1 + 4 : p.h * 2;
+  const std::int64_t crow = p.h * 2;
+  std::int64_t entries = 0, pairs = 0;
+  for (int r = 0; r < p.W; ++r) {
+    const std::vector<std::int32_t> ids = make_expert_ids(p, r);
+    for (std::int64_t b = 0; b < p.bs; ++b) {
+      std::set<int> ranks;
+      for (int k = 0; k < p.k; ++k) ranks.insert(ids[static_cast<std::size_t>(b * p.k + k)] / (p.E / p.W));
+      entries += p.k;
+      pairs += static_cast<std::int64_t>(ranks.size());
+    }
+  }
+  if (op == "dispatch") return {entries * drow, pairs * drow};
+  if (op == "combine") return {entries * crow, pairs * crow};
+  return {entries * (drow + crow), pairs * (drow + crow)};
+}
+
+TEST(BenchRouting, CountsEntriesAndDestinationRanksOfAFixedRouting) {
+  // W = 2, L = 2 (experts 0, 1 on rank 0; 2, 3 on rank 1), K = 2, three tokens.
+  const std::int32_t ids[] = {0, 1, /**/ 1, 2, /**/ 3, 2};
+  const RouteCounts c = count_routes(ids, 3, 2, 2, 2);
+  EXPECT_EQ(c.entries, 6);
+  EXPECT_EQ(c.rank_pairs, 4);  // token 0: rank 0; token 1: ranks 0 and 1; token 2: rank 1
+  EXPECT_EQ(c.rows_to, (std::vector<std::int64_t>{3, 3}));
+}
+
+TEST(BenchRouting, PointBytesFollowTheDefinitions) {
+  const Point p{.W = 4, .bs = 5, .h = 100, .k = 8, .E = 16, .quant_mode = 2};
+  const PointBytes b = count_bytes(p);
+  // Logical: every (token, expert) of every rank, (H + 4) bytes with quant 2, 2H for combine.
+  EXPECT_EQ(b.dispatch.logical, 4 * 5 * 8 * (100 + 4));
+  EXPECT_EQ(b.combine.logical, 4 * 5 * 8 * 200);
+  for (const char* op : {"dispatch", "combine", "roundtrip"}) {
+    const OpBytes want = expected_bytes(p, op);
+    const OpBytes got = std::string(op) == "dispatch" ? b.dispatch : std::string(op) == "combine" ? b.combine : b.roundtrip;
+    EXPECT_EQ(got.logical, want.logical) << op;
+    EXPECT_EQ(got.wire, want.wire) << op;
+    EXPECT_LE(got.wire, got.logical) << op;
+  }
+  std::int64_t received = 0;
+  for (std::int64_t r : b.received_rows) received += r;
+  EXPECT_EQ(received, 4 * 5 * 8);
+}
+
+TEST(BenchRouting, RoutingIsUniformTopKDistinctAndDeterministic) {
+  const Point p{.W = 4, .bs = 2000, .h = 8, .k = 8, .E = 16};
+  const std::vector<std::int32_t> ids = make_expert_ids(p, 3);
+  EXPECT_EQ(ids, make_expert_ids(p, 3));
+  EXPECT_NE(ids, make_expert_ids(p, 2));
+  std::vector<int> hits(16, 0);
+  for (std::int64_t b = 0; b < p.bs; ++b) {
+    const std::set<int> distinct(ids.begin() + b * p.k, ids.begin() + (b + 1) * p.k);
+    ASSERT_EQ(distinct.size(), 8u);
+    for (int e : distinct) {
+      ASSERT_GE(e, 0);
+      ASSERT_LT(e, 16);
+      ++hits[static_cast<std::size_t>(e)];
+    }
+  }
+  // 16000 picks over 16 experts: 1000 each expected; a uniform draw stays well inside +-15%.
+  for (int h : hits) EXPECT_NEAR(h, 1000, 150);
+}
+
+TEST(BenchStats, NearestRankPercentilesAndTheSlowestRank) {
+  std::vector<double> samples;
+  for (int i = 100; i >= 1; --i) samples.push_back(i);
+  const Stats s = summarize(samples);
+  EXPECT_EQ(s.iters, 100);
+  EXPECT_EQ(s.p50_us, 50);
+  EXPECT_EQ(s.p99_us, 99);
+  EXPECT_EQ(s.min_us, 1);
+  EXPECT_EQ(s.max_us, 100);
+  EXPECT_DOUBLE_EQ(s.mean_us, 50.5);
+  EXPECT_EQ(summarize({3, 1, 2}).p99_us, 3);  // fewer than 100: the maximum
+
+  const std::vector<std::vector<RoundTimes>> per_rank = {{{1, 5, 6}, {4, 1, 5}}, {{2, 2, 3}, {3, 3, 7}}};
+  const OpSamples m = slowest_rank(per_rank);
+  EXPECT_EQ(m.dispatch_us, (std::vector<double>{2, 4}));
+  EXPECT_EQ(m.combine_us, (std::vector<double>{5, 3}));
+  EXPECT_EQ(m.roundtrip_us, (std::vector<double>{6, 7}));
+}
+
+TEST(BenchSweep, QuickSweepWritesEveryOpToJsonAndCsv) {
+  const SweepOptions o = quick_options();
+  std::ostringstream text, progress;
+  const SweepResult result = run_sweep(o, text, progress, false);
+  EXPECT_EQ(result.failures, 0) << text.str();
+  EXPECT_TRUE(result.skipped.empty()) << text.str();
+  EXPECT_NE(progress.str().find("[8/8] memcpy-floor W=2 BS=16 H=256 K=2 E=8 quant=2 bf16"), std::string::npos)
+      << progress.str();
+
+  const std::string json_path = temp_path("out.json"), csv_path = temp_path("out.csv");
+  const RunInfo info = collect_run_info("moedist bench --quick", o);
+  write_json(json_path, info, o, result);
+  write_csv(csv_path, result);
+
+  std::ifstream jf(json_path);
+  const nlohmann::json j = nlohmann::json::parse(jf);
+  EXPECT_EQ(j["info"]["command"], "moedist bench --quick");
+  EXPECT_FALSE(j["info"]["cpu_model"].get<std::string>().empty());
+  EXPECT_FALSE(j["info"]["kernels_isa"].get<std::string>().empty());
+  std::set<std::tuple<std::string, std::int64_t, int, std::string>> seen;  // transport, BS, quant, op
+  for (const nlohmann::json& r : j["results"]) {
+    const Point p{.W = r["W"].get<int>(), .bs = r["BS"].get<std::int64_t>(), .h = r["H"].get<std::int64_t>(),
+                  .k = r["K"].get<int>(), .E = r["E"].get<int>(), .quant_mode = r["quant_mode"].get<int>()};
+    const std::string op = r["op"];
+    const OpBytes want = expected_bytes(p, op);
+    EXPECT_EQ(r["logical_bytes"].get<std::int64_t>(), want.logical) << r.dump();
+    EXPECT_EQ(r["wire_bytes"].get<std::int64_t>(), want.wire) << r.dump();
+    EXPECT_EQ(r["iters"].get<int>(), 3);
+    EXPECT_GT(r["p50_us"].get<double>(), 0);
+    EXPECT_GE(r["p99_us"].get<double>(), r["p50_us"].get<double>());
+    EXPECT_NEAR(r["logical_gbps"].get<double>(), static_cast<double>(want.logical) / r["p50_us"].get<double>() * 1e-3, 1e-9);
+    EXPECT_FALSE(r["x_floor"].is_null());  // the floor ran at every point
+    EXPECT_TRUE(r["x_mpi"].is_null());     // mpi was not asked for
+    seen.insert({r["transport"], p.bs, p.quant_mode, op});
+  }
+  for (const std::string t : {"inproc", "memcpy-floor"}) {
+    for (std::int64_t bs : {1, 16}) {
+      for (int q : {0, 2}) {
+        for (const std::string op : {"dispatch", "combine", "roundtrip"})
+          EXPECT_TRUE(seen.count({t, bs, q, op})) << t << " BS=" << bs << " quant=" << q << " " << op;
+      }
+    }
+  }
+  EXPECT_EQ(j["results"].size(), 24u);
+
+  std::ifstream cf(csv_path);
+  std::string header, line;
+  std::getline(cf, header);
+  EXPECT_EQ(header.rfind("transport,W,BS,H,K,E,quant_mode,dtype,op,iters,p50_us,p99_us", 0), 0u);
+  int lines = 0;
+  while (std::getline(cf, line)) {
+    ++lines;
+    EXPECT_EQ(std::count(line.begin(), line.end(), ','), std::count(header.begin(), header.end(), ',')) << line;
+  }
+  EXPECT_EQ(lines, 24);
+  std::remove(json_path.c_str());
+  std::remove(csv_path.c_str());
+
+  // The text: one table per point, with both transports and every op.
+  EXPECT_NE(text.str().find("== W=2 BS=16 H=256 K=2 E=8 quant=2 bf16"), std::string::npos);
+  EXPECT_NE(text.str().find("memcpy-floor  roundtrip"), std::string::npos) << text.str();
+}
+
+TEST(BenchSweep, HeaderStatesTheDefinitionsAndTheMachine) {
+  std::ostringstream out;
+  print_header(out, collect_run_info("moedist bench --bs 1", quick_options()), quick_options());
+  const std::string s = out.str();
+  for (const char* needle : {"command   : moedist bench --bs 1", "machine   : ", "kernels   : ", "date      : ",
+                             "logical GB/s  sum over ranks of one row per (token, expert)", "wire GB/s     the same",
+                             "count exchange", "mpi       : not asked for"}) {
+    EXPECT_NE(s.find(needle), std::string::npos) << needle << "\n" << s;
+  }
+}
+
+TEST(BenchSweep, RunsTooLargeForMemoryAreSkippedWithAReason) {
+  SweepOptions o = quick_options();
+  o.bs = {16};
+  o.quant_modes = {0};
+  o.memory_fraction = 1e-12;  // nothing fits
+  std::ostringstream text, progress;
+  const SweepResult result = run_sweep(o, text, progress, false);
+  EXPECT_TRUE(result.rows.empty());
+  EXPECT_EQ(result.failures, 0);
+  ASSERT_EQ(result.skipped.size(), 2u);
+  for (const SkipRow& s : result.skipped) {
+    EXPECT_FALSE(s.failed);
+    EXPECT_NE(s.reason.find("needs about"), std::string::npos) << s.reason;
+  }
+  EXPECT_NE(text.str().find("skipped inproc: needs about"), std::string::npos) << text.str();
+  EXPECT_NE(text.str().find("moedist::capacity()"), std::string::npos) << text.str();
+}
+
+TEST(BenchSweep, UnusablePointsAndOptionsAreRejectedClearly) {
+  SweepOptions o = quick_options();
+  o.topk = {9};  // E = 2 * 4 = 8 < K
+  std::ostringstream text, progress;
+  const SweepResult result = run_sweep(o, text, progress, false);
+  EXPECT_TRUE(result.rows.empty());
+  EXPECT_NE(text.str().find("skipped point: K = 9 is not in [1, E = 8]"), std::string::npos) << text.str();
+
+  o = quick_options();
+  o.transports = {"inproc", "nccl"};
+  EXPECT_THROW(validate(o), std::invalid_argument);
+  o = quick_options();
+  o.run.loop.warmup = 0;
+  EXPECT_THROW(validate(o), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace moedist::bench
