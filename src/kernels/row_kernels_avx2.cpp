@@ -43,27 +43,38 @@ inline __m128i to_fp16_rne(__m256 v) {
 
 inline __m128i to_half_rne(__m256 v, Half type) { return type == Half::bf16 ? to_bf16(v, false) : to_fp16_rne(v); }
 
+inline __m256 smoothed(const std::uint16_t* x, const float* smooth, Half type, std::int64_t i) {
+  const __m256 v = load_half(x + i, type);
+  return smooth != nullptr ? _mm256_mul_ps(v, _mm256_loadu_ps(smooth + i)) : v;
+}
+
 void quantize_row(const std::uint16_t* x, Half type, const float* smooth, std::int64_t h, std::int8_t* q, float* scale,
                   float* scratch) {
+  // Pass 1: max |v| with two independent maxima (exact in any order); pass 2 recomputes v from the row,
+  // still in L1, rather than storing and reloading an fp32 copy.
   const std::int64_t full = h / 8 * 8;
-  __m256 amax = _mm256_setzero_ps();
+  __m256 amax0 = _mm256_setzero_ps(), amax1 = _mm256_setzero_ps();
   __m256 unordered = _mm256_setzero_ps();
-  for (std::int64_t i = 0; i < full; i += 8) {
-    __m256 v = load_half(x + i, type);
-    if (smooth != nullptr) v = _mm256_mul_ps(v, _mm256_loadu_ps(smooth + i));
-    _mm256_storeu_ps(scratch + i, v);
+  std::int64_t i = 0;
+  for (; i + 16 <= full; i += 16) {
+    const __m256 v0 = smoothed(x, smooth, type, i), v1 = smoothed(x, smooth, type, i + 8);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));
+    amax0 = _mm256_max_ps(amax0, abs_ps(v0));
+    amax1 = _mm256_max_ps(amax1, abs_ps(v1));
+  }
+  for (; i < full; i += 8) {
+    const __m256 v = smoothed(x, smooth, type, i);
     unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    amax = _mm256_max_ps(amax, abs_ps(v));
+    amax0 = _mm256_max_ps(amax0, abs_ps(v));
   }
   alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, amax);
+  _mm256_store_ps(lanes, _mm256_max_ps(amax0, amax1));
   float amax_s = 0.0f;
   for (float lane : lanes) amax_s = std::max(amax_s, lane);
   bool has_nan = _mm256_movemask_ps(unordered) != 0;
-  for (std::int64_t i = full; i < h; ++i) {
+  for (i = full; i < h; ++i) {
     float v = numeric::half_to_f32(type, x[i]);
     if (smooth != nullptr) v = v * smooth[i];
-    scratch[i] = v;
     has_nan = has_nan || std::isnan(v);
     amax_s = std::max(amax_s, std::fabs(v));
   }
@@ -73,12 +84,16 @@ void quantize_row(const std::uint16_t* x, Half type, const float* smooth, std::i
     return;
   }
   const __m256 vds = _mm256_set1_ps(ds);
-  for (std::int64_t i = 0; i < full; i += 8) {
-    const __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(scratch + i), vds));
+  for (i = 0; i < full; i += 8) {
+    const __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(smoothed(x, smooth, type, i), vds));
     const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi16(w16, w16));
   }
-  for (std::int64_t i = full; i < h; ++i) q[i] = numeric::rint_to_int8(scratch[i] * ds);
+  for (i = full; i < h; ++i) {
+    float v = numeric::half_to_f32(type, x[i]);
+    if (smooth != nullptr) v = v * smooth[i];
+    q[i] = numeric::rint_to_int8(v * ds);
+  }
   *scale = 1.0f / ds;
 }
 

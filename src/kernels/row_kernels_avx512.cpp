@@ -5,6 +5,7 @@
 // bf16 conversion instruction, which flushes them).
 #include <immintrin.h>
 
+#include <bit>
 #include <cmath>
 
 #include "kernels/row_kernels_impl.h"
@@ -54,30 +55,50 @@ inline __m256i to_fp16_rne(__m512 v) {
 
 inline __m256i to_half_rne(__m512 v, Half type) { return type == Half::bf16 ? to_bf16_rne(v) : to_fp16_rne(v); }
 
+// v = float(x) [* smooth] for 16 lanes; the same operations in both passes give the same bits.
+inline __m512 smoothed(const std::uint16_t* x, const float* smooth, Half type, std::int64_t i, __mmask16 m) {
+  const __m512 v = load_half(x + i, type, m);
+  return smooth != nullptr ? _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, smooth + i)) : v;
+}
+
 void quantize_row(const std::uint16_t* x, Half type, const float* smooth, std::int64_t h, std::int8_t* q, float* scale,
                   float* scratch) {
-  __m512 amax = _mm512_setzero_ps();
-  __mmask16 unordered = 0;
-  for (std::int64_t i = 0; i < h; i += 16) {
-    const __mmask16 m = tail_mask(h - i);
-    __m512 v = load_half(x + i, type, m);
-    if (smooth != nullptr) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, smooth + i));
-    _mm512_mask_storeu_ps(scratch + i, m, v);
-    unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    amax = _mm512_max_ps(amax, _mm512_abs_ps(v));  // masked-off lanes are 0 and do not change the max
+  // Pass 1: max |v| as the unsigned maximum of |v|'s bit patterns: for non-negative floats the bit order
+  // is the value order, and every NaN pattern lies above infinity, so one integer max gives the maximum
+  // and reveals a NaN at once. Four independent maxima (max is exact in any order). Pass 2 recomputes v
+  // from the row, still in L1, instead of storing and reloading an fp32 copy.
+  const __m512i magnitude_mask = _mm512_set1_epi32(0x7fffffff);
+  __m512i amax0 = _mm512_setzero_si512(), amax1 = _mm512_setzero_si512(), amax2 = _mm512_setzero_si512(),
+          amax3 = _mm512_setzero_si512();
+  const auto magnitude_bits = [&](__m512 v) { return _mm512_and_si512(_mm512_castps_si512(v), magnitude_mask); };
+  std::int64_t i = 0;
+  for (; i + 64 <= h; i += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(q + i), _MM_HINT_ET0);  // own the output line before pass 2 writes it
+    amax0 = _mm512_max_epu32(amax0, magnitude_bits(smoothed(x, smooth, type, i, 0xffff)));
+    amax1 = _mm512_max_epu32(amax1, magnitude_bits(smoothed(x, smooth, type, i + 16, 0xffff)));
+    amax2 = _mm512_max_epu32(amax2, magnitude_bits(smoothed(x, smooth, type, i + 32, 0xffff)));
+    amax3 = _mm512_max_epu32(amax3, magnitude_bits(smoothed(x, smooth, type, i + 48, 0xffff)));
   }
-  const float amax_s = _mm512_reduce_max_ps(amax);
+  for (; i < h; i += 16) {  // masked-off lanes are 0 and do not change the max
+    amax0 = _mm512_max_epu32(amax0, magnitude_bits(smoothed(x, smooth, type, i, tail_mask(h - i))));
+  }
+  const std::uint32_t amax_bits = _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_max_epu32(amax0, amax1), _mm512_max_epu32(amax2, amax3)));
+  const float amax_s = std::bit_cast<float>(amax_bits);
   const float ds = 127.0f / amax_s;
-  // NaN or inf inputs, all-zero rows and subnormal maxima make ds or v * ds non-finite; the scalar
-  // kernel defines those cases (NaN -> 0, saturation), so let it handle the row.
-  if (unordered != 0 || !std::isfinite(amax_s) || !std::isfinite(ds)) {
+  // NaN or inf inputs (bits >= 0x7f800000), all-zero rows and subnormal maxima make ds or v * ds
+  // non-finite; the scalar kernel defines those cases (NaN -> 0, saturation), so let it handle the row.
+  if (amax_bits >= 0x7f800000u || !std::isfinite(ds)) {
     scalar::quantize_row(x, 1, type, smooth, h, q, scale, scratch);
     return;
   }
   const __m512 vds = _mm512_set1_ps(ds);
-  for (std::int64_t i = 0; i < h; i += 16) {
+  // While this pass computes from L1, pull in the next row (rows of x are usually adjacent), so that
+  // the next call's first pass does not wait on memory. A prefetch never faults.
+  const char* next_row = reinterpret_cast<const char*>(x + h);
+  for (i = 0; i < h; i += 16) {
     const __mmask16 m = tail_mask(h - i);
-    const __m512 w = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, scratch + i), vds);
+    if ((i & 31) == 0) _mm_prefetch(next_row + 2 * i, _MM_HINT_T0);
+    const __m512 w = _mm512_mul_ps(smoothed(x, smooth, type, i, m), vds);
     const __m512i r = _mm512_cvtps_epi32(w);  // MXCSR default: round half to even, |w| <= 127 so no overflow
     _mm_mask_storeu_epi8(q + i, m, _mm512_cvtsepi32_epi8(r));
   }
