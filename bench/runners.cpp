@@ -75,12 +75,25 @@ void futex_wait(std::uint32_t* word, std::uint32_t expected, long nanoseconds) {
 }
 void futex_wake_all(std::uint32_t* word) { ::syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0); }
 
-// A generation barrier. Waiters spin briefly and then sleep on a futex, so that 16 ranks on 2 cores do not
-// steal the cores from the ranks still working.
+int usable_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  return ::sched_getaffinity(0, sizeof set, &set) == 0 ? std::max(CPU_COUNT(&set), 1) : 1;
+}
+
+// A generation barrier. When every rank has a core of its own, waiters spin (up to 1 ms), as MPI_Barrier
+// busy-polls: a waiter that sleeps lets a virtual machine halt its vCPU, and the wake-up (hundreds of
+// microseconds here) would land inside the next timed call. With more ranks than cores they spin only
+// briefly and then sleep on a futex, so that 16 ranks on 2 cores do not steal the cores from the ranks
+// still working.
 class ControlSync final : public RankSync {
  public:
   ControlSync(ControlBlock* block, int ranks, int rank, std::chrono::milliseconds timeout)
-      : block_(block), ranks_(ranks), rank_(rank), timeout_(timeout) {}
+      : block_(block),
+        ranks_(ranks),
+        rank_(rank),
+        timeout_(timeout),
+        spin_(ranks <= usable_cpus() ? std::chrono::microseconds(1000) : std::chrono::microseconds(20)) {}
 
   void barrier() override {
     std::atomic_ref<std::uint32_t> generation(block_->generation), arrived(block_->arrived);
@@ -92,10 +105,11 @@ class ControlSync final : public RankSync {
       futex_wake_all(&block_->generation);
       return;
     }
-    for (int spin = 0; spin < 2000; ++spin) {
+    const Clock::time_point spin_end = Clock::now() + spin_;
+    do {
       if (generation.load(std::memory_order_acquire) != gen) return;
       __builtin_ia32_pause();
-    }
+    } while (Clock::now() < spin_end);
     const Clock::time_point deadline = Clock::now() + timeout_;
     while (generation.load(std::memory_order_acquire) == gen) {
       throw_if_failed();
@@ -129,6 +143,7 @@ class ControlSync final : public RankSync {
   ControlBlock* block_;
   int ranks_, rank_;
   std::chrono::milliseconds timeout_;
+  std::chrono::microseconds spin_;
 };
 
 // The first root-cause error of a run of threads.
@@ -385,11 +400,6 @@ RunOutcome run_inproc(const Point& p, const RunSettings& settings) {
   });
 }
 
-int usable_cpus() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  return ::sched_getaffinity(0, sizeof set, &set) == 0 ? std::max(CPU_COUNT(&set), 1) : 1;
-}
 
 RunOutcome run_memcpy_floor(const Point& p, const RunSettings& settings) {
   const PointBytes bytes = count_bytes(p);

@@ -20,8 +20,10 @@ struct ShmOptions {
   // Longest wait for a peer in any phase (connecting included). A peer that exits or is killed is
   // reported sooner, as soon as its connection closes (ErrorCode::peer_lost).
   std::chrono::milliseconds timeout{5000};
-  // How long a waiting rank spins before it sleeps on a futex.
-  std::chrono::microseconds spin{20};
+  // How long a waiting rank spins before it sleeps on a futex. Negative: automatic, 200 us when every
+  // rank of the job can have a core of its own; with more ranks than cores it instead yields the core
+  // for up to 2 ms (spinning would take the core from the rank it waits for).
+  std::chrono::microseconds spin{-1};
   // Test hook: called with the phase name as every collective step starts (fault-injection tests
   // kill the process from here). Leave empty in production.
   std::function<void(std::string_view phase)> on_phase;

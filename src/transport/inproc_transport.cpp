@@ -4,14 +4,23 @@
 #include <cstring>
 #include <new>
 #include <sstream>
+#include <thread>
 
 #include "moedist/error.h"
 
 namespace moedist {
 
-InProcHub::InProcHub(int size, std::chrono::milliseconds timeout)
+WaitPolicy wait_policy(std::chrono::microseconds requested, int world_size) noexcept {
+  if (requested.count() >= 0) return WaitPolicy{requested, std::chrono::microseconds(0)};
+  const unsigned cores = std::thread::hardware_concurrency();
+  if (cores != 0 && static_cast<unsigned>(world_size) <= cores) return WaitPolicy{std::chrono::microseconds(200), {}};
+  return WaitPolicy{std::chrono::microseconds(0), std::chrono::microseconds(2000)};
+}
+
+InProcHub::InProcHub(int size, std::chrono::milliseconds timeout, std::chrono::microseconds spin)
     : size_(size),
       timeout_(timeout),
+      wait_(wait_policy(spin, size)),
       arrived_at_(static_cast<std::size_t>(size), 0),
       claimed_(static_cast<std::size_t>(size), false),
       windows_(static_cast<std::size_t>(size)) {
@@ -47,18 +56,30 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
     throw PeerError(ErrorCode::peer_failed, failed_peer_, std::string(phase),
                     "rank " + std::to_string(rank) + ": the group failed earlier and is unusable: " + failed_reason_);
   }
-  const std::uint64_t gen = generation_;
+  const std::uint64_t gen = generation_.load(std::memory_order_relaxed);
   auto& slots = slots_[gen & 1];
   const auto* src = static_cast<const std::byte*>(in);
   slots[static_cast<std::size_t>(rank)].assign(src, src + bytes);
   arrived_at_[static_cast<std::size_t>(rank)] = gen + 1;
   if (++arrived_ == size_) {
     arrived_ = 0;
-    ++generation_;
+    generation_.store(gen + 1, std::memory_order_release);
     cv_.notify_all();
   } else {
+    // Spin or yield first (without the lock, see WaitPolicy), then sleep on the condition.
+    if (wait_.spin.count() > 0 || wait_.yield.count() > 0) {
+      lock.unlock();
+      const auto arrived = [&] {
+        return generation_.load(std::memory_order_acquire) != gen || failed_flag_.load(std::memory_order_acquire);
+      };
+      const auto spin_end = std::chrono::steady_clock::now() + wait_.spin;
+      while (!arrived() && std::chrono::steady_clock::now() < spin_end) cpu_relax();
+      const auto yield_end = std::chrono::steady_clock::now() + wait_.yield;
+      while (!arrived() && std::chrono::steady_clock::now() < yield_end) std::this_thread::yield();
+      lock.lock();
+    }
     const auto deadline = std::chrono::steady_clock::now() + timeout_;
-    const bool done = cv_.wait_until(lock, deadline, [&] { return generation_ != gen || failed_; });
+    const bool done = cv_.wait_until(lock, deadline, [&] { return generation_.load(std::memory_order_relaxed) != gen || failed_; });
     if (!done) {
       std::ostringstream missing;
       int first_missing = -1;
@@ -72,13 +93,14 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
       msg << "rank " << rank << ": timed out after " << timeout_.count() << " ms in phase '" << phase
           << "' waiting for rank " << first_missing << " (not arrived: " << missing.str() << ")";
       failed_ = true;
+      failed_flag_.store(true, std::memory_order_release);
       failed_peer_ = first_missing;
       failed_code_ = ErrorCode::timeout;
       failed_reason_ = msg.str();
       cv_.notify_all();
       throw PeerError(ErrorCode::timeout, first_missing, std::string(phase), msg.str());
     }
-    if (generation_ == gen) {  // woken by another rank's failure: report the same cause and peer
+    if (generation_.load(std::memory_order_relaxed) == gen) {  // woken by another rank's failure: report the same cause and peer
       throw PeerError(failed_code_, failed_peer_, std::string(phase),
                       "rank " + std::to_string(rank) + ": the group failed in phase '" + std::string(phase) +
                           "': " + failed_reason_);

@@ -2,6 +2,7 @@
 // buffers, so a peer's window is reached by pointer.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -17,7 +18,7 @@ namespace moedist {
 
 class InProcHub {
  public:
-  InProcHub(int size, std::chrono::milliseconds timeout);
+  InProcHub(int size, std::chrono::milliseconds timeout, std::chrono::microseconds spin);
   ~InProcHub();
 
   int size() const noexcept { return size_; }
@@ -40,9 +41,11 @@ class InProcHub {
 
   const int size_;
   const std::chrono::milliseconds timeout_;
+  const WaitPolicy wait_;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::uint64_t generation_ = 0;
+  std::atomic<std::uint64_t> generation_{0};  // written under mu_; read without it while spinning
+  std::atomic<bool> failed_flag_{false};      // mirrors failed_ for the spinning readers
   int arrived_ = 0;
   std::vector<std::uint64_t> arrived_at_;             // per rank: 1 + the generation it last entered
   std::vector<std::vector<std::byte>> slots_[2];      // double-buffered by generation parity

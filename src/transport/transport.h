@@ -7,10 +7,31 @@
 // names the missing peer and the phase. After such a failure the transport stays failed.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <string_view>
 
 namespace moedist {
+
+// How a waiting rank waits before it sleeps. A rank that is running arrives within microseconds, far
+// sooner than a sleeping waiter is woken (on a virtual machine, waking a halted vCPU takes hundreds of
+// microseconds), so waiters first spin, and when ranks outnumber cores they yield the core instead of
+// holding it, so the rank they wait for can run.
+struct WaitPolicy {
+  std::chrono::microseconds spin{0};   // busy-wait this long (with a pause hint)
+  std::chrono::microseconds yield{0};  // then sched_yield() in a loop this long, then sleep
+};
+
+// `requested` >= 0: spin that long and never yield. Negative (automatic): spin 200 us when every one of
+// `world_size` ranks can have a core of its own; else yield for up to 2 ms.
+WaitPolicy wait_policy(std::chrono::microseconds requested, int world_size) noexcept;
+
+// A pause hint for spin loops.
+inline void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
 
 class Transport {
  public:

@@ -1,6 +1,7 @@
 #include "transport/shm/shm_transport.h"
 
 #include <linux/futex.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -83,6 +84,7 @@ struct ShmTransport::Control {
 
 ShmTransport::ShmTransport(const std::string& job, int rank, int world_size, const ShmOptions& options)
     : options_(options),
+      wait_(wait_policy(options.spin, world_size)),
       job_hash_(hash_of(job)),
       mesh_(job, rank, world_size, Clock::now() + options.timeout),
       controls_(static_cast<std::size_t>(world_size)),
@@ -193,10 +195,16 @@ void ShmTransport::enter(std::string_view phase) {
 void ShmTransport::wait_for(int peer, std::uint32_t target, Clock::time_point deadline, const char* phase) {
   std::atomic<std::uint32_t>* word = &control(peer)->steps;
   const auto reached = [&](std::uint32_t seen) { return static_cast<std::int32_t>(seen - target) >= 0; };
-  const auto spin_end = Clock::now() + options_.spin;
+  const auto spin_end = Clock::now() + wait_.spin;
   do {
     if (reached(word->load(std::memory_order_acquire))) return;
+    cpu_relax();
   } while (Clock::now() < spin_end);
+  const auto yield_end = Clock::now() + wait_.yield;
+  while (Clock::now() < yield_end) {
+    if (reached(word->load(std::memory_order_acquire))) return;
+    ::sched_yield();
+  }
   for (;;) {
     const std::uint32_t seen = word->load(std::memory_order_acquire);
     if (reached(seen)) return;

@@ -42,6 +42,7 @@ class ShmTransport final : public Transport {
   Mapping map_peer_memfd(int fd, std::size_t expected, int peer, const char* what, const char* phase);
 
   ShmOptions options_;
+  WaitPolicy wait_;
   std::uint64_t job_hash_ = 0;
   SocketMesh mesh_;
   std::vector<Mapping> controls_;
