@@ -186,6 +186,12 @@ void print_point(std::ostream& out, const Point& p, const PointBytes& bytes, con
       out << line;
     }
   }
+  for (const ResultRow& r : rows) {  // once per transport that measured its memory
+    if (r.op != "roundtrip" || r.peak_rss_bytes < 0) continue;
+    out << "memory        " << r.transport << " rank process peak RSS " << megabytes(r.peak_rss_bytes)
+        << "; moedist size predicts " << megabytes(r.predicted_bytes)
+        << " for its group (window + outputs), plus the bench's inputs and the process itself\n";
+  }
   for (const SkipRow& s : skipped) {
     out << (s.failed ? "FAILED " : "skipped ") << (s.transport == "*" ? std::string("point") : s.transport) << ": "
         << s.reason << "\n";
@@ -234,6 +240,8 @@ void write_json(const std::string& path, const RunInfo& info, const SweepOptions
     row["wire_gbps"] = r.wire_gbps;
     row["x_mpi"] = number_or_null(r.x_mpi);
     row["x_floor"] = number_or_null(r.x_floor);
+    if (r.peak_rss_bytes >= 0) row["peak_rss_bytes"] = r.peak_rss_bytes;
+    if (r.predicted_bytes >= 0) row["predicted_group_bytes"] = r.predicted_bytes;
     j["results"].push_back(row);
   }
   j["skipped"] = nlohmann::json::array();

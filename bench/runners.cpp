@@ -4,6 +4,7 @@
 #include <sched.h>
 #include <linux/futex.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -459,7 +460,13 @@ RunOutcome run_shm(const Point& p, const RunSettings& settings, const std::vecto
     }
     std::vector<std::vector<RoundTimes>> per_rank;
     for (int rank = 0; rank < p.W; ++rank) per_rank.push_back(read_times(rank_file(dir.path(), rank, ".times")));
-    return success(per_rank);
+    RunOutcome outcome = success(per_rank);
+    for (int rank = 0; rank < p.W; ++rank) {
+      std::ifstream rss(rank_file(dir.path(), rank, ".rss"));
+      std::int64_t bytes = -1;
+      if (rss >> bytes) outcome.peak_rss_bytes = std::max(outcome.peak_rss_bytes, bytes);
+    }
+    return outcome;
   } catch (const std::exception& e) {
     return failure(e.what());
   }
@@ -481,6 +488,9 @@ int shm_rank_main(const std::string& dir) {
       MoedistRank body(p, rank, *group);
       body.prime(count_bytes(p));
       write_times(rank_file(dir, rank, ".times"), run_rank_loop(rank, sync, settings.loop, body.ops()));
+      rusage usage{};
+      ::getrusage(RUSAGE_SELF, &usage);
+      std::ofstream(rank_file(dir, rank, ".rss")) << static_cast<std::int64_t>(usage.ru_maxrss) * 1024 << "\n";  // ru_maxrss is KiB
       return 0;
     } catch (const PeerFailed& e) {
       write_error(rank_file(dir, rank, ".error"), false, e.what());

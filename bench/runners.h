@@ -28,6 +28,7 @@ struct RunOutcome {
   bool tried = true;  // false: not run at all (too large for memory, tools missing)
   std::string error;
   OpSamples samples;
+  std::int64_t peak_rss_bytes = -1;  // shm: the largest peak resident set of the rank processes (-1: unknown)
 };
 
 RunOutcome run_inproc(const Point& p, const RunSettings& settings);

@@ -166,6 +166,14 @@ std::vector<Point> grid_points(const SweepOptions& o, int W) {
   return points;
 }
 
+// What moedist::capacity() says the group of one rank allocates (window and group-owned outputs); the
+// bench's ranks all have the MoE-rank role (S = 0).
+std::int64_t group_bytes_per_rank(const Point& p) {
+  const GroupConfig config{.ep_world_size = p.W, .moe_expert_num = p.E};
+  const CapacityQuery query{.bs = p.bs, .k = p.k, .h = p.h, .x_dtype = p.dtype, .quant_mode = p.quant_mode};
+  return capacity(config, query).total_bytes;
+}
+
 std::int64_t memory_needed(const std::string& transport, const Point& p, const PointBytes& bytes) {
   const std::int64_t x = p.bs * p.h * 2, routing = p.bs * p.k * 8, smooth = p.quant_mode == 2 ? p.E * p.h * 4 : 0;
   std::int64_t total = 0;
@@ -184,11 +192,7 @@ std::int64_t memory_needed(const std::string& transport, const Point& p, const P
                received * 2 * p.h + bytes.combine_per_rank[static_cast<std::size_t>(r)] + x;
     }
   }
-  if (transport == "inproc" || transport == "shm") {
-    const GroupConfig config{.ep_world_size = p.W, .moe_expert_num = p.E};
-    const CapacityQuery query{.bs = p.bs, .k = p.k, .h = p.h, .x_dtype = p.dtype, .quant_mode = p.quant_mode};
-    total += p.W * capacity(config, query).total_bytes;  // every rank has the same role (S = 0)
-  }
+  if (transport == "inproc" || transport == "shm") total += p.W * group_bytes_per_rank(p);  // every rank has the same role (S = 0)
   return total;
 }
 
@@ -296,7 +300,11 @@ SweepResult run_sweep(const SweepOptions& o, std::ostream& out, std::ostream& pr
       for (const std::string& t : problems[i].empty() ? o.transports : std::vector<std::string>()) {
         const RunOutcome outcome = t == "mpi" ? mpi[i].value_or(RunOutcome{}) : run_local(t, p, bytes[i], o, progress);
         if (outcome.ok) {
-          for (ResultRow& r : rows_of(t, p, bytes[i], outcome.samples)) rows.push_back(std::move(r));
+          for (ResultRow& r : rows_of(t, p, bytes[i], outcome.samples)) {
+            r.peak_rss_bytes = outcome.peak_rss_bytes;
+            if (t == "inproc" || t == "shm") r.predicted_bytes = group_bytes_per_rank(p);
+            rows.push_back(std::move(r));
+          }
         } else if (!(t == "mpi" && !result.mpi_unavailable.empty())) {  // mpi's absence was said once, at the top
           skipped.push_back({t, p, outcome.error, outcome.tried});
           if (outcome.tried) ++result.failures;

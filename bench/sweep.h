@@ -50,6 +50,8 @@ struct ResultRow {
   double logical_gbps = 0, wire_gbps = 0;  // bytes / p50 latency
   double x_mpi = std::numeric_limits<double>::quiet_NaN();    // p50 / the mpi baseline's p50 (NaN: none)
   double x_floor = std::numeric_limits<double>::quiet_NaN();  // p50 / the memcpy floor's p50 (NaN: none)
+  std::int64_t peak_rss_bytes = -1;     // shm: the largest rank process's peak resident set (-1: not measured)
+  std::int64_t predicted_bytes = -1;    // inproc/shm: what moedist::capacity() says a rank's group allocates
 };
 
 struct SkipRow {
