@@ -208,13 +208,22 @@ class MoedistRank {
   // group reports moving are the bytes the bench counts.
   void prime(const PointBytes& bytes) {
     dispatch();
+    expert_out_ = result_.expand_x;
     if (p_.quant_mode == 2) {
-      identity_ = Tensor(p_.dtype, result_.valid_rows, p_.h);
+      // The experts write their outputs where combine reads them, the group's window (combine_buffer()), as an
+      // engine's expert kernels would; combine then reads the rows in place instead of copying them in.
+      const MutableTensorView window_rows = group_.combine_buffer(p_.dtype);
+      MutableTensorView rows = window_rows;
+      if (!window_rows.present() || window_rows.rows() < result_.valid_rows) {
+        identity_ = Tensor(p_.dtype, result_.valid_rows, p_.h);
+        rows = identity_.mutable_view();
+      }
       const numeric::Half half = p_.dtype == DType::fp16 ? numeric::Half::fp16 : numeric::Half::bf16;
       for (std::int64_t i = 0; i < result_.valid_rows; ++i) {
         kernels::dequantize_row(result_.expand_x.ptr<std::int8_t>(i), result_.dynamic_scales.at<float>(i), half, p_.h,
-                                identity_.data<std::uint16_t>() + i * p_.h);
+                                rows.ptr<std::uint16_t>(i));
       }
+      expert_out_ = matrix_view(static_cast<const void*>(rows.data), p_.dtype, result_.valid_rows, p_.h, rows.strides[0], 1);
     }
     combine();
     const TrafficCounters& t = group_.traffic();
@@ -234,8 +243,7 @@ class MoedistRank {
  private:
   void dispatch() { result_ = group_.dispatch(in_.x, in_.expert_ids, options_); }
   void combine() {
-    const TensorView expert_out = p_.quant_mode == 2 ? identity_.view() : result_.expand_x;
-    group_.combine(expert_out, in_.expert_ids, result_.expand_idx, result_.ep_recv_counts, in_.expert_scales);
+    group_.combine(expert_out_, in_.expert_ids, result_.expand_idx, result_.ep_recv_counts, in_.expert_scales);
   }
 
   Point p_;
@@ -245,6 +253,7 @@ class MoedistRank {
   Tensor smooth_, identity_;
   DispatchOptions options_;
   DispatchResult result_;
+  TensorView expert_out_;  // the identity experts' rows: dispatch's expand_x (quant 0) or dequantized (quant 2)
 };
 
 GroupConfig group_config(const Point& p, int rank) {
