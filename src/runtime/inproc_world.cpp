@@ -16,7 +16,7 @@ struct InProcessWorld::Hub {
 InProcessWorld::InProcessWorld(int world_size, RuntimeOptions options) : hub_(std::make_shared<Hub>()) {
   if (world_size < 1) contract::fail_value("world_size", world_size, "must be >= 1");
   if (options.timeout.count() <= 0) contract::fail_value("timeout (ms)", options.timeout.count(), "must be > 0");
-  hub_->hub = std::make_shared<InProcHub>(world_size, options.timeout);
+  hub_->hub = std::make_shared<InProcHub>(world_size, options.timeout, options.spin);
 }
 
 InProcessWorld::~InProcessWorld() = default;
