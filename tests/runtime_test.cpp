@@ -148,18 +148,6 @@ casefile::Case make_case(const Geometry& geo, const CallSpec& spec, std::int64_t
   return make_case(geo, spec, std::vector<std::int64_t>(static_cast<std::size_t>(geo.size()), bs), rng);
 }
 
-Tensor copy_rows(const TensorView& v, std::int64_t rows) {
-  const std::size_t elem = dtype_size(v.dtype);
-  Tensor t = v.ndim == 2 ? Tensor(v.dtype, rows, v.cols()) : Tensor(v.dtype, rows);
-  for (std::int64_t r = 0; r < rows; ++r) {
-    for (std::int64_t col = 0; col < v.cols(); ++col) {
-      std::memcpy(static_cast<std::byte*>(t.raw()) + static_cast<std::size_t>(r * v.cols() + col) * elem,
-                  static_cast<const std::byte*>(v.data) + static_cast<std::size_t>(v.offset(r, col)) * elem, elem);
-    }
-  }
-  return t;
-}
-
 struct Traffic {
   TrafficCounters after_dispatch, after_combine;
 };

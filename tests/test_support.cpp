@@ -167,6 +167,9 @@ Strided make_strided(const Tensor& t, std::int64_t row_pad, std::int64_t col_str
   return s;
 }
 
+
+}  // namespace
+
 // Copies the first `rows` rows (or entries) of a view into a new contiguous tensor.
 Tensor copy_rows(const TensorView& v, std::int64_t rows) {
   const std::size_t elem = dtype_size(v.dtype);
@@ -179,8 +182,6 @@ Tensor copy_rows(const TensorView& v, std::int64_t rows) {
   }
   return t;
 }
-
-}  // namespace
 
 GroupConfig rank_config(const casefile::Case& c, int g) {
   const int T = std::max(c.tp_world_size, 1);

@@ -43,6 +43,9 @@ struct RunOptions {
   bool outputs_in_window = false;  // write the expert outputs into Group::combine_buffer() (T <= 1)
 };
 
+// Copies the first `rows` rows (or entries) of a view into a new contiguous tensor.
+Tensor copy_rows(const TensorView& v, std::int64_t rows);
+
 // The GroupConfig of global rank g of a case.
 GroupConfig rank_config(const casefile::Case& c, int g);
 

@@ -207,19 +207,6 @@ casefile::Case make_case(const World& w, std::int64_t bs, std::uint64_t seed) {
   return c;
 }
 
-// A copy of the first `rows` rows (or entries) of a view, as a contiguous tensor.
-Tensor copy_rows(const TensorView& v, std::int64_t rows) {
-  const std::size_t elem = dtype_size(v.dtype);
-  Tensor t = v.ndim == 2 ? Tensor(v.dtype, rows, v.cols()) : Tensor(v.dtype, rows);
-  for (std::int64_t r = 0; r < rows; ++r) {
-    for (std::int64_t col = 0; col < v.cols(); ++col) {
-      std::memcpy(static_cast<std::byte*>(t.raw()) + static_cast<std::size_t>(r * v.cols() + col) * elem,
-                  static_cast<const std::byte*>(v.data) + static_cast<std::size_t>(v.offset(r, col)) * elem, elem);
-    }
-  }
-  return t;
-}
-
 Tensor ones(std::int64_t rows, std::int64_t cols) {
   Tensor t(DType::fp32, rows, cols);
   std::fill_n(t.data<float>(), t.numel(), 1.0f);
