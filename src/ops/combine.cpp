@@ -196,8 +196,10 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
   }
   const bool quantized = o.comm_quant_mode == 2;
   const std::size_t min_row_bytes = quantized ? groups * 2 + static_cast<std::size_t>(h) : static_cast<std::size_t>(h) * 2;
-  std::vector<const std::byte*> rows_of(static_cast<std::size_t>(topo.W));
-  std::vector<std::size_t> row_bytes_of(static_cast<std::size_t>(topo.W));
+  std::vector<const std::byte*>& rows_of = s.rows_of;
+  std::vector<std::size_t>& row_bytes_of = s.row_bytes_of;
+  rows_of.resize(static_cast<std::size_t>(topo.W));
+  row_bytes_of.resize(static_cast<std::size_t>(topo.W));
   for (int d = 0; d < topo.W; ++d) {
     // Where rank d published its rows; checked against its window before any address is formed.
     const int gd = topo.global_rank(d, my_tp);
@@ -213,12 +215,8 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
     row_bytes_of[static_cast<std::size_t>(d)] = static_cast<std::size_t>(published.row_bytes);
   }
   // The K + 1 rows of one token and their weights (the shared expert's is unweighted).
-  struct Term {
-    const std::byte* row;
-    bool weighted;
-    float weight;
-  };
-  std::vector<Term> terms(static_cast<std::size_t>(k + 1));
+  std::vector<CombineTerm>& terms = s.terms;
+  terms.resize(static_cast<std::size_t>(k + 1));
   // Reduce in chunks of H so the fp32 accumulator stays in L1; every element still adds its terms in
   // increasing k, so the result is bit-identical to a whole-row reduce.
   constexpr std::int64_t kChunk = 1024;  // a multiple of the comm-quant group of 8
@@ -231,7 +229,7 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
       const auto d = static_cast<std::size_t>(topo.expert_rank(e));
       const std::int32_t* table = s.counts(topo.global_rank(topo.expert_rank(e), my_tp));
       const std::int64_t row = block_begin(table, topo.expert_local(e) * topo.W + my_ep) + expand_idx.at<std::int32_t>(b * k + j);
-      terms[n++] = Term{rows_of[d] + static_cast<std::size_t>(row) * row_bytes_of[d], true, expert_scales.at<float>(b, j)};
+      terms[n++] = CombineTerm{rows_of[d] + static_cast<std::size_t>(row) * row_bytes_of[d], true, expert_scales.at<float>(b, j)};
     }
     if (topo.S > 0) {
       std::size_t d = static_cast<std::size_t>(my_ep);
@@ -242,13 +240,13 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
         row = table[my_ep - 1] + b - contract::shared_range_begin(my_ep, shared_target, bs, topo.S);
         d = static_cast<std::size_t>(shared_target);
       }
-      terms[n++] = Term{rows_of[d] + static_cast<std::size_t>(row) * row_bytes_of[d], false, 1.0f};
+      terms[n++] = CombineTerm{rows_of[d] + static_cast<std::size_t>(row) * row_bytes_of[d], false, 1.0f};
     }
     for (std::int64_t h0 = 0; h0 < h; h0 += kChunk) {
       const std::int64_t len = std::min(kChunk, h - h0);
       std::fill_n(acc, len, 0.0f);
       for (std::size_t i = 0; i < n; ++i) {
-        const Term& t = terms[i];
+        const CombineTerm& t = terms[i];
         if (quantized) {
           const auto* scales = reinterpret_cast<const std::uint16_t*>(t.row) + h0 / 8;
           const auto* q = reinterpret_cast<const std::int8_t*>(t.row + groups * 2) + h0;

@@ -42,21 +42,6 @@ void check_dispatch_record(const Group::State& s, int r, const char* phase) {
   if (shared_rows != want_shared) bad(concat("it sends ", shared_rows, " rows to shared experts, not ", want_shared));
 }
 
-// Where the rows of one destination rank go.
-struct Destination {
-  std::byte* expand_x = nullptr;  // row 0 of expand_x in the destination's window
-  float* dynamic_scales = nullptr;
-  float* expand_scales = nullptr;
-  std::int64_t capacity_rows = 0;  // rows of its own EP region
-};
-
-// One copy of a token row: where it goes and which smooth-scales row quantizes it.
-struct RowTarget {
-  const Destination* dest;
-  std::int64_t row;
-  std::int64_t smooth_row;  // row of `scales`, or -1: no smoothing
-  float weight;
-};
 
 }  // namespace
 
@@ -84,7 +69,7 @@ DispatchResult Group::dispatch(const TensorView& x, const TensorView& expert_ids
 
   // 2. Receive layouts of every destination of every EP group; capacity checked everywhere alike.
   const auto records_of_group = [&](int tp) { return [&s, tp, T = topo.T](int r) { return s.counts(r * T + tp); }; };
-  std::vector<std::int32_t> prefix;
+  std::vector<std::int32_t>& prefix = s.scratch_prefix;
   for (int tp = 0; tp < topo.T; ++tp) {
     for (int d = 0; d < topo.W; ++d) {
       const int gd = topo.global_rank(d, tp);
@@ -105,7 +90,8 @@ DispatchResult Group::dispatch(const TensorView& x, const TensorView& expert_ids
   const bool quant = o.quant_mode == 2;
   const std::size_t out_elem = quant ? 1 : 2;
   const std::int64_t h = shape.h, k = shape.k, bs = shape.bs;
-  std::vector<Destination> dests(static_cast<std::size_t>(topo.W));
+  std::vector<Destination>& dests = s.destinations;
+  dests.assign(static_cast<std::size_t>(topo.W), Destination{});
   for (int d = 0; d < topo.W; ++d) {
     const int gd = topo.global_rank(d, my_tp);
     const contract::WindowLayout layout(topo, s.shape_of(gd), d);
@@ -117,7 +103,8 @@ DispatchResult Group::dispatch(const TensorView& x, const TensorView& expert_ids
     dest.capacity_rows = layout.receive_rows;
   }
   // First row of this rank's block at each (destination, local expert).
-  std::vector<std::int64_t> block_start(static_cast<std::size_t>(topo.count_record_len()), 0);
+  std::vector<std::int64_t>& block_start = s.block_start;
+  block_start.assign(static_cast<std::size_t>(topo.count_record_len()), 0);
   for (int d = 0; d < topo.W; ++d) {
     const auto& dest_table = s.dest_prefix[static_cast<std::size_t>(d)];
     for (int l = 0; l < topo.local_experts(d); ++l) {
@@ -140,7 +127,8 @@ DispatchResult Group::dispatch(const TensorView& x, const TensorView& expert_ids
     for (std::int64_t i = 0; i < h; ++i) gathered_scales[i] = o.scales.at<float>(row, i);
     return gathered_scales;
   };
-  std::vector<RowTarget> targets(static_cast<std::size_t>(k + 1));
+  std::vector<RowTarget>& targets = s.row_targets;
+  targets.resize(static_cast<std::size_t>(k + 1));
   std::int64_t rows_sent = 0;
   int shared_target = 0;  // shared-expert rank of the current token (MoE source ranks)
   for (std::int64_t b = 0; b < bs; ++b) {

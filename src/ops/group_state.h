@@ -43,6 +43,29 @@ struct StepRecord {
   char message[1024] = {};
 };
 
+// Where the rows dispatch sends to one destination rank go.
+struct Destination {
+  std::byte* expand_x = nullptr;  // row 0 of expand_x in the destination's window
+  float* dynamic_scales = nullptr;
+  float* expand_scales = nullptr;
+  std::int64_t capacity_rows = 0;  // rows of its own EP region
+};
+
+// One copy of a token row: where it goes and which smooth-scales row quantizes it.
+struct RowTarget {
+  const Destination* dest;
+  std::int64_t row;
+  std::int64_t smooth_row;  // row of `scales`, or -1: no smoothing
+  float weight;
+};
+
+// One expert-output row of a token in combine, with its weight (the shared expert's is unweighted).
+struct CombineTerm {
+  const std::byte* row;
+  bool weighted;
+  float weight;
+};
+
 struct Group::State {
   State(const GroupConfig& c, std::unique_ptr<Transport> t);
 
@@ -69,6 +92,14 @@ struct Group::State {
   std::vector<std::int64_t> expert_token_nums;
   Tensor combine_out;
   std::vector<float> scratch;  // row-sized fp32 scratch (quantization, accumulation)
+  // Per-call working storage, kept so that a call in steady state allocates nothing.
+  std::vector<std::int32_t> scratch_prefix;
+  std::vector<Destination> destinations;
+  std::vector<std::int64_t> block_start;
+  std::vector<RowTarget> row_targets;
+  std::vector<const std::byte*> rows_of;
+  std::vector<std::size_t> row_bytes_of;
+  std::vector<CombineTerm> terms;
   contract::CallShape last_dispatch;  // shape of the last successful dispatch (for combine_buffer())
 
   CallHeader& own_header() { return *reinterpret_cast<CallHeader*>(own_record.data()); }
