@@ -16,7 +16,8 @@ namespace moedist {
 class Transport;  // internal
 
 // Caller-provided output buffers. Any subset may be given; absent ones come from the group's own
-// storage (valid until the next dispatch on this group). Shapes must be at least the ones dispatch
+// storage (valid until the next dispatch on this group; a window that grows keeps its previous buffer
+// until it grows again, so two combines of ever larger shapes after one dispatch would release it). Shapes must be at least the ones dispatch
 // reports (expand_x rows >= A * max(T, 1), and so on).
 struct DispatchOutputs {
   MutableTensorView expand_x;           // (A*max(T,1), H) int8 (quant_mode 2) or x.dtype
