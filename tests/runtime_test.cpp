@@ -455,7 +455,7 @@ struct CombineArgs {
 
 struct MisuseResult {
   std::vector<Outcome> outcomes;
-  std::vector<bool> out_untouched;
+  std::vector<char> out_untouched;  // char, not bool: ranks write their own entries concurrently
   std::string recovery;
 };
 
@@ -468,7 +468,7 @@ MisuseResult combine_misuse(const Geometry& geo, const casefile::Case& inputs, i
   InProcessWorld world(n, generous_timeout());
   MisuseResult result;
   result.outcomes.resize(static_cast<std::size_t>(n));
-  result.out_untouched.assign(static_cast<std::size_t>(n), false);
+  result.out_untouched.assign(static_cast<std::size_t>(n), 0);
   Recovery after(n);
   run_ranks(n, [&](int g) {
     const std::unique_ptr<Group> group = world.join(geo.config(g));
@@ -635,7 +635,7 @@ TEST(DispatchCapacity, CallerBufferOfARowsIsRefusedWhenTheCallNeedsMore) {
   const casefile::Case recovery = make_case(geo, spec, 3, 42);
   InProcessWorld world(10, generous_timeout());
   std::vector<Outcome> outcomes(10);
-  std::vector<bool> untouched(10, true);
+  std::vector<char> untouched(10, 1);  // char, not bool: ranks write their own entries concurrently
   Recovery after(10);
   run_ranks(10, [&](int g) {
     const std::unique_ptr<Group> group = world.join(geo.config(g));
