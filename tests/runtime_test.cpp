@@ -82,29 +82,6 @@ Tensor random_half(std::mt19937_64& rng, DType dtype, std::int64_t rows, std::in
   return t;
 }
 
-Tensor random_ids(std::mt19937_64& rng, std::int64_t bs, std::int64_t k, int experts) {
-  Tensor t(DType::int32, bs, k);
-  std::vector<std::int32_t> ids(static_cast<std::size_t>(experts));
-  for (std::int64_t b = 0; b < bs; ++b) {
-    for (int e = 0; e < experts; ++e) ids[static_cast<std::size_t>(e)] = e;
-    std::shuffle(ids.begin(), ids.end(), rng);
-    std::copy_n(ids.begin(), k, t.data<std::int32_t>() + b * k);
-  }
-  return t;
-}
-
-Tensor int32_tensor(std::int64_t rows, std::int64_t cols, const std::vector<std::int32_t>& values) {
-  Tensor t(DType::int32, rows, cols);
-  std::copy(values.begin(), values.end(), t.data<std::int32_t>());
-  return t;
-}
-
-Tensor int32_vector(const std::vector<std::int32_t>& values) {
-  Tensor t(DType::int32, static_cast<std::int64_t>(values.size()));
-  std::copy(values.begin(), values.end(), t.data<std::int32_t>());
-  return t;
-}
-
 Tensor filled(std::int64_t rows, std::int64_t cols, float value) {
   Tensor t(DType::fp32, rows, cols);
   std::fill_n(t.data<float>(), t.numel(), value);

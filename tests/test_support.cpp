@@ -31,6 +31,29 @@ void fill_half(std::mt19937_64& rng, Tensor& t, float spread) {
 
 }  // namespace
 
+Tensor random_ids(std::mt19937_64& rng, std::int64_t bs, std::int64_t k, int experts) {
+  Tensor t(DType::int32, bs, k);
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(experts));
+  for (std::int64_t b = 0; b < bs; ++b) {
+    for (int e = 0; e < experts; ++e) ids[static_cast<std::size_t>(e)] = e;
+    std::shuffle(ids.begin(), ids.end(), rng);
+    std::copy_n(ids.begin(), k, t.data<std::int32_t>() + b * k);
+  }
+  return t;
+}
+
+Tensor int32_tensor(std::int64_t rows, std::int64_t cols, const std::vector<std::int32_t>& values) {
+  Tensor t(DType::int32, rows, cols);
+  std::copy(values.begin(), values.end(), t.data<std::int32_t>());
+  return t;
+}
+
+Tensor int32_vector(const std::vector<std::int32_t>& values) {
+  Tensor t(DType::int32, static_cast<std::int64_t>(values.size()));
+  std::copy(values.begin(), values.end(), t.data<std::int32_t>());
+  return t;
+}
+
 casefile::Case random_case(std::mt19937_64& rng, const CaseLimits& lim) {
   casefile::Case c;
   const int W = pick(rng, 1, lim.max_ep_world_size);
@@ -72,13 +95,7 @@ void random_inputs(casefile::Case& c, std::mt19937_64& rng, const CaseLimits& li
     if (bs > 0 && chance(rng, 0.15)) {  // an all-zero row: q = 0, scale 0
       std::fill_n(in.x.data<std::uint16_t>() + pick(rng, 0, static_cast<int>(bs) - 1) * H, H, std::uint16_t{0});
     }
-    in.expert_ids = Tensor(DType::int32, bs, K);
-    std::vector<std::int32_t> ids(static_cast<std::size_t>(c.moe_expert_num));
-    for (std::int64_t b = 0; b < bs; ++b) {
-      for (int e = 0; e < c.moe_expert_num; ++e) ids[static_cast<std::size_t>(e)] = e;
-      std::shuffle(ids.begin(), ids.end(), rng);
-      std::copy_n(ids.begin(), K, in.expert_ids.data<std::int32_t>() + b * K);
-    }
+    in.expert_ids = random_ids(rng, bs, K, c.moe_expert_num);
     if (with_scales) {
       in.scales = Tensor(DType::fp32, c.moe_expert_num + (c.shared_expert_rank_num > 0 ? 1 : 0), H);
       std::uniform_real_distribution<float> u(0.25f, 4.0f);

@@ -60,6 +60,12 @@ std::vector<casefile::RankOutputs> run_runtime(const casefile::Case& c, const Ru
 std::string compare_with_oracle(const casefile::Case& c, const std::vector<casefile::RankOutputs>& got,
                                 const std::vector<oracle::RankOutput>& want);
 
+// (bs, k) int32 expert ids: k distinct experts in [0, experts) per row, uniformly at random.
+Tensor random_ids(std::mt19937_64& rng, std::int64_t bs, std::int64_t k, int experts);
+// int32 tensors holding the given values, row-major.
+Tensor int32_tensor(std::int64_t rows, std::int64_t cols, const std::vector<std::int32_t>& values);
+Tensor int32_vector(const std::vector<std::int32_t>& values);
+
 // 16-bit float helpers for building inputs.
 std::uint16_t to_half_bits(DType dtype, float value);
 

@@ -153,18 +153,6 @@ Tensor random_half(std::mt19937_64& rng, DType dtype, std::int64_t rows, std::in
   return t;
 }
 
-Tensor int32_tensor(std::int64_t rows, std::int64_t cols, const std::vector<std::int32_t>& values) {
-  Tensor t(DType::int32, rows, cols);
-  std::copy(values.begin(), values.end(), t.data<std::int32_t>());
-  return t;
-}
-
-Tensor int32_vector(const std::vector<std::int32_t>& values) {
-  Tensor t(DType::int32, static_cast<std::int64_t>(values.size()));
-  std::copy(values.begin(), values.end(), t.data<std::int32_t>());
-  return t;
-}
-
 // expert_ids[b, j] = (b * K + j + g) % E: K distinct ids per row (K <= E), different on every rank.
 Tensor formula_ids(std::int64_t bs, std::int64_t k, int experts, int g) {
   Tensor t(DType::int32, bs, k);
