@@ -125,53 +125,12 @@ casefile::Case make_case(const Geometry& geo, const CallSpec& spec, std::int64_t
   return make_case(geo, spec, std::vector<std::int64_t>(static_cast<std::size_t>(geo.size()), bs), rng);
 }
 
-struct Traffic {
-  TrafficCounters after_dispatch, after_combine;
-};
+using Traffic = RankTraffic;
 
 // One dispatch + combine of rank g with the oracle's identity experts (the dispatched row; with
 // quant_mode 2 the dequantized row rounded to x's dtype). Results are copied out of the views.
 casefile::RankOutputs round_trip(Group& group, const casefile::Case& c, int g, Traffic* traffic = nullptr) {
-  const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
-  const std::int64_t bs = in.x.rows(), h = in.x.cols(), k = in.expert_ids.cols();
-  DispatchOptions options;
-  options.quant_mode = c.quant_mode;
-  options.expert_token_nums_type = c.expert_token_nums_type;
-  if (in.scales.present()) options.scales = in.scales;
-  if (in.expert_scales.present()) options.expert_scales = in.expert_scales;
-  const DispatchResult d = group.dispatch(in.x, in.expert_ids, options);
-  if (traffic != nullptr) traffic->after_dispatch = group.traffic();
-  casefile::RankOutputs out;
-  out.expand_x = copy_rows(d.expand_x, d.valid_rows);
-  if (c.quant_mode == 2) out.dynamic_scales = copy_rows(d.dynamic_scales, d.valid_rows);
-  if (in.expert_scales.present()) out.expand_scales = copy_rows(d.expand_scales, d.valid_rows);
-  out.expand_idx = copy_rows(d.expand_idx, d.expand_idx.rows());
-  out.expert_token_nums = copy_rows(d.expert_token_nums, d.expert_token_nums.rows());
-  out.ep_recv_counts = copy_rows(d.ep_recv_counts, d.ep_recv_counts.rows());
-  if (c.tp_world_size == 2) out.tp_recv_counts = copy_rows(d.tp_recv_counts, 2);
-
-  Tensor identity;
-  TensorView expert_out = d.expand_x;  // quant_mode 0: dispatch's own view goes straight back
-  if (c.quant_mode == 2) {
-    const numeric::Half half = c.dtype == DType::bf16 ? numeric::Half::bf16 : numeric::Half::fp16;
-    identity = Tensor(c.dtype, d.valid_rows, h);
-    for (std::int64_t r = 0; r < d.valid_rows; ++r) {
-      for (std::int64_t col = 0; col < h; ++col) {
-        const float v = static_cast<float>(d.expand_x.at<std::int8_t>(r, col)) * d.dynamic_scales.at<float>(r);
-        identity.data<std::uint16_t>()[r * h + col] = numeric::f32_to_half_rne(half, v);
-      }
-    }
-    expert_out = identity.view();
-  }
-  const Tensor unit = filled(bs, k, 1.0f);
-  CombineOptions combine_options;
-  combine_options.comm_quant_mode = c.comm_quant_mode;
-  if (c.tp_world_size == 2) combine_options.tp_send_counts = d.tp_recv_counts;
-  const TensorView y = group.combine(expert_out, in.expert_ids, d.expand_idx, d.ep_recv_counts,
-                                     in.expert_scales.present() ? in.expert_scales.view() : unit.view(), combine_options);
-  if (traffic != nullptr) traffic->after_combine = group.traffic();
-  out.combine_out = copy_rows(y, bs);
-  return out;
+  return run_rank(group, c, g, RunOptions{}, traffic);
 }
 
 std::string compare(const casefile::Case& c, const std::vector<casefile::RankOutputs>& got) {

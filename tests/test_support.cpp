@@ -213,7 +213,7 @@ GroupConfig rank_config(const casefile::Case& c, int g) {
   return cfg;
 }
 
-casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, const RunOptions& opt) {
+casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, const RunOptions& opt, RankTraffic* traffic) {
   const int T = std::max(c.tp_world_size, 1);
   const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
   const GroupConfig cfg = group.config();
@@ -261,6 +261,7 @@ casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, con
     }
   }
   const DispatchResult d = group.dispatch(x.view, ids.view, dopt);
+  if (traffic != nullptr) traffic->after_dispatch = group.traffic();
 
   casefile::RankOutputs o;
   o.expand_x = copy_rows(d.expand_x, d.valid_rows);
@@ -311,6 +312,7 @@ casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, con
     copt.out = combined.mutable_view();
   }
   const TensorView y = group.combine(expert_out, ids.view, d.expand_idx, d.ep_recv_counts, weights.view, copt);
+  if (traffic != nullptr) traffic->after_combine = group.traffic();
   o.combine_out = copy_rows(y, bs);
   return o;
 }

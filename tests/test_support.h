@@ -49,8 +49,15 @@ Tensor copy_rows(const TensorView& v, std::int64_t rows);
 // The GroupConfig of global rank g of a case.
 GroupConfig rank_config(const casefile::Case& c, int g);
 
-// Runs one rank's dispatch then combine on an existing group (any transport).
-casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, const RunOptions& options);
+// The group's traffic counters right after dispatch and right after combine.
+struct RankTraffic {
+  TrafficCounters after_dispatch, after_combine;
+};
+
+// Runs one rank's dispatch then combine on an existing group (any transport), with the oracle's
+// identity experts unless the case gives combine_x; `traffic`, when given, receives the counters.
+casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, const RunOptions& options,
+                               RankTraffic* traffic = nullptr);
 
 // Runs dispatch then combine for every rank on the in-process runtime (independently of
 // casefile::run_case, so that the two runners check each other).

@@ -202,46 +202,7 @@ Tensor ones(std::int64_t rows, std::int64_t cols) {
 }
 
 // One correct dispatch + combine of rank g with identity experts; the outputs as the oracle reports them.
-casefile::RankOutputs round_trip(Group& group, const casefile::Case& c, int g) {
-  const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
-  const std::int64_t bs = in.x.rows(), h = in.x.cols(), k = in.expert_ids.cols();
-  DispatchOptions options;
-  options.quant_mode = c.quant_mode;
-  options.expert_token_nums_type = c.expert_token_nums_type;
-  if (in.scales.present()) options.scales = in.scales;
-  if (in.expert_scales.present()) options.expert_scales = in.expert_scales;
-  const DispatchResult d = group.dispatch(in.x, in.expert_ids, options);
-  casefile::RankOutputs out;
-  out.expand_x = copy_rows(d.expand_x, d.valid_rows);
-  if (c.quant_mode == 2) out.dynamic_scales = copy_rows(d.dynamic_scales, d.valid_rows);
-  if (in.expert_scales.present()) out.expand_scales = copy_rows(d.expand_scales, d.valid_rows);
-  out.expand_idx = copy_rows(d.expand_idx, d.expand_idx.rows());
-  out.expert_token_nums = copy_rows(d.expert_token_nums, d.expert_token_nums.rows());
-  out.ep_recv_counts = copy_rows(d.ep_recv_counts, d.ep_recv_counts.rows());
-  if (c.tp_world_size == 2) out.tp_recv_counts = copy_rows(d.tp_recv_counts, 2);
-
-  Tensor identity;
-  TensorView expert_out = d.expand_x;
-  if (c.quant_mode == 2) {  // identity experts of the oracle: the dequantized row, rounded to x's dtype
-    const numeric::Half half = c.dtype == DType::bf16 ? numeric::Half::bf16 : numeric::Half::fp16;
-    identity = Tensor(c.dtype, d.valid_rows, h);
-    for (std::int64_t r = 0; r < d.valid_rows; ++r) {
-      for (std::int64_t col = 0; col < h; ++col) {
-        const float v = static_cast<float>(d.expand_x.at<std::int8_t>(r, col)) * d.dynamic_scales.at<float>(r);
-        identity.data<std::uint16_t>()[r * h + col] = numeric::f32_to_half_rne(half, v);
-      }
-    }
-    expert_out = identity.view();
-  }
-  const Tensor unit = ones(bs, k);
-  CombineOptions combine_options;
-  combine_options.comm_quant_mode = c.comm_quant_mode;
-  if (c.tp_world_size == 2) combine_options.tp_send_counts = d.tp_recv_counts;
-  const TensorView y = group.combine(expert_out, in.expert_ids, d.expand_idx, d.ep_recv_counts,
-                                     in.expert_scales.present() ? in.expert_scales.view() : unit.view(), combine_options);
-  out.combine_out = copy_rows(y, bs);
-  return out;
-}
+casefile::RankOutputs round_trip(Group& group, const casefile::Case& c, int g) { return run_rank(group, c, g, RunOptions{}); }
 
 // Runs fn(rank) for every rank: in the test thread for a single-rank world, else on one thread per rank.
 void on_ranks(int n, const std::function<void(int)>& fn) {
