@@ -41,6 +41,7 @@ struct RunOptions {
   bool strided_inputs = false;  // pass x, expert_ids, expert_scales and combine inputs as non-contiguous views
   bool caller_outputs = false;  // give dispatch and combine caller-provided output buffers
   bool outputs_in_window = false;  // write the expert outputs into Group::combine_buffer() (T <= 1)
+  int ranks_per_host = 0;          // run_runtime: virtual hosts of this many ranks (0: one host)
 };
 
 // Copies the first `rows` rows (or entries) of a view into a new contiguous tensor.

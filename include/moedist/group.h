@@ -72,6 +72,14 @@ struct TrafficCounters {
   std::int64_t dispatch_bytes_sent = 0;
   std::int64_t combine_rows_read = 0;    // expert-output rows this rank read back
   std::int64_t combine_bytes_read = 0;
+  // Between hosts (transports with several hosts, e.g. MPI): the bytes this rank sent to other hosts in
+  // the last call (dispatch: its tokens, once per remote host, with their destinations; combine: its
+  // requests and the rows it carried back for other hosts' tokens), and what a flat all-to-all that sends
+  // every row to its destination rank would have sent for the same call.
+  std::int64_t dispatch_bytes_between_hosts = 0;
+  std::int64_t dispatch_bytes_between_hosts_flat = 0;
+  std::int64_t combine_bytes_between_hosts = 0;
+  std::int64_t combine_bytes_between_hosts_flat = 0;
 };
 
 class Group {

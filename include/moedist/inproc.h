@@ -17,6 +17,10 @@ struct RuntimeOptions {
   // have a core of its own; with more ranks than cores it instead yields the core for up to 2 ms
   // (spinning would take the core from the rank it waits for).
   std::chrono::microseconds spin{-1};
+  // Virtual hosts: 0 puts every rank on one host. n > 0 puts global ranks [i*n, (i+1)*n) on host i:
+  // ranks then address only their own host's windows and reach the others through messages, as ranks
+  // on different machines do, so the node-aware paths run in one process.
+  int ranks_per_host = 0;
 };
 
 class InProcessWorld {

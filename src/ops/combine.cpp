@@ -9,6 +9,7 @@
 #include "contract/shared_split.h"
 #include "kernels/row_kernels.h"
 #include "ops/group_state.h"
+#include "ops/host_messages.h"
 
 namespace moedist {
 
@@ -211,9 +212,120 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
                       concat("rank ", me, ": rank ", gd, " published its rows at offset ", published.rows_offset, " with ",
                              published.row_bytes, "-byte rows, outside its window"));
     }
-    rows_of[static_cast<std::size_t>(d)] = s.transport->window(gd) + published.rows_offset;
+    std::byte* window = s.transport->window(gd);  // nullptr on another host: its rows come through the proxy there
+    rows_of[static_cast<std::size_t>(d)] = window == nullptr ? nullptr : window + published.rows_offset;
     row_bytes_of[static_cast<std::size_t>(d)] = static_cast<std::size_t>(published.row_bytes);
   }
+  // Where a term of token b lives: its EP rank, its row there, and its name for a proxy (host_messages.h).
+  struct TermPlace {
+    int d;
+    std::int64_t row;
+    RemoteTarget target;
+  };
+  int shared_target = 0;
+  const auto moe_place = [&](std::int64_t b, std::int64_t j) {
+    const std::int32_t e = expert_ids.at<std::int32_t>(b, j);
+    const int d = topo.expert_rank(e);
+    const std::int32_t* table = s.counts(topo.global_rank(d, my_tp));
+    const std::int32_t slot = expand_idx.at<std::int32_t>(b * k + j);
+    return TermPlace{d, block_begin(table, topo.expert_local(e) * topo.W + my_ep) + slot, RemoteTarget{e, slot, 0.0f}};
+  };
+  const auto shared_place = [&](std::int64_t b) {  // call with b ascending
+    if (topo.is_shared(my_ep)) return TermPlace{my_ep, b, RemoteTarget{shared_expert_code(my_ep), static_cast<std::int32_t>(b), 0.0f}};
+    while (b >= contract::shared_range_begin(my_ep, shared_target + 1, bs, topo.S)) ++shared_target;
+    const std::int32_t* table = s.counts(topo.global_rank(shared_target, my_tp));
+    const std::int64_t slot = b - contract::shared_range_begin(my_ep, shared_target, bs, topo.S);
+    return TermPlace{shared_target, table[my_ep - 1] + slot, RemoteTarget{shared_expert_code(shared_target), static_cast<std::int32_t>(slot), 0.0f}};
+  };
+  const int my_host = s.my_host();
+  const auto host_of_ep = [&](int d) { return s.routes.host_of(topo.global_rank(d, my_tp)); };
+  // Rows on other hosts: ask this rank's proxy on each for them, in reduce order; serve the ranks this
+  // rank carries for from its host's windows; then read them from the answers.
+  const std::size_t answer_stride = contract::align_up(min_row_bytes, 4);
+  std::int64_t rows_from_other_hosts = 0;
+  s.traffic.combine_bytes_between_hosts = 0;
+  if (s.routes.multi_host()) {
+    for (auto& message : s.to_host) message.clear();
+    const auto request = [&](const TermPlace& place) {
+      const int host = host_of_ep(place.d);
+      if (host == my_host) return;
+      std::memcpy(append(s.to_host[static_cast<std::size_t>(host)], sizeof(RemoteTarget)), &place.target, sizeof(RemoteTarget));
+      ++rows_from_other_hosts;
+    };
+    for (std::int64_t b = 0; b < bs; ++b) {
+      for (std::int64_t j = 0; j < k; ++j) request(moe_place(b, j));
+      if (topo.S > 0) request(shared_place(b));
+    }
+    shared_target = 0;
+    s.exchange_with_proxies("combine.requests");
+    std::exception_ptr serve_error;
+    const std::vector<int>& senders = s.routes.carried_for(me);
+    s.carried_out.resize(senders.size());
+    for (std::size_t i = 0; i < senders.size(); ++i) {
+      const int r = senders[i];
+      std::vector<std::byte>& answer = s.carried_out[i];
+      answer.clear();
+      const std::int64_t ok = 0;
+      std::memcpy(append(answer, sizeof ok), &ok, sizeof ok);
+      try {
+        MessageReader in(s.carried[i]);
+        const auto bad = [&](const std::string& what) {
+          throw PeerError(ErrorCode::protocol, r, "combine.requests", concat("rank ", me, ": rank ", r, " asked this host for ", what));
+        };
+        if (in.left() % sizeof(RemoteTarget) != 0) bad(concat("a request of ", in.left(), " bytes, not a whole number of rows"));
+        RemoteTarget target{};
+        while (in.read(&target)) {
+          const bool shared = target.code < 0;
+          if (shared ? -1 - static_cast<std::int64_t>(target.code) >= topo.S : target.code >= topo.E) bad(concat("expert code ", target.code));
+          const int d = shared ? -1 - target.code : topo.expert_rank(target.code);
+          if (host_of_ep(d) != my_host) bad(concat("the rows of EP rank ", d, ", which is not on this host"));
+          const std::int32_t* table = s.counts(topo.global_rank(d, my_tp));
+          const int index = (shared ? 0 : topo.expert_local(target.code)) * topo.W + s.ep_of(r);
+          const std::int64_t begin = block_begin(table, index);
+          if (target.slot < 0 || target.slot >= table[index] - begin) {
+            bad(concat("slot ", target.slot, " of expert code ", target.code, ", outside its ", table[index] - begin, " rows"));
+          }
+          const std::byte* row = rows_of[static_cast<std::size_t>(d)] + static_cast<std::size_t>(begin + target.slot) * row_bytes_of[static_cast<std::size_t>(d)];
+          std::memcpy(append(answer, answer_stride), row, min_row_bytes);
+        }
+      } catch (const Error& e) {
+        if (!serve_error) serve_error = std::current_exception();
+        answer.clear();
+        const auto status = static_cast<std::int64_t>(e.code());
+        std::memcpy(append(answer, sizeof status), &status, sizeof status);
+        const std::string text = e.what();
+        std::memcpy(append(answer, text.size()), text.data(), text.size());
+      }
+      s.traffic.combine_bytes_between_hosts += static_cast<std::int64_t>(answer.size());
+    }
+    s.answer_carried("combine.hosts");
+    if (serve_error) std::rethrow_exception(serve_error);
+    for (int host = 0; host < s.routes.hosts(); ++host) {
+      if (host == my_host) continue;
+      const int proxy = s.routes.proxy(me, host);
+      const std::vector<std::byte>& answer = s.from_host[static_cast<std::size_t>(host)];
+      std::int64_t status = -1;
+      if (answer.size() >= sizeof status) std::memcpy(&status, answer.data(), sizeof status);
+      if (status > 0 && status <= static_cast<std::int64_t>(ErrorCode::peer_lost)) {
+        throw PeerError(ErrorCode::peer_failed, proxy, "combine.hosts",
+                        concat("rank ", me, ": rank ", proxy, " could not serve this rank's rows (", error_code_name(static_cast<ErrorCode>(status)),
+                               "): ", std::string(reinterpret_cast<const char*>(answer.data()) + sizeof status, answer.size() - sizeof status)));
+      }
+      const std::size_t asked = s.to_host[static_cast<std::size_t>(host)].size() / sizeof(RemoteTarget);
+      if (status != 0 || answer.size() != sizeof status + asked * answer_stride) {
+        throw PeerError(ErrorCode::protocol, proxy, "combine.hosts",
+                        concat("rank ", me, ": rank ", proxy, " answered ", answer.size(), " bytes with status ", status, " for ", asked, " rows"));
+      }
+      s.traffic.combine_bytes_between_hosts += static_cast<std::int64_t>(s.to_host[static_cast<std::size_t>(host)].size());
+    }
+  }
+  std::vector<std::size_t>& answered = s.answered;  // per host: rows of its answer reduced so far
+  answered.assign(static_cast<std::size_t>(s.routes.hosts()), 0);
+  const auto term_row = [&](const TermPlace& place) -> const std::byte* {
+    const int host = host_of_ep(place.d);
+    if (host == my_host) return rows_of[static_cast<std::size_t>(place.d)] + static_cast<std::size_t>(place.row) * row_bytes_of[static_cast<std::size_t>(place.d)];
+    return s.from_host[static_cast<std::size_t>(host)].data() + sizeof(std::int64_t) + answered[static_cast<std::size_t>(host)]++ * answer_stride;
+  };
   // The K + 1 rows of one token and their weights (the shared expert's is unweighted).
   std::vector<CombineTerm>& terms = s.terms;
   terms.resize(static_cast<std::size_t>(k + 1));
@@ -221,27 +333,10 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
   // increasing k, so the result is bit-identical to a whole-row reduce.
   constexpr std::int64_t kChunk = 1024;  // a multiple of the comm-quant group of 8
   float* acc = s.row_scratch(std::min(h, kChunk));
-  int shared_target = 0;
   for (std::int64_t b = 0; b < bs; ++b) {
     std::size_t n = 0;
-    for (std::int64_t j = 0; j < k; ++j) {
-      const std::int32_t e = expert_ids.at<std::int32_t>(b, j);
-      const auto d = static_cast<std::size_t>(topo.expert_rank(e));
-      const std::int32_t* table = s.counts(topo.global_rank(topo.expert_rank(e), my_tp));
-      const std::int64_t row = block_begin(table, topo.expert_local(e) * topo.W + my_ep) + expand_idx.at<std::int32_t>(b * k + j);
-      terms[n++] = CombineTerm{rows_of[d] + static_cast<std::size_t>(row) * row_bytes_of[d], true, expert_scales.at<float>(b, j)};
-    }
-    if (topo.S > 0) {
-      std::size_t d = static_cast<std::size_t>(my_ep);
-      std::int64_t row = b;  // a shared-expert rank's own token: its own row b
-      if (!topo.is_shared(my_ep)) {
-        while (b >= contract::shared_range_begin(my_ep, shared_target + 1, bs, topo.S)) ++shared_target;
-        const std::int32_t* table = s.counts(topo.global_rank(shared_target, my_tp));
-        row = table[my_ep - 1] + b - contract::shared_range_begin(my_ep, shared_target, bs, topo.S);
-        d = static_cast<std::size_t>(shared_target);
-      }
-      terms[n++] = CombineTerm{rows_of[d] + static_cast<std::size_t>(row) * row_bytes_of[d], false, 1.0f};
-    }
+    for (std::int64_t j = 0; j < k; ++j) terms[n++] = CombineTerm{term_row(moe_place(b, j)), true, expert_scales.at<float>(b, j)};
+    if (topo.S > 0) terms[n++] = CombineTerm{term_row(shared_place(b)), false, 1.0f};
     for (std::int64_t h0 = 0; h0 < h; h0 += kChunk) {
       const std::int64_t len = std::min(kChunk, h - h0);
       std::fill_n(acc, len, 0.0f);
@@ -263,7 +358,8 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
   }
   const std::int64_t rows_read = bs * k + (topo.S > 0 ? bs : 0);
   s.traffic.combine_rows_read = rows_read;
-  s.traffic.combine_bytes_read = rows_read * static_cast<std::int64_t>(quantized ? h + 2 * static_cast<std::int64_t>(groups) : 2 * h);
+  s.traffic.combine_bytes_read = rows_read * static_cast<std::int64_t>(min_row_bytes);
+  s.traffic.combine_bytes_between_hosts_flat = rows_from_other_hosts * static_cast<std::int64_t>(min_row_bytes);
   return out;
 }
 

@@ -8,6 +8,7 @@
 #include "contract/shared_split.h"
 #include "kernels/row_kernels.h"
 #include "ops/group_state.h"
+#include "ops/host_messages.h"
 
 namespace moedist {
 
@@ -42,6 +43,78 @@ void check_dispatch_record(const Group::State& s, int r, const char* phase) {
   if (shared_rows != want_shared) bad(concat("it sends ", shared_rows, " rows to shared experts, not ", want_shared));
 }
 
+
+// A proxy writes the rows that the ranks it carries for sent to this host into their destination windows.
+// Every target is checked against the sender's count record: it must name an expert on this host and a
+// row of the sender's block there, and the sender must fill each of its rows on this host exactly once.
+void write_carried_rows(Group::State& s, const std::vector<Destination>& dests, bool quant, std::int64_t h, std::int64_t k,
+                        bool has_expert_scales) {
+  const contract::Topology& topo = s.topo;
+  const std::size_t stride = payload_stride(quant, h);
+  const std::size_t row_bytes = static_cast<std::size_t>(h) * (quant ? 1 : 2);
+  const std::vector<int>& senders = s.routes.carried_for(s.me());
+  std::vector<std::int64_t>& first_seen = s.seen_first;
+  std::vector<RemoteTarget> targets(static_cast<std::size_t>(k + 1));
+  for (std::size_t i = 0; i < senders.size(); ++i) {
+    const int r = senders[i];
+    const int r_ep = s.ep_of(r);
+    const std::int32_t* counts = s.counts(r);
+    const auto bad = [&](const std::string& what) {
+      throw PeerError(ErrorCode::protocol, r, "dispatch.hosts",
+                      concat("rank ", s.me(), ": the rows rank ", r, " sent for this host are malformed: ", what));
+    };
+    first_seen.assign(static_cast<std::size_t>(topo.count_record_len()), -1);
+    std::int64_t expected = 0;
+    for (int d = 0; d < topo.W; ++d) {
+      if (!dests[static_cast<std::size_t>(d)].local) continue;
+      for (int l = 0; l < topo.local_experts(d); ++l) {
+        first_seen[static_cast<std::size_t>(d * topo.L + l)] = expected;
+        expected += counts[d * topo.L + l];
+      }
+    }
+    s.seen.assign(static_cast<std::size_t>(expected), 0);
+    std::int64_t written = 0;
+    MessageReader in(s.carried[i]);
+    while (!in.done()) {
+      RemoteEntry entry{};
+      if (!in.read(&entry) || entry.targets < 1 || entry.targets > k + 1 || (entry.payloads != 1 && entry.payloads != entry.targets)) {
+        bad(concat("an entry header (", entry.targets, " targets, ", entry.payloads, " rows) is cut short or out of range"));
+      }
+      for (std::int32_t t = 0; t < entry.targets; ++t) {
+        if (!in.read(&targets[static_cast<std::size_t>(t)])) bad("a target list is cut short");
+      }
+      const std::byte* payload = in.take(static_cast<std::size_t>(entry.payloads) * stride);
+      if (payload == nullptr) bad("a row is cut short");
+      for (std::int32_t t = 0; t < entry.targets; ++t) {
+        const RemoteTarget& target = targets[static_cast<std::size_t>(t)];
+        const bool shared = target.code < 0;
+        if (shared ? -1 - static_cast<std::int64_t>(target.code) >= topo.S : target.code >= topo.E) bad(concat("expert code ", target.code, " is out of range"));
+        const int d = shared ? -1 - target.code : topo.expert_rank(target.code);
+        const int l = shared ? 0 : topo.expert_local(target.code);
+        const Destination& dest = dests[static_cast<std::size_t>(d)];
+        if (!dest.local) bad(concat("expert code ", target.code, " lives on EP rank ", d, ", which is not on this host"));
+        const std::size_t record_entry = static_cast<std::size_t>(d * topo.L + l);
+        const std::int32_t count = counts[record_entry];
+        if (target.slot < 0 || target.slot >= count) bad(concat("slot ", target.slot, " of expert code ", target.code, " is outside its ", count, " rows"));
+        std::uint8_t& seen = s.seen[static_cast<std::size_t>(first_seen[record_entry] + target.slot)];
+        if (seen != 0) bad(concat("slot ", target.slot, " of expert code ", target.code, " is sent twice"));
+        seen = 1;
+        ++written;
+        const std::size_t pos = topo.is_shared(d) ? static_cast<std::size_t>(r_ep) : static_cast<std::size_t>(l * topo.W + r_ep);
+        const std::int64_t row = s.dest_prefix[static_cast<std::size_t>(d)][pos] - count + target.slot;
+        const std::byte* src = payload + (entry.payloads == 1 ? 0 : static_cast<std::size_t>(t) * stride);
+        if (quant) {
+          std::memcpy(dest.expand_x + static_cast<std::size_t>(row) * row_bytes, src + 4, row_bytes);
+          std::memcpy(&dest.dynamic_scales[row], src, 4);
+        } else {
+          std::memcpy(dest.expand_x + static_cast<std::size_t>(row) * row_bytes, src, row_bytes);
+        }
+        if (has_expert_scales) dest.expand_scales[row] = shared ? 1.0f : target.weight;
+      }
+    }
+    if (written != expected) bad(concat("it filled ", written, " of the ", expected, " rows its count record sends to this host"));
+  }
+}
 
 }  // namespace
 
@@ -92,16 +165,21 @@ DispatchResult Group::dispatch(const TensorView& x, const TensorView& expert_ids
   const std::int64_t h = shape.h, k = shape.k, bs = shape.bs;
   std::vector<Destination>& dests = s.destinations;
   dests.assign(static_cast<std::size_t>(topo.W), Destination{});
+  const int my_host = s.my_host();
+  const auto host_of_ep = [&](int d) { return s.routes.host_of(topo.global_rank(d, my_tp)); };
   for (int d = 0; d < topo.W; ++d) {
     const int gd = topo.global_rank(d, my_tp);
     const contract::WindowLayout layout(topo, s.shape_of(gd), d);
-    std::byte* base = s.transport->window(gd);
     Destination& dest = dests[static_cast<std::size_t>(d)];
+    dest.capacity_rows = layout.receive_rows;
+    dest.local = host_of_ep(d) == my_host;
+    if (!dest.local) continue;  // reached through this rank's proxy on its host
+    std::byte* base = s.transport->window(gd);
     dest.expand_x = base + layout.expand_x_offset;
     dest.dynamic_scales = reinterpret_cast<float*>(base + layout.dynamic_scales_offset);
     dest.expand_scales = reinterpret_cast<float*>(base + layout.expand_scales_offset);
-    dest.capacity_rows = layout.receive_rows;
   }
+  for (auto& message : s.to_host) message.clear();
   // First row of this rank's block at each (destination, local expert).
   std::vector<std::int64_t>& block_start = s.block_start;
   block_start.assign(static_cast<std::size_t>(topo.count_record_len()), 0);
@@ -129,7 +207,9 @@ DispatchResult Group::dispatch(const TensorView& x, const TensorView& expert_ids
   };
   std::vector<RowTarget>& targets = s.row_targets;
   targets.resize(static_cast<std::size_t>(k + 1));
-  std::int64_t rows_sent = 0;
+  const std::size_t stride = payload_stride(quant, h);
+  const std::int64_t row_out_bytes = h * static_cast<std::int64_t>(out_elem) + (quant ? 4 : 0) + (o.expert_scales.present() ? 4 : 0);
+  std::int64_t rows_sent = 0, rows_to_other_hosts = 0;
   int shared_target = 0;  // shared-expert rank of the current token (MoE source ranks)
   for (std::int64_t b = 0; b < bs; ++b) {
     std::size_t n = 0;
@@ -139,45 +219,112 @@ DispatchResult Group::dispatch(const TensorView& x, const TensorView& expert_ids
       const std::size_t entry = static_cast<std::size_t>(topo.S * topo.L + e);
       const std::int64_t row = block_start[entry] + s.plan.expand_idx[static_cast<std::size_t>(b * k + j)];
       const float weight = o.expert_scales.present() ? o.expert_scales.at<float>(b, j) : 1.0f;
-      targets[n++] = RowTarget{&dests[static_cast<std::size_t>(d)], row, smooth_row(topo.S > 0 ? e + 1 : e), weight};
+      const std::int32_t slot = s.plan.expand_idx[static_cast<std::size_t>(b * k + j)];
+      targets[n++] = RowTarget{&dests[static_cast<std::size_t>(d)], row, smooth_row(topo.S > 0 ? e + 1 : e), weight, host_of_ep(d), e, slot};
     }
     if (topo.S > 0) {
       if (topo.is_shared(my_ep)) {
         // A shared-expert rank keeps its own tokens: row b of its own expand_x (§3.4.1).
-        targets[n++] = RowTarget{&dests[static_cast<std::size_t>(my_ep)], b, smooth_row(0), 1.0f};
+        targets[n++] = RowTarget{&dests[static_cast<std::size_t>(my_ep)], b, smooth_row(0), 1.0f, my_host, shared_expert_code(my_ep),
+                                 static_cast<std::int32_t>(b)};
       } else {
         while (b >= contract::shared_range_begin(my_ep, shared_target + 1, bs, topo.S)) ++shared_target;
-        const std::int64_t row = block_start[static_cast<std::size_t>(shared_target * topo.L)] + b -
-                                 contract::shared_range_begin(my_ep, shared_target, bs, topo.S);
-        targets[n++] = RowTarget{&dests[static_cast<std::size_t>(shared_target)], row, smooth_row(0), 1.0f};
+        const std::int64_t slot = b - contract::shared_range_begin(my_ep, shared_target, bs, topo.S);
+        const std::int64_t row = block_start[static_cast<std::size_t>(shared_target * topo.L)] + slot;
+        targets[n++] = RowTarget{&dests[static_cast<std::size_t>(shared_target)], row, smooth_row(0), 1.0f, host_of_ep(shared_target),
+                                 shared_expert_code(shared_target), static_cast<std::int32_t>(slot)};
       }
     }
     const std::uint16_t* xrow = x.ptr<std::uint16_t>(b, 0);
-    const RowTarget* unsmoothed = nullptr;  // without smoothing every copy of a token is identical
+    // Without smoothing every int8 copy of a token is identical: quantize once, copy the rest.
+    const std::byte* quantized = nullptr;
+    const float* quantized_scale = nullptr;
+    bool to_other_hosts = false;
     for (std::size_t i = 0; i < n; ++i) {
       const RowTarget& t = targets[i];
       if (t.row < 0 || t.row >= t.dest->capacity_rows) {
         throw Error(ErrorCode::internal, concat("dispatch computed row ", t.row, " outside capacity ", t.dest->capacity_rows));
       }
+      if (!t.dest->local) {
+        to_other_hosts = true;
+        continue;
+      }
       std::byte* dst = t.dest->expand_x + static_cast<std::size_t>(t.row * h) * out_elem;
       if (!quant) {
         kernels::copy_row16(xrow, x_cs, h, reinterpret_cast<std::uint16_t*>(dst));
-      } else if (t.smooth_row < 0 && unsmoothed != nullptr) {
-        std::memcpy(dst, unsmoothed->dest->expand_x + static_cast<std::size_t>(unsmoothed->row * h), static_cast<std::size_t>(h));
-        t.dest->dynamic_scales[t.row] = unsmoothed->dest->dynamic_scales[unsmoothed->row];
+      } else if (t.smooth_row < 0 && quantized != nullptr) {
+        std::memcpy(dst, quantized, static_cast<std::size_t>(h));
+        t.dest->dynamic_scales[t.row] = *quantized_scale;
       } else {
         kernels::quantize_row(xrow, x_cs, type, smooth_ptr(t.smooth_row), h, reinterpret_cast<std::int8_t*>(dst),
                               &t.dest->dynamic_scales[t.row], scratch);
-        if (t.smooth_row < 0) unsmoothed = &t;
+        if (t.smooth_row < 0) {
+          quantized = dst;
+          quantized_scale = &t.dest->dynamic_scales[t.row];
+        }
       }
       if (o.expert_scales.present()) t.dest->expand_scales[t.row] = t.weight;
+    }
+    // Targets on other hosts: one entry per host, for the proxy there to fan out (host_messages.h).
+    for (std::size_t i = 0; to_other_hosts && i < n; ++i) {
+      const RowTarget& first = targets[i];
+      bool host_seen = first.dest->local;
+      for (std::size_t j = 0; j < i && !host_seen; ++j) host_seen = !targets[j].dest->local && targets[j].host == first.host;
+      if (host_seen) continue;
+      std::int32_t count = 0;
+      for (std::size_t j = i; j < n; ++j) count += !targets[j].dest->local && targets[j].host == first.host ? 1 : 0;
+      const bool row_per_target = quant && smoothing;
+      const std::int32_t payloads = row_per_target ? count : 1;
+      std::byte* at = append(s.to_host[static_cast<std::size_t>(first.host)],
+                             sizeof(RemoteEntry) + static_cast<std::size_t>(count) * sizeof(RemoteTarget) + static_cast<std::size_t>(payloads) * stride);
+      const RemoteEntry head{count, payloads};
+      std::memcpy(at, &head, sizeof head);
+      at += sizeof head;
+      std::byte* payload = at + static_cast<std::size_t>(count) * sizeof(RemoteTarget);
+      for (std::size_t j = i; j < n; ++j) {
+        const RowTarget& t = targets[j];
+        if (t.dest->local || t.host != first.host) continue;
+        const RemoteTarget wire{t.code, t.slot, t.weight};
+        std::memcpy(at, &wire, sizeof wire);
+        at += sizeof wire;
+        if (row_per_target) {
+          kernels::quantize_row(xrow, x_cs, type, smooth_ptr(t.smooth_row), h, reinterpret_cast<std::int8_t*>(payload + 4),
+                                reinterpret_cast<float*>(payload), scratch);
+          payload += stride;
+        }
+        ++rows_to_other_hosts;
+      }
+      if (row_per_target) continue;
+      if (!quant) {
+        kernels::copy_row16(xrow, x_cs, h, reinterpret_cast<std::uint16_t*>(payload));
+      } else if (quantized != nullptr) {
+        std::memcpy(payload + 4, quantized, static_cast<std::size_t>(h));
+        std::memcpy(payload, quantized_scale, 4);
+      } else {
+        kernels::quantize_row(xrow, x_cs, type, nullptr, h, reinterpret_cast<std::int8_t*>(payload + 4), reinterpret_cast<float*>(payload), scratch);
+        quantized = payload + 4;
+        quantized_scale = reinterpret_cast<const float*>(payload);
+      }
     }
     rows_sent += static_cast<std::int64_t>(n);
   }
   s.traffic.dispatch_rows_sent = rows_sent;
-  s.traffic.dispatch_bytes_sent =
-      rows_sent * (h * static_cast<std::int64_t>(out_elem) + (quant ? 4 : 0) + (o.expert_scales.present() ? 4 : 0));
-  s.step(nullptr, "dispatch.data");
+  s.traffic.dispatch_bytes_sent = rows_sent * row_out_bytes;
+  s.traffic.dispatch_bytes_between_hosts_flat = rows_to_other_hosts * row_out_bytes;
+  s.traffic.dispatch_bytes_between_hosts = 0;
+  for (const auto& message : s.to_host) s.traffic.dispatch_bytes_between_hosts += static_cast<std::int64_t>(message.size());
+
+  // Rows for other hosts go to this rank's proxies there, who write them into their hosts' windows.
+  std::exception_ptr carry_error;
+  if (s.routes.multi_host()) {
+    s.exchange_with_proxies("dispatch.hosts");
+    try {
+      write_carried_rows(s, dests, quant, h, k, o.expert_scales.present());
+    } catch (...) {
+      carry_error = std::current_exception();
+    }
+  }
+  s.step(carry_error, "dispatch.data");
 
   // 4. TP all-gather (§3.5): the peer's own rows follow this rank's own rows.
   const contract::WindowLayout my_layout(topo, shape, my_ep);

@@ -31,6 +31,41 @@ Group::State::State(const GroupConfig& c, std::unique_ptr<Transport> t)
   records.resize(record_bytes * static_cast<std::size_t>(transport->size()));
   steps.resize(static_cast<std::size_t>(transport->size()));
   dest_prefix.resize(static_cast<std::size_t>(topo.W));
+  std::vector<int> host_of(static_cast<std::size_t>(transport->size()));
+  for (int r = 0; r < transport->size(); ++r) host_of[static_cast<std::size_t>(r)] = transport->host_of(r);
+  routes.build(topo, host_of);
+  to_host.resize(static_cast<std::size_t>(routes.hosts()));
+  from_host.resize(static_cast<std::size_t>(routes.hosts()));
+}
+
+void Group::State::exchange_with_proxies(const char* phase) {
+  outgoing.clear();
+  for (int h = 0; h < routes.hosts(); ++h) {
+    if (h == my_host()) continue;
+    const auto& box = to_host[static_cast<std::size_t>(h)];
+    outgoing.push_back(Transport::Outgoing{routes.proxy(me(), h), box.data(), box.size()});
+  }
+  const std::vector<int>& from = routes.carried_for(me());
+  carried.resize(from.size());
+  transport->exchange(outgoing, from, carried, phase);
+}
+
+void Group::State::answer_carried(const char* phase) {
+  const std::vector<int>& to = routes.carried_for(me());
+  outgoing.clear();
+  for (std::size_t i = 0; i < to.size(); ++i) outgoing.push_back(Transport::Outgoing{to[i], carried_out[i].data(), carried_out[i].size()});
+  peers.clear();
+  std::vector<std::vector<std::byte>> answers;
+  for (int h = 0; h < routes.hosts(); ++h) {
+    if (h == my_host()) continue;
+    peers.push_back(routes.proxy(me(), h));
+    answers.push_back(std::move(from_host[static_cast<std::size_t>(h)]));  // keeps its capacity
+  }
+  transport->exchange(outgoing, peers, answers, phase);
+  std::size_t i = 0;
+  for (int h = 0; h < routes.hosts(); ++h) {
+    if (h != my_host()) from_host[static_cast<std::size_t>(h)] = std::move(answers[i++]);
+  }
 }
 
 void Group::State::describe_call(const contract::CallShape& shape, DType dtype, int mode, bool has_expert_scales,

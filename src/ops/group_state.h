@@ -10,6 +10,7 @@
 
 #include "contract/layout.h"
 #include "contract/routing_plan.h"
+#include "ops/host_routes.h"
 #include "moedist/group.h"
 #include "transport/transport.h"
 
@@ -45,6 +46,7 @@ struct StepRecord {
 
 // Where the rows dispatch sends to one destination rank go.
 struct Destination {
+  bool local = false;             // on this rank's host: written directly; else through its proxy
   std::byte* expand_x = nullptr;  // row 0 of expand_x in the destination's window
   float* dynamic_scales = nullptr;
   float* expand_scales = nullptr;
@@ -57,6 +59,9 @@ struct RowTarget {
   std::int64_t row;
   std::int64_t smooth_row;  // row of `scales`, or -1: no smoothing
   float weight;
+  int host;                 // the destination's host
+  std::int32_t code;        // the expert as a proxy names it (RemoteTarget::code)
+  std::int32_t slot;        // the row within this rank's block there
 };
 
 // One expert-output row of a token in combine, with its weight (the shared expert's is unweighted).
@@ -102,6 +107,18 @@ struct Group::State {
   std::vector<CombineTerm> terms;
   contract::CallShape last_dispatch;  // shape of the last successful dispatch (for combine_buffer())
 
+  // Several hosts: who carries whose rows, and the messages of the current call.
+  HostRoutes routes;
+  std::vector<std::vector<std::byte>> to_host;      // per host: what this rank sends its proxy there
+  std::vector<std::vector<std::byte>> from_host;    // per host: the proxy's answer (combine)
+  std::vector<std::vector<std::byte>> carried;      // per rank carried for: what it sent this rank
+  std::vector<std::vector<std::byte>> carried_out;  // per rank carried for: this rank's answer (combine)
+  std::vector<Transport::Outgoing> outgoing;
+  std::vector<int> peers;
+  std::vector<std::uint8_t> seen;                   // rows of one carried sender already written
+  std::vector<std::int64_t> seen_first;             // per count-record entry: where its rows start in `seen`
+  std::vector<std::size_t> answered;                // combine: per host, rows of its answer used so far
+
   CallHeader& own_header() { return *reinterpret_cast<CallHeader*>(own_record.data()); }
   std::int32_t* own_counts() { return reinterpret_cast<std::int32_t*>(own_record.data() + sizeof(CallHeader)); }
   const CallHeader& header(int rank) const {
@@ -133,6 +150,11 @@ struct Group::State {
   int ep_of(int rank) const { return rank / topo.T; }
   int tp_of(int rank) const { return rank % topo.T; }
   int me() const { return transport->rank(); }
+  int my_host() const { return routes.host_of(me()); }
+  // Sends to_host[h] to this rank's proxy on every other host and receives what each rank it carries
+  // for sent into `in`; then, with `answer`, sends carried_out back and receives from_host.
+  void exchange_with_proxies(const char* phase);
+  void answer_carried(const char* phase);
   float* row_scratch(std::int64_t h) {
     if (scratch.size() < static_cast<std::size_t>(h)) scratch.resize(static_cast<std::size_t>(h));
     return scratch.data();

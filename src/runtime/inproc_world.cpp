@@ -16,7 +16,8 @@ struct InProcessWorld::Hub {
 InProcessWorld::InProcessWorld(int world_size, RuntimeOptions options) : hub_(std::make_shared<Hub>()) {
   if (world_size < 1) contract::fail_value("world_size", world_size, "must be >= 1");
   if (options.timeout.count() <= 0) contract::fail_value("timeout (ms)", options.timeout.count(), "must be > 0");
-  hub_->hub = std::make_shared<InProcHub>(world_size, options.timeout, options.spin);
+  if (options.ranks_per_host < 0) contract::fail_value("RuntimeOptions::ranks_per_host", options.ranks_per_host, "must be >= 0");
+  hub_->hub = std::make_shared<InProcHub>(world_size, options.timeout, options.spin, options.ranks_per_host);
 }
 
 InProcessWorld::~InProcessWorld() = default;

@@ -17,13 +17,19 @@ WaitPolicy wait_policy(std::chrono::microseconds requested, int world_size) noex
   return WaitPolicy{std::chrono::microseconds(0), std::chrono::microseconds(2000)};
 }
 
-InProcHub::InProcHub(int size, std::chrono::milliseconds timeout, std::chrono::microseconds spin)
+InProcHub::InProcHub(int size, std::chrono::milliseconds timeout, std::chrono::microseconds spin, int ranks_per_host)
     : size_(size),
+      ranks_per_host_(ranks_per_host >= size ? 0 : ranks_per_host),
       timeout_(timeout),
       wait_(wait_policy(spin, size)),
       arrived_at_(static_cast<std::size_t>(size), 0),
       claimed_(static_cast<std::size_t>(size), false),
       windows_(static_cast<std::size_t>(size)) {
+  for (int p = 0; p < 2; ++p) {
+    mail_[p].resize(static_cast<std::size_t>(size) * static_cast<std::size_t>(size));
+    posted_[p].assign(static_cast<std::size_t>(size) * static_cast<std::size_t>(size), 0);
+  }
+  rounds_.assign(static_cast<std::size_t>(size), 0);
   slots_[0].resize(static_cast<std::size_t>(size));
   slots_[1].resize(static_cast<std::size_t>(size));
   // Every window starts with one page, so a window is never null (calls where every BS is 0 address it too).
@@ -116,6 +122,35 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
                           std::to_string(bytes) + " bytes: the ranks disagree about the group configuration");
     }
     std::memcpy(dst + static_cast<std::size_t>(r) * bytes, slot.data(), bytes);
+  }
+}
+
+// Messages go to mailboxes, then a barrier (an allgather) makes them visible. A mailbox of one parity is
+// written again two rounds later, after its reader has passed the barrier of the round in between.
+void InProcHub::exchange(int rank, std::span<const Transport::Outgoing> out, std::span<const int> from,
+                         std::span<std::vector<std::byte>> in, std::string_view phase) {
+  const int parity = static_cast<int>(rounds_[static_cast<std::size_t>(rank)]++ & 1);
+  const auto box = [&](int to, int sender) { return static_cast<std::size_t>(to) * static_cast<std::size_t>(size_) + static_cast<std::size_t>(sender); };
+  for (const Transport::Outgoing& m : out) {
+    if (m.peer < 0 || m.peer >= size_ || host_of(m.peer) == host_of(rank)) {
+      throw Error(ErrorCode::internal, "rank " + std::to_string(rank) + " sent a message to rank " + std::to_string(m.peer) +
+                                           ", which is not a rank of another host, in phase '" + std::string(phase) + "'");
+    }
+    mail_[parity][box(m.peer, rank)].assign(m.data, m.data + m.bytes);
+    posted_[parity][box(m.peer, rank)] = 1;
+  }
+  char none[1] = {};
+  std::vector<char> ignored(static_cast<std::size_t>(size_));
+  allgather(rank, none, 1, ignored.data(), phase);
+  for (std::size_t i = 0; i < from.size(); ++i) {
+    const std::size_t b = box(rank, from[i]);
+    if (posted_[parity][b] == 0) {
+      throw PeerError(ErrorCode::protocol, from[i], std::string(phase),
+                      "rank " + std::to_string(rank) + " expected a message from rank " + std::to_string(from[i]) + " in phase '" +
+                          std::string(phase) + "' and got none");
+    }
+    posted_[parity][b] = 0;
+    in[i].swap(mail_[parity][b]);
   }
 }
 

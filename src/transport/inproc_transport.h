@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -18,7 +19,7 @@ namespace moedist {
 
 class InProcHub {
  public:
-  InProcHub(int size, std::chrono::milliseconds timeout, std::chrono::microseconds spin);
+  InProcHub(int size, std::chrono::milliseconds timeout, std::chrono::microseconds spin, int ranks_per_host = 0);
   ~InProcHub();
 
   int size() const noexcept { return size_; }
@@ -31,6 +32,10 @@ class InProcHub {
   void resize_window(int rank, std::size_t bytes);
   std::size_t window_size(int rank) const noexcept { return windows_[static_cast<std::size_t>(rank)].size; }
   std::byte* window(int rank) noexcept { return windows_[static_cast<std::size_t>(rank)].data; }
+  int host_count() const noexcept { return ranks_per_host_ == 0 ? 1 : (size_ + ranks_per_host_ - 1) / ranks_per_host_; }
+  int host_of(int rank) const noexcept { return ranks_per_host_ == 0 ? 0 : rank / ranks_per_host_; }
+  void exchange(int rank, std::span<const Transport::Outgoing> out, std::span<const int> from,
+                std::span<std::vector<std::byte>> in, std::string_view phase);
 
  private:
   struct Window {
@@ -40,6 +45,7 @@ class InProcHub {
   };
 
   const int size_;
+  const int ranks_per_host_;
   const std::chrono::milliseconds timeout_;
   const WaitPolicy wait_;
   std::mutex mu_;
@@ -55,6 +61,10 @@ class InProcHub {
   ErrorCode failed_code_ = ErrorCode::peer_failed;
   std::string failed_reason_;
   std::vector<Window> windows_;
+  // exchange(): mail_[parity][to * size + from], alternating between rounds like the record slots.
+  std::vector<std::vector<std::byte>> mail_[2];
+  std::vector<char> posted_[2];
+  std::vector<std::uint64_t> rounds_;  // per rank: exchange rounds entered (each touched only by its rank)
 };
 
 class InProcTransport final : public Transport {
@@ -68,7 +78,15 @@ class InProcTransport final : public Transport {
   }
   void resize_window(std::size_t bytes, std::string_view phase) override;
   std::size_t window_size(int rank) const noexcept override { return hub_->window_size(rank); }
-  std::byte* window(int rank) noexcept override { return hub_->window(rank); }
+  std::byte* window(int rank) noexcept override {
+    return hub_->host_of(rank) == hub_->host_of(rank_) ? hub_->window(rank) : nullptr;
+  }
+  int host_count() const noexcept override { return hub_->host_count(); }
+  int host_of(int rank) const noexcept override { return hub_->host_of(rank); }
+  void exchange(std::span<const Outgoing> out, std::span<const int> from, std::span<std::vector<std::byte>> in,
+                std::string_view phase) override {
+    hub_->exchange(rank_, out, from, in, phase);
+  }
 
  private:
   std::shared_ptr<InProcHub> hub_;

@@ -1,15 +1,19 @@
 // The transport interface: how ranks exchange small records and reach each other's windows.
 // It moves bytes and knows nothing about MoE; the operators in src/ops compose it with src/contract.
 //
-// Every rank owns a window (a byte region all ranks of the world can load from and store to). Rank
-// windows may have different sizes. Collective calls (allgather, resize_window) must be made by every
+// Every rank owns a window (a byte region the ranks of its host can load from and store to). Rank
+// windows may have different sizes. Ranks on other hosts (host_of differs) cannot address each other's
+// windows; they reach each other with exchange(), point-to-point messages. Collective calls (allgather, resize_window) must be made by every
 // rank in the same order; each waits at most the transport's timeout and then raises a PeerError that
 // names the missing peer and the phase. After such a failure the transport stays failed.
 #pragma once
 
 #include <chrono>
 #include <cstddef>
+#include <span>
+#include <string>
 #include <string_view>
+#include <vector>
 
 namespace moedist {
 
@@ -49,9 +53,29 @@ class Transport {
   // so views into it that a caller passes back stay valid for the call that resized.
   virtual void resize_window(std::size_t bytes, std::string_view phase) = 0;
 
+  // Size of any rank's window, this host's or another's.
   virtual std::size_t window_size(int rank) const noexcept = 0;
-  // Base address of `rank`'s window in this process; valid until the next resize_window.
+  // Base address of `rank`'s window in this process, valid until the next resize_window; nullptr for a
+  // rank on another host.
   virtual std::byte* window(int rank) noexcept = 0;
+
+  // Hosts are numbered 0..host_count()-1; a transport without hosts has one.
+  virtual int host_count() const noexcept { return 1; }
+  virtual int host_of(int /*rank*/) const noexcept { return 0; }
+  // A short name of a host for messages (a node name, or "virtual host 2 of node n1").
+  virtual std::string host_name(int host) const;
+
+  // One message to one peer.
+  struct Outgoing {
+    int peer;
+    const std::byte* data;
+    std::size_t bytes;
+  };
+  // Collective point-to-point round: sends each message of `out` to its peer and receives exactly one
+  // message from each rank of `from` into in[i] (resized to the message; sizes need not be known in
+  // advance). Every rank calls it in the same order, with matching lists. Waits at most the timeout.
+  virtual void exchange(std::span<const Outgoing> out, std::span<const int> from, std::span<std::vector<std::byte>> in,
+                        std::string_view phase);
 };
 
 }  // namespace moedist
