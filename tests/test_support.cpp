@@ -56,7 +56,12 @@ Tensor int32_vector(const std::vector<std::int32_t>& values) {
 
 casefile::Case random_case(std::mt19937_64& rng, const CaseLimits& lim) {
   casefile::Case c;
-  const int W = pick(rng, 1, lim.max_ep_world_size);
+  int W = pick(rng, 1, lim.max_ep_world_size);
+  bool tp = lim.allow_tp && chance(rng, 0.25);
+  if (lim.world_size > 0) {
+    tp = tp && lim.world_size % 2 == 0;
+    W = tp ? lim.world_size / 2 : lim.world_size;
+  }
   std::vector<int> shared_choices{0};
   for (int s = 1; s < W; ++s) {
     if (W % s == 0) shared_choices.push_back(s);
@@ -64,7 +69,7 @@ casefile::Case random_case(std::mt19937_64& rng, const CaseLimits& lim) {
   c.ep_world_size = W;
   c.shared_expert_rank_num = chance(rng, 0.35) ? shared_choices[static_cast<std::size_t>(pick(rng, 0, static_cast<int>(shared_choices.size()) - 1))] : 0;
   const int moe_ranks = W - c.shared_expert_rank_num;
-  c.tp_world_size = lim.allow_tp && chance(rng, 0.25) ? 2 : pick(rng, 0, 1);
+  c.tp_world_size = tp ? 2 : pick(rng, 0, 1);
   const int L = c.tp_world_size == 2 ? 1 : pick(rng, 1, 4);
   c.moe_expert_num = moe_ranks * L;
   const bool uneven = chance(rng, 0.4);
@@ -355,30 +360,31 @@ std::string compare_tensor(const char* what, int g, const Tensor& got, const std
 
 }  // namespace
 
+std::string compare_rank_with_oracle(const casefile::Case& c, int r, const casefile::RankOutputs& o, const oracle::RankOutput& w) {
+  std::string diff;
+  if (o.expand_x.rows() != w.valid_rows)
+    return "rank " + std::to_string(r) + " valid rows: got " + std::to_string(o.expand_x.rows()) + ", oracle " + std::to_string(w.valid_rows);
+  if (c.quant_mode == 2) {
+    if (!(diff = compare_tensor("expand_x(int8)", r, o.expand_x, w.expand_x_int8)).empty()) return diff;
+    if (!(diff = compare_tensor("dynamic_scales", r, o.dynamic_scales, w.dynamic_scales)).empty()) return diff;
+  } else if (!(diff = compare_tensor("expand_x", r, o.expand_x, w.expand_x)).empty()) {
+    return diff;
+  }
+  if (c.ranks[static_cast<std::size_t>(r)].expert_scales.present() &&
+      !(diff = compare_tensor("expand_scales", r, o.expand_scales, w.expand_scales)).empty())
+    return diff;
+  if (!(diff = compare_tensor("expand_idx", r, o.expand_idx, w.expand_idx)).empty()) return diff;
+  if (!(diff = compare_tensor("expert_token_nums", r, o.expert_token_nums, w.expert_token_nums)).empty()) return diff;
+  if (!(diff = compare_tensor("ep_recv_counts", r, o.ep_recv_counts, w.ep_recv_counts)).empty()) return diff;
+  if (c.tp_world_size == 2 && !(diff = compare_tensor("tp_recv_counts", r, o.tp_recv_counts, w.tp_recv_counts)).empty()) return diff;
+  return compare_tensor("combine_out", r, o.combine_out, w.combine_out);
+}
+
 std::string compare_with_oracle(const casefile::Case& c, const std::vector<casefile::RankOutputs>& got,
                                 const std::vector<oracle::RankOutput>& want) {
   for (std::size_t g = 0; g < want.size(); ++g) {
-    const casefile::RankOutputs& o = got[g];
-    const oracle::RankOutput& w = want[g];
-    const int r = static_cast<int>(g);
-    std::string diff;
-    if (o.expand_x.rows() != w.valid_rows)
-      return "rank " + std::to_string(r) + " valid rows: got " + std::to_string(o.expand_x.rows()) + ", oracle " +
-             std::to_string(w.valid_rows);
-    if (c.quant_mode == 2) {
-      if (!(diff = compare_tensor("expand_x(int8)", r, o.expand_x, w.expand_x_int8)).empty()) return diff;
-      if (!(diff = compare_tensor("dynamic_scales", r, o.dynamic_scales, w.dynamic_scales)).empty()) return diff;
-    } else if (!(diff = compare_tensor("expand_x", r, o.expand_x, w.expand_x)).empty()) {
-      return diff;
-    }
-    if (c.ranks[g].expert_scales.present() && !(diff = compare_tensor("expand_scales", r, o.expand_scales, w.expand_scales)).empty())
-      return diff;
-    if (!(diff = compare_tensor("expand_idx", r, o.expand_idx, w.expand_idx)).empty()) return diff;
-    if (!(diff = compare_tensor("expert_token_nums", r, o.expert_token_nums, w.expert_token_nums)).empty()) return diff;
-    if (!(diff = compare_tensor("ep_recv_counts", r, o.ep_recv_counts, w.ep_recv_counts)).empty()) return diff;
-    if (c.tp_world_size == 2 && !(diff = compare_tensor("tp_recv_counts", r, o.tp_recv_counts, w.tp_recv_counts)).empty())
-      return diff;
-    if (!(diff = compare_tensor("combine_out", r, o.combine_out, w.combine_out)).empty()) return diff;
+    const std::string diff = compare_rank_with_oracle(c, static_cast<int>(g), got[g], want[g]);
+    if (!diff.empty()) return diff;
   }
   return "";
 }

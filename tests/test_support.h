@@ -22,6 +22,7 @@ struct CaseLimits {
   std::int64_t max_h = 80;
   std::int64_t max_bs = 6;
   bool allow_tp = true;
+  int world_size = 0;  // > 0: exactly this many ranks (ep_world_size * max(tp_world_size, 1)); else random
 };
 
 // A random configuration that satisfies every semantic rule, with random inputs for every rank.
@@ -63,6 +64,9 @@ casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, con
 // Runs dispatch then combine for every rank on the in-process runtime (independently of
 // casefile::run_case, so that the two runners check each other).
 std::vector<casefile::RankOutputs> run_runtime(const casefile::Case& c, const RunOptions& options);
+
+// Compares one rank's outputs with the oracle's bit for bit; returns "" when equal, else the first difference.
+std::string compare_rank_with_oracle(const casefile::Case& c, int g, const casefile::RankOutputs& got, const oracle::RankOutput& want);
 
 // Compares runtime outputs with the oracle's bit for bit; returns "" when equal, else the first difference.
 std::string compare_with_oracle(const casefile::Case& c, const std::vector<casefile::RankOutputs>& got,

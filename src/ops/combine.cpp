@@ -220,7 +220,7 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
   struct TermPlace {
     int d;
     std::int64_t row;
-    RemoteTarget target;
+    RowRequest target;
   };
   int shared_target = 0;
   const auto moe_place = [&](std::int64_t b, std::int64_t j) {
@@ -228,14 +228,14 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
     const int d = topo.expert_rank(e);
     const std::int32_t* table = s.counts(topo.global_rank(d, my_tp));
     const std::int32_t slot = expand_idx.at<std::int32_t>(b * k + j);
-    return TermPlace{d, block_begin(table, topo.expert_local(e) * topo.W + my_ep) + slot, RemoteTarget{e, slot, 0.0f}};
+    return TermPlace{d, block_begin(table, topo.expert_local(e) * topo.W + my_ep) + slot, RowRequest{e, slot}};
   };
   const auto shared_place = [&](std::int64_t b) {  // call with b ascending
-    if (topo.is_shared(my_ep)) return TermPlace{my_ep, b, RemoteTarget{shared_expert_code(my_ep), static_cast<std::int32_t>(b), 0.0f}};
+    if (topo.is_shared(my_ep)) return TermPlace{my_ep, b, RowRequest{shared_expert_code(my_ep), static_cast<std::int32_t>(b)}};
     while (b >= contract::shared_range_begin(my_ep, shared_target + 1, bs, topo.S)) ++shared_target;
     const std::int32_t* table = s.counts(topo.global_rank(shared_target, my_tp));
     const std::int64_t slot = b - contract::shared_range_begin(my_ep, shared_target, bs, topo.S);
-    return TermPlace{shared_target, table[my_ep - 1] + slot, RemoteTarget{shared_expert_code(shared_target), static_cast<std::int32_t>(slot), 0.0f}};
+    return TermPlace{shared_target, table[my_ep - 1] + slot, RowRequest{shared_expert_code(shared_target), static_cast<std::int32_t>(slot)}};
   };
   const int my_host = s.my_host();
   const auto host_of_ep = [&](int d) { return s.routes.host_of(topo.global_rank(d, my_tp)); };
@@ -249,7 +249,7 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
     const auto request = [&](const TermPlace& place) {
       const int host = host_of_ep(place.d);
       if (host == my_host) return;
-      std::memcpy(append(s.to_host[static_cast<std::size_t>(host)], sizeof(RemoteTarget)), &place.target, sizeof(RemoteTarget));
+      std::memcpy(append(s.to_host[static_cast<std::size_t>(host)], sizeof(RowRequest)), &place.target, sizeof(RowRequest));
       ++rows_from_other_hosts;
     };
     for (std::int64_t b = 0; b < bs; ++b) {
@@ -272,8 +272,8 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
         const auto bad = [&](const std::string& what) {
           throw PeerError(ErrorCode::protocol, r, "combine.requests", concat("rank ", me, ": rank ", r, " asked this host for ", what));
         };
-        if (in.left() % sizeof(RemoteTarget) != 0) bad(concat("a request of ", in.left(), " bytes, not a whole number of rows"));
-        RemoteTarget target{};
+        if (in.left() % sizeof(RowRequest) != 0) bad(concat("a request of ", in.left(), " bytes, not a whole number of rows"));
+        RowRequest target{};
         while (in.read(&target)) {
           const bool shared = target.code < 0;
           if (shared ? -1 - static_cast<std::int64_t>(target.code) >= topo.S : target.code >= topo.E) bad(concat("expert code ", target.code));
@@ -311,7 +311,7 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
                         concat("rank ", me, ": rank ", proxy, " could not serve this rank's rows (", error_code_name(static_cast<ErrorCode>(status)),
                                "): ", std::string(reinterpret_cast<const char*>(answer.data()) + sizeof status, answer.size() - sizeof status)));
       }
-      const std::size_t asked = s.to_host[static_cast<std::size_t>(host)].size() / sizeof(RemoteTarget);
+      const std::size_t asked = s.to_host[static_cast<std::size_t>(host)].size() / sizeof(RowRequest);
       if (status != 0 || answer.size() != sizeof status + asked * answer_stride) {
         throw PeerError(ErrorCode::protocol, proxy, "combine.hosts",
                         concat("rank ", me, ": rank ", proxy, " answered ", answer.size(), " bytes with status ", status, " for ", asked, " rows"));

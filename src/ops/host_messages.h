@@ -5,7 +5,7 @@
 //   RemoteEntry, then `targets` RemoteTarget, then `payloads` rows of payload_stride() bytes:
 //   one row for all targets (the token, or its int8 row when no smooth scales make the copies differ),
 //   else one per target. A row is the token's H 16-bit values, or a float scale then H int8.
-// Combine, source -> proxy: the RemoteTarget (weight unused) of every expert row it needs from that host,
+// Combine, source -> proxy: the RowRequest of every expert row it needs from that host,
 //   in the order it reduces them; proxy -> source: an int64 status (0, or an ErrorCode followed by the
 //   message), then the rows in that order, each as it sits in the expert rank's window.
 #pragma once
@@ -31,6 +31,12 @@ struct RemoteTarget {
   std::int32_t code;
   std::int32_t slot;
   float weight;
+};
+
+// Combine: an expert row a source asks a proxy for, named as in RemoteTarget.
+struct RowRequest {
+  std::int32_t code;
+  std::int32_t slot;
 };
 
 inline std::int32_t shared_expert_code(int shared_rank) noexcept { return -1 - shared_rank; }

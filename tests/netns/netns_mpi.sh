@@ -33,9 +33,10 @@
 #
 # Exit status: mpirun's; 124 on timeout (ranks still running); 123 when,
 # after a cut, every rank has exited but mpirun hangs on the unreachable
-# orted (its own status is unknowable then: check what the ranks wrote); 77 ("netns: skipped: ...") when this
-# machine cannot host namespaces (not root, no ip/unshare/mpirun, no netns,
-# veth or bridge support); 2 on bad usage; 128+sig when interrupted.
+# orted (its own status is unknowable then: check what the ranks wrote);
+# 77 ("netns: skipped: ...") when this machine cannot host namespaces (not
+# root, no ip/unshare/mpirun, no netns, veth or bridge support); 2 on bad
+# usage; 130/143 on SIGINT/SIGTERM.
 # MOEDIST_NETNS_KEEP=1 keeps the harness' temp dir (hostfile, agent, Open MPI
 # session dirs, default shared dir) for inspection; namespaces, links and
 # processes are removed on every exit path regardless.
@@ -110,35 +111,33 @@ now_us() { echo "${EPOCHREALTIME//[!0-9]/}"; }
 to_us() { awk -v s="$1" 'BEGIN { printf "%d", s * 1000000 }'; }
 # elapsed START_US: seconds since START_US with 2 decimals.
 elapsed() { local d=$(($(now_us) - $1)); printf '%d.%02d' $((d / 1000000)) $((d % 1000000 / 10000)); }
-# running PID: true while PID exists and is not a zombie waiting to be reaped.
+# stat_fields PID: the fields of /proc/PID/stat after "(comm)", into the
+# global array `pstat` (pstat[0] = state, [1] = ppid, [19] = start time).
+pstat=()
+stat_fields() {
+    local st after_comm='*) '
+    # (read, not $(<file): under set -e a failed $(<file) ends the script.)
+    { read -r st <"/proc/$1/stat"; } 2>/dev/null || return 1
+    # shellcheck disable=SC2295  # the pattern is meant to be a pattern
+    read -ra pstat <<<"${st##$after_comm}"
+}
+# running PID [START]: true while PID exists and is not a zombie waiting to be
+# reaped; with START, only if it is still the process that started then (bash
+# reaps exited children itself, so the PID could be reused meanwhile).
 running() {
-    local st
-    st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
-    [[ ${st:0:1} != Z ]]
+    stat_fields "$1" || return 1
+    [[ ${pstat[0]} != Z && (-z ${2-} || ${pstat[19]} == "$2") ]]
 }
-# proc_comm_ppid PID: prints "COMM PPID" from /proc/PID/stat.
-proc_comm_ppid() {
-    local st
-    { st=$(<"/proc/$1/stat"); } 2>/dev/null || return 1
-    local comm=${st#*(}
-    comm=${comm%%)*}
-    local rest=${st##*) }
-    # rest = "STATE PPID ..."
-    rest=${rest#* }
-    echo "$comm ${rest%% *}"
-}
+# comm_of PID: the command name of PID.
+comm_of() { local c; { read -r c <"/proc/$1/comm"; } 2>/dev/null && echo "$c"; }
 # ranks_alive: true while some namespace-host still has a rank process, i.e.
 # a live child of that host's orted.
 ranks_alive() {
-    local ns p cp comm ppid pcomm
+    local ns p
     for ns in "${created_ns[@]}"; do
         for p in $(ip netns pids "$ns" 2>/dev/null); do
-            cp=$(proc_comm_ppid "$p") || continue
-            read -r comm ppid <<<"$cp"
-            [[ $comm != orted ]] || continue
-            running "$p" || continue
-            pcomm=$(proc_comm_ppid "$ppid") || continue
-            [[ ${pcomm%% *} == orted ]] && return 0
+            stat_fields "$p" || continue
+            [[ ${pstat[0]} != Z && $(comm_of "$p") != orted && $(comm_of "${pstat[1]}") == orted ]] && return 0
         done
     done
     return 1
@@ -204,7 +203,7 @@ veth_name() { echo "$veth_prefix$1"; }
 
 # ---------------------------------------------------------------- cleanup
 # Everything below is tracked so cleanup can run at any point of setup.
-tmp="" mpirun_pid="" created_ns=() created_veth=() created_bridge=""
+tmp="" mpirun_pid="" mpirun_start="" created_ns=() created_veth=() created_bridge=""
 
 # kill_ns_procs NS: SIGKILL everything whose network namespace is NS (orteds,
 # ranks, agents). Repeat a few times: a dying orted may still fork.
@@ -245,8 +244,8 @@ cleanup() {
     exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap 'echo "netns: interrupted (SIGINT), cleaning up" >&2; exit 130' INT
+trap 'echo "netns: terminated (SIGTERM), cleaning up" >&2; exit 143' TERM
 
 # gc_stale: remove namespaces/links of earlier runs whose harness is gone
 # (SIGKILL cannot be trapped). Called with the lock held.
@@ -297,6 +296,9 @@ host_addr() { echo "$base.$((11 + $1))"; }
 
 err=$(ip link add name "$bridge" type bridge 2>&1) || skip "cannot create bridge: $err"
 created_bridge=$bridge
+# addrgenmode none: no IPv6 link-local addresses, so no IPv6 autoconf/MLD
+# chatter; everything here is IPv4 on our /24.
+ip link set "$bridge" addrgenmode none
 ip addr add "$base.1/24" dev "$bridge"
 ip link set "$bridge" up
 exec {lock_fd}>&-    # the subnet is now visibly taken; let other runs proceed
@@ -308,10 +310,11 @@ for ((i = 0; i < hosts; i++)); do
     err=$(ip link add "$v" type veth peer name "$p" 2>&1) || skip "cannot create veth pair: $err"
     created_veth+=("$v")
     ip link set "$p" netns "$ns"
-    ip -n "$ns" link set "$p" name eth0
+    ip -n "$ns" link set "$p" name eth0 addrgenmode none
     ip -n "$ns" addr add "$(host_addr "$i")/24" dev eth0
     ip -n "$ns" link set eth0 up
     ip -n "$ns" link set lo up
+    ip link set "$v" addrgenmode none
     ip link set "$v" master "$bridge" up
 done
 
@@ -356,6 +359,7 @@ if [[ -n $cut_file ]]; then
     export MOEDIST_NETNS_CUT_FILE=$cut_file
     xargs_env+=(-x MOEDIST_NETNS_CUT_FILE)
 fi
+# (mpirun itself warns about an unset NAME and forwards nothing for it.)
 for name in "${fwd_env[@]}"; do xargs_env+=(-x "$name"); done
 
 cmd=(mpirun -np $((hosts * rph)) --hostfile "$hostfile" --bind-to none
@@ -379,6 +383,8 @@ cut_us=""
 # forked in the root namespace at once; stdin is not forwarded to rank 0.
 setsid "${cmd[@]}" </dev/null &
 mpirun_pid=$!
+stat_fields "$mpirun_pid" || true
+mpirun_start=${pstat[19]-}
 
 # kill_mpirun: SIGKILL mpirun's process group and reap it (see the header
 # for why not SIGTERM). The EXIT trap then removes the orteds, ranks,
@@ -390,7 +396,7 @@ kill_mpirun() {
 }
 
 cut_done="" ranks_seen="" idle_since="" next_scan=0
-while running "$mpirun_pid"; do
+while running "$mpirun_pid" "$mpirun_start"; do
     t=$(($(now_us) - start))
     if [[ -n $cut_host && -z $cut_done ]]; then
         if [[ -n $cut_file && -e $cut_file ]] || { [[ -n $cut_us ]] && ((t >= cut_us)); }; then
@@ -401,13 +407,14 @@ while running "$mpirun_pid"; do
             echo "netns: cut host $cut_host ($(host_addr "$cut_host")) at $(date +%T.%3N) (t+$(elapsed "$start") s)"
         fi
     fi
-    # After a cut, every 250 ms: are any ranks left? (Only once ranks have
-    # been seen, so a cut before the launch is left to the timeout.)
-    if [[ -n $cut_done ]] && ((t >= next_scan)); then
+    # Every 250 ms until ranks have been seen, and again after a cut: are
+    # any ranks left? (Before they are seen, e.g. a cut before the launch,
+    # only the timeout ends the job.)
+    if [[ -n $cut_host ]] && [[ -z $ranks_seen || -n $cut_done ]] && ((t >= next_scan)); then
         next_scan=$((t + 250000))
         if ranks_alive; then
             ranks_seen=1 idle_since=""
-        elif [[ -n $ranks_seen ]]; then
+        elif [[ -n $ranks_seen && -n $cut_done ]]; then
             : "${idle_since:=$t}"
             if ((t - idle_since >= grace_us)); then
                 echo "netns: all ranks have exited after the cut, but mpirun still waits for the cut-off host's orted; killed it after $(elapsed "$start") s" >&2

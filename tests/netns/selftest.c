@@ -108,6 +108,7 @@ static int run_info(int rank, int size) {
     MPI_Allreduce(MPI_IN_PLACE, &bad, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
 
     if (rank == 0) {
+        if (!root_ns) bad |= fail("SELFTEST_ROOT_NS was not forwarded (--env)", 0);
         if (per_host < 1 || hosts < 1 || hosts * per_host != size)
             bad |= fail("MOEDIST_NETNS_HOSTS/RANKS_PER_HOST do not match the world size", 0);
         for (int r = 0; r < size && per_host > 0; ++r) {
