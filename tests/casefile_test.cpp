@@ -790,9 +790,11 @@ class ReplayCli : public CaseFileTest {
   }
 
   // Runs `moedist replay FLAGS CASE OUT`; returns its exit status and leaves its stdout and stderr in *log.
-  int replay(const std::string& flags, const std::string& case_file, const std::string& out_file, std::string* log) {
+  // `launcher` goes before the binary (an mpirun command line).
+  int replay(const std::string& flags, const std::string& case_file, const std::string& out_file, std::string* log,
+             const std::string& launcher = "") {
     const std::string log_file = path("replay.log");
-    const std::string command = "'" + cli_ + "' replay " + flags + " '" + case_file + "' '" + out_file + "' > '" +
+    const std::string command = launcher + " '" + cli_ + "' replay " + flags + " '" + case_file + "' '" + out_file + "' > '" +
                                 log_file + "' 2>&1";
     const int status = std::system(command.c_str());
     *log = read_bytes(log_file);
@@ -823,6 +825,48 @@ TEST_F(ReplayCli, ShmWritesTheSameBytesAsInproc) {
     write_outputs(path("library.safetensors"), run_case(c));
     EXPECT_TRUE(read_bytes(path("library.safetensors")) == inproc) << "the CLI wrote other bytes than run_case";
   }
+}
+
+// mpirun with one process per rank, on `hosts` virtual hosts (cli.replay_mpi sets MOEDIST_MPIRUN).
+std::string mpirun(std::size_t ranks, std::size_t hosts) {
+  const char* mpirun = std::getenv("MOEDIST_MPIRUN");
+  return std::string(mpirun == nullptr ? "mpirun" : mpirun) + " --oversubscribe -np " + std::to_string(ranks) +
+         " -x MOEDIST_RANKS_PER_NODE=" + std::to_string((ranks + hosts - 1) / hosts);
+}
+
+TEST_F(ReplayCli, MpiWritesTheSameBytesAsInproc) {
+  std::vector<std::pair<std::string, Case>> cases;
+  cases.emplace_back("identity experts", make_case(CaseShape{}));
+  cases.emplace_back("tensor parallel with expert outputs", tensor_parallel_case_with_expert_outputs());
+  cases.emplace_back("shared expert with smooth scales", shared_expert_case_with_smooth_scales());
+  cases.emplace_back("quantized, a rank without tokens", quantized_case_with_empty_rank());
+  for (const auto& [name, c] : cases) {
+    for (const std::size_t hosts : {std::size_t{1}, std::size_t{2}}) {
+      SCOPED_TRACE(name + ", " + std::to_string(hosts) + " virtual hosts");
+      write_case(path("case.safetensors"), c);
+      std::string log;
+      ASSERT_EQ(replay("", path("case.safetensors"), path("inproc.safetensors"), &log), 0) << log;
+      ASSERT_EQ(replay("--transport mpi", path("case.safetensors"), path("mpi.safetensors"), &log, mpirun(c.ranks.size(), hosts)), 0) << log;
+      EXPECT_NE(log.find("wrote the outputs of " + std::to_string(c.ranks.size()) + " ranks"), std::string::npos) << log;
+      const std::string inproc = read_bytes(path("inproc.safetensors"));
+      EXPECT_FALSE(inproc.empty());
+      EXPECT_TRUE(read_bytes(path("mpi.safetensors")) == inproc) << "the mpi replay wrote other bytes";
+    }
+  }
+}
+
+TEST_F(ReplayCli, MpiNamesTheFailingRank) {
+  Case bad_id = make_case(CaseShape{});
+  bad_id.ranks[1].expert_ids.data<std::int32_t>()[0] = 99;
+  write_case(path("bad_id.safetensors"), bad_id);
+  std::string log;
+  EXPECT_EQ(replay("--transport mpi", path("bad_id.safetensors"), path("out.safetensors"), &log, mpirun(bad_id.ranks.size(), 2)), 2) << log;
+  EXPECT_NE(log.find("rank 1 (ep_rank 1, tp_rank 0): expert_ids"), std::string::npos) << log;
+  EXPECT_FALSE(fs::exists(path("out.safetensors")));
+  // mpirun with the wrong number of processes.
+  write_case(path("case.safetensors"), make_case(CaseShape{}));
+  EXPECT_EQ(replay("--transport mpi", path("case.safetensors"), path("out.safetensors"), &log, mpirun(bad_id.ranks.size() + 1, 1)), 2) << log;
+  EXPECT_NE(log.find("mpirun -np = " + std::to_string(bad_id.ranks.size() + 1) + ": must equal"), std::string::npos) << log;
 }
 
 TEST_F(ReplayCli, ShmNamesTheFailingRank) {

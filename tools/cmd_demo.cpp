@@ -18,6 +18,10 @@
 #include "commands.h"
 #include "demo_layer.h"
 #include "moedist/error.h"
+#ifdef MOEDIST_HAVE_MPI
+#include "contract/errors.h"
+#include "mpi_ranks.h"
+#endif
 
 namespace moedist::cli {
 
@@ -102,6 +106,44 @@ std::vector<RankRecord> run_rank_processes(const demo::DemoOptions& o) {
   return records;
 }
 
+#ifdef MOEDIST_HAVE_MPI
+// `mpirun -np N moedist demo --transport mpi`: every process runs its rank; the records travel to rank 0,
+// which checks them and prints the report.
+int run_demo_mpi(const demo::DemoOptions& o) {
+  MpiSession mpi;
+  std::vector<RankRecord> records(static_cast<std::size_t>(mpi.size()));
+  const auto run = [&](const std::string& path) {
+    try {
+      if (demo::world_size(o) != mpi.size()) {
+        contract::fail(ErrorCode::config_mismatch, "mpirun -np", contract::concat(mpi.size()),
+                       contract::concat("must equal --ep-world-size * max(--tp-world-size, 1) = ", demo::world_size(o)));
+      }
+      write_record(path, demo::run_mpi_rank(o));
+    } catch (const Error& e) {
+      throw Error(e.code(), contract::concat("rank ", mpi.rank(), ": ", e.what()));
+    }
+  };
+  const auto gather = [&] {
+    gather_rank_files(run, [&](int g, const std::string& path) { records[static_cast<std::size_t>(g)] = read_record(path); });
+  };
+  return share_exit_status(report_or_error([&] {
+    // Every rank checks the options first, so that none waits in the gather for a rank that stopped.
+    demo::validate_options(o);
+    if (mpi.rank() != 0) {
+      gather();
+      return 0;
+    }
+    // Rank 0 gathers inside run_demo, which times its runner as the ranks' wall time.
+    const demo::DemoReport report = demo::run_demo(o, std::cout, [&](const demo::DemoOptions&) {
+      gather();
+      return std::move(records);
+    });
+    std::cout.flush();
+    return report.passed ? 0 : 1;
+  }));
+}
+#endif
+
 }  // namespace
 
 void add_demo(CLI::App& app, int* exit_code) {
@@ -169,9 +211,10 @@ void add_demo(CLI::App& app, int* exit_code) {
       ->check(CLI::IsMember({"portable", "ascend_a3", "ascend_a2"}));
   cmd->add_option("--transport", o.transport,
                   "where ranks run: inproc, a thread per rank in this process; shm, a process per rank (this "
-                  "binary, started like `moedist launch` does), connected through shared memory")
+                  "binary, started like `moedist launch` does), connected through shared memory; mpi, this process "
+                  "is one rank of `mpirun -np N moedist demo --transport mpi` (N = W * max(T, 1); rank 0 reports)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"inproc", "shm"}));
+      ->check(CLI::IsMember(transport_names()));
   cmd->add_option("--inject-fault", flags->fault,
                   "self-test of the checker: plant a bug, after which the run must report MISMATCH. drop-expert: the "
                   "first MoE rank returns zeros; swap-rows: it swaps two expert-output rows; swap-weights: rank 0 "
@@ -184,6 +227,13 @@ void add_demo(CLI::App& app, int* exit_code) {
 
   cmd->callback([flags, exit_code] {
     const demo::DemoOptions options = resolve(*flags);
+    require_transport_built(options.transport);
+#ifdef MOEDIST_HAVE_MPI
+    if (options.transport == "mpi") {
+      *exit_code = run_demo_mpi(options);
+      return;
+    }
+#endif
     if (!flags->worker_dir.empty()) {
       *exit_code = casefile::run_rank_worker(flags->worker_dir, [&](int, const std::string& path) {
         write_record(path, demo::run_shm_rank(options));

@@ -14,8 +14,62 @@
 
 #include "casefile/case_file.h"
 #include "commands.h"
+#include "contract/errors.h"
+#ifdef MOEDIST_HAVE_MPI
+#include "moedist/mpi.h"
+#include "mpi_ranks.h"
+#endif
 
 namespace moedist::cli {
+
+namespace {
+
+void print_summary(const casefile::Case& c, const std::vector<casefile::RankOutputs>& outputs, const std::string& out_path) {
+  const int tp = std::max(c.tp_world_size, 1);
+  for (std::size_t g = 0; g < outputs.size(); ++g) {
+    const int rank = static_cast<int>(g);
+    std::printf("rank %d (ep_rank %d, tp_rank %d): BS %lld, valid rows %lld\n", rank, rank / tp, rank % tp,
+                static_cast<long long>(c.ranks[g].x.rows()), static_cast<long long>(outputs[g].expand_x.rows()));
+  }
+  std::printf("wrote the outputs of %zu ranks to %s\n", outputs.size(), out_path.c_str());
+}
+
+#ifdef MOEDIST_HAVE_MPI
+// One process of `mpirun -np N moedist replay --transport mpi CASE OUT`: every rank reads CASE (the path
+// must be readable on every host), runs its own rank, and rank 0 writes OUT.
+int replay_mpi(const std::string& case_path, const std::string& out_path, std::chrono::milliseconds timeout) {
+  MpiSession mpi;
+  std::vector<casefile::RankOutputs> outputs(static_cast<std::size_t>(mpi.size()));
+  const auto run = [&](const std::string& path) {
+    std::string prefix = contract::concat("rank ", mpi.rank(), ": ");
+    try {
+      const casefile::Case c = casefile::read_case(case_path);
+      const int tp = std::max(c.tp_world_size, 1);
+      prefix = contract::concat("rank ", mpi.rank(), " (ep_rank ", mpi.rank() / tp, ", tp_rank ", mpi.rank() % tp, "): ");
+      const int ranks = static_cast<int>(c.ranks.size());
+      if (ranks != mpi.size()) {
+        contract::fail(ErrorCode::config_mismatch, "mpirun -np", contract::concat(mpi.size()),
+                       contract::concat("must equal the case's ep_world_size * max(tp_world_size, 1) = ", ranks));
+      }
+      MpiOptions options;
+      options.timeout = timeout;
+      const std::unique_ptr<Group> group = join_mpi(MPI_COMM_WORLD, casefile::group_config(c, mpi.rank()), options);
+      casefile::write_rank_outputs(path, mpi.rank(), casefile::run_case_rank(*group, c, mpi.rank()));
+    } catch (const Error& e) {
+      throw Error(e.code(), prefix + e.what());
+    }
+  };
+  return share_exit_status(report_or_error([&] {
+    gather_rank_files(run, [&](int g, const std::string& path) { outputs[static_cast<std::size_t>(g)] = casefile::read_rank_outputs(path, g); });
+    if (mpi.rank() != 0) return 0;
+    casefile::write_outputs(out_path, outputs);
+    print_summary(casefile::read_case(case_path), outputs, out_path);
+    return 0;
+  }));
+}
+#endif
+
+}  // namespace
 
 void add_replay(CLI::App& app, int* exit_code) {
   constexpr const char* kWorkerFlag = "--shm-worker-dir";
@@ -47,14 +101,23 @@ void add_replay(CLI::App& app, int* exit_code) {
       ->check(CLI::Range(std::int64_t{1}, std::int64_t{24} * 3600 * 1000));
   sub->add_option("--transport", args->transport,
                   "Where ranks run: inproc, a thread per rank in this process; shm, a process per rank (this "
-                  "binary, started like `moedist launch` does), connected through shared memory")
+                  "binary, started like `moedist launch` does), connected through shared memory; mpi, this process "
+                  "is one rank of `mpirun -np N moedist replay --transport mpi CASE OUT` (CASE readable on every "
+                  "host; rank 0 writes OUT)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"inproc", "shm"}));
+      ->check(CLI::IsMember(transport_names()));
   // Internal: makes this process one rank of a --transport shm run, writing its outputs to the directory.
   sub->add_option(kWorkerFlag, args->worker_dir)->group("");
 
   sub->callback([args, exit_code] {
     const std::chrono::milliseconds timeout(args->timeout_ms);
+    require_transport_built(args->transport);
+#ifdef MOEDIST_HAVE_MPI
+    if (args->transport == "mpi") {
+      *exit_code = replay_mpi(args->case_path, args->out_path, timeout);
+      return;
+    }
+#endif
     if (!args->worker_dir.empty()) {
       ShmOptions shm;
       shm.timeout = timeout;
@@ -73,13 +136,7 @@ void add_replay(CLI::App& app, int* exit_code) {
     }
     casefile::write_outputs(args->out_path, outputs);
 
-    const int tp = std::max(c.tp_world_size, 1);
-    for (std::size_t g = 0; g < outputs.size(); ++g) {
-      const int rank = static_cast<int>(g);
-      std::printf("rank %d (ep_rank %d, tp_rank %d): BS %lld, valid rows %lld\n", rank, rank / tp, rank % tp,
-                  static_cast<long long>(c.ranks[g].x.rows()), static_cast<long long>(outputs[g].expand_x.rows()));
-    }
-    std::printf("wrote the outputs of %zu ranks to %s\n", outputs.size(), args->out_path.c_str());
+    print_summary(c, outputs, args->out_path);
     *exit_code = 0;
   });
 }

@@ -3,8 +3,15 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <string>
+#include <vector>
 
 namespace moedist::cli {
+
+// The values of --transport. "mpi" is always accepted, so that a build without MPI can say so.
+inline std::vector<std::string> transport_names() { return {"inproc", "shm", "mpi"}; }
+// Throws ErrorCode::unsupported for --transport mpi in a build without MPI.
+void require_transport_built(const std::string& transport);
 
 void add_demo(CLI::App& app, int* exit_code);
 void add_replay(CLI::App& app, int* exit_code);

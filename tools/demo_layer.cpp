@@ -24,6 +24,9 @@
 #include "moedist/group.h"
 #include "moedist/inproc.h"
 #include "moedist/shm.h"
+#ifdef MOEDIST_HAVE_MPI
+#include "moedist/mpi.h"
+#endif
 #include "moedist/tensor.h"
 #include "numeric/convert.h"
 
@@ -498,7 +501,7 @@ PhaseTime phase_time(const std::vector<RankRecord>& ranks, double RankRecord::*f
 
 void print_report(const DemoOptions& o, const Shape& s, const DemoReport& r, std::ostream& out) {
   out << format("moedist demo: one MoE layer on %d %s (transport %s, profile %s)\n", r.world_size,
-                o.transport == "shm" ? "rank processes" : "in-process ranks", o.transport.c_str(),
+                o.transport == "inproc" ? "in-process ranks" : "rank processes", o.transport.c_str(),
                 profile_name(o.profile));
   if (s.S > 0) {
     out << format("  ranks     EP %d x TP %d; %d shared-expert ranks, %d MoE ranks x %d expert%s\n", s.W, s.T, s.S,
@@ -571,9 +574,10 @@ double effective_tolerance(const DemoOptions& o) noexcept {
 
 void validate_options(const DemoOptions& o) {
   const auto text = [](auto v) { return std::to_string(v); };
-  if (o.transport != "inproc" && o.transport != "shm") {
+  if (o.transport != "inproc" && o.transport != "shm" && o.transport != "mpi") {
     reject(ErrorCode::unsupported, "transport", o.transport,
-           "the demo runs on inproc (threads of one process) or shm (processes over shared memory)");
+           "the demo runs on inproc (threads of one process), shm (processes over shared memory) or mpi (the "
+           "processes of mpirun)");
   }
   if (o.ep_world_size < 1) reject(ErrorCode::invalid_argument, "ep_world_size", text(o.ep_world_size), "must be >= 1");
   if (o.tp_world_size < 0 || o.tp_world_size > 2) {
@@ -645,6 +649,17 @@ RankRecord run_shm_rank(const DemoOptions& o) {
   return run_rank(o, launch_environment().rank,
                   [&](const GroupConfig& config) { return join_shm_from_env(config, shm); });
 }
+
+#ifdef MOEDIST_HAVE_MPI
+RankRecord run_mpi_rank(const DemoOptions& o) {
+  const SingleThreadedBlas blas;
+  MpiOptions options;
+  options.timeout = std::chrono::milliseconds(o.timeout_ms);
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  return run_rank(o, rank, [&](const GroupConfig& config) { return join_mpi_world(config, MPI_COMM_WORLD, options); });
+}
+#endif
 
 DemoReport run_demo(const DemoOptions& o, std::ostream& out, const RankRunner& runner) {
   validate_options(o);

@@ -132,6 +132,13 @@ std::vector<RankRecord> run_inproc_ranks(const DemoOptions& options);
 // runs on one thread, since the job's processes share the cores.
 RankRecord run_shm_rank(const DemoOptions& options);
 
+#ifdef MOEDIST_HAVE_MPI
+// One rank of `mpirun -np N moedist demo --transport mpi`: the global rank is the MPI_COMM_WORLD rank, the
+// group comes from join_mpi_world (MpiOptions.timeout from options.timeout_ms; MOEDIST_RANKS_PER_NODE makes
+// virtual hosts), and BLAS runs on one thread.
+RankRecord run_mpi_rank(const DemoOptions& options);
+#endif
+
 // Validates, runs the ranks with `runner` (its wall time is the report's ranks_wall_ms), computes the reference,
 // prints the summary table to `out` and returns the numbers. The runner decides where ranks run; `moedist demo
 // --transport shm` passes one that starts a process per rank. Library errors (a peer timeout, a rejected call)

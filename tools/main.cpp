@@ -6,6 +6,19 @@
 #include "moedist/error.h"
 #include "moedist/version.h"
 
+namespace moedist::cli {
+void require_transport_built(const std::string& transport) {
+#ifndef MOEDIST_HAVE_MPI
+  if (transport == "mpi") {
+    throw Error(ErrorCode::unsupported, "--transport mpi: this moedist was built without MPI support (`moedist --version` says so); "
+                                        "install Open MPI (Debian: libopenmpi-dev openmpi-bin) and rebuild");
+  }
+#else
+  (void)transport;
+#endif
+}
+}  // namespace moedist::cli
+
 int main(int argc, char** argv) {
   CLI::App app{"moedist: MoE expert-parallel dispatch/combine with the semantics of Ascend's "
                "npu_moe_distribute_dispatch / npu_moe_distribute_combine, on CPUs."};

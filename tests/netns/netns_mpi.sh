@@ -22,6 +22,8 @@
 #                          runs, kill mpirun and exit 123 (see below)
 #   --env NAME             forward the harness' variable NAME to all ranks (-x)
 #   --mca NAME VALUE       extra MCA parameter for mpirun (and so the daemons)
+#                          (with --cut-host, orte_abort_on_non_zero_status
+#                          defaults to 0 so each rank can report the cut)
 #   --shared-dir DIR       use DIR (caller-owned, kept) as MOEDIST_NETNS_DIR
 #                          instead of a fresh temp dir removed at exit
 #
@@ -361,6 +363,14 @@ if [[ -n $cut_file ]]; then
 fi
 # (mpirun itself warns about an unset NAME and forwards nothing for it.)
 for name in "${fwd_env[@]}"; do xargs_env+=(-x "$name"); done
+
+# With a cut, ranks are expected to fail one by one as they notice it; by
+# default mpirun would kill every reachable rank as soon as the first one
+# exits non-zero, before the others could report what they saw. So let each
+# rank finish on its own (a --mca given by the caller wins).
+if [[ -n $cut_host && " ${extra_mca[*]} " != *" orte_abort_on_non_zero_status "* ]]; then
+    extra_mca+=(--mca orte_abort_on_non_zero_status 0)
+fi
 
 cmd=(mpirun -np $((hosts * rph)) --hostfile "$hostfile" --bind-to none
      --mca plm rsh
