@@ -41,7 +41,9 @@ int main(int argc, char** argv) {
     MPI_Finalize();
     return code;
   }
+  // Ranks per host: virtual hosts, or the network-namespace hosts of tests/netns/netns_mpi.sh.
   const char* rpn_text = std::getenv("MOEDIST_RANKS_PER_NODE");
+  if (rpn_text == nullptr || *rpn_text == '\0') rpn_text = std::getenv("MOEDIST_NETNS_RANKS_PER_HOST");
   const int rpn = rpn_text != nullptr && *rpn_text != '\0' ? std::atoi(rpn_text) : world;
 
   MpiOptions options;
