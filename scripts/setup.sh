@@ -9,7 +9,8 @@ packages=(
   libopenblas-dev                                # expert matmuls of `moedist demo`
   nlohmann-json3-dev                             # case files (safetensors headers)
   libcli11-dev                                   # the command-line tool
-  libopenmpi-dev openmpi-bin                     # `moedist bench`'s MPI baseline (optional: skipped without it)
+  libopenmpi-dev openmpi-bin                     # the MPI transport, its tests and `moedist bench`'s MPI baseline
+  iproute2                                       # `ip netns`: the real-host tests (tests/netns/, need root)
   libbenchmark-dev                               # kernel micro-benchmarks (optional: moedist_micro_bench)
   gnuplot-nox                                    # `moedist bench --plot` (optional)
 )
