@@ -1,8 +1,14 @@
-// moedist_mpi_baseline: the MPI baseline of `moedist bench` (bench/mpi_baseline.h), run under mpirun.
+// moedist_mpi_baseline: the MPI transports of `moedist bench`, run under mpirun: the MPI baseline
+// (bench/mpi_baseline.h) and moedist's own MPI transport (moedist::join_mpi).
 //
 //   mpirun -np W moedist_mpi_baseline --point BS,H,K,E,QUANT [--point ...] [timing flags]
 //       times dispatch, combine and the round trip at each point with the bench's loop (bench/workload.h) and
 //       prints one JSON line per point on rank 0: the per-iteration latencies (slowest rank) in microseconds.
+//       --impl alltoallv (the default) times the baseline, MPI_Alltoall + MPI_Alltoallv + a local sort.
+//       --impl moedist times moedist over MPI with the ranks split into --hosts virtual hosts of ceil(W / hosts)
+//       ranks (MpiOptions::ranks_per_node), each rank running the same body as the bench's inproc and shm
+//       transports (bench/moedist_rank.h); its lines also carry "between_hosts": the bytes that crossed between
+//       hosts in one dispatch and one combine, summed over the ranks, and a flat all-to-all's for the same calls.
 //   mpirun -np W moedist_mpi_baseline --check
 //       runs random cases and compares expand_x, dynamic_scales, expand_idx, ep_recv_counts, expert_token_nums
 //       and the combine output bit for bit with moedist's reference oracle; exit status 0 when all match.
@@ -10,17 +16,22 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "kernels/row_kernels.h"
+#include "moedist/mpi.h"
+#include "moedist_rank.h"
 #include "mpi_baseline.h"
 #include "oracle/oracle.h"
+#include "runners.h"
 #include "workload.h"
 
 namespace moedist::bench {
@@ -48,7 +59,31 @@ std::vector<std::uint16_t> dequantized(const MpiAlltoallvMoe& moe, const Point& 
 
 // ---- timing ----
 
-nlohmann::json bench_point(const Point& p, const LoopOptions& loop, int rank) {
+// Every rank's samples to rank 0, which takes the slowest rank per iteration; rank 0 gets the point's JSON line
+// (the others an empty value).
+nlohmann::json gathered_times(const Point& p, int rank, const std::vector<RoundTimes>& times) {
+  std::vector<double> flat;
+  for (const RoundTimes& t : times) flat.insert(flat.end(), {t.dispatch_us, t.combine_us, t.roundtrip_us});
+  std::vector<double> all(rank == 0 ? flat.size() * static_cast<std::size_t>(p.W) : 0);
+  MPI_Gather(flat.data(), static_cast<int>(flat.size()), MPI_DOUBLE, all.data(), static_cast<int>(flat.size()), MPI_DOUBLE,
+             0, MPI_COMM_WORLD);
+  if (rank != 0) return {};
+  std::vector<std::vector<RoundTimes>> per_rank(static_cast<std::size_t>(p.W));
+  for (int r = 0; r < p.W; ++r) {
+    for (std::size_t i = 0; i < times.size(); ++i) {
+      const double* t = all.data() + (static_cast<std::size_t>(r) * times.size() + i) * 3;
+      per_rank[static_cast<std::size_t>(r)].push_back({t[0], t[1], t[2]});
+    }
+  }
+  const OpSamples s = slowest_rank(per_rank);
+  return {{"point", {{"W", p.W}, {"bs", p.bs}, {"h", p.h}, {"k", p.k}, {"E", p.E}, {"quant_mode", p.quant_mode}}},
+          {"dispatch_us", s.dispatch_us},
+          {"combine_us", s.combine_us},
+          {"roundtrip_us", s.roundtrip_us}};
+}
+
+// The baseline at one point.
+nlohmann::json bench_point_alltoallv(const Point& p, const LoopOptions& loop, int rank) {
   const RankInputs in = make_rank_inputs(p, rank);
   const Tensor smooth = p.quant_mode == 2 ? make_smooth_scales(p) : Tensor();
   MpiAlltoallvMoe moe(MPI_COMM_WORLD, MpiMoeShape{p.E, p.h, p.k, p.quant_mode, p.dtype});
@@ -71,27 +106,35 @@ nlohmann::json bench_point(const Point& p, const LoopOptions& loop, int rank) {
   MpiSync sync;
   const RankOps ops{[&] { moe.dispatch(x, p.bs, ids, smooth_rows); },
                     [&] { moe.combine(expert_out(), weights, out.data()); }};
-  const std::vector<RoundTimes> times = run_rank_loop(rank, sync, loop, ops);
+  return gathered_times(p, rank, run_rank_loop(rank, sync, loop, ops));
+}
 
-  // Every rank's samples to rank 0, which takes the slowest rank per iteration.
-  std::vector<double> flat;
-  for (const RoundTimes& t : times) flat.insert(flat.end(), {t.dispatch_us, t.combine_us, t.roundtrip_us});
-  std::vector<double> all(rank == 0 ? flat.size() * static_cast<std::size_t>(p.W) : 0);
-  MPI_Gather(flat.data(), static_cast<int>(flat.size()), MPI_DOUBLE, all.data(), static_cast<int>(flat.size()), MPI_DOUBLE,
-             0, MPI_COMM_WORLD);
+// moedist over MPI at one point, the ranks split into `hosts` virtual hosts. The same body as the inproc and shm
+// transports (MoedistRank, its traffic self-check included), timed by the same loop.
+nlohmann::json bench_point_moedist(const Point& p, const LoopOptions& loop, int rank, int hosts, std::int64_t timeout_ms) {
+  MpiOptions options;
+  options.timeout = std::chrono::milliseconds(timeout_ms);
+  options.ranks_per_node = ranks_per_host_of(p.W, hosts);
+  const std::unique_ptr<Group> group = join_mpi(MPI_COMM_WORLD, group_config(p, rank), options);
+  MoedistRank body(p, rank, *group);
+  body.prime(count_bytes(p));
+  MpiSync sync;
+  nlohmann::json line = gathered_times(p, rank, run_rank_loop(rank, sync, loop, body.ops()));
+
+  // The last iteration's bytes between hosts (the same every iteration: the inputs are), summed on rank 0.
+  const TrafficCounters& t = group->traffic();
+  const std::int64_t mine[4] = {t.dispatch_bytes_between_hosts, t.dispatch_bytes_between_hosts_flat,
+                                t.combine_bytes_between_hosts, t.combine_bytes_between_hosts_flat};
+  std::int64_t sum[4] = {0, 0, 0, 0};
+  MPI_Reduce(mine, sum, 4, MPI_INT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
   if (rank != 0) return {};
-  std::vector<std::vector<RoundTimes>> per_rank(static_cast<std::size_t>(p.W));
-  for (int r = 0; r < p.W; ++r) {
-    for (std::size_t i = 0; i < times.size(); ++i) {
-      const double* t = all.data() + (static_cast<std::size_t>(r) * times.size() + i) * 3;
-      per_rank[static_cast<std::size_t>(r)].push_back({t[0], t[1], t[2]});
-    }
-  }
-  const OpSamples s = slowest_rank(per_rank);
-  return {{"point", {{"W", p.W}, {"bs", p.bs}, {"h", p.h}, {"k", p.k}, {"E", p.E}, {"quant_mode", p.quant_mode}}},
-          {"dispatch_us", s.dispatch_us},
-          {"combine_us", s.combine_us},
-          {"roundtrip_us", s.roundtrip_us}};
+  line["between_hosts"] = {{"hosts", hosts_of(p.W, options.ranks_per_node)},
+                           {"ranks_per_host", options.ranks_per_node},
+                           {"dispatch", sum[0]},
+                           {"dispatch_flat", sum[1]},
+                           {"combine", sum[2]},
+                           {"combine_flat", sum[3]}};
+  return line;
 }
 
 // ---- check against the oracle ----
@@ -222,14 +265,27 @@ Point parse_point(const std::string& text, int W, DType dtype, std::uint64_t see
 }
 
 int run(int argc, char** argv, int rank, int W) {
-  CLI::App app{"The MPI baseline of `moedist bench`: MPI_Alltoall of the counts, MPI_Alltoallv of the rows, a local "
-               "sort into expert-major order, and the reverse for combine. Run it under mpirun."};
+  CLI::App app{"The MPI transports of `moedist bench`. --impl alltoallv: the MPI baseline, MPI_Alltoall of the counts, "
+               "MPI_Alltoallv of the rows, a local sort into expert-major order, and the reverse for combine. --impl "
+               "moedist: moedist over MPI (join_mpi), the ranks split into --hosts virtual hosts. Run it under mpirun."};
   bool check = false;
   std::vector<std::string> points;
   std::string dtype = "bf16";
+  std::string impl = "alltoallv";
+  int hosts = 2;
+  std::int64_t timeout_ms = 60000;
   std::uint64_t seed = 1;
   LoopOptions loop;
   app.add_flag("--check", check, "compare with moedist's reference oracle on random cases instead of timing");
+  app.add_option("--impl", impl, "what to time: the MPI_Alltoallv baseline, or moedist over MPI")
+      ->check(CLI::IsMember({"alltoallv", "moedist"}))
+      ->capture_default_str();
+  app.add_option("--hosts", hosts, "moedist: virtual hosts of ceil(W / hosts) ranks each (1: all ranks on one host)")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
+  app.add_option("--timeout-ms", timeout_ms, "moedist: longest wait for a peer (MpiOptions::timeout)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app.add_option("--point", points, "a grid point BS,H,K,E,QUANT (repeatable)");
   app.add_option("--dtype", dtype, "token dtype")->check(CLI::IsMember({"bf16", "fp16"}))->capture_default_str();
   app.add_option("--seed", seed, "seed of the inputs (the same as moedist bench's)")->capture_default_str();
@@ -258,12 +314,13 @@ int run(int argc, char** argv, int rank, int W) {
     int length = 0;
     MPI_Get_library_version(version, &length);
     std::string first_line(version, static_cast<std::size_t>(length));
-    first_line = first_line.substr(0, first_line.find_first_of("\r\n"));
+    first_line = first_line.substr(0, first_line.find_first_of(std::string("\r\n\0", 3)));  // Open MPI counts the NUL
     std::printf("%s\n", nlohmann::json{{"mpi_library", first_line}}.dump().c_str());
     std::fflush(stdout);
   }
   for (const Point& p : parsed) {
-    const nlohmann::json line = bench_point(p, loop, rank);
+    const nlohmann::json line =
+        impl == "moedist" ? bench_point_moedist(p, loop, rank, hosts, timeout_ms) : bench_point_alltoallv(p, loop, rank);
     if (rank == 0) {
       std::printf("%s\n", line.dump().c_str());
       std::fflush(stdout);  // the parent reads the lines as they come, for its progress bar

@@ -72,6 +72,21 @@ nlohmann::json point_json(const Point& p) {
           {"dtype", dtype_text(p.dtype)}};
 }
 
+// "2 hosts of 2 ranks", "3 hosts of 3 ranks (the last of 2)", "1 host of 4 ranks"
+std::string host_layout(int W, const BetweenHosts& b) {
+  const auto count = [](int n, const char* one, const char* many) { return std::to_string(n) + " " + (n == 1 ? one : many); };
+  std::string s = count(b.hosts, "host", "hosts") + " of " + count(b.ranks_per_host, "rank", "ranks");
+  const int last = W - (b.hosts - 1) * b.ranks_per_host;
+  if (last != b.ranks_per_host) s += " (the last of " + std::to_string(last) + ")";
+  return s;
+}
+
+// "1.234 MB node-aware vs 2.345 MB flat all-to-all (0.53x)"
+std::string node_aware_vs_flat(std::int64_t node_aware, std::int64_t flat) {
+  return megabytes(node_aware) + " node-aware vs " + megabytes(flat) + " flat all-to-all (" +
+         (flat > 0 ? fixed(static_cast<double>(node_aware) / static_cast<double>(flat), 2) + "x" : std::string("-")) + ")";
+}
+
 nlohmann::json number_or_null(double v) { return std::isnan(v) ? nlohmann::json(nullptr) : nlohmann::json(v); }
 
 // A string for gnuplot's single quotes, where '' stands for '.
@@ -85,7 +100,7 @@ std::string gnuplot_quoted(const std::string& s) {
 
 RunInfo collect_run_info(const std::string& command, const SweepOptions& options) {
   RunInfo info;
-  if (std::find(options.transports.begin(), options.transports.end(), "mpi") == options.transports.end()) {
+  if (std::none_of(options.transports.begin(), options.transports.end(), is_mpi_transport)) {
     info.mpi = "not asked for";
   } else {
     MpiTools tools;
@@ -144,6 +159,12 @@ std::string definitions_text() {
       "  mpi           baseline: MPI_Alltoall of the counts, MPI_Alltoallv of the rows (and scales), a local sort\n"
       "                into expert-major order; the reverse and the weighted sum for combine (bench/mpi_baseline.h;\n"
       "                mpirun --oversubscribe --bind-to none).\n"
+      "  moedist-mpi   moedist over MPI (moedist::join_mpi) under mpirun, as mpi: the ranks in --hosts virtual hosts\n"
+      "                of ceil(W / hosts) ranks each, shared memory within a host and MPI messages between hosts, a\n"
+      "                token crossing to each remote host once, to a proxy rank there that fans it out.\n"
+      "  between hosts moedist-mpi: the bytes all ranks sent to other hosts in one dispatch (the tokens, once per\n"
+      "                remote host, with their destinations) and one combine (the requests, and the rows carried back),\n"
+      "                against what a flat all-to-all sending every row to its destination rank would send.\n"
       "  memcpy-floor  baseline: the logical bytes of every rank memcpy'd, nothing else, by min(W, usable CPUs)\n"
       "                threads at once (rank r's bytes by thread r mod that count, back to back).\n"
       "  workload      E = W x L experts (L = --local-experts unless --moe-expert-num), uniform random top-K\n"
@@ -193,6 +214,12 @@ void print_point(std::ostream& out, const Point& p, const PointBytes& bytes, con
         << "; moedist size predicts " << megabytes(r.predicted_bytes)
         << " for its group (window + outputs), plus the bench's inputs and the process itself\n";
   }
+  for (const ResultRow& r : rows) {  // once per transport that measured its bytes between hosts
+    if (r.op != "roundtrip" || r.between_hosts.hosts <= 0) continue;
+    out << "between hosts " << host_layout(r.point.W, r.between_hosts) << ": dispatch "
+        << node_aware_vs_flat(r.between_hosts.dispatch, r.between_hosts.dispatch_flat) << ", combine "
+        << node_aware_vs_flat(r.between_hosts.combine, r.between_hosts.combine_flat) << "\n";
+  }
   for (const SkipRow& s : skipped) {
     out << (s.failed ? "FAILED " : "skipped ") << (s.transport == "*" ? std::string("point") : s.transport) << ": "
         << s.reason << "\n";
@@ -222,6 +249,7 @@ void write_json(const std::string& path, const RunInfo& info, const SweepOptions
                    {"max_point_seconds", o.run.loop.max_seconds},
                    {"seed", o.seed},
                    {"local_experts", o.local_experts},
+                   {"hosts", o.hosts},
                    {"moe_expert_num", o.moe_expert_num}};
   j["definitions"] = definitions_text();
   j["results"] = nlohmann::json::array();
@@ -243,6 +271,12 @@ void write_json(const std::string& path, const RunInfo& info, const SweepOptions
     row["x_floor"] = number_or_null(r.x_floor);
     if (r.peak_rss_bytes >= 0) row["peak_rss_bytes"] = r.peak_rss_bytes;
     if (r.predicted_bytes >= 0) row["predicted_group_bytes"] = r.predicted_bytes;
+    if (r.between_hosts.hosts > 0) {
+      const BetweenHosts& b = r.between_hosts;
+      row["between_hosts"] = {{"hosts", b.hosts},       {"ranks_per_host", b.ranks_per_host},
+                              {"dispatch", b.dispatch}, {"dispatch_flat", b.dispatch_flat},
+                              {"combine", b.combine},   {"combine_flat", b.combine_flat}};
+    }
     j["results"].push_back(row);
   }
   j["skipped"] = nlohmann::json::array();
@@ -261,7 +295,8 @@ void write_json(const std::string& path, const RunInfo& info, const SweepOptions
 void write_csv(const std::string& path, const SweepResult& result) {
   std::ofstream f(path);
   f << "transport,W,BS,H,K,E,quant_mode,dtype,op,iters,p50_us,p99_us,mean_us,min_us,max_us,logical_bytes,wire_bytes,"
-       "logical_gbps,wire_gbps,x_mpi,x_floor\n";
+       "logical_gbps,wire_gbps,x_mpi,x_floor,hosts,ranks_per_host,dispatch_bytes_between_hosts,"
+       "dispatch_bytes_between_hosts_flat,combine_bytes_between_hosts,combine_bytes_between_hosts_flat\n";
   const auto num = [](double v) {
     if (std::isnan(v)) return std::string();
     char buf[64];
@@ -274,7 +309,14 @@ void write_csv(const std::string& path, const SweepResult& result) {
       << dtype_text(p.dtype) << "," << r.op << "," << r.stats.iters << "," << num(r.stats.p50_us) << ","
       << num(r.stats.p99_us) << "," << num(r.stats.mean_us) << "," << num(r.stats.min_us) << "," << num(r.stats.max_us)
       << "," << r.bytes.logical << "," << r.bytes.wire << "," << num(r.logical_gbps) << "," << num(r.wire_gbps) << ","
-      << num(r.x_mpi) << "," << num(r.x_floor) << "\n";
+      << num(r.x_mpi) << "," << num(r.x_floor);
+    const BetweenHosts& b = r.between_hosts;
+    if (b.hosts > 0) {
+      f << "," << b.hosts << "," << b.ranks_per_host << "," << b.dispatch << "," << b.dispatch_flat << "," << b.combine << ","
+        << b.combine_flat << "\n";
+    } else {
+      f << ",,,,,,\n";  // not measured: a transport with one host
+    }
   }
   if (!f) throw std::runtime_error("cannot write " + path);
 }

@@ -23,13 +23,13 @@
 #include <sstream>
 #include <stdexcept>
 
-#include "kernels/row_kernels.h"
 #include "moedist/config.h"
 #include "moedist/error.h"
 #include "moedist/group.h"
 #include "moedist/inproc.h"
 #include "moedist/launch.h"
 #include "moedist/shm.h"
+#include "moedist_rank.h"
 
 extern char** environ;
 
@@ -188,76 +188,6 @@ RunOutcome run_threads(int threads, const RunSettings& settings,
     return failure(cause.empty() ? e.what() : cause);
   }
   return success(per_rank);
-}
-
-// ---- moedist ranks ----
-
-// One rank's dispatch and combine on a group, with identity experts.
-class MoedistRank {
- public:
-  MoedistRank(const Point& p, int rank, Group& group) : p_(p), rank_(rank), group_(group), in_(make_rank_inputs(p, rank)) {
-    options_.quant_mode = p.quant_mode;
-    if (p.quant_mode == 2) {
-      smooth_ = make_smooth_scales(p);
-      options_.scales = smooth_.view();
-    }
-  }
-
-  // The untimed first round trip: sizes the group's buffers, makes the identity experts' rows for quant_mode 2
-  // (dispatch gives the same rows every iteration, since the inputs are the same), and checks that the bytes the
-  // group reports moving are the bytes the bench counts.
-  void prime(const PointBytes& bytes) {
-    dispatch();
-    expert_out_ = result_.expand_x;
-    if (p_.quant_mode == 2) {
-      // The experts write their outputs where combine reads them, the group's window (combine_buffer()), as an
-      // engine's expert kernels would; combine then reads the rows in place instead of copying them in.
-      const MutableTensorView window_rows = group_.combine_buffer(p_.dtype);
-      MutableTensorView rows = window_rows;
-      if (!window_rows.present() || window_rows.rows() < result_.valid_rows) {
-        identity_ = Tensor(p_.dtype, result_.valid_rows, p_.h);
-        rows = identity_.mutable_view();
-      }
-      const numeric::Half half = p_.dtype == DType::fp16 ? numeric::Half::fp16 : numeric::Half::bf16;
-      for (std::int64_t i = 0; i < result_.valid_rows; ++i) {
-        kernels::dequantize_row(result_.expand_x.ptr<std::int8_t>(i), result_.dynamic_scales.at<float>(i), half, p_.h,
-                                rows.ptr<std::uint16_t>(i));
-      }
-      expert_out_ = matrix_view(static_cast<const void*>(rows.data), p_.dtype, result_.valid_rows, p_.h, rows.strides[0], 1);
-    }
-    combine();
-    const TrafficCounters& t = group_.traffic();
-    const std::int64_t want_dispatch = bytes.dispatch_per_rank[static_cast<std::size_t>(rank_)];
-    const std::int64_t want_combine = bytes.combine_per_rank[static_cast<std::size_t>(rank_)];
-    if (t.dispatch_bytes_sent != want_dispatch || t.combine_bytes_read != want_combine) {
-      throw std::runtime_error("Group::traffic() reports " + std::to_string(t.dispatch_bytes_sent) + " dispatch / " +
-                               std::to_string(t.combine_bytes_read) + " combine bytes, the bench counts " +
-                               std::to_string(want_dispatch) + " / " + std::to_string(want_combine));
-    }
-  }
-
-  RankOps ops() {
-    return {[this] { dispatch(); }, [this] { combine(); }};
-  }
-
- private:
-  void dispatch() { result_ = group_.dispatch(in_.x, in_.expert_ids, options_); }
-  void combine() {
-    group_.combine(expert_out_, in_.expert_ids, result_.expand_idx, result_.ep_recv_counts, in_.expert_scales);
-  }
-
-  Point p_;
-  int rank_;
-  Group& group_;
-  RankInputs in_;
-  Tensor smooth_, identity_;
-  DispatchOptions options_;
-  DispatchResult result_;
-  TensorView expert_out_;  // the identity experts' rows: dispatch's expand_x (quant 0) or dequantized (quant 2)
-};
-
-GroupConfig group_config(const Point& p, int rank) {
-  return GroupConfig{.ep_world_size = p.W, .ep_rank_id = rank, .moe_expert_num = p.E};
 }
 
 // Keeps the compiler from dropping a copy nobody reads.
@@ -639,12 +569,25 @@ int run_program(const std::vector<std::string>& argv, const std::vector<std::str
   return status;
 }
 
-void run_mpi_points(const MpiTools& tools, const std::vector<Point>& points, const RunSettings& settings,
+int ranks_per_host_of(int W, int hosts) {
+  hosts = std::max(hosts, 1);
+  return std::max((W + hosts - 1) / hosts, 1);
+}
+
+int hosts_of(int W, int ranks_per_host) {
+  ranks_per_host = std::max(ranks_per_host, 1);
+  return (W + ranks_per_host - 1) / ranks_per_host;
+}
+
+void run_mpi_points(const MpiTools& tools, const MpiImpl& impl, const std::vector<Point>& points,
+                    const RunSettings& settings,
                     const std::function<void(std::size_t index, RunOutcome outcome)>& on_point, std::string* library) {
   if (points.empty()) return;
   const Point& first = points.front();
   std::vector<std::string> argv = {tools.mpirun, "--oversubscribe", "--bind-to", "none", "-np", std::to_string(first.W),
-                                   tools.baseline, "--dtype", first.dtype == DType::fp16 ? "fp16" : "bf16",
+                                   tools.baseline, "--impl", impl.impl, "--hosts", std::to_string(impl.hosts),
+                                   "--timeout-ms", std::to_string(settings.timeout_ms),
+                                   "--dtype", first.dtype == DType::fp16 ? "fp16" : "bf16",
                                    "--seed", std::to_string(first.seed), "--warmup", std::to_string(settings.loop.warmup),
                                    "--iters", std::to_string(settings.loop.max_iters), "--min-iters",
                                    std::to_string(settings.loop.min_iters), "--max-seconds",
@@ -677,6 +620,15 @@ void run_mpi_points(const MpiTools& tools, const std::vector<Point>& points, con
       o.samples.dispatch_us = j.at("dispatch_us").get<std::vector<double>>();
       o.samples.combine_us = j.at("combine_us").get<std::vector<double>>();
       o.samples.roundtrip_us = j.at("roundtrip_us").get<std::vector<double>>();
+      if (j.contains("between_hosts")) {
+        const nlohmann::json& b = j["between_hosts"];
+        o.between_hosts.hosts = b.at("hosts").get<int>();
+        o.between_hosts.ranks_per_host = b.at("ranks_per_host").get<int>();
+        o.between_hosts.dispatch = b.at("dispatch").get<std::int64_t>();
+        o.between_hosts.dispatch_flat = b.at("dispatch_flat").get<std::int64_t>();
+        o.between_hosts.combine = b.at("combine").get<std::int64_t>();
+        o.between_hosts.combine_flat = b.at("combine_flat").get<std::int64_t>();
+      }
       on_point(next++, std::move(o));
     } catch (const nlohmann::json::exception& e) {
       protocol_error = std::string("unreadable line from the baseline: ") + e.what();

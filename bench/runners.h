@@ -3,6 +3,8 @@
 //   inproc        moedist, ranks as threads of this process (InProcessWorld)
 //   shm           moedist, ranks as processes (moedist::launch of a rank program, join_shm_from_env)
 //   mpi           the MPI baseline (bench/mpi_baseline.h) under mpirun
+//   moedist-mpi   moedist over MPI (join_mpi) under mpirun, the ranks split into virtual hosts whose traffic
+//                 between each other goes through MPI messages (moedist_mpi_baseline --impl moedist)
 //   memcpy-floor  the bytes every rank must move (its logical bytes) memcpy'd, nothing else, by min(W, usable
 //                 CPUs) threads at once (rank r's bytes by thread r mod that count)
 #pragma once
@@ -22,6 +24,15 @@ struct RunSettings {
   std::int64_t timeout_ms = 60000;  // longest wait for a peer (moedist's timeout, and the bench's own barrier)
 };
 
+// Bytes that crossed between hosts in one dispatch and one combine, summed over the ranks (moedist's
+// TrafficCounters), next to what a flat all-to-all that sends every row to its destination rank would send.
+struct BetweenHosts {
+  int hosts = 0;           // 0: not measured (a transport with one host)
+  int ranks_per_host = 0;  // the last host may have fewer
+  std::int64_t dispatch = 0, dispatch_flat = 0;
+  std::int64_t combine = 0, combine_flat = 0;
+};
+
 // What timing one transport at one point gave: samples, or why there are none.
 struct RunOutcome {
   bool ok = false;
@@ -29,6 +40,7 @@ struct RunOutcome {
   std::string error;
   OpSamples samples;
   std::int64_t peak_rss_bytes = -1;  // shm: the largest peak resident set of the rank processes (-1: unknown)
+  BetweenHosts between_hosts;        // moedist-mpi: measured with hosts > 0
 };
 
 RunOutcome run_inproc(const Point& p, const RunSettings& settings);
@@ -41,7 +53,7 @@ RunOutcome run_shm(const Point& p, const RunSettings& settings, const std::vecto
 // runs the loop, leaves its samples (or its error) in the directory. Returns the process's exit status.
 int shm_rank_main(const std::string& dir);
 
-// Where the MPI baseline runs from.
+// Where the MPI transports (mpi, moedist-mpi) run from.
 struct MpiTools {
   std::string mpirun;    // path of mpirun
   std::string baseline;  // path of moedist_mpi_baseline
@@ -53,10 +65,22 @@ std::string find_mpi_tools(const std::string& explicit_baseline, const std::stri
 // "mpirun (Open MPI) 4.1.4 (/usr/bin/mpirun); baseline PATH", from `mpirun --version`.
 std::string describe_mpi(const MpiTools& tools);
 
+// Which implementation moedist_mpi_baseline times (its --impl and --hosts).
+struct MpiImpl {
+  std::string impl = "alltoallv";  // "alltoallv" (the mpi baseline) or "moedist" (moedist-mpi)
+  int hosts = 1;                   // moedist: virtual hosts the ranks are split into (ranks_per_host_of)
+};
+
+// Ranks per virtual host when W ranks are split into `hosts` hosts: ceil(W / hosts) (so that fewer hosts than
+// asked may result, e.g. W = 4 in 3 hosts gives 2 hosts of 2); and the number of hosts that gives.
+int ranks_per_host_of(int W, int hosts);
+int hosts_of(int W, int ranks_per_host);
+
 // One mpirun of W ranks for all `points` (all with the same W): on_point(i, outcome) for each point in order, as
 // its result arrives. Points the run never reached get an outcome with the reason. *library gets the MPI
 // library's version line.
-void run_mpi_points(const MpiTools& tools, const std::vector<Point>& points, const RunSettings& settings,
+void run_mpi_points(const MpiTools& tools, const MpiImpl& impl, const std::vector<Point>& points,
+                    const RunSettings& settings,
                     const std::function<void(std::size_t index, RunOutcome outcome)>& on_point, std::string* library);
 
 // Runs argv (PATH lookup) with extra "NAME=value" environment entries, calling on_line for each line it writes to

@@ -88,6 +88,11 @@ std::vector<ResultRow> rows_of(const std::string& transport, const Point& p, con
   return rows;
 }
 
+// The transports that time moedist's own groups: their memory is moedist::capacity() per rank, plus inputs.
+bool runs_moedist(const std::string& transport) {
+  return transport == "inproc" || transport == "shm" || transport == "moedist-mpi";
+}
+
 void add_ratios(std::vector<ResultRow>& rows) {
   for (ResultRow& r : rows) {
     for (const ResultRow& base : rows) {
@@ -103,19 +108,21 @@ std::string memory_problem(const std::string& transport, const Point& p, const P
   const std::int64_t need = memory_needed(transport, p, bytes);
   const std::int64_t available = memory_available();
   if (available < 0 || static_cast<double>(need) <= fraction * static_cast<double>(available)) return "";
-  std::string how = transport == "inproc" || transport == "shm" ? " (moedist::capacity() of " + std::to_string(p.W) + " ranks, plus inputs)" : "";
+  std::string how = runs_moedist(transport) ? " (moedist::capacity() of " + std::to_string(p.W) + " ranks, plus inputs)" : "";
   return "needs about " + gb(need) + how + ", more than " + std::to_string(static_cast<int>(fraction * 100)) + "% of the " +
          gb(available) + " available";
 }
 
 }  // namespace
 
+bool is_mpi_transport(const std::string& transport) { return transport == "mpi" || transport == "moedist-mpi"; }
+
 void validate(const SweepOptions& o) {
   const auto fail = [](const std::string& what) { throw std::invalid_argument(what); };
   if (o.transports.empty()) fail("--transport: name at least one transport");
   for (const std::string& t : o.transports) {
     if (std::find(std::begin(kTransports), std::end(kTransports), t) == std::end(kTransports))
-      fail("--transport: unknown transport '" + t + "' (inproc, shm, mpi, memcpy-floor)");
+      fail("--transport: unknown transport '" + t + "' (inproc, shm, mpi, moedist-mpi, memcpy-floor)");
   }
   if (o.world_sizes.empty() || o.bs.empty() || o.hidden.empty() || o.topk.empty() || o.quant_modes.empty())
     fail("every grid list (--ep-world-size, --bs, --hidden, --topk, --quant-mode) needs at least one value");
@@ -136,6 +143,7 @@ void validate(const SweepOptions& o) {
   }
   if (o.moe_expert_num < 0) fail("--moe-expert-num: must be positive (or 0 for W * --local-experts)");
   if (o.local_experts < 1) fail("--local-experts: must be positive");
+  if (o.hosts < 1 || o.hosts > 1024) fail("--hosts: " + std::to_string(o.hosts) + " is not in [1, 1024]");
   if (o.run.loop.warmup < 1) fail("--warmup: at least 1 (the timed count is sized from the warm-up)");
   if (o.run.loop.max_iters < 1 || o.run.loop.min_iters < 1) fail("--iters and --min-iters: at least 1");
   if (!(o.run.loop.max_seconds >= 0)) fail("--max-point-seconds: must not be negative");
@@ -192,7 +200,12 @@ std::int64_t memory_needed(const std::string& transport, const Point& p, const P
                received * 2 * p.h + bytes.combine_per_rank[static_cast<std::size_t>(r)] + x;
     }
   }
-  if (transport == "inproc" || transport == "shm") total += p.W * group_bytes_per_rank(p);  // every rank has the same role (S = 0)
+  if (runs_moedist(transport)) total += p.W * group_bytes_per_rank(p);  // every rank has the same role (S = 0)
+  if (transport == "moedist-mpi") {
+    // The messages between hosts: what a rank sends to other hosts and what it receives from them, each bounded
+    // by its dispatch bytes.
+    for (int r = 0; r < p.W; ++r) total += 2 * bytes.dispatch_per_rank[static_cast<std::size_t>(r)];
+  }
   return total;
 }
 
@@ -209,9 +222,10 @@ std::int64_t memory_available() {
 
 namespace {
 
-// The MPI baseline at every usable point of one W: one mpirun for all the points that fit in memory. Entries stay
-// empty for unusable points.
-std::vector<std::optional<RunOutcome>> run_mpi_for(const SweepOptions& o, const MpiTools& tools, const std::string& unavailable,
+// An MPI transport (mpi: the baseline; moedist-mpi: moedist over MPI) at every usable point of one W: one mpirun
+// for all the points that fit in memory. Entries stay empty for unusable points.
+std::vector<std::optional<RunOutcome>> run_mpi_for(const std::string& transport, const SweepOptions& o,
+                                                   const MpiTools& tools, const std::string& unavailable,
                                                    const std::vector<Point>& points,
                                                    const std::vector<std::string>& problems,
                                                    const std::vector<PointBytes>& bytes, Progress& progress,
@@ -223,7 +237,7 @@ std::vector<std::optional<RunOutcome>> run_mpi_for(const SweepOptions& o, const 
     if (!problems[i].empty()) continue;
     RunOutcome skip;
     skip.tried = false;
-    skip.error = unavailable.empty() ? memory_problem("mpi", points[i], bytes[i], o.memory_fraction) : unavailable;
+    skip.error = unavailable.empty() ? memory_problem(transport, points[i], bytes[i], o.memory_fraction) : unavailable;
     if (skip.error.empty()) {
       batch.push_back(points[i]);
       index.push_back(i);
@@ -233,13 +247,19 @@ std::vector<std::optional<RunOutcome>> run_mpi_for(const SweepOptions& o, const 
     }
   }
   if (batch.empty()) return outcomes;
-  progress.begin("mpi " + describe(batch.front()) + " (one mpirun for " + std::to_string(batch.size()) + " points)");
+  MpiImpl impl;
+  if (transport == "moedist-mpi") {
+    impl.impl = "moedist";
+    impl.hosts = o.hosts;
+  }
+  progress.begin(transport + " " + describe(batch.front()) + " (one mpirun for " + std::to_string(batch.size()) +
+                 " points)");
   run_mpi_points(
-      tools, batch, o.run,
+      tools, impl, batch, o.run,
       [&](std::size_t i, RunOutcome outcome) {
         outcomes[index[i]] = std::move(outcome);
         progress.end();
-        if (i + 1 < batch.size()) progress.begin("mpi " + describe(batch[i + 1]));
+        if (i + 1 < batch.size()) progress.begin(transport + " " + describe(batch[i + 1]));
       },
       library);
   return outcomes;
@@ -267,10 +287,17 @@ SweepResult run_sweep(const SweepOptions& o, std::ostream& out, std::ostream& pr
   validate(o);
   SweepResult result;
   MpiTools tools;
-  const bool want_mpi = contains(o.transports, "mpi");
-  if (want_mpi) {
+  std::vector<std::string> mpi_transports;  // the MPI transports asked for, in the order they run
+  for (const std::string& t : o.transports) {
+    if (is_mpi_transport(t) && !contains(mpi_transports, t)) mpi_transports.push_back(t);
+  }
+  if (!mpi_transports.empty()) {
     result.mpi_unavailable = find_mpi_tools(o.mpi_baseline, o.self_dir, &tools);
-    if (!result.mpi_unavailable.empty()) out << "skipped mpi: " << result.mpi_unavailable << "\n\n";
+    if (!result.mpi_unavailable.empty()) {
+      std::string names;
+      for (const std::string& t : mpi_transports) names += (names.empty() ? "" : ", ") + t;
+      out << "skipped " << names << ": " << result.mpi_unavailable << "\n\n";
+    }
   }
 
   int total = 0;
@@ -285,9 +312,11 @@ SweepResult run_sweep(const SweepOptions& o, std::ostream& out, std::ostream& pr
       problems.push_back(point_problem(points[i]));
       if (problems.back().empty()) bytes[i] = count_bytes(points[i]);
     }
-    // The MPI baseline first, so that its numbers are there when each point's table is printed.
-    std::vector<std::optional<RunOutcome>> mpi(points.size());
-    if (want_mpi) mpi = run_mpi_for(o, tools, result.mpi_unavailable, points, problems, bytes, progress, &result.mpi_library);
+    // The MPI transports first (one mpirun each for all the points), so that their numbers are there when each
+    // point's table is printed.
+    std::map<std::string, std::vector<std::optional<RunOutcome>>> mpi;
+    for (const std::string& t : mpi_transports)
+      mpi[t] = run_mpi_for(t, o, tools, result.mpi_unavailable, points, problems, bytes, progress, &result.mpi_library);
 
     for (std::size_t i = 0; i < points.size(); ++i) {
       const Point& p = points[i];
@@ -298,14 +327,16 @@ SweepResult run_sweep(const SweepOptions& o, std::ostream& out, std::ostream& pr
         progress.end(static_cast<int>(o.transports.size()));
       }
       for (const std::string& t : problems[i].empty() ? o.transports : std::vector<std::string>()) {
-        const RunOutcome outcome = t == "mpi" ? mpi[i].value_or(RunOutcome{}) : run_local(t, p, bytes[i], o, progress);
+        const RunOutcome outcome =
+            is_mpi_transport(t) ? mpi[t][i].value_or(RunOutcome{}) : run_local(t, p, bytes[i], o, progress);
         if (outcome.ok) {
           for (ResultRow& r : rows_of(t, p, bytes[i], outcome.samples)) {
             r.peak_rss_bytes = outcome.peak_rss_bytes;
             if (t == "inproc" || t == "shm") r.predicted_bytes = group_bytes_per_rank(p);
+            r.between_hosts = outcome.between_hosts;
             rows.push_back(std::move(r));
           }
-        } else if (!(t == "mpi" && !result.mpi_unavailable.empty())) {  // mpi's absence was said once, at the top
+        } else if (!(is_mpi_transport(t) && !result.mpi_unavailable.empty())) {  // MPI's absence was said once, at the top
           skipped.push_back({t, p, outcome.error, outcome.tried});
           if (outcome.tried) ++result.failures;
         }

@@ -14,11 +14,14 @@
 
 namespace moedist::bench {
 
-inline constexpr const char* kTransports[] = {"inproc", "shm", "mpi", "memcpy-floor"};
+inline constexpr const char* kTransports[] = {"inproc", "shm", "mpi", "moedist-mpi", "memcpy-floor"};
 inline constexpr const char* kOps[] = {"dispatch", "combine", "roundtrip"};
 
+// The transports that run under mpirun (moedist_mpi_baseline): "mpi" and "moedist-mpi".
+bool is_mpi_transport(const std::string& transport);
+
 struct SweepOptions {
-  std::vector<std::string> transports = {"inproc", "shm", "mpi", "memcpy-floor"};
+  std::vector<std::string> transports = {"inproc", "shm", "mpi", "moedist-mpi", "memcpy-floor"};
   std::vector<int> world_sizes = {2, 4, 8, 16};
   std::vector<std::int64_t> bs = {1, 16, 64, 256, 1024, 4096};
   std::vector<std::int64_t> hidden = {7168};
@@ -26,12 +29,13 @@ struct SweepOptions {
   std::vector<int> quant_modes = {0, 2};
   int moe_expert_num = 0;  // 0: E = W * local_experts for each W
   int local_experts = 4;
+  int hosts = 2;  // moedist-mpi: virtual hosts of ceil(W / hosts) ranks each (1: all ranks on one host)
   DType dtype = DType::bf16;
   std::uint64_t seed = 1;
   RunSettings run;
   double memory_fraction = 0.8;  // skip a run that needs more than this share of MemAvailable
   std::vector<std::string> rank_program;  // shm: the program (and arguments) of a rank process
-  std::string mpi_baseline;               // explicit moedist_mpi_baseline, or "" to look for it
+  std::string mpi_baseline;               // explicit moedist_mpi_baseline (mpi, moedist-mpi), or "" to look for it
   std::string self_dir;                   // directory of the running tool (where the baseline may also be)
 };
 
@@ -52,6 +56,7 @@ struct ResultRow {
   double x_floor = std::numeric_limits<double>::quiet_NaN();  // p50 / the memcpy floor's p50 (NaN: none)
   std::int64_t peak_rss_bytes = -1;     // shm: the largest rank process's peak resident set (-1: not measured)
   std::int64_t predicted_bytes = -1;    // inproc/shm: what moedist::capacity() says a rank's group allocates
+  BetweenHosts between_hosts;           // moedist-mpi: bytes between hosts, node-aware and flat (hosts 0: none)
 };
 
 struct SkipRow {
@@ -64,8 +69,8 @@ struct SkipRow {
 struct SweepResult {
   std::vector<ResultRow> rows;
   std::vector<SkipRow> skipped;
-  std::string mpi_library;      // the MPI library's version line, when mpi ran
-  std::string mpi_unavailable;  // why mpi did not run at all ("" if it ran or was not asked for)
+  std::string mpi_library;      // the MPI library's version line, when mpi or moedist-mpi ran
+  std::string mpi_unavailable;  // why mpi and moedist-mpi did not run at all ("" if they ran or were not asked for)
   int failures = 0;             // runs that were tried and failed
 };
 
@@ -91,7 +96,7 @@ struct RunInfo {
   std::string isa;  // the row-kernel variant in use, how it was chosen, and what the CPU supports
   std::string version;
   std::string build;
-  std::string mpi;  // the MPI the baseline runs on, why it cannot run, or "not asked for"
+  std::string mpi;  // the MPI that mpi and moedist-mpi run on, why they cannot run, or "not asked for"
 };
 // `options` says whether and where the MPI baseline runs.
 RunInfo collect_run_info(const std::string& command, const SweepOptions& options);

@@ -1,9 +1,11 @@
 // `moedist bench`'s library (bench/): a quick sweep over the in-process transport and the memcpy floor, its JSON
-// and CSV outputs, and the byte counts, percentiles and skips the tables rest on.
+// and CSV outputs, and the byte counts, percentiles and skips the tables rest on; and the MPI transports (the
+// baseline and moedist over MPI across virtual hosts) when mpirun is there.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -214,6 +216,105 @@ TEST(BenchSweep, RunsTooLargeForMemoryAreSkippedWithAReason) {
   EXPECT_NE(text.str().find("moedist::capacity()"), std::string::npos) << text.str();
 }
 
+// mpi and moedist-mpi at W = 4 in 2 virtual hosts of 2 ranks: both run, moedist-mpi gets its ratio to the baseline,
+// and its bytes between hosts show tokens crossing each remote host once.
+TEST(BenchSweep, MoedistOverMpiReportsTheBytesBetweenHosts) {
+  if (find_in_path("mpirun").empty()) GTEST_SKIP() << "mpirun is not in PATH";
+#ifndef MOEDIST_HAVE_MPI
+  GTEST_SKIP() << "moedist was built without MPI";
+#endif
+  SweepOptions o = quick_options();
+  o.transports = {"mpi", "moedist-mpi"};
+  o.world_sizes = {4};
+  o.hosts = 2;
+  o.topk = {4};
+  o.bs = {16};
+  o.quant_modes = {0, 2};
+  std::ostringstream text, progress;
+  const SweepResult result = run_sweep(o, text, progress, false);
+  ASSERT_EQ(result.failures, 0) << text.str();
+  ASSERT_TRUE(result.skipped.empty()) << text.str();
+  ASSERT_TRUE(result.mpi_unavailable.empty()) << result.mpi_unavailable;
+  ASSERT_EQ(result.rows.size(), 12u) << text.str();  // 2 transports x 2 quant modes x 3 ops
+
+  std::set<std::tuple<std::string, int, std::string>> seen;  // transport, quant, op
+  for (const ResultRow& r : result.rows) {
+    seen.insert({r.transport, r.point.quant_mode, r.op});
+    EXPECT_EQ(r.point.E, 16);
+    EXPECT_EQ(r.stats.iters, 3);
+    EXPECT_GT(r.stats.p50_us, 0);
+    EXPECT_FALSE(std::isnan(r.x_mpi)) << r.transport << " " << r.op;  // the baseline ran at every point
+    if (r.transport == "mpi") {
+      EXPECT_EQ(r.between_hosts.hosts, 0);  // not measured
+      continue;
+    }
+    const BetweenHosts& b = r.between_hosts;
+    EXPECT_EQ(b.hosts, 2);
+    EXPECT_EQ(b.ranks_per_host, 2);
+    EXPECT_GT(b.dispatch, 0);
+    EXPECT_GT(b.dispatch_flat, 0);
+    EXPECT_GT(b.combine, 0);
+    EXPECT_GT(b.combine_flat, 0);
+    // K = 4 of 16 experts over 2 hosts: most tokens have several experts on the remote host; without smooth scales
+    // (quant 0) a token's row crosses once per host, against once per expert in a flat all-to-all.
+    if (r.point.quant_mode == 0) {
+      EXPECT_LT(b.dispatch, b.dispatch_flat);
+    }
+  }
+  for (const std::string t : {"mpi", "moedist-mpi"}) {
+    for (int q : {0, 2}) {
+      for (const std::string op : {"dispatch", "combine", "roundtrip"})
+        EXPECT_TRUE(seen.count({t, q, op})) << t << " quant=" << q << " " << op;
+    }
+  }
+  EXPECT_NE(text.str().find("between hosts 2 hosts of 2 ranks: dispatch "), std::string::npos) << text.str();
+  EXPECT_NE(text.str().find("flat all-to-all"), std::string::npos) << text.str();
+
+  const std::string json_path = temp_path("mpi.json"), csv_path = temp_path("mpi.csv");
+  const RunInfo info = collect_run_info("moedist bench --transport mpi,moedist-mpi", o);
+  EXPECT_EQ(info.mpi.rfind("unavailable", 0), std::string::npos) << info.mpi;
+  write_json(json_path, info, o, result);
+  write_csv(csv_path, result);
+  std::ifstream jf(json_path);
+  const nlohmann::json j = nlohmann::json::parse(jf);
+  EXPECT_EQ(j["settings"]["hosts"], 2);
+  int measured = 0;
+  for (const nlohmann::json& r : j["results"]) {
+    if (r["transport"] != "moedist-mpi") {
+      EXPECT_FALSE(r.contains("between_hosts")) << r.dump();
+      continue;
+    }
+    ++measured;
+    ASSERT_TRUE(r.contains("between_hosts")) << r.dump();
+    const nlohmann::json& b = r["between_hosts"];
+    for (const char* field : {"hosts", "ranks_per_host", "dispatch", "dispatch_flat", "combine", "combine_flat"})
+      EXPECT_TRUE(b.contains(field)) << field << " " << r.dump();
+    EXPECT_EQ(b["hosts"], 2);
+    EXPECT_GT(b["combine_flat"].get<std::int64_t>(), 0);
+    EXPECT_FALSE(r["x_mpi"].is_null()) << r.dump();
+  }
+  EXPECT_EQ(measured, 6);
+
+  std::ifstream cf(csv_path);
+  std::string header, line;
+  std::getline(cf, header);
+  EXPECT_NE(header.find(",hosts,ranks_per_host,dispatch_bytes_between_hosts,dispatch_bytes_between_hosts_flat,"
+                        "combine_bytes_between_hosts,combine_bytes_between_hosts_flat"),
+            std::string::npos)
+      << header;
+  int lines = 0;
+  while (std::getline(cf, line)) {
+    ++lines;
+    EXPECT_EQ(std::count(line.begin(), line.end(), ','), std::count(header.begin(), header.end(), ',')) << line;
+    if (line.rfind("moedist-mpi,", 0) == 0) {
+      EXPECT_NE(line.find(",2,2,"), std::string::npos) << line;
+    }
+  }
+  EXPECT_EQ(lines, 12);
+  std::remove(json_path.c_str());
+  std::remove(csv_path.c_str());
+}
+
 TEST(BenchSweep, UnusablePointsAndOptionsAreRejectedClearly) {
   SweepOptions o = quick_options();
   o.topk = {9};  // E = 2 * 4 = 8 < K
@@ -227,6 +328,9 @@ TEST(BenchSweep, UnusablePointsAndOptionsAreRejectedClearly) {
   EXPECT_THROW(validate(o), std::invalid_argument);
   o = quick_options();
   o.run.loop.warmup = 0;
+  EXPECT_THROW(validate(o), std::invalid_argument);
+  o = quick_options();
+  o.hosts = 0;
   EXPECT_THROW(validate(o), std::invalid_argument);
 }
 

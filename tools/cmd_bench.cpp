@@ -1,5 +1,5 @@
 // `moedist bench`: dispatch / combine latency and bandwidth over a grid of shapes and transports, next to an MPI
-// baseline and a memcpy floor (bench/sweep.h). Also the hidden `moedist bench-rank DIR`, the body of each rank
+// baseline and a memcpy floor, with moedist's MPI transport across virtual hosts (bench/sweep.h). Also the hidden `moedist bench-rank DIR`, the body of each rank
 // process of the shm transport.
 #include <unistd.h>
 
@@ -114,12 +114,13 @@ void add_bench(CLI::App& app, int* exit_code) {
       "Time dispatch, combine and the round trip over a grid of shapes and transports, with an MPI baseline "
       "(MPI_Alltoall + MPI_Alltoallv + a local sort, as a user would write it) and a memcpy floor in the same run. "
       "Prints the command, machine, kernel ISA and date, then a table per grid point: p50/p99 latency, logical and "
-      "wire GB/s, and each latency relative to the baselines.");
+      "wire GB/s, and each latency relative to the baselines; for moedist over MPI across --hosts virtual hosts, "
+      "also the bytes that crossed between hosts against a flat all-to-all.");
   cmd->footer("Definitions:\n" + bench::definitions_text() +
               "\nA run that would not fit in memory (moedist::capacity() per rank x W, against MemAvailable) is skipped "
               "with a line saying so. Exit status: 0 when every run that was tried succeeded, 1 when one failed, 2 on "
               "an error.");
-  cmd->add_option("--transport", o.transports, "comma list of inproc, shm, mpi, memcpy-floor")
+  cmd->add_option("--transport", o.transports, "comma list of inproc, shm, mpi, moedist-mpi, memcpy-floor")
       ->delimiter(',')
       ->capture_default_str();
   cmd->add_option("--ep-world-size", o.world_sizes, "comma list of W (ranks)")->delimiter(',')->capture_default_str();
@@ -133,6 +134,11 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_option("--local-experts", o.local_experts, "experts per rank L when --moe-expert-num is 0")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--hosts", o.hosts,
+                  "moedist-mpi: virtual hosts the W ranks are split into, ceil(W / hosts) ranks each (1: all on one "
+                  "host)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1024));
   cmd->add_option("--dtype", flags->dtype, "token dtype")->capture_default_str()->check(CLI::IsMember({"bf16", "fp16"}));
   cmd->add_option("--warmup", o.run.loop.warmup, "untimed iterations per transport and point (at least 1)")
       ->capture_default_str()
@@ -154,7 +160,8 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_option("--csv", flags->csv, "also write every result row to this CSV file");
   cmd->add_option("--plot", flags->plot,
                   "also draw round-trip p50 latency against BS (log-log), a line per transport, into this PNG (gnuplot)");
-  cmd->add_option("--mpi-baseline", o.mpi_baseline, "path of moedist_mpi_baseline (default: the one this build made)");
+  cmd->add_option("--mpi-baseline", o.mpi_baseline,
+                  "path of moedist_mpi_baseline, which runs mpi and moedist-mpi (default: the one this build made)");
   cmd->add_flag("--no-progress", flags->no_progress, "no progress output on stderr");
   cmd->callback([flags, cmd, exit_code] { run_bench(*flags, cmd, exit_code); });
 
