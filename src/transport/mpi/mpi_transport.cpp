@@ -51,6 +51,14 @@ int ranks_per_node_setting(const MpiOptions& o) {
   return static_cast<int>(v);
 }
 
+// A full memory barrier (a locked read-modify-write): this process's stores to shared windows are
+// visible before a message that announces them, and peers' stores before this rank reads after one.
+// (Written as an atomic RMW rather than std::atomic_thread_fence, which ThreadSanitizer does not support.)
+void full_barrier() noexcept {
+  static std::atomic<int> word{0};
+  word.fetch_add(0, std::memory_order_seq_cst);
+}
+
 std::string mpi_error_text(int code) {
   char text[MPI_MAX_ERROR_STRING];
   int len = 0;
@@ -291,7 +299,7 @@ void MpiTransport::allgather(const void* in, std::size_t bytes, void* out, std::
   if (bytes > static_cast<std::size_t>(INT_MAX)) throw Error(ErrorCode::capacity, concat("phase '", phase, "': a ", bytes, "-byte record is too long for MPI"));
   const int count = static_cast<int>(bytes);
   auto* dst = static_cast<std::byte*>(out);
-  std::atomic_thread_fence(std::memory_order_seq_cst);  // this rank's window stores before its record
+  full_barrier();  // this rank's window stores before its record
   const int tag = next_tag();
   pending_.clear();
   for (int r = 0; r < size_; ++r) {
@@ -308,7 +316,7 @@ void MpiTransport::allgather(const void* in, std::size_t bytes, void* out, std::
     pending_.push_back(Pending{req, r, -1});
   }
   wait_all(pending_, phase);
-  std::atomic_thread_fence(std::memory_order_seq_cst);  // peers' window stores before this rank reads them
+  full_barrier();  // peers' window stores before this rank reads them
 }
 
 void MpiTransport::exchange(std::span<const Outgoing> out, std::span<const int> from, std::span<std::vector<std::byte>> in,
