@@ -1,8 +1,10 @@
 // Randomized property tests: the in-process runtime against the reference oracle, bit for bit, over
 // hundreds of random configurations (W 1-16, shared-expert ranks, TP, both quant modes, both dtypes,
-// uneven BS and BS 0, K up to 16, comm_quant_mode 2, strided inputs, caller or group-owned outputs).
+// uneven BS and BS 0, K up to 16, comm_quant_mode 2, strided inputs, caller or group-owned outputs),
+// on one host and on virtual hosts.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <random>
 
 #include "moedist/inproc.h"
@@ -11,18 +13,29 @@
 namespace moedist::testing {
 namespace {
 
-void run_and_compare(std::uint64_t seed, const CaseLimits& limits) {
+// A ranks_per_host for a case: any size from 1 to the world, even with TP (pairs share a host).
+int random_ranks_per_host(std::mt19937_64& rng, const casefile::Case& c) {
+  const int world = c.ep_world_size * std::max(c.tp_world_size, 1);
+  const int step = c.tp_world_size == 2 ? 2 : 1;
+  return step * (1 + static_cast<int>(rng() % static_cast<std::uint64_t>(world / step)));
+}
+
+// With virtual_hosts, the ranks are split into hosts of a random size: rows between hosts then go
+// through proxies (docs/architecture.md), and the results must be the same bits.
+void run_and_compare(std::uint64_t seed, const CaseLimits& limits, bool virtual_hosts = false) {
   std::mt19937_64 rng(seed);
   const casefile::Case c = random_case(rng, limits);
   RunOptions opt;
   opt.strided_inputs = (seed % 3) == 1;
   opt.caller_outputs = (seed % 2) == 1;
   opt.outputs_in_window = (seed % 3) == 2;
+  if (virtual_hosts) opt.ranks_per_host = random_ranks_per_host(rng, c);
   const auto want = oracle::run(to_oracle_case(c));
   const auto got = run_runtime(c, opt);
   const std::string diff = compare_with_oracle(c, got, want);
   EXPECT_EQ(diff, "") << "seed " << seed << ": " << describe(c) << " strided=" << opt.strided_inputs
-                      << " caller_outputs=" << opt.caller_outputs << " outputs_in_window=" << opt.outputs_in_window;
+                      << " caller_outputs=" << opt.caller_outputs << " outputs_in_window=" << opt.outputs_in_window
+                      << " ranks_per_host=" << opt.ranks_per_host;
 }
 
 class RandomConfigs : public ::testing::TestWithParam<int> {};
@@ -34,12 +47,27 @@ TEST_P(RandomConfigs, RuntimeMatchesOracleBitExactly) {
 
 INSTANTIATE_TEST_SUITE_P(Shards, RandomConfigs, ::testing::Range(0, 8));
 
-TEST(RandomConfigs, LargerHiddenSizes) {
+CaseLimits larger_hidden_sizes() {
   CaseLimits lim;
   lim.max_ep_world_size = 8;
   lim.max_h = 1100;
   lim.max_bs = 12;
-  for (std::uint64_t seed = 90000; seed < 90012; ++seed) run_and_compare(seed, lim);
+  return lim;
+}
+
+TEST(RandomConfigs, LargerHiddenSizes) {
+  for (std::uint64_t seed = 90000; seed < 90012; ++seed) run_and_compare(seed, larger_hidden_sizes());
+}
+
+// The same on virtual hosts: 4 shards x 30 seeds, and larger H.
+class VirtualHosts : public ::testing::TestWithParam<int> {};
+TEST_P(VirtualHosts, MatchOracleBitExactly) {
+  for (int i = 0; i < 30; ++i) run_and_compare(700000 + static_cast<std::uint64_t>(GetParam()) * 1000 + static_cast<std::uint64_t>(i), CaseLimits{}, true);
+}
+INSTANTIATE_TEST_SUITE_P(Shards, VirtualHosts, ::testing::Range(0, 4));
+
+TEST(VirtualHosts, LargerHiddenSizes) {
+  for (std::uint64_t seed = 790000; seed < 790010; ++seed) run_and_compare(seed, larger_hidden_sizes(), true);
 }
 
 // One group per rank serves a sequence of calls whose H, K, BS, dtype and modes change: windows grow,
