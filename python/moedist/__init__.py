@@ -1,0 +1,23 @@
+"""moedist: torch_npu's MoE dispatch and combine operators on CPUs.
+
+Code written for ``torch_npu.npu_moe_distribute_dispatch`` / ``npu_moe_distribute_combine`` runs on CPUs
+by changing the import: the same parameters, defaults and results, bit for bit the Ascend semantics.
+Groups (``group_ep`` / ``group_tp``) are named with ``get_hccl_comm_name`` (of a moedist group or a
+torch.distributed group) or created with ``new_group`` / ``new_group_from_env`` / ``new_group_from_mpi``.
+Tensors are torch tensors (bfloat16 or float16, contiguous or not, viewed without a copy) or numpy
+arrays (float16; bfloat16 as uint16 bit patterns wrapped by ``moedist.bfloat16``)."""
+from . import _moedist
+from ._errors import Error, PeerError, ValidationError
+from ._groups import Group, get_hccl_comm_name, new_group, new_group_from_env, new_group_from_mpi
+from ._ops import npu_moe_distribute_combine, npu_moe_distribute_dispatch
+from ._tensors import BFloat16Array, bfloat16
+
+__version__ = _moedist.version.split(" ")[0]
+version = _moedist.version       # with the transports and MPI support of this build
+has_mpi = _moedist.has_mpi
+
+__all__ = [
+    "npu_moe_distribute_dispatch", "npu_moe_distribute_combine", "get_hccl_comm_name", "new_group", "new_group_from_env",
+    "new_group_from_mpi", "Group", "bfloat16", "BFloat16Array", "Error", "ValidationError", "PeerError", "has_mpi",
+    "version", "__version__",
+]

@@ -1,0 +1,143 @@
+#include "dlpack_view.h"
+
+#include <cstdint>
+
+#include <pybind11/numpy.h>
+
+#include "moedist/error.h"
+
+namespace moedist::python {
+namespace py = pybind11;
+
+namespace {
+
+// The DLPack ABI (dlpack.h, v0.5-v0.8; the layout every producer since 2017 uses). Declared here
+// because Debian ships no dlpack header; only these fields are read.
+struct DLDevice {
+  std::int32_t device_type;  // 1 = kDLCPU
+  std::int32_t device_id;
+};
+struct DLDataType {
+  std::uint8_t code;  // 0 int, 1 uint, 2 float, 4 bfloat
+  std::uint8_t bits;
+  std::uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  std::int32_t ndim;
+  DLDataType dtype;
+  std::int64_t* shape;
+  std::int64_t* strides;  // in elements; nullptr = compact row-major
+  std::uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+
+[[noreturn]] void reject(ErrorCode code, const std::string& name, const std::string& value, const std::string& rule) {
+  throw ValidationError(code, name, value, rule);
+}
+
+DType dtype_of(const DLDataType& t, bool as_bfloat16, const std::string& name) {
+  const std::string text = "DLPack type code " + std::to_string(t.code) + ", " + std::to_string(t.bits) + " bits";
+  if (t.lanes != 1) reject(ErrorCode::invalid_dtype, name + ".dtype", text + " x " + std::to_string(t.lanes) + " lanes", "must be a scalar type");
+  if (as_bfloat16) {
+    if ((t.code == 1 || t.code == 0) && t.bits == 16) return DType::bf16;
+    reject(ErrorCode::invalid_dtype, name + ".dtype", text, "a tensor marked bfloat16 must hold 16-bit integers (the bit patterns)");
+  }
+  switch (t.code) {
+    case 0:
+      if (t.bits == 8) return DType::int8;
+      if (t.bits == 32) return DType::int32;
+      if (t.bits == 64) return DType::int64;
+      break;
+    case 2:
+      if (t.bits == 16) return DType::fp16;
+      if (t.bits == 32) return DType::fp32;
+      break;
+    case 4:
+      if (t.bits == 16) return DType::bf16;
+      break;
+    default:
+      break;
+  }
+  reject(ErrorCode::invalid_dtype, name + ".dtype", text,
+         "must be bfloat16, float16, float32, int8, int32 or int64 (a numpy bfloat16 tensor is a uint16 array passed "
+         "through moedist.bfloat16())");
+}
+
+// numpy arrays through the buffer protocol, which (unlike numpy's __dlpack__) also serves read-only arrays.
+Borrowed borrow_buffer(const py::array& a, const std::string& name, bool as_bfloat16) {
+  Borrowed b;
+  b.capsule = a;
+  const py::buffer_info info = a.request();
+  if (info.ndim < 1 || info.ndim > 2) reject(ErrorCode::invalid_shape, name + ".dim()", std::to_string(info.ndim), "must be 1 or 2");
+  const char kind = a.dtype().kind();
+  const auto size = static_cast<std::uint8_t>(info.itemsize * 8);
+  DLDataType t{255, size, 1};
+  if (kind == 'i') t.code = 0;
+  else if (kind == 'u') t.code = 1;
+  else if (kind == 'f') t.code = 2;
+  if (t.code == 255 || (t.code == 1 && !as_bfloat16)) {
+    reject(ErrorCode::invalid_dtype, name + ".dtype", std::string(py::str(a.dtype())),
+           "must be float16, float32, int8, int32 or int64 (a numpy bfloat16 tensor is a uint16 array passed through "
+           "moedist.bfloat16())");
+  }
+  MutableTensorView& v = b.view;
+  v.ndim = static_cast<int>(info.ndim);
+  v.dtype = dtype_of(t, as_bfloat16, name);
+  v.data = info.ptr;
+  for (int i = 0; i < v.ndim; ++i) {
+    v.shape[i] = info.shape[static_cast<std::size_t>(i)];
+    const auto stride = info.strides[static_cast<std::size_t>(i)];
+    if (stride < 0 || stride % info.itemsize != 0) {
+      reject(ErrorCode::invalid_shape, name + ".strides", std::to_string(stride) + " bytes",
+             "must be non-negative multiples of the element size");
+    }
+    v.strides[i] = stride / info.itemsize;
+  }
+  return b;
+}
+
+}  // namespace
+
+Borrowed borrow(py::handle obj, const std::string& name, bool as_bfloat16) {
+  Borrowed b;
+  if (obj.is_none()) return b;
+  if (py::isinstance<py::array>(obj)) return borrow_buffer(py::reinterpret_borrow<py::array>(obj), name, as_bfloat16);
+  if (!py::hasattr(obj, "__dlpack__")) {
+    reject(ErrorCode::invalid_argument, name, std::string(py::str(py::type::of(obj).attr("__name__"))),
+           "must be a torch tensor, a numpy array or None");
+  }
+  b.capsule = obj.attr("__dlpack__")();
+  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(b.capsule.ptr(), "dltensor"));
+  if (managed == nullptr) throw py::error_already_set();
+  const DLTensor& t = managed->dl_tensor;
+  if (t.device.device_type != 1) {
+    reject(ErrorCode::invalid_argument, name + ".device", "DLPack device type " + std::to_string(t.device.device_type),
+           "must be the CPU: moedist's Python package runs on CPU tensors");
+  }
+  if (t.ndim < 1 || t.ndim > 2) {
+    reject(ErrorCode::invalid_shape, name + ".dim()", std::to_string(t.ndim), "must be 1 or 2");
+  }
+  MutableTensorView& v = b.view;
+  v.ndim = t.ndim;
+  v.dtype = dtype_of(t.dtype, as_bfloat16, name);
+  v.data = static_cast<char*>(t.data) + t.byte_offset;
+  for (int i = 0; i < t.ndim; ++i) v.shape[i] = t.shape[i];
+  if (t.strides != nullptr) {
+    for (int i = 0; i < t.ndim; ++i) v.strides[i] = t.strides[i];
+  } else {
+    v.strides[t.ndim - 1] = 1;
+    if (t.ndim == 2) v.strides[0] = t.shape[1];
+  }
+  for (int i = 0; i < t.ndim; ++i) {
+    if (v.strides[i] < 0) reject(ErrorCode::invalid_shape, name + ".stride()", std::to_string(v.strides[i]), "negative strides are not supported");
+  }
+  return b;
+}
+
+}  // namespace moedist::python

@@ -1,0 +1,277 @@
+// moedist._moedist: the C++ groups and operators for the Python package (python/moedist). The Python
+// layer gives them torch_npu's call signatures; this layer views tensors in place, releases the GIL
+// for the collective calls, returns fresh numpy arrays, and turns moedist errors into the Python
+// exceptions of moedist._errors with the same message.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "dlpack_view.h"
+#include "moedist/error.h"
+#include "moedist/group.h"
+#include "moedist/launch.h"
+#include "moedist/shm.h"
+#include "moedist/version.h"
+#ifdef MOEDIST_HAVE_MPI
+#include "moedist/mpi.h"
+#endif
+
+namespace py = pybind11;
+
+namespace moedist::python {
+
+void bind_oracle(py::module_& m);  // oracle_binding.cpp
+
+namespace {
+
+GroupConfig config_from(const py::dict& d) {
+  GroupConfig c;
+  const auto get = [&](const char* key, auto* field) {
+    if (!d.contains(key)) return;
+    const py::object value = d[key];
+    const long long v = value.cast<long long>();
+    using T = std::remove_pointer_t<decltype(field)>;
+    if (v < static_cast<long long>(std::numeric_limits<T>::min()) || v > static_cast<long long>(std::numeric_limits<T>::max())) {
+      throw ValidationError(ErrorCode::invalid_argument, key, std::to_string(v), "is out of range");
+    }
+    *field = static_cast<T>(v);
+  };
+  get("ep_world_size", &c.ep_world_size);
+  get("ep_rank_id", &c.ep_rank_id);
+  get("moe_expert_num", &c.moe_expert_num);
+  get("tp_world_size", &c.tp_world_size);
+  get("tp_rank_id", &c.tp_rank_id);
+  get("expert_shard_type", &c.expert_shard_type);
+  get("shared_expert_num", &c.shared_expert_num);
+  get("shared_expert_rank_num", &c.shared_expert_rank_num);
+  get("global_bs", &c.global_bs);
+  return c;
+}
+
+py::dtype numpy_dtype(DType dtype) {
+  switch (dtype) {
+    case DType::bf16: return py::dtype::of<std::uint16_t>();  // numpy has no bfloat16: the bit patterns
+    case DType::fp16: return py::dtype("float16");
+    case DType::fp32: return py::dtype::of<float>();
+    case DType::int8: return py::dtype::of<std::int8_t>();
+    case DType::int32: return py::dtype::of<std::int32_t>();
+    case DType::int64: return py::dtype::of<std::int64_t>();
+  }
+  return py::dtype::of<std::uint8_t>();
+}
+
+// A zero-filled (rows,) or (rows, cols) array.
+py::array zeros(DType dtype, std::int64_t rows, std::int64_t cols, bool matrix) {
+  const std::vector<py::ssize_t> shape = matrix ? std::vector<py::ssize_t>{rows, cols} : std::vector<py::ssize_t>{rows};
+  py::array out(numpy_dtype(dtype), shape);
+  std::memset(out.mutable_data(), 0, static_cast<std::size_t>(out.nbytes()));
+  return out;
+}
+
+// A fresh array holding the first `rows` rows of a contiguous group-owned view (the rest zero): results
+// must outlive the next call, which reuses the group's buffers.
+py::array fresh_copy(const TensorView& v, DType dtype, std::int64_t rows, std::int64_t cols, bool matrix) {
+  py::array out = zeros(dtype, rows, cols, matrix);
+  if (!v.present()) return out;
+  const std::size_t row_bytes = static_cast<std::size_t>(matrix ? cols : 1) * dtype_size(dtype);
+  auto* dst = static_cast<std::byte*>(out.mutable_data());
+  const auto* src = static_cast<const std::byte*>(v.data);
+  const std::size_t src_stride = static_cast<std::size_t>(v.strides[0]) * dtype_size(dtype);
+  for (std::int64_t r = 0; r < std::min(rows, v.rows()); ++r) {
+    std::memcpy(dst + static_cast<std::size_t>(r) * row_bytes, src + static_cast<std::size_t>(r) * src_stride, row_bytes);
+  }
+  return out;
+}
+
+class PyGroup {
+ public:
+  explicit PyGroup(std::unique_ptr<Group> g) : group_(std::move(g)) {}
+
+  py::tuple dispatch(py::handle x, py::handle expert_ids, py::handle scales, py::handle x_active_mask, py::handle expert_scales,
+                     int quant_mode, int expert_token_nums_type, bool x_bfloat16) {
+    const Borrowed bx = borrow(x, "x", x_bfloat16), bids = borrow(expert_ids, "expert_ids"), bscales = borrow(scales, "scales"),
+                   bmask = borrow(x_active_mask, "x_active_mask"), bweights = borrow(expert_scales, "expert_scales");
+    DispatchOptions o;
+    o.scales = bscales.view;
+    o.x_active_mask = bmask.view;
+    o.expert_scales = bweights.view;
+    o.quant_mode = quant_mode;
+    o.expert_token_nums_type = expert_token_nums_type;
+    DispatchResult r;
+    {
+      py::gil_scoped_release unlocked;
+      r = group_->dispatch(bx.view, bids.view, o);
+    }
+    const GroupConfig& c = group_->config();
+    const std::int64_t t = std::max(c.tp_world_size, 1);
+    const std::int64_t rows = std::max(r.A * t, r.valid_rows);  // torch_npu's A * max(T, 1) (more on a rare shared rank)
+    const std::int64_t h = r.expand_x.cols();
+    const std::int64_t scale_rows = t == 2 ? rows : std::max(r.A, r.valid_rows);
+    return py::make_tuple(fresh_copy(r.expand_x, r.expand_x.dtype, rows, h, true), fresh_copy(r.dynamic_scales, DType::fp32, rows, 1, false),
+                          fresh_copy(r.expand_idx, DType::int32, r.expand_idx.rows(), 1, false),
+                          fresh_copy(r.expert_token_nums, DType::int64, r.expert_token_nums.rows(), 1, false),
+                          fresh_copy(r.ep_recv_counts, DType::int32, r.ep_recv_counts.rows(), 1, false),
+                          fresh_copy(r.tp_recv_counts, DType::int32, std::max(c.tp_world_size, 0), 1, false),
+                          fresh_copy(r.expand_scales, DType::fp32, scale_rows, 1, false), r.valid_rows);
+  }
+
+  py::array combine(py::handle expand_x, py::handle expert_ids, py::handle expand_idx, py::handle ep_send_counts,
+                    py::handle expert_scales, py::handle tp_send_counts, py::handle x_active_mask, py::handle activation_scale,
+                    py::handle weight_scale, py::handle group_list, py::handle expand_scales, py::handle shared_expert_x,
+                    int out_dtype, int comm_quant_mode, int group_list_type, bool x_bfloat16) {
+    const Borrowed bx = borrow(expand_x, "expand_x", x_bfloat16), bids = borrow(expert_ids, "expert_ids"),
+                   bidx = borrow(expand_idx, "expand_idx"), bcounts = borrow(ep_send_counts, "ep_send_counts"),
+                   bweights = borrow(expert_scales, "expert_scales"), btp = borrow(tp_send_counts, "tp_send_counts"),
+                   bmask = borrow(x_active_mask, "x_active_mask"), bact = borrow(activation_scale, "activation_scale"),
+                   bws = borrow(weight_scale, "weight_scale"), bgl = borrow(group_list, "group_list"),
+                   bes = borrow(expand_scales, "expand_scales"), bsx = borrow(shared_expert_x, "shared_expert_x");
+    CombineOptions o;
+    o.tp_send_counts = btp.view;
+    o.x_active_mask = bmask.view;
+    o.activation_scale = bact.view;
+    o.weight_scale = bws.view;
+    o.group_list = bgl.view;
+    o.expand_scales = bes.view;
+    o.shared_expert_x = bsx.view;
+    o.out_dtype = out_dtype;
+    o.comm_quant_mode = comm_quant_mode;
+    o.group_list_type = group_list_type;
+    // The output, (BS, H) in expand_x's dtype, written by combine itself. Shapes that cannot give it are
+    // left to combine's own checks, which name the parameter.
+    py::array out;
+    const TensorView& x = bx.view;
+    if (x.ndim == 2 && bids.view.ndim == 2 && (x.dtype == DType::bf16 || x.dtype == DType::fp16)) {
+      out = zeros(x.dtype, bids.view.rows(), x.cols(), true);
+      o.out = matrix_view(out.mutable_data(), x.dtype, bids.view.rows(), x.cols());
+    }
+    {
+      py::gil_scoped_release unlocked;
+      group_->combine(x, bids.view, bidx.view, bcounts.view, bweights.view, o);
+    }
+    return out;
+  }
+
+  py::dict config() const {
+    const GroupConfig& c = group_->config();
+    py::dict d;
+    d["ep_world_size"] = c.ep_world_size;
+    d["ep_rank_id"] = c.ep_rank_id;
+    d["moe_expert_num"] = c.moe_expert_num;
+    d["tp_world_size"] = c.tp_world_size;
+    d["tp_rank_id"] = c.tp_rank_id;
+    d["expert_shard_type"] = c.expert_shard_type;
+    d["shared_expert_num"] = c.shared_expert_num;
+    d["shared_expert_rank_num"] = c.shared_expert_rank_num;
+    d["global_bs"] = c.global_bs;
+    return d;
+  }
+
+  py::dict traffic() const {
+    const TrafficCounters& t = group_->traffic();
+    py::dict d;
+    d["dispatch_rows_sent"] = t.dispatch_rows_sent;
+    d["dispatch_bytes_sent"] = t.dispatch_bytes_sent;
+    d["combine_rows_read"] = t.combine_rows_read;
+    d["combine_bytes_read"] = t.combine_bytes_read;
+    d["dispatch_bytes_between_hosts"] = t.dispatch_bytes_between_hosts;
+    d["dispatch_bytes_between_hosts_flat"] = t.dispatch_bytes_between_hosts_flat;
+    d["combine_bytes_between_hosts"] = t.combine_bytes_between_hosts;
+    d["combine_bytes_between_hosts_flat"] = t.combine_bytes_between_hosts_flat;
+    return d;
+  }
+
+ private:
+  std::unique_ptr<Group> group_;
+};
+
+// moedist errors as moedist._errors exceptions, with the C++ message and fields.
+void translate(std::exception_ptr e) {
+  try {
+    if (e) std::rethrow_exception(e);
+  } catch (const ValidationError& err) {
+    const py::object cls = py::module_::import("moedist._errors").attr("ValidationError");
+    const py::object obj = cls(err.what(), error_code_name(err.code()), err.parameter(), err.value(), err.rule());
+    PyErr_SetObject(cls.ptr(), obj.ptr());
+  } catch (const PeerError& err) {
+    const py::object cls = py::module_::import("moedist._errors").attr("PeerError");
+    const py::object obj = cls(err.what(), error_code_name(err.code()), err.peer(), err.phase());
+    PyErr_SetObject(cls.ptr(), obj.ptr());
+  } catch (const Error& err) {
+    const py::object cls = py::module_::import("moedist._errors").attr("Error");
+    const py::object obj = cls(err.what(), error_code_name(err.code()));
+    PyErr_SetObject(cls.ptr(), obj.ptr());
+  }
+}
+
+}  // namespace
+}  // namespace moedist::python
+
+PYBIND11_MODULE(_moedist, m) {
+  using namespace moedist;
+  using namespace moedist::python;
+  m.doc() = "moedist's C++ groups and operators (use the moedist package, not this module)";
+  m.attr("version") = version_string();
+#ifdef MOEDIST_HAVE_MPI
+  m.attr("has_mpi") = true;
+#else
+  m.attr("has_mpi") = false;
+#endif
+  py::register_exception_translator(&translate);
+
+  py::class_<PyGroup>(m, "Group")
+      .def("dispatch", &PyGroup::dispatch, py::arg("x"), py::arg("expert_ids"), py::arg("scales"), py::arg("x_active_mask"),
+           py::arg("expert_scales"), py::arg("quant_mode"), py::arg("expert_token_nums_type"), py::arg("x_bfloat16"))
+      .def("combine", &PyGroup::combine, py::arg("expand_x"), py::arg("expert_ids"), py::arg("expand_idx"), py::arg("ep_send_counts"),
+           py::arg("expert_scales"), py::arg("tp_send_counts"), py::arg("x_active_mask"), py::arg("activation_scale"),
+           py::arg("weight_scale"), py::arg("group_list"), py::arg("expand_scales"), py::arg("shared_expert_x"), py::arg("out_dtype"),
+           py::arg("comm_quant_mode"), py::arg("group_list_type"), py::arg("x_bfloat16"))
+      .def_property_readonly("config", &PyGroup::config)
+      .def("traffic", &PyGroup::traffic);
+
+  m.def(
+      "join_shm",
+      [](const py::dict& config, const std::string& job, long long timeout_ms) {
+        ShmOptions o;
+        o.timeout = std::chrono::milliseconds(timeout_ms);
+        const GroupConfig c = config_from(config);
+        std::unique_ptr<Group> g;
+        {
+          py::gil_scoped_release unlocked;
+          g = join_shm(c, job, o);
+        }
+        return PyGroup(std::move(g));
+      },
+      py::arg("config"), py::arg("job"), py::arg("timeout_ms"));
+#ifdef MOEDIST_HAVE_MPI
+  m.def(
+      "join_mpi",
+      [](std::uintptr_t comm_handle, const py::dict& config, long long timeout_ms) {
+        MpiOptions o;
+        o.timeout = std::chrono::milliseconds(timeout_ms);
+        const GroupConfig c = config_from(config);
+        std::unique_ptr<Group> g;
+        {
+          py::gil_scoped_release unlocked;
+          g = join_mpi(reinterpret_cast<MPI_Comm>(comm_handle), c, o);  // NOLINT: an mpi4py handle is the C MPI_Comm
+        }
+        return PyGroup(std::move(g));
+      },
+      py::arg("comm_handle"), py::arg("config"), py::arg("timeout_ms"));
+#endif
+  m.def("new_job_name", &new_job_name);
+  m.def("launch_environment", [] {
+    const LaunchEnvironment env = launch_environment();
+    py::dict d;
+    d["rank"] = env.rank;
+    d["world_size"] = env.world_size;
+    d["tp_world_size"] = env.tp_world_size;
+    d["job"] = env.job;
+    return d;
+  });
+  bind_oracle(m);
+}
