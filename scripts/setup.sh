@@ -11,6 +11,9 @@ packages=(
   libcli11-dev                                   # the command-line tool
   libopenmpi-dev openmpi-bin                     # the MPI transport, its tests and `moedist bench`'s MPI baseline
   iproute2                                       # `ip netns`: the real-host tests (tests/netns/, need root)
+  python3-dev pybind11-dev python3-pybind11      # the Python package (python/)
+  python3-numpy python3-torch python3-mpi4py     # its tensors and communicators
+  python3-pytest python3-pip python3-setuptools python3-wheel python3-venv  # its tests and pip install
   libbenchmark-dev                               # kernel micro-benchmarks (optional: moedist_micro_bench)
   gnuplot-nox                                    # `moedist bench --plot` (optional)
 )

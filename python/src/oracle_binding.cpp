@@ -28,6 +28,9 @@ py::array_t<T> array_of(const std::vector<T>& v, std::int64_t rows, std::int64_t
   return a;
 }
 
+// d[key], or None when the key is missing.
+py::object get(const py::dict& d, const char* key) { return d.contains(key) ? py::object(d[key]) : py::object(py::none()); }
+
 }  // namespace
 
 void bind_oracle(py::module_& m) {
@@ -52,10 +55,10 @@ void bind_oracle(py::module_& m) {
           in.x = flat<std::uint16_t>(rank["x"]);
           in.bs = static_cast<std::int64_t>(in.x.size()) / c.h;
           in.expert_ids = flat<std::int32_t>(rank["expert_ids"]);
-          in.scales = flat<float>(rank.contains("scales") ? rank["scales"] : py::none());
-          in.expert_scales = flat<float>(rank.contains("expert_scales") ? rank["expert_scales"] : py::none());
-          in.has_combine_x = rank.contains("combine_x") && !rank["combine_x"].is_none();
-          in.combine_x = flat<std::uint16_t>(in.has_combine_x ? rank["combine_x"] : py::none());
+          in.scales = flat<float>(get(rank, "scales"));
+          in.expert_scales = flat<float>(get(rank, "expert_scales"));
+          in.has_combine_x = !get(rank, "combine_x").is_none();
+          in.combine_x = flat<std::uint16_t>(get(rank, "combine_x"));
           c.ranks.push_back(std::move(in));
         }
         const std::vector<oracle::RankOutput> outs = oracle::run(c);

@@ -1,0 +1,139 @@
+"""Random cases, the oracle comparison of one rank, and conversions between tensor kinds; shared by the
+tests and by rank_script.py (ranks started by moedist launch or mpirun)."""
+import numpy as np
+import torch
+
+import moedist
+from moedist import _moedist
+
+
+# ---- tensors of either kind, from and to bit patterns ----
+
+def to_tensor(bits, dtype, kind, strided=False):
+    """A 16-bit float tensor of the given kind ('torch' or 'numpy') from uint16 bit patterns; strided: a
+    non-contiguous view (every other column of a twice as wide buffer)."""
+    if strided:
+        wide = np.zeros((bits.shape[0], bits.shape[1] * 2), dtype=np.uint16)
+        wide[:, ::2] = bits
+        view = wide[:, ::2]
+    else:
+        view = np.ascontiguousarray(bits)
+    if kind == "numpy":
+        return moedist.bfloat16(view) if dtype == "bfloat16" else view.view(np.float16)
+    t = torch.from_numpy((wide if strided else view.copy()).view(np.int16))
+    t = t.view(torch.bfloat16) if dtype == "bfloat16" else t.view(torch.float16)
+    return t[:, ::2] if strided else t
+
+
+def to_other(array, kind, strided=False):
+    """An int32 / fp32 array as the given kind; strided: a column-major copy (non-contiguous for 2-D)."""
+    if array is None:
+        return None
+    a = np.asfortranarray(array) if strided and array.ndim == 2 else np.ascontiguousarray(array)
+    return torch.from_numpy(a) if kind == "torch" else a
+
+
+def bits_of(t):
+    """uint16 bit patterns (16-bit floats) or the plain array (other dtypes) of a result."""
+    if isinstance(t, torch.Tensor):
+        if t.dtype in (torch.bfloat16, torch.float16):
+            return t.view(torch.int16).numpy().view(np.uint16)
+        return t.numpy()
+    if t.dtype == np.float16:
+        return t.view(np.uint16)
+    return t
+
+
+# ---- random cases and the oracle ----
+
+def random_half_bits(rng, shape, dtype, scale=1.0):
+    values = (rng.standard_normal(shape) * scale).astype(np.float32)
+    if dtype == "float16":
+        return values.astype(np.float16).view(np.uint16)
+    bits = values.view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def random_case(seed):
+    """A random valid configuration and every rank's inputs (dict for _moedist.oracle_run, plus config)."""
+    rng = np.random.default_rng(seed)
+    t = int(rng.choice([0, 1, 2]))
+    w = int(rng.integers(1, 5))
+    divisors = [s for s in range(1, w) if w % s == 0]
+    s = int(rng.choice(divisors)) if divisors and rng.random() < 0.4 else 0
+    local = 1 if t == 2 else int(rng.integers(1, 4))
+    e = (w - s) * local
+    k = int(rng.integers(1, min(e, 6) + 1))
+    h = int(rng.integers(1, 96))
+    dtype = str(rng.choice(["bfloat16", "float16"]))
+    quant = int(rng.choice([0, 2]))
+    uneven = rng.random() < 0.4
+    max_bs = int(rng.integers(1, 6))
+    global_bs = max_bs * w if uneven or rng.random() < 0.5 else 0
+    with_scales, with_weights = quant == 2 and rng.random() < 0.6, rng.random() < 0.7  # every rank alike
+    ranks = []
+    for g in range(w * max(t, 1)):
+        bs = int(rng.integers(0, max_bs + 1)) if global_bs and uneven else max_bs
+        ids = np.stack([rng.permutation(e)[:k] for _ in range(bs)]).astype(np.int32) if bs else np.zeros((0, k), np.int32)
+        rank = {"x": random_half_bits(rng, (bs, h), dtype), "expert_ids": ids}
+        if with_scales:
+            rank["scales"] = rng.uniform(0.25, 4.0, (e + (1 if s else 0), h)).astype(np.float32)
+        if with_weights:
+            rank["expert_scales"] = rng.uniform(-1, 1, (bs, k)).astype(np.float32)
+        ranks.append(rank)
+    case = {"ep_world_size": w, "tp_world_size": t, "moe_expert_num": e, "shared_expert_rank_num": s, "global_bs": global_bs,
+            "quant_mode": quant, "expert_token_nums_type": int(rng.integers(0, 2)),
+            "comm_quant_mode": 2 if t != 2 and rng.random() < 0.3 else 0, "dtype": dtype, "h": h, "k": k, "ranks": ranks}
+    # Expert outputs: random rows, one per row each rank will hold.
+    layout = _moedist.oracle_run(case)
+    for g, rank in enumerate(ranks):
+        rank["combine_x"] = random_half_bits(rng, (layout[g]["valid_rows"], h), dtype, 2.0)
+    return case
+
+
+def rank_kwargs(case, g):
+    t = case["tp_world_size"]
+    tt = max(t, 1)
+    return dict(ep_world_size=case["ep_world_size"], ep_rank_id=g // tt, moe_expert_num=case["moe_expert_num"],
+                tp_world_size=t, tp_rank_id=g % tt, shared_expert_rank_num=case["shared_expert_rank_num"],
+                global_bs=case["global_bs"])
+
+
+def check_rank(g, n, case, kind, strided, job=None, groups=None):
+    """Runs rank g's dispatch and combine of `case` and compares every output with the oracle's, bit for
+    bit. The groups are moedist.new_group(job, ...) unless `groups` (an (ep, tp) pair) is given."""
+    want = _moedist.oracle_run(case)[g]
+    t = case["tp_world_size"]
+    ep, tp = groups if groups is not None else moedist.new_group(job, g, n, tp_world_size=t)
+    r = case["ranks"][g]
+    kw = rank_kwargs(case, g)
+    names = dict(group_ep=ep.get_hccl_comm_name(g), group_tp=tp.get_hccl_comm_name(g) if t == 2 else "")
+    dtype = case["dtype"]
+    out = moedist.npu_moe_distribute_dispatch(
+        to_tensor(r["x"], dtype, kind, strided), to_other(r["expert_ids"], kind, strided), **names, **kw,
+        scales=to_other(r.get("scales"), kind, strided), expert_scales=to_other(r.get("expert_scales"), kind, strided),
+        quant_mode=case["quant_mode"], expert_token_nums_type=case["expert_token_nums_type"])
+    expand_x, dynamic_scales, expand_idx, expert_token_nums, ep_recv_counts, tp_recv_counts, expand_scales = out
+    kinds = {type(o).__module__.split(".")[0] for o in out}
+    assert kinds == {"torch" if kind == "torch" else "numpy"}, kinds
+    valid = want["valid_rows"]
+    np.testing.assert_array_equal(bits_of(expand_x)[:valid], want["expand_x"], err_msg=f"rank {g} expand_x")
+    if case["quant_mode"] == 2:
+        np.testing.assert_array_equal(bits_of(dynamic_scales)[:valid], want["dynamic_scales"], err_msg=f"rank {g} dynamic_scales")
+    if "expert_scales" in r:
+        np.testing.assert_array_equal(bits_of(expand_scales)[:valid], want["expand_scales"], err_msg=f"rank {g} expand_scales")
+    np.testing.assert_array_equal(bits_of(expand_idx), want["expand_idx"], err_msg=f"rank {g} expand_idx")
+    np.testing.assert_array_equal(bits_of(expert_token_nums), want["expert_token_nums"], err_msg=f"rank {g} expert_token_nums")
+    np.testing.assert_array_equal(bits_of(ep_recv_counts), want["ep_recv_counts"], err_msg=f"rank {g} ep_recv_counts")
+    if t == 2:
+        np.testing.assert_array_equal(bits_of(tp_recv_counts), want["tp_recv_counts"], err_msg=f"rank {g} tp_recv_counts")
+    assert tuple(expand_x.shape)[0] >= valid and tuple(tp_recv_counts.shape) == (t,)
+
+    weights = r.get("expert_scales")
+    if weights is None:
+        weights = np.ones(r["expert_ids"].shape, np.float32)
+    y = moedist.npu_moe_distribute_combine(
+        to_tensor(r["combine_x"], dtype, kind, strided), to_other(r["expert_ids"], kind, strided), expand_idx, ep_recv_counts,
+        to_other(weights, kind, strided), **names, **kw, tp_send_counts=tp_recv_counts, comm_quant_mode=case["comm_quant_mode"])
+    np.testing.assert_array_equal(bits_of(y), want["combine_out"], err_msg=f"rank {g} combine output")
+    return valid

@@ -1,0 +1,52 @@
+"""Helpers of the Python package's tests: ranks as forked processes, job names, where the tree is."""
+import multiprocessing
+import os
+import traceback
+import uuid
+
+import pytest
+
+SOURCE_DIR = os.environ.get("MOEDIST_SOURCE_DIR", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+BUILD_DIR = os.environ.get("MOEDIST_BUILD_DIR", os.path.join(SOURCE_DIR, "build", "release"))
+
+
+def new_job():
+    return f"pytest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def run_ranks(n, target, *args, timeout=180):
+    """Runs target(rank, n, *args) in n forked processes; returns the results in rank order. A rank that
+    raises or dies fails the test with its traceback."""
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+
+    def main(rank):
+        try:
+            queue.put((rank, True, target(rank, n, *args)))
+        except BaseException:  # noqa: B036 - the parent reports it
+            queue.put((rank, False, traceback.format_exc()))
+
+    procs = [ctx.Process(target=main, args=(r,)) for r in range(n)]
+    for p in procs:
+        p.start()
+    results, failures = {}, []
+    try:
+        for _ in range(n):
+            rank, ok, value = queue.get(timeout=timeout)
+            if ok:
+                results[rank] = value
+            else:
+                failures.append(f"rank {rank}:\n{value}")
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    if failures:
+        pytest.fail("\n".join(failures))
+    return [results[r] for r in range(n)]
+
+
+@pytest.fixture
+def job():
+    return new_job()

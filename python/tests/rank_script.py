@@ -1,0 +1,28 @@
+"""One rank of a job started outside pytest: `moedist launch -n N -- python3 rank_script.py env SEED...` or
+`mpirun -np N python3 rank_script.py mpi SEED...`. Joins its groups from the launcher's environment or
+from MPI_COMM_WORLD (mpi4py), runs the random case of each seed (its world size must be N) and compares
+every output with the oracle. Prints "rank G: N cases match the oracle"; exits 1 on a difference."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import moedist  # noqa: E402
+from cases import check_rank, random_case  # noqa: E402
+
+mode, seeds = sys.argv[1], [int(s) for s in sys.argv[2:]]
+count = 0
+for seed in seeds:
+    case = random_case(seed)
+    t = case["tp_world_size"]
+    if mode == "env":
+        groups = moedist.new_group_from_env(tp_world_size=t)
+    else:
+        groups = moedist.new_group_from_mpi(tp_world_size=t)
+    g = groups[0]._domain.world.rank
+    n = groups[0]._domain.world.size
+    if n != case["ep_world_size"] * max(t, 1):
+        sys.exit(f"rank {g}: seed {seed} makes a case of {case['ep_world_size'] * max(t, 1)} ranks, not {n}")
+    check_rank(g, n, case, "torch" if seed % 2 else "numpy", seed % 3 == 1, groups=groups)
+    count += 1
+print(f"rank {g}: {count} cases match the oracle", flush=True)
