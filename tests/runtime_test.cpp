@@ -313,9 +313,9 @@ TEST(DispatchCall, GlobalBsZeroNeedsTheSameBsOnEveryRank) {
 // Contract §3.11: global_bs = 0 is allowed only if ALL ranks have the same BS. With a TP domain the two
 // TP peers of an EP rank must agree as well: each sizes its expand_x as T * A with A from its own BS,
 // and receives its peer's rows behind its own (§3.5).
-// KNOWN BUG (src/ops/group.cpp, require_same_call): the BS check only compares ranks with the same
-// tp_rank_id (`tp_of(r) == topo.tp_rank`), so here dispatch succeeds and rank 0 reports 4 valid rows in
-// an expand_x of T * A = 2 rows; with a caller expand_x of T * A rows the copy-out would write past it.
+// With global_bs = 0 the BS check covers TP peers too (require_same_call compares every rank): were it
+// limited to one TP lane, dispatch would succeed here and rank 0 report 4 valid rows in an expand_x of
+// T * A = 2 rows, and a caller expand_x of T * A rows would be written past its end.
 TEST(DispatchCall, GlobalBsZeroNeedsTheSameBsOnBothTpPeers) {
   const Geometry geo = geometry(1, 1, 0, 2);
   CallSpec spec;
@@ -657,10 +657,9 @@ TEST(Timeout, WaitingRanksNameTheMissingRankAndPhaseAndTheGroupFailsFast) {
   EXPECT_LT(run.late_elapsed, kHangBound);
 }
 
-// KNOWN BUG (src/transport/inproc_transport.cpp, InProcHub::allgather): only the waiting rank whose
-// deadline passes first raises ErrorCode::timeout; it marks the hub failed and wakes the other waiting
-// ranks, which raise ErrorCode::peer_failed (whose documented meaning is "a peer raised an error"),
-// although they waited for the same missing rank 2, which raised nothing.
+// Every rank that waited for the missing rank 2 raises ErrorCode::timeout, not only the one whose
+// deadline passed first: the others are woken by its failure but waited for the same rank, which
+// raised nothing (peer_failed would say it had).
 TEST(Timeout, EveryWaitingRankReportsTheTimeoutCode) {
   const TimeoutRun run = run_with_missing_rank();
   for (std::size_t g = 0; g < 2; ++g) {

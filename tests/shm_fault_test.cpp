@@ -4,9 +4,9 @@
 // group creation; nothing is left in /dev/shm and no descriptor leaks; 1,000 calls on one group match
 // the oracle; the traffic counters match independently computed values.
 //
-// Tests that demonstrate library bugs (and fail until they are fixed): the window-phase kill matrix
-// (EverySurvivorNamesTheVictimAndThePhaseInAWindowResize), WorldSizeDisagreementIsReportedToTheRank-
-// ThatDisagrees and TwoProcessesClaimingTheSameConnectingRank; each says what goes wrong.
+// 100 random kills (a random rank, phase and occurrence) are each followed by the survivors building
+// a new group and checking it against the oracle, with descriptors, threads and /dev/shm back to
+// where they started.
 //
 // Every rank is a forked child that reports through a shared anonymous mapping. The parent never
 // waits without a limit: children still running at the limit are SIGKILLed and the test fails, and
@@ -399,14 +399,9 @@ TEST_P(KillInPhase, EverySurvivorNamesTheVictimAndThePhase) {
 }
 
 // The same for the window phases (dispatch.window, combine.window), whose exchange goes over the
-// sockets: ShmTransport::resize_window sends this rank's note (and new memfd) to every peer in rank
-// order, then receives every peer's. Known to fail today (library bug, see the report):
-//  - a survivor whose send to the dead victim fails (EPIPE) throws before sending its note to the
-//    later ranks and exits; those ranks then report *that survivor* as lost (wrong peer);
-//  - a receive from the dead victim fails with ECONNRESET (the victim died with unread notes), which
-//    SocketMesh::receive maps to peer_failed instead of peer_lost;
-//  - neither of these messages names the phase ("receiving from rank 1: Connection reset by peer",
-//    "rank 0 is unreachable (sendmsg): Broken pipe").
+// sockets (ShmTransport::resize_window sends this rank's note and new memfd to every peer, then
+// receives every peer's): a survivor must still name the victim, not a peer that failed after it, and
+// a reset connection counts as lost.
 TEST_P(KillInPhase, EverySurvivorNamesTheVictimAndThePhaseInAWindowResize) {
   const FaultConfig& fc = kFaultConfigs[GetParam()];
   Latencies latencies;
@@ -891,6 +886,199 @@ TEST(ShmFault, NoDescriptorLeaksAcrossJoinCallsAndDestruction) {
     EXPECT_EQ(s.data[1], s.data[0] + fc.world()) << "rank " << g << ": descriptors while joined";
     EXPECT_EQ(s.data[3], s.data[0] + fc.world()) << "rank " << g << ": descriptors after 100 calls";
   }
+}
+
+// ----- random kills, then the survivors rebuild -----
+
+int threads_now() {
+  int n = 0;
+  DIR* d = ::opendir("/proc/self/task");
+  if (d == nullptr) return -1;
+  while (const dirent* e = ::readdir(d)) {
+    if (e->d_name[0] != '.') ++n;
+  }
+  ::closedir(d);
+  return n;
+}
+
+// 100 rounds: a random configuration, victim, phase and occurrence of that phase (the window phases
+// happen in the first call only). Every survivor must raise peer_lost naming the victim within the
+// timeout; then the survivors build a new group of their own (another job, W - 1 ranks), run 5 calls
+// checked against the oracle, and destroy it. Descriptors and threads must be back to what they were
+// before the first join, and /dev/shm stays empty.
+TEST(ShmFault, HundredRandomKillsEverySurvivorNamesTheVictimAndRebuilds) {
+  constexpr int kRounds = 100;
+  std::mt19937_64 rng(7007);
+  Latencies latencies;
+  int rebuilt = 0;
+  for (int round = 0; round < kRounds; ++round) {
+    const FaultConfig& fc = kFaultConfigs[rng() % 3];
+    const std::vector<std::string> phases = fc.phases();
+    const std::string phase = phases[rng() % phases.size()];
+    const int victim = static_cast<int>(rng() % static_cast<std::uint64_t>(fc.world()));
+    const bool once = phase == "join" || phase.find(".window") != std::string::npos;
+    const int occurrence = once ? 1 : 1 + static_cast<int>(rng() % 3);
+    SCOPED_TRACE(std::string(fc.name) + ", round " + std::to_string(round) + ": victim " + std::to_string(victim) + " killed at '" +
+                 phase + "' #" + std::to_string(occurrence));
+    const int survivors = fc.world() - 1;
+    casefile::Case after;  // the survivors' group: W - 1 MoE ranks, 2 experts each
+    after.ep_world_size = survivors;
+    after.moe_expert_num = 2 * survivors;
+    std::mt19937_64 case_rng(static_cast<std::uint64_t>(round) + 1);
+    CaseLimits lim;
+    lim.max_h = 24;
+    lim.max_k = 2;
+    random_inputs(after, case_rng, lim, 3);
+    const std::string job = fresh_job("random"), rebuild_job = fresh_job("rebuild");
+    Ranks ranks(fc.world(), [&](int g, Slot& s) {
+      s.data[0] = open_fds();
+      s.data[1] = threads_now();
+      int seen = 0;
+      ShmOptions o;
+      o.timeout = kTimeout;
+      o.on_phase = [&](std::string_view p) {
+        append_phase(s, p);
+        if (g == victim && p == phase && ++seen == occurrence) {
+          s.killed_ns = now_ns();
+          ::raise(SIGKILL);
+        }
+      };
+      try {
+        auto group = join_shm(fc.rank(g), job, o);
+        for (int i = 0; i < 3; ++i) workload(*group, g, fc);
+      } catch (const PeerError& e) {
+        s.end_ns = now_ns();
+        s.code = static_cast<int>(e.code());
+        s.peer = e.peer();
+        copy_text(s.phase, sizeof(s.phase), e.phase());
+        copy_text(s.message, sizeof(s.message), e.what());
+        s.data[7] = 1;
+      }
+      s.data[2] = open_fds();
+      s.data[3] = threads_now();
+      const int me = g < victim ? g : g - 1;
+      {
+        ShmOptions fresh;
+        fresh.timeout = milliseconds(20000);
+        auto group = join_shm(rank_config(after, me), rebuild_job, fresh);
+        const std::vector<oracle::RankOutput> want = oracle::run(to_oracle_case(after));
+        for (int i = 0; i < 5; ++i) {
+          const casefile::RankOutputs got = run_rank(*group, after, me, RunOptions{});
+          if (!compare_rank_with_oracle(after, me, got, want[static_cast<std::size_t>(me)]).empty()) ++s.data[6];
+        }
+      }
+      s.data[4] = open_fds();
+      s.data[5] = threads_now();
+    });
+    ASSERT_EQ(ranks.wait(milliseconds(40000)), "") << all_outcomes(ranks);
+    ASSERT_TRUE(WIFSIGNALED(ranks.status(victim))) << all_outcomes(ranks);
+    const std::int64_t killed = ranks.slot(victim).killed_ns;
+    for (int g = 0; g < fc.world(); ++g) {
+      if (g == victim) continue;
+      Slot& s = ranks.slot(g);
+      ASSERT_EQ(s.state, 1) << "the rebuild failed: " << outcome(ranks, g);
+      ASSERT_EQ(s.data[7], 1) << "rank " << g << " did not raise in the killed group" << all_outcomes(ranks);
+      EXPECT_EQ(static_cast<ErrorCode>(s.code), ErrorCode::peer_lost) << s.message;
+      EXPECT_EQ(s.peer, victim) << s.message;
+      EXPECT_TRUE(names_rank(s.message, victim)) << s.message;
+      EXPECT_LT(s.end_ns - killed, kTimeoutNs + kMarginNs) << s.message;
+      latencies.add(static_cast<double>(s.end_ns - killed) / 1e6);
+      EXPECT_EQ(s.data[2], s.data[0]) << "rank " << g << ": descriptors after the failed group";
+      EXPECT_EQ(s.data[4], s.data[0]) << "rank " << g << ": descriptors after the rebuilt group";
+      EXPECT_EQ(s.data[3], s.data[1]) << "rank " << g << ": threads after the failed group";
+      EXPECT_EQ(s.data[5], s.data[1]) << "rank " << g << ": threads after the rebuilt group";
+      EXPECT_EQ(s.data[6], 0) << "rank " << g << ": calls of the rebuilt group that differ from the oracle";
+    }
+    expect_clean_dev_shm();
+    if (::testing::Test::HasFailure()) return;
+    ++rebuilt;
+  }
+  std::printf("[ faults ] %d random kills over shm; every survivor named the victim (%s) and rebuilt a group of the "
+              "survivors that matched the oracle\n", rebuilt, latencies.summary().c_str());
+}
+
+// ----- soak -----
+
+std::int64_t rss_bytes() {
+  std::ifstream status("/proc/self/status");
+  std::string key;
+  std::int64_t kib = 0;
+  std::string unit;
+  while (status >> key) {
+    if (key == "VmRSS:") {
+      status >> kib >> unit;
+      return kib * 1024;
+    }
+    status.ignore(1 << 20, '\n');
+  }
+  return -1;
+}
+
+// 10,000 consecutive calls on one group of 4 processes, each with new random inputs and shapes (H, K,
+// BS per rank including 0, dtype, quant mode, smooth scales, comm quant, expert outputs), every rank's
+// outputs compared with the oracle in the rank itself; resident memory and descriptors measured after
+// call 1,000 and after the last must not grow.
+TEST(ShmSoak, TenThousandCallsWithRandomShapesMatchTheOracleWithFlatMemoryAndDescriptors) {
+  constexpr int kCalls = 10000, kWarm = 1000;
+  const auto configured = [] {
+    casefile::Case c;
+    c.ep_world_size = 4;
+    c.shared_expert_rank_num = 1;
+    c.moe_expert_num = 6;
+    c.global_bs = 6 * 4;
+    return c;
+  };
+  const casefile::Case base = configured();
+  const int world = base.ep_world_size;
+  const std::string job = fresh_job("soak");
+  const auto t0 = Clock::now();
+  Ranks ranks(world, [&](int g, Slot& s) {
+    ShmOptions o;
+    o.timeout = milliseconds(20000);
+    auto group = join_shm(rank_config(base, g), job, o);
+    std::mt19937_64 rng(99);  // the same sequence of cases on every rank
+    CaseLimits lim;
+    lim.max_k = 4;
+    lim.max_h = 64;
+    for (int i = 0; i < kCalls; ++i) {
+      casefile::Case c = configured();
+      random_inputs(c, rng, lim, 0);
+      RunOptions run;
+      run.strided_inputs = i % 3 == 1;
+      run.caller_outputs = i % 4 >= 2;
+      run.outputs_in_window = i % 5 == 3;
+      const casefile::RankOutputs got = run_rank(*group, c, g, run);
+      const std::vector<oracle::RankOutput> want = oracle::run(to_oracle_case(c));
+      if (!compare_rank_with_oracle(c, g, got, want[static_cast<std::size_t>(g)]).empty() && s.data[0]++ == 0) {
+        copy_text(s.message, sizeof(s.message), "call " + std::to_string(i) + ": " + describe(c) + ": " +
+                                                   compare_rank_with_oracle(c, g, got, want[static_cast<std::size_t>(g)]));
+      }
+      if (i + 1 == kWarm) {
+        s.data[1] = rss_bytes();
+        s.data[2] = open_fds();
+      }
+      ++s.calls;
+    }
+    s.data[3] = rss_bytes();
+    s.data[4] = open_fds();
+  }, 900);
+  ASSERT_EQ(ranks.wait(milliseconds(800000)), "") << all_outcomes(ranks);
+  const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  std::int64_t most_growth = 0;
+  for (int g = 0; g < world; ++g) {
+    const Slot& s = ranks.slot(g);
+    ASSERT_EQ(s.state, 1) << outcome(ranks, g);
+    EXPECT_EQ(s.calls, kCalls);
+    EXPECT_EQ(s.data[0], 0) << "rank " << g << ": calls that differ from the oracle; the first: " << s.message;
+    EXPECT_EQ(s.data[4], s.data[2]) << "rank " << g << ": descriptors after call " << kWarm << " and after the last";
+    // Windows and scratch reach their largest shapes early; the allocator may still move a page or two.
+    EXPECT_LT(s.data[3] - s.data[1], 1 << 20) << "rank " << g << ": resident memory grew from " << s.data[1] << " to " << s.data[3];
+    most_growth = std::max(most_growth, s.data[3] - s.data[1]);
+  }
+  std::printf("[ soak ] %d calls x %d ranks over shm in %.1f s, all equal to the oracle; resident memory growth after call %d: "
+              "at most %lld bytes; descriptors unchanged\n",
+              kCalls, world, seconds, kWarm, static_cast<long long>(most_growth));
+  expect_clean_dev_shm();
 }
 
 // ----- traffic counters -----

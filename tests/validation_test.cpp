@@ -557,6 +557,11 @@ std::vector<DispatchRule> single_rank_dispatch_rules() {
              bad_shape("out.expand_x.shape", "(96,)", "must be (>= A * max(tp_world_size, 1) = 6, H = 16)")),
       single("OutExpandXNullData", [](DispatchCall& c) { c.options.out.expand_x.data = nullptr; },
              invalid("out.expand_x.data", "nullptr", "a tensor of shape (6, 16) needs data")),
+      single("OutExpandXAliasesX", [](DispatchCall& c) { c.options.out.expand_x.data = const_cast<void*>(c.x.data); },
+             invalid("out.expand_x", "(6, 16)", "shares memory with the input x: outputs must not alias inputs")),
+      single("OutExpandIdxAliasesExpertIds",
+             [](DispatchCall& c) { c.options.out.expand_idx.data = const_cast<void*>(c.expert_ids.data); },
+             invalid("out.expand_idx", "(6,)", "shares memory with the input expert_ids: outputs must not alias inputs")),
       single("OutDynamicScalesBf16", [](DispatchCall& c) { c.options.out.dynamic_scales.dtype = DType::bf16; },
              bad_dtype("out.dynamic_scales.dtype", "bfloat16", "must be float32")),
       single("OutDynamicScalesTooShort", [](DispatchCall& c) { c.options.out.dynamic_scales.shape[0] = 5; },
@@ -767,6 +772,15 @@ std::vector<CombineRule> single_rank_combine_rules() {
                      bad_shape("out.shape", "(3, 15)", "must be (3, 16)")),
       single_combine("OutNullData", [](CombineCall& c) { c.options.out.data = nullptr; },
                      invalid("out.data", "nullptr", "a tensor of shape (3, 16) needs data")),
+      // outputs that alias inputs (the out buffer would overwrite what combine still reads)
+      single_combine("OutAliasesExpandX", [](CombineCall& c) { c.options.out.data = const_cast<void*>(c.expand_x.data); },
+                     invalid("out", "(3, 16)", "shares memory with the input expand_x: outputs must not alias inputs")),
+      single_combine("OutOverlapsExpertScalesTail",
+                     [](CombineCall& c) {
+                       // The out buffer starts inside expert_scales' last row: a partial overlap still counts.
+                       c.options.out.data = const_cast<float*>(c.expert_scales.ptr<float>(2, 1));
+                     },
+                     invalid("out", "(3, 16)", "shares memory with the input expert_scales: outputs must not alias inputs")),
   };
 }
 

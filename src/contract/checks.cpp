@@ -1,5 +1,8 @@
 #include "contract/checks.h"
 
+#include <cstdint>
+#include <initializer_list>
+#include <utility>
 #include <vector>
 
 #include "contract/errors.h"
@@ -63,6 +66,30 @@ void require_vector_min(const char* name, const Layout& v, std::int64_t len) {
 }
 
 // expert_ids: ids in [0, E), K distinct values per row (§3.1).
+// The bytes a view spans, [first, last); empty for an absent or empty view. Strides are non-negative.
+struct Span {
+  std::uintptr_t first = 0, last = 0;
+};
+Span span_of(const void* data, const Layout& v, DType dtype) {
+  if (!v.present() || v.numel() == 0 || data == nullptr) return {};
+  const std::int64_t last_index = (v.rows() - 1) * v.strides[0] + (v.ndim == 2 ? (v.cols() - 1) * v.strides[1] : 0);
+  const auto first = reinterpret_cast<std::uintptr_t>(data);
+  return {first, first + static_cast<std::uintptr_t>(last_index + 1) * dtype_size(dtype)};
+}
+
+// An output buffer may not share memory with any input: the operator would overwrite what it still
+// has to read, and what a result holds would depend on the order of the writes.
+void require_no_alias(const char* output, const MutableTensorView& out, std::initializer_list<std::pair<const char*, TensorView>> inputs) {
+  const Span o = span_of(out.data, out, out.dtype);
+  if (o.first == o.last) return;
+  for (const auto& [name, in] : inputs) {
+    const Span i = span_of(in.data, in, in.dtype);
+    if (i.first < o.last && o.first < i.last) {
+      fail(ErrorCode::invalid_argument, output, shape_text(out), concat("shares memory with the input ", name, ": outputs must not alias inputs"));
+    }
+  }
+}
+
 void check_expert_ids(const TensorView& ids, int E) {
   const std::int64_t bs = ids.rows(), k = ids.cols();
   std::vector<std::int64_t> last_row(static_cast<std::size_t>(E), -1);
@@ -188,6 +215,12 @@ CallShape check_dispatch(const GroupConfig& c, const TensorView& x, const Tensor
     require_vector_len("out.tp_recv_counts", out.tp_recv_counts, 2);
     require_data("out.tp_recv_counts", out.tp_recv_counts);
   }
+  for (const auto& [name, buffer] : {std::pair<const char*, const MutableTensorView*>{"out.expand_x", &out.expand_x},
+                                     {"out.dynamic_scales", &out.dynamic_scales}, {"out.expand_scales", &out.expand_scales},
+                                     {"out.expand_idx", &out.expand_idx}, {"out.expert_token_nums", &out.expert_token_nums},
+                                     {"out.ep_recv_counts", &out.ep_recv_counts}, {"out.tp_recv_counts", &out.tp_recv_counts}}) {
+    require_no_alias(name, *buffer, {{"x", x}, {"expert_ids", ids}, {"scales", o.scales}, {"expert_scales", o.expert_scales}});
+  }
   return CallShape{bs, k, h};
 }
 
@@ -284,6 +317,9 @@ CallShape check_combine(const GroupConfig& c, const TensorView& expand_x, const 
     require_dtype("out", o.out, expand_x.dtype);
     require_matrix("out", o.out, bs, h);
     require_data("out", o.out);
+    require_no_alias("out", o.out, {{"expand_x", expand_x}, {"expert_ids", ids}, {"expand_idx", expand_idx},
+                                    {"ep_send_counts", ep_send_counts}, {"expert_scales", expert_scales},
+                                    {"tp_send_counts", o.tp_send_counts}});
   }
   return CallShape{bs, k, h};
 }
