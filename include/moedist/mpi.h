@@ -10,7 +10,9 @@
 #include <mpi.h>
 
 #include <chrono>
+#include <functional>
 #include <memory>
+#include <string_view>
 
 #include "moedist/group.h"
 
@@ -28,6 +30,9 @@ struct MpiOptions {
   // whose traffic between each other goes through MPI as if they were separate machines. With TP,
   // n must be even (a TP pair shares a host).
   int ranks_per_node = 0;
+  // Test hook: called with the phase name as every collective step starts (fault-injection tests kill
+  // the process from here). Leave empty in production.
+  std::function<void(std::string_view phase)> on_phase;
 };
 
 // Joins the group as the rank `config` names. `comm` holds exactly the ep_world_size * max(tp_world_size, 1)

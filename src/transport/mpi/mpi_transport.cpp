@@ -69,7 +69,7 @@ std::string mpi_error_text(int code) {
 }  // namespace
 
 MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
-    : rank_(rank), timeout_(options.timeout), wait_(wait_policy(options.spin, 1)) {
+    : rank_(rank), timeout_(options.timeout), wait_(wait_policy(options.spin, 1)), on_phase_(options.on_phase) {
   int initialized = 0, finalized = 0;
   MPI_Initialized(&initialized);
   MPI_Finalized(&finalized);
@@ -82,6 +82,8 @@ MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
   MPI_Comm_size(comm, &size_);
   if (rank < 0 || rank >= size_) contract::fail_value("rank", rank, concat("must be in [0, ", size_, "), the size of comm"));
   comm_rank_of_.resize(static_cast<std::size_t>(size_));
+  dead_.assign(static_cast<std::size_t>(size_), std::string());
+  notices_.reserve(static_cast<std::size_t>(size_));  // never reallocated: pending sends point into it
   for (int r = 0; r < size_; ++r) comm_rank_of_[static_cast<std::size_t>(r)] = r;  // until the hello says better
   sizes_.assign(static_cast<std::size_t>(size_), 0);
   host_of_.assign(static_cast<std::size_t>(size_), 0);
@@ -206,8 +208,85 @@ std::string MpiTransport::describe(int rank) const {
 }
 
 int MpiTransport::next_tag() {
-  tag_ = tag_ >= tag_limit_ ? 0 : tag_ + 1;
+  tag_ = tag_ >= tag_limit_ - 1 ? 1 : tag_ + 1;
   return tag_;
+}
+
+void MpiTransport::note_dead(int rank, const std::string& how) {
+  if (rank < 0 || rank >= size_ || !dead_[static_cast<std::size_t>(rank)].empty()) return;
+  dead_[static_cast<std::size_t>(rank)] = how;
+}
+
+void MpiTransport::watch_peers(std::vector<Pending>& pending, const std::vector<int>& unmatched, std::string_view phase) {
+  const Clock::time_point now = Clock::now();
+  if (now - last_watch_ < std::chrono::milliseconds(1)) return;
+  last_watch_ = now;
+  // Other ranks' notices of dead ranks.
+  for (;;) {
+    int flag = 0;
+    MPI_Status status;
+    if (MPI_Iprobe(MPI_ANY_SOURCE, tag_limit_, comm_, &flag, &status) != MPI_SUCCESS || flag == 0) break;
+    Notice n{};
+    int count = 0;
+    MPI_Get_count(&status, MPI_BYTE, &count);
+    if (count != static_cast<int>(sizeof n)) {
+      MPI_Recv(nullptr, 0, MPI_BYTE, status.MPI_SOURCE, tag_limit_, comm_, MPI_STATUS_IGNORE);  // not ours: drop it
+      continue;
+    }
+    MPI_Recv(&n, sizeof n, MPI_BYTE, status.MPI_SOURCE, tag_limit_, comm_, MPI_STATUS_IGNORE);
+    n.how[sizeof n.how - 1] = '\0';
+    note_dead(n.dead, n.how);
+  }
+  // A host-mate whose shared-memory connection closed has exited or was killed. It is a failure only
+  // while this rank still waits for it (one that finished its part and then exited, the normal end of
+  // a group, is none); then every rank hears of it, since ranks on other hosts cannot see it and would
+  // otherwise wait for their timeout.
+  if (shm_) {
+    const int lost = shm_->lost_peer();
+    const int g = lost < 0 ? -1 : local_ranks_[static_cast<std::size_t>(lost)];
+    const auto waited_for = [&] {
+      if (std::find(unmatched.begin(), unmatched.end(), g) != unmatched.end()) return true;
+      bool waiting = false;
+      for (Pending& p : pending) {  // its message may have just arrived: test before concluding
+        if (p.peer != g || p.request == MPI_REQUEST_NULL) continue;
+        int flag = 0;
+        MPI_Status status;
+        check(MPI_Test(&p.request, &flag, &status), p.peer, phase, "MPI_Test");
+        waiting = waiting || flag == 0;
+      }
+      return waiting;
+    };
+    if (g >= 0 && dead_[static_cast<std::size_t>(g)].empty() && waited_for()) {
+      const std::string how = concat("rank ", rank_, " saw ", describe(g), " exit or be killed (its shared-memory connection closed)");
+      note_dead(g, how);
+      Notice& n = notices_.emplace_back(Notice{g, {}});
+      std::strncpy(n.how, how.c_str(), sizeof n.how - 1);
+      for (int r = 0; r < size_; ++r) {
+        if (r == rank_ || r == g) continue;
+        MPI_Request req = MPI_REQUEST_NULL;
+        if (MPI_Isend(&n, sizeof n, MPI_BYTE, comm_rank_of_[static_cast<std::size_t>(r)], tag_limit_, comm_, &req) == MPI_SUCCESS) {
+          MPI_Request_free(&req);  // best effort: nobody waits for a notice, and this transport is failing
+        }
+      }
+    }
+  }
+  // Fail only for a dead rank this one still waits for: one that finished its part and then exited
+  // (the normal end of a job) is no failure. Its message may have just arrived: test once more.
+  const auto fail_for = [&](int peer) {
+    const std::string& how = dead_[static_cast<std::size_t>(peer)];
+    fail(PeerError(ErrorCode::peer_lost, peer, std::string(phase),
+                   concat("rank ", rank_, ": ", describe(peer), " was lost in phase '", phase, "': ", how)));
+  };
+  for (Pending& p : pending) {
+    if (p.request == MPI_REQUEST_NULL || p.peer < 0 || dead_[static_cast<std::size_t>(p.peer)].empty()) continue;
+    int flag = 0;
+    MPI_Status status;
+    check(MPI_Test(&p.request, &flag, &status), p.peer, phase, "MPI_Test");
+    if (flag == 0) fail_for(p.peer);
+  }
+  for (int peer : unmatched) {
+    if (!dead_[static_cast<std::size_t>(peer)].empty()) fail_for(peer);
+  }
 }
 
 void MpiTransport::require_usable(std::string_view phase) const {
@@ -221,9 +300,11 @@ void MpiTransport::fail(const PeerError& error) {
   failed_ = true;
   failed_peer_ = error.peer();
   failed_reason_ = error.what();
+  // Receives are cancelled and sends released; a nonblocking collective (joining's MPI_Comm_idup) can
+  // be neither, so it stays as it is (the transport is unusable from here on).
   for (Pending& p : pending_) {
-    if (p.request == MPI_REQUEST_NULL) continue;
-    MPI_Cancel(&p.request);
+    if (p.request == MPI_REQUEST_NULL || p.peer < 0) continue;
+    if (p.expected >= 0) MPI_Cancel(&p.request);
     MPI_Request_free(&p.request);
   }
   pending_.clear();
@@ -285,6 +366,7 @@ void MpiTransport::wait_all(std::vector<Pending>& pending, std::string_view phas
       }
     }
     if (done) return;
+    if (shm_) watch_peers(pending, {}, phase);
     if (Clock::now() > deadline) {
       for (const Pending& p : pending) {
         if (p.request != MPI_REQUEST_NULL) time_out(p.peer, phase);
@@ -296,6 +378,7 @@ void MpiTransport::wait_all(std::vector<Pending>& pending, std::string_view phas
 
 void MpiTransport::allgather(const void* in, std::size_t bytes, void* out, std::string_view phase) {
   require_usable(phase);
+  if (on_phase_) on_phase_(phase);
   if (bytes > static_cast<std::size_t>(INT_MAX)) throw Error(ErrorCode::capacity, concat("phase '", phase, "': a ", bytes, "-byte record is too long for MPI"));
   const int count = static_cast<int>(bytes);
   auto* dst = static_cast<std::byte*>(out);
@@ -322,6 +405,7 @@ void MpiTransport::allgather(const void* in, std::size_t bytes, void* out, std::
 void MpiTransport::exchange(std::span<const Outgoing> out, std::span<const int> from, std::span<std::vector<std::byte>> in,
                             std::string_view phase) {
   require_usable(phase);
+  if (on_phase_) on_phase_(phase);
   const int tag = next_tag();
   pending_.clear();
   for (const Outgoing& m : out) {
@@ -364,6 +448,13 @@ void MpiTransport::exchange(std::span<const Outgoing> out, std::span<const int> 
       int flag = 0;
       check(MPI_Test(&p.request, &flag, MPI_STATUS_IGNORE), p.peer, phase, "MPI_Test");
     }
+    if (shm_ && Clock::now() - last_watch_ >= std::chrono::milliseconds(1)) {
+      std::vector<int> waiting;
+      for (std::size_t i = 0; i < from.size(); ++i) {
+        if (matched[i] == 0) waiting.push_back(from[i]);
+      }
+      watch_peers(pending_, waiting, phase);
+    }
     if (Clock::now() > deadline) {
       for (std::size_t i = 0; i < from.size(); ++i) {
         if (matched[i] == 0) time_out(from[i], phase);
@@ -376,6 +467,7 @@ void MpiTransport::exchange(std::span<const Outgoing> out, std::span<const int> 
 
 void MpiTransport::resize_window(std::size_t bytes, std::string_view phase) {
   require_usable(phase);
+  if (on_phase_) on_phase_(phase);
   SizeNote note{0, 0};
   try {
     shm_->resize_window(bytes, phase);

@@ -8,6 +8,7 @@
 #include <mpi.h>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -53,6 +54,11 @@ class MpiTransport final : public Transport {
   void require_usable(std::string_view phase) const;
   std::string describe(int rank) const;
   void sleep_step(std::chrono::steady_clock::time_point started) const;
+  // Learns of dead ranks (a host-mate's shared-memory connection closed, or another rank's notice) at
+  // most every millisecond; tells every rank of a dead host-mate; fails when a rank this one still
+  // waits for (a pending request, or an unmatched sender) is dead.
+  void watch_peers(std::vector<Pending>& pending, const std::vector<int>& unmatched, std::string_view phase);
+  void note_dead(int rank, const std::string& how);
 
   MPI_Comm comm_ = MPI_COMM_NULL;  // private duplicate; comm rank != group rank in general
   int rank_ = 0, size_ = 0;
@@ -65,8 +71,16 @@ class MpiTransport final : public Transport {
   std::vector<std::size_t> sizes_;
   std::chrono::milliseconds timeout_;
   WaitPolicy wait_;
-  int tag_ = 0, tag_limit_ = 32767;
+  int tag_ = 0, tag_limit_ = 32767;  // data tags cycle through [1, tag_limit_); tag_limit_ carries notices
   std::vector<Pending> pending_;
+  std::function<void(std::string_view)> on_phase_;
+  std::vector<std::string> dead_;     // per rank: how it was found dead ("" = not known dead)
+  struct Notice {
+    std::int32_t dead;
+    char how[500];
+  };
+  std::vector<Notice> notices_;       // sent without waiting; kept alive until the transport goes
+  std::chrono::steady_clock::time_point last_watch_{};
   bool failed_ = false;
   int failed_peer_ = -1;
   std::string failed_reason_;
