@@ -82,8 +82,7 @@ MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
   MPI_Comm_size(comm, &size_);
   if (rank < 0 || rank >= size_) contract::fail_value("rank", rank, concat("must be in [0, ", size_, "), the size of comm"));
   comm_rank_of_.resize(static_cast<std::size_t>(size_));
-  dead_.assign(static_cast<std::size_t>(size_), std::string());
-  notices_.reserve(static_cast<std::size_t>(size_));  // never reallocated: pending sends point into it
+  notices_.reserve(1);  // at most one notice (this transport fails once); sends point into it
   for (int r = 0; r < size_; ++r) comm_rank_of_[static_cast<std::size_t>(r)] = r;  // until the hello says better
   sizes_.assign(static_cast<std::size_t>(size_), 0);
   host_of_.assign(static_cast<std::size_t>(size_), 0);
@@ -212,16 +211,25 @@ int MpiTransport::next_tag() {
   return tag_;
 }
 
-void MpiTransport::note_dead(int rank, const std::string& how) {
-  if (rank < 0 || rank >= size_ || !dead_[static_cast<std::size_t>(rank)].empty()) return;
-  dead_[static_cast<std::size_t>(rank)] = how;
+void MpiTransport::send_notices(int lost, const std::string& how) {
+  if (!shm_ || lost < 0 || lost >= size_ || !notices_.empty()) return;  // before joining finished there is nobody to tell
+  Notice& n = notices_.emplace_back(Notice{lost, {}});
+  std::strncpy(n.how, how.c_str(), sizeof n.how - 1);
+  for (int r = 0; r < size_; ++r) {
+    if (r == rank_ || r == lost) continue;
+    MPI_Request req = MPI_REQUEST_NULL;
+    if (MPI_Isend(&n, sizeof n, MPI_BYTE, comm_rank_of_[static_cast<std::size_t>(r)], tag_limit_, comm_, &req) == MPI_SUCCESS) {
+      MPI_Request_free(&req);  // best effort: nobody waits for a notice, and this transport is failing
+    }
+  }
 }
 
 void MpiTransport::watch_peers(std::vector<Pending>& pending, const std::vector<int>& unmatched, std::string_view phase) {
   const Clock::time_point now = Clock::now();
   if (now - last_watch_ < std::chrono::milliseconds(1)) return;
   last_watch_ = now;
-  // Other ranks' notices of dead ranks.
+  // Another rank's notice: it lost a rank (its host-mate died, or a wait timed out). Every call needs
+  // every rank, so the group is broken; name the rank it lost, the cause, not whoever left after it.
   for (;;) {
     int flag = 0;
     MPI_Status status;
@@ -229,63 +237,37 @@ void MpiTransport::watch_peers(std::vector<Pending>& pending, const std::vector<
     Notice n{};
     int count = 0;
     MPI_Get_count(&status, MPI_BYTE, &count);
-    if (count != static_cast<int>(sizeof n)) {
-      MPI_Recv(nullptr, 0, MPI_BYTE, status.MPI_SOURCE, tag_limit_, comm_, MPI_STATUS_IGNORE);  // not ours: drop it
-      continue;
-    }
-    MPI_Recv(&n, sizeof n, MPI_BYTE, status.MPI_SOURCE, tag_limit_, comm_, MPI_STATUS_IGNORE);
+    MPI_Recv(count == static_cast<int>(sizeof n) ? &n : nullptr, count == static_cast<int>(sizeof n) ? count : 0, MPI_BYTE,
+             status.MPI_SOURCE, tag_limit_, comm_, MPI_STATUS_IGNORE);
     n.how[sizeof n.how - 1] = '\0';
-    note_dead(n.dead, n.how);
-  }
-  // A host-mate whose shared-memory connection closed has exited or was killed. It is a failure only
-  // while this rank still waits for it (one that finished its part and then exited, the normal end of
-  // a group, is none); then every rank hears of it, since ranks on other hosts cannot see it and would
-  // otherwise wait for their timeout.
-  if (shm_) {
-    const int lost = shm_->lost_peer();
-    const int g = lost < 0 ? -1 : local_ranks_[static_cast<std::size_t>(lost)];
-    const auto waited_for = [&] {
-      if (std::find(unmatched.begin(), unmatched.end(), g) != unmatched.end()) return true;
-      bool waiting = false;
-      for (Pending& p : pending) {  // its message may have just arrived: test before concluding
-        if (p.peer != g || p.request == MPI_REQUEST_NULL) continue;
-        int flag = 0;
-        MPI_Status status;
-        check(MPI_Test(&p.request, &flag, &status), p.peer, phase, "MPI_Test");
-        waiting = waiting || flag == 0;
-      }
-      return waiting;
-    };
-    if (g >= 0 && dead_[static_cast<std::size_t>(g)].empty() && waited_for()) {
-      const std::string how = concat("rank ", rank_, " saw ", describe(g), " exit or be killed (its shared-memory connection closed)");
-      note_dead(g, how);
-      Notice& n = notices_.emplace_back(Notice{g, {}});
-      std::strncpy(n.how, how.c_str(), sizeof n.how - 1);
-      for (int r = 0; r < size_; ++r) {
-        if (r == rank_ || r == g) continue;
-        MPI_Request req = MPI_REQUEST_NULL;
-        if (MPI_Isend(&n, sizeof n, MPI_BYTE, comm_rank_of_[static_cast<std::size_t>(r)], tag_limit_, comm_, &req) == MPI_SUCCESS) {
-          MPI_Request_free(&req);  // best effort: nobody waits for a notice, and this transport is failing
-        }
-      }
+    if (cause_ < 0 && count == static_cast<int>(sizeof n) && n.dead >= 0 && n.dead < size_) {
+      cause_ = n.dead;
+      cause_how_ = n.how;
     }
   }
-  // Fail only for a dead rank this one still waits for: one that finished its part and then exited
-  // (the normal end of a job) is no failure. Its message may have just arrived: test once more.
-  const auto fail_for = [&](int peer) {
-    const std::string& how = dead_[static_cast<std::size_t>(peer)];
-    fail(PeerError(ErrorCode::peer_lost, peer, std::string(phase),
-                   concat("rank ", rank_, ": ", describe(peer), " was lost in phase '", phase, "': ", how)));
-  };
-  for (Pending& p : pending) {
-    if (p.request == MPI_REQUEST_NULL || p.peer < 0 || dead_[static_cast<std::size_t>(p.peer)].empty()) continue;
-    int flag = 0;
-    MPI_Status status;
-    check(MPI_Test(&p.request, &flag, &status), p.peer, phase, "MPI_Test");
-    if (flag == 0) fail_for(p.peer);
+  if (cause_ >= 0) {
+    fail(PeerError(ErrorCode::peer_lost, cause_, std::string(phase),
+                   concat("rank ", rank_, ": ", describe(cause_), " was lost in phase '", phase, "', as another rank reported: ", cause_how_)));
   }
-  for (int peer : unmatched) {
-    if (!dead_[static_cast<std::size_t>(peer)].empty()) fail_for(peer);
+  // A host-mate this rank still waits for, whose shared-memory connection closed, has exited or was
+  // killed. One that finished its part and left (the normal end of a group) is no failure; nor is one
+  // whose message just arrived: test before concluding.
+  for (std::size_t i = 0; shm_ && i < local_ranks_.size(); ++i) {
+    const int g = local_ranks_[i];
+    if (g == rank_ || !shm_->peer_gone(static_cast<int>(i))) continue;
+    bool waiting = std::find(unmatched.begin(), unmatched.end(), g) != unmatched.end();
+    for (Pending& p : pending) {
+      if (p.peer != g || p.request == MPI_REQUEST_NULL) continue;
+      int flag = 0;
+      MPI_Status status;
+      check(MPI_Test(&p.request, &flag, &status), p.peer, phase, "MPI_Test");
+      waiting = waiting || flag == 0;
+    }
+    if (waiting) {
+      fail(PeerError(ErrorCode::peer_lost, g, std::string(phase),
+                     concat("rank ", rank_, ": ", describe(g), " exited or was killed in phase '", phase,
+                            "' (its shared-memory connection closed)")));
+    }
   }
 }
 
@@ -300,6 +282,9 @@ void MpiTransport::fail(const PeerError& error) {
   failed_ = true;
   failed_peer_ = error.peer();
   failed_reason_ = error.what();
+  // The other ranks are told which rank this one lost, so that they name it too (and at once), rather
+  // than this rank, which leaves the group now.
+  if (error.code() == ErrorCode::peer_lost || error.code() == ErrorCode::timeout) send_notices(error.peer(), error.what());
   // Receives are cancelled and sends released; a nonblocking collective (joining's MPI_Comm_idup) can
   // be neither, so it stays as it is (the transport is unusable from here on).
   for (Pending& p : pending_) {

@@ -54,11 +54,12 @@ class MpiTransport final : public Transport {
   void require_usable(std::string_view phase) const;
   std::string describe(int rank) const;
   void sleep_step(std::chrono::steady_clock::time_point started) const;
-  // Learns of dead ranks (a host-mate's shared-memory connection closed, or another rank's notice) at
-  // most every millisecond; tells every rank of a dead host-mate; fails when a rank this one still
-  // waits for (a pending request, or an unmatched sender) is dead.
+  // At most every millisecond: fails when another rank's notice names a lost rank (the group is broken:
+  // every call needs every rank), or when a host-mate this rank still waits for (a pending request, or
+  // an unmatched sender) has exited or was killed (its shared-memory connection closed).
   void watch_peers(std::vector<Pending>& pending, const std::vector<int>& unmatched, std::string_view phase);
-  void note_dead(int rank, const std::string& how);
+  // Tells every other rank that `lost` was lost (a notice on the reserved tag), without waiting.
+  void send_notices(int lost, const std::string& how);
 
   MPI_Comm comm_ = MPI_COMM_NULL;  // private duplicate; comm rank != group rank in general
   int rank_ = 0, size_ = 0;
@@ -74,7 +75,8 @@ class MpiTransport final : public Transport {
   int tag_ = 0, tag_limit_ = 32767;  // data tags cycle through [1, tag_limit_); tag_limit_ carries notices
   std::vector<Pending> pending_;
   std::function<void(std::string_view)> on_phase_;
-  std::vector<std::string> dead_;     // per rank: how it was found dead ("" = not known dead)
+  int cause_ = -1;                    // the rank another rank reported lost (a notice), or -1
+  std::string cause_how_;
   struct Notice {
     std::int32_t dead;
     char how[500];

@@ -28,14 +28,9 @@ class ShmTransport final : public Transport {
   std::size_t window_size(int rank) const noexcept override { return windows_[static_cast<std::size_t>(rank)].size; }
   std::byte* window(int rank) noexcept override { return windows_[static_cast<std::size_t>(rank)].base; }
 
-  // The lowest rank whose process exited or was killed (its connection closed), or -1. For transports
-  // that wait on something else (MPI) and want to notice a dead host-mate at once.
-  int lost_peer() const noexcept {
-    for (int p = 0; p < size(); ++p) {
-      if (p != rank() && mesh_.peer_gone(p)) return p;
-    }
-    return -1;
-  }
+  // True when `peer`'s process exited or was killed (its connection closed). For transports that wait
+  // on something else (MPI) and want to notice a dead host-mate at once.
+  bool peer_gone(int peer) const noexcept { return peer != rank() && mesh_.peer_gone(peer); }
 
  private:
   struct Mapping {
