@@ -887,6 +887,7 @@ std::vector<ConfigRule> config_rules() {
   return {
       config_rule("EpWorldSizeZero", geometry(0, 4), invalid("ep_world_size", "0", "must be >= 1")),
       config_rule("EpWorldSizeNegative", geometry(-2, 4), invalid("ep_world_size", "-2", "must be >= 1")),
+      config_rule("EpWorldSizeHuge", geometry(2147483647, 4), invalid("ep_world_size", "2147483647", "must be <= 65536")),
       config_rule("EpRankIdNegative", geometry(2, 4, 0, [](GroupConfig& c) { c.ep_rank_id = -1; }),
                   invalid("ep_rank_id", "-1", "must be in [0, ep_world_size = 2)")),
       config_rule("EpRankIdEqualToW", geometry(2, 4, 0, [](GroupConfig& c) { c.ep_rank_id = 2; }),
@@ -932,6 +933,7 @@ std::vector<ConfigRule> config_rules() {
       config_rule("WNotMultipleOfSharedExpertRankNum", geometry(5, 3, 2),
                   invalid("shared_expert_rank_num", "2", "ep_world_size = 5 must be a multiple of it")),
       config_rule("MoeExpertNumZero", geometry(1, 0), invalid("moe_expert_num", "0", "must be >= 1")),
+      config_rule("MoeExpertNumHuge", geometry(1, 2097152), invalid("moe_expert_num", "2097152", "must be <= 1048576")),
       config_rule("MoeExpertNumNegative", geometry(1, -4), invalid("moe_expert_num", "-4", "must be >= 1")),
       config_rule("MoeExpertNumNotMultipleOfMoeRanks", geometry(3, 4),
                   invalid("moe_expert_num", "4", "must be a multiple of ep_world_size - shared_expert_rank_num = 3")),

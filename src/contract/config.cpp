@@ -47,6 +47,8 @@ void validate_config(const GroupConfig& c) {
   const int W = c.ep_world_size;
   const int S = c.shared_expert_rank_num;
   if (W < 1) fail_value("ep_world_size", W, "must be >= 1");
+  // Bounds that keep every count and record size far from overflow (a call record holds W * L counts).
+  if (W > 65536) fail_value("ep_world_size", W, "must be <= 65536");
   if (c.ep_rank_id < 0 || c.ep_rank_id >= W)
     fail_value("ep_rank_id", c.ep_rank_id, concat("must be in [0, ep_world_size = ", W, ")"));
   if (c.tp_world_size < 0 || c.tp_world_size > 2)
@@ -64,6 +66,7 @@ void validate_config(const GroupConfig& c) {
   if (S > 0 && W % S != 0)
     fail_value("shared_expert_rank_num", S, concat("ep_world_size = ", W, " must be a multiple of it"));
   if (c.moe_expert_num < 1) fail_value("moe_expert_num", c.moe_expert_num, "must be >= 1");
+  if (c.moe_expert_num > (1 << 20)) fail_value("moe_expert_num", c.moe_expert_num, "must be <= 1048576");
   if (c.moe_expert_num % (W - S) != 0)
     fail_value("moe_expert_num", c.moe_expert_num,
                concat("must be a multiple of ep_world_size - shared_expert_rank_num = ", W - S));
@@ -102,7 +105,7 @@ CapacityReport capacity(const GroupConfig& config, const CapacityQuery& q) {
   if (q.quant_mode == 1)
     contract::fail(ErrorCode::unsupported, "quant_mode", "1", "static quantization is not supported (0 = none, 2 = dynamic int8)");
   if (q.quant_mode != 0 && q.quant_mode != 2) fail_value("quant_mode", q.quant_mode, "must be 0 (none) or 2 (dynamic int8)");
-  if (config.global_bs != 0 && q.bs * config.ep_world_size > config.global_bs)
+  if (config.global_bs != 0 && contract::sat_mul(q.bs, config.ep_world_size) > config.global_bs)
     fail_value("bs", q.bs, concat("bs * ep_world_size must be <= global_bs = ", config.global_bs));
 
   contract::check_profile_call_limits(config, q.bs, q.k, q.h);
@@ -113,16 +116,22 @@ CapacityReport capacity(const GroupConfig& config, const CapacityQuery& q) {
   CapacityReport r;
   r.global_bs = topo.effective_global_bs(q.bs);
   r.A = layout.capacity_a;
-  r.expand_x_rows = layout.capacity_a * topo.T;
+  r.expand_x_rows = contract::sat_mul(layout.capacity_a, static_cast<std::int64_t>(topo.T));
   r.max_receive_rows = layout.dispatch_rows;
   r.window_bytes = static_cast<std::int64_t>(layout.total_bytes);
   r.output_bytes = static_cast<std::int64_t>(contract::group_output_bytes(topo, shape, config.ep_rank_id));
+  if (r.window_bytes >= contract::kSizeLimit || r.output_bytes >= contract::kSizeLimit) {
+    contract::fail(ErrorCode::capacity, "bs", concat(q.bs),
+                   concat("with k = ", q.k, ", h = ", q.h, " and global_bs = ", config.global_bs, " a rank would need more than 2^62 bytes"));
+  }
   r.total_bytes = r.window_bytes + r.output_bytes;
   // A3 rule [OP-DOC-D1]: 1024*1024*(HCCL_BUFFSIZE-2)/2 >= BS*2*(H+128)*(W*L+K+1), and HCCL_BUFFSIZE >= 2.
-  const std::int64_t need = q.bs * 2 * (q.h + 128) *
-                            (static_cast<std::int64_t>(config.ep_world_size) * local_expert_num(config) + q.k + 1);
+  using contract::sat_add;
+  using contract::sat_mul;
+  const std::int64_t need = sat_mul(sat_mul(sat_mul(q.bs, 2), sat_add(q.h, 128)),
+                                    sat_add(sat_mul(static_cast<std::int64_t>(config.ep_world_size), local_expert_num(config)), q.k + 1));
   const std::int64_t mib = 1024 * 1024;
-  r.ascend_hccl_buffsize_mb = std::max<std::int64_t>(2, 2 + (2 * need + mib - 1) / mib);
+  r.ascend_hccl_buffsize_mb = std::max<std::int64_t>(2, 2 + (sat_mul(need, 2) + mib - 1) / mib);
   return r;
 }
 

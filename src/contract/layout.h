@@ -11,6 +11,28 @@
 
 namespace moedist::contract {
 
+// Saturating arithmetic for sizes: shapes come from callers and from peers' records, and a product
+// that overflowed would wrap to a small size (and a window too small for what is then written). A
+// saturated size is larger than any window, so every check against one fails and no address is formed.
+inline constexpr std::int64_t kSizeLimit = std::int64_t{1} << 62;
+inline std::int64_t sat_mul(std::int64_t a, std::int64_t b) noexcept {
+  if (a <= 0 || b <= 0) return 0;  // sizes are never negative
+  std::int64_t r = 0;
+  return __builtin_mul_overflow(a, b, &r) || r > kSizeLimit ? kSizeLimit : r;
+}
+inline std::int64_t sat_add(std::int64_t a, std::int64_t b) noexcept {
+  std::int64_t r = 0;
+  return __builtin_add_overflow(a, b, &r) || r > kSizeLimit ? kSizeLimit : r;
+}
+inline std::size_t sat_mul(std::size_t a, std::size_t b) noexcept {
+  std::size_t r = 0;
+  return __builtin_mul_overflow(a, b, &r) || r > static_cast<std::size_t>(kSizeLimit) ? static_cast<std::size_t>(kSizeLimit) : r;
+}
+inline std::size_t sat_add(std::size_t a, std::size_t b) noexcept {
+  std::size_t r = 0;
+  return __builtin_add_overflow(a, b, &r) || r > static_cast<std::size_t>(kSizeLimit) ? static_cast<std::size_t>(kSizeLimit) : r;
+}
+
 struct CallShape {
   std::int64_t bs = 0;  // this rank's tokens
   std::int64_t k = 0;
@@ -41,11 +63,11 @@ class Topology {
   // Entries of a send-count record: rows per (destination EP rank d, local expert l), index d * L + l.
   int count_record_len() const noexcept { return W * L; }
   int ep_recv_counts_len(int ep) const noexcept { return W * local_experts(ep) * (T == 2 ? 2 : 1); }
-  std::int64_t effective_global_bs(std::int64_t bs) const noexcept { return global_bs != 0 ? global_bs : bs * W; }
+  std::int64_t effective_global_bs(std::int64_t bs) const noexcept { return global_bs != 0 ? global_bs : sat_mul(bs, W); }
   // The contract's A: shared rank global_bs / S, MoE rank global_bs * min(L, K).
   std::int64_t capacity_a(int ep, std::int64_t bs, std::int64_t k) const noexcept {
     const std::int64_t gbs = effective_global_bs(bs);
-    return is_shared(ep) ? gbs / S : gbs * std::min<std::int64_t>(L, k);
+    return is_shared(ep) ? gbs / S : sat_mul(gbs, std::min<std::int64_t>(L, k));
   }
   // The most rows rank `ep` can really receive in its EP group. On a MoE rank that is A. On a
   // shared-expert rank A = global_bs / S is exact when every rank has the same BS, but ranks with
@@ -56,7 +78,7 @@ class Topology {
     const std::int64_t a = capacity_a(ep, bs, k);
     if (!is_shared(ep)) return a;
     const std::int64_t max_bs = effective_global_bs(bs) / W;
-    return std::max(a, max_bs + (W - S) * ((max_bs + S - 1) / S));
+    return std::max(a, sat_add(max_bs, sat_mul(static_cast<std::int64_t>(W - S), sat_add(max_bs, S - 1) / S)));
   }
 };
 
@@ -71,18 +93,18 @@ struct WindowLayout {
   WindowLayout(const Topology& topo, const CallShape& shape, int ep) {
     capacity_a = topo.capacity_a(ep, shape.bs, shape.k);
     receive_rows = topo.receive_rows(ep, shape.bs, shape.k);
-    dispatch_rows = receive_rows * topo.T;
+    dispatch_rows = sat_mul(receive_rows, static_cast<std::int64_t>(topo.T));
     const auto rows = static_cast<std::size_t>(dispatch_rows);
     const auto h = static_cast<std::size_t>(shape.h);
     comm_quant_groups = (h + 7) / 8;
     expand_x_offset = 0;
-    dynamic_scales_offset = align_up(expand_x_offset + rows * h * 2, 64);
-    expand_scales_offset = align_up(dynamic_scales_offset + rows * 4, 64);
-    combine_row_bytes = std::max(h * 2, align_up(comm_quant_groups * 2 + h, 2));
-    combine_rows_offset = align_up(expand_scales_offset + rows * 4, 64);
+    dynamic_scales_offset = align_up(sat_add(expand_x_offset, sat_mul(sat_mul(rows, h), std::size_t{2})), 64);
+    expand_scales_offset = align_up(sat_add(dynamic_scales_offset, sat_mul(rows, std::size_t{4})), 64);
+    combine_row_bytes = std::max(sat_mul(h, std::size_t{2}), align_up(sat_add(comm_quant_groups * 2, h), 2));
+    combine_rows_offset = align_up(sat_add(expand_scales_offset, sat_mul(rows, std::size_t{4})), 64);
     const auto own_rows = static_cast<std::size_t>(receive_rows);
-    tp_inbox_offset = align_up(combine_rows_offset + own_rows * combine_row_bytes, 64);
-    total_bytes = align_up(tp_inbox_offset + (topo.T == 2 ? own_rows * h * 2 : 0), 64);
+    tp_inbox_offset = align_up(sat_add(combine_rows_offset, sat_mul(own_rows, combine_row_bytes)), 64);
+    total_bytes = align_up(sat_add(tp_inbox_offset, topo.T == 2 ? sat_mul(sat_mul(own_rows, h), std::size_t{2}) : 0), 64);
   }
 
   std::int64_t capacity_a = 0;     // the contract's A
@@ -97,11 +119,12 @@ struct WindowLayout {
 // Bytes of the outputs a group keeps outside its window (expand_idx, counts, the combine output and
 // the count-exchange buffers).
 inline std::size_t group_output_bytes(const Topology& topo, const CallShape& s, int ep) noexcept {
-  const auto bsk = static_cast<std::size_t>(s.bs * s.k);
+  const auto bsk = static_cast<std::size_t>(sat_mul(s.bs, s.k));
   const std::size_t record = 64 + static_cast<std::size_t>(topo.count_record_len()) * 4;
-  return bsk * 4 * 2 + static_cast<std::size_t>(topo.local_experts(ep)) * 8 +
-         static_cast<std::size_t>(topo.ep_recv_counts_len(ep)) * 4 + 8 +
-         static_cast<std::size_t>(s.bs * s.h) * 2 + record * static_cast<std::size_t>(topo.world_size() + 1);
+  std::size_t total = sat_mul(bsk, std::size_t{8});
+  total = sat_add(total, static_cast<std::size_t>(topo.local_experts(ep)) * 8 + static_cast<std::size_t>(topo.ep_recv_counts_len(ep)) * 4 + 8);
+  total = sat_add(total, sat_mul(static_cast<std::size_t>(sat_mul(s.bs, s.h)), std::size_t{2}));
+  return sat_add(total, record * static_cast<std::size_t>(topo.world_size() + 1));
 }
 
 }  // namespace moedist::contract

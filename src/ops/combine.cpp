@@ -206,8 +206,12 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
     const int gd = topo.global_rank(d, my_tp);
     const StepRecord& published = s.steps[static_cast<std::size_t>(gd)];
     const std::int64_t held = s.header(gd).own_rows;
+    // Without a product that could overflow: offset and row size within the window, and room for the rows.
+    const std::size_t window_bytes = s.transport->window_size(gd);
     if (published.row_bytes < static_cast<std::int64_t>(min_row_bytes) || published.rows_offset < 0 ||
-        static_cast<std::size_t>(published.rows_offset) + static_cast<std::size_t>(held * published.row_bytes) > s.transport->window_size(gd)) {
+        static_cast<std::uint64_t>(published.rows_offset) > window_bytes || static_cast<std::uint64_t>(published.row_bytes) > window_bytes ||
+        (held > 0 && (window_bytes - static_cast<std::size_t>(published.rows_offset)) / static_cast<std::size_t>(published.row_bytes) <
+                         static_cast<std::size_t>(held))) {
       throw PeerError(ErrorCode::protocol, gd, "combine.data",
                       concat("rank ", me, ": rank ", gd, " published its rows at offset ", published.rows_offset, " with ",
                              published.row_bytes, "-byte rows, outside its window"));

@@ -171,6 +171,11 @@ void Group::State::ensure_windows(const char* phase) {
   std::size_t mine = 0;
   for (int r = 0; r < transport->size(); ++r) {
     const contract::WindowLayout layout(topo, shape_of(r), ep_of(r));
+    if (layout.total_bytes >= static_cast<std::size_t>(contract::kSizeLimit)) {  // checked on every rank alike
+      throw PeerError(ErrorCode::capacity, r, phase,
+                      concat("rank ", me(), ": the call of rank ", r, " (BS ", header(r).bs, ", K ", header(r).k, ", H ", header(r).h,
+                             ", global_bs ", config.global_bs, ") would need a window of more than 2^62 bytes"));
+    }
     if (static_cast<std::int64_t>(layout.total_bytes) > header(r).window_bytes) grow = true;
     if (r == me()) mine = layout.total_bytes;
   }
