@@ -777,8 +777,14 @@ std::vector<CombineRule> single_rank_combine_rules() {
                      invalid("out", "(3, 16)", "shares memory with the input expand_x: outputs must not alias inputs")),
       single_combine("OutOverlapsExpertScalesTail",
                      [](CombineCall& c) {
-                       // The out buffer starts inside expert_scales' last row: a partial overlap still counts.
-                       c.options.out.data = const_cast<float*>(c.expert_scales.ptr<float>(2, 1));
+                       // expert_scales (3 x 2 fp32) moved into the last 24 bytes of a (3, 16) bf16 buffer that is
+                       // also `out`: a partial overlap counts, and nothing else lies in that buffer.
+                       Tensor shared(DType::bf16, 3, 16);
+                       auto* tail = reinterpret_cast<float*>(shared.data<std::uint16_t>() + 3 * 16) - 6;
+                       for (int i = 0; i < 6; ++i) tail[i] = c.expert_scales.at<float>(i / 2, i % 2);
+                       c.expert_scales = matrix_view(static_cast<const void*>(tail), DType::fp32, 3, 2);
+                       c.options.out = matrix_view(shared.raw(), DType::bf16, 3, 16);
+                       c.own(std::move(shared));
                      },
                      invalid("out", "(3, 16)", "shares memory with the input expert_scales: outputs must not alias inputs")),
   };
