@@ -215,12 +215,25 @@ void MpiTransport::send_notices(int lost, const std::string& how) {
   if (!shm_ || lost < 0 || lost >= size_ || !notices_.empty()) return;  // before joining finished there is nobody to tell
   Notice& n = notices_.emplace_back(Notice{lost, {}});
   std::strncpy(n.how, how.c_str(), sizeof n.how - 1);
+  std::vector<MPI_Request> sent;
   for (int r = 0; r < size_; ++r) {
     if (r == rank_ || r == lost) continue;
     MPI_Request req = MPI_REQUEST_NULL;
     if (MPI_Isend(&n, sizeof n, MPI_BYTE, comm_rank_of_[static_cast<std::size_t>(r)], tag_limit_, comm_, &req) == MPI_SUCCESS) {
-      MPI_Request_free(&req);  // best effort: nobody waits for a notice, and this transport is failing
+      sent.push_back(req);
     }
+  }
+  // Push the notices out before this rank leaves the group (and its host-mates see its connection
+  // close): a notice still queued here would let them blame this rank instead of the one it lost. A
+  // notice is small, so it completes as soon as it is copied out; an unreachable peer is not waited for.
+  const Clock::time_point until = Clock::now() + std::chrono::milliseconds(200);
+  int done = 0;
+  while (!sent.empty() && done == 0 && Clock::now() < until) {
+    if (MPI_Testall(static_cast<int>(sent.size()), sent.data(), &done, MPI_STATUSES_IGNORE) != MPI_SUCCESS) break;
+    if (done == 0) sched_yield();
+  }
+  for (MPI_Request& req : sent) {
+    if (req != MPI_REQUEST_NULL) MPI_Request_free(&req);
   }
 }
 
@@ -230,6 +243,7 @@ void MpiTransport::watch_peers(std::vector<Pending>& pending, const std::vector<
   last_watch_ = now;
   // Another rank's notice: it lost a rank (its host-mate died, or a wait timed out). Every call needs
   // every rank, so the group is broken; name the rank it lost, the cause, not whoever left after it.
+  const auto read_notices = [&] {
   for (;;) {
     int flag = 0;
     MPI_Status status;
@@ -249,6 +263,8 @@ void MpiTransport::watch_peers(std::vector<Pending>& pending, const std::vector<
     fail(PeerError(ErrorCode::peer_lost, cause_, std::string(phase),
                    concat("rank ", rank_, ": ", describe(cause_), " was lost in phase '", phase, "', as another rank reported: ", cause_how_)));
   }
+  };
+  read_notices();
   // A host-mate this rank still waits for, whose shared-memory connection closed, has exited or was
   // killed. One that finished its part and left (the normal end of a group) is no failure; nor is one
   // whose message just arrived: test before concluding.
@@ -264,6 +280,9 @@ void MpiTransport::watch_peers(std::vector<Pending>& pending, const std::vector<
       waiting = waiting || flag == 0;
     }
     if (waiting) {
+      // A host-mate that left because it lost another rank told everyone before its connection closed:
+      // that notice, if there is one, names the cause.
+      read_notices();
       fail(PeerError(ErrorCode::peer_lost, g, std::string(phase),
                      concat("rank ", rank_, ": ", describe(g), " exited or was killed in phase '", phase,
                             "' (its shared-memory connection closed)")));
