@@ -843,16 +843,19 @@ TEST(ShmFault, ThousandConsecutiveCallsWithChangingShapesMatchTheOracle) {
 
 // ----- descriptors -----
 
-int open_fds() {
+// Entries of a /proc directory (descriptors, threads), -1 if it cannot be read.
+int entries_of(const char* dir) {
   int n = 0;
-  DIR* d = ::opendir("/proc/self/fd");
+  DIR* d = ::opendir(dir);
   if (d == nullptr) return -1;
   while (const dirent* e = ::readdir(d)) {
     if (e->d_name[0] != '.') ++n;
   }
   ::closedir(d);
-  return n - 1;  // the directory's own descriptor
+  return n;
 }
+
+int open_fds() { return entries_of("/proc/self/fd") - 1; }  // less the directory's own descriptor
 
 TEST(ShmFault, NoDescriptorLeaksAcrossJoinCallsAndDestruction) {
   const FaultConfig& fc = kFaultConfigs[1];
@@ -890,16 +893,7 @@ TEST(ShmFault, NoDescriptorLeaksAcrossJoinCallsAndDestruction) {
 
 // ----- random kills, then the survivors rebuild -----
 
-int threads_now() {
-  int n = 0;
-  DIR* d = ::opendir("/proc/self/task");
-  if (d == nullptr) return -1;
-  while (const dirent* e = ::readdir(d)) {
-    if (e->d_name[0] != '.') ++n;
-  }
-  ::closedir(d);
-  return n;
-}
+int threads_now() { return entries_of("/proc/self/task"); }
 
 // 100 rounds: a random configuration, victim, phase and occurrence of that phase (the window phases
 // happen in the first call only). Every survivor must raise peer_lost naming the victim within the
