@@ -4,6 +4,8 @@
 // traffic counters.
 #include <gtest/gtest.h>
 
+#include "moedist/version.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -885,6 +887,16 @@ INSTANTIATE_TEST_SUITE_P(Groups, TrafficCounts,
                          ::testing::Values(geometry(4, 8, 0, 0, 16), geometry(4, 6, 1, 0, 16), geometry(4, 2, 2, 0, 12),
                                            geometry(2, 2, 0, 2, 8)),
                          traffic_name);
+
+// `moedist --version` tells whether this build has MPI support (and which MPI), in either case.
+TEST(Version, SaysWhetherMpiSupportIsOn) {
+  const std::string text = version_string();
+#ifdef MOEDIST_HAVE_MPI
+  EXPECT_NE(text.find("transports: inproc, shm, mpi; MPI support on: "), std::string::npos) << text;
+#else
+  EXPECT_NE(text.find("transports: inproc, shm; MPI support off: built without MPI"), std::string::npos) << text;
+#endif
+}
 
 }  // namespace
 }  // namespace moedist::testing

@@ -264,6 +264,10 @@ PYBIND11_MODULE(_moedist, m) {
       py::arg("comm_handle"), py::arg("config"), py::arg("timeout_ms"));
 #endif
   m.def("new_job_name", &new_job_name);
+  // Where the operators would read a tensor (its first element), for the tests that show no copy is made.
+  m.def("view_address", [](py::handle obj, bool as_bfloat16) {
+    return reinterpret_cast<std::uintptr_t>(borrow(obj, "tensor", as_bfloat16).view.data);
+  }, py::arg("tensor"), py::arg("as_bfloat16") = false);
   m.def("launch_environment", [] {
     const LaunchEnvironment env = launch_environment();
     py::dict d;

@@ -55,10 +55,13 @@ int main(int argc, char** argv) {
   limits.max_bs = 5;
   limits.max_k = 8;
   long checked = 0, mismatches = 0;
+  int with_tp = 0, with_shared = 0;
   std::int64_t between_hosts = 0, between_hosts_flat = 0;
   for (int i = 0; i < configs; ++i) {
     std::mt19937_64 rng(seed + static_cast<std::uint64_t>(i));
     casefile::Case c = testing::random_case(rng, limits);
+    with_tp += c.tp_world_size == 2 ? 1 : 0;
+    with_shared += c.shared_expert_rank_num > 0 ? 1 : 0;
     try {
       // Alternate the two factories; both place comm rank g at global rank g.
       std::unique_ptr<Group> group;
@@ -102,9 +105,15 @@ int main(int argc, char** argv) {
   MPI_Reduce(bytes, byte_sums, 2, MPI_INT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
   long failed = 0;
   MPI_Allreduce(&mismatches, &failed, 1, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
+  // The draws are the same on every rank and fixed by the seed: a run that drew no TP pair (where
+  // hosts allow one) or no shared-expert rank has not tested them, which counts as a failure.
+  const bool tp_possible = limits.allow_tp && world % 2 == 0;
+  const bool covered = with_shared > 0 && (!tp_possible || with_tp > 0);
+  if (!covered) failed += 1;
   if (rank == 0) {
-    std::printf("mpi oracle check: %d ranks, %d per host (%d hosts), %d configurations x %d calls: %ld rank outputs compared, %ld mismatches: %s\n",
-                world, rpn, (world + rpn - 1) / rpn, configs, calls, sums[0], sums[1], failed == 0 ? "PASS" : "FAIL");
+    std::printf("mpi oracle check: %d ranks, %d per host (%d hosts), %d configurations (%d with TP, %d with shared experts) x %d calls: "
+                "%ld rank outputs compared, %ld mismatches: %s\n",
+                world, rpn, (world + rpn - 1) / rpn, configs, with_tp, with_shared, calls, sums[0], sums[1], failed == 0 ? "PASS" : "FAIL");
     std::printf("bytes between hosts: %lld node-aware, %lld with a flat all-to-all\n", static_cast<long long>(byte_sums[0]),
                 static_cast<long long>(byte_sums[1]));
   }
