@@ -279,12 +279,12 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
         if (in.left() % sizeof(RowRequest) != 0) bad(concat("a request of ", in.left(), " bytes, not a whole number of rows"));
         RowRequest target{};
         while (in.read(&target)) {
-          const bool shared = target.code < 0;
-          if (shared ? -1 - static_cast<std::int64_t>(target.code) >= topo.S : target.code >= topo.E) bad(concat("expert code ", target.code));
-          const int d = shared ? -1 - target.code : topo.expert_rank(target.code);
+          ExpertPlace place;
+          if (!decode_expert(topo, target.code, &place)) bad(concat("expert code ", target.code));
+          const int d = place.ep;
           if (host_of_ep(d) != my_host) bad(concat("the rows of EP rank ", d, ", which is not on this host"));
           const std::int32_t* table = s.counts(topo.global_rank(d, my_tp));
-          const int index = (shared ? 0 : topo.expert_local(target.code)) * topo.W + s.ep_of(r);
+          const int index = place.local * topo.W + s.ep_of(r);
           const std::int64_t begin = block_begin(table, index);
           if (target.slot < 0 || target.slot >= table[index] - begin) {
             bad(concat("slot ", target.slot, " of expert code ", target.code, ", outside its ", table[index] - begin, " rows"));

@@ -88,9 +88,9 @@ void write_carried_rows(Group::State& s, const std::vector<Destination>& dests, 
       for (std::int32_t t = 0; t < entry.targets; ++t) {
         const RemoteTarget& target = targets[static_cast<std::size_t>(t)];
         const bool shared = target.code < 0;
-        if (shared ? -1 - static_cast<std::int64_t>(target.code) >= topo.S : target.code >= topo.E) bad(concat("expert code ", target.code, " is out of range"));
-        const int d = shared ? -1 - target.code : topo.expert_rank(target.code);
-        const int l = shared ? 0 : topo.expert_local(target.code);
+        ExpertPlace place;
+        if (!decode_expert(topo, target.code, &place)) bad(concat("expert code ", target.code, " is out of range"));
+        const int d = place.ep, l = place.local;
         const Destination& dest = dests[static_cast<std::size_t>(d)];
         if (!dest.local) bad(concat("expert code ", target.code, " lives on EP rank ", d, ", which is not on this host"));
         const std::size_t record_entry = static_cast<std::size_t>(d * topo.L + l);

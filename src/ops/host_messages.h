@@ -41,6 +41,23 @@ struct RowRequest {
 
 inline std::int32_t shared_expert_code(int shared_rank) noexcept { return -1 - shared_rank; }
 
+// Where an expert code from a peer points: its EP rank and local expert. False when the code names
+// no expert of the topology (checked before any index is formed from it).
+struct ExpertPlace {
+  int ep = 0;
+  int local = 0;
+};
+inline bool decode_expert(const contract::Topology& topo, std::int32_t code, ExpertPlace* out) noexcept {
+  if (code < 0) {
+    if (-1 - static_cast<std::int64_t>(code) >= topo.S) return false;
+    *out = ExpertPlace{-1 - code, 0};
+    return true;
+  }
+  if (code >= topo.E) return false;
+  *out = ExpertPlace{topo.expert_rank(code), topo.expert_local(code)};
+  return true;
+}
+
 // Bytes of one dispatch payload row; a multiple of 4, so every field of a message stays aligned.
 inline std::size_t payload_stride(bool quant, std::int64_t h) noexcept {
   return quant ? 4 + contract::align_up(static_cast<std::size_t>(h), 4) : contract::align_up(static_cast<std::size_t>(h) * 2, 4);

@@ -178,9 +178,7 @@ MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
                                                local_index_[static_cast<std::size_t>(rank_)], static_cast<int>(local_ranks_.size()),
                                                shm_options);
   } catch (const PeerError& e) {
-    const int peer = e.peer() >= 0 && e.peer() < static_cast<int>(local_ranks_.size()) ? local_ranks_[static_cast<std::size_t>(e.peer())] : -1;
-    fail(PeerError(e.code(), peer, e.phase(), concat(e.what(), " (within ", host_names_[static_cast<std::size_t>(host_of(rank_))],
-                                                        ", where shared-memory rank i is group rank ", local_ranks_.front(), " + i)")));
+    fail_from_host(e);
   }
   SizeNote note{shm_->window_size(local_index_[static_cast<std::size_t>(rank_)]), 0};
   std::vector<SizeNote> notes(static_cast<std::size_t>(size_));
@@ -313,6 +311,12 @@ void MpiTransport::fail(const PeerError& error) {
   }
   pending_.clear();
   throw error;
+}
+
+void MpiTransport::fail_from_host(const PeerError& e) {
+  const int peer = e.peer() >= 0 && e.peer() < static_cast<int>(local_ranks_.size()) ? local_ranks_[static_cast<std::size_t>(e.peer())] : -1;
+  fail(PeerError(e.code(), peer, e.phase(), concat(e.what(), " (within ", host_names_[static_cast<std::size_t>(host_of(rank_))],
+                                                      ", where shared-memory rank i is group rank ", local_ranks_.front(), " + i)")));
 }
 
 void MpiTransport::check(int result, int peer, std::string_view phase, const char* call) {
@@ -477,11 +481,7 @@ void MpiTransport::resize_window(std::size_t bytes, std::string_view phase) {
     shm_->resize_window(bytes, phase);
     note.bytes = shm_->window_size(local_index_[static_cast<std::size_t>(rank_)]);
   } catch (const PeerError& e) {
-    if (e.code() != ErrorCode::capacity) {
-      const int peer = e.peer() >= 0 && e.peer() < static_cast<int>(local_ranks_.size()) ? local_ranks_[static_cast<std::size_t>(e.peer())] : -1;
-      fail(PeerError(e.code(), peer, e.phase(), concat(e.what(), " (within ", host_names_[static_cast<std::size_t>(host_of(rank_))],
-                                                          ", where shared-memory rank i is group rank ", local_ranks_.front(), " + i)")));
-    }
+    if (e.code() != ErrorCode::capacity) fail_from_host(e);
     note.status = static_cast<std::int64_t>(e.code());  // an allocation failed on this host: tell every host
   }
   std::vector<SizeNote> notes(static_cast<std::size_t>(size_));

@@ -51,6 +51,8 @@ class MpiTransport final : public Transport {
   // Called with the group rank of a peer whose message has not come by the deadline.
   [[noreturn]] void time_out(int peer, std::string_view phase);
   [[noreturn]] void fail(const PeerError& error);
+  // Fails with an error of the host's shared-memory transport, its peer named by group rank.
+  [[noreturn]] void fail_from_host(const PeerError& error);
   void require_usable(std::string_view phase) const;
   std::string describe(int rank) const;
   void sleep_step(std::chrono::steady_clock::time_point started) const;
