@@ -4,6 +4,7 @@ MOEDIST_CMAKE_BUILD_DIR names an existing CMake build tree to build the extensio
 release tree, so that nothing is compiled twice); otherwise a tree under setuptools' build_temp is
 configured with this interpreter."""
 import glob
+import hashlib
 import os
 import shutil
 import subprocess
@@ -17,7 +18,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
-        build_dir = os.environ.get("MOEDIST_CMAKE_BUILD_DIR") or os.path.join(os.path.abspath(self.build_temp), "cmake")
+        # One CMake tree per interpreter: a tree configured for another Python (a venv since deleted)
+        # would keep that interpreter in its cache.
+        tag = hashlib.sha1(sys.executable.encode()).hexdigest()[:12]
+        build_dir = os.environ.get("MOEDIST_CMAKE_BUILD_DIR") or os.path.join(os.path.abspath(self.build_temp), "cmake-" + tag)
         if not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
             generator = ["-G", "Ninja"] if shutil.which("ninja") else []
             subprocess.check_call(["cmake", "-S", HERE, "-B", build_dir, *generator, "-DCMAKE_BUILD_TYPE=RelWithDebInfo",

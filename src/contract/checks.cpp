@@ -109,7 +109,7 @@ void check_expert_ids(const TensorView& ids, int E) {
 
 // Shape rules shared by dispatch and combine: expert_ids (BS, K) int32 with 1 <= K <= E, and the
 // per-call limits of the Ascend profiles.
-void check_ids_and_profile(const GroupConfig& c, const TensorView& ids, std::int64_t h) {
+void check_ids_and_profile(const GroupConfig& c, const TensorView& ids, std::int64_t h, Values values) {
   require_present("expert_ids", ids);
   require_ndim("expert_ids", ids, 2);
   require_dtype("expert_ids", ids, DType::int32);
@@ -121,7 +121,36 @@ void check_ids_and_profile(const GroupConfig& c, const TensorView& ids, std::int
     fail_value("global_bs", c.global_bs,
                concat("must be >= BS * ep_world_size = ", bs, " * ", c.ep_world_size, " (BS of this rank is ", bs, ")"));
   check_profile_call_limits(c, bs, k, h);
-  check_expert_ids(ids, c.moe_expert_num);
+  if (values == Values::on_host) check_expert_ids(ids, c.moe_expert_num);
+}
+
+void check_reserved_combine_options(const CombineOptions& o) {
+  require_absent("x_active_mask", o.x_active_mask, "is reserved in the V1 operators and must be None");
+  require_absent("activation_scale", o.activation_scale, "is reserved and must be None");
+  require_absent("weight_scale", o.weight_scale, "is reserved and must be None");
+  require_absent("group_list", o.group_list, "is reserved and must be None");
+  require_absent("shared_expert_x", o.shared_expert_x, "is reserved in the V1 operators and must be None");
+  if (o.out_dtype != 0) fail_value("out_dtype", o.out_dtype, "is reserved and must be 0");
+  if (o.group_list_type != 0) fail_value("group_list_type", o.group_list_type, "is reserved and must be 0");
+}
+
+// expand_scales (accepted, not used) and the caller's output buffer; `needed` rows of expand_scales.
+void check_combine_side_buffers(const TensorView& expand_x, const TensorView& ids, const TensorView& expand_idx,
+                                const TensorView& ep_send_counts, const TensorView& expert_scales, const CombineOptions& o,
+                                std::int64_t bs, std::int64_t h, std::int64_t needed) {
+  if (o.expand_scales.present()) {
+    require_dtype("expand_scales", o.expand_scales, DType::fp32);
+    require_vector_min("expand_scales", o.expand_scales, needed);
+    require_data("expand_scales", o.expand_scales);
+  }
+  if (o.out.present()) {
+    require_dtype("out", o.out, expand_x.dtype);
+    require_matrix("out", o.out, bs, h);
+    require_data("out", o.out);
+    require_no_alias("out", o.out, {{"expand_x", expand_x}, {"expert_ids", ids}, {"expand_idx", expand_idx},
+                                    {"ep_send_counts", ep_send_counts}, {"expert_scales", expert_scales},
+                                    {"tp_send_counts", o.tp_send_counts}});
+  }
 }
 
 }  // namespace
@@ -138,7 +167,8 @@ void check_profile_call_limits(const GroupConfig& c, std::int64_t bs, std::int64
   }
 }
 
-CallShape check_dispatch(const GroupConfig& c, const TensorView& x, const TensorView& ids, const DispatchOptions& o) {
+CallShape check_dispatch(const GroupConfig& c, const TensorView& x, const TensorView& ids, const DispatchOptions& o,
+                         Values values) {
   require_present("x", x);
   require_ndim("x", x, 2);
   require_half("x", x);
@@ -149,7 +179,7 @@ CallShape check_dispatch(const GroupConfig& c, const TensorView& x, const Tensor
   require_ndim("expert_ids", ids, 2);
   if (ids.rows() != bs)
     fail(ErrorCode::invalid_shape, "expert_ids.shape", shape_text(ids), concat("must have BS = x.shape[0] = ", bs, " rows"));
-  check_ids_and_profile(c, ids, h);
+  check_ids_and_profile(c, ids, h, values);
   const std::int64_t k = ids.cols();
 
   if (o.quant_mode == 1)
@@ -226,21 +256,23 @@ CallShape check_dispatch(const GroupConfig& c, const TensorView& x, const Tensor
 
 CallShape check_combine(const GroupConfig& c, const TensorView& expand_x, const TensorView& ids,
                         const TensorView& expand_idx, const TensorView& ep_send_counts,
-                        const TensorView& expert_scales, const CombineOptions& o, CombineCounts* counts) {
+                        const TensorView& expert_scales, const CombineOptions& o, CombineCounts* counts,
+                        Values values) {
   require_present("expand_x", expand_x);
   require_ndim("expand_x", expand_x, 2);
   require_half("expand_x", expand_x);
   require_data("expand_x", expand_x);
   const std::int64_t h = expand_x.cols();
   if (h < 1) fail(ErrorCode::invalid_shape, "expand_x.shape[1] (H)", concat(h), "must be >= 1");
-  check_ids_and_profile(c, ids, h);
+  check_ids_and_profile(c, ids, h, values);
   const std::int64_t bs = ids.rows(), k = ids.cols();
+  const bool read_values = values == Values::on_host;
 
   require_present("expand_idx", expand_idx);
   require_dtype("expand_idx", expand_idx, DType::int32);
   require_vector_len("expand_idx", expand_idx, bs * k);
   require_data("expand_idx", expand_idx);
-  for (std::int64_t t = 0; t < bs * k; ++t) {
+  for (std::int64_t t = 0; read_values && t < bs * k; ++t) {
     const std::int32_t v = expand_idx.at<std::int32_t>(t);
     if (v < 0) fail_value(concat("expand_idx[", t, "]"), v, "must be >= 0 (use dispatch's expand_idx)");
   }
@@ -257,6 +289,22 @@ CallShape check_combine(const GroupConfig& c, const TensorView& expand_x, const 
   require_dtype("ep_send_counts", ep_send_counts, DType::int32);
   require_vector_min("ep_send_counts", ep_send_counts, full_len);
   require_data("ep_send_counts", ep_send_counts);
+  if (o.comm_quant_mode != 0 && o.comm_quant_mode != 2)
+    fail_value("comm_quant_mode", o.comm_quant_mode, "must be 0 (none) or 2 (int8)");
+  if (o.comm_quant_mode != 0 && c.tp_world_size == 2)
+    fail_value("comm_quant_mode", o.comm_quant_mode, "must be 0 with a TP domain (tp_world_size = 2)");
+  if (topo.T == 2) {
+    require_present("tp_send_counts", o.tp_send_counts);
+    require_dtype("tp_send_counts", o.tp_send_counts, DType::int32);
+    require_vector_len("tp_send_counts", o.tp_send_counts, 2);
+    require_data("tp_send_counts", o.tp_send_counts);
+  }
+  check_reserved_combine_options(o);
+  if (!read_values) {  // the GPU checks the counts against dispatch's
+    counts->own_rows = counts->peer_rows = -1;
+    check_combine_side_buffers(expand_x, ids, expand_idx, ep_send_counts, expert_scales, o, bs, h, 0);
+    return CallShape{bs, k, h};
+  }
   // Each half is an inclusive prefix sum: non-negative and non-decreasing.
   for (int half = 0; half * own_len < full_len; ++half) {
     std::int32_t prev = 0;
@@ -286,10 +334,6 @@ CallShape check_combine(const GroupConfig& c, const TensorView& expand_x, const 
                concat("on a shared-expert rank it must equal this rank's BS = ", bs, " (its own rows come first)"));
 
   if (topo.T == 2) {
-    require_present("tp_send_counts", o.tp_send_counts);
-    require_dtype("tp_send_counts", o.tp_send_counts, DType::int32);
-    require_vector_len("tp_send_counts", o.tp_send_counts, 2);
-    require_data("tp_send_counts", o.tp_send_counts);
     const std::int32_t self = o.tp_send_counts.at<std::int32_t>(c.tp_rank_id);
     const std::int32_t peer = o.tp_send_counts.at<std::int32_t>(1 - c.tp_rank_id);
     if (self != counts->own_rows || peer != counts->peer_rows)
@@ -297,30 +341,7 @@ CallShape check_combine(const GroupConfig& c, const TensorView& expand_x, const 
            concat("must match ep_send_counts (own rows ", counts->own_rows, " at tp_rank_id ", c.tp_rank_id, ", peer rows ", counts->peer_rows, ")"));
   }
 
-  if (o.comm_quant_mode != 0 && o.comm_quant_mode != 2)
-    fail_value("comm_quant_mode", o.comm_quant_mode, "must be 0 (none) or 2 (int8)");
-  if (o.comm_quant_mode != 0 && c.tp_world_size == 2)
-    fail_value("comm_quant_mode", o.comm_quant_mode, "must be 0 with a TP domain (tp_world_size = 2)");
-  require_absent("x_active_mask", o.x_active_mask, "is reserved in the V1 operators and must be None");
-  require_absent("activation_scale", o.activation_scale, "is reserved and must be None");
-  require_absent("weight_scale", o.weight_scale, "is reserved and must be None");
-  require_absent("group_list", o.group_list, "is reserved and must be None");
-  require_absent("shared_expert_x", o.shared_expert_x, "is reserved in the V1 operators and must be None");
-  if (o.out_dtype != 0) fail_value("out_dtype", o.out_dtype, "is reserved and must be 0");
-  if (o.group_list_type != 0) fail_value("group_list_type", o.group_list_type, "is reserved and must be 0");
-  if (o.expand_scales.present()) {
-    require_dtype("expand_scales", o.expand_scales, DType::fp32);
-    require_vector_min("expand_scales", o.expand_scales, needed);
-    require_data("expand_scales", o.expand_scales);
-  }
-  if (o.out.present()) {
-    require_dtype("out", o.out, expand_x.dtype);
-    require_matrix("out", o.out, bs, h);
-    require_data("out", o.out);
-    require_no_alias("out", o.out, {{"expand_x", expand_x}, {"expert_ids", ids}, {"expand_idx", expand_idx},
-                                    {"ep_send_counts", ep_send_counts}, {"expert_scales", expert_scales},
-                                    {"tp_send_counts", o.tp_send_counts}});
-  }
+  check_combine_side_buffers(expand_x, ids, expand_idx, ep_send_counts, expert_scales, o, bs, h, needed);
   return CallShape{bs, k, h};
 }
 

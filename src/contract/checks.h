@@ -12,21 +12,27 @@
 
 namespace moedist::contract {
 
+// Where a call's tensors live. Values in device memory (the CUDA backend) cannot be read here: the
+// rules about them (id ranges, counts) are checked on the GPU instead, and only shapes, dtypes and
+// options are checked on the host.
+enum class Values : std::uint8_t { on_host, on_device };
+
 // The per-call limits of the opt-in Ascend profiles (H, K, BS); nothing for Profile::portable.
 void check_profile_call_limits(const GroupConfig& config, std::int64_t bs, std::int64_t k, std::int64_t h);
 
 // Checks x, expert_ids, the options and any caller output buffers. Returns the call shape.
 CallShape check_dispatch(const GroupConfig& config, const TensorView& x, const TensorView& expert_ids,
-                         const DispatchOptions& options);
+                         const DispatchOptions& options, Values values = Values::on_host);
 
 struct CombineCounts {
-  std::int64_t own_rows = 0;   // rows of expand_x that came from this rank's EP group (n_self)
-  std::int64_t peer_rows = 0;  // rows that came from the TP peer (n_peer; 0 without TP)
+  std::int64_t own_rows = 0;   // rows of expand_x that came from this rank's EP group (n_self); -1 on device
+  std::int64_t peer_rows = 0;  // rows that came from the TP peer (n_peer; 0 without TP); -1 on device
 };
 
 // Checks the combine arguments; returns the call shape and the row counts read from ep_send_counts.
 CallShape check_combine(const GroupConfig& config, const TensorView& expand_x, const TensorView& expert_ids,
                         const TensorView& expand_idx, const TensorView& ep_send_counts,
-                        const TensorView& expert_scales, const CombineOptions& options, CombineCounts* counts);
+                        const TensorView& expert_scales, const CombineOptions& options, CombineCounts* counts,
+                        Values values = Values::on_host);
 
 }  // namespace moedist::contract

@@ -7,19 +7,21 @@
 
 #include <cstdint>
 
+#include "common/hd.h"
+
 namespace moedist::contract {
 
-inline std::int64_t shared_range_begin(std::int64_t r, std::int64_t s, std::int64_t bs, std::int64_t S) noexcept {
+MOEDIST_HD std::int64_t shared_range_begin(std::int64_t r, std::int64_t s, std::int64_t bs, std::int64_t S) noexcept {
   return (s + r) * bs / S - r * bs / S;
 }
 
-inline std::int64_t shared_range_count(std::int64_t r, std::int64_t s, std::int64_t bs, std::int64_t S) noexcept {
+MOEDIST_HD std::int64_t shared_range_count(std::int64_t r, std::int64_t s, std::int64_t bs, std::int64_t S) noexcept {
   return shared_range_begin(r, s + 1, bs, S) - shared_range_begin(r, s, bs, S);
 }
 
 // The split of a shared rank's own bs rows that its ep_recv_counts records in entries r < S:
 // floor((r + s + 1) * bs / S) - floor((r + s) * bs / S); the entries add up to bs.
-inline std::int64_t shared_own_split(std::int64_t r, std::int64_t s, std::int64_t bs, std::int64_t S) noexcept {
+MOEDIST_HD std::int64_t shared_own_split(std::int64_t r, std::int64_t s, std::int64_t bs, std::int64_t S) noexcept {
   return (r + s + 1) * bs / S - (r + s) * bs / S;
 }
 

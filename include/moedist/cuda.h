@@ -1,0 +1,107 @@
+// Dispatch and combine on NVIDIA GPUs (built when CMake finds the CUDA toolkit; MOEDIST_HAVE_CUDA).
+//
+// Each rank is a process driving one GPU; several ranks may share a GPU. The ranks of a host map each
+// other's device windows through CUDA IPC and write rows straight into their receivers' windows, as
+// NVLink peers do. A call enqueues kernels on the caller's stream and returns without waiting: no host
+// synchronization and no allocation, so dispatch and combine can be captured in a CUDA graph. Shapes are
+// static: the group is created for the largest call (max_bs, k, h) and sizes its windows by the
+// contract's capacity A for it.
+//
+// Results are the oracle's, bit for bit (the same fp32 operation order and rounding as the CPU paths).
+//
+// Errors. Host-visible problems (shapes, dtypes, options, a tensor not in device memory) throw a
+// moedist::ValidationError before anything is enqueued. Problems only the GPU can see (an expert id out
+// of range, a peer that failed or timed out, a call that does not match dispatch's) are recorded on the
+// GPU: the kernels of the call and of every later call then write no output, peers are told, and
+// synchronize() (or the next call) throws the typed error naming the parameter or the peer. A group that
+// reported an error stays failed; create a new one.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "moedist/config.h"
+#include "moedist/group.h"
+#include "moedist/tensor.h"
+
+struct CUstream_st;  // cudaStream_t is CUstream_st*
+
+namespace moedist::cuda {
+
+using Stream = CUstream_st*;
+
+// Whether this build has the CUDA backend and this process sees a CUDA device; `reason` says why not.
+bool available(std::string* reason = nullptr);
+
+struct CudaGroupOptions {
+  int device = -1;          // the CUDA device of this rank; -1: the calling thread's current device
+  std::int64_t max_bs = 0;  // most tokens a rank passes in one call (with global_bs != 0 at most global_bs / W)
+  std::int64_t k = 0;       // top-k K of every call (1 <= K <= min(moe_expert_num, 1024))
+  std::int64_t h = 0;       // hidden size H of every call
+  // The longest a rank waits for a peer on the GPU, in any step, before it reports ErrorCode::timeout.
+  // Also bounds joining. With several ranks time-sharing one GPU without MPS, allow for the time slices.
+  std::chrono::milliseconds timeout{10000};
+};
+
+// Outputs of a dispatch, in device memory. valid_rows is not known on the host until synchronize():
+// read last_valid_rows() then, or use ep_recv_counts / tp_recv_counts on the GPU.
+struct CudaDispatchResult {
+  TensorView expand_x;           // (A * max(T,1), H): views into this rank's window, valid until the next dispatch
+  TensorView dynamic_scales;     // (A * max(T,1),) fp32
+  TensorView expand_idx;         // (BS * K,) int32
+  TensorView expert_token_nums;  // (local_expert_num,) int64
+  TensorView ep_recv_counts;     // (W * local_expert_num * (T == 2 ? 2 : 1),) int32
+  TensorView tp_recv_counts;     // (2,) int32 when T == 2, else absent
+  TensorView expand_scales;      // (A * max(T,1),) fp32 when expert_scales was given, else absent
+  std::int64_t A = 0;            // the contract's capacity for this call
+};
+
+class CudaGroup {
+ public:
+  // Joins the group of job `job` (every process of the job calls it with its own config): the ranks of
+  // the job meet over the shared-memory bootstrap (abstract Unix sockets, as join_shm), allocate their
+  // windows on their devices and open each other's through CUDA IPC. Collective.
+  static std::unique_ptr<CudaGroup> join(const GroupConfig& config, const std::string& job, const CudaGroupOptions& options);
+  ~CudaGroup();
+  CudaGroup(const CudaGroup&) = delete;
+  CudaGroup& operator=(const CudaGroup&) = delete;
+
+  const GroupConfig& config() const noexcept;
+  int device() const noexcept;
+
+  // torch_npu.npu_moe_distribute_dispatch on `stream`. x: (BS, H) bf16/fp16 with BS <= max_bs and the
+  // group's H; expert_ids: (BS, K) int32. All tensors in device memory. options.out is not supported
+  // (outputs live in the group; copy them if they must outlive the next dispatch).
+  CudaDispatchResult dispatch(const TensorView& x, const TensorView& expert_ids, const DispatchOptions& options, Stream stream);
+
+  // torch_npu.npu_moe_distribute_combine on `stream`, paired with this group's latest dispatch (one
+  // combine per dispatch): expert_ids, expand_idx, ep_send_counts and tp_send_counts must be that
+  // dispatch's (checked on the GPU). Returns (BS, H) in expand_x's dtype: options.out if given, else group
+  // memory valid until the next combine.
+  TensorView combine(const TensorView& expand_x, const TensorView& expert_ids, const TensorView& expand_idx,
+                     const TensorView& ep_send_counts, const TensorView& expert_scales, const CombineOptions& options,
+                     Stream stream);
+
+  // A (rows, H) view in this rank's window where experts can write their outputs (row stride may exceed
+  // H); passed to combine as expand_x it is read in place by the source ranks, with no staging copy.
+  // Absent with a TP domain (T = 2) or comm_quant_mode 2, whose staging transforms the rows.
+  MutableTensorView combine_buffer(DType dtype);
+
+  // Waits for `stream` and throws the first error the GPU recorded (ValidationError for a bad argument,
+  // PeerError for a peer's failure, timeout or malformed record).
+  void synchronize(Stream stream);
+  // Throws an error recorded by the calls synchronize() already waited for (no waiting).
+  void check() const;
+  // The latest dispatch's valid rows (own + TP peer's), as of the last synchronize().
+  std::int64_t last_valid_rows() const;
+
+  struct State;
+
+ private:
+  explicit CudaGroup(std::unique_ptr<State> state);
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace moedist::cuda

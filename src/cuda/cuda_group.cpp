@@ -1,0 +1,407 @@
+// The host side of the CUDA group: joining (bootstrap over the shared-memory transport, device windows
+// exported and opened through CUDA IPC), host-side validation of every call, and turning the status the
+// GPU recorded into typed errors. The kernels are in kernels.cu; the contract's checks in src/contract.
+#include "moedist/cuda.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "contract/checks.h"
+#include "contract/errors.h"
+#include "contract/layout.h"
+#include "cuda/call_args.h"
+#include "cuda/kernels.h"
+#include "cuda/status_errors.h"
+#include "cuda/window_layout.h"
+#include "moedist/error.h"
+#include "moedist/shm.h"
+#include "transport/shm/shm_transport.h"
+
+namespace moedist::cuda {
+
+using contract::concat;
+
+namespace {
+
+constexpr int kMaxWorld = 1024;  // flag arrays and the per-rank loops of the planning kernel are sized for this
+constexpr std::int64_t kMaxK = 1024;
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw Error(ErrorCode::internal, concat("CUDA error in ", what, ": ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
+  }
+}
+
+int bits_for(int max_value) {
+  int bits = 1;
+  while (bits < 31 && (std::int64_t{1} << bits) <= max_value) ++bits;
+  return bits;
+}
+
+// Which tensors a call may pass: device memory of the group's device (or managed memory).
+void require_device_tensor(const char* name, const void* data, std::int64_t numel, int device) {
+  if (data == nullptr || numel == 0) return;
+  cudaPointerAttributes attr{};
+  const cudaError_t err = cudaPointerGetAttributes(&attr, data);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky error of an unknown pointer
+    contract::fail(ErrorCode::invalid_argument, concat(name, ".data"), "host memory", "must be CUDA device memory");
+  }
+  if (attr.type == cudaMemoryTypeManaged) return;
+  if (attr.type != cudaMemoryTypeDevice)
+    contract::fail(ErrorCode::invalid_argument, concat(name, ".data"), attr.type == cudaMemoryTypeHost ? "pinned host memory" : "host memory",
+                   "must be CUDA device memory");
+  if (attr.device != device)
+    contract::fail(ErrorCode::invalid_argument, concat(name, ".data"), concat("memory of device ", attr.device),
+                   concat("must be memory of this rank's device ", device));
+}
+
+}  // namespace
+
+bool available(std::string* reason) {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0) {
+    if (reason != nullptr) {
+      *reason = err != cudaSuccess ? concat("the CUDA runtime reports ", cudaGetErrorName(err), ": ", cudaGetErrorString(err))
+                                   : std::string("the CUDA runtime sees no device");
+    }
+    cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+
+struct CudaGroup::State {
+  GroupConfig config;
+  CudaGroupOptions options;
+  contract::Topology topo;
+  std::unique_ptr<shm::ShmTransport> bootstrap;  // kept until destruction: the last barrier before freeing
+  gpu::WindowOffsets off;
+  gpu::DeviceGroup dev;
+  gpu::SortScratch sort;
+  std::byte* window = nullptr;                 // this rank's window (device)
+  std::vector<std::byte*> opened;              // peers' windows opened through IPC (nullptr for self)
+  std::byte** window_table = nullptr;          // device copy of every rank's base
+  gpu::Status* status = nullptr;               // device
+  gpu::Status* mirror = nullptr;               // pinned host copy, refreshed at the end of every call
+  std::vector<void*> allocations;              // device scratch
+  void* combine_out = nullptr;                 // (max_bs, H) 16-bit
+  void* expand_idx_out = nullptr;
+  void* token_nums_out = nullptr;
+  void* recv_counts_out = nullptr;
+  void* tp_counts_out = nullptr;
+  bool dispatched = false;
+  bool combined_since_dispatch = false;
+  contract::CallShape last_shape;
+  DType last_dtype = DType::bf16;
+  int last_quant = 0;
+
+  State(const GroupConfig& c, const CudaGroupOptions& o) : config(c), options(o), topo(c) {}
+  ~State() { release(); }
+
+  template <class T>
+  T* device_array(std::int64_t n) {
+    void* p = nullptr;
+    check_cuda(cudaMalloc(&p, static_cast<std::size_t>(std::max<std::int64_t>(n, 1)) * sizeof(T)), "cudaMalloc (group scratch)");
+    allocations.push_back(p);
+    return static_cast<T*>(p);
+  }
+
+  void release() noexcept {
+    for (std::byte* p : opened) {
+      if (p != nullptr) cudaIpcCloseMemHandle(p);
+    }
+    opened.clear();
+    if (bootstrap) {
+      try {
+        // No rank frees its window while a peer may still have it open.
+        std::uint8_t token = 0;
+        std::vector<std::uint8_t> all(static_cast<std::size_t>(bootstrap->size()));
+        bootstrap->allgather(&token, 1, all.data(), "cuda.close");
+      } catch (...) {  // a peer that is gone cannot read the window either
+      }
+    }
+    for (void* p : allocations) cudaFree(p);
+    allocations.clear();
+    if (window != nullptr) cudaFree(window);
+    window = nullptr;
+    if (mirror != nullptr) cudaFreeHost(mirror);
+    mirror = nullptr;
+  }
+
+  void throw_if_failed() const {
+    gpu::Status st;
+    std::memcpy(&st, mirror, sizeof(st));  // written by the copy that ends every call
+    gpu::throw_status_error(st, dev.me, last_shape.k);
+  }
+};
+
+CudaGroup::CudaGroup(std::unique_ptr<State> state) : state_(std::move(state)) {}
+CudaGroup::~CudaGroup() = default;
+
+const GroupConfig& CudaGroup::config() const noexcept { return state_->config; }
+int CudaGroup::device() const noexcept { return state_->options.device; }
+
+std::unique_ptr<CudaGroup> CudaGroup::join(const GroupConfig& config, const std::string& job, const CudaGroupOptions& options) {
+  validate_config(config);
+  const contract::Topology topo(config);
+  const int world = topo.world_size();
+  if (world > kMaxWorld)
+    contract::fail(ErrorCode::unsupported, "ep_world_size * max(tp_world_size, 1)", concat(world), concat("the CUDA backend supports at most ", kMaxWorld, " ranks"));
+  if (options.k < 1 || options.k > std::min<std::int64_t>(config.moe_expert_num, kMaxK))
+    contract::fail_value("CudaGroupOptions::k", options.k, concat("must be in [1, min(moe_expert_num, ", kMaxK, ")]"));
+  if (options.h < 1) contract::fail_value("CudaGroupOptions::h", options.h, "must be >= 1");
+  if (options.timeout.count() <= 0) contract::fail_value("CudaGroupOptions::timeout (ms)", options.timeout.count(), "must be > 0");
+  CudaGroupOptions opts = options;
+  if (config.global_bs != 0) {
+    const std::int64_t limit = config.global_bs / config.ep_world_size;
+    if (opts.max_bs == 0) opts.max_bs = limit;
+    if (opts.max_bs < 0 || opts.max_bs > limit)
+      contract::fail_value("CudaGroupOptions::max_bs", opts.max_bs, concat("must be in [0, global_bs / ep_world_size = ", limit, "]"));
+  } else if (opts.max_bs < 0) {
+    contract::fail_value("CudaGroupOptions::max_bs", opts.max_bs, "must be >= 0");
+  }
+  if (contract::sat_mul(opts.max_bs, opts.k) > (std::int64_t{1} << 30))
+    contract::fail_value("CudaGroupOptions::max_bs * k", opts.max_bs * opts.k, "must be <= 2^30 routing entries");
+  std::string reason;
+  if (!available(&reason)) contract::fail(ErrorCode::unsupported, "CUDA device", "none", concat("a CUDA group needs one: ", reason));
+  if (opts.device < 0) check_cuda(cudaGetDevice(&opts.device), "cudaGetDevice");
+  check_cuda(cudaSetDevice(opts.device), "cudaSetDevice");
+
+  auto state = std::make_unique<State>(config, opts);
+  State& s = *state;
+  s.off = gpu::window_offsets(topo, opts.max_bs, opts.k, opts.h);
+  if (s.off.total >= static_cast<std::size_t>(contract::kSizeLimit))
+    contract::fail_value("CudaGroupOptions::max_bs", opts.max_bs, "gives a window of more than 2^62 bytes");
+
+  ShmOptions boot;
+  boot.timeout = opts.timeout;
+  s.bootstrap = std::make_unique<shm::ShmTransport>(job, global_rank(config), world, boot);
+
+  // The window: flags start at 0 (no call signalled), then it is exported.
+  void* window = nullptr;
+  check_cuda(cudaMalloc(&window, s.off.total), "cudaMalloc (window)");
+  s.window = static_cast<std::byte*>(window);
+  check_cuda(cudaMemset(window, 0, s.off.total), "cudaMemset (window)");
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (join)");
+
+  struct JoinRecord {
+    cudaIpcMemHandle_t handle;
+    std::int64_t fields[14];
+  } mine{};
+  check_cuda(cudaIpcGetMemHandle(&mine.handle, window), "cudaIpcGetMemHandle");
+  const std::int64_t fields[14] = {config.ep_world_size, config.moe_expert_num, config.tp_world_size, config.shared_expert_rank_num,
+                                   config.shared_expert_num, config.expert_shard_type, config.global_bs, static_cast<std::int64_t>(config.profile),
+                                   opts.max_bs, opts.k, opts.h, opts.timeout.count(), static_cast<std::int64_t>(s.off.total), opts.device};
+  std::memcpy(mine.fields, fields, sizeof(fields));
+  std::vector<JoinRecord> all(static_cast<std::size_t>(world));
+  s.bootstrap->allgather(&mine, sizeof(mine), all.data(), "cuda.join");
+  static const char* const kFieldNames[12] = {"ep_world_size", "moe_expert_num", "tp_world_size", "shared_expert_rank_num",
+                                              "shared_expert_num", "expert_shard_type", "global_bs", "profile",
+                                              "CudaGroupOptions::max_bs", "CudaGroupOptions::k", "CudaGroupOptions::h",
+                                              "CudaGroupOptions::timeout (ms)"};
+  for (int r = 0; r < world; ++r) {
+    for (int f = 0; f < 12; ++f) {
+      if (all[static_cast<std::size_t>(r)].fields[f] != fields[f]) {
+        throw PeerError(ErrorCode::config_mismatch, r, "cuda.join",
+                        concat("rank ", global_rank(config), " has ", kFieldNames[f], " = ", fields[f], " but rank ", r, " has ",
+                               all[static_cast<std::size_t>(r)].fields[f], ": all ranks must agree on it"));
+      }
+    }
+  }
+  s.opened.assign(static_cast<std::size_t>(world), nullptr);
+  std::vector<std::byte*> bases(static_cast<std::size_t>(world));
+  for (int r = 0; r < world; ++r) {
+    if (r == global_rank(config)) {
+      bases[static_cast<std::size_t>(r)] = s.window;
+      continue;
+    }
+    void* peer = nullptr;
+    const cudaError_t err = cudaIpcOpenMemHandle(&peer, all[static_cast<std::size_t>(r)].handle, cudaIpcMemLazyEnablePeerAccess);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      throw PeerError(ErrorCode::unsupported, r, "cuda.join",
+                      concat("rank ", global_rank(config), " (device ", opts.device, ") cannot open the window of rank ", r, " (device ",
+                             all[static_cast<std::size_t>(r)].fields[13], ") through CUDA IPC: ", cudaGetErrorString(err),
+                             "; ranks of one CUDA group must be on one host, on GPUs with peer access"));
+    }
+    s.opened[static_cast<std::size_t>(r)] = static_cast<std::byte*>(peer);
+    bases[static_cast<std::size_t>(r)] = static_cast<std::byte*>(peer);
+  }
+
+  // Scratch, the handle, the outputs kept in the group, and the status.
+  const std::int64_t entries = opts.max_bs * opts.k;
+  const int local = topo.local_experts(config.ep_rank_id);
+  gpu::DeviceGroup& g = s.dev;
+  g.W = topo.W;
+  g.S = topo.S;
+  g.E = topo.E;
+  g.L = topo.L;
+  g.T = topo.T;
+  g.ep_rank = topo.ep_rank;
+  g.tp_rank = topo.tp_rank;
+  g.world = world;
+  g.me = global_rank(config);
+  g.local_experts = local;
+  g.global_bs = config.global_bs;
+  g.timeout_ns = static_cast<std::int64_t>(opts.timeout.count()) * 1000000;
+  g.off = s.off;
+  s.window_table = s.device_array<std::byte*>(world);
+  check_cuda(cudaMemcpy(s.window_table, bases.data(), sizeof(std::byte*) * bases.size(), cudaMemcpyHostToDevice), "cudaMemcpy (window table)");
+  g.windows = s.window_table;
+  s.status = s.device_array<gpu::Status>(1);
+  const gpu::Status fresh{};
+  check_cuda(cudaMemcpy(s.status, &fresh, sizeof(fresh), cudaMemcpyHostToDevice), "cudaMemcpy (status)");
+  g.status = s.status;
+  void* mirror = nullptr;
+  check_cuda(cudaHostAlloc(&mirror, sizeof(gpu::Status), cudaHostAllocDefault), "cudaHostAlloc (status)");
+  s.mirror = static_cast<gpu::Status*>(mirror);
+  *s.mirror = fresh;
+  g.sort_keys_in = s.device_array<std::int32_t>(entries);
+  g.sort_keys_out = s.device_array<std::int32_t>(entries);
+  g.sort_vals_in = s.device_array<std::int32_t>(entries);
+  g.sort_vals_out = s.device_array<std::int32_t>(entries);
+  g.dispatch_ids = s.device_array<std::int32_t>(entries);
+  g.dispatch_expand_idx = s.device_array<std::int32_t>(entries);
+  g.expert_counts = s.device_array<std::int32_t>(topo.E);
+  g.record = s.device_array<std::int32_t>(topo.count_record_len());
+  g.block_start = s.device_array<std::int64_t>(topo.count_record_len());
+  g.tp_shift = s.device_array<std::int64_t>(topo.W);
+  g.shared_start = s.device_array<std::int64_t>(std::max(topo.S, 1));
+  g.recv_counts = s.device_array<std::int32_t>(topo.ep_recv_counts_len(config.ep_rank_id));
+  g.tp_counts = s.device_array<std::int32_t>(2);
+  g.call_shape = s.device_array<std::int64_t>(3);
+  s.expand_idx_out = s.device_array<std::int32_t>(entries);
+  s.token_nums_out = s.device_array<std::int64_t>(local);
+  s.recv_counts_out = s.device_array<std::int32_t>(topo.ep_recv_counts_len(config.ep_rank_id));
+  s.tp_counts_out = s.device_array<std::int32_t>(2);
+  s.combine_out = s.device_array<std::uint16_t>(contract::sat_mul(opts.max_bs, opts.h));
+  s.sort.key_bits = bits_for(topo.E - 1);
+  check_cuda(gpu::sort_scratch_bytes(entries, s.sort.key_bits, &s.sort.bytes), "cub::DeviceRadixSort (scratch size)");
+  s.sort.temp = s.device_array<std::byte>(static_cast<std::int64_t>(s.sort.bytes));
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (join)");
+  // Nobody signals a peer before every rank opened every window.
+  std::vector<JoinRecord> again(static_cast<std::size_t>(world));
+  s.bootstrap->allgather(&mine, sizeof(mine), again.data(), "cuda.ready");
+  return std::unique_ptr<CudaGroup>(new CudaGroup(std::move(state)));
+}
+
+CudaDispatchResult CudaGroup::dispatch(const TensorView& x, const TensorView& expert_ids, const DispatchOptions& o, Stream stream) {
+  State& s = *state_;
+  s.throw_if_failed();
+  const contract::CallShape shape = contract::check_dispatch(s.config, x, expert_ids, o, contract::Values::on_device);
+  if (shape.h != s.options.h) contract::fail(ErrorCode::invalid_shape, "x.shape[1] (H)", concat(shape.h), concat("must be the group's H = ", s.options.h));
+  if (shape.k != s.options.k) contract::fail(ErrorCode::invalid_shape, "expert_ids.shape[1] (K)", concat(shape.k), concat("must be the group's K = ", s.options.k));
+  if (shape.bs > s.options.max_bs)
+    contract::fail(ErrorCode::invalid_shape, "x.shape[0] (BS)", concat(shape.bs), concat("must be <= the group's max_bs = ", s.options.max_bs));
+  const DispatchOutputs& out = o.out;
+  for (const auto& [name, buffer] : {std::pair<const char*, const MutableTensorView*>{"out.expand_x", &out.expand_x},
+                                     {"out.dynamic_scales", &out.dynamic_scales}, {"out.expand_scales", &out.expand_scales},
+                                     {"out.expand_idx", &out.expand_idx}, {"out.expert_token_nums", &out.expert_token_nums},
+                                     {"out.ep_recv_counts", &out.ep_recv_counts}, {"out.tp_recv_counts", &out.tp_recv_counts}}) {
+    if (buffer->present())
+      contract::fail(ErrorCode::unsupported, name, "given", "the CUDA backend returns its outputs in group memory (leave options.out empty)");
+  }
+  const int dev = s.options.device;
+  require_device_tensor("x", x.data, x.numel(), dev);
+  require_device_tensor("expert_ids", expert_ids.data, expert_ids.numel(), dev);
+  require_device_tensor("scales", o.scales.data, o.scales.numel(), dev);
+  require_device_tensor("expert_scales", o.expert_scales.data, o.expert_scales.numel(), dev);
+
+  const contract::Topology& topo = s.topo;
+  gpu::DispatchArgs a = gpu::dispatch_args(topo, x, expert_ids, o, shape);
+  a.expand_idx = static_cast<std::int32_t*>(s.expand_idx_out);
+  a.expert_token_nums = static_cast<std::int64_t*>(s.token_nums_out);
+  a.ep_recv_counts = static_cast<std::int32_t*>(s.recv_counts_out);
+  a.tp_recv_counts = topo.T == 2 ? static_cast<std::int32_t*>(s.tp_counts_out) : nullptr;
+  check_cuda(gpu::enqueue_dispatch(s.dev, a, s.sort, s.mirror, reinterpret_cast<cudaStream_t>(stream)), "dispatch (kernel launch)");
+  s.dispatched = true;
+  s.combined_since_dispatch = false;
+  s.last_shape = shape;
+  s.last_dtype = x.dtype;
+  s.last_quant = o.quant_mode;
+
+  CudaDispatchResult r;
+  const int me_ep = s.config.ep_rank_id;
+  r.A = topo.capacity_a(me_ep, shape.bs, shape.k);
+  const std::int64_t rows = r.A * topo.T;
+  r.expand_x = matrix_view(s.window + s.off.expand_x, o.quant_mode == 2 ? DType::int8 : x.dtype, rows, shape.h);
+  r.dynamic_scales = vector_view(s.window + s.off.dynamic_scales, DType::fp32, rows);
+  if (o.expert_scales.present()) r.expand_scales = vector_view(s.window + s.off.expand_scales, DType::fp32, rows);
+  r.expand_idx = vector_view(s.expand_idx_out, DType::int32, shape.bs * shape.k);
+  r.expert_token_nums = vector_view(s.token_nums_out, DType::int64, topo.local_experts(me_ep));
+  r.ep_recv_counts = vector_view(s.recv_counts_out, DType::int32, topo.ep_recv_counts_len(me_ep));
+  if (topo.T == 2) r.tp_recv_counts = vector_view(s.tp_counts_out, DType::int32, 2);
+  return r;
+}
+
+MutableTensorView CudaGroup::combine_buffer(DType dtype) {
+  State& s = *state_;
+  if (s.topo.T == 2 || (dtype != DType::bf16 && dtype != DType::fp16)) return {};
+  return matrix_view(s.window + s.off.combine_rows, dtype, s.off.receive_rows, s.options.h, static_cast<std::int64_t>(s.off.combine_pitch / 2));
+}
+
+TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expert_ids, const TensorView& expand_idx,
+                              const TensorView& ep_send_counts, const TensorView& expert_scales, const CombineOptions& o, Stream stream) {
+  State& s = *state_;
+  s.throw_if_failed();
+  contract::CombineCounts counts;
+  const contract::CallShape shape =
+      contract::check_combine(s.config, expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, o, &counts, contract::Values::on_device);
+  if (!s.dispatched) contract::fail(ErrorCode::invalid_argument, "combine", "before any dispatch", "needs a dispatch on this group first");
+  if (s.combined_since_dispatch)
+    contract::fail(ErrorCode::invalid_argument, "combine", "a second combine", "the CUDA backend pairs one combine with each dispatch");
+  if (shape.bs != s.last_shape.bs || shape.k != s.last_shape.k || shape.h != s.last_shape.h) {
+    contract::fail(ErrorCode::invalid_shape, "expert_ids.shape / expand_x.shape[1]",
+                   concat("(", shape.bs, ", ", shape.k, ") / ", shape.h),
+                   concat("must be the latest dispatch's (", s.last_shape.bs, ", ", s.last_shape.k, ") / ", s.last_shape.h));
+  }
+  if (expand_x.dtype != s.last_dtype)
+    contract::fail(ErrorCode::invalid_dtype, "expand_x.dtype", std::string(dtype_name(expand_x.dtype)), concat("must be the dispatched x's dtype ", dtype_name(s.last_dtype)));
+  const int dev = s.options.device;
+  require_device_tensor("expand_x", expand_x.data, expand_x.numel(), dev);
+  require_device_tensor("expert_ids", expert_ids.data, expert_ids.numel(), dev);
+  require_device_tensor("expand_idx", expand_idx.data, expand_idx.numel(), dev);
+  require_device_tensor("ep_send_counts", ep_send_counts.data, ep_send_counts.numel(), dev);
+  require_device_tensor("expert_scales", expert_scales.data, expert_scales.numel(), dev);
+  require_device_tensor("tp_send_counts", o.tp_send_counts.data, o.tp_send_counts.numel(), dev);
+  require_device_tensor("out", o.out.data, o.out.numel(), dev);
+
+  gpu::CombineArgs a = gpu::combine_args(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, o, shape);
+  const MutableTensorView in_window = combine_buffer(expand_x.dtype);
+  a.staged_in_place = o.comm_quant_mode == 0 && in_window.present() && expand_x.data == in_window.data &&
+                      expand_x.strides[0] == in_window.strides[0] && expand_x.strides[1] == 1;
+  const auto* x_begin = static_cast<const std::byte*>(expand_x.data);
+  const std::byte* region = s.window + s.off.combine_rows;
+  if (!a.staged_in_place && x_begin >= region && x_begin < region + s.off.receive_rows * static_cast<std::int64_t>(s.off.combine_pitch)) {
+    contract::fail(ErrorCode::invalid_argument, "expand_x", "a view of combine_buffer()",
+                   o.comm_quant_mode == 2 ? "cannot be staged in place with comm_quant_mode 2 (quantization rewrites those rows): pass it from other memory"
+                                          : "must be exactly combine_buffer(dtype) (same start and row stride) when it lies in it");
+  }
+  MutableTensorView out = o.out.present() ? o.out : matrix_view(s.combine_out, expand_x.dtype, shape.bs, shape.h);
+  a.out = static_cast<std::uint16_t*>(out.data);
+  a.out_row_stride = out.strides[0];
+  a.out_col_stride = out.strides[1];
+  check_cuda(gpu::enqueue_combine(s.dev, a, s.mirror, reinterpret_cast<cudaStream_t>(stream)), "combine (kernel launch)");
+  s.combined_since_dispatch = true;
+  return out;
+}
+
+void CudaGroup::synchronize(Stream stream) {
+  check_cuda(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)), "cudaStreamSynchronize");
+  state_->throw_if_failed();
+}
+
+void CudaGroup::check() const { state_->throw_if_failed(); }
+
+std::int64_t CudaGroup::last_valid_rows() const {
+  gpu::Status st;
+  std::memcpy(&st, state_->mirror, sizeof(st));
+  return st.valid_rows;
+}
+
+}  // namespace moedist::cuda

@@ -1,0 +1,486 @@
+// The CUDA kernels of dispatch and combine. One call is a short chain of kernels on one stream:
+//
+//   dispatch: begin -> check ids -> sort ids (CUB, stable) -> expand_idx + per-expert counts
+//             -> publish the count record to every rank -> layout (wait for all records, check them,
+//                compute where this rank's blocks land and the outputs) -> rows (gather + quantize, each
+//                row written straight into its receiver's window, and into the receiver's TP peer)
+//             -> finish (signal, then wait until every rank wrote its rows)
+//   combine:  begin -> check against the dispatch handle -> [TP: send partial rows to the TP peer]
+//             -> stage (TP reduce, comm quantization) into this rank's window -> signal and wait
+//             -> weighted gather-reduce reading the expert rows from the holders' windows
+//
+// Ranks meet through flag words in their windows ((seq << 1) | failed); every wait has a timeout on the
+// GPU's global timer. Every kernel returns early once the rank's status holds an error, and every
+// signal is still sent (with the failed bit), so peers stop waiting instead of timing out.
+// The arithmetic is src/cuda/row_math.h, the same fp32 operation order as the oracle.
+#include <cub/cub.cuh>
+
+#include <algorithm>
+
+#include "cuda/kernels.h"
+#include "cuda/protocol.h"
+
+namespace moedist::gpu {
+namespace {
+
+__device__ __forceinline__ std::uint64_t global_timer_ns() {
+  std::uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ std::uint64_t load_acquire(const std::uint64_t* p) {
+  std::uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void store_release(std::uint64_t* p, std::uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// Waits until `flag` signals call `seq`; false (with the error recorded) on timeout or a failed peer.
+__device__ bool wait_flag(const DeviceGroup& g, const std::uint64_t* flag, std::uint64_t seq, int peer, Phase phase) {
+  const std::uint64_t start = global_timer_ns();
+  for (;;) {
+    const std::uint64_t v = load_acquire(flag);
+    if ((v >> 1) >= seq) {
+      if ((v & 1u) != 0 && (v >> 1) == seq) {
+        record_failure(g.status, ErrorCode::peer_failed, peer, phase, Rule::peer_failed);
+        return false;
+      }
+      return true;
+    }
+    if (status_failed(g.status)) return false;
+    if (global_timer_ns() - start > static_cast<std::uint64_t>(g.timeout_ns)) {
+      record_failure(g.status, ErrorCode::timeout, peer, phase, Rule::timeout, 0, 0, g.timeout_ns / 1000000);
+      return false;
+    }
+    __nanosleep(200);
+  }
+}
+
+// Loads and stores of 8-element chunks: 16-byte vectors when rows are contiguous and aligned (VEC),
+// element by element otherwise. Both give the same values.
+template <bool VEC>
+__device__ __forceinline__ void load_half8(const std::uint16_t* row, std::int64_t col_stride, std::int64_t i0, int n, std::uint16_t v[kChunk]) {
+  if constexpr (VEC) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(row + i0);
+    memcpy(v, &raw, 16);
+  } else {
+    for (int u = 0; u < kChunk; ++u) v[u] = u < n ? row[(i0 + u) * col_stride] : 0;
+  }
+}
+template <bool VEC>
+__device__ __forceinline__ void store_half8(std::uint16_t* row, std::int64_t col_stride, std::int64_t i0, int n, const std::uint16_t v[kChunk]) {
+  if constexpr (VEC) {
+    uint4 raw;
+    memcpy(&raw, v, 16);
+    *reinterpret_cast<uint4*>(row + i0) = raw;
+  } else {
+    for (int u = 0; u < n; ++u) row[(i0 + u) * col_stride] = v[u];
+  }
+}
+template <bool VEC>
+__device__ __forceinline__ void store_int8x8(std::int8_t* row, std::int64_t i0, int n, const std::int8_t q[kChunk]) {
+  if constexpr (VEC) {
+    uint2 raw;
+    memcpy(&raw, q, 8);
+    *reinterpret_cast<uint2*>(row + i0) = raw;
+  } else {
+    for (int u = 0; u < n; ++u) row[i0 + u] = q[u];
+  }
+}
+template <bool VEC>
+__device__ __forceinline__ void load_int8x8(const std::int8_t* row, std::int64_t i0, int n, std::int8_t q[kChunk]) {
+  if constexpr (VEC) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(row + i0);
+    memcpy(q, &raw, 8);
+  } else {
+    for (int u = 0; u < kChunk; ++u) q[u] = u < n ? row[i0 + u] : 0;
+  }
+}
+
+// Block-wide max (exact in any order: a max of floats rounds nothing).
+__device__ float block_max(float v, float* shared /* [32] */) {
+  for (int o = 16; o > 0; o >>= 1) v = max_ignoring_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // `shared` may still be read from the previous reduction
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  float m = 0.0f;
+  const int warps = (blockDim.x + 31) / 32;
+  for (int w = 0; w < warps; ++w) m = max_ignoring_nan(m, shared[w]);
+  return m;
+}
+
+__device__ std::int64_t thread_index() { return blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; }
+__device__ void mark_lowest(Status* st, std::uint64_t mark) {
+  atomicMin(reinterpret_cast<unsigned long long*>(&st->first_bad_entry), static_cast<unsigned long long>(mark));
+}
+
+// Token b's targets (protocol.h targets_of), found by thread 0 and shared with the block.
+template <class Args>
+__device__ int block_targets(const DeviceGroup& g, const Args& a, std::int64_t b, Target* targets) {
+  __shared__ int count;
+  if (threadIdx.x == 0) count = targets_of(g, b, a.k, a.expert_scales, a.expert_scales_row_stride, a.expert_scales_col_stride, a.bs, targets);
+  __syncthreads();
+  return count;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch
+
+__global__ void begin_call(DeviceGroup g) {
+  g.status->seq += 1;
+  g.status->first_bad_entry = ~std::uint64_t{0};
+}
+
+// ids in range and distinct per row; the sort input and the handle's copy of the ids.
+__global__ void check_dispatch_ids(DeviceGroup g, DispatchArgs a) {
+  const std::int64_t b = thread_index();
+  if (b >= a.bs || status_failed(g.status)) return;
+  for (std::int64_t j = 0; j < a.k; ++j) {
+    const std::int64_t t = b * a.k + j;
+    const std::int32_t e = a.ids[b * a.ids_row_stride + j * a.ids_col_stride];
+    const bool bad = id_is_bad(g, a, b, j);
+    if (bad) mark_lowest(g.status, static_cast<std::uint64_t>(t));
+    g.sort_keys_in[t] = bad ? 0 : e;
+    g.sort_vals_in[t] = static_cast<std::int32_t>(t);
+    g.dispatch_ids[t] = e;
+  }
+}
+
+// expand_idx[t]: the position of entry t in the stably sorted run of its expert.
+__global__ void write_expand_idx(DeviceGroup g, DispatchArgs a) {
+  const std::int64_t n = a.bs * a.k, p = thread_index();
+  if (p >= n || status_failed(g.status) || g.status->first_bad_entry != ~std::uint64_t{0}) return;
+  const std::int32_t e = g.sort_keys_out[p];
+  g.dispatch_expand_idx[g.sort_vals_out[p]] = static_cast<std::int32_t>(p - lower_bound(g.sort_keys_out, n, e));
+}
+
+__global__ void count_experts(DeviceGroup g, DispatchArgs a) {
+  const std::int64_t n = a.bs * a.k, e = thread_index();
+  if (e >= g.E) return;
+  const auto key = static_cast<std::int32_t>(e);
+  g.expert_counts[e] = static_cast<std::int32_t>(lower_bound(g.sort_keys_out, n, key + 1) - lower_bound(g.sort_keys_out, n, key));
+}
+
+// The count record goes into slot [me] of every rank's inbox, then the count flag.
+__global__ void publish_record(DeviceGroup g, DispatchArgs a) {
+  if (threadIdx.x == 0 && g.status->first_bad_entry != ~std::uint64_t{0}) report_bad_id(g, a, g.status->first_bad_entry);
+  __syncthreads();
+  const bool failed = status_failed(g.status);
+  const std::uint64_t seq = status_seq(g.status);
+  const int entries = g.W * g.L;
+  for (int i = threadIdx.x; i < entries; i += blockDim.x) g.record[i] = failed ? 0 : record_entry(g, a.bs, i);
+  __syncthreads();
+  const RecordHeader header = record_header_of(a, failed);
+  for (int r = 0; r < g.world; ++r) {
+    std::byte* slot = inbox_slot(g, r, g.me);
+    if (threadIdx.x == 0) *reinterpret_cast<RecordHeader*>(slot) = header;
+    auto* counts = reinterpret_cast<std::int32_t*>(slot + sizeof(RecordHeader));
+    for (int i = threadIdx.x; i < entries; i += blockDim.x) counts[i] = g.record[i];
+  }
+  __threadfence_system();
+  __syncthreads();
+  for (int r = threadIdx.x; r < g.world; r += blockDim.x) store_release(flag_at(g, r, g.off.count_flags, g.me), flag_word(seq, failed));
+}
+
+__global__ void plan_layout(DeviceGroup g, DispatchArgs a) {
+  __shared__ int any_failed;
+  const std::uint64_t seq = status_seq(g.status);
+  for (int r = threadIdx.x; r < g.world; r += blockDim.x) {
+    if (!status_failed(g.status)) wait_flag(g, flag_at(g, g.me, g.off.count_flags, r), seq, r, Phase::dispatch_counts);
+  }
+  __syncthreads();
+  for (int r = threadIdx.x; r < g.world && !status_failed(g.status); r += blockDim.x) check_record(g, a, r);
+  __syncthreads();
+  if (threadIdx.x == 0) any_failed = status_failed(g.status);
+  __syncthreads();
+  if (any_failed) return;
+  for (int d = threadIdx.x; d < g.W; d += blockDim.x) plan_destination(g, a, d);
+  __syncthreads();
+  if (threadIdx.x == 0 && !status_failed(g.status)) plan_outputs(g, a);
+}
+
+// The caller's expand_idx is written only once every rank's checks passed.
+__global__ void copy_expand_idx(DeviceGroup g, DispatchArgs a) {
+  const std::int64_t t = thread_index();
+  if (t >= a.bs * a.k || status_failed(g.status)) return;
+  a.expand_idx[t] = g.dispatch_expand_idx[t];
+}
+
+// One block per token: gather the row once, quantize it (once, or per target with smooth scales), and
+// write it into every target's window (and the target's TP peer's).
+template <bool VEC>
+__global__ void write_rows(DeviceGroup g, DispatchArgs a) {
+  __shared__ float reduce_scratch[32];
+  __shared__ Target targets[kMaxTargets];
+  if (status_failed(g.status)) return;
+  const std::int64_t b = blockIdx.x;
+  const int n_targets = block_targets(g, a, b, targets);
+  const std::uint16_t* x = a.x + b * a.x_row_stride;
+  const std::int64_t chunks = chunks_of(a.h);
+  const int copies = g.T == 2 ? 2 : 1;
+  const bool bf16 = a.bf16 != 0;
+
+  if (a.expert_scales != nullptr) {
+    for (int slot = threadIdx.x; slot < n_targets * copies; slot += blockDim.x) {
+      const int i = slot / copies;
+      std::byte* at = target_row(g, targets[i], slot % copies, g.off.expand_scales, sizeof(float));
+      if (at != nullptr) *reinterpret_cast<float*>(at) = targets[i].weight;
+    }
+  }
+  if (a.quant == 0) {
+    for (std::int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      const std::int64_t i0 = c * kChunk;
+      const int n = chunk_len(a.h, i0);
+      std::uint16_t v[kChunk];
+      load_half8<VEC>(x, a.x_col_stride, i0, n, v);
+      for (int slot = 0; slot < n_targets * copies; ++slot) {
+        std::byte* row = target_row(g, targets[slot / copies], slot % copies, g.off.expand_x, static_cast<std::size_t>(a.h) * 2);
+        if (row != nullptr) store_half8<VEC>(reinterpret_cast<std::uint16_t*>(row), 1, i0, n, v);
+      }
+    }
+  } else {
+    // Without smooth scales every target gets the same int8 row: quantize once. With them, per target.
+    const bool per_target = a.scales != nullptr;
+    for (int first = 0; first < n_targets; first += per_target ? 1 : n_targets) {
+      const float* smooth = per_target ? a.scales + targets[first].smooth_row * a.scales_row_stride : nullptr;
+      const int last = per_target ? first + 1 : n_targets;
+      float amax = 0.0f;
+      for (std::int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+        const std::int64_t i0 = c * kChunk;
+        std::uint16_t v[kChunk];
+        load_half8<VEC>(x, a.x_col_stride, i0, chunk_len(a.h, i0), v);
+        amax = chunk_amax(bf16, v, chunk_len(a.h, i0), smooth, i0, amax);
+      }
+      amax = block_max(amax, reduce_scratch);
+      const float ds = quant_ds(amax);
+      for (int slot = threadIdx.x; slot < (last - first) * copies; slot += blockDim.x) {
+        std::byte* at = target_row(g, targets[first + slot / copies], slot % copies, g.off.dynamic_scales, sizeof(float));
+        if (at != nullptr) *reinterpret_cast<float*>(at) = quant_scale_out(ds);
+      }
+      for (std::int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+        const std::int64_t i0 = c * kChunk;
+        const int n = chunk_len(a.h, i0);
+        std::uint16_t v[kChunk];
+        load_half8<VEC>(x, a.x_col_stride, i0, n, v);
+        std::int8_t q[kChunk];
+        quantize_chunk(bf16, v, n, smooth, i0, ds, q);
+        for (int slot = first * copies; slot < last * copies; ++slot) {
+          std::byte* row = target_row(g, targets[slot / copies], slot % copies, g.off.expand_x, static_cast<std::size_t>(a.h));
+          if (row != nullptr) store_int8x8<VEC>(reinterpret_cast<std::int8_t*>(row), i0, n, q);
+        }
+      }
+    }
+  }
+  __threadfence_system();
+}
+
+// Signals "my rows of this call are written" to every rank, then waits for every rank's rows.
+__global__ void finish_dispatch(DeviceGroup g) {
+  const std::uint64_t seq = status_seq(g.status);
+  const bool failed = status_failed(g.status);
+  __threadfence_system();
+  for (int r = threadIdx.x; r < g.world; r += blockDim.x) store_release(flag_at(g, r, g.off.rows_flags, g.me), flag_word(seq, failed));
+  for (int r = threadIdx.x; r < g.world; r += blockDim.x) {
+    if (!status_failed(g.status)) wait_flag(g, flag_at(g, g.me, g.off.rows_flags, r), seq, r, Phase::dispatch_rows);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Combine
+
+__global__ void check_combine_args(DeviceGroup g, CombineArgs a) {
+  const std::int64_t t = thread_index();
+  if (t >= a.bs * a.k || status_failed(g.status)) return;
+  const std::uint64_t mark = combine_entry_mark(g, a, t);
+  if (mark != 0) mark_lowest(g.status, mark);
+}
+
+__global__ void finish_combine_checks(DeviceGroup g, CombineArgs a) {
+  if (!status_failed(g.status)) report_combine_args(g, a, g.status->first_bad_entry);
+}
+
+// TP: this rank's outputs for the peer's rows (rows own..own+peer of expand_x) go to the peer's inbox.
+template <bool VEC>
+__global__ void send_tp_partials(DeviceGroup g, CombineArgs a) {
+  if (status_failed(g.status)) return;
+  const std::int64_t own = g.status->own_rows, peer = g.status->peer_rows;
+  auto* inbox = reinterpret_cast<std::uint16_t*>(g.windows[global_rank(g, g.ep_rank, 1 - g.tp_rank)] + g.off.tp_inbox);
+  const std::int64_t chunks = chunks_of(a.h);
+  for (std::int64_t row = blockIdx.x; row < peer; row += gridDim.x) {
+    const std::uint16_t* src = a.expand_x + (own + row) * a.expand_x_row_stride;
+    for (std::int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      const std::int64_t i0 = c * kChunk;
+      std::uint16_t v[kChunk];
+      load_half8<VEC>(src, a.expand_x_col_stride, i0, chunk_len(a.h, i0), v);
+      store_half8<VEC>(inbox + row * a.h, 1, i0, chunk_len(a.h, i0), v);
+    }
+  }
+  __threadfence_system();
+}
+
+__global__ void signal_tp_peer(DeviceGroup g) {
+  __threadfence_system();
+  store_release(flag_at(g, global_rank(g, g.ep_rank, 1 - g.tp_rank), g.off.tp_flag, 0), flag_word(status_seq(g.status), status_failed(g.status)));
+}
+
+// Stages this rank's own rows where the source ranks read them: TP-reduced (T == 2), and quantized
+// in groups of 8 with comm_quant_mode 2.
+template <bool VEC>
+__global__ void stage_rows(DeviceGroup g, CombineArgs a) {
+  __shared__ int ready;
+  if (threadIdx.x == 0) {
+    ready = !status_failed(g.status);
+    if (ready && g.T == 2) {
+      ready = wait_flag(g, flag_at(g, g.me, g.off.tp_flag, 0), status_seq(g.status), global_rank(g, g.ep_rank, 1 - g.tp_rank), Phase::combine_tp);
+    }
+  }
+  __syncthreads();
+  if (!ready) return;
+  const std::int64_t own = g.status->own_rows;
+  const bool bf16 = a.bf16 != 0;
+  const std::int64_t chunks = chunks_of(a.h);
+  const auto* inbox = reinterpret_cast<const std::uint16_t*>(g.windows[g.me] + g.off.tp_inbox);
+  for (std::int64_t row = blockIdx.x; row < own; row += gridDim.x) {
+    const std::uint16_t* src = a.expand_x + row * a.expand_x_row_stride;
+    std::byte* dst = g.windows[g.me] + g.off.combine_rows + static_cast<std::size_t>(row) * g.off.combine_pitch;
+    for (std::int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+      const std::int64_t i0 = c * kChunk;
+      const int n = chunk_len(a.h, i0);
+      std::uint16_t y[kChunk], partner[kChunk];
+      load_half8<VEC>(src, a.expand_x_col_stride, i0, n, y);
+      if (g.T == 2) load_half8<VEC>(inbox + row * a.h, 1, i0, n, partner);
+      std::int8_t q[kChunk];
+      stage_chunk(bf16, a.comm_quant == 2, y, g.T == 2 ? partner : nullptr, n, a.h, c, dst, q);
+      if (a.comm_quant == 2) store_int8x8<VEC>(reinterpret_cast<std::int8_t*>(dst), i0, n, q);
+      else store_half8<VEC>(reinterpret_cast<std::uint16_t*>(dst), 1, i0, n, y);
+    }
+  }
+  __threadfence_system();
+}
+
+// Signals "my rows are staged" to the ranks of this EP group, then waits for all of them.
+__global__ void exchange_combine_flags(DeviceGroup g) {
+  const std::uint64_t seq = status_seq(g.status);
+  const bool failed = status_failed(g.status);
+  __threadfence_system();
+  for (int d = threadIdx.x; d < g.W; d += blockDim.x) {
+    store_release(flag_at(g, global_rank(g, d, g.tp_rank), g.off.combine_flags, g.me), flag_word(seq, failed));
+  }
+  for (int d = threadIdx.x; d < g.W; d += blockDim.x) {
+    const int r = global_rank(g, d, g.tp_rank);
+    if (!status_failed(g.status)) wait_flag(g, flag_at(g, g.me, g.off.combine_flags, r), seq, r, Phase::combine_rows);
+  }
+}
+
+// One block per token: acc = sum_k float(y_k) * w_k in k order, + the shared expert's row, then rounded.
+template <bool VEC>
+__global__ void reduce_tokens(DeviceGroup g, CombineArgs a) {
+  __shared__ Target targets[kMaxTargets];
+  if (status_failed(g.status)) return;
+  const std::int64_t b = blockIdx.x;
+  const int n_targets = block_targets(g, a, b, targets);
+  const bool bf16 = a.bf16 != 0;
+  const std::int64_t chunks = chunks_of(a.h);
+  for (std::int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+    const std::int64_t i0 = c * kChunk;
+    const int n = chunk_len(a.h, i0);
+    float acc[kChunk];
+    for (int u = 0; u < kChunk; ++u) acc[u] = 0.0f;
+    for (int i = 0; i < n_targets; ++i) {
+      const std::byte* row = g.windows[global_rank(g, targets[i].ep, g.tp_rank)] + g.off.combine_rows +
+                             static_cast<std::size_t>(targets[i].row) * g.off.combine_pitch;
+      std::uint16_t y[kChunk];
+      if (a.comm_quant == 2) {
+        std::int8_t q[kChunk];
+        load_int8x8<VEC>(reinterpret_cast<const std::int8_t*>(row), i0, n, q);
+        dequantize_chunk(bf16, q, reinterpret_cast<const std::uint16_t*>(row + comm_scales_offset(a.h))[c], y);
+      } else {
+        load_half8<VEC>(reinterpret_cast<const std::uint16_t*>(row), 1, i0, n, y);
+      }
+      accumulate_chunk(bf16, acc, y, n, i < a.k, targets[i].weight);
+    }
+    std::uint16_t out[kChunk];
+    for (int u = 0; u < kChunk; ++u) out[u] = f32_to_half_rne(bf16, acc[u]);
+    store_half8<VEC>(a.out + b * a.out_row_stride, a.out_col_stride, i0, n, out);
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+int threads_for(std::int64_t h) {
+  const std::int64_t warps = std::min<std::int64_t>(32, std::max<std::int64_t>(1, (chunks_of(h) + 31) / 32));
+  return static_cast<int>(warps * 32);
+}
+
+unsigned blocks_for(std::int64_t n, int threads) { return static_cast<unsigned>(std::max<std::int64_t>(1, (n + threads - 1) / threads)); }
+
+}  // namespace
+
+cudaError_t sort_scratch_bytes(std::int64_t max_entries, int key_bits, std::size_t* bytes) {
+  *bytes = 0;
+  return cub::DeviceRadixSort::SortPairs(nullptr, *bytes, static_cast<const std::int32_t*>(nullptr), static_cast<std::int32_t*>(nullptr),
+                                         static_cast<const std::int32_t*>(nullptr), static_cast<std::int32_t*>(nullptr),
+                                         static_cast<int>(std::max<std::int64_t>(max_entries, 1)), 0, key_bits);
+}
+
+cudaError_t enqueue_dispatch(const DeviceGroup& g, const DispatchArgs& a, const SortScratch& sort, Status* status_mirror,
+                             cudaStream_t stream) {
+  const std::int64_t n = a.bs * a.k;
+  begin_call<<<1, 1, 0, stream>>>(g);
+  check_dispatch_ids<<<blocks_for(a.bs, 128), 128, 0, stream>>>(g, a);
+  if (n > 0) {
+    std::size_t bytes = sort.bytes;
+    const cudaError_t sorted = cub::DeviceRadixSort::SortPairs(sort.temp, bytes, g.sort_keys_in, g.sort_keys_out, g.sort_vals_in,
+                                                               g.sort_vals_out, static_cast<int>(n), 0, sort.key_bits, stream);
+    if (sorted != cudaSuccess) return sorted;
+    write_expand_idx<<<blocks_for(n, 256), 256, 0, stream>>>(g, a);
+  }
+  count_experts<<<blocks_for(g.E, 256), 256, 0, stream>>>(g, a);
+  publish_record<<<1, 256, 0, stream>>>(g, a);
+  plan_layout<<<1, 256, 0, stream>>>(g, a);
+  if (n > 0) copy_expand_idx<<<blocks_for(n, 256), 256, 0, stream>>>(g, a);
+  const bool vec = a.x_col_stride == 1 && a.h % kChunk == 0 && aligned16(a.x) && (a.x_row_stride * 2) % 16 == 0 &&
+                   (a.quant == 2 ? a.h % 16 == 0 : true);
+  if (a.bs > 0) {
+    if (vec) write_rows<true><<<static_cast<unsigned>(a.bs), threads_for(a.h), 0, stream>>>(g, a);
+    else write_rows<false><<<static_cast<unsigned>(a.bs), threads_for(a.h), 0, stream>>>(g, a);
+  }
+  finish_dispatch<<<1, 256, 0, stream>>>(g);
+  cudaError_t launched = cudaGetLastError();
+  if (launched != cudaSuccess) return launched;
+  return cudaMemcpyAsync(status_mirror, g.status, sizeof(Status), cudaMemcpyDeviceToHost, stream);
+}
+
+cudaError_t enqueue_combine(const DeviceGroup& g, const CombineArgs& a, Status* status_mirror, cudaStream_t stream) {
+  const std::int64_t n = a.bs * a.k;
+  begin_call<<<1, 1, 0, stream>>>(g);
+  if (n > 0) check_combine_args<<<blocks_for(n, 256), 256, 0, stream>>>(g, a);
+  finish_combine_checks<<<1, 1, 0, stream>>>(g, a);
+  const bool vec = a.expand_x_col_stride == 1 && a.h % 16 == 0 && aligned16(a.expand_x) && (a.expand_x_row_stride * 2) % 16 == 0 &&
+                   a.out_col_stride == 1 && aligned16(a.out) && (a.out_row_stride * 2) % 16 == 0;
+  const int threads = threads_for(a.h);
+  // Row loops stride over a fixed grid: the row counts live on the GPU (static shapes for graphs).
+  const unsigned grid = 264;
+  if (g.T == 2) {
+    if (vec) send_tp_partials<true><<<grid, threads, 0, stream>>>(g, a);
+    else send_tp_partials<false><<<grid, threads, 0, stream>>>(g, a);
+    signal_tp_peer<<<1, 32, 0, stream>>>(g);
+  }
+  if (!a.staged_in_place) {
+    if (vec) stage_rows<true><<<grid, threads, 0, stream>>>(g, a);
+    else stage_rows<false><<<grid, threads, 0, stream>>>(g, a);
+  }
+  exchange_combine_flags<<<1, 256, 0, stream>>>(g);
+  if (a.bs > 0) {
+    if (vec) reduce_tokens<true><<<static_cast<unsigned>(a.bs), threads, 0, stream>>>(g, a);
+    else reduce_tokens<false><<<static_cast<unsigned>(a.bs), threads, 0, stream>>>(g, a);
+  }
+  cudaError_t launched = cudaGetLastError();
+  if (launched != cudaSuccess) return launched;
+  return cudaMemcpyAsync(status_mirror, g.status, sizeof(Status), cudaMemcpyDeviceToHost, stream);
+}
+
+}  // namespace moedist::gpu

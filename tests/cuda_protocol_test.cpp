@@ -1,0 +1,656 @@
+// The CUDA backend's protocol, run on the CPU. The kernels (src/cuda/kernels.cu) are thin parallel
+// wrappers around the host+device functions of src/cuda/protocol.h; this test drives the same functions
+// rank by rank, phase by phase (the order the flags enforce on the GPU), with host memory as the
+// windows laid out by window_layout.h and the kernel arguments built by call_args.h, and compares every
+// output with the oracle, bit for bit. What it cannot check is the parallel structure itself (thread
+// indexing, the block-wide max, fences, waits, vector loads); that needs a GPU (tests/gpu/).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "contract/checks.h"
+#include "cuda/call_args.h"
+#include "cuda/protocol.h"
+#include "cuda/status_errors.h"
+#include "cuda/window_layout.h"
+#include "moedist/error.h"
+#include "test_support.h"
+
+namespace moedist::gpu {
+namespace {
+
+namespace mt = moedist::testing;
+
+// One rank: its DeviceGroup over host vectors, and its outputs.
+struct EmuRank {
+  GroupConfig config;
+  DeviceGroup g;
+  Status status;
+  std::vector<std::uint64_t> window;  // 8-byte aligned storage of the window bytes
+  std::vector<std::int32_t> keys_in, keys_out, vals_in, vals_out, ids, expand_idx, expert_counts, record, recv_counts, tp_counts;
+  std::vector<std::int64_t> block_start, tp_shift, shared_start, call_shape;
+  std::vector<std::int32_t> out_expand_idx, out_ep_recv_counts, out_tp_recv_counts;
+  std::vector<std::int64_t> out_token_nums;
+  std::vector<std::uint16_t> combine_out;
+  DispatchArgs dispatch;
+  std::vector<std::uint16_t> inbox_partner;  // scratch
+};
+
+class Emulator {
+ public:
+  Emulator(const casefile::Case& c, std::int64_t max_bs, std::int64_t k, std::int64_t h) : c_(c) {
+    const int world = static_cast<int>(c.ranks.size());
+    ranks_.resize(static_cast<std::size_t>(world));
+    bases_.resize(static_cast<std::size_t>(world));
+    const contract::Topology topo0(mt::rank_config(c, 0));
+    off_ = window_offsets(topo0, max_bs, k, h);
+    const std::int64_t entries = std::max<std::int64_t>(max_bs * k, 1);
+    for (int r = 0; r < world; ++r) {
+      EmuRank& e = ranks_[static_cast<std::size_t>(r)];
+      e.config = mt::rank_config(c, r);
+      const contract::Topology topo(e.config);
+      e.window.assign(off_.total / 8 + 1, 0);
+      bases_[static_cast<std::size_t>(r)] = reinterpret_cast<std::byte*>(e.window.data());
+      for (auto* v : {&e.keys_in, &e.keys_out, &e.vals_in, &e.vals_out, &e.ids, &e.expand_idx, &e.out_expand_idx}) v->assign(static_cast<std::size_t>(entries), 0);
+      e.expert_counts.assign(static_cast<std::size_t>(topo.E), 0);
+      e.record.assign(static_cast<std::size_t>(topo.count_record_len()), 0);
+      e.recv_counts.assign(static_cast<std::size_t>(topo.ep_recv_counts_len(topo.ep_rank)), 0);
+      e.out_ep_recv_counts = e.recv_counts;
+      e.tp_counts.assign(2, 0);
+      e.out_tp_recv_counts.assign(2, 0);
+      e.block_start.assign(static_cast<std::size_t>(topo.count_record_len()), -1);
+      e.tp_shift.assign(static_cast<std::size_t>(topo.W), 0);
+      e.shared_start.assign(static_cast<std::size_t>(std::max(topo.S, 1)), -1);
+      e.call_shape.assign(3, 0);
+      e.out_token_nums.assign(static_cast<std::size_t>(topo.local_experts(topo.ep_rank)), 0);
+      DeviceGroup& g = e.g;
+      g.W = topo.W, g.S = topo.S, g.E = topo.E, g.L = topo.L, g.T = topo.T, g.ep_rank = topo.ep_rank, g.tp_rank = topo.tp_rank;
+      g.world = world, g.me = r, g.local_experts = topo.local_experts(topo.ep_rank), g.global_bs = topo.global_bs;
+      g.timeout_ns = 1;
+      g.off = off_;
+      g.windows = bases_.data();
+      g.status = &e.status;
+      g.sort_keys_in = e.keys_in.data(), g.sort_keys_out = e.keys_out.data(), g.sort_vals_in = e.vals_in.data(), g.sort_vals_out = e.vals_out.data();
+      g.dispatch_ids = e.ids.data(), g.dispatch_expand_idx = e.expand_idx.data(), g.expert_counts = e.expert_counts.data();
+      g.record = e.record.data(), g.block_start = e.block_start.data(), g.tp_shift = e.tp_shift.data(), g.shared_start = e.shared_start.data();
+      g.recv_counts = e.recv_counts.data(), g.tp_counts = e.tp_counts.data(), g.call_shape = e.call_shape.data();
+    }
+  }
+
+  EmuRank& rank(int r) { return ranks_[static_cast<std::size_t>(r)]; }
+  int world() const { return static_cast<int>(ranks_.size()); }
+
+  // The kernel chain of dispatch (kernels.cu enqueue_dispatch), every rank in step. `tamper(r, record)`
+  // may change rank r's published count record (a hostile peer).
+  void dispatch(const std::vector<DispatchArgs>& args, const std::function<void(int, std::int32_t*)>& tamper = {}) {
+    for (int r = 0; r < world(); ++r) {
+      EmuRank& e = rank(r);
+      DispatchArgs a = args[static_cast<std::size_t>(r)];
+      a.expand_idx = e.out_expand_idx.data();
+      a.expert_token_nums = e.out_token_nums.data();
+      a.ep_recv_counts = e.out_ep_recv_counts.data();
+      a.tp_recv_counts = e.g.T == 2 ? e.out_tp_recv_counts.data() : nullptr;
+      e.dispatch = a;
+      begin(e);
+      check_ids_and_sort(e, a);
+    }
+    for (int r = 0; r < world(); ++r) publish(rank(r), tamper ? [&](std::int32_t* rec) { tamper(r, rec); } : std::function<void(std::int32_t*)>{});
+    for (int r = 0; r < world(); ++r) plan(rank(r));
+    for (int r = 0; r < world(); ++r) write_rows(rank(r));
+  }
+
+  // The kernel chain of combine; expert outputs per rank as (rows, H) 16-bit host views.
+  void combine(const std::vector<CombineArgs>& args) {
+    for (int r = 0; r < world(); ++r) {
+      EmuRank& e = rank(r);
+      begin(e);
+      const CombineArgs& a = args[static_cast<std::size_t>(r)];
+      std::uint64_t lowest = ~std::uint64_t{0};
+      for (std::int64_t t = 0; t < a.bs * a.k && !status_failed(&e.status); ++t) {
+        const std::uint64_t mark = combine_entry_mark(e.g, a, t);
+        if (mark != 0) lowest = std::min(lowest, mark);
+      }
+      if (!status_failed(&e.status)) report_combine_args(e.g, a, lowest);
+    }
+    for (int r = 0; r < world(); ++r) {  // TP partials into the peer's inbox
+      EmuRank& e = rank(r);
+      const CombineArgs& a = args[static_cast<std::size_t>(r)];
+      if (e.g.T != 2 || status_failed(&e.status)) continue;
+      auto* inbox = reinterpret_cast<std::uint16_t*>(bases_[static_cast<std::size_t>(global_rank(e.g, e.g.ep_rank, 1 - e.g.tp_rank))] + off_.tp_inbox);
+      for (std::int64_t row = 0; row < e.status.peer_rows; ++row) {
+        for (std::int64_t i = 0; i < a.h; ++i) inbox[row * a.h + i] = a.expand_x[(e.status.own_rows + row) * a.expand_x_row_stride + i * a.expand_x_col_stride];
+      }
+    }
+    for (int r = 0; r < world(); ++r) stage(rank(r), args[static_cast<std::size_t>(r)]);
+    for (int r = 0; r < world(); ++r) {  // the combine flags: a failed rank's failure reaches its readers
+      EmuRank& e = rank(r);
+      for (int d = 0; d < e.g.W && !status_failed(&e.status); ++d) {
+        const int holder = global_rank(e.g, d, e.g.tp_rank);
+        if (status_failed(&rank(holder).status)) record_failure(&e.status, ErrorCode::peer_failed, holder, Phase::combine_rows, Rule::peer_failed);
+      }
+    }
+    for (int r = 0; r < world(); ++r) reduce(rank(r), args[static_cast<std::size_t>(r)]);
+  }
+
+ private:
+  void begin(EmuRank& e) {
+    e.status.seq += 1;
+    e.status.first_bad_entry = ~std::uint64_t{0};
+  }
+
+  void check_ids_and_sort(EmuRank& e, const DispatchArgs& a) {
+    DeviceGroup& g = e.g;
+    if (status_failed(&e.status)) return;
+    const std::int64_t n = a.bs * a.k;
+    for (std::int64_t t = 0; t < n; ++t) {
+      const std::int64_t b = t / a.k, j = t % a.k;
+      const std::int32_t id = a.ids[b * a.ids_row_stride + j * a.ids_col_stride];
+      const bool bad = id_is_bad(g, a, b, j);
+      if (bad) e.status.first_bad_entry = std::min<std::uint64_t>(e.status.first_bad_entry, static_cast<std::uint64_t>(t));
+      g.sort_keys_in[t] = bad ? 0 : id;
+      g.sort_vals_in[t] = static_cast<std::int32_t>(t);
+      g.dispatch_ids[t] = id;
+    }
+    // CUB's radix sort is stable: so is this one.
+    std::vector<std::int32_t> order(static_cast<std::size_t>(n));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](std::int32_t x, std::int32_t y) { return g.sort_keys_in[x] < g.sort_keys_in[y]; });
+    for (std::int64_t p = 0; p < n; ++p) {
+      g.sort_keys_out[p] = g.sort_keys_in[order[static_cast<std::size_t>(p)]];
+      g.sort_vals_out[p] = g.sort_vals_in[order[static_cast<std::size_t>(p)]];
+    }
+    if (e.status.first_bad_entry == ~std::uint64_t{0}) {
+      for (std::int64_t p = 0; p < n; ++p) {
+        g.dispatch_expand_idx[g.sort_vals_out[p]] = static_cast<std::int32_t>(p - lower_bound(g.sort_keys_out, n, g.sort_keys_out[p]));
+      }
+    }
+    for (int ex = 0; ex < g.E; ++ex) {
+      g.expert_counts[ex] = static_cast<std::int32_t>(lower_bound(g.sort_keys_out, n, ex + 1) - lower_bound(g.sort_keys_out, n, ex));
+    }
+  }
+
+  void publish(EmuRank& e, const std::function<void(std::int32_t*)>& tamper) {
+    DeviceGroup& g = e.g;
+    const DispatchArgs& a = e.dispatch;
+    if (e.status.first_bad_entry != ~std::uint64_t{0}) report_bad_id(g, a, e.status.first_bad_entry);
+    const bool failed = status_failed(&e.status);
+    for (int i = 0; i < g.W * g.L; ++i) g.record[i] = failed ? 0 : record_entry(g, a.bs, i);
+    if (tamper) tamper(g.record);
+    const RecordHeader header = record_header_of(a, failed);
+    for (int r = 0; r < g.world; ++r) {
+      std::byte* slot = inbox_slot(g, r, g.me);
+      std::memcpy(slot, &header, sizeof(header));
+      std::memcpy(slot + sizeof(RecordHeader), g.record, sizeof(std::int32_t) * static_cast<std::size_t>(g.W * g.L));
+      *flag_at(g, r, g.off.count_flags, g.me) = flag_word(e.status.seq, failed);
+    }
+  }
+
+  void plan(EmuRank& e) {
+    DeviceGroup& g = e.g;
+    const DispatchArgs& a = e.dispatch;
+    for (int r = 0; r < g.world && !status_failed(&e.status); ++r) {  // wait_flag, with every rank already arrived
+      const std::uint64_t v = *flag_at(g, g.me, g.off.count_flags, r);
+      EXPECT_EQ(v >> 1, e.status.seq) << "rank " << r << " did not signal call " << e.status.seq;
+      if ((v & 1u) != 0) record_failure(&e.status, ErrorCode::peer_failed, r, Phase::dispatch_counts, Rule::peer_failed);
+    }
+    for (int r = 0; r < g.world && !status_failed(&e.status); ++r) check_record(g, a, r);
+    if (status_failed(&e.status)) return;
+    for (int d = 0; d < g.W; ++d) plan_destination(g, a, d);
+    if (!status_failed(&e.status)) plan_outputs(g, a);
+    if (!status_failed(&e.status)) std::copy_n(g.dispatch_expand_idx, a.bs * a.k, a.expand_idx);
+  }
+
+  void write_rows(EmuRank& e) {
+    DeviceGroup& g = e.g;
+    const DispatchArgs& a = e.dispatch;
+    if (status_failed(&e.status)) return;
+    std::vector<Target> targets(kMaxTargets);
+    const int copies = g.T == 2 ? 2 : 1;
+    const bool bf16 = a.bf16 != 0;
+    for (std::int64_t b = 0; b < a.bs; ++b) {
+      const int n_targets = targets_of(g, b, a.k, a.expert_scales, a.expert_scales_row_stride, a.expert_scales_col_stride, a.bs, targets.data());
+      const std::uint16_t* x = a.x + b * a.x_row_stride;
+      for (int slot = 0; slot < n_targets * copies && a.expert_scales != nullptr; ++slot) {
+        std::byte* at = target_row(g, targets[static_cast<std::size_t>(slot / copies)], slot % copies, g.off.expand_scales, sizeof(float));
+        ASSERT_NE(at, nullptr);
+        std::memcpy(at, &targets[static_cast<std::size_t>(slot / copies)].weight, 4);
+      }
+      const bool per_target = a.quant == 2 && a.scales != nullptr;
+      for (int first = 0; first < n_targets; first += per_target ? 1 : n_targets) {
+        const int last = per_target ? first + 1 : n_targets;
+        const float* smooth = per_target ? a.scales + targets[static_cast<std::size_t>(first)].smooth_row * a.scales_row_stride : nullptr;
+        float amax = 0.0f, ds = 0.0f;
+        if (a.quant == 2) {
+          for (std::int64_t i0 = 0; i0 < a.h; i0 += kChunk) amax = chunk_amax(bf16, load(x, a.x_col_stride, i0, a.h).data(), chunk_len(a.h, i0), smooth, i0, amax);
+          ds = quant_ds(amax);
+        }
+        for (int slot = first * copies; slot < last * copies; ++slot) {
+          const Target& tg = targets[static_cast<std::size_t>(slot / copies)];
+          if (a.quant == 2) {
+            std::byte* at = target_row(g, tg, slot % copies, g.off.dynamic_scales, sizeof(float));
+            ASSERT_NE(at, nullptr);
+            const float scale = quant_scale_out(ds);
+            std::memcpy(at, &scale, 4);
+          }
+          std::byte* row = target_row(g, tg, slot % copies, g.off.expand_x, static_cast<std::size_t>(a.h) * (a.quant == 2 ? 1 : 2));
+          ASSERT_NE(row, nullptr);
+          for (std::int64_t i0 = 0; i0 < a.h; i0 += kChunk) {
+            const int n = chunk_len(a.h, i0);
+            const auto v = load(x, a.x_col_stride, i0, a.h);
+            if (a.quant == 2) {
+              std::int8_t q[kChunk];
+              quantize_chunk(bf16, v.data(), n, smooth, i0, ds, q);
+              std::memcpy(row + i0, q, static_cast<std::size_t>(n));
+            } else {
+              std::memcpy(row + 2 * i0, v.data(), static_cast<std::size_t>(n) * 2);
+            }
+          }
+        }
+      }
+    }
+  }
+
+  static std::array<std::uint16_t, kChunk> load(const std::uint16_t* row, std::int64_t col_stride, std::int64_t i0, std::int64_t h) {
+    std::array<std::uint16_t, kChunk> v{};
+    for (int u = 0; u < chunk_len(h, i0); ++u) v[static_cast<std::size_t>(u)] = row[(i0 + u) * col_stride];
+    return v;
+  }
+
+  void stage(EmuRank& e, const CombineArgs& a) {
+    DeviceGroup& g = e.g;
+    if (status_failed(&e.status) || a.staged_in_place) return;
+    if (g.T == 2 && status_failed(&rank(global_rank(g, g.ep_rank, 1 - g.tp_rank)).status)) {
+      record_failure(&e.status, ErrorCode::peer_failed, global_rank(g, g.ep_rank, 1 - g.tp_rank), Phase::combine_tp, Rule::peer_failed);
+      return;
+    }
+    const bool bf16 = a.bf16 != 0;
+    const auto* inbox = reinterpret_cast<const std::uint16_t*>(bases_[static_cast<std::size_t>(g.me)] + off_.tp_inbox);
+    for (std::int64_t row = 0; row < e.status.own_rows; ++row) {
+      std::byte* dst = bases_[static_cast<std::size_t>(g.me)] + off_.combine_rows + static_cast<std::size_t>(row) * off_.combine_pitch;
+      for (std::int64_t c = 0; c < chunks_of(a.h); ++c) {
+        const std::int64_t i0 = c * kChunk;
+        const int n = chunk_len(a.h, i0);
+        auto y = load(a.expand_x + row * a.expand_x_row_stride, a.expand_x_col_stride, i0, a.h);
+        const auto partner = g.T == 2 ? load(inbox + row * a.h, 1, i0, a.h) : std::array<std::uint16_t, kChunk>{};
+        std::int8_t q[kChunk];
+        stage_chunk(bf16, a.comm_quant == 2, y.data(), g.T == 2 ? partner.data() : nullptr, n, a.h, c, dst, q);
+        if (a.comm_quant == 2) std::memcpy(dst + i0, q, static_cast<std::size_t>(n));
+        else std::memcpy(dst + 2 * i0, y.data(), static_cast<std::size_t>(n) * 2);
+      }
+    }
+  }
+
+  void reduce(EmuRank& e, const CombineArgs& a) {
+    DeviceGroup& g = e.g;
+    if (status_failed(&e.status)) return;
+    std::vector<Target> targets(kMaxTargets);
+    const bool bf16 = a.bf16 != 0;
+    for (std::int64_t b = 0; b < a.bs; ++b) {
+      const int n_targets = targets_of(g, b, a.k, a.expert_scales, a.expert_scales_row_stride, a.expert_scales_col_stride, a.bs, targets.data());
+      for (std::int64_t c = 0; c < chunks_of(a.h); ++c) {
+        const std::int64_t i0 = c * kChunk;
+        const int n = chunk_len(a.h, i0);
+        float acc[kChunk] = {};
+        for (int i = 0; i < n_targets; ++i) {
+          const Target& tg = targets[static_cast<std::size_t>(i)];
+          const std::byte* row = bases_[static_cast<std::size_t>(global_rank(g, tg.ep, g.tp_rank))] + off_.combine_rows +
+                                 static_cast<std::size_t>(tg.row) * off_.combine_pitch;
+          std::uint16_t y[kChunk] = {};
+          if (a.comm_quant == 2) {
+            std::int8_t q[kChunk] = {};
+            std::memcpy(q, row + i0, static_cast<std::size_t>(n));
+            std::uint16_t scale = 0;
+            std::memcpy(&scale, row + comm_scales_offset(a.h) + 2 * static_cast<std::size_t>(c), 2);
+            dequantize_chunk(bf16, q, scale, y);
+          } else {
+            std::memcpy(y, row + 2 * i0, static_cast<std::size_t>(n) * 2);
+          }
+          accumulate_chunk(bf16, acc, y, n, i < a.k, tg.weight);
+        }
+        for (int u = 0; u < n; ++u) a.out[b * a.out_row_stride + (i0 + u) * a.out_col_stride] = f32_to_half_rne(bf16, acc[u]);
+      }
+    }
+  }
+
+  const casefile::Case& c_;
+  std::vector<EmuRank> ranks_;
+  std::vector<std::byte*> bases_;
+  WindowOffsets off_;
+};
+
+std::int64_t max_bs_of(const casefile::Case& c) {
+  std::int64_t most = 0;
+  for (const auto& r : c.ranks) most = std::max(most, r.x.rows());
+  return c.global_bs != 0 ? c.global_bs / c.ep_world_size : most;
+}
+
+// Runs a case through the emulator as the CUDA group would (arguments from call_args.h, identity experts
+// unless the case gives combine_x), returning every rank's outputs; `in_window` feeds the expert outputs
+// through the combine buffer (no staging) where the group allows it.
+struct EmuRun {
+  std::vector<casefile::RankOutputs> outputs;
+  std::vector<Status> status;
+};
+
+EmuRun run_emulated(const casefile::Case& c, bool in_window, const std::function<void(int, std::int32_t*)>& tamper = {},
+                    const std::function<void(int, DispatchArgs&)>& edit_dispatch = {}, const std::function<void(int, CombineArgs&)>& edit_combine = {}) {
+  const int world = static_cast<int>(c.ranks.size());
+  const std::int64_t k = c.ranks[0].expert_ids.cols(), h = c.ranks[0].x.cols();
+  Emulator emu(c, max_bs_of(c), k, h);
+  std::vector<DispatchArgs> dargs;
+  std::vector<contract::CallShape> shapes;
+  for (int r = 0; r < world; ++r) {
+    const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(r)];
+    DispatchOptions o;
+    o.quant_mode = c.quant_mode;
+    o.expert_token_nums_type = c.expert_token_nums_type;
+    if (in.scales.present()) o.scales = in.scales.view();
+    if (in.expert_scales.present()) o.expert_scales = in.expert_scales.view();
+    const GroupConfig cfg = mt::rank_config(c, r);
+    const contract::CallShape shape = contract::check_dispatch(cfg, in.x.view(), in.expert_ids.view(), o, contract::Values::on_device);
+    shapes.push_back(shape);
+    dargs.push_back(dispatch_args(contract::Topology(cfg), in.x.view(), in.expert_ids.view(), o, shape));
+    if (edit_dispatch) edit_dispatch(r, dargs.back());
+  }
+  emu.dispatch(dargs, tamper);
+
+  EmuRun run;
+  run.outputs.resize(static_cast<std::size_t>(world));
+  std::vector<Tensor> expert_out(static_cast<std::size_t>(world)), ones(static_cast<std::size_t>(world));
+  std::vector<CombineArgs> cargs;
+  for (int r = 0; r < world; ++r) {
+    EmuRank& e = emu.rank(r);
+    const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(r)];
+    const std::int64_t valid = e.status.valid_rows, bs = in.x.rows();
+    casefile::RankOutputs& o = run.outputs[static_cast<std::size_t>(r)];
+    const std::byte* base = reinterpret_cast<const std::byte*>(e.window.data());
+    const WindowOffsets& off = e.g.off;
+    const bool quant = c.quant_mode == 2;
+    o.expand_x = mt::copy_rows(matrix_view(base + off.expand_x, quant ? DType::int8 : c.dtype, valid, h), valid);
+    if (quant) o.dynamic_scales = mt::copy_rows(vector_view(base + off.dynamic_scales, DType::fp32, valid), valid);
+    if (in.expert_scales.present()) o.expand_scales = mt::copy_rows(vector_view(base + off.expand_scales, DType::fp32, valid), valid);
+    o.expand_idx = mt::copy_rows(vector_view(e.out_expand_idx.data(), DType::int32, bs * k), bs * k);
+    o.expert_token_nums = mt::copy_rows(vector_view(e.out_token_nums.data(), DType::int64, static_cast<std::int64_t>(e.out_token_nums.size())),
+                                        static_cast<std::int64_t>(e.out_token_nums.size()));
+    o.ep_recv_counts = mt::copy_rows(vector_view(e.out_ep_recv_counts.data(), DType::int32, static_cast<std::int64_t>(e.out_ep_recv_counts.size())),
+                                     static_cast<std::int64_t>(e.out_ep_recv_counts.size()));
+    if (e.g.T == 2) o.tp_recv_counts = mt::copy_rows(vector_view(e.out_tp_recv_counts.data(), DType::int32, 2), 2);
+
+    // Expert outputs: the case's, or identity experts (the dispatched row, dequantized).
+    Tensor& y = expert_out[static_cast<std::size_t>(r)];
+    if (in.combine_x.present()) {
+      y = mt::copy_rows(in.combine_x.view(), in.combine_x.rows());
+    } else {
+      y = Tensor(c.dtype, std::max<std::int64_t>(valid, 1), h);
+      for (std::int64_t row = 0; row < valid; ++row) {
+        for (std::int64_t i = 0; i < h; ++i) {
+          y.data<std::uint16_t>()[row * h + i] =
+              quant ? dequantize(c.dtype == DType::bf16, o.expand_x.data<std::int8_t>()[row * h + i], o.dynamic_scales.data<float>()[row])
+                    : o.expand_x.data<std::uint16_t>()[row * h + i];
+        }
+      }
+    }
+    ones[static_cast<std::size_t>(r)] = Tensor(DType::fp32, bs, k);
+    std::fill_n(ones[static_cast<std::size_t>(r)].data<float>(), bs * k, 1.0f);
+    CombineOptions co;
+    co.comm_quant_mode = c.comm_quant_mode;
+    if (e.g.T == 2) co.tp_send_counts = vector_view(e.out_tp_recv_counts.data(), DType::int32, 2);
+    const TensorView weights = in.expert_scales.present() ? in.expert_scales.view() : ones[static_cast<std::size_t>(r)].view();
+    const TensorView ep_counts = vector_view(e.out_ep_recv_counts.data(), DType::int32, static_cast<std::int64_t>(e.out_ep_recv_counts.size()));
+    TensorView x_view = matrix_view(y.data<std::uint16_t>(), c.dtype, valid, h);
+    CombineArgs a = combine_args(x_view, in.expert_ids.view(), o.expand_idx.view(), ep_counts, weights, co, shapes[static_cast<std::size_t>(r)]);
+    if (in_window && e.g.T == 1 && c.comm_quant_mode == 0) {  // the experts write into the combine buffer
+      std::byte* rows = reinterpret_cast<std::byte*>(e.window.data()) + off.combine_rows;
+      for (std::int64_t row = 0; row < valid; ++row) std::memcpy(rows + row * off.combine_pitch, y.data<std::uint16_t>() + row * h, static_cast<std::size_t>(h) * 2);
+      a.expand_x = reinterpret_cast<const std::uint16_t*>(rows);
+      a.expand_x_row_stride = static_cast<std::int64_t>(off.combine_pitch / 2);
+      a.staged_in_place = true;
+    }
+    e.combine_out.assign(static_cast<std::size_t>(std::max<std::int64_t>(bs * h, 1)), 0);
+    a.out = e.combine_out.data();
+    a.out_row_stride = h;
+    a.out_col_stride = 1;
+    if (edit_combine) edit_combine(r, a);
+    cargs.push_back(a);
+  }
+  emu.combine(cargs);
+  for (int r = 0; r < world; ++r) {
+    EmuRank& e = emu.rank(r);
+    const std::int64_t bs = c.ranks[static_cast<std::size_t>(r)].x.rows();
+    run.outputs[static_cast<std::size_t>(r)].combine_out = mt::copy_rows(matrix_view(e.combine_out.data(), c.dtype, bs, h), bs);
+    run.status.push_back(e.status);
+  }
+  return run;
+}
+
+TEST(CudaProtocol, RandomCasesMatchTheOracle) {
+  std::mt19937_64 rng(20261127);
+  int checked = 0;
+  for (int iteration = 0; iteration < 300; ++iteration) {
+    mt::CaseLimits limits;
+    limits.max_ep_world_size = 8;
+    limits.max_h = 40;
+    limits.max_bs = 6;
+    casefile::Case c = mt::random_case(rng, limits);
+    const auto want = oracle::run(mt::to_oracle_case(c));
+    const EmuRun got = run_emulated(c, iteration % 3 == 0);
+    for (int r = 0; r < static_cast<int>(c.ranks.size()); ++r) {
+      ASSERT_EQ(got.status[static_cast<std::size_t>(r)].code, 0) << mt::describe(c) << ": rank " << r;
+      const std::string diff = mt::compare_rank_with_oracle(c, r, got.outputs[static_cast<std::size_t>(r)], want[static_cast<std::size_t>(r)]);
+      ASSERT_EQ(diff, "") << mt::describe(c) << ": rank " << r;
+    }
+    ++checked;
+  }
+  EXPECT_EQ(checked, 300);
+}
+
+// A case at the benchmark's shape family (H a multiple of 8, several experts per rank) with every mode.
+TEST(CudaProtocol, WideRowsEveryMode) {
+  std::mt19937_64 rng(7);
+  for (int quant : {0, 2}) {
+    for (int comm : {0, 2}) {
+      mt::CaseLimits limits;
+      limits.world_size = 4;
+      limits.allow_tp = false;
+      limits.max_h = 512;
+      limits.max_bs = 8;
+      casefile::Case c = mt::random_case(rng, limits);
+      c.quant_mode = quant;
+      c.comm_quant_mode = comm;
+      if (quant == 0) for (auto& r : c.ranks) r.scales = Tensor();
+      const auto want = oracle::run(mt::to_oracle_case(c));
+      const EmuRun got = run_emulated(c, false);
+      for (int r = 0; r < static_cast<int>(c.ranks.size()); ++r) {
+        ASSERT_EQ(got.status[static_cast<std::size_t>(r)].code, 0);
+        EXPECT_EQ(mt::compare_rank_with_oracle(c, r, got.outputs[static_cast<std::size_t>(r)], want[static_cast<std::size_t>(r)]), "")
+            << mt::describe(c) << " rank " << r;
+      }
+    }
+  }
+}
+
+casefile::Case small_case(std::mt19937_64& rng, int world_size) {
+  mt::CaseLimits limits;
+  limits.world_size = world_size;
+  limits.allow_tp = false;
+  limits.max_h = 16;
+  limits.max_bs = 4;
+  casefile::Case c = mt::random_case(rng, limits);
+  c.global_bs = 0;  // every rank has 3 tokens
+  mt::random_inputs(c, rng, limits, 3);
+  return c;
+}
+
+std::string error_text(const Status& st, int me, std::int64_t k) {
+  try {
+    throw_status_error(st, me, k);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(CudaProtocol, BadIdFailsItsRankAndEveryPeerNamesIt) {
+  std::mt19937_64 rng(11);
+  const casefile::Case c = small_case(rng, 4);
+  const std::int64_t k = c.ranks[0].expert_ids.cols();
+  std::vector<std::int32_t> bad_ids(c.ranks[2].expert_ids.data<std::int32_t>(), c.ranks[2].expert_ids.data<std::int32_t>() + c.ranks[2].expert_ids.numel());
+  bad_ids[0] = c.moe_expert_num + 5;
+  const EmuRun got = run_emulated(c, false, {}, [&](int r, DispatchArgs& a) {
+    if (r == 2) a.ids = bad_ids.data();
+  });
+  const Status& bad = got.status[2];
+  EXPECT_EQ(bad.code, static_cast<int>(ErrorCode::invalid_argument));
+  try {
+    throw_status_error(bad, 2, k);
+    FAIL() << "no error";
+  } catch (const ValidationError& e) {
+    EXPECT_EQ(e.parameter(), "expert_ids[0, 0]");
+    EXPECT_EQ(e.value(), std::to_string(c.moe_expert_num + 5));
+    EXPECT_NE(e.rule().find("must be in [0, moe_expert_num = " + std::to_string(c.moe_expert_num) + ")"), std::string::npos);
+  }
+  for (int r : {0, 1, 3}) {
+    const Status& st = got.status[static_cast<std::size_t>(r)];
+    EXPECT_EQ(st.code, static_cast<int>(ErrorCode::peer_failed)) << "rank " << r;
+    EXPECT_EQ(st.peer, 2);
+    try {
+      throw_status_error(st, r, k);
+      FAIL() << "no error";
+    } catch (const PeerError& e) {
+      EXPECT_EQ(e.peer(), 2);
+      EXPECT_EQ(e.phase(), "dispatch.counts");
+    }
+    // Nothing was written: the outputs keep their initial zeros.
+    for (std::int64_t t = 0; t < got.outputs[static_cast<std::size_t>(r)].expand_idx.numel(); ++t) {
+      EXPECT_EQ(got.outputs[static_cast<std::size_t>(r)].expand_idx.data<std::int32_t>()[t], 0);
+    }
+  }
+}
+
+TEST(CudaProtocol, RepeatedIdIsNamed) {
+  std::mt19937_64 rng(12);
+  casefile::Case c = small_case(rng, 2);
+  while (c.ranks[0].expert_ids.cols() < 2) c = small_case(rng, 2);
+  const std::int64_t k = c.ranks[0].expert_ids.cols();
+  std::vector<std::int32_t> ids(c.ranks[0].expert_ids.data<std::int32_t>(), c.ranks[0].expert_ids.data<std::int32_t>() + c.ranks[0].expert_ids.numel());
+  ids[1] = ids[0];
+  const EmuRun got = run_emulated(c, false, {}, [&](int r, DispatchArgs& a) {
+    if (r == 0) a.ids = ids.data();
+  });
+  const std::string text = error_text(got.status[0], 0, k);
+  EXPECT_NE(text.find("expert_ids[0, 1]"), std::string::npos) << text;
+  EXPECT_NE(text.find("must be distinct"), std::string::npos) << text;
+}
+
+TEST(CudaProtocol, DisagreeingCallIsAConfigMismatchNamingThePeer) {
+  std::mt19937_64 rng(13);
+  const casefile::Case c = small_case(rng, 3);
+  const EmuRun got = run_emulated(c, false, {}, [&](int r, DispatchArgs& a) {
+    if (r == 1) a.dtype_code = a.dtype_code == static_cast<int>(DType::bf16) ? static_cast<int>(DType::fp16) : static_cast<int>(DType::bf16);
+  });
+  for (int r : {0, 2}) {
+    EXPECT_EQ(got.status[static_cast<std::size_t>(r)].code, static_cast<int>(ErrorCode::config_mismatch));
+    EXPECT_EQ(got.status[static_cast<std::size_t>(r)].peer, 1);
+    EXPECT_NE(error_text(got.status[static_cast<std::size_t>(r)], r, 1).find("the dtype code"), std::string::npos);
+  }
+}
+
+TEST(CudaProtocol, MalformedRecordIsAProtocolErrorAndNothingIsWritten) {
+  std::mt19937_64 rng(14);
+  const casefile::Case c = small_case(rng, 4);
+  for (int variant = 0; variant < 3; ++variant) {
+    const EmuRun got = run_emulated(c, false, [&](int r, std::int32_t* record) {
+      if (r != 3) return;
+      if (variant == 0) record[record[0] > 0 ? 0 : 1] += 1;  // more rows than BS * K
+      if (variant == 1) record[0] = -1;                      // negative
+      if (variant == 2) record[0] = 1 << 30;                 // far outside [0, BS]
+    });
+    for (int r = 0; r < 4; ++r) {
+      const Status& st = got.status[static_cast<std::size_t>(r)];
+      EXPECT_EQ(st.code, static_cast<int>(ErrorCode::protocol)) << "variant " << variant << " rank " << r;
+      EXPECT_EQ(st.peer, 3);
+      EXPECT_NE(error_text(st, r, 1).find("the count record of rank 3 is inconsistent"), std::string::npos);
+    }
+  }
+}
+
+TEST(CudaProtocol, CombineMustPairWithItsDispatch) {
+  std::mt19937_64 rng(15);
+  const casefile::Case c = small_case(rng, 2);
+  const std::int64_t k = c.ranks[0].expert_ids.cols();
+  std::vector<std::int32_t> wrong_idx;
+  const EmuRun got = run_emulated(c, false, {}, {}, [&](int r, CombineArgs& a) {
+    if (r != 1) return;
+    wrong_idx.assign(a.expand_idx, a.expand_idx + a.bs * a.k);
+    wrong_idx.back() += 7;
+    a.expand_idx = wrong_idx.data();
+  });
+  const std::string text = error_text(got.status[1], 1, k);
+  EXPECT_NE(text.find("expand_idx[" + std::to_string(c.ranks[1].x.rows() * k - 1) + "]"), std::string::npos) << text;
+  EXPECT_EQ(got.status[0].code, static_cast<int>(ErrorCode::peer_failed));
+  EXPECT_EQ(got.status[0].peer, 1);
+}
+
+TEST(CudaProtocol, StatusErrorsNameTimeoutsAndCapacity) {
+  Status st;
+  st.code = static_cast<int>(ErrorCode::timeout);
+  st.rule = static_cast<int>(Rule::timeout);
+  st.phase = static_cast<int>(Phase::dispatch_rows);
+  st.peer = 5;
+  st.limit = 2000;
+  try {
+    throw_status_error(st, 1, 1);
+    FAIL();
+  } catch (const PeerError& e) {
+    EXPECT_EQ(e.code(), ErrorCode::timeout);
+    EXPECT_EQ(e.peer(), 5);
+    EXPECT_EQ(e.phase(), "dispatch.rows");
+    EXPECT_NE(std::string(e.what()).find("rank 1: rank 5 did not arrive within 2000 ms"), std::string::npos);
+  }
+  st = Status{};
+  st.code = static_cast<int>(ErrorCode::capacity);
+  st.rule = static_cast<int>(Rule::capacity);
+  st.phase = static_cast<int>(Phase::dispatch_counts);
+  st.peer = 2;
+  st.value = 99;
+  st.limit = 64;
+  EXPECT_NE(error_text(st, 0, 1).find("rank 2 would receive 99 rows but can hold at most 64"), std::string::npos);
+  EXPECT_EQ(error_text(Status{}, 0, 1), "");
+}
+
+// The window layout holds what the kernels address: every region ends before the next, and the combine
+// rows fit both of their forms.
+TEST(CudaProtocol, WindowLayoutRegionsDoNotOverlap) {
+  for (int T : {0, 2}) {
+    GroupConfig cfg;
+    cfg.ep_world_size = 8;
+    cfg.moe_expert_num = 28;
+    cfg.shared_expert_rank_num = 1;
+    cfg.tp_world_size = T;
+    const contract::Topology topo(cfg);
+    for (std::int64_t h : {1, 7, 8, 7168}) {
+      const WindowOffsets o = window_offsets(topo, 5, 3, h);
+      const int world = topo.world_size();
+      EXPECT_GE(o.rows_flags, o.count_flags + 8u * world);
+      EXPECT_GE(o.combine_flags, o.rows_flags + 8u * world);
+      EXPECT_GE(o.inbox, o.tp_flag + 8u);
+      EXPECT_GE(o.record_stride, sizeof(RecordHeader) + 4u * static_cast<std::size_t>(topo.count_record_len()));
+      EXPECT_GE(o.expand_x, o.inbox + o.record_stride * world);
+      EXPECT_GE(o.dynamic_scales, o.expand_x + static_cast<std::size_t>(o.dispatch_rows * h * 2));
+      EXPECT_GE(o.combine_rows, o.expand_scales + 4u * static_cast<std::size_t>(o.dispatch_rows));
+      EXPECT_GE(o.combine_pitch, static_cast<std::size_t>(2 * h));
+      EXPECT_GE(o.combine_pitch, comm_scales_offset(h) + 2u * static_cast<std::size_t>(chunks_of(h)));
+      EXPECT_GE(o.total, o.tp_inbox + (topo.T == 2 ? static_cast<std::size_t>(o.receive_rows * h * 2) : 0u));
+      EXPECT_GE(o.receive_rows, std::max(topo.receive_rows(0, 5, 3), topo.receive_rows(7, 5, 3)));
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moedist::gpu

@@ -1,0 +1,504 @@
+// The GPU suite (ctest label `gpu`): every rank is its own process driving a GPU (several ranks share
+// one), the ranks exchange device windows through CUDA IPC, and every output is compared with the
+// oracle, bit for bit. Random configurations (W up to 8, TP, shared experts, every quant and comm-quant
+// mode, bf16/fp16, H with and without the vector path), each run for several calls on one group, some
+// with strided inputs, some with the experts writing into combine_buffer(), some captured in CUDA graphs
+// and replayed with new inputs. `--errors` checks the typed errors instead: a bad id on one rank, a rank
+// that never arrives (timeout), host-side argument errors, and that a failed group stays failed.
+//
+// Without a usable CUDA device it prints why and exits 77 (ctest: skipped).
+#include <cuda_runtime_api.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "moedist/cuda.h"
+#include "moedist/error.h"
+#include "test_support.h"
+
+namespace {
+
+using namespace moedist;
+namespace mt = moedist::testing;
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+// A device copy of a host tensor, optionally strided (padded rows, every `col_step`-th column).
+struct DeviceTensor {
+  void* data = nullptr;
+  DType dtype = DType::fp32;
+  std::int64_t rows = 0, cols = 0, row_stride = 0, col_step = 1;
+  std::size_t bytes = 0;
+  DeviceTensor() = default;
+  DeviceTensor(const DeviceTensor&) = delete;
+  DeviceTensor& operator=(const DeviceTensor&) = delete;
+  ~DeviceTensor() { if (data != nullptr) cudaFree(data); }
+
+  void allocate(const Tensor& t, int pad, int step) {
+    dtype = t.dtype();
+    rows = t.rows();
+    cols = t.ndim() == 2 ? t.cols() : 1;
+    col_step = t.ndim() == 2 ? step : 1;
+    row_stride = cols * col_step + pad;
+    bytes = static_cast<std::size_t>(std::max<std::int64_t>(rows * row_stride, 1)) * dtype_size(dtype);
+    check(cudaMalloc(&data, bytes), "cudaMalloc");
+    check(cudaMemset(data, 0xab, bytes), "cudaMemset");
+  }
+  // Copies t's values in (same shape as allocated).
+  void upload(const Tensor& t) {
+    const std::size_t es = dtype_size(dtype);
+    std::vector<std::byte> staging(bytes, std::byte{0xab});
+    for (std::int64_t r = 0; r < rows; ++r) {
+      for (std::int64_t c = 0; c < cols; ++c) {
+        std::memcpy(staging.data() + static_cast<std::size_t>(r * row_stride + c * col_step) * es,
+                    static_cast<const std::byte*>(t.view().data) + static_cast<std::size_t>(r * cols + c) * es, es);
+      }
+    }
+    check(cudaMemcpy(data, staging.data(), bytes, cudaMemcpyHostToDevice), "cudaMemcpy upload");
+  }
+  TensorView view(int ndim) const {
+    return ndim == 2 ? matrix_view(data, dtype, rows, cols, row_stride, col_step) : vector_view(data, dtype, rows, col_step);
+  }
+};
+
+// Copies `rows` rows of a device view with unit column stride to a contiguous host tensor.
+Tensor download(const TensorView& v, std::int64_t rows) {
+  const std::int64_t cols = v.ndim == 2 ? v.cols() : 1;
+  Tensor out = v.ndim == 2 ? Tensor(v.dtype, rows, cols) : Tensor(v.dtype, rows);
+  if (rows == 0) return out;
+  const std::size_t es = dtype_size(v.dtype);
+  const std::size_t pitch = static_cast<std::size_t>(v.ndim == 2 ? v.strides[0] : 1) * es;
+  check(cudaMemcpy2D(out.mutable_view().data, static_cast<std::size_t>(cols) * es, v.data, pitch, static_cast<std::size_t>(cols) * es,
+                     static_cast<std::size_t>(rows), cudaMemcpyDeviceToHost),
+        "cudaMemcpy2D download");
+  return out;
+}
+
+struct Mode {
+  bool strided = false;
+  bool in_window = false;
+  bool graph = false;
+};
+
+// New values for the same shapes (a later call on the same group): x, ids, weights; identity experts.
+Tensor clone(const Tensor& t) { return t.present() ? mt::copy_rows(t.view(), t.rows()) : Tensor(); }
+
+// The configuration of `c` with copies of its inputs (Tensor is move-only), without combine_x.
+casefile::Case clone_case(const casefile::Case& c) {
+  casefile::Case n;
+  n.ep_world_size = c.ep_world_size;
+  n.tp_world_size = c.tp_world_size;
+  n.moe_expert_num = c.moe_expert_num;
+  n.shared_expert_rank_num = c.shared_expert_rank_num;
+  n.shared_expert_num = c.shared_expert_num;
+  n.global_bs = c.global_bs;
+  n.quant_mode = c.quant_mode;
+  n.expert_token_nums_type = c.expert_token_nums_type;
+  n.comm_quant_mode = c.comm_quant_mode;
+  n.dtype = c.dtype;
+  for (const auto& r : c.ranks) {
+    casefile::RankInputs in;
+    in.x = clone(r.x);
+    in.expert_ids = clone(r.expert_ids);
+    in.scales = clone(r.scales);
+    in.expert_scales = clone(r.expert_scales);
+    n.ranks.push_back(std::move(in));
+  }
+  return n;
+}
+
+casefile::Case next_call(const casefile::Case& c, std::mt19937_64& rng) {
+  casefile::Case n = clone_case(c);
+  std::uniform_real_distribution<float> value(-3.0f, 3.0f);
+  for (auto& r : n.ranks) {
+    Tensor x(r.x.dtype(), r.x.rows(), r.x.cols());
+    for (std::int64_t i = 0; i < x.numel(); ++i) x.data<std::uint16_t>()[i] = mt::to_half_bits(c.dtype, value(rng));
+    r.x = std::move(x);
+    r.expert_ids = mt::random_ids(rng, r.expert_ids.rows(), r.expert_ids.cols(), c.moe_expert_num);
+    if (r.expert_scales.present()) {
+      for (std::int64_t i = 0; i < r.expert_scales.numel(); ++i) r.expert_scales.data<float>()[i] = value(rng);
+    }
+  }
+  return n;
+}
+
+// Runs `call` directly, or (graph) captures it into *exec the first time and launches the graph: later
+// calls replay the captured kernels with whatever the input buffers then hold.
+void run_maybe_captured(bool graph, cudaGraphExec_t* exec, cudaStream_t stream, const std::function<void()>& call) {
+  if (!graph) return call();
+  if (*exec == nullptr) {
+    cudaGraph_t captured = nullptr;
+    check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+    call();
+    check(cudaStreamEndCapture(stream, &captured), "cudaStreamEndCapture");
+    check(cudaGraphInstantiate(exec, captured, 0), "cudaGraphInstantiate");
+    cudaGraphDestroy(captured);
+  }
+  check(cudaGraphLaunch(*exec, stream), "cudaGraphLaunch");
+}
+
+// One rank: joins, runs every call of `calls` on one group and compares with `wants`. "" when all equal.
+std::string run_rank(const std::vector<casefile::Case>& calls, const std::vector<std::vector<oracle::RankOutput>>& wants, int g,
+                     const Mode& mode, const std::string& job) {
+  const casefile::Case& c0 = calls[0];
+  const casefile::RankInputs& in0 = c0.ranks[static_cast<std::size_t>(g)];
+  int devices = 0;
+  check(cudaGetDeviceCount(&devices), "cudaGetDeviceCount");
+  cuda::CudaGroupOptions options;
+  options.device = g % devices;
+  options.k = in0.expert_ids.cols();
+  options.h = in0.x.cols();
+  std::int64_t max_bs = 0;
+  for (const auto& r : c0.ranks) max_bs = std::max(max_bs, r.x.rows());
+  options.max_bs = c0.global_bs != 0 ? c0.global_bs / c0.ep_world_size : max_bs;
+  options.timeout = std::chrono::milliseconds(30000);
+  check(cudaSetDevice(options.device), "cudaSetDevice");
+  auto group = cuda::CudaGroup::join(mt::rank_config(c0, g), job, options);
+  cudaStream_t stream = nullptr;
+  check(cudaStreamCreate(&stream), "cudaStreamCreate");
+  const auto s = reinterpret_cast<cuda::Stream>(stream);
+
+  const int pad = mode.strided ? 3 : 0, step = mode.strided ? 2 : 1;
+  DeviceTensor x, ids, scales, weights, expert_out;
+  x.allocate(in0.x, pad, step);
+  ids.allocate(in0.expert_ids, mode.strided ? 1 : 0, 1);
+  Tensor ones(DType::fp32, in0.x.rows(), options.k);
+  std::fill_n(ones.data<float>(), ones.numel(), 1.0f);
+  weights.allocate(in0.expert_scales.present() ? in0.expert_scales : ones, mode.strided ? 2 : 0, 1);
+  if (in0.scales.present()) scales.allocate(in0.scales, mode.strided ? 5 : 0, 1);
+  const int T = std::max(c0.tp_world_size, 1);
+  cudaGraphExec_t dispatch_graph = nullptr, combine_graph = nullptr;
+  cuda::CudaDispatchResult d;
+  TensorView out;
+  MutableTensorView window_rows;
+
+  std::string result;
+  for (std::size_t call = 0; call < calls.size() && result.empty(); ++call) {
+    const casefile::Case& c = calls[call];
+    const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
+    x.upload(in.x);
+    ids.upload(in.expert_ids);
+    weights.upload(in.expert_scales.present() ? in.expert_scales : ones);
+    if (in.scales.present()) scales.upload(in.scales);
+    DispatchOptions dopt;
+    dopt.quant_mode = c.quant_mode;
+    dopt.expert_token_nums_type = c.expert_token_nums_type;
+    if (in.scales.present()) dopt.scales = scales.view(2);
+    if (in.expert_scales.present()) dopt.expert_scales = weights.view(2);
+    run_maybe_captured(mode.graph, &dispatch_graph, stream, [&] { d = group->dispatch(x.view(2), ids.view(2), dopt, s); });
+    group->synchronize(s);
+    const std::int64_t valid = group->last_valid_rows(), h = options.h, bs = in.x.rows();
+
+    casefile::RankOutputs got;
+    got.expand_x = download(d.expand_x, valid);
+    if (c.quant_mode == 2) got.dynamic_scales = download(d.dynamic_scales, valid);
+    if (in.expert_scales.present()) got.expand_scales = download(d.expand_scales, valid);
+    got.expand_idx = download(d.expand_idx, d.expand_idx.rows());
+    got.expert_token_nums = download(d.expert_token_nums, d.expert_token_nums.rows());
+    got.ep_recv_counts = download(d.ep_recv_counts, d.ep_recv_counts.rows());
+    if (T == 2) got.tp_recv_counts = download(d.tp_recv_counts, 2);
+
+    // Expert outputs: the case's, or identity experts (the dispatched row, dequantized on the host).
+    Tensor y(c.dtype, std::max<std::int64_t>(valid, 1), h);
+    for (std::int64_t r = 0; r < valid; ++r) {
+      for (std::int64_t i = 0; i < h; ++i) {
+        std::uint16_t v;
+        if (in.combine_x.present()) v = in.combine_x.data<std::uint16_t>()[r * h + i];
+        else if (c.quant_mode == 2) v = numeric::f32_to_half_rne(c.dtype == DType::bf16 ? numeric::Half::bf16 : numeric::Half::fp16,
+                                                                 static_cast<float>(got.expand_x.data<std::int8_t>()[r * h + i]) * got.dynamic_scales.data<float>()[r]);
+        else v = got.expand_x.data<std::uint16_t>()[r * h + i];
+        y.data<std::uint16_t>()[r * h + i] = v;
+      }
+    }
+    TensorView expand_x;
+    const bool window_ok = mode.in_window && T == 1 && c.comm_quant_mode == 0;
+    if (window_ok) {
+      window_rows = group->combine_buffer(c.dtype);
+      if (valid > 0) {
+        check(cudaMemcpy2D(window_rows.data, static_cast<std::size_t>(window_rows.strides[0]) * 2, y.view().data, static_cast<std::size_t>(h) * 2,
+                           static_cast<std::size_t>(h) * 2, static_cast<std::size_t>(valid), cudaMemcpyHostToDevice),
+              "cudaMemcpy2D expert outputs");
+      }
+      expand_x = matrix_view(window_rows.data, c.dtype, d.expand_x.rows(), h, window_rows.strides[0]);
+    } else {
+      if (expert_out.data == nullptr) expert_out.allocate(Tensor(c.dtype, d.expand_x.rows(), h), pad, step);
+      Tensor full(c.dtype, d.expand_x.rows(), h);
+      std::memcpy(full.mutable_view().data, y.view().data, static_cast<std::size_t>(valid * h) * 2);
+      expert_out.upload(full);
+      expand_x = expert_out.view(2);
+    }
+    CombineOptions copt;
+    copt.comm_quant_mode = c.comm_quant_mode;
+    if (T == 2) copt.tp_send_counts = d.tp_recv_counts;
+    run_maybe_captured(mode.graph, &combine_graph, stream, [&] {
+      out = group->combine(expand_x, ids.view(2), d.expand_idx, d.ep_recv_counts, weights.view(2), copt, s);
+    });
+    group->synchronize(s);
+    got.combine_out = download(out, bs);
+    const std::string diff = mt::compare_rank_with_oracle(c, g, got, wants[call][static_cast<std::size_t>(g)]);
+    if (!diff.empty()) result = "call " + std::to_string(call) + ": " + diff;
+  }
+  if (dispatch_graph != nullptr) cudaGraphExecDestroy(dispatch_graph);
+  if (combine_graph != nullptr) cudaGraphExecDestroy(combine_graph);
+  cudaStreamDestroy(stream);
+  return result;
+}
+
+// Runs `body(g)` in one forked process per rank; returns each rank's message ("" = ok).
+std::vector<std::string> fork_ranks(int world, const std::function<std::string(int)>& body) {
+  std::vector<pid_t> pids;
+  std::vector<int> fds;
+  for (int g = 0; g < world; ++g) {
+    int p[2];
+    if (pipe(p) != 0) throw std::runtime_error("pipe");
+    const pid_t pid = fork();
+    if (pid == 0) {
+      close(p[0]);
+      std::string msg;
+      try {
+        msg = body(g);
+      } catch (const std::exception& e) {
+        msg = std::string("exception: ") + e.what();
+      }
+      if (msg.empty()) msg = "ok";
+      (void)!write(p[1], msg.data(), msg.size());
+      close(p[1]);
+      _exit(0);
+    }
+    close(p[1]);
+    pids.push_back(pid);
+    fds.push_back(p[0]);
+  }
+  std::vector<std::string> out(static_cast<std::size_t>(world));
+  for (int g = 0; g < world; ++g) {
+    char buf[4096];
+    ssize_t n;
+    while ((n = read(fds[static_cast<std::size_t>(g)], buf, sizeof buf)) > 0) out[static_cast<std::size_t>(g)].append(buf, static_cast<std::size_t>(n));
+    close(fds[static_cast<std::size_t>(g)]);
+    int status = 0;
+    waitpid(pids[static_cast<std::size_t>(g)], &status, 0);
+    if (out[static_cast<std::size_t>(g)].empty()) out[static_cast<std::size_t>(g)] = "rank process died (status " + std::to_string(status) + ")";
+    if (out[static_cast<std::size_t>(g)] == "ok") out[static_cast<std::size_t>(g)].clear();
+  }
+  return out;
+}
+
+std::string job_name(const char* what, int i) { return "gpu-" + std::string(what) + "-" + std::to_string(getpid()) + "-" + std::to_string(i); }
+
+int run_oracle_cases(int cases, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  int mismatches = 0;
+  for (int i = 0; i < cases; ++i) {
+    mt::CaseLimits limits;
+    limits.max_ep_world_size = 8;
+    limits.world_size = 1 + static_cast<int>(rng() % 8);
+    limits.max_bs = 12;
+    limits.max_h = i % 4 == 0 ? 512 : 72;
+    casefile::Case c = mt::random_case(rng, limits);
+    if (i % 10 == 9) {  // now and then the benchmark's row width
+      for (auto& r : c.ranks) {
+        Tensor x(c.dtype, r.x.rows(), 7168);
+        for (std::int64_t e = 0; e < x.numel(); ++e) x.data<std::uint16_t>()[e] = mt::to_half_bits(c.dtype, static_cast<float>(static_cast<int>(rng() % 2001) - 1000) / 250.0f);
+        r.x = std::move(x);
+        if (r.scales.present()) {
+          Tensor sc(DType::fp32, r.scales.rows(), 7168);
+          for (std::int64_t e = 0; e < sc.numel(); ++e) sc.data<float>()[e] = 0.5f + static_cast<float>(rng() % 1000) / 1000.0f;
+          r.scales = std::move(sc);
+        }
+        r.combine_x = Tensor();
+      }
+    }
+    Mode mode;
+    mode.strided = i % 5 == 1;
+    mode.in_window = i % 3 == 0;
+    mode.graph = i % 4 == 2;
+    std::vector<casefile::Case> calls;
+    for (int extra = 0; extra < 2; ++extra) calls.push_back(next_call(c, rng));
+    calls.insert(calls.begin(), std::move(c));
+    std::vector<std::vector<oracle::RankOutput>> wants;
+    for (const auto& call : calls) wants.push_back(oracle::run(mt::to_oracle_case(call)));
+    const std::string job = job_name("oracle", i);
+    const auto results = fork_ranks(static_cast<int>(c.ranks.size()), [&](int g) { return run_rank(calls, wants, g, mode, job); });
+    for (std::size_t g = 0; g < results.size(); ++g) {
+      if (!results[g].empty()) {
+        ++mismatches;
+        std::printf("MISMATCH case %d (%s; strided %d, in_window %d, graph %d) rank %zu: %s\n", i, mt::describe(calls[0]).c_str(), mode.strided,
+                    mode.in_window, mode.graph, g, results[g].c_str());
+      }
+    }
+  }
+  std::printf("gpu oracle: %d cases x 3 calls, %d mismatches: %s\n", cases, mismatches, mismatches == 0 ? "PASS" : "FAIL");
+  return mismatches == 0 ? 0 : 1;
+}
+
+// The typed errors on the GPU path.
+int run_error_cases() {
+  std::mt19937_64 rng(77);
+  mt::CaseLimits limits;
+  limits.world_size = 4;
+  limits.allow_tp = false;
+  limits.max_h = 64;
+  limits.max_bs = 4;
+  casefile::Case c = mt::random_case(rng, limits);
+  c.global_bs = 0;
+  mt::random_inputs(c, rng, limits, 3);
+  const std::int64_t k = c.ranks[0].expert_ids.cols(), h = c.ranks[0].x.cols();
+  int failures = 0;
+  const auto expect = [&](bool ok, const std::string& what) {
+    std::printf("%s: %s\n", ok ? "ok  " : "FAIL", what.c_str());
+    if (!ok) ++failures;
+  };
+  const auto join = [&](int g, const std::string& job, std::chrono::milliseconds timeout) {
+    cuda::CudaGroupOptions o;
+    o.device = 0;
+    o.k = k;
+    o.h = h;
+    o.max_bs = 3;
+    o.timeout = timeout;
+    check(cudaSetDevice(0), "cudaSetDevice");
+    return cuda::CudaGroup::join(mt::rank_config(c, g), job, o);
+  };
+
+  // 1. An id out of range on rank 2: it names the id, every peer names rank 2, the group stays failed.
+  {
+    const std::string job = job_name("bad-id", 0);
+    const auto results = fork_ranks(4, [&](int g) -> std::string {
+      auto group = join(g, job, std::chrono::milliseconds(20000));
+      Tensor ids = mt::copy_rows(c.ranks[static_cast<std::size_t>(g)].expert_ids.view(), 3);
+      if (g == 2) ids.data<std::int32_t>()[k] = c.moe_expert_num + 3;  // expert_ids[1, 0]
+      DeviceTensor dx, dids;
+      dx.allocate(c.ranks[static_cast<std::size_t>(g)].x, 0, 1);
+      dx.upload(c.ranks[static_cast<std::size_t>(g)].x);
+      dids.allocate(ids, 0, 1);
+      dids.upload(ids);
+      group->dispatch(dx.view(2), dids.view(2), {}, nullptr);
+      std::string seen;
+      try {
+        group->synchronize(nullptr);
+        return "no error";
+      } catch (const ValidationError& e) {
+        seen = "validation " + e.parameter() + " = " + e.value();
+      } catch (const PeerError& e) {
+        seen = "peer " + std::to_string(e.peer()) + " " + error_code_name(e.code());
+      }
+      try {
+        group->dispatch(dx.view(2), dids.view(2), {}, nullptr);
+        seen += "; second call accepted";
+      } catch (const Error&) {
+        seen += "; stays failed";
+      }
+      return "saw " + seen;
+    });
+    expect(results[2] == "saw validation expert_ids[1, 0] = " + std::to_string(c.moe_expert_num + 3) + "; stays failed",
+           "bad id: rank 2 " + results[2]);
+    for (int g : {0, 1, 3}) expect(results[static_cast<std::size_t>(g)] == "saw peer 2 peer_failed; stays failed", "bad id: rank " + std::to_string(g) + " " + results[static_cast<std::size_t>(g)]);
+  }
+
+  // 2. Rank 3 never dispatches: the others time out naming it, within about the timeout.
+  {
+    const std::string job = job_name("timeout", 0);
+    const auto results = fork_ranks(4, [&](int g) -> std::string {
+      auto group = join(g, job, std::chrono::milliseconds(2000));
+      if (g == 3) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(6000));
+        return "saw nothing (absent)";
+      }
+      DeviceTensor dx, dids;
+      dx.allocate(c.ranks[static_cast<std::size_t>(g)].x, 0, 1);
+      dx.upload(c.ranks[static_cast<std::size_t>(g)].x);
+      dids.allocate(c.ranks[static_cast<std::size_t>(g)].expert_ids, 0, 1);
+      dids.upload(c.ranks[static_cast<std::size_t>(g)].expert_ids);
+      const auto start = std::chrono::steady_clock::now();
+      group->dispatch(dx.view(2), dids.view(2), {}, nullptr);
+      try {
+        group->synchronize(nullptr);
+        return "no error";
+      } catch (const PeerError& e) {
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        return "saw peer " + std::to_string(e.peer()) + " " + error_code_name(e.code()) + (s < 5.0 ? " in time" : " late");
+      }
+    });
+    for (int g : {0, 1, 2}) expect(results[static_cast<std::size_t>(g)] == "saw peer 3 timeout in time", "timeout: rank " + std::to_string(g) + " " + results[static_cast<std::size_t>(g)]);
+  }
+
+  // 3. Host-side errors, raised before anything is enqueued; the group stays usable.
+  {
+    const std::string job = job_name("host", 0);
+    const auto results = fork_ranks(1, [&](int) -> std::string {
+      casefile::Case one = clone_case(c);
+      one.ep_world_size = 1;
+      one.shared_expert_rank_num = 0;
+      one.ranks.resize(1);
+      cuda::CudaGroupOptions o;
+      o.device = 0;
+      o.k = k;
+      o.h = h;
+      o.max_bs = 3;
+      auto group = cuda::CudaGroup::join(mt::rank_config(one, 0), job, o);
+      std::string seen;
+      try {
+        group->dispatch(one.ranks[0].x.view(), one.ranks[0].expert_ids.view(), {}, nullptr);  // host memory
+      } catch (const ValidationError& e) {
+        seen += e.parameter() + "|";
+      }
+      Tensor big(c.dtype, 4, h);
+      DeviceTensor dbig, dids;
+      dbig.allocate(big, 0, 1);
+      dids.allocate(mt::random_ids(rng, 4, k, c.moe_expert_num), 0, 1);
+      try {
+        group->dispatch(dbig.view(2), dids.view(2), {}, nullptr);  // BS 4 > max_bs 3
+      } catch (const ValidationError& e) {
+        seen += e.parameter() + "|";
+      }
+      return "saw " + seen;
+    });
+    expect(results[0] == "saw x.data|x.shape[0] (BS)|", "host checks: " + results[0]);
+  }
+  std::printf("gpu errors: %d failures: %s\n", failures, failures == 0 ? "PASS" : "FAIL");
+  return failures == 0 ? 0 : 1;
+}
+
+// Whether a CUDA device is usable, asked in a child process: a process that initialized CUDA cannot
+// fork ranks that use it.
+bool probe_device(std::string* reason) {
+  const auto results = fork_ranks(1, [](int) -> std::string {
+    std::string why;
+    return cuda::available(&why) ? std::string() : why;
+  });
+  *reason = results[0];
+  return results[0].empty();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int cases = 40;
+  std::uint64_t seed = 20261127;
+  bool errors = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--cases" && i + 1 < argc) cases = std::atoi(argv[++i]);
+    else if (a == "--seed" && i + 1 < argc) seed = std::strtoull(argv[++i], nullptr, 10);
+    else if (a == "--errors") errors = true;
+    else {
+      std::fprintf(stderr, "usage: %s [--cases N] [--seed S] [--errors]\n", argv[0]);
+      return 2;
+    }
+  }
+  std::string reason;
+  if (!probe_device(&reason)) {
+    std::printf("SKIPPED: no usable CUDA device (%s); the GPU suite runs on a machine with one\n", reason.c_str());
+    return 77;
+  }
+  return errors ? run_error_cases() : run_oracle_cases(cases, seed);
+}
