@@ -10,11 +10,17 @@
 // Results are the oracle's, bit for bit (the same fp32 operation order and rounding as the CPU paths).
 //
 // Errors. Host-visible problems (shapes, dtypes, options, a tensor not in device memory) throw a
-// moedist::ValidationError before anything is enqueued. Problems only the GPU can see (an expert id out
-// of range, a peer that failed or timed out, a call that does not match dispatch's) are recorded on the
-// GPU: the kernels of the call and of every later call then write no output, peers are told, and
-// synchronize() (or the next call) throws the typed error naming the parameter or the peer. A group that
-// reported an error stays failed; create a new one.
+// moedist::ValidationError before anything is enqueued; this rank then makes no call, so its peers'
+// kernels fail with a timeout naming it. Problems only the GPU can see (an expert id out of range, a peer
+// that failed or timed out, a call that does not match dispatch's) are recorded on the GPU: the kernels
+// of the call and of every later call then write no output, peers are told, and synchronize() throws the
+// typed error naming the parameter or the peer (a later call throws it too, once a synchronize() has
+// seen it). A group that reported an error stays failed; create a new one.
+//
+// Streams. All calls of a group go to one stream (or to streams ordered by events): the call counter,
+// the dispatch handle and the status live on the GPU and rely on the calls running in order. The host
+// keeps track of the pairing of dispatch and combine for calls made through this API; replays of a
+// captured graph bypass it, so a program that replays graphs should not mix them with direct calls.
 #pragma once
 
 #include <chrono>

@@ -59,6 +59,34 @@ void require_device_tensor(const char* name, const void* data, std::int64_t nume
                    concat("must be memory of this rank's device ", device));
 }
 
+// Makes the group's device current for a call and restores the caller's afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) : device_(device) {
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device_) check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    if (previous_ != device_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int device_;
+  int previous_ = 0;
+};
+
+// An error an earlier, unrelated launch of this process left pending would otherwise be reported as
+// this call's; it is reported as what it is, before anything is enqueued.
+void require_no_pending_error(const char* call) {
+  const cudaError_t pending = cudaGetLastError();
+  if (pending != cudaSuccess) {
+    throw Error(ErrorCode::internal, concat("a CUDA error from earlier work of this process was pending when ", call, " started: ",
+                                            cudaGetErrorName(pending), " (", cudaGetErrorString(pending), "); nothing was enqueued"));
+  }
+}
+
 }  // namespace
 
 bool available(std::string* reason) {
@@ -85,6 +113,7 @@ struct CudaGroup::State {
   gpu::SortScratch sort;
   std::byte* window = nullptr;                 // this rank's window (device)
   std::vector<std::byte*> opened;              // peers' windows opened through IPC (nullptr for self)
+  std::vector<std::byte*> bases;               // every rank's window in this process
   std::byte** window_table = nullptr;          // device copy of every rank's base
   gpu::Status* status = nullptr;               // device
   gpu::Status* mirror = nullptr;               // pinned host copy, refreshed at the end of every call
@@ -94,6 +123,7 @@ struct CudaGroup::State {
   void* token_nums_out = nullptr;
   void* recv_counts_out = nullptr;
   void* tp_counts_out = nullptr;
+  std::string broken;                          // why the group cannot go on after a host-side CUDA failure mid-call
   bool dispatched = false;
   bool combined_since_dispatch = false;
   contract::CallShape last_shape;
@@ -112,19 +142,23 @@ struct CudaGroup::State {
   }
 
   void release() noexcept {
+    // Kernels of this rank may still be running (a group destroyed without synchronize()); every wait
+    // in them ends by the timeout. Then all ranks meet, so that no rank frees its window or closes a
+    // peer's while a peer's kernels may still touch it.
+    cudaDeviceSynchronize();
+    cudaGetLastError();
+    if (bootstrap) {
+      try {
+        std::uint8_t token = 0;
+        std::vector<std::uint8_t> all(static_cast<std::size_t>(bootstrap->size()));
+        bootstrap->allgather(&token, 1, all.data(), "cuda.close");
+      } catch (...) {  // a peer that is gone cannot touch the window either
+      }
+    }
     for (std::byte* p : opened) {
       if (p != nullptr) cudaIpcCloseMemHandle(p);
     }
     opened.clear();
-    if (bootstrap) {
-      try {
-        // No rank frees its window while a peer may still have it open.
-        std::uint8_t token = 0;
-        std::vector<std::uint8_t> all(static_cast<std::size_t>(bootstrap->size()));
-        bootstrap->allgather(&token, 1, all.data(), "cuda.close");
-      } catch (...) {  // a peer that is gone cannot read the window either
-      }
-    }
     for (void* p : allocations) cudaFree(p);
     allocations.clear();
     if (window != nullptr) cudaFree(window);
@@ -133,12 +167,104 @@ struct CudaGroup::State {
     mirror = nullptr;
   }
 
+  // A launch that failed after the call's first kernel leaves this rank a call behind its peers on the
+  // GPU: the group cannot go on.
+  void enqueue_or_break(cudaError_t err, const char* call) {
+    if (err == cudaSuccess) return;
+    broken = concat("rank ", dev.me, ": enqueuing ", call, " failed: ", cudaGetErrorName(err), " (", cudaGetErrorString(err),
+                    "); this group is unusable and its peers will time out in this call");
+    throw Error(ErrorCode::internal, broken);
+  }
+
   void throw_if_failed() const {
+    if (!broken.empty()) throw Error(ErrorCode::internal, broken);
     gpu::Status st;
     std::memcpy(&st, mirror, sizeof(st));  // written by the copy that ends every call
     gpu::throw_status_error(st, dev.me, last_shape.k);
   }
 };
+
+template <class Record>
+void open_peer_windows(CudaGroup::State& s, const std::vector<Record>& all, int me, int world) {
+  s.opened.assign(static_cast<std::size_t>(world), nullptr);
+  std::vector<std::byte*> bases(static_cast<std::size_t>(world));
+  for (int r = 0; r < world; ++r) {
+    if (r == me) {
+      bases[static_cast<std::size_t>(r)] = s.window;
+      continue;
+    }
+    void* peer = nullptr;
+    const cudaError_t err = cudaIpcOpenMemHandle(&peer, all[static_cast<std::size_t>(r)].handle, cudaIpcMemLazyEnablePeerAccess);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      throw PeerError(ErrorCode::unsupported, r, "cuda.join",
+                      concat("rank ", me, " (device ", s.options.device, ") cannot open the window of rank ", r, " (device ",
+                             all[static_cast<std::size_t>(r)].fields[13], ") through CUDA IPC: ", cudaGetErrorString(err),
+                             "; ranks of one CUDA group must be on one host, on GPUs with peer access"));
+    }
+    s.opened[static_cast<std::size_t>(r)] = static_cast<std::byte*>(peer);
+    bases[static_cast<std::size_t>(r)] = static_cast<std::byte*>(peer);
+  }
+
+  s.bases = bases;
+}
+
+// The device table of window bases, the status and its host mirror, the scratch, the dispatch handle and
+// the outputs the group keeps, all sized for the group's largest call.
+void allocate_group_memory(CudaGroup::State& s, const contract::Topology& topo, const GroupConfig& config, int world, int me) {
+  const CudaGroupOptions& opts = s.options;
+  const std::vector<std::byte*>& bases = s.bases;
+  const std::int64_t entries = opts.max_bs * opts.k;
+  const int local = topo.local_experts(config.ep_rank_id);
+  gpu::DeviceGroup& g = s.dev;
+  g.W = topo.W;
+  g.S = topo.S;
+  g.E = topo.E;
+  g.L = topo.L;
+  g.T = topo.T;
+  g.ep_rank = topo.ep_rank;
+  g.tp_rank = topo.tp_rank;
+  g.world = world;
+  g.me = me;
+  g.local_experts = local;
+  g.global_bs = config.global_bs;
+  g.timeout_ns = static_cast<std::int64_t>(opts.timeout.count()) * 1000000;
+  g.off = s.off;
+  s.window_table = s.device_array<std::byte*>(world);
+  check_cuda(cudaMemcpy(s.window_table, bases.data(), sizeof(std::byte*) * bases.size(), cudaMemcpyHostToDevice), "cudaMemcpy (window table)");
+  g.windows = s.window_table;
+  s.status = s.device_array<gpu::Status>(1);
+  const gpu::Status fresh{};
+  check_cuda(cudaMemcpy(s.status, &fresh, sizeof(fresh), cudaMemcpyHostToDevice), "cudaMemcpy (status)");
+  g.status = s.status;
+  void* mirror = nullptr;
+  check_cuda(cudaHostAlloc(&mirror, sizeof(gpu::Status), cudaHostAllocDefault), "cudaHostAlloc (status)");
+  s.mirror = static_cast<gpu::Status*>(mirror);
+  *s.mirror = fresh;
+  g.sort_keys_in = s.device_array<std::int32_t>(entries);
+  g.sort_keys_out = s.device_array<std::int32_t>(entries);
+  g.sort_vals_in = s.device_array<std::int32_t>(entries);
+  g.sort_vals_out = s.device_array<std::int32_t>(entries);
+  g.dispatch_ids = s.device_array<std::int32_t>(entries);
+  g.dispatch_expand_idx = s.device_array<std::int32_t>(entries);
+  g.expert_counts = s.device_array<std::int32_t>(topo.E);
+  g.record = s.device_array<std::int32_t>(topo.count_record_len());
+  g.block_start = s.device_array<std::int64_t>(topo.count_record_len());
+  g.tp_shift = s.device_array<std::int64_t>(topo.W);
+  g.shared_start = s.device_array<std::int64_t>(std::max(topo.S, 1));
+  g.recv_counts = s.device_array<std::int32_t>(topo.ep_recv_counts_len(config.ep_rank_id));
+  g.tp_counts = s.device_array<std::int32_t>(2);
+  g.call_shape = s.device_array<std::int64_t>(3);
+  s.expand_idx_out = s.device_array<std::int32_t>(entries);
+  s.token_nums_out = s.device_array<std::int64_t>(local);
+  s.recv_counts_out = s.device_array<std::int32_t>(topo.ep_recv_counts_len(config.ep_rank_id));
+  s.tp_counts_out = s.device_array<std::int32_t>(2);
+  s.combine_out = s.device_array<std::uint16_t>(contract::sat_mul(opts.max_bs, opts.h));
+  s.sort.key_bits = bits_for(topo.E - 1);
+  check_cuda(gpu::sort_scratch_bytes(entries, s.sort.key_bits, &s.sort.bytes), "cub::DeviceRadixSort (scratch size)");
+  s.sort.temp = s.device_array<std::byte>(static_cast<std::int64_t>(s.sort.bytes));
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (join)");
+}
 
 CudaGroup::CudaGroup(std::unique_ptr<State> state) : state_(std::move(state)) {}
 CudaGroup::~CudaGroup() = default;
@@ -182,24 +308,42 @@ std::unique_ptr<CudaGroup> CudaGroup::join(const GroupConfig& config, const std:
   boot.timeout = opts.timeout;
   s.bootstrap = std::make_unique<shm::ShmTransport>(job, global_rank(config), world, boot);
 
-  // The window: flags start at 0 (no call signalled), then it is exported.
-  void* window = nullptr;
-  check_cuda(cudaMalloc(&window, s.off.total), "cudaMalloc (window)");
-  s.window = static_cast<std::byte*>(window);
-  check_cuda(cudaMemset(window, 0, s.off.total), "cudaMemset (window)");
-  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (join)");
-
+  // Each phase below meets every peer even when this rank's local step failed (a failed word in its
+  // record), so that all ranks leave join with an error together instead of waiting in another phase.
+  const int me = global_rank(config);
   struct JoinRecord {
     cudaIpcMemHandle_t handle;
     std::int64_t fields[14];
+    std::int64_t failed;
   } mine{};
-  check_cuda(cudaIpcGetMemHandle(&mine.handle, window), "cudaIpcGetMemHandle");
+  std::exception_ptr local_error;
+  try {
+    // The window: flags start at 0 (no call signalled), then it is exported.
+    void* window = nullptr;
+    check_cuda(cudaMalloc(&window, s.off.total), "cudaMalloc (window)");
+    s.window = static_cast<std::byte*>(window);
+    check_cuda(cudaMemset(window, 0, s.off.total), "cudaMemset (window)");
+    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (join)");
+    check_cuda(cudaIpcGetMemHandle(&mine.handle, window), "cudaIpcGetMemHandle");
+  } catch (...) {
+    local_error = std::current_exception();
+    mine.failed = 1;
+  }
   const std::int64_t fields[14] = {config.ep_world_size, config.moe_expert_num, config.tp_world_size, config.shared_expert_rank_num,
                                    config.shared_expert_num, config.expert_shard_type, config.global_bs, static_cast<std::int64_t>(config.profile),
                                    opts.max_bs, opts.k, opts.h, opts.timeout.count(), static_cast<std::int64_t>(s.off.total), opts.device};
   std::memcpy(mine.fields, fields, sizeof(fields));
   std::vector<JoinRecord> all(static_cast<std::size_t>(world));
   s.bootstrap->allgather(&mine, sizeof(mine), all.data(), "cuda.join");
+  const auto rethrow_failures = [&](const std::vector<JoinRecord>& records, const char* phase) {
+    if (local_error) std::rethrow_exception(local_error);
+    for (int r = 0; r < world; ++r) {
+      if (records[static_cast<std::size_t>(r)].failed != 0) {
+        throw PeerError(ErrorCode::peer_failed, r, phase, concat("rank ", me, ": rank ", r, " failed to set up its CUDA window (", phase, "); see its error"));
+      }
+    }
+  };
+  rethrow_failures(all, "cuda.join");
   static const char* const kFieldNames[12] = {"ep_world_size", "moe_expert_num", "tp_world_size", "shared_expert_rank_num",
                                               "shared_expert_num", "expert_shard_type", "global_bs", "profile",
                                               "CudaGroupOptions::max_bs", "CudaGroupOptions::k", "CudaGroupOptions::h",
@@ -208,91 +352,30 @@ std::unique_ptr<CudaGroup> CudaGroup::join(const GroupConfig& config, const std:
     for (int f = 0; f < 12; ++f) {
       if (all[static_cast<std::size_t>(r)].fields[f] != fields[f]) {
         throw PeerError(ErrorCode::config_mismatch, r, "cuda.join",
-                        concat("rank ", global_rank(config), " has ", kFieldNames[f], " = ", fields[f], " but rank ", r, " has ",
+                        concat("rank ", me, " has ", kFieldNames[f], " = ", fields[f], " but rank ", r, " has ",
                                all[static_cast<std::size_t>(r)].fields[f], ": all ranks must agree on it"));
       }
     }
   }
-  s.opened.assign(static_cast<std::size_t>(world), nullptr);
-  std::vector<std::byte*> bases(static_cast<std::size_t>(world));
-  for (int r = 0; r < world; ++r) {
-    if (r == global_rank(config)) {
-      bases[static_cast<std::size_t>(r)] = s.window;
-      continue;
-    }
-    void* peer = nullptr;
-    const cudaError_t err = cudaIpcOpenMemHandle(&peer, all[static_cast<std::size_t>(r)].handle, cudaIpcMemLazyEnablePeerAccess);
-    if (err != cudaSuccess) {
-      cudaGetLastError();
-      throw PeerError(ErrorCode::unsupported, r, "cuda.join",
-                      concat("rank ", global_rank(config), " (device ", opts.device, ") cannot open the window of rank ", r, " (device ",
-                             all[static_cast<std::size_t>(r)].fields[13], ") through CUDA IPC: ", cudaGetErrorString(err),
-                             "; ranks of one CUDA group must be on one host, on GPUs with peer access"));
-    }
-    s.opened[static_cast<std::size_t>(r)] = static_cast<std::byte*>(peer);
-    bases[static_cast<std::size_t>(r)] = static_cast<std::byte*>(peer);
+  JoinRecord ready{};
+  try {
+    open_peer_windows(s, all, me, world);
+    allocate_group_memory(s, topo, config, world, me);
+  } catch (...) {
+    local_error = std::current_exception();
+    ready.failed = 1;
   }
-
-  // Scratch, the handle, the outputs kept in the group, and the status.
-  const std::int64_t entries = opts.max_bs * opts.k;
-  const int local = topo.local_experts(config.ep_rank_id);
-  gpu::DeviceGroup& g = s.dev;
-  g.W = topo.W;
-  g.S = topo.S;
-  g.E = topo.E;
-  g.L = topo.L;
-  g.T = topo.T;
-  g.ep_rank = topo.ep_rank;
-  g.tp_rank = topo.tp_rank;
-  g.world = world;
-  g.me = global_rank(config);
-  g.local_experts = local;
-  g.global_bs = config.global_bs;
-  g.timeout_ns = static_cast<std::int64_t>(opts.timeout.count()) * 1000000;
-  g.off = s.off;
-  s.window_table = s.device_array<std::byte*>(world);
-  check_cuda(cudaMemcpy(s.window_table, bases.data(), sizeof(std::byte*) * bases.size(), cudaMemcpyHostToDevice), "cudaMemcpy (window table)");
-  g.windows = s.window_table;
-  s.status = s.device_array<gpu::Status>(1);
-  const gpu::Status fresh{};
-  check_cuda(cudaMemcpy(s.status, &fresh, sizeof(fresh), cudaMemcpyHostToDevice), "cudaMemcpy (status)");
-  g.status = s.status;
-  void* mirror = nullptr;
-  check_cuda(cudaHostAlloc(&mirror, sizeof(gpu::Status), cudaHostAllocDefault), "cudaHostAlloc (status)");
-  s.mirror = static_cast<gpu::Status*>(mirror);
-  *s.mirror = fresh;
-  g.sort_keys_in = s.device_array<std::int32_t>(entries);
-  g.sort_keys_out = s.device_array<std::int32_t>(entries);
-  g.sort_vals_in = s.device_array<std::int32_t>(entries);
-  g.sort_vals_out = s.device_array<std::int32_t>(entries);
-  g.dispatch_ids = s.device_array<std::int32_t>(entries);
-  g.dispatch_expand_idx = s.device_array<std::int32_t>(entries);
-  g.expert_counts = s.device_array<std::int32_t>(topo.E);
-  g.record = s.device_array<std::int32_t>(topo.count_record_len());
-  g.block_start = s.device_array<std::int64_t>(topo.count_record_len());
-  g.tp_shift = s.device_array<std::int64_t>(topo.W);
-  g.shared_start = s.device_array<std::int64_t>(std::max(topo.S, 1));
-  g.recv_counts = s.device_array<std::int32_t>(topo.ep_recv_counts_len(config.ep_rank_id));
-  g.tp_counts = s.device_array<std::int32_t>(2);
-  g.call_shape = s.device_array<std::int64_t>(3);
-  s.expand_idx_out = s.device_array<std::int32_t>(entries);
-  s.token_nums_out = s.device_array<std::int64_t>(local);
-  s.recv_counts_out = s.device_array<std::int32_t>(topo.ep_recv_counts_len(config.ep_rank_id));
-  s.tp_counts_out = s.device_array<std::int32_t>(2);
-  s.combine_out = s.device_array<std::uint16_t>(contract::sat_mul(opts.max_bs, opts.h));
-  s.sort.key_bits = bits_for(topo.E - 1);
-  check_cuda(gpu::sort_scratch_bytes(entries, s.sort.key_bits, &s.sort.bytes), "cub::DeviceRadixSort (scratch size)");
-  s.sort.temp = s.device_array<std::byte>(static_cast<std::int64_t>(s.sort.bytes));
-  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (join)");
   // Nobody signals a peer before every rank opened every window.
   std::vector<JoinRecord> again(static_cast<std::size_t>(world));
-  s.bootstrap->allgather(&mine, sizeof(mine), again.data(), "cuda.ready");
+  s.bootstrap->allgather(&ready, sizeof(ready), again.data(), "cuda.ready");
+  rethrow_failures(again, "cuda.ready");
   return std::unique_ptr<CudaGroup>(new CudaGroup(std::move(state)));
 }
 
 CudaDispatchResult CudaGroup::dispatch(const TensorView& x, const TensorView& expert_ids, const DispatchOptions& o, Stream stream) {
   State& s = *state_;
   s.throw_if_failed();
+  const DeviceGuard on_device(s.options.device);
   const contract::CallShape shape = contract::check_dispatch(s.config, x, expert_ids, o, contract::Values::on_device);
   if (shape.h != s.options.h) contract::fail(ErrorCode::invalid_shape, "x.shape[1] (H)", concat(shape.h), concat("must be the group's H = ", s.options.h));
   if (shape.k != s.options.k) contract::fail(ErrorCode::invalid_shape, "expert_ids.shape[1] (K)", concat(shape.k), concat("must be the group's K = ", s.options.k));
@@ -318,7 +401,8 @@ CudaDispatchResult CudaGroup::dispatch(const TensorView& x, const TensorView& ex
   a.expert_token_nums = static_cast<std::int64_t*>(s.token_nums_out);
   a.ep_recv_counts = static_cast<std::int32_t*>(s.recv_counts_out);
   a.tp_recv_counts = topo.T == 2 ? static_cast<std::int32_t*>(s.tp_counts_out) : nullptr;
-  check_cuda(gpu::enqueue_dispatch(s.dev, a, s.sort, s.mirror, reinterpret_cast<cudaStream_t>(stream)), "dispatch (kernel launch)");
+  require_no_pending_error("dispatch");
+  s.enqueue_or_break(gpu::enqueue_dispatch(s.dev, a, s.sort, s.mirror, reinterpret_cast<cudaStream_t>(stream)), "dispatch");
   s.dispatched = true;
   s.combined_since_dispatch = false;
   s.last_shape = shape;
@@ -349,6 +433,7 @@ TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expe
                               const TensorView& ep_send_counts, const TensorView& expert_scales, const CombineOptions& o, Stream stream) {
   State& s = *state_;
   s.throw_if_failed();
+  const DeviceGuard on_device(s.options.device);
   contract::CombineCounts counts;
   const contract::CallShape shape =
       contract::check_combine(s.config, expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, o, &counts, contract::Values::on_device);
@@ -382,16 +467,25 @@ TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expe
                    o.comm_quant_mode == 2 ? "cannot be staged in place with comm_quant_mode 2 (quantization rewrites those rows): pass it from other memory"
                                           : "must be exactly combine_buffer(dtype) (same start and row stride) when it lies in it");
   }
+  if (o.out.present() && shape.bs > 0) {  // the source ranks read the window while this rank writes out
+    const auto* first = static_cast<const std::byte*>(o.out.data);
+    const std::byte* last = first + ((shape.bs - 1) * o.out.strides[0] + (shape.h - 1) * o.out.strides[1] + 1) * 2;
+    if (first < s.window + s.off.total && last > s.window) {
+      contract::fail(ErrorCode::invalid_argument, "out", "a view of the group's window", "must not lie in the group's window (peers read it during combine)");
+    }
+  }
   MutableTensorView out = o.out.present() ? o.out : matrix_view(s.combine_out, expand_x.dtype, shape.bs, shape.h);
   a.out = static_cast<std::uint16_t*>(out.data);
   a.out_row_stride = out.strides[0];
   a.out_col_stride = out.strides[1];
-  check_cuda(gpu::enqueue_combine(s.dev, a, s.mirror, reinterpret_cast<cudaStream_t>(stream)), "combine (kernel launch)");
+  require_no_pending_error("combine");
+  s.enqueue_or_break(gpu::enqueue_combine(s.dev, a, s.mirror, reinterpret_cast<cudaStream_t>(stream)), "combine");
   s.combined_since_dispatch = true;
   return out;
 }
 
 void CudaGroup::synchronize(Stream stream) {
+  const DeviceGuard on_device(state_->options.device);
   check_cuda(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)), "cudaStreamSynchronize");
   state_->throw_if_failed();
 }

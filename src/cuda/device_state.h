@@ -28,12 +28,14 @@ enum class Rule : std::int32_t {
   ep_counts_differ,      // combine: ep_send_counts[index] = value differs from dispatch's ep_recv_counts (limit)
   tp_counts_differ,      // combine: tp_send_counts[index] = value differs from dispatch's tp_recv_counts (limit)
   expand_x_rows,         // combine: expand_x has `value` rows, fewer than the `limit` valid rows
+  out_of_step,           // rank `peer` signalled call `value` while this rank waits for call `limit`
 };
 
 enum class CallField : std::int32_t { bs = 0, k, h, dtype, mode, expert_scales };
 
-// Lives in host-mapped pinned memory: the GPU writes it, the host reads it after synchronizing, without
-// a copy. The first error wins (atomicCAS on code); every kernel of a call returns early once it is set.
+// Lives in device memory; every call ends with a copy into a pinned host mirror, which the host reads
+// after synchronizing. The first error wins (atomicCAS on code); once it is set, a rank's kernels write
+// no outputs (they still signal, with the failed bit, and still wait for their peers to arrive).
 struct Status {
   std::int32_t code = 0;  // 0 = no error, else a moedist::ErrorCode
   std::int32_t peer = -1;

@@ -37,26 +37,34 @@ __device__ __forceinline__ void store_release(std::uint64_t* p, std::uint64_t v)
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-// Waits until `flag` signals call `seq`; false (with the error recorded) on timeout or a failed peer.
-__device__ bool wait_flag(const DeviceGroup& g, const std::uint64_t* flag, std::uint64_t seq, int peer, Phase phase) {
-  const std::uint64_t start = global_timer_ns();
+// Waits until `flag` signals call `seq` or `deadline` (global timer, ns) passes. Every rank waits for its
+// peers to arrive, a failed one too, so that no rank runs a call ahead of a peer and rewrites what the
+// peer still reads; only a rank that already timed out (a peer is gone) stops waiting. What it sees is
+// recorded as the rank's error unless it has one: a failed peer, a flag of another call, a timeout.
+__device__ bool wait_flag(const DeviceGroup& g, const std::uint64_t* flag, std::uint64_t seq, std::uint64_t deadline, int peer, Phase phase) {
   for (;;) {
     const std::uint64_t v = load_acquire(flag);
     if ((v >> 1) >= seq) {
-      if ((v & 1u) != 0 && (v >> 1) == seq) {
+      if ((v >> 1) != seq) {
+        record_failure(g.status, ErrorCode::protocol, peer, phase, Rule::out_of_step, 0, static_cast<std::int64_t>(v >> 1), static_cast<std::int64_t>(seq));
+        return false;
+      }
+      if ((v & 1u) != 0) {
         record_failure(g.status, ErrorCode::peer_failed, peer, phase, Rule::peer_failed);
         return false;
       }
       return true;
     }
-    if (status_failed(g.status)) return false;
-    if (global_timer_ns() - start > static_cast<std::uint64_t>(g.timeout_ns)) {
+    if (*reinterpret_cast<const volatile std::int32_t*>(&g.status->code) == static_cast<std::int32_t>(ErrorCode::timeout)) return false;
+    if (global_timer_ns() > deadline) {
       record_failure(g.status, ErrorCode::timeout, peer, phase, Rule::timeout, 0, 0, g.timeout_ns / 1000000);
       return false;
     }
     __nanosleep(200);
   }
 }
+
+__device__ std::uint64_t deadline_of(const DeviceGroup& g) { return global_timer_ns() + static_cast<std::uint64_t>(g.timeout_ns); }
 
 // Loads and stores of 8-element chunks: 16-byte vectors when rows are contiguous and aligned (VEC),
 // element by element otherwise. Both give the same values.
@@ -116,6 +124,14 @@ __device__ std::int64_t thread_index() { return blockIdx.x * static_cast<std::in
 __device__ void mark_lowest(Status* st, std::uint64_t mark) {
   atomicMin(reinterpret_cast<unsigned long long*>(&st->first_bad_entry), static_cast<unsigned long long>(mark));
 }
+
+// The block's K + 1 targets live in dynamic shared memory (targets_bytes(K) at launch), so small K
+// leaves room for more blocks per multiprocessor.
+__device__ Target* shared_targets() {
+  extern __shared__ __align__(16) unsigned char dynamic_shared[];
+  return reinterpret_cast<Target*>(dynamic_shared);
+}
+std::size_t targets_bytes(std::int64_t k) { return static_cast<std::size_t>(k + 1) * sizeof(Target); }
 
 // Token b's targets (protocol.h targets_of), found by thread 0 and shared with the block.
 template <class Args>
@@ -187,10 +203,8 @@ __global__ void publish_record(DeviceGroup g, DispatchArgs a) {
 
 __global__ void plan_layout(DeviceGroup g, DispatchArgs a) {
   __shared__ int any_failed;
-  const std::uint64_t seq = status_seq(g.status);
-  for (int r = threadIdx.x; r < g.world; r += blockDim.x) {
-    if (!status_failed(g.status)) wait_flag(g, flag_at(g, g.me, g.off.count_flags, r), seq, r, Phase::dispatch_counts);
-  }
+  const std::uint64_t seq = status_seq(g.status), deadline = deadline_of(g);
+  for (int r = threadIdx.x; r < g.world; r += blockDim.x) wait_flag(g, flag_at(g, g.me, g.off.count_flags, r), seq, deadline, r, Phase::dispatch_counts);
   __syncthreads();
   for (int r = threadIdx.x; r < g.world && !status_failed(g.status); r += blockDim.x) check_record(g, a, r);
   __syncthreads();
@@ -212,9 +226,9 @@ __global__ void copy_expand_idx(DeviceGroup g, DispatchArgs a) {
 // One block per token: gather the row once, quantize it (once, or per target with smooth scales), and
 // write it into every target's window (and the target's TP peer's).
 template <bool VEC>
-__global__ void write_rows(DeviceGroup g, DispatchArgs a) {
+__global__ void __launch_bounds__(1024) write_rows(DeviceGroup g, DispatchArgs a) {
   __shared__ float reduce_scratch[32];
-  __shared__ Target targets[kMaxTargets];
+  Target* targets = shared_targets();
   if (status_failed(g.status)) return;
   const std::int64_t b = blockIdx.x;
   const int n_targets = block_targets(g, a, b, targets);
@@ -233,7 +247,7 @@ __global__ void write_rows(DeviceGroup g, DispatchArgs a) {
   if (a.quant == 0) {
     for (std::int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
       const std::int64_t i0 = c * kChunk;
-      const int n = chunk_len(a.h, i0);
+      const int n = VEC ? kChunk : chunk_len(a.h, i0);  // VEC: H is a multiple of the chunk
       std::uint16_t v[kChunk];
       load_half8<VEC>(x, a.x_col_stride, i0, n, v);
       for (int slot = 0; slot < n_targets * copies; ++slot) {
@@ -251,8 +265,9 @@ __global__ void write_rows(DeviceGroup g, DispatchArgs a) {
       for (std::int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
         const std::int64_t i0 = c * kChunk;
         std::uint16_t v[kChunk];
-        load_half8<VEC>(x, a.x_col_stride, i0, chunk_len(a.h, i0), v);
-        amax = chunk_amax(bf16, v, chunk_len(a.h, i0), smooth, i0, amax);
+        const int n = VEC ? kChunk : chunk_len(a.h, i0);
+        load_half8<VEC>(x, a.x_col_stride, i0, n, v);
+        amax = chunk_amax(bf16, v, n, smooth, i0, amax);
       }
       amax = block_max(amax, reduce_scratch);
       const float ds = quant_ds(amax);
@@ -262,7 +277,7 @@ __global__ void write_rows(DeviceGroup g, DispatchArgs a) {
       }
       for (std::int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
         const std::int64_t i0 = c * kChunk;
-        const int n = chunk_len(a.h, i0);
+        const int n = VEC ? kChunk : chunk_len(a.h, i0);  // VEC: H is a multiple of the chunk
         std::uint16_t v[kChunk];
         load_half8<VEC>(x, a.x_col_stride, i0, n, v);
         std::int8_t q[kChunk];
@@ -283,9 +298,8 @@ __global__ void finish_dispatch(DeviceGroup g) {
   const bool failed = status_failed(g.status);
   __threadfence_system();
   for (int r = threadIdx.x; r < g.world; r += blockDim.x) store_release(flag_at(g, r, g.off.rows_flags, g.me), flag_word(seq, failed));
-  for (int r = threadIdx.x; r < g.world; r += blockDim.x) {
-    if (!status_failed(g.status)) wait_flag(g, flag_at(g, g.me, g.off.rows_flags, r), seq, r, Phase::dispatch_rows);
-  }
+  const std::uint64_t deadline = deadline_of(g);
+  for (int r = threadIdx.x; r < g.world; r += blockDim.x) wait_flag(g, flag_at(g, g.me, g.off.rows_flags, r), seq, deadline, r, Phase::dispatch_rows);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -304,7 +318,7 @@ __global__ void finish_combine_checks(DeviceGroup g, CombineArgs a) {
 
 // TP: this rank's outputs for the peer's rows (rows own..own+peer of expand_x) go to the peer's inbox.
 template <bool VEC>
-__global__ void send_tp_partials(DeviceGroup g, CombineArgs a) {
+__global__ void __launch_bounds__(1024) send_tp_partials(DeviceGroup g, CombineArgs a) {
   if (status_failed(g.status)) return;
   const std::int64_t own = g.status->own_rows, peer = g.status->peer_rows;
   auto* inbox = reinterpret_cast<std::uint16_t*>(g.windows[global_rank(g, g.ep_rank, 1 - g.tp_rank)] + g.off.tp_inbox);
@@ -313,9 +327,10 @@ __global__ void send_tp_partials(DeviceGroup g, CombineArgs a) {
     const std::uint16_t* src = a.expand_x + (own + row) * a.expand_x_row_stride;
     for (std::int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
       const std::int64_t i0 = c * kChunk;
+      const int n = VEC ? kChunk : chunk_len(a.h, i0);
       std::uint16_t v[kChunk];
-      load_half8<VEC>(src, a.expand_x_col_stride, i0, chunk_len(a.h, i0), v);
-      store_half8<VEC>(inbox + row * a.h, 1, i0, chunk_len(a.h, i0), v);
+      load_half8<VEC>(src, a.expand_x_col_stride, i0, n, v);
+      store_half8<VEC>(inbox + row * a.h, 1, i0, n, v);
     }
   }
   __threadfence_system();
@@ -329,13 +344,12 @@ __global__ void signal_tp_peer(DeviceGroup g) {
 // Stages this rank's own rows where the source ranks read them: TP-reduced (T == 2), and quantized
 // in groups of 8 with comm_quant_mode 2.
 template <bool VEC>
-__global__ void stage_rows(DeviceGroup g, CombineArgs a) {
+__global__ void __launch_bounds__(1024) stage_rows(DeviceGroup g, CombineArgs a) {
   __shared__ int ready;
   if (threadIdx.x == 0) {
-    ready = !status_failed(g.status);
-    if (ready && g.T == 2) {
-      ready = wait_flag(g, flag_at(g, g.me, g.off.tp_flag, 0), status_seq(g.status), global_rank(g, g.ep_rank, 1 - g.tp_rank), Phase::combine_tp);
-    }
+    const bool arrived = g.T != 2 || wait_flag(g, flag_at(g, g.me, g.off.tp_flag, 0), status_seq(g.status), deadline_of(g),
+                                               global_rank(g, g.ep_rank, 1 - g.tp_rank), Phase::combine_tp);
+    ready = arrived && !status_failed(g.status);
   }
   __syncthreads();
   if (!ready) return;
@@ -348,7 +362,7 @@ __global__ void stage_rows(DeviceGroup g, CombineArgs a) {
     std::byte* dst = g.windows[g.me] + g.off.combine_rows + static_cast<std::size_t>(row) * g.off.combine_pitch;
     for (std::int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
       const std::int64_t i0 = c * kChunk;
-      const int n = chunk_len(a.h, i0);
+      const int n = VEC ? kChunk : chunk_len(a.h, i0);  // VEC: H is a multiple of the chunk
       std::uint16_t y[kChunk], partner[kChunk];
       load_half8<VEC>(src, a.expand_x_col_stride, i0, n, y);
       if (g.T == 2) load_half8<VEC>(inbox + row * a.h, 1, i0, n, partner);
@@ -369,16 +383,17 @@ __global__ void exchange_combine_flags(DeviceGroup g) {
   for (int d = threadIdx.x; d < g.W; d += blockDim.x) {
     store_release(flag_at(g, global_rank(g, d, g.tp_rank), g.off.combine_flags, g.me), flag_word(seq, failed));
   }
+  const std::uint64_t deadline = deadline_of(g);
   for (int d = threadIdx.x; d < g.W; d += blockDim.x) {
     const int r = global_rank(g, d, g.tp_rank);
-    if (!status_failed(g.status)) wait_flag(g, flag_at(g, g.me, g.off.combine_flags, r), seq, r, Phase::combine_rows);
+    wait_flag(g, flag_at(g, g.me, g.off.combine_flags, r), seq, deadline, r, Phase::combine_rows);
   }
 }
 
 // One block per token: acc = sum_k float(y_k) * w_k in k order, + the shared expert's row, then rounded.
 template <bool VEC>
-__global__ void reduce_tokens(DeviceGroup g, CombineArgs a) {
-  __shared__ Target targets[kMaxTargets];
+__global__ void __launch_bounds__(1024) reduce_tokens(DeviceGroup g, CombineArgs a) {
+  Target* targets = shared_targets();
   if (status_failed(g.status)) return;
   const std::int64_t b = blockIdx.x;
   const int n_targets = block_targets(g, a, b, targets);
@@ -386,7 +401,7 @@ __global__ void reduce_tokens(DeviceGroup g, CombineArgs a) {
   const std::int64_t chunks = chunks_of(a.h);
   for (std::int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
     const std::int64_t i0 = c * kChunk;
-    const int n = chunk_len(a.h, i0);
+    const int n = VEC ? kChunk : chunk_len(a.h, i0);  // VEC: H is a multiple of the chunk
     float acc[kChunk];
     for (int u = 0; u < kChunk; ++u) acc[u] = 0.0f;
     for (int i = 0; i < n_targets; ++i) {
@@ -445,8 +460,8 @@ cudaError_t enqueue_dispatch(const DeviceGroup& g, const DispatchArgs& a, const 
   const bool vec = a.x_col_stride == 1 && a.h % kChunk == 0 && aligned16(a.x) && (a.x_row_stride * 2) % 16 == 0 &&
                    (a.quant == 2 ? a.h % 16 == 0 : true);
   if (a.bs > 0) {
-    if (vec) write_rows<true><<<static_cast<unsigned>(a.bs), threads_for(a.h), 0, stream>>>(g, a);
-    else write_rows<false><<<static_cast<unsigned>(a.bs), threads_for(a.h), 0, stream>>>(g, a);
+    if (vec) write_rows<true><<<static_cast<unsigned>(a.bs), threads_for(a.h), targets_bytes(a.k), stream>>>(g, a);
+    else write_rows<false><<<static_cast<unsigned>(a.bs), threads_for(a.h), targets_bytes(a.k), stream>>>(g, a);
   }
   finish_dispatch<<<1, 256, 0, stream>>>(g);
   cudaError_t launched = cudaGetLastError();
@@ -475,8 +490,8 @@ cudaError_t enqueue_combine(const DeviceGroup& g, const CombineArgs& a, Status* 
   }
   exchange_combine_flags<<<1, 256, 0, stream>>>(g);
   if (a.bs > 0) {
-    if (vec) reduce_tokens<true><<<static_cast<unsigned>(a.bs), threads, 0, stream>>>(g, a);
-    else reduce_tokens<false><<<static_cast<unsigned>(a.bs), threads, 0, stream>>>(g, a);
+    if (vec) reduce_tokens<true><<<static_cast<unsigned>(a.bs), threads, targets_bytes(a.k), stream>>>(g, a);
+    else reduce_tokens<false><<<static_cast<unsigned>(a.bs), threads, targets_bytes(a.k), stream>>>(g, a);
   }
   cudaError_t launched = cudaGetLastError();
   if (launched != cudaSuccess) return launched;

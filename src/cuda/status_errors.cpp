@@ -81,6 +81,10 @@ void throw_status_error(const Status& st, int me, std::int64_t call_k) {
                       concat("rank ", me, ": the count record of rank ", st.peer, " is inconsistent: ",
                              st.index == -1 ? "BS " : st.index == -2 ? "rows to MoE experts " : st.index == -3 ? "rows to shared experts " : "an entry ",
                              st.index >= 0 ? concat(st.index, " = ") : std::string(), st.value, " (bound or expected ", st.limit, ")"));
+    case Rule::out_of_step:
+      throw PeerError(code, st.peer, phase,
+                      concat("rank ", me, ": rank ", st.peer, " signalled call ", st.value, " while this rank waits for call ", st.limit,
+                             " in ", phase, ": the ranks are out of step (a rank skipped or repeated a call)"));
     case Rule::capacity:
       throw PeerError(code, st.peer, phase,
                       concat("rank ", me, ": rank ", st.peer, " would receive ", st.value, " rows but can hold at most ", st.limit));

@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/child_processes.h"
 #include "moedist/cuda.h"
 #include "moedist/error.h"
 #include "test_support.h"
@@ -139,7 +140,13 @@ void run_maybe_captured(bool graph, cudaGraphExec_t* exec, cudaStream_t stream, 
   if (*exec == nullptr) {
     cudaGraph_t captured = nullptr;
     check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
-    call();
+    try {
+      call();
+    } catch (...) {  // end the capture, so that the stream reports the real error and not a capture error
+      cudaStreamEndCapture(stream, &captured);
+      if (captured != nullptr) cudaGraphDestroy(captured);
+      throw;
+    }
     check(cudaStreamEndCapture(stream, &captured), "cudaStreamEndCapture");
     check(cudaGraphInstantiate(exec, captured, 0), "cudaGraphInstantiate");
     cudaGraphDestroy(captured);
@@ -161,7 +168,7 @@ std::string run_rank(const std::vector<casefile::Case>& calls, const std::vector
   std::int64_t max_bs = 0;
   for (const auto& r : c0.ranks) max_bs = std::max(max_bs, r.x.rows());
   options.max_bs = c0.global_bs != 0 ? c0.global_bs / c0.ep_world_size : max_bs;
-  options.timeout = std::chrono::milliseconds(30000);
+  options.timeout = std::chrono::milliseconds(10000);  // short enough for a hang to leave time for the rest
   check(cudaSetDevice(options.device), "cudaSetDevice");
   auto group = cuda::CudaGroup::join(mt::rank_config(c0, g), job, options);
   cudaStream_t stream = nullptr;
@@ -182,8 +189,10 @@ std::string run_rank(const std::vector<casefile::Case>& calls, const std::vector
   TensorView out;
   MutableTensorView window_rows;
 
+  // Every rank makes every call even after a mismatch (stopping would leave its peers to time out);
+  // the first difference is what it reports.
   std::string result;
-  for (std::size_t call = 0; call < calls.size() && result.empty(); ++call) {
+  for (std::size_t call = 0; call < calls.size(); ++call) {
     const casefile::Case& c = calls[call];
     const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
     x.upload(in.x);
@@ -246,7 +255,7 @@ std::string run_rank(const std::vector<casefile::Case>& calls, const std::vector
     group->synchronize(s);
     got.combine_out = download(out, bs);
     const std::string diff = mt::compare_rank_with_oracle(c, g, got, wants[call][static_cast<std::size_t>(g)]);
-    if (!diff.empty()) result = "call " + std::to_string(call) + ": " + diff;
+    if (!diff.empty() && result.empty()) result = "call " + std::to_string(call) + ": " + diff;
   }
   if (dispatch_graph != nullptr) cudaGraphExecDestroy(dispatch_graph);
   if (combine_graph != nullptr) cudaGraphExecDestroy(combine_graph);
@@ -256,39 +265,9 @@ std::string run_rank(const std::vector<casefile::Case>& calls, const std::vector
 
 // Runs `body(g)` in one forked process per rank; returns each rank's message ("" = ok).
 std::vector<std::string> fork_ranks(int world, const std::function<std::string(int)>& body) {
-  std::vector<pid_t> pids;
-  std::vector<int> fds;
-  for (int g = 0; g < world; ++g) {
-    int p[2];
-    if (pipe(p) != 0) throw std::runtime_error("pipe");
-    const pid_t pid = fork();
-    if (pid == 0) {
-      close(p[0]);
-      std::string msg;
-      try {
-        msg = body(g);
-      } catch (const std::exception& e) {
-        msg = std::string("exception: ") + e.what();
-      }
-      if (msg.empty()) msg = "ok";
-      (void)!write(p[1], msg.data(), msg.size());
-      close(p[1]);
-      _exit(0);
-    }
-    close(p[1]);
-    pids.push_back(pid);
-    fds.push_back(p[0]);
-  }
-  std::vector<std::string> out(static_cast<std::size_t>(world));
-  for (int g = 0; g < world; ++g) {
-    char buf[4096];
-    ssize_t n;
-    while ((n = read(fds[static_cast<std::size_t>(g)], buf, sizeof buf)) > 0) out[static_cast<std::size_t>(g)].append(buf, static_cast<std::size_t>(n));
-    close(fds[static_cast<std::size_t>(g)]);
-    int status = 0;
-    waitpid(pids[static_cast<std::size_t>(g)], &status, 0);
-    if (out[static_cast<std::size_t>(g)].empty()) out[static_cast<std::size_t>(g)] = "rank process died (status " + std::to_string(status) + ")";
-    if (out[static_cast<std::size_t>(g)] == "ok") out[static_cast<std::size_t>(g)].clear();
+  std::vector<std::string> out;
+  for (const ChildResult& r : run_in_children(world, body)) {
+    out.push_back(r.finished ? r.text : "rank process died (wait status " + std::to_string(r.wait_status) + ")");
   }
   return out;
 }
@@ -329,6 +308,10 @@ int run_oracle_cases(int cases, std::uint64_t seed) {
     for (const auto& call : calls) wants.push_back(oracle::run(mt::to_oracle_case(call)));
     const std::string job = job_name("oracle", i);
     const auto results = fork_ranks(static_cast<int>(c.ranks.size()), [&](int g) { return run_rank(calls, wants, g, mode, job); });
+    int bad_ranks = 0;
+    for (std::size_t g = 0; g < results.size(); ++g) bad_ranks += results[g].empty() ? 0 : 1;
+    std::printf("case %d: %s; strided %d, in_window %d, graph %d: %s\n", i, mt::describe(calls[0]).c_str(), mode.strided, mode.in_window,
+                mode.graph, bad_ranks == 0 ? "ok" : "MISMATCH");
     for (std::size_t g = 0; g < results.size(); ++g) {
       if (!results[g].empty()) {
         ++mismatches;
@@ -425,7 +408,8 @@ int run_error_cases() {
         return "no error";
       } catch (const PeerError& e) {
         const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        return "saw peer " + std::to_string(e.peer()) + " " + error_code_name(e.code()) + (s < 5.0 ? " in time" : " late");
+        // plan_layout waits one timeout (2 s); the later waits of a rank that timed out end at once
+        return "saw peer " + std::to_string(e.peer()) + " " + error_code_name(e.code()) + (s < 4.0 ? " in time" : " late (" + std::to_string(s) + " s)");
       }
     });
     for (int g : {0, 1, 2}) expect(results[static_cast<std::size_t>(g)] == "saw peer 3 timeout in time", "timeout: rank " + std::to_string(g) + " " + results[static_cast<std::size_t>(g)]);
@@ -473,7 +457,7 @@ int run_error_cases() {
 bool probe_device(std::string* reason) {
   const auto results = fork_ranks(1, [](int) -> std::string {
     std::string why;
-    return cuda::available(&why) ? std::string() : why;
+    return cuda::available(&why) ? std::string() : (why.empty() ? std::string("unknown reason") : why);
   });
   *reason = results[0];
   return results[0].empty();
@@ -495,6 +479,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // a step killed at its time limit still leaves every finished line
   std::string reason;
   if (!probe_device(&reason)) {
     std::printf("SKIPPED: no usable CUDA device (%s); the GPU suite runs on a machine with one\n", reason.c_str());
