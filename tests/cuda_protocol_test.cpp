@@ -27,6 +27,9 @@ namespace {
 
 namespace mt = moedist::testing;
 
+// What a hostile rank r may change in what it publishes: its record header and counts.
+using Tamper = std::function<void(int, RecordHeader&, std::int32_t*)>;
+
 // One rank: its DeviceGroup over host vectors, and its outputs.
 struct EmuRank {
   GroupConfig config;
@@ -86,9 +89,9 @@ class Emulator {
   EmuRank& rank(int r) { return ranks_[static_cast<std::size_t>(r)]; }
   int world() const { return static_cast<int>(ranks_.size()); }
 
-  // The kernel chain of dispatch (kernels.cu enqueue_dispatch), every rank in step. `tamper(r, record)`
-  // may change rank r's published count record (a hostile peer).
-  void dispatch(const std::vector<DispatchArgs>& args, const std::function<void(int, std::int32_t*)>& tamper = {}) {
+  // The kernel chain of dispatch (kernels.cu enqueue_dispatch), every rank in step. `tamper(r, header,
+  // record)` may change what rank r publishes (a hostile peer).
+  void dispatch(const std::vector<DispatchArgs>& args, const Tamper& tamper = {}) {
     for (int r = 0; r < world(); ++r) {
       EmuRank& e = rank(r);
       DispatchArgs a = args[static_cast<std::size_t>(r)];
@@ -100,7 +103,7 @@ class Emulator {
       begin(e);
       check_ids_and_sort(e, a);
     }
-    for (int r = 0; r < world(); ++r) publish(rank(r), tamper ? [&](std::int32_t* rec) { tamper(r, rec); } : std::function<void(std::int32_t*)>{});
+    for (int r = 0; r < world(); ++r) publish(rank(r), r, tamper);
     for (int r = 0; r < world(); ++r) plan(rank(r));
     for (int r = 0; r < world(); ++r) write_rows(rank(r));
   }
@@ -175,14 +178,14 @@ class Emulator {
     }
   }
 
-  void publish(EmuRank& e, const std::function<void(std::int32_t*)>& tamper) {
+  void publish(EmuRank& e, int r_me, const Tamper& tamper) {
     DeviceGroup& g = e.g;
     const DispatchArgs& a = e.dispatch;
     if (e.status.first_bad_entry != ~std::uint64_t{0}) report_bad_id(g, a, e.status.first_bad_entry);
     const bool failed = status_failed(&e.status);
     for (int i = 0; i < g.W * g.L; ++i) g.record[i] = failed ? 0 : record_entry(g, a.bs, i);
-    if (tamper) tamper(g.record);
-    const RecordHeader header = record_header_of(a, failed);
+    RecordHeader header = record_header_of(a, failed);
+    if (tamper) tamper(r_me, header, g.record);
     for (int r = 0; r < g.world; ++r) {
       std::byte* slot = inbox_slot(g, r, g.me);
       std::memcpy(slot, &header, sizeof(header));
@@ -338,7 +341,7 @@ struct EmuRun {
   std::vector<Status> status;
 };
 
-EmuRun run_emulated(const casefile::Case& c, bool in_window, const std::function<void(int, std::int32_t*)>& tamper = {},
+EmuRun run_emulated(const casefile::Case& c, bool in_window, const Tamper& tamper = {},
                     const std::function<void(int, DispatchArgs&)>& edit_dispatch = {}, const std::function<void(int, CombineArgs&)>& edit_combine = {}) {
   const int world = static_cast<int>(c.ranks.size());
   const std::int64_t k = c.ranks[0].expert_ids.cols(), h = c.ranks[0].x.cols();
@@ -565,7 +568,7 @@ TEST(CudaProtocol, MalformedRecordIsAProtocolErrorAndNothingIsWritten) {
   std::mt19937_64 rng(14);
   const casefile::Case c = small_case(rng, 4);
   for (int variant = 0; variant < 3; ++variant) {
-    const EmuRun got = run_emulated(c, false, [&](int r, std::int32_t* record) {
+    const EmuRun got = run_emulated(c, false, [&](int r, RecordHeader&, std::int32_t* record) {
       if (r != 3) return;
       if (variant == 0) record[record[0] > 0 ? 0 : 1] += 1;  // more rows than BS * K
       if (variant == 1) record[0] = -1;                      // negative
@@ -595,6 +598,54 @@ TEST(CudaProtocol, CombineMustPairWithItsDispatch) {
   EXPECT_NE(text.find("expand_idx[" + std::to_string(c.ranks[1].x.rows() * k - 1) + "]"), std::string::npos) << text;
   EXPECT_EQ(got.status[0].code, static_cast<int>(ErrorCode::peer_failed));
   EXPECT_EQ(got.status[0].peer, 1);
+}
+
+// Each of combine's other arguments is checked against the dispatch handle too, and named.
+TEST(CudaProtocol, CombineCountsAndRowsAreCheckedAgainstDispatch) {
+  std::mt19937_64 rng(16);
+  const casefile::Case c = small_case(rng, 2);
+  const std::int64_t k = c.ranks[0].expert_ids.cols();
+  std::vector<std::int32_t> counts, ids;
+  const auto expect_named = [&](const EmuRun& got, const std::string& parameter) {
+    try {
+      throw_status_error(got.status[0], 0, k);
+      ADD_FAILURE() << "no error for " << parameter;
+    } catch (const ValidationError& e) {
+      EXPECT_EQ(e.parameter(), parameter) << e.what();
+    }
+    EXPECT_EQ(got.status[1].code, static_cast<int>(ErrorCode::peer_failed));  // the peer reading rank 0's rows stops too
+  };
+  expect_named(run_emulated(c, false, {}, {}, [&](int r, CombineArgs& a) {
+                 if (r != 0) return;
+                 counts.assign(a.ep_send_counts, a.ep_send_counts + 2 * c.moe_expert_num);
+                 counts[1] += 1;
+                 a.ep_send_counts = counts.data();
+               }),
+               "ep_send_counts[1]");
+  expect_named(run_emulated(c, false, {}, {}, [&](int r, CombineArgs& a) {
+                 if (r != 0) return;
+                 ids.assign(a.ids, a.ids + a.bs * a.k);
+                 ids[0] = (ids[0] + 1) % c.moe_expert_num;
+                 a.ids = ids.data();
+               }),
+               "expert_ids[0, 0]");
+  expect_named(run_emulated(c, false, {}, {}, [&](int r, CombineArgs& a) {
+                 if (r == 0) a.expand_x_rows = 0;
+               }),
+               "expand_x.shape[0]");
+}
+
+// A peer whose record claims more tokens than the group allows is refused before any row moves.
+TEST(CudaProtocol, RecordWithTooManyTokensIsRefused) {
+  std::mt19937_64 rng(17);
+  const casefile::Case c = small_case(rng, 3);
+  const EmuRun got = run_emulated(c, false, [&](int r, RecordHeader& header, std::int32_t*) {
+    if (r == 1) header.bs += 1;  // its header says BS + 1
+  });
+  for (int r : {0, 2}) {
+    EXPECT_EQ(got.status[static_cast<std::size_t>(r)].code, static_cast<int>(ErrorCode::config_mismatch)) << r;  // global_bs = 0: BS must agree
+    EXPECT_EQ(got.status[static_cast<std::size_t>(r)].peer, 1);
+  }
 }
 
 TEST(CudaProtocol, StatusErrorsNameTimeoutsAndCapacity) {
