@@ -16,6 +16,7 @@
 
 #include "contract/checks.h"
 #include "cuda/call_args.h"
+#include "cuda_host_group.h"
 #include "cuda/protocol.h"
 #include "cuda/status_errors.h"
 #include "cuda/window_layout.h"
@@ -30,60 +31,22 @@ namespace mt = moedist::testing;
 // What a hostile rank r may change in what it publishes: its record header and counts.
 using Tamper = std::function<void(int, RecordHeader&, std::int32_t*)>;
 
-// One rank: its DeviceGroup over host vectors, and its outputs.
-struct EmuRank {
-  GroupConfig config;
-  DeviceGroup g;
-  Status status;
-  std::vector<std::uint64_t> window;  // 8-byte aligned storage of the window bytes
-  std::vector<std::int32_t> keys_in, keys_out, vals_in, vals_out, ids, expand_idx, expert_counts, record, recv_counts, tp_counts;
-  std::vector<std::int64_t> block_start, tp_shift, shared_start, call_shape;
-  std::vector<std::int32_t> out_expand_idx, out_ep_recv_counts, out_tp_recv_counts;
-  std::vector<std::int64_t> out_token_nums;
-  std::vector<std::uint16_t> combine_out;
-  DispatchArgs dispatch;
-  std::vector<std::uint16_t> inbox_partner;  // scratch
-};
+using testing::HostRank;
+using EmuRank = HostRank;
 
 class Emulator {
  public:
-  Emulator(const casefile::Case& c, std::int64_t max_bs, std::int64_t k, std::int64_t h) : c_(c) {
+  explicit Emulator(const casefile::Case& c) : c_(c) {
     const int world = static_cast<int>(c.ranks.size());
     ranks_.resize(static_cast<std::size_t>(world));
+    storage_.resize(static_cast<std::size_t>(world));
     bases_.resize(static_cast<std::size_t>(world));
-    const contract::Topology topo0(mt::rank_config(c, 0));
-    off_ = window_offsets(topo0, max_bs, k, h);
-    const std::int64_t entries = std::max<std::int64_t>(max_bs * k, 1);
+    off_ = testing::case_window_offsets(c);
     for (int r = 0; r < world; ++r) {
-      EmuRank& e = ranks_[static_cast<std::size_t>(r)];
-      e.config = mt::rank_config(c, r);
-      const contract::Topology topo(e.config);
-      e.window.assign(off_.total / 8 + 1, 0);
-      bases_[static_cast<std::size_t>(r)] = reinterpret_cast<std::byte*>(e.window.data());
-      for (auto* v : {&e.keys_in, &e.keys_out, &e.vals_in, &e.vals_out, &e.ids, &e.expand_idx, &e.out_expand_idx}) v->assign(static_cast<std::size_t>(entries), 0);
-      e.expert_counts.assign(static_cast<std::size_t>(topo.E), 0);
-      e.record.assign(static_cast<std::size_t>(topo.count_record_len()), 0);
-      e.recv_counts.assign(static_cast<std::size_t>(topo.ep_recv_counts_len(topo.ep_rank)), 0);
-      e.out_ep_recv_counts = e.recv_counts;
-      e.tp_counts.assign(2, 0);
-      e.out_tp_recv_counts.assign(2, 0);
-      e.block_start.assign(static_cast<std::size_t>(topo.count_record_len()), -1);
-      e.tp_shift.assign(static_cast<std::size_t>(topo.W), 0);
-      e.shared_start.assign(static_cast<std::size_t>(std::max(topo.S, 1)), -1);
-      e.call_shape.assign(3, 0);
-      e.out_token_nums.assign(static_cast<std::size_t>(topo.local_experts(topo.ep_rank)), 0);
-      DeviceGroup& g = e.g;
-      g.W = topo.W, g.S = topo.S, g.E = topo.E, g.L = topo.L, g.T = topo.T, g.ep_rank = topo.ep_rank, g.tp_rank = topo.tp_rank;
-      g.world = world, g.me = r, g.local_experts = topo.local_experts(topo.ep_rank), g.global_bs = topo.global_bs;
-      g.timeout_ns = 1;
-      g.off = off_;
-      g.windows = bases_.data();
-      g.status = &e.status;
-      g.sort_keys_in = e.keys_in.data(), g.sort_keys_out = e.keys_out.data(), g.sort_vals_in = e.vals_in.data(), g.sort_vals_out = e.vals_out.data();
-      g.dispatch_ids = e.ids.data(), g.dispatch_expand_idx = e.expand_idx.data(), g.expert_counts = e.expert_counts.data();
-      g.record = e.record.data(), g.block_start = e.block_start.data(), g.tp_shift = e.tp_shift.data(), g.shared_start = e.shared_start.data();
-      g.recv_counts = e.recv_counts.data(), g.tp_counts = e.tp_counts.data(), g.call_shape = e.call_shape.data();
+      storage_[static_cast<std::size_t>(r)].assign(off_.total / 8 + 1, 0);
+      bases_[static_cast<std::size_t>(r)] = reinterpret_cast<std::byte*>(storage_[static_cast<std::size_t>(r)].data());
     }
+    for (int r = 0; r < world; ++r) testing::init_host_rank(rank(r), c, r, off_, bases_.data(), 1);
   }
 
   EmuRank& rank(int r) { return ranks_[static_cast<std::size_t>(r)]; }
@@ -94,14 +57,9 @@ class Emulator {
   void dispatch(const std::vector<DispatchArgs>& args, const Tamper& tamper = {}) {
     for (int r = 0; r < world(); ++r) {
       EmuRank& e = rank(r);
-      DispatchArgs a = args[static_cast<std::size_t>(r)];
-      a.expand_idx = e.out_expand_idx.data();
-      a.expert_token_nums = e.out_token_nums.data();
-      a.ep_recv_counts = e.out_ep_recv_counts.data();
-      a.tp_recv_counts = e.g.T == 2 ? e.out_tp_recv_counts.data() : nullptr;
-      e.dispatch = a;
+      e.dispatch = args[static_cast<std::size_t>(r)];
       begin(e);
-      check_ids_and_sort(e, a);
+      check_ids_and_sort(e, e.dispatch);
     }
     for (int r = 0; r < world(); ++r) publish(rank(r), r, tamper);
     for (int r = 0; r < world(); ++r) plan(rank(r));
@@ -323,15 +281,10 @@ class Emulator {
 
   const casefile::Case& c_;
   std::vector<EmuRank> ranks_;
+  std::vector<std::vector<std::uint64_t>> storage_;  // 8-byte aligned window bytes
   std::vector<std::byte*> bases_;
   WindowOffsets off_;
 };
-
-std::int64_t max_bs_of(const casefile::Case& c) {
-  std::int64_t most = 0;
-  for (const auto& r : c.ranks) most = std::max(most, r.x.rows());
-  return c.global_bs != 0 ? c.global_bs / c.ep_world_size : most;
-}
 
 // Runs a case through the emulator as the CUDA group would (arguments from call_args.h, identity experts
 // unless the case gives combine_x), returning every rank's outputs; `in_window` feeds the expert outputs
@@ -344,90 +297,24 @@ struct EmuRun {
 EmuRun run_emulated(const casefile::Case& c, bool in_window, const Tamper& tamper = {},
                     const std::function<void(int, DispatchArgs&)>& edit_dispatch = {}, const std::function<void(int, CombineArgs&)>& edit_combine = {}) {
   const int world = static_cast<int>(c.ranks.size());
-  const std::int64_t k = c.ranks[0].expert_ids.cols(), h = c.ranks[0].x.cols();
-  Emulator emu(c, max_bs_of(c), k, h);
+  Emulator emu(c);
   std::vector<DispatchArgs> dargs;
-  std::vector<contract::CallShape> shapes;
   for (int r = 0; r < world; ++r) {
-    const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(r)];
-    DispatchOptions o;
-    o.quant_mode = c.quant_mode;
-    o.expert_token_nums_type = c.expert_token_nums_type;
-    if (in.scales.present()) o.scales = in.scales.view();
-    if (in.expert_scales.present()) o.expert_scales = in.expert_scales.view();
-    const GroupConfig cfg = mt::rank_config(c, r);
-    const contract::CallShape shape = contract::check_dispatch(cfg, in.x.view(), in.expert_ids.view(), o, contract::Values::on_device);
-    shapes.push_back(shape);
-    dargs.push_back(dispatch_args(contract::Topology(cfg), in.x.view(), in.expert_ids.view(), o, shape));
+    dargs.push_back(testing::rank_dispatch_args(c, r, emu.rank(r)));
     if (edit_dispatch) edit_dispatch(r, dargs.back());
   }
   emu.dispatch(dargs, tamper);
-
   EmuRun run;
-  run.outputs.resize(static_cast<std::size_t>(world));
-  std::vector<Tensor> expert_out(static_cast<std::size_t>(world)), ones(static_cast<std::size_t>(world));
   std::vector<CombineArgs> cargs;
   for (int r = 0; r < world; ++r) {
-    EmuRank& e = emu.rank(r);
-    const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(r)];
-    const std::int64_t valid = e.status.valid_rows, bs = in.x.rows();
-    casefile::RankOutputs& o = run.outputs[static_cast<std::size_t>(r)];
-    const std::byte* base = reinterpret_cast<const std::byte*>(e.window.data());
-    const WindowOffsets& off = e.g.off;
-    const bool quant = c.quant_mode == 2;
-    o.expand_x = mt::copy_rows(matrix_view(base + off.expand_x, quant ? DType::int8 : c.dtype, valid, h), valid);
-    if (quant) o.dynamic_scales = mt::copy_rows(vector_view(base + off.dynamic_scales, DType::fp32, valid), valid);
-    if (in.expert_scales.present()) o.expand_scales = mt::copy_rows(vector_view(base + off.expand_scales, DType::fp32, valid), valid);
-    o.expand_idx = mt::copy_rows(vector_view(e.out_expand_idx.data(), DType::int32, bs * k), bs * k);
-    o.expert_token_nums = mt::copy_rows(vector_view(e.out_token_nums.data(), DType::int64, static_cast<std::int64_t>(e.out_token_nums.size())),
-                                        static_cast<std::int64_t>(e.out_token_nums.size()));
-    o.ep_recv_counts = mt::copy_rows(vector_view(e.out_ep_recv_counts.data(), DType::int32, static_cast<std::int64_t>(e.out_ep_recv_counts.size())),
-                                     static_cast<std::int64_t>(e.out_ep_recv_counts.size()));
-    if (e.g.T == 2) o.tp_recv_counts = mt::copy_rows(vector_view(e.out_tp_recv_counts.data(), DType::int32, 2), 2);
-
-    // Expert outputs: the case's, or identity experts (the dispatched row, dequantized).
-    Tensor& y = expert_out[static_cast<std::size_t>(r)];
-    if (in.combine_x.present()) {
-      y = mt::copy_rows(in.combine_x.view(), in.combine_x.rows());
-    } else {
-      y = Tensor(c.dtype, std::max<std::int64_t>(valid, 1), h);
-      for (std::int64_t row = 0; row < valid; ++row) {
-        for (std::int64_t i = 0; i < h; ++i) {
-          y.data<std::uint16_t>()[row * h + i] =
-              quant ? dequantize(c.dtype == DType::bf16, o.expand_x.data<std::int8_t>()[row * h + i], o.dynamic_scales.data<float>()[row])
-                    : o.expand_x.data<std::uint16_t>()[row * h + i];
-        }
-      }
-    }
-    ones[static_cast<std::size_t>(r)] = Tensor(DType::fp32, bs, k);
-    std::fill_n(ones[static_cast<std::size_t>(r)].data<float>(), bs * k, 1.0f);
-    CombineOptions co;
-    co.comm_quant_mode = c.comm_quant_mode;
-    if (e.g.T == 2) co.tp_send_counts = vector_view(e.out_tp_recv_counts.data(), DType::int32, 2);
-    const TensorView weights = in.expert_scales.present() ? in.expert_scales.view() : ones[static_cast<std::size_t>(r)].view();
-    const TensorView ep_counts = vector_view(e.out_ep_recv_counts.data(), DType::int32, static_cast<std::int64_t>(e.out_ep_recv_counts.size()));
-    TensorView x_view = matrix_view(y.data<std::uint16_t>(), c.dtype, valid, h);
-    CombineArgs a = combine_args(x_view, in.expert_ids.view(), o.expand_idx.view(), ep_counts, weights, co, shapes[static_cast<std::size_t>(r)]);
-    if (in_window && e.g.T == 1 && c.comm_quant_mode == 0) {  // the experts write into the combine buffer
-      std::byte* rows = reinterpret_cast<std::byte*>(e.window.data()) + off.combine_rows;
-      for (std::int64_t row = 0; row < valid; ++row) std::memcpy(rows + row * off.combine_pitch, y.data<std::uint16_t>() + row * h, static_cast<std::size_t>(h) * 2);
-      a.expand_x = reinterpret_cast<const std::uint16_t*>(rows);
-      a.expand_x_row_stride = static_cast<std::int64_t>(off.combine_pitch / 2);
-      a.staged_in_place = true;
-    }
-    e.combine_out.assign(static_cast<std::size_t>(std::max<std::int64_t>(bs * h, 1)), 0);
-    a.out = e.combine_out.data();
-    a.out_row_stride = h;
-    a.out_col_stride = 1;
-    if (edit_combine) edit_combine(r, a);
-    cargs.push_back(a);
+    run.outputs.push_back(testing::dispatch_outputs(c, r, emu.rank(r)));
+    cargs.push_back(testing::rank_combine_args(c, r, emu.rank(r), run.outputs.back(), in_window));
+    if (edit_combine) edit_combine(r, cargs.back());
   }
   emu.combine(cargs);
   for (int r = 0; r < world; ++r) {
-    EmuRank& e = emu.rank(r);
-    const std::int64_t bs = c.ranks[static_cast<std::size_t>(r)].x.rows();
-    run.outputs[static_cast<std::size_t>(r)].combine_out = mt::copy_rows(matrix_view(e.combine_out.data(), c.dtype, bs, h), bs);
-    run.status.push_back(e.status);
+    run.outputs[static_cast<std::size_t>(r)].combine_out = testing::combine_output(c, r, emu.rank(r));
+    run.status.push_back(emu.rank(r).status);
   }
   return run;
 }

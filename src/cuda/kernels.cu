@@ -13,9 +13,13 @@
 // GPU's global timer. Every kernel returns early once the rank's status holds an error, and every
 // signal is still sent (with the failed bit), so peers stop waiting instead of timing out.
 // The arithmetic is src/cuda/row_math.h, the same fp32 operation order as the oracle.
+#if !defined(MOEDIST_CUDA_EMULATION)  // tests/cuda_emulation/host_cuda.h stands in for CUDA on the CPU
 #include <cub/cub.cuh>
+#define MOEDIST_LAUNCH(kernel, grid, threads, dynamic_bytes, stream) kernel<<<grid, threads, dynamic_bytes, stream>>>
+#endif
 
 #include <algorithm>
+#include <chrono>
 
 #include "cuda/kernels.h"
 #include "cuda/protocol.h"
@@ -24,17 +28,29 @@ namespace moedist::gpu {
 namespace {
 
 __device__ __forceinline__ std::uint64_t global_timer_ns() {
+#if defined(__CUDA_ARCH__)
   std::uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
+#else
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+#endif
 }
 __device__ __forceinline__ std::uint64_t load_acquire(const std::uint64_t* p) {
+#if defined(__CUDA_ARCH__)
   std::uint64_t v;
   asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
+#else
+  return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+#endif
 }
 __device__ __forceinline__ void store_release(std::uint64_t* p, std::uint64_t v) {
+#if defined(__CUDA_ARCH__)
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+#else
+  __atomic_store_n(p, v, __ATOMIC_RELEASE);
+#endif
 }
 
 // Waits until `flag` signals call `seq` or `deadline` (global timer, ns) passes. Every rank waits for its
@@ -55,7 +71,7 @@ __device__ bool wait_flag(const DeviceGroup& g, const std::uint64_t* flag, std::
       }
       return true;
     }
-    if (*reinterpret_cast<const volatile std::int32_t*>(&g.status->code) == static_cast<std::int32_t>(ErrorCode::timeout)) return false;
+    if (status_code(g.status) == static_cast<std::int32_t>(ErrorCode::timeout)) return false;
     if (global_timer_ns() > deadline) {
       record_failure(g.status, ErrorCode::timeout, peer, phase, Rule::timeout, 0, 0, g.timeout_ns / 1000000);
       return false;
@@ -128,8 +144,12 @@ __device__ void mark_lowest(Status* st, std::uint64_t mark) {
 // The block's K + 1 targets live in dynamic shared memory (targets_bytes(K) at launch), so small K
 // leaves room for more blocks per multiprocessor.
 __device__ Target* shared_targets() {
+#if defined(MOEDIST_CUDA_EMULATION)
+  return reinterpret_cast<Target*>(emu::block.dynamic_shared);
+#else
   extern __shared__ __align__(16) unsigned char dynamic_shared[];
   return reinterpret_cast<Target*>(dynamic_shared);
+#endif
 }
 std::size_t targets_bytes(std::int64_t k) { return static_cast<std::size_t>(k + 1) * sizeof(Target); }
 
@@ -436,34 +456,44 @@ unsigned blocks_for(std::int64_t n, int threads) { return static_cast<unsigned>(
 
 cudaError_t sort_scratch_bytes(std::int64_t max_entries, int key_bits, std::size_t* bytes) {
   *bytes = 0;
+#if defined(MOEDIST_CUDA_EMULATION)
+  (void)max_entries;
+  (void)key_bits;
+  return cudaSuccess;
+#else
   return cub::DeviceRadixSort::SortPairs(nullptr, *bytes, static_cast<const std::int32_t*>(nullptr), static_cast<std::int32_t*>(nullptr),
                                          static_cast<const std::int32_t*>(nullptr), static_cast<std::int32_t*>(nullptr),
                                          static_cast<int>(std::max<std::int64_t>(max_entries, 1)), 0, key_bits);
+#endif
 }
 
 cudaError_t enqueue_dispatch(const DeviceGroup& g, const DispatchArgs& a, const SortScratch& sort, Status* status_mirror,
                              cudaStream_t stream) {
   const std::int64_t n = a.bs * a.k;
-  begin_call<<<1, 1, 0, stream>>>(g);
-  check_dispatch_ids<<<blocks_for(a.bs, 128), 128, 0, stream>>>(g, a);
+  MOEDIST_LAUNCH(begin_call, 1, 1, 0, stream)(g);
+  MOEDIST_LAUNCH(check_dispatch_ids, blocks_for(a.bs, 128), 128, 0, stream)(g, a);
   if (n > 0) {
+#if defined(MOEDIST_CUDA_EMULATION)
+    emu::sort_pairs(g.sort_keys_in, g.sort_keys_out, g.sort_vals_in, g.sort_vals_out, n, sort.key_bits);
+#else
     std::size_t bytes = sort.bytes;
     const cudaError_t sorted = cub::DeviceRadixSort::SortPairs(sort.temp, bytes, g.sort_keys_in, g.sort_keys_out, g.sort_vals_in,
                                                                g.sort_vals_out, static_cast<int>(n), 0, sort.key_bits, stream);
     if (sorted != cudaSuccess) return sorted;
-    write_expand_idx<<<blocks_for(n, 256), 256, 0, stream>>>(g, a);
+#endif
+    MOEDIST_LAUNCH(write_expand_idx, blocks_for(n, 256), 256, 0, stream)(g, a);
   }
-  count_experts<<<blocks_for(g.E, 256), 256, 0, stream>>>(g, a);
-  publish_record<<<1, 256, 0, stream>>>(g, a);
-  plan_layout<<<1, 256, 0, stream>>>(g, a);
-  if (n > 0) copy_expand_idx<<<blocks_for(n, 256), 256, 0, stream>>>(g, a);
+  MOEDIST_LAUNCH(count_experts, blocks_for(g.E, 256), 256, 0, stream)(g, a);
+  MOEDIST_LAUNCH(publish_record, 1, 256, 0, stream)(g, a);
+  MOEDIST_LAUNCH(plan_layout, 1, 256, 0, stream)(g, a);
+  if (n > 0) MOEDIST_LAUNCH(copy_expand_idx, blocks_for(n, 256), 256, 0, stream)(g, a);
   const bool vec = a.x_col_stride == 1 && a.h % kChunk == 0 && aligned16(a.x) && (a.x_row_stride * 2) % 16 == 0 &&
                    (a.quant == 2 ? a.h % 16 == 0 : true);
   if (a.bs > 0) {
-    if (vec) write_rows<true><<<static_cast<unsigned>(a.bs), threads_for(a.h), targets_bytes(a.k), stream>>>(g, a);
-    else write_rows<false><<<static_cast<unsigned>(a.bs), threads_for(a.h), targets_bytes(a.k), stream>>>(g, a);
+    if (vec) MOEDIST_LAUNCH(write_rows<true>, static_cast<unsigned>(a.bs), threads_for(a.h), targets_bytes(a.k), stream)(g, a);
+    else MOEDIST_LAUNCH(write_rows<false>, static_cast<unsigned>(a.bs), threads_for(a.h), targets_bytes(a.k), stream)(g, a);
   }
-  finish_dispatch<<<1, 256, 0, stream>>>(g);
+  MOEDIST_LAUNCH(finish_dispatch, 1, 256, 0, stream)(g);
   cudaError_t launched = cudaGetLastError();
   if (launched != cudaSuccess) return launched;
   return cudaMemcpyAsync(status_mirror, g.status, sizeof(Status), cudaMemcpyDeviceToHost, stream);
@@ -471,27 +501,27 @@ cudaError_t enqueue_dispatch(const DeviceGroup& g, const DispatchArgs& a, const 
 
 cudaError_t enqueue_combine(const DeviceGroup& g, const CombineArgs& a, Status* status_mirror, cudaStream_t stream) {
   const std::int64_t n = a.bs * a.k;
-  begin_call<<<1, 1, 0, stream>>>(g);
-  if (n > 0) check_combine_args<<<blocks_for(n, 256), 256, 0, stream>>>(g, a);
-  finish_combine_checks<<<1, 1, 0, stream>>>(g, a);
+  MOEDIST_LAUNCH(begin_call, 1, 1, 0, stream)(g);
+  if (n > 0) MOEDIST_LAUNCH(check_combine_args, blocks_for(n, 256), 256, 0, stream)(g, a);
+  MOEDIST_LAUNCH(finish_combine_checks, 1, 1, 0, stream)(g, a);
   const bool vec = a.expand_x_col_stride == 1 && a.h % 16 == 0 && aligned16(a.expand_x) && (a.expand_x_row_stride * 2) % 16 == 0 &&
                    a.out_col_stride == 1 && aligned16(a.out) && (a.out_row_stride * 2) % 16 == 0;
   const int threads = threads_for(a.h);
   // Row loops stride over a fixed grid: the row counts live on the GPU (static shapes for graphs).
   const unsigned grid = 264;
   if (g.T == 2) {
-    if (vec) send_tp_partials<true><<<grid, threads, 0, stream>>>(g, a);
-    else send_tp_partials<false><<<grid, threads, 0, stream>>>(g, a);
-    signal_tp_peer<<<1, 32, 0, stream>>>(g);
+    if (vec) MOEDIST_LAUNCH(send_tp_partials<true>, grid, threads, 0, stream)(g, a);
+    else MOEDIST_LAUNCH(send_tp_partials<false>, grid, threads, 0, stream)(g, a);
+    MOEDIST_LAUNCH(signal_tp_peer, 1, 32, 0, stream)(g);
   }
   if (!a.staged_in_place) {
-    if (vec) stage_rows<true><<<grid, threads, 0, stream>>>(g, a);
-    else stage_rows<false><<<grid, threads, 0, stream>>>(g, a);
+    if (vec) MOEDIST_LAUNCH(stage_rows<true>, grid, threads, 0, stream)(g, a);
+    else MOEDIST_LAUNCH(stage_rows<false>, grid, threads, 0, stream)(g, a);
   }
-  exchange_combine_flags<<<1, 256, 0, stream>>>(g);
+  MOEDIST_LAUNCH(exchange_combine_flags, 1, 256, 0, stream)(g);
   if (a.bs > 0) {
-    if (vec) reduce_tokens<true><<<static_cast<unsigned>(a.bs), threads, targets_bytes(a.k), stream>>>(g, a);
-    else reduce_tokens<false><<<static_cast<unsigned>(a.bs), threads, targets_bytes(a.k), stream>>>(g, a);
+    if (vec) MOEDIST_LAUNCH(reduce_tokens<true>, static_cast<unsigned>(a.bs), threads, targets_bytes(a.k), stream)(g, a);
+    else MOEDIST_LAUNCH(reduce_tokens<false>, static_cast<unsigned>(a.bs), threads, targets_bytes(a.k), stream)(g, a);
   }
   cudaError_t launched = cudaGetLastError();
   if (launched != cudaSuccess) return launched;

@@ -3,7 +3,9 @@
 // go to the status block (device_state.h); launch errors are returned.
 #pragma once
 
+#if !defined(MOEDIST_CUDA_EMULATION)
 #include <cuda_runtime_api.h>
+#endif
 
 #include <cstddef>
 #include <cstdint>

@@ -19,7 +19,15 @@ namespace moedist::gpu {
 constexpr int kChunk = 8;              // elements per thread step: 16 bytes of 16-bit values
 constexpr int kMaxTargets = 1 + 1024;  // K <= 1024 (checked at join) plus the shared expert
 
-MOEDIST_HD bool status_failed(const Status* st) { return *reinterpret_cast<const volatile std::int32_t*>(&st->code) != 0; }
+// The rank's error code as other threads see it (it is set while other threads of the rank run).
+MOEDIST_HD std::int32_t status_code(const Status* st) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const volatile std::int32_t*>(&st->code);
+#else
+  return __atomic_load_n(&st->code, __ATOMIC_ACQUIRE);  // GCC/Clang builtin: C++17 (nvcc's host pass) has no atomic_ref
+#endif
+}
+MOEDIST_HD bool status_failed(const Status* st) { return status_code(st) != 0; }
 MOEDIST_HD std::uint64_t status_seq(const Status* st) { return *reinterpret_cast<const volatile std::uint64_t*>(&st->seq); }
 
 // Records the first error of the rank (later ones are dropped).
@@ -28,8 +36,8 @@ MOEDIST_HD void record_failure(Status* st, ErrorCode code, int peer, Phase phase
 #if defined(__CUDA_ARCH__)
   if (atomicCAS(&st->code, 0, static_cast<std::int32_t>(code)) != 0) return;
 #else
-  if (st->code != 0) return;
-  st->code = static_cast<std::int32_t>(code);
+  std::int32_t expected = 0;
+  if (!__atomic_compare_exchange_n(&st->code, &expected, static_cast<std::int32_t>(code), false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return;
 #endif
   st->peer = peer;
   st->phase = static_cast<std::int32_t>(phase);

@@ -1,0 +1,136 @@
+#include "cuda_host_group.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "contract/checks.h"
+#include "cuda/call_args.h"
+#include "cuda/row_math.h"
+#include "cuda/window_layout.h"
+#include "test_support.h"
+
+namespace moedist::gpu::testing {
+
+namespace mt = moedist::testing;
+
+std::int64_t case_max_bs(const casefile::Case& c) {
+  std::int64_t most = 0;
+  for (const auto& r : c.ranks) most = std::max(most, r.x.rows());
+  return c.global_bs != 0 ? c.global_bs / c.ep_world_size : most;
+}
+
+WindowOffsets case_window_offsets(const casefile::Case& c) {
+  return window_offsets(contract::Topology(mt::rank_config(c, 0)), case_max_bs(c), c.ranks[0].expert_ids.cols(), c.ranks[0].x.cols());
+}
+
+void init_host_rank(HostRank& e, const casefile::Case& c, int r, const WindowOffsets& off, std::byte* const* bases, std::int64_t timeout_ns) {
+  e.config = mt::rank_config(c, r);
+  const contract::Topology topo(e.config);
+  const std::int64_t entries = std::max<std::int64_t>(case_max_bs(c) * c.ranks[0].expert_ids.cols(), 1);
+  for (auto* v : {&e.keys_in, &e.keys_out, &e.vals_in, &e.vals_out, &e.ids, &e.expand_idx, &e.out_expand_idx}) v->assign(static_cast<std::size_t>(entries), 0);
+  e.expert_counts.assign(static_cast<std::size_t>(topo.E), 0);
+  e.record.assign(static_cast<std::size_t>(topo.count_record_len()), 0);
+  e.recv_counts.assign(static_cast<std::size_t>(topo.ep_recv_counts_len(topo.ep_rank)), 0);
+  e.out_ep_recv_counts = e.recv_counts;
+  e.tp_counts.assign(2, 0);
+  e.out_tp_recv_counts.assign(2, 0);
+  e.block_start.assign(static_cast<std::size_t>(topo.count_record_len()), -1);
+  e.tp_shift.assign(static_cast<std::size_t>(topo.W), 0);
+  e.shared_start.assign(static_cast<std::size_t>(std::max(topo.S, 1)), -1);
+  e.call_shape.assign(3, 0);
+  e.out_token_nums.assign(static_cast<std::size_t>(topo.local_experts(topo.ep_rank)), 0);
+  DeviceGroup& g = e.g;
+  g.W = topo.W, g.S = topo.S, g.E = topo.E, g.L = topo.L, g.T = topo.T, g.ep_rank = topo.ep_rank, g.tp_rank = topo.tp_rank;
+  g.world = static_cast<int>(c.ranks.size()), g.me = r, g.local_experts = topo.local_experts(topo.ep_rank), g.global_bs = topo.global_bs;
+  g.timeout_ns = timeout_ns;
+  g.off = off;
+  g.windows = bases;
+  g.status = &e.status;
+  g.sort_keys_in = e.keys_in.data(), g.sort_keys_out = e.keys_out.data(), g.sort_vals_in = e.vals_in.data(), g.sort_vals_out = e.vals_out.data();
+  g.dispatch_ids = e.ids.data(), g.dispatch_expand_idx = e.expand_idx.data(), g.expert_counts = e.expert_counts.data();
+  g.record = e.record.data(), g.block_start = e.block_start.data(), g.tp_shift = e.tp_shift.data(), g.shared_start = e.shared_start.data();
+  g.recv_counts = e.recv_counts.data(), g.tp_counts = e.tp_counts.data(), g.call_shape = e.call_shape.data();
+}
+
+DispatchArgs rank_dispatch_args(const casefile::Case& c, int r, HostRank& e) {
+  const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(r)];
+  DispatchOptions o;
+  o.quant_mode = c.quant_mode;
+  o.expert_token_nums_type = c.expert_token_nums_type;
+  if (in.scales.present()) o.scales = in.scales.view();
+  if (in.expert_scales.present()) o.expert_scales = in.expert_scales.view();
+  e.shape = contract::check_dispatch(e.config, in.x.view(), in.expert_ids.view(), o, contract::Values::on_device);
+  DispatchArgs a = dispatch_args(contract::Topology(e.config), in.x.view(), in.expert_ids.view(), o, e.shape);
+  a.expand_idx = e.out_expand_idx.data();
+  a.expert_token_nums = e.out_token_nums.data();
+  a.ep_recv_counts = e.out_ep_recv_counts.data();
+  a.tp_recv_counts = e.g.T == 2 ? e.out_tp_recv_counts.data() : nullptr;
+  return a;
+}
+
+casefile::RankOutputs dispatch_outputs(const casefile::Case& c, int r, const HostRank& e) {
+  const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(r)];
+  const std::int64_t valid = e.status.valid_rows, bs = in.x.rows(), k = in.expert_ids.cols(), h = in.x.cols();
+  const std::byte* base = e.g.windows[r];
+  const WindowOffsets& off = e.g.off;
+  const bool quant = c.quant_mode == 2;
+  casefile::RankOutputs o;
+  o.expand_x = mt::copy_rows(matrix_view(base + off.expand_x, quant ? DType::int8 : c.dtype, valid, h), valid);
+  if (quant) o.dynamic_scales = mt::copy_rows(vector_view(base + off.dynamic_scales, DType::fp32, valid), valid);
+  if (in.expert_scales.present()) o.expand_scales = mt::copy_rows(vector_view(base + off.expand_scales, DType::fp32, valid), valid);
+  const auto vec = [](const auto& v, DType t) { return mt::copy_rows(vector_view(v.data(), t, static_cast<std::int64_t>(v.size())), static_cast<std::int64_t>(v.size())); };
+  o.expand_idx = mt::copy_rows(vector_view(e.out_expand_idx.data(), DType::int32, bs * k), bs * k);
+  o.expert_token_nums = vec(e.out_token_nums, DType::int64);
+  o.ep_recv_counts = vec(e.out_ep_recv_counts, DType::int32);
+  if (e.g.T == 2) o.tp_recv_counts = vec(e.out_tp_recv_counts, DType::int32);
+  return o;
+}
+
+CombineArgs rank_combine_args(const casefile::Case& c, int r, HostRank& e, const casefile::RankOutputs& o, bool in_window) {
+  const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(r)];
+  const std::int64_t valid = e.status.valid_rows, bs = in.x.rows(), k = in.expert_ids.cols(), h = in.x.cols();
+  const bool quant = c.quant_mode == 2;
+  Tensor& y = e.expert_out;
+  if (in.combine_x.present()) {
+    y = mt::copy_rows(in.combine_x.view(), in.combine_x.rows());
+  } else {
+    y = Tensor(c.dtype, std::max<std::int64_t>(valid, 1), h);
+    for (std::int64_t row = 0; row < valid; ++row) {
+      for (std::int64_t i = 0; i < h; ++i) {
+        y.data<std::uint16_t>()[row * h + i] =
+            quant ? dequantize(c.dtype == DType::bf16, o.expand_x.data<std::int8_t>()[row * h + i], o.dynamic_scales.data<float>()[row])
+                  : o.expand_x.data<std::uint16_t>()[row * h + i];
+      }
+    }
+  }
+  e.ones = Tensor(DType::fp32, bs, k);
+  std::fill_n(e.ones.data<float>(), bs * k, 1.0f);
+  CombineOptions co;
+  co.comm_quant_mode = c.comm_quant_mode;
+  if (e.g.T == 2) co.tp_send_counts = vector_view(e.out_tp_recv_counts.data(), DType::int32, 2);
+  const TensorView weights = in.expert_scales.present() ? in.expert_scales.view() : e.ones.view();
+  const TensorView ep_counts = vector_view(e.out_ep_recv_counts.data(), DType::int32, static_cast<std::int64_t>(e.out_ep_recv_counts.size()));
+  const TensorView x_view = matrix_view(y.data<std::uint16_t>(), c.dtype, valid, h);
+  CombineArgs a = combine_args(x_view, in.expert_ids.view(), o.expand_idx.view(), ep_counts, weights, co, e.shape);
+  if (in_window && e.g.T == 1 && c.comm_quant_mode == 0) {  // the experts write into the combine buffer
+    std::byte* rows = e.g.windows[r] + e.g.off.combine_rows;
+    for (std::int64_t row = 0; row < valid; ++row) {
+      std::memcpy(rows + row * static_cast<std::int64_t>(e.g.off.combine_pitch), y.data<std::uint16_t>() + row * h, static_cast<std::size_t>(h) * 2);
+    }
+    a.expand_x = reinterpret_cast<const std::uint16_t*>(rows);
+    a.expand_x_row_stride = static_cast<std::int64_t>(e.g.off.combine_pitch / 2);
+    a.staged_in_place = true;
+  }
+  e.combine_out.assign(static_cast<std::size_t>(std::max<std::int64_t>(bs * h, 1)), 0);
+  a.out = e.combine_out.data();
+  a.out_row_stride = h;
+  a.out_col_stride = 1;
+  return a;
+}
+
+Tensor combine_output(const casefile::Case& c, int r, const HostRank& e) {
+  const std::int64_t bs = c.ranks[static_cast<std::size_t>(r)].x.rows(), h = c.ranks[0].x.cols();
+  return mt::copy_rows(matrix_view(e.combine_out.data(), c.dtype, bs, h), bs);
+}
+
+}  // namespace moedist::gpu::testing

@@ -1,0 +1,55 @@
+// A CUDA group's per-rank state (DeviceGroup) over host memory, and the arguments, outputs and expert
+// outputs of a case, built the way CudaGroup builds them: shared by the CPU tests that run the CUDA
+// protocol (cuda_protocol_test: protocol.h functions rank by rank; cuda_kernels_emulation_test: the
+// kernels themselves, ranks as processes).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "casefile/case_file.h"
+#include "contract/layout.h"
+#include "cuda/device_state.h"
+#include "moedist/tensor.h"
+
+namespace moedist::gpu::testing {
+
+struct HostRank {
+  GroupConfig config;
+  DeviceGroup g;
+  Status status;
+  std::vector<std::int32_t> keys_in, keys_out, vals_in, vals_out, ids, expand_idx, expert_counts, record, recv_counts, tp_counts;
+  std::vector<std::int64_t> block_start, tp_shift, shared_start, call_shape;
+  std::vector<std::int32_t> out_expand_idx, out_ep_recv_counts, out_tp_recv_counts;
+  std::vector<std::int64_t> out_token_nums;
+  std::vector<std::uint16_t> combine_out;
+  DispatchArgs dispatch;  // the latest dispatch's arguments
+  contract::CallShape shape;
+  // Expert outputs and unit weights of the latest combine (kept alive for its arguments).
+  Tensor expert_out, ones;
+};
+
+// The largest BS of the case's calls (what CudaGroupOptions::max_bs would be).
+std::int64_t case_max_bs(const casefile::Case& c);
+// The window layout of the case's group (every rank's).
+WindowOffsets case_window_offsets(const casefile::Case& c);
+
+// Sets up rank r: its DeviceGroup over host vectors, with `bases` every rank's window (its own included,
+// laid out by `off`) and `timeout_ns` for its waits.
+void init_host_rank(HostRank& e, const casefile::Case& c, int r, const WindowOffsets& off, std::byte* const* bases, std::int64_t timeout_ns);
+
+// The arguments CudaGroup::dispatch passes for rank r of the case, outputs pointing into e.
+DispatchArgs rank_dispatch_args(const casefile::Case& c, int r, HostRank& e);
+
+// After dispatch: rank r's outputs, read from its window and e's output vectors.
+casefile::RankOutputs dispatch_outputs(const casefile::Case& c, int r, const HostRank& e);
+
+// The arguments of rank r's combine: identity experts (the dispatched rows, dequantized) unless the
+// case gives combine_x; with `in_window` (T = 1, no comm quantization) the experts' rows are written
+// into the rank's combine buffer and read in place. The output goes to e.combine_out.
+CombineArgs rank_combine_args(const casefile::Case& c, int r, HostRank& e, const casefile::RankOutputs& dispatched, bool in_window);
+
+// Rank r's combine output.
+Tensor combine_output(const casefile::Case& c, int r, const HostRank& e);
+
+}  // namespace moedist::gpu::testing

@@ -1,0 +1,215 @@
+// The CUDA kernels themselves, run on the CPU. src/cuda/kernels.cu is compiled here unchanged, under a
+// small host stand-in for CUDA (tests/cuda_emulation/host_cuda.h: a block is blockDim.x threads with a
+// barrier for __syncthreads, atomics are std::atomic_ref, CUB's stable radix sort is std::stable_sort).
+// Every rank is its own process, the windows are one shared mapping, and the ranks meet through the
+// kernels' own flag words and waits. So this runs what cuda_protocol_test cannot: the enqueue functions
+// (launch configurations, the vector paths), the kernels' thread indexing, the block-wide max and the
+// barriers, the flags, the timeouts and the failure signals between concurrent ranks. What it cannot
+// show is GPU-specific: the memory model of real hardware, IPC, warps diverging, timing.
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+
+#include <chrono>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/child_processes.h"
+#include "cuda/status_errors.h"
+#include "cuda/window_layout.h"
+#include "cuda_host_group.h"
+#include "moedist/error.h"
+#include "oracle/oracle.h"
+#include "test_support.h"
+
+#define MOEDIST_CUDA_EMULATION 1
+#include "cuda_emulation/host_cuda.h"
+// The kernels and their enqueue functions, as built for the GPU.
+#include "cuda/kernels.cu"
+
+namespace moedist::gpu {
+namespace {
+
+namespace mt = moedist::testing;
+
+// Every rank's window in one shared mapping, made before the ranks fork, so the addresses agree.
+class SharedWindows {
+ public:
+  SharedWindows(int world, std::size_t window_bytes) : stride_((window_bytes + 4095) / 4096 * 4096), bytes_(stride_ * static_cast<std::size_t>(world)) {
+    base_ = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (base_ == MAP_FAILED) throw std::runtime_error("mmap of the shared windows failed");
+    for (int r = 0; r < world; ++r) bases_.push_back(static_cast<std::byte*>(base_) + stride_ * static_cast<std::size_t>(r));
+  }
+  ~SharedWindows() { munmap(base_, bytes_); }
+  SharedWindows(const SharedWindows&) = delete;
+  SharedWindows& operator=(const SharedWindows&) = delete;
+  std::byte* const* bases() const { return bases_.data(); }
+
+ private:
+  std::size_t stride_, bytes_;
+  void* base_ = nullptr;
+  std::vector<std::byte*> bases_;
+};
+
+int key_bits_for(int experts) {
+  int bits = 1;
+  while (bits < 31 && (std::int64_t{1} << bits) <= experts - 1) ++bits;
+  return bits;
+}
+
+std::string status_text(const Status& st, int me, std::int64_t k) {
+  try {
+    throw_status_error(st, me, k);
+  } catch (const Error& e) {
+    return std::string(error_code_name(e.code())) + ": " + e.what();
+  }
+  return "";
+}
+
+// What one rank does to its inputs before a call: nothing, or a change that must fail.
+using Sabotage = std::function<void(int rank, int call, DispatchArgs&)>;
+
+// Runs every call of `calls` on one group whose ranks are processes running the kernels; each rank
+// compares its outputs with the oracle's (or, with `expect_error`, returns its status' error text).
+std::vector<std::string> run_kernels(const std::vector<casefile::Case>& calls, bool in_window, std::chrono::milliseconds timeout,
+                                     const Sabotage& sabotage = {}) {
+  const casefile::Case& c0 = calls[0];
+  const int world = static_cast<int>(c0.ranks.size());
+  std::vector<std::vector<oracle::RankOutput>> wants;
+  if (!sabotage) {
+    for (const auto& call : calls) wants.push_back(oracle::run(mt::to_oracle_case(call)));
+  }
+  const WindowOffsets off = testing::case_window_offsets(c0);
+  const SharedWindows windows(world, off.total);
+  std::vector<std::string> out;
+  for (const ChildResult& r : run_in_children(world, [&](int rank) -> std::string {
+         testing::HostRank e;
+         testing::init_host_rank(e, c0, rank, off, windows.bases(), static_cast<std::int64_t>(timeout.count()) * 1000000);
+         const SortScratch sort{nullptr, 0, key_bits_for(c0.moe_expert_num)};
+         Status mirror;
+         std::string first;
+         for (std::size_t call = 0; call < calls.size(); ++call) {
+           const casefile::Case& c = calls[call];
+           DispatchArgs a = testing::rank_dispatch_args(c, rank, e);
+           if (sabotage) sabotage(rank, static_cast<int>(call), a);
+           if (enqueue_dispatch(e.g, a, sort, &mirror, nullptr) != cudaSuccess) return "enqueue_dispatch failed";
+           casefile::RankOutputs o = testing::dispatch_outputs(c, rank, e);
+           const CombineArgs ca = testing::rank_combine_args(c, rank, e, o, in_window);
+           if (enqueue_combine(e.g, ca, &mirror, nullptr) != cudaSuccess) return "enqueue_combine failed";
+           if (mirror.code != 0) return status_text(mirror, rank, c.ranks[0].expert_ids.cols());
+           o.combine_out = testing::combine_output(c, rank, e);
+           const std::string diff = mt::compare_rank_with_oracle(c, rank, o, wants[call][static_cast<std::size_t>(rank)]);
+           if (!diff.empty() && first.empty()) first = "call " + std::to_string(call) + ": " + diff;
+         }
+         return first;
+       })) {
+    out.push_back(r.finished ? r.text : "the rank's process died (wait status " + std::to_string(r.wait_status) + ")");
+  }
+  return out;
+}
+
+// A later call on the same group: new x, ids and weights for the same shapes; identity experts.
+casefile::Case next_call(const casefile::Case& c, std::mt19937_64& rng) {
+  casefile::Case n;
+  n.ep_world_size = c.ep_world_size, n.tp_world_size = c.tp_world_size, n.moe_expert_num = c.moe_expert_num;
+  n.shared_expert_rank_num = c.shared_expert_rank_num, n.shared_expert_num = c.shared_expert_num, n.global_bs = c.global_bs;
+  n.quant_mode = c.quant_mode, n.expert_token_nums_type = c.expert_token_nums_type, n.comm_quant_mode = c.comm_quant_mode, n.dtype = c.dtype;
+  std::uniform_real_distribution<float> value(-3.0f, 3.0f);
+  for (const auto& r : c.ranks) {
+    casefile::RankInputs in;
+    in.x = Tensor(c.dtype, r.x.rows(), r.x.cols());
+    for (std::int64_t i = 0; i < in.x.numel(); ++i) in.x.data<std::uint16_t>()[i] = mt::to_half_bits(c.dtype, value(rng));
+    in.expert_ids = mt::random_ids(rng, r.expert_ids.rows(), r.expert_ids.cols(), c.moe_expert_num);
+    if (r.scales.present()) in.scales = mt::copy_rows(r.scales.view(), r.scales.rows());
+    if (r.expert_scales.present()) {
+      in.expert_scales = Tensor(DType::fp32, r.expert_scales.rows(), r.expert_scales.cols());
+      for (std::int64_t i = 0; i < in.expert_scales.numel(); ++i) in.expert_scales.data<float>()[i] = value(rng);
+    }
+    n.ranks.push_back(std::move(in));
+  }
+  return n;
+}
+
+// Sanitizer builds run fewer cases: every block is a team of threads, and they multiply the cost.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr int kRandomCases = 6;
+#else
+constexpr int kRandomCases = 16;
+#endif
+
+TEST(CudaKernelsEmulated, RandomCasesMatchTheOracleOverSeveralCalls) {
+  std::mt19937_64 rng(8128);
+  for (int i = 0; i < kRandomCases; ++i) {
+    mt::CaseLimits limits;
+    limits.max_ep_world_size = 6;
+    limits.world_size = 1 + static_cast<int>(rng() % 6);
+    limits.max_bs = 5;
+    limits.max_h = i % 2 == 0 ? 48 : 23;  // multiples of 8 take the vector path, others the element path
+    casefile::Case c = mt::random_case(rng, limits);
+    std::vector<casefile::Case> calls;
+    calls.push_back(next_call(c, rng));
+    calls.insert(calls.begin(), std::move(c));
+    const auto results = run_kernels(calls, i % 3 == 0, std::chrono::milliseconds(60000));
+    for (std::size_t r = 0; r < results.size(); ++r) EXPECT_EQ(results[r], "") << "case " << i << " (" << mt::describe(calls[0]) << ") rank " << r;
+  }
+}
+
+// An id out of range on one rank: it names the id; every other rank, running concurrently, stops with
+// peer_failed naming it (the failed bit in the flags), and nobody waits for a timeout.
+TEST(CudaKernelsEmulated, ABadIdStopsEveryRankWithoutATimeout) {
+  std::mt19937_64 rng(4);
+  mt::CaseLimits limits;
+  limits.world_size = 4;
+  limits.allow_tp = false;
+  limits.max_h = 16;
+  casefile::Case c = mt::random_case(rng, limits);
+  c.global_bs = 0;
+  mt::random_inputs(c, rng, limits, 3);
+  std::vector<std::int32_t> bad(static_cast<std::size_t>(c.ranks[1].expert_ids.numel()));
+  std::vector<casefile::Case> calls;
+  calls.push_back(std::move(c));
+  const auto start = std::chrono::steady_clock::now();
+  const auto results = run_kernels(calls, false, std::chrono::milliseconds(20000), [&](int rank, int, DispatchArgs& a) {
+    if (rank != 1) return;
+    std::copy(a.ids, a.ids + bad.size(), bad.begin());
+    bad[0] = 9999;
+    a.ids = bad.data();
+  });
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 15.0);
+  EXPECT_NE(results[1].find("invalid_argument"), std::string::npos) << results[1];
+  EXPECT_NE(results[1].find("expert_ids[0, 0]"), std::string::npos) << results[1];
+  for (int r : {0, 2, 3}) EXPECT_NE(results[static_cast<std::size_t>(r)].find("peer_failed"), std::string::npos) << r << ": " << results[static_cast<std::size_t>(r)];
+}
+
+// A rank that never calls: the others time out naming it, after about the timeout.
+TEST(CudaKernelsEmulated, AnAbsentRankIsATimeoutNamingIt) {
+  std::mt19937_64 rng(5);
+  mt::CaseLimits limits;
+  limits.world_size = 3;
+  limits.allow_tp = false;
+  limits.max_h = 16;
+  casefile::Case c = mt::random_case(rng, limits);
+  c.global_bs = 0;
+  mt::random_inputs(c, rng, limits, 2);
+  const int world = 3;
+  const WindowOffsets off = testing::case_window_offsets(c);
+  const SharedWindows windows(world, off.total);
+  const auto results = run_in_children(world, [&](int rank) -> std::string {
+    if (rank == 2) return "absent";
+    testing::HostRank e;
+    testing::init_host_rank(e, c, rank, off, windows.bases(), 1500LL * 1000000);
+    Status mirror;
+    const auto start = std::chrono::steady_clock::now();
+    enqueue_dispatch(e.g, testing::rank_dispatch_args(c, rank, e), SortScratch{nullptr, 0, key_bits_for(c.moe_expert_num)}, &mirror, nullptr);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return status_text(mirror, rank, c.ranks[0].expert_ids.cols()) + (seconds >= 1.4 && seconds < 6.0 ? " [in time]" : " [after " + std::to_string(seconds) + " s]");
+  });
+  for (int r : {0, 1}) {
+    const std::string& text = results[static_cast<std::size_t>(r)].text;
+    EXPECT_NE(text.find("timeout: rank " + std::to_string(r) + ": rank 2 did not arrive within 1500 ms in dispatch.counts"), std::string::npos) << text;
+    EXPECT_NE(text.find("[in time]"), std::string::npos) << text;
+  }
+}
+
+}  // namespace
+}  // namespace moedist::gpu
