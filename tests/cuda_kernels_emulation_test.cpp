@@ -154,6 +154,37 @@ TEST(CudaKernelsEmulated, RandomCasesMatchTheOracleOverSeveralCalls) {
   }
 }
 
+// Rows wider than a block's 1024 threads x 8 elements: each thread loops over several chunks (and
+// re-reads x between the max and the quantization), H not a multiple of 8 (the element path).
+TEST(CudaKernelsEmulated, RowsWiderThanABlock) {
+  std::mt19937_64 rng(6);
+  for (int quant : {2, 0}) {
+    mt::CaseLimits limits;
+    limits.world_size = 2;
+    limits.allow_tp = false;
+    limits.max_h = 16;
+    limits.max_bs = 2;
+    casefile::Case c = mt::random_case(rng, limits);
+    c.quant_mode = quant;
+    c.comm_quant_mode = quant;  // comm quantization too, on the wide rows
+    for (auto& r : c.ranks) {
+      Tensor x(c.dtype, r.x.rows(), 8200);
+      for (std::int64_t i = 0; i < x.numel(); ++i) x.data<std::uint16_t>()[i] = mt::to_half_bits(c.dtype, static_cast<float>(static_cast<int>(rng() % 201) - 100) / 16.0f);
+      r.x = std::move(x);
+      r.scales = Tensor();
+      if (quant == 2 && rng() % 2 == 0) {
+        r.scales = Tensor(DType::fp32, c.moe_expert_num + (c.shared_expert_rank_num > 0 ? 1 : 0), 8200);
+        for (std::int64_t i = 0; i < r.scales.numel(); ++i) r.scales.data<float>()[i] = 0.5f + static_cast<float>(rng() % 100) / 100.0f;
+      }
+      r.combine_x = Tensor();
+    }
+    std::vector<casefile::Case> calls;
+    calls.push_back(std::move(c));
+    const auto results = run_kernels(calls, false, std::chrono::milliseconds(60000));
+    for (std::size_t r = 0; r < results.size(); ++r) EXPECT_EQ(results[r], "") << "quant " << quant << " rank " << r;
+  }
+}
+
 // An id out of range on one rank: it names the id; every other rank, running concurrently, stops with
 // peer_failed naming it (the failed bit in the flags), and nobody waits for a timeout.
 TEST(CudaKernelsEmulated, ABadIdStopsEveryRankWithoutATimeout) {

@@ -185,19 +185,17 @@ __global__ void check_dispatch_ids(DeviceGroup g, DispatchArgs a) {
   }
 }
 
-// expand_idx[t]: the position of entry t in the stably sorted run of its expert.
-__global__ void write_expand_idx(DeviceGroup g, DispatchArgs a) {
+// After the sort, one launch for both: thread p < BS*K gives entry p its expand_idx (its position in the
+// stably sorted run of its expert), thread e < E counts expert e's entries.
+__global__ void index_and_count(DeviceGroup g, DispatchArgs a) {
   const std::int64_t n = a.bs * a.k, p = thread_index();
+  if (p < g.E) {
+    const auto key = static_cast<std::int32_t>(p);
+    g.expert_counts[p] = static_cast<std::int32_t>(lower_bound(g.sort_keys_out, n, key + 1) - lower_bound(g.sort_keys_out, n, key));
+  }
   if (p >= n || status_failed(g.status) || g.status->first_bad_entry != ~std::uint64_t{0}) return;
   const std::int32_t e = g.sort_keys_out[p];
   g.dispatch_expand_idx[g.sort_vals_out[p]] = static_cast<std::int32_t>(p - lower_bound(g.sort_keys_out, n, e));
-}
-
-__global__ void count_experts(DeviceGroup g, DispatchArgs a) {
-  const std::int64_t n = a.bs * a.k, e = thread_index();
-  if (e >= g.E) return;
-  const auto key = static_cast<std::int32_t>(e);
-  g.expert_counts[e] = static_cast<std::int32_t>(lower_bound(g.sort_keys_out, n, key + 1) - lower_bound(g.sort_keys_out, n, key));
 }
 
 // The count record goes into slot [me] of every rank's inbox, then the count flag.
@@ -236,13 +234,6 @@ __global__ void plan_layout(DeviceGroup g, DispatchArgs a) {
   if (threadIdx.x == 0 && !status_failed(g.status)) plan_outputs(g, a);
 }
 
-// The caller's expand_idx is written only once every rank's checks passed.
-__global__ void copy_expand_idx(DeviceGroup g, DispatchArgs a) {
-  const std::int64_t t = thread_index();
-  if (t >= a.bs * a.k || status_failed(g.status)) return;
-  a.expand_idx[t] = g.dispatch_expand_idx[t];
-}
-
 // One block per token: gather the row once, quantize it (once, or per target with smooth scales), and
 // write it into every target's window (and the target's TP peer's).
 template <bool VEC>
@@ -256,6 +247,8 @@ __global__ void __launch_bounds__(1024) write_rows(DeviceGroup g, DispatchArgs a
   const std::int64_t chunks = chunks_of(a.h);
   const int copies = g.T == 2 ? 2 : 1;
   const bool bf16 = a.bf16 != 0;
+  // The caller's expand_idx, written only now that every rank's checks passed.
+  for (std::int64_t j = threadIdx.x; j < a.k; j += blockDim.x) a.expand_idx[b * a.k + j] = g.dispatch_expand_idx[b * a.k + j];
 
   if (a.expert_scales != nullptr) {
     for (int slot = threadIdx.x; slot < n_targets * copies; slot += blockDim.x) {
@@ -277,7 +270,21 @@ __global__ void __launch_bounds__(1024) write_rows(DeviceGroup g, DispatchArgs a
     }
   } else {
     // Without smooth scales every target gets the same int8 row: quantize once. With them, per target.
+    // When each thread has one chunk (H <= 8 * 1024), it keeps it in registers: x is read once.
     const bool per_target = a.scales != nullptr;
+    const bool one_chunk = chunks <= static_cast<std::int64_t>(blockDim.x);
+    std::uint16_t held[kChunk] = {};
+    if (one_chunk && threadIdx.x < chunks) {
+      const std::int64_t i0 = threadIdx.x * static_cast<std::int64_t>(kChunk);
+      load_half8<VEC>(x, a.x_col_stride, i0, VEC ? kChunk : chunk_len(a.h, i0), held);
+    }
+    const auto chunk_of_x = [&](std::int64_t i0, int n, std::uint16_t v[kChunk]) {
+      if (one_chunk) {
+        for (int u = 0; u < kChunk; ++u) v[u] = held[u];
+      } else {
+        load_half8<VEC>(x, a.x_col_stride, i0, n, v);
+      }
+    };
     for (int first = 0; first < n_targets; first += per_target ? 1 : n_targets) {
       const float* smooth = per_target ? a.scales + targets[first].smooth_row * a.scales_row_stride : nullptr;
       const int last = per_target ? first + 1 : n_targets;
@@ -286,7 +293,7 @@ __global__ void __launch_bounds__(1024) write_rows(DeviceGroup g, DispatchArgs a
         const std::int64_t i0 = c * kChunk;
         std::uint16_t v[kChunk];
         const int n = VEC ? kChunk : chunk_len(a.h, i0);
-        load_half8<VEC>(x, a.x_col_stride, i0, n, v);
+        chunk_of_x(i0, n, v);
         amax = chunk_amax(bf16, v, n, smooth, i0, amax);
       }
       amax = block_max(amax, reduce_scratch);
@@ -299,7 +306,7 @@ __global__ void __launch_bounds__(1024) write_rows(DeviceGroup g, DispatchArgs a
         const std::int64_t i0 = c * kChunk;
         const int n = VEC ? kChunk : chunk_len(a.h, i0);  // VEC: H is a multiple of the chunk
         std::uint16_t v[kChunk];
-        load_half8<VEC>(x, a.x_col_stride, i0, n, v);
+        chunk_of_x(i0, n, v);
         std::int8_t q[kChunk];
         quantize_chunk(bf16, v, n, smooth, i0, ds, q);
         for (int slot = first * copies; slot < last * copies; ++slot) {
@@ -481,12 +488,10 @@ cudaError_t enqueue_dispatch(const DeviceGroup& g, const DispatchArgs& a, const 
                                                                g.sort_vals_out, static_cast<int>(n), 0, sort.key_bits, stream);
     if (sorted != cudaSuccess) return sorted;
 #endif
-    MOEDIST_LAUNCH(write_expand_idx, blocks_for(n, 256), 256, 0, stream)(g, a);
   }
-  MOEDIST_LAUNCH(count_experts, blocks_for(g.E, 256), 256, 0, stream)(g, a);
+  MOEDIST_LAUNCH(index_and_count, blocks_for(std::max<std::int64_t>(n, g.E), 256), 256, 0, stream)(g, a);
   MOEDIST_LAUNCH(publish_record, 1, 256, 0, stream)(g, a);
   MOEDIST_LAUNCH(plan_layout, 1, 256, 0, stream)(g, a);
-  if (n > 0) MOEDIST_LAUNCH(copy_expand_idx, blocks_for(n, 256), 256, 0, stream)(g, a);
   const bool vec = a.x_col_stride == 1 && a.h % kChunk == 0 && aligned16(a.x) && (a.x_row_stride * 2) % 16 == 0 &&
                    (a.quant == 2 ? a.h % 16 == 0 : true);
   if (a.bs > 0) {
