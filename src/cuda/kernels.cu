@@ -481,7 +481,7 @@ cudaError_t enqueue_dispatch(const DeviceGroup& g, const DispatchArgs& a, const 
   MOEDIST_LAUNCH(check_dispatch_ids, blocks_for(a.bs, 128), 128, 0, stream)(g, a);
   if (n > 0) {
 #if defined(MOEDIST_CUDA_EMULATION)
-    emu::sort_pairs(g.sort_keys_in, g.sort_keys_out, g.sort_vals_in, g.sort_vals_out, n, sort.key_bits);
+    emu::enqueue([g, n, bits = sort.key_bits] { emu::sort_pairs(g.sort_keys_in, g.sort_keys_out, g.sort_vals_in, g.sort_vals_out, n, bits); });
 #else
     std::size_t bytes = sort.bytes;
     const cudaError_t sorted = cub::DeviceRadixSort::SortPairs(sort.temp, bytes, g.sort_keys_in, g.sort_keys_out, g.sort_vals_in,

@@ -15,11 +15,17 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <numeric>
 #include <thread>
 #include <vector>
 
+#if defined(MOEDIST_CUDA_FAKE_RUNTIME)
+// With tests/cuda_emulation/fake_runtime.cpp: the real runtime header's types and declarations, the
+// fake's definitions (cuda_group.cpp, compiled as usual, shares them).
+#include <cuda_runtime_api.h>
+#else
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 enum cudaError_t : int { cudaSuccess = 0 };
@@ -36,11 +42,19 @@ struct uint4 {
 struct uint2 {
   unsigned x, y;
 };
+#endif
 struct EmulatedDim3 {
   unsigned x = 0, y = 0, z = 0;
 };
 inline thread_local EmulatedDim3 threadIdx, blockIdx, blockDim, gridDim;
 
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __shared__
+#undef __launch_bounds__
+#undef __align__
 #define __global__
 #define __device__
 #define __host__
@@ -87,6 +101,25 @@ void launch(unsigned grid, unsigned threads, std::size_t dynamic_bytes, Kernel k
   for (auto& th : team) th.join();
 }
 
+// Stream work runs as it is enqueued, except while a stream is being captured into a graph: then it is
+// recorded, with its arguments as they are now (as a CUDA graph freezes kernel parameters), and runs
+// when the graph is launched. The fake runtime (fake_runtime.cpp) owns the capture state.
+#if defined(MOEDIST_CUDA_FAKE_RUNTIME)
+std::vector<std::function<void()>>*& capture_target();
+#else
+inline std::vector<std::function<void()>>*& capture_target() {
+  static std::vector<std::function<void()>>* none = nullptr;
+  return none;
+}
+#endif
+inline void enqueue(std::function<void()> work) {
+  if (capture_target() != nullptr) {
+    capture_target()->push_back(std::move(work));
+  } else {
+    work();
+  }
+}
+
 template <class Kernel>
 struct Launch {
   Kernel kernel;
@@ -94,7 +127,8 @@ struct Launch {
   std::size_t dynamic_bytes;
   template <class... Args>
   void operator()(Args... args) const {
-    launch(grid, threads, dynamic_bytes, kernel, args...);
+    const Launch self = *this;
+    enqueue([self, args...] { launch(self.grid, self.threads, self.dynamic_bytes, self.kernel, args...); });
   }
 };
 

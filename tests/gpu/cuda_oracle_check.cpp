@@ -6,7 +6,9 @@
 // and replayed with new inputs. `--errors` checks the typed errors instead: a bad id on one rank, a rank
 // that never arrives (timeout), host-side argument errors, and that a failed group stays failed.
 //
-// Without a usable CUDA device it prints why and exits 77 (ctest: skipped).
+// Without a usable CUDA device it prints why and exits 77 (ctest: skipped). The same program also builds
+// as cuda_oracle_check_emulated, against the CPU emulation of tests/cuda_emulation/ (a fake CUDA runtime
+// and the kernels compiled for the host), which CI runs on every build.
 #include <cuda_runtime_api.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -89,6 +91,8 @@ struct Mode {
   bool strided = false;
   bool in_window = false;
   bool graph = false;
+  // On a GPU short enough for a hang to leave time for the rest; the CPU emulation needs longer.
+  std::chrono::milliseconds timeout{10000};
 };
 
 // New values for the same shapes (a later call on the same group): x, ids, weights; identity experts.
@@ -168,7 +172,7 @@ std::string run_rank(const std::vector<casefile::Case>& calls, const std::vector
   std::int64_t max_bs = 0;
   for (const auto& r : c0.ranks) max_bs = std::max(max_bs, r.x.rows());
   options.max_bs = c0.global_bs != 0 ? c0.global_bs / c0.ep_world_size : max_bs;
-  options.timeout = std::chrono::milliseconds(10000);  // short enough for a hang to leave time for the rest
+  options.timeout = mode.timeout;
   check(cudaSetDevice(options.device), "cudaSetDevice");
   auto group = cuda::CudaGroup::join(mt::rank_config(c0, g), job, options);
   cudaStream_t stream = nullptr;
@@ -274,17 +278,19 @@ std::vector<std::string> fork_ranks(int world, const std::function<std::string(i
 
 std::string job_name(const char* what, int i) { return "gpu-" + std::string(what) + "-" + std::to_string(getpid()) + "-" + std::to_string(i); }
 
-int run_oracle_cases(int cases, std::uint64_t seed) {
+// `small`: narrow rows and few ranks, for the CPU emulation (tests/cuda_emulation/), where every block
+// is a team of threads.
+int run_oracle_cases(int cases, std::uint64_t seed, bool small, std::chrono::milliseconds timeout) {
   std::mt19937_64 rng(seed);
   int mismatches = 0;
   for (int i = 0; i < cases; ++i) {
     mt::CaseLimits limits;
-    limits.max_ep_world_size = 8;
-    limits.world_size = 1 + static_cast<int>(rng() % 8);
-    limits.max_bs = 12;
-    limits.max_h = i % 4 == 0 ? 512 : 72;
+    limits.max_ep_world_size = small ? 4 : 8;
+    limits.world_size = 1 + static_cast<int>(rng() % (small ? 4 : 8));
+    limits.max_bs = small ? 4 : 12;
+    limits.max_h = small ? (i % 2 == 0 ? 32 : 19) : (i % 4 == 0 ? 512 : 72);
     casefile::Case c = mt::random_case(rng, limits);
-    if (i % 10 == 9) {  // now and then the benchmark's row width
+    if (!small && i % 10 == 9) {  // now and then the benchmark's row width
       for (auto& r : c.ranks) {
         Tensor x(c.dtype, r.x.rows(), 7168);
         for (std::int64_t e = 0; e < x.numel(); ++e) x.data<std::uint16_t>()[e] = mt::to_half_bits(c.dtype, static_cast<float>(static_cast<int>(rng() % 2001) - 1000) / 250.0f);
@@ -301,6 +307,7 @@ int run_oracle_cases(int cases, std::uint64_t seed) {
     mode.strided = i % 5 == 1;
     mode.in_window = i % 3 == 0;
     mode.graph = i % 4 == 2;
+    mode.timeout = timeout;
     std::vector<casefile::Case> calls;
     for (int extra = 0; extra < 2; ++extra) calls.push_back(next_call(c, rng));
     calls.insert(calls.begin(), std::move(c));
@@ -468,14 +475,17 @@ bool probe_device(std::string* reason) {
 int main(int argc, char** argv) {
   int cases = 40;
   std::uint64_t seed = 20261127;
-  bool errors = false;
+  bool errors = false, small = false;
+  long timeout_ms = 10000;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--cases" && i + 1 < argc) cases = std::atoi(argv[++i]);
     else if (a == "--seed" && i + 1 < argc) seed = std::strtoull(argv[++i], nullptr, 10);
     else if (a == "--errors") errors = true;
+    else if (a == "--small") small = true;
+    else if (a == "--timeout-ms" && i + 1 < argc) timeout_ms = std::atol(argv[++i]);
     else {
-      std::fprintf(stderr, "usage: %s [--cases N] [--seed S] [--errors]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--cases N] [--seed S] [--small] [--timeout-ms MS] [--errors]\n", argv[0]);
       return 2;
     }
   }
@@ -485,5 +495,5 @@ int main(int argc, char** argv) {
     std::printf("SKIPPED: no usable CUDA device (%s); the GPU suite runs on a machine with one\n", reason.c_str());
     return 77;
   }
-  return errors ? run_error_cases() : run_oracle_cases(cases, seed);
+  return errors ? run_error_cases() : run_oracle_cases(cases, seed, small, std::chrono::milliseconds(timeout_ms));
 }
