@@ -108,28 +108,6 @@ std::vector<std::string> run_kernels(const std::vector<casefile::Case>& calls, b
   return out;
 }
 
-// A later call on the same group: new x, ids and weights for the same shapes; identity experts.
-casefile::Case next_call(const casefile::Case& c, std::mt19937_64& rng) {
-  casefile::Case n;
-  n.ep_world_size = c.ep_world_size, n.tp_world_size = c.tp_world_size, n.moe_expert_num = c.moe_expert_num;
-  n.shared_expert_rank_num = c.shared_expert_rank_num, n.shared_expert_num = c.shared_expert_num, n.global_bs = c.global_bs;
-  n.quant_mode = c.quant_mode, n.expert_token_nums_type = c.expert_token_nums_type, n.comm_quant_mode = c.comm_quant_mode, n.dtype = c.dtype;
-  std::uniform_real_distribution<float> value(-3.0f, 3.0f);
-  for (const auto& r : c.ranks) {
-    casefile::RankInputs in;
-    in.x = Tensor(c.dtype, r.x.rows(), r.x.cols());
-    for (std::int64_t i = 0; i < in.x.numel(); ++i) in.x.data<std::uint16_t>()[i] = mt::to_half_bits(c.dtype, value(rng));
-    in.expert_ids = mt::random_ids(rng, r.expert_ids.rows(), r.expert_ids.cols(), c.moe_expert_num);
-    if (r.scales.present()) in.scales = mt::copy_rows(r.scales.view(), r.scales.rows());
-    if (r.expert_scales.present()) {
-      in.expert_scales = Tensor(DType::fp32, r.expert_scales.rows(), r.expert_scales.cols());
-      for (std::int64_t i = 0; i < in.expert_scales.numel(); ++i) in.expert_scales.data<float>()[i] = value(rng);
-    }
-    n.ranks.push_back(std::move(in));
-  }
-  return n;
-}
-
 // Sanitizer builds run fewer cases: every block is a team of threads, and they multiply the cost.
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 constexpr int kRandomCases = 6;
@@ -147,7 +125,7 @@ TEST(CudaKernelsEmulated, RandomCasesMatchTheOracleOverSeveralCalls) {
     limits.max_h = i % 2 == 0 ? 48 : 23;  // multiples of 8 take the vector path, others the element path
     casefile::Case c = mt::random_case(rng, limits);
     std::vector<casefile::Case> calls;
-    calls.push_back(next_call(c, rng));
+    calls.push_back(mt::next_call(c, rng));
     calls.insert(calls.begin(), std::move(c));
     const auto results = run_kernels(calls, i % 3 == 0, std::chrono::milliseconds(60000));
     for (std::size_t r = 0; r < results.size(); ++r) EXPECT_EQ(results[r], "") << "case " << i << " (" << mt::describe(calls[0]) << ") rank " << r;
@@ -189,13 +167,7 @@ TEST(CudaKernelsEmulated, RowsWiderThanABlock) {
 // peer_failed naming it (the failed bit in the flags), and nobody waits for a timeout.
 TEST(CudaKernelsEmulated, ABadIdStopsEveryRankWithoutATimeout) {
   std::mt19937_64 rng(4);
-  mt::CaseLimits limits;
-  limits.world_size = 4;
-  limits.allow_tp = false;
-  limits.max_h = 16;
-  casefile::Case c = mt::random_case(rng, limits);
-  c.global_bs = 0;
-  mt::random_inputs(c, rng, limits, 3);
+  casefile::Case c = mt::uniform_case(rng, 4, 16, 3);
   std::vector<std::int32_t> bad(static_cast<std::size_t>(c.ranks[1].expert_ids.numel()));
   std::vector<casefile::Case> calls;
   calls.push_back(std::move(c));
@@ -215,13 +187,7 @@ TEST(CudaKernelsEmulated, ABadIdStopsEveryRankWithoutATimeout) {
 // A rank that never calls: the others time out naming it, after about the timeout.
 TEST(CudaKernelsEmulated, AnAbsentRankIsATimeoutNamingIt) {
   std::mt19937_64 rng(5);
-  mt::CaseLimits limits;
-  limits.world_size = 3;
-  limits.allow_tp = false;
-  limits.max_h = 16;
-  casefile::Case c = mt::random_case(rng, limits);
-  c.global_bs = 0;
-  mt::random_inputs(c, rng, limits, 2);
+  const casefile::Case c = mt::uniform_case(rng, 3, 16, 2);
   const int world = 3;
   const WindowOffsets off = testing::case_window_offsets(c);
   const SharedWindows windows(world, off.total);

@@ -365,18 +365,6 @@ TEST(CudaProtocol, WideRowsEveryMode) {
   }
 }
 
-casefile::Case small_case(std::mt19937_64& rng, int world_size) {
-  mt::CaseLimits limits;
-  limits.world_size = world_size;
-  limits.allow_tp = false;
-  limits.max_h = 16;
-  limits.max_bs = 4;
-  casefile::Case c = mt::random_case(rng, limits);
-  c.global_bs = 0;  // every rank has 3 tokens
-  mt::random_inputs(c, rng, limits, 3);
-  return c;
-}
-
 std::string error_text(const Status& st, int me, std::int64_t k) {
   try {
     throw_status_error(st, me, k);
@@ -388,7 +376,7 @@ std::string error_text(const Status& st, int me, std::int64_t k) {
 
 TEST(CudaProtocol, BadIdFailsItsRankAndEveryPeerNamesIt) {
   std::mt19937_64 rng(11);
-  const casefile::Case c = small_case(rng, 4);
+  const casefile::Case c = mt::uniform_case(rng, 4, 16, 3);
   const std::int64_t k = c.ranks[0].expert_ids.cols();
   std::vector<std::int32_t> bad_ids(c.ranks[2].expert_ids.data<std::int32_t>(), c.ranks[2].expert_ids.data<std::int32_t>() + c.ranks[2].expert_ids.numel());
   bad_ids[0] = c.moe_expert_num + 5;
@@ -425,8 +413,8 @@ TEST(CudaProtocol, BadIdFailsItsRankAndEveryPeerNamesIt) {
 
 TEST(CudaProtocol, RepeatedIdIsNamed) {
   std::mt19937_64 rng(12);
-  casefile::Case c = small_case(rng, 2);
-  while (c.ranks[0].expert_ids.cols() < 2) c = small_case(rng, 2);
+  casefile::Case c = mt::uniform_case(rng, 2, 16, 3);
+  while (c.ranks[0].expert_ids.cols() < 2) c = mt::uniform_case(rng, 2, 16, 3);
   const std::int64_t k = c.ranks[0].expert_ids.cols();
   std::vector<std::int32_t> ids(c.ranks[0].expert_ids.data<std::int32_t>(), c.ranks[0].expert_ids.data<std::int32_t>() + c.ranks[0].expert_ids.numel());
   ids[1] = ids[0];
@@ -440,7 +428,7 @@ TEST(CudaProtocol, RepeatedIdIsNamed) {
 
 TEST(CudaProtocol, DisagreeingCallIsAConfigMismatchNamingThePeer) {
   std::mt19937_64 rng(13);
-  const casefile::Case c = small_case(rng, 3);
+  const casefile::Case c = mt::uniform_case(rng, 3, 16, 3);
   const EmuRun got = run_emulated(c, false, {}, [&](int r, DispatchArgs& a) {
     if (r == 1) a.dtype_code = a.dtype_code == static_cast<int>(DType::bf16) ? static_cast<int>(DType::fp16) : static_cast<int>(DType::bf16);
   });
@@ -453,7 +441,7 @@ TEST(CudaProtocol, DisagreeingCallIsAConfigMismatchNamingThePeer) {
 
 TEST(CudaProtocol, MalformedRecordIsAProtocolErrorAndNothingIsWritten) {
   std::mt19937_64 rng(14);
-  const casefile::Case c = small_case(rng, 4);
+  const casefile::Case c = mt::uniform_case(rng, 4, 16, 3);
   for (int variant = 0; variant < 3; ++variant) {
     const EmuRun got = run_emulated(c, false, [&](int r, RecordHeader&, std::int32_t* record) {
       if (r != 3) return;
@@ -472,7 +460,7 @@ TEST(CudaProtocol, MalformedRecordIsAProtocolErrorAndNothingIsWritten) {
 
 TEST(CudaProtocol, CombineMustPairWithItsDispatch) {
   std::mt19937_64 rng(15);
-  const casefile::Case c = small_case(rng, 2);
+  const casefile::Case c = mt::uniform_case(rng, 2, 16, 3);
   const std::int64_t k = c.ranks[0].expert_ids.cols();
   std::vector<std::int32_t> wrong_idx;
   const EmuRun got = run_emulated(c, false, {}, {}, [&](int r, CombineArgs& a) {
@@ -490,7 +478,7 @@ TEST(CudaProtocol, CombineMustPairWithItsDispatch) {
 // Each of combine's other arguments is checked against the dispatch handle too, and named.
 TEST(CudaProtocol, CombineCountsAndRowsAreCheckedAgainstDispatch) {
   std::mt19937_64 rng(16);
-  const casefile::Case c = small_case(rng, 2);
+  const casefile::Case c = mt::uniform_case(rng, 2, 16, 3);
   const std::int64_t k = c.ranks[0].expert_ids.cols();
   std::vector<std::int32_t> counts, ids;
   const auto expect_named = [&](const EmuRun& got, const std::string& parameter) {
@@ -525,7 +513,7 @@ TEST(CudaProtocol, CombineCountsAndRowsAreCheckedAgainstDispatch) {
 // A peer whose record claims more tokens than the group allows is refused before any row moves.
 TEST(CudaProtocol, RecordWithTooManyTokensIsRefused) {
   std::mt19937_64 rng(17);
-  const casefile::Case c = small_case(rng, 3);
+  const casefile::Case c = mt::uniform_case(rng, 3, 16, 3);
   const EmuRun got = run_emulated(c, false, [&](int r, RecordHeader& header, std::int32_t*) {
     if (r == 1) header.bs += 1;  // its header says BS + 1
   });

@@ -136,6 +136,46 @@ std::string describe(const casefile::Case& c) {
   return os.str();
 }
 
+casefile::Case uniform_case(std::mt19937_64& rng, int world_size, std::int64_t max_h, std::int64_t bs) {
+  CaseLimits limits;
+  limits.world_size = world_size;
+  limits.allow_tp = false;
+  limits.max_h = max_h;
+  limits.max_bs = bs;
+  casefile::Case c = random_case(rng, limits);
+  c.global_bs = 0;
+  random_inputs(c, rng, limits, bs);
+  return c;
+}
+
+casefile::Case next_call(const casefile::Case& c, std::mt19937_64& rng) {
+  casefile::Case n;
+  n.ep_world_size = c.ep_world_size;
+  n.tp_world_size = c.tp_world_size;
+  n.moe_expert_num = c.moe_expert_num;
+  n.shared_expert_rank_num = c.shared_expert_rank_num;
+  n.shared_expert_num = c.shared_expert_num;
+  n.global_bs = c.global_bs;
+  n.quant_mode = c.quant_mode;
+  n.expert_token_nums_type = c.expert_token_nums_type;
+  n.comm_quant_mode = c.comm_quant_mode;
+  n.dtype = c.dtype;
+  std::uniform_real_distribution<float> value(-3.0f, 3.0f);
+  for (const auto& r : c.ranks) {
+    casefile::RankInputs in;
+    in.x = Tensor(c.dtype, r.x.rows(), r.x.cols());
+    for (std::int64_t i = 0; i < in.x.numel(); ++i) in.x.data<std::uint16_t>()[i] = to_half_bits(c.dtype, value(rng));
+    in.expert_ids = random_ids(rng, r.expert_ids.rows(), r.expert_ids.cols(), c.moe_expert_num);
+    if (r.scales.present()) in.scales = copy_rows(r.scales.view(), r.scales.rows());
+    if (r.expert_scales.present()) {
+      in.expert_scales = Tensor(DType::fp32, r.expert_scales.rows(), r.expert_scales.cols());
+      for (std::int64_t i = 0; i < in.expert_scales.numel(); ++i) in.expert_scales.data<float>()[i] = value(rng);
+    }
+    n.ranks.push_back(std::move(in));
+  }
+  return n;
+}
+
 oracle::Case to_oracle_case(const casefile::Case& c) {
   oracle::Case o;
   o.ep_world_size = c.ep_world_size;

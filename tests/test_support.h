@@ -32,6 +32,14 @@ casefile::Case random_case(std::mt19937_64& rng, const CaseLimits& limits = {});
 // random per rank when global_bs != 0, else `bs_for_global_bs_zero` on every rank.
 void random_inputs(casefile::Case& c, std::mt19937_64& rng, const CaseLimits& limits, std::int64_t bs_for_global_bs_zero);
 
+// A random configuration without a TP domain, `world_size` ranks, every rank with `bs` tokens
+// (global_bs = 0) of rows up to `max_h` wide: for the error tests, which want a plain group.
+casefile::Case uniform_case(std::mt19937_64& rng, int world_size, std::int64_t max_h, std::int64_t bs);
+
+// The next call on the same group: the configuration and shapes of `c` with new random x, expert ids
+// and router weights (smooth scales kept), and identity experts (no combine_x).
+casefile::Case next_call(const casefile::Case& c, std::mt19937_64& rng);
+
 // One-line description for failure messages.
 std::string describe(const casefile::Case& c);
 

@@ -95,48 +95,6 @@ struct Mode {
   std::chrono::milliseconds timeout{10000};
 };
 
-// New values for the same shapes (a later call on the same group): x, ids, weights; identity experts.
-Tensor clone(const Tensor& t) { return t.present() ? mt::copy_rows(t.view(), t.rows()) : Tensor(); }
-
-// The configuration of `c` with copies of its inputs (Tensor is move-only), without combine_x.
-casefile::Case clone_case(const casefile::Case& c) {
-  casefile::Case n;
-  n.ep_world_size = c.ep_world_size;
-  n.tp_world_size = c.tp_world_size;
-  n.moe_expert_num = c.moe_expert_num;
-  n.shared_expert_rank_num = c.shared_expert_rank_num;
-  n.shared_expert_num = c.shared_expert_num;
-  n.global_bs = c.global_bs;
-  n.quant_mode = c.quant_mode;
-  n.expert_token_nums_type = c.expert_token_nums_type;
-  n.comm_quant_mode = c.comm_quant_mode;
-  n.dtype = c.dtype;
-  for (const auto& r : c.ranks) {
-    casefile::RankInputs in;
-    in.x = clone(r.x);
-    in.expert_ids = clone(r.expert_ids);
-    in.scales = clone(r.scales);
-    in.expert_scales = clone(r.expert_scales);
-    n.ranks.push_back(std::move(in));
-  }
-  return n;
-}
-
-casefile::Case next_call(const casefile::Case& c, std::mt19937_64& rng) {
-  casefile::Case n = clone_case(c);
-  std::uniform_real_distribution<float> value(-3.0f, 3.0f);
-  for (auto& r : n.ranks) {
-    Tensor x(r.x.dtype(), r.x.rows(), r.x.cols());
-    for (std::int64_t i = 0; i < x.numel(); ++i) x.data<std::uint16_t>()[i] = mt::to_half_bits(c.dtype, value(rng));
-    r.x = std::move(x);
-    r.expert_ids = mt::random_ids(rng, r.expert_ids.rows(), r.expert_ids.cols(), c.moe_expert_num);
-    if (r.expert_scales.present()) {
-      for (std::int64_t i = 0; i < r.expert_scales.numel(); ++i) r.expert_scales.data<float>()[i] = value(rng);
-    }
-  }
-  return n;
-}
-
 // Runs `call` directly, or (graph) captures it into *exec the first time and launches the graph: later
 // calls replay the captured kernels with whatever the input buffers then hold.
 void run_maybe_captured(bool graph, cudaGraphExec_t* exec, cudaStream_t stream, const std::function<void()>& call) {
@@ -309,7 +267,7 @@ int run_oracle_cases(int cases, std::uint64_t seed, bool small, std::chrono::mil
     mode.graph = i % 4 == 2;
     mode.timeout = timeout;
     std::vector<casefile::Case> calls;
-    for (int extra = 0; extra < 2; ++extra) calls.push_back(next_call(c, rng));
+    for (int extra = 0; extra < 2; ++extra) calls.push_back(mt::next_call(c, rng));
     calls.insert(calls.begin(), std::move(c));
     std::vector<std::vector<oracle::RankOutput>> wants;
     for (const auto& call : calls) wants.push_back(oracle::run(mt::to_oracle_case(call)));
@@ -334,14 +292,7 @@ int run_oracle_cases(int cases, std::uint64_t seed, bool small, std::chrono::mil
 // The typed errors on the GPU path.
 int run_error_cases() {
   std::mt19937_64 rng(77);
-  mt::CaseLimits limits;
-  limits.world_size = 4;
-  limits.allow_tp = false;
-  limits.max_h = 64;
-  limits.max_bs = 4;
-  casefile::Case c = mt::random_case(rng, limits);
-  c.global_bs = 0;
-  mt::random_inputs(c, rng, limits, 3);
+  const casefile::Case c = mt::uniform_case(rng, 4, 64, 3);
   const std::int64_t k = c.ranks[0].expert_ids.cols(), h = c.ranks[0].x.cols();
   int failures = 0;
   const auto expect = [&](bool ok, const std::string& what) {
@@ -426,7 +377,7 @@ int run_error_cases() {
   {
     const std::string job = job_name("host", 0);
     const auto results = fork_ranks(1, [&](int) -> std::string {
-      casefile::Case one = clone_case(c);
+      casefile::Case one = mt::next_call(c, rng);
       one.ep_world_size = 1;
       one.shared_expert_rank_num = 0;
       one.ranks.resize(1);
