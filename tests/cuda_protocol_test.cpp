@@ -492,7 +492,7 @@ TEST(CudaProtocol, CombineCountsAndRowsAreCheckedAgainstDispatch) {
   };
   expect_named(run_emulated(c, false, {}, {}, [&](int r, CombineArgs& a) {
                  if (r != 0) return;
-                 counts.assign(a.ep_send_counts, a.ep_send_counts + 2 * c.moe_expert_num);
+                 counts.assign(a.ep_send_counts, a.ep_send_counts + contract::Topology(mt::rank_config(c, 0)).ep_recv_counts_len(0));
                  counts[1] += 1;
                  a.ep_send_counts = counts.data();
                }),
