@@ -4,7 +4,8 @@
 Dispatch: a stable argsort of the routing entries by expert, index_select of the token rows, per-row
 amax, scale and round to int8 (dynamic per-token quantization, quant_mode 2). Combine: the weighted
 expert rows summed into their tokens with index_add_ in fp32, then rounded to bf16. The same shape and
-timing method as bench/cuda_bench.cpp (CUDA events, median of --iters after --warmup); random inputs,
+timing method as bench/cuda_bench.cpp (CUDA events around batches of 10 back-to-back calls, median of
+--iters batches after --warmup calls); random inputs,
 never zeros. Exit 77 where torch or a CUDA device is missing.
 """
 import argparse
@@ -51,16 +52,21 @@ def main():
         acc.index_add_(0, order // a.k, expert_out.float() * weights.flatten()[order][:, None])
         return acc.to(torch.bfloat16)
 
+    batch = 10  # as moedist_cuda_bench: batches of back-to-back calls, median of the per-call times
+
     def timed(fn):
+        for _ in range(a.warmup):
+            fn()
+        torch.cuda.synchronize()
         times = []
-        for i in range(a.warmup + a.iters):
+        for _ in range(a.iters):
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(batch):
+                fn()
             stop.record()
             stop.synchronize()
-            if i >= a.warmup:
-                times.append(start.elapsed_time(stop))
+            times.append(start.elapsed_time(stop) / batch)
         times.sort()
         return times[len(times) // 2]
 

@@ -153,11 +153,13 @@ __device__ Target* shared_targets() {
 }
 std::size_t targets_bytes(std::int64_t k) { return static_cast<std::size_t>(k + 1) * sizeof(Target); }
 
-// Token b's targets (protocol.h targets_of), found by thread 0 and shared with the block.
+// Token b's targets (protocol.h target_of), thread j finding target j, shared with the block.
 template <class Args>
 __device__ int block_targets(const DeviceGroup& g, const Args& a, std::int64_t b, Target* targets) {
-  __shared__ int count;
-  if (threadIdx.x == 0) count = targets_of(g, b, a.k, a.expert_scales, a.expert_scales_row_stride, a.expert_scales_col_stride, a.bs, targets);
+  const int count = target_count(g, a.k);
+  for (int j = threadIdx.x; j < count; j += blockDim.x) {
+    targets[j] = target_of(g, b, a.k, j, a.expert_scales, a.expert_scales_row_stride, a.expert_scales_col_stride, a.bs);
+  }
   __syncthreads();
   return count;
 }
@@ -236,15 +238,25 @@ __global__ void plan_layout(DeviceGroup g, DispatchArgs a) {
 
 // One block per token: gather the row once, quantize it (once, or per target with smooth scales), and
 // write it into every target's window (and the target's TP peer's).
+// Two blocks per multiprocessor (32 registers): a memory-bound kernel wants the occupancy more than the
+// 16 bytes of register spill this costs (to L1); the GPU session's resource report and benchmark decide.
 template <bool VEC>
-__global__ void __launch_bounds__(1024) write_rows(DeviceGroup g, DispatchArgs a) {
+__global__ void __launch_bounds__(1024, 2) write_rows(DeviceGroup g, DispatchArgs a) {
   __shared__ float reduce_scratch[32];
   Target* targets = shared_targets();
   if (status_failed(g.status)) return;
   const std::int64_t b = blockIdx.x;
-  const int n_targets = block_targets(g, a, b, targets);
   const std::uint16_t* x = a.x + b * a.x_row_stride;
   const std::int64_t chunks = chunks_of(a.h);
+  // When each thread has one chunk (H <= 8 * 1024) it loads it now, while the targets are being found,
+  // and keeps it in registers: x is read once.
+  const bool one_chunk = chunks <= static_cast<std::int64_t>(blockDim.x);
+  std::uint16_t held[kChunk] = {};
+  if (one_chunk && threadIdx.x < chunks) {
+    const std::int64_t i0 = threadIdx.x * static_cast<std::int64_t>(kChunk);
+    load_half8<VEC>(x, a.x_col_stride, i0, VEC ? kChunk : chunk_len(a.h, i0), held);
+  }
+  const int n_targets = block_targets(g, a, b, targets);
   const int copies = g.T == 2 ? 2 : 1;
   const bool bf16 = a.bf16 != 0;
   // The caller's expand_idx, written only now that every rank's checks passed.
@@ -262,7 +274,11 @@ __global__ void __launch_bounds__(1024) write_rows(DeviceGroup g, DispatchArgs a
       const std::int64_t i0 = c * kChunk;
       const int n = VEC ? kChunk : chunk_len(a.h, i0);  // VEC: H is a multiple of the chunk
       std::uint16_t v[kChunk];
-      load_half8<VEC>(x, a.x_col_stride, i0, n, v);
+      if (one_chunk) {
+          for (int u = 0; u < kChunk; ++u) v[u] = held[u];
+        } else {
+          load_half8<VEC>(x, a.x_col_stride, i0, n, v);
+        }
       for (int slot = 0; slot < n_targets * copies; ++slot) {
         std::byte* row = target_row(g, targets[slot / copies], slot % copies, g.off.expand_x, static_cast<std::size_t>(a.h) * 2);
         if (row != nullptr) store_half8<VEC>(reinterpret_cast<std::uint16_t*>(row), 1, i0, n, v);
@@ -270,21 +286,7 @@ __global__ void __launch_bounds__(1024) write_rows(DeviceGroup g, DispatchArgs a
     }
   } else {
     // Without smooth scales every target gets the same int8 row: quantize once. With them, per target.
-    // When each thread has one chunk (H <= 8 * 1024), it keeps it in registers: x is read once.
     const bool per_target = a.scales != nullptr;
-    const bool one_chunk = chunks <= static_cast<std::int64_t>(blockDim.x);
-    std::uint16_t held[kChunk] = {};
-    if (one_chunk && threadIdx.x < chunks) {
-      const std::int64_t i0 = threadIdx.x * static_cast<std::int64_t>(kChunk);
-      load_half8<VEC>(x, a.x_col_stride, i0, VEC ? kChunk : chunk_len(a.h, i0), held);
-    }
-    const auto chunk_of_x = [&](std::int64_t i0, int n, std::uint16_t v[kChunk]) {
-      if (one_chunk) {
-        for (int u = 0; u < kChunk; ++u) v[u] = held[u];
-      } else {
-        load_half8<VEC>(x, a.x_col_stride, i0, n, v);
-      }
-    };
     for (int first = 0; first < n_targets; first += per_target ? 1 : n_targets) {
       const float* smooth = per_target ? a.scales + targets[first].smooth_row * a.scales_row_stride : nullptr;
       const int last = per_target ? first + 1 : n_targets;
@@ -293,7 +295,11 @@ __global__ void __launch_bounds__(1024) write_rows(DeviceGroup g, DispatchArgs a
         const std::int64_t i0 = c * kChunk;
         std::uint16_t v[kChunk];
         const int n = VEC ? kChunk : chunk_len(a.h, i0);
-        chunk_of_x(i0, n, v);
+        if (one_chunk) {
+          for (int u = 0; u < kChunk; ++u) v[u] = held[u];
+        } else {
+          load_half8<VEC>(x, a.x_col_stride, i0, n, v);
+        }
         amax = chunk_amax(bf16, v, n, smooth, i0, amax);
       }
       amax = block_max(amax, reduce_scratch);
@@ -306,7 +312,11 @@ __global__ void __launch_bounds__(1024) write_rows(DeviceGroup g, DispatchArgs a
         const std::int64_t i0 = c * kChunk;
         const int n = VEC ? kChunk : chunk_len(a.h, i0);  // VEC: H is a multiple of the chunk
         std::uint16_t v[kChunk];
-        chunk_of_x(i0, n, v);
+        if (one_chunk) {
+          for (int u = 0; u < kChunk; ++u) v[u] = held[u];
+        } else {
+          load_half8<VEC>(x, a.x_col_stride, i0, n, v);
+        }
         std::int8_t q[kChunk];
         quantize_chunk(bf16, v, n, smooth, i0, ds, q);
         for (int slot = first * copies; slot < last * copies; ++slot) {
@@ -368,18 +378,20 @@ __global__ void signal_tp_peer(DeviceGroup g) {
   store_release(flag_at(g, global_rank(g, g.ep_rank, 1 - g.tp_rank), g.off.tp_flag, 0), flag_word(status_seq(g.status), status_failed(g.status)));
 }
 
+// T = 2: waits, in one thread of one block, for the TP peer's partial rows. (Waiting in every block of
+// stage_rows could fill the GPU with spinning blocks while the peer's kernels need it.)
+__global__ void wait_tp_peer(DeviceGroup g) {
+  if (threadIdx.x == 0) {
+    wait_flag(g, flag_at(g, g.me, g.off.tp_flag, 0), status_seq(g.status), deadline_of(g), global_rank(g, g.ep_rank, 1 - g.tp_rank),
+              Phase::combine_tp);
+  }
+}
+
 // Stages this rank's own rows where the source ranks read them: TP-reduced (T == 2), and quantized
 // in groups of 8 with comm_quant_mode 2.
 template <bool VEC>
 __global__ void __launch_bounds__(1024) stage_rows(DeviceGroup g, CombineArgs a) {
-  __shared__ int ready;
-  if (threadIdx.x == 0) {
-    const bool arrived = g.T != 2 || wait_flag(g, flag_at(g, g.me, g.off.tp_flag, 0), status_seq(g.status), deadline_of(g),
-                                               global_rank(g, g.ep_rank, 1 - g.tp_rank), Phase::combine_tp);
-    ready = arrived && !status_failed(g.status);
-  }
-  __syncthreads();
-  if (!ready) return;
+  if (status_failed(g.status)) return;
   const std::int64_t own = g.status->own_rows;
   const bool bf16 = a.bf16 != 0;
   const std::int64_t chunks = chunks_of(a.h);
@@ -518,6 +530,7 @@ cudaError_t enqueue_combine(const DeviceGroup& g, const CombineArgs& a, Status* 
     if (vec) MOEDIST_LAUNCH(send_tp_partials<true>, grid, threads, 0, stream)(g, a);
     else MOEDIST_LAUNCH(send_tp_partials<false>, grid, threads, 0, stream)(g, a);
     MOEDIST_LAUNCH(signal_tp_peer, 1, 32, 0, stream)(g);
+    MOEDIST_LAUNCH(wait_tp_peer, 1, 32, 0, stream)(g);
   }
   if (!a.staged_in_place) {
     if (vec) MOEDIST_LAUNCH(stage_rows<true>, grid, threads, 0, stream)(g, a);

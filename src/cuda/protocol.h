@@ -244,30 +244,31 @@ struct Target {
   float weight = 1.0f;         // expert_scales[b, j]; 1 for the shared expert
 };
 
-// The K MoE targets of token b in top-k order, then its shared-expert target (when S > 0). Returns how many.
-MOEDIST_HD int targets_of(const DeviceGroup& g, std::int64_t b, std::int64_t k, const float* expert_scales, std::int64_t es_rs,
-                          std::int64_t es_cs, std::int64_t bs, Target* out) {
-  int n = 0;
-  for (std::int64_t j = 0; j < k; ++j) {
+// Target j of token b: j < K its top-k expert j, j == K (when S > 0) its shared expert. Each is
+// independent of the others, so a block finds them in parallel.
+MOEDIST_HD Target target_of(const DeviceGroup& g, std::int64_t b, std::int64_t k, std::int64_t j, const float* expert_scales,
+                            std::int64_t es_rs, std::int64_t es_cs, std::int64_t bs) {
+  if (j < k) {
     const std::int64_t t = b * k + j;
     const std::int32_t e = g.dispatch_ids[t];
     const int d = g.S + e / g.L, l = e % g.L;
-    out[n].ep = d;
-    out[n].row = g.block_start[d * g.L + l] + g.dispatch_expand_idx[t];
-    out[n].smooth_row = g.S > 0 ? e + 1 : e;
-    out[n].weight = expert_scales != nullptr ? expert_scales[b * es_rs + j * es_cs] : 1.0f;
-    ++n;
+    return Target{d, g.block_start[d * g.L + l] + g.dispatch_expand_idx[t], g.S > 0 ? e + 1 : e,
+                  expert_scales != nullptr ? expert_scales[b * es_rs + j * es_cs] : 1.0f};
   }
-  if (g.S > 0) {
-    if (g.ep_rank < g.S) {
-      out[n] = Target{g.ep_rank, b, 0, 1.0f};  // a shared rank keeps its own tokens, rows 0..BS-1
-    } else {
-      int s = 0;
-      while (s + 1 < g.S && contract::shared_range_begin(g.ep_rank, s + 1, bs, g.S) <= b) ++s;
-      out[n] = Target{s, g.shared_start[s] + b - contract::shared_range_begin(g.ep_rank, s, bs, g.S), 0, 1.0f};
-    }
-    ++n;
-  }
+  if (g.ep_rank < g.S) return Target{g.ep_rank, b, 0, 1.0f};  // a shared rank keeps its own tokens, rows 0..BS-1
+  int s = 0;
+  while (s + 1 < g.S && contract::shared_range_begin(g.ep_rank, s + 1, bs, g.S) <= b) ++s;
+  return Target{s, g.shared_start[s] + b - contract::shared_range_begin(g.ep_rank, s, bs, g.S), 0, 1.0f};
+}
+
+// How many targets a token has: K, plus its shared expert when S > 0.
+MOEDIST_HD int target_count(const DeviceGroup& g, std::int64_t k) { return static_cast<int>(k) + (g.S > 0 ? 1 : 0); }
+
+// All of token b's targets in order (the K MoE targets in top-k order, then the shared one). Returns how many.
+MOEDIST_HD int targets_of(const DeviceGroup& g, std::int64_t b, std::int64_t k, const float* expert_scales, std::int64_t es_rs,
+                          std::int64_t es_cs, std::int64_t bs, Target* out) {
+  const int n = target_count(g, k);
+  for (int j = 0; j < n; ++j) out[j] = target_of(g, b, k, j, expert_scales, es_rs, es_cs, bs);
   return n;
 }
 
