@@ -71,7 +71,7 @@ step cpu_row_math 20 build/gpu/tests/cuda_row_math_test
 step host 20 build/gpu/tests/cuda_host_test
 step gpu_errors 60 build/gpu/tests/cuda_oracle_check --errors
 if grep -q "through CUDA IPC\|cudaErrorInsufficientDriver\|no usable CUDA device" "$LOGS/gpu_errors.log"; then
-  log "ranks cannot share this GPU (see gpu_errors.log): the multi-rank steps are skipped"
+  log "no usable device, or ranks cannot share it (see gpu_errors.log in logs.tgz): the multi-rank steps are skipped"
   finish
 fi
 step gpu_oracle 110 build/gpu/tests/cuda_oracle_check --cases 24
