@@ -123,6 +123,17 @@ __device__ __forceinline__ void load_int8x8(const std::int8_t* row, std::int64_t
   }
 }
 
+// A thread's chunk of a row: the one it holds in registers (`one_chunk`: a thread per chunk), else loaded.
+template <bool VEC>
+__device__ __forceinline__ void chunk_of_row(bool one_chunk, const std::uint16_t held[kChunk], const std::uint16_t* row,
+                                             std::int64_t col_stride, std::int64_t i0, int n, std::uint16_t v[kChunk]) {
+  if (one_chunk) {
+    for (int u = 0; u < kChunk; ++u) v[u] = held[u];
+  } else {
+    load_half8<VEC>(row, col_stride, i0, n, v);
+  }
+}
+
 // Block-wide max (exact in any order: a max of floats rounds nothing).
 __device__ float block_max(float v, float* shared /* [32] */) {
   for (int o = 16; o > 0; o >>= 1) v = max_ignoring_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -274,11 +285,7 @@ __global__ void __launch_bounds__(1024, 2) write_rows(DeviceGroup g, DispatchArg
       const std::int64_t i0 = c * kChunk;
       const int n = VEC ? kChunk : chunk_len(a.h, i0);  // VEC: H is a multiple of the chunk
       std::uint16_t v[kChunk];
-      if (one_chunk) {
-          for (int u = 0; u < kChunk; ++u) v[u] = held[u];
-        } else {
-          load_half8<VEC>(x, a.x_col_stride, i0, n, v);
-        }
+      chunk_of_row<VEC>(one_chunk, held, x, a.x_col_stride, i0, n, v);
       for (int slot = 0; slot < n_targets * copies; ++slot) {
         std::byte* row = target_row(g, targets[slot / copies], slot % copies, g.off.expand_x, static_cast<std::size_t>(a.h) * 2);
         if (row != nullptr) store_half8<VEC>(reinterpret_cast<std::uint16_t*>(row), 1, i0, n, v);
@@ -295,11 +302,7 @@ __global__ void __launch_bounds__(1024, 2) write_rows(DeviceGroup g, DispatchArg
         const std::int64_t i0 = c * kChunk;
         std::uint16_t v[kChunk];
         const int n = VEC ? kChunk : chunk_len(a.h, i0);
-        if (one_chunk) {
-          for (int u = 0; u < kChunk; ++u) v[u] = held[u];
-        } else {
-          load_half8<VEC>(x, a.x_col_stride, i0, n, v);
-        }
+        chunk_of_row<VEC>(one_chunk, held, x, a.x_col_stride, i0, n, v);
         amax = chunk_amax(bf16, v, n, smooth, i0, amax);
       }
       amax = block_max(amax, reduce_scratch);
@@ -312,11 +315,7 @@ __global__ void __launch_bounds__(1024, 2) write_rows(DeviceGroup g, DispatchArg
         const std::int64_t i0 = c * kChunk;
         const int n = VEC ? kChunk : chunk_len(a.h, i0);  // VEC: H is a multiple of the chunk
         std::uint16_t v[kChunk];
-        if (one_chunk) {
-          for (int u = 0; u < kChunk; ++u) v[u] = held[u];
-        } else {
-          load_half8<VEC>(x, a.x_col_stride, i0, n, v);
-        }
+        chunk_of_row<VEC>(one_chunk, held, x, a.x_col_stride, i0, n, v);
         std::int8_t q[kChunk];
         quantize_chunk(bf16, v, n, smooth, i0, ds, q);
         for (int slot = first * copies; slot < last * copies; ++slot) {
