@@ -6,7 +6,9 @@
 #include "contract/checks.h"
 #include "cuda/call_args.h"
 #include "cuda/row_math.h"
+#include "cuda/status_errors.h"
 #include "cuda/window_layout.h"
+#include "moedist/error.h"
 #include "test_support.h"
 
 namespace moedist::gpu::testing {
@@ -131,6 +133,15 @@ CombineArgs rank_combine_args(const casefile::Case& c, int r, HostRank& e, const
 Tensor combine_output(const casefile::Case& c, int r, const HostRank& e) {
   const std::int64_t bs = c.ranks[static_cast<std::size_t>(r)].x.rows(), h = c.ranks[0].x.cols();
   return mt::copy_rows(matrix_view(e.combine_out.data(), c.dtype, bs, h), bs);
+}
+
+std::string status_error_text(const Status& st, int me, std::int64_t call_k) {
+  try {
+    throw_status_error(st, me, call_k);
+  } catch (const Error& e) {
+    return std::string(error_code_name(e.code())) + ": " + e.what();
+  }
+  return "";
 }
 
 }  // namespace moedist::gpu::testing

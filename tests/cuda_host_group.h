@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "casefile/case_file.h"
@@ -51,5 +52,8 @@ CombineArgs rank_combine_args(const casefile::Case& c, int r, HostRank& e, const
 
 // Rank r's combine output.
 Tensor combine_output(const casefile::Case& c, int r, const HostRank& e);
+
+// The error a status describes, as "<code name>: <message>" (status_errors.h), or "" when it has none.
+std::string status_error_text(const Status& st, int me, std::int64_t call_k);
 
 }  // namespace moedist::gpu::testing

@@ -57,14 +57,6 @@ int key_bits_for(int experts) {
   return bits;
 }
 
-std::string status_text(const Status& st, int me, std::int64_t k) {
-  try {
-    throw_status_error(st, me, k);
-  } catch (const Error& e) {
-    return std::string(error_code_name(e.code())) + ": " + e.what();
-  }
-  return "";
-}
 
 // What one rank does to its inputs before a call: nothing, or a change that must fail.
 using Sabotage = std::function<void(int rank, int call, DispatchArgs&)>;
@@ -96,7 +88,7 @@ std::vector<std::string> run_kernels(const std::vector<casefile::Case>& calls, b
            casefile::RankOutputs o = testing::dispatch_outputs(c, rank, e);
            const CombineArgs ca = testing::rank_combine_args(c, rank, e, o, in_window);
            if (enqueue_combine(e.g, ca, &mirror, nullptr) != cudaSuccess) return "enqueue_combine failed";
-           if (mirror.code != 0) return status_text(mirror, rank, c.ranks[0].expert_ids.cols());
+           if (mirror.code != 0) return testing::status_error_text(mirror, rank, c.ranks[0].expert_ids.cols());
            o.combine_out = testing::combine_output(c, rank, e);
            const std::string diff = mt::compare_rank_with_oracle(c, rank, o, wants[call][static_cast<std::size_t>(rank)]);
            if (!diff.empty() && first.empty()) first = "call " + std::to_string(call) + ": " + diff;
@@ -199,7 +191,7 @@ TEST(CudaKernelsEmulated, AnAbsentRankIsATimeoutNamingIt) {
     const auto start = std::chrono::steady_clock::now();
     enqueue_dispatch(e.g, testing::rank_dispatch_args(c, rank, e), SortScratch{nullptr, 0, key_bits_for(c.moe_expert_num)}, &mirror, nullptr);
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    return status_text(mirror, rank, c.ranks[0].expert_ids.cols()) + (seconds >= 1.4 && seconds < 6.0 ? " [in time]" : " [after " + std::to_string(seconds) + " s]");
+    return testing::status_error_text(mirror, rank, c.ranks[0].expert_ids.cols()) + (seconds >= 1.4 && seconds < 6.0 ? " [in time]" : " [after " + std::to_string(seconds) + " s]");
   });
   for (int r : {0, 1}) {
     const std::string& text = results[static_cast<std::size_t>(r)].text;

@@ -365,14 +365,6 @@ TEST(CudaProtocol, WideRowsEveryMode) {
   }
 }
 
-std::string error_text(const Status& st, int me, std::int64_t k) {
-  try {
-    throw_status_error(st, me, k);
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 TEST(CudaProtocol, BadIdFailsItsRankAndEveryPeerNamesIt) {
   std::mt19937_64 rng(11);
@@ -421,7 +413,7 @@ TEST(CudaProtocol, RepeatedIdIsNamed) {
   const EmuRun got = run_emulated(c, false, {}, [&](int r, DispatchArgs& a) {
     if (r == 0) a.ids = ids.data();
   });
-  const std::string text = error_text(got.status[0], 0, k);
+  const std::string text = testing::status_error_text(got.status[0], 0, k);
   EXPECT_NE(text.find("expert_ids[0, 1]"), std::string::npos) << text;
   EXPECT_NE(text.find("must be distinct"), std::string::npos) << text;
 }
@@ -435,7 +427,7 @@ TEST(CudaProtocol, DisagreeingCallIsAConfigMismatchNamingThePeer) {
   for (int r : {0, 2}) {
     EXPECT_EQ(got.status[static_cast<std::size_t>(r)].code, static_cast<int>(ErrorCode::config_mismatch));
     EXPECT_EQ(got.status[static_cast<std::size_t>(r)].peer, 1);
-    EXPECT_NE(error_text(got.status[static_cast<std::size_t>(r)], r, 1).find("the dtype code"), std::string::npos);
+    EXPECT_NE(testing::status_error_text(got.status[static_cast<std::size_t>(r)], r, 1).find("the dtype code"), std::string::npos);
   }
 }
 
@@ -453,7 +445,7 @@ TEST(CudaProtocol, MalformedRecordIsAProtocolErrorAndNothingIsWritten) {
       const Status& st = got.status[static_cast<std::size_t>(r)];
       EXPECT_EQ(st.code, static_cast<int>(ErrorCode::protocol)) << "variant " << variant << " rank " << r;
       EXPECT_EQ(st.peer, 3);
-      EXPECT_NE(error_text(st, r, 1).find("the count record of rank 3 is inconsistent"), std::string::npos);
+      EXPECT_NE(testing::status_error_text(st, r, 1).find("the count record of rank 3 is inconsistent"), std::string::npos);
     }
   }
 }
@@ -469,7 +461,7 @@ TEST(CudaProtocol, CombineMustPairWithItsDispatch) {
     wrong_idx.back() += 7;
     a.expand_idx = wrong_idx.data();
   });
-  const std::string text = error_text(got.status[1], 1, k);
+  const std::string text = testing::status_error_text(got.status[1], 1, k);
   EXPECT_NE(text.find("expand_idx[" + std::to_string(c.ranks[1].x.rows() * k - 1) + "]"), std::string::npos) << text;
   EXPECT_EQ(got.status[0].code, static_cast<int>(ErrorCode::peer_failed));
   EXPECT_EQ(got.status[0].peer, 1);
@@ -546,8 +538,8 @@ TEST(CudaProtocol, StatusErrorsNameTimeoutsAndCapacity) {
   st.peer = 2;
   st.value = 99;
   st.limit = 64;
-  EXPECT_NE(error_text(st, 0, 1).find("rank 2 would receive 99 rows but can hold at most 64"), std::string::npos);
-  EXPECT_EQ(error_text(Status{}, 0, 1), "");
+  EXPECT_NE(testing::status_error_text(st, 0, 1).find("rank 2 would receive 99 rows but can hold at most 64"), std::string::npos);
+  EXPECT_EQ(testing::status_error_text(Status{}, 0, 1), "");
 }
 
 // The window layout holds what the kernels address: every region ends before the next, and the combine

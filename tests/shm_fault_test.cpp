@@ -11,7 +11,6 @@
 // Every rank is a forked child that reports through a shared anonymous mapping. The parent never
 // waits without a limit: children still running at the limit are SIGKILLed and the test fails, and
 // every child also arms alarm() as a second guard.
-#include <dirent.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -843,19 +842,7 @@ TEST(ShmFault, ThousandConsecutiveCallsWithChangingShapesMatchTheOracle) {
 
 // ----- descriptors -----
 
-// Entries of a /proc directory (descriptors, threads), -1 if it cannot be read.
-int entries_of(const char* dir) {
-  int n = 0;
-  DIR* d = ::opendir(dir);
-  if (d == nullptr) return -1;
-  while (const dirent* e = ::readdir(d)) {
-    if (e->d_name[0] != '.') ++n;
-  }
-  ::closedir(d);
-  return n;
-}
-
-int open_fds() { return entries_of("/proc/self/fd") - 1; }  // less the directory's own descriptor
+int open_fds() { return proc_entries("/proc/self/fd") - 1; }  // less the directory's own descriptor
 
 TEST(ShmFault, NoDescriptorLeaksAcrossJoinCallsAndDestruction) {
   const FaultConfig& fc = kFaultConfigs[1];
@@ -893,7 +880,7 @@ TEST(ShmFault, NoDescriptorLeaksAcrossJoinCallsAndDestruction) {
 
 // ----- random kills, then the survivors rebuild -----
 
-int threads_now() { return entries_of("/proc/self/task"); }
+int threads_now() { return proc_entries("/proc/self/task"); }
 
 // 100 rounds: a random configuration, victim, phase and occurrence of that phase (the window phases
 // happen in the first call only). Every survivor must raise peer_lost naming the victim within the

@@ -1,5 +1,7 @@
 #include "test_support.h"
 
+#include <dirent.h>
+
 #include <algorithm>
 #include <cstring>
 #include <mutex>
@@ -567,6 +569,17 @@ std::vector<std::string> moedist_shm_entries() {
     if (name.find("moedist") != std::string::npos) found.push_back(name);
   }
   return found;
+}
+
+int proc_entries(const char* dir) {
+  int n = 0;
+  DIR* d = ::opendir(dir);
+  if (d == nullptr) return -1;
+  while (const dirent* e = ::readdir(d)) {
+    if (e->d_name[0] != '.') ++n;
+  }
+  ::closedir(d);
+  return n;
 }
 
 }  // namespace moedist::testing

@@ -108,4 +108,8 @@ ProcessRun run_processes(const casefile::Case& c, const RunOptions& options, con
 // Entries of /dev/shm whose name mentions moedist (there should never be any).
 std::vector<std::string> moedist_shm_entries();
 
+// Entries of a /proc directory (/proc/self/fd, /proc/self/task), -1 if it cannot be read: the leak
+// checks of the fault tests count descriptors and threads with it.
+int proc_entries(const char* dir);
+
 }  // namespace moedist::testing

@@ -6,7 +6,6 @@
 // the next round's group on it. After the last round the survivors check a group against the oracle.
 // Each survivor prints one line per round; rank 0 of the survivors prints the summary:
 //   mpi faults: N kills, every survivor named the victim (...); the survivors' last group matched the oracle
-#include <dirent.h>
 #include <mpi.h>
 #include <signal.h>
 #include <unistd.h>
@@ -52,17 +51,6 @@ casefile::Case round_case(int n, std::mt19937_64& rng) {
   return c;
 }
 
-int entries(const char* dir) {
-  int n = 0;
-  DIR* d = ::opendir(dir);
-  if (d == nullptr) return -1;
-  while (const dirent* e = ::readdir(d)) {
-    if (e->d_name[0] != '.') ++n;
-  }
-  ::closedir(d);
-  return n;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -79,7 +67,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   // Descriptors and threads before the first group (MPI's own are open by now), compared at the end.
-  const int fds_before = entries("/proc/self/fd"), threads_before = entries("/proc/self/task");
+  const int fds_before = testing::proc_entries("/proc/self/fd"), threads_before = testing::proc_entries("/proc/self/task");
   std::vector<int> alive(static_cast<std::size_t>(world));
   for (int r = 0; r < world; ++r) alive[static_cast<std::size_t>(r)] = r;
   std::mt19937_64 rng(seed);  // the same draws on every rank
@@ -165,7 +153,7 @@ int main(int argc, char** argv) {
     std::printf("world rank %d: the survivors' group failed: %s\n", me, e.what());
     ++problems;
   }
-  const int fds_after = entries("/proc/self/fd"), threads_after = entries("/proc/self/task");
+  const int fds_after = testing::proc_entries("/proc/self/fd"), threads_after = testing::proc_entries("/proc/self/task");
   if (fds_after != fds_before || threads_after != threads_before) {
     std::printf("world rank %d: WRONG: %d descriptors and %d threads before the first group, %d and %d after the last\n", me,
                 fds_before, threads_before, fds_after, threads_after);
