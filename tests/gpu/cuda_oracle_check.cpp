@@ -402,9 +402,52 @@ int run_error_cases() {
       } catch (const ValidationError& e) {
         seen += e.parameter() + "|";
       }
+      // The pairing of combine with dispatch, and buffers the group refuses.
+      DeviceTensor dx, di, dw;
+      dx.allocate(one.ranks[0].x, 0, 1);
+      dx.upload(one.ranks[0].x);
+      di.allocate(one.ranks[0].expert_ids, 0, 1);
+      di.upload(one.ranks[0].expert_ids);
+      Tensor ones(DType::fp32, 3, k);
+      std::fill_n(ones.data<float>(), ones.numel(), 1.0f);
+      dw.allocate(ones, 0, 1);
+      dw.upload(ones);
+      const auto refused = [&](const std::function<void()>& call, const char* phrase) {
+        try {
+          call();
+          seen += "accepted|";
+        } catch (const ValidationError& e) {
+          seen += e.parameter() + (std::string(e.what()).find(phrase) != std::string::npos ? "|" : " (unexpected text: " + std::string(e.what()) + ")|");
+        }
+      };
+      const MutableTensorView window_rows = group->combine_buffer(c.dtype);
+      const TensorView in_window = matrix_view(window_rows.data, c.dtype, 3 * k, h, window_rows.strides[0]);
+      DeviceTensor scratch;  // well-shaped arguments for calls that are refused before their values matter
+      scratch.allocate(Tensor(DType::int32, 3 * k + one.moe_expert_num), 0, 1);
+      const TensorView some_idx = vector_view(scratch.data, DType::int32, 3 * k);
+      const TensorView some_counts = vector_view(static_cast<std::int32_t*>(scratch.data) + 3 * k, DType::int32, one.moe_expert_num);
+      refused([&] { group->combine(in_window, di.view(2), some_idx, some_counts, dw.view(2), {}, nullptr); }, "needs a dispatch");
+      DispatchOptions with_out;
+      with_out.out.expand_idx = vector_view(scratch.data, DType::int32, 3 * k);
+      refused([&] { group->dispatch(dx.view(2), di.view(2), with_out, nullptr); }, "returns its outputs in group memory");
+      const cuda::CudaDispatchResult d = group->dispatch(dx.view(2), di.view(2), {}, nullptr);
+      const TensorView wrong_dtype = matrix_view(window_rows.data, c.dtype == DType::bf16 ? DType::fp16 : DType::bf16, 3 * k, h, window_rows.strides[0]);
+      refused([&] { group->combine(wrong_dtype, di.view(2), d.expand_idx, d.ep_recv_counts, dw.view(2), {}, nullptr); }, "dispatched x's dtype");
+      CombineOptions out_in_window;
+      out_in_window.out = matrix_view(const_cast<void*>(d.expand_x.data), c.dtype, 3, h);  // the window's dispatch rows
+      refused([&] { group->combine(in_window, di.view(2), d.expand_idx, d.ep_recv_counts, dw.view(2), out_in_window, nullptr); },
+              "must not lie in the group's window");
+      CombineOptions quantized;
+      quantized.comm_quant_mode = 2;
+      refused([&] { group->combine(in_window, di.view(2), d.expand_idx, d.ep_recv_counts, dw.view(2), quantized, nullptr); },
+              "cannot be staged in place");
+      group->combine(in_window, di.view(2), d.expand_idx, d.ep_recv_counts, dw.view(2), {}, nullptr);
+      refused([&] { group->combine(in_window, di.view(2), d.expand_idx, d.ep_recv_counts, dw.view(2), {}, nullptr); },
+              "pairs one combine with each dispatch");
+      group->synchronize(nullptr);  // none of the refused calls left anything on the GPU
       return "saw " + seen;
     });
-    expect(results[0] == "saw x.data|x.shape[0] (BS)|", "host checks: " + results[0]);
+    expect(results[0] == "saw x.data|x.shape[0] (BS)|combine|out.expand_idx|expand_x.dtype|out|expand_x|combine|", "host checks: " + results[0]);
   }
   std::printf("gpu errors: %d failures: %s\n", failures, failures == 0 ? "PASS" : "FAIL");
   return failures == 0 ? 0 : 1;
