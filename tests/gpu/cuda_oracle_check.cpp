@@ -93,6 +93,9 @@ struct Mode {
   bool graph = false;
   // On a GPU short enough for a hang to leave time for the rest; the CPU emulation needs longer.
   std::chrono::milliseconds timeout{10000};
+  // --plant-fault: one bit of each rank's downloaded output flipped before the comparison, so a run
+  // shows that the comparison sees a wrong bit (every case must then fail).
+  bool plant_fault = false;
 };
 
 // Runs `call` directly, or (graph) captures it into *exec the first time and launches the graph: later
@@ -216,6 +219,10 @@ std::string run_rank(const std::vector<casefile::Case>& calls, const std::vector
     });
     group->synchronize(s);
     got.combine_out = download(out, bs);
+    if (mode.plant_fault) {
+      if (bs > 0) got.combine_out.data<std::uint16_t>()[0] ^= 1u;
+      else got.ep_recv_counts.data<std::int32_t>()[0] ^= 1;
+    }
     const std::string diff = mt::compare_rank_with_oracle(c, g, got, wants[call][static_cast<std::size_t>(g)]);
     if (!diff.empty() && result.empty()) result = "call " + std::to_string(call) + ": " + diff;
   }
@@ -236,11 +243,11 @@ std::vector<std::string> fork_ranks(int world, const std::function<std::string(i
 
 std::string job_name(const char* what, int i) { return "gpu-" + std::string(what) + "-" + std::to_string(getpid()) + "-" + std::to_string(i); }
 
-// `small`: narrow rows and few ranks, for the CPU emulation (tests/cuda_emulation/), where every block
-// is a team of threads.
-int run_oracle_cases(int cases, std::uint64_t seed, bool small, std::chrono::milliseconds timeout) {
+// `small`: narrow rows and few ranks, for the CPU emulation (tests/cuda_emulation/), where every
+// thread of a block is a fiber on one CPU.
+int run_oracle_cases(int cases, std::uint64_t seed, bool small, bool plant_fault, std::chrono::milliseconds timeout) {
   std::mt19937_64 rng(seed);
-  int mismatches = 0;
+  int mismatches = 0, rank_calls_checked = 0;
   for (int i = 0; i < cases; ++i) {
     mt::CaseLimits limits;
     limits.max_ep_world_size = small ? 4 : 8;
@@ -266,13 +273,17 @@ int run_oracle_cases(int cases, std::uint64_t seed, bool small, std::chrono::mil
     mode.in_window = i % 3 == 0;
     mode.graph = i % 4 == 2;
     mode.timeout = timeout;
+    mode.plant_fault = plant_fault;
     std::vector<casefile::Case> calls;
     for (int extra = 0; extra < 2; ++extra) calls.push_back(mt::next_call(c, rng));
     calls.insert(calls.begin(), std::move(c));
     std::vector<std::vector<oracle::RankOutput>> wants;
     for (const auto& call : calls) wants.push_back(oracle::run(mt::to_oracle_case(call)));
     const std::string job = job_name("oracle", i);
-    const auto results = fork_ranks(static_cast<int>(c.ranks.size()), [&](int g) { return run_rank(calls, wants, g, mode, job); });
+    // calls[0], not c: c was moved into calls (its ranks were once read here, empty, so no rank ran).
+    const int world = static_cast<int>(calls[0].ranks.size());
+    const auto results = fork_ranks(world, [&](int g) { return run_rank(calls, wants, g, mode, job); });
+    rank_calls_checked += world * static_cast<int>(calls.size());
     int bad_ranks = 0;
     for (std::size_t g = 0; g < results.size(); ++g) bad_ranks += results[g].empty() ? 0 : 1;
     std::printf("case %d: %s; strided %d, in_window %d, graph %d: %s\n", i, mt::describe(calls[0]).c_str(), mode.strided, mode.in_window,
@@ -285,8 +296,11 @@ int run_oracle_cases(int cases, std::uint64_t seed, bool small, std::chrono::mil
       }
     }
   }
-  std::printf("gpu oracle: %d cases x 3 calls, %d mismatches: %s\n", cases, mismatches, mismatches == 0 ? "PASS" : "FAIL");
-  return mismatches == 0 ? 0 : 1;
+  // A run that checked no rank proves nothing: it fails.
+  const bool pass = mismatches == 0 && rank_calls_checked > 0 && rank_calls_checked >= cases * 3;
+  std::printf("gpu oracle: %d cases x 3 calls, %d rank-calls checked against the oracle, %d mismatches: %s\n", cases, rank_calls_checked,
+              mismatches, pass ? "PASS" : "FAIL");
+  return pass ? 0 : 1;
 }
 
 // The typed errors on the GPU path.
@@ -469,7 +483,7 @@ bool probe_device(std::string* reason) {
 int main(int argc, char** argv) {
   int cases = 40;
   std::uint64_t seed = 20261127;
-  bool errors = false, small = false;
+  bool errors = false, small = false, plant_fault = false;
   long timeout_ms = 10000;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -477,9 +491,10 @@ int main(int argc, char** argv) {
     else if (a == "--seed" && i + 1 < argc) seed = std::strtoull(argv[++i], nullptr, 10);
     else if (a == "--errors") errors = true;
     else if (a == "--small") small = true;
+    else if (a == "--plant-fault") plant_fault = true;
     else if (a == "--timeout-ms" && i + 1 < argc) timeout_ms = std::atol(argv[++i]);
     else {
-      std::fprintf(stderr, "usage: %s [--cases N] [--seed S] [--small] [--timeout-ms MS] [--errors]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--cases N] [--seed S] [--small] [--plant-fault] [--timeout-ms MS] [--errors]\n", argv[0]);
       return 2;
     }
   }
@@ -489,5 +504,5 @@ int main(int argc, char** argv) {
     std::printf("SKIPPED: no usable CUDA device (%s); the GPU suite runs on a machine with one\n", reason.c_str());
     return 77;
   }
-  return errors ? run_error_cases() : run_oracle_cases(cases, seed, small, std::chrono::milliseconds(timeout_ms));
+  return errors ? run_error_cases() : run_oracle_cases(cases, seed, small, plant_fault, std::chrono::milliseconds(timeout_ms));
 }
