@@ -46,7 +46,7 @@ void check(cudaError_t err, const char* what) {
 
 struct Settings {
   std::int64_t tokens = 4096, h = 7168, k = 8;
-  int experts = 256, iters = 20, warmup = 5;
+  int experts = 256, iters = 20, warmup = 20;
   std::vector<int> ranks{1, 2, 4, 8};
   std::string json;
 };
@@ -58,14 +58,16 @@ double median(std::vector<double> v) {
 
 // Times `body` on `stream` with events, in milliseconds per run: the median over `iters` batches of
 // kBatch back-to-back runs, so the host's enqueueing overlaps the GPU's work as in a steady stream of
-// calls. Warm-up first: at least 200 ms of runs (clocks ramp up) and at least `warmup` runs.
+// calls. Warm-up first: `warmup` runs, and more until `min_warm_up` has passed. A collective body must
+// pass zero: its runs are calls of a group, and a count that depends on each rank's clock would send
+// the ranks into different calls (warm_up_clocks ramps the clocks up without the group instead).
 constexpr int kBatch = 10;
-double time_ms(cudaStream_t stream, int warmup, int iters, const std::function<void()>& body) {
+double time_ms(cudaStream_t stream, int warmup, int iters, std::chrono::milliseconds min_warm_up, const std::function<void()>& body) {
   cudaEvent_t start, stop;
   check(cudaEventCreate(&start), "cudaEventCreate");
   check(cudaEventCreate(&stop), "cudaEventCreate");
   const auto warm_start = std::chrono::steady_clock::now();
-  for (int i = 0; i < warmup || std::chrono::steady_clock::now() - warm_start < std::chrono::milliseconds(200); ++i) {
+  for (int i = 0; i < warmup || std::chrono::steady_clock::now() - warm_start < min_warm_up; ++i) {
     body();
     if (i % kBatch == kBatch - 1) check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
   }
@@ -94,7 +96,8 @@ double copy_bandwidth(int warmup, int iters) {
   check(cudaMemset(a, 1, bytes), "cudaMemset");
   cudaStream_t s;
   check(cudaStreamCreate(&s), "cudaStreamCreate");
-  const double ms = time_ms(s, warmup, iters, [&] { check(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, s), "cudaMemcpyAsync"); });
+  const double ms = time_ms(s, warmup, iters, std::chrono::milliseconds(200),
+                            [&] { check(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, s), "cudaMemcpyAsync"); });
   cudaStreamDestroy(s);
   cudaFree(a);
   cudaFree(b);
@@ -151,14 +154,19 @@ RankTimes run_rank(const Settings& st, int world, int rank, const std::string& j
   check(cudaStreamCreate(&stream), "cudaStreamCreate");
   const auto s = reinterpret_cast<cuda::Stream>(stream);
 
+  // Clocks up first, each rank on its own (200 ms of memsets on its buffers); then every timed call
+  // is a call of the group, the same number on every rank.
+  time_ms(stream, 0, 1, std::chrono::milliseconds(200), [&] { check(cudaMemsetAsync(dx, 0, x.size() * 2, stream), "cudaMemsetAsync"); });
+  check(cudaMemcpy(dx, x.data(), x.size() * 2, cudaMemcpyHostToDevice), "cudaMemcpy");
+
   RankTimes t;
   DispatchOptions q2;
   q2.quant_mode = 2;
   DispatchOptions q0;
   cuda::CudaDispatchResult d;
-  t.dispatch_q2 = time_ms(stream, st.warmup, st.iters, [&] { d = group->dispatch(xv, idv, q2, s); });
+  t.dispatch_q2 = time_ms(stream, st.warmup, st.iters, {}, [&] { d = group->dispatch(xv, idv, q2, s); });
   group->synchronize(s);
-  t.dispatch_q0 = time_ms(stream, st.warmup, st.iters, [&] { d = group->dispatch(xv, idv, q0, s); });
+  t.dispatch_q0 = time_ms(stream, st.warmup, st.iters, {}, [&] { d = group->dispatch(xv, idv, q0, s); });
   group->synchronize(s);
 
   // Combine: the experts' outputs sit in the combine buffer (random values in the valid rows), read in
@@ -173,7 +181,7 @@ RankTimes run_rank(const Settings& st, int world, int rank, const std::string& j
   }
   check(cudaMemcpy(rows.data, y.data(), y.size() * 2, cudaMemcpyHostToDevice), "cudaMemcpy");
   const TensorView expand_x = matrix_view(rows.data, DType::bf16, d.expand_x.rows(), h, rows.strides[0]);
-  const double pair = time_ms(stream, st.warmup, st.iters, [&] {
+  const double pair = time_ms(stream, st.warmup, st.iters, {}, [&] {
     d = group->dispatch(xv, idv, q0, s);
     group->combine(expand_x, idv, d.expand_idx, d.ep_recv_counts, wv, {}, s);
   });

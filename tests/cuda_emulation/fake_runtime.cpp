@@ -127,6 +127,14 @@ cudaError_t cudaMemset(void* p, int value, size_t bytes) {
   std::memset(p, value, bytes);
   return cudaSuccess;
 }
+cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
+  if (capturing != nullptr) {
+    capturing->push_back([p, value, bytes] { std::memset(p, value, bytes); });
+  } else {
+    std::memset(p, value, bytes);
+  }
+  return cudaSuccess;
+}
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, enum cudaMemcpyKind) {
   std::memcpy(dst, src, bytes);
   return cudaSuccess;
