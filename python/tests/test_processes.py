@@ -88,7 +88,8 @@ def test_mpi4py_communicator(ranks_per_node):
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     out = subprocess.run([mpirun, "--oversubscribe", "-np", "4", "-x", f"MOEDIST_RANKS_PER_NODE={ranks_per_node}", "-x",
                           "PYTHONPATH", sys.executable, os.path.join(HERE, "rank_script.py"), "mpi", *map(str, seeds)],
-                         capture_output=True, text=True, timeout=300, env=env)
+                         capture_output=True, text=True, timeout=300, env=env,
+                         start_new_session=True)  # mpirun in its own process group (CMakeLists.txt: MOEDIST_TEST_MPIRUN)
     assert out.returncode == 0, out.stdout + out.stderr
     for g in range(4):
         assert f"rank {g}: 4 cases match the oracle" in out.stdout, out.stdout
