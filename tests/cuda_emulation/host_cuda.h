@@ -14,6 +14,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -97,48 +98,68 @@ namespace emu {
 // own. Fibers need no pids, and a block's threads still run interleaved, meet at real barriers, and are
 // separate threads to ThreadSanitizer (annotated below), so a missing __syncthreads is still a race.
 
-// One CUDA thread of the block being run: a fiber on its own stack.
+// One CUDA thread of the block being run: a fiber on its own stack. A fiber lives as long as its
+// OS thread and runs one block's body after another (no new context per block).
 struct Fiber {
   ucontext_t context{};
   void* stack = nullptr;  // lowest address; the lowest page is a guard
   std::size_t stack_bytes = 0;
   void* tsan_fiber = nullptr;
   void* asan_fake_stack = nullptr;
+  bool started = false;     // the scheduler's: the context is made
   EmulatedDim3 thread_idx;  // set before the block starts
   // Written by the fiber, read by the scheduler.
   std::atomic<bool> done{false};
   std::atomic<bool> at_barrier{false};
 };
 
+// A warp's exchange point for shuffles: only its own lanes wait for each other.
+struct Warp {
+  std::atomic<unsigned> arrived{0}, generation{0};
+  int sync[2] = {0, 0};  // ThreadSanitizer: one address per generation parity
+};
+
 // The fibers of this OS thread (kept between launches) and the block they run now.
 struct Runner {
+  static constexpr unsigned kMaxThreads = 1024;
+  static constexpr std::size_t kStackBytes = 512 * 1024;  // sanitizers' frames are several times larger
+
   std::vector<std::unique_ptr<Fiber>> pool;
+  std::array<Warp, kMaxThreads / 32> warps;
   ucontext_t scheduler{};
   const void* scheduler_stack = nullptr;  // for AddressSanitizer: the stack a fiber returns to
   std::size_t scheduler_stack_bytes = 0;
   void* scheduler_tsan_fiber = nullptr;
   std::atomic<Fiber*> current{nullptr};  // the fiber running now
   const std::function<void()>* body = nullptr;
-  std::atomic<unsigned> arrived{0};  // fibers waiting at the barrier
+  unsigned threads = 0;                  // of the block running now
+  std::atomic<unsigned> arrived{0};      // fibers waiting at the block's barrier
+  std::atomic<unsigned> openings{0};     // times the block's barrier opened
+  std::atomic<unsigned long> progress{0};  // arrivals and returns: a sweep without any only spun
+  unsigned blocks_run = 0;
   // Addresses for ThreadSanitizer's happens-before annotations. Only the scheduler releases `handoff`
-  // (what it set up reaches a fiber it resumes, but no fiber's work reaches another through it).
-  int handoff = 0, barrier_sync = 0, end_sync = 0;
+  // (what it set up reaches a fiber it resumes, but no fiber's work reaches another through it). The
+  // barrier has one address per parity of its openings: a fiber that passes opening n acquires what
+  // was released at opening n only, never what a faster fiber released on its way to opening n + 1.
+  int handoff = 0, end_sync = 0;
+  int barrier_sync[2] = {0, 0};
 
-  static constexpr std::size_t kStackBytes = 512 * 1024;  // sanitizers' frames are several times larger
-
-  void grow_to(unsigned threads) {
-    while (pool.size() < threads) {
+  void grow_to(unsigned n) {
+    if (n > kMaxThreads) throw std::runtime_error("emulated CUDA: more than 1024 threads in a block");
+    while (pool.size() < n) {
       auto f = std::make_unique<Fiber>();
       f->stack_bytes = kStackBytes;
       f->stack = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
       if (f->stack == MAP_FAILED) throw std::runtime_error("emulated CUDA: mmap of a fiber stack failed");
-      mprotect(f->stack, 4096, PROT_NONE);  // an overflow faults instead of corrupting the next stack
+      // An overflow faults instead of corrupting the next stack.
+      if (mprotect(f->stack, 4096, PROT_NONE) != 0) throw std::runtime_error("emulated CUDA: mprotect of a stack guard failed");
 #ifdef MOEDIST_EMU_TSAN
       f->tsan_fiber = __tsan_create_fiber(0);
 #endif
       pool.push_back(std::move(f));
     }
   }
+  // Only at the OS thread's exit, never from inside a fiber. The ranks that run kernels end with _exit.
   ~Runner() {
     for (auto& f : pool) {
 #ifdef MOEDIST_EMU_TSAN
@@ -153,15 +174,13 @@ inline Runner& runner() {
   return r;
 }
 
-// A fiber gives the OS thread back to its scheduler (`leaving`: for good, it returned).
-inline void yield_to_scheduler(Runner& r, Fiber& f, bool leaving) {
+// A fiber gives the OS thread back to its scheduler.
+inline void yield_to_scheduler(Runner& r, Fiber& f) {
 #ifdef MOEDIST_EMU_TSAN
   __tsan_switch_to_fiber(r.scheduler_tsan_fiber, __tsan_switch_to_fiber_no_sync);
 #endif
 #ifdef MOEDIST_EMU_ASAN
-  __sanitizer_start_switch_fiber(leaving ? nullptr : &f.asan_fake_stack, r.scheduler_stack, r.scheduler_stack_bytes);
-#else
-  (void)leaving;
+  __sanitizer_start_switch_fiber(&f.asan_fake_stack, r.scheduler_stack, r.scheduler_stack_bytes);
 #endif
   swapcontext(&f.context, &r.scheduler);
 #ifdef MOEDIST_EMU_ASAN
@@ -181,12 +200,15 @@ inline void fiber_main() {
 #ifdef MOEDIST_EMU_TSAN
   __tsan_acquire(&r.handoff);
 #endif
-  (*r.body)();
+  for (;;) {  // one block per turn; resumed by the scheduler for the next
+    (*r.body)();
 #ifdef MOEDIST_EMU_TSAN
-  __tsan_release(&r.end_sync);
+    __tsan_release(&r.end_sync);
 #endif
-  f.done.store(true, std::memory_order_relaxed);
-  yield_to_scheduler(r, f, true);
+    f.done.store(true, std::memory_order_relaxed);
+    r.progress.fetch_add(1, std::memory_order_relaxed);
+    yield_to_scheduler(r, f);
+  }
 }
 
 inline void switch_to(Runner& r, Fiber& f) {
@@ -213,15 +235,19 @@ struct BlockState {
 inline thread_local BlockState block;
 
 // Runs one block of `threads` threads, each calling `body`, until all have returned. Round-robin: a
-// fiber runs until it waits at the barrier, sleeps (__nanosleep) or returns; when every fiber still
-// running waits at the barrier, the barrier opens (a thread that returned takes no part, as on the
-// GPU). Each phase between barriers runs the threads in the opposite order of the one before, so code
-// that needs a barrier it lacks sees its writes in both orders.
+// fiber runs until it waits at the barrier or a warp exchange, sleeps (__nanosleep) or returns; when
+// every fiber still running waits at the barrier, the barrier opens (a thread that returned takes no
+// part, as on the GPU). Each phase between barriers runs the threads in the opposite order of the one
+// before, and the first phase alternates from block to block, so code that lacks a barrier sees its
+// writes in both orders. A sweep in which nobody arrived anywhere or returned (threads waiting for a
+// peer rank's flag) gives the CPU to the other processes.
 inline void run_block(unsigned block_index, unsigned threads, const std::function<void()>& body) {
   Runner& r = runner();
   r.grow_to(threads);
   r.body = &body;
+  r.threads = threads;
   r.arrived.store(0);
+  for (Warp& w : r.warps) w.arrived.store(0);
 #ifdef MOEDIST_EMU_TSAN
   if (r.scheduler_tsan_fiber == nullptr) r.scheduler_tsan_fiber = __tsan_get_current_fiber();  // this OS thread's own
 #endif
@@ -230,17 +256,21 @@ inline void run_block(unsigned block_index, unsigned threads, const std::functio
     f.done.store(false);
     f.at_barrier.store(false);
     f.thread_idx = EmulatedDim3{t, 0, 0};
-    getcontext(&f.context);
-    f.context.uc_stack.ss_sp = f.stack;
-    f.context.uc_stack.ss_size = f.stack_bytes;
-    f.context.uc_link = nullptr;
-    makecontext(&f.context, fiber_main, 0);
+    if (!f.started) {
+      getcontext(&f.context);
+      f.context.uc_stack.ss_sp = f.stack;
+      f.context.uc_stack.ss_size = f.stack_bytes;
+      f.context.uc_link = nullptr;
+      makecontext(&f.context, fiber_main, 0);
+      f.started = true;
+    }
   }
   blockIdx = EmulatedDim3{block_index, 0, 0};
   blockDim = EmulatedDim3{threads, 0, 0};
   unsigned live = threads;
-  bool reversed = false;
+  bool reversed = (r.blocks_run++ % 2) == 1;
   while (live > 0) {
+    const unsigned long progress_before = r.progress.load(std::memory_order_relaxed);
     for (unsigned k = 0; k < threads; ++k) {
       const unsigned t = reversed ? threads - 1 - k : k;
       Fiber& f = *r.pool[t];
@@ -250,8 +280,11 @@ inline void run_block(unsigned block_index, unsigned threads, const std::functio
     }
     if (live > 0 && r.arrived.load(std::memory_order_relaxed) == live) {
       r.arrived.store(0, std::memory_order_relaxed);
+      r.openings.fetch_add(1, std::memory_order_relaxed);
       for (unsigned t = 0; t < threads; ++t) r.pool[t]->at_barrier.store(false, std::memory_order_relaxed);
       reversed = !reversed;
+    } else if (r.progress.load(std::memory_order_relaxed) == progress_before) {
+      std::this_thread::yield();
     }
   }
 #ifdef MOEDIST_EMU_TSAN
@@ -271,20 +304,63 @@ void launch(unsigned grid, unsigned threads, std::size_t dynamic_bytes, Kernel k
   for (unsigned b = 0; b < grid; ++b) run_block(b, threads, body);
 }
 
-// Called by the fiber running now: wait at the block's barrier, or only let the others run.
+inline Fiber& running_fiber(Runner& r) { return *r.current.load(std::memory_order_relaxed); }
+
+// __syncthreads, called by the fiber running now.
 inline void wait_at_barrier() {
   Runner& r = runner();
-  Fiber& f = *r.current.load(std::memory_order_relaxed);
+  Fiber& f = running_fiber(r);
+  int* sync = &r.barrier_sync[r.openings.load(std::memory_order_relaxed) % 2];
 #ifdef MOEDIST_EMU_TSAN
-  __tsan_release(&r.barrier_sync);
+  __tsan_release(sync);
 #endif
   f.at_barrier.store(true, std::memory_order_relaxed);
   r.arrived.fetch_add(1, std::memory_order_relaxed);
-  yield_to_scheduler(r, f, false);
+  r.progress.fetch_add(1, std::memory_order_relaxed);
+  yield_to_scheduler(r, f);
 #ifdef MOEDIST_EMU_TSAN
-  __tsan_acquire(&r.barrier_sync);
+  __tsan_acquire(sync);
+#else
+  (void)sync;
 #endif
 }
+
+// The lanes of warp `w` that have not returned (a full-mask shuffle needs every lane on the GPU).
+inline unsigned live_lanes(Runner& r, unsigned w) {
+  unsigned n = 0;
+  for (unsigned t = w * 32; t < std::min(r.threads, w * 32 + 32); ++t) n += r.pool[t]->done.load(std::memory_order_relaxed) ? 0 : 1;
+  return n;
+}
+
+// The point where the lanes of the running fiber's warp meet, and only they (a warp shuffle's sync).
+inline void warp_sync() {
+  Runner& r = runner();
+  Fiber& f = running_fiber(r);
+  const unsigned w = f.thread_idx.x / 32;
+  Warp& warp = r.warps[w];
+  const unsigned generation = warp.generation.load(std::memory_order_relaxed);
+  int* sync = &warp.sync[generation % 2];
+#ifdef MOEDIST_EMU_TSAN
+  __tsan_release(sync);
+#endif
+  warp.arrived.fetch_add(1, std::memory_order_relaxed);
+  r.progress.fetch_add(1, std::memory_order_relaxed);
+  while (warp.generation.load(std::memory_order_relaxed) == generation) {
+    if (warp.arrived.load(std::memory_order_relaxed) >= live_lanes(r, w)) {
+      warp.arrived.store(0, std::memory_order_relaxed);
+      warp.generation.fetch_add(1, std::memory_order_relaxed);
+      break;
+    }
+    yield_to_scheduler(r, f);
+  }
+#ifdef MOEDIST_EMU_TSAN
+  __tsan_acquire(sync);
+#else
+  (void)sync;
+#endif
+}
+
+// __nanosleep: the others run first.
 inline void let_others_run() {
   Runner& r = runner();
   Fiber* f = r.current.load(std::memory_order_relaxed);
@@ -292,7 +368,7 @@ inline void let_others_run() {
     std::this_thread::yield();
     return;
   }
-  yield_to_scheduler(r, *f, false);
+  yield_to_scheduler(r, *f);
 }
 inline const EmulatedDim3& current_thread_idx() { return runner().current.load(std::memory_order_relaxed)->thread_idx; }
 
@@ -350,11 +426,12 @@ inline void sort_pairs(const std::int32_t* keys_in, std::int32_t* keys_out, cons
   emu::Launch<decltype(&kernel)>{&kernel, static_cast<unsigned>(grid), static_cast<unsigned>(threads), static_cast<std::size_t>(dynamic_bytes)}
 
 inline void __syncthreads() { emu::wait_at_barrier(); }
+// Synchronizes the warp only, as on the GPU (a block-wide barrier here would hide a missing one).
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   emu::block.shuffle[threadIdx.x] = v;
-  __syncthreads();
+  emu::warp_sync();
   const float other = emu::block.shuffle[threadIdx.x ^ static_cast<unsigned>(lane_mask)];
-  __syncthreads();
+  emu::warp_sync();
   return other;
 }
 // Fences: the rows a rank writes reach its peers (other processes) before its release store of the flag
