@@ -463,6 +463,91 @@ int run_error_cases() {
     });
     expect(results[0] == "saw x.data|x.shape[0] (BS)|combine|out.expand_idx|expand_x.dtype|out|expand_x|combine|", "host checks: " + results[0]);
   }
+  // 4. Ranks that disagree on the group's options: every rank names the first rank that differs, and
+  //    the option with both values.
+  {
+    const std::string job = job_name("options", 0);
+    const auto results = fork_ranks(4, [&](int g) -> std::string {
+      cuda::CudaGroupOptions o;
+      o.device = 0;
+      o.k = k;
+      o.h = g == 3 ? h + 8 : h;
+      o.max_bs = 3;
+      check(cudaSetDevice(0), "cudaSetDevice");
+      try {
+        cuda::CudaGroup::join(mt::rank_config(c, g), job, o);
+        return "joined";
+      } catch (const PeerError& e) {
+        const std::string text = e.what();
+        const std::string want = "has CudaGroupOptions::h = " + std::to_string(o.h) + " but rank " + std::to_string(e.peer()) + " has " +
+                                 std::to_string(g == 3 ? h : h + 8) + ": all ranks must agree on it";
+        return "peer " + std::to_string(e.peer()) + " " + error_code_name(e.code()) +
+               (text.find(want) != std::string::npos ? "" : " (unexpected text: " + text + ")");
+      }
+    });
+    for (int g = 0; g < 4; ++g) {
+      const std::string want = g == 3 ? "peer 0 config_mismatch" : "peer 3 config_mismatch";
+      expect(results[static_cast<std::size_t>(g)] == want, "options disagree: rank " + std::to_string(g) + " " + results[static_cast<std::size_t>(g)]);
+    }
+  }
+
+  // 5. A TP pair whose rank 1 passes combine other tp_send_counts than its dispatch returned: it names
+  //    the entry and both values; its peer names it as failed.
+  {
+    casefile::Case tp;
+    do {
+      mt::CaseLimits limits;
+      limits.world_size = 2;
+      limits.max_bs = 3;
+      tp = mt::random_case(rng, limits);
+    } while (tp.tp_world_size != 2);
+    tp.quant_mode = 0;
+    const std::string job = job_name("tp-counts", 0);
+    const auto results = fork_ranks(2, [&](int g) -> std::string {
+      const casefile::RankInputs& in = tp.ranks[static_cast<std::size_t>(g)];
+      cuda::CudaGroupOptions o;
+      o.device = 0;
+      o.k = in.expert_ids.cols();
+      o.h = in.x.cols();
+      o.max_bs = std::max(tp.ranks[0].x.rows(), tp.ranks[1].x.rows());
+      if (tp.global_bs != 0) o.max_bs = tp.global_bs / tp.ep_world_size;
+      check(cudaSetDevice(0), "cudaSetDevice");
+      auto group = cuda::CudaGroup::join(mt::rank_config(tp, g), job, o);
+      DeviceTensor dx, di, dw, rows, counts;
+      dx.allocate(in.x, 0, 1);
+      dx.upload(in.x);
+      di.allocate(in.expert_ids, 0, 1);
+      di.upload(in.expert_ids);
+      Tensor ones(DType::fp32, in.x.rows(), o.k);
+      std::fill_n(ones.data<float>(), ones.numel(), 1.0f);
+      dw.allocate(ones, 0, 1);
+      dw.upload(ones);
+      const cuda::CudaDispatchResult d = group->dispatch(dx.view(2), di.view(2), {}, nullptr);
+      group->synchronize(nullptr);
+      Tensor tp_counts = download(d.tp_recv_counts, 2);
+      const std::int32_t right = tp_counts.data<std::int32_t>()[1];
+      if (g == 1) tp_counts.data<std::int32_t>()[1] = right + 1;
+      counts.allocate(tp_counts, 0, 1);
+      counts.upload(tp_counts);
+      Tensor zeros(tp.dtype, d.expand_x.rows(), o.h);
+      rows.allocate(zeros, 0, 1);
+      rows.upload(zeros);
+      CombineOptions copt;
+      copt.tp_send_counts = counts.view(1);
+      group->combine(rows.view(2), di.view(2), d.expand_idx, d.ep_recv_counts, dw.view(2), copt, nullptr);
+      try {
+        group->synchronize(nullptr);
+        return "no error";
+      } catch (const ValidationError& e) {
+        const std::string want = "= " + std::to_string(right + 1) + ": must equal the latest dispatch's tp_recv_counts (" + std::to_string(right) + ")";
+        return e.parameter() + (std::string(e.what()).find(want) != std::string::npos ? "" : " (unexpected text: " + std::string(e.what()) + ")");
+      } catch (const PeerError& e) {
+        return "peer " + std::to_string(e.peer()) + " " + error_code_name(e.code());
+      }
+    });
+    expect(results[1] == "tp_send_counts[1]", "tp_send_counts differ: rank 1 " + results[1]);
+    expect(results[0] == "peer 1 peer_failed", "tp_send_counts differ: rank 0 " + results[0]);
+  }
   std::printf("gpu errors: %d failures: %s\n", failures, failures == 0 ? "PASS" : "FAIL");
   return failures == 0 ? 0 : 1;
 }
