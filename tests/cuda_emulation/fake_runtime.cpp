@@ -96,6 +96,10 @@ cudaError_t cudaStreamCreate(cudaStream_t* s) {
 cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
 
 cudaError_t cudaMalloc(void** p, size_t bytes) {
+  // A test's way to make one rank's allocation fail (a device out of memory): allocations of at least
+  // this many bytes are refused.
+  if (const char* limit = std::getenv("MOEDIST_FAKE_CUDA_REFUSE_MALLOC_FROM"); limit != nullptr && bytes >= std::strtoull(limit, nullptr, 10))
+    return fail(cudaErrorMemoryAllocation);
   const int fd = memfd_create("moedist-fake-cuda", MFD_CLOEXEC);
   if (fd < 0 || ftruncate(fd, static_cast<off_t>(bytes == 0 ? 1 : bytes)) != 0) return fail(cudaErrorMemoryAllocation);
   void* m = mmap(nullptr, bytes == 0 ? 1 : bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);

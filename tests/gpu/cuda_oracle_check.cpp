@@ -241,6 +241,16 @@ std::vector<std::string> fork_ranks(int world, const std::function<std::string(i
   return out;
 }
 
+// Whether device 0 is the CPU emulation (tests/cuda_emulation/fake_runtime.cpp), asked in a child process.
+bool device_is_emulated() {
+  const auto results = fork_ranks(1, [](int) -> std::string {
+    cudaDeviceProp p{};
+    if (cudaGetDeviceProperties(&p, 0) != cudaSuccess) return "no";
+    return std::string(p.name).rfind("emulated on the CPU", 0) == 0 ? "" : "no";
+  });
+  return results[0].empty();
+}
+
 std::string job_name(const char* what, int i) { return "gpu-" + std::string(what) + "-" + std::to_string(getpid()) + "-" + std::to_string(i); }
 
 // `small`: narrow rows and few ranks, for the CPU emulation (tests/cuda_emulation/), where every
@@ -547,6 +557,32 @@ int run_error_cases() {
     });
     expect(results[1] == "tp_send_counts[1]", "tp_send_counts differ: rank 1 " + results[1]);
     expect(results[0] == "peer 1 peer_failed", "tp_send_counts differ: rank 0 " + results[0]);
+  }
+  // 6. A rank whose window cannot be allocated during join (its device out of memory): it reports its
+  //    own CUDA error, and every peer leaves join at once with peer_failed naming it (no timeout). Only
+  //    under the CPU emulation, whose runtime refuses one rank's allocations on request; a real device
+  //    cannot be made to fail for one rank alone.
+  if (device_is_emulated()) {
+    const std::string job = job_name("join-fails", 0);
+    const auto start = std::chrono::steady_clock::now();
+    const auto results = fork_ranks(4, [&](int g) -> std::string {
+      if (g == 2) setenv("MOEDIST_FAKE_CUDA_REFUSE_MALLOC_FROM", "1", 1);
+      try {
+        join(g, job, std::chrono::milliseconds(20000));
+        return "joined";
+      } catch (const PeerError& e) {
+        return "peer " + std::to_string(e.peer()) + " " + error_code_name(e.code()) + " at " + e.phase() +
+               (std::string(e.what()).find("failed to set up its CUDA window") != std::string::npos ? "" : " (unexpected text: " + std::string(e.what()) + ")");
+      } catch (const Error& e) {
+        return std::string(error_code_name(e.code())) + (std::string(e.what()).find("cudaMalloc (window)") != std::string::npos ? " cudaMalloc (window)" : " (unexpected text: " + std::string(e.what()) + ")");
+      }
+    });
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    expect(results[2] == "internal cudaMalloc (window)", "window setup fails: rank 2 " + results[2]);
+    for (int g : {0, 1, 3}) expect(results[static_cast<std::size_t>(g)] == "peer 2 peer_failed at cuda.join", "window setup fails: rank " + std::to_string(g) + " " + results[static_cast<std::size_t>(g)]);
+    expect(seconds < 10.0, "window setup fails: every rank left join in " + std::to_string(seconds) + " s (timeout 20 s)");
+  } else {
+    std::printf("skip: a window that fails on one rank during join (needs the CPU emulation's runtime)\n");
   }
   std::printf("gpu errors: %d failures: %s\n", failures, failures == 0 ? "PASS" : "FAIL");
   return failures == 0 ? 0 : 1;
