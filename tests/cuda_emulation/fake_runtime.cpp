@@ -214,6 +214,8 @@ cudaError_t cudaIpcOpenMemHandle(void** p, cudaIpcMemHandle_t handle, unsigned i
   IpcHandle h;
   std::memcpy(&h, &handle, sizeof(h));
   if (h.pid == getpid()) return fail(cudaErrorInvalidResourceHandle);  // as CUDA: not from the exporting process
+  // A test's way to make one rank's GPUs lack peer access.
+  if (std::getenv("MOEDIST_FAKE_CUDA_REFUSE_IPC") != nullptr) return fail(cudaErrorPeerAccessUnsupported);
   char path[64];
   std::snprintf(path, sizeof path, "/proc/%d/fd/%d", static_cast<int>(h.pid), h.fd);
   const int fd = open(path, O_RDWR | O_CLOEXEC);

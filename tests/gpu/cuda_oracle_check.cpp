@@ -468,10 +468,23 @@ int run_error_cases() {
       group->combine(in_window, di.view(2), d.expand_idx, d.ep_recv_counts, dw.view(2), {}, nullptr);
       refused([&] { group->combine(in_window, di.view(2), d.expand_idx, d.ep_recv_counts, dw.view(2), {}, nullptr); },
               "pairs one combine with each dispatch");
+      // A CUDA error left pending by earlier work of this process: the call refuses to start and names
+      // it, and the next call runs.
+      (void)cudaSetDevice(99);
+      try {
+        group->dispatch(dx.view(2), di.view(2), {}, nullptr);
+        seen += "accepted|";
+      } catch (const Error& e) {
+        seen += std::string(e.what()).find(std::string("was pending when dispatch started: ") + cudaGetErrorName(cudaErrorInvalidDevice)) !=
+                        std::string::npos
+                    ? "pending error|"
+                    : "(unexpected text: " + std::string(e.what()) + ")|";
+      }
+      group->dispatch(dx.view(2), di.view(2), {}, nullptr);
       group->synchronize(nullptr);  // none of the refused calls left anything on the GPU
       return "saw " + seen;
     });
-    expect(results[0] == "saw x.data|x.shape[0] (BS)|combine|out.expand_idx|expand_x.dtype|out|expand_x|combine|", "host checks: " + results[0]);
+    expect(results[0] == "saw x.data|x.shape[0] (BS)|combine|out.expand_idx|expand_x.dtype|out|expand_x|combine|pending error|", "host checks: " + results[0]);
   }
   // 4. Ranks that disagree on the group's options: every rank names the first rank that differs, and
   //    the option with both values.
@@ -581,8 +594,25 @@ int run_error_cases() {
     expect(results[2] == "internal cudaMalloc (window)", "window setup fails: rank 2 " + results[2]);
     for (int g : {0, 1, 3}) expect(results[static_cast<std::size_t>(g)] == "peer 2 peer_failed at cuda.join", "window setup fails: rank " + std::to_string(g) + " " + results[static_cast<std::size_t>(g)]);
     expect(seconds < 10.0, "window setup fails: every rank left join in " + std::to_string(seconds) + " s (timeout 20 s)");
+    // 7. A rank that cannot open its peers' windows through CUDA IPC (GPUs without peer access): it
+    //    names the first peer and the reason; the others leave at the next phase naming it.
+    const std::string ipc_job = job_name("ipc-refused", 0);
+    const auto ipc = fork_ranks(4, [&](int g) -> std::string {
+      if (g == 1) setenv("MOEDIST_FAKE_CUDA_REFUSE_IPC", "1", 1);
+      try {
+        join(g, ipc_job, std::chrono::milliseconds(20000));
+        return "joined";
+      } catch (const PeerError& e) {
+        const std::string text = e.what();
+        const bool named = g == 1 ? text.find("cannot open the window of rank 0 (device 0) through CUDA IPC") != std::string::npos
+                                  : text.find("rank 1 failed to set up its CUDA window (cuda.ready)") != std::string::npos;
+        return "peer " + std::to_string(e.peer()) + " " + error_code_name(e.code()) + " at " + e.phase() + (named ? "" : " (unexpected text: " + text + ")");
+      }
+    });
+    expect(ipc[1] == "peer 0 unsupported at cuda.join", "IPC refused: rank 1 " + ipc[1]);
+    for (int g : {0, 2, 3}) expect(ipc[static_cast<std::size_t>(g)] == "peer 1 peer_failed at cuda.ready", "IPC refused: rank " + std::to_string(g) + " " + ipc[static_cast<std::size_t>(g)]);
   } else {
-    std::printf("skip: a window that fails on one rank during join (needs the CPU emulation's runtime)\n");
+    std::printf("skip: a window that fails on one rank during join, and IPC refused on one rank (need the CPU emulation's runtime)\n");
   }
   std::printf("gpu errors: %d failures: %s\n", failures, failures == 0 ? "PASS" : "FAIL");
   return failures == 0 ? 0 : 1;
