@@ -91,6 +91,22 @@ inline thread_local EmulatedDim3 blockIdx, blockDim, gridDim;  // threadIdx: the
 
 namespace emu {
 
+// ThreadSanitizer's happens-before annotations; nothing in other builds.
+inline void happens_before_release(void* address) {
+#ifdef MOEDIST_EMU_TSAN
+  __tsan_release(address);
+#else
+  (void)address;
+#endif
+}
+inline void happens_before_acquire(void* address) {
+#ifdef MOEDIST_EMU_TSAN
+  __tsan_acquire(address);
+#else
+  (void)address;
+#endif
+}
+
 // Why fibers, not one std::thread per CUDA thread: a launch of 256 threads made 256 processes' worth of
 // pids, and a test makes hundreds of thousands of them in seconds. Linux's pid space (32768 here) then
 // wraps every few seconds, and mpirun (Open MPI 4.1) signals the process group of children it has
@@ -186,9 +202,7 @@ inline void yield_to_scheduler(Runner& r, Fiber& f) {
 #ifdef MOEDIST_EMU_ASAN
   __sanitizer_finish_switch_fiber(f.asan_fake_stack, &r.scheduler_stack, &r.scheduler_stack_bytes);
 #endif
-#ifdef MOEDIST_EMU_TSAN
-  __tsan_acquire(&r.handoff);
-#endif
+  happens_before_acquire(&r.handoff);
 }
 
 inline void fiber_main() {
@@ -197,14 +211,10 @@ inline void fiber_main() {
 #ifdef MOEDIST_EMU_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &r.scheduler_stack, &r.scheduler_stack_bytes);
 #endif
-#ifdef MOEDIST_EMU_TSAN
-  __tsan_acquire(&r.handoff);
-#endif
+  happens_before_acquire(&r.handoff);
   for (;;) {  // one block per turn; resumed by the scheduler for the next
     (*r.body)();
-#ifdef MOEDIST_EMU_TSAN
-    __tsan_release(&r.end_sync);
-#endif
+    happens_before_release(&r.end_sync);
     f.done.store(true, std::memory_order_relaxed);
     r.progress.fetch_add(1, std::memory_order_relaxed);
     yield_to_scheduler(r, f);
@@ -213,8 +223,8 @@ inline void fiber_main() {
 
 inline void switch_to(Runner& r, Fiber& f) {
   r.current.store(&f, std::memory_order_relaxed);
+  happens_before_release(&r.handoff);
 #ifdef MOEDIST_EMU_TSAN
-  __tsan_release(&r.handoff);
   __tsan_switch_to_fiber(f.tsan_fiber, __tsan_switch_to_fiber_no_sync);
 #endif
 #ifdef MOEDIST_EMU_ASAN
@@ -287,9 +297,7 @@ inline void run_block(unsigned block_index, unsigned threads, const std::functio
       std::this_thread::yield();
     }
   }
-#ifdef MOEDIST_EMU_TSAN
-  __tsan_acquire(&r.end_sync);  // the host sees the block's work (a launch is ordered on its stream)
-#endif
+  happens_before_acquire(&r.end_sync);  // the host sees the block's work (a launch is ordered on its stream)
 }
 
 // Runs grid blocks of `threads` threads each, one block at a time (so the statics that stand in for
@@ -311,18 +319,12 @@ inline void wait_at_barrier() {
   Runner& r = runner();
   Fiber& f = running_fiber(r);
   int* sync = &r.barrier_sync[r.openings.load(std::memory_order_relaxed) % 2];
-#ifdef MOEDIST_EMU_TSAN
-  __tsan_release(sync);
-#endif
+  happens_before_release(sync);
   f.at_barrier.store(true, std::memory_order_relaxed);
   r.arrived.fetch_add(1, std::memory_order_relaxed);
   r.progress.fetch_add(1, std::memory_order_relaxed);
   yield_to_scheduler(r, f);
-#ifdef MOEDIST_EMU_TSAN
-  __tsan_acquire(sync);
-#else
-  (void)sync;
-#endif
+  happens_before_acquire(sync);
 }
 
 // The lanes of warp `w` that have not returned (a full-mask shuffle needs every lane on the GPU).
@@ -340,9 +342,7 @@ inline void warp_sync() {
   Warp& warp = r.warps[w];
   const unsigned generation = warp.generation.load(std::memory_order_relaxed);
   int* sync = &warp.sync[generation % 2];
-#ifdef MOEDIST_EMU_TSAN
-  __tsan_release(sync);
-#endif
+  happens_before_release(sync);
   warp.arrived.fetch_add(1, std::memory_order_relaxed);
   r.progress.fetch_add(1, std::memory_order_relaxed);
   while (warp.generation.load(std::memory_order_relaxed) == generation) {
@@ -353,11 +353,7 @@ inline void warp_sync() {
     }
     yield_to_scheduler(r, f);
   }
-#ifdef MOEDIST_EMU_TSAN
-  __tsan_acquire(sync);
-#else
-  (void)sync;
-#endif
+  happens_before_acquire(sync);
 }
 
 // __nanosleep: the others run first.
