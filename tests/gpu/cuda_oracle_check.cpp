@@ -36,6 +36,28 @@ void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
+// "" when e's message says `phrase`; else the message, so that the expectation on the result fails
+// showing it.
+std::string unless_says(const std::exception& e, const std::string& phrase) {
+  const std::string text = e.what();
+  return text.find(phrase) != std::string::npos ? "" : " (unexpected text: " + text + ")";
+}
+std::string peer_and_code(const PeerError& e) { return "peer " + std::to_string(e.peer()) + " " + error_code_name(e.code()); }
+
+// Rank g's group options for the calls of `c` (device 0): its K and H, and max_bs from global_bs or
+// the largest BS of any rank.
+cuda::CudaGroupOptions options_for(const casefile::Case& c, int g) {
+  const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
+  cuda::CudaGroupOptions o;
+  o.device = 0;
+  o.k = in.expert_ids.cols();
+  o.h = in.x.cols();
+  std::int64_t max_bs = 0;
+  for (const auto& r : c.ranks) max_bs = std::max(max_bs, r.x.rows());
+  o.max_bs = c.global_bs != 0 ? c.global_bs / c.ep_world_size : max_bs;
+  return o;
+}
+
 // A device copy of a host tensor, optionally strided (padded rows, every `col_step`-th column).
 struct DeviceTensor {
   void* data = nullptr;
@@ -126,13 +148,8 @@ std::string run_rank(const std::vector<casefile::Case>& calls, const std::vector
   const casefile::RankInputs& in0 = c0.ranks[static_cast<std::size_t>(g)];
   int devices = 0;
   check(cudaGetDeviceCount(&devices), "cudaGetDeviceCount");
-  cuda::CudaGroupOptions options;
+  cuda::CudaGroupOptions options = options_for(c0, g);
   options.device = g % devices;
-  options.k = in0.expert_ids.cols();
-  options.h = in0.x.cols();
-  std::int64_t max_bs = 0;
-  for (const auto& r : c0.ranks) max_bs = std::max(max_bs, r.x.rows());
-  options.max_bs = c0.global_bs != 0 ? c0.global_bs / c0.ep_world_size : max_bs;
   options.timeout = mode.timeout;
   check(cudaSetDevice(options.device), "cudaSetDevice");
   auto group = cuda::CudaGroup::join(mt::rank_config(c0, g), job, options);
@@ -354,7 +371,7 @@ int run_error_cases() {
       } catch (const ValidationError& e) {
         seen = "validation " + e.parameter() + " = " + e.value();
       } catch (const PeerError& e) {
-        seen = "peer " + std::to_string(e.peer()) + " " + error_code_name(e.code());
+        seen = peer_and_code(e);
       }
       try {
         group->dispatch(dx.view(2), dids.view(2), {}, nullptr);
@@ -441,7 +458,7 @@ int run_error_cases() {
           call();
           seen += "accepted|";
         } catch (const ValidationError& e) {
-          seen += e.parameter() + (std::string(e.what()).find(phrase) != std::string::npos ? "|" : " (unexpected text: " + std::string(e.what()) + ")|");
+          seen += e.parameter() + unless_says(e, phrase) + "|";
         }
       };
       const MutableTensorView window_rows = group->combine_buffer(c.dtype);
@@ -475,10 +492,7 @@ int run_error_cases() {
         group->dispatch(dx.view(2), di.view(2), {}, nullptr);
         seen += "accepted|";
       } catch (const Error& e) {
-        seen += std::string(e.what()).find(std::string("was pending when dispatch started: ") + cudaGetErrorName(cudaErrorInvalidDevice)) !=
-                        std::string::npos
-                    ? "pending error|"
-                    : "(unexpected text: " + std::string(e.what()) + ")|";
+        seen += "pending error" + unless_says(e, std::string("was pending when dispatch started: ") + cudaGetErrorName(cudaErrorInvalidDevice)) + "|";
       }
       group->dispatch(dx.view(2), di.view(2), {}, nullptr);
       group->synchronize(nullptr);  // none of the refused calls left anything on the GPU
@@ -501,11 +515,8 @@ int run_error_cases() {
         cuda::CudaGroup::join(mt::rank_config(c, g), job, o);
         return "joined";
       } catch (const PeerError& e) {
-        const std::string text = e.what();
-        const std::string want = "has CudaGroupOptions::h = " + std::to_string(o.h) + " but rank " + std::to_string(e.peer()) + " has " +
-                                 std::to_string(g == 3 ? h : h + 8) + ": all ranks must agree on it";
-        return "peer " + std::to_string(e.peer()) + " " + error_code_name(e.code()) +
-               (text.find(want) != std::string::npos ? "" : " (unexpected text: " + text + ")");
+        return peer_and_code(e) + unless_says(e, "has CudaGroupOptions::h = " + std::to_string(o.h) + " but rank " + std::to_string(e.peer()) +
+                                                     " has " + std::to_string(g == 3 ? h : h + 8) + ": all ranks must agree on it");
       }
     });
     for (int g = 0; g < 4; ++g) {
@@ -528,12 +539,7 @@ int run_error_cases() {
     const std::string job = job_name("tp-counts", 0);
     const auto results = fork_ranks(2, [&](int g) -> std::string {
       const casefile::RankInputs& in = tp.ranks[static_cast<std::size_t>(g)];
-      cuda::CudaGroupOptions o;
-      o.device = 0;
-      o.k = in.expert_ids.cols();
-      o.h = in.x.cols();
-      o.max_bs = std::max(tp.ranks[0].x.rows(), tp.ranks[1].x.rows());
-      if (tp.global_bs != 0) o.max_bs = tp.global_bs / tp.ep_world_size;
+      const cuda::CudaGroupOptions o = options_for(tp, g);
       check(cudaSetDevice(0), "cudaSetDevice");
       auto group = cuda::CudaGroup::join(mt::rank_config(tp, g), job, o);
       DeviceTensor dx, di, dw, rows, counts;
@@ -562,10 +568,10 @@ int run_error_cases() {
         group->synchronize(nullptr);
         return "no error";
       } catch (const ValidationError& e) {
-        const std::string want = "= " + std::to_string(right + 1) + ": must equal the latest dispatch's tp_recv_counts (" + std::to_string(right) + ")";
-        return e.parameter() + (std::string(e.what()).find(want) != std::string::npos ? "" : " (unexpected text: " + std::string(e.what()) + ")");
+        return e.parameter() + unless_says(e, "= " + std::to_string(right + 1) + ": must equal the latest dispatch's tp_recv_counts (" +
+                                                  std::to_string(right) + ")");
       } catch (const PeerError& e) {
-        return "peer " + std::to_string(e.peer()) + " " + error_code_name(e.code());
+        return peer_and_code(e);
       }
     });
     expect(results[1] == "tp_send_counts[1]", "tp_send_counts differ: rank 1 " + results[1]);
@@ -584,10 +590,9 @@ int run_error_cases() {
         join(g, job, std::chrono::milliseconds(20000));
         return "joined";
       } catch (const PeerError& e) {
-        return "peer " + std::to_string(e.peer()) + " " + error_code_name(e.code()) + " at " + e.phase() +
-               (std::string(e.what()).find("failed to set up its CUDA window") != std::string::npos ? "" : " (unexpected text: " + std::string(e.what()) + ")");
+        return peer_and_code(e) + " at " + e.phase() + unless_says(e, "failed to set up its CUDA window");
       } catch (const Error& e) {
-        return std::string(error_code_name(e.code())) + (std::string(e.what()).find("cudaMalloc (window)") != std::string::npos ? " cudaMalloc (window)" : " (unexpected text: " + std::string(e.what()) + ")");
+        return std::string(error_code_name(e.code())) + " cudaMalloc (window)" + unless_says(e, "cudaMalloc (window)");
       }
     });
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -603,10 +608,8 @@ int run_error_cases() {
         join(g, ipc_job, std::chrono::milliseconds(20000));
         return "joined";
       } catch (const PeerError& e) {
-        const std::string text = e.what();
-        const bool named = g == 1 ? text.find("cannot open the window of rank 0 (device 0) through CUDA IPC") != std::string::npos
-                                  : text.find("rank 1 failed to set up its CUDA window (cuda.ready)") != std::string::npos;
-        return "peer " + std::to_string(e.peer()) + " " + error_code_name(e.code()) + " at " + e.phase() + (named ? "" : " (unexpected text: " + text + ")");
+        return peer_and_code(e) + " at " + e.phase() +
+               unless_says(e, g == 1 ? "cannot open the window of rank 0 (device 0) through CUDA IPC" : "rank 1 failed to set up its CUDA window (cuda.ready)");
       }
     });
     expect(ipc[1] == "peer 0 unsupported at cuda.join", "IPC refused: rank 1 " + ipc[1]);
