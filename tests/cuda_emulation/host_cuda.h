@@ -148,7 +148,6 @@ struct Runner {
   void* scheduler_tsan_fiber = nullptr;
   std::atomic<Fiber*> current{nullptr};  // the fiber running now
   const std::function<void()>* body = nullptr;
-  unsigned threads = 0;                  // of the block running now
   std::atomic<unsigned> arrived{0};      // fibers waiting at the block's barrier
   std::atomic<unsigned> openings{0};     // times the block's barrier opened
   std::atomic<unsigned long> progress{0};  // arrivals and returns: a sweep without any only spun
@@ -255,7 +254,6 @@ inline void run_block(unsigned block_index, unsigned threads, const std::functio
   Runner& r = runner();
   r.grow_to(threads);
   r.body = &body;
-  r.threads = threads;
   r.arrived.store(0);
   for (Warp& w : r.warps) w.arrived.store(0);
 #ifdef MOEDIST_EMU_TSAN
@@ -330,7 +328,7 @@ inline void wait_at_barrier() {
 // The lanes of warp `w` that have not returned (a full-mask shuffle needs every lane on the GPU).
 inline unsigned live_lanes(Runner& r, unsigned w) {
   unsigned n = 0;
-  for (unsigned t = w * 32; t < std::min(r.threads, w * 32 + 32); ++t) n += r.pool[t]->done.load(std::memory_order_relaxed) ? 0 : 1;
+  for (unsigned t = w * 32; t < std::min(blockDim.x, w * 32 + 32); ++t) n += r.pool[t]->done.load(std::memory_order_relaxed) ? 0 : 1;
   return n;
 }
 
