@@ -19,7 +19,7 @@
 #include "demo_layer.h"
 #include "moedist/error.h"
 #ifdef MOEDIST_HAVE_MPI
-#include "contract/errors.h"
+#include "common/format.h"
 #include "mpi_ranks.h"
 #endif
 
@@ -115,12 +115,12 @@ int run_demo_mpi(const demo::DemoOptions& o) {
   const auto run = [&](const std::string& path) {
     try {
       if (demo::world_size(o) != mpi.size()) {
-        contract::fail(ErrorCode::config_mismatch, "mpirun -np", contract::concat(mpi.size()),
-                       contract::concat("must equal --ep-world-size * max(--tp-world-size, 1) = ", demo::world_size(o)));
+        fail(ErrorCode::config_mismatch, "mpirun -np", concat(mpi.size()),
+                       concat("must equal --ep-world-size * max(--tp-world-size, 1) = ", demo::world_size(o)));
       }
       write_record(path, demo::run_mpi_rank(o));
     } catch (const Error& e) {
-      throw Error(e.code(), contract::concat("rank ", mpi.rank(), ": ", e.what()));
+      throw Error(e.code(), concat("rank ", mpi.rank(), ": ", e.what()));
     }
   };
   const auto gather = [&] {

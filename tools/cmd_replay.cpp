@@ -14,7 +14,7 @@
 
 #include "casefile/case_file.h"
 #include "commands.h"
-#include "contract/errors.h"
+#include "common/format.h"
 #ifdef MOEDIST_HAVE_MPI
 #include "moedist/mpi.h"
 #include "mpi_ranks.h"
@@ -41,15 +41,15 @@ int replay_mpi(const std::string& case_path, const std::string& out_path, std::c
   MpiSession mpi;
   std::vector<casefile::RankOutputs> outputs(static_cast<std::size_t>(mpi.size()));
   const auto run = [&](const std::string& path) {
-    std::string prefix = contract::concat("rank ", mpi.rank(), ": ");
+    std::string prefix = concat("rank ", mpi.rank(), ": ");
     try {
       const casefile::Case c = casefile::read_case(case_path);
       const int tp = std::max(c.tp_world_size, 1);
-      prefix = contract::concat("rank ", mpi.rank(), " (ep_rank ", mpi.rank() / tp, ", tp_rank ", mpi.rank() % tp, "): ");
+      prefix = concat("rank ", mpi.rank(), " (ep_rank ", mpi.rank() / tp, ", tp_rank ", mpi.rank() % tp, "): ");
       const int ranks = static_cast<int>(c.ranks.size());
       if (ranks != mpi.size()) {
-        contract::fail(ErrorCode::config_mismatch, "mpirun -np", contract::concat(mpi.size()),
-                       contract::concat("must equal the case's ep_world_size * max(tp_world_size, 1) = ", ranks));
+        fail(ErrorCode::config_mismatch, "mpirun -np", concat(mpi.size()),
+                       concat("must equal the case's ep_world_size * max(tp_world_size, 1) = ", ranks));
       }
       MpiOptions options;
       options.timeout = timeout;

@@ -5,7 +5,7 @@
 #include <utility>
 #include <vector>
 
-#include "contract/errors.h"
+#include "common/format.h"
 
 namespace moedist::contract {
 namespace {

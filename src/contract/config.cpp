@@ -4,14 +4,12 @@
 #include <cstring>
 
 #include "contract/checks.h"
-#include "contract/errors.h"
+#include "common/format.h"
 #include "contract/layout.h"
 #include "moedist/config.h"
 
 namespace moedist {
 
-using contract::concat;
-using contract::fail_value;
 
 const char* profile_name(Profile profile) noexcept {
   switch (profile) {
@@ -103,7 +101,7 @@ CapacityReport capacity(const GroupConfig& config, const CapacityQuery& q) {
   if (q.x_dtype != DType::bf16 && q.x_dtype != DType::fp16)
     fail_value("x_dtype", dtype_name(q.x_dtype), "must be bfloat16 or float16");
   if (q.quant_mode == 1)
-    contract::fail(ErrorCode::unsupported, "quant_mode", "1", "static quantization is not supported (0 = none, 2 = dynamic int8)");
+    fail(ErrorCode::unsupported, "quant_mode", "1", "static quantization is not supported (0 = none, 2 = dynamic int8)");
   if (q.quant_mode != 0 && q.quant_mode != 2) fail_value("quant_mode", q.quant_mode, "must be 0 (none) or 2 (dynamic int8)");
   if (config.global_bs != 0 && contract::sat_mul(q.bs, config.ep_world_size) > config.global_bs)
     fail_value("bs", q.bs, concat("bs * ep_world_size must be <= global_bs = ", config.global_bs));
@@ -121,7 +119,7 @@ CapacityReport capacity(const GroupConfig& config, const CapacityQuery& q) {
   r.window_bytes = static_cast<std::int64_t>(layout.total_bytes);
   r.output_bytes = static_cast<std::int64_t>(contract::group_output_bytes(topo, shape, config.ep_rank_id));
   if (r.window_bytes >= contract::kSizeLimit || r.output_bytes >= contract::kSizeLimit) {
-    contract::fail(ErrorCode::capacity, "bs", concat(q.bs),
+    fail(ErrorCode::capacity, "bs", concat(q.bs),
                    concat("with k = ", q.k, ", h = ", q.h, " and global_bs = ", config.global_bs, " a rank would need more than 2^62 bytes"));
   }
   r.total_bytes = r.window_bytes + r.output_bytes;

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "contract/checks.h"
-#include "contract/errors.h"
+#include "common/format.h"
 #include "contract/layout.h"
 #include "cuda/call_args.h"
 #include "cuda/kernels.h"
@@ -22,7 +22,6 @@
 
 namespace moedist::cuda {
 
-using contract::concat;
 
 namespace {
 
@@ -48,14 +47,14 @@ void require_device_tensor(const char* name, const void* data, std::int64_t nume
   const cudaError_t err = cudaPointerGetAttributes(&attr, data);
   if (err != cudaSuccess) {
     cudaGetLastError();  // clear the sticky error of an unknown pointer
-    contract::fail(ErrorCode::invalid_argument, concat(name, ".data"), "host memory", "must be CUDA device memory");
+    fail(ErrorCode::invalid_argument, concat(name, ".data"), "host memory", "must be CUDA device memory");
   }
   if (attr.type == cudaMemoryTypeManaged) return;
   if (attr.type != cudaMemoryTypeDevice)
-    contract::fail(ErrorCode::invalid_argument, concat(name, ".data"), attr.type == cudaMemoryTypeHost ? "pinned host memory" : "host memory",
+    fail(ErrorCode::invalid_argument, concat(name, ".data"), attr.type == cudaMemoryTypeHost ? "pinned host memory" : "host memory",
                    "must be CUDA device memory");
   if (attr.device != device)
-    contract::fail(ErrorCode::invalid_argument, concat(name, ".data"), concat("memory of device ", attr.device),
+    fail(ErrorCode::invalid_argument, concat(name, ".data"), concat("memory of device ", attr.device),
                    concat("must be memory of this rank's device ", device));
 }
 
@@ -277,24 +276,24 @@ std::unique_ptr<CudaGroup> CudaGroup::join(const GroupConfig& config, const std:
   const contract::Topology topo(config);
   const int world = topo.world_size();
   if (world > kMaxWorld)
-    contract::fail(ErrorCode::unsupported, "ep_world_size * max(tp_world_size, 1)", concat(world), concat("the CUDA backend supports at most ", kMaxWorld, " ranks"));
+    fail(ErrorCode::unsupported, "ep_world_size * max(tp_world_size, 1)", concat(world), concat("the CUDA backend supports at most ", kMaxWorld, " ranks"));
   if (options.k < 1 || options.k > std::min<std::int64_t>(config.moe_expert_num, kMaxK))
-    contract::fail_value("CudaGroupOptions::k", options.k, concat("must be in [1, min(moe_expert_num, ", kMaxK, ")]"));
-  if (options.h < 1) contract::fail_value("CudaGroupOptions::h", options.h, "must be >= 1");
-  if (options.timeout.count() <= 0) contract::fail_value("CudaGroupOptions::timeout (ms)", options.timeout.count(), "must be > 0");
+    fail_value("CudaGroupOptions::k", options.k, concat("must be in [1, min(moe_expert_num, ", kMaxK, ")]"));
+  if (options.h < 1) fail_value("CudaGroupOptions::h", options.h, "must be >= 1");
+  if (options.timeout.count() <= 0) fail_value("CudaGroupOptions::timeout (ms)", options.timeout.count(), "must be > 0");
   CudaGroupOptions opts = options;
   if (config.global_bs != 0) {
     const std::int64_t limit = config.global_bs / config.ep_world_size;
     if (opts.max_bs == 0) opts.max_bs = limit;
     if (opts.max_bs < 0 || opts.max_bs > limit)
-      contract::fail_value("CudaGroupOptions::max_bs", opts.max_bs, concat("must be in [0, global_bs / ep_world_size = ", limit, "]"));
+      fail_value("CudaGroupOptions::max_bs", opts.max_bs, concat("must be in [0, global_bs / ep_world_size = ", limit, "]"));
   } else if (opts.max_bs < 0) {
-    contract::fail_value("CudaGroupOptions::max_bs", opts.max_bs, "must be >= 0");
+    fail_value("CudaGroupOptions::max_bs", opts.max_bs, "must be >= 0");
   }
   if (contract::sat_mul(opts.max_bs, opts.k) > (std::int64_t{1} << 30))
-    contract::fail_value("CudaGroupOptions::max_bs * k", opts.max_bs * opts.k, "must be <= 2^30 routing entries");
+    fail_value("CudaGroupOptions::max_bs * k", opts.max_bs * opts.k, "must be <= 2^30 routing entries");
   std::string reason;
-  if (!available(&reason)) contract::fail(ErrorCode::unsupported, "CUDA device", "none", concat("a CUDA group needs one: ", reason));
+  if (!available(&reason)) fail(ErrorCode::unsupported, "CUDA device", "none", concat("a CUDA group needs one: ", reason));
   if (opts.device < 0) check_cuda(cudaGetDevice(&opts.device), "cudaGetDevice");
   check_cuda(cudaSetDevice(opts.device), "cudaSetDevice");
 
@@ -302,7 +301,7 @@ std::unique_ptr<CudaGroup> CudaGroup::join(const GroupConfig& config, const std:
   State& s = *state;
   s.off = gpu::window_offsets(topo, opts.max_bs, opts.k, opts.h);
   if (s.off.total >= static_cast<std::size_t>(contract::kSizeLimit))
-    contract::fail_value("CudaGroupOptions::max_bs", opts.max_bs, "gives a window of more than 2^62 bytes");
+    fail_value("CudaGroupOptions::max_bs", opts.max_bs, "gives a window of more than 2^62 bytes");
 
   ShmOptions boot;
   boot.timeout = opts.timeout;
@@ -377,17 +376,17 @@ CudaDispatchResult CudaGroup::dispatch(const TensorView& x, const TensorView& ex
   s.throw_if_failed();
   const DeviceGuard on_device(s.options.device);
   const contract::CallShape shape = contract::check_dispatch(s.config, x, expert_ids, o, contract::Values::on_device);
-  if (shape.h != s.options.h) contract::fail(ErrorCode::invalid_shape, "x.shape[1] (H)", concat(shape.h), concat("must be the group's H = ", s.options.h));
-  if (shape.k != s.options.k) contract::fail(ErrorCode::invalid_shape, "expert_ids.shape[1] (K)", concat(shape.k), concat("must be the group's K = ", s.options.k));
+  if (shape.h != s.options.h) fail(ErrorCode::invalid_shape, "x.shape[1] (H)", concat(shape.h), concat("must be the group's H = ", s.options.h));
+  if (shape.k != s.options.k) fail(ErrorCode::invalid_shape, "expert_ids.shape[1] (K)", concat(shape.k), concat("must be the group's K = ", s.options.k));
   if (shape.bs > s.options.max_bs)
-    contract::fail(ErrorCode::invalid_shape, "x.shape[0] (BS)", concat(shape.bs), concat("must be <= the group's max_bs = ", s.options.max_bs));
+    fail(ErrorCode::invalid_shape, "x.shape[0] (BS)", concat(shape.bs), concat("must be <= the group's max_bs = ", s.options.max_bs));
   const DispatchOutputs& out = o.out;
   for (const auto& [name, buffer] : {std::pair<const char*, const MutableTensorView*>{"out.expand_x", &out.expand_x},
                                      {"out.dynamic_scales", &out.dynamic_scales}, {"out.expand_scales", &out.expand_scales},
                                      {"out.expand_idx", &out.expand_idx}, {"out.expert_token_nums", &out.expert_token_nums},
                                      {"out.ep_recv_counts", &out.ep_recv_counts}, {"out.tp_recv_counts", &out.tp_recv_counts}}) {
     if (buffer->present())
-      contract::fail(ErrorCode::unsupported, name, "given", "the CUDA backend returns its outputs in group memory (leave options.out empty)");
+      fail(ErrorCode::unsupported, name, "given", "the CUDA backend returns its outputs in group memory (leave options.out empty)");
   }
   const int dev = s.options.device;
   require_device_tensor("x", x.data, x.numel(), dev);
@@ -437,16 +436,16 @@ TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expe
   contract::CombineCounts counts;
   const contract::CallShape shape =
       contract::check_combine(s.config, expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, o, &counts, contract::Values::on_device);
-  if (!s.dispatched) contract::fail(ErrorCode::invalid_argument, "combine", "before any dispatch", "needs a dispatch on this group first");
+  if (!s.dispatched) fail(ErrorCode::invalid_argument, "combine", "before any dispatch", "needs a dispatch on this group first");
   if (s.combined_since_dispatch)
-    contract::fail(ErrorCode::invalid_argument, "combine", "a second combine", "the CUDA backend pairs one combine with each dispatch");
+    fail(ErrorCode::invalid_argument, "combine", "a second combine", "the CUDA backend pairs one combine with each dispatch");
   if (shape.bs != s.last_shape.bs || shape.k != s.last_shape.k || shape.h != s.last_shape.h) {
-    contract::fail(ErrorCode::invalid_shape, "expert_ids.shape / expand_x.shape[1]",
+    fail(ErrorCode::invalid_shape, "expert_ids.shape / expand_x.shape[1]",
                    concat("(", shape.bs, ", ", shape.k, ") / ", shape.h),
                    concat("must be the latest dispatch's (", s.last_shape.bs, ", ", s.last_shape.k, ") / ", s.last_shape.h));
   }
   if (expand_x.dtype != s.last_dtype)
-    contract::fail(ErrorCode::invalid_dtype, "expand_x.dtype", std::string(dtype_name(expand_x.dtype)), concat("must be the dispatched x's dtype ", dtype_name(s.last_dtype)));
+    fail(ErrorCode::invalid_dtype, "expand_x.dtype", std::string(dtype_name(expand_x.dtype)), concat("must be the dispatched x's dtype ", dtype_name(s.last_dtype)));
   const int dev = s.options.device;
   require_device_tensor("expand_x", expand_x.data, expand_x.numel(), dev);
   require_device_tensor("expert_ids", expert_ids.data, expert_ids.numel(), dev);
@@ -463,7 +462,7 @@ TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expe
   const auto* x_begin = static_cast<const std::byte*>(expand_x.data);
   const std::byte* region = s.window + s.off.combine_rows;
   if (!a.staged_in_place && x_begin >= region && x_begin < region + s.off.receive_rows * static_cast<std::int64_t>(s.off.combine_pitch)) {
-    contract::fail(ErrorCode::invalid_argument, "expand_x", "a view of combine_buffer()",
+    fail(ErrorCode::invalid_argument, "expand_x", "a view of combine_buffer()",
                    o.comm_quant_mode == 2 ? "cannot be staged in place with comm_quant_mode 2 (quantization rewrites those rows): pass it from other memory"
                                           : "must be exactly combine_buffer(dtype) (same start and row stride) when it lies in it");
   }
@@ -471,7 +470,7 @@ TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expe
     const auto* first = static_cast<const std::byte*>(o.out.data);
     const std::byte* last = first + ((shape.bs - 1) * o.out.strides[0] + (shape.h - 1) * o.out.strides[1] + 1) * 2;
     if (first < s.window + s.off.total && last > s.window) {
-      contract::fail(ErrorCode::invalid_argument, "out", "a view of the group's window", "must not lie in the group's window (peers read it during combine)");
+      fail(ErrorCode::invalid_argument, "out", "a view of the group's window", "must not lie in the group's window (peers read it during combine)");
     }
   }
   MutableTensorView out = o.out.present() ? o.out : matrix_view(s.combine_out, expand_x.dtype, shape.bs, shape.h);

@@ -4,12 +4,11 @@
 
 #include <algorithm>
 
-#include "contract/errors.h"
+#include "common/format.h"
 #include "moedist/error.h"
 
 namespace moedist::gpu {
 
-using contract::concat;
 
 namespace {
 
@@ -48,25 +47,25 @@ void throw_status_error(const Status& st, int me, std::int64_t call_k) {
   const std::int64_t k = std::max<std::int64_t>(call_k, 1);
   switch (rule) {
     case Rule::id_range:
-      contract::fail(code, concat("expert_ids[", st.index / k, ", ", st.index % k, "]"), concat(st.value),
+      fail(code, concat("expert_ids[", st.index / k, ", ", st.index % k, "]"), concat(st.value),
                      concat("must be in [0, moe_expert_num = ", st.limit, ")"));
     case Rule::id_repeated:
-      contract::fail(code, concat("expert_ids[", st.index / k, ", ", st.index % k, "]"), concat(st.value),
+      fail(code, concat("expert_ids[", st.index / k, ", ", st.index % k, "]"), concat(st.value),
                      concat("the K ids of a row must be distinct; row ", st.index / k, " repeats it"));
     case Rule::ids_differ:
-      contract::fail(code, concat("expert_ids[", st.index / k, ", ", st.index % k, "]"), concat(st.value),
+      fail(code, concat("expert_ids[", st.index / k, ", ", st.index % k, "]"), concat(st.value),
                      concat("must equal the latest dispatch's expert_ids (", st.limit, "): combine pairs with it"));
     case Rule::expand_idx_differs:
-      contract::fail(code, concat("expand_idx[", st.index, "]"), concat(st.value),
+      fail(code, concat("expand_idx[", st.index, "]"), concat(st.value),
                      concat("must equal the latest dispatch's expand_idx (", st.limit, ")"));
     case Rule::ep_counts_differ:
-      contract::fail(code, concat("ep_send_counts[", st.index, "]"), concat(st.value),
+      fail(code, concat("ep_send_counts[", st.index, "]"), concat(st.value),
                      concat("must equal the latest dispatch's ep_recv_counts (", st.limit, ")"));
     case Rule::tp_counts_differ:
-      contract::fail(code, concat("tp_send_counts[", st.index, "]"), concat(st.value),
+      fail(code, concat("tp_send_counts[", st.index, "]"), concat(st.value),
                      concat("must equal the latest dispatch's tp_recv_counts (", st.limit, ")"));
     case Rule::expand_x_rows:
-      contract::fail(code, "expand_x.shape[0]", concat(st.value), concat("must be >= the latest dispatch's ", st.limit, " valid rows"));
+      fail(code, "expand_x.shape[0]", concat(st.value), concat("must be >= the latest dispatch's ", st.limit, " valid rows"));
     case Rule::peer_failed:
       throw PeerError(code, st.peer, phase, concat("rank ", me, ": rank ", st.peer, " failed in the same call (", phase, "); see its error"));
     case Rule::timeout:

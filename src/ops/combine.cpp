@@ -5,7 +5,7 @@
 #include <cstring>
 
 #include "contract/checks.h"
-#include "contract/errors.h"
+#include "common/format.h"
 #include "contract/shared_split.h"
 #include "kernels/row_kernels.h"
 #include "ops/group_state.h"
@@ -13,7 +13,6 @@
 
 namespace moedist {
 
-using contract::concat;
 using numeric::Half;
 
 namespace {
@@ -68,7 +67,7 @@ void check_routes(Group::State& s, const TensorView& expert_ids, const TensorVie
     const std::int64_t rows = table[index] - block_begin(table, index);
     const std::int32_t sent = s.route_plan.counts[static_cast<std::size_t>(topo.S * topo.L + e)];
     if (rows != sent) {
-      contract::fail(ErrorCode::invalid_argument, "expert_ids", concat("(routes ", sent, " tokens to expert ", e, ")"),
+      fail(ErrorCode::invalid_argument, "expert_ids", concat("(routes ", sent, " tokens to expert ", e, ")"),
                      concat("rank ", d, " holds ", rows, " rows of this rank for expert ", e,
                             "; pass combine the expert_ids given to dispatch, and each rank its own ep_send_counts"));
     }
@@ -79,7 +78,7 @@ void check_routes(Group::State& s, const TensorView& expert_ids, const TensorVie
     const std::int32_t slot = expand_idx.at<std::int32_t>(t);
     const std::int32_t rows = s.route_plan.counts[static_cast<std::size_t>(topo.S * topo.L + e)];
     if (slot >= rows) {
-      contract::fail(ErrorCode::invalid_argument, concat("expand_idx[", t, "]"), concat(slot),
+      fail(ErrorCode::invalid_argument, concat("expand_idx[", t, "]"), concat(slot),
                      concat("must be < ", rows, ", the rows this rank sent to expert ", e, "; use dispatch's expand_idx"));
     }
   }
@@ -90,7 +89,7 @@ void check_routes(Group::State& s, const TensorView& expert_ids, const TensorVie
       const std::int64_t rows = table[my_ep] - table[my_ep - 1];
       const std::int64_t want = contract::shared_range_count(my_ep, sr, bs, topo.S);
       if (rows != want) {
-        contract::fail(ErrorCode::invalid_argument, "expert_ids.shape[0] (BS)", concat(bs),
+        fail(ErrorCode::invalid_argument, "expert_ids.shape[0] (BS)", concat(bs),
                        concat("shared-expert rank ", sr, " holds ", rows, " rows of this rank, but BS = ", bs, " assigns it ",
                               want, "; pass combine the tensors of the matching dispatch"));
       }

@@ -4,7 +4,7 @@
 #include <cstring>
 
 #include "contract/checks.h"
-#include "contract/errors.h"
+#include "common/format.h"
 #include "contract/shared_split.h"
 #include "kernels/row_kernels.h"
 #include "ops/group_state.h"
@@ -12,7 +12,6 @@
 
 namespace moedist {
 
-using contract::concat;
 using numeric::Half;
 
 namespace {
@@ -386,7 +385,7 @@ DispatchResult Group::dispatch(const TensorView& x, const TensorView& expert_ids
   for (const MutableTensorView* buffer : {&out.expand_x, &out.dynamic_scales, &out.expand_scales}) {
     if (buffer->present() && buffer->rows() < valid) {
       const char* name = buffer == &out.expand_x ? "out.expand_x" : buffer == &out.dynamic_scales ? "out.dynamic_scales" : "out.expand_scales";
-      contract::fail(ErrorCode::capacity, concat(name, ".shape[0]"), concat(buffer->rows()),
+      fail(ErrorCode::capacity, concat(name, ".shape[0]"), concat(buffer->rows()),
                      concat("this call produced ", valid, " rows on this shared-expert rank, more than A * max(T, 1) because "
                             "ranks have different BS; size buffers with capacity().max_receive_rows"));
     }

@@ -2,12 +2,11 @@
 #include <algorithm>
 #include <cstring>
 
-#include "contract/errors.h"
+#include "common/format.h"
 #include "ops/group_state.h"
 
 namespace moedist {
 
-using contract::concat;
 
 namespace {
 std::int64_t error_code_of(const std::exception_ptr& e, std::string* message) {

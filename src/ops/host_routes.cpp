@@ -2,11 +2,10 @@
 
 #include <algorithm>
 
-#include "contract/errors.h"
+#include "common/format.h"
 
 namespace moedist {
 
-using contract::concat;
 
 void HostRoutes::build(const contract::Topology& topo, const std::vector<int>& host_of) {
   const int n = topo.world_size();

@@ -3,7 +3,7 @@
 #include <thread>
 #include <vector>
 
-#include "contract/errors.h"
+#include "common/format.h"
 #include "moedist/inproc.h"
 #include "transport/inproc_transport.h"
 
@@ -14,9 +14,9 @@ struct InProcessWorld::Hub {
 };
 
 InProcessWorld::InProcessWorld(int world_size, RuntimeOptions options) : hub_(std::make_shared<Hub>()) {
-  if (world_size < 1) contract::fail_value("world_size", world_size, "must be >= 1");
-  if (options.timeout.count() <= 0) contract::fail_value("timeout (ms)", options.timeout.count(), "must be > 0");
-  if (options.ranks_per_host < 0) contract::fail_value("RuntimeOptions::ranks_per_host", options.ranks_per_host, "must be >= 0");
+  if (world_size < 1) fail_value("world_size", world_size, "must be >= 1");
+  if (options.timeout.count() <= 0) fail_value("timeout (ms)", options.timeout.count(), "must be > 0");
+  if (options.ranks_per_host < 0) fail_value("RuntimeOptions::ranks_per_host", options.ranks_per_host, "must be >= 0");
   hub_->hub = std::make_shared<InProcHub>(world_size, options.timeout, options.spin, options.ranks_per_host);
 }
 
@@ -28,8 +28,8 @@ std::unique_ptr<Group> InProcessWorld::join(const GroupConfig& config) {
   validate_config(config);
   const int want = config.ep_world_size * tp_domain_size(config);
   if (want != world_size()) {
-    contract::fail(ErrorCode::config_mismatch, "ep_world_size * max(tp_world_size, 1)", contract::concat(want),
-                   contract::concat("must equal the world size of this runtime, ", world_size()));
+    fail(ErrorCode::config_mismatch, "ep_world_size * max(tp_world_size, 1)", concat(want),
+                   concat("must equal the world size of this runtime, ", world_size()));
   }
   const int rank = global_rank(config);
   hub_->hub->claim(rank);

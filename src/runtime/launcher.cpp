@@ -10,7 +10,7 @@
 #include <cstdio>
 #include <cstring>
 
-#include "contract/errors.h"
+#include "common/format.h"
 #include "moedist/error.h"
 #include "moedist/launch.h"
 
@@ -78,12 +78,12 @@ std::string new_job_name() {
 
 LaunchResult launch(const LaunchOptions& options) {
   if (options.ranks < 1 || options.ranks > kMaxRanks)
-    contract::fail_value("ranks (-n)", options.ranks, contract::concat("must be in [1, ", kMaxRanks, "]"));
+    fail_value("ranks (-n)", options.ranks, concat("must be in [1, ", kMaxRanks, "]"));
   if (options.tp_world_size < 0 || options.tp_world_size > 2)
-    contract::fail_value("tp_world_size (--tp)", options.tp_world_size, "must be 0, 1 or 2");
+    fail_value("tp_world_size (--tp)", options.tp_world_size, "must be 0, 1 or 2");
   if (options.tp_world_size == 2 && options.ranks % 2 != 0)
-    contract::fail_value("ranks (-n)", options.ranks, "must be even with a TP domain of 2 (--tp 2)");
-  if (options.argv.empty()) contract::fail(ErrorCode::invalid_argument, "program", "none", "name the program to start after --");
+    fail_value("ranks (-n)", options.ranks, "must be even with a TP domain of 2 (--tp 2)");
+  if (options.argv.empty()) fail(ErrorCode::invalid_argument, "program", "none", "name the program to start after --");
   if (g_child_count.load() != 0) throw Error(ErrorCode::internal, "launch() is already running in this process");
 
   LaunchResult result;

@@ -1,18 +1,17 @@
 // Groups over MPI: the EP (and TP) group from a communicator.
-#include "contract/errors.h"
+#include "common/format.h"
 #include "moedist/mpi.h"
 #include "transport/mpi/mpi_transport.h"
 
 namespace moedist {
 
-using contract::concat;
 
 namespace {
 int comm_size_of(MPI_Comm comm) {
   int initialized = 0;
   MPI_Initialized(&initialized);
   if (initialized == 0) throw Error(ErrorCode::invalid_argument, "join_mpi: MPI is not initialized (call MPI_Init first)");
-  if (comm == MPI_COMM_NULL) contract::fail(ErrorCode::invalid_argument, "comm", "MPI_COMM_NULL", "must be a communicator of the group's ranks");
+  if (comm == MPI_COMM_NULL) fail(ErrorCode::invalid_argument, "comm", "MPI_COMM_NULL", "must be a communicator of the group's ranks");
   int size = 0;
   MPI_Comm_size(comm, &size);
   return size;
@@ -21,11 +20,11 @@ int comm_size_of(MPI_Comm comm) {
 
 std::unique_ptr<Group> join_mpi(MPI_Comm comm, const GroupConfig& config, const MpiOptions& options) {
   validate_config(config);
-  if (options.timeout.count() <= 0) contract::fail_value("MpiOptions::timeout (ms)", options.timeout.count(), "must be > 0");
+  if (options.timeout.count() <= 0) fail_value("MpiOptions::timeout (ms)", options.timeout.count(), "must be > 0");
   const int world = config.ep_world_size * tp_domain_size(config);
   const int size = comm_size_of(comm);
   if (size != world) {
-    contract::fail(ErrorCode::config_mismatch, "ep_world_size * max(tp_world_size, 1)", concat(world),
+    fail(ErrorCode::config_mismatch, "ep_world_size * max(tp_world_size, 1)", concat(world),
                    concat("must equal the size of comm, ", size));
   }
   return std::make_unique<Group>(config, std::make_unique<MpiTransport>(comm, global_rank(config), options));
@@ -35,7 +34,7 @@ std::unique_ptr<Group> join_mpi_world(GroupConfig config, MPI_Comm comm, const M
   const int size = comm_size_of(comm);
   const int t = tp_domain_size(config);
   if (size % t != 0) {
-    contract::fail(ErrorCode::config_mismatch, "tp_world_size", concat(config.tp_world_size),
+    fail(ErrorCode::config_mismatch, "tp_world_size", concat(config.tp_world_size),
                    concat("must divide the size of comm, ", size));
   }
   int rank = 0;

@@ -10,12 +10,11 @@
 #include <map>
 #include <thread>
 
-#include "contract/errors.h"
+#include "common/format.h"
 #include "moedist/launch.h"
 
 namespace moedist {
 
-using contract::concat;
 using Clock = std::chrono::steady_clock;
 
 namespace {
@@ -39,14 +38,14 @@ struct SizeNote {
 };
 
 int ranks_per_node_setting(const MpiOptions& o) {
-  if (o.ranks_per_node < 0) contract::fail_value("MpiOptions::ranks_per_node", o.ranks_per_node, "must be >= 0");
+  if (o.ranks_per_node < 0) fail_value("MpiOptions::ranks_per_node", o.ranks_per_node, "must be >= 0");
   if (o.ranks_per_node > 0) return o.ranks_per_node;
   const char* text = std::getenv("MOEDIST_RANKS_PER_NODE");
   if (text == nullptr || *text == '\0') return 0;
   char* end = nullptr;
   const long v = std::strtol(text, &end, 10);
   if (end == text || *end != '\0' || v < 1 || v > (1 << 20)) {
-    contract::fail(ErrorCode::invalid_argument, "MOEDIST_RANKS_PER_NODE", text, "must be a positive integer (ranks per virtual host)");
+    fail(ErrorCode::invalid_argument, "MOEDIST_RANKS_PER_NODE", text, "must be a positive integer (ranks per virtual host)");
   }
   return static_cast<int>(v);
 }
@@ -77,10 +76,10 @@ MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
     throw Error(ErrorCode::invalid_argument, "join_mpi: MPI is not initialized (call MPI_Init or MPI_Init_thread first, and "
                                              "MPI_Finalize only after the group is destroyed)");
   }
-  if (comm == MPI_COMM_NULL) contract::fail(ErrorCode::invalid_argument, "comm", "MPI_COMM_NULL", "must be a communicator of the group's ranks");
+  if (comm == MPI_COMM_NULL) moedist::fail(ErrorCode::invalid_argument, "comm", "MPI_COMM_NULL", "must be a communicator of the group's ranks");
   const int rpn = ranks_per_node_setting(options);
   MPI_Comm_size(comm, &size_);
-  if (rank < 0 || rank >= size_) contract::fail_value("rank", rank, concat("must be in [0, ", size_, "), the size of comm"));
+  if (rank < 0 || rank >= size_) fail_value("rank", rank, concat("must be in [0, ", size_, "), the size of comm"));
   comm_rank_of_.resize(static_cast<std::size_t>(size_));
   notices_.reserve(1);  // at most one notice (this transport fails once); sends point into it
   for (int r = 0; r < size_; ++r) comm_rank_of_[static_cast<std::size_t>(r)] = r;  // until the hello says better

@@ -1,4 +1,6 @@
-// Helpers that build the contract's validation errors: "<parameter> = <value>: <rule>".
+// Generic message helpers: concat() formats values into a string; fail() and fail_value() throw the
+// library's validation errors, whose text is "<parameter> = <value>: <rule>". Not tied to the contract:
+// transports, runtimes and tools report their own parameters with them too.
 #pragma once
 
 #include <sstream>
@@ -6,7 +8,7 @@
 
 #include "moedist/error.h"
 
-namespace moedist::contract {
+namespace moedist {
 
 template <class... Parts>
 std::string concat(const Parts&... parts) {
@@ -25,4 +27,4 @@ template <class V>
   fail(ErrorCode::invalid_argument, parameter, concat(value), rule);
 }
 
-}  // namespace moedist::contract
+}  // namespace moedist
