@@ -88,17 +88,23 @@ std::vector<ResultRow> rows_of(const std::string& transport, const Point& p, con
   return rows;
 }
 
-// The transports that time moedist's own groups: their memory is moedist::capacity() per rank, plus inputs.
-bool runs_moedist(const std::string& transport) {
-  return transport == "inproc" || transport == "shm" || transport == "moedist-mpi";
+// The target of a name validate() accepted.
+const SweepTarget& target_of(const std::string& name) {
+  const SweepTarget* target = find_target(name);
+  if (target == nullptr) throw std::invalid_argument("--transport: unknown transport '" + name + "'");
+  return *target;
 }
+
+// The targets that time moedist's own groups: their memory is moedist::capacity() per rank, plus inputs.
+bool runs_moedist(const std::string& transport) { return target_of(transport).moedist.has_value(); }
 
 void add_ratios(std::vector<ResultRow>& rows) {
   for (ResultRow& r : rows) {
     for (const ResultRow& base : rows) {
       if (base.op != r.op || base.stats.p50_us <= 0) continue;
-      if (base.transport == "mpi") r.x_mpi = r.stats.p50_us / base.stats.p50_us;
-      if (base.transport == "memcpy-floor") r.x_floor = r.stats.p50_us / base.stats.p50_us;
+      const Baseline baseline = target_of(base.transport).baseline;
+      if (baseline == Baseline::mpi_alltoallv) r.x_mpi = r.stats.p50_us / base.stats.p50_us;
+      if (baseline == Baseline::memcpy_floor) r.x_floor = r.stats.p50_us / base.stats.p50_us;
     }
   }
 }
@@ -115,14 +121,52 @@ std::string memory_problem(const std::string& transport, const Point& p, const P
 
 }  // namespace
 
-bool is_mpi_transport(const std::string& transport) { return transport == "mpi" || transport == "moedist-mpi"; }
+namespace {
+SweepTarget moedist_target(TransportId id) {
+  const TransportKind& kind = transport_kind(id);
+  const bool launched = kind.ranks == RankModel::launcher;
+  return {launched ? "moedist-" + std::string(kind.name) : std::string(kind.name), id, Baseline::none, launched};
+}
+}  // namespace
+
+const std::vector<SweepTarget>& sweep_targets() {
+  static const std::vector<SweepTarget> targets = {
+      moedist_target(TransportId::inproc),
+      moedist_target(TransportId::shm),
+      {"mpi", std::nullopt, Baseline::mpi_alltoallv, true},
+      moedist_target(TransportId::mpi),
+      {"memcpy-floor", std::nullopt, Baseline::memcpy_floor, false},
+  };
+  return targets;
+}
+
+const SweepTarget* find_target(std::string_view name) noexcept {
+  for (const SweepTarget& target : sweep_targets()) {
+    if (target.name == name) return &target;
+  }
+  return nullptr;
+}
+
+std::vector<std::string> target_names() {
+  std::vector<std::string> names;
+  for (const SweepTarget& target : sweep_targets()) names.push_back(target.name);
+  return names;
+}
+
+bool is_mpi_transport(const std::string& transport) {
+  const SweepTarget* target = find_target(transport);
+  return target != nullptr && target->under_mpirun;
+}
 
 void validate(const SweepOptions& o) {
   const auto fail = [](const std::string& what) { throw std::invalid_argument(what); };
   if (o.transports.empty()) fail("--transport: name at least one transport");
   for (const std::string& t : o.transports) {
-    if (std::find(std::begin(kTransports), std::end(kTransports), t) == std::end(kTransports))
-      fail("--transport: unknown transport '" + t + "' (inproc, shm, mpi, moedist-mpi, memcpy-floor)");
+    if (find_target(t) == nullptr) {
+      std::string known;
+      for (const std::string& name : target_names()) known += (known.empty() ? "" : ", ") + name;
+      fail("--transport: unknown transport '" + t + "' (" + known + ")");
+    }
   }
   if (o.world_sizes.empty() || o.bs.empty() || o.hidden.empty() || o.topk.empty() || o.quant_modes.empty())
     fail("every grid list (--ep-world-size, --bs, --hidden, --topk, --quant-mode) needs at least one value");
@@ -185,7 +229,8 @@ std::int64_t group_bytes_per_rank(const Point& p) {
 std::int64_t memory_needed(const std::string& transport, const Point& p, const PointBytes& bytes) {
   const std::int64_t x = p.bs * p.h * 2, routing = p.bs * p.k * 8, smooth = p.quant_mode == 2 ? p.E * p.h * 4 : 0;
   std::int64_t total = 0;
-  if (transport == "memcpy-floor") {
+  const SweepTarget& target = target_of(transport);
+  if (target.baseline == Baseline::memcpy_floor) {
     for (int r = 0; r < p.W; ++r)
       total += 2 * (bytes.dispatch_per_rank[static_cast<std::size_t>(r)] + bytes.combine_per_rank[static_cast<std::size_t>(r)]);
     return total;
@@ -194,14 +239,14 @@ std::int64_t memory_needed(const std::string& transport, const Point& p, const P
     const std::int64_t received = bytes.received_rows[static_cast<std::size_t>(r)];
     const std::int64_t identity = p.quant_mode == 2 ? received * 2 * p.h : 0;
     total += x + routing + smooth + identity;
-    if (transport == "mpi") {
+    if (target.baseline == Baseline::mpi_alltoallv) {
       // send, receive and sorted dispatch rows; expert outputs sent back and received; combine output
       total += bytes.dispatch_per_rank[static_cast<std::size_t>(r)] + 2 * received * dispatch_row_bytes(p) +
                received * 2 * p.h + bytes.combine_per_rank[static_cast<std::size_t>(r)] + x;
     }
   }
   if (runs_moedist(transport)) total += p.W * group_bytes_per_rank(p);  // every rank has the same role (S = 0)
-  if (transport == "moedist-mpi") {
+  if (target.moedist == TransportId::mpi) {
     // The messages between hosts: what a rank sends to other hosts and what it receives from them, each bounded
     // by its dispatch bytes.
     for (int r = 0; r < p.W; ++r) total += 2 * bytes.dispatch_per_rank[static_cast<std::size_t>(r)];
@@ -248,7 +293,7 @@ std::vector<std::optional<RunOutcome>> run_mpi_for(const std::string& transport,
   }
   if (batch.empty()) return outcomes;
   MpiImpl impl;
-  if (transport == "moedist-mpi") {
+  if (target_of(transport).moedist.has_value()) {
     impl.impl = "moedist";
     impl.hosts = o.hosts;
   }
@@ -273,8 +318,9 @@ RunOutcome run_local(const std::string& transport, const Point& p, const PointBy
   outcome.tried = outcome.error.empty();
   if (outcome.tried) {
     progress.begin(transport + " " + describe(p));
-    if (transport == "inproc") outcome = run_inproc(p, o.run);
-    else if (transport == "shm") outcome = run_shm(p, o.run, o.rank_program);
+    const SweepTarget& target = target_of(transport);
+    if (target.moedist == TransportId::inproc) outcome = run_inproc(p, o.run);
+    else if (target.moedist == TransportId::shm) outcome = run_shm(p, o.run, o.rank_program);
     else outcome = run_memcpy_floor(p, o.run);
   }
   progress.end();
@@ -332,7 +378,7 @@ SweepResult run_sweep(const SweepOptions& o, std::ostream& out, std::ostream& pr
         if (outcome.ok) {
           for (ResultRow& r : rows_of(t, p, bytes[i], outcome.samples)) {
             r.peak_rss_bytes = outcome.peak_rss_bytes;
-            if (t == "inproc" || t == "shm") r.predicted_bytes = group_bytes_per_rank(p);
+            if (target_of(t).moedist.has_value() && !target_of(t).under_mpirun) r.predicted_bytes = group_bytes_per_rank(p);
             r.between_hosts = outcome.between_hosts;
             rows.push_back(std::move(r));
           }

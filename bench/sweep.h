@@ -6,22 +6,46 @@
 #include <cstdint>
 #include <iosfwd>
 #include <limits>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "runners.h"
+#include "transport/registry.h"
 #include "workload.h"
 
 namespace moedist::bench {
 
-inline constexpr const char* kTransports[] = {"inproc", "shm", "mpi", "moedist-mpi", "memcpy-floor"};
 inline constexpr const char* kOps[] = {"dispatch", "combine", "roundtrip"};
 
-// The transports that run under mpirun (moedist_mpi_baseline): "mpi" and "moedist-mpi".
+// What the sweep times besides moedist's transports. Baselines are not transports: nothing joins them.
+enum class Baseline {
+  none,          // a moedist transport
+  mpi_alltoallv, // MPI_Alltoall + MPI_Alltoallv + a local sort, under mpirun (moedist_mpi_baseline)
+  memcpy_floor,  // the same bytes moved by memcpy in one process
+};
+
+// A column of the sweep (a --transport value): one of the registry's transports, or a baseline.
+struct SweepTarget {
+  std::string name;                    // the --transport value and the rows' label
+  std::optional<TransportId> moedist;  // the moedist transport timed; empty for a baseline
+  Baseline baseline = Baseline::none;
+  bool under_mpirun = false;           // runs in moedist_mpi_baseline, one mpirun for all points of a W
+};
+
+// Every target, in the default order: moedist's transports (the one an outside launcher starts is named
+// moedist-<name>, apart from the MPI baseline), and the baselines.
+const std::vector<SweepTarget>& sweep_targets();
+// The target named `name`, or nullptr.
+const SweepTarget* find_target(std::string_view name) noexcept;
+std::vector<std::string> target_names();
+
+// The targets that run under mpirun (moedist_mpi_baseline): the MPI baseline and moedist over MPI.
 bool is_mpi_transport(const std::string& transport);
 
 struct SweepOptions {
-  std::vector<std::string> transports = {"inproc", "shm", "mpi", "moedist-mpi", "memcpy-floor"};
+  std::vector<std::string> transports = target_names();
   std::vector<int> world_sizes = {2, 4, 8, 16};
   std::vector<std::int64_t> bs = {1, 16, 64, 256, 1024, 4096};
   std::vector<std::int64_t> hidden = {7168};

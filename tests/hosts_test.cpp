@@ -11,7 +11,7 @@
 #include "ops/host_routes.h"
 #include "outcome.h"
 #include "test_support.h"
-#include "transport/inproc_transport.h"
+#include "transport/inproc/inproc_transport.h"
 
 namespace moedist::testing {
 namespace {

@@ -120,7 +120,9 @@ void add_bench(CLI::App& app, int* exit_code) {
               "\nA run that would not fit in memory (moedist::capacity() per rank x W, against MemAvailable) is skipped "
               "with a line saying so. Exit status: 0 when every run that was tried succeeded, 1 when one failed, 2 on "
               "an error.");
-  cmd->add_option("--transport", o.transports, "comma list of inproc, shm, mpi, moedist-mpi, memcpy-floor")
+  std::string targets;
+  for (const std::string& name : bench::target_names()) targets += (targets.empty() ? "" : ", ") + name;
+  cmd->add_option("--transport", o.transports, "comma list of " + targets)
       ->delimiter(',')
       ->capture_default_str();
   cmd->add_option("--ep-world-size", o.world_sizes, "comma list of W (ranks)")->delimiter(',')->capture_default_str();

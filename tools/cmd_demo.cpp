@@ -209,10 +209,7 @@ void add_demo(CLI::App& app, int* exit_code) {
   cmd->add_option("--profile", flags->profile, "limits enforced on top of the contract's rules")
       ->capture_default_str()
       ->check(CLI::IsMember({"portable", "ascend_a3", "ascend_a2"}));
-  cmd->add_option("--transport", o.transport,
-                  "where ranks run: inproc, a thread per rank in this process; shm, a process per rank (this "
-                  "binary, started like `moedist launch` does), connected through shared memory; mpi, this process "
-                  "is one rank of `mpirun -np N moedist demo --transport mpi` (N = W * max(T, 1); rank 0 reports)")
+  cmd->add_option("--transport", o.transport, transport_help("demo", "", "N = W * max(T, 1); rank 0 reports"))
       ->capture_default_str()
       ->check(CLI::IsMember(transport_names()));
   cmd->add_option("--inject-fault", flags->fault,
@@ -227,9 +224,9 @@ void add_demo(CLI::App& app, int* exit_code) {
 
   cmd->callback([flags, exit_code] {
     const demo::DemoOptions options = resolve(*flags);
-    require_transport_built(options.transport);
+    const TransportKind& kind = require_transport_built(options.transport);
 #ifdef MOEDIST_HAVE_MPI
-    if (options.transport == "mpi") {
+    if (kind.id == TransportId::mpi) {
       *exit_code = run_demo_mpi(options);
       return;
     }
@@ -241,8 +238,8 @@ void add_demo(CLI::App& app, int* exit_code) {
       return;
     }
     const demo::DemoReport report =
-        demo::run_demo(options, std::cout, options.transport == "shm" ? demo::RankRunner(run_rank_processes)
-                                                                      : demo::RankRunner(demo::run_inproc_ranks));
+        demo::run_demo(options, std::cout, kind.id == TransportId::shm ? demo::RankRunner(run_rank_processes)
+                                                                                     : demo::RankRunner(demo::run_inproc_ranks));
     std::cout.flush();
     *exit_code = report.passed ? 0 : 1;
   });

@@ -77,7 +77,7 @@ void add_replay(CLI::App& app, int* exit_code) {
     std::string case_path;
     std::string out_path;
     std::int64_t timeout_ms = 30000;
-    std::string transport = "inproc";
+    std::string transport{transport_name(TransportId::inproc)};
     std::string worker_dir;  // set (by the parent) in the rank processes of --transport shm
   };
   auto args = std::make_shared<Args>();
@@ -100,10 +100,7 @@ void add_replay(CLI::App& app, int* exit_code) {
       ->capture_default_str()
       ->check(CLI::Range(std::int64_t{1}, std::int64_t{24} * 3600 * 1000));
   sub->add_option("--transport", args->transport,
-                  "Where ranks run: inproc, a thread per rank in this process; shm, a process per rank (this "
-                  "binary, started like `moedist launch` does), connected through shared memory; mpi, this process "
-                  "is one rank of `mpirun -np N moedist replay --transport mpi CASE OUT` (CASE readable on every "
-                  "host; rank 0 writes OUT)")
+                  transport_help("replay", " CASE OUT", "CASE readable on every host; rank 0 writes OUT"))
       ->capture_default_str()
       ->check(CLI::IsMember(transport_names()));
   // Internal: makes this process one rank of a --transport shm run, writing its outputs to the directory.
@@ -111,9 +108,9 @@ void add_replay(CLI::App& app, int* exit_code) {
 
   sub->callback([args, exit_code] {
     const std::chrono::milliseconds timeout(args->timeout_ms);
-    require_transport_built(args->transport);
+    const TransportKind& kind = require_transport_built(args->transport);
 #ifdef MOEDIST_HAVE_MPI
-    if (args->transport == "mpi") {
+    if (kind.id == TransportId::mpi) {
       *exit_code = replay_mpi(args->case_path, args->out_path, timeout);
       return;
     }
@@ -126,7 +123,7 @@ void add_replay(CLI::App& app, int* exit_code) {
     }
     const casefile::Case c = casefile::read_case(args->case_path);
     std::vector<casefile::RankOutputs> outputs;
-    if (args->transport == "shm") {
+    if (kind.id == TransportId::shm) {
       outputs = casefile::run_case_processes(
           c, [](const std::string& dir) { return casefile::own_command_line({kWorkerFlag, dir}); });
     } else {

@@ -29,6 +29,7 @@
 #endif
 #include "moedist/tensor.h"
 #include "numeric/convert.h"
+#include "transport/registry.h"
 
 namespace moedist::demo {
 
@@ -500,8 +501,10 @@ PhaseTime phase_time(const std::vector<RankRecord>& ranks, double RankRecord::*f
 }
 
 void print_report(const DemoOptions& o, const Shape& s, const DemoReport& r, std::ostream& out) {
+  const TransportKind* kind = find_transport(o.transport);  // validate_options accepted the name
+  const bool threads = kind != nullptr && kind->ranks == RankModel::threads;
   out << format("moedist demo: one MoE layer on %d %s (transport %s, profile %s)\n", r.world_size,
-                o.transport == "inproc" ? "in-process ranks" : "rank processes", o.transport.c_str(),
+                threads ? "in-process ranks" : "rank processes", o.transport.c_str(),
                 profile_name(o.profile));
   if (s.S > 0) {
     out << format("  ranks     EP %d x TP %d; %d shared-expert ranks, %d MoE ranks x %d expert%s\n", s.W, s.T, s.S,
@@ -574,7 +577,7 @@ double effective_tolerance(const DemoOptions& o) noexcept {
 
 void validate_options(const DemoOptions& o) {
   const auto text = [](auto v) { return std::to_string(v); };
-  if (o.transport != "inproc" && o.transport != "shm" && o.transport != "mpi") {
+  if (find_transport(o.transport) == nullptr) {
     reject(ErrorCode::unsupported, "transport", o.transport,
            "the demo runs on inproc (threads of one process), shm (processes over shared memory) or mpi (the "
            "processes of mpirun)");

@@ -15,6 +15,7 @@
 #include "moedist/dtype.h"
 #include "moedist/group.h"
 #include "moedist/tensor.h"
+#include "transport/registry.h"
 
 namespace moedist::demo {
 
@@ -57,7 +58,7 @@ struct DemoOptions {
   Profile profile = Profile::portable;
   // inproc: ranks are threads (run_inproc_ranks); shm: ranks are processes (the runner `moedist demo` passes to
   // run_demo). Named in the summary.
-  std::string transport = "inproc";
+  std::string transport{transport_name(TransportId::inproc)};
   Fault fault = Fault::none;
 };
 

@@ -7,15 +7,28 @@
 #include "moedist/version.h"
 
 namespace moedist::cli {
-void require_transport_built(const std::string& transport) {
-#ifndef MOEDIST_HAVE_MPI
-  if (transport == "mpi") {
-    throw Error(ErrorCode::unsupported, "--transport mpi: this moedist was built without MPI support (`moedist --version` says so); "
-                                        "install Open MPI (Debian: libopenmpi-dev openmpi-bin) and rebuild");
+std::string transport_help(std::string_view command, std::string_view args, std::string_view note) {
+  std::string text = "where ranks run:";
+  const char* separator = " ";
+  for (const TransportKind& kind : transport_kinds()) {
+    text += separator;
+    text += std::string(kind.name) + ", ";
+    if (kind.ranks == RankModel::launcher) {
+      text += "this process is one rank of `" + std::string(kind.launcher) + " moedist " + std::string(command) +
+              " --transport " + std::string(kind.name) + std::string(args) + "` (" + std::string(note) + ")";
+    } else {
+      text += kind.description;
+    }
+    separator = "; ";
   }
-#else
-  (void)transport;
-#endif
+  return text;
+}
+
+const TransportKind& require_transport_built(const std::string& transport) {
+  const TransportKind* kind = find_transport(transport);
+  if (kind == nullptr) throw Error(ErrorCode::invalid_argument, "--transport " + transport + ": no such transport");
+  require_available(*kind, "--transport " + transport);
+  return *kind;
 }
 }  // namespace moedist::cli
 

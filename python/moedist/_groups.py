@@ -17,15 +17,24 @@ from ._errors import ValidationError
 
 DEFAULT_TIMEOUT_MS = 30000
 
+# The kinds of world, named by the C++ transport registry (moedist._moedist.transports()).
+KIND_SHM = _moedist.transport_name(_moedist.TransportId.shm)
+KIND_MPI = _moedist.transport_name(_moedist.TransportId.mpi)
+
+
+def _transport(name):
+    """The registry's entry of a transport (a dict: id, name, description, available, why_unavailable)."""
+    return next(t for t in _moedist.transports() if t["name"] == name)
+
 
 @dataclass(frozen=True)
 class World:
-    kind: str            # "shm": processes over shared memory; "mpi": an MPI communicator
+    kind: str            # KIND_SHM: processes over shared memory; KIND_MPI: an MPI communicator
     job: str             # shm: the job name every process of the world shares; mpi: an id agreed on by broadcast
     rank: int            # this process's rank in the world (= ep_rank_id * max(T, 1) + tp_rank_id)
     size: int
     timeout_ms: int = DEFAULT_TIMEOUT_MS
-    comm: object = field(default=None, compare=False, repr=False)  # mpi4py communicator (kind "mpi")
+    comm: object = field(default=None, compare=False, repr=False)  # mpi4py communicator (kind KIND_MPI)
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,7 @@ def new_group(job, rank, world_size, tp_world_size=0, timeout_ms=DEFAULT_TIMEOUT
     if rank >= world_size:
         raise ValidationError(f"rank = {rank}: must be < world_size = {world_size}", "invalid_argument", "rank", str(rank),
                               f"must be < world_size = {world_size}")
-    return _pair(World("shm", job, rank, world_size, timeout_ms), tp_world_size)
+    return _pair(World(KIND_SHM, job, rank, world_size, timeout_ms), tp_world_size)
 
 
 def new_group_from_env(tp_world_size=None, timeout_ms=DEFAULT_TIMEOUT_MS):
@@ -107,20 +116,20 @@ def new_group_from_env(tp_world_size=None, timeout_ms=DEFAULT_TIMEOUT_MS):
     (MOEDIST_RANK, MOEDIST_WORLD_SIZE, MOEDIST_JOB, MOEDIST_TP_WORLD_SIZE)."""
     env = _moedist.launch_environment()
     t = env["tp_world_size"] if tp_world_size is None else tp_world_size
-    return _pair(World("shm", env["job"], env["rank"], env["world_size"], timeout_ms), t)
+    return _pair(World(KIND_SHM, env["job"], env["rank"], env["world_size"], timeout_ms), t)
 
 
 def new_group_from_mpi(comm=None, tp_world_size=0, timeout_ms=DEFAULT_TIMEOUT_MS):
     """(EP group, TP group) over an mpi4py communicator (default MPI.COMM_WORLD): comm rank g is
     ep_rank_id = g // T, tp_rank_id = g % T. Collective over ``comm``; ranks on one node share memory,
     ranks on other nodes are reached through MPI (docs/mpi.md)."""
-    if not _moedist.has_mpi:
+    if not _transport(KIND_MPI)["available"]:
         raise ValidationError("new_group_from_mpi: this moedist was built without MPI support", "unsupported", "comm",
                               "MPI", "needs a build with MPI (Debian: libopenmpi-dev)")
     from mpi4py import MPI
     comm = MPI.COMM_WORLD if comm is None else comm
     job = comm.bcast(_moedist.new_job_name() if comm.Get_rank() == 0 else None, root=0)
-    return _pair(World("mpi", job, comm.Get_rank(), comm.Get_size(), timeout_ms, comm), tp_world_size)
+    return _pair(World(KIND_MPI, job, comm.Get_rank(), comm.Get_size(), timeout_ms, comm), tp_world_size)
 
 
 def _torch_world_of(dist):
@@ -128,7 +137,7 @@ def _torch_world_of(dist):
     if _torch_world is None:
         box = [_moedist.new_job_name() if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(box, src=0)  # collective over the default group: every process names its groups together
-        _torch_world = World("shm", box[0], dist.get_rank(), dist.get_world_size())
+        _torch_world = World(KIND_SHM, box[0], dist.get_rank(), dist.get_world_size())
     return _torch_world
 
 
@@ -194,7 +203,7 @@ def group_for(group_ep, group_tp, config):
     key = (world, tuple(sorted(config.items())))
     group = _groups.get(key)
     if group is None:
-        if world.kind == "mpi":
+        if world.kind == KIND_MPI:
             from mpi4py import MPI
             group = _moedist.join_mpi(MPI._handleof(world.comm), config, world.timeout_ms)
         else:

@@ -17,6 +17,7 @@
 #include "moedist/launch.h"
 #include "moedist/shm.h"
 #include "moedist/version.h"
+#include "transport/registry.h"
 #ifdef MOEDIST_HAVE_MPI
 #include "moedist/mpi.h"
 #endif
@@ -222,6 +223,27 @@ PYBIND11_MODULE(_moedist, m) {
   m.attr("has_mpi") = false;
 #endif
   py::register_exception_translator(&translate);
+
+  // The transport registry (src/transport/registry.h): the package picks transports by these ids and
+  // names rather than by literals of its own.
+  py::enum_<TransportId>(m, "TransportId")
+      .value("inproc", TransportId::inproc)
+      .value("shm", TransportId::shm)
+      .value("mpi", TransportId::mpi);
+  m.def("transport_name", [](TransportId id) { return std::string(transport_name(id)); }, py::arg("id"));
+  m.def("transports", [] {
+    py::list list;
+    for (const TransportKind& kind : transport_kinds()) {
+      py::dict d;
+      d["id"] = kind.id;
+      d["name"] = std::string(kind.name);
+      d["description"] = std::string(kind.description);
+      d["available"] = kind.available;
+      d["why_unavailable"] = std::string(kind.why_unavailable);
+      list.append(d);
+    }
+    return list;
+  });
 
   py::class_<PyGroup>(m, "Group")
       .def("dispatch", &PyGroup::dispatch, py::arg("x"), py::arg("expert_ids"), py::arg("scales"), py::arg("x_active_mask"),

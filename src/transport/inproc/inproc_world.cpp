@@ -5,7 +5,7 @@
 
 #include "common/format.h"
 #include "moedist/inproc.h"
-#include "transport/inproc_transport.h"
+#include "transport/inproc/inproc_transport.h"
 
 namespace moedist {
 

@@ -1,4 +1,4 @@
-#include "transport/inproc_transport.h"
+#include "transport/inproc/inproc_transport.h"
 
 #include <cstdlib>
 #include <cstring>
