@@ -121,7 +121,7 @@ RankTimes run_rank(const Settings& st, int world, int rank, const std::string& j
   opt.max_bs = bs;
   opt.k = k;
   opt.h = h;
-  opt.timeout = std::chrono::milliseconds(20000);  // a hang costs one W, not the whole run
+  opt.wait.timeout = std::chrono::milliseconds(20000);  // a hang costs one W, not the whole run
   auto group = cuda::CudaGroup::join(cfg, job, opt);
 
   // Random inputs (never zeros): x in [-4, 4), K distinct experts per token, random weights.

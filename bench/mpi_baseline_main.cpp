@@ -113,7 +113,7 @@ nlohmann::json bench_point_alltoallv(const Point& p, const LoopOptions& loop, in
 // transports (MoedistRank, its traffic self-check included), timed by the same loop.
 nlohmann::json bench_point_moedist(const Point& p, const LoopOptions& loop, int rank, int hosts, std::int64_t timeout_ms) {
   MpiOptions options;
-  options.timeout = std::chrono::milliseconds(timeout_ms);
+  options.wait.timeout = std::chrono::milliseconds(timeout_ms);
   options.ranks_per_node = ranks_per_host_of(p.W, hosts);
   const std::unique_ptr<Group> group = join_mpi(MPI_COMM_WORLD, group_config(p, rank), options);
   MoedistRank body(p, rank, *group);
@@ -283,7 +283,7 @@ int run(int argc, char** argv, int rank, int W) {
   app.add_option("--hosts", hosts, "moedist: virtual hosts of ceil(W / hosts) ranks each (1: all ranks on one host)")
       ->check(CLI::Range(1, 1024))
       ->capture_default_str();
-  app.add_option("--timeout-ms", timeout_ms, "moedist: longest wait for a peer (MpiOptions::timeout)")
+  app.add_option("--timeout-ms", timeout_ms, "moedist: longest wait for a peer (MpiOptions::wait.timeout)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   app.add_option("--point", points, "a grid point BS,H,K,E,QUANT (repeatable)");

@@ -330,7 +330,7 @@ WorkDir::~WorkDir() {
 RunOutcome run_inproc(const Point& p, const RunSettings& settings) {
   const PointBytes bytes = count_bytes(p);
   RuntimeOptions runtime;
-  runtime.timeout = std::chrono::milliseconds(settings.timeout_ms);
+  runtime.wait.timeout = std::chrono::milliseconds(settings.timeout_ms);
   InProcessWorld world(p.W, runtime);
   return run_threads(p.W, settings, [&](int rank, ControlSync& sync) {
     const std::unique_ptr<Group> group = world.join(group_config(p, rank));
@@ -422,7 +422,7 @@ int shm_rank_main(const std::string& dir) {
     ControlSync sync(control.block(), p.W, rank, std::chrono::milliseconds(settings.timeout_ms));
     try {
       ShmOptions shm;
-      shm.timeout = std::chrono::milliseconds(settings.timeout_ms);
+      shm.wait.timeout = std::chrono::milliseconds(settings.timeout_ms);
       const std::unique_ptr<Group> group = join_shm_from_env(group_config(p, rank), shm);
       MoedistRank body(p, rank, *group);
       body.prime(count_bytes(p));

@@ -11,7 +11,7 @@
 #include "moedist/error.h"
 #include "test_support.h"
 
-namespace moedist::gpu::testing {
+namespace moedist::cuda::testing {
 
 namespace mt = moedist::testing;
 
@@ -144,4 +144,4 @@ std::string status_error_text(const Status& st, int me, std::int64_t call_k) {
   return "";
 }
 
-}  // namespace moedist::gpu::testing
+}  // namespace moedist::cuda::testing

@@ -13,7 +13,7 @@
 #include "cuda/device_state.h"
 #include "moedist/tensor.h"
 
-namespace moedist::gpu::testing {
+namespace moedist::cuda::testing {
 
 struct HostRank {
   GroupConfig config;
@@ -56,4 +56,4 @@ Tensor combine_output(const casefile::Case& c, int r, const HostRank& e);
 // The error a status describes, as "<code name>: <message>" (status_errors.h), or "" when it has none.
 std::string status_error_text(const Status& st, int me, std::int64_t call_k);
 
-}  // namespace moedist::gpu::testing
+}  // namespace moedist::cuda::testing

@@ -29,7 +29,7 @@
 // The kernels and their enqueue functions, as built for the GPU.
 #include "cuda/kernels.cu"
 
-namespace moedist::gpu {
+namespace moedist::cuda {
 namespace {
 
 namespace mt = moedist::testing;
@@ -203,4 +203,4 @@ TEST(CudaKernelsEmulated, AnAbsentRankIsATimeoutNamingIt) {
 }
 
 }  // namespace
-}  // namespace moedist::gpu
+}  // namespace moedist::cuda

@@ -23,7 +23,7 @@
 #include "moedist/error.h"
 #include "test_support.h"
 
-namespace moedist::gpu {
+namespace moedist::cuda {
 namespace {
 
 namespace mt = moedist::testing;
@@ -571,4 +571,4 @@ TEST(CudaProtocol, WindowLayoutRegionsDoNotOverlap) {
 }
 
 }  // namespace
-}  // namespace moedist::gpu
+}  // namespace moedist::cuda

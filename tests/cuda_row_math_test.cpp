@@ -1,7 +1,7 @@
 // src/cuda/row_math.h, the per-element arithmetic of the CUDA kernels, compiled for the host and checked
 // bit for bit against the CPU reference: the conversions of src/numeric/convert.h, the scalar row kernels
 // (src/kernels/row_kernels.h) and the oracle's formulas (src/oracle/oracle.cpp, transcribed here with
-// numeric:: calls). Row-level checks rebuild, from gpu:: calls, the loop a kernel runs over one row.
+// numeric:: calls). Row-level checks rebuild, from cuda:: calls, the loop a kernel runs over one row.
 // Needs no CUDA: row_math.h compiles with the host compiler.
 #include <gtest/gtest.h>
 
@@ -70,12 +70,12 @@ TEST_F(CudaRowMath, HalfToF32ExhaustiveBitEqual) {
   Mismatches bad("16-bit -> fp32");
   for (std::uint32_t u = 0; u <= 0xffff; ++u) {
     const auto h = static_cast<std::uint16_t>(u);
-    const std::uint32_t bf_gpu = fbits(gpu::bf16_to_f32(h)), bf_ref = fbits(numeric::bf16_to_f32(h));
-    const std::uint32_t fp_gpu = fbits(gpu::fp16_to_f32(h)), fp_ref = fbits(numeric::fp16_to_f32(h));
+    const std::uint32_t bf_gpu = fbits(cuda::bf16_to_f32(h)), bf_ref = fbits(numeric::bf16_to_f32(h));
+    const std::uint32_t fp_gpu = fbits(cuda::fp16_to_f32(h)), fp_ref = fbits(numeric::fp16_to_f32(h));
     if (bf_gpu != bf_ref) bad.add("bf16_to_f32(" + hex(h) + "): gpu " + hex(bf_gpu) + " numeric " + hex(bf_ref));
     if (fp_gpu != fp_ref) bad.add("fp16_to_f32(" + hex(h) + "): gpu " + hex(fp_gpu) + " numeric " + hex(fp_ref));
-    if (fbits(gpu::half_to_f32(true, h)) != bf_ref) bad.add("half_to_f32(bf16, " + hex(h) + ")");
-    if (fbits(gpu::half_to_f32(false, h)) != fp_ref) bad.add("half_to_f32(fp16, " + hex(h) + ")");
+    if (fbits(cuda::half_to_f32(true, h)) != bf_ref) bad.add("half_to_f32(bf16, " + hex(h) + ")");
+    if (fbits(cuda::half_to_f32(false, h)) != fp_ref) bad.add("half_to_f32(fp16, " + hex(h) + ")");
   }
 }
 
@@ -86,44 +86,44 @@ TEST_F(CudaRowMath, HalfRoundTripAndMidpointsIndependent) {
   Mismatches bad("round trip / midpoints");
   for (std::uint32_t u = 0; u <= 0xffff; ++u) {
     const auto h = static_cast<std::uint16_t>(u);
-    if ((h & 0x7fff) <= 0x7f80 && gpu::f32_to_bf16_rne(gpu::bf16_to_f32(h)) != h) bad.add("bf16 rne round trip " + hex(h));
-    if ((h & 0x7fff) <= 0x7f80 && gpu::f32_to_bf16_round_away(gpu::bf16_to_f32(h)) != h)
+    if ((h & 0x7fff) <= 0x7f80 && cuda::f32_to_bf16_rne(cuda::bf16_to_f32(h)) != h) bad.add("bf16 rne round trip " + hex(h));
+    if ((h & 0x7fff) <= 0x7f80 && cuda::f32_to_bf16_round_away(cuda::bf16_to_f32(h)) != h)
       bad.add("bf16 round-away round trip " + hex(h));
-    if ((h & 0x7fff) <= 0x7c00 && gpu::f32_to_fp16_rne(gpu::fp16_to_f32(h)) != h) bad.add("fp16 round trip " + hex(h));
+    if ((h & 0x7fff) <= 0x7c00 && cuda::f32_to_fp16_rne(cuda::fp16_to_f32(h)) != h) bad.add("fp16 round trip " + hex(h));
     // Midpoints between h and h + 1 (same sign, both finite). fp32 holds them exactly.
     if ((h & 0x7fff) < 0x7f7f) {
       const auto next = static_cast<std::uint16_t>(h + 1);
-      const float lo = gpu::bf16_to_f32(h), mid = lo + (gpu::bf16_to_f32(next) - lo) * 0.5f;  // no overflow at the top
+      const float lo = cuda::bf16_to_f32(h), mid = lo + (cuda::bf16_to_f32(next) - lo) * 0.5f;  // no overflow at the top
       const std::uint16_t even = (h & 1u) == 0 ? h : next;
-      if (gpu::f32_to_bf16_rne(mid) != even) bad.add("bf16 rne midpoint above " + hex(h));
-      if (gpu::f32_to_bf16_round_away(mid) != next) bad.add("bf16 round-away midpoint above " + hex(h));
+      if (cuda::f32_to_bf16_rne(mid) != even) bad.add("bf16 rne midpoint above " + hex(h));
+      if (cuda::f32_to_bf16_round_away(mid) != next) bad.add("bf16 round-away midpoint above " + hex(h));
     }
     if ((h & 0x7fff) < 0x7bff) {
       const auto next = static_cast<std::uint16_t>(h + 1);
-      const float mid = (gpu::fp16_to_f32(h) + gpu::fp16_to_f32(next)) * 0.5f;
+      const float mid = (cuda::fp16_to_f32(h) + cuda::fp16_to_f32(next)) * 0.5f;
       const std::uint16_t even = (h & 1u) == 0 ? h : next;
-      if (gpu::f32_to_fp16_rne(mid) != even) bad.add("fp16 midpoint above " + hex(h) + ": " + hex(gpu::f32_to_fp16_rne(mid)));
+      if (cuda::f32_to_fp16_rne(mid) != even) bad.add("fp16 midpoint above " + hex(h) + ": " + hex(cuda::f32_to_fp16_rne(mid)));
       // Just off the midpoint the rounding is no longer a tie.
       if (mid != 0.0f) {
         const float below = std::nextafter(mid, 0.0f), above = std::nextafter(mid, mid * 2.0f);
-        if (gpu::f32_to_fp16_rne(below) != h) bad.add("fp16 just below midpoint above " + hex(h));
-        if (gpu::f32_to_fp16_rne(above) != next) bad.add("fp16 just above midpoint above " + hex(h));
+        if (cuda::f32_to_fp16_rne(below) != h) bad.add("fp16 just below midpoint above " + hex(h));
+        if (cuda::f32_to_fp16_rne(above) != next) bad.add("fp16 just above midpoint above " + hex(h));
       }
     }
   }
 }
 
 void check_f32_to_half(float f, Mismatches& bad) {
-  const std::uint16_t rne_gpu = gpu::f32_to_bf16_rne(f), rne_ref = numeric::f32_to_bf16_rne(f);
-  const std::uint16_t away_gpu = gpu::f32_to_bf16_round_away(f), away_ref = numeric::f32_to_bf16_round_away(f);
-  const std::uint16_t fp_gpu = gpu::f32_to_fp16_rne(f), fp_ref = numeric::f32_to_fp16_rne(f);
+  const std::uint16_t rne_gpu = cuda::f32_to_bf16_rne(f), rne_ref = numeric::f32_to_bf16_rne(f);
+  const std::uint16_t away_gpu = cuda::f32_to_bf16_round_away(f), away_ref = numeric::f32_to_bf16_round_away(f);
+  const std::uint16_t fp_gpu = cuda::f32_to_fp16_rne(f), fp_ref = numeric::f32_to_fp16_rne(f);
   if (rne_gpu != rne_ref)
     bad.add("f32_to_bf16_rne(" + describe(f) + "): gpu " + hex(rne_gpu) + " numeric " + hex(rne_ref));
   if (away_gpu != away_ref)
     bad.add("f32_to_bf16_round_away(" + describe(f) + "): gpu " + hex(away_gpu) + " numeric " + hex(away_ref));
   if (fp_gpu != fp_ref) bad.add("f32_to_fp16_rne(" + describe(f) + "): gpu " + hex(fp_gpu) + " numeric " + hex(fp_ref));
-  if (gpu::f32_to_half_rne(true, f) != rne_ref) bad.add("f32_to_half_rne(bf16, " + describe(f) + ")");
-  if (gpu::f32_to_half_rne(false, f) != fp_ref) bad.add("f32_to_half_rne(fp16, " + describe(f) + ")");
+  if (cuda::f32_to_half_rne(true, f) != rne_ref) bad.add("f32_to_half_rne(bf16, " + describe(f) + ")");
+  if (cuda::f32_to_half_rne(false, f) != fp_ref) bad.add("f32_to_half_rne(fp16, " + describe(f) + ")");
 }
 
 // Every sign / exponent / top-10 mantissa bit pattern (the upper 19 bits), with the low 13 bits (those
@@ -166,48 +166,48 @@ TEST_F(CudaRowMath, F32ToHalfSpecials) {
   for (const float f : specials) check_f32_to_half(f, bad);
 
   // Expected values from IEEE 754 alone (not from either implementation).
-  EXPECT_EQ(gpu::f32_to_fp16_rne(65504.0f), 0x7bff);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(65519.99f), 0x7bff);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(below_65520), 0x7bff);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(65520.0f), 0x7c00);  // the tie above the largest finite rounds to inf
-  EXPECT_EQ(gpu::f32_to_fp16_rne(-65520.0f), 0xfc00);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(std::numeric_limits<float>::max()), 0x7c00);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(kInf), 0x7c00);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(-kInf), 0xfc00);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(std::numeric_limits<float>::quiet_NaN()), 0x7e00);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(from_bits(0xff800001u)), 0x7e00);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(0.0f), 0x0000);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(-0.0f), 0x8000);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(1.0f), 0x3c00);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(0x1p-14f), 0x0400);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(std::nextafter(0x1p-14f, 0.0f)), 0x0400);  // rounds up into the normals
-  EXPECT_EQ(gpu::f32_to_fp16_rne(0x1p-24f), 0x0001);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(-0x1p-24f), 0x8001);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(0x1p-25f), 0x0000);  // tie between 0 and 2^-24: even is 0
-  EXPECT_EQ(gpu::f32_to_fp16_rne(-0x1p-25f), 0x8000);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(above_2m25), 0x0001);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(0x1p-25f * 1.0000001f), 0x0001);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(3 * 0x1p-25f), 0x0002);  // 1.5 units: tie to 2
-  EXPECT_EQ(gpu::f32_to_fp16_rne(5 * 0x1p-25f), 0x0002);  // 2.5 units: tie to 2
-  EXPECT_EQ(gpu::f32_to_fp16_rne(0x1p-26f), 0x0000);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(std::numeric_limits<float>::denorm_min()), 0x0000);
-  EXPECT_EQ(gpu::f32_to_fp16_rne(-std::numeric_limits<float>::denorm_min()), 0x8000);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(65504.0f), 0x7bff);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(65519.99f), 0x7bff);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(below_65520), 0x7bff);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(65520.0f), 0x7c00);  // the tie above the largest finite rounds to inf
+  EXPECT_EQ(cuda::f32_to_fp16_rne(-65520.0f), 0xfc00);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(std::numeric_limits<float>::max()), 0x7c00);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(kInf), 0x7c00);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(-kInf), 0xfc00);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(std::numeric_limits<float>::quiet_NaN()), 0x7e00);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(from_bits(0xff800001u)), 0x7e00);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(0.0f), 0x0000);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(-0.0f), 0x8000);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(1.0f), 0x3c00);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(0x1p-14f), 0x0400);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(std::nextafter(0x1p-14f, 0.0f)), 0x0400);  // rounds up into the normals
+  EXPECT_EQ(cuda::f32_to_fp16_rne(0x1p-24f), 0x0001);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(-0x1p-24f), 0x8001);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(0x1p-25f), 0x0000);  // tie between 0 and 2^-24: even is 0
+  EXPECT_EQ(cuda::f32_to_fp16_rne(-0x1p-25f), 0x8000);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(above_2m25), 0x0001);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(0x1p-25f * 1.0000001f), 0x0001);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(3 * 0x1p-25f), 0x0002);  // 1.5 units: tie to 2
+  EXPECT_EQ(cuda::f32_to_fp16_rne(5 * 0x1p-25f), 0x0002);  // 2.5 units: tie to 2
+  EXPECT_EQ(cuda::f32_to_fp16_rne(0x1p-26f), 0x0000);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(std::numeric_limits<float>::denorm_min()), 0x0000);
+  EXPECT_EQ(cuda::f32_to_fp16_rne(-std::numeric_limits<float>::denorm_min()), 0x8000);
 
-  EXPECT_EQ(gpu::f32_to_bf16_rne(1.0f), 0x3f80);
-  EXPECT_EQ(gpu::f32_to_bf16_rne(from_bits(0x3f808000u)), 0x3f80);  // tie, even below
-  EXPECT_EQ(gpu::f32_to_bf16_rne(from_bits(0x3f818000u)), 0x3f82);  // tie, even above
-  EXPECT_EQ(gpu::f32_to_bf16_rne(from_bits(0x3f808001u)), 0x3f81);
-  EXPECT_EQ(gpu::f32_to_bf16_rne(std::numeric_limits<float>::max()), 0x7f80);
-  EXPECT_EQ(gpu::f32_to_bf16_rne(from_bits(0x7f7f7fffu)), 0x7f7f);
-  EXPECT_EQ(gpu::f32_to_bf16_rne(-kInf), 0xff80);
-  EXPECT_EQ(gpu::f32_to_bf16_rne(-std::numeric_limits<float>::quiet_NaN()), 0x7fc0);
-  EXPECT_EQ(gpu::f32_to_bf16_rne(from_bits(0x7f800001u)), 0x7fc0);
-  EXPECT_EQ(gpu::f32_to_bf16_rne(-0.0f), 0x8000);
-  EXPECT_EQ(gpu::f32_to_bf16_round_away(from_bits(0x3f808000u)), 0x3f81);
-  EXPECT_EQ(gpu::f32_to_bf16_round_away(from_bits(0xbf808000u)), 0xbf81);
-  EXPECT_EQ(gpu::f32_to_bf16_round_away(from_bits(0x3f807fffu)), 0x3f80);
-  EXPECT_EQ(gpu::f32_to_bf16_round_away(from_bits(0x7f7f8000u)), 0x7f80);
-  EXPECT_EQ(gpu::f32_to_bf16_round_away(std::numeric_limits<float>::quiet_NaN()), 0x7fc0);
+  EXPECT_EQ(cuda::f32_to_bf16_rne(1.0f), 0x3f80);
+  EXPECT_EQ(cuda::f32_to_bf16_rne(from_bits(0x3f808000u)), 0x3f80);  // tie, even below
+  EXPECT_EQ(cuda::f32_to_bf16_rne(from_bits(0x3f818000u)), 0x3f82);  // tie, even above
+  EXPECT_EQ(cuda::f32_to_bf16_rne(from_bits(0x3f808001u)), 0x3f81);
+  EXPECT_EQ(cuda::f32_to_bf16_rne(std::numeric_limits<float>::max()), 0x7f80);
+  EXPECT_EQ(cuda::f32_to_bf16_rne(from_bits(0x7f7f7fffu)), 0x7f7f);
+  EXPECT_EQ(cuda::f32_to_bf16_rne(-kInf), 0xff80);
+  EXPECT_EQ(cuda::f32_to_bf16_rne(-std::numeric_limits<float>::quiet_NaN()), 0x7fc0);
+  EXPECT_EQ(cuda::f32_to_bf16_rne(from_bits(0x7f800001u)), 0x7fc0);
+  EXPECT_EQ(cuda::f32_to_bf16_rne(-0.0f), 0x8000);
+  EXPECT_EQ(cuda::f32_to_bf16_round_away(from_bits(0x3f808000u)), 0x3f81);
+  EXPECT_EQ(cuda::f32_to_bf16_round_away(from_bits(0xbf808000u)), 0xbf81);
+  EXPECT_EQ(cuda::f32_to_bf16_round_away(from_bits(0x3f807fffu)), 0x3f80);
+  EXPECT_EQ(cuda::f32_to_bf16_round_away(from_bits(0x7f7f8000u)), 0x7f80);
+  EXPECT_EQ(cuda::f32_to_bf16_round_away(std::numeric_limits<float>::quiet_NaN()), 0x7fc0);
 }
 
 TEST_F(CudaRowMath, RintToInt8) {
@@ -222,26 +222,26 @@ TEST_F(CudaRowMath, RintToInt8) {
     inputs.push_back(f);
   Mismatches bad("rint_to_int8");
   for (const float f : inputs) {
-    const int g = gpu::rint_to_int8(f), r = numeric::rint_to_int8(f);
+    const int g = cuda::rint_to_int8(f), r = numeric::rint_to_int8(f);
     if (g != r) bad.add(describe(f) + ": gpu " + std::to_string(g) + " numeric " + std::to_string(r));
   }
   // Independent expectations: ties to even, saturation, NaN to 0.
-  EXPECT_EQ(gpu::rint_to_int8(0.5f), 0);
-  EXPECT_EQ(gpu::rint_to_int8(1.5f), 2);
-  EXPECT_EQ(gpu::rint_to_int8(2.5f), 2);
-  EXPECT_EQ(gpu::rint_to_int8(-0.5f), 0);
-  EXPECT_EQ(gpu::rint_to_int8(-1.5f), -2);
-  EXPECT_EQ(gpu::rint_to_int8(-2.5f), -2);
-  EXPECT_EQ(gpu::rint_to_int8(126.5f), 126);
-  EXPECT_EQ(gpu::rint_to_int8(127.5f), 127);
-  EXPECT_EQ(gpu::rint_to_int8(-127.5f), -128);
-  EXPECT_EQ(gpu::rint_to_int8(-128.5f), -128);
-  EXPECT_EQ(gpu::rint_to_int8(1e9f), 127);
-  EXPECT_EQ(gpu::rint_to_int8(-1e9f), -128);
-  EXPECT_EQ(gpu::rint_to_int8(kInf), 127);
-  EXPECT_EQ(gpu::rint_to_int8(-kInf), -128);
-  EXPECT_EQ(gpu::rint_to_int8(std::numeric_limits<float>::quiet_NaN()), 0);
-  EXPECT_EQ(gpu::rint_to_int8(-std::numeric_limits<float>::quiet_NaN()), 0);
+  EXPECT_EQ(cuda::rint_to_int8(0.5f), 0);
+  EXPECT_EQ(cuda::rint_to_int8(1.5f), 2);
+  EXPECT_EQ(cuda::rint_to_int8(2.5f), 2);
+  EXPECT_EQ(cuda::rint_to_int8(-0.5f), 0);
+  EXPECT_EQ(cuda::rint_to_int8(-1.5f), -2);
+  EXPECT_EQ(cuda::rint_to_int8(-2.5f), -2);
+  EXPECT_EQ(cuda::rint_to_int8(126.5f), 126);
+  EXPECT_EQ(cuda::rint_to_int8(127.5f), 127);
+  EXPECT_EQ(cuda::rint_to_int8(-127.5f), -128);
+  EXPECT_EQ(cuda::rint_to_int8(-128.5f), -128);
+  EXPECT_EQ(cuda::rint_to_int8(1e9f), 127);
+  EXPECT_EQ(cuda::rint_to_int8(-1e9f), -128);
+  EXPECT_EQ(cuda::rint_to_int8(kInf), 127);
+  EXPECT_EQ(cuda::rint_to_int8(-kInf), -128);
+  EXPECT_EQ(cuda::rint_to_int8(std::numeric_limits<float>::quiet_NaN()), 0);
+  EXPECT_EQ(cuda::rint_to_int8(-std::numeric_limits<float>::quiet_NaN()), 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -328,14 +328,14 @@ GpuQuant gpu_quantize(bool bf16, const std::vector<std::uint16_t>& x, const floa
   GpuQuant out;
   const auto h = static_cast<std::int64_t>(x.size());
   out.v.resize(x.size());
-  for (std::int64_t i = 0; i < h; ++i) out.v[i] = gpu::quant_input(bf16, x[i], smooth, i);
+  for (std::int64_t i = 0; i < h; ++i) out.v[i] = cuda::quant_input(bf16, x[i], smooth, i);
   float amax = 0.0f;
-  for (const float v : out.v) amax = gpu::max_ignoring_nan(amax, gpu::abs_f(v));
+  for (const float v : out.v) amax = cuda::max_ignoring_nan(amax, cuda::abs_f(v));
   out.amax = amax;
-  const float ds = gpu::quant_ds(amax);
+  const float ds = cuda::quant_ds(amax);
   out.q.resize(x.size());
-  for (std::int64_t i = 0; i < h; ++i) out.q[i] = gpu::quantize(out.v[i], ds);
-  out.scale = gpu::quant_scale_out(ds);
+  for (std::int64_t i = 0; i < h; ++i) out.q[i] = cuda::quantize(out.v[i], ds);
+  out.scale = cuda::quant_scale_out(ds);
   return out;
 }
 
@@ -412,9 +412,9 @@ TEST_F(CudaRowMath, QuantizeRowMatchesScalarKernelAndOracle) {
 float amax_tree(const std::vector<float>& v, std::size_t threads) {
   std::vector<float> part(threads, 0.0f);
   for (std::size_t t = 0; t < threads; ++t)
-    for (std::size_t i = t; i < v.size(); i += threads) part[t] = gpu::max_ignoring_nan(part[t], gpu::abs_f(v[i]));
+    for (std::size_t i = t; i < v.size(); i += threads) part[t] = cuda::max_ignoring_nan(part[t], cuda::abs_f(v[i]));
   for (std::size_t s = threads / 2; s > 0; s /= 2)
-    for (std::size_t t = 0; t < s; ++t) part[t] = gpu::max_ignoring_nan(part[t], part[t + s]);
+    for (std::size_t t = 0; t < s; ++t) part[t] = cuda::max_ignoring_nan(part[t], part[t + s]);
   return part[0];
 }
 
@@ -432,7 +432,7 @@ TEST_F(CudaRowMath, AmaxIsOrderIndependent) {
           const std::string at = where(type, kind, h, -1) + (with_smooth ? " smooth" : "");
 
           float reversed = 0.0f;
-          for (auto it = g.v.rbegin(); it != g.v.rend(); ++it) reversed = gpu::max_ignoring_nan(reversed, gpu::abs_f(*it));
+          for (auto it = g.v.rbegin(); it != g.v.rend(); ++it) reversed = cuda::max_ignoring_nan(reversed, cuda::abs_f(*it));
           // Independent: the largest |v| among the non-NaN values (fmax ignores a NaN operand).
           float expected = 0.0f;
           for (const float v : g.v) expected = std::fmax(expected, std::fabs(v));
@@ -490,15 +490,15 @@ TEST_F(CudaRowMath, CombineMatchesScalarKernelsAndOracle) {
             for (std::int64_t i = 0; i < h; ++i) {
               float acc = 0.0f, oracle = 0.0f;
               for (std::size_t j = 0; j < k; ++j) {
-                acc = gpu::accumulate_weighted(acc, bf16, y[j][i], w[j]);
+                acc = cuda::accumulate_weighted(acc, bf16, y[j][i], w[j]);
                 const float weighted = numeric::half_to_f32(type, y[j][i]) * w[j];
                 oracle = oracle + weighted;
               }
               if (shared) {
-                acc = gpu::accumulate_unweighted(acc, bf16, s_row[i]);
+                acc = cuda::accumulate_unweighted(acc, bf16, s_row[i]);
                 oracle = oracle + numeric::half_to_f32(type, s_row[i]);
               }
-              const std::uint16_t out = gpu::f32_to_half_rne(bf16, acc);
+              const std::uint16_t out = cuda::f32_to_half_rne(bf16, acc);
               const std::uint16_t out_oracle = numeric::f32_to_half_rne(type, oracle);
               const std::string at = where(type, kind, h, i) + " k=" + std::to_string(k) + (shared ? " shared" : "");
               if (!same_f32(acc, acc_ref[i]) || !same_f32(acc, oracle))
@@ -529,7 +529,7 @@ TEST_F(CudaRowMath, TpAddMatchesScalarKernelAndOracle) {
           std::vector<std::uint16_t> out_ref(static_cast<std::size_t>(h), 0xdead);
           kernels::tp_reduce_row(a_strided.data(), 2, b.data(), type, h, out_ref.data());
           for (std::int64_t i = 0; i < h; ++i) {
-            const std::uint16_t out = gpu::tp_add(bf16, a[i], b[i]);
+            const std::uint16_t out = cuda::tp_add(bf16, a[i], b[i]);
             const float sum = numeric::half_to_f32(type, a[i]) + numeric::half_to_f32(type, b[i]);
             const std::uint16_t oracle = bf16 ? numeric::f32_to_bf16_round_away(sum) : numeric::f32_to_fp16_rne(sum);
             if (out != out_ref[i] || out != oracle)
@@ -542,10 +542,10 @@ TEST_F(CudaRowMath, TpAddMatchesScalarKernelAndOracle) {
   }
   // Independent: bf16 1 + 2^-8 (exactly half an ulp of 1.0 in bf16) rounds away to 0x3f81; fp16 1 + 2^-11
   // ties to even 0x3c00.
-  EXPECT_EQ(gpu::tp_add(true, 0x3f80, 0x3b80), 0x3f81);   // 1 + 2^-8
-  EXPECT_EQ(gpu::tp_add(true, 0xbf80, 0xbb80), 0xbf81);   // -(1 + 2^-8)
-  EXPECT_EQ(gpu::tp_add(false, 0x3c00, 0x1000), 0x3c00);  // 1 + 2^-11
-  EXPECT_EQ(gpu::tp_add(false, 0x3c01, 0x1000), 0x3c02);  // (1 + 2^-10) + 2^-11
+  EXPECT_EQ(cuda::tp_add(true, 0x3f80, 0x3b80), 0x3f81);   // 1 + 2^-8
+  EXPECT_EQ(cuda::tp_add(true, 0xbf80, 0xbb80), 0xbf81);   // -(1 + 2^-8)
+  EXPECT_EQ(cuda::tp_add(false, 0x3c00, 0x1000), 0x3c00);  // 1 + 2^-11
+  EXPECT_EQ(cuda::tp_add(false, 0x3c01, 0x1000), 0x3c02);  // (1 + 2^-10) + 2^-11
 }
 
 // The oracle's comm_quant_round_trip, transcribed: the row after quantization and dequantization.
@@ -587,9 +587,9 @@ TEST_F(CudaRowMath, CommQuantMatchesScalarKernelsAndOracle) {
         std::vector<std::int8_t> q(static_cast<std::size_t>(h), 99);
         std::vector<std::uint16_t> scales(static_cast<std::size_t>(groups), 0xdead);
         for (std::int64_t g = 0; g < groups; ++g) {
-          const std::int64_t g0 = g * gpu::kCommQuantGroup;
-          const int n = static_cast<int>(std::min<std::int64_t>(gpu::kCommQuantGroup, h - g0));
-          scales[g] = gpu::comm_quantize_group(bf16, y.data() + g0, n, q.data() + g0);
+          const std::int64_t g0 = g * cuda::kCommQuantGroup;
+          const int n = static_cast<int>(std::min<std::int64_t>(cuda::kCommQuantGroup, h - g0));
+          scales[g] = cuda::comm_quantize_group(bf16, y.data() + g0, n, q.data() + g0);
         }
         std::vector<std::int8_t> q_ref(static_cast<std::size_t>(h), 99);
         std::vector<std::uint16_t> scales_ref(static_cast<std::size_t>(groups), 0xbeef);
@@ -611,11 +611,11 @@ TEST_F(CudaRowMath, CommQuantMatchesScalarKernelsAndOracle) {
         kernels::accumulate_scaled_comm_quant(acc_w_ref.data(), q_ref.data(), scales_ref.data(), type, s, h);
         kernels::accumulate_comm_quant(acc_u_ref.data(), q_ref.data(), scales_ref.data(), type, h);
         for (std::int64_t i = 0; i < h; ++i) {
-          const std::uint16_t yd = gpu::comm_dequantize(bf16, q[i], scales[i / gpu::kCommQuantGroup]);
+          const std::uint16_t yd = cuda::comm_dequantize(bf16, q[i], scales[i / cuda::kCommQuantGroup]);
           if (yd != y_oracle[i])
             bad.add(where(type, kind, h, i) + ": y " + hex(y[i]) + " round trip gpu " + hex(yd) + " oracle " + hex(y_oracle[i]));
-          const float acc_w = gpu::accumulate_weighted(acc0[i], bf16, yd, s);
-          const float acc_u = gpu::accumulate_unweighted(acc0[i], bf16, yd);
+          const float acc_w = cuda::accumulate_weighted(acc0[i], bf16, yd, s);
+          const float acc_u = cuda::accumulate_unweighted(acc0[i], bf16, yd);
           if (!same_f32(acc_w, acc_w_ref[i]))
             bad.add(where(type, kind, h, i) + ": weighted acc gpu " + describe(acc_w) + " kernel " + describe(acc_w_ref[i]));
           if (!same_f32(acc_u, acc_u_ref[i]))
@@ -645,7 +645,7 @@ TEST_F(CudaRowMath, DequantizeMatchesScalarKernel) {
       std::vector<std::uint16_t> y_ref(q.size(), 0xdead);
       kernels::dequantize_row(q.data(), scale, type, static_cast<std::int64_t>(q.size()), y_ref.data());
       for (std::size_t i = 0; i < q.size(); ++i) {
-        const std::uint16_t y = gpu::dequantize(bf16, q[i], scale);
+        const std::uint16_t y = cuda::dequantize(bf16, q[i], scale);
         if (y != y_ref[i])
           bad.add(std::string(bf16 ? "bf16" : "fp16") + " q " + std::to_string(q[i]) + " scale " + describe(scale) + ": gpu " +
                   hex(y) + " kernel " + hex(y_ref[i]));
@@ -661,15 +661,15 @@ TEST_F(CudaRowMath, DequantizeMatchesScalarKernel) {
       std::vector<std::uint16_t> y_ref(static_cast<std::size_t>(h), 0xdead);
       kernels::dequantize_row(g.q.data(), g.scale, type, h, y_ref.data());
       for (std::int64_t i = 0; i < h; ++i)
-        if (gpu::dequantize(bf16, g.q[i], g.scale) != y_ref[i]) bad.add(where(type, RowKind::wide, h, i) + ": row round trip");
+        if (cuda::dequantize(bf16, g.q[i], g.scale) != y_ref[i]) bad.add(where(type, RowKind::wide, h, i) + ": row round trip");
     }
   }
   // Independent: 127 * (1/127) rounds back to 1.0 in both formats, 0 * inf is a canonical NaN.
-  EXPECT_EQ(gpu::dequantize(true, 127, 1.0f / 127.0f), 0x3f80);
-  EXPECT_EQ(gpu::dequantize(false, 127, 1.0f / 127.0f), 0x3c00);
-  EXPECT_EQ(gpu::dequantize(true, 0, kInf), 0x7fc0);
-  EXPECT_EQ(gpu::dequantize(false, 0, kInf), 0x7e00);
-  EXPECT_EQ(gpu::dequantize(false, -2, 65504.0f), 0xfc00);
+  EXPECT_EQ(cuda::dequantize(true, 127, 1.0f / 127.0f), 0x3f80);
+  EXPECT_EQ(cuda::dequantize(false, 127, 1.0f / 127.0f), 0x3c00);
+  EXPECT_EQ(cuda::dequantize(true, 0, kInf), 0x7fc0);
+  EXPECT_EQ(cuda::dequantize(false, 0, kInf), 0x7e00);
+  EXPECT_EQ(cuda::dequantize(false, -2, 65504.0f), 0xfc00);
 }
 
 }  // namespace

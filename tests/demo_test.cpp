@@ -198,7 +198,7 @@ TEST(DemoChecker, FaultNamesRoundTrip) {
 std::vector<RankRecord> run_shm_threads(const DemoOptions& o) {
   const std::string job = moedist::new_job_name();
   moedist::ShmOptions shm;
-  shm.timeout = std::chrono::milliseconds(o.timeout_ms);
+  shm.wait.timeout = std::chrono::milliseconds(o.timeout_ms);
   return moedist::demo::run_rank_threads(
       o, [&](const moedist::GroupConfig& config) { return moedist::join_shm(config, job, shm); });
 }

@@ -72,7 +72,7 @@ TEST(VirtualHosts, TokensCrossEachHostOnce) {
     random_inputs(c, rng, lim, 6);
   } while (c.ranks[0].expert_ids.cols() < 6 || c.ranks[0].scales.numel() != 0);
   const int world = c.ep_world_size;
-  InProcessWorld runtime(world, RuntimeOptions{std::chrono::milliseconds(60000), std::chrono::microseconds(-1), 4});
+  InProcessWorld runtime(world, RuntimeOptions{{std::chrono::milliseconds(60000)}, std::chrono::microseconds(-1), 4});
   std::vector<RankTraffic> traffic(static_cast<std::size_t>(world));
   run_ranks(world, [&](int g) {
     std::unique_ptr<Group> group = runtime.join(rank_config(c, g));
@@ -146,10 +146,10 @@ void expect_rejected(const std::string& phase, const std::function<void(std::vec
     c.ranks[0].expert_ids.data<std::int32_t>()[b * 3 + 1] = 5;
     c.ranks[0].expert_ids.data<std::int32_t>()[b * 3 + 2] = 0;
   }
-  auto hub = std::make_shared<InProcHub>(4, std::chrono::milliseconds(20000), std::chrono::microseconds(-1), 2);
+  auto hub = std::make_shared<inproc::InProcHub>(4, std::chrono::milliseconds(20000), std::chrono::microseconds(-1), 2);
   std::vector<Outcome> outcomes(4);
   run_ranks(4, [&](int g) {
-    std::unique_ptr<Transport> t = std::make_unique<InProcTransport>(hub, g);
+    std::unique_ptr<Transport> t = std::make_unique<inproc::InProcTransport>(hub, g);
     if (g == 0) t = std::make_unique<CorruptingTransport>(std::move(t), phase, corrupt);
     Group group(rank_config(c, g), std::move(t));
     outcomes[static_cast<std::size_t>(g)] = capture([&] { run_rank(group, c, g, RunOptions{}); });

@@ -537,7 +537,7 @@ TEST(LaunchChild, RankOfALaunchedJob) {
   config.ep_world_size = c.ep_world_size;
   config.moe_expert_num = c.moe_expert_num;
   ShmOptions options;
-  options.timeout = milliseconds(10000);
+  options.wait.timeout = milliseconds(10000);
   auto group = join_shm_from_env(config, options);
   const int g = env.rank;
   ASSERT_EQ(group->config().ep_rank_id, g / 2);

@@ -159,7 +159,7 @@ struct Recovery {
   std::vector<std::string> errors;
 };
 
-RuntimeOptions timeout_ms(int ms) { return RuntimeOptions{std::chrono::milliseconds(ms)}; }
+RuntimeOptions timeout_ms(int ms) { return RuntimeOptions{{std::chrono::milliseconds(ms)}}; }
 RuntimeOptions generous_timeout() { return timeout_ms(20000); }
 
 // ---- the runtime itself --------------------------------------------------------------------------------

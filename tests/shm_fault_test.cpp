@@ -42,7 +42,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
-constexpr milliseconds kTimeout{3000};                    // ShmOptions::timeout of every rank here
+constexpr milliseconds kTimeout{3000};                    // ShmOptions::wait.timeout of every rank here
 constexpr std::int64_t kMarginNs = 2'000'000'000;         // detection must finish within timeout + 2 s
 constexpr std::int64_t kTimeoutNs = 3'000'000'000;
 
@@ -283,7 +283,7 @@ void workload(Group& group, int g, const FaultConfig& fc) {
 
 ShmOptions fault_options(Slot& s, int g, int victim, const std::string& kill_phase) {
   ShmOptions o;
-  o.timeout = kTimeout;
+  o.wait.timeout = kTimeout;
   o.on_phase = [&s, g, victim, kill_phase](std::string_view phase) {
     append_phase(s, phase);
     if (g == victim && phase == kill_phase) {
@@ -442,7 +442,7 @@ TEST(ShmFault, KilledFromOutsideAtARandomMoment) {
     const std::string job = fresh_job("outside");
     Ranks ranks(fc.world(), [&](int g, Slot& s) {
       ShmOptions o;
-      o.timeout = kTimeout;
+      o.wait.timeout = kTimeout;
       o.on_phase = [&s](std::string_view phase) { copy_text(s.last_phase, sizeof(s.last_phase), phase); };
       auto group = join_shm(rank_config(c, g), job, o);
       run_rank(*group, c, g, RunOptions{});  // the first call grows the windows
@@ -495,7 +495,7 @@ TEST(ShmFault, RankThatExitsNormallyInsteadOfDispatchingIsReportedLost) {
     const std::string job = fresh_job("exit");
     Ranks ranks(fc.world(), [&](int g, Slot& s) {
       ShmOptions o;
-      o.timeout = kTimeout;
+      o.wait.timeout = kTimeout;
       o.on_phase = [&s](std::string_view phase) { append_phase(s, phase); };
       auto group = join_shm(fc.rank(g), job, o);
       if (g == victim) {
@@ -538,7 +538,7 @@ TEST(ShmFault, DifferentMoeExpertNumOnOneRankFailsEveryRankAtJoin) {
     GroupConfig cfg = fc.rank(g);
     if (g == odd) cfg.moe_expert_num = 2 * fc.E;  // still valid on its own; a different record size
     ShmOptions o;
-    o.timeout = kTimeout;
+    o.wait.timeout = kTimeout;
     o.on_phase = [&s](std::string_view phase) { append_phase(s, phase); };
     auto group = join_shm(cfg, job, o);
     s.ready = 1;
@@ -565,7 +565,7 @@ TEST(ShmFault, DifferentGlobalBsOnOneRankIsNamedAtJoin) {
     GroupConfig cfg = fc.rank(g);
     if (g == odd) cfg.global_bs = 6 * fc.W;  // same record size: caught by the field-by-field check
     ShmOptions o;
-    o.timeout = kTimeout;
+    o.wait.timeout = kTimeout;
     auto group = join_shm(cfg, job, o);
   });
   ASSERT_EQ(ranks.wait(milliseconds(20000)), "") << all_outcomes(ranks);
@@ -594,7 +594,7 @@ TEST(ShmFault, WorldSizeDisagreementIsAClearErrorNotAHang) {
       cfg.moe_expert_num = 3 * 2;
     }
     ShmOptions o;
-    o.timeout = kTimeout;
+    o.wait.timeout = kTimeout;
     auto group = join_shm(cfg, job, o);
   });
   ASSERT_EQ(ranks.wait(milliseconds(20000)), "") << all_outcomes(ranks);
@@ -630,7 +630,7 @@ TEST(ShmFault, WorldSizeDisagreementIsReportedToTheRankThatDisagrees) {
       cfg.moe_expert_num = 3 * 2;
     }
     ShmOptions o;
-    o.timeout = kTimeout;
+    o.wait.timeout = kTimeout;
     auto group = join_shm(cfg, job, o);
   });
   ASSERT_EQ(ranks.wait(milliseconds(20000)), "") << all_outcomes(ranks);
@@ -658,7 +658,7 @@ TEST(ShmFault, SecondProcessClaimingARankGetsAClearError) {
   const std::string job = fresh_job("dup");
   const auto body = [&](int g, Slot&) {
     ShmOptions o;
-    o.timeout = milliseconds(10000);
+    o.wait.timeout = milliseconds(10000);
     auto group = join_shm(fc.rank(g), job, o);
     workload(*group, g, fc);
   };
@@ -695,7 +695,7 @@ TEST(ShmFault, TwoProcessesClaimingTheSameConnectingRank) {
     Ranks ranks(3, [&](int i, Slot&) {
       const int g = std::min(i, 1);
       ShmOptions o;
-      o.timeout = milliseconds(1500);
+      o.wait.timeout = milliseconds(1500);
       auto group = join_shm(fc.rank(g), job, o);
       workload(*group, g, fc);
       // Hold the group (and so the claim on the rank) a while: a claimant that starts only after the
@@ -803,7 +803,7 @@ TEST(ShmFault, ThousandConsecutiveCallsWithChangingShapesMatchTheOracle) {
   const auto t1 = Clock::now();
   Ranks ranks(world, [&](int g, Slot& s) {
     ShmOptions o;
-    o.timeout = milliseconds(20000);
+    o.wait.timeout = milliseconds(20000);
     auto group = join_shm(rank_config(cases.front(), g), job, o);
     std::byte* mine = results.base + static_cast<std::size_t>(g) * kCalls * kRecordBytes;
     for (int i = 0; i < kCalls; ++i) {
@@ -850,7 +850,7 @@ TEST(ShmFault, NoDescriptorLeaksAcrossJoinCallsAndDestruction) {
   const std::string job_a = fresh_job("fd-a"), job_b = fresh_job("fd-b");
   Ranks ranks(fc.world(), [&](int g, Slot& s) {
     ShmOptions o;
-    o.timeout = milliseconds(20000);
+    o.wait.timeout = milliseconds(20000);
     s.data[0] = open_fds();
     {
       auto group = join_shm(rank_config(c, g), job_a, o);
@@ -916,7 +916,7 @@ TEST(ShmFault, HundredRandomKillsEverySurvivorNamesTheVictimAndRebuilds) {
       s.data[1] = threads_now();
       int seen = 0;
       ShmOptions o;
-      o.timeout = kTimeout;
+      o.wait.timeout = kTimeout;
       o.on_phase = [&](std::string_view p) {
         append_phase(s, p);
         if (g == victim && p == phase && ++seen == occurrence) {
@@ -940,7 +940,7 @@ TEST(ShmFault, HundredRandomKillsEverySurvivorNamesTheVictimAndRebuilds) {
       const int me = g < victim ? g : g - 1;
       {
         ShmOptions fresh;
-        fresh.timeout = milliseconds(20000);
+        fresh.wait.timeout = milliseconds(20000);
         auto group = join_shm(rank_config(after, me), rebuild_job, fresh);
         const std::vector<oracle::RankOutput> want = oracle::run(to_oracle_case(after));
         for (int i = 0; i < 5; ++i) {
@@ -1015,7 +1015,7 @@ TEST(ShmSoak, TenThousandCallsWithRandomShapesMatchTheOracleWithFlatMemoryAndDes
   const auto t0 = Clock::now();
   Ranks ranks(world, [&](int g, Slot& s) {
     ShmOptions o;
-    o.timeout = milliseconds(20000);
+    o.wait.timeout = milliseconds(20000);
     auto group = join_shm(rank_config(base, g), job, o);
     std::mt19937_64 rng(99);  // the same sequence of cases on every rank
     CaseLimits lim;
@@ -1090,7 +1090,7 @@ TEST(ShmFault, TrafficCountersMatchIndependentlyComputedValues) {
     const std::string job = fresh_job("traffic");
     Ranks ranks(world, [&](int g, Slot& s) {
       ShmOptions o;
-      o.timeout = milliseconds(20000);
+      o.wait.timeout = milliseconds(20000);
       auto group = join_shm(rank_config(c, g), job, o);
       run_rank(*group, c, g, RunOptions{});
       const TrafficCounters& t = group->traffic();

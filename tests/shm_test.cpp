@@ -13,7 +13,7 @@ namespace {
 
 ShmOptions test_shm_options() {
   ShmOptions o;
-  o.timeout = std::chrono::milliseconds(20000);  // generous: up to 32 processes share 2 cores here
+  o.wait.timeout = std::chrono::milliseconds(20000);  // generous: up to 32 processes share 2 cores here
   return o;
 }
 

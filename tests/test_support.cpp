@@ -367,7 +367,7 @@ casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, con
 std::vector<casefile::RankOutputs> run_runtime(const casefile::Case& c, const RunOptions& opt) {
   const int world = c.ep_world_size * std::max(c.tp_world_size, 1);
   std::vector<casefile::RankOutputs> outputs(static_cast<std::size_t>(world));
-  RuntimeOptions runtime_options{std::chrono::milliseconds(60000)};
+  RuntimeOptions runtime_options{{std::chrono::milliseconds(60000)}};
   runtime_options.ranks_per_host = opt.ranks_per_host;
   InProcessWorld runtime(world, runtime_options);
   run_ranks(world, [&](int g) {

@@ -372,7 +372,7 @@ void expect_rule_enforced(std::vector<RankReport>& reports, int bad_rank, const 
   }
 }
 
-RuntimeOptions generous_timeout() { return RuntimeOptions{std::chrono::milliseconds(20000)}; }
+RuntimeOptions generous_timeout() { return RuntimeOptions{{std::chrono::milliseconds(20000)}}; }
 
 void run_recovery(Group& group, const casefile::Case& recovery, int g, RankReport& report) {
   try {

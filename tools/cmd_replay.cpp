@@ -52,7 +52,7 @@ int replay_mpi(const std::string& case_path, const std::string& out_path, std::c
                        concat("must equal the case's ep_world_size * max(tp_world_size, 1) = ", ranks));
       }
       MpiOptions options;
-      options.timeout = timeout;
+      options.wait.timeout = timeout;
       const std::unique_ptr<Group> group = join_mpi(MPI_COMM_WORLD, casefile::group_config(c, mpi.rank()), options);
       casefile::write_rank_outputs(path, mpi.rank(), casefile::run_case_rank(*group, c, mpi.rank()));
     } catch (const Error& e) {
@@ -117,7 +117,7 @@ void add_replay(CLI::App& app, int* exit_code) {
 #endif
     if (!args->worker_dir.empty()) {
       ShmOptions shm;
-      shm.timeout = timeout;
+      shm.wait.timeout = timeout;
       *exit_code = casefile::run_case_worker(args->case_path, args->worker_dir, shm);
       return;
     }
@@ -128,7 +128,7 @@ void add_replay(CLI::App& app, int* exit_code) {
           c, [](const std::string& dir) { return casefile::own_command_line({kWorkerFlag, dir}); });
     } else {
       RuntimeOptions options;
-      options.timeout = timeout;
+      options.wait.timeout = timeout;
       outputs = casefile::run_case(c, options);
     }
     casefile::write_outputs(args->out_path, outputs);

@@ -640,7 +640,7 @@ std::vector<RankRecord> run_rank_threads(const DemoOptions& o, const JoinGroup& 
 
 std::vector<RankRecord> run_inproc_ranks(const DemoOptions& o) {
   RuntimeOptions runtime;
-  runtime.timeout = std::chrono::milliseconds(o.timeout_ms);
+  runtime.wait.timeout = std::chrono::milliseconds(o.timeout_ms);
   InProcessWorld world(world_size(o), runtime);
   return run_rank_threads(o, [&](const GroupConfig& config) { return world.join(config); });
 }
@@ -648,7 +648,7 @@ std::vector<RankRecord> run_inproc_ranks(const DemoOptions& o) {
 RankRecord run_shm_rank(const DemoOptions& o) {
   const SingleThreadedBlas blas;
   ShmOptions shm;
-  shm.timeout = std::chrono::milliseconds(o.timeout_ms);
+  shm.wait.timeout = std::chrono::milliseconds(o.timeout_ms);
   return run_rank(o, launch_environment().rank,
                   [&](const GroupConfig& config) { return join_shm_from_env(config, shm); });
 }
@@ -657,7 +657,7 @@ RankRecord run_shm_rank(const DemoOptions& o) {
 RankRecord run_mpi_rank(const DemoOptions& o) {
   const SingleThreadedBlas blas;
   MpiOptions options;
-  options.timeout = std::chrono::milliseconds(o.timeout_ms);
+  options.wait.timeout = std::chrono::milliseconds(o.timeout_ms);
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   return run_rank(o, rank, [&](const GroupConfig& config) { return join_mpi_world(config, MPI_COMM_WORLD, options); });

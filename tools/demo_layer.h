@@ -125,17 +125,17 @@ RankRecord run_rank(const DemoOptions& options, int global_rank, const JoinGroup
 // a few cores). Rethrows the lowest failing rank's error.
 std::vector<RankRecord> run_rank_threads(const DemoOptions& options, const JoinGroup& join);
 
-// The inproc runner: run_rank_threads on one InProcessWorld (RuntimeOptions.timeout from options.timeout_ms).
+// The inproc runner: run_rank_threads on one InProcessWorld (RuntimeOptions.wait.timeout from options.timeout_ms).
 std::vector<RankRecord> run_inproc_ranks(const DemoOptions& options);
 
 // One rank of `moedist demo --transport shm`, in a process of its own started by moedist::launch: the global rank
-// is MOEDIST_RANK, the group comes from join_shm_from_env (ShmOptions.timeout from options.timeout_ms), and BLAS
+// is MOEDIST_RANK, the group comes from join_shm_from_env (ShmOptions.wait.timeout from options.timeout_ms), and BLAS
 // runs on one thread, since the job's processes share the cores.
 RankRecord run_shm_rank(const DemoOptions& options);
 
 #ifdef MOEDIST_HAVE_MPI
 // One rank of `mpirun -np N moedist demo --transport mpi`: the global rank is the MPI_COMM_WORLD rank, the
-// group comes from join_mpi_world (MpiOptions.timeout from options.timeout_ms; MOEDIST_RANKS_PER_NODE makes
+// group comes from join_mpi_world (MpiOptions.wait.timeout from options.timeout_ms; MOEDIST_RANKS_PER_NODE makes
 // virtual hosts), and BLAS runs on one thread.
 RankRecord run_mpi_rank(const DemoOptions& options);
 #endif

@@ -31,6 +31,7 @@
 #include "moedist/config.h"
 #include "moedist/group.h"
 #include "moedist/tensor.h"
+#include "moedist/wait.h"
 
 struct CUstream_st;  // cudaStream_t is CUstream_st*
 
@@ -46,9 +47,10 @@ struct CudaGroupOptions {
   std::int64_t max_bs = 0;  // most tokens a rank passes in one call (with global_bs != 0 at most global_bs / W)
   std::int64_t k = 0;       // top-k K of every call (1 <= K <= min(moe_expert_num, 1024))
   std::int64_t h = 0;       // hidden size H of every call
-  // The longest a rank waits for a peer on the GPU, in any step, before it reports ErrorCode::timeout.
-  // Also bounds joining. With several ranks time-sharing one GPU without MPS, allow for the time slices.
-  std::chrono::milliseconds timeout{10000};
+  // The longest a rank waits for a peer on the GPU, in any step, before it reports ErrorCode::timeout
+  // (WaitOptions: 30 s by default). Also bounds joining. With several ranks time-sharing one GPU
+  // without MPS, allow for the time slices.
+  WaitOptions wait;
 };
 
 // Outputs of a dispatch, in device memory. valid_rows is not known on the host until synchronize():

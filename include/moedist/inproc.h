@@ -7,12 +7,13 @@
 #include <memory>
 
 #include "moedist/group.h"
+#include "moedist/wait.h"
 
 namespace moedist {
 
 struct RuntimeOptions {
-  // Longest wait for a peer in any phase; a wait past it raises a PeerError naming the peer and phase.
-  std::chrono::milliseconds timeout{30000};
+  // Longest wait for a peer in any phase (WaitOptions: 30 s by default).
+  WaitOptions wait;
   // How long a waiting rank spins before it sleeps. Negative: automatic, 200 us when every rank can
   // have a core of its own; with more ranks than cores it instead yields the core for up to 2 ms
   // (spinning would take the core from the rank it waits for).

@@ -31,6 +31,17 @@ struct LaunchResult {
   int exit_code() const noexcept;
 };
 
+// What `moedist launch` (or any launcher that sets the same variables) tells a process.
+struct LaunchEnvironment {
+  int rank = 0;           // MOEDIST_RANK
+  int world_size = 0;     // MOEDIST_WORLD_SIZE
+  int tp_world_size = 0;  // MOEDIST_TP_WORLD_SIZE (0 when unset)
+  std::string job;        // MOEDIST_JOB
+};
+
+// Reads the MOEDIST_* variables; throws moedist::Error naming the variable when one is missing or bad.
+LaunchEnvironment launch_environment();
+
 // A fresh job name: 128 random bits in hex.
 std::string new_job_name();
 

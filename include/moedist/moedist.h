@@ -10,3 +10,4 @@
 #include "moedist/shm.h"
 #include "moedist/tensor.h"
 #include "moedist/version.h"
+#include "moedist/wait.h"

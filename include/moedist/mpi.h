@@ -15,13 +15,14 @@
 #include <string_view>
 
 #include "moedist/group.h"
+#include "moedist/wait.h"
 
 namespace moedist {
 
 struct MpiOptions {
-  // Longest wait for a peer in any phase, joining included. An unreachable host (a cut link, a dead
-  // machine) is reported after this long, naming the rank waited for.
-  std::chrono::milliseconds timeout{30000};
+  // Longest wait for a peer in any phase, joining included (WaitOptions: 30 s by default). An
+  // unreachable host (a cut link, a dead machine) is reported after this long, naming the rank waited for.
+  WaitOptions wait;
   // How long a waiting rank polls before it starts to sleep between polls. Negative: automatic, as in
   // ShmOptions::spin.
   std::chrono::microseconds spin{-1};

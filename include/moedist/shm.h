@@ -13,13 +13,15 @@
 #include <string_view>
 
 #include "moedist/group.h"
+#include "moedist/launch.h"  // LaunchEnvironment, which join_shm_from_env reads
+#include "moedist/wait.h"
 
 namespace moedist {
 
 struct ShmOptions {
-  // Longest wait for a peer in any phase (connecting included). A peer that exits or is killed is
-  // reported sooner, as soon as its connection closes (ErrorCode::peer_lost).
-  std::chrono::milliseconds timeout{5000};
+  // Longest wait for a peer in any phase, connecting included (WaitOptions: 30 s by default). A peer
+  // that exits or is killed is reported sooner, as soon as its connection closes (ErrorCode::peer_lost).
+  WaitOptions wait;
   // How long a waiting rank spins before it sleeps on a futex. Negative: automatic, 200 us when every
   // rank of the job can have a core of its own; with more ranks than cores it instead yields the core
   // for up to 2 ms (spinning would take the core from the rank it waits for).
@@ -33,20 +35,9 @@ struct ShmOptions {
 // tp_rank_id, world size ep_world_size * max(T, 1)). Collective over all processes of the job.
 std::unique_ptr<Group> join_shm(const GroupConfig& config, const std::string& job, const ShmOptions& options = {});
 
-// What `moedist launch` (or any launcher that sets the same variables) tells a process.
-struct LaunchEnvironment {
-  int rank = 0;           // MOEDIST_RANK
-  int world_size = 0;     // MOEDIST_WORLD_SIZE
-  int tp_world_size = 0;  // MOEDIST_TP_WORLD_SIZE (0 when unset)
-  std::string job;        // MOEDIST_JOB
-};
-
-// Reads the MOEDIST_* variables; throws moedist::Error naming the variable when one is missing or bad.
-LaunchEnvironment launch_environment();
-
-// Joins from the launcher's environment: ep_rank_id and tp_rank_id come from MOEDIST_RANK (global rank
-// g = ep_rank * max(tp_world_size, 1) + tp_rank); tp_world_size from MOEDIST_TP_WORLD_SIZE unless the
-// config sets it; the world size must equal ep_world_size * max(tp_world_size, 1).
+// Joins from the launcher's environment (launch_environment(), moedist/launch.h): ep_rank_id and tp_rank_id
+// come from MOEDIST_RANK (global rank g = ep_rank * max(tp_world_size, 1) + tp_rank); tp_world_size from
+// MOEDIST_TP_WORLD_SIZE unless the config sets it; the world size must equal ep_world_size * max(T, 1).
 std::unique_ptr<Group> join_shm_from_env(GroupConfig config, const ShmOptions& options = {});
 
 }  // namespace moedist

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from . import _moedist
 from ._errors import ValidationError
 
-DEFAULT_TIMEOUT_MS = 30000
+DEFAULT_TIMEOUT_MS = _moedist.default_timeout_ms  # moedist::WaitOptions' default (30 s), as in C++
 
 # The kinds of world, named by the C++ transport registry (moedist._moedist.transports()).
 KIND_SHM = _moedist.transport_name(_moedist.TransportId.shm)

@@ -17,6 +17,7 @@
 #include "moedist/launch.h"
 #include "moedist/shm.h"
 #include "moedist/version.h"
+#include "moedist/wait.h"
 #include "transport/registry.h"
 #ifdef MOEDIST_HAVE_MPI
 #include "moedist/mpi.h"
@@ -223,13 +224,13 @@ PYBIND11_MODULE(_moedist, m) {
   m.attr("has_mpi") = false;
 #endif
   py::register_exception_translator(&translate);
+  // WaitOptions' default, so that the package's timeout_ms defaults are the C++ one.
+  m.attr("default_timeout_ms") = static_cast<long long>(WaitOptions{}.timeout.count());
 
   // The transport registry (src/transport/registry.h): the package picks transports by these ids and
   // names rather than by literals of its own.
-  py::enum_<TransportId>(m, "TransportId")
-      .value("inproc", TransportId::inproc)
-      .value("shm", TransportId::shm)
-      .value("mpi", TransportId::mpi);
+  py::enum_<TransportId> ids(m, "TransportId");
+  for (const TransportKind& kind : transport_kinds()) ids.value(std::string(kind.name).c_str(), kind.id);
   m.def("transport_name", [](TransportId id) { return std::string(transport_name(id)); }, py::arg("id"));
   m.def("transports", [] {
     py::list list;
@@ -259,7 +260,7 @@ PYBIND11_MODULE(_moedist, m) {
       "join_shm",
       [](const py::dict& config, const std::string& job, long long timeout_ms) {
         ShmOptions o;
-        o.timeout = std::chrono::milliseconds(timeout_ms);
+        o.wait.timeout = std::chrono::milliseconds(timeout_ms);
         const GroupConfig c = config_from(config);
         std::unique_ptr<Group> g;
         {
@@ -274,7 +275,7 @@ PYBIND11_MODULE(_moedist, m) {
       "join_mpi",
       [](std::uintptr_t comm_handle, const py::dict& config, long long timeout_ms) {
         MpiOptions o;
-        o.timeout = std::chrono::milliseconds(timeout_ms);
+        o.wait.timeout = std::chrono::milliseconds(timeout_ms);
         const GroupConfig c = config_from(config);
         std::unique_ptr<Group> g;
         {

@@ -2,7 +2,7 @@
 
 #include "common/format.h"
 
-namespace moedist::gpu {
+namespace moedist::cuda {
 
 
 DispatchArgs dispatch_args(const contract::Topology& topo, const TensorView& x, const TensorView& expert_ids, const DispatchOptions& o,
@@ -67,4 +67,4 @@ CombineArgs combine_args(const TensorView& expand_x, const TensorView& expert_id
   return a;
 }
 
-}  // namespace moedist::gpu
+}  // namespace moedist::cuda

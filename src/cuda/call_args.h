@@ -6,7 +6,7 @@
 #include "cuda/device_state.h"
 #include "moedist/group.h"
 
-namespace moedist::gpu {
+namespace moedist::cuda {
 
 // Everything but the output pointers (expand_idx, expert_token_nums, ep_recv_counts, tp_recv_counts).
 DispatchArgs dispatch_args(const contract::Topology& topo, const TensorView& x, const TensorView& expert_ids,
@@ -17,4 +17,4 @@ CombineArgs combine_args(const TensorView& expand_x, const TensorView& expert_id
                          const TensorView& ep_send_counts, const TensorView& expert_scales, const CombineOptions& options,
                          const contract::CallShape& shape);
 
-}  // namespace moedist::gpu
+}  // namespace moedist::cuda

@@ -107,15 +107,15 @@ struct CudaGroup::State {
   CudaGroupOptions options;
   contract::Topology topo;
   std::unique_ptr<shm::ShmTransport> bootstrap;  // kept until destruction: the last barrier before freeing
-  gpu::WindowOffsets off;
-  gpu::DeviceGroup dev;
-  gpu::SortScratch sort;
+  cuda::WindowOffsets off;
+  cuda::DeviceGroup dev;
+  cuda::SortScratch sort;
   std::byte* window = nullptr;                 // this rank's window (device)
   std::vector<std::byte*> opened;              // peers' windows opened through IPC (nullptr for self)
   std::vector<std::byte*> bases;               // every rank's window in this process
   std::byte** window_table = nullptr;          // device copy of every rank's base
-  gpu::Status* status = nullptr;               // device
-  gpu::Status* mirror = nullptr;               // pinned host copy, refreshed at the end of every call
+  cuda::Status* status = nullptr;               // device
+  cuda::Status* mirror = nullptr;               // pinned host copy, refreshed at the end of every call
   std::vector<void*> allocations;              // device scratch
   void* combine_out = nullptr;                 // (max_bs, H) 16-bit
   void* expand_idx_out = nullptr;
@@ -177,9 +177,9 @@ struct CudaGroup::State {
 
   void throw_if_failed() const {
     if (!broken.empty()) throw Error(ErrorCode::internal, broken);
-    gpu::Status st;
+    cuda::Status st;
     std::memcpy(&st, mirror, sizeof(st));  // written by the copy that ends every call
-    gpu::throw_status_error(st, dev.me, last_shape.k);
+    cuda::throw_status_error(st, dev.me, last_shape.k);
   }
 };
 
@@ -215,7 +215,7 @@ void allocate_group_memory(CudaGroup::State& s, const contract::Topology& topo, 
   const std::vector<std::byte*>& bases = s.bases;
   const std::int64_t entries = opts.max_bs * opts.k;
   const int local = topo.local_experts(config.ep_rank_id);
-  gpu::DeviceGroup& g = s.dev;
+  cuda::DeviceGroup& g = s.dev;
   g.W = topo.W;
   g.S = topo.S;
   g.E = topo.E;
@@ -227,18 +227,18 @@ void allocate_group_memory(CudaGroup::State& s, const contract::Topology& topo, 
   g.me = me;
   g.local_experts = local;
   g.global_bs = config.global_bs;
-  g.timeout_ns = static_cast<std::int64_t>(opts.timeout.count()) * 1000000;
+  g.timeout_ns = static_cast<std::int64_t>(opts.wait.timeout.count()) * 1000000;
   g.off = s.off;
   s.window_table = s.device_array<std::byte*>(world);
   check_cuda(cudaMemcpy(s.window_table, bases.data(), sizeof(std::byte*) * bases.size(), cudaMemcpyHostToDevice), "cudaMemcpy (window table)");
   g.windows = s.window_table;
-  s.status = s.device_array<gpu::Status>(1);
-  const gpu::Status fresh{};
+  s.status = s.device_array<cuda::Status>(1);
+  const cuda::Status fresh{};
   check_cuda(cudaMemcpy(s.status, &fresh, sizeof(fresh), cudaMemcpyHostToDevice), "cudaMemcpy (status)");
   g.status = s.status;
   void* mirror = nullptr;
-  check_cuda(cudaHostAlloc(&mirror, sizeof(gpu::Status), cudaHostAllocDefault), "cudaHostAlloc (status)");
-  s.mirror = static_cast<gpu::Status*>(mirror);
+  check_cuda(cudaHostAlloc(&mirror, sizeof(cuda::Status), cudaHostAllocDefault), "cudaHostAlloc (status)");
+  s.mirror = static_cast<cuda::Status*>(mirror);
   *s.mirror = fresh;
   g.sort_keys_in = s.device_array<std::int32_t>(entries);
   g.sort_keys_out = s.device_array<std::int32_t>(entries);
@@ -260,7 +260,7 @@ void allocate_group_memory(CudaGroup::State& s, const contract::Topology& topo, 
   s.tp_counts_out = s.device_array<std::int32_t>(2);
   s.combine_out = s.device_array<std::uint16_t>(contract::sat_mul(opts.max_bs, opts.h));
   s.sort.key_bits = bits_for(topo.E - 1);
-  check_cuda(gpu::sort_scratch_bytes(entries, s.sort.key_bits, &s.sort.bytes), "cub::DeviceRadixSort (scratch size)");
+  check_cuda(cuda::sort_scratch_bytes(entries, s.sort.key_bits, &s.sort.bytes), "cub::DeviceRadixSort (scratch size)");
   s.sort.temp = s.device_array<std::byte>(static_cast<std::int64_t>(s.sort.bytes));
   check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (join)");
 }
@@ -280,7 +280,7 @@ std::unique_ptr<CudaGroup> CudaGroup::join(const GroupConfig& config, const std:
   if (options.k < 1 || options.k > std::min<std::int64_t>(config.moe_expert_num, kMaxK))
     fail_value("CudaGroupOptions::k", options.k, concat("must be in [1, min(moe_expert_num, ", kMaxK, ")]"));
   if (options.h < 1) fail_value("CudaGroupOptions::h", options.h, "must be >= 1");
-  if (options.timeout.count() <= 0) fail_value("CudaGroupOptions::timeout (ms)", options.timeout.count(), "must be > 0");
+  if (options.wait.timeout.count() <= 0) fail_value("CudaGroupOptions::timeout (ms)", options.wait.timeout.count(), "must be > 0");
   CudaGroupOptions opts = options;
   if (config.global_bs != 0) {
     const std::int64_t limit = config.global_bs / config.ep_world_size;
@@ -299,12 +299,12 @@ std::unique_ptr<CudaGroup> CudaGroup::join(const GroupConfig& config, const std:
 
   auto state = std::make_unique<State>(config, opts);
   State& s = *state;
-  s.off = gpu::window_offsets(topo, opts.max_bs, opts.k, opts.h);
+  s.off = cuda::window_offsets(topo, opts.max_bs, opts.k, opts.h);
   if (s.off.total >= static_cast<std::size_t>(contract::kSizeLimit))
     fail_value("CudaGroupOptions::max_bs", opts.max_bs, "gives a window of more than 2^62 bytes");
 
   ShmOptions boot;
-  boot.timeout = opts.timeout;
+  boot.wait.timeout = opts.wait.timeout;
   s.bootstrap = std::make_unique<shm::ShmTransport>(job, global_rank(config), world, boot);
 
   // Each phase below meets every peer even when this rank's local step failed (a failed word in its
@@ -330,7 +330,7 @@ std::unique_ptr<CudaGroup> CudaGroup::join(const GroupConfig& config, const std:
   }
   const std::int64_t fields[14] = {config.ep_world_size, config.moe_expert_num, config.tp_world_size, config.shared_expert_rank_num,
                                    config.shared_expert_num, config.expert_shard_type, config.global_bs, static_cast<std::int64_t>(config.profile),
-                                   opts.max_bs, opts.k, opts.h, opts.timeout.count(), static_cast<std::int64_t>(s.off.total), opts.device};
+                                   opts.max_bs, opts.k, opts.h, opts.wait.timeout.count(), static_cast<std::int64_t>(s.off.total), opts.device};
   std::memcpy(mine.fields, fields, sizeof(fields));
   std::vector<JoinRecord> all(static_cast<std::size_t>(world));
   s.bootstrap->allgather(&mine, sizeof(mine), all.data(), "cuda.join");
@@ -395,13 +395,13 @@ CudaDispatchResult CudaGroup::dispatch(const TensorView& x, const TensorView& ex
   require_device_tensor("expert_scales", o.expert_scales.data, o.expert_scales.numel(), dev);
 
   const contract::Topology& topo = s.topo;
-  gpu::DispatchArgs a = gpu::dispatch_args(topo, x, expert_ids, o, shape);
+  cuda::DispatchArgs a = cuda::dispatch_args(topo, x, expert_ids, o, shape);
   a.expand_idx = static_cast<std::int32_t*>(s.expand_idx_out);
   a.expert_token_nums = static_cast<std::int64_t*>(s.token_nums_out);
   a.ep_recv_counts = static_cast<std::int32_t*>(s.recv_counts_out);
   a.tp_recv_counts = topo.T == 2 ? static_cast<std::int32_t*>(s.tp_counts_out) : nullptr;
   require_no_pending_error("dispatch");
-  s.enqueue_or_break(gpu::enqueue_dispatch(s.dev, a, s.sort, s.mirror, reinterpret_cast<cudaStream_t>(stream)), "dispatch");
+  s.enqueue_or_break(cuda::enqueue_dispatch(s.dev, a, s.sort, s.mirror, reinterpret_cast<cudaStream_t>(stream)), "dispatch");
   s.dispatched = true;
   s.combined_since_dispatch = false;
   s.last_shape = shape;
@@ -455,7 +455,7 @@ TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expe
   require_device_tensor("tp_send_counts", o.tp_send_counts.data, o.tp_send_counts.numel(), dev);
   require_device_tensor("out", o.out.data, o.out.numel(), dev);
 
-  gpu::CombineArgs a = gpu::combine_args(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, o, shape);
+  cuda::CombineArgs a = cuda::combine_args(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, o, shape);
   const MutableTensorView in_window = combine_buffer(expand_x.dtype);
   a.staged_in_place = o.comm_quant_mode == 0 && in_window.present() && expand_x.data == in_window.data &&
                       expand_x.strides[0] == in_window.strides[0] && expand_x.strides[1] == 1;
@@ -478,7 +478,7 @@ TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expe
   a.out_row_stride = out.strides[0];
   a.out_col_stride = out.strides[1];
   require_no_pending_error("combine");
-  s.enqueue_or_break(gpu::enqueue_combine(s.dev, a, s.mirror, reinterpret_cast<cudaStream_t>(stream)), "combine");
+  s.enqueue_or_break(cuda::enqueue_combine(s.dev, a, s.mirror, reinterpret_cast<cudaStream_t>(stream)), "combine");
   s.combined_since_dispatch = true;
   return out;
 }
@@ -492,7 +492,7 @@ void CudaGroup::synchronize(Stream stream) {
 void CudaGroup::check() const { state_->throw_if_failed(); }
 
 std::int64_t CudaGroup::last_valid_rows() const {
-  gpu::Status st;
+  cuda::Status st;
   std::memcpy(&st, state_->mirror, sizeof(st));
   return st.valid_rows;
 }

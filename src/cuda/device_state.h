@@ -8,7 +8,7 @@
 
 #include "common/hd.h"
 
-namespace moedist::gpu {
+namespace moedist::cuda {
 
 // Which step of a call a device-side error comes from (ErrorCode says what kind of error).
 enum class Phase : std::int32_t { none = 0, dispatch_ids, dispatch_counts, dispatch_rows, combine_args, combine_tp, combine_rows };
@@ -144,4 +144,4 @@ struct CombineArgs {
   std::int64_t out_row_stride = 0, out_col_stride = 1;
 };
 
-}  // namespace moedist::gpu
+}  // namespace moedist::cuda

@@ -24,7 +24,7 @@
 #include "cuda/kernels.h"
 #include "cuda/protocol.h"
 
-namespace moedist::gpu {
+namespace moedist::cuda {
 namespace {
 
 __device__ __forceinline__ std::uint64_t global_timer_ns() {
@@ -545,4 +545,4 @@ cudaError_t enqueue_combine(const DeviceGroup& g, const CombineArgs& a, Status* 
   return cudaMemcpyAsync(status_mirror, g.status, sizeof(Status), cudaMemcpyDeviceToHost, stream);
 }
 
-}  // namespace moedist::gpu
+}  // namespace moedist::cuda

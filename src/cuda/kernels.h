@@ -12,7 +12,7 @@
 
 #include "cuda/device_state.h"
 
-namespace moedist::gpu {
+namespace moedist::cuda {
 
 // Bytes of CUB scratch the routing sort needs for up to max_entries routing entries.
 cudaError_t sort_scratch_bytes(std::int64_t max_entries, int key_bits, std::size_t* bytes);
@@ -28,4 +28,4 @@ cudaError_t enqueue_dispatch(const DeviceGroup& group, const DispatchArgs& args,
 cudaError_t enqueue_combine(const DeviceGroup& group, const CombineArgs& args, Status* status_mirror,
                             cudaStream_t stream);
 
-}  // namespace moedist::gpu
+}  // namespace moedist::cuda

@@ -14,7 +14,7 @@
 #include "cuda/row_math.h"
 #include "moedist/error.h"
 
-namespace moedist::gpu {
+namespace moedist::cuda {
 
 constexpr int kChunk = 8;              // elements per thread step: 16 bytes of 16-bit values
 constexpr int kMaxTargets = 1 + 1024;  // K <= 1024 (checked at join) plus the shared expert
@@ -363,4 +363,4 @@ MOEDIST_HD void report_combine_args(const DeviceGroup& g, const CombineArgs& a, 
   }
 }
 
-}  // namespace moedist::gpu
+}  // namespace moedist::cuda

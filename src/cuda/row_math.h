@@ -11,7 +11,7 @@
 
 #include "common/hd.h"
 
-namespace moedist::gpu {
+namespace moedist::cuda {
 
 MOEDIST_HD std::uint32_t bits_of(float f) {
   std::uint32_t u;
@@ -179,4 +179,4 @@ MOEDIST_HD std::uint16_t dequantize(bool bf16, std::int8_t q, float scale) {
   return f32_to_half_rne(bf16, mul_rn(static_cast<float>(q), scale));
 }
 
-}  // namespace moedist::gpu
+}  // namespace moedist::cuda

@@ -7,7 +7,7 @@
 #include "common/format.h"
 #include "moedist/error.h"
 
-namespace moedist::gpu {
+namespace moedist::cuda {
 
 
 namespace {
@@ -93,4 +93,4 @@ void throw_status_error(const Status& st, int me, std::int64_t call_k) {
   throw Error(code, concat("rank ", me, ": the GPU reported error code ", st.code, " in ", phase));
 }
 
-}  // namespace moedist::gpu
+}  // namespace moedist::cuda

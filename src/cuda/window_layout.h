@@ -10,7 +10,7 @@
 #include "contract/layout.h"
 #include "cuda/device_state.h"
 
-namespace moedist::gpu {
+namespace moedist::cuda {
 
 // Every rank's window has this layout, sized for the largest shape and the larger of the two rank kinds.
 inline WindowOffsets window_offsets(const contract::Topology& topo, std::int64_t max_bs, std::int64_t k, std::int64_t h) {
@@ -47,4 +47,4 @@ inline WindowOffsets window_offsets(const contract::Topology& topo, std::int64_t
   return o;
 }
 
-}  // namespace moedist::gpu
+}  // namespace moedist::cuda

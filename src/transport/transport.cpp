@@ -1,10 +1,18 @@
 #include "transport/transport.h"
 
 #include <string>
+#include <thread>
 
 #include "moedist/error.h"
 
 namespace moedist {
+
+WaitPolicy wait_policy(std::chrono::microseconds requested, int world_size) noexcept {
+  if (requested.count() >= 0) return WaitPolicy{requested, std::chrono::microseconds(0)};
+  const unsigned cores = std::thread::hardware_concurrency();
+  if (cores != 0 && static_cast<unsigned>(world_size) <= cores) return WaitPolicy{std::chrono::microseconds(200), {}};
+  return WaitPolicy{std::chrono::microseconds(0), std::chrono::microseconds(2000)};
+}
 
 std::string Transport::host_name(int host) const { return "host " + std::to_string(host); }
 

@@ -1,11 +1,29 @@
-// The transport interface: how ranks exchange small records and reach each other's windows.
-// It moves bytes and knows nothing about MoE; the operators in src/ops compose it with src/contract.
+// The transport interface: how ranks exchange small records and reach each other's windows. It moves
+// bytes and knows nothing about MoE; the operators in src/ops compose it with src/contract.
 //
-// Every rank owns a window (a byte region the ranks of its host can load from and store to). Rank
-// windows may have different sizes. Ranks on other hosts (host_of differs) cannot address each other's
-// windows; they reach each other with exchange(), point-to-point messages. Collective calls (allgather, resize_window) must be made by every
-// rank in the same order; each waits at most the transport's timeout and then raises a PeerError that
-// names the missing peer and the phase. After such a failure the transport stays failed.
+// This is the extension interface for new transports (docs/architecture.md, "Adding a transport"):
+// a transport is a subclass in a folder of its own under src/transport/, made by that folder's join
+// function and listed in the registry (registry.h). tests/transport_conformance_test.cpp checks the
+// guarantees below; every implementation must give all of them.
+//
+// Ranks and hosts. rank() is this rank's place in 0..size()-1, fixed for the transport's life. Ranks
+// are grouped into hosts 0..host_count()-1 (host_of(rank)); a transport without hosts has one. Ranks of
+// one host can address each other's windows; ranks of different hosts reach each other only through
+// exchange(). Collective calls (allgather, resize_window, exchange) are made by every rank in the same
+// order. Each waits at most the transport's timeout (WaitOptions::timeout); a wait that ends without
+// the peer raises a PeerError with ErrorCode::timeout naming the missing peer (PeerError::peer(), and
+// the message) and the caller's `phase` (PeerError::phase()). A peer seen to have died (its process
+// exited, its connection closed) is reported sooner, as ErrorCode::peer_lost naming it. After any such
+// failure the transport stays failed: every later call raises at once rather than waiting again.
+//
+// Windows. Every rank owns a window, a byte region that the ranks of its host can load from and store
+// to; windows of different ranks may have different sizes (window_size(rank)). resize_window grows
+// this rank's window to at least the bytes asked for and keeps one that is already long enough. The
+// new window's contents are unspecified, but the previous window stays mapped, its contents intact,
+// until the next resize_window, so that views into it which a caller passes back stay valid for the
+// call that resized. After resize_window returns on every rank, each rank sees every same-host rank's
+// new window through window(rank) and window_size(rank); ranks of other hosts have window(rank) ==
+// nullptr.
 #pragma once
 
 #include <chrono>
@@ -48,9 +66,10 @@ class Transport {
   // It is also a barrier: no rank returns before every rank has entered.
   virtual void allgather(const void* in, std::size_t bytes, void* out, std::string_view phase) = 0;
 
-  // Collective: this rank's window becomes at least `bytes` long (each rank passes its own need).
-  // Contents are not preserved. The previous window of this rank stays readable until the next resize,
-  // so views into it that a caller passes back stay valid for the call that resized.
+  // Collective: this rank's window becomes at least `bytes` long (each rank passes its own need; a
+  // window already that long is kept as it is). The new window's contents are unspecified; the previous
+  // window of this rank stays mapped with its contents until the next resize, so views into it that a
+  // caller passes back stay valid for the call that resized.
   virtual void resize_window(std::size_t bytes, std::string_view phase) = 0;
 
   // Size of any rank's window, this host's or another's.

@@ -21,6 +21,7 @@ GroupConfig config(int w = 2, int e = 4) {
 
 CudaGroupOptions options(std::int64_t k = 2, std::int64_t h = 16, std::int64_t max_bs = 4) {
   CudaGroupOptions o;
+  o.wait.timeout = std::chrono::milliseconds(10000);  // the old CudaGroupOptions default these tests were written for
   o.k = k;
   o.h = h;
   o.max_bs = max_bs;
@@ -48,7 +49,7 @@ TEST(CudaHost, JoinRefusesBadOptionsNamingThem) {
   with_global.global_bs = 8;  // at most 8 / 2 = 4 tokens per rank
   expect_refused(with_global, options(2, 16, 5), "CudaGroupOptions::max_bs", ErrorCode::invalid_argument);
   CudaGroupOptions no_time = options();
-  no_time.timeout = std::chrono::milliseconds(0);
+  no_time.wait.timeout = std::chrono::milliseconds(0);
   expect_refused(config(), no_time, "CudaGroupOptions::timeout (ms)", ErrorCode::invalid_argument);
   expect_refused(config(2048, 2048), options(), "ep_world_size * max(tp_world_size, 1)", ErrorCode::unsupported);
   expect_refused(config(1, 4), options(2, 16, std::int64_t{1} << 30), "CudaGroupOptions::max_bs * k", ErrorCode::invalid_argument);

@@ -49,6 +49,7 @@ std::string peer_and_code(const PeerError& e) { return "peer " + std::to_string(
 cuda::CudaGroupOptions options_for(const casefile::Case& c, int g) {
   const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
   cuda::CudaGroupOptions o;
+  o.wait.timeout = std::chrono::milliseconds(10000);  // the old CudaGroupOptions default these checks were written for
   o.device = 0;
   o.k = in.expert_ids.cols();
   o.h = in.x.cols();
@@ -150,7 +151,7 @@ std::string run_rank(const std::vector<casefile::Case>& calls, const std::vector
   check(cudaGetDeviceCount(&devices), "cudaGetDeviceCount");
   cuda::CudaGroupOptions options = options_for(c0, g);
   options.device = g % devices;
-  options.timeout = mode.timeout;
+  options.wait.timeout = mode.timeout;
   check(cudaSetDevice(options.device), "cudaSetDevice");
   auto group = cuda::CudaGroup::join(mt::rank_config(c0, g), job, options);
   cudaStream_t stream = nullptr;
@@ -346,7 +347,7 @@ int run_error_cases() {
     o.k = k;
     o.h = h;
     o.max_bs = 3;
-    o.timeout = timeout;
+    o.wait.timeout = timeout;
     check(cudaSetDevice(0), "cudaSetDevice");
     return cuda::CudaGroup::join(mt::rank_config(c, g), job, o);
   };
@@ -423,6 +424,7 @@ int run_error_cases() {
       one.shared_expert_rank_num = 0;
       one.ranks.resize(1);
       cuda::CudaGroupOptions o;
+      o.wait.timeout = std::chrono::milliseconds(10000);  // the old CudaGroupOptions default
       o.device = 0;
       o.k = k;
       o.h = h;
@@ -506,6 +508,7 @@ int run_error_cases() {
     const std::string job = job_name("options", 0);
     const auto results = fork_ranks(4, [&](int g) -> std::string {
       cuda::CudaGroupOptions o;
+      o.wait.timeout = std::chrono::milliseconds(10000);  // the old CudaGroupOptions default
       o.device = 0;
       o.k = k;
       o.h = g == 3 ? h + 8 : h;

@@ -90,7 +90,7 @@ int main(int argc, char** argv) {
     const int t = std::max(c.tp_world_size, 1);
     const bool two_hosts = rng() % 2 == 0;
     MpiOptions o;
-    o.timeout = std::chrono::milliseconds(timeout_ms);
+    o.wait.timeout = std::chrono::milliseconds(timeout_ms);
     o.ranks_per_node = two_hosts ? ((n + 1) / 2 + t - 1) / t * t : n;  // two hosts of about n / 2 ranks (even with TP)
     const int hosts = (n + o.ranks_per_node - 1) / o.ranks_per_node;
     const std::vector<std::string> phases = phases_of(hosts, c.tp_world_size);
@@ -142,7 +142,7 @@ int main(int argc, char** argv) {
   int mismatches = 0;
   try {
     MpiOptions o;
-    o.timeout = std::chrono::milliseconds(20000);
+    o.wait.timeout = std::chrono::milliseconds(20000);
     auto group = join_mpi(comm, testing::rank_config(c, g), o);
     const std::vector<oracle::RankOutput> want = oracle::run(testing::to_oracle_case(c));
     for (int call = 0; call < 5; ++call) {

@@ -36,7 +36,7 @@ int main(int argc, char** argv) {
   c.ep_rank_id = rank;
   c.moe_expert_num = 2 * size;
   MpiOptions o;
-  o.timeout = std::chrono::milliseconds(10000);
+  o.wait.timeout = std::chrono::milliseconds(10000);
 
   GroupConfig wrong_size = c;
   wrong_size.ep_world_size = size + 1;

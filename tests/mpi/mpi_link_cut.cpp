@@ -29,7 +29,7 @@ int main(int argc, char** argv) {
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   CLI::App app("dispatch and combine until the network fails");
   int timeout_ms = 3000, calls_before_cut = 20, max_seconds = 60;
-  app.add_option("--timeout-ms", timeout_ms, "MpiOptions::timeout");
+  app.add_option("--timeout-ms", timeout_ms, "MpiOptions::wait.timeout");
   app.add_option("--calls-before-cut", calls_before_cut, "rank 0 asks for the cut after this many calls");
   app.add_option("--max-seconds", max_seconds, "give up (exit 3) when nothing failed by then");
   CLI11_PARSE(app, argc, argv);
@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
   std::mt19937_64 rng(42);
   casefile::Case c = testing::random_case(rng, limits);
   MpiOptions options;
-  options.timeout = std::chrono::milliseconds(timeout_ms);
+  options.wait.timeout = std::chrono::milliseconds(timeout_ms);
   const Clock::time_point start = Clock::now();
   Clock::time_point last_done = start;
   long calls = 0;

@@ -33,7 +33,7 @@ int main(int argc, char** argv) {
   app.add_option("--configs", configs, "random group configurations")->capture_default_str();
   app.add_option("--calls", calls, "dispatch + combine calls per configuration, each with new random inputs")->capture_default_str();
   app.add_option("--seed", seed, "seed of the first configuration")->capture_default_str();
-  app.add_option("--timeout-ms", timeout_ms, "MpiOptions::timeout")->capture_default_str();
+  app.add_option("--timeout-ms", timeout_ms, "MpiOptions::wait.timeout")->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -47,7 +47,7 @@ int main(int argc, char** argv) {
   const int rpn = rpn_text != nullptr && *rpn_text != '\0' ? std::atoi(rpn_text) : world;
 
   MpiOptions options;
-  options.timeout = std::chrono::milliseconds(timeout_ms);
+  options.wait.timeout = std::chrono::milliseconds(timeout_ms);
   testing::CaseLimits limits;
   limits.world_size = world;
   limits.allow_tp = rpn % 2 == 0;  // a TP pair must share a host

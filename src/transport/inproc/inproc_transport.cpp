@@ -8,14 +8,7 @@
 
 #include "moedist/error.h"
 
-namespace moedist {
-
-WaitPolicy wait_policy(std::chrono::microseconds requested, int world_size) noexcept {
-  if (requested.count() >= 0) return WaitPolicy{requested, std::chrono::microseconds(0)};
-  const unsigned cores = std::thread::hardware_concurrency();
-  if (cores != 0 && static_cast<unsigned>(world_size) <= cores) return WaitPolicy{std::chrono::microseconds(200), {}};
-  return WaitPolicy{std::chrono::microseconds(0), std::chrono::microseconds(2000)};
-}
+namespace moedist::inproc {
 
 InProcHub::InProcHub(int size, std::chrono::milliseconds timeout, std::chrono::microseconds spin, int ranks_per_host)
     : size_(size),
@@ -186,4 +179,4 @@ void InProcTransport::resize_window(std::size_t bytes, std::string_view phase) {
   }
 }
 
-}  // namespace moedist
+}  // namespace moedist::inproc

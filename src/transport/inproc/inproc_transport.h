@@ -15,7 +15,7 @@
 #include "moedist/error.h"
 #include "transport/transport.h"
 
-namespace moedist {
+namespace moedist::inproc {
 
 class InProcHub {
  public:
@@ -93,4 +93,4 @@ class InProcTransport final : public Transport {
   int rank_;
 };
 
-}  // namespace moedist
+}  // namespace moedist::inproc

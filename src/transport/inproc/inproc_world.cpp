@@ -1,4 +1,4 @@
-// The in-process runtime: a world of threads sharing one InProcHub.
+// The in-process runtime: a world of threads sharing one inproc::InProcHub.
 #include <exception>
 #include <thread>
 #include <vector>
@@ -10,14 +10,14 @@
 namespace moedist {
 
 struct InProcessWorld::Hub {
-  std::shared_ptr<InProcHub> hub;
+  std::shared_ptr<inproc::InProcHub> hub;
 };
 
 InProcessWorld::InProcessWorld(int world_size, RuntimeOptions options) : hub_(std::make_shared<Hub>()) {
   if (world_size < 1) fail_value("world_size", world_size, "must be >= 1");
-  if (options.timeout.count() <= 0) fail_value("timeout (ms)", options.timeout.count(), "must be > 0");
+  if (options.wait.timeout.count() <= 0) fail_value("timeout (ms)", options.wait.timeout.count(), "must be > 0");
   if (options.ranks_per_host < 0) fail_value("RuntimeOptions::ranks_per_host", options.ranks_per_host, "must be >= 0");
-  hub_->hub = std::make_shared<InProcHub>(world_size, options.timeout, options.spin, options.ranks_per_host);
+  hub_->hub = std::make_shared<inproc::InProcHub>(world_size, options.wait.timeout, options.spin, options.ranks_per_host);
 }
 
 InProcessWorld::~InProcessWorld() = default;
@@ -33,7 +33,7 @@ std::unique_ptr<Group> InProcessWorld::join(const GroupConfig& config) {
   }
   const int rank = global_rank(config);
   hub_->hub->claim(rank);
-  return std::make_unique<Group>(config, std::make_unique<InProcTransport>(hub_->hub, rank));
+  return std::make_unique<Group>(config, std::make_unique<inproc::InProcTransport>(hub_->hub, rank));
 }
 
 void run_ranks(int n, const std::function<void(int rank)>& fn) {

@@ -13,7 +13,7 @@
 #include "common/format.h"
 #include "moedist/launch.h"
 
-namespace moedist {
+namespace moedist::mpi {
 
 using Clock = std::chrono::steady_clock;
 
@@ -68,7 +68,7 @@ std::string mpi_error_text(int code) {
 }  // namespace
 
 MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
-    : rank_(rank), timeout_(options.timeout), wait_(wait_policy(options.spin, 1)), on_phase_(options.on_phase) {
+    : rank_(rank), timeout_(options.wait.timeout), wait_(wait_policy(options.spin, 1)), on_phase_(options.on_phase) {
   int initialized = 0, finalized = 0;
   MPI_Initialized(&initialized);
   MPI_Finalized(&finalized);
@@ -169,7 +169,7 @@ MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
 
   // 4. Shared memory within the host, under the host's first rank's job name.
   ShmOptions shm_options;
-  shm_options.timeout = timeout_;
+  shm_options.wait.timeout = timeout_;
   shm_options.spin = options.spin;
   const Place& leader = places[static_cast<std::size_t>(local_ranks_.front())];
   try {
@@ -494,4 +494,4 @@ void MpiTransport::resize_window(std::size_t bytes, std::string_view phase) {
   }
 }
 
-}  // namespace moedist
+}  // namespace moedist::mpi

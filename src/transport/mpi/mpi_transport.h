@@ -18,7 +18,7 @@
 #include "transport/shm/shm_transport.h"
 #include "transport/transport.h"
 
-namespace moedist {
+namespace moedist::mpi {
 
 class MpiTransport final : public Transport {
  public:
@@ -90,4 +90,4 @@ class MpiTransport final : public Transport {
   std::string failed_reason_;
 };
 
-}  // namespace moedist
+}  // namespace moedist::mpi

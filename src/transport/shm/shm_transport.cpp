@@ -86,7 +86,7 @@ ShmTransport::ShmTransport(const std::string& job, int rank, int world_size, con
     : options_(options),
       wait_(wait_policy(options.spin, world_size)),
       job_hash_(hash_of(job)),
-      mesh_(job, rank, world_size, Clock::now() + options.timeout),
+      mesh_(job, rank, world_size, Clock::now() + options.wait.timeout),
       controls_(static_cast<std::size_t>(world_size)),
       windows_(static_cast<std::size_t>(world_size)),
       retired_(static_cast<std::size_t>(world_size)) {
@@ -116,7 +116,7 @@ ShmTransport::ShmTransport(const std::string& job, int rank, int world_size, con
       mesh_.send(peer, &control_note, sizeof(control_note), control_fd, phase);
       mesh_.send(peer, &window_note, sizeof(window_note), window_fd, phase);
     }
-    const auto deadline = Clock::now() + options_.timeout;
+    const auto deadline = Clock::now() + options_.wait.timeout;
     for (int peer = 0; peer < world_size; ++peer) {
       if (peer == rank) continue;
       SegmentNote note;
@@ -216,7 +216,7 @@ void ShmTransport::wait_for(int peer, std::uint32_t target, Clock::time_point de
     const auto now = Clock::now();
     if (now >= deadline) {
       fail(PeerError(ErrorCode::timeout, peer, phase,
-                     "rank " + std::to_string(rank()) + ": timed out after " + std::to_string(options_.timeout.count()) +
+                     "rank " + std::to_string(rank()) + ": timed out after " + std::to_string(options_.wait.timeout.count()) +
                          " ms in phase '" + phase + "' waiting for rank " + std::to_string(peer)));
     }
     // Sleep until the peer publishes (it wakes us), or 20 ms pass and we look at its liveness again.
@@ -241,7 +241,7 @@ void ShmTransport::allgather(const void* in, std::size_t bytes, void* out, std::
   mine->steps.store(step, std::memory_order_release);
   futex(&mine->steps, FUTEX_WAKE, INT_MAX, nullptr);
 
-  const auto deadline = Clock::now() + options_.timeout;
+  const auto deadline = Clock::now() + options_.wait.timeout;
   auto* dst = static_cast<std::byte*>(out);
   for (int peer = 0; peer < size(); ++peer) {
     if (peer != rank()) wait_for(peer, step, deadline, phase.c_str());
@@ -260,7 +260,7 @@ void ShmTransport::allgather(const void* in, std::size_t bytes, void* out, std::
 void ShmTransport::resize_window(std::size_t bytes, std::string_view phase_view) {
   enter(phase_view);
   const std::string phase(phase_view);
-  const auto deadline = Clock::now() + options_.timeout;
+  const auto deadline = Clock::now() + options_.wait.timeout;
   try {
     SegmentNote note;
     int fd = -1;
