@@ -116,7 +116,7 @@ int run_demo_mpi(const demo::DemoOptions& o) {
     try {
       if (demo::world_size(o) != mpi.size()) {
         fail(ErrorCode::config_mismatch, "mpirun -np", concat(mpi.size()),
-                       concat("must equal --ep-world-size * max(--tp-world-size, 1) = ", demo::world_size(o)));
+             concat("must equal --ep-world-size * max(--tp-world-size, 1) = ", demo::world_size(o)));
       }
       write_record(path, demo::run_mpi_rank(o));
     } catch (const Error& e) {

@@ -49,7 +49,7 @@ int replay_mpi(const std::string& case_path, const std::string& out_path, std::c
       const int ranks = static_cast<int>(c.ranks.size());
       if (ranks != mpi.size()) {
         fail(ErrorCode::config_mismatch, "mpirun -np", concat(mpi.size()),
-                       concat("must equal the case's ep_world_size * max(tp_world_size, 1) = ", ranks));
+             concat("must equal the case's ep_world_size * max(tp_world_size, 1) = ", ranks));
       }
       MpiOptions options;
       options.wait.timeout = timeout;

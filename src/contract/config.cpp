@@ -120,7 +120,7 @@ CapacityReport capacity(const GroupConfig& config, const CapacityQuery& q) {
   r.output_bytes = static_cast<std::int64_t>(contract::group_output_bytes(topo, shape, config.ep_rank_id));
   if (r.window_bytes >= contract::kSizeLimit || r.output_bytes >= contract::kSizeLimit) {
     fail(ErrorCode::capacity, "bs", concat(q.bs),
-                   concat("with k = ", q.k, ", h = ", q.h, " and global_bs = ", config.global_bs, " a rank would need more than 2^62 bytes"));
+         concat("with k = ", q.k, ", h = ", q.h, " and global_bs = ", config.global_bs, " a rank would need more than 2^62 bytes"));
   }
   r.total_bytes = r.window_bytes + r.output_bytes;
   // A3 rule [OP-DOC-D1]: 1024*1024*(HCCL_BUFFSIZE-2)/2 >= BS*2*(H+128)*(W*L+K+1), and HCCL_BUFFSIZE >= 2.

@@ -52,10 +52,10 @@ void require_device_tensor(const char* name, const void* data, std::int64_t nume
   if (attr.type == cudaMemoryTypeManaged) return;
   if (attr.type != cudaMemoryTypeDevice)
     fail(ErrorCode::invalid_argument, concat(name, ".data"), attr.type == cudaMemoryTypeHost ? "pinned host memory" : "host memory",
-                   "must be CUDA device memory");
+         "must be CUDA device memory");
   if (attr.device != device)
     fail(ErrorCode::invalid_argument, concat(name, ".data"), concat("memory of device ", attr.device),
-                   concat("must be memory of this rank's device ", device));
+         concat("must be memory of this rank's device ", device));
 }
 
 // Makes the group's device current for a call and restores the caller's afterwards.
@@ -441,8 +441,8 @@ TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expe
     fail(ErrorCode::invalid_argument, "combine", "a second combine", "the CUDA backend pairs one combine with each dispatch");
   if (shape.bs != s.last_shape.bs || shape.k != s.last_shape.k || shape.h != s.last_shape.h) {
     fail(ErrorCode::invalid_shape, "expert_ids.shape / expand_x.shape[1]",
-                   concat("(", shape.bs, ", ", shape.k, ") / ", shape.h),
-                   concat("must be the latest dispatch's (", s.last_shape.bs, ", ", s.last_shape.k, ") / ", s.last_shape.h));
+         concat("(", shape.bs, ", ", shape.k, ") / ", shape.h),
+         concat("must be the latest dispatch's (", s.last_shape.bs, ", ", s.last_shape.k, ") / ", s.last_shape.h));
   }
   if (expand_x.dtype != s.last_dtype)
     fail(ErrorCode::invalid_dtype, "expand_x.dtype", std::string(dtype_name(expand_x.dtype)), concat("must be the dispatched x's dtype ", dtype_name(s.last_dtype)));
@@ -463,8 +463,8 @@ TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expe
   const std::byte* region = s.window + s.off.combine_rows;
   if (!a.staged_in_place && x_begin >= region && x_begin < region + s.off.receive_rows * static_cast<std::int64_t>(s.off.combine_pitch)) {
     fail(ErrorCode::invalid_argument, "expand_x", "a view of combine_buffer()",
-                   o.comm_quant_mode == 2 ? "cannot be staged in place with comm_quant_mode 2 (quantization rewrites those rows): pass it from other memory"
-                                          : "must be exactly combine_buffer(dtype) (same start and row stride) when it lies in it");
+         o.comm_quant_mode == 2 ? "cannot be staged in place with comm_quant_mode 2 (quantization rewrites those rows): pass it from other memory"
+                                : "must be exactly combine_buffer(dtype) (same start and row stride) when it lies in it");
   }
   if (o.out.present() && shape.bs > 0) {  // the source ranks read the window while this rank writes out
     const auto* first = static_cast<const std::byte*>(o.out.data);

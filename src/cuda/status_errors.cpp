@@ -48,22 +48,22 @@ void throw_status_error(const Status& st, int me, std::int64_t call_k) {
   switch (rule) {
     case Rule::id_range:
       fail(code, concat("expert_ids[", st.index / k, ", ", st.index % k, "]"), concat(st.value),
-                     concat("must be in [0, moe_expert_num = ", st.limit, ")"));
+           concat("must be in [0, moe_expert_num = ", st.limit, ")"));
     case Rule::id_repeated:
       fail(code, concat("expert_ids[", st.index / k, ", ", st.index % k, "]"), concat(st.value),
-                     concat("the K ids of a row must be distinct; row ", st.index / k, " repeats it"));
+           concat("the K ids of a row must be distinct; row ", st.index / k, " repeats it"));
     case Rule::ids_differ:
       fail(code, concat("expert_ids[", st.index / k, ", ", st.index % k, "]"), concat(st.value),
-                     concat("must equal the latest dispatch's expert_ids (", st.limit, "): combine pairs with it"));
+           concat("must equal the latest dispatch's expert_ids (", st.limit, "): combine pairs with it"));
     case Rule::expand_idx_differs:
       fail(code, concat("expand_idx[", st.index, "]"), concat(st.value),
-                     concat("must equal the latest dispatch's expand_idx (", st.limit, ")"));
+           concat("must equal the latest dispatch's expand_idx (", st.limit, ")"));
     case Rule::ep_counts_differ:
       fail(code, concat("ep_send_counts[", st.index, "]"), concat(st.value),
-                     concat("must equal the latest dispatch's ep_recv_counts (", st.limit, ")"));
+           concat("must equal the latest dispatch's ep_recv_counts (", st.limit, ")"));
     case Rule::tp_counts_differ:
       fail(code, concat("tp_send_counts[", st.index, "]"), concat(st.value),
-                     concat("must equal the latest dispatch's tp_recv_counts (", st.limit, ")"));
+           concat("must equal the latest dispatch's tp_recv_counts (", st.limit, ")"));
     case Rule::expand_x_rows:
       fail(code, "expand_x.shape[0]", concat(st.value), concat("must be >= the latest dispatch's ", st.limit, " valid rows"));
     case Rule::peer_failed:

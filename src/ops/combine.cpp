@@ -68,8 +68,8 @@ void check_routes(Group::State& s, const TensorView& expert_ids, const TensorVie
     const std::int32_t sent = s.route_plan.counts[static_cast<std::size_t>(topo.S * topo.L + e)];
     if (rows != sent) {
       fail(ErrorCode::invalid_argument, "expert_ids", concat("(routes ", sent, " tokens to expert ", e, ")"),
-                     concat("rank ", d, " holds ", rows, " rows of this rank for expert ", e,
-                            "; pass combine the expert_ids given to dispatch, and each rank its own ep_send_counts"));
+           concat("rank ", d, " holds ", rows, " rows of this rank for expert ", e,
+                  "; pass combine the expert_ids given to dispatch, and each rank its own ep_send_counts"));
     }
   }
   const std::int64_t n = expand_idx.rows();
@@ -79,7 +79,7 @@ void check_routes(Group::State& s, const TensorView& expert_ids, const TensorVie
     const std::int32_t rows = s.route_plan.counts[static_cast<std::size_t>(topo.S * topo.L + e)];
     if (slot >= rows) {
       fail(ErrorCode::invalid_argument, concat("expand_idx[", t, "]"), concat(slot),
-                     concat("must be < ", rows, ", the rows this rank sent to expert ", e, "; use dispatch's expand_idx"));
+           concat("must be < ", rows, ", the rows this rank sent to expert ", e, "; use dispatch's expand_idx"));
     }
   }
   if (topo.S > 0 && !topo.is_shared(my_ep)) {
@@ -90,8 +90,8 @@ void check_routes(Group::State& s, const TensorView& expert_ids, const TensorVie
       const std::int64_t want = contract::shared_range_count(my_ep, sr, bs, topo.S);
       if (rows != want) {
         fail(ErrorCode::invalid_argument, "expert_ids.shape[0] (BS)", concat(bs),
-                       concat("shared-expert rank ", sr, " holds ", rows, " rows of this rank, but BS = ", bs, " assigns it ",
-                              want, "; pass combine the tensors of the matching dispatch"));
+             concat("shared-expert rank ", sr, " holds ", rows, " rows of this rank, but BS = ", bs, " assigns it ",
+                    want, "; pass combine the tensors of the matching dispatch"));
       }
     }
   }

@@ -386,8 +386,8 @@ DispatchResult Group::dispatch(const TensorView& x, const TensorView& expert_ids
     if (buffer->present() && buffer->rows() < valid) {
       const char* name = buffer == &out.expand_x ? "out.expand_x" : buffer == &out.dynamic_scales ? "out.dynamic_scales" : "out.expand_scales";
       fail(ErrorCode::capacity, concat(name, ".shape[0]"), concat(buffer->rows()),
-                     concat("this call produced ", valid, " rows on this shared-expert rank, more than A * max(T, 1) because "
-                            "ranks have different BS; size buffers with capacity().max_receive_rows"));
+           concat("this call produced ", valid, " rows on this shared-expert rank, more than A * max(T, 1) because "
+                  "ranks have different BS; size buffers with capacity().max_receive_rows"));
     }
   }
   if (out.expand_x.present()) {

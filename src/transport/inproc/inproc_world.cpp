@@ -29,7 +29,7 @@ std::unique_ptr<Group> InProcessWorld::join(const GroupConfig& config) {
   const int want = config.ep_world_size * tp_domain_size(config);
   if (want != world_size()) {
     fail(ErrorCode::config_mismatch, "ep_world_size * max(tp_world_size, 1)", concat(want),
-                   concat("must equal the world size of this runtime, ", world_size()));
+         concat("must equal the world size of this runtime, ", world_size()));
   }
   const int rank = global_rank(config);
   hub_->hub->claim(rank);

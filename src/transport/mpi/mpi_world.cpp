@@ -25,7 +25,7 @@ std::unique_ptr<Group> join_mpi(MPI_Comm comm, const GroupConfig& config, const 
   const int size = comm_size_of(comm);
   if (size != world) {
     fail(ErrorCode::config_mismatch, "ep_world_size * max(tp_world_size, 1)", concat(world),
-                   concat("must equal the size of comm, ", size));
+         concat("must equal the size of comm, ", size));
   }
   return std::make_unique<Group>(config, std::make_unique<mpi::MpiTransport>(comm, global_rank(config), options));
 }
@@ -35,7 +35,7 @@ std::unique_ptr<Group> join_mpi_world(GroupConfig config, MPI_Comm comm, const M
   const int t = tp_domain_size(config);
   if (size % t != 0) {
     fail(ErrorCode::config_mismatch, "tp_world_size", concat(config.tp_world_size),
-                   concat("must divide the size of comm, ", size));
+         concat("must divide the size of comm, ", size));
   }
   int rank = 0;
   MPI_Comm_rank(comm, &rank);

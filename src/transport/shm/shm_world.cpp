@@ -24,8 +24,8 @@ std::unique_ptr<Group> join_shm_from_env(GroupConfig config, const ShmOptions& o
   config.tp_rank_id = env.rank % t;
   if (config.ep_world_size * t != env.world_size) {
     fail(ErrorCode::config_mismatch, "ep_world_size * max(tp_world_size, 1)",
-                   concat(config.ep_world_size * t),
-                   concat("must equal MOEDIST_WORLD_SIZE = ", env.world_size));
+         concat(config.ep_world_size * t),
+         concat("must equal MOEDIST_WORLD_SIZE = ", env.world_size));
   }
   return join_shm(config, env.job, options);
 }
