@@ -111,8 +111,9 @@ std::exception_ptr route_failure(Group::State& s, const TensorView& expert_ids, 
 
 // Validates locally, then publishes this rank's record with its row table (ep_send_counts, own half),
 // or its failure, and learns everyone's. Returns the checked shape; `rows` gets the row counts.
-contract::CallShape publish_records(Group::State& s, const TensorView& expand_x, const TensorView& expert_ids, const TensorView& expand_idx,
-                                    const TensorView& ep_send_counts, const TensorView& expert_scales, const CombineOptions& o,
+contract::CallShape publish_records(Group::State& s, const TensorView& expand_x, const TensorView& expert_ids,
+                                    const TensorView& expand_idx, const TensorView& ep_send_counts,
+                                    const TensorView& expert_scales, const CombineOptions& o,
                                     contract::CombineCounts* rows) {
   const contract::Topology& topo = s.topo;
   std::exception_ptr local_error;
@@ -125,7 +126,8 @@ contract::CallShape publish_records(Group::State& s, const TensorView& expand_x,
   s.describe_call(shape, expand_x.dtype, o.comm_quant_mode, false, rows->own_rows, rows->peer_rows);
   std::int32_t* own_table = s.own_counts();
   if (!local_error) {
-    for (int i = 0; i < topo.W * topo.local_experts(topo.ep_rank); ++i) own_table[i] = ep_send_counts.at<std::int32_t>(i);
+    for (int i = 0; i < topo.W * topo.local_experts(topo.ep_rank); ++i)
+      own_table[i] = ep_send_counts.at<std::int32_t>(i);
   }
   s.exchange(CallKind::combine, local_error, "combine.counts");
   return shape;
@@ -140,9 +142,9 @@ void check_records(const Group::State& s) {
 // One combine call as the phases after the record exchange share it: the caller's arguments, the
 // shape they were checked to, and what follows from them.
 struct CombineCall {
-  CombineCall(Group::State& state, const TensorView& expand_x_, const TensorView& expert_ids_, const TensorView& expand_idx_,
-              const TensorView& expert_scales_, const CombineOptions& o_, const contract::CallShape& shape_,
-              const contract::CombineCounts& rows_)
+  CombineCall(Group::State& state, const TensorView& expand_x_, const TensorView& expert_ids_,
+              const TensorView& expand_idx_, const TensorView& expert_scales_, const CombineOptions& o_,
+              const contract::CallShape& shape_, const contract::CombineCounts& rows_)
       : s(state),
         topo(state.topo),
         expand_x(expand_x_),
@@ -158,7 +160,8 @@ struct CombineCall {
         type(expand_x_.dtype == DType::bf16 ? Half::bf16 : Half::fp16),
         quantized(o_.comm_quant_mode == 2),
         my_layout(topo, shape_, topo.ep_rank),
-        min_row_bytes(quantized ? my_layout.comm_quant_groups * 2 + static_cast<std::size_t>(h) : static_cast<std::size_t>(h) * 2),
+        min_row_bytes(quantized ? my_layout.comm_quant_groups * 2 + static_cast<std::size_t>(h)
+                                : static_cast<std::size_t>(h) * 2),
         answer_stride(contract::align_up(min_row_bytes, 4)),
         my_host(state.my_host()) {}
 
@@ -227,18 +230,23 @@ PublishedRows stage_own_rows(const CombineCall& c, const std::exception_ptr& rou
   std::byte* my_stage = my_window + mine.combine_rows_offset;
   const std::int64_t x_cs = c.expand_x.strides[1];
   const auto* x_base = static_cast<const std::byte*>(c.expand_x.data);
-  const bool in_stage = x_base == my_stage && x_cs == 1 && static_cast<std::size_t>(c.expand_x.strides[0]) * 2 == stage_row_bytes;
-  const bool in_dispatch_region = x_base == my_window + mine.expand_x_offset && x_cs == 1 && c.expand_x.strides[0] == c.h;
+  const bool in_stage =
+      x_base == my_stage && x_cs == 1 && static_cast<std::size_t>(c.expand_x.strides[0]) * 2 == stage_row_bytes;
+  const bool in_dispatch_region =
+      x_base == my_window + mine.expand_x_offset && x_cs == 1 && c.expand_x.strides[0] == c.h;
   PublishedRows published{mine.combine_rows_offset, stage_row_bytes};
   if (route_error) return published;
   if (c.quantized) {
     // Quantize through a scratch row: the source row may be the very slot it is written to.
-    auto* packed = reinterpret_cast<std::byte*>(s.row_scratch(c.h + static_cast<std::int64_t>(stage_row_bytes) / 4 + 1));
+    auto* packed =
+        reinterpret_cast<std::byte*>(s.row_scratch(c.h + static_cast<std::int64_t>(stage_row_bytes) / 4 + 1));
     const std::size_t groups = mine.comm_quant_groups;
     for (std::int64_t i = 0; i < c.rows.own_rows; ++i) {
-      kernels::comm_quantize_row(c.expand_x.ptr<std::uint16_t>(i, 0), x_cs, c.type, c.h, reinterpret_cast<std::int8_t*>(packed + groups * 2),
+      kernels::comm_quantize_row(c.expand_x.ptr<std::uint16_t>(i, 0), x_cs, c.type, c.h,
+                                 reinterpret_cast<std::int8_t*>(packed + groups * 2),
                                  reinterpret_cast<std::uint16_t*>(packed));
-      std::memcpy(my_stage + static_cast<std::size_t>(i) * stage_row_bytes, packed, groups * 2 + static_cast<std::size_t>(c.h));
+      std::memcpy(my_stage + static_cast<std::size_t>(i) * stage_row_bytes, packed,
+                  groups * 2 + static_cast<std::size_t>(c.h));
     }
   } else if (in_dispatch_region) {
     published = PublishedRows{mine.expand_x_offset, static_cast<std::size_t>(c.h) * 2};
@@ -281,12 +289,14 @@ void locate_published_rows(const CombineCall& c) {
     // Without a product that could overflow: offset and row size within the window, and room for the rows.
     const std::size_t window_bytes = s.transport->window_size(gd);
     if (published.row_bytes < static_cast<std::int64_t>(c.min_row_bytes) || published.rows_offset < 0 ||
-        static_cast<std::uint64_t>(published.rows_offset) > window_bytes || static_cast<std::uint64_t>(published.row_bytes) > window_bytes ||
-        (held > 0 && (window_bytes - static_cast<std::size_t>(published.rows_offset)) / static_cast<std::size_t>(published.row_bytes) <
+        static_cast<std::uint64_t>(published.rows_offset) > window_bytes ||
+        static_cast<std::uint64_t>(published.row_bytes) > window_bytes ||
+        (held > 0 && (window_bytes - static_cast<std::size_t>(published.rows_offset)) /
+                             static_cast<std::size_t>(published.row_bytes) <
                          static_cast<std::size_t>(held))) {
       throw PeerError(ErrorCode::protocol, gd, "combine.data",
-                      concat("rank ", s.me(), ": rank ", gd, " published its rows at offset ", published.rows_offset, " with ",
-                             published.row_bytes, "-byte rows, outside its window"));
+                      concat("rank ", s.me(), ": rank ", gd, " published its rows at offset ", published.rows_offset,
+                             " with ", published.row_bytes, "-byte rows, outside its window"));
     }
     std::byte* window = s.transport->window(gd);  // nullptr on another host: its rows come through the proxy there
     s.rows_of[static_cast<std::size_t>(d)] = window == nullptr ? nullptr : window + published.rows_offset;
@@ -322,7 +332,8 @@ class TermPlaces {
     while (b >= contract::shared_range_begin(my_ep, shared_target_ + 1, c_.bs, topo.S)) ++shared_target_;
     const std::int32_t* table = c_.s.counts(topo.global_rank(shared_target_, topo.tp_rank));
     const std::int64_t slot = b - contract::shared_range_begin(my_ep, shared_target_, c_.bs, topo.S);
-    return TermPlace{shared_target_, table[my_ep - 1] + slot, RowRequest{shared_expert_code(shared_target_), static_cast<std::int32_t>(slot)}};
+    return TermPlace{shared_target_, table[my_ep - 1] + slot,
+                     RowRequest{shared_expert_code(shared_target_), static_cast<std::int32_t>(slot)}};
   }
 
  private:
@@ -337,7 +348,8 @@ void request_rows_from_other_hosts(CombineCall& c) {
   const auto request = [&](const TermPlace& place) {
     const int host = c.host_of_ep(place.d);
     if (host == c.my_host) return;
-    std::memcpy(append(s.to_host[static_cast<std::size_t>(host)], sizeof(RowRequest)), &place.target, sizeof(RowRequest));
+    std::memcpy(append(s.to_host[static_cast<std::size_t>(host)], sizeof(RowRequest)), &place.target,
+                sizeof(RowRequest));
     ++c.rows_from_other_hosts;
   };
   TermPlaces places(c);
@@ -349,14 +361,17 @@ void request_rows_from_other_hosts(CombineCall& c) {
 
 // Appends to `answer` the rows carried-for rank r asked this host for, as they sit in the expert ranks'
 // windows. Each request must name a row of r's block at an expert rank on this host.
-void answer_requests(const CombineCall& c, int r, const std::vector<std::byte>& requests, std::vector<std::byte>& answer) {
+void answer_requests(const CombineCall& c, int r, const std::vector<std::byte>& requests,
+                     std::vector<std::byte>& answer) {
   Group::State& s = c.s;
   const contract::Topology& topo = c.topo;
   MessageReader in(requests);
   const auto bad = [&](const std::string& what) {
-    throw PeerError(ErrorCode::protocol, r, "combine.requests", concat("rank ", s.me(), ": rank ", r, " asked this host for ", what));
+    throw PeerError(ErrorCode::protocol, r, "combine.requests",
+                    concat("rank ", s.me(), ": rank ", r, " asked this host for ", what));
   };
-  if (in.left() % sizeof(RowRequest) != 0) bad(concat("a request of ", in.left(), " bytes, not a whole number of rows"));
+  if (in.left() % sizeof(RowRequest) != 0)
+    bad(concat("a request of ", in.left(), " bytes, not a whole number of rows"));
   RowRequest target{};
   while (in.read(&target)) {
     ExpertPlace place;
@@ -367,9 +382,11 @@ void answer_requests(const CombineCall& c, int r, const std::vector<std::byte>& 
     const int index = place.local * topo.W + s.ep_of(r);
     const std::int64_t begin = block_begin(table, index);
     if (target.slot < 0 || target.slot >= table[index] - begin) {
-      bad(concat("slot ", target.slot, " of expert code ", target.code, ", outside its ", table[index] - begin, " rows"));
+      bad(concat("slot ", target.slot, " of expert code ", target.code, ", outside its ", table[index] - begin,
+                 " rows"));
     }
-    const std::byte* row = s.rows_of[static_cast<std::size_t>(d)] + static_cast<std::size_t>(begin + target.slot) * s.row_bytes_of[static_cast<std::size_t>(d)];
+    const std::byte* row = s.rows_of[static_cast<std::size_t>(d)] +
+                           static_cast<std::size_t>(begin + target.slot) * s.row_bytes_of[static_cast<std::size_t>(d)];
     std::memcpy(append(answer, c.answer_stride), row, c.min_row_bytes);
   }
 }
@@ -413,15 +430,19 @@ void check_answers(const CombineCall& c) {
     if (answer.size() >= sizeof status) std::memcpy(&status, answer.data(), sizeof status);
     if (status > 0 && status <= static_cast<std::int64_t>(ErrorCode::peer_lost)) {
       throw PeerError(ErrorCode::peer_failed, proxy, "combine.hosts",
-                      concat("rank ", me, ": rank ", proxy, " could not serve this rank's rows (", error_code_name(static_cast<ErrorCode>(status)),
-                             "): ", std::string(reinterpret_cast<const char*>(answer.data()) + sizeof status, answer.size() - sizeof status)));
+                      concat("rank ", me, ": rank ", proxy, " could not serve this rank's rows (",
+                             error_code_name(static_cast<ErrorCode>(status)), "): ",
+                             std::string(reinterpret_cast<const char*>(answer.data()) + sizeof status,
+                                         answer.size() - sizeof status)));
     }
     const std::size_t asked = s.to_host[static_cast<std::size_t>(host)].size() / sizeof(RowRequest);
     if (status != 0 || answer.size() != sizeof status + asked * c.answer_stride) {
       throw PeerError(ErrorCode::protocol, proxy, "combine.hosts",
-                      concat("rank ", me, ": rank ", proxy, " answered ", answer.size(), " bytes with status ", status, " for ", asked, " rows"));
+                      concat("rank ", me, ": rank ", proxy, " answered ", answer.size(), " bytes with status ", status,
+                             " for ", asked, " rows"));
     }
-    s.traffic.combine_bytes_between_hosts += static_cast<std::int64_t>(s.to_host[static_cast<std::size_t>(host)].size());
+    s.traffic.combine_bytes_between_hosts +=
+        static_cast<std::int64_t>(s.to_host[static_cast<std::size_t>(host)].size());
   }
 }
 
@@ -442,7 +463,8 @@ void fetch_rows_from_other_hosts(CombineCall& c) {
 // Token b's output row from its n terms (s.terms), added in increasing k, shared expert last. In chunks
 // of H so the fp32 accumulator stays in L1; every element still adds its terms in the same order, so
 // the result is bit-identical to a whole-row reduce.
-void reduce_token(const CombineCall& c, std::int64_t b, std::size_t n, float* acc, std::int64_t chunk, const MutableTensorView& out) {
+void reduce_token(const CombineCall& c, std::int64_t b, std::size_t n, float* acc, std::int64_t chunk,
+                  const MutableTensorView& out) {
   const std::size_t groups = c.my_layout.comm_quant_groups;
   for (std::int64_t h0 = 0; h0 < c.h; h0 += chunk) {
     const std::int64_t len = std::min(chunk, c.h - h0);
@@ -452,12 +474,16 @@ void reduce_token(const CombineCall& c, std::int64_t b, std::size_t n, float* ac
       if (c.quantized) {
         const auto* scales = reinterpret_cast<const std::uint16_t*>(t.row) + h0 / 8;
         const auto* q = reinterpret_cast<const std::int8_t*>(t.row + groups * 2) + h0;
-        if (t.weighted) kernels::accumulate_scaled_comm_quant(acc, q, scales, c.type, t.weight, len);
-        else kernels::accumulate_comm_quant(acc, q, scales, c.type, len);
+        if (t.weighted)
+          kernels::accumulate_scaled_comm_quant(acc, q, scales, c.type, t.weight, len);
+        else
+          kernels::accumulate_comm_quant(acc, q, scales, c.type, len);
       } else {
         const auto* y = reinterpret_cast<const std::uint16_t*>(t.row) + h0;
-        if (t.weighted) kernels::accumulate_scaled(acc, y, c.type, t.weight, len);
-        else kernels::accumulate(acc, y, c.type, len);
+        if (t.weighted)
+          kernels::accumulate_scaled(acc, y, c.type, t.weight, len);
+        else
+          kernels::accumulate(acc, y, c.type, len);
       }
     }
     kernels::store_row(acc, c.type, len, out.ptr<std::uint16_t>(b, h0), out.strides[1]);
@@ -473,8 +499,11 @@ void reduce_tokens(const CombineCall& c, const MutableTensorView& out) {
   answered.assign(static_cast<std::size_t>(s.routes.hosts()), 0);
   const auto term_row = [&](const TermPlace& place) -> const std::byte* {
     const int host = c.host_of_ep(place.d);
-    if (host == c.my_host) return s.rows_of[static_cast<std::size_t>(place.d)] + static_cast<std::size_t>(place.row) * s.row_bytes_of[static_cast<std::size_t>(place.d)];
-    return s.from_host[static_cast<std::size_t>(host)].data() + sizeof(std::int64_t) + answered[static_cast<std::size_t>(host)]++ * c.answer_stride;
+    if (host == c.my_host)
+      return s.rows_of[static_cast<std::size_t>(place.d)] +
+             static_cast<std::size_t>(place.row) * s.row_bytes_of[static_cast<std::size_t>(place.d)];
+    return s.from_host[static_cast<std::size_t>(host)].data() + sizeof(std::int64_t) +
+           answered[static_cast<std::size_t>(host)]++ * c.answer_stride;
   };
   // The K + 1 rows of one token and their weights (the shared expert's is unweighted).
   std::vector<CombineTerm>& terms = s.terms;
@@ -484,7 +513,8 @@ void reduce_tokens(const CombineCall& c, const MutableTensorView& out) {
   TermPlaces places(c);
   for (std::int64_t b = 0; b < c.bs; ++b) {
     std::size_t n = 0;
-    for (std::int64_t j = 0; j < c.k; ++j) terms[n++] = CombineTerm{term_row(places.moe(b, j)), true, c.expert_scales.at<float>(b, j)};
+    for (std::int64_t j = 0; j < c.k; ++j)
+      terms[n++] = CombineTerm{term_row(places.moe(b, j)), true, c.expert_scales.at<float>(b, j)};
     if (topo.S > 0) terms[n++] = CombineTerm{term_row(places.shared(b)), false, 1.0f};
     reduce_token(c, b, n, acc, kChunk, out);
   }
@@ -501,7 +531,8 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
   State& s = *state_;
   ++s.seq;
   contract::CombineCounts rows;
-  const contract::CallShape shape = publish_records(s, expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, o, &rows);
+  const contract::CallShape shape =
+      publish_records(s, expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, o, &rows);
   check_records(s);
   s.ensure_windows("combine.window");  // grows them when some rank's layout needs more room
   const std::exception_ptr route_error = route_failure(s, expert_ids, expand_idx);

@@ -46,7 +46,8 @@ void check_dispatch_record(const Group::State& s, int r, const char* phase) {
 
 // Validates and plans locally, then publishes this rank's record (its counts, or its failure) and
 // learns everyone's. Returns the shape this rank's arguments were checked to.
-contract::CallShape publish_records(Group::State& s, const TensorView& x, const TensorView& expert_ids, const DispatchOptions& o) {
+contract::CallShape publish_records(Group::State& s, const TensorView& x, const TensorView& expert_ids,
+                                    const DispatchOptions& o) {
   std::exception_ptr local_error;
   contract::CallShape shape;
   try {
@@ -81,7 +82,8 @@ void plan_receive_blocks(Group::State& s, std::int64_t k) {
       const std::int64_t most = topo.receive_rows(d, s.header(gd).bs, k);
       if (prefix.back() > most) {
         throw PeerError(ErrorCode::capacity, gd, "dispatch.counts",
-                        concat("rank ", s.me(), ": rank ", gd, " would receive ", prefix.back(), " rows but can hold at most ", most));
+                        concat("rank ", s.me(), ": rank ", gd, " would receive ", prefix.back(),
+                               " rows but can hold at most ", most));
       }
       if (tp == my_tp) s.dest_prefix[static_cast<std::size_t>(d)] = prefix;
       if (tp != my_tp && d == my_ep) s.peer_prefix = prefix;  // the TP peer's own half (§3.5)
@@ -123,13 +125,13 @@ struct DispatchCall {
   const std::size_t out_elem;  // bytes of one expand_x element
   const std::size_t stride;    // bytes of one payload row in a message to another host
   const Half type;
-  const std::int64_t x_cs;     // x's column stride
-  const bool smoothing;        // smooth scales given
+  const std::int64_t x_cs;  // x's column stride
+  const bool smoothing;     // smooth scales given
   const int my_host;
   const contract::WindowLayout my_layout;  // this rank's window for this call
-  float* scratch = nullptr;          // quantization scratch, set by write_rows
-  float* gathered_scales = nullptr;  // a scales row gathered from strided columns
-  std::int64_t n_self = 0, n_peer = 0;  // rows of this rank's own EP region, and of its TP peer's (T == 2)
+  float* scratch = nullptr;                // quantization scratch, set by write_rows
+  float* gathered_scales = nullptr;        // a scales row gathered from strided columns
+  std::int64_t n_self = 0, n_peer = 0;     // rows of this rank's own EP region, and of its TP peer's (T == 2)
 
   int host_of_ep(int d) const { return s.routes.host_of(topo.global_rank(d, topo.tp_rank)); }
   std::int64_t smooth_row(std::int64_t row) const { return smoothing ? row : -1; }
@@ -176,7 +178,8 @@ void locate_destinations(DispatchCall& c) {
     const auto& dest_table = s.dest_prefix[static_cast<std::size_t>(d)];
     for (int l = 0; l < topo.local_experts(d); ++l) {
       const std::size_t entry = static_cast<std::size_t>(d * topo.L + l);
-      const std::size_t pos = topo.is_shared(d) ? static_cast<std::size_t>(topo.ep_rank) : static_cast<std::size_t>(l * topo.W + topo.ep_rank);
+      const std::size_t pos = topo.is_shared(d) ? static_cast<std::size_t>(topo.ep_rank)
+                                                : static_cast<std::size_t>(l * topo.W + topo.ep_rank);
       block_start[entry] = dest_table[pos] - s.own_counts()[entry];
     }
   }
@@ -199,19 +202,35 @@ std::size_t route_token(const DispatchCall& c, std::int64_t b, int& shared_targe
     const std::int64_t row = block_start[entry] + s.plan.expand_idx[static_cast<std::size_t>(b * c.k + j)];
     const float weight = c.o.expert_scales.present() ? c.o.expert_scales.at<float>(b, j) : 1.0f;
     const std::int32_t slot = s.plan.expand_idx[static_cast<std::size_t>(b * c.k + j)];
-    targets[n++] = RowTarget{&dests[static_cast<std::size_t>(d)], row, c.smooth_row(topo.S > 0 ? e + 1 : e), weight, c.host_of_ep(d), e, slot};
+    targets[n++] = RowTarget{&dests[static_cast<std::size_t>(d)],
+                             row,
+                             c.smooth_row(topo.S > 0 ? e + 1 : e),
+                             weight,
+                             c.host_of_ep(d),
+                             e,
+                             slot};
   }
   if (topo.S > 0) {
     if (topo.is_shared(my_ep)) {
       // A shared-expert rank keeps its own tokens: row b of its own expand_x (§3.4.1).
-      targets[n++] = RowTarget{&dests[static_cast<std::size_t>(my_ep)], b, c.smooth_row(0), 1.0f, c.my_host, shared_expert_code(my_ep),
+      targets[n++] = RowTarget{&dests[static_cast<std::size_t>(my_ep)],
+                               b,
+                               c.smooth_row(0),
+                               1.0f,
+                               c.my_host,
+                               shared_expert_code(my_ep),
                                static_cast<std::int32_t>(b)};
     } else {
       while (b >= contract::shared_range_begin(my_ep, shared_target + 1, c.bs, topo.S)) ++shared_target;
       const std::int64_t slot = b - contract::shared_range_begin(my_ep, shared_target, c.bs, topo.S);
       const std::int64_t row = block_start[static_cast<std::size_t>(shared_target * topo.L)] + slot;
-      targets[n++] = RowTarget{&dests[static_cast<std::size_t>(shared_target)], row, c.smooth_row(0), 1.0f, c.host_of_ep(shared_target),
-                               shared_expert_code(shared_target), static_cast<std::int32_t>(slot)};
+      targets[n++] = RowTarget{&dests[static_cast<std::size_t>(shared_target)],
+                               row,
+                               c.smooth_row(0),
+                               1.0f,
+                               c.host_of_ep(shared_target),
+                               shared_expert_code(shared_target),
+                               static_cast<std::int32_t>(slot)};
     }
   }
   return n;
@@ -224,7 +243,8 @@ bool write_local_rows(const DispatchCall& c, std::size_t n, TokenRow& row) {
   for (std::size_t i = 0; i < n; ++i) {
     const RowTarget& t = c.s.row_targets[i];
     if (t.row < 0 || t.row >= t.dest->capacity_rows) {
-      throw Error(ErrorCode::internal, concat("dispatch computed row ", t.row, " outside capacity ", t.dest->capacity_rows));
+      throw Error(ErrorCode::internal,
+                  concat("dispatch computed row ", t.row, " outside capacity ", t.dest->capacity_rows));
     }
     if (!t.dest->local) {
       to_other_hosts = true;
@@ -257,8 +277,8 @@ void pack_common_payload(const DispatchCall& c, std::byte* payload, TokenRow& ro
     std::memcpy(payload + 4, row.quantized, static_cast<std::size_t>(c.h));
     std::memcpy(payload, row.quantized_scale, 4);
   } else {
-    kernels::quantize_row(row.x, c.x_cs, c.type, nullptr, c.h, reinterpret_cast<std::int8_t*>(payload + 4), reinterpret_cast<float*>(payload),
-                          c.scratch);
+    kernels::quantize_row(row.x, c.x_cs, c.type, nullptr, c.h, reinterpret_cast<std::int8_t*>(payload + 4),
+                          reinterpret_cast<float*>(payload), c.scratch);
     row.quantized = payload + 4;
     row.quantized_scale = reinterpret_cast<const float*>(payload);
   }
@@ -275,7 +295,8 @@ std::int64_t pack_host_entry(const DispatchCall& c, std::size_t first, std::size
   const bool row_per_target = c.quant && c.smoothing;
   const std::int32_t payloads = row_per_target ? count : 1;
   std::byte* at = append(c.s.to_host[static_cast<std::size_t>(host)],
-                         sizeof(RemoteEntry) + static_cast<std::size_t>(count) * sizeof(RemoteTarget) + static_cast<std::size_t>(payloads) * c.stride);
+                         sizeof(RemoteEntry) + static_cast<std::size_t>(count) * sizeof(RemoteTarget) +
+                             static_cast<std::size_t>(payloads) * c.stride);
   const RemoteEntry head{count, payloads};
   std::memcpy(at, &head, sizeof head);
   at += sizeof head;
@@ -287,8 +308,8 @@ std::int64_t pack_host_entry(const DispatchCall& c, std::size_t first, std::size
     std::memcpy(at, &wire, sizeof wire);
     at += sizeof wire;
     if (row_per_target) {
-      kernels::quantize_row(row.x, c.x_cs, c.type, c.smooth_ptr(t.smooth_row), c.h, reinterpret_cast<std::int8_t*>(payload + 4),
-                            reinterpret_cast<float*>(payload), c.scratch);
+      kernels::quantize_row(row.x, c.x_cs, c.type, c.smooth_ptr(t.smooth_row), c.h,
+                            reinterpret_cast<std::int8_t*>(payload + 4), reinterpret_cast<float*>(payload), c.scratch);
       payload += c.stride;
     }
   }
@@ -304,7 +325,8 @@ std::int64_t pack_rows_for_other_hosts(const DispatchCall& c, std::size_t n, Tok
   for (std::size_t i = 0; i < n; ++i) {
     const RowTarget& first = targets[i];
     bool host_seen = first.dest->local;
-    for (std::size_t j = 0; j < i && !host_seen; ++j) host_seen = !targets[j].dest->local && targets[j].host == first.host;
+    for (std::size_t j = 0; j < i && !host_seen; ++j)
+      host_seen = !targets[j].dest->local && targets[j].host == first.host;
     if (!host_seen) packed += pack_host_entry(c, i, n, row);
   }
   return packed;
@@ -331,7 +353,8 @@ void write_rows(DispatchCall& c) {
   s.traffic.dispatch_bytes_sent = rows_sent * row_out_bytes;
   s.traffic.dispatch_bytes_between_hosts_flat = rows_to_other_hosts * row_out_bytes;
   s.traffic.dispatch_bytes_between_hosts = 0;
-  for (const auto& message : s.to_host) s.traffic.dispatch_bytes_between_hosts += static_cast<std::int64_t>(message.size());
+  for (const auto& message : s.to_host)
+    s.traffic.dispatch_bytes_between_hosts += static_cast<std::int64_t>(message.size());
 }
 
 // A proxy writes the rows that the ranks it carries for sent to this host into their destination windows.
@@ -480,9 +503,11 @@ DispatchResult window_outputs(const DispatchCall& c) {
   const DType x_out = c.quant ? DType::int8 : c.x.dtype;
   result.expand_x = matrix_view(my_window + mine.expand_x_offset, x_out, rows, c.h);
   result.dynamic_scales = vector_view(my_window + mine.dynamic_scales_offset, DType::fp32, rows);
-  if (c.o.expert_scales.present()) result.expand_scales = vector_view(my_window + mine.expand_scales_offset, DType::fp32, rows);
+  if (c.o.expert_scales.present())
+    result.expand_scales = vector_view(my_window + mine.expand_scales_offset, DType::fp32, rows);
   result.expand_idx = vector_view(s.plan.expand_idx.data(), DType::int32, c.bs * c.k);
-  result.expert_token_nums = vector_view(s.expert_token_nums.data(), DType::int64, c.topo.local_experts(c.topo.ep_rank));
+  result.expert_token_nums =
+      vector_view(s.expert_token_nums.data(), DType::int64, c.topo.local_experts(c.topo.ep_rank));
   result.ep_recv_counts = vector_view(s.ep_recv_counts.data(), DType::int32, static_cast<std::int64_t>(s.ep_recv_counts.size()));
   if (c.topo.T == 2) result.tp_recv_counts = vector_view(s.tp_recv_counts.data(), DType::int32, 2);
   return result;
@@ -513,9 +538,11 @@ void copy_to_caller_buffers(const DispatchCall& c, DispatchResult& result) {
         std::memcpy(out.expand_x.ptr<std::byte>() + static_cast<std::size_t>(r * out.expand_x.strides[0]) * out_elem, src,
                     static_cast<std::size_t>(h) * out_elem);
       } else if (c.quant) {
-        for (std::int64_t col = 0; col < h; ++col) *out.expand_x.ptr<std::int8_t>(r, col) = reinterpret_cast<const std::int8_t*>(src)[col];
+        for (std::int64_t col = 0; col < h; ++col)
+          *out.expand_x.ptr<std::int8_t>(r, col) = reinterpret_cast<const std::int8_t*>(src)[col];
       } else {
-        for (std::int64_t col = 0; col < h; ++col) *out.expand_x.ptr<std::uint16_t>(r, col) = reinterpret_cast<const std::uint16_t*>(src)[col];
+        for (std::int64_t col = 0; col < h; ++col)
+          *out.expand_x.ptr<std::uint16_t>(r, col) = reinterpret_cast<const std::uint16_t*>(src)[col];
       }
     }
     result.expand_x = out.expand_x;
@@ -526,12 +553,15 @@ void copy_to_caller_buffers(const DispatchCall& c, DispatchResult& result) {
     *slot = dst;
   };
   if (out.dynamic_scales.present())
-    copy_vector(out.dynamic_scales, reinterpret_cast<const float*>(my_window + mine.dynamic_scales_offset), valid, &result.dynamic_scales);
+    copy_vector(out.dynamic_scales, reinterpret_cast<const float*>(my_window + mine.dynamic_scales_offset), valid,
+                &result.dynamic_scales);
   if (out.expand_scales.present() && c.o.expert_scales.present())
-    copy_vector(out.expand_scales, reinterpret_cast<const float*>(my_window + mine.expand_scales_offset), valid, &result.expand_scales);
+    copy_vector(out.expand_scales, reinterpret_cast<const float*>(my_window + mine.expand_scales_offset), valid,
+                &result.expand_scales);
   if (out.expand_idx.present()) copy_vector(out.expand_idx, s.plan.expand_idx.data(), c.bs * c.k, &result.expand_idx);
   if (out.expert_token_nums.present())
-    copy_vector(out.expert_token_nums, s.expert_token_nums.data(), c.topo.local_experts(c.topo.ep_rank), &result.expert_token_nums);
+    copy_vector(out.expert_token_nums, s.expert_token_nums.data(), c.topo.local_experts(c.topo.ep_rank),
+                &result.expert_token_nums);
   if (out.ep_recv_counts.present())
     copy_vector(out.ep_recv_counts, s.ep_recv_counts.data(), static_cast<std::int64_t>(s.ep_recv_counts.size()), &result.ep_recv_counts);
   if (out.tp_recv_counts.present()) copy_vector(out.tp_recv_counts, s.tp_recv_counts.data(), 2, &result.tp_recv_counts);
