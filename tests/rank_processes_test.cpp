@@ -54,6 +54,13 @@ TEST(RankProcesses, AnUnrelatedChildKeepsItsExitStatus) {
   const auto results = run_in_children(2, [](int i) { return std::to_string(i); });
   EXPECT_EQ(results[1].text, "1");
   expect_exit_7(other2);
+
+  const pid_t other3 = unrelated_child();
+  LaunchOptions options;
+  options.ranks = 2;
+  options.argv = {"true"};
+  EXPECT_TRUE(launch(options).ok());
+  expect_exit_7(other3);
 }
 
 TEST(RankProcesses, ALeftoverBackgroundProcessDoesNotHoldTheCallerUp) {
