@@ -94,8 +94,11 @@ RunOutcome run_threads(int threads, const RunSettings& settings,
     try {
       hub->claim(rank);
       per_rank[static_cast<std::size_t>(rank)] = body(rank, std::make_unique<InProcTransport>(hub, rank));
-    } catch (...) {
+    } catch (const Error&) {
       errors[static_cast<std::size_t>(rank)] = std::current_exception();
+    } catch (const std::exception& e) {
+      // A cause, as a worker process reports it (internal): root_cause prefers it to a peer's consequences.
+      errors[static_cast<std::size_t>(rank)] = std::make_exception_ptr(Error(ErrorCode::internal, e.what()));
     }
   });
   const std::string cause = root_cause_message(errors, 0);
