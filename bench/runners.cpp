@@ -55,7 +55,8 @@ RunOutcome success(const std::vector<std::vector<RoundTimes>>& per_rank) {
 // wait with moedist's errors, not a barrier of the bench's own.
 class TransportSync final : public RankSync {
  public:
-  explicit TransportSync(Transport& transport) : transport_(transport), all_(static_cast<std::size_t>(transport.size())) {}
+  explicit TransportSync(Transport& transport)
+      : transport_(transport), all_(static_cast<std::size_t>(transport.size())) {}
 
   void barrier() override {
     const std::int32_t nothing = 0;
@@ -85,9 +86,11 @@ std::string root_cause_message(const std::vector<std::exception_ptr>& errors, st
 
 // Runs body(thread, sync) on `threads` threads that meet through one in-process transport of `threads` ranks,
 // which the body may also give its group (its transport, taken from the hub). Failures become the outcome's error.
-RunOutcome run_threads(int threads, const RunSettings& settings,
-                       const std::function<std::vector<RoundTimes>(int rank, std::unique_ptr<Transport> transport)>& body) {
-  const auto hub = std::make_shared<InProcHub>(threads, std::chrono::milliseconds(settings.timeout_ms), std::chrono::microseconds(-1));
+RunOutcome run_threads(
+    int threads, const RunSettings& settings,
+    const std::function<std::vector<RoundTimes>(int rank, std::unique_ptr<Transport> transport)>& body) {
+  const auto hub = std::make_shared<InProcHub>(threads, std::chrono::milliseconds(settings.timeout_ms),
+                                               std::chrono::microseconds(-1));
   std::vector<std::exception_ptr> errors(static_cast<std::size_t>(threads));
   std::vector<std::vector<RoundTimes>> per_rank(static_cast<std::size_t>(threads));
   run_ranks(threads, [&](int rank) {
@@ -294,7 +297,8 @@ int shm_rank_main(const std::string& dir) {
         write_times(result, run_rank_loop(rank, sync, settings.loop, body.ops()));
         rusage usage{};
         ::getrusage(RUSAGE_SELF, &usage);
-        std::ofstream(process::rank_file(dir, rank, ".rss")) << static_cast<std::int64_t>(usage.ru_maxrss) * 1024 << "\n";  // ru_maxrss is KiB
+        std::ofstream(process::rank_file(dir, rank, ".rss"))
+            << static_cast<std::int64_t>(usage.ru_maxrss) * 1024 << "\n";  // ru_maxrss is KiB
       },
       "moedist bench-rank");
 }

@@ -348,10 +348,9 @@ TEST(BenchShm, AFailingRankIsNamed) {
   EXPECT_NE(o.error.find("killed by signal 9"), std::string::npos) << o.error;
 
   // Ranks 0 and 2 report a lost peer (12: peer_lost), rank 1 its own error (3: invalid_shape).
-  const std::vector<std::string> errs = {
-      "/bin/sh", "-c",
-      "if [ $MOEDIST_RANK = 1 ]; then printf '3\\nbad shape' > \"$0/rank1.error\"; "
-      "else printf '12\\nlost rank 1' > \"$0/rank$MOEDIST_RANK.error\"; fi; exit 2"};
+  const std::vector<std::string> errs = {"/bin/sh", "-c",
+                                         "if [ $MOEDIST_RANK = 1 ]; then printf '3\\nbad shape' > \"$0/rank1.error\"; "
+                                         "else printf '12\\nlost rank 1' > \"$0/rank$MOEDIST_RANK.error\"; fi; exit 2"};
   o = run_shm(p, settings, errs);
   EXPECT_FALSE(o.ok);
   EXPECT_EQ(o.error, "rank 1: bad shape");

@@ -1,6 +1,8 @@
 // The process-per-rank harness (src/process): it reaps only its own children, a rank's leftover background
 // process does not hold the caller up, every rank that failed or died is named, the ranks start with a clean
 // signal state, and the one rule of which errors only follow a peer's failure.
+#include "process/rank_processes.h"
+
 #include <gtest/gtest.h>
 #include <pthread.h>
 #include <signal.h>
@@ -15,7 +17,6 @@
 #include <string>
 
 #include "common/child_processes.h"
-#include "process/rank_processes.h"
 
 namespace moedist::process {
 namespace {
@@ -45,7 +46,8 @@ void expect_exit_7(pid_t pid) {
 
 TEST(RankProcesses, AnUnrelatedChildKeepsItsExitStatus) {
   const pid_t other = unrelated_child();
-  const auto exits = run_commands(2, [](int) { return shell("exit 0"); }, false);
+  const auto exits = run_commands(
+      2, [](int) { return shell("exit 0"); }, false);
   ASSERT_EQ(exits.size(), 2u);
   for (const RankExit& e : exits) EXPECT_TRUE(e.ok()) << e.describe();
   expect_exit_7(other);
@@ -77,13 +79,19 @@ TEST(RankProcesses, ALeftoverBackgroundProcessDoesNotHoldTheCallerUp) {
 
 TEST(RankProcesses, EveryRankThatFailedOrDiedIsNamed) {
   const auto exits = run_commands(
-      4, [](int rank) { return shell(rank == 1 ? "kill -9 $$" : rank == 3 ? "exit 3" : "exit 0"); }, false);
+      4, [](int rank) { return shell(rank == 1   ? "kill -9 $$"
+                                     : rank == 3 ? "exit 3"
+                                                 : "exit 0"); }, false);
   const std::string report = describe_failures(exits);
-  EXPECT_NE(report.find("rank 1 (pid " + std::to_string(exits[1].pid) + ") was killed by signal 9"), std::string::npos) << report;
-  EXPECT_NE(report.find("rank 3 (pid " + std::to_string(exits[3].pid) + ") exited with status 3"), std::string::npos) << report;
+  EXPECT_NE(report.find("rank 1 (pid " + std::to_string(exits[1].pid) + ") was killed by signal 9"), std::string::npos)
+      << report;
+  EXPECT_NE(report.find("rank 3 (pid " + std::to_string(exits[3].pid) + ") exited with status 3"), std::string::npos)
+      << report;
   EXPECT_EQ(report.find("rank 0"), std::string::npos) << report;
   EXPECT_EQ(report.find("rank 2"), std::string::npos) << report;
-  EXPECT_EQ(describe_failures(run_commands(2, [](int) { return shell("exit 0"); }, false)), "");
+  EXPECT_EQ(describe_failures(run_commands(
+                2, [](int) { return shell("exit 0"); }, false)),
+            "");
 
   // Ranks that died without an error file fail the run, all of them named; a rank's own error file is read back.
   const TempDir dir("moedist-harness-test");
@@ -127,7 +135,8 @@ void on_usr2(int) {}
 
 TEST(RankProcesses, RanksStartWithACleanSignalState) {
   // The caller blocks SIGUSR1 and catches SIGUSR2; ignores SIGPIPE (which stays ignored, as across exec).
-  struct sigaction catcher {}, saved_usr2 {}, ignore {}, saved_pipe {};
+  struct sigaction catcher {
+  }, saved_usr2{}, ignore{}, saved_pipe{};
   catcher.sa_handler = on_usr2;
   sigemptyset(&catcher.sa_mask);
   ASSERT_EQ(::sigaction(SIGUSR2, &catcher, &saved_usr2), 0);
@@ -172,7 +181,8 @@ TEST(RankProcesses, AFailedExecIsStatus127WithTheReason) {
   Command c;
   c.argv = {"moedist-harness-test-no-such-program"};
   c.exec_failure_prefix = "harness test";
-  const auto exits = run_commands(1, [&](int) { return c; }, false);
+  const auto exits = run_commands(
+      1, [&](int) { return c; }, false);
   EXPECT_EQ(exits[0].describe(), "rank 0 (pid " + std::to_string(exits[0].pid) + ") exited with status 127");
 }
 

@@ -79,7 +79,8 @@ void gather_rank_files(const std::function<void(const std::string& path)>& produ
     const std::size_t at = static_cast<std::size_t>(offsets[static_cast<std::size_t>(g)]);
     if (all[at] == 'R') continue;
     errors[static_cast<std::size_t>(g)] = std::make_exception_ptr(
-        Error(static_cast<ErrorCode>(all[at]), all.substr(at + 1, static_cast<std::size_t>(sizes[static_cast<std::size_t>(g)]) - 1)));
+        Error(static_cast<ErrorCode>(all[at]),
+              all.substr(at + 1, static_cast<std::size_t>(sizes[static_cast<std::size_t>(g)]) - 1)));
   }
   const int first_error = process::root_cause(errors);
   if (first_error >= 0) std::rethrow_exception(errors[static_cast<std::size_t>(first_error)]);

@@ -38,7 +38,8 @@ std::vector<ChildResult> run_in_children(int n, const std::function<std::string(
     results[i].wait_status = exits[i].wait_status;
     std::ifstream answer(answers[i], std::ios::binary);
     results[i].finished = static_cast<bool>(answer);
-    if (results[i].finished) results[i].text.assign(std::istreambuf_iterator<char>(answer), std::istreambuf_iterator<char>());
+    if (results[i].finished)
+      results[i].text.assign(std::istreambuf_iterator<char>(answer), std::istreambuf_iterator<char>());
   }
   return results;
 }

@@ -78,7 +78,8 @@ std::vector<std::string> environment_with(const std::vector<std::string>& change
   std::vector<std::string> env;
   for (char** e = environ; *e != nullptr; ++e) {
     const std::string entry(*e);
-    const bool changed = std::any_of(changes.begin(), changes.end(), [&](const std::string& c) { return name_of(c) == name_of(entry); });
+    const bool changed =
+        std::any_of(changes.begin(), changes.end(), [&](const std::string& c) { return name_of(c) == name_of(entry); });
     if (!changed) env.push_back(entry);
   }
   for (const std::string& c : changes) {
@@ -98,14 +99,17 @@ bool is_consequence_of_peer_failure(ErrorCode code) noexcept {
   return code == ErrorCode::peer_failed || code == ErrorCode::peer_lost || code == ErrorCode::timeout;
 }
 
-bool is_consequence_of_peer_failure(const Error& error) noexcept { return is_consequence_of_peer_failure(error.code()); }
+bool is_consequence_of_peer_failure(const Error& error) noexcept {
+  return is_consequence_of_peer_failure(error.code());
+}
 
 // ---- the folder and its files ----
 
 TempDir::TempDir(const std::string& prefix) {
   std::string pattern = (std::filesystem::temp_directory_path() / (prefix + "-XXXXXX")).string();
   if (::mkdtemp(pattern.data()) == nullptr) {
-    throw Error(ErrorCode::internal, "cannot create a private directory from '" + pattern + "': " + std::strerror(errno));
+    throw Error(ErrorCode::internal,
+                "cannot create a private directory from '" + pattern + "': " + std::strerror(errno));
   }
   path_ = pattern;
 }

@@ -58,7 +58,8 @@ LaunchResult launch(const LaunchOptions& options) {
     contract::fail_value("tp_world_size (--tp)", options.tp_world_size, "must be 0, 1 or 2");
   if (options.tp_world_size == 2 && options.ranks % 2 != 0)
     contract::fail_value("ranks (-n)", options.ranks, "must be even with a TP domain of 2 (--tp 2)");
-  if (options.argv.empty()) contract::fail(ErrorCode::invalid_argument, "program", "none", "name the program to start after --");
+  if (options.argv.empty())
+    contract::fail(ErrorCode::invalid_argument, "program", "none", "name the program to start after --");
 
   LaunchResult result;
   result.job = options.job.empty() ? new_job_name() : options.job;
@@ -69,7 +70,8 @@ LaunchResult launch(const LaunchOptions& options) {
         process::Command command;
         command.argv = options.argv;
         // Never pass on a TP size this launch did not ask for (the launcher may itself run under one).
-        command.env = {"MOEDIST_RANK=" + std::to_string(rank), "MOEDIST_WORLD_SIZE=" + world, "MOEDIST_JOB=" + result.job,
+        command.env = {"MOEDIST_RANK=" + std::to_string(rank), "MOEDIST_WORLD_SIZE=" + world,
+                       "MOEDIST_JOB=" + result.job,
                        options.tp_world_size > 0 ? "MOEDIST_TP_WORLD_SIZE=" + std::to_string(options.tp_world_size)
                                                  : std::string("MOEDIST_TP_WORLD_SIZE")};
         command.exec_failure_prefix = "moedist launch: rank " + std::to_string(rank);

@@ -14,7 +14,9 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <thread>
@@ -22,6 +24,7 @@
 
 #include "moedist/error.h"
 #include "moedist/shm.h"
+#include "process/rank_processes.h"
 #include "transport/inproc_transport.h"
 #include "transport/shm/shm_transport.h"
 #ifdef MOEDIST_HAVE_MPI
@@ -109,38 +112,24 @@ std::vector<std::string> run_world(TransportKind kind, int size, milliseconds ti
   if (kind == TransportKind::shm) {
     static int jobs = 0;
     const std::string job = "conformance-" + std::to_string(::getpid()) + "-" + std::to_string(++jobs);
-    std::vector<pid_t> pids;
-    std::vector<int> reports;
+    process::TempDir dir("moedist-conformance");
+    process::RankProcesses ranks;
     for (int r = 0; r < size; ++r) {
-      int fds[2];
-      if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe2 failed");
-      const pid_t pid = ::fork();
-      if (pid == 0) {
-        ::close(fds[0]);
+      ranks.start([&, r] {
         ShmOptions options;
         options.timeout = timeout;
         const std::string failure = guarded([&] { return std::make_unique<shm::ShmTransport>(job, r, size, options); });
-        const ssize_t written = ::write(fds[1], failure.data(), failure.size());
-        ::_exit(written == static_cast<ssize_t>(failure.size()) ? 0 : 1);
-      }
-      ::close(fds[1]);
-      if (pid < 0) throw std::runtime_error("fork failed");
-      pids.push_back(pid);
-      reports.push_back(fds[0]);
+        std::ofstream(process::rank_file(dir.path(), r, ".failure")) << failure;
+        return 0;
+      });
     }
+    const std::vector<RankExit> exits = ranks.wait();
     for (int r = 0; r < size; ++r) {
-      std::string text;
-      char buffer[512];
-      ssize_t n;
-      while ((n = ::read(reports[static_cast<std::size_t>(r)], buffer, sizeof buffer)) > 0) text.append(buffer, n);
-      ::close(reports[static_cast<std::size_t>(r)]);
-      int status = 0;
-      ::waitpid(pids[static_cast<std::size_t>(r)], &status, 0);
+      std::ifstream in(process::rank_file(dir.path(), r, ".failure"));
+      std::string& text = failures[static_cast<std::size_t>(r)];
+      text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
       // A rank that a test makes die on purpose exits with 0 and reports nothing.
-      if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-        text += " (rank process ended with status " + std::to_string(status) + ")";
-      }
-      failures[static_cast<std::size_t>(r)] = text;
+      if (!exits[static_cast<std::size_t>(r)].ok()) text += " (" + exits[static_cast<std::size_t>(r)].describe() + ")";
     }
     return failures;
   }
