@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/hd.h"
+#include "contract/record_checks.h"
 #include "contract/shared_split.h"
 #include "cuda/device_state.h"
 #include "cuda/row_math.h"
@@ -133,36 +134,32 @@ MOEDIST_HD std::int64_t rows_received(const DeviceGroup& g, int d, int lane) {
   return total;
 }
 
-// Checks peer r's record as the CPU path does: the same call, and counts its BS and K allow.
+// Checks peer r's record with the CPU path's checks (contract/record_checks.h): the same call, and
+// counts its BS and K allow. The BS range differs: here a peer's BS must be in [0, global_bs / W] (this
+// rank's BS with global_bs = 0), the CPU path only needs BS >= 0 (and K, H >= 1, which the same-call
+// check already ensures here).
 MOEDIST_HD void check_record(const DeviceGroup& g, const DispatchArgs& a, int r) {
   const RecordHeader& hd = record_header(g, r);
   Status* st = g.status;
   const Phase ph = Phase::dispatch_counts;
-  const auto mismatch = [&](CallField field, std::int64_t theirs, std::int64_t mine) {
-    record_failure(st, ErrorCode::config_mismatch, r, ph, Rule::same_call, static_cast<std::int64_t>(field), theirs, mine);
-  };
-  if (hd.h != a.h) return mismatch(CallField::h, hd.h, a.h);
-  if (hd.k != a.k) return mismatch(CallField::k, hd.k, a.k);
-  if (hd.dtype != a.dtype_code) return mismatch(CallField::dtype, hd.dtype, a.dtype_code);
-  if (hd.mode != a.quant) return mismatch(CallField::mode, hd.mode, a.quant);
-  const int mine_es = a.expert_scales != nullptr ? 1 : 0;
-  if (hd.has_expert_scales != mine_es) return mismatch(CallField::expert_scales, hd.has_expert_scales, mine_es);
-  if (g.global_bs == 0 && hd.bs != a.bs) return mismatch(CallField::bs, hd.bs, a.bs);
+  const contract::CallMismatch m =
+      contract::first_call_mismatch(contract::CallFields{hd.bs, hd.k, hd.h, hd.dtype, hd.mode, hd.has_expert_scales},
+                                    contract::CallFields{a.bs, a.k, a.h, a.dtype_code, a.quant, a.expert_scales != nullptr ? 1 : 0},
+                                    g.global_bs == 0);
+  if (m.found) {
+    return record_failure(st, ErrorCode::config_mismatch, r, ph, Rule::same_call, static_cast<std::int64_t>(m.field), m.theirs, m.mine);
+  }
   const std::int64_t max_bs = g.global_bs != 0 ? g.global_bs / g.W : a.bs;
   if (hd.bs < 0 || hd.bs > max_bs) return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -1, hd.bs, max_bs);
-  const std::int32_t* counts = record_counts(g, r);
-  std::int64_t moe_rows = 0, shared_rows = 0;
-  for (int i = 0; i < g.W * g.L; ++i) {
-    const std::int32_t c = counts[i];
-    const bool shared_entry = i < g.S * g.L;
-    if (c < 0 || c > hd.bs || (shared_entry && i % g.L != 0 && c != 0)) {
-      return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, i, c, hd.bs);
-    }
-    if (shared_entry) shared_rows += c; else moe_rows += c;
+  const contract::RecordCheck c = contract::check_send_counts(record_counts(g, r), g.W, g.S, g.L, r / g.T, hd.bs, hd.k);
+  switch (c.fault) {
+    case contract::RecordFault::none: return;
+    case contract::RecordFault::entry_range:
+    case contract::RecordFault::entry_shared_local:
+      return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, c.entry, c.value, c.bound);
+    case contract::RecordFault::moe_rows: return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -2, c.value, c.bound);
+    case contract::RecordFault::shared_rows: return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -3, c.value, c.bound);
   }
-  if (moe_rows != hd.bs * hd.k) return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -2, moe_rows, hd.bs * hd.k);
-  const std::int64_t want_shared = (r / g.T) < g.S ? 0 : (g.S > 0 ? hd.bs : 0);
-  if (shared_rows != want_shared) record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -3, shared_rows, want_shared);
 }
 
 // For destination EP rank d: the capacity checks, where this rank's blocks start in d's own rows, and

@@ -6,6 +6,7 @@
 
 #include "contract/checks.h"
 #include "contract/errors.h"
+#include "contract/record_checks.h"
 #include "contract/shared_split.h"
 #include "kernels/row_kernels.h"
 #include "ops/group_state.h"
@@ -28,20 +29,14 @@ void check_dispatch_record(const Group::State& s, int r, const char* phase) {
     throw PeerError(ErrorCode::protocol, r, phase, concat("rank ", s.me(), ": the count record of rank ", r, " is inconsistent: ", what));
   };
   if (hd.bs < 0 || hd.k < 1 || hd.h < 1) bad(concat("BS ", hd.bs, ", K ", hd.k, ", H ", hd.h));
-  std::int64_t moe_rows = 0, shared_rows = 0;
-  for (int i = 0; i < topo.count_record_len(); ++i) {
-    if (counts[i] < 0 || counts[i] > hd.bs) bad(concat("entry ", i, " = ", counts[i], " is outside [0, BS = ", hd.bs, "]"));
-    if (i >= topo.S * topo.L) {
-      moe_rows += counts[i];
-    } else if (i % topo.L == 0) {
-      shared_rows += counts[i];
-    } else if (counts[i] != 0) {
-      bad(concat("entry ", i, " addresses a shared-expert rank's local expert ", i % topo.L));
-    }
+  const contract::RecordCheck c = contract::check_send_counts(counts, topo.W, topo.S, topo.L, r / topo.T, hd.bs, hd.k);
+  switch (c.fault) {
+    case contract::RecordFault::none: return;
+    case contract::RecordFault::entry_range: return bad(concat("entry ", c.entry, " = ", c.value, " is outside [0, BS = ", c.bound, "]"));
+    case contract::RecordFault::entry_shared_local: return bad(concat("entry ", c.entry, " addresses a shared-expert rank's local expert ", c.entry % topo.L));
+    case contract::RecordFault::moe_rows: return bad(concat("it sends ", c.value, " rows to MoE experts, not BS * K = ", c.bound));
+    case contract::RecordFault::shared_rows: return bad(concat("it sends ", c.value, " rows to shared experts, not ", c.bound));
   }
-  if (moe_rows != hd.bs * hd.k) bad(concat("it sends ", moe_rows, " rows to MoE experts, not BS * K = ", hd.bs * hd.k));
-  const std::int64_t want_shared = topo.is_shared(r / topo.T) ? 0 : (topo.S > 0 ? hd.bs : 0);
-  if (shared_rows != want_shared) bad(concat("it sends ", shared_rows, " rows to shared experts, not ", want_shared));
 }
 
 // Validates and plans locally, then publishes this rank's record (its counts, or its failure) and
