@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/hd.h"
+#include "contract/blocks.h"
 #include "contract/record_checks.h"
 #include "contract/shared_split.h"
 #include "cuda/device_state.h"
@@ -118,20 +119,19 @@ MOEDIST_HD RecordHeader record_header_of(const DispatchArgs& a, bool failed) {
   return h;
 }
 
-// Rows rank `source_ep` (lane u) sends to EP rank d's local expert l; a shared rank d counts its own
-// rows in the entries of sources r < S (the V1 bookkeeping split).
-MOEDIST_HD std::int64_t block_rows(const DeviceGroup& g, int d, int l, int source_ep, int lane) {
-  if (d < g.S && source_ep < g.S) return contract::shared_own_split(source_ep, d, record_header(g, global_rank(g, d, lane)).bs, g.S);
-  return record_counts(g, global_rank(g, source_ep, lane))[d * g.L + l];
-}
+// Source EP rank r's count record in TP lane `lane` (contract/blocks.h's records(r)).
+struct LaneRecords {
+  const DeviceGroup* g;
+  int lane;
+  MOEDIST_HD const std::int32_t* operator()(int r) const { return record_counts(*g, global_rank(*g, r, lane)); }
+};
+
+// BS of EP rank d in TP lane `lane`, which the V1 split of a shared rank's own rows needs.
+MOEDIST_HD std::int64_t dest_bs(const DeviceGroup& g, int d, int lane) { return record_header(g, global_rank(g, d, lane)).bs; }
 
 // Rows EP rank d receives in lane u (its own part).
 MOEDIST_HD std::int64_t rows_received(const DeviceGroup& g, int d, int lane) {
-  std::int64_t total = 0;
-  for (int l = 0; l < (d < g.S ? 1 : g.L); ++l) {
-    for (int r = 0; r < g.W; ++r) total += block_rows(g, d, l, r, lane);
-  }
-  return total;
+  return contract::receive_prefix_sums(g.W, g.S, g.L, LaneRecords{&g, lane}, d, dest_bs(g, d, lane), nullptr);
 }
 
 // Checks peer r's record with the CPU path's checks (contract/record_checks.h): the same call, and
@@ -176,13 +176,15 @@ MOEDIST_HD void plan_destination(const DeviceGroup& g, const DispatchArgs& a, in
     record_failure(g.status, ErrorCode::capacity, global_rank(g, d, t), ph, Rule::capacity, 1, own + twin, g.off.dispatch_rows);
   }
   if (other >= 0) g.tp_shift[d] = twin;
+  const LaneRecords records{&g, t};
+  const std::int64_t bs_d = dest_bs(g, d, t);
   std::int64_t running = 0;
   for (int l = 0; l < (d < g.S ? 1 : g.L); ++l) {
     for (int r = 0; r < g.W; ++r) {
       if (r == g.ep_rank) {
         if (d < g.S) g.shared_start[d] = running; else g.block_start[d * g.L + l] = running;
       }
-      running += block_rows(g, d, l, r, t);
+      running += contract::block_rows(g.S, g.L, records, d, l, r, bs_d);
     }
   }
 }
@@ -196,22 +198,17 @@ MOEDIST_HD void plan_outputs(const DeviceGroup& g, const DispatchArgs& a) {
   std::int64_t part_rows[2] = {0, 0};
   for (int half = 0; half < lanes; ++half) {
     const int lane = half == 0 ? t : other;
-    std::int64_t running = 0;
-    for (int l = 0; l < local; ++l) {
-      for (int r = 0; r < g.W; ++r) {
-        running += block_rows(g, d, l, r, lane);
-        const auto v = static_cast<std::int32_t>(running);
-        a.ep_recv_counts[half * g.W * local + l * g.W + r] = v;
-        g.recv_counts[half * g.W * local + l * g.W + r] = v;
-      }
-    }
-    part_rows[half] = running;
+    std::int32_t* out = a.ep_recv_counts + half * g.W * local;
+    part_rows[half] = contract::receive_prefix_sums(g.W, g.S, g.L, LaneRecords{&g, lane}, d, dest_bs(g, d, lane), out);
+    for (int i = 0; i < g.W * local; ++i) g.recv_counts[half * g.W * local + i] = out[i];
   }
   std::int64_t cumulative = 0;
   for (int l = 0; l < local; ++l) {
     std::int64_t rows = 0;
     for (int half = 0; half < lanes; ++half) {
-      for (int r = 0; r < g.W; ++r) rows += block_rows(g, d, l, r, half == 0 ? t : other);
+      const int lane = half == 0 ? t : other;
+      const std::int64_t bs_d = dest_bs(g, d, lane);
+      for (int r = 0; r < g.W; ++r) rows += contract::block_rows(g.S, g.L, LaneRecords{&g, lane}, d, l, r, bs_d);
     }
     cumulative += rows;
     a.expert_token_nums[l] = a.expert_token_nums_type == 0 ? cumulative : rows;
