@@ -2,23 +2,17 @@
 
 #include <fcntl.h>
 #include <sched.h>
-#include <linux/futex.h>
-#include <sys/mman.h>
 #include <sys/resource.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cerrno>
-#include <climits>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
-#include <mutex>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <stdexcept>
@@ -30,8 +24,9 @@
 #include "moedist/launch.h"
 #include "moedist/shm.h"
 #include "moedist_rank.h"
-
-extern char** environ;
+#include "process/rank_processes.h"
+#include "transport/inproc/inproc_transport.h"
+#include "transport/shm/shm_transport.h"
 
 namespace moedist::bench {
 
@@ -53,28 +48,31 @@ RunOutcome success(const std::vector<std::vector<RoundTimes>>& per_rank) {
   return o;
 }
 
-// ---- the bench's own barrier ----
+// ---- ranks meet through their transport ----
 
-// Lives in memory every rank maps: the heap for threads, a shared file for processes. Plain words used through
-// std::atomic_ref, so that the futex calls see the same addresses.
-struct ControlBlock {
-  std::uint32_t arrived = 0;
-  std::uint32_t generation = 0;
-  std::uint32_t failed = 0;  // set by a rank that gives up: the others stop waiting
-  std::int32_t value = 0;    // agree()'s value
-};
-
-// Thrown on a rank whose peer failed first: a consequence, not the cause worth reporting.
-class PeerFailed : public std::runtime_error {
+// The ranks meet through the collectives of the transport they already share (allgather is also a barrier),
+// so that the bench waits the way moedist's own calls do (WaitPolicy) and a peer's failure or death ends the
+// wait with moedist's errors, not a barrier of the bench's own.
+class TransportSync final : public RankSync {
  public:
-  using std::runtime_error::runtime_error;
-};
+  explicit TransportSync(Transport& transport)
+      : transport_(transport), all_(static_cast<std::size_t>(transport.size())) {}
 
-void futex_wait(std::uint32_t* word, std::uint32_t expected, long nanoseconds) {
-  const timespec ts{0, nanoseconds};
-  ::syscall(SYS_futex, word, FUTEX_WAIT, expected, &ts, nullptr, 0);  // shared: works across processes
-}
-void futex_wake_all(std::uint32_t* word) { ::syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0); }
+  void barrier() override {
+    const std::int32_t nothing = 0;
+    transport_.allgather(&nothing, sizeof nothing, all_.data(), "bench.barrier");
+  }
+
+  int agree(int rank0_value) override {
+    const std::int32_t mine = rank0_value;
+    transport_.allgather(&mine, sizeof mine, all_.data(), "bench.agree");
+    return all_.front();
+  }
+
+ private:
+  Transport& transport_;
+  std::vector<std::int32_t> all_;
+};
 
 int usable_cpus() {
   cpu_set_t set;
@@ -82,122 +80,38 @@ int usable_cpus() {
   return ::sched_getaffinity(0, sizeof set, &set) == 0 ? std::max(CPU_COUNT(&set), 1) : 1;
 }
 
-// A generation barrier. When every rank has a core of its own, waiters spin (up to 1 ms), as MPI_Barrier
-// busy-polls: a waiter that sleeps lets a virtual machine halt its vCPU, and the wake-up (hundreds of
-// microseconds here) would land inside the next timed call. With more ranks than cores they spin only
-// briefly and then sleep on a futex, so that 16 ranks on 2 cores do not steal the cores from the ranks
-// still working.
-class ControlSync final : public RankSync {
- public:
-  ControlSync(ControlBlock* block, int ranks, int rank, std::chrono::milliseconds timeout)
-      : block_(block),
-        ranks_(ranks),
-        rank_(rank),
-        timeout_(timeout),
-        spin_(ranks <= usable_cpus() ? std::chrono::microseconds(1000) : std::chrono::microseconds(20)) {}
+// "rank g: <its error>" for the error that explains a failed run best (process::root_cause), or "". lines > 0:
+// only the error's last that many lines.
+std::string root_cause_message(const std::vector<std::exception_ptr>& errors, std::size_t lines);
 
-  void barrier() override {
-    std::atomic_ref<std::uint32_t> generation(block_->generation), arrived(block_->arrived);
-    throw_if_failed();
-    const std::uint32_t gen = generation.load(std::memory_order_acquire);
-    if (arrived.fetch_add(1, std::memory_order_acq_rel) + 1 == static_cast<std::uint32_t>(ranks_)) {
-      arrived.store(0, std::memory_order_relaxed);
-      generation.store(gen + 1, std::memory_order_release);
-      futex_wake_all(&block_->generation);
-      return;
-    }
-    const Clock::time_point spin_end = Clock::now() + spin_;
-    do {
-      if (generation.load(std::memory_order_acquire) != gen) return;
-      __builtin_ia32_pause();
-    } while (Clock::now() < spin_end);
-    const Clock::time_point deadline = Clock::now() + timeout_;
-    while (generation.load(std::memory_order_acquire) == gen) {
-      throw_if_failed();
-      if (Clock::now() > deadline)
-        throw std::runtime_error("rank " + std::to_string(rank_) + " waited more than " + std::to_string(timeout_.count()) +
-                                 " ms for the other ranks at the bench's barrier");
-      futex_wait(&block_->generation, gen, 20'000'000);
-    }
-  }
-
-  int agree(int rank0_value) override {
-    std::atomic_ref<std::int32_t> value(block_->value);
-    if (rank_ == 0) value.store(rank0_value, std::memory_order_relaxed);
-    barrier();
-    const int agreed = value.load(std::memory_order_relaxed);
-    barrier();  // nobody may change the value before every rank has read it
-    return agreed;
-  }
-
-  void fail() noexcept {
-    std::atomic_ref<std::uint32_t>(block_->failed).store(1, std::memory_order_release);
-    futex_wake_all(&block_->generation);
-  }
-
- private:
-  void throw_if_failed() const {
-    if (std::atomic_ref<std::uint32_t>(block_->failed).load(std::memory_order_acquire) != 0)
-      throw PeerFailed("another rank failed");
-  }
-
-  ControlBlock* block_;
-  int ranks_, rank_;
-  std::chrono::milliseconds timeout_;
-  std::chrono::microseconds spin_;
-};
-
-// The first root-cause error of a run of threads.
-class FirstError {
- public:
-  void record(int rank, const char* what) {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    if (message_.empty()) message_ = "rank " + std::to_string(rank) + ": " + what;
-  }
-  std::string message() const {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    return message_;
-  }
-
- private:
-  mutable std::mutex mutex_;
-  std::string message_;
-};
-
-// Runs body(thread, sync) on `threads` threads around one control block; failures become the outcome's error.
-RunOutcome run_threads(int threads, const RunSettings& settings,
-                       const std::function<std::vector<RoundTimes>(int rank, ControlSync& sync)>& body) {
-  ControlBlock block;
-  FirstError first;
+// Runs body(thread, sync) on `threads` threads that meet through one in-process transport of `threads` ranks,
+// which the body may also give its group (its transport, taken from the hub). Failures become the outcome's error.
+RunOutcome run_threads(
+    int threads, const RunSettings& settings,
+    const std::function<std::vector<RoundTimes>(int rank, std::unique_ptr<Transport> transport)>& body) {
+  const auto hub = std::make_shared<inproc::InProcHub>(threads, std::chrono::milliseconds(settings.timeout_ms),
+                                               std::chrono::microseconds(-1));
+  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(threads));
   std::vector<std::vector<RoundTimes>> per_rank(static_cast<std::size_t>(threads));
-  try {
-    run_ranks(threads, [&](int rank) {
-      ControlSync sync(&block, threads, rank, std::chrono::milliseconds(settings.timeout_ms));
-      try {
-        per_rank[static_cast<std::size_t>(rank)] = body(rank, sync);
-      } catch (const PeerFailed&) {
-        throw;
-      } catch (const std::exception& e) {
-        first.record(rank, e.what());
-        sync.fail();
-        throw;
-      }
-    });
-  } catch (const std::exception& e) {
-    const std::string cause = first.message();
-    return failure(cause.empty() ? e.what() : cause);
-  }
-  return success(per_rank);
+  run_ranks(threads, [&](int rank) {
+    try {
+      hub->claim(rank);
+      per_rank[static_cast<std::size_t>(rank)] = body(rank, std::make_unique<inproc::InProcTransport>(hub, rank));
+    } catch (const Error&) {
+      errors[static_cast<std::size_t>(rank)] = std::current_exception();
+    } catch (const std::exception& e) {
+      // A cause, as a worker process reports it (internal): root_cause prefers it to a peer's consequences.
+      errors[static_cast<std::size_t>(rank)] = std::make_exception_ptr(Error(ErrorCode::internal, e.what()));
+    }
+  });
+  const std::string cause = root_cause_message(errors, 0);
+  return cause.empty() ? success(per_rank) : failure(cause);
 }
 
 // Keeps the compiler from dropping a copy nobody reads.
 void escape(void* p) { asm volatile("" : : "g"(p) : "memory"); }
 
 // ---- processes ----
-
-std::string rank_file(const std::string& dir, int rank, const char* suffix) {
-  return dir + "/rank" + std::to_string(rank) + suffix;
-}
 
 void write_spec(const std::string& dir, const Point& p, const RunSettings& s) {
   std::ofstream f(dir + "/spec");
@@ -235,33 +149,6 @@ void read_spec(const std::string& dir, Point* p, RunSettings* s) {
   }
 }
 
-// The control block as a shared file mapping: the parent creates the file, every rank maps it.
-class SharedControl {
- public:
-  explicit SharedControl(const std::string& path) {
-    const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
-    if (fd < 0) throw std::runtime_error("open " + path + ": " + std::strerror(errno));
-    void* m = ::mmap(nullptr, sizeof(ControlBlock), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    ::close(fd);
-    if (m == MAP_FAILED) throw std::runtime_error("mmap " + path + ": " + std::strerror(errno));
-    block_ = static_cast<ControlBlock*>(m);
-  }
-  ~SharedControl() { ::munmap(block_, sizeof(ControlBlock)); }
-  SharedControl(const SharedControl&) = delete;
-  SharedControl& operator=(const SharedControl&) = delete;
-  ControlBlock* block() const noexcept { return block_; }
-
- private:
-  ControlBlock* block_ = nullptr;
-};
-
-void create_control_file(const std::string& path) {
-  std::ofstream f(path, std::ios::binary);
-  const ControlBlock zero;
-  f.write(reinterpret_cast<const char*>(&zero), sizeof zero);
-  if (!f) throw std::runtime_error("cannot write " + path);
-}
-
 void write_times(const std::string& path, const std::vector<RoundTimes>& times) {
   std::ofstream f(path, std::ios::binary);
   const std::uint64_t n = times.size();
@@ -279,19 +166,6 @@ std::vector<RoundTimes> read_times(const std::string& path) {
   f.read(reinterpret_cast<char*>(times.data()), static_cast<std::streamsize>(n * sizeof(RoundTimes)));
   if (!f) throw std::runtime_error("cannot read " + path);
   return times;
-}
-
-// First line "cause" or "consequence", then the message.
-void write_error(const std::string& path, bool cause, const std::string& message) {
-  std::ofstream f(path);
-  f << (cause ? "cause" : "consequence") << "\n" << message << "\n";
-}
-
-std::string read_file(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream text;
-  text << f.rdbuf();
-  return text.str();
 }
 
 // The last `count` non-empty lines of a program's output, on one line.
@@ -314,32 +188,33 @@ std::string describe_status(int status) {
   return "ended with wait status " + std::to_string(status);
 }
 
+std::string root_cause_message(const std::vector<std::exception_ptr>& errors, std::size_t lines) {
+  const int g = process::root_cause(errors);
+  if (g < 0) return "";
+  try {
+    std::rethrow_exception(errors[static_cast<std::size_t>(g)]);
+  } catch (const std::exception& e) {
+    return "rank " + std::to_string(g) + ": " + (lines > 0 ? last_lines(e.what(), lines) : std::string(e.what()));
+  } catch (...) {
+  }
+  return "rank " + std::to_string(g) + ": an unknown exception";
+}
+
 }  // namespace
-
-WorkDir::WorkDir(const std::string& prefix) {
-  std::string templ = (fs::temp_directory_path() / (prefix + "-XXXXXX")).string();
-  if (::mkdtemp(templ.data()) == nullptr) throw std::runtime_error("mkdtemp: " + std::string(std::strerror(errno)));
-  path_ = templ;
-}
-
-WorkDir::~WorkDir() {
-  std::error_code ignored;
-  fs::remove_all(path_, ignored);
-}
 
 RunOutcome run_inproc(const Point& p, const RunSettings& settings) {
   const PointBytes bytes = count_bytes(p);
-  RuntimeOptions runtime;
-  runtime.wait.timeout = std::chrono::milliseconds(settings.timeout_ms);
-  InProcessWorld world(p.W, runtime);
-  return run_threads(p.W, settings, [&](int rank, ControlSync& sync) {
-    const std::unique_ptr<Group> group = world.join(group_config(p, rank));
-    MoedistRank body(p, rank, *group);
+  return run_threads(p.W, settings, [&](int rank, std::unique_ptr<Transport> transport) {
+    // The group gets the transport the ranks also meet through between iterations.
+    TransportSync sync(*transport);
+    const GroupConfig config = group_config(p, rank);
+    validate_config(config);
+    Group group(config, std::move(transport));
+    MoedistRank body(p, rank, group);
     body.prime(bytes);
     return run_rank_loop(rank, sync, settings.loop, body.ops());
   });
 }
-
 
 RunOutcome run_memcpy_floor(const Point& p, const RunSettings& settings) {
   const PointBytes bytes = count_bytes(p);
@@ -348,7 +223,8 @@ RunOutcome run_memcpy_floor(const Point& p, const RunSettings& settings) {
   // times after the first starts (moedist's and MPI's ranks wait for each other inside the call, so their
   // slowest rank sees that). So thread t copies the bytes of ranks t, t + T, ... back to back and times them all.
   const int threads = std::min(p.W, usable_cpus());
-  return run_threads(threads, settings, [&](int thread, ControlSync& sync) {
+  return run_threads(threads, settings, [&](int thread, std::unique_ptr<Transport> transport) {
+    TransportSync sync(*transport);
     // Buffers written once here, so that the timed copies do not fault pages in (moedist's windows are warm too).
     struct Copy {
       std::vector<unsigned char> src, dst;
@@ -374,34 +250,24 @@ RunOutcome run_memcpy_floor(const Point& p, const RunSettings& settings) {
 RunOutcome run_shm(const Point& p, const RunSettings& settings, const std::vector<std::string>& rank_program) {
   if (rank_program.empty()) return failure("no rank program to start (the `moedist` tool provides one)");
   try {
-    const WorkDir dir("moedist-bench");
+    const process::TempDir dir("moedist-bench");
     write_spec(dir.path(), p, settings);
-    create_control_file(dir.path() + "/control");
     LaunchOptions launch_options;
     launch_options.ranks = p.W;
     launch_options.argv = rank_program;
     launch_options.argv.push_back(dir.path());
     const LaunchResult result = launch(launch_options);
     if (!result.ok()) {
-      // The most telling reason: a rank's own error, else a rank that died, else a rank that saw a peer fail.
-      std::string crashed, consequence;
-      for (const RankExit& r : result.ranks) {
-        const std::string text = read_file(rank_file(dir.path(), r.rank, ".error"));
-        const std::string message = "rank " + std::to_string(r.rank) + ": " + last_lines(text.substr(text.find('\n') + 1), 3);
-        if (text.rfind("cause\n", 0) == 0) return failure(message);
-        if (text.rfind("consequence\n", 0) == 0) {
-          if (consequence.empty()) consequence = message;
-        } else if (!r.ok() && crashed.empty()) {
-          crashed = r.describe();
-        }
-      }
-      return failure(!crashed.empty() ? crashed : consequence);
+      // The most telling reason: a rank that died without a word (collect_errors throws), else the first
+      // rank's own error rather than the ones it caused elsewhere.
+      const std::string cause = root_cause_message(process::collect_errors(dir.path(), result.ranks), 3);
+      return failure(!cause.empty() ? cause : process::describe_failures(result.ranks));
     }
     std::vector<std::vector<RoundTimes>> per_rank;
-    for (int rank = 0; rank < p.W; ++rank) per_rank.push_back(read_times(rank_file(dir.path(), rank, ".times")));
+    for (int rank = 0; rank < p.W; ++rank) per_rank.push_back(read_times(process::result_file(dir.path(), rank)));
     RunOutcome outcome = success(per_rank);
     for (int rank = 0; rank < p.W; ++rank) {
-      std::ifstream rss(rank_file(dir.path(), rank, ".rss"));
+      std::ifstream rss(process::rank_file(dir.path(), rank, ".rss"));
       std::int64_t bytes = -1;
       if (rss >> bytes) outcome.peak_rss_bytes = std::max(outcome.peak_rss_bytes, bytes);
     }
@@ -412,42 +278,29 @@ RunOutcome run_shm(const Point& p, const RunSettings& settings, const std::vecto
 }
 
 int shm_rank_main(const std::string& dir) {
-  int rank = -1;
-  try {
-    Point p;
-    RunSettings settings;
-    read_spec(dir, &p, &settings);
-    rank = launch_environment().rank;
-    const SharedControl control(dir + "/control");
-    ControlSync sync(control.block(), p.W, rank, std::chrono::milliseconds(settings.timeout_ms));
-    try {
-      ShmOptions shm;
-      shm.wait.timeout = std::chrono::milliseconds(settings.timeout_ms);
-      const std::unique_ptr<Group> group = join_shm_from_env(group_config(p, rank), shm);
-      MoedistRank body(p, rank, *group);
-      body.prime(count_bytes(p));
-      write_times(rank_file(dir, rank, ".times"), run_rank_loop(rank, sync, settings.loop, body.ops()));
-      rusage usage{};
-      ::getrusage(RUSAGE_SELF, &usage);
-      std::ofstream(rank_file(dir, rank, ".rss")) << static_cast<std::int64_t>(usage.ru_maxrss) * 1024 << "\n";  // ru_maxrss is KiB
-      return 0;
-    } catch (const PeerFailed& e) {
-      write_error(rank_file(dir, rank, ".error"), false, e.what());
-    } catch (const PeerError& e) {
-      // A peer that failed or died first; moedist names it.
-      sync.fail();
-      const bool cause = e.code() != ErrorCode::peer_failed && e.code() != ErrorCode::peer_lost;
-      write_error(rank_file(dir, rank, ".error"), cause, e.what());
-    } catch (const std::exception& e) {
-      sync.fail();
-      write_error(rank_file(dir, rank, ".error"), true, e.what());
-    }
-    return 1;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "moedist bench-rank %d: %s\n", rank, e.what());
-    if (rank >= 0) write_error(rank_file(dir, rank, ".error"), true, e.what());
-    return 2;
-  }
+  return process::run_worker(
+      dir,
+      [&](int rank, const std::string& result) {
+        Point p;
+        RunSettings settings;
+        read_spec(dir, &p, &settings);
+        ShmOptions options;
+        options.wait.timeout = std::chrono::milliseconds(settings.timeout_ms);
+        const GroupConfig config = group_config(p, rank);
+        validate_config(config);
+        // The transport is made here, not by join_shm, so that the rank also meets its peers through it.
+        auto transport = std::make_unique<shm::ShmTransport>(launch_environment().job, rank, p.W, options);
+        TransportSync sync(*transport);
+        Group group(config, std::move(transport));
+        MoedistRank body(p, rank, group);
+        body.prime(count_bytes(p));
+        write_times(result, run_rank_loop(rank, sync, settings.loop, body.ops()));
+        rusage usage{};
+        ::getrusage(RUSAGE_SELF, &usage);
+        std::ofstream(process::rank_file(dir, rank, ".rss"))
+            << static_cast<std::int64_t>(usage.ru_maxrss) * 1024 << "\n";  // ru_maxrss is KiB
+      },
+      "moedist bench-rank");
 }
 
 // ---- MPI ----
@@ -504,43 +357,36 @@ std::string describe_mpi(const MpiTools& tools) {
 
 int run_program(const std::vector<std::string>& argv, const std::vector<std::string>& extra_env,
                 const std::function<void(const std::string& line)>& on_line, std::string* stderr_text) {
-  // Everything the child needs is built before fork: after fork only async-signal-safe calls are made.
-  std::vector<std::string> env_strings;
-  for (char** e = environ; *e != nullptr; ++e) {
-    const std::string entry(*e);
-    bool overridden = false;
-    for (const std::string& extra : extra_env) {
-      overridden = overridden || entry.compare(0, extra.find('=') + 1, extra, 0, extra.find('=') + 1) == 0;
-    }
-    if (!overridden) env_strings.push_back(entry);
-  }
-  env_strings.insert(env_strings.end(), extra_env.begin(), extra_env.end());
-  std::vector<char*> envp, args;
-  for (std::string& e : env_strings) envp.push_back(e.data());
-  envp.push_back(nullptr);
-  std::vector<std::string> argv_copy(argv);
-  for (std::string& a : argv_copy) args.push_back(a.data());
-  args.push_back(nullptr);
-
+  // Both descriptors close on exec, so that no other process started meanwhile holds them open; the child
+  // gets them as its stdout and stderr only.
   int out[2];
   if (::pipe2(out, O_CLOEXEC) != 0) throw std::runtime_error("pipe: " + std::string(std::strerror(errno)));
-  std::FILE* err_file = stderr_text ? std::tmpfile() : nullptr;
-  const int err_fd = err_file ? ::fileno(err_file) : -1;
-  const pid_t pid = ::fork();
-  if (pid < 0) {
-    const int err = errno;
+  std::unique_ptr<process::TempDir> err_dir;
+  int err_fd = -1;
+  if (stderr_text) {
+    err_dir = std::make_unique<process::TempDir>("moedist-program");
+    err_fd = ::open((err_dir->path() + "/stderr").c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (err_fd < 0) {
+      const int err = errno;
+      ::close(out[0]);
+      ::close(out[1]);
+      throw std::runtime_error("cannot create a file for the program's stderr: " + std::string(std::strerror(err)));
+    }
+  }
+  process::Command command;
+  command.argv = argv;
+  command.env = extra_env;
+  command.stdout_fd = out[1];
+  command.stderr_fd = err_fd;
+  command.exec_failure_prefix = "moedist bench";
+  process::RankProcesses program;
+  try {
+    program.start(command);
+  } catch (...) {
     ::close(out[0]);
     ::close(out[1]);
-    if (err_file) std::fclose(err_file);
-    throw std::runtime_error("fork: " + std::string(std::strerror(err)));
-  }
-  if (pid == 0) {
-    ::dup2(out[1], STDOUT_FILENO);
-    if (err_fd >= 0) ::dup2(err_fd, STDERR_FILENO);
-    ::execvpe(args[0], args.data(), envp.data());
-    static const char msg[] = "cannot start the program\n";
-    (void)!::write(STDERR_FILENO, msg, sizeof msg - 1);
-    ::_exit(127);
+    if (err_fd >= 0) ::close(err_fd);
+    throw;
   }
   ::close(out[1]);
   std::FILE* lines = ::fdopen(out[0], "r");
@@ -554,16 +400,17 @@ int run_program(const std::vector<std::string>& argv, const std::vector<std::str
   }
   std::free(line);
   std::fclose(lines);
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  if (err_file) {
-    std::rewind(err_file);
+  const int status = program.wait().front().wait_status;
+  if (err_fd >= 0) {
     std::string text;
     char buf[4096];
-    std::size_t got = 0;
-    while ((got = std::fread(buf, 1, sizeof buf, err_file)) > 0) text.append(buf, got);
-    std::fclose(err_file);
+    ssize_t got = 0;
+    off_t at = 0;
+    while ((got = ::pread(err_fd, buf, sizeof buf, at)) > 0) {
+      text.append(buf, static_cast<std::size_t>(got));
+      at += got;
+    }
+    ::close(err_fd);
     *stderr_text = text;
   }
   return status;

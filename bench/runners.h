@@ -1,7 +1,7 @@
 // The transports `moedist bench` times at a grid point, each running every rank through run_rank_loop
 // (workload.h):
 //   inproc        moedist, ranks as threads of this process (InProcessWorld)
-//   shm           moedist, ranks as processes (moedist::launch of a rank program, join_shm_from_env)
+//   shm           moedist, ranks as processes (moedist::launch of a rank program, each on a shared-memory transport)
 //   mpi           the MPI baseline (bench/mpi_baseline.h) under mpirun
 //   moedist-mpi   moedist over MPI (join_mpi) under mpirun, the ranks split into virtual hosts whose traffic
 //                 between each other goes through MPI messages (moedist_mpi_baseline --impl moedist)
@@ -15,13 +15,14 @@
 #include <string>
 #include <vector>
 
+#include "process/rank_processes.h"
 #include "workload.h"
 
 namespace moedist::bench {
 
 struct RunSettings {
   LoopOptions loop;
-  std::int64_t timeout_ms = 60000;  // longest wait for a peer (moedist's timeout, and the bench's own barrier)
+  std::int64_t timeout_ms = 60000;  // longest wait for a peer (moedist's timeout, also between iterations)
 };
 
 // Bytes that crossed between hosts in one dispatch and one combine, summed over the ranks (moedist's
@@ -89,18 +90,8 @@ void run_mpi_points(const MpiTools& tools, const MpiImpl& impl, const std::vecto
 int run_program(const std::vector<std::string>& argv, const std::vector<std::string>& extra_env,
                 const std::function<void(const std::string& line)>& on_line, std::string* stderr_text);
 
-// A private (0700) directory under the temporary directory, removed with everything in it.
-class WorkDir {
- public:
-  explicit WorkDir(const std::string& prefix);  // "<tmp>/<prefix>-XXXXXX"
-  ~WorkDir();
-  WorkDir(const WorkDir&) = delete;
-  WorkDir& operator=(const WorkDir&) = delete;
-  const std::string& path() const noexcept { return path_; }
-
- private:
-  std::string path_;
-};
+// A private (0700) directory under the temporary directory, removed with everything in it: "<tmp>/<prefix>-XXXXXX".
+using WorkDir = process::TempDir;
 
 // Path of a program in PATH, or "".
 std::string find_in_path(const std::string& name);

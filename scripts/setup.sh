@@ -15,6 +15,7 @@ packages=(
   python3-numpy python3-torch python3-mpi4py     # its tensors and communicators
   python3-pytest python3-pip python3-setuptools python3-wheel python3-venv  # its tests and pip install
   clang libclang-rt-14-dev                       # the libFuzzer harnesses (fuzz/, scripts/fuzz.sh)
+  clang-format clang-tidy                        # scripts/check_style.sh: the style of the lines a change touches
   libbenchmark-dev                               # kernel micro-benchmarks (optional: moedist_micro_bench)
   gnuplot-nox                                    # `moedist bench --plot` (optional)
 )

@@ -16,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "runners.h"
 #include "sweep.h"
 #include "workload.h"
 
@@ -332,6 +333,27 @@ TEST(BenchSweep, UnusablePointsAndOptionsAreRejectedClearly) {
   o = quick_options();
   o.hosts = 0;
   EXPECT_THROW(validate(o), std::invalid_argument);
+}
+
+// run_shm's report when rank processes fail (sh stands in for the rank program; the work directory is its $0):
+// a rank that died is named, else the rank whose own error caused the others'.
+TEST(BenchShm, AFailingRankIsNamed) {
+  Point p;
+  p.W = 3;
+  RunSettings settings;
+  const std::vector<std::string> dies = {"/bin/sh", "-c", "[ $MOEDIST_RANK != 1 ] || kill -9 $$"};
+  RunOutcome o = run_shm(p, settings, dies);
+  EXPECT_FALSE(o.ok);
+  EXPECT_NE(o.error.find("rank 1 (pid "), std::string::npos) << o.error;
+  EXPECT_NE(o.error.find("killed by signal 9"), std::string::npos) << o.error;
+
+  // Ranks 0 and 2 report a lost peer (12: peer_lost), rank 1 its own error (3: invalid_shape).
+  const std::vector<std::string> errs = {"/bin/sh", "-c",
+                                         "if [ $MOEDIST_RANK = 1 ]; then printf '3\\nbad shape' > \"$0/rank1.error\"; "
+                                         "else printf '12\\nlost rank 1' > \"$0/rank$MOEDIST_RANK.error\"; fi; exit 2"};
+  o = run_shm(p, settings, errs);
+  EXPECT_FALSE(o.ok);
+  EXPECT_EQ(o.error, "rank 1: bad shape");
 }
 
 }  // namespace

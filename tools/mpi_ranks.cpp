@@ -1,16 +1,17 @@
 #include "mpi_ranks.h"
 
 #include <mpi.h>
-#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <vector>
 
 #include "moedist/error.h"
+#include "process/rank_processes.h"
 
 namespace moedist::cli {
 
@@ -34,28 +35,9 @@ MpiSession::~MpiSession() {
 
 namespace {
 
-// A private directory, removed with everything in it.
-struct TempDir {
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "moedist-mpi-XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) throw Error(ErrorCode::internal, "cannot create a temporary directory in " + fs::temp_directory_path().string());
-    path = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path, ignored);
-  }
-  fs::path path;
-};
-
 std::string read_file(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-// A payload: one status byte ('R' result, else an ErrorCode) then the file or the error message.
-bool is_consequence(ErrorCode code) {
-  return code == ErrorCode::peer_failed || code == ErrorCode::peer_lost || code == ErrorCode::timeout;
 }
 
 }  // namespace
@@ -65,11 +47,12 @@ void gather_rank_files(const std::function<void(const std::string& path)>& produ
   int rank = 0, size = 1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &size);
-  const TempDir dir;
+  const process::TempDir dir("moedist-mpi");
   std::string payload;
   try {
-    const fs::path mine = dir.path / "result";
-    produce(mine.string());
+    // A payload: one status byte ('R' result, else an ErrorCode) then the file or the error message.
+    const std::string mine = process::result_file(dir.path(), rank);
+    produce(mine);
     payload = "R" + read_file(mine);
   } catch (const Error& e) {
     payload = std::string(1, static_cast<char>(e.code())) + e.what();
@@ -91,21 +74,18 @@ void gather_rank_files(const std::function<void(const std::string& path)>& produ
   }
   MPI_Gatherv(payload.data(), bytes, MPI_CHAR, all.data(), sizes.data(), offsets.data(), MPI_CHAR, 0, MPI_COMM_WORLD);
   if (rank != 0) return;
-  int first_error = -1;
+  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(size));
   for (int g = 0; g < size; ++g) {
-    const char status = all[static_cast<std::size_t>(offsets[static_cast<std::size_t>(g)])];
-    if (status == 'R') continue;
-    if (first_error < 0 || (is_consequence(static_cast<ErrorCode>(all[static_cast<std::size_t>(offsets[static_cast<std::size_t>(first_error)])])) &&
-                            !is_consequence(static_cast<ErrorCode>(status)))) {
-      first_error = g;
-    }
+    const std::size_t at = static_cast<std::size_t>(offsets[static_cast<std::size_t>(g)]);
+    if (all[at] == 'R') continue;
+    errors[static_cast<std::size_t>(g)] = std::make_exception_ptr(
+        Error(static_cast<ErrorCode>(all[at]),
+              all.substr(at + 1, static_cast<std::size_t>(sizes[static_cast<std::size_t>(g)]) - 1)));
   }
-  if (first_error >= 0) {
-    const std::size_t at = static_cast<std::size_t>(offsets[static_cast<std::size_t>(first_error)]);
-    throw Error(static_cast<ErrorCode>(all[at]), all.substr(at + 1, static_cast<std::size_t>(sizes[static_cast<std::size_t>(first_error)]) - 1));
-  }
+  const int first_error = process::root_cause(errors);
+  if (first_error >= 0) std::rethrow_exception(errors[static_cast<std::size_t>(first_error)]);
   for (int g = 0; g < size; ++g) {
-    const fs::path copy = dir.path / ("rank" + std::to_string(g));
+    const fs::path copy = process::rank_file(dir.path(), g, "");
     std::ofstream(copy, std::ios::binary)
         .write(all.data() + offsets[static_cast<std::size_t>(g)] + 1, sizes[static_cast<std::size_t>(g)] - 1);
     consume(g, copy.string());

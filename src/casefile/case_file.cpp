@@ -14,7 +14,6 @@
 #include <iterator>
 #include <limits>
 #include <map>
-#include <optional>
 #include <string_view>
 #include <utility>
 
@@ -25,6 +24,7 @@
 #include "moedist/launch.h"
 #include "moedist/shm.h"
 #include "numeric/convert.h"
+#include "process/rank_processes.h"
 
 namespace moedist::casefile {
 namespace {
@@ -289,28 +289,12 @@ std::string rank_label(int g, int tp_world_size) {
 // peer_lost / timeout errors it caused on the other ranks, its message prefixed with the rank's label.
 // Returns when no rank failed.
 void rethrow_root_cause(const std::vector<std::exception_ptr>& errors, int tp_world_size) {
-  std::optional<std::size_t> chosen;
-  for (std::size_t g = 0; g < errors.size(); ++g) {
-    if (!errors[g]) continue;
-    try {
-      std::rethrow_exception(errors[g]);
-    } catch (const Error& e) {
-      const bool consequence = e.code() == ErrorCode::peer_failed || e.code() == ErrorCode::peer_lost ||
-                               e.code() == ErrorCode::timeout;
-      if (!consequence) {
-        chosen = g;
-        break;
-      }
-      if (!chosen) chosen = g;
-    } catch (...) {
-      if (!chosen) chosen = g;
-    }
-  }
-  if (!chosen) return;
+  const int chosen = process::root_cause(errors);
+  if (chosen < 0) return;
   try {
-    std::rethrow_exception(errors[*chosen]);
+    std::rethrow_exception(errors[static_cast<std::size_t>(chosen)]);
   } catch (const Error& e) {
-    throw Error(e.code(), rank_label(static_cast<int>(*chosen), tp_world_size) + ": " + e.what());
+    throw Error(e.code(), rank_label(chosen, tp_world_size) + ": " + e.what());
   }
 }
 
@@ -469,61 +453,6 @@ std::vector<RankOutputs> read_output_file(const std::string& path, int first, in
   return outputs;
 }
 
-// ---- ranks as processes ----
-
-// A worker's files in the private directory.
-constexpr const char* kResultSuffix = ".result";
-constexpr const char* kErrorSuffix = ".error";
-
-std::string rank_file(const std::string& dir, int g, const char* suffix) {
-  return dir + "/rank" + std::to_string(g) + suffix;
-}
-
-// A fresh directory only this user can enter (mkdtemp: mode 0700), removed with its contents on
-// destruction, so that no worker's file outlives the run, whatever way it ends.
-class PrivateDir {
- public:
-  PrivateDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "moedist-ranks-XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) {
-      throw Error(ErrorCode::internal, "cannot create a private directory from '" + pattern + "': " + std::strerror(errno));
-    }
-    path_ = pattern;
-  }
-  ~PrivateDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  PrivateDir(const PrivateDir&) = delete;
-  PrivateDir& operator=(const PrivateDir&) = delete;
-
-  const std::string& path() const noexcept { return path_; }
-
- private:
-  std::string path_;
-};
-
-// A worker's error file: the numeric error code, a newline, the message.
-void write_rank_error(const std::string& path, ErrorCode code, const std::string& message) {
-  std::ofstream file(path, std::ios::binary | std::ios::trunc);
-  file << static_cast<int>(code) << '\n' << message;
-  file.close();
-  if (!file) throw Error(ErrorCode::internal, "cannot write '" + path + "': " + std::strerror(errno));
-}
-
-Error read_rank_error(const std::string& path) {
-  std::ifstream file(path, std::ios::binary);
-  const std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
-  const std::size_t newline = text.find('\n');
-  int code = 0;
-  const char* end = text.data() + (newline == std::string::npos ? text.size() : newline);
-  const auto [parsed_end, ec] = std::from_chars(text.data(), end, code);
-  if (newline == std::string::npos || ec != std::errc() || parsed_end != end ||
-      error_code_name(static_cast<ErrorCode>(code)) == std::string_view("unknown")) {
-    return Error(ErrorCode::internal, "the worker's error file '" + path + "' is malformed: '" + text + "'");
-  }
-  return Error(static_cast<ErrorCode>(code), text.substr(newline + 1));
-}
 }  // namespace
 
 Case read_case(const std::string& path) {
@@ -702,45 +631,23 @@ RankOutputs read_rank_outputs(const std::string& path, int g) {
 }
 
 std::vector<std::string> own_command_line(const std::vector<std::string>& extra) {
-  std::ifstream file("/proc/self/cmdline", std::ios::binary);
-  const std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
-  if (text.empty()) throw Error(ErrorCode::internal, "cannot read this process's arguments from /proc/self/cmdline");
-  // NUL-terminated arguments. argv[0] becomes /proc/self/exe: in a forked child it still names this
-  // binary, without a PATH lookup, and even if the file was replaced since this process started.
-  std::vector<std::string> argv{"/proc/self/exe"};
-  std::size_t begin = text.find('\0');
-  while (begin != std::string::npos && begin + 1 < text.size()) {
-    const std::size_t end = text.find('\0', begin + 1);
-    argv.push_back(text.substr(begin + 1, (end == std::string::npos ? text.size() : end) - begin - 1));
-    begin = end;
-  }
-  // Before a "--" separator, if there is one, so that the extra arguments are still read as options.
-  argv.insert(std::find(argv.begin() + 1, argv.end(), "--"), extra.begin(), extra.end());
-  return argv;
+  return process::own_command_line(extra);
 }
 
 void run_rank_processes(int ranks, int tp_world_size, const WorkerCommand& worker_command,
                         const std::function<void(int g, const std::string& path)>& read_result) {
-  const PrivateDir dir;
+  const process::TempDir dir("moedist-ranks");
   LaunchOptions options;
   options.ranks = ranks;
   options.tp_world_size = tp_world_size;
   options.argv = worker_command(dir.path());
   const LaunchResult launched = launch(options);
 
-  // A rank that died without a word comes first: the other ranks' errors (peer_lost) follow from it.
-  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(ranks));
-  for (const RankExit& exit : launched.ranks) {
-    const std::string error_file = rank_file(dir.path(), exit.rank, kErrorSuffix);
-    if (std::filesystem::exists(error_file)) {
-      errors[static_cast<std::size_t>(exit.rank)] = std::make_exception_ptr(read_rank_error(error_file));
-    } else if (!exit.ok()) {
-      throw Error(ErrorCode::peer_lost, exit.describe() + " without reporting an error");
-    }
-  }
-  rethrow_root_cause(errors, tp_world_size);
+  // A rank that died without a word comes first (collect_errors throws): the other ranks' errors
+  // (peer_lost) follow from it.
+  rethrow_root_cause(process::collect_errors(dir.path(), launched.ranks), tp_world_size);
   for (int g = 0; g < ranks; ++g) {
-    const std::string result = rank_file(dir.path(), g, kResultSuffix);
+    const std::string result = process::result_file(dir.path(), g);
     if (!std::filesystem::exists(result)) {
       throw Error(ErrorCode::internal, rank_label(g, tp_world_size) + ": the worker exited 0 without writing '" +
                                            result + "'");
@@ -750,30 +657,7 @@ void run_rank_processes(int ranks, int tp_world_size, const WorkerCommand& worke
 }
 
 int run_rank_worker(const std::string& dir, const std::function<void(int g, const std::string& path)>& produce) {
-  int g = -1;
-  ErrorCode code = ErrorCode::internal;
-  std::string message;
-  try {
-    g = launch_environment().rank;
-    produce(g, rank_file(dir, g, kResultSuffix));
-    return 0;
-  } catch (const Error& e) {
-    code = e.code();
-    message = e.what();
-  } catch (const std::exception& e) {
-    message = e.what();
-  }
-  if (g >= 0) {
-    try {
-      write_rank_error(rank_file(dir, g, kErrorSuffix), code, message);
-      return 2;
-    } catch (const std::exception& e) {
-      message += std::string(" (and then: ") + e.what() + ")";
-    }
-  }
-  // No rank or no error file: stderr is all that is left, and the parent sees a failure without a report.
-  std::fprintf(stderr, "moedist worker: error (%s): %s\n", error_code_name(code), message.c_str());
-  return 2;
+  return process::run_worker(dir, produce, "moedist worker");
 }
 
 std::vector<RankOutputs> run_case_processes(const Case& c, const WorkerCommand& worker_command) {

@@ -91,8 +91,8 @@ std::vector<std::string> own_command_line(const std::vector<std::string>& extra)
 // Parent side. Creates a private directory (mkdtemp, mode 0700), starts `ranks` processes of
 // worker_command(dir) with moedist::launch (tp_world_size is exported when > 0), waits for all, then
 // calls read_result(g, path of rank g's result) for g = 0..ranks-1, and removes the directory, also when
-// something throws. Failures are raised as a moedist::Error that names the rank: first a rank that died
-// without reporting ("rank 3 (pid 1234) was killed by signal 9 (Killed) ..."), since the others'
+// something throws. Failures are raised as a moedist::Error that names the rank: first every rank that
+// died without reporting ("rank 3 (pid 1234) was killed by signal 9 (Killed) ..."), since the others'
 // peer_lost errors follow from it; else the first rank's own error rather than the peer_failed /
 // peer_lost / timeout errors it caused elsewhere, prefixed "rank g (ep_rank e, tp_rank t): ".
 void run_rank_processes(int ranks, int tp_world_size, const WorkerCommand& worker_command,

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "contract/blocks.h"
 #include "contract/layout.h"
 #include "moedist/tensor.h"
 
@@ -33,24 +34,7 @@ struct SendPlan {
 template <class Records>
 void receive_prefix_sums(const Topology& topo, const Records& records, int dest, std::int64_t dest_bs,
                          std::int32_t* out) {
-  std::int64_t sum = 0;
-  if (topo.is_shared(dest)) {
-    for (int r = 0; r < topo.W; ++r) {
-      if (r < topo.S) {
-        sum += (r + dest + 1) * dest_bs / topo.S - (r + dest) * dest_bs / topo.S;
-      } else {
-        sum += records(r)[dest * topo.L];
-      }
-      out[r] = static_cast<std::int32_t>(sum);
-    }
-    return;
-  }
-  for (int l = 0; l < topo.L; ++l) {
-    for (int r = 0; r < topo.W; ++r) {
-      sum += records(r)[dest * topo.L + l];
-      out[l * topo.W + r] = static_cast<std::int32_t>(sum);
-    }
-  }
+  receive_prefix_sums(topo.W, topo.S, topo.L, records, dest, dest_bs, out);  // contract/blocks.h, shared with the GPU
 }
 
 }  // namespace moedist::contract

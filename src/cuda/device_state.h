@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "common/hd.h"
+#include "contract/record_checks.h"
 
 namespace moedist::cuda {
 
@@ -31,7 +32,8 @@ enum class Rule : std::int32_t {
   out_of_step,           // rank `peer` signalled call `value` while this rank waits for call `limit`
 };
 
-enum class CallField : std::int32_t { bs = 0, k, h, dtype, mode, expert_scales };
+// The same-call fields as contract/record_checks.h compares them; Status::index holds one.
+using CallField = contract::CallField;
 
 // Lives in device memory; every call ends with a copy into a pinned host mirror, which the host reads
 // after synchronizing. The first error wins (atomicCAS on code); once it is set, a rank's kernels write

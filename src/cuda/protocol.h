@@ -9,6 +9,8 @@
 #include <cstdint>
 
 #include "common/hd.h"
+#include "contract/blocks.h"
+#include "contract/record_checks.h"
 #include "contract/shared_split.h"
 #include "cuda/device_state.h"
 #include "cuda/row_math.h"
@@ -117,52 +119,47 @@ MOEDIST_HD RecordHeader record_header_of(const DispatchArgs& a, bool failed) {
   return h;
 }
 
-// Rows rank `source_ep` (lane u) sends to EP rank d's local expert l; a shared rank d counts its own
-// rows in the entries of sources r < S (the V1 bookkeeping split).
-MOEDIST_HD std::int64_t block_rows(const DeviceGroup& g, int d, int l, int source_ep, int lane) {
-  if (d < g.S && source_ep < g.S) return contract::shared_own_split(source_ep, d, record_header(g, global_rank(g, d, lane)).bs, g.S);
-  return record_counts(g, global_rank(g, source_ep, lane))[d * g.L + l];
-}
+// Source EP rank r's count record in TP lane `lane` (contract/blocks.h's records(r)).
+struct LaneRecords {
+  const DeviceGroup* g;
+  int lane;
+  MOEDIST_HD const std::int32_t* operator()(int r) const { return record_counts(*g, global_rank(*g, r, lane)); }
+};
+
+// BS of EP rank d in TP lane `lane`, which the V1 split of a shared rank's own rows needs.
+MOEDIST_HD std::int64_t dest_bs(const DeviceGroup& g, int d, int lane) { return record_header(g, global_rank(g, d, lane)).bs; }
 
 // Rows EP rank d receives in lane u (its own part).
 MOEDIST_HD std::int64_t rows_received(const DeviceGroup& g, int d, int lane) {
-  std::int64_t total = 0;
-  for (int l = 0; l < (d < g.S ? 1 : g.L); ++l) {
-    for (int r = 0; r < g.W; ++r) total += block_rows(g, d, l, r, lane);
-  }
-  return total;
+  return contract::receive_prefix_sums(g.W, g.S, g.L, LaneRecords{&g, lane}, d, dest_bs(g, d, lane), nullptr);
 }
 
-// Checks peer r's record as the CPU path does: the same call, and counts its BS and K allow.
+// Checks peer r's record with the CPU path's checks (contract/record_checks.h): the same call, and
+// counts its BS and K allow. The BS range differs: here a peer's BS must be in [0, global_bs / W] (this
+// rank's BS with global_bs = 0), the CPU path only needs BS >= 0 (and K, H >= 1, which the same-call
+// check already ensures here).
 MOEDIST_HD void check_record(const DeviceGroup& g, const DispatchArgs& a, int r) {
   const RecordHeader& hd = record_header(g, r);
   Status* st = g.status;
   const Phase ph = Phase::dispatch_counts;
-  const auto mismatch = [&](CallField field, std::int64_t theirs, std::int64_t mine) {
-    record_failure(st, ErrorCode::config_mismatch, r, ph, Rule::same_call, static_cast<std::int64_t>(field), theirs, mine);
-  };
-  if (hd.h != a.h) return mismatch(CallField::h, hd.h, a.h);
-  if (hd.k != a.k) return mismatch(CallField::k, hd.k, a.k);
-  if (hd.dtype != a.dtype_code) return mismatch(CallField::dtype, hd.dtype, a.dtype_code);
-  if (hd.mode != a.quant) return mismatch(CallField::mode, hd.mode, a.quant);
-  const int mine_es = a.expert_scales != nullptr ? 1 : 0;
-  if (hd.has_expert_scales != mine_es) return mismatch(CallField::expert_scales, hd.has_expert_scales, mine_es);
-  if (g.global_bs == 0 && hd.bs != a.bs) return mismatch(CallField::bs, hd.bs, a.bs);
+  const contract::CallMismatch m =
+      contract::first_call_mismatch(contract::CallFields{hd.bs, hd.k, hd.h, hd.dtype, hd.mode, hd.has_expert_scales},
+                                    contract::CallFields{a.bs, a.k, a.h, a.dtype_code, a.quant, a.expert_scales != nullptr ? 1 : 0},
+                                    g.global_bs == 0);
+  if (m.found) {
+    return record_failure(st, ErrorCode::config_mismatch, r, ph, Rule::same_call, static_cast<std::int64_t>(m.field), m.theirs, m.mine);
+  }
   const std::int64_t max_bs = g.global_bs != 0 ? g.global_bs / g.W : a.bs;
   if (hd.bs < 0 || hd.bs > max_bs) return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -1, hd.bs, max_bs);
-  const std::int32_t* counts = record_counts(g, r);
-  std::int64_t moe_rows = 0, shared_rows = 0;
-  for (int i = 0; i < g.W * g.L; ++i) {
-    const std::int32_t c = counts[i];
-    const bool shared_entry = i < g.S * g.L;
-    if (c < 0 || c > hd.bs || (shared_entry && i % g.L != 0 && c != 0)) {
-      return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, i, c, hd.bs);
-    }
-    if (shared_entry) shared_rows += c; else moe_rows += c;
+  const contract::RecordCheck c = contract::check_send_counts(record_counts(g, r), g.W, g.S, g.L, r / g.T, hd.bs, hd.k);
+  switch (c.fault) {
+    case contract::RecordFault::none: return;
+    case contract::RecordFault::entry_range:
+    case contract::RecordFault::entry_shared_local:
+      return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, c.entry, c.value, c.bound);
+    case contract::RecordFault::moe_rows: return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -2, c.value, c.bound);
+    case contract::RecordFault::shared_rows: return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -3, c.value, c.bound);
   }
-  if (moe_rows != hd.bs * hd.k) return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -2, moe_rows, hd.bs * hd.k);
-  const std::int64_t want_shared = (r / g.T) < g.S ? 0 : (g.S > 0 ? hd.bs : 0);
-  if (shared_rows != want_shared) record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -3, shared_rows, want_shared);
 }
 
 // For destination EP rank d: the capacity checks, where this rank's blocks start in d's own rows, and
@@ -179,13 +176,15 @@ MOEDIST_HD void plan_destination(const DeviceGroup& g, const DispatchArgs& a, in
     record_failure(g.status, ErrorCode::capacity, global_rank(g, d, t), ph, Rule::capacity, 1, own + twin, g.off.dispatch_rows);
   }
   if (other >= 0) g.tp_shift[d] = twin;
+  const LaneRecords records{&g, t};
+  const std::int64_t bs_d = dest_bs(g, d, t);
   std::int64_t running = 0;
   for (int l = 0; l < (d < g.S ? 1 : g.L); ++l) {
     for (int r = 0; r < g.W; ++r) {
       if (r == g.ep_rank) {
         if (d < g.S) g.shared_start[d] = running; else g.block_start[d * g.L + l] = running;
       }
-      running += block_rows(g, d, l, r, t);
+      running += contract::block_rows(g.S, g.L, records, d, l, r, bs_d);
     }
   }
 }
@@ -199,22 +198,17 @@ MOEDIST_HD void plan_outputs(const DeviceGroup& g, const DispatchArgs& a) {
   std::int64_t part_rows[2] = {0, 0};
   for (int half = 0; half < lanes; ++half) {
     const int lane = half == 0 ? t : other;
-    std::int64_t running = 0;
-    for (int l = 0; l < local; ++l) {
-      for (int r = 0; r < g.W; ++r) {
-        running += block_rows(g, d, l, r, lane);
-        const auto v = static_cast<std::int32_t>(running);
-        a.ep_recv_counts[half * g.W * local + l * g.W + r] = v;
-        g.recv_counts[half * g.W * local + l * g.W + r] = v;
-      }
-    }
-    part_rows[half] = running;
+    std::int32_t* out = a.ep_recv_counts + half * g.W * local;
+    part_rows[half] = contract::receive_prefix_sums(g.W, g.S, g.L, LaneRecords{&g, lane}, d, dest_bs(g, d, lane), out);
+    for (int i = 0; i < g.W * local; ++i) g.recv_counts[half * g.W * local + i] = out[i];
   }
   std::int64_t cumulative = 0;
   for (int l = 0; l < local; ++l) {
     std::int64_t rows = 0;
     for (int half = 0; half < lanes; ++half) {
-      for (int r = 0; r < g.W; ++r) rows += block_rows(g, d, l, r, half == 0 ? t : other);
+      const int lane = half == 0 ? t : other;
+      const std::int64_t bs_d = dest_bs(g, d, lane);
+      for (int r = 0; r < g.W; ++r) rows += contract::block_rows(g.S, g.L, LaneRecords{&g, lane}, d, l, r, bs_d);
     }
     cumulative += rows;
     a.expert_token_nums[l] = a.expert_token_nums_type == 0 ? cumulative : rows;

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "common/format.h"
+#include "contract/record_checks.h"
 #include "ops/group_state.h"
 
 namespace moedist {
@@ -143,25 +144,28 @@ void Group::State::step(const std::exception_ptr& local_error, const char* phase
 }
 
 void Group::State::require_same_call(const char* phase, bool check_bs) const {
-  const CallHeader& mine = header(me());
+  const auto fields = [](const CallHeader& h) { return contract::CallFields{h.bs, h.k, h.h, h.dtype, h.mode, h.has_expert_scales}; };
+  const contract::CallFields mine = fields(header(me()));
   for (int r = 0; r < transport->size(); ++r) {
-    const CallHeader& o = header(r);
-    auto mismatch = [&](const char* what, std::int64_t a, std::int64_t b) {
-      throw PeerError(ErrorCode::config_mismatch, r, phase,
-                      concat("rank ", me(), " has ", what, " = ", a, " but rank ", r, " has ", b,
-                             ": all ranks must agree on it"));
-    };
-    if (o.h != mine.h) mismatch("H", mine.h, o.h);
-    if (o.k != mine.k) mismatch("K", mine.k, o.k);
-    if (o.dtype != mine.dtype) mismatch("the dtype code", mine.dtype, o.dtype);
-    if (o.mode != mine.mode) mismatch(header(me()).kind == static_cast<std::int64_t>(CallKind::dispatch) ? "quant_mode" : "comm_quant_mode", mine.mode, o.mode);
-    if (o.has_expert_scales != mine.has_expert_scales) mismatch("expert_scales given (1) or not (0)", mine.has_expert_scales, o.has_expert_scales);
     // Every rank of the world, TP peers included: the TP all-gather sizes the peer's rows by this BS too.
-    if (check_bs && config.global_bs == 0 && o.bs != mine.bs) {
-      throw PeerError(ErrorCode::config_mismatch, r, phase,
-                      concat("global_bs = 0 requires the same BS on every rank, but rank ", me(), " has BS ", mine.bs,
-                             " and rank ", r, " has BS ", o.bs, "; pass global_bs = max BS * ep_world_size"));
+    const contract::CallMismatch m = contract::first_call_mismatch(fields(header(r)), mine, check_bs && config.global_bs == 0);
+    if (!m.found) continue;
+    const char* what = "";
+    switch (m.field) {
+      case contract::CallField::bs:
+        throw PeerError(ErrorCode::config_mismatch, r, phase,
+                        concat("global_bs = 0 requires the same BS on every rank, but rank ", me(), " has BS ", m.mine,
+                               " and rank ", r, " has BS ", m.theirs, "; pass global_bs = max BS * ep_world_size"));
+      case contract::CallField::h: what = "H"; break;
+      case contract::CallField::k: what = "K"; break;
+      case contract::CallField::dtype: what = "the dtype code"; break;
+      case contract::CallField::mode:
+        what = header(me()).kind == static_cast<std::int64_t>(CallKind::dispatch) ? "quant_mode" : "comm_quant_mode";
+        break;
+      case contract::CallField::expert_scales: what = "expert_scales given (1) or not (0)"; break;
     }
+    throw PeerError(ErrorCode::config_mismatch, r, phase,
+                    concat("rank ", me(), " has ", what, " = ", m.mine, " but rank ", r, " has ", m.theirs, ": all ranks must agree on it"));
   }
 }
 

@@ -159,6 +159,19 @@ void InProcHub::resize_window(int rank, std::size_t bytes) {
   w.size = rounded;
 }
 
+InProcTransport::InProcTransport(std::shared_ptr<InProcHub> hub, int rank) : hub_(std::move(hub)), rank_(rank) {
+  refresh_views();
+}
+
+void InProcTransport::refresh_views() {
+  windows_.resize(static_cast<std::size_t>(hub_->size()));
+  sizes_.resize(static_cast<std::size_t>(hub_->size()));
+  for (int r = 0; r < hub_->size(); ++r) {
+    windows_[static_cast<std::size_t>(r)] = hub_->host_of(r) == hub_->host_of(rank_) ? hub_->window(r) : nullptr;
+    sizes_[static_cast<std::size_t>(r)] = hub_->window_size(r);
+  }
+}
+
 void InProcTransport::resize_window(std::size_t bytes, std::string_view phase) {
   // Only this rank touches its own Window entry; the allgather that follows publishes the new pointer
   // and tells every rank whether every allocation succeeded, so a failure is raised everywhere alike.
@@ -170,6 +183,7 @@ void InProcTransport::resize_window(std::size_t bytes, std::string_view phase) {
   }
   std::vector<char> all(static_cast<std::size_t>(hub_->size()));
   hub_->allgather(rank_, &failed, 1, all.data(), phase);
+  refresh_views();  // every rank has resized: the allgather has published their new windows
   for (int r = 0; r < hub_->size(); ++r) {
     if (all[static_cast<std::size_t>(r)] != 0) {
       throw PeerError(ErrorCode::capacity, r, std::string(phase),

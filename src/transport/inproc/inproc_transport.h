@@ -69,7 +69,7 @@ class InProcHub {
 
 class InProcTransport final : public Transport {
  public:
-  InProcTransport(std::shared_ptr<InProcHub> hub, int rank) : hub_(std::move(hub)), rank_(rank) {}
+  InProcTransport(std::shared_ptr<InProcHub> hub, int rank);
 
   int rank() const noexcept override { return rank_; }
   int size() const noexcept override { return hub_->size(); }
@@ -77,10 +77,8 @@ class InProcTransport final : public Transport {
     hub_->allgather(rank_, in, bytes, out, phase);
   }
   void resize_window(std::size_t bytes, std::string_view phase) override;
-  std::size_t window_size(int rank) const noexcept override { return hub_->window_size(rank); }
-  std::byte* window(int rank) noexcept override {
-    return hub_->host_of(rank) == hub_->host_of(rank_) ? hub_->window(rank) : nullptr;
-  }
+  std::size_t window_size(int rank) const noexcept override { return sizes_[static_cast<std::size_t>(rank)]; }
+  std::byte* window(int rank) noexcept override { return windows_[static_cast<std::size_t>(rank)]; }
   int host_count() const noexcept override { return hub_->host_count(); }
   int host_of(int rank) const noexcept override { return hub_->host_of(rank); }
   void exchange(std::span<const Outgoing> out, std::span<const int> from, std::span<std::vector<std::byte>> in,
@@ -89,8 +87,15 @@ class InProcTransport final : public Transport {
   }
 
  private:
+  // This rank's view of every window, taken when its own resize_window completes: a peer that has
+  // already entered the next resize must not move a window under a rank still reading it (as with
+  // processes, whose mappings change only in their own resize).
+  void refresh_views();
+
   std::shared_ptr<InProcHub> hub_;
   int rank_;
+  std::vector<std::byte*> windows_;  // nullptr for ranks on another (virtual) host
+  std::vector<std::size_t> sizes_;
 };
 
 }  // namespace moedist::inproc

@@ -1,0 +1,83 @@
+// The checks every rank runs on the records its peers publish at the start of a dispatch (contract
+// §3.2, §6), once for both paths: the CPU operators (src/ops/) and the CUDA protocol
+// (src/cuda/protocol.h) call these same host+device functions. Device code can neither throw nor build
+// strings, so a check returns what it found as a small POD and each side turns that into its error: the
+// CPU path an exception with its message, the GPU path its status code.
+#pragma once
+
+#include <cstdint>
+
+#include "common/hd.h"
+
+namespace moedist::contract {
+
+// The fields of a call all ranks must agree on, in the order they are compared. The values are the
+// GPU status's encoding of the field (Status::index with Rule::same_call), so they must not change.
+enum class CallField : std::int32_t { bs = 0, k, h, dtype, mode, expert_scales };
+
+struct CallFields {
+  std::int64_t bs = 0, k = 0, h = 0, dtype = 0, mode = 0, has_expert_scales = 0;
+};
+
+struct CallMismatch {
+  bool found = false;
+  CallField field = CallField::bs;
+  std::int64_t theirs = 0, mine = 0;
+};
+
+// The first field in which a peer's call differs from this rank's. BS only with compare_bs: with
+// global_bs = 0 every rank sizes the others' rows by its own BS, so all must have the same.
+MOEDIST_HD CallMismatch first_call_mismatch(const CallFields& theirs, const CallFields& mine, bool compare_bs) {
+  if (theirs.h != mine.h) return CallMismatch{true, CallField::h, theirs.h, mine.h};
+  if (theirs.k != mine.k) return CallMismatch{true, CallField::k, theirs.k, mine.k};
+  if (theirs.dtype != mine.dtype) return CallMismatch{true, CallField::dtype, theirs.dtype, mine.dtype};
+  if (theirs.mode != mine.mode) return CallMismatch{true, CallField::mode, theirs.mode, mine.mode};
+  if (theirs.has_expert_scales != mine.has_expert_scales) {
+    return CallMismatch{true, CallField::expert_scales, theirs.has_expert_scales, mine.has_expert_scales};
+  }
+  if (compare_bs && theirs.bs != mine.bs) return CallMismatch{true, CallField::bs, theirs.bs, mine.bs};
+  return CallMismatch{};
+}
+
+// What is wrong with a send-count record, if anything.
+enum class RecordFault : std::int32_t {
+  none = 0,
+  entry_range,         // entry `entry` = value is outside [0, BS = bound]
+  entry_shared_local,  // entry `entry` = value (bound: BS) is non-zero but names local expert entry % L > 0 of a shared-expert rank
+  moe_rows,            // the MoE entries add up to value, not BS * K = bound
+  shared_rows,         // the shared-expert entries add up to value, not bound
+};
+
+struct RecordCheck {
+  RecordFault fault = RecordFault::none;
+  std::int32_t entry = 0;
+  std::int64_t value = 0, bound = 0;
+};
+
+// A send-count record (entries d * L + l for the W EP ranks d and their L local experts) of a rank with
+// bs tokens and k routing entries each, from EP rank source_ep, must describe a routing that BS and K
+// allow: otherwise writing its rows could land outside the receiver's rows. Every entry in [0, BS]; a
+// shared-expert rank d (d < S) only in entry l = 0; the MoE entries add up to BS * K; the shared ones to
+// BS from a MoE rank when S > 0, to 0 from a shared-expert rank. The first rule broken, in that order
+// (entries in index order, then the two sums).
+MOEDIST_HD RecordCheck check_send_counts(const std::int32_t* counts, int W, int S, int L, int source_ep, std::int64_t bs,
+                                         std::int64_t k) {
+  std::int64_t moe_rows = 0, shared_rows = 0;
+  for (int i = 0; i < W * L; ++i) {
+    const std::int32_t c = counts[i];
+    if (c < 0 || c > bs) return RecordCheck{RecordFault::entry_range, i, c, bs};
+    if (i >= S * L) {
+      moe_rows += c;
+    } else if (i % L == 0) {
+      shared_rows += c;
+    } else if (c != 0) {
+      return RecordCheck{RecordFault::entry_shared_local, i, c, bs};
+    }
+  }
+  if (moe_rows != bs * k) return RecordCheck{RecordFault::moe_rows, 0, moe_rows, bs * k};
+  const std::int64_t want_shared = source_ep < S ? 0 : (S > 0 ? bs : 0);
+  if (shared_rows != want_shared) return RecordCheck{RecordFault::shared_rows, 0, shared_rows, want_shared};
+  return RecordCheck{};
+}
+
+}  // namespace moedist::contract
