@@ -14,7 +14,8 @@ namespace moedist::contract {
 // source's send-count record (records(source)), except between two shared-expert ranks, where the
 // entry is the V1 bookkeeping split of dest's own dest_bs rows, which no record carries.
 template <class Records>
-MOEDIST_HD std::int64_t block_rows(int S, int L, const Records& records, int dest, int l, int source, std::int64_t dest_bs) {
+MOEDIST_HD std::int64_t block_rows(int S, int L, const Records& records, int dest, int l, int source,
+                                   std::int64_t dest_bs) {
   if (dest < S && source < S) return shared_own_split(source, dest, dest_bs, S);
   return records(source)[dest * L + l];
 }

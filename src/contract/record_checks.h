@@ -43,7 +43,8 @@ MOEDIST_HD CallMismatch first_call_mismatch(const CallFields& theirs, const Call
 enum class RecordFault : std::int32_t {
   none = 0,
   entry_range,         // entry `entry` = value is outside [0, BS = bound]
-  entry_shared_local,  // entry `entry` = value (bound: BS) is non-zero but names local expert entry % L > 0 of a shared-expert rank
+  entry_shared_local,  // entry `entry` = value (bound: BS) is non-zero but names local expert entry % L > 0 of a
+                       // shared-expert rank
   moe_rows,            // the MoE entries add up to value, not BS * K = bound
   shared_rows,         // the shared-expert entries add up to value, not bound
 };
@@ -60,8 +61,8 @@ struct RecordCheck {
 // shared-expert rank d (d < S) only in entry l = 0; the MoE entries add up to BS * K; the shared ones to
 // BS from a MoE rank when S > 0, to 0 from a shared-expert rank. The first rule broken, in that order
 // (entries in index order, then the two sums).
-MOEDIST_HD RecordCheck check_send_counts(const std::int32_t* counts, int W, int S, int L, int source_ep, std::int64_t bs,
-                                         std::int64_t k) {
+MOEDIST_HD RecordCheck check_send_counts(const std::int32_t* counts, int W, int S, int L, int source_ep,
+                                         std::int64_t bs, std::int64_t k) {
   std::int64_t moe_rows = 0, shared_rows = 0;
   for (int i = 0; i < W * L; ++i) {
     const std::int32_t c = counts[i];

@@ -127,7 +127,9 @@ struct LaneRecords {
 };
 
 // BS of EP rank d in TP lane `lane`, which the V1 split of a shared rank's own rows needs.
-MOEDIST_HD std::int64_t dest_bs(const DeviceGroup& g, int d, int lane) { return record_header(g, global_rank(g, d, lane)).bs; }
+MOEDIST_HD std::int64_t dest_bs(const DeviceGroup& g, int d, int lane) {
+  return record_header(g, global_rank(g, d, lane)).bs;
+}
 
 // Rows EP rank d receives in lane u (its own part).
 MOEDIST_HD std::int64_t rows_received(const DeviceGroup& g, int d, int lane) {
@@ -142,23 +144,27 @@ MOEDIST_HD void check_record(const DeviceGroup& g, const DispatchArgs& a, int r)
   const RecordHeader& hd = record_header(g, r);
   Status* st = g.status;
   const Phase ph = Phase::dispatch_counts;
-  const contract::CallMismatch m =
-      contract::first_call_mismatch(contract::CallFields{hd.bs, hd.k, hd.h, hd.dtype, hd.mode, hd.has_expert_scales},
-                                    contract::CallFields{a.bs, a.k, a.h, a.dtype_code, a.quant, a.expert_scales != nullptr ? 1 : 0},
-                                    g.global_bs == 0);
+  const contract::CallMismatch m = contract::first_call_mismatch(
+      contract::CallFields{hd.bs, hd.k, hd.h, hd.dtype, hd.mode, hd.has_expert_scales},
+      contract::CallFields{a.bs, a.k, a.h, a.dtype_code, a.quant, a.expert_scales != nullptr ? 1 : 0},
+      g.global_bs == 0);
   if (m.found) {
-    return record_failure(st, ErrorCode::config_mismatch, r, ph, Rule::same_call, static_cast<std::int64_t>(m.field), m.theirs, m.mine);
+    return record_failure(st, ErrorCode::config_mismatch, r, ph, Rule::same_call, static_cast<std::int64_t>(m.field),
+                          m.theirs, m.mine);
   }
   const std::int64_t max_bs = g.global_bs != 0 ? g.global_bs / g.W : a.bs;
   if (hd.bs < 0 || hd.bs > max_bs) return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -1, hd.bs, max_bs);
   const contract::RecordCheck c = contract::check_send_counts(record_counts(g, r), g.W, g.S, g.L, r / g.T, hd.bs, hd.k);
   switch (c.fault) {
-    case contract::RecordFault::none: return;
+    case contract::RecordFault::none:
+      return;
     case contract::RecordFault::entry_range:
     case contract::RecordFault::entry_shared_local:
       return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, c.entry, c.value, c.bound);
-    case contract::RecordFault::moe_rows: return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -2, c.value, c.bound);
-    case contract::RecordFault::shared_rows: return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -3, c.value, c.bound);
+    case contract::RecordFault::moe_rows:
+      return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -2, c.value, c.bound);
+    case contract::RecordFault::shared_rows:
+      return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -3, c.value, c.bound);
   }
 }
 

@@ -109,7 +109,9 @@ MOEDIST_HD std::int8_t rint_to_int8(float w) noexcept {
 // The element type of x / expand_x as one of the two 16-bit float formats.
 enum class Half : std::uint8_t { bf16, fp16 };
 
-MOEDIST_HD float half_to_f32(Half t, std::uint16_t h) noexcept { return t == Half::bf16 ? bf16_to_f32(h) : fp16_to_f32(h); }
+MOEDIST_HD float half_to_f32(Half t, std::uint16_t h) noexcept {
+  return t == Half::bf16 ? bf16_to_f32(h) : fp16_to_f32(h);
+}
 MOEDIST_HD std::uint16_t f32_to_half_rne(Half t, float f) noexcept {
   return t == Half::bf16 ? f32_to_bf16_rne(f) : f32_to_fp16_rne(f);
 }

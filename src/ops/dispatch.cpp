@@ -30,11 +30,16 @@ void check_dispatch_record(const Group::State& s, int r, const char* phase) {
   if (hd.bs < 0 || hd.k < 1 || hd.h < 1) bad(concat("BS ", hd.bs, ", K ", hd.k, ", H ", hd.h));
   const contract::RecordCheck c = contract::check_send_counts(counts, topo.W, topo.S, topo.L, r / topo.T, hd.bs, hd.k);
   switch (c.fault) {
-    case contract::RecordFault::none: return;
-    case contract::RecordFault::entry_range: return bad(concat("entry ", c.entry, " = ", c.value, " is outside [0, BS = ", c.bound, "]"));
-    case contract::RecordFault::entry_shared_local: return bad(concat("entry ", c.entry, " addresses a shared-expert rank's local expert ", c.entry % topo.L));
-    case contract::RecordFault::moe_rows: return bad(concat("it sends ", c.value, " rows to MoE experts, not BS * K = ", c.bound));
-    case contract::RecordFault::shared_rows: return bad(concat("it sends ", c.value, " rows to shared experts, not ", c.bound));
+    case contract::RecordFault::none:
+      return;
+    case contract::RecordFault::entry_range:
+      return bad(concat("entry ", c.entry, " = ", c.value, " is outside [0, BS = ", c.bound, "]"));
+    case contract::RecordFault::entry_shared_local:
+      return bad(concat("entry ", c.entry, " addresses a shared-expert rank's local expert ", c.entry % topo.L));
+    case contract::RecordFault::moe_rows:
+      return bad(concat("it sends ", c.value, " rows to MoE experts, not BS * K = ", c.bound));
+    case contract::RecordFault::shared_rows:
+      return bad(concat("it sends ", c.value, " rows to shared experts, not ", c.bound));
   }
 }
 

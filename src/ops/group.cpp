@@ -144,11 +144,14 @@ void Group::State::step(const std::exception_ptr& local_error, const char* phase
 }
 
 void Group::State::require_same_call(const char* phase, bool check_bs) const {
-  const auto fields = [](const CallHeader& h) { return contract::CallFields{h.bs, h.k, h.h, h.dtype, h.mode, h.has_expert_scales}; };
+  const auto fields = [](const CallHeader& h) {
+    return contract::CallFields{h.bs, h.k, h.h, h.dtype, h.mode, h.has_expert_scales};
+  };
   const contract::CallFields mine = fields(header(me()));
   for (int r = 0; r < transport->size(); ++r) {
     // Every rank of the world, TP peers included: the TP all-gather sizes the peer's rows by this BS too.
-    const contract::CallMismatch m = contract::first_call_mismatch(fields(header(r)), mine, check_bs && config.global_bs == 0);
+    const contract::CallMismatch m =
+        contract::first_call_mismatch(fields(header(r)), mine, check_bs && config.global_bs == 0);
     if (!m.found) continue;
     const char* what = "";
     switch (m.field) {
@@ -156,16 +159,25 @@ void Group::State::require_same_call(const char* phase, bool check_bs) const {
         throw PeerError(ErrorCode::config_mismatch, r, phase,
                         concat("global_bs = 0 requires the same BS on every rank, but rank ", me(), " has BS ", m.mine,
                                " and rank ", r, " has BS ", m.theirs, "; pass global_bs = max BS * ep_world_size"));
-      case contract::CallField::h: what = "H"; break;
-      case contract::CallField::k: what = "K"; break;
-      case contract::CallField::dtype: what = "the dtype code"; break;
+      case contract::CallField::h:
+        what = "H";
+        break;
+      case contract::CallField::k:
+        what = "K";
+        break;
+      case contract::CallField::dtype:
+        what = "the dtype code";
+        break;
       case contract::CallField::mode:
         what = header(me()).kind == static_cast<std::int64_t>(CallKind::dispatch) ? "quant_mode" : "comm_quant_mode";
         break;
-      case contract::CallField::expert_scales: what = "expert_scales given (1) or not (0)"; break;
+      case contract::CallField::expert_scales:
+        what = "expert_scales given (1) or not (0)";
+        break;
     }
     throw PeerError(ErrorCode::config_mismatch, r, phase,
-                    concat("rank ", me(), " has ", what, " = ", m.mine, " but rank ", r, " has ", m.theirs, ": all ranks must agree on it"));
+                    concat("rank ", me(), " has ", what, " = ", m.mine, " but rank ", r, " has ", m.theirs,
+                           ": all ranks must agree on it"));
   }
 }
 

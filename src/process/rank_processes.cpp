@@ -18,8 +18,6 @@
 
 #include "moedist/shm.h"
 
-extern char** environ;
-
 namespace moedist::process {
 namespace {
 
