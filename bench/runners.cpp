@@ -90,7 +90,7 @@ RunOutcome run_threads(
     int threads, const RunSettings& settings,
     const std::function<std::vector<RoundTimes>(int rank, std::unique_ptr<Transport> transport)>& body) {
   const auto hub = std::make_shared<inproc::InProcHub>(threads, std::chrono::milliseconds(settings.timeout_ms),
-                                               std::chrono::microseconds(-1));
+                                                       std::chrono::microseconds(-1));
   std::vector<std::exception_ptr> errors(static_cast<std::size_t>(threads));
   std::vector<std::vector<RoundTimes>> per_rank(static_cast<std::size_t>(threads));
   run_ranks(threads, [&](int rank) {

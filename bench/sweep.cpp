@@ -319,8 +319,10 @@ RunOutcome run_local(const std::string& transport, const Point& p, const PointBy
   if (outcome.tried) {
     progress.begin(transport + " " + describe(p));
     const SweepTarget& target = target_of(transport);
-    if (target.moedist == TransportId::inproc) outcome = run_inproc(p, o.run);
-    else if (target.moedist == TransportId::shm) outcome = run_shm(p, o.run, o.rank_program);
+    if (target.moedist == TransportId::inproc)
+      outcome = run_inproc(p, o.run);
+    else if (target.moedist == TransportId::shm)
+      outcome = run_shm(p, o.run, o.rank_program);
     else outcome = run_memcpy_floor(p, o.run);
   }
   progress.end();
@@ -378,7 +380,8 @@ SweepResult run_sweep(const SweepOptions& o, std::ostream& out, std::ostream& pr
         if (outcome.ok) {
           for (ResultRow& r : rows_of(t, p, bytes[i], outcome.samples)) {
             r.peak_rss_bytes = outcome.peak_rss_bytes;
-            if (target_of(t).moedist.has_value() && !target_of(t).under_mpirun) r.predicted_bytes = group_bytes_per_rank(p);
+            if (target_of(t).moedist.has_value() && !target_of(t).under_mpirun)
+              r.predicted_bytes = group_bytes_per_rank(p);
             r.between_hosts = outcome.between_hosts;
             rows.push_back(std::move(r));
           }

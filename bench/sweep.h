@@ -21,9 +21,9 @@ inline constexpr const char* kOps[] = {"dispatch", "combine", "roundtrip"};
 
 // What the sweep times besides moedist's transports. Baselines are not transports: nothing joins them.
 enum class Baseline {
-  none,          // a moedist transport
-  mpi_alltoallv, // MPI_Alltoall + MPI_Alltoallv + a local sort, under mpirun (moedist_mpi_baseline)
-  memcpy_floor,  // the same bytes moved by memcpy in one process
+  none,           // a moedist transport
+  mpi_alltoallv,  // MPI_Alltoall + MPI_Alltoallv + a local sort, under mpirun (moedist_mpi_baseline)
+  memcpy_floor,   // the same bytes moved by memcpy in one process
 };
 
 // A column of the sweep (a --transport value): one of the registry's transports, or a baseline.
@@ -31,7 +31,7 @@ struct SweepTarget {
   std::string name;                    // the --transport value and the rows' label
   std::optional<TransportId> moedist;  // the moedist transport timed; empty for a baseline
   Baseline baseline = Baseline::none;
-  bool under_mpirun = false;           // runs in moedist_mpi_baseline, one mpirun for all points of a W
+  bool under_mpirun = false;  // runs in moedist_mpi_baseline, one mpirun for all points of a W
 };
 
 // Every target, in the default order: moedist's transports (the one an outside launcher starts is named

@@ -86,14 +86,17 @@ TEST_F(CudaRowMath, HalfRoundTripAndMidpointsIndependent) {
   Mismatches bad("round trip / midpoints");
   for (std::uint32_t u = 0; u <= 0xffff; ++u) {
     const auto h = static_cast<std::uint16_t>(u);
-    if ((h & 0x7fff) <= 0x7f80 && cuda::f32_to_bf16_rne(cuda::bf16_to_f32(h)) != h) bad.add("bf16 rne round trip " + hex(h));
+    if ((h & 0x7fff) <= 0x7f80 && cuda::f32_to_bf16_rne(cuda::bf16_to_f32(h)) != h)
+      bad.add("bf16 rne round trip " + hex(h));
     if ((h & 0x7fff) <= 0x7f80 && cuda::f32_to_bf16_round_away(cuda::bf16_to_f32(h)) != h)
       bad.add("bf16 round-away round trip " + hex(h));
-    if ((h & 0x7fff) <= 0x7c00 && cuda::f32_to_fp16_rne(cuda::fp16_to_f32(h)) != h) bad.add("fp16 round trip " + hex(h));
+    if ((h & 0x7fff) <= 0x7c00 && cuda::f32_to_fp16_rne(cuda::fp16_to_f32(h)) != h)
+      bad.add("fp16 round trip " + hex(h));
     // Midpoints between h and h + 1 (same sign, both finite). fp32 holds them exactly.
     if ((h & 0x7fff) < 0x7f7f) {
       const auto next = static_cast<std::uint16_t>(h + 1);
-      const float lo = cuda::bf16_to_f32(h), mid = lo + (cuda::bf16_to_f32(next) - lo) * 0.5f;  // no overflow at the top
+      const float lo = cuda::bf16_to_f32(h),
+                  mid = lo + (cuda::bf16_to_f32(next) - lo) * 0.5f;  // no overflow at the top
       const std::uint16_t even = (h & 1u) == 0 ? h : next;
       if (cuda::f32_to_bf16_rne(mid) != even) bad.add("bf16 rne midpoint above " + hex(h));
       if (cuda::f32_to_bf16_round_away(mid) != next) bad.add("bf16 round-away midpoint above " + hex(h));
@@ -102,7 +105,8 @@ TEST_F(CudaRowMath, HalfRoundTripAndMidpointsIndependent) {
       const auto next = static_cast<std::uint16_t>(h + 1);
       const float mid = (cuda::fp16_to_f32(h) + cuda::fp16_to_f32(next)) * 0.5f;
       const std::uint16_t even = (h & 1u) == 0 ? h : next;
-      if (cuda::f32_to_fp16_rne(mid) != even) bad.add("fp16 midpoint above " + hex(h) + ": " + hex(cuda::f32_to_fp16_rne(mid)));
+      if (cuda::f32_to_fp16_rne(mid) != even)
+        bad.add("fp16 midpoint above " + hex(h) + ": " + hex(cuda::f32_to_fp16_rne(mid)));
       // Just off the midpoint the rounding is no longer a tie.
       if (mid != 0.0f) {
         const float below = std::nextafter(mid, 0.0f), above = std::nextafter(mid, mid * 2.0f);
@@ -432,7 +436,8 @@ TEST_F(CudaRowMath, AmaxIsOrderIndependent) {
           const std::string at = where(type, kind, h, -1) + (with_smooth ? " smooth" : "");
 
           float reversed = 0.0f;
-          for (auto it = g.v.rbegin(); it != g.v.rend(); ++it) reversed = cuda::max_ignoring_nan(reversed, cuda::abs_f(*it));
+          for (auto it = g.v.rbegin(); it != g.v.rend(); ++it)
+            reversed = cuda::max_ignoring_nan(reversed, cuda::abs_f(*it));
           // Independent: the largest |v| among the non-NaN values (fmax ignores a NaN operand).
           float expected = 0.0f;
           for (const float v : g.v) expected = std::fmax(expected, std::fabs(v));
@@ -661,7 +666,8 @@ TEST_F(CudaRowMath, DequantizeMatchesScalarKernel) {
       std::vector<std::uint16_t> y_ref(static_cast<std::size_t>(h), 0xdead);
       kernels::dequantize_row(g.q.data(), g.scale, type, h, y_ref.data());
       for (std::int64_t i = 0; i < h; ++i)
-        if (cuda::dequantize(bf16, g.q[i], g.scale) != y_ref[i]) bad.add(where(type, RowKind::wide, h, i) + ": row round trip");
+        if (cuda::dequantize(bf16, g.q[i], g.scale) != y_ref[i])
+          bad.add(where(type, RowKind::wide, h, i) + ": row round trip");
     }
   }
   // Independent: 127 * (1/127) rounds back to 1.0 in both formats, 0 * inf is a canonical NaN.

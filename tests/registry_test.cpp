@@ -1,12 +1,13 @@
 // The transport registry (src/transport/registry.h): one entry per TransportId, in id order, names
 // unique and found by name, and availability as this build has it (MPI only with MOEDIST_HAVE_MPI).
+#include "transport/registry.h"
+
 #include <gtest/gtest.h>
 
 #include <set>
 #include <string>
 
 #include "moedist/error.h"
-#include "transport/registry.h"
 
 namespace moedist {
 namespace {
@@ -41,7 +42,8 @@ TEST(Registry, AvailabilityIsThisBuilds) {
     ADD_FAILURE() << "a build without MPI accepted the mpi transport";
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), ErrorCode::unsupported);
-    EXPECT_NE(std::string(e.what()).find("--transport mpi: this moedist was built without MPI support"), std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("--transport mpi: this moedist was built without MPI support"),
+              std::string::npos)
         << e.what();
   }
 #endif

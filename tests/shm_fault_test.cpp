@@ -895,7 +895,7 @@ TEST(ShmFault, HundredRandomKillsEverySurvivorNamesTheVictimAndRebuilds) {
   for (int round = 0; round < kRounds; ++round) {
     const FaultConfig& fc = kFaultConfigs[rng() % 3];
     const std::vector<std::string> phases = fc.phases();
-    const std::string phase = phases[rng() % phases.size()];
+    const std::string& phase = phases[rng() % phases.size()];
     const int victim = static_cast<int>(rng() % static_cast<std::uint64_t>(fc.world()));
     const bool once = phase == "join" || phase.find(".window") != std::string::npos;
     const int occurrence = once ? 1 : 1 + static_cast<int>(rng() % 3);

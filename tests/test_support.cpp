@@ -425,7 +425,7 @@ std::string compare_rank_with_oracle(const casefile::Case& c, int r, const casef
 std::string compare_with_oracle(const casefile::Case& c, const std::vector<casefile::RankOutputs>& got,
                                 const std::vector<oracle::RankOutput>& want) {
   for (std::size_t g = 0; g < want.size(); ++g) {
-    const std::string diff = compare_rank_with_oracle(c, static_cast<int>(g), got[g], want[g]);
+    std::string diff = compare_rank_with_oracle(c, static_cast<int>(g), got[g], want[g]);
     if (!diff.empty()) return diff;
   }
   return "";

@@ -339,7 +339,7 @@ void PrintTo(const CallRule<Call>& rule, std::ostream* os) {
 
 template <class Call>
 CallRule<Call> rule(std::string name, World world, int bad_rank, std::function<void(Call&)> corrupt, Expected want) {
-  return CallRule<Call>{std::move(name), std::move(world), bad_rank, std::move(corrupt), std::move(want)};
+  return CallRule<Call>{std::move(name), world, bad_rank, std::move(corrupt), std::move(want)};
 }
 
 struct RankReport {
@@ -870,7 +870,7 @@ ConfigRule config_rule(std::string name, std::function<void(GroupConfig&)> confi
 
 // Sets the EP geometry: W, E, S.
 std::function<void(GroupConfig&)> geometry(int ep_world_size, int moe_expert_num, int shared_expert_rank_num = 0,
-                                           std::function<void(GroupConfig&)> more = {}) {
+                                           const std::function<void(GroupConfig&)>& more = {}) {
   return [=](GroupConfig& c) {
     c.ep_world_size = ep_world_size;
     c.moe_expert_num = moe_expert_num;

@@ -122,9 +122,7 @@ void add_bench(CLI::App& app, int* exit_code) {
               "an error.");
   std::string targets;
   for (const std::string& name : bench::target_names()) targets += (targets.empty() ? "" : ", ") + name;
-  cmd->add_option("--transport", o.transports, "comma list of " + targets)
-      ->delimiter(',')
-      ->capture_default_str();
+  cmd->add_option("--transport", o.transports, "comma list of " + targets)->delimiter(',')->capture_default_str();
   cmd->add_option("--ep-world-size", o.world_sizes, "comma list of W (ranks)")->delimiter(',')->capture_default_str();
   cmd->add_option("--bs", o.bs, "comma list of BS (tokens per rank)")->delimiter(',')->capture_default_str();
   cmd->add_option("--hidden", o.hidden, "comma list of H")->delimiter(',')->capture_default_str();

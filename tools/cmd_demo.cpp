@@ -237,9 +237,9 @@ void add_demo(CLI::App& app, int* exit_code) {
       });
       return;
     }
-    const demo::DemoReport report =
-        demo::run_demo(options, std::cout, kind.id == TransportId::shm ? demo::RankRunner(run_rank_processes)
-                                                                                     : demo::RankRunner(demo::run_inproc_ranks));
+    const demo::DemoReport report = demo::run_demo(
+        options, std::cout,
+        kind.id == TransportId::shm ? demo::RankRunner(run_rank_processes) : demo::RankRunner(demo::run_inproc_ranks));
     std::cout.flush();
     *exit_code = report.passed ? 0 : 1;
   });

@@ -504,8 +504,7 @@ void print_report(const DemoOptions& o, const Shape& s, const DemoReport& r, std
   const TransportKind* kind = find_transport(o.transport);  // validate_options accepted the name
   const bool threads = kind != nullptr && kind->ranks == RankModel::threads;
   out << format("moedist demo: one MoE layer on %d %s (transport %s, profile %s)\n", r.world_size,
-                threads ? "in-process ranks" : "rank processes", o.transport.c_str(),
-                profile_name(o.profile));
+                threads ? "in-process ranks" : "rank processes", o.transport.c_str(), profile_name(o.profile));
   if (s.S > 0) {
     out << format("  ranks     EP %d x TP %d; %d shared-expert ranks, %d MoE ranks x %d expert%s\n", s.W, s.T, s.S,
                   s.W - s.S, s.L, s.L == 1 ? "" : "s");

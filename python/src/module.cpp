@@ -192,7 +192,8 @@ class PyGroup {
 };
 
 // moedist errors as moedist._errors exceptions, with the C++ message and fields.
-void translate(std::exception_ptr e) {
+// pybind11 calls exception translators through void(*)(std::exception_ptr): by value.
+void translate(std::exception_ptr e) {  // NOLINT(performance-unnecessary-value-param)
   try {
     if (e) std::rethrow_exception(e);
   } catch (const ValidationError& err) {
@@ -231,7 +232,8 @@ PYBIND11_MODULE(_moedist, m) {
   // names rather than by literals of its own.
   py::enum_<TransportId> ids(m, "TransportId");
   for (const TransportKind& kind : transport_kinds()) ids.value(std::string(kind.name).c_str(), kind.id);
-  m.def("transport_name", [](TransportId id) { return std::string(transport_name(id)); }, py::arg("id"));
+  m.def(
+      "transport_name", [](TransportId id) { return std::string(transport_name(id)); }, py::arg("id"));
   m.def("transports", [] {
     py::list list;
     for (const TransportKind& kind : transport_kinds()) {

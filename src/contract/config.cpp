@@ -1,15 +1,15 @@
 // Configuration rules (contract §6.1 semantic rules, plus the opt-in Ascend hardware profiles), derived
 // facts and the capacity rule A (§3.3, §3.4.1, §3.5).
+#include "moedist/config.h"
+
 #include <algorithm>
 #include <cstring>
 
-#include "contract/checks.h"
 #include "common/format.h"
+#include "contract/checks.h"
 #include "contract/layout.h"
-#include "moedist/config.h"
 
 namespace moedist {
-
 
 const char* profile_name(Profile profile) noexcept {
   switch (profile) {
@@ -101,7 +101,8 @@ CapacityReport capacity(const GroupConfig& config, const CapacityQuery& q) {
   if (q.x_dtype != DType::bf16 && q.x_dtype != DType::fp16)
     fail_value("x_dtype", dtype_name(q.x_dtype), "must be bfloat16 or float16");
   if (q.quant_mode == 1)
-    fail(ErrorCode::unsupported, "quant_mode", "1", "static quantization is not supported (0 = none, 2 = dynamic int8)");
+    fail(ErrorCode::unsupported, "quant_mode", "1",
+         "static quantization is not supported (0 = none, 2 = dynamic int8)");
   if (q.quant_mode != 0 && q.quant_mode != 2) fail_value("quant_mode", q.quant_mode, "must be 0 (none) or 2 (dynamic int8)");
   if (config.global_bs != 0 && contract::sat_mul(q.bs, config.ep_world_size) > config.global_bs)
     fail_value("bs", q.bs, concat("bs * ep_world_size must be <= global_bs = ", config.global_bs));
@@ -120,7 +121,8 @@ CapacityReport capacity(const GroupConfig& config, const CapacityQuery& q) {
   r.output_bytes = static_cast<std::int64_t>(contract::group_output_bytes(topo, shape, config.ep_rank_id));
   if (r.window_bytes >= contract::kSizeLimit || r.output_bytes >= contract::kSizeLimit) {
     fail(ErrorCode::capacity, "bs", concat(q.bs),
-         concat("with k = ", q.k, ", h = ", q.h, " and global_bs = ", config.global_bs, " a rank would need more than 2^62 bytes"));
+         concat("with k = ", q.k, ", h = ", q.h, " and global_bs = ", config.global_bs,
+                " a rank would need more than 2^62 bytes"));
   }
   r.total_bytes = r.window_bytes + r.output_bytes;
   // A3 rule [OP-DOC-D1]: 1024*1024*(HCCL_BUFFSIZE-2)/2 >= BS*2*(H+128)*(W*L+K+1), and HCCL_BUFFSIZE >= 2.

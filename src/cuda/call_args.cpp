@@ -4,7 +4,6 @@
 
 namespace moedist::cuda {
 
-
 DispatchArgs dispatch_args(const contract::Topology& topo, const TensorView& x, const TensorView& expert_ids, const DispatchOptions& o,
                            const contract::CallShape& shape) {
   DispatchArgs a;
@@ -15,7 +14,8 @@ DispatchArgs dispatch_args(const contract::Topology& topo, const TensorView& x, 
   a.ids_row_stride = expert_ids.strides[0];
   a.ids_col_stride = expert_ids.strides[1];
   if (o.scales.present()) {
-    if (o.scales.strides[1] != 1) fail(ErrorCode::unsupported, "scales.strides[1]", concat(o.scales.strides[1]), "must be 1 on the CUDA backend");
+    if (o.scales.strides[1] != 1)
+      fail(ErrorCode::unsupported, "scales.strides[1]", concat(o.scales.strides[1]), "must be 1 on the CUDA backend");
     a.scales = static_cast<const float*>(o.scales.data);
     a.scales_row_stride = o.scales.strides[0];
   }

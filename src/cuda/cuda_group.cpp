@@ -1,27 +1,25 @@
 // The host side of the CUDA group: joining (bootstrap over the shared-memory transport, device windows
 // exported and opened through CUDA IPC), host-side validation of every call, and turning the status the
 // GPU recorded into typed errors. The kernels are in kernels.cu; the contract's checks in src/contract.
-#include "moedist/cuda.h"
-
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
-#include "contract/checks.h"
 #include "common/format.h"
+#include "contract/checks.h"
 #include "contract/layout.h"
 #include "cuda/call_args.h"
 #include "cuda/kernels.h"
 #include "cuda/status_errors.h"
 #include "cuda/window_layout.h"
+#include "moedist/cuda.h"
 #include "moedist/error.h"
 #include "moedist/shm.h"
 #include "transport/shm/shm_transport.h"
 
 namespace moedist::cuda {
-
 
 namespace {
 
@@ -51,8 +49,8 @@ void require_device_tensor(const char* name, const void* data, std::int64_t nume
   }
   if (attr.type == cudaMemoryTypeManaged) return;
   if (attr.type != cudaMemoryTypeDevice)
-    fail(ErrorCode::invalid_argument, concat(name, ".data"), attr.type == cudaMemoryTypeHost ? "pinned host memory" : "host memory",
-         "must be CUDA device memory");
+    fail(ErrorCode::invalid_argument, concat(name, ".data"),
+         attr.type == cudaMemoryTypeHost ? "pinned host memory" : "host memory", "must be CUDA device memory");
   if (attr.device != device)
     fail(ErrorCode::invalid_argument, concat(name, ".data"), concat("memory of device ", attr.device),
          concat("must be memory of this rank's device ", device));
@@ -114,8 +112,8 @@ struct CudaGroup::State {
   std::vector<std::byte*> opened;              // peers' windows opened through IPC (nullptr for self)
   std::vector<std::byte*> bases;               // every rank's window in this process
   std::byte** window_table = nullptr;          // device copy of every rank's base
-  cuda::Status* status = nullptr;               // device
-  cuda::Status* mirror = nullptr;               // pinned host copy, refreshed at the end of every call
+  cuda::Status* status = nullptr;              // device
+  cuda::Status* mirror = nullptr;              // pinned host copy, refreshed at the end of every call
   std::vector<void*> allocations;              // device scratch
   void* combine_out = nullptr;                 // (max_bs, H) 16-bit
   void* expand_idx_out = nullptr;
@@ -276,24 +274,28 @@ std::unique_ptr<CudaGroup> CudaGroup::join(const GroupConfig& config, const std:
   const contract::Topology topo(config);
   const int world = topo.world_size();
   if (world > kMaxWorld)
-    fail(ErrorCode::unsupported, "ep_world_size * max(tp_world_size, 1)", concat(world), concat("the CUDA backend supports at most ", kMaxWorld, " ranks"));
+    fail(ErrorCode::unsupported, "ep_world_size * max(tp_world_size, 1)", concat(world),
+         concat("the CUDA backend supports at most ", kMaxWorld, " ranks"));
   if (options.k < 1 || options.k > std::min<std::int64_t>(config.moe_expert_num, kMaxK))
     fail_value("CudaGroupOptions::k", options.k, concat("must be in [1, min(moe_expert_num, ", kMaxK, ")]"));
   if (options.h < 1) fail_value("CudaGroupOptions::h", options.h, "must be >= 1");
-  if (options.wait.timeout.count() <= 0) fail_value("CudaGroupOptions::timeout (ms)", options.wait.timeout.count(), "must be > 0");
+  if (options.wait.timeout.count() <= 0)
+    fail_value("CudaGroupOptions::timeout (ms)", options.wait.timeout.count(), "must be > 0");
   CudaGroupOptions opts = options;
   if (config.global_bs != 0) {
     const std::int64_t limit = config.global_bs / config.ep_world_size;
     if (opts.max_bs == 0) opts.max_bs = limit;
     if (opts.max_bs < 0 || opts.max_bs > limit)
-      fail_value("CudaGroupOptions::max_bs", opts.max_bs, concat("must be in [0, global_bs / ep_world_size = ", limit, "]"));
+      fail_value("CudaGroupOptions::max_bs", opts.max_bs,
+                 concat("must be in [0, global_bs / ep_world_size = ", limit, "]"));
   } else if (opts.max_bs < 0) {
     fail_value("CudaGroupOptions::max_bs", opts.max_bs, "must be >= 0");
   }
   if (contract::sat_mul(opts.max_bs, opts.k) > (std::int64_t{1} << 30))
     fail_value("CudaGroupOptions::max_bs * k", opts.max_bs * opts.k, "must be <= 2^30 routing entries");
   std::string reason;
-  if (!available(&reason)) fail(ErrorCode::unsupported, "CUDA device", "none", concat("a CUDA group needs one: ", reason));
+  if (!available(&reason))
+    fail(ErrorCode::unsupported, "CUDA device", "none", concat("a CUDA group needs one: ", reason));
   if (opts.device < 0) check_cuda(cudaGetDevice(&opts.device), "cudaGetDevice");
   check_cuda(cudaSetDevice(opts.device), "cudaSetDevice");
 
@@ -328,9 +330,20 @@ std::unique_ptr<CudaGroup> CudaGroup::join(const GroupConfig& config, const std:
     local_error = std::current_exception();
     mine.failed = 1;
   }
-  const std::int64_t fields[14] = {config.ep_world_size, config.moe_expert_num, config.tp_world_size, config.shared_expert_rank_num,
-                                   config.shared_expert_num, config.expert_shard_type, config.global_bs, static_cast<std::int64_t>(config.profile),
-                                   opts.max_bs, opts.k, opts.h, opts.wait.timeout.count(), static_cast<std::int64_t>(s.off.total), opts.device};
+  const std::int64_t fields[14] = {config.ep_world_size,
+                                   config.moe_expert_num,
+                                   config.tp_world_size,
+                                   config.shared_expert_rank_num,
+                                   config.shared_expert_num,
+                                   config.expert_shard_type,
+                                   config.global_bs,
+                                   static_cast<std::int64_t>(config.profile),
+                                   opts.max_bs,
+                                   opts.k,
+                                   opts.h,
+                                   opts.wait.timeout.count(),
+                                   static_cast<std::int64_t>(s.off.total),
+                                   opts.device};
   std::memcpy(mine.fields, fields, sizeof(fields));
   std::vector<JoinRecord> all(static_cast<std::size_t>(world));
   s.bootstrap->allgather(&mine, sizeof(mine), all.data(), "cuda.join");
@@ -376,17 +389,22 @@ CudaDispatchResult CudaGroup::dispatch(const TensorView& x, const TensorView& ex
   s.throw_if_failed();
   const DeviceGuard on_device(s.options.device);
   const contract::CallShape shape = contract::check_dispatch(s.config, x, expert_ids, o, contract::Values::on_device);
-  if (shape.h != s.options.h) fail(ErrorCode::invalid_shape, "x.shape[1] (H)", concat(shape.h), concat("must be the group's H = ", s.options.h));
-  if (shape.k != s.options.k) fail(ErrorCode::invalid_shape, "expert_ids.shape[1] (K)", concat(shape.k), concat("must be the group's K = ", s.options.k));
+  if (shape.h != s.options.h)
+    fail(ErrorCode::invalid_shape, "x.shape[1] (H)", concat(shape.h), concat("must be the group's H = ", s.options.h));
+  if (shape.k != s.options.k)
+    fail(ErrorCode::invalid_shape, "expert_ids.shape[1] (K)", concat(shape.k),
+         concat("must be the group's K = ", s.options.k));
   if (shape.bs > s.options.max_bs)
-    fail(ErrorCode::invalid_shape, "x.shape[0] (BS)", concat(shape.bs), concat("must be <= the group's max_bs = ", s.options.max_bs));
+    fail(ErrorCode::invalid_shape, "x.shape[0] (BS)", concat(shape.bs),
+         concat("must be <= the group's max_bs = ", s.options.max_bs));
   const DispatchOutputs& out = o.out;
   for (const auto& [name, buffer] : {std::pair<const char*, const MutableTensorView*>{"out.expand_x", &out.expand_x},
                                      {"out.dynamic_scales", &out.dynamic_scales}, {"out.expand_scales", &out.expand_scales},
                                      {"out.expand_idx", &out.expand_idx}, {"out.expert_token_nums", &out.expert_token_nums},
                                      {"out.ep_recv_counts", &out.ep_recv_counts}, {"out.tp_recv_counts", &out.tp_recv_counts}}) {
     if (buffer->present())
-      fail(ErrorCode::unsupported, name, "given", "the CUDA backend returns its outputs in group memory (leave options.out empty)");
+      fail(ErrorCode::unsupported, name, "given",
+           "the CUDA backend returns its outputs in group memory (leave options.out empty)");
   }
   const int dev = s.options.device;
   require_device_tensor("x", x.data, x.numel(), dev);
@@ -401,7 +419,8 @@ CudaDispatchResult CudaGroup::dispatch(const TensorView& x, const TensorView& ex
   a.ep_recv_counts = static_cast<std::int32_t*>(s.recv_counts_out);
   a.tp_recv_counts = topo.T == 2 ? static_cast<std::int32_t*>(s.tp_counts_out) : nullptr;
   require_no_pending_error("dispatch");
-  s.enqueue_or_break(cuda::enqueue_dispatch(s.dev, a, s.sort, s.mirror, reinterpret_cast<cudaStream_t>(stream)), "dispatch");
+  s.enqueue_or_break(cuda::enqueue_dispatch(s.dev, a, s.sort, s.mirror, reinterpret_cast<cudaStream_t>(stream)),
+                     "dispatch");
   s.dispatched = true;
   s.combined_since_dispatch = false;
   s.last_shape = shape;
@@ -436,16 +455,19 @@ TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expe
   contract::CombineCounts counts;
   const contract::CallShape shape =
       contract::check_combine(s.config, expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, o, &counts, contract::Values::on_device);
-  if (!s.dispatched) fail(ErrorCode::invalid_argument, "combine", "before any dispatch", "needs a dispatch on this group first");
+  if (!s.dispatched)
+    fail(ErrorCode::invalid_argument, "combine", "before any dispatch", "needs a dispatch on this group first");
   if (s.combined_since_dispatch)
-    fail(ErrorCode::invalid_argument, "combine", "a second combine", "the CUDA backend pairs one combine with each dispatch");
+    fail(ErrorCode::invalid_argument, "combine", "a second combine",
+         "the CUDA backend pairs one combine with each dispatch");
   if (shape.bs != s.last_shape.bs || shape.k != s.last_shape.k || shape.h != s.last_shape.h) {
     fail(ErrorCode::invalid_shape, "expert_ids.shape / expand_x.shape[1]",
          concat("(", shape.bs, ", ", shape.k, ") / ", shape.h),
          concat("must be the latest dispatch's (", s.last_shape.bs, ", ", s.last_shape.k, ") / ", s.last_shape.h));
   }
   if (expand_x.dtype != s.last_dtype)
-    fail(ErrorCode::invalid_dtype, "expand_x.dtype", std::string(dtype_name(expand_x.dtype)), concat("must be the dispatched x's dtype ", dtype_name(s.last_dtype)));
+    fail(ErrorCode::invalid_dtype, "expand_x.dtype", std::string(dtype_name(expand_x.dtype)),
+         concat("must be the dispatched x's dtype ", dtype_name(s.last_dtype)));
   const int dev = s.options.device;
   require_device_tensor("expand_x", expand_x.data, expand_x.numel(), dev);
   require_device_tensor("expert_ids", expert_ids.data, expert_ids.numel(), dev);
@@ -463,14 +485,17 @@ TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expe
   const std::byte* region = s.window + s.off.combine_rows;
   if (!a.staged_in_place && x_begin >= region && x_begin < region + s.off.receive_rows * static_cast<std::int64_t>(s.off.combine_pitch)) {
     fail(ErrorCode::invalid_argument, "expand_x", "a view of combine_buffer()",
-         o.comm_quant_mode == 2 ? "cannot be staged in place with comm_quant_mode 2 (quantization rewrites those rows): pass it from other memory"
-                                : "must be exactly combine_buffer(dtype) (same start and row stride) when it lies in it");
+         o.comm_quant_mode == 2
+             ? "cannot be staged in place with comm_quant_mode 2 (quantization rewrites those rows): pass it from "
+               "other memory"
+             : "must be exactly combine_buffer(dtype) (same start and row stride) when it lies in it");
   }
   if (o.out.present() && shape.bs > 0) {  // the source ranks read the window while this rank writes out
     const auto* first = static_cast<const std::byte*>(o.out.data);
     const std::byte* last = first + ((shape.bs - 1) * o.out.strides[0] + (shape.h - 1) * o.out.strides[1] + 1) * 2;
     if (first < s.window + s.off.total && last > s.window) {
-      fail(ErrorCode::invalid_argument, "out", "a view of the group's window", "must not lie in the group's window (peers read it during combine)");
+      fail(ErrorCode::invalid_argument, "out", "a view of the group's window",
+           "must not lie in the group's window (peers read it during combine)");
     }
   }
   MutableTensorView out = o.out.present() ? o.out : matrix_view(s.combine_out, expand_x.dtype, shape.bs, shape.h);

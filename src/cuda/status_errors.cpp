@@ -9,7 +9,6 @@
 
 namespace moedist::cuda {
 
-
 namespace {
 
 const char* phase_name(Phase p) {
@@ -65,7 +64,8 @@ void throw_status_error(const Status& st, int me, std::int64_t call_k) {
       fail(code, concat("tp_send_counts[", st.index, "]"), concat(st.value),
            concat("must equal the latest dispatch's tp_recv_counts (", st.limit, ")"));
     case Rule::expand_x_rows:
-      fail(code, "expand_x.shape[0]", concat(st.value), concat("must be >= the latest dispatch's ", st.limit, " valid rows"));
+      fail(code, "expand_x.shape[0]", concat(st.value),
+           concat("must be >= the latest dispatch's ", st.limit, " valid rows"));
     case Rule::peer_failed:
       throw PeerError(code, st.peer, phase, concat("rank ", me, ": rank ", st.peer, " failed in the same call (", phase, "); see its error"));
     case Rule::timeout:

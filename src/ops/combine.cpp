@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <cstring>
 
-#include "contract/checks.h"
 #include "common/format.h"
+#include "contract/checks.h"
 #include "contract/shared_split.h"
 #include "kernels/row_kernels.h"
 #include "ops/group_state.h"

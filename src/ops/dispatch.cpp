@@ -4,8 +4,8 @@
 #include <algorithm>
 #include <cstring>
 
-#include "contract/checks.h"
 #include "common/format.h"
+#include "contract/checks.h"
 #include "contract/record_checks.h"
 #include "contract/shared_split.h"
 #include "kernels/row_kernels.h"
@@ -524,7 +524,8 @@ void copy_to_caller_buffers(const DispatchCall& c, DispatchResult& result) {
     if (buffer->present() && buffer->rows() < valid) {
       const char* name = buffer == &out.expand_x ? "out.expand_x" : buffer == &out.dynamic_scales ? "out.dynamic_scales" : "out.expand_scales";
       fail(ErrorCode::capacity, concat(name, ".shape[0]"), concat(buffer->rows()),
-           concat("this call produced ", valid, " rows on this shared-expert rank, more than A * max(T, 1) because "
+           concat("this call produced ", valid,
+                  " rows on this shared-expert rank, more than A * max(T, 1) because "
                   "ranks have different BS; size buffers with capacity().max_receive_rows"));
     }
   }

@@ -8,7 +8,6 @@
 
 namespace moedist {
 
-
 namespace {
 std::int64_t error_code_of(const std::exception_ptr& e, std::string* message) {
   try {

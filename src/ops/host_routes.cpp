@@ -6,7 +6,6 @@
 
 namespace moedist {
 
-
 void HostRoutes::build(const contract::Topology& topo, const std::vector<int>& host_of) {
   const int n = topo.world_size();
   host_of_ = host_of;

@@ -14,8 +14,9 @@ int env_int(const char* name, bool required, int fallback) {
   const char* text = std::getenv(name);
   if (text == nullptr || *text == '\0') {
     if (!required) return fallback;
-    fail(ErrorCode::invalid_argument, name, "unset",
-         "must be set (start the ranks with `moedist launch`, or set MOEDIST_RANK, MOEDIST_WORLD_SIZE and MOEDIST_JOB)");
+    fail(
+        ErrorCode::invalid_argument, name, "unset",
+        "must be set (start the ranks with `moedist launch`, or set MOEDIST_RANK, MOEDIST_WORLD_SIZE and MOEDIST_JOB)");
   }
   char* end = nullptr;
   errno = 0;

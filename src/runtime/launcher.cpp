@@ -58,8 +58,7 @@ LaunchResult launch(const LaunchOptions& options) {
     fail_value("tp_world_size (--tp)", options.tp_world_size, "must be 0, 1 or 2");
   if (options.tp_world_size == 2 && options.ranks % 2 != 0)
     fail_value("ranks (-n)", options.ranks, "must be even with a TP domain of 2 (--tp 2)");
-  if (options.argv.empty())
-    fail(ErrorCode::invalid_argument, "program", "none", "name the program to start after --");
+  if (options.argv.empty()) fail(ErrorCode::invalid_argument, "program", "none", "name the program to start after --");
 
   LaunchResult result;
   result.job = options.job.empty() ? new_job_name() : options.job;

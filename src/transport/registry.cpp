@@ -10,7 +10,7 @@ namespace {
 
 #ifdef MOEDIST_HAVE_MPI
 constexpr bool kHaveMpi = true;
-constexpr std::string_view kNoMpi = "";
+constexpr std::string_view kNoMpi;
 #else
 constexpr bool kHaveMpi = false;
 constexpr std::string_view kNoMpi =
@@ -21,7 +21,8 @@ constexpr std::string_view kNoMpi =
 // In the order the CLI lists them. The ids index this array (transport_kind relies on it).
 constexpr TransportKind kKinds[] = {
     {TransportId::inproc, "inproc", "a thread per rank in this process", RankModel::threads, "", true, ""},
-    {TransportId::shm, "shm", "a process per rank (started like `moedist launch` does), connected through shared memory",
+    {TransportId::shm, "shm",
+     "a process per rank (started like `moedist launch` does), connected through shared memory",
      RankModel::local_processes, "", true, ""},
     {TransportId::mpi, "mpi", "the processes of mpirun, on one or more hosts", RankModel::launcher, "mpirun -np N",
      kHaveMpi, kNoMpi},
@@ -50,7 +51,8 @@ std::vector<std::string> transport_names() {
 }
 
 void require_available(const TransportKind& kind, std::string_view what) {
-  if (!kind.available) throw Error(ErrorCode::unsupported, std::string(what) + ": " + std::string(kind.why_unavailable));
+  if (!kind.available)
+    throw Error(ErrorCode::unsupported, std::string(what) + ": " + std::string(kind.why_unavailable));
 }
 
 }  // namespace moedist

@@ -19,9 +19,9 @@ enum class TransportId {
 
 // How the ranks of a transport come to be, which decides how a tool starts them.
 enum class RankModel {
-  threads,           // the caller runs every rank as a thread of its own process
-  local_processes,   // the caller starts a process per rank on this host (as `moedist launch` does)
-  launcher,          // an outside launcher (mpirun) started the processes; each is one rank
+  threads,          // the caller runs every rank as a thread of its own process
+  local_processes,  // the caller starts a process per rank on this host (as `moedist launch` does)
+  launcher,         // an outside launcher (mpirun) started the processes; each is one rank
 };
 
 struct TransportKind {
@@ -29,8 +29,8 @@ struct TransportKind {
   std::string_view name;         // the --transport value and the Python world kind
   std::string_view description;  // one phrase, for help texts ("a thread per rank in this process")
   RankModel ranks;
-  std::string_view launcher;     // RankModel::launcher: the command that starts the ranks ("mpirun -np N")
-  bool available;                // built into this moedist
+  std::string_view launcher;         // RankModel::launcher: the command that starts the ranks ("mpirun -np N")
+  bool available;                    // built into this moedist
   std::string_view why_unavailable;  // "" when available; else what to install or rebuild with
 };
 

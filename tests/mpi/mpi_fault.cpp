@@ -94,7 +94,7 @@ int main(int argc, char** argv) {
     o.ranks_per_node = two_hosts ? ((n + 1) / 2 + t - 1) / t * t : n;  // two hosts of about n / 2 ranks (even with TP)
     const int hosts = (n + o.ranks_per_node - 1) / o.ranks_per_node;
     const std::vector<std::string> phases = phases_of(hosts, c.tp_world_size);
-    const std::string phase = phases[rng() % phases.size()];
+    const std::string& phase = phases[rng() % phases.size()];
     const int victim = static_cast<int>(rng() % static_cast<std::uint64_t>(n));
     const bool once = phase == "join";
     const int occurrence = once ? 1 : 1 + static_cast<int>(rng() % 3);

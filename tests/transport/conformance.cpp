@@ -96,7 +96,7 @@ std::vector<std::string> run_world(TransportKind kind, int size, milliseconds ti
   std::vector<std::string> failures(static_cast<std::size_t>(size));
   if (kind == TransportKind::inproc || kind == TransportKind::inproc_hosts) {
     auto hub = std::make_shared<inproc::InProcHub>(size, timeout, std::chrono::microseconds(-1),
-                                           kind == TransportKind::inproc_hosts ? 2 : 0);
+                                                   kind == TransportKind::inproc_hosts ? 2 : 0);
     std::vector<std::thread> threads;
     for (int r = 0; r < size; ++r) {
       threads.emplace_back([&, r] {

@@ -78,7 +78,8 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
       lock.lock();
     }
     const auto deadline = std::chrono::steady_clock::now() + timeout_;
-    const bool done = cv_.wait_until(lock, deadline, [&] { return generation_.load(std::memory_order_relaxed) != gen || failed_; });
+    const bool done =
+        cv_.wait_until(lock, deadline, [&] { return generation_.load(std::memory_order_relaxed) != gen || failed_; });
     if (!done) {
       std::ostringstream missing;
       int first_missing = -1;
@@ -99,7 +100,8 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
       cv_.notify_all();
       throw PeerError(ErrorCode::timeout, first_missing, std::string(phase), msg.str());
     }
-    if (generation_.load(std::memory_order_relaxed) == gen) {  // woken by another rank's failure: report the same cause and peer
+    if (generation_.load(std::memory_order_relaxed) ==
+        gen) {  // woken by another rank's failure: report the same cause and peer
       throw PeerError(failed_code_, failed_peer_, std::string(phase),
                       "rank " + std::to_string(rank) + ": the group failed in phase '" + std::string(phase) +
                           "': " + failed_reason_);
@@ -110,9 +112,10 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
     const auto& slot = slots[static_cast<std::size_t>(r)];
     if (slot.size() != bytes) {
       throw PeerError(ErrorCode::config_mismatch, r, std::string(phase),
-                      "rank " + std::to_string(r) + " sent a " + std::to_string(slot.size()) + "-byte record in phase '" +
-                          std::string(phase) + "' where rank " + std::to_string(rank) + " expected " +
-                          std::to_string(bytes) + " bytes: the ranks disagree about the group configuration");
+                      "rank " + std::to_string(r) + " sent a " + std::to_string(slot.size()) +
+                          "-byte record in phase '" + std::string(phase) + "' where rank " + std::to_string(rank) +
+                          " expected " + std::to_string(bytes) +
+                          " bytes: the ranks disagree about the group configuration");
     }
     std::memcpy(dst + static_cast<std::size_t>(r) * bytes, slot.data(), bytes);
   }
@@ -123,11 +126,14 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
 void InProcHub::exchange(int rank, std::span<const Transport::Outgoing> out, std::span<const int> from,
                          std::span<std::vector<std::byte>> in, std::string_view phase) {
   const int parity = static_cast<int>(rounds_[static_cast<std::size_t>(rank)]++ & 1);
-  const auto box = [&](int to, int sender) { return static_cast<std::size_t>(to) * static_cast<std::size_t>(size_) + static_cast<std::size_t>(sender); };
+  const auto box = [&](int to, int sender) {
+    return static_cast<std::size_t>(to) * static_cast<std::size_t>(size_) + static_cast<std::size_t>(sender);
+  };
   for (const Transport::Outgoing& m : out) {
     if (m.peer < 0 || m.peer >= size_ || host_of(m.peer) == host_of(rank)) {
-      throw Error(ErrorCode::internal, "rank " + std::to_string(rank) + " sent a message to rank " + std::to_string(m.peer) +
-                                           ", which is not a rank of another host, in phase '" + std::string(phase) + "'");
+      throw Error(ErrorCode::internal,
+                  "rank " + std::to_string(rank) + " sent a message to rank " + std::to_string(m.peer) +
+                      ", which is not a rank of another host, in phase '" + std::string(phase) + "'");
     }
     mail_[parity][box(m.peer, rank)].assign(m.data, m.data + m.bytes);
     posted_[parity][box(m.peer, rank)] = 1;
@@ -139,8 +145,8 @@ void InProcHub::exchange(int rank, std::span<const Transport::Outgoing> out, std
     const std::size_t b = box(rank, from[i]);
     if (posted_[parity][b] == 0) {
       throw PeerError(ErrorCode::protocol, from[i], std::string(phase),
-                      "rank " + std::to_string(rank) + " expected a message from rank " + std::to_string(from[i]) + " in phase '" +
-                          std::string(phase) + "' and got none");
+                      "rank " + std::to_string(rank) + " expected a message from rank " + std::to_string(from[i]) +
+                          " in phase '" + std::string(phase) + "' and got none");
     }
     posted_[parity][b] = 0;
     in[i].swap(mail_[parity][b]);
@@ -187,8 +193,9 @@ void InProcTransport::resize_window(std::size_t bytes, std::string_view phase) {
   for (int r = 0; r < hub_->size(); ++r) {
     if (all[static_cast<std::size_t>(r)] != 0) {
       throw PeerError(ErrorCode::capacity, r, std::string(phase),
-                      "rank " + std::to_string(r) + " could not allocate its " + (r == rank_ ? std::to_string(bytes) + "-byte " : "") +
-                          "window in phase '" + std::string(phase) + "'");
+                      "rank " + std::to_string(r) + " could not allocate its " +
+                          (r == rank_ ? std::to_string(bytes) + "-byte " : "") + "window in phase '" +
+                          std::string(phase) + "'");
     }
   }
 }

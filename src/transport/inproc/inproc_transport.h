@@ -53,8 +53,8 @@ class InProcHub {
   std::atomic<std::uint64_t> generation_{0};  // written under mu_; read without it while spinning
   std::atomic<bool> failed_flag_{false};      // mirrors failed_ for the spinning readers
   int arrived_ = 0;
-  std::vector<std::uint64_t> arrived_at_;             // per rank: 1 + the generation it last entered
-  std::vector<std::vector<std::byte>> slots_[2];      // double-buffered by generation parity
+  std::vector<std::uint64_t> arrived_at_;         // per rank: 1 + the generation it last entered
+  std::vector<std::vector<std::byte>> slots_[2];  // double-buffered by generation parity
   std::vector<bool> claimed_;
   bool failed_ = false;
   int failed_peer_ = -1;

@@ -17,7 +17,8 @@ InProcessWorld::InProcessWorld(int world_size, RuntimeOptions options) : hub_(st
   if (world_size < 1) fail_value("world_size", world_size, "must be >= 1");
   if (options.wait.timeout.count() <= 0) fail_value("timeout (ms)", options.wait.timeout.count(), "must be > 0");
   if (options.ranks_per_host < 0) fail_value("RuntimeOptions::ranks_per_host", options.ranks_per_host, "must be >= 0");
-  hub_->hub = std::make_shared<inproc::InProcHub>(world_size, options.wait.timeout, options.spin, options.ranks_per_host);
+  hub_->hub =
+      std::make_shared<inproc::InProcHub>(world_size, options.wait.timeout, options.spin, options.ranks_per_host);
 }
 
 InProcessWorld::~InProcessWorld() = default;

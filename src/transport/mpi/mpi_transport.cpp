@@ -45,7 +45,8 @@ int ranks_per_node_setting(const MpiOptions& o) {
   char* end = nullptr;
   const long v = std::strtol(text, &end, 10);
   if (end == text || *end != '\0' || v < 1 || v > (1 << 20)) {
-    fail(ErrorCode::invalid_argument, "MOEDIST_RANKS_PER_NODE", text, "must be a positive integer (ranks per virtual host)");
+    fail(ErrorCode::invalid_argument, "MOEDIST_RANKS_PER_NODE", text,
+         "must be a positive integer (ranks per virtual host)");
   }
   return static_cast<int>(v);
 }
@@ -76,7 +77,8 @@ MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
     throw Error(ErrorCode::invalid_argument, "join_mpi: MPI is not initialized (call MPI_Init or MPI_Init_thread first, and "
                                              "MPI_Finalize only after the group is destroyed)");
   }
-  if (comm == MPI_COMM_NULL) moedist::fail(ErrorCode::invalid_argument, "comm", "MPI_COMM_NULL", "must be a communicator of the group's ranks");
+  if (comm == MPI_COMM_NULL)
+    moedist::fail(ErrorCode::invalid_argument, "comm", "MPI_COMM_NULL", "must be a communicator of the group's ranks");
   const int rpn = ranks_per_node_setting(options);
   MPI_Comm_size(comm, &size_);
   if (rank < 0 || rank >= size_) fail_value("rank", rank, concat("must be in [0, ", size_, "), the size of comm"));

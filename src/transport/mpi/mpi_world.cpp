@@ -5,13 +5,14 @@
 
 namespace moedist {
 
-
 namespace {
 int comm_size_of(MPI_Comm comm) {
   int initialized = 0;
   MPI_Initialized(&initialized);
-  if (initialized == 0) throw Error(ErrorCode::invalid_argument, "join_mpi: MPI is not initialized (call MPI_Init first)");
-  if (comm == MPI_COMM_NULL) fail(ErrorCode::invalid_argument, "comm", "MPI_COMM_NULL", "must be a communicator of the group's ranks");
+  if (initialized == 0)
+    throw Error(ErrorCode::invalid_argument, "join_mpi: MPI is not initialized (call MPI_Init first)");
+  if (comm == MPI_COMM_NULL)
+    fail(ErrorCode::invalid_argument, "comm", "MPI_COMM_NULL", "must be a communicator of the group's ranks");
   int size = 0;
   MPI_Comm_size(comm, &size);
   return size;
@@ -20,7 +21,8 @@ int comm_size_of(MPI_Comm comm) {
 
 std::unique_ptr<Group> join_mpi(MPI_Comm comm, const GroupConfig& config, const MpiOptions& options) {
   validate_config(config);
-  if (options.wait.timeout.count() <= 0) fail_value("MpiOptions::timeout (ms)", options.wait.timeout.count(), "must be > 0");
+  if (options.wait.timeout.count() <= 0)
+    fail_value("MpiOptions::timeout (ms)", options.wait.timeout.count(), "must be > 0");
   const int world = config.ep_world_size * tp_domain_size(config);
   const int size = comm_size_of(comm);
   if (size != world) {

@@ -216,8 +216,9 @@ void ShmTransport::wait_for(int peer, std::uint32_t target, Clock::time_point de
     const auto now = Clock::now();
     if (now >= deadline) {
       fail(PeerError(ErrorCode::timeout, peer, phase,
-                     "rank " + std::to_string(rank()) + ": timed out after " + std::to_string(options_.wait.timeout.count()) +
-                         " ms in phase '" + phase + "' waiting for rank " + std::to_string(peer)));
+                     "rank " + std::to_string(rank()) + ": timed out after " +
+                         std::to_string(options_.wait.timeout.count()) + " ms in phase '" + phase +
+                         "' waiting for rank " + std::to_string(peer)));
     }
     // Sleep until the peer publishes (it wakes us), or 20 ms pass and we look at its liveness again.
     const auto slice = std::min<Clock::duration>(deadline - now, std::chrono::milliseconds(20));

@@ -10,7 +10,8 @@ namespace moedist {
 
 std::unique_ptr<Group> join_shm(const GroupConfig& config, const std::string& job, const ShmOptions& options) {
   validate_config(config);
-  if (options.wait.timeout.count() <= 0) fail_value("ShmOptions::timeout (ms)", options.wait.timeout.count(), "must be > 0");
+  if (options.wait.timeout.count() <= 0)
+    fail_value("ShmOptions::timeout (ms)", options.wait.timeout.count(), "must be > 0");
   const int world = config.ep_world_size * tp_domain_size(config);
   auto transport = std::make_unique<shm::ShmTransport>(job, global_rank(config), world, options);
   return std::make_unique<Group>(config, std::move(transport));
@@ -23,8 +24,7 @@ std::unique_ptr<Group> join_shm_from_env(GroupConfig config, const ShmOptions& o
   config.ep_rank_id = env.rank / t;
   config.tp_rank_id = env.rank % t;
   if (config.ep_world_size * t != env.world_size) {
-    fail(ErrorCode::config_mismatch, "ep_world_size * max(tp_world_size, 1)",
-         concat(config.ep_world_size * t),
+    fail(ErrorCode::config_mismatch, "ep_world_size * max(tp_world_size, 1)", concat(config.ep_world_size * t),
          concat("must equal MOEDIST_WORLD_SIZE = ", env.world_size));
   }
   return join_shm(config, env.job, options);
