@@ -3,8 +3,8 @@
 //
 // This is the extension interface for new transports (docs/architecture.md, "Adding a transport"):
 // a transport is a subclass in a folder of its own under src/transport/, made by that folder's join
-// function and listed in the registry (registry.h). tests/transport_conformance_test.cpp checks the
-// guarantees below; every implementation must give all of them.
+// function and listed in the registry (registry.h). tests/transport/conformance.cpp checks the
+// guarantees below over every transport; every implementation must give all of them.
 //
 // Ranks and hosts. rank() is this rank's place in 0..size()-1, fixed for the transport's life. Ranks
 // are grouped into hosts 0..host_count()-1 (host_of(rank)); a transport without hosts has one. Ranks of
@@ -21,9 +21,10 @@
 // this rank's window to at least the bytes asked for and keeps one that is already long enough. The
 // new window's contents are unspecified, but the previous window stays mapped, its contents intact,
 // until the next resize_window, so that views into it which a caller passes back stay valid for the
-// call that resized. After resize_window returns on every rank, each rank sees every same-host rank's
-// new window through window(rank) and window_size(rank); ranks of other hosts have window(rank) ==
-// nullptr.
+// call that resized. A rank's view of the windows (window(rank), window_size(rank)) changes only when
+// its own resize_window returns, never under it while it still reads a peer's window from the previous
+// step; from then on it sees every same-host rank's new window, and ranks of other hosts have
+// window(rank) == nullptr.
 #pragma once
 
 #include <chrono>
