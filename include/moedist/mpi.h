@@ -3,8 +3,10 @@
 // (docs/mpi.md). Available when moedist was built with MPI (`moedist --version` says).
 //
 // MPI must be initialized (MPI_Init or MPI_Init_thread) before a group is made and finalized only after
-// every group is destroyed. A group makes its MPI calls from the thread that calls dispatch and
-// combine; MPI_THREAD_FUNNELED or better is enough when that is not the main thread.
+// every group is destroyed. A group makes its MPI calls from the thread that calls join_mpi, dispatch and
+// combine (one call at a time). With MPI_THREAD_SINGLE or MPI_THREAD_FUNNELED that must be the main
+// thread (join_mpi checks, with MPI_Is_thread_main, and throws invalid_argument otherwise); from any
+// other thread, initialize MPI at MPI_THREAD_SERIALIZED or better and do not call MPI elsewhere meanwhile.
 #pragma once
 
 #include <mpi.h>

@@ -79,6 +79,21 @@ MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
   }
   if (comm == MPI_COMM_NULL)
     moedist::fail(ErrorCode::invalid_argument, "comm", "MPI_COMM_NULL", "must be a communicator of the group's ranks");
+  // The group makes its MPI calls from the thread that calls join, dispatch and combine, one at a time.
+  // Below MPI_THREAD_SERIALIZED that is allowed only from the main thread (the one that initialized MPI).
+  int provided = MPI_THREAD_SINGLE;
+  MPI_Query_thread(&provided);
+  if (provided < MPI_THREAD_SERIALIZED) {
+    int is_main = 0;
+    MPI_Is_thread_main(&is_main);
+    if (is_main == 0) {
+      moedist::fail(ErrorCode::invalid_argument, "MPI thread level",
+                    provided == MPI_THREAD_SINGLE ? "MPI_THREAD_SINGLE" : "MPI_THREAD_FUNNELED",
+                    "allows MPI calls only from the main thread, but join_mpi was called from another: join, dispatch "
+                    "and combine from the main thread, or initialize MPI with MPI_Init_thread at "
+                    "MPI_THREAD_SERIALIZED or MPI_THREAD_MULTIPLE");
+    }
+  }
   const int rpn = ranks_per_node_setting(options);
   MPI_Comm_size(comm, &size_);
   if (rank < 0 || rank >= size_) fail_value("rank", rank, concat("must be in [0, ", size_, "), the size of comm"));
