@@ -36,6 +36,9 @@ struct MpiOptions {
   // Test hook: called with the phase name as every collective step starts (fault-injection tests kill
   // the process from here). Leave empty in production.
   std::function<void(std::string_view phase)> on_phase;
+  // Test hook: when > 0, the longest message one rank may send another in a step (MPI's own limit is
+  // 2^31 - 1 bytes), so that tests reach the "message too long" error without 2 GiB of data. Leave 0.
+  std::size_t test_message_limit = 0;
 };
 
 // Joins the group as the rank `config` names. `comm` holds exactly the ep_world_size * max(tp_world_size, 1)

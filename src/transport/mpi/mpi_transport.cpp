@@ -69,7 +69,12 @@ std::string mpi_error_text(int code) {
 }  // namespace
 
 MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
-    : rank_(rank), timeout_(options.wait.timeout), wait_(wait_policy(options.spin, 1)), on_phase_(options.on_phase) {
+    : rank_(rank),
+      timeout_(options.wait.timeout),
+      wait_(wait_policy(options.spin, 1)),
+      on_phase_(options.on_phase),
+      message_limit_(options.test_message_limit > 0 ? std::min<std::size_t>(options.test_message_limit, INT_MAX)
+                                                    : INT_MAX) {
   int initialized = 0, finalized = 0;
   MPI_Initialized(&initialized);
   MPI_Finalized(&finalized);
@@ -225,9 +230,9 @@ int MpiTransport::next_tag() {
   return tag_;
 }
 
-void MpiTransport::send_notices(int lost, const std::string& how) {
+void MpiTransport::send_notices(int lost, ErrorCode code, const std::string& how) {
   if (!shm_ || lost < 0 || lost >= size_ || !notices_.empty()) return;  // before joining finished there is nobody to tell
-  Notice& n = notices_.emplace_back(Notice{lost, {}});
+  Notice& n = notices_.emplace_back(Notice{lost, static_cast<std::int32_t>(code), {}});
   std::strncpy(n.how, how.c_str(), sizeof n.how - 1);
   std::vector<MPI_Request> sent;
   for (int r = 0; r < size_; ++r) {
@@ -270,8 +275,15 @@ void MpiTransport::watch_peers(std::vector<Pending>& pending, const std::vector<
     n.how[sizeof n.how - 1] = '\0';
     if (cause_ < 0 && count == static_cast<int>(sizeof n) && n.dead >= 0 && n.dead < size_) {
       cause_ = n.dead;
+      cause_code_ =
+          n.code == static_cast<std::int32_t>(ErrorCode::capacity) ? ErrorCode::capacity : ErrorCode::peer_lost;
       cause_how_ = n.how;
     }
+  }
+  if (cause_ >= 0 && cause_code_ == ErrorCode::capacity) {
+    fail(PeerError(ErrorCode::capacity, cause_, std::string(phase),
+                   concat("rank ", rank_, ": ", describe(cause_), " could not send its message in phase '", phase,
+                          "', as it reported: ", cause_how_)));
   }
   if (cause_ >= 0) {
     fail(PeerError(ErrorCode::peer_lost, cause_, std::string(phase),
@@ -317,7 +329,12 @@ void MpiTransport::fail(const PeerError& error) {
   failed_reason_ = error.what();
   // The other ranks are told which rank this one lost, so that they name it too (and at once), rather
   // than this rank, which leaves the group now.
-  if (error.code() == ErrorCode::peer_lost || error.code() == ErrorCode::timeout) send_notices(error.peer(), error.what());
+  // A message too long for MPI fails the whole group the same way, at once: its peers would otherwise
+  // wait for it until their timeout.
+  if (error.code() == ErrorCode::peer_lost || error.code() == ErrorCode::timeout ||
+      error.code() == ErrorCode::capacity) {
+    send_notices(error.peer(), error.code(), error.what());
+  }
   // Receives are cancelled and sends released; a nonblocking collective (joining's MPI_Comm_idup) can
   // be neither, so it stays as it is (the transport is unusable from here on).
   for (Pending& p : pending_) {
@@ -431,13 +448,19 @@ void MpiTransport::exchange(std::span<const Outgoing> out, std::span<const int> 
   require_usable(phase);
   if (on_phase_) on_phase_(phase);
   const int tag = next_tag();
-  pending_.clear();
+  // Every message is checked before any is posted: an error mid-round would leave sends in flight. One
+  // too long fails the group on every rank (the notices of fail()), so nobody waits for this rank.
   for (const Outgoing& m : out) {
     if (m.peer < 0 || m.peer >= size_ || m.peer == rank_) throw Error(ErrorCode::internal, concat("exchange to rank ", m.peer));
-    if (m.bytes > static_cast<std::size_t>(INT_MAX)) {
-      throw Error(ErrorCode::capacity, concat("phase '", phase, "': a ", m.bytes, "-byte message to rank ", m.peer,
-                                              " is longer than one MPI message can be (2^31 - 1 bytes); use smaller batches"));
+    if (m.bytes > message_limit_) {
+      fail(PeerError(
+          ErrorCode::capacity, rank_, std::string(phase),
+          concat("rank ", rank_, ": phase '", phase, "': a ", m.bytes, "-byte message to rank ", m.peer,
+                 " is longer than one MPI message can be (", message_limit_, " bytes); use smaller batches")));
     }
+  }
+  pending_.clear();  // all completed: the last call waited for every request it posted
+  for (const Outgoing& m : out) {
     MPI_Request req = MPI_REQUEST_NULL;
     check(MPI_Isend(m.data, static_cast<int>(m.bytes), MPI_BYTE, comm_rank_of_[static_cast<std::size_t>(m.peer)], tag, comm_, &req), m.peer,
           phase, "MPI_Isend");
