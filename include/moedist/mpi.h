@@ -1,4 +1,4 @@
-// Groups over MPI, for ranks on several machines. Ranks on one host (MPI_COMM_TYPE_SHARED) share memory
+// Groups over MPI, for ranks on several machines. Ranks on one host (one machine: hostname and boot id) share memory
 // as with join_shm; only the traffic between hosts goes through MPI, once per token and host
 // (docs/mpi.md). Available when moedist was built with MPI (`moedist --version` says).
 //
@@ -29,7 +29,7 @@ struct MpiOptions {
   // ShmOptions::spin.
   std::chrono::microseconds spin{-1};
   // Virtual hosts: 0 takes MOEDIST_RANKS_PER_NODE from the environment when set, else the real nodes
-  // (MPI_COMM_TYPE_SHARED). n > 0 splits each node's ranks, in global-rank order, into hosts of n ranks
+  // (hostname and boot id). n > 0 splits each node's ranks, in global-rank order, into hosts of n ranks
   // whose traffic between each other goes through MPI as if they were separate machines. With TP,
   // n must be even (a TP pair shares a host).
   int ranks_per_node = 0;

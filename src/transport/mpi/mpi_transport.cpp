@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -24,6 +25,7 @@ struct Hello {
   std::int32_t rank;
   std::int32_t ranks_per_node;
   char name[MPI_MAX_PROCESSOR_NAME];
+  char boot_id[40];  // with name, tells the ranks of one running machine (a recycled hostname is another boot)
 };
 
 struct Place {
@@ -57,6 +59,16 @@ int ranks_per_node_setting(const MpiOptions& o) {
 void full_barrier() noexcept {
   static std::atomic<int> word{0};
   word.fetch_add(0, std::memory_order_seq_cst);
+}
+
+// This boot of this machine (Linux); empty where it cannot be read, and the hostname alone decides.
+void read_boot_id(char (&out)[40]) {
+  std::FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "re");
+  if (f == nullptr) return;
+  const std::size_t n = std::fread(out, 1, sizeof out - 1, f);
+  std::fclose(f);
+  out[n] = '\0';
+  if (char* newline = std::strchr(out, '\n')) *newline = '\0';
 }
 
 std::string mpi_error_text(int code) {
@@ -129,6 +141,7 @@ MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
   hello.ranks_per_node = rpn;
   int name_len = 0;
   MPI_Get_processor_name(hello.name, &name_len);
+  read_boot_id(hello.boot_id);
   std::vector<Hello> hellos(static_cast<std::size_t>(size_));
   allgather(&hello, sizeof hello, hellos.data(), "join");
   rank_ = group_rank;
@@ -149,14 +162,22 @@ MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
   }
   for (int r = 0; r < size_; ++r) comm_rank_of_[static_cast<std::size_t>(r)] = claimed[static_cast<std::size_t>(r)];
 
-  // 2. Nodes: the ranks that can share memory. MPI_Comm_split_type has no nonblocking form; every rank
-  //    has just answered the hello, so all are here.
-  MPI_Comm node = MPI_COMM_NULL;
-  check(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node), -1, "join", "MPI_Comm_split_type");
+  // 2. Nodes: the ranks that can share memory, those of one machine (hostname and boot id from the
+  //    hello). Not MPI_Comm_split_type: it blocks, and after a step that timed out on some rank, the
+  //    ranks whose step completed would wait in it forever for that one.
+  const auto same_machine = [](const Hello& a, const Hello& b) {
+    return strnlen(a.name, sizeof a.name) == strnlen(b.name, sizeof b.name) &&
+           std::strncmp(a.name, b.name, sizeof a.name) == 0 &&
+           std::strncmp(a.boot_id, b.boot_id, sizeof a.boot_id) == 0;
+  };
+  const Hello& own = hellos[static_cast<std::size_t>(comm_rank_of_[static_cast<std::size_t>(rank_)])];
   Place place{};
-  check(MPI_Allreduce(&rank_, &place.node, 1, MPI_INT, MPI_MIN, node), -1, "join", "MPI_Allreduce");
-  MPI_Comm_size(node, &place.node_size);
-  MPI_Comm_free(&node);
+  place.node = size_;
+  for (int r = 0; r < size_; ++r) {
+    if (!same_machine(own, hellos[static_cast<std::size_t>(comm_rank_of_[static_cast<std::size_t>(r)])])) continue;
+    place.node = std::min(place.node, r);
+    ++place.node_size;
+  }
   const std::string job = new_job_name();
   std::strncpy(place.job, job.c_str(), sizeof place.job - 1);
   std::vector<Place> places(static_cast<std::size_t>(size_));
