@@ -125,6 +125,18 @@ MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
   check(MPI_Comm_idup(comm, &comm_, &dup), -1, "join", "MPI_Comm_idup");
   pending_.assign(1, Pending{dup, -1, -1});
   wait_all(pending_, "join");
+  // A constructor that throws runs no destructor: free the duplicate here, or every failed join leaks a
+  // communicator. (One whose MPI_Comm_idup timed out cannot be: a pending collective cannot be cancelled.)
+  struct FreeOnThrow {
+    MPI_Comm* comm;
+    bool armed = true;
+    explicit FreeOnThrow(MPI_Comm* c) : comm(c) {}
+    FreeOnThrow(const FreeOnThrow&) = delete;
+    FreeOnThrow& operator=(const FreeOnThrow&) = delete;
+    ~FreeOnThrow() {
+      if (armed && *comm != MPI_COMM_NULL) MPI_Comm_free(comm);
+    }
+  } free_on_throw{&comm_};
   MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
   void* tag_ub = nullptr;
   int has_tag_ub = 0;
@@ -226,6 +238,7 @@ MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
   std::vector<SizeNote> notes(static_cast<std::size_t>(size_));
   allgather(&note, sizeof note, notes.data(), "join");
   for (int r = 0; r < size_; ++r) sizes_[static_cast<std::size_t>(r)] = notes[static_cast<std::size_t>(r)].bytes;
+  free_on_throw.armed = false;
 }
 
 MpiTransport::~MpiTransport() {
