@@ -1,10 +1,12 @@
-// Groups over MPI, for ranks on several machines. Ranks on one host (MPI_COMM_TYPE_SHARED) share memory
+// Groups over MPI, for ranks on several machines. Ranks on one host (one machine: hostname and boot id) share memory
 // as with join_shm; only the traffic between hosts goes through MPI, once per token and host
 // (docs/mpi.md). Available when moedist was built with MPI (`moedist --version` says).
 //
 // MPI must be initialized (MPI_Init or MPI_Init_thread) before a group is made and finalized only after
-// every group is destroyed. A group makes its MPI calls from the thread that calls dispatch and
-// combine; MPI_THREAD_FUNNELED or better is enough when that is not the main thread.
+// every group is destroyed. A group makes its MPI calls from the thread that calls join_mpi, dispatch and
+// combine (one call at a time). With MPI_THREAD_SINGLE or MPI_THREAD_FUNNELED that must be the main
+// thread (join_mpi checks, with MPI_Is_thread_main, and throws invalid_argument otherwise); from any
+// other thread, initialize MPI at MPI_THREAD_SERIALIZED or better and do not call MPI elsewhere meanwhile.
 #pragma once
 
 #include <mpi.h>
@@ -27,13 +29,16 @@ struct MpiOptions {
   // ShmOptions::spin.
   std::chrono::microseconds spin{-1};
   // Virtual hosts: 0 takes MOEDIST_RANKS_PER_NODE from the environment when set, else the real nodes
-  // (MPI_COMM_TYPE_SHARED). n > 0 splits each node's ranks, in global-rank order, into hosts of n ranks
+  // (hostname and boot id). n > 0 splits each node's ranks, in global-rank order, into hosts of n ranks
   // whose traffic between each other goes through MPI as if they were separate machines. With TP,
   // n must be even (a TP pair shares a host).
   int ranks_per_node = 0;
   // Test hook: called with the phase name as every collective step starts (fault-injection tests kill
   // the process from here). Leave empty in production.
   std::function<void(std::string_view phase)> on_phase;
+  // Test hook: when > 0, the longest message one rank may send another in a step (MPI's own limit is
+  // 2^31 - 1 bytes), so that tests reach the "message too long" error without 2 GiB of data. Leave 0.
+  std::size_t test_message_limit = 0;
 };
 
 // Joins the group as the rank `config` names. `comm` holds exactly the ep_world_size * max(tp_world_size, 1)

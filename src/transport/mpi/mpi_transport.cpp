@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -24,6 +25,7 @@ struct Hello {
   std::int32_t rank;
   std::int32_t ranks_per_node;
   char name[MPI_MAX_PROCESSOR_NAME];
+  char boot_id[40];  // with name, tells the ranks of one running machine (a recycled hostname is another boot)
 };
 
 struct Place {
@@ -59,6 +61,16 @@ void full_barrier() noexcept {
   word.fetch_add(0, std::memory_order_seq_cst);
 }
 
+// This boot of this machine (Linux); empty where it cannot be read, and the hostname alone decides.
+void read_boot_id(char (&out)[40]) {
+  std::FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "re");
+  if (f == nullptr) return;
+  const std::size_t n = std::fread(out, 1, sizeof out - 1, f);
+  std::fclose(f);
+  out[n] = '\0';
+  if (char* newline = std::strchr(out, '\n')) *newline = '\0';
+}
+
 std::string mpi_error_text(int code) {
   char text[MPI_MAX_ERROR_STRING];
   int len = 0;
@@ -69,7 +81,12 @@ std::string mpi_error_text(int code) {
 }  // namespace
 
 MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
-    : rank_(rank), timeout_(options.wait.timeout), wait_(wait_policy(options.spin, 1)), on_phase_(options.on_phase) {
+    : rank_(rank),
+      timeout_(options.wait.timeout),
+      wait_(wait_policy(options.spin, 1)),
+      on_phase_(options.on_phase),
+      message_limit_(options.test_message_limit > 0 ? std::min<std::size_t>(options.test_message_limit, INT_MAX)
+                                                    : INT_MAX) {
   int initialized = 0, finalized = 0;
   MPI_Initialized(&initialized);
   MPI_Finalized(&finalized);
@@ -79,6 +96,21 @@ MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
   }
   if (comm == MPI_COMM_NULL)
     moedist::fail(ErrorCode::invalid_argument, "comm", "MPI_COMM_NULL", "must be a communicator of the group's ranks");
+  // The group makes its MPI calls from the thread that calls join, dispatch and combine, one at a time.
+  // Below MPI_THREAD_SERIALIZED that is allowed only from the main thread (the one that initialized MPI).
+  int provided = MPI_THREAD_SINGLE;
+  MPI_Query_thread(&provided);
+  if (provided < MPI_THREAD_SERIALIZED) {
+    int is_main = 0;
+    MPI_Is_thread_main(&is_main);
+    if (is_main == 0) {
+      moedist::fail(ErrorCode::invalid_argument, "MPI thread level",
+                    provided == MPI_THREAD_SINGLE ? "MPI_THREAD_SINGLE" : "MPI_THREAD_FUNNELED",
+                    "allows MPI calls only from the main thread, but join_mpi was called from another: join, dispatch "
+                    "and combine from the main thread, or initialize MPI with MPI_Init_thread at "
+                    "MPI_THREAD_SERIALIZED or MPI_THREAD_MULTIPLE");
+    }
+  }
   const int rpn = ranks_per_node_setting(options);
   MPI_Comm_size(comm, &size_);
   if (rank < 0 || rank >= size_) fail_value("rank", rank, concat("must be in [0, ", size_, "), the size of comm"));
@@ -93,6 +125,18 @@ MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
   check(MPI_Comm_idup(comm, &comm_, &dup), -1, "join", "MPI_Comm_idup");
   pending_.assign(1, Pending{dup, -1, -1});
   wait_all(pending_, "join");
+  // A constructor that throws runs no destructor: free the duplicate here, or every failed join leaks a
+  // communicator. (One whose MPI_Comm_idup timed out cannot be: a pending collective cannot be cancelled.)
+  struct FreeOnThrow {
+    MPI_Comm* comm;
+    bool armed = true;
+    explicit FreeOnThrow(MPI_Comm* c) : comm(c) {}
+    FreeOnThrow(const FreeOnThrow&) = delete;
+    FreeOnThrow& operator=(const FreeOnThrow&) = delete;
+    ~FreeOnThrow() {
+      if (armed && *comm != MPI_COMM_NULL) MPI_Comm_free(comm);
+    }
+  } free_on_throw{&comm_};
   MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
   void* tag_ub = nullptr;
   int has_tag_ub = 0;
@@ -109,6 +153,7 @@ MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
   hello.ranks_per_node = rpn;
   int name_len = 0;
   MPI_Get_processor_name(hello.name, &name_len);
+  read_boot_id(hello.boot_id);
   std::vector<Hello> hellos(static_cast<std::size_t>(size_));
   allgather(&hello, sizeof hello, hellos.data(), "join");
   rank_ = group_rank;
@@ -129,14 +174,22 @@ MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
   }
   for (int r = 0; r < size_; ++r) comm_rank_of_[static_cast<std::size_t>(r)] = claimed[static_cast<std::size_t>(r)];
 
-  // 2. Nodes: the ranks that can share memory. MPI_Comm_split_type has no nonblocking form; every rank
-  //    has just answered the hello, so all are here.
-  MPI_Comm node = MPI_COMM_NULL;
-  check(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node), -1, "join", "MPI_Comm_split_type");
+  // 2. Nodes: the ranks that can share memory, those of one machine (hostname and boot id from the
+  //    hello). Not MPI_Comm_split_type: it blocks, and after a step that timed out on some rank, the
+  //    ranks whose step completed would wait in it forever for that one.
+  const auto same_machine = [](const Hello& a, const Hello& b) {
+    return strnlen(a.name, sizeof a.name) == strnlen(b.name, sizeof b.name) &&
+           std::strncmp(a.name, b.name, sizeof a.name) == 0 &&
+           std::strncmp(a.boot_id, b.boot_id, sizeof a.boot_id) == 0;
+  };
+  const Hello& own = hellos[static_cast<std::size_t>(comm_rank_of_[static_cast<std::size_t>(rank_)])];
   Place place{};
-  check(MPI_Allreduce(&rank_, &place.node, 1, MPI_INT, MPI_MIN, node), -1, "join", "MPI_Allreduce");
-  MPI_Comm_size(node, &place.node_size);
-  MPI_Comm_free(&node);
+  place.node = size_;
+  for (int r = 0; r < size_; ++r) {
+    if (!same_machine(own, hellos[static_cast<std::size_t>(comm_rank_of_[static_cast<std::size_t>(r)])])) continue;
+    place.node = std::min(place.node, r);
+    ++place.node_size;
+  }
   const std::string job = new_job_name();
   std::strncpy(place.job, job.c_str(), sizeof place.job - 1);
   std::vector<Place> places(static_cast<std::size_t>(size_));
@@ -185,6 +238,7 @@ MpiTransport::MpiTransport(MPI_Comm comm, int rank, const MpiOptions& options)
   std::vector<SizeNote> notes(static_cast<std::size_t>(size_));
   allgather(&note, sizeof note, notes.data(), "join");
   for (int r = 0; r < size_; ++r) sizes_[static_cast<std::size_t>(r)] = notes[static_cast<std::size_t>(r)].bytes;
+  free_on_throw.armed = false;
 }
 
 MpiTransport::~MpiTransport() {
@@ -210,9 +264,9 @@ int MpiTransport::next_tag() {
   return tag_;
 }
 
-void MpiTransport::send_notices(int lost, const std::string& how) {
+void MpiTransport::send_notices(int lost, ErrorCode code, const std::string& how) {
   if (!shm_ || lost < 0 || lost >= size_ || !notices_.empty()) return;  // before joining finished there is nobody to tell
-  Notice& n = notices_.emplace_back(Notice{lost, {}});
+  Notice& n = notices_.emplace_back(Notice{lost, static_cast<std::int32_t>(code), {}});
   std::strncpy(n.how, how.c_str(), sizeof n.how - 1);
   std::vector<MPI_Request> sent;
   for (int r = 0; r < size_; ++r) {
@@ -255,8 +309,15 @@ void MpiTransport::watch_peers(std::vector<Pending>& pending, const std::vector<
     n.how[sizeof n.how - 1] = '\0';
     if (cause_ < 0 && count == static_cast<int>(sizeof n) && n.dead >= 0 && n.dead < size_) {
       cause_ = n.dead;
+      cause_code_ =
+          n.code == static_cast<std::int32_t>(ErrorCode::capacity) ? ErrorCode::capacity : ErrorCode::peer_lost;
       cause_how_ = n.how;
     }
+  }
+  if (cause_ >= 0 && cause_code_ == ErrorCode::capacity) {
+    fail(PeerError(ErrorCode::capacity, cause_, std::string(phase),
+                   concat("rank ", rank_, ": ", describe(cause_), " could not send its message in phase '", phase,
+                          "', as it reported: ", cause_how_)));
   }
   if (cause_ >= 0) {
     fail(PeerError(ErrorCode::peer_lost, cause_, std::string(phase),
@@ -302,7 +363,12 @@ void MpiTransport::fail(const PeerError& error) {
   failed_reason_ = error.what();
   // The other ranks are told which rank this one lost, so that they name it too (and at once), rather
   // than this rank, which leaves the group now.
-  if (error.code() == ErrorCode::peer_lost || error.code() == ErrorCode::timeout) send_notices(error.peer(), error.what());
+  // A message too long for MPI fails the whole group the same way, at once: its peers would otherwise
+  // wait for it until their timeout.
+  if (error.code() == ErrorCode::peer_lost || error.code() == ErrorCode::timeout ||
+      error.code() == ErrorCode::capacity) {
+    send_notices(error.peer(), error.code(), error.what());
+  }
   // Receives are cancelled and sends released; a nonblocking collective (joining's MPI_Comm_idup) can
   // be neither, so it stays as it is (the transport is unusable from here on).
   for (Pending& p : pending_) {
@@ -416,13 +482,19 @@ void MpiTransport::exchange(std::span<const Outgoing> out, std::span<const int> 
   require_usable(phase);
   if (on_phase_) on_phase_(phase);
   const int tag = next_tag();
-  pending_.clear();
+  // Every message is checked before any is posted: an error mid-round would leave sends in flight. One
+  // too long fails the group on every rank (the notices of fail()), so nobody waits for this rank.
   for (const Outgoing& m : out) {
     if (m.peer < 0 || m.peer >= size_ || m.peer == rank_) throw Error(ErrorCode::internal, concat("exchange to rank ", m.peer));
-    if (m.bytes > static_cast<std::size_t>(INT_MAX)) {
-      throw Error(ErrorCode::capacity, concat("phase '", phase, "': a ", m.bytes, "-byte message to rank ", m.peer,
-                                              " is longer than one MPI message can be (2^31 - 1 bytes); use smaller batches"));
+    if (m.bytes > message_limit_) {
+      fail(PeerError(
+          ErrorCode::capacity, rank_, std::string(phase),
+          concat("rank ", rank_, ": phase '", phase, "': a ", m.bytes, "-byte message to rank ", m.peer,
+                 " is longer than one MPI message can be (", message_limit_, " bytes); use smaller batches")));
     }
+  }
+  pending_.clear();  // all completed: the last call waited for every request it posted
+  for (const Outgoing& m : out) {
     MPI_Request req = MPI_REQUEST_NULL;
     check(MPI_Isend(m.data, static_cast<int>(m.bytes), MPI_BYTE, comm_rank_of_[static_cast<std::size_t>(m.peer)], tag, comm_, &req), m.peer,
           phase, "MPI_Isend");

@@ -61,7 +61,7 @@ class MpiTransport final : public Transport {
   // an unmatched sender) has exited or was killed (its shared-memory connection closed).
   void watch_peers(std::vector<Pending>& pending, const std::vector<int>& unmatched, std::string_view phase);
   // Tells every other rank that `lost` was lost (a notice on the reserved tag), without waiting.
-  void send_notices(int lost, const std::string& how);
+  void send_notices(int lost, ErrorCode code, const std::string& how);
 
   MPI_Comm comm_ = MPI_COMM_NULL;  // private duplicate; comm rank != group rank in general
   int rank_ = 0, size_ = 0;
@@ -77,10 +77,13 @@ class MpiTransport final : public Transport {
   int tag_ = 0, tag_limit_ = 32767;  // data tags cycle through [1, tag_limit_); tag_limit_ carries notices
   std::vector<Pending> pending_;
   std::function<void(std::string_view)> on_phase_;
+  std::size_t message_limit_;         // longest MPI message (MpiOptions::test_message_limit lowers it)
   int cause_ = -1;                    // the rank another rank reported lost (a notice), or -1
+  ErrorCode cause_code_ = ErrorCode::peer_lost;
   std::string cause_how_;
   struct Notice {
     std::int32_t dead;
+    std::int32_t code;  // the ErrorCode every rank raises: peer_lost, or capacity for a message too long
     char how[500];
   };
   std::vector<Notice> notices_;       // sent without waiting; kept alive until the transport goes
