@@ -309,8 +309,11 @@ void MpiTransport::watch_peers(std::vector<Pending>& pending, const std::vector<
     n.how[sizeof n.how - 1] = '\0';
     if (cause_ < 0 && count == static_cast<int>(sizeof n) && n.dead >= 0 && n.dead < size_) {
       cause_ = n.dead;
-      cause_code_ =
-          n.code == static_cast<std::int32_t>(ErrorCode::capacity) ? ErrorCode::capacity : ErrorCode::peer_lost;
+      // The reporter's code travels with the notice: a peer that timed out on a rank is late, not dead,
+      // for every rank it tells (a rank the reporter saw die stays lost).
+      cause_code_ = n.code == static_cast<std::int32_t>(ErrorCode::capacity)  ? ErrorCode::capacity
+                    : n.code == static_cast<std::int32_t>(ErrorCode::timeout) ? ErrorCode::timeout
+                                                                              : ErrorCode::peer_lost;
       cause_how_ = n.how;
     }
   }
@@ -318,6 +321,11 @@ void MpiTransport::watch_peers(std::vector<Pending>& pending, const std::vector<
     fail(PeerError(ErrorCode::capacity, cause_, std::string(phase),
                    concat("rank ", rank_, ": ", describe(cause_), " could not send its message in phase '", phase,
                           "', as it reported: ", cause_how_)));
+  }
+  if (cause_ >= 0 && cause_code_ == ErrorCode::timeout) {
+    fail(PeerError(ErrorCode::timeout, cause_, std::string(phase),
+                   concat("rank ", rank_, ": ", describe(cause_), " did not arrive in time in phase '", phase,
+                          "', as another rank reported: ", cause_how_)));
   }
   if (cause_ >= 0) {
     fail(PeerError(ErrorCode::peer_lost, cause_, std::string(phase),
