@@ -56,13 +56,15 @@ struct CudaGroupOptions {
 // Outputs of a dispatch, in device memory. valid_rows is not known on the host until synchronize():
 // read last_valid_rows() then, or use ep_recv_counts / tp_recv_counts on the GPU.
 struct CudaDispatchResult {
-  TensorView expand_x;           // (A * max(T,1), H): views into this rank's window, valid until the next dispatch
-  TensorView dynamic_scales;     // (A * max(T,1),) fp32
+  // Rows R * max(T,1) with R = the most rows this rank can receive: A, except on a shared-expert rank
+  // with global_bs != 0 and uneven BS, where it can be more (capacity().max_receive_rows).
+  TensorView expand_x;           // (R * max(T,1), H): views into this rank's window, valid until the next dispatch
+  TensorView dynamic_scales;     // (R * max(T,1),) fp32
   TensorView expand_idx;         // (BS * K,) int32
   TensorView expert_token_nums;  // (local_expert_num,) int64
   TensorView ep_recv_counts;     // (W * local_expert_num * (T == 2 ? 2 : 1),) int32
   TensorView tp_recv_counts;     // (2,) int32 when T == 2, else absent
-  TensorView expand_scales;      // (A * max(T,1),) fp32 when expert_scales was given, else absent
+  TensorView expand_scales;      // (R * max(T,1),) fp32 when expert_scales was given, else absent
   std::int64_t A = 0;            // the contract's capacity for this call
 };
 

@@ -430,7 +430,10 @@ CudaDispatchResult CudaGroup::dispatch(const TensorView& x, const TensorView& ex
   CudaDispatchResult r;
   const int me_ep = s.config.ep_rank_id;
   r.A = topo.capacity_a(me_ep, shape.bs, shape.k);
-  const std::int64_t rows = r.A * topo.T;
+  // A shared-expert rank can receive more than A rows when ranks have different BS (global_bs != 0);
+  // the views cover every row this call can produce, as the CPU path's outputs do, so that they can be
+  // read up to valid_rows and passed back to combine. The window is sized for this bound.
+  const std::int64_t rows = topo.receive_rows(me_ep, shape.bs, shape.k) * topo.T;
   r.expand_x = matrix_view(s.window + s.off.expand_x, o.quant_mode == 2 ? DType::int8 : x.dtype, rows, shape.h);
   r.dynamic_scales = vector_view(s.window + s.off.dynamic_scales, DType::fp32, rows);
   if (o.expert_scales.present()) r.expand_scales = vector_view(s.window + s.off.expand_scales, DType::fp32, rows);
