@@ -72,7 +72,8 @@ class CudaGroup {
  public:
   // Joins the group of job `job` (every process of the job calls it with its own config): the ranks of
   // the job meet over the shared-memory bootstrap (abstract Unix sockets, as join_shm), allocate their
-  // windows on their devices and open each other's through CUDA IPC. Collective.
+  // windows on their devices and open each other's through CUDA IPC. Collective. The calling thread's
+  // current device is the same afterwards; destruction synchronizes the group's device from any thread.
   static std::unique_ptr<CudaGroup> join(const GroupConfig& config, const std::string& job, const CudaGroupOptions& options);
   ~CudaGroup();
   CudaGroup(const CudaGroup&) = delete;

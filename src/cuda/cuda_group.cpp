@@ -141,7 +141,12 @@ struct CudaGroup::State {
   void release() noexcept {
     // Kernels of this rank may still be running (a group destroyed without synchronize()); every wait
     // in them ends by the timeout. Then all ranks meet, so that no rank frees its window or closes a
-    // peer's while a peer's kernels may still touch it.
+    // peer's while a peer's kernels may still touch it. cudaDeviceSynchronize waits for the current
+    // device only: the group's is made current (the destroying thread's may be another) and the
+    // caller's restored at the end.
+    int previous = -1;
+    const bool switched = cudaGetDevice(&previous) == cudaSuccess && previous != options.device &&
+                          cudaSetDevice(options.device) == cudaSuccess;
     cudaDeviceSynchronize();
     cudaGetLastError();
     if (bootstrap) {
@@ -162,6 +167,8 @@ struct CudaGroup::State {
     window = nullptr;
     if (mirror != nullptr) cudaFreeHost(mirror);
     mirror = nullptr;
+    if (switched) cudaSetDevice(previous);
+    cudaGetLastError();
   }
 
   // A launch that failed after the call's first kernel leaves this rank a call behind its peers on the
@@ -297,7 +304,9 @@ std::unique_ptr<CudaGroup> CudaGroup::join(const GroupConfig& config, const std:
   if (!available(&reason))
     fail(ErrorCode::unsupported, "CUDA device", "none", concat("a CUDA group needs one: ", reason));
   if (opts.device < 0) check_cuda(cudaGetDevice(&opts.device), "cudaGetDevice");
-  check_cuda(cudaSetDevice(opts.device), "cudaSetDevice");
+  // The group's device is current while joining; the caller's is restored however join ends (declared
+  // before the state, so that a failed join's teardown still runs on the group's device).
+  const DeviceGuard on_device(opts.device);
 
   auto state = std::make_unique<State>(config, opts);
   State& s = *state;
