@@ -103,9 +103,13 @@ class CudaGroup {
   // Waits for `stream` and throws the first error the GPU recorded (ValidationError for a bad argument,
   // PeerError for a peer's failure, timeout or malformed record).
   void synchronize(Stream stream);
-  // Throws an error recorded by the calls synchronize() already waited for (no waiting).
+  // Throws an error recorded by the calls synchronize() already waited for (no waiting). The host
+  // reads the GPU's status only in synchronize(), after waiting for the stream that copies it out (the
+  // calls' stream): an error of a call not yet synchronized is not seen here, nor by the next call's
+  // host-side check.
   void check() const;
-  // The latest dispatch's valid rows (own + TP peer's), as of the last synchronize().
+  // The latest dispatch's valid rows (own + TP peer's), as of the last synchronize() (0 before the
+  // first; a dispatch not yet synchronized does not change it).
   std::int64_t last_valid_rows() const;
 
   struct State;

@@ -114,6 +114,10 @@ struct CudaGroup::State {
   std::byte** window_table = nullptr;          // device copy of every rank's base
   cuda::Status* status = nullptr;              // device
   cuda::Status* mirror = nullptr;              // pinned host copy, refreshed at the end of every call
+  // What the host knows: the mirror as of the last synchronize(). The mirror itself is written by a copy
+  // on the stream that may still be running (a torn status, an error reported before synchronize()
+  // saw it), so the host reads it only right after waiting for that stream.
+  cuda::Status seen{};
   std::vector<void*> allocations;              // device scratch
   void* combine_out = nullptr;                 // (max_bs, H) 16-bit
   void* expand_idx_out = nullptr;
@@ -182,9 +186,7 @@ struct CudaGroup::State {
 
   void throw_if_failed() const {
     if (!broken.empty()) throw Error(ErrorCode::internal, broken);
-    cuda::Status st;
-    std::memcpy(&st, mirror, sizeof(st));  // written by the copy that ends every call
-    cuda::throw_status_error(st, dev.me, last_shape.k);
+    cuda::throw_status_error(seen, dev.me, last_shape.k);
   }
 };
 
@@ -523,15 +525,13 @@ TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expe
 void CudaGroup::synchronize(Stream stream) {
   const DeviceGuard on_device(state_->options.device);
   check_cuda(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)), "cudaStreamSynchronize");
+  // The calls' copies into the mirror ran on this stream (all calls of a group use one stream): done now.
+  std::memcpy(&state_->seen, state_->mirror, sizeof(state_->seen));
   state_->throw_if_failed();
 }
 
 void CudaGroup::check() const { state_->throw_if_failed(); }
 
-std::int64_t CudaGroup::last_valid_rows() const {
-  cuda::Status st;
-  std::memcpy(&st, state_->mirror, sizeof(st));
-  return st.valid_rows;
-}
+std::int64_t CudaGroup::last_valid_rows() const { return state_->seen.valid_rows; }
 
 }  // namespace moedist::cuda

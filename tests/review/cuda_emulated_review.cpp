@@ -4,7 +4,9 @@
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <cstdint>
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -73,6 +75,70 @@ TEST(CudaTeardown, SynchronizesTheGroupsDeviceAndRestoresTheCallers) {
     if (!freed) problems += "teardown freed no memory of device 1; ";
     cudaGetDevice(&current);
     if (current != 0) problems += "teardown changed this thread's device to " + std::to_string(current) + "; ";
+    return problems;
+  });
+  for (std::size_t g = 0; g < results.size(); ++g) {
+    EXPECT_TRUE(results[g].finished) << "rank " << g << " died";
+    EXPECT_EQ(results[g].text, "") << "rank " << g;
+  }
+}
+
+// A device copy of n values.
+template <class T>
+void* to_device(const std::vector<T>& values) {
+  void* p = nullptr;
+  if (cudaMalloc(&p, values.size() * sizeof(T)) != cudaSuccess) throw std::runtime_error("cudaMalloc");
+  cudaMemcpy(p, values.data(), values.size() * sizeof(T), cudaMemcpyHostToDevice);
+  return p;
+}
+
+// Item 11: the host reads the status the calls copy into the pinned mirror only as of the last
+// synchronize() (the copy of a call not yet waited for may still be running). The emulation runs every
+// copy at once, so reading the mirror live would show a call's status before synchronize(): check()
+// must not throw and last_valid_rows() must not change until synchronize() has waited for the call.
+TEST(CudaStatusMirror, ReadOnlyAsOfTheLastSynchronize) {
+  const std::string job = job_name("mirror");
+  const auto results = run_in_children(2, [&](int g) -> std::string {
+    std::unique_ptr<cuda::CudaGroup> group = cuda::CudaGroup::join(config_of(g), job, options_on(0));
+    std::string problems;
+    std::vector<std::uint16_t> x_host(2 * 8, 0x3f80);  // bf16 1.0
+    void* x = to_device(x_host);
+    // Call 1: valid ids (every token to expert g): each rank receives rows.
+    void* ids = to_device(std::vector<std::int32_t>{g, g});
+    const TensorView xv = matrix_view(x, DType::bf16, 2, 8);
+    group->dispatch(xv, matrix_view(ids, DType::int32, 2, 1), {}, nullptr);
+    if (group->last_valid_rows() != 0)
+      problems +=
+          "last_valid_rows() = " + std::to_string(group->last_valid_rows()) + " before synchronize() (want 0); ";
+    group->synchronize(nullptr);
+    if (group->last_valid_rows() != 2)
+      problems += "last_valid_rows() = " + std::to_string(group->last_valid_rows()) + " after synchronize() (want 2); ";
+    // Call 2: rank 1 passes an expert id out of range; its error is known only after synchronize().
+    void* bad = to_device(std::vector<std::int32_t>{g == 1 ? 9 : 0, 0});
+    group->dispatch(xv, matrix_view(bad, DType::int32, 2, 1), {}, nullptr);
+    try {
+      group->check();
+    } catch (const Error& e) {
+      problems += std::string("check() threw before synchronize(): ") + e.what() + "; ";
+    }
+    bool thrown = false;
+    try {
+      group->synchronize(nullptr);
+    } catch (const Error&) {
+      thrown = true;
+    }
+    if (!thrown) problems += "synchronize() did not report the bad id; ";
+    thrown = false;
+    try {
+      group->check();
+    } catch (const Error&) {
+      thrown = true;
+    }
+    if (!thrown) problems += "check() after synchronize() did not report it; ";
+    group.reset();
+    cudaFree(x);
+    cudaFree(ids);
+    cudaFree(bad);
     return problems;
   });
   for (std::size_t g = 0; g < results.size(); ++g) {
