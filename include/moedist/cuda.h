@@ -56,13 +56,15 @@ struct CudaGroupOptions {
 // Outputs of a dispatch, in device memory. valid_rows is not known on the host until synchronize():
 // read last_valid_rows() then, or use ep_recv_counts / tp_recv_counts on the GPU.
 struct CudaDispatchResult {
-  TensorView expand_x;           // (A * max(T,1), H): views into this rank's window, valid until the next dispatch
-  TensorView dynamic_scales;     // (A * max(T,1),) fp32
+  // Rows R * max(T,1) with R = the most rows this rank can receive: A, except on a shared-expert rank
+  // with global_bs != 0 and uneven BS, where it can be more (capacity().max_receive_rows).
+  TensorView expand_x;           // (R * max(T,1), H): views into this rank's window, valid until the next dispatch
+  TensorView dynamic_scales;     // (R * max(T,1),) fp32
   TensorView expand_idx;         // (BS * K,) int32
   TensorView expert_token_nums;  // (local_expert_num,) int64
   TensorView ep_recv_counts;     // (W * local_expert_num * (T == 2 ? 2 : 1),) int32
   TensorView tp_recv_counts;     // (2,) int32 when T == 2, else absent
-  TensorView expand_scales;      // (A * max(T,1),) fp32 when expert_scales was given, else absent
+  TensorView expand_scales;      // (R * max(T,1),) fp32 when expert_scales was given, else absent
   std::int64_t A = 0;            // the contract's capacity for this call
 };
 
@@ -70,7 +72,8 @@ class CudaGroup {
  public:
   // Joins the group of job `job` (every process of the job calls it with its own config): the ranks of
   // the job meet over the shared-memory bootstrap (abstract Unix sockets, as join_shm), allocate their
-  // windows on their devices and open each other's through CUDA IPC. Collective.
+  // windows on their devices and open each other's through CUDA IPC. Collective. The calling thread's
+  // current device is the same afterwards; destruction synchronizes the group's device from any thread.
   static std::unique_ptr<CudaGroup> join(const GroupConfig& config, const std::string& job, const CudaGroupOptions& options);
   ~CudaGroup();
   CudaGroup(const CudaGroup&) = delete;
@@ -100,9 +103,13 @@ class CudaGroup {
   // Waits for `stream` and throws the first error the GPU recorded (ValidationError for a bad argument,
   // PeerError for a peer's failure, timeout or malformed record).
   void synchronize(Stream stream);
-  // Throws an error recorded by the calls synchronize() already waited for (no waiting).
+  // Throws an error recorded by the calls synchronize() already waited for (no waiting). The host
+  // reads the GPU's status only in synchronize(), after waiting for the stream that copies it out (the
+  // calls' stream): an error of a call not yet synchronized is not seen here, nor by the next call's
+  // host-side check.
   void check() const;
-  // The latest dispatch's valid rows (own + TP peer's), as of the last synchronize().
+  // The latest dispatch's valid rows (own + TP peer's), as of the last synchronize() (0 before the
+  // first; a dispatch not yet synchronized does not change it).
   std::int64_t last_valid_rows() const;
 
   struct State;

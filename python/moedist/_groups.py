@@ -7,6 +7,11 @@ moedist *world*: processes over shared memory (a job), or an MPI communicator. A
 ``moedist launch``), ``new_group_from_mpi`` (an mpi4py communicator), or named from a
 torch.distributed process group with ``get_hccl_comm_name`` (as torch_npu's example does). The
 operators join the C++ group the first time a name is used with a configuration, and reuse it after.
+Threads of a process that use one group share that C++ group: its calls (which run without the GIL)
+are serialized by a lock of the group, one call at a time, so each call's results are those of a
+single-threaded run of the same calls in the order they took the lock. The calls stay collective:
+every rank must make them in the same order. The first use (the join) is not locked: make it from one
+thread before others share the group.
 """
 import hashlib
 import os

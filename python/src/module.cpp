@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "dlpack_view.h"
@@ -105,10 +106,13 @@ class PyGroup {
     o.quant_mode = quant_mode;
     o.expert_token_nums_type = expert_token_nums_type;
     DispatchResult r;
+    std::unique_lock<std::mutex> serial(*mutex_, std::defer_lock);
     {
       py::gil_scoped_release unlocked;
+      serial.lock();  // taken without the GIL, so that a thread waiting here never blocks the holder
       r = group_->dispatch(bx.view, bids.view, o);
     }
+    // Still locked while the results are copied: they are group-owned buffers the next call reuses.
     const GroupConfig& c = group_->config();
     const std::int64_t t = std::max(c.tp_world_size, 1);
     const std::int64_t rows = std::max(r.A * t, r.valid_rows);  // torch_npu's A * max(T, 1) (more on a rare shared rank)
@@ -153,6 +157,7 @@ class PyGroup {
     }
     {
       py::gil_scoped_release unlocked;
+      const std::lock_guard<std::mutex> serial(*mutex_);
       group_->combine(x, bids.view, bidx.view, bcounts.view, bweights.view, o);
     }
     return out;
@@ -174,7 +179,12 @@ class PyGroup {
   }
 
   py::dict traffic() const {
-    const TrafficCounters& t = group_->traffic();
+    TrafficCounters t;
+    {
+      py::gil_scoped_release unlocked;
+      const std::lock_guard<std::mutex> serial(*mutex_);
+      t = group_->traffic();
+    }
     py::dict d;
     d["dispatch_rows_sent"] = t.dispatch_rows_sent;
     d["dispatch_bytes_sent"] = t.dispatch_bytes_sent;
@@ -189,6 +199,10 @@ class PyGroup {
 
  private:
   std::unique_ptr<Group> group_;
+  // One C++ group serves every Python thread of the process that names it (group_for caches it per
+  // world and config), and the GIL is released during its calls: this serializes them, since a Group's
+  // calls must not overlap (they share its buffers, call counter and transport).
+  std::unique_ptr<std::mutex> mutex_ = std::make_unique<std::mutex>();
 };
 
 // moedist errors as moedist._errors exceptions, with the C++ message and fields.

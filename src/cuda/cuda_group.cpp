@@ -114,6 +114,10 @@ struct CudaGroup::State {
   std::byte** window_table = nullptr;          // device copy of every rank's base
   cuda::Status* status = nullptr;              // device
   cuda::Status* mirror = nullptr;              // pinned host copy, refreshed at the end of every call
+  // What the host knows: the mirror as of the last synchronize(). The mirror itself is written by a copy
+  // on the stream that may still be running (a torn status, an error reported before synchronize()
+  // saw it), so the host reads it only right after waiting for that stream.
+  cuda::Status seen{};
   std::vector<void*> allocations;              // device scratch
   void* combine_out = nullptr;                 // (max_bs, H) 16-bit
   void* expand_idx_out = nullptr;
@@ -141,7 +145,12 @@ struct CudaGroup::State {
   void release() noexcept {
     // Kernels of this rank may still be running (a group destroyed without synchronize()); every wait
     // in them ends by the timeout. Then all ranks meet, so that no rank frees its window or closes a
-    // peer's while a peer's kernels may still touch it.
+    // peer's while a peer's kernels may still touch it. cudaDeviceSynchronize waits for the current
+    // device only: the group's is made current (the destroying thread's may be another) and the
+    // caller's restored at the end.
+    int previous = -1;
+    const bool switched = cudaGetDevice(&previous) == cudaSuccess && previous != options.device &&
+                          cudaSetDevice(options.device) == cudaSuccess;
     cudaDeviceSynchronize();
     cudaGetLastError();
     if (bootstrap) {
@@ -162,6 +171,8 @@ struct CudaGroup::State {
     window = nullptr;
     if (mirror != nullptr) cudaFreeHost(mirror);
     mirror = nullptr;
+    if (switched) cudaSetDevice(previous);
+    cudaGetLastError();
   }
 
   // A launch that failed after the call's first kernel leaves this rank a call behind its peers on the
@@ -175,9 +186,7 @@ struct CudaGroup::State {
 
   void throw_if_failed() const {
     if (!broken.empty()) throw Error(ErrorCode::internal, broken);
-    cuda::Status st;
-    std::memcpy(&st, mirror, sizeof(st));  // written by the copy that ends every call
-    cuda::throw_status_error(st, dev.me, last_shape.k);
+    cuda::throw_status_error(seen, dev.me, last_shape.k);
   }
 };
 
@@ -297,7 +306,9 @@ std::unique_ptr<CudaGroup> CudaGroup::join(const GroupConfig& config, const std:
   if (!available(&reason))
     fail(ErrorCode::unsupported, "CUDA device", "none", concat("a CUDA group needs one: ", reason));
   if (opts.device < 0) check_cuda(cudaGetDevice(&opts.device), "cudaGetDevice");
-  check_cuda(cudaSetDevice(opts.device), "cudaSetDevice");
+  // The group's device is current while joining; the caller's is restored however join ends (declared
+  // before the state, so that a failed join's teardown still runs on the group's device).
+  const DeviceGuard on_device(opts.device);
 
   auto state = std::make_unique<State>(config, opts);
   State& s = *state;
@@ -430,7 +441,10 @@ CudaDispatchResult CudaGroup::dispatch(const TensorView& x, const TensorView& ex
   CudaDispatchResult r;
   const int me_ep = s.config.ep_rank_id;
   r.A = topo.capacity_a(me_ep, shape.bs, shape.k);
-  const std::int64_t rows = r.A * topo.T;
+  // A shared-expert rank can receive more than A rows when ranks have different BS (global_bs != 0);
+  // the views cover every row this call can produce, as the CPU path's outputs do, so that they can be
+  // read up to valid_rows and passed back to combine. The window is sized for this bound.
+  const std::int64_t rows = topo.receive_rows(me_ep, shape.bs, shape.k) * topo.T;
   r.expand_x = matrix_view(s.window + s.off.expand_x, o.quant_mode == 2 ? DType::int8 : x.dtype, rows, shape.h);
   r.dynamic_scales = vector_view(s.window + s.off.dynamic_scales, DType::fp32, rows);
   if (o.expert_scales.present()) r.expand_scales = vector_view(s.window + s.off.expand_scales, DType::fp32, rows);
@@ -511,15 +525,13 @@ TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expe
 void CudaGroup::synchronize(Stream stream) {
   const DeviceGuard on_device(state_->options.device);
   check_cuda(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)), "cudaStreamSynchronize");
+  // The calls' copies into the mirror ran on this stream (all calls of a group use one stream): done now.
+  std::memcpy(&state_->seen, state_->mirror, sizeof(state_->seen));
   state_->throw_if_failed();
 }
 
 void CudaGroup::check() const { state_->throw_if_failed(); }
 
-std::int64_t CudaGroup::last_valid_rows() const {
-  cuda::Status st;
-  std::memcpy(&st, state_->mirror, sizeof(st));
-  return st.valid_rows;
-}
+std::int64_t CudaGroup::last_valid_rows() const { return state_->seen.valid_rows; }
 
 }  // namespace moedist::cuda

@@ -2,7 +2,10 @@
 // tests call, so that the whole CudaGroup (join, IPC windows, calls, errors, teardown) runs on a CPU:
 // "device" memory is shared host memory (a memfd per allocation, so another process can open it as a
 // CUDA IPC handle through /proc/<pid>/fd/<fd>), copies are memcpy, kernels run when launched (the
-// emulated kernels of host_cuda.h), so every stream is always idle. One device, number 0.
+// emulated kernels of host_cuda.h), so every stream is always idle. One device, number 0, unless
+// MOEDIST_FAKE_CUDA_DEVICES says more (all the same CPU memory); the current device is per thread, as in
+// CUDA, and the device every synchronize and free applies to is logged (emu::device_log) so that tests
+// can check which device the group's host code targets.
 //
 // Linked instead of libcudart into cuda_group_emulation_test only; not a CUDA implementation.
 #include <cuda_runtime_api.h>
@@ -17,12 +20,14 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <string>
 #include <vector>
 
 namespace {
 
 struct Allocation {
   std::size_t bytes = 0;
+  int device = 0;    // the current device of the allocating thread
   int fd = -1;       // the memfd behind it (its IPC handle names it)
   bool opened = false;  // mapped from another process's handle
 };
@@ -32,8 +37,20 @@ std::map<const void*, Allocation>& allocations() {
   static std::map<const void*, Allocation> a;
   return a;
 }
-int current_device = 0;
+thread_local int current_device = 0;
 thread_local cudaError_t last_error = cudaSuccess;
+std::vector<std::string>& device_log() {  // guarded by mutex
+  static std::vector<std::string> log;
+  return log;
+}
+void log_call(const char* what, int device) {
+  std::lock_guard<std::mutex> lock(mutex);
+  device_log().push_back(std::string(what) + " device " + std::to_string(device));
+}
+int device_count() {
+  const char* n = std::getenv("MOEDIST_FAKE_CUDA_DEVICES");
+  return n != nullptr && std::atoi(n) > 0 ? std::atoi(n) : 1;
+}
 
 cudaError_t fail(cudaError_t e) {
   last_error = e;
@@ -66,6 +83,15 @@ thread_local Work* capturing = nullptr;
 namespace emu {
 // The capture state of host_cuda.h's enqueue(): the graph being recorded on this thread, or null.
 std::vector<std::function<void()>>*& capture_target() { return capturing; }
+// Every cudaDeviceSynchronize ("sync device D", D the calling thread's current device) and cudaFree /
+// cudaFreeHost / cudaIpcCloseMemHandle ("free device D", D the allocating thread's device; the current
+// device for host memory) since the last call, which clears it.
+std::vector<std::string> take_device_log() {
+  std::lock_guard<std::mutex> lock(mutex);
+  std::vector<std::string> out;
+  out.swap(device_log());
+  return out;
+}
 }  // namespace emu
 
 extern "C" {
@@ -79,15 +105,20 @@ cudaError_t cudaGetLastError(void) {
 }
 cudaError_t cudaPeekAtLastError(void) { return last_error; }
 cudaError_t cudaGetDeviceCount(int* count) {
-  *count = 1;
+  *count = device_count();
   return cudaSuccess;
 }
 cudaError_t cudaGetDevice(int* device) {
   *device = current_device;
   return cudaSuccess;
 }
-cudaError_t cudaSetDevice(int device) { return device == 0 ? (current_device = 0, cudaSuccess) : fail(cudaErrorInvalidDevice); }
-cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
+cudaError_t cudaSetDevice(int device) {
+  return device >= 0 && device < device_count() ? (current_device = device, cudaSuccess) : fail(cudaErrorInvalidDevice);
+}
+cudaError_t cudaDeviceSynchronize(void) {
+  log_call("sync", current_device);
+  return cudaSuccess;
+}
 cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 cudaError_t cudaStreamCreate(cudaStream_t* s) {
   *s = nullptr;
@@ -105,7 +136,7 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
   void* m = mmap(nullptr, bytes == 0 ? 1 : bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (m == MAP_FAILED) return fail(cudaErrorMemoryAllocation);
   std::lock_guard<std::mutex> lock(mutex);
-  allocations()[m] = Allocation{bytes == 0 ? 1 : bytes, fd, false};
+  allocations()[m] = Allocation{bytes == 0 ? 1 : bytes, current_device, fd, false};
   *p = m;
   return cudaSuccess;
 }
@@ -114,6 +145,7 @@ cudaError_t cudaFree(void* p) {
   std::lock_guard<std::mutex> lock(mutex);
   auto it = allocations().find(p);
   if (it == allocations().end() || it->second.opened) return fail(cudaErrorInvalidValue);
+  device_log().push_back("free device " + std::to_string(it->second.device));
   munmap(p, it->second.bytes);
   close(it->second.fd);
   allocations().erase(it);
@@ -124,6 +156,7 @@ cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned int) {
   return *p != nullptr ? cudaSuccess : fail(cudaErrorMemoryAllocation);
 }
 cudaError_t cudaFreeHost(void* p) {
+  log_call("free", current_device);
   std::free(p);
   return cudaSuccess;
 }
@@ -190,9 +223,9 @@ cudaError_t cudaPointerGetAttributes(struct cudaPointerAttributes* attr, const v
   std::memset(attr, 0, sizeof(*attr));
   std::lock_guard<std::mutex> lock(mutex);
   const void* base = nullptr;
-  if (find(p, &base) != nullptr) {
+  if (const Allocation* a = find(p, &base); a != nullptr) {
     attr->type = cudaMemoryTypeDevice;
-    attr->device = 0;
+    attr->device = a->device;
     attr->devicePointer = const_cast<void*>(p);
   } else {
     attr->type = cudaMemoryTypeUnregistered;
@@ -224,7 +257,7 @@ cudaError_t cudaIpcOpenMemHandle(void** p, cudaIpcMemHandle_t handle, unsigned i
   close(fd);
   if (m == MAP_FAILED) return fail(cudaErrorMapBufferObjectFailed);
   std::lock_guard<std::mutex> lock(mutex);
-  allocations()[m] = Allocation{h.bytes, -1, true};
+  allocations()[m] = Allocation{h.bytes, current_device, -1, true};
   *p = m;
   return cudaSuccess;
 }
@@ -232,6 +265,7 @@ cudaError_t cudaIpcCloseMemHandle(void* p) {
   std::lock_guard<std::mutex> lock(mutex);
   auto it = allocations().find(p);
   if (it == allocations().end() || !it->second.opened) return fail(cudaErrorInvalidValue);
+  device_log().push_back("free device " + std::to_string(it->second.device));
   munmap(p, it->second.bytes);
   allocations().erase(it);
   return cudaSuccess;
@@ -256,7 +290,7 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
   return cudaSuccess;
 }
 cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp* prop, int device) {
-  if (device != 0) return fail(cudaErrorInvalidDevice);
+  if (device < 0 || device >= device_count()) return fail(cudaErrorInvalidDevice);
   std::memset(prop, 0, sizeof(*prop));
   std::snprintf(prop->name, sizeof prop->name, "emulated on the CPU (tests/cuda_emulation)");
   prop->multiProcessorCount = 1;

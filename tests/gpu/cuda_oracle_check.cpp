@@ -271,6 +271,8 @@ bool device_is_emulated() {
 
 std::string job_name(const char* what, int i) { return "gpu-" + std::string(what) + "-" + std::to_string(getpid()) + "-" + std::to_string(i); }
 
+int run_shared_uneven_case(std::chrono::milliseconds timeout);
+
 // `small`: narrow rows and few ranks, for the CPU emulation (tests/cuda_emulation/), where every
 // thread of a block is a fiber on one CPU.
 int run_oracle_cases(int cases, std::uint64_t seed, bool small, bool plant_fault, std::chrono::milliseconds timeout) {
@@ -324,11 +326,64 @@ int run_oracle_cases(int cases, std::uint64_t seed, bool small, bool plant_fault
       }
     }
   }
+  if (!small) mismatches += run_shared_uneven_case(timeout);
   // A run that checked no rank proves nothing: it fails.
   const bool pass = mismatches == 0 && rank_calls_checked > 0 && rank_calls_checked >= cases * 3;
   std::printf("gpu oracle: %d cases x 3 calls, %d rank-calls checked against the oracle, %d mismatches: %s\n", cases, rank_calls_checked,
               mismatches, pass ? "PASS" : "FAIL");
   return pass ? 0 : 1;
+}
+
+// A shared-expert rank receiving more than A rows (tests/runtime_test.cpp's
+// DispatchCapacity.SharedRankReceivesMoreThanAWithUnevenBs): W = 10, S = 5, global_bs = 30, BS
+// {3,3,3,3,3,0,3,2,3,1}, K = 1. The V1 split sends rank 0 its 3 own rows and 4 remainders: 7 rows while
+// A = 6. Dispatch's views must hold those 7 rows, and passed back to combine they must be accepted.
+int run_shared_uneven_case(std::chrono::milliseconds timeout) {
+  std::mt19937_64 rng(41);
+  casefile::Case c;
+  c.ep_world_size = 10;
+  c.moe_expert_num = 5;
+  c.shared_expert_rank_num = 5;
+  c.global_bs = 30;
+  c.dtype = DType::bf16;
+  const std::int64_t bs[10] = {3, 3, 3, 3, 3, 0, 3, 2, 3, 1};
+  const std::int64_t h = 8;
+  for (const std::int64_t rows : bs) {
+    casefile::RankInputs in;
+    in.x = Tensor(c.dtype, rows, h);
+    for (std::int64_t e = 0; e < in.x.numel(); ++e)
+      in.x.data<std::uint16_t>()[e] =
+          mt::to_half_bits(c.dtype, static_cast<float>(static_cast<int>(rng() % 2001) - 1000) / 250.0f);
+    in.expert_ids = mt::random_ids(rng, rows, 1, c.moe_expert_num);
+    in.expert_scales = Tensor(DType::fp32, rows, 1);
+    for (std::int64_t e = 0; e < rows; ++e)
+      in.expert_scales.data<float>()[e] = 0.5f + static_cast<float>(rng() % 1000) / 1000.0f;
+    c.ranks.push_back(std::move(in));
+  }
+  const std::vector<std::vector<oracle::RankOutput>> wants{oracle::run(mt::to_oracle_case(c))};
+  std::vector<casefile::Case> calls;
+  calls.push_back(std::move(c));
+  int failures = 0;
+  if (wants[0][0].valid_rows != 7) {
+    std::printf("FAIL: the oracle gives rank 0 %lld rows, not the 7 this case is about\n",
+                static_cast<long long>(wants[0][0].valid_rows));
+    ++failures;
+  }
+  for (int variant = 0; variant < 2; ++variant) {  // expert outputs from other memory, then in combine_buffer()
+    Mode mode;
+    mode.in_window = variant == 1;
+    mode.timeout = timeout;
+    const std::string job = job_name("shared-uneven", variant);
+    const auto results = fork_ranks(10, [&](int g) { return run_rank(calls, wants, g, mode, job); });
+    for (std::size_t g = 0; g < results.size(); ++g) {
+      if (!results[g].empty()) {
+        ++failures;
+        std::printf("MISMATCH shared-uneven (in_window %d) rank %zu: %s\n", variant, g, results[g].c_str());
+      }
+    }
+  }
+  std::printf("shared rank over A: %d failures: %s\n", failures, failures == 0 ? "PASS" : "FAIL");
+  return failures;
 }
 
 // The typed errors on the GPU path.
@@ -640,7 +695,7 @@ bool probe_device(std::string* reason) {
 int main(int argc, char** argv) {
   int cases = 40;
   std::uint64_t seed = 20261127;
-  bool errors = false, small = false, plant_fault = false;
+  bool errors = false, small = false, plant_fault = false, shared_uneven = false;
   long timeout_ms = 10000;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -648,10 +703,15 @@ int main(int argc, char** argv) {
     else if (a == "--seed" && i + 1 < argc) seed = std::strtoull(argv[++i], nullptr, 10);
     else if (a == "--errors") errors = true;
     else if (a == "--small") small = true;
+    else if (a == "--shared-uneven")
+      shared_uneven = true;
     else if (a == "--plant-fault") plant_fault = true;
     else if (a == "--timeout-ms" && i + 1 < argc) timeout_ms = std::atol(argv[++i]);
     else {
-      std::fprintf(stderr, "usage: %s [--cases N] [--seed S] [--small] [--plant-fault] [--timeout-ms MS] [--errors]\n", argv[0]);
+      std::fprintf(
+          stderr,
+          "usage: %s [--cases N] [--seed S] [--small] [--plant-fault] [--timeout-ms MS] [--errors] [--shared-uneven]\n",
+          argv[0]);
       return 2;
     }
   }
@@ -661,5 +721,6 @@ int main(int argc, char** argv) {
     std::printf("SKIPPED: no usable CUDA device (%s); the GPU suite runs on a machine with one\n", reason.c_str());
     return 77;
   }
+  if (shared_uneven) return run_shared_uneven_case(std::chrono::milliseconds(timeout_ms)) == 0 ? 0 : 1;
   return errors ? run_error_cases() : run_oracle_cases(cases, seed, small, plant_fault, std::chrono::milliseconds(timeout_ms));
 }
