@@ -1,6 +1,7 @@
 // Review fixes of the shared-memory transport, tested with one forked process per rank.
 #include "moedist/shm.h"
 
+#include <dirent.h>
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -8,13 +9,16 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <string>
 
 #include "moedist/error.h"
 #include "process/rank_processes.h"
 #include "transport/shm/shm_transport.h"
+#include "transport/shm/socket_mesh.h"
 
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
 #define MOEDIST_REVIEW_SANITIZER 1
@@ -106,6 +110,106 @@ TEST(ReviewShm, FailedMapOfGrownWindowFailsEveryRankAlike) {
   }
   ::munmap(reports, sizeof(Report) * kWorld);
 #endif
+}
+
+int open_fds() {
+  DIR* d = ::opendir("/proc/self/fd");
+  if (d == nullptr) return -1;
+  int n = 0;
+  while (::readdir(d) != nullptr) ++n;
+  ::closedir(d);
+  return n - 3;  // ".", ".." and the directory's own descriptor
+}
+
+int moedist_mappings() {
+  std::ifstream in("/proc/self/maps");
+  int n = 0;
+  for (std::string line; std::getline(in, line);) n += line.find("moedist-") != std::string::npos ? 1 : 0;
+  return n;
+}
+
+void set_nofile(rlim_t n) {
+  rlimit rl{};
+  ::getrlimit(RLIMIT_NOFILE, &rl);
+  rl.rlim_cur = n;
+  ::setrlimit(RLIMIT_NOFILE, &rl);
+}
+
+// Runs body in a child with only descriptors 0-2 open, so that the next descriptors are 3, 4, ...
+// and RLIMIT_NOFILE decides which creation fails. body returns "" or what went wrong.
+void in_child(const std::function<std::string()>& body) {
+  auto* text = static_cast<char*>(::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+  ASSERT_NE(text, MAP_FAILED);
+  std::strcpy(text, "the child reported nothing");
+  process::RankProcesses ranks;
+  ranks.start([&] {
+    ::alarm(60);
+    for (int fd = 3; fd < 4096; ++fd) ::close(fd);
+    const std::string failure = body();
+    std::strncpy(text, failure.c_str(), 4095);
+    return failure.empty() ? 0 : 1;
+  });
+  const auto exits = ranks.wait();
+  EXPECT_TRUE(exits[0].ok()) << exits[0].describe() << ": " << text;
+  EXPECT_STREQ(text, "");
+  ::munmap(text, 4096);
+}
+
+// Item 10: the control memfd and its mapping must not leak when the window memfd cannot be created.
+TEST(ReviewShm, NoDescriptorOrMappingLeaksWhenTheWindowCannotBeCreated) {
+  const std::string job = "review-shm-nofile-" + std::to_string(::getpid());
+  in_child([&]() -> std::string {
+    const int fds = open_fds();
+    const int maps = moedist_mappings();
+    ShmOptions options;
+    options.wait.timeout = std::chrono::milliseconds(3000);
+    set_nofile(5);  // 3: the rank's claim socket, 4: the control memfd, 5: the window memfd fails
+    bool threw = false;
+    try {
+      shm::ShmTransport t(job, 0, 1, options);
+    } catch (const Error&) {
+      threw = true;
+    }
+    set_nofile(64);
+    if (!threw) return "the transport was created despite RLIMIT_NOFILE 5";
+    if (open_fds() != fds)
+      return "descriptors leaked: " + std::to_string(open_fds()) + " open, " + std::to_string(fds) + " before";
+    if (moedist_mappings() != maps)
+      return "mappings leaked: " + std::to_string(moedist_mappings()) + " moedist mappings, " + std::to_string(maps) +
+             " before";
+    try {
+      shm::ShmTransport t(job, 0, 1, options);  // the retry joins
+    } catch (const Error& e) {
+      return std::string("the retry failed: ") + e.what();
+    }
+    return "";
+  });
+}
+
+// Item 10: the claim must not stay bound when the listener cannot be created (a retry in the same
+// process would otherwise report the rank "already taken").
+TEST(ReviewShm, NoClaimOrListenerLeaksWhenTheMeshCannotListen) {
+  const std::string job = "review-mesh-nofile-" + std::to_string(::getpid());
+  in_child([&]() -> std::string {
+    const int fds = open_fds();
+    set_nofile(4);  // 3: the claim socket; the listener's socket fails
+    bool threw = false;
+    try {
+      shm::SocketMesh m(job, 0, 2, std::chrono::steady_clock::now() + std::chrono::milliseconds(500));
+    } catch (const Error&) {
+      threw = true;
+    }
+    set_nofile(64);
+    if (!threw) return "the mesh was created despite RLIMIT_NOFILE 4";
+    if (open_fds() != fds)
+      return "descriptors leaked: " + std::to_string(open_fds()) + " open, " + std::to_string(fds) + " before";
+    try {
+      shm::SocketMesh m(job, 0, 1, std::chrono::steady_clock::now() + std::chrono::milliseconds(2000));
+    } catch (const Error& e) {
+      return std::string("the retry failed: ") + e.what();
+    }
+    return "";
+  });
 }
 
 }  // namespace

@@ -93,23 +93,24 @@ ShmTransport::ShmTransport(const std::string& job, int rank, int world_size, con
   static_assert(sizeof(Control) <= Control::kControlHead, "control head must fit its reserved bytes");
   const std::size_t control_bytes = round_to_page(Control::kControlHead + 2 * kSlotBytes);
   int control_fd = -1, window_fd = -1;
-  Mapping& own_control = controls_[static_cast<std::size_t>(rank)];
-  own_control.base = create_shared(control_bytes, "moedist-control", &control_fd);
-  own_control.size = control_bytes;
-  Control* c = new (own_control.base) Control{};
-  c->magic = kControlMagic;
-  c->version = kControlVersion;
-  c->rank = rank;
-  c->world = world_size;
-  c->owner_uid = static_cast<std::uint32_t>(::getuid());
-  c->job_hash = job_hash_;
-  c->slot_bytes = kSlotBytes;
-  Mapping& own_window = windows_[static_cast<std::size_t>(rank)];
-  own_window.base = create_shared(kPage, "moedist-window", &window_fd);
-  own_window.size = kPage;
-
   const char* phase = "connect";
   try {
+    // Inside the try: when the window cannot be created, the control segment must not leak.
+    Mapping& own_control = controls_[static_cast<std::size_t>(rank)];
+    own_control.base = create_shared(control_bytes, "moedist-control", &control_fd);
+    own_control.size = control_bytes;
+    Control* c = new (own_control.base) Control{};
+    c->magic = kControlMagic;
+    c->version = kControlVersion;
+    c->rank = rank;
+    c->world = world_size;
+    c->owner_uid = static_cast<std::uint32_t>(::getuid());
+    c->job_hash = job_hash_;
+    c->slot_bytes = kSlotBytes;
+    Mapping& own_window = windows_[static_cast<std::size_t>(rank)];
+    own_window.base = create_shared(kPage, "moedist-window", &window_fd);
+    own_window.size = kPage;
+
     const SegmentNote control_note{control_bytes}, window_note{kPage};
     for (int peer = 0; peer < world_size; ++peer) {
       if (peer == rank) continue;
@@ -133,8 +134,8 @@ ShmTransport::ShmTransport(const std::string& job, int rank, int world_size, con
       windows_[static_cast<std::size_t>(peer)] = map_peer_memfd(fd, note.bytes, peer, "window", phase);
     }
   } catch (...) {
-    ::close(control_fd);
-    ::close(window_fd);
+    if (control_fd >= 0) ::close(control_fd);
+    if (window_fd >= 0) ::close(window_fd);
     for (Mapping& m : controls_) if (m.base != nullptr) ::munmap(m.base, m.size);
     for (Mapping& m : windows_) if (m.base != nullptr) ::munmap(m.base, m.size);
     throw;
