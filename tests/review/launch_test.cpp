@@ -17,6 +17,7 @@
 #include <string>
 #include <thread>
 
+#include "common/child_processes.h"
 #include "moedist/error.h"
 #include "process/rank_processes.h"
 
@@ -130,8 +131,21 @@ TEST(ReviewLaunch, SigtermDuringStartupNeverLeavesARankOrHangs) {
   ::prctl(PR_SET_CHILD_SUBREAPER, 0);
 }
 
-// Item 8: a fork that fails after some ranks started kills and reaps them (no zombie, no rank left
-// running) and raises a named error.
+// Item 9: a body that leaves a background process behind (holding whatever descriptors it inherited)
+// must not keep run_in_children waiting for it.
+TEST(ReviewLaunch, RunInChildrenDoesNotWaitForABackgroundGrandchild) {
+  const auto start = Clock::now();
+  const std::vector<ChildResult> results =
+      run_in_children(2, [](int i) { return std::to_string(std::system("sleep 5 &")) + "/" + std::to_string(i); });
+  const auto took = Clock::now() - start;
+  ASSERT_EQ(results.size(), 2u);
+  EXPECT_TRUE(results[0].finished);
+  EXPECT_EQ(results[1].text, "0/1");
+  EXPECT_LT(took, std::chrono::milliseconds(4000));
+}
+
+// Items 8 and 9: a fork that fails after some ranks started kills and reaps them (no zombie, no rank
+// left running) and raises a named error; run_in_children passes the error on.
 TEST(ReviewLaunch, FailedForkReapsEarlierRanks) {
   pid_t started[2] = {};
   {
@@ -150,6 +164,9 @@ TEST(ReviewLaunch, FailedForkReapsEarlierRanks) {
     // Reaped, not merely killed: a zombie would still answer kill(pid, 0).
     for (const pid_t pid : started) EXPECT_EQ(::kill(pid, 0), -1) << "pid " << pid << " is still there";
   }
+  g_forks_before_failure.store(1);
+  EXPECT_THROW(run_in_children(3, [](int) { return std::string("x"); }), Error);
+  g_forks_before_failure.store(-1);
   int status = 0;
   EXPECT_EQ(::waitpid(-1, &status, WNOHANG), -1);  // nothing of ours left
   EXPECT_EQ(errno, ECHILD);
