@@ -27,11 +27,15 @@ constexpr int kMaxForwarded = 4096;
 pid_t g_forward_pids[kMaxForwarded];
 std::atomic<int> g_forward_count{0};
 std::atomic<bool> g_forwarding{false};
+// The last signal forwarded: a rank started after it (the signal came during start-up) gets it too,
+// else it would run on while its siblings stop and the launch would wait for it.
+std::atomic<int> g_forward_pending{0};
 
 constexpr int kForwarded[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT};
 struct sigaction g_previous[std::size(kForwarded)];
 
 void forward_signal(int sig) {
+  g_forward_pending.store(sig);
   const int n = g_forward_count.load();
   for (int i = 0; i < n; ++i) {
     if (g_forward_pids[i] > 0) ::kill(g_forward_pids[i], sig);
@@ -191,6 +195,7 @@ RankProcesses::RankProcesses(bool forward_signals) {
   }
   forwarding_ = true;
   g_forward_count.store(0);
+  g_forward_pending.store(0);
   struct sigaction forward {};
   forward.sa_handler = forward_signal;
   sigemptyset(&forward.sa_mask);
@@ -245,6 +250,8 @@ pid_t RankProcesses::fork_rank(const std::function<void()>& in_child) {
     if (forwarding_) {
       g_forward_pids[rank] = pid;
       g_forward_count.store(rank + 1);
+      // Signals are blocked here, so the handler either ran before (pending set) or will see this pid.
+      if (const int sig = g_forward_pending.load(); sig != 0) ::kill(pid, sig);
     }
   }
   ::pthread_sigmask(SIG_SETMASK, &previous, nullptr);

@@ -93,23 +93,24 @@ ShmTransport::ShmTransport(const std::string& job, int rank, int world_size, con
   static_assert(sizeof(Control) <= Control::kControlHead, "control head must fit its reserved bytes");
   const std::size_t control_bytes = round_to_page(Control::kControlHead + 2 * kSlotBytes);
   int control_fd = -1, window_fd = -1;
-  Mapping& own_control = controls_[static_cast<std::size_t>(rank)];
-  own_control.base = create_shared(control_bytes, "moedist-control", &control_fd);
-  own_control.size = control_bytes;
-  Control* c = new (own_control.base) Control{};
-  c->magic = kControlMagic;
-  c->version = kControlVersion;
-  c->rank = rank;
-  c->world = world_size;
-  c->owner_uid = static_cast<std::uint32_t>(::getuid());
-  c->job_hash = job_hash_;
-  c->slot_bytes = kSlotBytes;
-  Mapping& own_window = windows_[static_cast<std::size_t>(rank)];
-  own_window.base = create_shared(kPage, "moedist-window", &window_fd);
-  own_window.size = kPage;
-
   const char* phase = "connect";
   try {
+    // Inside the try: when the window cannot be created, the control segment must not leak.
+    Mapping& own_control = controls_[static_cast<std::size_t>(rank)];
+    own_control.base = create_shared(control_bytes, "moedist-control", &control_fd);
+    own_control.size = control_bytes;
+    Control* c = new (own_control.base) Control{};
+    c->magic = kControlMagic;
+    c->version = kControlVersion;
+    c->rank = rank;
+    c->world = world_size;
+    c->owner_uid = static_cast<std::uint32_t>(::getuid());
+    c->job_hash = job_hash_;
+    c->slot_bytes = kSlotBytes;
+    Mapping& own_window = windows_[static_cast<std::size_t>(rank)];
+    own_window.base = create_shared(kPage, "moedist-window", &window_fd);
+    own_window.size = kPage;
+
     const SegmentNote control_note{control_bytes}, window_note{kPage};
     for (int peer = 0; peer < world_size; ++peer) {
       if (peer == rank) continue;
@@ -133,8 +134,8 @@ ShmTransport::ShmTransport(const std::string& job, int rank, int world_size, con
       windows_[static_cast<std::size_t>(peer)] = map_peer_memfd(fd, note.bytes, peer, "window", phase);
     }
   } catch (...) {
-    ::close(control_fd);
-    ::close(window_fd);
+    if (control_fd >= 0) ::close(control_fd);
+    if (window_fd >= 0) ::close(window_fd);
     for (Mapping& m : controls_) if (m.base != nullptr) ::munmap(m.base, m.size);
     for (Mapping& m : windows_) if (m.base != nullptr) ::munmap(m.base, m.size);
     throw;
@@ -258,6 +259,52 @@ void ShmTransport::allgather(const void* in, std::size_t bytes, void* out, std::
   }
 }
 
+// After a resize in which some rank sent a new window: one small status round, so that every rank
+// learns whether any rank could not map it. A rank that kept an old mapping while its peers moved on
+// would read and write the wrong memory, so the whole group fails, alike on every rank, naming the
+// lowest rank that could not map.
+void ShmTransport::settle_mapping(const std::optional<PeerError>& own, const std::string& phase) {
+  struct MapStatus {
+    std::int32_t failed = 0;
+    std::int32_t code = 0;
+  };
+  MapStatus mine;
+  if (own) mine = MapStatus{1, static_cast<std::int32_t>(own->code())};
+  std::optional<PeerError> lost;
+  for (int peer = 0; peer < size(); ++peer) {
+    if (peer == rank()) continue;
+    try {
+      mesh_.send(peer, &mine, sizeof(mine), -1, phase.c_str());
+    } catch (const PeerError& e) {
+      if (!lost) lost = e;
+    }
+  }
+  const auto deadline = Clock::now() + options_.wait.timeout;
+  int culprit = own ? rank() : -1;
+  ErrorCode code = own ? own->code() : ErrorCode::capacity;
+  for (int peer = 0; peer < size(); ++peer) {
+    if (peer == rank()) continue;
+    MapStatus theirs;
+    try {
+      const int stray = mesh_.receive(peer, &theirs, sizeof(theirs), deadline, phase.c_str());
+      if (stray >= 0) ::close(stray);
+    } catch (const PeerError& e) {
+      if (!lost || (lost->code() != ErrorCode::peer_lost && e.code() == ErrorCode::peer_lost)) lost = e;
+      continue;
+    }
+    if (theirs.failed != 0 && (culprit < 0 || peer < culprit)) {
+      culprit = peer;
+      code = theirs.code == static_cast<std::int32_t>(ErrorCode::protocol) ? ErrorCode::protocol : ErrorCode::capacity;
+    }
+  }
+  if (lost) fail(*lost);
+  if (culprit < 0) return;
+  std::string reason = "rank " + std::to_string(culprit) + " could not map a peer's new window in phase '" + phase +
+                       "'; the ranks' views of the windows differ, so the group is unusable";
+  if (culprit == rank() && own) reason += " (" + std::string(own->what()) + ")";
+  fail(PeerError(code, culprit, phase, reason));
+}
+
 void ShmTransport::resize_window(std::size_t bytes, std::string_view phase_view) {
   enter(phase_view);
   const std::string phase(phase_view);
@@ -291,8 +338,11 @@ void ShmTransport::resize_window(std::size_t bytes, std::string_view phase_view)
         if (!lost) lost = e;
       }
     }
+    const bool sent_window = fd >= 0;
     if (fd >= 0) ::close(fd);
     int failed_peer = own_failure.empty() ? -1 : rank();
+    bool any_grew = sent_window;           // every rank sees the same notes, so all agree on this
+    std::optional<PeerError> map_failure;  // this rank could not map a peer's new window
     for (int peer = 0; peer < size(); ++peer) {
       if (peer == rank()) continue;
       SegmentNote theirs;
@@ -308,13 +358,23 @@ void ShmTransport::resize_window(std::size_t bytes, std::string_view phase_view)
         if (theirs.bytes == kAllocationFailed && failed_peer < 0) failed_peer = peer;
         continue;
       }
-      const Mapping fresh = map_peer_memfd(peer_fd, theirs.bytes, peer, "window", phase.c_str());
-      Mapping& retired = retired_[static_cast<std::size_t>(peer)];
-      if (retired.base != nullptr) ::munmap(retired.base, retired.size);
-      retired = windows_[static_cast<std::size_t>(peer)];
-      windows_[static_cast<std::size_t>(peer)] = fresh;
+      any_grew = true;
+      if (map_failure) {
+        ::close(peer_fd);  // this rank fails anyway; keep draining so no note is left in a socket
+        continue;
+      }
+      try {
+        const Mapping fresh = map_peer_memfd(peer_fd, theirs.bytes, peer, "window", phase.c_str());
+        Mapping& retired = retired_[static_cast<std::size_t>(peer)];
+        if (retired.base != nullptr) ::munmap(retired.base, retired.size);
+        retired = windows_[static_cast<std::size_t>(peer)];
+        windows_[static_cast<std::size_t>(peer)] = fresh;
+      } catch (const PeerError& e) {
+        map_failure = e;
+      }
     }
     if (lost) throw *lost;
+    if (any_grew) settle_mapping(map_failure, phase);
     if (failed_peer >= 0) {
       // The group stays usable: every rank saw the same notes and raises the same error.
       throw PeerError(ErrorCode::capacity, failed_peer, phase,
@@ -322,7 +382,7 @@ void ShmTransport::resize_window(std::size_t bytes, std::string_view phase_view)
                                             : "rank " + std::to_string(failed_peer) + " could not allocate its window in phase '" + phase + "'");
     }
   } catch (const PeerError& e) {
-    if (e.code() == ErrorCode::capacity) throw;
+    if (failed_ || e.code() == ErrorCode::capacity) throw;  // failed_: settle_mapping already failed the group
     fail(e);
   }
 }

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,7 @@ class ShmTransport final : public Transport {
   void wait_for(int peer, std::uint32_t target, std::chrono::steady_clock::time_point deadline, const char* phase);
   void enter(std::string_view phase);
   [[noreturn]] void fail(const PeerError& error);
+  void settle_mapping(const std::optional<PeerError>& own, const std::string& phase);
   Mapping map_peer_memfd(int fd, std::size_t expected, int peer, const char* what, const char* phase);
 
   ShmOptions options_;

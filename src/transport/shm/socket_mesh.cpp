@@ -123,42 +123,13 @@ SocketMesh::SocketMesh(const std::string& job, int rank, int world_size, Clock::
   mine.uid = static_cast<std::int32_t>(::getuid());
   const char* phase = "connect";
 
-  // Claim the rank for the life of the mesh: a second process that says it is this rank fails here,
-  // at once, instead of racing for the connections.
-  {
-    claim_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (claim_ < 0) fail_errno(ErrorCode::internal, rank, phase, "socket");
-    socklen_t len = 0;
-    const sockaddr_un addr = address_of(job + ".claim", rank, &len);
-    if (::bind(claim_, reinterpret_cast<const sockaddr*>(&addr), len) != 0) {
-      const int err = errno;
-      ::close(claim_);
-      claim_ = -1;
-      errno = err;
-      fail_errno(ErrorCode::config_mismatch, rank, phase,
-                 "rank " + std::to_string(rank) + " of job '" + job + "' is already taken by another process on this host");
-    }
-  }
-
-  // Listen for the higher ranks; connect to the lower ones.
+  // Everything this constructor opened is closed on any error: a destructor does not run for a
+  // constructor that throws, and a claim left bound would make a retry report "already taken".
   int listener = -1;
-  if (rank + 1 < world_size) {
-    listener = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (listener < 0) fail_errno(ErrorCode::internal, rank, phase, "socket");
-    socklen_t len = 0;
-    const sockaddr_un addr = address_of(job, rank, &len);
-    if (::bind(listener, reinterpret_cast<const sockaddr*>(&addr), len) != 0) {
-      const int err = errno;
-      ::close(listener);
-      errno = err;
-      fail_errno(ErrorCode::config_mismatch, rank, phase,
-                 "rank " + std::to_string(rank) + " of job '" + job + "' is already taken on this host (bind)");
-    }
-    if (::listen(listener, world_size) != 0) fail_errno(ErrorCode::internal, rank, phase, "listen");
-  }
   const auto cleanup = [&] {
     if (listener >= 0) ::close(listener);
-    ::close(claim_);
+    listener = -1;
+    if (claim_ >= 0) ::close(claim_);
     claim_ = -1;
     for (int& fd : fds_) {
       if (fd >= 0) ::close(fd);
@@ -166,6 +137,40 @@ SocketMesh::SocketMesh(const std::string& job, int rank, int world_size, Clock::
     }
   };
   try {
+    // Claim the rank for the life of the mesh: a second process that says it is this rank fails here,
+    // at once, instead of racing for the connections.
+    {
+      claim_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      if (claim_ < 0) fail_errno(ErrorCode::internal, rank, phase, "socket");
+      socklen_t len = 0;
+      const sockaddr_un addr = address_of(job + ".claim", rank, &len);
+      if (::bind(claim_, reinterpret_cast<const sockaddr*>(&addr), len) != 0) {
+        const int err = errno;
+        ::close(claim_);
+        claim_ = -1;
+        errno = err;
+        fail_errno(
+            ErrorCode::config_mismatch, rank, phase,
+            "rank " + std::to_string(rank) + " of job '" + job + "' is already taken by another process on this host");
+      }
+    }
+
+    // Listen for the higher ranks; connect to the lower ones.
+    if (rank + 1 < world_size) {
+      listener = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      if (listener < 0) fail_errno(ErrorCode::internal, rank, phase, "socket");
+      socklen_t len = 0;
+      const sockaddr_un addr = address_of(job, rank, &len);
+      if (::bind(listener, reinterpret_cast<const sockaddr*>(&addr), len) != 0) {
+        const int err = errno;
+        ::close(listener);
+        listener = -1;
+        errno = err;
+        fail_errno(ErrorCode::config_mismatch, rank, phase,
+                   "rank " + std::to_string(rank) + " of job '" + job + "' is already taken on this host (bind)");
+      }
+      if (::listen(listener, world_size) != 0) fail_errno(ErrorCode::internal, rank, phase, "listen");
+    }
     const auto check_peer = [&](int fd, const Hello& theirs, int expected_rank) {
       ucred cred{};
       socklen_t cred_len = sizeof(cred);
