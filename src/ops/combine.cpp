@@ -7,6 +7,7 @@
 
 #include "common/format.h"
 #include "contract/checks.h"
+#include "contract/record_checks.h"
 #include "contract/shared_split.h"
 #include "kernels/row_kernels.h"
 #include "ops/group_state.h"
@@ -21,13 +22,20 @@ namespace {
 // Start of block `index` in an inclusive prefix-sum table.
 inline std::int64_t block_begin(const std::int32_t* table, int index) { return index == 0 ? 0 : table[index - 1]; }
 
-// A peer's row table must be a prefix sum within its capacity, and TP peers must agree on each other's rows.
+// A peer's BS must be one the configuration allows (the rule of dispatch's records, which sizes its
+// window from it), its row table a prefix sum within its capacity, and TP peers must agree on each
+// other's rows.
 void check_combine_record(const Group::State& s, int r, const char* phase) {
   const contract::Topology& topo = s.topo;
   const CallHeader& hd = s.header(r);
   const std::int32_t* table = s.counts(r);
   const int ep = r / topo.T;
   const int len = topo.W * topo.local_experts(ep);
+  const std::int64_t max_bs = contract::peer_bs_limit(topo.global_bs, topo.W, s.header(s.me()).bs);
+  if (hd.bs < 0 || hd.bs > max_bs) {
+    throw PeerError(ErrorCode::protocol, r, phase,
+                    concat("rank ", s.me(), ": rank ", r, " reports BS ", hd.bs, ", outside [0, ", max_bs, "]"));
+  }
   const std::int64_t capacity = topo.receive_rows(ep, hd.bs, hd.k);
   std::int32_t prev = 0;
   for (int i = 0; i < len; ++i) {

@@ -88,9 +88,10 @@ struct Group::State {
 
   contract::SendPlan plan;        // dispatch's; backs DispatchResult::expand_idx
   contract::SendPlan route_plan;  // combine's check of the routing it is given
-  // Per destination EP rank: its ep_recv_counts (own half) as computed from the records.
-  std::vector<std::vector<std::int32_t>> dest_prefix;
-  std::vector<std::int32_t> peer_prefix;  // the TP peer's own half (T == 2)
+  // Per destination EP rank: its ep_recv_counts (own half) as computed from the records, 64-bit (rows
+  // computed from them are checked against capacities before ep_recv_counts gets them as int32).
+  std::vector<std::vector<std::int64_t>> dest_prefix;
+  std::vector<std::int64_t> peer_prefix;  // the TP peer's own half (T == 2)
 
   // Group-owned outputs.
   std::vector<std::int32_t> expand_idx, ep_recv_counts, tp_recv_counts;
@@ -98,7 +99,7 @@ struct Group::State {
   Tensor combine_out;
   std::vector<float> scratch;  // row-sized fp32 scratch (quantization, accumulation)
   // Per-call working storage, kept so that a call in steady state allocates nothing.
-  std::vector<std::int32_t> scratch_prefix;
+  std::vector<std::int64_t> scratch_prefix;
   std::vector<Destination> destinations;
   std::vector<std::int64_t> block_start;
   std::vector<RowTarget> row_targets;
