@@ -116,6 +116,24 @@ std::exception_ptr route_failure(Group::State& s, const TensorView& expert_ids, 
   return nullptr;
 }
 
+// Rows in this rank's window (combine_buffer(), or dispatch's expand_x passed back) feed one combine per
+// dispatch: the previous combine read them in place, and slower ranks may have gone on reading them
+// after it returned here, so a caller that rewrote them since may have changed what those ranks
+// summed. Refused rather than read again (group_state.h, combined_since_dispatch).
+void check_window_rows_unused(const Group::State& s, const TensorView& expand_x) {
+  if (!s.combined_since_dispatch || expand_x.data == nullptr || expand_x.rows() == 0 || expand_x.cols() == 0) return;
+  const std::int64_t last = (expand_x.rows() - 1) * expand_x.strides[0] + (expand_x.cols() - 1) * expand_x.strides[1];
+  const auto first = reinterpret_cast<std::uintptr_t>(expand_x.data);
+  const auto end = first + static_cast<std::uintptr_t>(last + 1) * dtype_size(expand_x.dtype);
+  const auto window = reinterpret_cast<std::uintptr_t>(s.transport->window(s.me()));
+  if (first < window + s.transport->window_size(s.me()) && window < end) {
+    fail(ErrorCode::invalid_argument, "expand_x", "rows in this rank's window",
+         "were read in place by the previous combine, which other ranks may still have been reading after it returned "
+         "here, so they may not be rewritten or combined again before the next dispatch: dispatch again, or pass "
+         "combine a buffer of your own");
+  }
+}
+
 // Validates locally, then publishes this rank's record with its row table (ep_send_counts, own half),
 // or its failure, and learns everyone's. Returns the checked shape; `rows` gets the row counts.
 contract::CallShape publish_records(Group::State& s, const TensorView& expand_x, const TensorView& expert_ids,
@@ -127,6 +145,7 @@ contract::CallShape publish_records(Group::State& s, const TensorView& expand_x,
   contract::CallShape shape;
   try {
     shape = contract::check_combine(s.config, expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, o, rows);
+    check_window_rows_unused(s, expand_x);
   } catch (...) {
     local_error = std::current_exception();
   }
@@ -547,6 +566,8 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
   const PublishedRows staged = stage_rows(call, route_error);
   // Carries any failure (with T = 2 the routing one was raised at combine.tp) and where each rank's rows are.
   s.step(s.topo.T == 2 ? nullptr : route_error, "combine.data", staged.offset, staged.row_bytes);
+  // From here on the other ranks of this host read this rank's rows, possibly after it has returned.
+  if (s.topo.T != 2) s.combined_since_dispatch = true;
   const MutableTensorView out = combine_output(call);
   locate_published_rows(call);
   fetch_rows_from_other_hosts(call);

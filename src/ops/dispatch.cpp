@@ -524,6 +524,7 @@ DispatchResult window_outputs(const DispatchCall& c) {
   const contract::WindowLayout& mine = c.my_layout;
   std::byte* my_window = s.transport->window(s.me());
   s.last_dispatch = c.shape;
+  s.combined_since_dispatch = false;  // this call's first exchange waited for every rank's last combine
   DispatchResult result;
   result.valid_rows = c.n_self + c.n_peer;
   result.A = mine.capacity_a;

@@ -107,6 +107,14 @@ struct Group::State {
   std::vector<std::size_t> row_bytes_of;
   std::vector<CombineTerm> terms;
   contract::CallShape last_dispatch;  // shape of the last successful dispatch (for combine_buffer())
+  // Lifetime of the rows a combine reads in place (docs/architecture.md, "Lifetimes"). Without a TP
+  // domain, the other ranks of this rank's host read its window in combine (its expert-output rows: the
+  // combine_buffer() region, or dispatch's expand_x passed back), and a faster rank returns from
+  // combine while slower ones still read. No closing barrier waits for them: the next collective call
+  // does (its first exchange). Until then those rows are not this rank's to write, which the group
+  // enforces where it can see it: combine_buffer() is absent, and a combine refuses rows in the window.
+  // The same on every rank (a rank alone on its host too), so a program behaves alike at any size.
+  bool combined_since_dispatch = false;  // T != 2 and a combine has published this rank's rows since the last dispatch
 
   // Several hosts: who carries whose rows, and the messages of the current call.
   HostRoutes routes;
