@@ -17,8 +17,10 @@ class Transport;  // internal
 
 // Caller-provided output buffers. Any subset may be given; absent ones come from the group's own
 // storage (valid until the next dispatch on this group; a window that grows keeps its previous buffer
-// until it grows again, so two combines of ever larger shapes after one dispatch would release it). Shapes must be at least the ones dispatch
-// reports (expand_x rows >= A * max(T, 1), and so on).
+// until it grows again, so two combines of ever larger shapes after one dispatch would release it).
+// Shapes must be at least the ones dispatch reports (expand_x rows >= A * max(T, 1), and so on). Rows
+// of the group's storage that are passed back to combine are read by other ranks in place: see
+// Group::combine for how long they stay theirs.
 struct DispatchOutputs {
   MutableTensorView expand_x;           // (A*max(T,1), H) int8 (quant_mode 2) or x.dtype
   MutableTensorView dynamic_scales;     // (A*max(T,1),) fp32
@@ -39,7 +41,10 @@ struct DispatchOptions {
 };
 
 // Views of the seven outputs. Only the valid prefix of expand_x / dynamic_scales / expand_scales
-// (valid_rows rows) is written; rows past it are unspecified, as on the NPU.
+// (valid_rows rows) is written; rows past it are unspecified, as on the NPU. Without caller buffers,
+// expand_x, dynamic_scales and expand_scales are views of this rank's window, readable until the next
+// dispatch. The experts may write their outputs into expand_x in place (16-bit rows) and pass it to
+// combine; from then on it must not be written until this rank's next dispatch or combine (Group::combine).
 struct DispatchResult {
   TensorView expand_x;
   TensorView dynamic_scales;     // present (A*max(T,1) long) for every quant_mode; meaningful for quant_mode 2
@@ -98,16 +103,30 @@ class Group {
 
   // torch_npu.npu_moe_distribute_combine. Returns (BS, H) in expand_x's dtype: options.out if given,
   // else group storage valid until the next combine on this group.
+  //
+  // Lifetime of the rows it reads. Without a TP domain (T <= 1) the other ranks of this rank's host read
+  // its expert-output rows straight from its window: combine_buffer(), dispatch's expand_x passed back,
+  // or the copy combine stages there from any other expand_x. combine has no closing barrier (it would
+  // cost every call a round of waiting), so it may return here while slower ranks still read them.
+  // They stay theirs until this rank's next collective call on the group, dispatch or combine, whose
+  // first exchange waits for every rank to finish this combine. Until then do not write
+  // combine_buffer() or dispatch's expand_x; the group refuses what it can see of that: combine_buffer()
+  // is absent, and a combine whose expand_x lies in this rank's window raises invalid_argument (on every
+  // rank) instead of reading rows that may have been rewritten. Combining again from a buffer of the
+  // caller's own is fine. With T = 2 the rows read by others are staged by combine in a region no view
+  // exposes, and none of this applies.
   TensorView combine(const TensorView& expand_x, const TensorView& expert_ids, const TensorView& expand_idx,
                      const TensorView& ep_send_counts, const TensorView& expert_scales,
                      const CombineOptions& options = {});
 
   const TrafficCounters& traffic() const noexcept;
 
-  // A (rows, H) view in this rank's communication window, after a dispatch and until the next one,
-  // where the experts can write their outputs (rows in expand_x order). Passed to combine as expand_x,
-  // its rows are read by the source ranks in place, with no copy. Absent with a TP domain (T = 2), whose
-  // reduce needs both halves, and before the first dispatch.
+  // A (rows, H) view in this rank's communication window, after a dispatch and until the combine that
+  // reads it, where the experts can write their outputs (rows in expand_x order). Passed to combine as
+  // expand_x, its rows are read by the source ranks in place, with no copy, possibly after combine has
+  // returned here: do not write it again before the next dispatch (see combine). Absent with a TP domain
+  // (T = 2), whose reduce needs both halves, before the first dispatch, and from a combine until the
+  // next dispatch.
   MutableTensorView combine_buffer(DType dtype);
 
   struct State;  // implementation detail (src/ops/group_state.h)

@@ -3,6 +3,7 @@
 // operators and the CUDA protocol (src/cuda/protocol.h) compute the same layout with the same code.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "common/hd.h"
@@ -23,17 +24,26 @@ MOEDIST_HD std::int64_t block_rows(int S, int L, const Records& records, int des
 // ep_recv_counts of EP rank `dest` (its own half): the inclusive prefix sums over its blocks in
 // (local expert, source rank) order, W * (dest < S ? 1 : L) entries, into out (unless null). Returns
 // the rows dest receives in all. records(r) is source rank r's send-count record; dest_bs dest's BS.
-template <class Records>
+// The sums are 64-bit: peers' records can add up past 2^31 before anyone has compared them with a
+// capacity. With an int32 `out` (the contract's ep_recv_counts) the entries are exact only when the
+// returned total fits in int32, so check it first, or write to an int64 table (the CPU path does).
+template <class Records, class Out>
 MOEDIST_HD std::int64_t receive_prefix_sums(int W, int S, int L, const Records& records, int dest, std::int64_t dest_bs,
-                                            std::int32_t* out) {
+                                            Out* out) {
   std::int64_t sum = 0;
   for (int l = 0; l < (dest < S ? 1 : L); ++l) {
     for (int r = 0; r < W; ++r) {
       sum += block_rows(S, L, records, dest, l, r, dest_bs);
-      if (out != nullptr) out[l * W + r] = static_cast<std::int32_t>(sum);
+      if (out != nullptr) out[l * W + r] = static_cast<Out>(sum);
     }
   }
   return sum;
+}
+// The total alone.
+template <class Records>
+MOEDIST_HD std::int64_t receive_prefix_sums(int W, int S, int L, const Records& records, int dest, std::int64_t dest_bs,
+                                            std::nullptr_t) {
+  return receive_prefix_sums(W, S, L, records, dest, dest_bs, static_cast<std::int64_t*>(nullptr));
 }
 
 }  // namespace moedist::contract

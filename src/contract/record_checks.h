@@ -39,6 +39,13 @@ MOEDIST_HD CallMismatch first_call_mismatch(const CallFields& theirs, const Call
   return CallMismatch{};
 }
 
+// The largest BS a peer may announce (contract §3.11): global_bs / W, or with global_bs = 0 this rank's
+// own BS, which every rank must then share. Every size derived from a peer's BS (its rows, the V1 split
+// of a shared-expert rank's own rows, its window) is bounded by this, on the CPU and the GPU alike.
+MOEDIST_HD std::int64_t peer_bs_limit(std::int64_t global_bs, int W, std::int64_t own_bs) {
+  return global_bs != 0 ? global_bs / W : own_bs;
+}
+
 // What is wrong with a send-count record, if anything.
 enum class RecordFault : std::int32_t {
   none = 0,
@@ -47,6 +54,7 @@ enum class RecordFault : std::int32_t {
                        // shared-expert rank
   moe_rows,            // the MoE entries add up to value, not BS * K = bound
   shared_rows,         // the shared-expert entries add up to value, not bound
+  bs_range,            // the sender's BS = value is outside [0, peer_bs_limit() = bound]
 };
 
 struct RecordCheck {
@@ -56,13 +64,15 @@ struct RecordCheck {
 };
 
 // A send-count record (entries d * L + l for the W EP ranks d and their L local experts) of a rank with
-// bs tokens and k routing entries each, from EP rank source_ep, must describe a routing that BS and K
-// allow: otherwise writing its rows could land outside the receiver's rows. Every entry in [0, BS]; a
-// shared-expert rank d (d < S) only in entry l = 0; the MoE entries add up to BS * K; the shared ones to
-// BS from a MoE rank when S > 0, to 0 from a shared-expert rank. The first rule broken, in that order
-// (entries in index order, then the two sums).
+// bs tokens and k >= 1 routing entries each, from EP rank source_ep, must describe a routing that BS and
+// K allow: otherwise writing its rows could land outside the receiver's rows. BS in [0, max_bs]
+// (peer_bs_limit()); every entry in [0, BS]; a shared-expert rank d (d < S) only in entry l = 0; the MoE
+// entries add up to BS * K; the shared ones to BS from a MoE rank when S > 0, to 0 from a shared-expert
+// rank. The first rule broken, in that order (BS, entries in index order, then the two sums). No
+// arithmetic here can overflow, whatever the record holds: the sums are of at most W * L int32 values.
 MOEDIST_HD RecordCheck check_send_counts(const std::int32_t* counts, int W, int S, int L, int source_ep,
-                                         std::int64_t bs, std::int64_t k) {
+                                         std::int64_t bs, std::int64_t k, std::int64_t max_bs) {
+  if (bs < 0 || bs > max_bs) return RecordCheck{RecordFault::bs_range, -1, bs, max_bs};
   std::int64_t moe_rows = 0, shared_rows = 0;
   for (int i = 0; i < W * L; ++i) {
     const std::int32_t c = counts[i];
@@ -75,7 +85,11 @@ MOEDIST_HD RecordCheck check_send_counts(const std::int32_t* counts, int W, int 
       return RecordCheck{RecordFault::entry_shared_local, i, c, bs};
     }
   }
-  if (moe_rows != bs * k) return RecordCheck{RecordFault::moe_rows, 0, moe_rows, bs * k};
+  // moe_rows == bs * k without forming bs * k, which a BS near 2^63 / K would overflow.
+  if (moe_rows % k != 0 || moe_rows / k != bs) {
+    const std::int64_t most = 0x7fffffffffffffff;
+    return RecordCheck{RecordFault::moe_rows, 0, moe_rows, bs <= most / k ? bs * k : most};
+  }
   const std::int64_t want_shared = source_ep < S ? 0 : (S > 0 ? bs : 0);
   if (shared_rows != want_shared) return RecordCheck{RecordFault::shared_rows, 0, shared_rows, want_shared};
   return RecordCheck{};

@@ -30,11 +30,13 @@ struct SendPlan {
 // ep_recv_counts of EP rank `dest` (its own half, W * local_experts(dest) entries): the inclusive prefix
 // sum over its blocks, (local expert, source rank) order on a MoE rank (§3.3); on a shared-expert rank
 // the split of its own rows for sources r < S and the rows of sources r >= S (§3.4.1).
-// records(r) returns source rank r's SendPlan::counts; dest_bs is the destination's own BS.
-template <class Records>
-void receive_prefix_sums(const Topology& topo, const Records& records, int dest, std::int64_t dest_bs,
-                         std::int32_t* out) {
-  receive_prefix_sums(topo.W, topo.S, topo.L, records, dest, dest_bs, out);  // contract/blocks.h, shared with the GPU
+// records(r) returns source rank r's SendPlan::counts; dest_bs is the destination's own BS. Returns the
+// rows in all; `out` is int64 (or int32 once the total is known to fit: see contract/blocks.h).
+template <class Records, class Out>
+std::int64_t receive_prefix_sums(const Topology& topo, const Records& records, int dest, std::int64_t dest_bs,
+                                 Out* out) {
+  // contract/blocks.h, shared with the GPU
+  return receive_prefix_sums(topo.W, topo.S, topo.L, records, dest, dest_bs, out);
 }
 
 }  // namespace moedist::contract

@@ -136,10 +136,9 @@ MOEDIST_HD std::int64_t rows_received(const DeviceGroup& g, int d, int lane) {
   return contract::receive_prefix_sums(g.W, g.S, g.L, LaneRecords{&g, lane}, d, dest_bs(g, d, lane), nullptr);
 }
 
-// Checks peer r's record with the CPU path's checks (contract/record_checks.h): the same call, and
-// counts its BS and K allow. The BS range differs: here a peer's BS must be in [0, global_bs / W] (this
-// rank's BS with global_bs = 0), the CPU path only needs BS >= 0 (and K, H >= 1, which the same-call
-// check already ensures here).
+// Checks peer r's record with the CPU path's checks (contract/record_checks.h): the same call, a BS in
+// [0, global_bs / W] (this rank's BS with global_bs = 0), and counts its BS and K allow. (K, H >= 1,
+// which the CPU path checks too, follow here from the same-call check.)
 MOEDIST_HD void check_record(const DeviceGroup& g, const DispatchArgs& a, int r) {
   const RecordHeader& hd = record_header(g, r);
   Status* st = g.status;
@@ -152,12 +151,12 @@ MOEDIST_HD void check_record(const DeviceGroup& g, const DispatchArgs& a, int r)
     return record_failure(st, ErrorCode::config_mismatch, r, ph, Rule::same_call, static_cast<std::int64_t>(m.field),
                           m.theirs, m.mine);
   }
-  const std::int64_t max_bs = g.global_bs != 0 ? g.global_bs / g.W : a.bs;
-  if (hd.bs < 0 || hd.bs > max_bs) return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -1, hd.bs, max_bs);
-  const contract::RecordCheck c = contract::check_send_counts(record_counts(g, r), g.W, g.S, g.L, r / g.T, hd.bs, hd.k);
+  const contract::RecordCheck c = contract::check_send_counts(record_counts(g, r), g.W, g.S, g.L, r / g.T, hd.bs, hd.k,
+                                                              contract::peer_bs_limit(g.global_bs, g.W, a.bs));
   switch (c.fault) {
     case contract::RecordFault::none:
       return;
+    case contract::RecordFault::bs_range:
     case contract::RecordFault::entry_range:
     case contract::RecordFault::entry_shared_local:
       return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, c.entry, c.value, c.bound);

@@ -7,6 +7,7 @@
 
 #include "common/format.h"
 #include "contract/checks.h"
+#include "contract/record_checks.h"
 #include "contract/shared_split.h"
 #include "kernels/row_kernels.h"
 #include "ops/group_state.h"
@@ -21,13 +22,20 @@ namespace {
 // Start of block `index` in an inclusive prefix-sum table.
 inline std::int64_t block_begin(const std::int32_t* table, int index) { return index == 0 ? 0 : table[index - 1]; }
 
-// A peer's row table must be a prefix sum within its capacity, and TP peers must agree on each other's rows.
+// A peer's BS must be one the configuration allows (the rule of dispatch's records, which sizes its
+// window from it), its row table a prefix sum within its capacity, and TP peers must agree on each
+// other's rows.
 void check_combine_record(const Group::State& s, int r, const char* phase) {
   const contract::Topology& topo = s.topo;
   const CallHeader& hd = s.header(r);
   const std::int32_t* table = s.counts(r);
   const int ep = r / topo.T;
   const int len = topo.W * topo.local_experts(ep);
+  const std::int64_t max_bs = contract::peer_bs_limit(topo.global_bs, topo.W, s.header(s.me()).bs);
+  if (hd.bs < 0 || hd.bs > max_bs) {
+    throw PeerError(ErrorCode::protocol, r, phase,
+                    concat("rank ", s.me(), ": rank ", r, " reports BS ", hd.bs, ", outside [0, ", max_bs, "]"));
+  }
   const std::int64_t capacity = topo.receive_rows(ep, hd.bs, hd.k);
   std::int32_t prev = 0;
   for (int i = 0; i < len; ++i) {
@@ -108,6 +116,24 @@ std::exception_ptr route_failure(Group::State& s, const TensorView& expert_ids, 
   return nullptr;
 }
 
+// Rows in this rank's window (combine_buffer(), or dispatch's expand_x passed back) feed one combine per
+// dispatch: the previous combine read them in place, and slower ranks may have gone on reading them
+// after it returned here, so a caller that rewrote them since may have changed what those ranks
+// summed. Refused rather than read again (group_state.h, combined_since_dispatch).
+void check_window_rows_unused(const Group::State& s, const TensorView& expand_x) {
+  if (!s.combined_since_dispatch || expand_x.data == nullptr || expand_x.rows() == 0 || expand_x.cols() == 0) return;
+  const std::int64_t last = (expand_x.rows() - 1) * expand_x.strides[0] + (expand_x.cols() - 1) * expand_x.strides[1];
+  const auto first = reinterpret_cast<std::uintptr_t>(expand_x.data);
+  const auto end = first + static_cast<std::uintptr_t>(last + 1) * dtype_size(expand_x.dtype);
+  const auto window = reinterpret_cast<std::uintptr_t>(s.transport->window(s.me()));
+  if (first < window + s.transport->window_size(s.me()) && window < end) {
+    fail(ErrorCode::invalid_argument, "expand_x", "rows in this rank's window",
+         "were read in place by the previous combine, which other ranks may still have been reading after it returned "
+         "here, so they may not be rewritten or combined again before the next dispatch: dispatch again, or pass "
+         "combine a buffer of your own");
+  }
+}
+
 // Validates locally, then publishes this rank's record with its row table (ep_send_counts, own half),
 // or its failure, and learns everyone's. Returns the checked shape; `rows` gets the row counts.
 contract::CallShape publish_records(Group::State& s, const TensorView& expand_x, const TensorView& expert_ids,
@@ -119,6 +145,7 @@ contract::CallShape publish_records(Group::State& s, const TensorView& expand_x,
   contract::CallShape shape;
   try {
     shape = contract::check_combine(s.config, expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, o, rows);
+    check_window_rows_unused(s, expand_x);
   } catch (...) {
     local_error = std::current_exception();
   }
@@ -539,6 +566,8 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
   const PublishedRows staged = stage_rows(call, route_error);
   // Carries any failure (with T = 2 the routing one was raised at combine.tp) and where each rank's rows are.
   s.step(s.topo.T == 2 ? nullptr : route_error, "combine.data", staged.offset, staged.row_bytes);
+  // From here on the other ranks of this host read this rank's rows, possibly after it has returned.
+  if (s.topo.T != 2) s.combined_since_dispatch = true;
   const MutableTensorView out = combine_output(call);
   locate_published_rows(call);
   fetch_rows_from_other_hosts(call);

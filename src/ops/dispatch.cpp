@@ -2,6 +2,7 @@
 // final place in the receiver's window, then the TP all-gather and the outputs. Group::dispatch is the
 // list of these phases, in the order of docs/architecture.md ("A dispatch, from one rank's side").
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "common/format.h"
@@ -18,8 +19,10 @@ using numeric::Half;
 
 namespace {
 
-// A peer's record must describe a routing its BS and K allow; otherwise writing its rows could land
-// outside the receiver's rows. Checked on every rank for every rank, so all ranks fail alike.
+// A peer's record must describe a routing its BS and K allow, with a BS the configuration allows
+// (contract/record_checks.h, the GPU's rule too); otherwise writing its rows could land outside the
+// receiver's rows, and sizes derived from its BS could be anything. Checked on every rank for every
+// rank, so all ranks fail alike.
 void check_dispatch_record(const Group::State& s, int r, const char* phase) {
   const contract::Topology& topo = s.topo;
   const CallHeader& hd = s.header(r);
@@ -27,11 +30,18 @@ void check_dispatch_record(const Group::State& s, int r, const char* phase) {
   auto bad = [&](const std::string& what) {
     throw PeerError(ErrorCode::protocol, r, phase, concat("rank ", s.me(), ": the count record of rank ", r, " is inconsistent: ", what));
   };
-  if (hd.bs < 0 || hd.k < 1 || hd.h < 1) bad(concat("BS ", hd.bs, ", K ", hd.k, ", H ", hd.h));
-  const contract::RecordCheck c = contract::check_send_counts(counts, topo.W, topo.S, topo.L, r / topo.T, hd.bs, hd.k);
+  if (hd.k < 1 || hd.h < 1) bad(concat("BS ", hd.bs, ", K ", hd.k, ", H ", hd.h));
+  const std::int64_t max_bs = contract::peer_bs_limit(topo.global_bs, topo.W, s.header(s.me()).bs);
+  const contract::RecordCheck c =
+      contract::check_send_counts(counts, topo.W, topo.S, topo.L, r / topo.T, hd.bs, hd.k, max_bs);
   switch (c.fault) {
     case contract::RecordFault::none:
       return;
+    case contract::RecordFault::bs_range:
+      return bad(concat("BS ", c.value, " is outside [0, ", c.bound, "]",
+                        topo.global_bs != 0
+                            ? concat(" (global_bs / ep_world_size = ", topo.global_bs, " / ", topo.W, ")")
+                            : std::string(" (this rank's BS; global_bs = 0)")));
     case contract::RecordFault::entry_range:
       return bad(concat("entry ", c.entry, " = ", c.value, " is outside [0, BS = ", c.bound, "]"));
     case contract::RecordFault::entry_shared_local:
@@ -67,22 +77,25 @@ void check_records(const Group::State& s) {
   for (int r = 0; r < s.transport->size(); ++r) check_dispatch_record(s, r, "dispatch.counts");
 }
 
-// Receive layouts of every destination of every EP group; capacity checked everywhere alike.
+// Receive layouts of every destination of every EP group; capacity checked everywhere alike. The prefix
+// sums are 64-bit, so that records adding up past 2^31 rows are seen as what they are (an int32 sum
+// would wrap below the capacity and pass); what a rank receives must also fit ep_recv_counts (int32).
 void plan_receive_blocks(Group::State& s, std::int64_t k) {
   const contract::Topology& topo = s.topo;
   const int my_ep = topo.ep_rank, my_tp = topo.tp_rank;
   const auto records_of_group = [&](int tp) { return [&s, tp, T = topo.T](int r) { return s.counts(r * T + tp); }; };
-  std::vector<std::int32_t>& prefix = s.scratch_prefix;
+  std::vector<std::int64_t>& prefix = s.scratch_prefix;
   for (int tp = 0; tp < topo.T; ++tp) {
     for (int d = 0; d < topo.W; ++d) {
       const int gd = topo.global_rank(d, tp);
       prefix.resize(static_cast<std::size_t>(topo.W * topo.local_experts(d)));
-      contract::receive_prefix_sums(topo, records_of_group(tp), d, s.header(gd).bs, prefix.data());
-      const std::int64_t most = topo.receive_rows(d, s.header(gd).bs, k);
-      if (prefix.back() > most) {
+      const std::int64_t rows =
+          contract::receive_prefix_sums(topo, records_of_group(tp), d, s.header(gd).bs, prefix.data());
+      const std::int64_t most = std::min<std::int64_t>(topo.receive_rows(d, s.header(gd).bs, k), INT32_MAX);
+      if (rows > most) {
         throw PeerError(ErrorCode::capacity, gd, "dispatch.counts",
-                        concat("rank ", s.me(), ": rank ", gd, " would receive ", prefix.back(),
-                               " rows but can hold at most ", most));
+                        concat("rank ", s.me(), ": rank ", gd, " would receive ", rows, " rows but can hold at most ",
+                               most, most == INT32_MAX ? " (ep_recv_counts is int32)" : ""));
       }
       if (tp == my_tp) s.dest_prefix[static_cast<std::size_t>(d)] = prefix;
       if (tp != my_tp && d == my_ep) s.peer_prefix = prefix;  // the TP peer's own half (§3.5)
@@ -414,6 +427,11 @@ void write_carried_rows(Group::State& s, const std::vector<Destination>& dests, 
         ++written;
         const std::size_t pos = topo.is_shared(d) ? static_cast<std::size_t>(r_ep) : static_cast<std::size_t>(l * topo.W + r_ep);
         const std::int64_t row = s.dest_prefix[static_cast<std::size_t>(d)][pos] - count + target.slot;
+        // Follows from the checks above; checked before the write all the same.
+        if (row < 0 || row >= dest.capacity_rows) {
+          bad(concat("slot ", target.slot, " of expert code ", target.code, " lands on row ", row, ", outside the ",
+                     dest.capacity_rows, " rows of EP rank ", d));
+        }
         const std::byte* src = payload + (entry.payloads == 1 ? 0 : static_cast<std::size_t>(t) * stride);
         if (quant) {
           std::memcpy(dest.expand_x + static_cast<std::size_t>(row) * row_bytes, src + 4, row_bytes);
@@ -453,15 +471,26 @@ void tp_gather(DispatchCall& c) {
   c.n_peer = s.peer_prefix.back();
   const int peer = topo.global_rank(my_ep, 1 - my_tp);
   const contract::WindowLayout peer_layout(topo, s.shape_of(peer), my_ep);
-  const std::byte* peer_window = s.transport->window(peer);
   const contract::WindowLayout& mine = c.my_layout;
-  std::memcpy(my_window + mine.expand_x_offset + static_cast<std::size_t>(c.n_self * c.h) * c.out_elem,
-              peer_window + peer_layout.expand_x_offset, static_cast<std::size_t>(c.n_peer * c.h) * c.out_elem);
-  std::memcpy(my_window + mine.dynamic_scales_offset + static_cast<std::size_t>(c.n_self) * 4,
-              peer_window + peer_layout.dynamic_scales_offset, static_cast<std::size_t>(c.n_peer) * 4);
-  std::memcpy(my_window + mine.expand_scales_offset + static_cast<std::size_t>(c.n_self) * 4,
-              peer_window + peer_layout.expand_scales_offset, static_cast<std::size_t>(c.n_peer) * 4);
-  s.step(nullptr, "dispatch.tp");
+  // Both counts come from peers' records and were checked against each rank's capacity; the rows this
+  // copies must also lie inside the peer's rows and fit after this rank's own. Checked before the copy
+  // all the same, and a failure goes to the barrier, so that both TP ranks raise it.
+  std::exception_ptr error;
+  if (c.n_peer > peer_layout.receive_rows || c.n_self > mine.receive_rows || c.n_self + c.n_peer > mine.dispatch_rows) {
+    error = std::make_exception_ptr(
+        PeerError(ErrorCode::capacity, peer, "dispatch.tp",
+                  concat("rank ", s.me(), ": ", c.n_self, " own and ", c.n_peer, " TP peer rows do not fit its ",
+                         mine.dispatch_rows, " rows (the peer holds at most ", peer_layout.receive_rows, ")")));
+  } else {
+    const std::byte* peer_window = s.transport->window(peer);
+    std::memcpy(my_window + mine.expand_x_offset + static_cast<std::size_t>(c.n_self * c.h) * c.out_elem,
+                peer_window + peer_layout.expand_x_offset, static_cast<std::size_t>(c.n_peer * c.h) * c.out_elem);
+    std::memcpy(my_window + mine.dynamic_scales_offset + static_cast<std::size_t>(c.n_self) * 4,
+                peer_window + peer_layout.dynamic_scales_offset, static_cast<std::size_t>(c.n_peer) * 4);
+    std::memcpy(my_window + mine.expand_scales_offset + static_cast<std::size_t>(c.n_self) * 4,
+                peer_window + peer_layout.expand_scales_offset, static_cast<std::size_t>(c.n_peer) * 4);
+  }
+  s.step(error, "dispatch.tp");
 }
 
 // The group-owned counts: ep_recv_counts, expert_token_nums and tp_recv_counts, from the records.
@@ -495,6 +524,7 @@ DispatchResult window_outputs(const DispatchCall& c) {
   const contract::WindowLayout& mine = c.my_layout;
   std::byte* my_window = s.transport->window(s.me());
   s.last_dispatch = c.shape;
+  s.combined_since_dispatch = false;  // this call's first exchange waited for every rank's last combine
   DispatchResult result;
   result.valid_rows = c.n_self + c.n_peer;
   result.A = mine.capacity_a;

@@ -251,6 +251,7 @@ const TrafficCounters& Group::traffic() const noexcept { return state_->traffic;
 MutableTensorView Group::combine_buffer(DType dtype) {
   State& s = *state_;
   if (s.topo.T == 2 || s.last_dispatch.h == 0 || (dtype != DType::bf16 && dtype != DType::fp16)) return MutableTensorView{};
+  if (s.combined_since_dispatch) return MutableTensorView{};  // peers may still read these rows (group_state.h)
   const contract::WindowLayout layout(s.topo, s.last_dispatch, s.topo.ep_rank);
   std::byte* base = s.transport->window(s.me()) + layout.combine_rows_offset;
   return matrix_view(static_cast<void*>(base), dtype, layout.receive_rows, s.last_dispatch.h,

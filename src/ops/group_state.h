@@ -88,9 +88,10 @@ struct Group::State {
 
   contract::SendPlan plan;        // dispatch's; backs DispatchResult::expand_idx
   contract::SendPlan route_plan;  // combine's check of the routing it is given
-  // Per destination EP rank: its ep_recv_counts (own half) as computed from the records.
-  std::vector<std::vector<std::int32_t>> dest_prefix;
-  std::vector<std::int32_t> peer_prefix;  // the TP peer's own half (T == 2)
+  // Per destination EP rank: its ep_recv_counts (own half) as computed from the records, 64-bit (rows
+  // computed from them are checked against capacities before ep_recv_counts gets them as int32).
+  std::vector<std::vector<std::int64_t>> dest_prefix;
+  std::vector<std::int64_t> peer_prefix;  // the TP peer's own half (T == 2)
 
   // Group-owned outputs.
   std::vector<std::int32_t> expand_idx, ep_recv_counts, tp_recv_counts;
@@ -98,7 +99,7 @@ struct Group::State {
   Tensor combine_out;
   std::vector<float> scratch;  // row-sized fp32 scratch (quantization, accumulation)
   // Per-call working storage, kept so that a call in steady state allocates nothing.
-  std::vector<std::int32_t> scratch_prefix;
+  std::vector<std::int64_t> scratch_prefix;
   std::vector<Destination> destinations;
   std::vector<std::int64_t> block_start;
   std::vector<RowTarget> row_targets;
@@ -106,6 +107,14 @@ struct Group::State {
   std::vector<std::size_t> row_bytes_of;
   std::vector<CombineTerm> terms;
   contract::CallShape last_dispatch;  // shape of the last successful dispatch (for combine_buffer())
+  // Lifetime of the rows a combine reads in place (docs/architecture.md, "Lifetimes"). Without a TP
+  // domain, the other ranks of this rank's host read its window in combine (its expert-output rows: the
+  // combine_buffer() region, or dispatch's expand_x passed back), and a faster rank returns from
+  // combine while slower ones still read. No closing barrier waits for them: the next collective call
+  // does (its first exchange). Until then those rows are not this rank's to write, which the group
+  // enforces where it can see it: combine_buffer() is absent, and a combine refuses rows in the window.
+  // The same on every rank (a rank alone on its host too), so a program behaves alike at any size.
+  bool combined_since_dispatch = false;  // T != 2 and a combine has published this rank's rows since the last dispatch
 
   // Several hosts: who carries whose rows, and the messages of the current call.
   HostRoutes routes;
