@@ -36,7 +36,8 @@ constexpr std::string_view kMetadataKey = "__metadata__";
 
 std::size_t element_size(DType dtype) {
   switch (dtype) {
-    case DType::int8: return 1;
+    case DType::int8:
+    case DType::boolean: return 1;
     case DType::bf16:
     case DType::fp16: return 2;
     case DType::fp32:
@@ -209,6 +210,7 @@ std::string_view safetensors_dtype_name(DType dtype) noexcept {
     case DType::int8: return "I8";
     case DType::int32: return "I32";
     case DType::int64: return "I64";
+    case DType::boolean: return "BOOL";
   }
   return "?";
 }
