@@ -5,6 +5,7 @@
 // tests' business.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -19,12 +20,12 @@
 #include <utility>
 #include <vector>
 
-#include <unistd.h>
-
 #include "casefile/case_file.h"
 #include "casefile/safetensors.h"
 #include "moedist/error.h"
 #include "numeric/convert.h"
+#include "oracle/oracle.h"
+#include "test_support.h"
 
 namespace moedist::casefile {
 namespace {
@@ -222,6 +223,7 @@ TEST_F(CaseFileTest, SafetensorsRoundTripsEveryDtypeIncludingZeroSize) {
     list.emplace_back("g_empty_bf16", patterned(DType::bf16, {0, 8}, 7));
     list.emplace_back("h_empty_i64", patterned(DType::int64, {0}, 8));
     list.emplace_back("i_empty_cols", patterned(DType::fp32, {4, 0}, 9));
+    list.emplace_back("j_bool", patterned(DType::boolean, {6}, 10));
     return list;
   }();
   SafetensorsWriter writer;
@@ -329,7 +331,7 @@ TEST_F(CaseFileTest, RejectsBadEntries) {
   entry_file("no_shape", R"({"dtype":"F32","data_offsets":[0,4]})", 4, {"missing field 'shape'"});
   entry_file("extra", R"({"dtype":"F32","shape":[1],"data_offsets":[0,4],"align":8})", 4, {"unknown field 'align'"});
   entry_file("f64", R"({"dtype":"F64","shape":[1],"data_offsets":[0,8]})", 8, {"unsupported dtype 'F64'"});
-  entry_file("bool", R"({"dtype":"BOOL","shape":[1],"data_offsets":[0,1]})", 1, {"unsupported dtype 'BOOL'"});
+  entry_file("u16", R"({"dtype":"U16","shape":[1],"data_offsets":[0,2]})", 2, {"unsupported dtype 'U16'"});
   entry_file("dtype_num", R"({"dtype":3,"shape":[1],"data_offsets":[0,4]})", 4, {"dtype must be a string"});
   entry_file("neg_dim", R"({"dtype":"F32","shape":[-1],"data_offsets":[0,4]})", 4, {"non-negative integers"});
   entry_file("float_dim", R"({"dtype":"F32","shape":[1.0],"data_offsets":[0,4]})", 4, {"non-negative integers"});
@@ -555,6 +557,11 @@ TEST_F(CaseFileTest, CaseTensorRules) {
   const Tensor weights_bf16 = patterned(DType::bf16, {3, 2}, 1);
   expect_tensor_error("", none, {"'rank1.expert_scales'", "dtype must be F32"},
                       {{"rank1.expert_scales", &weights_bf16}});
+  const Tensor mask_i8 = patterned(DType::int8, {3}, 1);
+  expect_tensor_error("", none, {"'rank0.x_active_mask'", "dtype must be BOOL"}, {{"rank0.x_active_mask", &mask_i8}});
+  const Tensor mask_short = patterned(DType::boolean, {2}, 1);
+  expect_tensor_error("", none, {"'rank1.x_active_mask'", "must be (BS,) = (3,)"},
+                      {{"rank1.x_active_mask", &mask_short}});
   expect_tensor_error("", none, {"'rank0.combine_x'", "dtype F32 differs"}, {{"rank0.combine_x", &combine_f32}});
   const Tensor combine_narrow = patterned(DType::bf16, {3, 4}, 1);
   expect_tensor_error("", none, {"'rank0.combine_x'", "4 columns", "H = 8"}, {{"rank0.combine_x", &combine_narrow}});
@@ -672,6 +679,25 @@ TEST_F(CaseFileTest, ReplayRoundTripQuantizedWithWeightsAndEmptyRank) {
     EXPECT_EQ(out.combine_out.dtype(), DType::fp16);
   }
   EXPECT_EQ(outputs[1].combine_out.rows(), 0);
+}
+
+// Token masks (rank 0: 2 of 4 tokens active, rank 2: none, rank 3: all) round-trip and replay with
+// the oracle's results; the inactive tokens' combine rows are zero.
+TEST_F(CaseFileTest, ReplayRoundTripTokenMasks) {
+  Case c = shared_expert_case_with_smooth_scales();
+  const std::int64_t active[] = {2, 4, 0, 4};
+  for (std::size_t g = 0; g < 4; ++g) {
+    c.ranks[g].x_active_mask = Tensor(DType::boolean, 4);
+    for (std::int64_t b = 0; b < 4; ++b) c.ranks[g].x_active_mask.data<std::uint8_t>()[b] = b < active[g] ? 1 : 0;
+  }
+  const auto outputs = replay_round_trip(c, path("case.safetensors"), path("out.safetensors"));
+  EXPECT_TRUE(read_case(path("case.safetensors")).ranks[0].x_active_mask.present());
+  EXPECT_EQ(testing::compare_with_oracle(c, outputs, oracle::run(testing::to_oracle_case(c))), "");
+  for (std::size_t g = 0; g < 4; ++g) {
+    const Tensor& y = outputs[g].combine_out;
+    for (std::int64_t i = active[g] * y.cols(); i < y.numel(); ++i)
+      ASSERT_EQ(y.data<std::uint16_t>()[i], 0) << "rank " << g;
+  }
 }
 
 TEST_F(CaseFileTest, ReplayRoundTripSharedExpertWithSmoothScales) {

@@ -38,17 +38,49 @@ void run_and_compare(std::uint64_t seed, const CaseLimits& limits, bool virtual_
                       << " ranks_per_host=" << opt.ranks_per_host;
 }
 
+// The CPU transports' cases: every kind of input, x_active_mask included.
+CaseLimits cpu_limits() {
+  CaseLimits lim;
+  lim.token_masks = true;
+  return lim;
+}
+
 class RandomConfigs : public ::testing::TestWithParam<int> {};
 
 // 8 shards x 30 seeds = 240 configurations.
 TEST_P(RandomConfigs, RuntimeMatchesOracleBitExactly) {
-  for (int i = 0; i < 30; ++i) run_and_compare(static_cast<std::uint64_t>(GetParam()) * 1000 + static_cast<std::uint64_t>(i), CaseLimits{});
+  for (int i = 0; i < 30; ++i)
+    run_and_compare(static_cast<std::uint64_t>(GetParam()) * 1000 + static_cast<std::uint64_t>(i), cpu_limits());
 }
 
 INSTANTIATE_TEST_SUITE_P(Shards, RandomConfigs, ::testing::Range(0, 8));
 
+// The shards above must include masked cases of every kind that matters: some rank with inactive
+// tokens, with shared experts, and with uneven BS (global_bs != 0).
+TEST(RandomConfigs, ShardsIncludeTokenMasks) {
+  int masked = 0, masked_shared = 0, masked_uneven = 0;
+  for (std::uint64_t shard = 0; shard < 8; ++shard) {
+    for (std::uint64_t i = 0; i < 30; ++i) {
+      std::mt19937_64 rng(shard * 1000 + i);
+      const casefile::Case c = random_case(rng, cpu_limits());
+      bool cut = false;
+      for (const casefile::RankInputs& in : c.ranks) {
+        if (!in.x_active_mask.present()) continue;
+        const auto* m = in.x_active_mask.data<std::uint8_t>();
+        cut = cut || std::count(m, m + in.x_active_mask.numel(), std::uint8_t{1}) < in.x.rows();
+      }
+      masked += cut ? 1 : 0;
+      masked_shared += cut && c.shared_expert_rank_num > 0 ? 1 : 0;
+      masked_uneven += cut && c.global_bs != 0 ? 1 : 0;
+    }
+  }
+  EXPECT_GE(masked, 30);
+  EXPECT_GE(masked_shared, 5);
+  EXPECT_GE(masked_uneven, 5);
+}
+
 CaseLimits larger_hidden_sizes() {
-  CaseLimits lim;
+  CaseLimits lim = cpu_limits();
   lim.max_ep_world_size = 8;
   lim.max_h = 1100;
   lim.max_bs = 12;
@@ -62,7 +94,9 @@ TEST(RandomConfigs, LargerHiddenSizes) {
 // The same on virtual hosts: 4 shards x 30 seeds, and larger H.
 class VirtualHosts : public ::testing::TestWithParam<int> {};
 TEST_P(VirtualHosts, MatchOracleBitExactly) {
-  for (int i = 0; i < 30; ++i) run_and_compare(700000 + static_cast<std::uint64_t>(GetParam()) * 1000 + static_cast<std::uint64_t>(i), CaseLimits{}, true);
+  for (int i = 0; i < 30; ++i)
+    run_and_compare(700000 + static_cast<std::uint64_t>(GetParam()) * 1000 + static_cast<std::uint64_t>(i),
+                    cpu_limits(), true);
 }
 INSTANTIATE_TEST_SUITE_P(Shards, VirtualHosts, ::testing::Range(0, 4));
 

@@ -30,7 +30,9 @@ TEST_P(ShmRandomConfigs, ProcessesMatchTheOracleBitExactly) {
   for (int i = 0; i < 10; ++i) {
     const auto seed = static_cast<std::uint64_t>(GetParam() * 100 + i + 7000);
     std::mt19937_64 rng(seed);
-    const casefile::Case c = random_case(rng);
+    CaseLimits lim;
+    lim.token_masks = true;
+    const casefile::Case c = random_case(rng, lim);
     RunOptions opt;
     opt.strided_inputs = (seed % 3) == 1;
     opt.caller_outputs = (seed % 2) == 1;

@@ -56,6 +56,25 @@ Tensor int32_vector(const std::vector<std::int32_t>& values) {
   return t;
 }
 
+namespace {
+
+// x_active_mask on every rank the rules allow (not on one with fewer tokens than global_bs / W): a
+// random number of active tokens, trues first. The inactive rows' expert ids become ones no dispatch
+// may read (out of range, repeated), since the operators must not look at them.
+void add_token_masks(casefile::Case& c, std::mt19937_64& rng) {
+  for (casefile::RankInputs& in : c.ranks) {
+    const std::int64_t bs = in.x.rows();
+    if (c.global_bs != 0 && c.global_bs > bs * c.ep_world_size) continue;
+    const std::int64_t active = pick(rng, 0, static_cast<int>(bs));
+    in.x_active_mask = Tensor(DType::boolean, bs);
+    for (std::int64_t b = 0; b < bs; ++b) in.x_active_mask.data<std::uint8_t>()[b] = b < active ? 1 : 0;
+    for (std::int64_t i = active * in.expert_ids.cols(); i < in.expert_ids.numel(); ++i)
+      in.expert_ids.data<std::int32_t>()[i] = chance(rng, 0.5) ? -7 : c.moe_expert_num;
+  }
+}
+
+}  // namespace
+
 casefile::Case random_case(std::mt19937_64& rng, const CaseLimits& lim) {
   casefile::Case c;
   int W = pick(rng, 1, lim.max_ep_world_size);
@@ -115,6 +134,7 @@ void random_inputs(casefile::Case& c, std::mt19937_64& rng, const CaseLimits& li
     }
     c.ranks.push_back(std::move(in));
   }
+  if (lim.token_masks && chance(rng, 0.4)) add_token_masks(c, rng);
   if (chance(rng, 0.5)) {  // explicit expert outputs, sized by the valid rows of each rank
     const std::vector<oracle::RankOutput> layout = oracle::run(to_oracle_case(c));
     for (int g = 0; g < W * T; ++g) {
@@ -128,11 +148,12 @@ void random_inputs(casefile::Case& c, std::mt19937_64& rng, const CaseLimits& li
 std::string describe(const casefile::Case& c) {
   std::ostringstream os;
   const casefile::RankInputs& r0 = c.ranks.front();
-  os << "W=" << c.ep_world_size << " T=" << c.tp_world_size << " E=" << c.moe_expert_num << " S=" << c.shared_expert_rank_num
-     << " K=" << r0.expert_ids.cols() << " H=" << r0.x.cols() << " global_bs=" << c.global_bs << " quant=" << c.quant_mode
-     << " comm_quant=" << c.comm_quant_mode << " dtype=" << dtype_name(c.dtype) << " etn_type=" << c.expert_token_nums_type
+  os << "W=" << c.ep_world_size << " T=" << c.tp_world_size << " E=" << c.moe_expert_num
+     << " S=" << c.shared_expert_rank_num << " K=" << r0.expert_ids.cols() << " H=" << r0.x.cols()
+     << " global_bs=" << c.global_bs << " quant=" << c.quant_mode << " comm_quant=" << c.comm_quant_mode
+     << " dtype=" << dtype_name(c.dtype) << " etn_type=" << c.expert_token_nums_type
      << " scales=" << r0.scales.present() << " expert_scales=" << r0.expert_scales.present()
-     << " combine_x=" << r0.combine_x.present() << " BS=[";
+     << " combine_x=" << r0.combine_x.present() << " mask=" << r0.x_active_mask.present() << " BS=[";
   for (std::size_t g = 0; g < c.ranks.size(); ++g) os << (g ? "," : "") << c.ranks[g].x.rows();
   os << "]";
   return os.str();
@@ -199,6 +220,9 @@ oracle::Case to_oracle_case(const casefile::Case& c) {
     if (in.scales.present()) r.scales.assign(in.scales.data<float>(), in.scales.data<float>() + in.scales.numel());
     if (in.expert_scales.present())
       r.expert_scales.assign(in.expert_scales.data<float>(), in.expert_scales.data<float>() + in.expert_scales.numel());
+    if (in.x_active_mask.present())
+      r.x_active_mask.assign(in.x_active_mask.data<std::uint8_t>(),
+                             in.x_active_mask.data<std::uint8_t>() + in.x_active_mask.numel());
     r.has_combine_x = in.combine_x.present();
     if (r.has_combine_x)
       r.combine_x.assign(in.combine_x.data<std::uint16_t>(), in.combine_x.data<std::uint16_t>() + in.combine_x.numel());
@@ -280,6 +304,17 @@ casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, con
     dopt.scales = scales.view;
   }
   if (in.expert_scales.present()) dopt.expert_scales = weights.view;
+  // The mask, every other byte of a buffer when strided.
+  std::vector<std::uint8_t> mask_storage;
+  TensorView mask;
+  if (in.x_active_mask.present()) {
+    const std::int64_t step = opt.strided_inputs ? 2 : 1;
+    mask_storage.assign(static_cast<std::size_t>(std::max<std::int64_t>(bs * step, 1)), 0xa5);
+    for (std::int64_t b = 0; b < bs; ++b)
+      mask_storage[static_cast<std::size_t>(b * step)] = in.x_active_mask.data<std::uint8_t>()[b];
+    mask = vector_view(mask_storage.data(), DType::boolean, bs, step);
+    dopt.x_active_mask = mask;
+  }
   Tensor out_x, out_scales, out_expand_scales, out_idx, out_etn, out_ep, out_tp;
   Strided strided_out_x;
   if (opt.caller_outputs) {
@@ -352,13 +387,22 @@ casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, con
   }
   CombineOptions copt;
   copt.comm_quant_mode = c.comm_quant_mode;
+  copt.x_active_mask = mask;
   if (T == 2) copt.tp_send_counts = d.tp_recv_counts;
   Tensor combined;
-  if (opt.caller_outputs) {
+  if (opt.caller_outputs) {  // garbage first: combine must write every row, zeros for inactive tokens
     combined = Tensor(c.dtype, bs, h);
+    std::fill_n(combined.data<std::uint16_t>(), combined.numel(), std::uint16_t{0x5a5a});
     copt.out = combined.mutable_view();
   }
-  const TensorView y = group.combine(expert_out, ids.view, d.expand_idx, d.ep_recv_counts, weights.view, copt);
+  // expand_idx as (BS, K), as programs pass dispatch's reshaped copy (any BS * K elements are accepted).
+  Tensor idx_2d;
+  TensorView expand_idx = d.expand_idx;
+  if (opt.strided_inputs) {
+    idx_2d = copy_rows(d.expand_idx, d.expand_idx.rows());
+    expand_idx = matrix_view(idx_2d.raw(), DType::int32, bs, k);
+  }
+  const TensorView y = group.combine(expert_out, ids.view, expand_idx, d.ep_recv_counts, weights.view, copt);
   if (traffic != nullptr) traffic->after_combine = group.traffic();
   o.combine_out = copy_rows(y, bs);
   return o;

@@ -23,6 +23,9 @@ struct CaseLimits {
   std::int64_t max_bs = 6;
   bool allow_tp = true;
   int world_size = 0;  // > 0: exactly this many ranks (ep_world_size * max(tp_world_size, 1)); else random
+  // Give some cases an x_active_mask (a random prefix of active tokens per rank, garbage expert ids in
+  // the inactive rows), where the rules allow one. Off by default: the CUDA backend refuses masks.
+  bool token_masks = false;
 };
 
 // A random configuration that satisfies every semantic rule, with random inputs for every rank.
@@ -47,7 +50,9 @@ std::string describe(const casefile::Case& c);
 oracle::Case to_oracle_case(const casefile::Case& c);
 
 struct RunOptions {
-  bool strided_inputs = false;  // pass x, expert_ids, expert_scales and combine inputs as non-contiguous views
+  // Pass x, expert_ids, expert_scales, x_active_mask and combine inputs as non-contiguous views, and
+  // expand_idx to combine as (BS, K).
+  bool strided_inputs = false;
   bool caller_outputs = false;  // give dispatch and combine caller-provided output buffers
   bool outputs_in_window = false;  // write the expert outputs into Group::combine_buffer() (T <= 1)
   int ranks_per_host = 0;          // run_runtime: virtual hosts of this many ranks (0: one host)

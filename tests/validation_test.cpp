@@ -195,6 +195,13 @@ casefile::Case make_case(const World& w, std::int64_t bs, std::uint64_t seed) {
   return c;
 }
 
+// A (n,) bool tensor holding the given values.
+Tensor bool_vector(const std::vector<std::uint8_t>& values) {
+  Tensor t(DType::boolean, static_cast<std::int64_t>(values.size()));
+  std::copy(values.begin(), values.end(), t.data<std::uint8_t>());
+  return t;
+}
+
 Tensor ones(std::int64_t rows, std::int64_t cols) {
   Tensor t(DType::fp32, rows, cols);
   std::fill_n(t.data<float>(), t.numel(), 1.0f);
@@ -447,156 +454,270 @@ DispatchRule single(std::string name, std::function<void(DispatchCall&)> corrupt
 std::vector<DispatchRule> single_rank_dispatch_rules() {
   World small_global_bs = single_rank();
   small_global_bs.config.global_bs = 2;
+  World masked_global_bs = single_rank();  // BS 3 of at most 4 tokens per rank
+  masked_global_bs.config.global_bs = 4;
   std::vector<DispatchRule> rules = {
       // x
-      single("XAbsent", [](DispatchCall& c) { c.x = TensorView{}; }, invalid("x", "None", "is required")),
-      single("XOneDimensional", [](DispatchCall& c) { c.x = vector_view(c.x.data, DType::bf16, 48); },
-             bad_shape("x.shape", "(48,)", "must be 2-D")),
-      single("XFloat32", [](DispatchCall& c) { c.x.dtype = DType::fp32; },
-             bad_dtype("x.dtype", "float32", "must be bfloat16 or float16")),
-      single("XInt8", [](DispatchCall& c) { c.x.dtype = DType::int8; },
-             bad_dtype("x.dtype", "int8", "must be bfloat16 or float16")),
-      single("XNullData", [](DispatchCall& c) { c.x.data = nullptr; },
-             invalid("x.data", "nullptr", "a tensor of shape (3, 16) needs data")),
-      single("XNegativeRows", [](DispatchCall& c) { c.x.shape[0] = -1; },
-             bad_shape("x.shape", "(-1, 16)", "extents must be >= 0")),
-      single("XZeroHidden", [](DispatchCall& c) { c.x = matrix_view(c.x.data, DType::bf16, 3, 0); },
-             bad_shape("x.shape[1] (H)", "0", "must be >= 1")),
+      single(
+          "XAbsent", [](DispatchCall& c) { c.x = TensorView{}; }, invalid("x", "None", "is required")),
+      single(
+          "XOneDimensional", [](DispatchCall& c) { c.x = vector_view(c.x.data, DType::bf16, 48); },
+          bad_shape("x.shape", "(48,)", "must be 2-D")),
+      single(
+          "XFloat32", [](DispatchCall& c) { c.x.dtype = DType::fp32; },
+          bad_dtype("x.dtype", "float32", "must be bfloat16 or float16")),
+      single(
+          "XInt8", [](DispatchCall& c) { c.x.dtype = DType::int8; },
+          bad_dtype("x.dtype", "int8", "must be bfloat16 or float16")),
+      single(
+          "XNullData", [](DispatchCall& c) { c.x.data = nullptr; },
+          invalid("x.data", "nullptr", "a tensor of shape (3, 16) needs data")),
+      single(
+          "XNegativeRows", [](DispatchCall& c) { c.x.shape[0] = -1; },
+          bad_shape("x.shape", "(-1, 16)", "extents must be >= 0")),
+      single(
+          "XZeroHidden", [](DispatchCall& c) { c.x = matrix_view(c.x.data, DType::bf16, 3, 0); },
+          bad_shape("x.shape[1] (H)", "0", "must be >= 1")),
       // expert_ids
-      single("IdsAbsent", [](DispatchCall& c) { c.expert_ids = TensorView{}; }, invalid("expert_ids", "None", "is required")),
-      single("IdsOneDimensional", [](DispatchCall& c) { c.expert_ids = vector_view(c.expert_ids.data, DType::int32, 6); },
-             bad_shape("expert_ids.shape", "(6,)", "must be 2-D")),
-      single("IdsRowsDifferFromBs", [](DispatchCall& c) { c.expert_ids.shape[0] = 2; },
-             bad_shape("expert_ids.shape", "(2, 2)", "must have BS = x.shape[0] = 3 rows")),
-      single("IdsInt64", [](DispatchCall& c) { c.expert_ids = c.own(Tensor(DType::int64, 3, 2)); },
-             bad_dtype("expert_ids.dtype", "int64", "must be int32")),
-      single("IdsNullData", [](DispatchCall& c) { c.expert_ids.data = nullptr; },
-             invalid("expert_ids.data", "nullptr", "a tensor of shape (3, 2) needs data")),
-      single("IdsNegativeK", [](DispatchCall& c) { c.expert_ids.shape[1] = -1; },
-             bad_shape("expert_ids.shape", "(3, -1)", "extents must be >= 0")),
-      single("KZero", [](DispatchCall& c) { c.expert_ids = c.own(Tensor(DType::int32, 3, 0)); },
-             bad_shape("expert_ids.shape[1] (K)", "0", "must be in [1, moe_expert_num = 4]")),
-      single("KAboveExpertNum", [](DispatchCall& c) { c.expert_ids = c.own(Tensor(DType::int32, 3, 5)); },
-             bad_shape("expert_ids.shape[1] (K)", "5", "must be in [1, moe_expert_num = 4]")),
-      single("IdNegative", [](DispatchCall& c) { c.expert_ids = c.own(int32_tensor(3, 2, {0, 1, -1, 2, 1, 2})); },
-             invalid("expert_ids[1, 0]", "-1", "must be in [0, moe_expert_num = 4)")),
-      single("IdEqualToExpertNum", [](DispatchCall& c) { c.expert_ids = c.own(int32_tensor(3, 2, {0, 1, 2, 3, 1, 4})); },
-             invalid("expert_ids[2, 1]", "4", "must be in [0, moe_expert_num = 4)")),
-      single("IdRepeatedInRow", [](DispatchCall& c) { c.expert_ids = c.own(int32_tensor(3, 2, {0, 1, 2, 2, 1, 3})); },
-             invalid("expert_ids[1, 1]", "2", "the K ids of a row must be distinct; row 1 repeats it")),
-      rule<DispatchCall>("GlobalBsBelowBsTimesW", small_global_bs, 0, [](DispatchCall&) {},
-                         invalid("global_bs", "2", "must be >= BS * ep_world_size = 3 * 1 (BS of this rank is 3)")),
+      single(
+          "IdsAbsent", [](DispatchCall& c) { c.expert_ids = TensorView{}; },
+          invalid("expert_ids", "None", "is required")),
+      single(
+          "IdsOneDimensional", [](DispatchCall& c) { c.expert_ids = vector_view(c.expert_ids.data, DType::int32, 6); },
+          bad_shape("expert_ids.shape", "(6,)", "must be 2-D")),
+      single(
+          "IdsRowsDifferFromBs", [](DispatchCall& c) { c.expert_ids.shape[0] = 2; },
+          bad_shape("expert_ids.shape", "(2, 2)", "must have BS = x.shape[0] = 3 rows")),
+      single(
+          "IdsInt64", [](DispatchCall& c) { c.expert_ids = c.own(Tensor(DType::int64, 3, 2)); },
+          bad_dtype("expert_ids.dtype", "int64", "must be int32")),
+      single(
+          "IdsNullData", [](DispatchCall& c) { c.expert_ids.data = nullptr; },
+          invalid("expert_ids.data", "nullptr", "a tensor of shape (3, 2) needs data")),
+      single(
+          "IdsNegativeK", [](DispatchCall& c) { c.expert_ids.shape[1] = -1; },
+          bad_shape("expert_ids.shape", "(3, -1)", "extents must be >= 0")),
+      single(
+          "KZero", [](DispatchCall& c) { c.expert_ids = c.own(Tensor(DType::int32, 3, 0)); },
+          bad_shape("expert_ids.shape[1] (K)", "0", "must be in [1, moe_expert_num = 4]")),
+      single(
+          "KAboveExpertNum", [](DispatchCall& c) { c.expert_ids = c.own(Tensor(DType::int32, 3, 5)); },
+          bad_shape("expert_ids.shape[1] (K)", "5", "must be in [1, moe_expert_num = 4]")),
+      single(
+          "IdNegative",
+          [](DispatchCall& c) {
+            c.expert_ids = c.own(int32_tensor(3, 2, {0, 1, -1, 2, 1, 2}));
+          },
+          invalid("expert_ids[1, 0]", "-1", "must be in [0, moe_expert_num = 4)")),
+      single(
+          "IdEqualToExpertNum",
+          [](DispatchCall& c) {
+            c.expert_ids = c.own(int32_tensor(3, 2, {0, 1, 2, 3, 1, 4}));
+          },
+          invalid("expert_ids[2, 1]", "4", "must be in [0, moe_expert_num = 4)")),
+      single(
+          "IdRepeatedInRow",
+          [](DispatchCall& c) {
+            c.expert_ids = c.own(int32_tensor(3, 2, {0, 1, 2, 2, 1, 3}));
+          },
+          invalid("expert_ids[1, 1]", "2", "the K ids of a row must be distinct; row 1 repeats it")),
+      rule<DispatchCall>(
+          "GlobalBsBelowBsTimesW", small_global_bs, 0, [](DispatchCall&) {},
+          invalid("global_bs", "2", "must be >= BS * ep_world_size = 3 * 1 (BS of this rank is 3)")),
       // quant_mode and scales
-      single("QuantMode1", [](DispatchCall& c) { c.options.quant_mode = 1; },
-             expect(ErrorCode::unsupported, "quant_mode", "1", "static quantization is not supported (0 = none, 2 = dynamic int8)")),
-      single("QuantMode3", [](DispatchCall& c) { c.options.quant_mode = 3; },
-             invalid("quant_mode", "3", "must be 0 (none) or 2 (dynamic int8)")),
-      single("QuantModeNegative", [](DispatchCall& c) { c.options.quant_mode = -1; },
-             invalid("quant_mode", "-1", "must be 0 (none) or 2 (dynamic int8)")),
-      single("ScalesWithQuantMode0", [](DispatchCall& c) { c.options.scales = c.own(Tensor(DType::fp32, 4, 16)); },
-             invalid("scales", "(4, 16)", "must be None with quant_mode 0")),
-      single("ScalesBf16",
-             [](DispatchCall& c) {
-               c.options.quant_mode = 2;
-               c.options.scales = c.own(Tensor(DType::bf16, 4, 16));
-             },
-             bad_dtype("scales.dtype", "bfloat16", "must be float32")),
-      single("ScalesWithSharedRowButNoSharedExperts",
-             [](DispatchCall& c) {
-               c.options.quant_mode = 2;
-               c.options.scales = c.own(Tensor(DType::fp32, 5, 16));
-             },
-             bad_shape("scales.shape", "(5, 16)", "must be (4, 16)")),
-      single("ScalesWrongHidden",
-             [](DispatchCall& c) {
-               c.options.quant_mode = 2;
-               c.options.scales = c.own(Tensor(DType::fp32, 4, 8));
-             },
-             bad_shape("scales.shape", "(4, 8)", "must be (4, 16)")),
-      single("ScalesOneDimensional",
-             [](DispatchCall& c) {
-               c.options.quant_mode = 2;
-               c.options.scales = c.own(Tensor(DType::fp32, 64));
-             },
-             bad_shape("scales.shape", "(64,)", "must be (4, 16)")),
-      single("ScalesNullData",
-             [](DispatchCall& c) {
-               c.options.quant_mode = 2;
-               c.options.scales = c.own(Tensor(DType::fp32, 4, 16));
-               c.options.scales.data = nullptr;
-             },
-             invalid("scales.data", "nullptr", "a tensor of shape (4, 16) needs data")),
+      single(
+          "QuantMode1", [](DispatchCall& c) { c.options.quant_mode = 1; },
+          expect(ErrorCode::unsupported, "quant_mode", "1",
+                 "static quantization is not supported (0 = none, 2 = dynamic int8)")),
+      single(
+          "QuantMode3", [](DispatchCall& c) { c.options.quant_mode = 3; },
+          invalid("quant_mode", "3", "must be 0 (none) or 2 (dynamic int8)")),
+      single(
+          "QuantModeNegative", [](DispatchCall& c) { c.options.quant_mode = -1; },
+          invalid("quant_mode", "-1", "must be 0 (none) or 2 (dynamic int8)")),
+      single(
+          "ScalesWithQuantMode0", [](DispatchCall& c) { c.options.scales = c.own(Tensor(DType::fp32, 4, 16)); },
+          invalid("scales", "(4, 16)", "must be None with quant_mode 0")),
+      single(
+          "ScalesBf16",
+          [](DispatchCall& c) {
+            c.options.quant_mode = 2;
+            c.options.scales = c.own(Tensor(DType::bf16, 4, 16));
+          },
+          bad_dtype("scales.dtype", "bfloat16", "must be float32")),
+      single(
+          "ScalesWithSharedRowButNoSharedExperts",
+          [](DispatchCall& c) {
+            c.options.quant_mode = 2;
+            c.options.scales = c.own(Tensor(DType::fp32, 5, 16));
+          },
+          bad_shape("scales.shape", "(5, 16)", "must be (4, 16)")),
+      single(
+          "ScalesWrongHidden",
+          [](DispatchCall& c) {
+            c.options.quant_mode = 2;
+            c.options.scales = c.own(Tensor(DType::fp32, 4, 8));
+          },
+          bad_shape("scales.shape", "(4, 8)", "must be (4, 16)")),
+      single(
+          "ScalesOneDimensional",
+          [](DispatchCall& c) {
+            c.options.quant_mode = 2;
+            c.options.scales = c.own(Tensor(DType::fp32, 64));
+          },
+          bad_shape("scales.shape", "(64,)", "must be (4, 16)")),
+      single(
+          "ScalesNullData",
+          [](DispatchCall& c) {
+            c.options.quant_mode = 2;
+            c.options.scales = c.own(Tensor(DType::fp32, 4, 16));
+            c.options.scales.data = nullptr;
+          },
+          invalid("scales.data", "nullptr", "a tensor of shape (4, 16) needs data")),
       // reserved and optional inputs
-      single("XActiveMaskPresent", [](DispatchCall& c) { c.options.x_active_mask = c.own(Tensor(DType::int8, 3)); },
-             invalid("x_active_mask", "(3,)", "is reserved in the V1 operators and must be None")),
-      single("ExpertScalesBf16", [](DispatchCall& c) { c.options.expert_scales = c.own(Tensor(DType::bf16, 3, 2)); },
-             bad_dtype("expert_scales.dtype", "bfloat16", "must be float32")),
-      single("ExpertScalesWrongK", [](DispatchCall& c) { c.options.expert_scales = c.own(Tensor(DType::fp32, 3, 1)); },
-             bad_shape("expert_scales.shape", "(3, 1)", "must be (3, 2)")),
-      single("ExpertScalesWrongRows", [](DispatchCall& c) { c.options.expert_scales = c.own(Tensor(DType::fp32, 2, 2)); },
-             bad_shape("expert_scales.shape", "(2, 2)", "must be (3, 2)")),
-      single("ExpertScalesOneDimensional", [](DispatchCall& c) { c.options.expert_scales = c.own(Tensor(DType::fp32, 6)); },
-             bad_shape("expert_scales.shape", "(6,)", "must be (3, 2)")),
-      single("ExpertScalesNullData", [](DispatchCall& c) { c.options.expert_scales.data = nullptr; },
-             invalid("expert_scales.data", "nullptr", "a tensor of shape (3, 2) needs data")),
-      single("ExpertTokenNumsType2", [](DispatchCall& c) { c.options.expert_token_nums_type = 2; },
-             invalid("expert_token_nums_type", "2", "must be 0 (prefix sums) or 1 (counts)")),
-      single("ExpertTokenNumsTypeNegative", [](DispatchCall& c) { c.options.expert_token_nums_type = -1; },
-             invalid("expert_token_nums_type", "-1", "must be 0 (prefix sums) or 1 (counts)")),
+      // x_active_mask (V1 contract §3.7: the A2 kernel's 1-D mask; src/contract/token_mask.h)
+      single(
+          "XActiveMaskInt8", [](DispatchCall& c) { c.options.x_active_mask = c.own(Tensor(DType::int8, 3)); },
+          bad_dtype("x_active_mask.dtype", "int8", "must be bool")),
+      single(
+          "XActiveMaskWrongLength",
+          [](DispatchCall& c) {
+            c.options.x_active_mask = c.own(bool_vector({1, 1}));
+          },
+          bad_shape("x_active_mask.shape", "(2,)", "must be (BS,) = (3,)")),
+      single(
+          "XActiveMaskTwoDimensional",
+          [](DispatchCall& c) { c.options.x_active_mask = c.own(Tensor(DType::boolean, 3, 2)); },
+          bad_shape("x_active_mask.shape", "(3, 2)", "a (BS, K) mask is a V2 operator's")),
+      single(
+          "XActiveMaskNotAPrefix",
+          [](DispatchCall& c) {
+            c.options.x_active_mask = c.own(bool_vector({1, 0, 1}));
+          },
+          invalid("x_active_mask[2]", "true", "every true must come before every false (x_active_mask[1] is false)")),
+      single(
+          "XActiveMaskNullData",
+          [](DispatchCall& c) {
+            c.options.x_active_mask = c.own(bool_vector({1, 1, 0}));
+            c.options.x_active_mask.data = nullptr;
+          },
+          invalid("x_active_mask.data", "nullptr", "a mask needs data")),
+      rule<DispatchCall>(
+          "XActiveMaskOnRankBelowGlobalBs", masked_global_bs, 0,
+          [](DispatchCall& c) {
+            c.options.x_active_mask = c.own(bool_vector({1, 1, 0}));
+          },
+          invalid("x_active_mask", "(3,)",
+                  "must be None on a rank with fewer tokens than global_bs / ep_world_size = 4 (BS = 3)")),
+      single(
+          "OutExpandIdxAliasesXActiveMask",
+          [](DispatchCall& c) {
+            c.options.x_active_mask =
+                vector_view(static_cast<const void*>(c.options.out.expand_idx.data), DType::boolean, 3);
+          },
+          invalid("out.expand_idx", "(6,)",
+                  "shares memory with the input x_active_mask: outputs must not alias inputs")),
+      single(
+          "ExpertScalesBf16", [](DispatchCall& c) { c.options.expert_scales = c.own(Tensor(DType::bf16, 3, 2)); },
+          bad_dtype("expert_scales.dtype", "bfloat16", "must be float32")),
+      single(
+          "ExpertScalesWrongK", [](DispatchCall& c) { c.options.expert_scales = c.own(Tensor(DType::fp32, 3, 1)); },
+          bad_shape("expert_scales.shape", "(3, 1)", "must be (3, 2)")),
+      single(
+          "ExpertScalesWrongRows", [](DispatchCall& c) { c.options.expert_scales = c.own(Tensor(DType::fp32, 2, 2)); },
+          bad_shape("expert_scales.shape", "(2, 2)", "must be (3, 2)")),
+      single(
+          "ExpertScalesOneDimensional",
+          [](DispatchCall& c) { c.options.expert_scales = c.own(Tensor(DType::fp32, 6)); },
+          bad_shape("expert_scales.shape", "(6,)", "must be (3, 2)")),
+      single(
+          "ExpertScalesNullData", [](DispatchCall& c) { c.options.expert_scales.data = nullptr; },
+          invalid("expert_scales.data", "nullptr", "a tensor of shape (3, 2) needs data")),
+      single(
+          "ExpertTokenNumsType2", [](DispatchCall& c) { c.options.expert_token_nums_type = 2; },
+          invalid("expert_token_nums_type", "2", "must be 0 (prefix sums) or 1 (counts)")),
+      single(
+          "ExpertTokenNumsTypeNegative", [](DispatchCall& c) { c.options.expert_token_nums_type = -1; },
+          invalid("expert_token_nums_type", "-1", "must be 0 (prefix sums) or 1 (counts)")),
       // caller output buffers
-      single("OutExpandXFp16ForBf16X", [](DispatchCall& c) { c.options.out.expand_x.dtype = DType::fp16; },
-             bad_dtype("out.expand_x.dtype", "float16", "must be bfloat16")),
-      single("OutExpandXNotInt8WithQuantMode2", [](DispatchCall& c) { c.options.quant_mode = 2; },
-             bad_dtype("out.expand_x.dtype", "bfloat16", "must be int8")),
-      single("OutExpandXTooFewRows", [](DispatchCall& c) { c.options.out.expand_x.shape[0] = 5; },
-             bad_shape("out.expand_x.shape", "(5, 16)", "must be (>= A * max(tp_world_size, 1) = 6, H = 16)")),
-      single("OutExpandXWrongHidden", [](DispatchCall& c) { c.options.out.expand_x.shape[1] = 15; },
-             bad_shape("out.expand_x.shape", "(6, 15)", "must be (>= A * max(tp_world_size, 1) = 6, H = 16)")),
-      single("OutExpandXOneDimensional",
-             [](DispatchCall& c) { c.options.out.expand_x = vector_view(c.options.out.expand_x.data, DType::bf16, 96); },
-             bad_shape("out.expand_x.shape", "(96,)", "must be (>= A * max(tp_world_size, 1) = 6, H = 16)")),
-      single("OutExpandXNullData", [](DispatchCall& c) { c.options.out.expand_x.data = nullptr; },
-             invalid("out.expand_x.data", "nullptr", "a tensor of shape (6, 16) needs data")),
-      single("OutExpandXAliasesX", [](DispatchCall& c) { c.options.out.expand_x.data = const_cast<void*>(c.x.data); },
-             invalid("out.expand_x", "(6, 16)", "shares memory with the input x: outputs must not alias inputs")),
-      single("OutExpandIdxAliasesExpertIds",
-             [](DispatchCall& c) { c.options.out.expand_idx.data = const_cast<void*>(c.expert_ids.data); },
-             invalid("out.expand_idx", "(6,)", "shares memory with the input expert_ids: outputs must not alias inputs")),
-      single("OutDynamicScalesBf16", [](DispatchCall& c) { c.options.out.dynamic_scales.dtype = DType::bf16; },
-             bad_dtype("out.dynamic_scales.dtype", "bfloat16", "must be float32")),
-      single("OutDynamicScalesTooShort", [](DispatchCall& c) { c.options.out.dynamic_scales.shape[0] = 5; },
-             bad_shape("out.dynamic_scales.shape", "(5,)", "must be 1-D with at least 6 entries")),
-      single("OutDynamicScalesNullData", [](DispatchCall& c) { c.options.out.dynamic_scales.data = nullptr; },
-             invalid("out.dynamic_scales.data", "nullptr", "a tensor of shape (6,) needs data")),
-      single("OutExpandScalesInt32", [](DispatchCall& c) { c.options.out.expand_scales.dtype = DType::int32; },
-             bad_dtype("out.expand_scales.dtype", "int32", "must be float32")),
-      single("OutExpandScalesTooShort", [](DispatchCall& c) { c.options.out.expand_scales.shape[0] = 5; },
-             bad_shape("out.expand_scales.shape", "(5,)", "must be 1-D with at least 6 entries")),
-      single("OutExpandScalesNullData", [](DispatchCall& c) { c.options.out.expand_scales.data = nullptr; },
-             invalid("out.expand_scales.data", "nullptr", "a tensor of shape (6,) needs data")),
-      single("OutExpandIdxInt64", [](DispatchCall& c) { c.options.out.expand_idx.dtype = DType::int64; },
-             bad_dtype("out.expand_idx.dtype", "int64", "must be int32")),
-      single("OutExpandIdxTooShort", [](DispatchCall& c) { c.options.out.expand_idx.shape[0] = 5; },
-             bad_shape("out.expand_idx.shape", "(5,)", "must be (6,)")),
-      single("OutExpandIdxTooLong", [](DispatchCall& c) { c.options.out.expand_idx.shape[0] = 7; },
-             bad_shape("out.expand_idx.shape", "(7,)", "must be (6,)")),
-      single("OutExpandIdxNullData", [](DispatchCall& c) { c.options.out.expand_idx.data = nullptr; },
-             invalid("out.expand_idx.data", "nullptr", "a tensor of shape (6,) needs data")),
-      single("OutExpertTokenNumsInt32", [](DispatchCall& c) { c.options.out.expert_token_nums.dtype = DType::int32; },
-             bad_dtype("out.expert_token_nums.dtype", "int32", "must be int64")),
-      single("OutExpertTokenNumsWrongLength", [](DispatchCall& c) { c.options.out.expert_token_nums.shape[0] = 3; },
-             bad_shape("out.expert_token_nums.shape", "(3,)", "must be (4,)")),
-      single("OutExpertTokenNumsNullData", [](DispatchCall& c) { c.options.out.expert_token_nums.data = nullptr; },
-             invalid("out.expert_token_nums.data", "nullptr", "a tensor of shape (4,) needs data")),
-      single("OutEpRecvCountsInt64", [](DispatchCall& c) { c.options.out.ep_recv_counts.dtype = DType::int64; },
-             bad_dtype("out.ep_recv_counts.dtype", "int64", "must be int32")),
-      single("OutEpRecvCountsTooShort", [](DispatchCall& c) { c.options.out.ep_recv_counts.shape[0] = 3; },
-             bad_shape("out.ep_recv_counts.shape", "(3,)", "must be 1-D with at least 4 entries")),
-      single("OutEpRecvCountsNullData", [](DispatchCall& c) { c.options.out.ep_recv_counts.data = nullptr; },
-             invalid("out.ep_recv_counts.data", "nullptr", "a tensor of shape (4,) needs data")),
-      single("OutTpRecvCountsWithoutTp",
-             [](DispatchCall& c) { c.options.out.tp_recv_counts = c.tp_recv_counts_buf.vector(DType::int32, 2); },
-             invalid("out.tp_recv_counts", "(2,)", "is only produced with tp_world_size = 2")),
+      single(
+          "OutExpandXFp16ForBf16X", [](DispatchCall& c) { c.options.out.expand_x.dtype = DType::fp16; },
+          bad_dtype("out.expand_x.dtype", "float16", "must be bfloat16")),
+      single(
+          "OutExpandXNotInt8WithQuantMode2", [](DispatchCall& c) { c.options.quant_mode = 2; },
+          bad_dtype("out.expand_x.dtype", "bfloat16", "must be int8")),
+      single(
+          "OutExpandXTooFewRows", [](DispatchCall& c) { c.options.out.expand_x.shape[0] = 5; },
+          bad_shape("out.expand_x.shape", "(5, 16)", "must be (>= A * max(tp_world_size, 1) = 6, H = 16)")),
+      single(
+          "OutExpandXWrongHidden", [](DispatchCall& c) { c.options.out.expand_x.shape[1] = 15; },
+          bad_shape("out.expand_x.shape", "(6, 15)", "must be (>= A * max(tp_world_size, 1) = 6, H = 16)")),
+      single(
+          "OutExpandXOneDimensional",
+          [](DispatchCall& c) { c.options.out.expand_x = vector_view(c.options.out.expand_x.data, DType::bf16, 96); },
+          bad_shape("out.expand_x.shape", "(96,)", "must be (>= A * max(tp_world_size, 1) = 6, H = 16)")),
+      single(
+          "OutExpandXNullData", [](DispatchCall& c) { c.options.out.expand_x.data = nullptr; },
+          invalid("out.expand_x.data", "nullptr", "a tensor of shape (6, 16) needs data")),
+      single(
+          "OutExpandXAliasesX", [](DispatchCall& c) { c.options.out.expand_x.data = const_cast<void*>(c.x.data); },
+          invalid("out.expand_x", "(6, 16)", "shares memory with the input x: outputs must not alias inputs")),
+      single(
+          "OutExpandIdxAliasesExpertIds",
+          [](DispatchCall& c) { c.options.out.expand_idx.data = const_cast<void*>(c.expert_ids.data); },
+          invalid("out.expand_idx", "(6,)", "shares memory with the input expert_ids: outputs must not alias inputs")),
+      single(
+          "OutDynamicScalesBf16", [](DispatchCall& c) { c.options.out.dynamic_scales.dtype = DType::bf16; },
+          bad_dtype("out.dynamic_scales.dtype", "bfloat16", "must be float32")),
+      single(
+          "OutDynamicScalesTooShort", [](DispatchCall& c) { c.options.out.dynamic_scales.shape[0] = 5; },
+          bad_shape("out.dynamic_scales.shape", "(5,)", "must be 1-D with at least 6 entries")),
+      single(
+          "OutDynamicScalesNullData", [](DispatchCall& c) { c.options.out.dynamic_scales.data = nullptr; },
+          invalid("out.dynamic_scales.data", "nullptr", "a tensor of shape (6,) needs data")),
+      single(
+          "OutExpandScalesInt32", [](DispatchCall& c) { c.options.out.expand_scales.dtype = DType::int32; },
+          bad_dtype("out.expand_scales.dtype", "int32", "must be float32")),
+      single(
+          "OutExpandScalesTooShort", [](DispatchCall& c) { c.options.out.expand_scales.shape[0] = 5; },
+          bad_shape("out.expand_scales.shape", "(5,)", "must be 1-D with at least 6 entries")),
+      single(
+          "OutExpandScalesNullData", [](DispatchCall& c) { c.options.out.expand_scales.data = nullptr; },
+          invalid("out.expand_scales.data", "nullptr", "a tensor of shape (6,) needs data")),
+      single(
+          "OutExpandIdxInt64", [](DispatchCall& c) { c.options.out.expand_idx.dtype = DType::int64; },
+          bad_dtype("out.expand_idx.dtype", "int64", "must be int32")),
+      single(
+          "OutExpandIdxTooShort", [](DispatchCall& c) { c.options.out.expand_idx.shape[0] = 5; },
+          bad_shape("out.expand_idx.shape", "(5,)", "must be (6,)")),
+      single(
+          "OutExpandIdxTooLong", [](DispatchCall& c) { c.options.out.expand_idx.shape[0] = 7; },
+          bad_shape("out.expand_idx.shape", "(7,)", "must be (6,)")),
+      single(
+          "OutExpandIdxNullData", [](DispatchCall& c) { c.options.out.expand_idx.data = nullptr; },
+          invalid("out.expand_idx.data", "nullptr", "a tensor of shape (6,) needs data")),
+      single(
+          "OutExpertTokenNumsInt32", [](DispatchCall& c) { c.options.out.expert_token_nums.dtype = DType::int32; },
+          bad_dtype("out.expert_token_nums.dtype", "int32", "must be int64")),
+      single(
+          "OutExpertTokenNumsWrongLength", [](DispatchCall& c) { c.options.out.expert_token_nums.shape[0] = 3; },
+          bad_shape("out.expert_token_nums.shape", "(3,)", "must be (4,)")),
+      single(
+          "OutExpertTokenNumsNullData", [](DispatchCall& c) { c.options.out.expert_token_nums.data = nullptr; },
+          invalid("out.expert_token_nums.data", "nullptr", "a tensor of shape (4,) needs data")),
+      single(
+          "OutEpRecvCountsInt64", [](DispatchCall& c) { c.options.out.ep_recv_counts.dtype = DType::int64; },
+          bad_dtype("out.ep_recv_counts.dtype", "int64", "must be int32")),
+      single(
+          "OutEpRecvCountsTooShort", [](DispatchCall& c) { c.options.out.ep_recv_counts.shape[0] = 3; },
+          bad_shape("out.ep_recv_counts.shape", "(3,)", "must be 1-D with at least 4 entries")),
+      single(
+          "OutEpRecvCountsNullData", [](DispatchCall& c) { c.options.out.ep_recv_counts.data = nullptr; },
+          invalid("out.ep_recv_counts.data", "nullptr", "a tensor of shape (4,) needs data")),
+      single(
+          "OutTpRecvCountsWithoutTp",
+          [](DispatchCall& c) { c.options.out.tp_recv_counts = c.tp_recv_counts_buf.vector(DType::int32, 2); },
+          invalid("out.tp_recv_counts", "(2,)", "is only produced with tp_world_size = 2")),
   };
   return rules;
 }
@@ -615,35 +736,47 @@ std::vector<DispatchRule> multi_rank_dispatch_rules() {
                          bad_shape("scales.shape", "(2, 16)", "must be (3, 16)")),
       rule<DispatchCall>("ScalesLackSharedRowOnSharedRank", shared_ranks(2), 0, scales_without_shared_row,
                          bad_shape("scales.shape", "(2, 16)", "must be (3, 16)")),
-      rule<DispatchCall>("TpOutExpandXBelowTwiceA", tp_pair(), 1, [](DispatchCall& c) { c.options.out.expand_x.shape[0] = 3; },
-                         bad_shape("out.expand_x.shape", "(3, 16)", "must be (>= A * max(tp_world_size, 1) = 4, H = 16)")),
-      rule<DispatchCall>("TpOutEpRecvCountsWithoutPeerHalf", tp_pair(), 1,
-                         [](DispatchCall& c) { c.options.out.ep_recv_counts.shape[0] = 1; },
-                         bad_shape("out.ep_recv_counts.shape", "(1,)", "must be 1-D with at least 2 entries")),
-      rule<DispatchCall>("TpOutTpRecvCountsWrongLength", tp_pair(), 1,
-                         [](DispatchCall& c) { c.options.out.tp_recv_counts.shape[0] = 3; },
-                         bad_shape("out.tp_recv_counts.shape", "(3,)", "must be (2,)")),
-      rule<DispatchCall>("TpOutTpRecvCountsInt64", tp_pair(), 1,
-                         [](DispatchCall& c) { c.options.out.tp_recv_counts.dtype = DType::int64; },
-                         bad_dtype("out.tp_recv_counts.dtype", "int64", "must be int32")),
-      rule<DispatchCall>("TpOutTpRecvCountsNullData", tp_pair(), 0,
-                         [](DispatchCall& c) { c.options.out.tp_recv_counts.data = nullptr; },
-                         invalid("out.tp_recv_counts.data", "nullptr", "a tensor of shape (2,) needs data")),
+      rule<DispatchCall>(
+          "TpOutExpandXBelowTwiceA", tp_pair(), 1, [](DispatchCall& c) { c.options.out.expand_x.shape[0] = 3; },
+          bad_shape("out.expand_x.shape", "(3, 16)", "must be (>= A * max(tp_world_size, 1) = 4, H = 16)")),
+      rule<DispatchCall>(
+          "TpOutEpRecvCountsWithoutPeerHalf", tp_pair(), 1,
+          [](DispatchCall& c) { c.options.out.ep_recv_counts.shape[0] = 1; },
+          bad_shape("out.ep_recv_counts.shape", "(1,)", "must be 1-D with at least 2 entries")),
+      rule<DispatchCall>(
+          "TpOutTpRecvCountsWrongLength", tp_pair(), 1,
+          [](DispatchCall& c) { c.options.out.tp_recv_counts.shape[0] = 3; },
+          bad_shape("out.tp_recv_counts.shape", "(3,)", "must be (2,)")),
+      rule<DispatchCall>(
+          "TpOutTpRecvCountsInt64", tp_pair(), 1,
+          [](DispatchCall& c) { c.options.out.tp_recv_counts.dtype = DType::int64; },
+          bad_dtype("out.tp_recv_counts.dtype", "int64", "must be int32")),
+      rule<DispatchCall>(
+          "TpOutTpRecvCountsNullData", tp_pair(), 0,
+          [](DispatchCall& c) { c.options.out.tp_recv_counts.data = nullptr; },
+          invalid("out.tp_recv_counts.data", "nullptr", "a tensor of shape (2,) needs data")),
       rule<DispatchCall>("AscendA3HiddenNot7168", ascend_a3(), 3, reshape(1, 7200, 1),
                          invalid("H", "7200", "profile ascend_a3 needs H == 7168")),
-      rule<DispatchCall>("AscendA3KAbove8", ascend_a3(), 3, reshape(1, 7168, 9), invalid("K", "9", "profile ascend_a3 allows K <= 8")),
+      rule<DispatchCall>("AscendA3KAbove8", ascend_a3(), 3, reshape(1, 7168, 9),
+                         invalid("K", "9", "profile ascend_a3 allows K <= 8")),
       rule<DispatchCall>("AscendA3BsZero", ascend_a3(), 3, reshape(0, 7168, 1),
                          invalid("BS", "0", "profile ascend_a3 allows 1 <= BS <= 512")),
       rule<DispatchCall>("AscendA3BsAbove512", ascend_a3(), 3, reshape(513, 7168, 1),
                          invalid("BS", "513", "profile ascend_a3 allows 1 <= BS <= 512")),
-      rule<DispatchCall>("AscendA3ExpertScalesPresent", ascend_a3(), 3,
-                         [](DispatchCall& c) { c.options.expert_scales = c.own(ones(1, 1)); },
-                         invalid("expert_scales", "(1, 1)", "profile ascend_a3 does not support it (must be None)")),
+      rule<DispatchCall>(
+          "AscendA3XActiveMask", ascend_a3(), 3,
+          [](DispatchCall& c) { c.options.x_active_mask = c.own(bool_vector({1})); },
+          invalid("x_active_mask", "(1,)", "profile ascend_a3 does not support it (must be None)")),
+      rule<DispatchCall>(
+          "AscendA3ExpertScalesPresent", ascend_a3(), 3,
+          [](DispatchCall& c) { c.options.expert_scales = c.own(ones(1, 1)); },
+          invalid("expert_scales", "(1, 1)", "profile ascend_a3 does not support it (must be None)")),
       rule<DispatchCall>("AscendA2HiddenNotMultipleOf32", ascend_a2(), 6, reshape(1, 48, 1),
                          invalid("H", "48", "profile ascend_a2 needs H % 32 == 0 and H <= 7168")),
       rule<DispatchCall>("AscendA2HiddenAbove7168", ascend_a2(), 6, reshape(1, 7200, 1),
                          invalid("H", "7200", "profile ascend_a2 needs H % 32 == 0 and H <= 7168")),
-      rule<DispatchCall>("AscendA2KAbove16", ascend_a2(), 6, reshape(1, 256, 17), invalid("K", "17", "profile ascend_a2 allows K <= 16")),
+      rule<DispatchCall>("AscendA2KAbove16", ascend_a2(), 6, reshape(1, 256, 17),
+                         invalid("K", "17", "profile ascend_a2 allows K <= 16")),
       rule<DispatchCall>("AscendA2BsZero", ascend_a2(), 6, reshape(0, 256, 1),
                          invalid("BS", "0", "profile ascend_a2 allows 1 <= BS <= 256")),
       rule<DispatchCall>("AscendA2BsAbove256", ascend_a2(), 6, reshape(257, 256, 1),
@@ -667,126 +800,202 @@ std::vector<CombineRule> single_rank_combine_rules() {
   bounded_bs.config.global_bs = 3;
   return {
       // expand_x
-      single_combine("ExpandXAbsent", [](CombineCall& c) { c.expand_x = TensorView{}; }, invalid("expand_x", "None", "is required")),
-      single_combine("ExpandXOneDimensional", [](CombineCall& c) { c.expand_x = vector_view(c.expand_x.data, DType::bf16, 96); },
-                     bad_shape("expand_x.shape", "(96,)", "must be 2-D")),
-      single_combine("ExpandXFloat32", [](CombineCall& c) { c.expand_x.dtype = DType::fp32; },
-                     bad_dtype("expand_x.dtype", "float32", "must be bfloat16 or float16")),
-      single_combine("ExpandXNullData", [](CombineCall& c) { c.expand_x.data = nullptr; },
-                     invalid("expand_x.data", "nullptr", "a tensor of shape (6, 16) needs data")),
-      single_combine("ExpandXNegativeRows", [](CombineCall& c) { c.expand_x.shape[0] = -1; },
-                     bad_shape("expand_x.shape", "(-1, 16)", "extents must be >= 0")),
-      single_combine("ExpandXZeroHidden", [](CombineCall& c) { c.expand_x = matrix_view(c.expand_x.data, DType::bf16, 6, 0); },
-                     bad_shape("expand_x.shape[1] (H)", "0", "must be >= 1")),
-      single_combine("ExpandXFewerRowsThanCounts", [](CombineCall& c) { c.expand_x.shape[0] = 5; },
-                     bad_shape("expand_x.shape", "(5, 16)", "must have at least the 6 valid rows that ep_send_counts describe")),
+      single_combine(
+          "ExpandXAbsent", [](CombineCall& c) { c.expand_x = TensorView{}; },
+          invalid("expand_x", "None", "is required")),
+      single_combine(
+          "ExpandXOneDimensional", [](CombineCall& c) { c.expand_x = vector_view(c.expand_x.data, DType::bf16, 96); },
+          bad_shape("expand_x.shape", "(96,)", "must be 2-D")),
+      single_combine(
+          "ExpandXFloat32", [](CombineCall& c) { c.expand_x.dtype = DType::fp32; },
+          bad_dtype("expand_x.dtype", "float32", "must be bfloat16 or float16")),
+      single_combine(
+          "ExpandXNullData", [](CombineCall& c) { c.expand_x.data = nullptr; },
+          invalid("expand_x.data", "nullptr", "a tensor of shape (6, 16) needs data")),
+      single_combine(
+          "ExpandXNegativeRows", [](CombineCall& c) { c.expand_x.shape[0] = -1; },
+          bad_shape("expand_x.shape", "(-1, 16)", "extents must be >= 0")),
+      single_combine(
+          "ExpandXZeroHidden", [](CombineCall& c) { c.expand_x = matrix_view(c.expand_x.data, DType::bf16, 6, 0); },
+          bad_shape("expand_x.shape[1] (H)", "0", "must be >= 1")),
+      single_combine(
+          "ExpandXFewerRowsThanCounts", [](CombineCall& c) { c.expand_x.shape[0] = 5; },
+          bad_shape("expand_x.shape", "(5, 16)", "must have at least the 6 valid rows that ep_send_counts describe")),
       // expert_ids (the checks dispatch shares)
-      single_combine("IdsAbsent", [](CombineCall& c) { c.expert_ids = TensorView{}; }, invalid("expert_ids", "None", "is required")),
-      single_combine("IdsOneDimensional", [](CombineCall& c) { c.expert_ids = vector_view(c.expert_ids.data, DType::int32, 6); },
-                     bad_shape("expert_ids.shape", "(6,)", "must be 2-D")),
-      single_combine("IdsInt64", [](CombineCall& c) { c.expert_ids = c.own(Tensor(DType::int64, 3, 2)); },
-                     bad_dtype("expert_ids.dtype", "int64", "must be int32")),
-      single_combine("IdsNullData", [](CombineCall& c) { c.expert_ids.data = nullptr; },
-                     invalid("expert_ids.data", "nullptr", "a tensor of shape (3, 2) needs data")),
-      single_combine("KZero", [](CombineCall& c) { c.expert_ids = c.own(Tensor(DType::int32, 3, 0)); },
-                     bad_shape("expert_ids.shape[1] (K)", "0", "must be in [1, moe_expert_num = 4]")),
-      single_combine("KAboveExpertNum", [](CombineCall& c) { c.expert_ids = c.own(Tensor(DType::int32, 3, 5)); },
-                     bad_shape("expert_ids.shape[1] (K)", "5", "must be in [1, moe_expert_num = 4]")),
-      single_combine("IdOutOfRange", [](CombineCall& c) { c.expert_ids = c.own(int32_tensor(3, 2, {0, 1, 2, 4, 0, 1})); },
-                     invalid("expert_ids[1, 1]", "4", "must be in [0, moe_expert_num = 4)")),
-      single_combine("IdRepeatedInRow", [](CombineCall& c) { c.expert_ids = c.own(int32_tensor(3, 2, {0, 0, 2, 3, 0, 1})); },
-                     invalid("expert_ids[0, 1]", "0", "the K ids of a row must be distinct; row 0 repeats it")),
-      rule<CombineCall>("GlobalBsBelowBsTimesW", bounded_bs, 0, [](CombineCall& c) { c.expert_ids = c.own(formula_ids(4, 2, 4, 0)); },
-                        invalid("global_bs", "3", "must be >= BS * ep_world_size = 4 * 1 (BS of this rank is 4)")),
+      single_combine(
+          "IdsAbsent", [](CombineCall& c) { c.expert_ids = TensorView{}; },
+          invalid("expert_ids", "None", "is required")),
+      single_combine(
+          "IdsOneDimensional", [](CombineCall& c) { c.expert_ids = vector_view(c.expert_ids.data, DType::int32, 6); },
+          bad_shape("expert_ids.shape", "(6,)", "must be 2-D")),
+      single_combine(
+          "IdsInt64", [](CombineCall& c) { c.expert_ids = c.own(Tensor(DType::int64, 3, 2)); },
+          bad_dtype("expert_ids.dtype", "int64", "must be int32")),
+      single_combine(
+          "IdsNullData", [](CombineCall& c) { c.expert_ids.data = nullptr; },
+          invalid("expert_ids.data", "nullptr", "a tensor of shape (3, 2) needs data")),
+      single_combine(
+          "KZero", [](CombineCall& c) { c.expert_ids = c.own(Tensor(DType::int32, 3, 0)); },
+          bad_shape("expert_ids.shape[1] (K)", "0", "must be in [1, moe_expert_num = 4]")),
+      single_combine(
+          "KAboveExpertNum", [](CombineCall& c) { c.expert_ids = c.own(Tensor(DType::int32, 3, 5)); },
+          bad_shape("expert_ids.shape[1] (K)", "5", "must be in [1, moe_expert_num = 4]")),
+      single_combine(
+          "IdOutOfRange",
+          [](CombineCall& c) {
+            c.expert_ids = c.own(int32_tensor(3, 2, {0, 1, 2, 4, 0, 1}));
+          },
+          invalid("expert_ids[1, 1]", "4", "must be in [0, moe_expert_num = 4)")),
+      single_combine(
+          "IdRepeatedInRow",
+          [](CombineCall& c) {
+            c.expert_ids = c.own(int32_tensor(3, 2, {0, 0, 2, 3, 0, 1}));
+          },
+          invalid("expert_ids[0, 1]", "0", "the K ids of a row must be distinct; row 0 repeats it")),
+      rule<CombineCall>(
+          "GlobalBsBelowBsTimesW", bounded_bs, 0, [](CombineCall& c) { c.expert_ids = c.own(formula_ids(4, 2, 4, 0)); },
+          invalid("global_bs", "3", "must be >= BS * ep_world_size = 4 * 1 (BS of this rank is 4)")),
       // expand_idx
-      single_combine("ExpandIdxAbsent", [](CombineCall& c) { c.expand_idx = TensorView{}; }, invalid("expand_idx", "None", "is required")),
-      single_combine("ExpandIdxInt64", [](CombineCall& c) { c.expand_idx.dtype = DType::int64; },
-                     bad_dtype("expand_idx.dtype", "int64", "must be int32")),
-      single_combine("ExpandIdxTooShort", [](CombineCall& c) { c.expand_idx.shape[0] = 5; },
-                     bad_shape("expand_idx.shape", "(5,)", "must be (6,)")),
-      single_combine("ExpandIdxTwoDimensional", [](CombineCall& c) { c.expand_idx = matrix_view(c.expand_idx.data, DType::int32, 3, 2); },
-                     bad_shape("expand_idx.shape", "(3, 2)", "must be (6,)")),
-      single_combine("ExpandIdxNullData", [](CombineCall& c) { c.expand_idx.data = nullptr; },
-                     invalid("expand_idx.data", "nullptr", "a tensor of shape (6,) needs data")),
-      single_combine("ExpandIdxNegative", [](CombineCall& c) { c.expand_idx = c.own(int32_vector({0, 0, 0, 0, -1, 1})); },
-                     invalid("expand_idx[4]", "-1", "must be >= 0 (use dispatch's expand_idx)")),
+      single_combine(
+          "ExpandIdxAbsent", [](CombineCall& c) { c.expand_idx = TensorView{}; },
+          invalid("expand_idx", "None", "is required")),
+      single_combine(
+          "ExpandIdxInt64", [](CombineCall& c) { c.expand_idx.dtype = DType::int64; },
+          bad_dtype("expand_idx.dtype", "int64", "must be int32")),
+      single_combine(
+          "ExpandIdxTooShort", [](CombineCall& c) { c.expand_idx.shape[0] = 5; },
+          bad_shape("expand_idx.shape", "(5,)", "must be (6,)")),
+      single_combine(
+          "ExpandIdxTwoDimensionalWithFewerEntries",
+          [](CombineCall& c) { c.expand_idx = matrix_view(c.expand_idx.data, DType::int32, 2, 2); },
+          bad_shape("expand_idx.shape", "(2, 2)",
+                    "must hold BS * K = 6 entries in row-major order: (6,) or e.g. (3, 2)")),
+      single_combine(
+          "ExpandIdxNullData", [](CombineCall& c) { c.expand_idx.data = nullptr; },
+          invalid("expand_idx.data", "nullptr", "a tensor of shape (6,) needs data")),
+      single_combine(
+          "ExpandIdxNegative",
+          [](CombineCall& c) {
+            c.expand_idx = c.own(int32_vector({0, 0, 0, 0, -1, 1}));
+          },
+          invalid("expand_idx[4]", "-1", "must be >= 0 (use dispatch's expand_idx)")),
       // expert_scales
-      single_combine("ExpertScalesAbsent", [](CombineCall& c) { c.expert_scales = TensorView{}; },
-                     invalid("expert_scales", "None", "is required")),
-      single_combine("ExpertScalesBf16", [](CombineCall& c) { c.expert_scales = c.own(Tensor(DType::bf16, 3, 2)); },
-                     bad_dtype("expert_scales.dtype", "bfloat16", "must be float32")),
-      single_combine("ExpertScalesWrongShape", [](CombineCall& c) { c.expert_scales = c.own(Tensor(DType::fp32, 3, 1)); },
-                     bad_shape("expert_scales.shape", "(3, 1)", "must be (3, 2)")),
-      single_combine("ExpertScalesNullData", [](CombineCall& c) { c.expert_scales.data = nullptr; },
-                     invalid("expert_scales.data", "nullptr", "a tensor of shape (3, 2) needs data")),
+      single_combine(
+          "ExpertScalesAbsent", [](CombineCall& c) { c.expert_scales = TensorView{}; },
+          invalid("expert_scales", "None", "is required")),
+      single_combine(
+          "ExpertScalesBf16", [](CombineCall& c) { c.expert_scales = c.own(Tensor(DType::bf16, 3, 2)); },
+          bad_dtype("expert_scales.dtype", "bfloat16", "must be float32")),
+      single_combine(
+          "ExpertScalesWrongShape", [](CombineCall& c) { c.expert_scales = c.own(Tensor(DType::fp32, 3, 1)); },
+          bad_shape("expert_scales.shape", "(3, 1)", "must be (3, 2)")),
+      single_combine(
+          "ExpertScalesNullData", [](CombineCall& c) { c.expert_scales.data = nullptr; },
+          invalid("expert_scales.data", "nullptr", "a tensor of shape (3, 2) needs data")),
       // ep_send_counts
-      single_combine("EpSendCountsAbsent", [](CombineCall& c) { c.ep_send_counts = TensorView{}; },
-                     invalid("ep_send_counts", "None", "is required")),
-      single_combine("EpSendCountsInt64", [](CombineCall& c) { c.ep_send_counts.dtype = DType::int64; },
-                     bad_dtype("ep_send_counts.dtype", "int64", "must be int32")),
-      single_combine("EpSendCountsTooShort", [](CombineCall& c) { c.ep_send_counts.shape[0] = 3; },
-                     bad_shape("ep_send_counts.shape", "(3,)", "must be 1-D with at least 4 entries")),
-      single_combine("EpSendCountsNullData", [](CombineCall& c) { c.ep_send_counts.data = nullptr; },
-                     invalid("ep_send_counts.data", "nullptr", "a tensor of shape (4,) needs data")),
-      single_combine("EpSendCountsDecreasing", [](CombineCall& c) { c.ep_send_counts = c.own(int32_vector({2, 4, 3, 6})); },
-                     invalid("ep_send_counts[2]", "3",
-                             "must be a non-decreasing prefix sum (previous entry 4); use dispatch's ep_recv_counts")),
-      single_combine("EpSendCountsNegative", [](CombineCall& c) { c.ep_send_counts = c.own(int32_vector({-1, 4, 5, 6})); },
-                     invalid("ep_send_counts[0]", "-1", "must be a non-decreasing prefix sum (previous entry 0)")),
+      single_combine(
+          "EpSendCountsAbsent", [](CombineCall& c) { c.ep_send_counts = TensorView{}; },
+          invalid("ep_send_counts", "None", "is required")),
+      single_combine(
+          "EpSendCountsInt64", [](CombineCall& c) { c.ep_send_counts.dtype = DType::int64; },
+          bad_dtype("ep_send_counts.dtype", "int64", "must be int32")),
+      single_combine(
+          "EpSendCountsTooShort", [](CombineCall& c) { c.ep_send_counts.shape[0] = 3; },
+          bad_shape("ep_send_counts.shape", "(3,)", "must be 1-D with at least 4 entries")),
+      single_combine(
+          "EpSendCountsNullData", [](CombineCall& c) { c.ep_send_counts.data = nullptr; },
+          invalid("ep_send_counts.data", "nullptr", "a tensor of shape (4,) needs data")),
+      single_combine(
+          "EpSendCountsDecreasing",
+          [](CombineCall& c) {
+            c.ep_send_counts = c.own(int32_vector({2, 4, 3, 6}));
+          },
+          invalid("ep_send_counts[2]", "3",
+                  "must be a non-decreasing prefix sum (previous entry 4); use dispatch's ep_recv_counts")),
+      single_combine(
+          "EpSendCountsNegative",
+          [](CombineCall& c) {
+            c.ep_send_counts = c.own(int32_vector({-1, 4, 5, 6}));
+          },
+          invalid("ep_send_counts[0]", "-1", "must be a non-decreasing prefix sum (previous entry 0)")),
       // modes and reserved parameters
-      single_combine("CommQuantMode1", [](CombineCall& c) { c.options.comm_quant_mode = 1; },
-                     invalid("comm_quant_mode", "1", "must be 0 (none) or 2 (int8)")),
-      single_combine("CommQuantMode3", [](CombineCall& c) { c.options.comm_quant_mode = 3; },
-                     invalid("comm_quant_mode", "3", "must be 0 (none) or 2 (int8)")),
-      single_combine("XActiveMaskPresent", [](CombineCall& c) { c.options.x_active_mask = c.own(Tensor(DType::int8, 3)); },
-                     invalid("x_active_mask", "(3,)", "is reserved in the V1 operators and must be None")),
-      single_combine("ActivationScalePresent", [](CombineCall& c) { c.options.activation_scale = c.own(Tensor(DType::fp32, 6)); },
-                     invalid("activation_scale", "(6,)", "is reserved and must be None")),
-      single_combine("WeightScalePresent", [](CombineCall& c) { c.options.weight_scale = c.own(Tensor(DType::fp32, 4, 16)); },
-                     invalid("weight_scale", "(4, 16)", "is reserved and must be None")),
-      single_combine("GroupListPresent", [](CombineCall& c) { c.options.group_list = c.own(Tensor(DType::int64, 4)); },
-                     invalid("group_list", "(4,)", "is reserved and must be None")),
-      single_combine("SharedExpertXPresent", [](CombineCall& c) { c.options.shared_expert_x = c.own(Tensor(DType::bf16, 3, 16)); },
-                     invalid("shared_expert_x", "(3, 16)", "is reserved in the V1 operators and must be None")),
-      single_combine("OutDtypeNonZero", [](CombineCall& c) { c.options.out_dtype = 1; },
-                     invalid("out_dtype", "1", "is reserved and must be 0")),
-      single_combine("GroupListTypeNonZero", [](CombineCall& c) { c.options.group_list_type = 1; },
-                     invalid("group_list_type", "1", "is reserved and must be 0")),
+      single_combine(
+          "CommQuantMode1", [](CombineCall& c) { c.options.comm_quant_mode = 1; },
+          invalid("comm_quant_mode", "1", "must be 0 (none) or 2 (int8)")),
+      single_combine(
+          "CommQuantMode3", [](CombineCall& c) { c.options.comm_quant_mode = 3; },
+          invalid("comm_quant_mode", "3", "must be 0 (none) or 2 (int8)")),
+      single_combine(
+          "XActiveMaskInt8", [](CombineCall& c) { c.options.x_active_mask = c.own(Tensor(DType::int8, 3)); },
+          bad_dtype("x_active_mask.dtype", "int8", "must be bool")),
+      single_combine(
+          "XActiveMaskNotAPrefix",
+          [](CombineCall& c) {
+            c.options.x_active_mask = c.own(bool_vector({0, 1, 1}));
+          },
+          invalid("x_active_mask[1]", "true", "every true must come before every false")),
+      single_combine(
+          "ActivationScalePresent", [](CombineCall& c) { c.options.activation_scale = c.own(Tensor(DType::fp32, 6)); },
+          invalid("activation_scale", "(6,)", "is reserved and must be None")),
+      single_combine(
+          "WeightScalePresent", [](CombineCall& c) { c.options.weight_scale = c.own(Tensor(DType::fp32, 4, 16)); },
+          invalid("weight_scale", "(4, 16)", "is reserved and must be None")),
+      single_combine(
+          "GroupListPresent", [](CombineCall& c) { c.options.group_list = c.own(Tensor(DType::int64, 4)); },
+          invalid("group_list", "(4,)", "is reserved and must be None")),
+      single_combine(
+          "SharedExpertXPresent", [](CombineCall& c) { c.options.shared_expert_x = c.own(Tensor(DType::bf16, 3, 16)); },
+          invalid("shared_expert_x", "(3, 16)", "is reserved in the V1 operators and must be None")),
+      single_combine(
+          "OutDtypeNonZero", [](CombineCall& c) { c.options.out_dtype = 1; },
+          invalid("out_dtype", "1", "is reserved and must be 0")),
+      single_combine(
+          "GroupListTypeNonZero", [](CombineCall& c) { c.options.group_list_type = 1; },
+          invalid("group_list_type", "1", "is reserved and must be 0")),
       // expand_scales (accepted, checked, not used)
-      single_combine("ExpandScalesFp16", [](CombineCall& c) { c.options.expand_scales = c.own(Tensor(DType::fp16, 6)); },
-                     bad_dtype("expand_scales.dtype", "float16", "must be float32")),
-      single_combine("ExpandScalesTooShort", [](CombineCall& c) { c.options.expand_scales = c.own(Tensor(DType::fp32, 5)); },
-                     bad_shape("expand_scales.shape", "(5,)", "must be 1-D with at least 6 entries")),
-      single_combine("ExpandScalesNullData",
-                     [](CombineCall& c) {
-                       c.options.expand_scales = c.own(Tensor(DType::fp32, 6));
-                       c.options.expand_scales.data = nullptr;
-                     },
-                     invalid("expand_scales.data", "nullptr", "a tensor of shape (6,) needs data")),
+      single_combine(
+          "ExpandScalesFp16", [](CombineCall& c) { c.options.expand_scales = c.own(Tensor(DType::fp16, 6)); },
+          bad_dtype("expand_scales.dtype", "float16", "must be float32")),
+      single_combine(
+          "ExpandScalesTooShort", [](CombineCall& c) { c.options.expand_scales = c.own(Tensor(DType::fp32, 5)); },
+          bad_shape("expand_scales.shape", "(5,)", "must be 1-D with at least 6 entries")),
+      single_combine(
+          "ExpandScalesNullData",
+          [](CombineCall& c) {
+            c.options.expand_scales = c.own(Tensor(DType::fp32, 6));
+            c.options.expand_scales.data = nullptr;
+          },
+          invalid("expand_scales.data", "nullptr", "a tensor of shape (6,) needs data")),
       // the caller's out buffer
-      single_combine("OutFp16ForBf16ExpandX", [](CombineCall& c) { c.options.out.dtype = DType::fp16; },
-                     bad_dtype("out.dtype", "float16", "must be bfloat16")),
-      single_combine("OutTooManyRows", [](CombineCall& c) { c.options.out.shape[0] = 4; },
-                     bad_shape("out.shape", "(4, 16)", "must be (3, 16)")),
-      single_combine("OutWrongHidden", [](CombineCall& c) { c.options.out.shape[1] = 15; },
-                     bad_shape("out.shape", "(3, 15)", "must be (3, 16)")),
-      single_combine("OutNullData", [](CombineCall& c) { c.options.out.data = nullptr; },
-                     invalid("out.data", "nullptr", "a tensor of shape (3, 16) needs data")),
+      single_combine(
+          "OutFp16ForBf16ExpandX", [](CombineCall& c) { c.options.out.dtype = DType::fp16; },
+          bad_dtype("out.dtype", "float16", "must be bfloat16")),
+      single_combine(
+          "OutTooManyRows", [](CombineCall& c) { c.options.out.shape[0] = 4; },
+          bad_shape("out.shape", "(4, 16)", "must be (3, 16)")),
+      single_combine(
+          "OutWrongHidden", [](CombineCall& c) { c.options.out.shape[1] = 15; },
+          bad_shape("out.shape", "(3, 15)", "must be (3, 16)")),
+      single_combine(
+          "OutNullData", [](CombineCall& c) { c.options.out.data = nullptr; },
+          invalid("out.data", "nullptr", "a tensor of shape (3, 16) needs data")),
       // outputs that alias inputs (the out buffer would overwrite what combine still reads)
-      single_combine("OutAliasesExpandX", [](CombineCall& c) { c.options.out.data = const_cast<void*>(c.expand_x.data); },
-                     invalid("out", "(3, 16)", "shares memory with the input expand_x: outputs must not alias inputs")),
-      single_combine("OutOverlapsExpertScalesTail",
-                     [](CombineCall& c) {
-                       // expert_scales (3 x 2 fp32) moved into the last 24 bytes of a (3, 16) bf16 buffer that is
-                       // also `out`: a partial overlap counts, and nothing else lies in that buffer.
-                       Tensor shared(DType::bf16, 3, 16);
-                       auto* tail = reinterpret_cast<float*>(shared.data<std::uint16_t>() + 3 * 16) - 6;
-                       for (int i = 0; i < 6; ++i) tail[i] = c.expert_scales.at<float>(i / 2, i % 2);
-                       c.expert_scales = matrix_view(static_cast<const void*>(tail), DType::fp32, 3, 2);
-                       c.options.out = matrix_view(shared.raw(), DType::bf16, 3, 16);
-                       c.own(std::move(shared));
-                     },
-                     invalid("out", "(3, 16)", "shares memory with the input expert_scales: outputs must not alias inputs")),
+      single_combine(
+          "OutAliasesExpandX", [](CombineCall& c) { c.options.out.data = const_cast<void*>(c.expand_x.data); },
+          invalid("out", "(3, 16)", "shares memory with the input expand_x: outputs must not alias inputs")),
+      single_combine(
+          "OutOverlapsExpertScalesTail",
+          [](CombineCall& c) {
+            // expert_scales (3 x 2 fp32) moved into the last 24 bytes of a (3, 16) bf16 buffer that is
+            // also `out`: a partial overlap counts, and nothing else lies in that buffer.
+            Tensor shared(DType::bf16, 3, 16);
+            auto* tail = reinterpret_cast<float*>(shared.data<std::uint16_t>() + 3 * 16) - 6;
+            for (int i = 0; i < 6; ++i) tail[i] = c.expert_scales.at<float>(i / 2, i % 2);
+            c.expert_scales = matrix_view(static_cast<const void*>(tail), DType::fp32, 3, 2);
+            c.options.out = matrix_view(shared.raw(), DType::bf16, 3, 16);
+            c.own(std::move(shared));
+          },
+          invalid("out", "(3, 16)", "shares memory with the input expert_scales: outputs must not alias inputs")),
   };
 }
 
@@ -797,37 +1006,73 @@ std::vector<CombineRule> single_rank_combine_rules() {
 
 std::vector<CombineRule> multi_rank_combine_rules() {
   return {
-      rule<CombineCall>("SharedRankOwnRowsDifferFromBs", shared_ranks(0), 0,
-                        [](CombineCall& c) { c.ep_send_counts = c.own(int32_vector({1, 4})); },
-                        invalid("ep_send_counts[0]", "1",
-                                "on a shared-expert rank it must equal this rank's BS = 2 (its own rows come first)")),
-      rule<CombineCall>("TpSendCountsAbsent", tp_pair(), 1, [](CombineCall& c) { c.options.tp_send_counts = TensorView{}; },
-                        invalid("tp_send_counts", "None", "is required")),
-      rule<CombineCall>("TpSendCountsInt64", tp_pair(), 1, [](CombineCall& c) { c.options.tp_send_counts.dtype = DType::int64; },
-                        bad_dtype("tp_send_counts.dtype", "int64", "must be int32")),
-      rule<CombineCall>("TpSendCountsWrongLength", tp_pair(), 1,
-                        [](CombineCall& c) { c.options.tp_send_counts = c.own(int32_vector({2, 2, 0})); },
-                        bad_shape("tp_send_counts.shape", "(3,)", "must be (2,)")),
-      rule<CombineCall>("TpSendCountsNullData", tp_pair(), 1, [](CombineCall& c) { c.options.tp_send_counts.data = nullptr; },
-                        invalid("tp_send_counts.data", "nullptr", "a tensor of shape (2,) needs data")),
-      rule<CombineCall>("TpSendCountsMismatchEpSendCounts", tp_pair(), 1,
-                        [](CombineCall& c) { c.options.tp_send_counts = c.own(int32_vector({1, 2})); },
-                        invalid("tp_send_counts", "[1, 2]", "must match ep_send_counts (own rows 2 at tp_rank_id 1, peer rows 2)")),
-      rule<CombineCall>("CommQuantMode2WithTp", tp_pair(), 1, [](CombineCall& c) { c.options.comm_quant_mode = 2; },
-                        invalid("comm_quant_mode", "2", "must be 0 with a TP domain (tp_world_size = 2)")),
-      rule<CombineCall>("TpEpSendCountsWithoutPeerHalf", tp_pair(), 1, [](CombineCall& c) { c.ep_send_counts.shape[0] = 1; },
-                        bad_shape("ep_send_counts.shape", "(1,)", "must be 1-D with at least 2 entries")),
-      rule<CombineCall>("TpEpSendCountsPeerHalfNegative", tp_pair(), 1,
-                        [](CombineCall& c) { c.ep_send_counts = c.own(int32_vector({2, -1})); },
-                        invalid("ep_send_counts[1]", "-1", "must be a non-decreasing prefix sum (previous entry 0)")),
-      rule<CombineCall>("TpExpandXFewerRowsThanOwnAndPeerRows", tp_pair(), 0, [](CombineCall& c) { c.expand_x.shape[0] = 3; },
-                        bad_shape("expand_x.shape", "(3, 16)",
-                                  "must have at least the 4 valid rows that ep_send_counts and tp_send_counts describe")),
-      rule<CombineCall>("AscendA3ExpandXHiddenNot7168", ascend_a3(), 3,
-                        [](CombineCall& c) { c.expand_x = c.own(Tensor(DType::bf16, c.expand_x.rows(), 7200)); },
-                        invalid("H", "7200", "profile ascend_a3 needs H == 7168")),
-      rule<CombineCall>("AscendA2KAbove16", ascend_a2(), 6, [](CombineCall& c) { c.expert_ids = c.own(formula_ids(1, 17, 24, 0)); },
-                        invalid("K", "17", "profile ascend_a2 allows K <= 16")),
+      rule<CombineCall>(
+          "SharedRankOwnRowsDifferFromBs", shared_ranks(0), 0,
+          [](CombineCall& c) {
+            c.ep_send_counts = c.own(int32_vector({1, 4}));
+          },
+          invalid("ep_send_counts[0]", "1",
+                  "on a shared-expert rank it must equal this rank's BS = 2 (its own rows come first)")),
+      rule<CombineCall>(
+          "TpSendCountsAbsent", tp_pair(), 1, [](CombineCall& c) { c.options.tp_send_counts = TensorView{}; },
+          invalid("tp_send_counts", "None", "is required")),
+      rule<CombineCall>(
+          "TpSendCountsInt64", tp_pair(), 1, [](CombineCall& c) { c.options.tp_send_counts.dtype = DType::int64; },
+          bad_dtype("tp_send_counts.dtype", "int64", "must be int32")),
+      rule<CombineCall>(
+          "TpSendCountsWrongLength", tp_pair(), 1,
+          [](CombineCall& c) {
+            c.options.tp_send_counts = c.own(int32_vector({2, 2, 0}));
+          },
+          bad_shape("tp_send_counts.shape", "(3,)", "must be (2,)")),
+      rule<CombineCall>(
+          "TpSendCountsNullData", tp_pair(), 1, [](CombineCall& c) { c.options.tp_send_counts.data = nullptr; },
+          invalid("tp_send_counts.data", "nullptr", "a tensor of shape (2,) needs data")),
+      rule<CombineCall>(
+          "TpSendCountsMismatchEpSendCounts", tp_pair(), 1,
+          [](CombineCall& c) {
+            c.options.tp_send_counts = c.own(int32_vector({1, 2}));
+          },
+          invalid("tp_send_counts", "[1, 2]", "must match ep_send_counts (own rows 2 at tp_rank_id 1, peer rows 2)")),
+      rule<CombineCall>(
+          "CommQuantMode2WithTp", tp_pair(), 1, [](CombineCall& c) { c.options.comm_quant_mode = 2; },
+          invalid("comm_quant_mode", "2", "must be 0 with a TP domain (tp_world_size = 2)")),
+      rule<CombineCall>(
+          "TpEpSendCountsWithoutPeerHalf", tp_pair(), 1, [](CombineCall& c) { c.ep_send_counts.shape[0] = 1; },
+          bad_shape("ep_send_counts.shape", "(1,)", "must be 1-D with at least 2 entries")),
+      rule<CombineCall>(
+          "TpEpSendCountsPeerHalfNegative", tp_pair(), 1,
+          [](CombineCall& c) {
+            c.ep_send_counts = c.own(int32_vector({2, -1}));
+          },
+          invalid("ep_send_counts[1]", "-1", "must be a non-decreasing prefix sum (previous entry 0)")),
+      rule<CombineCall>(
+          "TpExpandXFewerRowsThanOwnAndPeerRows", tp_pair(), 0, [](CombineCall& c) { c.expand_x.shape[0] = 3; },
+          bad_shape("expand_x.shape", "(3, 16)",
+                    "must have at least the 4 valid rows that ep_send_counts and tp_send_counts describe")),
+      rule<CombineCall>(
+          "AscendA3ExpandXHiddenNot7168", ascend_a3(), 3,
+          [](CombineCall& c) { c.expand_x = c.own(Tensor(DType::bf16, c.expand_x.rows(), 7200)); },
+          invalid("H", "7200", "profile ascend_a3 needs H == 7168")),
+      // The A3 kernel checks expand_idx's documented 1-D shape; a (BS, K) one is refused there.
+      rule<CombineCall>(
+          "AscendA3ExpandIdxTwoDimensional", ascend_a3(), 3,
+          [](CombineCall& c) { c.expand_idx = matrix_view(c.expand_idx.data, DType::int32, 1, 1); },
+          bad_shape("expand_idx.shape", "(1, 1)", "must be (1,)")),
+      rule<CombineCall>(
+          "AscendA3XActiveMask", ascend_a3(), 3,
+          [](CombineCall& c) { c.options.x_active_mask = c.own(bool_vector({1})); },
+          invalid("x_active_mask", "(1,)", "profile ascend_a3 does not support it (must be None)")),
+      rule<CombineCall>(
+          "SharedRankOwnRowsDifferFromActiveTokens", shared_ranks(0), 0,
+          [](CombineCall& c) {
+            c.options.x_active_mask = c.own(bool_vector({1, 0}));
+          },
+          invalid("ep_send_counts[0]", "2",
+                  "on a shared-expert rank it must equal this rank's active tokens = 1 (its own rows come first)")),
+      rule<CombineCall>(
+          "AscendA2KAbove16", ascend_a2(), 6, [](CombineCall& c) { c.expert_ids = c.own(formula_ids(1, 17, 24, 0)); },
+          invalid("K", "17", "profile ascend_a2 allows K <= 16")),
   };
 }
 

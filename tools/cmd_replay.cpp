@@ -86,9 +86,10 @@ void add_replay(CLI::App& app, int* exit_code) {
       "replay", "Run a recorded case file (every rank's dispatch and combine) and write every rank's outputs");
   sub->footer(
       "CASE is a safetensors file holding the group configuration (as __metadata__ strings) and each rank's\n"
-      "inputs rank{g}.x, rank{g}.expert_ids and optionally .scales, .expert_scales, .combine_x. replay runs\n"
-      "dispatch then combine on every rank, each a thread of one process (--transport inproc) or a process of\n"
-      "its own over shared memory (--transport shm), and writes OUT, a safetensors file with rank{g}.expand_x,\n"
+      "inputs rank{g}.x, rank{g}.expert_ids and optionally .scales, .expert_scales, .x_active_mask, .combine_x.\n"
+      "replay runs dispatch then combine on every rank, each a thread of one process (--transport inproc) or a\n"
+      "process of its own over shared memory (--transport shm), and writes OUT, a safetensors file with\n"
+      "rank{g}.expand_x,"
       ".dynamic_scales, .expand_scales, .expand_idx, .expert_token_nums, .ep_recv_counts, .tp_recv_counts and\n"
       ".combine_out; both transports write the same bytes. Without combine_x the experts are identities. It\n"
       "prints one line per rank and exits 0; a malformed case or a rule the inputs break exits 2 with a message\n"

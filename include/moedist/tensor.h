@@ -24,6 +24,10 @@ struct Layout {
   std::int64_t offset(std::int64_t i, std::int64_t j = 0) const noexcept {
     return i * strides[0] + (ndim == 2 ? j * strides[1] : 0);
   }
+  // Offset in elements of the t-th element in row-major order (a 1-D or 2-D view read as flat).
+  std::int64_t flat_offset(std::int64_t t) const noexcept {
+    return ndim == 2 ? offset(t / shape[1], t % shape[1]) : offset(t);
+  }
   bool contiguous() const noexcept;
 };
 
@@ -37,6 +41,10 @@ struct TensorView : Layout {
   }
   template <class T>
   T at(std::int64_t i, std::int64_t j = 0) const noexcept { return *ptr<T>(i, j); }
+  template <class T>
+  T flat(std::int64_t t) const noexcept {
+    return static_cast<const T*>(data)[flat_offset(t)];
+  }
 };
 
 struct MutableTensorView : Layout {

@@ -64,7 +64,8 @@ py::dtype numpy_dtype(DType dtype) {
     case DType::int8: return py::dtype::of<std::int8_t>();
     case DType::int32: return py::dtype::of<std::int32_t>();
     case DType::int64: return py::dtype::of<std::int64_t>();
-    case DType::boolean: return py::dtype::of<bool>();
+    case DType::boolean:
+      return py::dtype::of<bool>();
   }
   return py::dtype::of<std::uint8_t>();
 }

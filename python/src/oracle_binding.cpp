@@ -57,6 +57,7 @@ void bind_oracle(py::module_& m) {
           in.expert_ids = flat<std::int32_t>(rank["expert_ids"]);
           in.scales = flat<float>(get(rank, "scales"));
           in.expert_scales = flat<float>(get(rank, "expert_scales"));
+          in.x_active_mask = flat<std::uint8_t>(get(rank, "x_active_mask"));  // bool arrays cast to 0/1
           in.has_combine_x = !get(rank, "combine_x").is_none();
           in.combine_x = flat<std::uint16_t>(get(rank, "combine_x"));
           c.ranks.push_back(std::move(in));

@@ -190,6 +190,16 @@ void check_case(const std::string& where, const Case& c) {
                                  shape_text(in.expert_ids));
       }
     }
+    // Its values (trues first) are the operator's rule, checked when the case runs.
+    if (in.x_active_mask.present()) {
+      if (in.x_active_mask.dtype() != DType::boolean) {
+        bad("x_active_mask", "dtype must be BOOL, got " + dtype_text(in.x_active_mask.dtype()));
+      }
+      if (in.x_active_mask.ndim() != 1 || in.x_active_mask.rows() != bs) {
+        bad("x_active_mask",
+            "shape " + shape_text(in.x_active_mask) + " must be (BS,) = (" + std::to_string(bs) + ",)");
+      }
+    }
     if (in.combine_x.present()) {
       if (in.combine_x.ndim() != 2) bad("combine_x", "must be 2-D (rows, H), got shape " + shape_text(in.combine_x));
       if (in.combine_x.dtype() != c.dtype) {
@@ -208,6 +218,7 @@ Tensor* input_field(RankInputs& in, std::string_view field) {
   if (field == "expert_ids") return &in.expert_ids;
   if (field == "scales") return &in.scales;
   if (field == "expert_scales") return &in.expert_scales;
+  if (field == "x_active_mask") return &in.x_active_mask;
   if (field == "combine_x") return &in.combine_x;
   return nullptr;
 }
@@ -312,6 +323,7 @@ DispatchedRank dispatch_rank(Group& group, const Case& c, int g, RankOutputs& ou
   DispatchOptions dispatch_options;
   if (in.scales.present()) dispatch_options.scales = in.scales;
   if (in.expert_scales.present()) dispatch_options.expert_scales = in.expert_scales;
+  if (in.x_active_mask.present()) dispatch_options.x_active_mask = in.x_active_mask;
   dispatch_options.quant_mode = c.quant_mode;
   dispatch_options.expert_token_nums_type = c.expert_token_nums_type;
   DispatchedRank dispatched;
@@ -361,6 +373,7 @@ void combine_rank(Group& group, const Case& c, int g, const DispatchedRank& disp
   }
   CombineOptions combine_options;
   if (c.tp_world_size == 2) combine_options.tp_send_counts = d.tp_recv_counts;
+  if (in.x_active_mask.present()) combine_options.x_active_mask = in.x_active_mask;
   combine_options.comm_quant_mode = c.comm_quant_mode;
   const TensorView combined =
       group.combine(dispatched.expert_out, in.expert_ids, d.expand_idx, d.ep_recv_counts, weights, combine_options);
@@ -500,8 +513,9 @@ Case read_case(const std::string& path) {
       slot = input_field(c.ranks[static_cast<std::size_t>(g)], field);
     }
     if (slot == nullptr) {
-      fail(where, "unknown tensor '" + entry.name +
-                      "' (a case holds rank{g}.x, .expert_ids, .scales, .expert_scales and .combine_x)");
+      fail(where,
+           "unknown tensor '" + entry.name +
+               "' (a case holds rank{g}.x, .expert_ids, .scales, .expert_scales, .x_active_mask and .combine_x)");
     }
     *slot = reader.read_tensor(entry);
   }
@@ -529,6 +543,7 @@ void write_case(const std::string& path, const Case& c) {
     writer.add(tensor_name(rank, "expert_ids"), in.expert_ids);
     if (in.scales.present()) writer.add(tensor_name(rank, "scales"), in.scales);
     if (in.expert_scales.present()) writer.add(tensor_name(rank, "expert_scales"), in.expert_scales);
+    if (in.x_active_mask.present()) writer.add(tensor_name(rank, "x_active_mask"), in.x_active_mask);
     if (in.combine_x.present()) writer.add(tensor_name(rank, "combine_x"), in.combine_x);
   }
   writer.write(path);

@@ -19,6 +19,7 @@ struct RankInputs {
   Tensor expert_ids;     // (BS, K) int32
   Tensor scales;         // optional (E[+1], H) fp32 smooth scales
   Tensor expert_scales;  // optional (BS, K) fp32 combine weights; absent = 1.0
+  Tensor x_active_mask;  // optional (BS,) bool: tokens [0, n) active, n = its trues (trues first)
   Tensor combine_x;      // optional (valid rows, H) expert outputs in x's dtype; absent = identity experts
 };
 
@@ -41,11 +42,11 @@ struct RankOutputs {
   Tensor expand_x;           // (valid, H) int8 or x's dtype
   Tensor dynamic_scales;     // (valid,) fp32, quant_mode 2 only
   Tensor expand_scales;      // (valid,) fp32, only when expert_scales were given
-  Tensor expand_idx;         // (BS*K,) int32
+  Tensor expand_idx;         // (BS*K,) int32 (0 for inactive tokens' entries)
   Tensor expert_token_nums;  // (L,) int64
   Tensor ep_recv_counts;     // int32
   Tensor tp_recv_counts;     // (2,) int32, TP only
-  Tensor combine_out;        // (BS, H) x's dtype
+  Tensor combine_out;        // (BS, H) x's dtype (zero rows for inactive tokens)
 };
 
 // Read / write a case file. Malformed files raise moedist::Error with ErrorCode::case_file.

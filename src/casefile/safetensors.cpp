@@ -37,7 +37,8 @@ constexpr std::string_view kMetadataKey = "__metadata__";
 std::size_t element_size(DType dtype) {
   switch (dtype) {
     case DType::int8:
-    case DType::boolean: return 1;
+    case DType::boolean:
+      return 1;
     case DType::bf16:
     case DType::fp16: return 2;
     case DType::fp32:
@@ -125,8 +126,9 @@ SafetensorsEntry parse_entry(const std::string& path, const std::string& name, c
   const json& dtype = spec["dtype"];
   if (!dtype.is_string()) fail_tensor(path, name, "dtype must be a string, got " + json_text(dtype));
   if (!safetensors_dtype_from_name(dtype.get<std::string>(), &entry.dtype)) {
-    fail_tensor(path, name, "unsupported dtype '" + dtype.get<std::string>() +
-                                "' (moedist reads BF16, F16, F32, I8, I32, I64)");
+    fail_tensor(
+        path, name,
+        "unsupported dtype '" + dtype.get<std::string>() + "' (moedist reads BF16, F16, F32, I8, I32, I64, BOOL)");
   }
 
   const json& shape = spec["shape"];
@@ -210,14 +212,15 @@ std::string_view safetensors_dtype_name(DType dtype) noexcept {
     case DType::int8: return "I8";
     case DType::int32: return "I32";
     case DType::int64: return "I64";
-    case DType::boolean: return "BOOL";
+    case DType::boolean:
+      return "BOOL";
   }
   return "?";
 }
 
 bool safetensors_dtype_from_name(std::string_view name, DType* out) noexcept {
-  static constexpr std::array<DType, 6> kAll = {DType::bf16, DType::fp16,  DType::fp32,
-                                                DType::int8, DType::int32, DType::int64};
+  static constexpr std::array<DType, 7> kAll = {DType::bf16,  DType::fp16,  DType::fp32,   DType::int8,
+                                                DType::int32, DType::int64, DType::boolean};
   for (const DType dtype : kAll) {
     if (safetensors_dtype_name(dtype) == name) {
       *out = dtype;

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/format.h"
+#include "contract/token_mask.h"
 
 namespace moedist::contract {
 namespace {
@@ -90,10 +91,11 @@ void require_no_alias(const char* output, const MutableTensorView& out, std::ini
   }
 }
 
-void check_expert_ids(const TensorView& ids, int E) {
-  const std::int64_t bs = ids.rows(), k = ids.cols();
+// Only the rows of active tokens are read (an inactive token's ids are never looked at, as on the NPU).
+void check_expert_ids(const TensorView& ids, int E, std::int64_t active) {
+  const std::int64_t k = ids.cols();
   std::vector<std::int64_t> last_row(static_cast<std::size_t>(E), -1);
-  for (std::int64_t b = 0; b < bs; ++b) {
+  for (std::int64_t b = 0; b < active; ++b) {
     for (std::int64_t j = 0; j < k; ++j) {
       const std::int32_t e = ids.at<std::int32_t>(b, j);
       if (e < 0 || e >= E)
@@ -108,8 +110,9 @@ void check_expert_ids(const TensorView& ids, int E) {
 }
 
 // Shape rules shared by dispatch and combine: expert_ids (BS, K) int32 with 1 <= K <= E, and the
-// per-call limits of the Ascend profiles.
-void check_ids_and_profile(const GroupConfig& c, const TensorView& ids, std::int64_t h, Values values) {
+// per-call limits of the Ascend profiles. Returns the number of active tokens (x_active_mask).
+std::int64_t check_ids_and_profile(const GroupConfig& c, const TensorView& ids, const TensorView& mask, std::int64_t h,
+                                   Values values) {
   require_present("expert_ids", ids);
   require_ndim("expert_ids", ids, 2);
   require_dtype("expert_ids", ids, DType::int32);
@@ -121,11 +124,24 @@ void check_ids_and_profile(const GroupConfig& c, const TensorView& ids, std::int
     fail_value("global_bs", c.global_bs,
                concat("must be >= BS * ep_world_size = ", bs, " * ", c.ep_world_size, " (BS of this rank is ", bs, ")"));
   check_profile_call_limits(c, bs, k, h);
-  if (values == Values::on_host) check_expert_ids(ids, c.moe_expert_num);
+  const std::int64_t active = check_token_mask(c, mask, bs, values);
+  if (values == Values::on_host) check_expert_ids(ids, c.moe_expert_num, active);
+  return active;
+}
+
+// expand_idx holds BS * K entries in row-major order. The documented shape is (BS * K,), which the A3
+// kernel checks; the A2 path and torch_npu's wrapper do not, so programs pass dispatch's (BS, K)-shaped
+// copy there, and any 2-D shape of BS * K elements is read the same way.
+void check_expand_idx_shape(const GroupConfig& c, const TensorView& expand_idx, std::int64_t bs, std::int64_t k) {
+  if (c.profile == Profile::ascend_a3 || expand_idx.ndim == 1)
+    return require_vector_len("expand_idx", expand_idx, bs * k);
+  if (expand_idx.ndim != 2 || expand_idx.numel() != bs * k || expand_idx.shape[0] < 0 || expand_idx.shape[1] < 0)
+    fail(ErrorCode::invalid_shape, "expand_idx.shape", shape_text(expand_idx),
+         concat("must hold BS * K = ", bs * k, " entries in row-major order: (", bs * k, ",) or e.g. (", bs, ", ", k,
+                ")"));
 }
 
 void check_reserved_combine_options(const CombineOptions& o) {
-  require_absent("x_active_mask", o.x_active_mask, "is reserved in the V1 operators and must be None");
   require_absent("activation_scale", o.activation_scale, "is reserved and must be None");
   require_absent("weight_scale", o.weight_scale, "is reserved and must be None");
   require_absent("group_list", o.group_list, "is reserved and must be None");
@@ -147,9 +163,14 @@ void check_combine_side_buffers(const TensorView& expand_x, const TensorView& id
     require_dtype("out", o.out, expand_x.dtype);
     require_matrix("out", o.out, bs, h);
     require_data("out", o.out);
-    require_no_alias("out", o.out, {{"expand_x", expand_x}, {"expert_ids", ids}, {"expand_idx", expand_idx},
-                                    {"ep_send_counts", ep_send_counts}, {"expert_scales", expert_scales},
-                                    {"tp_send_counts", o.tp_send_counts}});
+    require_no_alias("out", o.out,
+                     {{"expand_x", expand_x},
+                      {"expert_ids", ids},
+                      {"expand_idx", expand_idx},
+                      {"ep_send_counts", ep_send_counts},
+                      {"expert_scales", expert_scales},
+                      {"tp_send_counts", o.tp_send_counts},
+                      {"x_active_mask", o.x_active_mask}});
   }
 }
 
@@ -179,7 +200,7 @@ CallShape check_dispatch(const GroupConfig& c, const TensorView& x, const Tensor
   require_ndim("expert_ids", ids, 2);
   if (ids.rows() != bs)
     fail(ErrorCode::invalid_shape, "expert_ids.shape", shape_text(ids), concat("must have BS = x.shape[0] = ", bs, " rows"));
-  check_ids_and_profile(c, ids, h, values);
+  const std::int64_t active = check_ids_and_profile(c, ids, o.x_active_mask, h, values);
   const std::int64_t k = ids.cols();
 
   if (o.quant_mode == 1)
@@ -191,7 +212,6 @@ CallShape check_dispatch(const GroupConfig& c, const TensorView& x, const Tensor
     require_matrix("scales", o.scales, c.moe_expert_num + (c.shared_expert_rank_num > 0 ? 1 : 0), h);
     require_data("scales", o.scales);
   }
-  require_absent("x_active_mask", o.x_active_mask, "is reserved in the V1 operators and must be None");
   if (o.expert_scales.present()) {
     if (c.profile == Profile::ascend_a3)
       fail(ErrorCode::invalid_argument, "expert_scales", shape_text(o.expert_scales), "profile ascend_a3 does not support it (must be None)");
@@ -249,9 +269,14 @@ CallShape check_dispatch(const GroupConfig& c, const TensorView& x, const Tensor
                                      {"out.dynamic_scales", &out.dynamic_scales}, {"out.expand_scales", &out.expand_scales},
                                      {"out.expand_idx", &out.expand_idx}, {"out.expert_token_nums", &out.expert_token_nums},
                                      {"out.ep_recv_counts", &out.ep_recv_counts}, {"out.tp_recv_counts", &out.tp_recv_counts}}) {
-    require_no_alias(name, *buffer, {{"x", x}, {"expert_ids", ids}, {"scales", o.scales}, {"expert_scales", o.expert_scales}});
+    require_no_alias(name, *buffer,
+                     {{"x", x},
+                      {"expert_ids", ids},
+                      {"scales", o.scales},
+                      {"expert_scales", o.expert_scales},
+                      {"x_active_mask", o.x_active_mask}});
   }
-  return CallShape{bs, k, h};
+  return CallShape{bs, k, h, active};
 }
 
 CallShape check_combine(const GroupConfig& c, const TensorView& expand_x, const TensorView& ids,
@@ -264,16 +289,16 @@ CallShape check_combine(const GroupConfig& c, const TensorView& expand_x, const 
   require_data("expand_x", expand_x);
   const std::int64_t h = expand_x.cols();
   if (h < 1) fail(ErrorCode::invalid_shape, "expand_x.shape[1] (H)", concat(h), "must be >= 1");
-  check_ids_and_profile(c, ids, h, values);
+  const std::int64_t active = check_ids_and_profile(c, ids, o.x_active_mask, h, values);
   const std::int64_t bs = ids.rows(), k = ids.cols();
   const bool read_values = values == Values::on_host;
 
   require_present("expand_idx", expand_idx);
   require_dtype("expand_idx", expand_idx, DType::int32);
-  require_vector_len("expand_idx", expand_idx, bs * k);
+  check_expand_idx_shape(c, expand_idx, bs, k);
   require_data("expand_idx", expand_idx);
-  for (std::int64_t t = 0; read_values && t < bs * k; ++t) {
-    const std::int32_t v = expand_idx.at<std::int32_t>(t);
+  for (std::int64_t t = 0; read_values && t < active * k; ++t) {
+    const std::int32_t v = expand_idx.flat<std::int32_t>(t);
     if (v < 0) fail_value(concat("expand_idx[", t, "]"), v, "must be >= 0 (use dispatch's expand_idx)");
   }
 
@@ -303,7 +328,7 @@ CallShape check_combine(const GroupConfig& c, const TensorView& expand_x, const 
   if (!read_values) {  // the GPU checks the counts against dispatch's
     counts->own_rows = counts->peer_rows = -1;
     check_combine_side_buffers(expand_x, ids, expand_idx, ep_send_counts, expert_scales, o, bs, h, 0);
-    return CallShape{bs, k, h};
+    return CallShape{bs, k, h, active};
   }
   // Each half is an inclusive prefix sum: non-negative and non-decreasing.
   for (int half = 0; half * own_len < full_len; ++half) {
@@ -329,9 +354,10 @@ CallShape check_combine(const GroupConfig& c, const TensorView& expand_x, const 
   if (expand_x.rows() < needed)
     fail(ErrorCode::invalid_shape, "expand_x.shape", shape_text(expand_x),
          concat("must have at least the ", needed, " valid rows that ep_send_counts", topo.T == 2 ? " and tp_send_counts" : "", " describe"));
-  if (topo.is_shared(c.ep_rank_id) && ep_send_counts.at<std::int32_t>(topo.S - 1) != bs)
+  if (topo.is_shared(c.ep_rank_id) && ep_send_counts.at<std::int32_t>(topo.S - 1) != active)
     fail_value(concat("ep_send_counts[", topo.S - 1, "]"), ep_send_counts.at<std::int32_t>(topo.S - 1),
-               concat("on a shared-expert rank it must equal this rank's BS = ", bs, " (its own rows come first)"));
+               concat("on a shared-expert rank it must equal this rank's ",
+                      o.x_active_mask.present() ? "active tokens" : "BS", " = ", active, " (its own rows come first)"));
 
   if (topo.T == 2) {
     const std::int32_t self = o.tp_send_counts.at<std::int32_t>(c.tp_rank_id);
@@ -342,7 +368,7 @@ CallShape check_combine(const GroupConfig& c, const TensorView& expand_x, const 
   }
 
   check_combine_side_buffers(expand_x, ids, expand_idx, ep_send_counts, expert_scales, o, bs, h, needed);
-  return CallShape{bs, k, h};
+  return CallShape{bs, k, h, active};
 }
 
 }  // namespace moedist::contract

@@ -37,6 +37,7 @@ struct CallShape {
   std::int64_t bs = 0;  // this rank's tokens
   std::int64_t k = 0;
   std::int64_t h = 0;
+  std::int64_t active = 0;  // tokens that take part: bs, or fewer with x_active_mask (contract/token_mask.h)
 };
 
 class Topology {

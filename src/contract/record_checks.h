@@ -55,6 +55,7 @@ enum class RecordFault : std::int32_t {
   moe_rows,            // the MoE entries add up to value, not BS * K = bound
   shared_rows,         // the shared-expert entries add up to value, not bound
   bs_range,            // the sender's BS = value is outside [0, peer_bs_limit() = bound]
+  active_range,        // the sender's active tokens = value are outside [0, its BS = bound]
 };
 
 struct RecordCheck {
@@ -64,15 +65,19 @@ struct RecordCheck {
 };
 
 // A send-count record (entries d * L + l for the W EP ranks d and their L local experts) of a rank with
-// bs tokens and k >= 1 routing entries each, from EP rank source_ep, must describe a routing that BS and
-// K allow: otherwise writing its rows could land outside the receiver's rows. BS in [0, max_bs]
-// (peer_bs_limit()); every entry in [0, BS]; a shared-expert rank d (d < S) only in entry l = 0; the MoE
-// entries add up to BS * K; the shared ones to BS from a MoE rank when S > 0, to 0 from a shared-expert
-// rank. The first rule broken, in that order (BS, entries in index order, then the two sums). No
-// arithmetic here can overflow, whatever the record holds: the sums are of at most W * L int32 values.
+// bs tokens, `active` of which take part (x_active_mask; = bs without one), and k >= 1 routing entries
+// each, from EP rank source_ep, must describe a routing that its active tokens and K allow: otherwise
+// writing its rows could land outside the receiver's rows. BS in [0, max_bs] (peer_bs_limit()), active
+// in [0, BS]; every entry in [0, active]; a shared-expert rank d (d < S) only in entry l = 0; the MoE
+// entries add up to active * K; the shared ones to active from a MoE rank when S > 0, to 0 from a
+// shared-expert rank. The first rule broken, in that order (BS, active, entries in index order, then the
+// two sums). No arithmetic here can overflow, whatever the record holds: the sums are of at most W * L
+// int32 values.
 MOEDIST_HD RecordCheck check_send_counts(const std::int32_t* counts, int W, int S, int L, int source_ep,
-                                         std::int64_t bs, std::int64_t k, std::int64_t max_bs) {
+                                         std::int64_t bs, std::int64_t active, std::int64_t k, std::int64_t max_bs) {
   if (bs < 0 || bs > max_bs) return RecordCheck{RecordFault::bs_range, -1, bs, max_bs};
+  if (active < 0 || active > bs) return RecordCheck{RecordFault::active_range, -1, active, bs};
+  bs = active;  // from here on only the active tokens' routing counts
   std::int64_t moe_rows = 0, shared_rows = 0;
   for (int i = 0; i < W * L; ++i) {
     const std::int32_t c = counts[i];

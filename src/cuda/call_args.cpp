@@ -48,7 +48,8 @@ CombineArgs combine_args(const TensorView& expand_x, const TensorView& expert_id
   a.ids_row_stride = expert_ids.strides[0];
   a.ids_col_stride = expert_ids.strides[1];
   a.expand_idx = static_cast<const std::int32_t*>(expand_idx.data);
-  a.expand_idx_stride = expand_idx.strides[0];
+  // 1-D, or a (BS, K)-shaped one that is flat in memory (checked by CudaGroup::combine): one stride.
+  a.expand_idx_stride = expand_idx.ndim == 2 ? expand_idx.strides[1] : expand_idx.strides[0];
   a.ep_send_counts = static_cast<const std::int32_t*>(ep_send_counts.data);
   a.ep_send_counts_stride = ep_send_counts.strides[0];
   if (o.tp_send_counts.present()) {

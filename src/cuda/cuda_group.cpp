@@ -39,6 +39,13 @@ int bits_for(int max_value) {
 }
 
 // Which tensors a call may pass: device memory of the group's device (or managed memory).
+// The kernels send every token: a mask would be silently ignored, so it is refused by name.
+void refuse_token_mask(const TensorView& mask) {
+  if (mask.present())
+    fail(ErrorCode::unsupported, "x_active_mask", "given",
+         "is not supported by the CUDA backend yet (the CPU transports support it)");
+}
+
 void require_device_tensor(const char* name, const void* data, std::int64_t numel, int device) {
   if (data == nullptr || numel == 0) return;
   cudaPointerAttributes attr{};
@@ -400,6 +407,7 @@ CudaDispatchResult CudaGroup::dispatch(const TensorView& x, const TensorView& ex
   s.throw_if_failed();
   const DeviceGuard on_device(s.options.device);
   const contract::CallShape shape = contract::check_dispatch(s.config, x, expert_ids, o, contract::Values::on_device);
+  refuse_token_mask(o.x_active_mask);
   if (shape.h != s.options.h)
     fail(ErrorCode::invalid_shape, "x.shape[1] (H)", concat(shape.h), concat("must be the group's H = ", s.options.h));
   if (shape.k != s.options.k)
@@ -469,6 +477,13 @@ TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expe
   contract::CombineCounts counts;
   const contract::CallShape shape =
       contract::check_combine(s.config, expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, o, &counts, contract::Values::on_device);
+  refuse_token_mask(o.x_active_mask);
+  // The kernels read expand_idx through one stride: a (BS, K) view must be flat in memory.
+  if (expand_idx.ndim == 2 && expand_idx.numel() > 0 && expand_idx.shape[0] > 1 &&
+      expand_idx.strides[0] != expand_idx.shape[1] * expand_idx.strides[1])
+    fail(ErrorCode::unsupported, "expand_idx.stride()",
+         concat("(", expand_idx.strides[0], ", ", expand_idx.strides[1], ")"),
+         "a 2-D expand_idx must be row-major without gaps between rows on the CUDA backend (pass a contiguous one)");
   if (!s.dispatched)
     fail(ErrorCode::invalid_argument, "combine", "before any dispatch", "needs a dispatch on this group first");
   if (s.combined_since_dispatch)

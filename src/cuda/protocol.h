@@ -151,12 +151,13 @@ MOEDIST_HD void check_record(const DeviceGroup& g, const DispatchArgs& a, int r)
     return record_failure(st, ErrorCode::config_mismatch, r, ph, Rule::same_call, static_cast<std::int64_t>(m.field),
                           m.theirs, m.mine);
   }
-  const contract::RecordCheck c = contract::check_send_counts(record_counts(g, r), g.W, g.S, g.L, r / g.T, hd.bs, hd.k,
-                                                              contract::peer_bs_limit(g.global_bs, g.W, a.bs));
+  const contract::RecordCheck c = contract::check_send_counts(record_counts(g, r), g.W, g.S, g.L, r / g.T, hd.bs, hd.bs,
+                                                              hd.k, contract::peer_bs_limit(g.global_bs, g.W, a.bs));
   switch (c.fault) {
     case contract::RecordFault::none:
       return;
     case contract::RecordFault::bs_range:
+    case contract::RecordFault::active_range:  // cannot happen here: every token is active on the GPU
     case contract::RecordFault::entry_range:
     case contract::RecordFault::entry_shared_local:
       return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, c.entry, c.value, c.bound);

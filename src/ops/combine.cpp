@@ -62,13 +62,14 @@ void check_combine_record(const Group::State& s, int r, const char* phase) {
 }
 
 // The routing this rank passes to combine must be the one it dispatched: every (expert, this rank)
-// block at the expert rank must hold exactly as many rows as expert_ids sends there, and every
-// expand_idx must point inside its block. Returns normally or throws a ValidationError.
-void check_routes(Group::State& s, const TensorView& expert_ids, const TensorView& expand_idx) {
+// block at the expert rank must hold exactly as many rows as the active tokens of expert_ids send
+// there, and every expand_idx of theirs must point inside its block. Returns normally or throws a
+// ValidationError. (A mask other than dispatch's shows here too: it routes other counts.)
+void check_routes(Group::State& s, const TensorView& expert_ids, const TensorView& expand_idx, std::int64_t active) {
   const contract::Topology& topo = s.topo;
   const int my_ep = topo.ep_rank;
   // A plan of its own: dispatch's plan backs the expand_idx view dispatch returned.
-  s.route_plan.build(topo, expert_ids, my_ep);
+  s.route_plan.build(topo, expert_ids, my_ep, active);
   for (int e = 0; e < topo.E; ++e) {
     const int d = topo.expert_rank(e);
     const std::int32_t* table = s.counts(topo.global_rank(d, topo.tp_rank));
@@ -78,13 +79,14 @@ void check_routes(Group::State& s, const TensorView& expert_ids, const TensorVie
     if (rows != sent) {
       fail(ErrorCode::invalid_argument, "expert_ids", concat("(routes ", sent, " tokens to expert ", e, ")"),
            concat("rank ", d, " holds ", rows, " rows of this rank for expert ", e,
-                  "; pass combine the expert_ids given to dispatch, and each rank its own ep_send_counts"));
+                  "; pass combine the expert_ids and x_active_mask given to dispatch, and each rank its own "
+                  "ep_send_counts"));
     }
   }
-  const std::int64_t n = expand_idx.rows();
+  const std::int64_t n = active * expert_ids.cols();
   for (std::int64_t t = 0; t < n; ++t) {
     const std::int32_t e = expert_ids.at<std::int32_t>(t / expert_ids.cols(), t % expert_ids.cols());
-    const std::int32_t slot = expand_idx.at<std::int32_t>(t);
+    const std::int32_t slot = expand_idx.flat<std::int32_t>(t);
     const std::int32_t rows = s.route_plan.counts[static_cast<std::size_t>(topo.S * topo.L + e)];
     if (slot >= rows) {
       fail(ErrorCode::invalid_argument, concat("expand_idx[", t, "]"), concat(slot),
@@ -92,24 +94,25 @@ void check_routes(Group::State& s, const TensorView& expert_ids, const TensorVie
     }
   }
   if (topo.S > 0 && !topo.is_shared(my_ep)) {
-    const std::int64_t bs = expert_ids.rows();
     for (int sr = 0; sr < topo.S; ++sr) {
       const std::int32_t* table = s.counts(topo.global_rank(sr, topo.tp_rank));
       const std::int64_t rows = table[my_ep] - table[my_ep - 1];
-      const std::int64_t want = contract::shared_range_count(my_ep, sr, bs, topo.S);
+      const std::int64_t want = contract::shared_range_count(my_ep, sr, active, topo.S);
       if (rows != want) {
-        fail(ErrorCode::invalid_argument, "expert_ids.shape[0] (BS)", concat(bs),
-             concat("shared-expert rank ", sr, " holds ", rows, " rows of this rank, but BS = ", bs, " assigns it ",
-                    want, "; pass combine the tensors of the matching dispatch"));
+        fail(ErrorCode::invalid_argument, "expert_ids.shape[0] (BS)", concat(expert_ids.rows()),
+             concat("shared-expert rank ", sr, " holds ", rows, " rows of this rank, but ", active,
+                    " active tokens assign it ", want,
+                    "; pass combine the tensors (and x_active_mask) of the matching dispatch"));
       }
     }
   }
 }
 
 // The routing check's failure, if any, for the next barrier to report on every rank.
-std::exception_ptr route_failure(Group::State& s, const TensorView& expert_ids, const TensorView& expand_idx) {
+std::exception_ptr route_failure(Group::State& s, const TensorView& expert_ids, const TensorView& expand_idx,
+                                 std::int64_t active) {
   try {
-    check_routes(s, expert_ids, expand_idx);
+    check_routes(s, expert_ids, expand_idx, active);
   } catch (...) {
     return std::current_exception();
   }
@@ -183,6 +186,7 @@ struct CombineCall {
         h(shape_.h),
         k(shape_.k),
         bs(shape_.bs),
+        active(shape_.active),
         type(expand_x_.dtype == DType::bf16 ? Half::bf16 : Half::fp16),
         quantized(o_.comm_quant_mode == 2),
         my_layout(topo, shape_, topo.ep_rank),
@@ -201,6 +205,7 @@ struct CombineCall {
   const contract::CallShape shape;
   const contract::CombineCounts rows;
   const std::int64_t h, k, bs;
+  const std::int64_t active;  // tokens produced: [0, active); the others' rows are zero (x_active_mask)
   const Half type;
   const bool quantized;                    // comm_quant_mode 2: rows travel as int8 groups
   const contract::WindowLayout my_layout;  // this rank's window for this call
@@ -347,7 +352,7 @@ class TermPlaces {
     const std::int32_t e = c_.expert_ids.at<std::int32_t>(b, j);
     const int d = topo.expert_rank(e);
     const std::int32_t* table = c_.s.counts(topo.global_rank(d, topo.tp_rank));
-    const std::int32_t slot = c_.expand_idx.at<std::int32_t>(b * c_.k + j);
+    const std::int32_t slot = c_.expand_idx.flat<std::int32_t>(b * c_.k + j);
     return TermPlace{d, block_begin(table, topo.expert_local(e) * topo.W + topo.ep_rank) + slot, RowRequest{e, slot}};
   }
 
@@ -355,9 +360,9 @@ class TermPlaces {
     const contract::Topology& topo = c_.topo;
     const int my_ep = topo.ep_rank;
     if (topo.is_shared(my_ep)) return TermPlace{my_ep, b, RowRequest{shared_expert_code(my_ep), static_cast<std::int32_t>(b)}};
-    while (b >= contract::shared_range_begin(my_ep, shared_target_ + 1, c_.bs, topo.S)) ++shared_target_;
+    while (b >= contract::shared_range_begin(my_ep, shared_target_ + 1, c_.active, topo.S)) ++shared_target_;
     const std::int32_t* table = c_.s.counts(topo.global_rank(shared_target_, topo.tp_rank));
-    const std::int64_t slot = b - contract::shared_range_begin(my_ep, shared_target_, c_.bs, topo.S);
+    const std::int64_t slot = b - contract::shared_range_begin(my_ep, shared_target_, c_.active, topo.S);
     return TermPlace{shared_target_, table[my_ep - 1] + slot,
                      RowRequest{shared_expert_code(shared_target_), static_cast<std::int32_t>(slot)}};
   }
@@ -379,7 +384,7 @@ void request_rows_from_other_hosts(CombineCall& c) {
     ++c.rows_from_other_hosts;
   };
   TermPlaces places(c);
-  for (std::int64_t b = 0; b < c.bs; ++b) {
+  for (std::int64_t b = 0; b < c.active; ++b) {
     for (std::int64_t j = 0; j < c.k; ++j) request(places.moe(b, j));
     if (c.topo.S > 0) request(places.shared(b));
   }
@@ -537,14 +542,18 @@ void reduce_tokens(const CombineCall& c, const MutableTensorView& out) {
   constexpr std::int64_t kChunk = 1024;  // a multiple of the comm-quant group of 8
   float* acc = s.row_scratch(std::min(c.h, kChunk));
   TermPlaces places(c);
-  for (std::int64_t b = 0; b < c.bs; ++b) {
+  for (std::int64_t b = 0; b < c.active; ++b) {
     std::size_t n = 0;
     for (std::int64_t j = 0; j < c.k; ++j)
       terms[n++] = CombineTerm{term_row(places.moe(b, j)), true, c.expert_scales.at<float>(b, j)};
     if (topo.S > 0) terms[n++] = CombineTerm{term_row(places.shared(b)), false, 1.0f};
     reduce_token(c, b, n, acc, kChunk, out);
   }
-  const std::int64_t rows_read = c.bs * c.k + (topo.S > 0 ? c.bs : 0);
+  // Inactive tokens: the NPU leaves their rows unwritten; moedist writes zeros (docs/contract.md).
+  for (std::int64_t b = c.active; b < c.bs; ++b) {
+    for (std::int64_t i = 0; i < c.h; ++i) *out.ptr<std::uint16_t>(b, i) = 0;
+  }
+  const std::int64_t rows_read = c.active * c.k + (topo.S > 0 ? c.active : 0);
   s.traffic.combine_rows_read = rows_read;
   s.traffic.combine_bytes_read = rows_read * static_cast<std::int64_t>(c.min_row_bytes);
   s.traffic.combine_bytes_between_hosts_flat = c.rows_from_other_hosts * static_cast<std::int64_t>(c.min_row_bytes);
@@ -561,7 +570,7 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
       publish_records(s, expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, o, &rows);
   check_records(s);
   s.ensure_windows("combine.window");  // grows them when some rank's layout needs more room
-  const std::exception_ptr route_error = route_failure(s, expert_ids, expand_idx);
+  const std::exception_ptr route_error = route_failure(s, expert_ids, expand_idx, shape.active);
   CombineCall call(s, expand_x, expert_ids, expand_idx, expert_scales, o, shape, rows);
   const PublishedRows staged = stage_rows(call, route_error);
   // Carries any failure (with T = 2 the routing one was raised at combine.tp) and where each rank's rows are.

@@ -33,7 +33,7 @@ void check_dispatch_record(const Group::State& s, int r, const char* phase) {
   if (hd.k < 1 || hd.h < 1) bad(concat("BS ", hd.bs, ", K ", hd.k, ", H ", hd.h));
   const std::int64_t max_bs = contract::peer_bs_limit(topo.global_bs, topo.W, s.header(s.me()).bs);
   const contract::RecordCheck c =
-      contract::check_send_counts(counts, topo.W, topo.S, topo.L, r / topo.T, hd.bs, hd.k, max_bs);
+      contract::check_send_counts(counts, topo.W, topo.S, topo.L, r / topo.T, hd.bs, hd.active, hd.k, max_bs);
   switch (c.fault) {
     case contract::RecordFault::none:
       return;
@@ -42,12 +42,14 @@ void check_dispatch_record(const Group::State& s, int r, const char* phase) {
                         topo.global_bs != 0
                             ? concat(" (global_bs / ep_world_size = ", topo.global_bs, " / ", topo.W, ")")
                             : std::string(" (this rank's BS; global_bs = 0)")));
+    case contract::RecordFault::active_range:
+      return bad(concat(c.value, " active tokens, outside [0, BS = ", c.bound, "]"));
     case contract::RecordFault::entry_range:
-      return bad(concat("entry ", c.entry, " = ", c.value, " is outside [0, BS = ", c.bound, "]"));
+      return bad(concat("entry ", c.entry, " = ", c.value, " is outside [0, active tokens = ", c.bound, "]"));
     case contract::RecordFault::entry_shared_local:
       return bad(concat("entry ", c.entry, " addresses a shared-expert rank's local expert ", c.entry % topo.L));
     case contract::RecordFault::moe_rows:
-      return bad(concat("it sends ", c.value, " rows to MoE experts, not BS * K = ", c.bound));
+      return bad(concat("it sends ", c.value, " rows to MoE experts, not active tokens * K = ", c.bound));
     case contract::RecordFault::shared_rows:
       return bad(concat("it sends ", c.value, " rows to shared experts, not ", c.bound));
   }
@@ -61,7 +63,7 @@ contract::CallShape publish_records(Group::State& s, const TensorView& x, const 
   contract::CallShape shape;
   try {
     shape = contract::check_dispatch(s.config, x, expert_ids, o);
-    s.plan.build(s.topo, expert_ids, s.topo.ep_rank);
+    s.plan.build(s.topo, expert_ids, s.topo.ep_rank, shape.active);
   } catch (...) {
     local_error = std::current_exception();
   }
@@ -90,7 +92,7 @@ void plan_receive_blocks(Group::State& s, std::int64_t k) {
       const int gd = topo.global_rank(d, tp);
       prefix.resize(static_cast<std::size_t>(topo.W * topo.local_experts(d)));
       const std::int64_t rows =
-          contract::receive_prefix_sums(topo, records_of_group(tp), d, s.header(gd).bs, prefix.data());
+          contract::receive_prefix_sums(topo, records_of_group(tp), d, s.header(gd).active, prefix.data());
       const std::int64_t most = std::min<std::int64_t>(topo.receive_rows(d, s.header(gd).bs, k), INT32_MAX);
       if (rows > most) {
         throw PeerError(ErrorCode::capacity, gd, "dispatch.counts",
@@ -117,6 +119,7 @@ struct DispatchCall {
         h(shape_.h),
         k(shape_.k),
         bs(shape_.bs),
+        active(shape_.active),
         quant(o_.quant_mode == 2),
         out_elem(quant ? 1 : 2),
         stride(payload_stride(quant, h)),
@@ -133,6 +136,7 @@ struct DispatchCall {
   const DispatchOptions& o;
   const contract::CallShape shape;
   const std::int64_t h, k, bs;
+  const std::int64_t active;   // tokens sent: [0, active) (x_active_mask)
   const bool quant;            // quant_mode 2: rows are int8 with a per-row scale
   const std::size_t out_elem;  // bytes of one expand_x element
   const std::size_t stride;    // bytes of one payload row in a message to another host
@@ -233,8 +237,8 @@ std::size_t route_token(const DispatchCall& c, std::int64_t b, int& shared_targe
                                shared_expert_code(my_ep),
                                static_cast<std::int32_t>(b)};
     } else {
-      while (b >= contract::shared_range_begin(my_ep, shared_target + 1, c.bs, topo.S)) ++shared_target;
-      const std::int64_t slot = b - contract::shared_range_begin(my_ep, shared_target, c.bs, topo.S);
+      while (b >= contract::shared_range_begin(my_ep, shared_target + 1, c.active, topo.S)) ++shared_target;
+      const std::int64_t slot = b - contract::shared_range_begin(my_ep, shared_target, c.active, topo.S);
       const std::int64_t row = block_start[static_cast<std::size_t>(shared_target * topo.L)] + slot;
       targets[n++] = RowTarget{&dests[static_cast<std::size_t>(shared_target)],
                                row,
@@ -353,7 +357,7 @@ void write_rows(DispatchCall& c) {
   s.row_targets.resize(static_cast<std::size_t>(c.k + 1));
   std::int64_t rows_sent = 0, rows_to_other_hosts = 0;
   int shared_target = 0;  // shared-expert rank of the current token (MoE source ranks)
-  for (std::int64_t b = 0; b < c.bs; ++b) {
+  for (std::int64_t b = 0; b < c.active; ++b) {
     const std::size_t n = route_token(c, b, shared_target);
     TokenRow row{c.x.ptr<std::uint16_t>(b, 0)};
     if (write_local_rows(c, n, row)) rows_to_other_hosts += pack_rows_for_other_hosts(c, n, row);

@@ -71,6 +71,7 @@ void Group::State::describe_call(const contract::CallShape& shape, DType dtype, 
                                  std::int64_t own_rows, std::int64_t peer_rows) {
   CallHeader& hd = own_header();
   hd.bs = shape.bs;
+  hd.active = shape.active;
   hd.k = shape.k;
   hd.h = shape.h;
   hd.dtype = static_cast<std::int64_t>(dtype);

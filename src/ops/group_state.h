@@ -24,6 +24,7 @@ struct CallHeader {
   std::int64_t seq = 0;
   std::int64_t status = 0;  // 0 = ok, else the ErrorCode of the rank's local failure
   std::int64_t bs = 0, k = 0, h = 0;
+  std::int64_t active = 0;  // tokens that take part (x_active_mask), <= bs
   std::int64_t dtype = 0;
   std::int64_t mode = 0;                 // quant_mode (dispatch) or comm_quant_mode (combine)
   std::int64_t has_expert_scales = 0;
@@ -154,7 +155,7 @@ struct Group::State {
   void ensure_windows(const char* phase);
   contract::CallShape shape_of(int rank) const {
     const CallHeader& hd = header(rank);
-    return contract::CallShape{hd.bs, hd.k, hd.h};
+    return contract::CallShape{hd.bs, hd.k, hd.h, hd.active};
   }
   int ep_of(int rank) const { return rank / topo.T; }
   int tp_of(int rank) const { return rank % topo.T; }

@@ -135,6 +135,14 @@ struct SharedTarget {
   std::int64_t slot = 0;  // position inside the (source r) block on that shared rank
 };
 
+// §3.7: the A2 kernel counts the mask's trues and takes that many tokens from the front.
+std::int64_t active_tokens(const RankInput& rank) {
+  if (rank.x_active_mask.empty()) return rank.bs;
+  std::int64_t trues = 0;
+  for (const std::uint8_t value : rank.x_active_mask) trues += value != 0 ? 1 : 0;
+  return trues;
+}
+
 SharedTarget v1_shared_target(int src_ep_rank, std::int64_t token, std::int64_t bs, int shared_rank_num) {
   const std::int64_t r = src_ep_rank;
   const std::int64_t s_num = shared_rank_num;
@@ -153,11 +161,14 @@ std::vector<EpRankDispatch> dispatch_ep_group(const Case& c, int tp_rank) {
   std::vector<EpRankDispatch> result(static_cast<std::size_t>(w));
 
   // expand_idx (§3.2): occurrence number of each id among earlier entries of the same source rank.
+  // Entries of inactive tokens are not sent and get no occurrence number (0 here).
   for (int r = 0; r < w; ++r) {
     const RankInput& src = input(r);
     std::vector<std::int32_t> seen(static_cast<std::size_t>(c.moe_expert_num), 0);
-    for (const std::int32_t expert : src.expert_ids) {
-      result[r].expand_idx.push_back(seen[expert]);
+    result[r].expand_idx.assign(src.expert_ids.size(), 0);
+    for (std::int64_t t = 0; t < active_tokens(src) * c.k; ++t) {
+      const std::int32_t expert = src.expert_ids[t];
+      result[r].expand_idx[t] = seen[expert];
       ++seen[expert];
     }
   }
@@ -167,7 +178,7 @@ std::vector<EpRankDispatch> dispatch_ep_group(const Case& c, int tp_rank) {
   std::vector<RoutingEntry> stream;
   for (int r = 0; r < w; ++r) {
     const RankInput& src = input(r);
-    for (std::int64_t b = 0; b < src.bs; ++b) {
+    for (std::int64_t b = 0; b < active_tokens(src); ++b) {
       for (std::int64_t k = 0; k < c.k; ++k) {
         stream.push_back(RoutingEntry{r, b, k, src.expert_ids[b * c.k + k]});
       }
@@ -203,12 +214,13 @@ std::vector<EpRankDispatch> dispatch_ep_group(const Case& c, int tp_rank) {
     const RankInput& own = input(s);
     std::vector<std::int32_t> source_count(static_cast<std::size_t>(w), 0);
 
-    for (std::int64_t b = 0; b < own.bs; ++b) {
+    const std::int64_t own_bs = active_tokens(own);
+    for (std::int64_t b = 0; b < own_bs; ++b) {
       out.rows.push_back(make_row(c, own, Provenance{s, b, kSharedExpertSlot}, kSmoothRowForSharedExpert));
     }
     // The r < S entries are the kernel's bookkeeping split of the own rows; they sum to BS_s.
     for (int r = 0; r < shared_num; ++r) {
-      const std::int64_t count = floor_div((r + s + 1) * own.bs, shared_num) - floor_div((r + s) * own.bs, shared_num);
+      const std::int64_t count = floor_div((r + s + 1) * own_bs, shared_num) - floor_div((r + s) * own_bs, shared_num);
       source_count[r] = static_cast<std::int32_t>(count);
     }
 
@@ -217,8 +229,10 @@ std::vector<EpRankDispatch> dispatch_ep_group(const Case& c, int tp_rank) {
       // Collect the tokens rank r sends here, each at the slot the formula gives it.
       std::vector<std::int64_t> token_at_slot;
       std::vector<std::int64_t> slot_of_token;
-      for (std::int64_t b = 0; b < src.bs; ++b) {
-        const SharedTarget target = v1_shared_target(r, b, src.bs, shared_num);
+      // The kernel splits the tokens it sends, the active ones, as if they were all of BS.
+      const std::int64_t src_bs = active_tokens(src);
+      for (std::int64_t b = 0; b < src_bs; ++b) {
+        const SharedTarget target = v1_shared_target(r, b, src_bs, shared_num);
         if (target.shared_rank != s) continue;
         slot_of_token.push_back(target.slot);
         token_at_slot.push_back(b);
@@ -297,8 +311,10 @@ void validate_shapes(const Case& c) {
     require(rank.bs >= 0, "bs must be >= 0");
     require(static_cast<std::int64_t>(rank.x.size()) == rank.bs * c.h, "x must hold bs * h values");
     require(static_cast<std::int64_t>(rank.expert_ids.size()) == rank.bs * c.k, "expert_ids must hold bs * k values");
-    for (const std::int32_t expert : rank.expert_ids)
-      require(expert >= 0 && expert < c.moe_expert_num, "expert id out of range");
+    require(rank.x_active_mask.empty() || static_cast<std::int64_t>(rank.x_active_mask.size()) == rank.bs,
+            "x_active_mask must be empty or bs values");
+    for (std::int64_t t = 0; t < active_tokens(rank) * c.k; ++t)  // inactive tokens' ids are never read
+      require(rank.expert_ids[t] >= 0 && rank.expert_ids[t] < c.moe_expert_num, "expert id out of range");
     const std::int64_t scale_rows = c.moe_expert_num + (c.shared_expert_rank_num > 0 ? 1 : 0);
     require(rank.scales.empty() || static_cast<std::int64_t>(rank.scales.size()) == scale_rows * c.h,
             "scales must be empty or (E + (S > 0)) * h values");
@@ -446,8 +462,8 @@ std::vector<RankOutput> run(const Case& c) {
       const int g = global_rank(c, r, t);
       const RankInput& src = c.ranks[g];
       RankOutput& out = outputs[g];
-      out.combine_out.assign(static_cast<std::size_t>(src.bs * h), 0);
-      for (std::int64_t b = 0; b < src.bs; ++b) {
+      out.combine_out.assign(static_cast<std::size_t>(src.bs * h), 0);  // inactive tokens stay 0 (§4.6)
+      for (std::int64_t b = 0; b < active_tokens(src); ++b) {
         for (std::int64_t i = 0; i < h; ++i) {
           float acc = 0.0f;
           for (std::int64_t k = 0; k < topk; ++k) {

@@ -54,6 +54,7 @@ int main(int argc, char** argv) {
   limits.max_h = 96;
   limits.max_bs = 5;
   limits.max_k = 8;
+  limits.token_masks = true;
   long checked = 0, mismatches = 0;
   int with_tp = 0, with_shared = 0;
   std::int64_t between_hosts = 0, between_hosts_flat = 0;

@@ -155,7 +155,7 @@ TEST(HostileRecords, PeerBsAboveGlobalBsOverW) {
         expect_refused_then_usable(
             c, per_host, victim, "dispatch.counts",
             [](CallHeader& h, std::int32_t* counts) {
-              h.bs = 5;
+              h.bs = h.active = 5;
               counts[0] = 3, counts[1] = 3, counts[2] = 2, counts[3] = 2;
             },
             ErrorCode::protocol, victim, "BS 5 is outside [0, 4] (global_bs / ep_world_size = 16 / 4)");
@@ -174,7 +174,7 @@ TEST(HostileRecords, PeerBsNearInt32Max) {
       expect_refused_then_usable(
           c, per_host, victim, "dispatch.counts",
           [](CallHeader& h, std::int32_t* counts) {
-            h.bs = INT32_MAX;
+            h.bs = h.active = INT32_MAX;
             counts[0] = INT32_MAX, counts[1] = INT32_MAX, counts[2] = 0, counts[3] = 0;
           },
           ErrorCode::protocol, victim, "BS 2147483647 is outside [0, 4]");
@@ -201,13 +201,29 @@ TEST(HostileRecords, ReceivePrefixSumsPastInt32) {
       expect_refused_then_usable(
           c, per_host, victim, "dispatch.counts",
           [](CallHeader& h, std::int32_t* counts) {
-            h.bs = INT32_MAX;
+            h.bs = h.active = INT32_MAX;
             counts[0] = INT32_MAX, counts[1] = 0;
           },
           ErrorCode::capacity, receiver,
           "would receive 2147483651 rows but can hold at most 2147483647 (ep_recv_counts is int32)",
           /*clean_round=*/false);
     }
+  }
+}
+
+// A record's active tokens (x_active_mask) bound its rows: more active tokens than BS is refused, and
+// so are counts for all BS tokens from a rank that declares fewer active (W = E = 4, K = 2, BS = 4: its
+// 8 rows put at least 2 on some rank, more than its one active token allows).
+TEST(HostileRecords, ActiveTokensOutsideBsOrBelowTheCounts) {
+  const casefile::Case c = make_case(17, 4, 0, 2, 16, 4, 16, 0);
+  const int victim = 2;
+  for (int per_host : kHostLayouts) {
+    expect_refused_then_usable(
+        c, per_host, victim, "dispatch.counts", [](CallHeader& h, std::int32_t*) { h.active = h.bs + 1; },
+        ErrorCode::protocol, victim, "5 active tokens, outside [0, BS = 4]");
+    expect_refused_then_usable(
+        c, per_host, victim, "dispatch.counts", [](CallHeader& h, std::int32_t*) { h.active = 1; }, ErrorCode::protocol,
+        victim, "is outside [0, active tokens = 1]");
   }
 }
 
