@@ -163,11 +163,11 @@ def test_group_names_are_checked(one, job):
     raises(lambda: d(group_ep=""), "group_ep", "invalid_argument", "length [1, 128)")
     raises(lambda: d(group_ep="g" * 128), "group_ep", "invalid_argument", "length [1, 128)")
     raises(lambda: d(ep_world_size=2, moe_expert_num=2), "ep_world_size", "invalid_argument", "must equal the size of group_ep, 1")
-    raises(lambda: d(ep_rank_id=1), "ep_rank_id", "invalid_argument", "this process is rank 0")
+    raises(lambda: d(ep_rank_id=1), "ep_rank_id", "invalid_argument", "must be in [0, ep_world_size = 1)")
     ep, tp = moedist.new_group(job + "-tp", 1, 2, tp_world_size=2)
     raises(lambda: d(group_ep=ep.name, group_tp=ep.name, tp_world_size=2, tp_rank_id=1), "group_tp", "invalid_argument",
            "must differ from group_ep")
-    raises(lambda: d(group_ep=tp.name), "group_ep", "invalid_argument", "names a TP group")
+    raises(lambda: d(group_ep=tp.name), "group_ep", "invalid_argument", "must name an EP group, not a TP group")
 
 
 def bad_ids_on_rank_1(g, n, job):

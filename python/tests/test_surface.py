@@ -44,7 +44,9 @@ INT_FORMS = {
 @pytest.mark.parametrize("seed", SEEDS[:2])
 def test_every_int_form_torch_takes_is_taken(form, seed, job):
     case = random_case(seed, ep_world_size=1, tp=0)
-    check_rank(0, 1, case, "torch", False, groups=moedist.new_group(job, 0, 1), ints=form)
+    groups = moedist.new_group(job, form(0), form(1), tp_world_size=form(0), timeout_ms=form(30000))
+    assert groups[0].get_hccl_comm_name(form(0)) == groups[0].name
+    check_rank(0, 1, case, "torch", False, groups=groups, ints=form)
 
 
 # ---- refusals of int parameters ----
@@ -109,6 +111,16 @@ def test_what_torch_refuses_for_an_int_is_refused_by_name(one, value, rule):
         refused(lambda: dispatch_with(one, **{name: value}), name, value, rule)
     for name in COMBINE_INTS:
         refused(lambda: combine_with(one, **{name: value}), name, value, rule)
+
+
+@pytest.mark.parametrize("value, rule", NOT_INTS.values(), ids=NOT_INTS.keys())
+def test_group_functions_refuse_non_ints_by_name(job, value, rule):
+    refused(lambda: moedist.new_group(job, value, 2), "rank", value, rule)
+    refused(lambda: moedist.new_group(job, 0, value), "world_size", value, rule)
+    refused(lambda: moedist.new_group(job, 0, 2, tp_world_size=value), "tp_world_size", value, rule)
+    ep, _ = moedist.new_group(job, 0, 1)
+    if value is not None:  # get_hccl_comm_name's rank is optional
+        refused(lambda: ep.get_hccl_comm_name(value), "rank", value, rule)
 
 
 # ---- bool tensors: x_active_mask ----
