@@ -224,7 +224,7 @@ class PyGroup {
  private:
   std::unique_ptr<Group> group_;
   // One C++ group serves every Python thread of the process that names it (group_for caches it per
-  // world and config), and the GIL is released during its calls: this serializes them, since a Group's
+  // world, members and config), and the GIL is released during its calls: this serializes them, since a Group's
   // calls must not overlap (they share its buffers, call counter and transport).
   std::unique_ptr<std::mutex> mutex_ = std::make_unique<std::mutex>();
 };
