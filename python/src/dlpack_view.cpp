@@ -95,7 +95,7 @@ DType dtype_of(const DLDataType& t, ViewAs as, const std::string& name) {
     case kDLBfloat:
       if (t.bits == 16) return DType::bf16;
       break;
-    case kDLBool:  // producers whose DLPack exports bool (torch >= 2.1 among them)
+    case kDLBool:  // producers whose DLPack exports bool (kDLBool, DLPack >= 0.8); numpy bool_ arrays
       if (t.bits == 8) return DType::boolean;
       break;
     default:

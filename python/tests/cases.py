@@ -132,7 +132,8 @@ def check_rank(g, n, case, kind, strided, job=None, groups=None, ints=None, wrap
     given = lambda t: None if t is None else wrap(t)
     out = moedist.npu_moe_distribute_dispatch(
         given(to_tensor(r["x"], dtype, kind, strided)), given(to_other(r["expert_ids"], kind, strided)), **names, **kw,
-        scales=given(to_other(r.get("scales"), kind, strided)), expert_scales=given(to_other(r.get("expert_scales"), kind, strided)),
+        scales=given(to_other(r.get("scales"), kind, strided)),
+        expert_scales=given(to_other(r.get("expert_scales"), kind, strided)),
         quant_mode=ints(case["quant_mode"]), expert_token_nums_type=ints(case["expert_token_nums_type"]))
     expand_x, dynamic_scales, expand_idx, expert_token_nums, ep_recv_counts, tp_recv_counts, expand_scales = out
     kinds = {type(o).__module__.split(".")[0] for o in out}
