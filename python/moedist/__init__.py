@@ -4,8 +4,10 @@ Code written for ``torch_npu.npu_moe_distribute_dispatch`` / ``npu_moe_distribut
 by changing the import: the same parameters, defaults and results, bit for bit the Ascend semantics.
 Groups (``group_ep`` / ``group_tp``) are named with ``get_hccl_comm_name`` (of a moedist group or a
 torch.distributed group) or created with ``new_group`` / ``new_group_from_env`` / ``new_group_from_mpi``.
-Tensors are torch tensors (bfloat16 or float16, contiguous or not, viewed without a copy) or numpy
-arrays (float16; bfloat16 as uint16 bit patterns wrapped by ``moedist.bfloat16``)."""
+A group name stands for its members, as an HCCL communicator does: a world may hold any number of groups.
+Tensors are torch tensors on the CPU (bfloat16 or float16, contiguous or not, viewed without a copy;
+bool masks too) or numpy arrays (float16; bfloat16 as uint16 bit patterns wrapped by ``moedist.bfloat16``).
+Ints are taken as torch takes them (numpy integers, 0-d integer tensors, ``__index__``), bools refused."""
 from . import _moedist
 from ._errors import Error, PeerError, ValidationError
 from ._groups import Group, get_hccl_comm_name, new_group, new_group_from_env, new_group_from_mpi

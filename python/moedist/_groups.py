@@ -1,12 +1,29 @@
 """Communication domains by name, as torch_npu names HCCL groups.
 
 torch_npu's operators take ``group_ep`` / ``group_tp``, the names of HCCL communicators. moedist's
-names are strings too. A name stands for a set of ranks (the EP group or the TP group of a rank) in a
-moedist *world*: processes over shared memory (a job), or an MPI communicator. A group is created with
-``new_group`` (explicit job, rank and size), ``new_group_from_env`` (the processes of
-``moedist launch``), ``new_group_from_mpi`` (an mpi4py communicator), or named from a
-torch.distributed process group with ``get_hccl_comm_name`` (as torch_npu's example does). The
-operators join the C++ group the first time a name is used with a configuration, and reuse it after.
+names are strings too. A name stands for a list of members -- ranks of a moedist *world* in group-rank
+order -- and, like an HCCL communicator, is its members whatever the world around them: a world may hold
+any number of groups, of any member lists. A world is processes over shared memory (a job), or an MPI
+communicator. A group is created with ``new_group`` (explicit job, rank and size), ``new_group_from_env``
+(the processes of ``moedist launch``), ``new_group_from_mpi`` (an mpi4py communicator, MPI_COMM_WORLD or
+a sub-communicator such as one of ``comm.Split``), or named from a torch.distributed process group with
+``get_hccl_comm_name`` (as torch_npu's example does; the torch world is one world, over shared memory).
+
+A call places this process at position ``ep_rank_id`` of group_ep (which has ``ep_world_size``
+members) and, with tp_world_size 2, at position ``tp_rank_id`` of group_tp (two members). The C++ group
+it joins holds group_ep's members and, with TP, the members of the EP group of this process's TP peer:
+its rank ep_rank_id * max(T, 1) + tp_rank_id is the process at position ep_rank_id of the EP group of
+TP lane tp_rank_id. Over shared memory its job name is the world's job plus a digest of those members
+and of the configuration all ranks share, so that disjoint groups never meet and the same group always
+meets under the same name; over MPI its members form a communicator of their own (MPI_Comm_create_group).
+With TP and torch.distributed groups, a process knows its own EP and TP groups only: the first call of
+a configuration exchanges the EP member lists (and ep_rank_id and the shared configuration, checked
+alike) between the two TP peers with ``all_gather_object`` over group_tp's torch group. That first call
+is collective anyway (it joins the C++ group); every check of this process's own arguments comes before
+it, so a peer that raises a ValidationError before the exchange and exits ends it at once, while one
+that stays alive leaves its TP peer waiting for the torch group's timeout.
+
+The operators join the C++ group the first time a name is used with a configuration, and reuse it after.
 Threads of a process that use one group share that C++ group: its calls (which run without the GIL)
 are serialized by a lock of the group, one call at a time, so each call's results are those of a
 single-threaded run of the same calls in the order they took the lock. The calls stay collective:
@@ -14,17 +31,22 @@ every rank must make them in the same order. The first use (the join) is not loc
 thread before others share the group.
 """
 import hashlib
-import os
 from dataclasses import dataclass, field
 
 from . import _moedist
 from ._errors import ValidationError
+from ._integers import integer
 
 DEFAULT_TIMEOUT_MS = _moedist.default_timeout_ms  # moedist::WaitOptions' default (30 s), as in C++
 
 # The kinds of world, named by the C++ transport registry (moedist._moedist.transports()).
 KIND_SHM = _moedist.transport_name(_moedist.TransportId.shm)
 KIND_MPI = _moedist.transport_name(_moedist.TransportId.mpi)
+
+# The configuration every rank of a C++ group shares (the rest, ep_rank_id and tp_rank_id, is per rank).
+_PER_RANK = ("ep_rank_id", "tp_rank_id")
+# The longest world job name kept readable in a C++ group's job name; the digest covers all of it.
+_JOB_PREFIX = 40
 
 
 def _transport(name):
@@ -36,7 +58,7 @@ def _transport(name):
 class World:
     kind: str            # KIND_SHM: processes over shared memory; KIND_MPI: an MPI communicator
     job: str             # shm: the job name every process of the world shares; mpi: an id agreed on by broadcast
-    rank: int            # this process's rank in the world (= ep_rank_id * max(T, 1) + tp_rank_id)
+    rank: int            # this process's rank in the world
     size: int
     timeout_ms: int = DEFAULT_TIMEOUT_MS
     comm: object = field(default=None, compare=False, repr=False)  # mpi4py communicator (kind KIND_MPI)
@@ -47,21 +69,34 @@ class Domain:
     world: World
     members: tuple       # world ranks of the group, in group-rank order
     role: str            # "ep", "tp" or "any" (a torch.distributed group: either)
+    # Groups of new_group*: the EP member lists of every TP lane of the world, from which the EP group of
+    # a TP peer is known without asking it.
+    lanes: tuple = ()
+    # A torch.distributed group: the TP peers' exchange goes over it (an object, neither compared nor hashed).
+    torch_group: object = field(default=None, compare=False, repr=False)
+
+    @property
+    def name(self):
+        """The name of the group: its members in its world (two groups of the same members share it)."""
+        return f"moedist-{self.role}-{_digest(self.world.kind, self.world.job, self.role, self.members)}"
 
 
 _domains = {}            # name -> Domain
-_groups = {}             # (world, configuration) -> _moedist.Group
-_torch_world = None      # the World of torch.distributed's default group, once named
+_groups = {}             # (world, C++ members, configuration) -> _moedist.Group
+_torch_world = None      # (torch.distributed's default group, its World), once named
 
 
 def _digest(*parts):
-    return hashlib.sha1("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:12]
+    return hashlib.sha1("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:16]
+
+
+def _refuse(parameter, value, rule, code="invalid_argument"):
+    raise ValidationError(f"{parameter} = {value}: {rule}", code, parameter, str(value), rule)
 
 
 def _register(domain):
-    name = f"moedist-{domain.role}-{_digest(domain.world.kind, domain.world.job, domain.role, domain.members)}"
-    _domains[name] = domain
-    return name
+    _domains[domain.name] = domain
+    return domain.name
 
 
 class Group:
@@ -75,30 +110,24 @@ class Group:
 
     def get_hccl_comm_name(self, rank=None):
         """The group's name, as torch_npu's ProcessGroup.get_hccl_comm_name(rank) returns the HCCL name."""
+        if rank is not None:
+            integer("rank", rank, 0)
         return self.name
 
     def __repr__(self):
         return f"moedist.Group({self.name!r}, ranks={self.ranks})"
 
 
-def _check_int(name, value, low=0):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValidationError(f"{name} = {value!r}: must be an integer >= {low}", "invalid_argument", name, repr(value),
-                              f"must be an integer >= {low}")
-
-
 def _pair(world, tp_world_size):
     """This rank's EP group (ranks x*T + lane) and TP group (its T = max(tp_world_size, 1) neighbours)."""
-    _check_int("tp_world_size", tp_world_size)
+    tp_world_size = integer("tp_world_size", tp_world_size, 0)
     t = max(tp_world_size, 1)
     if tp_world_size > 2 or world.size % t != 0:
-        raise ValidationError(f"tp_world_size = {tp_world_size}: must be 0, 1 or 2 and divide the world size {world.size}",
-                              "invalid_argument", "tp_world_size", str(tp_world_size),
-                              f"must be 0, 1 or 2 and divide the world size {world.size}")
+        _refuse("tp_world_size", tp_world_size, f"must be 0, 1 or 2 and divide the world size {world.size}")
+    lanes = tuple(tuple(x * t + lane for x in range(world.size // t)) for lane in range(t))
     lane, ep = world.rank % t, world.rank // t
-    ep_members = tuple(x * t + lane for x in range(world.size // t))
     tp_members = tuple(ep * t + i for i in range(t))
-    return Group(Domain(world, ep_members, "ep")), Group(Domain(world, tp_members, "tp"))
+    return Group(Domain(world, lanes[lane], "ep", lanes)), Group(Domain(world, tp_members, "tp", lanes))
 
 
 def new_group(job, rank, world_size, tp_world_size=0, timeout_ms=DEFAULT_TIMEOUT_MS):
@@ -106,14 +135,16 @@ def new_group(job, rank, world_size, tp_world_size=0, timeout_ms=DEFAULT_TIMEOUT
     ``job`` on one host (shared memory). Every process calls it with the same job, world size and
     tp_world_size; ranks are ordered as torch_npu's example orders them (rank = ep_rank_id * T + tp_rank_id)."""
     if not isinstance(job, str) or not job:
-        raise ValidationError(f"job = {job!r}: must be a non-empty string", "invalid_argument", "job", repr(job),
-                              "must be a non-empty string")
-    _check_int("world_size", world_size, 1)
-    _check_int("rank", rank)
+        _refuse("job", repr(job), "must be a non-empty string")
+    world_size = integer("world_size", world_size, 1)
+    rank = integer("rank", rank, 0)
     if rank >= world_size:
-        raise ValidationError(f"rank = {rank}: must be < world_size = {world_size}", "invalid_argument", "rank", str(rank),
-                              f"must be < world_size = {world_size}")
-    return _pair(World(KIND_SHM, job, rank, world_size, timeout_ms), tp_world_size)
+        _refuse("rank", rank, f"must be < world_size = {world_size}")
+    return _pair(World(KIND_SHM, job, rank, world_size, _timeout(timeout_ms)), tp_world_size)
+
+
+def _timeout(timeout_ms):
+    return integer("timeout_ms", timeout_ms, 1, 2**62)
 
 
 def new_group_from_env(tp_world_size=None, timeout_ms=DEFAULT_TIMEOUT_MS):
@@ -121,54 +152,75 @@ def new_group_from_env(tp_world_size=None, timeout_ms=DEFAULT_TIMEOUT_MS):
     (MOEDIST_RANK, MOEDIST_WORLD_SIZE, MOEDIST_JOB, MOEDIST_TP_WORLD_SIZE)."""
     env = _moedist.launch_environment()
     t = env["tp_world_size"] if tp_world_size is None else tp_world_size
-    return _pair(World(KIND_SHM, env["job"], env["rank"], env["world_size"], timeout_ms), t)
+    return _pair(World(KIND_SHM, env["job"], env["rank"], env["world_size"], _timeout(timeout_ms)), t)
 
 
 def new_group_from_mpi(comm=None, tp_world_size=0, timeout_ms=DEFAULT_TIMEOUT_MS):
-    """(EP group, TP group) over an mpi4py communicator (default MPI.COMM_WORLD): comm rank g is
-    ep_rank_id = g // T, tp_rank_id = g % T. Collective over ``comm``; ranks on one node share memory,
-    ranks on other nodes are reached through MPI (docs/mpi.md)."""
+    """(EP group, TP group) over an mpi4py communicator (default MPI.COMM_WORLD; any sub-communicator,
+    e.g. of ``comm.Split``, is a world of its own): comm rank g is ep_rank_id = g // T, tp_rank_id = g % T.
+    Collective over ``comm``; ranks on one node share memory, ranks on other nodes are reached through
+    MPI (docs/mpi.md)."""
     if not _transport(KIND_MPI)["available"]:
-        raise ValidationError("new_group_from_mpi: this moedist was built without MPI support", "unsupported", "comm",
-                              "MPI", "needs a build with MPI (Debian: libopenmpi-dev)")
+        _refuse("comm", "MPI", "needs a build with MPI (Debian: libopenmpi-dev)", "unsupported")
     from mpi4py import MPI
     comm = MPI.COMM_WORLD if comm is None else comm
+    if not isinstance(comm, MPI.Comm) or comm == MPI.COMM_NULL:
+        _refuse("comm", repr(comm), "must be an mpi4py communicator this process belongs to")
+    timeout_ms = _timeout(timeout_ms)
     job = comm.bcast(_moedist.new_job_name() if comm.Get_rank() == 0 else None, root=0)
     return _pair(World(KIND_MPI, job, comm.Get_rank(), comm.Get_size(), timeout_ms, comm), tp_world_size)
 
 
 def _torch_world_of(dist):
+    """The World of torch.distributed's default group (named once per default group, by a broadcast
+    over it: every process names its groups together, as torch_npu's example does)."""
     global _torch_world
-    if _torch_world is None:
+    default = dist.group.WORLD
+    if _torch_world is None or _torch_world[0] is not default:
         box = [_moedist.new_job_name() if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(box, src=0)  # collective over the default group: every process names its groups together
-        _torch_world = World(KIND_SHM, box[0], dist.get_rank(), dist.get_world_size())
-    return _torch_world
+        dist.broadcast_object_list(box, src=0)
+        _torch_world = (default, World(KIND_SHM, box[0], dist.get_rank(), dist.get_world_size()))
+    return _torch_world[1]
+
+
+def _torch_members(dist, group):
+    """World ranks of a torch.distributed group, in group-rank order."""
+    if group is None or group is dist.group.WORLD:
+        return tuple(range(dist.get_world_size()))
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        return ()
+    if hasattr(dist, "get_process_group_ranks"):
+        return tuple(dist.get_process_group_ranks(group))
+    ranks = dist.distributed_c10d._pg_group_ranks.get(group)  # torch < 2.0
+    if ranks is None:
+        _refuse("group", repr(group), "must be a moedist Group or a torch.distributed process group")
+    return tuple(sorted(ranks, key=lambda g: ranks[g]))
 
 
 def get_hccl_comm_name(group, rank=None):
     """The name to pass as group_ep / group_tp: of a moedist Group, or of a torch.distributed process
-    group (its ranks then communicate over shared memory, as processes of one host; the first call is
-    collective over torch.distributed's default group). ``rank`` is accepted for torch_npu parity."""
+    group this process belongs to (its ranks then communicate over shared memory, as processes of one
+    host; the first call is collective over torch.distributed's default group). The name stands for the
+    group's members: two groups of the same ranks have the same name. ``rank`` is accepted for torch_npu
+    parity."""
     if isinstance(group, Group):
-        return group.name
+        return group.get_hccl_comm_name(rank)
+    if rank is not None:
+        integer("rank", rank, 0)
     import torch.distributed as dist
     if not dist.is_initialized():
-        raise ValidationError("get_hccl_comm_name: torch.distributed is not initialized (call init_process_group first)",
-                              "invalid_argument", "group", repr(group), "must be a moedist Group or a torch.distributed group")
+        _refuse("group", repr(group), "torch.distributed is not initialized (call init_process_group first); "
+                "must be a moedist Group or a torch.distributed group")
     world = _torch_world_of(dist)
-    if hasattr(dist, "get_process_group_ranks"):
-        members = tuple(dist.get_process_group_ranks(group))
-    else:  # torch < 2.0
-        ranks = dist.distributed_c10d._pg_group_ranks[group]
-        members = tuple(sorted(ranks, key=lambda g: ranks[g]))
-    return _register(Domain(world, members, "any"))
+    members = _torch_members(dist, group)
+    if world.rank not in members:
+        _refuse("group", repr(group), f"this process (rank {world.rank} of torch.distributed) is not a member of the group")
+    return _register(Domain(world, members, "any", torch_group=dist.group.WORLD if group is None else group))
 
 
 def _domain(name, parameter):
     if not isinstance(name, str) or not 1 <= len(name) < 128:
-        raise ValidationError(f"{parameter} = {name!r}: must be a string of length [1, 128)", "invalid_argument", parameter,
-                              repr(name), "must be a string of length [1, 128)")
+        _refuse(parameter, repr(name), "must be a string of length [1, 128)")
     domain = _domains.get(name)
     if domain is None:
         raise ValidationError(
@@ -178,42 +230,126 @@ def _domain(name, parameter):
     return domain
 
 
+def _check_position(parameter, position, domain, group_parameter, world):
+    """This process must be the member at `position` of the group."""
+    if domain.members[position] != world.rank:
+        where = (f"at position {domain.members.index(world.rank)}" if world.rank in domain.members else "not a member")
+        _refuse(parameter, position, f"must be this process's position in {group_parameter} (world ranks "
+                f"{list(domain.members)}): this process is world rank {world.rank}, {where}")
+
+
+def _peer_lane(ep, tp, config):
+    """The EP members of the TP peer's lane (TP peers share ep_rank_id): from the lanes of a
+    new_group* partition, or asked of the peer over group_tp's torch group."""
+    e, t = config["ep_rank_id"], config["tp_rank_id"]
+    peer = tp.members[1 - t]
+    if tp.torch_group is None:
+        if len(ep.lanes) != 2 or tp.lanes != ep.lanes:
+            _refuse("group_tp", repr(tp.name), "must be the TP group of the same moedist.new_group* call as "
+                    "group_ep (made with tp_world_size = 2), or a torch.distributed group")
+        return next(lane for lane in ep.lanes if peer in lane)
+    import torch.distributed as dist
+    shared = sorted((k, v) for k, v in config.items() if k not in _PER_RANK)
+    mine = (e, ep.members, shared)
+    both = [None, None]
+    dist.all_gather_object(both, mine, group=tp.torch_group)  # in group_tp's order: tp_rank_id
+    peer_e, peer_members, peer_shared = both[1 - t]
+    if peer_e != e:
+        _refuse("ep_rank_id", e, f"must equal the TP peer's (world rank {peer}), which calls with ep_rank_id = {peer_e}")
+    if peer_shared != shared:
+        diff = next(f"{k} = {v} here, {dict(peer_shared).get(k)} there" for k, v in shared if dict(peer_shared).get(k) != v)
+        _refuse("group_tp", repr(tp.name), f"the TP peer (world rank {peer}) must call with the same configuration: {diff}")
+    return tuple(peer_members)
+
+
+def _cpp_members(ep, tp, config):
+    """World ranks of the C++ group, in C++ rank order (ep_rank_id * max(T, 1) + tp_rank_id)."""
+    if config["tp_world_size"] != 2:
+        return ep.members
+    t = config["tp_rank_id"]
+    lanes = {t: ep.members, 1 - t: _peer_lane(ep, tp, config)}
+    w = config["ep_world_size"]
+    if len(lanes[1 - t]) != w:
+        _refuse("group_tp", repr(tp.name), f"the TP peer's EP group must have ep_world_size = {w} members, not "
+                f"{len(lanes[1 - t])}")
+    members = tuple(lanes[lane][x] for x in range(w) for lane in (0, 1))
+    if len(set(members)) != 2 * w:
+        _refuse("group_tp", repr(tp.name), f"the EP groups of the two TP lanes must be disjoint: {list(lanes[0])} "
+                f"and {list(lanes[1])}")
+    if members[2 * config["ep_rank_id"] + 1 - t] != tp.members[1 - t]:
+        _refuse("group_tp", repr(tp.name), "the TP peer must be at position ep_rank_id of its own EP group")
+    if ep.torch_group is not None:
+        _agree_over_ep(ep, tp, t, members)
+    return members
+
+
+def _agree_over_ep(ep, tp, t, members):
+    """Every member of a torch group_ep must be in the same TP lane and have found the same C++ group; a
+    layout that breaks this (TP pairs that cross EP groups) would leave the join waiting for ranks that
+    meet elsewhere. Every member sees the same gathered list, so every member raises alike."""
+    import torch.distributed as dist
+    views = [None] * len(ep.members)
+    dist.all_gather_object(views, (t, members), group=ep.torch_group)
+    lanes = sorted({lane for lane, _ in views})
+    if len(lanes) != 1:
+        _refuse("tp_rank_id", t, f"must be the same on every member of group_ep (world ranks {list(ep.members)}), whose "
+                f"tp_rank_ids are {[lane for lane, _ in views]}: an EP group is one TP lane")
+    if any(found != members for _, found in views):
+        _refuse("group_tp", repr(tp.name), "the TP groups of group_ep's members must pair it with one "
+                f"other EP group; they pair it with {sorted({tuple(found[1 - t::2]) for _, found in views})}")
+
+
 def group_for(group_ep, group_tp, config):
     """The C++ group of this process for the named groups and configuration (joined on first use)."""
     t = config["tp_world_size"]
     ep = _domain(group_ep, "group_ep")
     if ep.role == "tp":
-        raise ValidationError(f"group_ep = {group_ep!r}: names a TP group", "invalid_argument", "group_ep", group_ep,
-                              "must name an EP group")
-    world = ep.world
+        _refuse("group_ep", repr(group_ep), "must name an EP group, not a TP group")
+    tp = None
     if t == 2:
         if group_tp == group_ep:
-            raise ValidationError(f"group_tp = {group_tp!r}: must differ from group_ep", "invalid_argument", "group_tp",
-                                  group_tp, "must differ from group_ep")
+            _refuse("group_tp", repr(group_tp), "must differ from group_ep")
         tp = _domain(group_tp, "group_tp")
-        if tp.world != world or len(tp.members) != 2:
-            raise ValidationError(f"group_tp = {group_tp!r}: must name a TP pair of group_ep's world", "invalid_argument",
-                                  "group_tp", group_tp, "must name a 2-rank group of the same world as group_ep")
+        if tp.role == "ep":
+            _refuse("group_tp", repr(group_tp), "must name a TP group, not an EP group")
+        if tp.world != ep.world:
+            _refuse("group_tp", repr(group_tp), "must name a group of the same world as group_ep")
+    _moedist.validate_config(config)
+    world = ep.world
     w = config["ep_world_size"]
     if len(ep.members) != w:
-        raise ValidationError(f"ep_world_size = {w}: must equal the size of group_ep, {len(ep.members)}", "invalid_argument",
-                              "ep_world_size", str(w), f"must equal the size of group_ep, {len(ep.members)}")
-    g = config["ep_rank_id"] * max(t, 1) + config["tp_rank_id"]
-    if world.size != w * max(t, 1) or g != world.rank or ep.members[config["ep_rank_id"] % w] != world.rank:
-        raise ValidationError(
-            f"ep_rank_id = {config['ep_rank_id']}, tp_rank_id = {config['tp_rank_id']}: this process is rank {world.rank} of "
-            f"a world of {world.size}, which must be ep_rank_id * max(tp_world_size, 1) + tp_rank_id of "
-            f"ep_world_size * max(tp_world_size, 1) = {w * max(t, 1)} ranks", "invalid_argument", "ep_rank_id",
-            str(config["ep_rank_id"]), "must place this process at its rank of group_ep's world")
-    key = (world, tuple(sorted(config.items())))
+        _refuse("ep_world_size", w, f"must equal the size of group_ep, {len(ep.members)}")
+    _check_position("ep_rank_id", config["ep_rank_id"], ep, "group_ep", world)
+    if t == 2:
+        if len(tp.members) != 2:
+            _refuse("group_tp", repr(group_tp), f"must name a group of 2 ranks with tp_world_size = 2, not {len(tp.members)}")
+        _check_position("tp_rank_id", config["tp_rank_id"], tp, "group_tp", world)
+    key = (world, ep.members, tp.members if t == 2 else (), tuple(sorted(config.items())))
     group = _groups.get(key)
     if group is None:
+        members = _cpp_members(ep, tp, config)
         if world.kind == KIND_MPI:
-            from mpi4py import MPI
-            group = _moedist.join_mpi(MPI._handleof(world.comm), config, world.timeout_ms)
+            group = _join_mpi(world, members, config)
         else:
-            shared = {k: v for k, v in config.items() if k not in ("ep_rank_id", "tp_rank_id")}
-            job = f"{world.job}.{_digest(sorted(shared.items()))}"
+            shared = sorted((k, v) for k, v in config.items() if k not in _PER_RANK)
+            job = f"{world.job[:_JOB_PREFIX]}.{_digest(world.job, members, shared)}"
             group = _moedist.join_shm(config, job, world.timeout_ms)
         _groups[key] = group
     return group
+
+
+def _join_mpi(world, members, config):
+    """Joins over the world's communicator when the group is all of it, else over a communicator of the
+    members alone (MPI_Comm_create_group: collective over the members only, as the join is)."""
+    from mpi4py import MPI
+    if members == tuple(range(world.size)):
+        return _moedist.join_mpi(MPI._handleof(world.comm), config, world.timeout_ms)
+    everyone = world.comm.Get_group()
+    chosen = everyone.Incl(list(members))
+    comm = world.comm.Create_group(chosen)
+    try:
+        return _moedist.join_mpi(MPI._handleof(comm), config, world.timeout_ms)
+    finally:
+        comm.Free()  # join_mpi works on a duplicate of its own
+        chosen.Free()
+        everyone.Free()

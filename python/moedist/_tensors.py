@@ -5,6 +5,7 @@ import sys
 import numpy as np
 
 from ._errors import ValidationError
+from ._moedist import ViewAs
 
 
 class BFloat16Array:
@@ -39,17 +40,33 @@ def is_torch(t):
     return torch is not None and isinstance(t, torch.Tensor)
 
 
-def prepare(t):
-    """(object for the extension, holds bfloat16 bit patterns, 'torch' | 'numpy' | None)."""
+def prepare(name, t):
+    """(object for the extension, how it reads the elements: a _moedist.ViewAs, 'torch' | 'numpy' | None).
+    ``name`` is the torch_npu parameter name, for errors."""
     if t is None:
-        return None, False, None
+        return None, ViewAs.native, None
     if isinstance(t, BFloat16Array):
-        return t.array, True, "numpy"
+        return t.array, ViewAs.bfloat16, "numpy"
     if is_torch(t):
-        return t.detach(), False, "torch"  # DLPack cannot export a tensor that requires grad
+        import torch
+        if t.device.type != "cpu":
+            raise ValidationError(f"{name}.device = {t.device}: must be the CPU (moedist's Python package runs on CPU tensors)",
+                                  "invalid_argument", f"{name}.device", str(t.device), "must be the CPU")
+        if t.layout != torch.strided:
+            raise ValidationError(f"{name}.layout = {t.layout}: must be torch.strided (a dense tensor)", "invalid_argument",
+                                  f"{name}.layout", str(t.layout), "must be torch.strided (a dense tensor)")
+        t = t.detach()  # DLPack cannot export a tensor that requires grad
+        if t.dtype == torch.bool:  # torch 1.13's DLPack refuses bool: its bytes, read as bools, without a copy
+            return t.view(torch.uint8), ViewAs.boolean, "torch"
+        return t, ViewAs.native, "torch"
     if isinstance(t, np.ndarray):
-        return t, False, "numpy"
-    return t, False, None  # the extension names the parameter and says what it must be
+        return t, ViewAs.native, "numpy"
+    return t, ViewAs.native, None  # the extension names the parameter and says what it must be
+
+
+def kind_of(t):
+    """The kind of tensor results come back as: 'torch' for a torch tensor, else 'numpy'."""
+    return "torch" if is_torch(t) else "numpy"
 
 
 def is_bfloat16(t):

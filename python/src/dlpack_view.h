@@ -10,6 +10,15 @@
 
 namespace moedist::python {
 
+// How to read the elements of a borrowed tensor. Some dtypes cannot cross as themselves: numpy has no
+// bfloat16 (callers pass uint16 bit patterns) and torch 1.13's DLPack refuses bool (the package passes
+// the tensor's bytes, viewed as uint8). The package says which parameter holds which.
+enum class ViewAs : std::uint8_t {
+  native,    // the producer's own dtype
+  bfloat16,  // 16-bit integers that are bfloat16 bit patterns
+  boolean,   // bytes that are bools (0 = false)
+};
+
 // A borrowed view of a Python tensor; the capsule keeps the producer's memory alive while it is held.
 struct Borrowed {
   pybind11::object capsule;
@@ -17,9 +26,8 @@ struct Borrowed {
 };
 
 // Views `obj` (None gives an absent view). `name` is the torch_npu parameter name for errors.
-// as_bfloat16: the object holds uint16 bit patterns that are bfloat16 values (numpy has no bfloat16).
-// Raises ValidationError for a device other than the CPU, a dtype moedist does not know, more than two
-// dimensions, or vector lanes.
-Borrowed borrow(pybind11::handle obj, const std::string& name, bool as_bfloat16 = false);
+// Raises ValidationError for an object that is no tensor or cannot be exported, a device other than the
+// CPU, a dtype moedist does not know, more than two dimensions, negative strides or vector lanes.
+Borrowed borrow(pybind11::handle obj, const std::string& name, ViewAs as = ViewAs::native);
 
 }  // namespace moedist::python

@@ -13,6 +13,8 @@
 #include <string>
 
 #include "dlpack_view.h"
+#include "moedist/config.h"
+#include "moedist/dtype.h"
 #include "moedist/error.h"
 #include "moedist/group.h"
 #include "moedist/launch.h"
@@ -39,7 +41,8 @@ GroupConfig config_from(const py::dict& d) {
     const py::object value = d[key];
     const long long v = value.cast<long long>();
     using T = std::remove_pointer_t<decltype(field)>;
-    if (v < static_cast<long long>(std::numeric_limits<T>::min()) || v > static_cast<long long>(std::numeric_limits<T>::max())) {
+    if (v < static_cast<long long>(std::numeric_limits<T>::min()) ||
+        v > static_cast<long long>(std::numeric_limits<T>::max())) {
       throw ValidationError(ErrorCode::invalid_argument, key, std::to_string(v), "is out of range");
     }
     *field = static_cast<T>(v);
@@ -58,12 +61,18 @@ GroupConfig config_from(const py::dict& d) {
 
 py::dtype numpy_dtype(DType dtype) {
   switch (dtype) {
-    case DType::bf16: return py::dtype::of<std::uint16_t>();  // numpy has no bfloat16: the bit patterns
-    case DType::fp16: return py::dtype("float16");
-    case DType::fp32: return py::dtype::of<float>();
-    case DType::int8: return py::dtype::of<std::int8_t>();
-    case DType::int32: return py::dtype::of<std::int32_t>();
-    case DType::int64: return py::dtype::of<std::int64_t>();
+    case DType::bf16:
+      return py::dtype::of<std::uint16_t>();  // numpy has no bfloat16: the bit patterns
+    case DType::fp16:
+      return py::dtype("float16");
+    case DType::fp32:
+      return py::dtype::of<float>();
+    case DType::int8:
+      return py::dtype::of<std::int8_t>();
+    case DType::int32:
+      return py::dtype::of<std::int32_t>();
+    case DType::int64:
+      return py::dtype::of<std::int64_t>();
     case DType::boolean:
       return py::dtype::of<bool>();
   }
@@ -88,19 +97,27 @@ py::array fresh_copy(const TensorView& v, DType dtype, std::int64_t rows, std::i
   const auto* src = static_cast<const std::byte*>(v.data);
   const std::size_t src_stride = static_cast<std::size_t>(v.strides[0]) * dtype_size(dtype);
   for (std::int64_t r = 0; r < std::min(rows, v.rows()); ++r) {
-    std::memcpy(dst + static_cast<std::size_t>(r) * row_bytes, src + static_cast<std::size_t>(r) * src_stride, row_bytes);
+    std::memcpy(dst + static_cast<std::size_t>(r) * row_bytes, src + static_cast<std::size_t>(r) * src_stride,
+                row_bytes);
   }
   return out;
+}
+
+// How the package asks that a parameter's tensor be read (dlpack_view.h): {parameter name: ViewAs}.
+ViewAs view_as(const py::dict& views, const char* name) {
+  return views.contains(name) ? views[name].cast<ViewAs>() : ViewAs::native;
 }
 
 class PyGroup {
  public:
   explicit PyGroup(std::unique_ptr<Group> g) : group_(std::move(g)) {}
 
-  py::tuple dispatch(py::handle x, py::handle expert_ids, py::handle scales, py::handle x_active_mask, py::handle expert_scales,
-                     int quant_mode, int expert_token_nums_type, bool x_bfloat16) {
-    const Borrowed bx = borrow(x, "x", x_bfloat16), bids = borrow(expert_ids, "expert_ids"), bscales = borrow(scales, "scales"),
-                   bmask = borrow(x_active_mask, "x_active_mask"), bweights = borrow(expert_scales, "expert_scales");
+  py::tuple dispatch(py::handle x, py::handle expert_ids, py::handle scales, py::handle x_active_mask,
+                     py::handle expert_scales, int quant_mode, int expert_token_nums_type, const py::dict& views) {
+    const Borrowed bx = borrow(x, "x", view_as(views, "x")), bids = borrow(expert_ids, "expert_ids"),
+                   bscales = borrow(scales, "scales"),
+                   bmask = borrow(x_active_mask, "x_active_mask", view_as(views, "x_active_mask")),
+                   bweights = borrow(expert_scales, "expert_scales");
     DispatchOptions o;
     o.scales = bscales.view;
     o.x_active_mask = bmask.view;
@@ -117,10 +134,12 @@ class PyGroup {
     // Still locked while the results are copied: they are group-owned buffers the next call reuses.
     const GroupConfig& c = group_->config();
     const std::int64_t t = std::max(c.tp_world_size, 1);
-    const std::int64_t rows = std::max(r.A * t, r.valid_rows);  // torch_npu's A * max(T, 1) (more on a rare shared rank)
+    const std::int64_t rows =
+        std::max(r.A * t, r.valid_rows);  // torch_npu's A * max(T, 1) (more on a rare shared rank)
     const std::int64_t h = r.expand_x.cols();
     const std::int64_t scale_rows = t == 2 ? rows : std::max(r.A, r.valid_rows);
-    return py::make_tuple(fresh_copy(r.expand_x, r.expand_x.dtype, rows, h, true), fresh_copy(r.dynamic_scales, DType::fp32, rows, 1, false),
+    return py::make_tuple(fresh_copy(r.expand_x, r.expand_x.dtype, rows, h, true),
+                          fresh_copy(r.dynamic_scales, DType::fp32, rows, 1, false),
                           fresh_copy(r.expand_idx, DType::int32, r.expand_idx.rows(), 1, false),
                           fresh_copy(r.expert_token_nums, DType::int64, r.expert_token_nums.rows(), 1, false),
                           fresh_copy(r.ep_recv_counts, DType::int32, r.ep_recv_counts.rows(), 1, false),
@@ -129,15 +148,18 @@ class PyGroup {
   }
 
   py::array combine(py::handle expand_x, py::handle expert_ids, py::handle expand_idx, py::handle ep_send_counts,
-                    py::handle expert_scales, py::handle tp_send_counts, py::handle x_active_mask, py::handle activation_scale,
-                    py::handle weight_scale, py::handle group_list, py::handle expand_scales, py::handle shared_expert_x,
-                    int out_dtype, int comm_quant_mode, int group_list_type, bool x_bfloat16) {
-    const Borrowed bx = borrow(expand_x, "expand_x", x_bfloat16), bids = borrow(expert_ids, "expert_ids"),
-                   bidx = borrow(expand_idx, "expand_idx"), bcounts = borrow(ep_send_counts, "ep_send_counts"),
+                    py::handle expert_scales, py::handle tp_send_counts, py::handle x_active_mask,
+                    py::handle activation_scale, py::handle weight_scale, py::handle group_list,
+                    py::handle expand_scales, py::handle shared_expert_x, int out_dtype, int comm_quant_mode,
+                    int group_list_type, const py::dict& views) {
+    const Borrowed bx = borrow(expand_x, "expand_x", view_as(views, "expand_x")),
+                   bids = borrow(expert_ids, "expert_ids"), bidx = borrow(expand_idx, "expand_idx"),
+                   bcounts = borrow(ep_send_counts, "ep_send_counts"),
                    bweights = borrow(expert_scales, "expert_scales"), btp = borrow(tp_send_counts, "tp_send_counts"),
-                   bmask = borrow(x_active_mask, "x_active_mask"), bact = borrow(activation_scale, "activation_scale"),
-                   bws = borrow(weight_scale, "weight_scale"), bgl = borrow(group_list, "group_list"),
-                   bes = borrow(expand_scales, "expand_scales"), bsx = borrow(shared_expert_x, "shared_expert_x");
+                   bmask = borrow(x_active_mask, "x_active_mask", view_as(views, "x_active_mask")),
+                   bact = borrow(activation_scale, "activation_scale"), bws = borrow(weight_scale, "weight_scale"),
+                   bgl = borrow(group_list, "group_list"), bes = borrow(expand_scales, "expand_scales"),
+                   bsx = borrow(shared_expert_x, "shared_expert_x");
     CombineOptions o;
     o.tp_send_counts = btp.view;
     o.x_active_mask = bmask.view;
@@ -202,7 +224,7 @@ class PyGroup {
  private:
   std::unique_ptr<Group> group_;
   // One C++ group serves every Python thread of the process that names it (group_for caches it per
-  // world and config), and the GIL is released during its calls: this serializes them, since a Group's
+  // world, members and config), and the GIL is released during its calls: this serializes them, since a Group's
   // calls must not overlap (they share its buffers, call counter and transport).
   std::unique_ptr<std::mutex> mutex_ = std::make_unique<std::mutex>();
 };
@@ -264,13 +286,20 @@ PYBIND11_MODULE(_moedist, m) {
     return list;
   });
 
+  py::enum_<ViewAs>(m, "ViewAs")
+      .value("native", ViewAs::native)
+      .value("bfloat16", ViewAs::bfloat16)
+      .value("boolean", ViewAs::boolean);
+
   py::class_<PyGroup>(m, "Group")
-      .def("dispatch", &PyGroup::dispatch, py::arg("x"), py::arg("expert_ids"), py::arg("scales"), py::arg("x_active_mask"),
-           py::arg("expert_scales"), py::arg("quant_mode"), py::arg("expert_token_nums_type"), py::arg("x_bfloat16"))
-      .def("combine", &PyGroup::combine, py::arg("expand_x"), py::arg("expert_ids"), py::arg("expand_idx"), py::arg("ep_send_counts"),
-           py::arg("expert_scales"), py::arg("tp_send_counts"), py::arg("x_active_mask"), py::arg("activation_scale"),
-           py::arg("weight_scale"), py::arg("group_list"), py::arg("expand_scales"), py::arg("shared_expert_x"), py::arg("out_dtype"),
-           py::arg("comm_quant_mode"), py::arg("group_list_type"), py::arg("x_bfloat16"))
+      .def("dispatch", &PyGroup::dispatch, py::arg("x"), py::arg("expert_ids"), py::arg("scales"),
+           py::arg("x_active_mask"), py::arg("expert_scales"), py::arg("quant_mode"), py::arg("expert_token_nums_type"),
+           py::arg("views"))
+      .def("combine", &PyGroup::combine, py::arg("expand_x"), py::arg("expert_ids"), py::arg("expand_idx"),
+           py::arg("ep_send_counts"), py::arg("expert_scales"), py::arg("tp_send_counts"), py::arg("x_active_mask"),
+           py::arg("activation_scale"), py::arg("weight_scale"), py::arg("group_list"), py::arg("expand_scales"),
+           py::arg("shared_expert_x"), py::arg("out_dtype"), py::arg("comm_quant_mode"), py::arg("group_list_type"),
+           py::arg("views"))
       .def_property_readonly("config", &PyGroup::config)
       .def("traffic", &PyGroup::traffic);
 
@@ -305,10 +334,28 @@ PYBIND11_MODULE(_moedist, m) {
       py::arg("comm_handle"), py::arg("config"), py::arg("timeout_ms"));
 #endif
   m.def("new_job_name", &new_job_name);
-  // Where the operators would read a tensor (its first element), for the tests that show no copy is made.
-  m.def("view_address", [](py::handle obj, bool as_bfloat16) {
-    return reinterpret_cast<std::uintptr_t>(borrow(obj, "tensor", as_bfloat16).view.data);
-  }, py::arg("tensor"), py::arg("as_bfloat16") = false);
+  // The view the operators would read of a tensor (dtype, shape, strides in elements, address of the
+  // first element), for the tests that show how each kind of tensor is read, and that no copy is made.
+  m.def(
+      "describe_view",
+      [](py::handle obj, const std::string& name, ViewAs as) {
+        const Borrowed b = borrow(obj, name, as);
+        py::dict d;
+        d["dtype"] = std::string(dtype_name(b.view.dtype));
+        py::list shape, strides;
+        for (int i = 0; i < b.view.ndim; ++i) {
+          shape.append(b.view.shape[i]);
+          strides.append(b.view.strides[i]);
+        }
+        d["shape"] = py::tuple(shape);
+        d["strides"] = py::tuple(strides);
+        d["address"] = reinterpret_cast<std::uintptr_t>(b.view.data);
+        return d;
+      },
+      py::arg("tensor"), py::arg("name") = "tensor", py::arg("view_as") = ViewAs::native);
+  // The configuration's rules (moedist::validate_config), checked before a group is looked for or joined.
+  m.def(
+      "validate_config", [](const py::dict& config) { validate_config(config_from(config)); }, py::arg("config"));
   m.def("launch_environment", [] {
     const LaunchEnvironment env = launch_environment();
     py::dict d;

@@ -54,11 +54,15 @@ def random_half_bits(rng, shape, dtype, scale=1.0):
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def random_case(seed):
-    """A random valid configuration and every rank's inputs (dict for _moedist.oracle_run, plus config)."""
+def random_case(seed, ep_world_size=None, tp=None, data_seed=None):
+    """A random valid configuration and every rank's inputs (dict for _moedist.oracle_run, plus config).
+    ep_world_size / tp fix W / T (the rest stays random); data_seed draws the inputs from another seed,
+    for groups of one configuration with different data. Without them a seed gives the case it always has."""
     rng = np.random.default_rng(seed)
     t = int(rng.choice([0, 1, 2]))
     w = int(rng.integers(1, 5))
+    t = t if tp is None else tp
+    w = w if ep_world_size is None else ep_world_size
     divisors = [s for s in range(1, w) if w % s == 0]
     s = int(rng.choice(divisors)) if divisors and rng.random() < 0.4 else 0
     local = 1 if t == 2 else int(rng.integers(1, 4))
@@ -71,6 +75,7 @@ def random_case(seed):
     max_bs = int(rng.integers(1, 6))
     global_bs = max_bs * w if uneven or rng.random() < 0.5 else 0
     with_scales, with_weights = quant == 2 and rng.random() < 0.6, rng.random() < 0.7  # every rank alike
+    rng = rng if data_seed is None else np.random.default_rng([seed, data_seed])
     ranks = []
     for g in range(w * max(t, 1)):
         bs = int(rng.integers(0, max_bs + 1)) if global_bs and uneven else max_bs
@@ -91,6 +96,18 @@ def random_case(seed):
     return case
 
 
+def seeds_for(world, want, tp=None):
+    """Seeds (of random_case) whose case has `world` ranks (and T == tp when given)."""
+    found = []
+    seed = 0
+    while len(found) < want:
+        case = random_case(seed)
+        if case["ep_world_size"] * max(case["tp_world_size"], 1) == world and (tp is None or case["tp_world_size"] == tp):
+            found.append(seed)
+        seed += 1
+    return found
+
+
 def rank_kwargs(case, g):
     t = case["tp_world_size"]
     tt = max(t, 1)
@@ -99,20 +116,25 @@ def rank_kwargs(case, g):
                 global_bs=case["global_bs"])
 
 
-def check_rank(g, n, case, kind, strided, job=None, groups=None):
+def check_rank(g, n, case, kind, strided, job=None, groups=None, ints=None, wrap=None):
     """Runs rank g's dispatch and combine of `case` and compares every output with the oracle's, bit for
-    bit. The groups are moedist.new_group(job, ...) unless `groups` (an (ep, tp) pair) is given."""
+    bit. The groups are moedist.new_group(job, ...) unless `groups` (an (ep, tp) pair) is given. `ints`
+    turns each int argument into the form to pass (e.g. np.int64), `wrap` each input tensor."""
+    ints = ints or (lambda v: v)
+    wrap = wrap or (lambda t: t)
     want = _moedist.oracle_run(case)[g]
     t = case["tp_world_size"]
     ep, tp = groups if groups is not None else moedist.new_group(job, g, n, tp_world_size=t)
     r = case["ranks"][g]
-    kw = rank_kwargs(case, g)
+    kw = {name: ints(value) for name, value in rank_kwargs(case, g).items()}
     names = dict(group_ep=ep.get_hccl_comm_name(g), group_tp=tp.get_hccl_comm_name(g) if t == 2 else "")
     dtype = case["dtype"]
+    given = lambda t: None if t is None else wrap(t)
     out = moedist.npu_moe_distribute_dispatch(
-        to_tensor(r["x"], dtype, kind, strided), to_other(r["expert_ids"], kind, strided), **names, **kw,
-        scales=to_other(r.get("scales"), kind, strided), expert_scales=to_other(r.get("expert_scales"), kind, strided),
-        quant_mode=case["quant_mode"], expert_token_nums_type=case["expert_token_nums_type"])
+        given(to_tensor(r["x"], dtype, kind, strided)), given(to_other(r["expert_ids"], kind, strided)), **names, **kw,
+        scales=given(to_other(r.get("scales"), kind, strided)),
+        expert_scales=given(to_other(r.get("expert_scales"), kind, strided)),
+        quant_mode=ints(case["quant_mode"]), expert_token_nums_type=ints(case["expert_token_nums_type"]))
     expand_x, dynamic_scales, expand_idx, expert_token_nums, ep_recv_counts, tp_recv_counts, expand_scales = out
     kinds = {type(o).__module__.split(".")[0] for o in out}
     assert kinds == {"torch" if kind == "torch" else "numpy"}, kinds
@@ -133,7 +155,8 @@ def check_rank(g, n, case, kind, strided, job=None, groups=None):
     if weights is None:
         weights = np.ones(r["expert_ids"].shape, np.float32)
     y = moedist.npu_moe_distribute_combine(
-        to_tensor(r["combine_x"], dtype, kind, strided), to_other(r["expert_ids"], kind, strided), expand_idx, ep_recv_counts,
-        to_other(weights, kind, strided), **names, **kw, tp_send_counts=tp_recv_counts, comm_quant_mode=case["comm_quant_mode"])
+        given(to_tensor(r["combine_x"], dtype, kind, strided)), given(to_other(r["expert_ids"], kind, strided)), expand_idx,
+        ep_recv_counts, given(to_other(weights, kind, strided)), **names, **kw, tp_send_counts=tp_recv_counts,
+        comm_quant_mode=ints(case["comm_quant_mode"]))
     np.testing.assert_array_equal(bits_of(y), want["combine_out"], err_msg=f"rank {g} combine output")
     return valid

@@ -1,7 +1,8 @@
 """One rank of a job started outside pytest: `moedist launch -n N -- python3 rank_script.py env SEED...` or
 `mpirun -np N python3 rank_script.py mpi SEED...`. Joins its groups from the launcher's environment or
 from MPI_COMM_WORLD (mpi4py), runs the random case of each seed (its world size must be N) and compares
-every output with the oracle. Prints "rank G: N cases match the oracle"; exits 1 on a difference."""
+every output with the oracle. Prints "rank G: N cases match the oracle"; exits 1 on a difference.
+`mpirun -np 4 python3 rank_script.py mpi-split` runs fixed cases on MPI sub-communicators instead."""
 import os
 import sys
 
@@ -11,6 +12,23 @@ import moedist  # noqa: E402
 from cases import check_rank, random_case  # noqa: E402
 
 mode, seeds = sys.argv[1], [int(s) for s in sys.argv[2:]]
+if mode == "mpi-split":
+    # Two disjoint sub-communicators of one configuration at once ({0, 1} and {2, 3} from comm.Split), then
+    # groups over part of MPI_COMM_WORLD ({0, 2} and {1, 3}: the EP lanes of tp_world_size 2, used without
+    # TP), beside them.
+    from mpi4py import MPI
+    world = MPI.COMM_WORLD
+    g = world.Get_rank()
+    sub = world.Split(color=g // 2, key=g)
+    ep, tp = moedist.new_group_from_mpi(sub)
+    case = random_case(7, ep_world_size=2, tp=0, data_seed=g // 2)
+    check_rank(sub.Get_rank(), 2, case, "numpy", False, groups=(ep, tp))
+    lane_ep, _ = moedist.new_group_from_mpi(world, tp_world_size=2)
+    lane_case = random_case(8, ep_world_size=2, tp=0, data_seed=g % 2)
+    check_rank(g // 2, 2, lane_case, "torch", True, groups=(lane_ep, None))
+    check_rank(sub.Get_rank(), 2, case, "torch", True, groups=(ep, tp))  # the first group still works
+    print(f"rank {g}: 3 cases match the oracle", flush=True)
+    sys.exit(0)
 count = 0
 for seed in seeds:
     case = random_case(seed)

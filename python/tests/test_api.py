@@ -95,14 +95,15 @@ def test_inputs_that_need_care(one):
 
 def test_inputs_are_read_in_place_not_copied():
     from moedist import _moedist
+    address = lambda t, view_as=_moedist.ViewAs.native: _moedist.describe_view(t, "x", view_as)["address"]
     wide = torch.randn(6, 32).to(torch.bfloat16)
     for t in (wide, wide[:, ::2], wide[1:], wide.t()):  # contiguous, strided, offset, transposed
-        assert _moedist.view_address(t, False) == t.data_ptr()
+        assert address(t) == t.data_ptr()
     a = np.zeros((4, 8), np.float16)
     for v in (a, a[:, ::2], a[1:]):
-        assert _moedist.view_address(v, False) == v.__array_interface__["data"][0]
+        assert address(v) == v.__array_interface__["data"][0]
     bits = np.zeros((4, 8), np.uint16)
-    assert _moedist.view_address(moedist.bfloat16(bits).array, True) == bits.__array_interface__["data"][0]
+    assert address(moedist.bfloat16(bits).array, _moedist.ViewAs.bfloat16) == bits.__array_interface__["data"][0]
 
 
 def test_results_outlive_the_next_call(one):
@@ -163,11 +164,11 @@ def test_group_names_are_checked(one, job):
     raises(lambda: d(group_ep=""), "group_ep", "invalid_argument", "length [1, 128)")
     raises(lambda: d(group_ep="g" * 128), "group_ep", "invalid_argument", "length [1, 128)")
     raises(lambda: d(ep_world_size=2, moe_expert_num=2), "ep_world_size", "invalid_argument", "must equal the size of group_ep, 1")
-    raises(lambda: d(ep_rank_id=1), "ep_rank_id", "invalid_argument", "this process is rank 0")
+    raises(lambda: d(ep_rank_id=1), "ep_rank_id", "invalid_argument", "must be in [0, ep_world_size = 1)")
     ep, tp = moedist.new_group(job + "-tp", 1, 2, tp_world_size=2)
     raises(lambda: d(group_ep=ep.name, group_tp=ep.name, tp_world_size=2, tp_rank_id=1), "group_tp", "invalid_argument",
            "must differ from group_ep")
-    raises(lambda: d(group_ep=tp.name), "group_ep", "invalid_argument", "names a TP group")
+    raises(lambda: d(group_ep=tp.name), "group_ep", "invalid_argument", "must name an EP group, not a TP group")
 
 
 def bad_ids_on_rank_1(g, n, job):

@@ -12,22 +12,10 @@ import pytest
 import torch.distributed as dist
 
 import moedist
-from cases import check_rank, random_case
+from cases import check_rank, random_case, seeds_for
 from conftest import BUILD_DIR, SOURCE_DIR, run_ranks  # noqa: F401
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def seeds_for(world, want, tp=None):
-    """Seeds (of cases.random_case) whose case has `world` ranks (and T == tp when given)."""
-    found = []
-    seed = 0
-    while len(found) < want:
-        case = random_case(seed)
-        if case["ep_world_size"] * max(case["tp_world_size"], 1) == world and (tp is None or case["tp_world_size"] == tp):
-            found.append(seed)
-        seed += 1
-    return found
 
 
 def free_port():

@@ -1,4 +1,4 @@
-"""Threads of one process sharing a group: the C++ group is cached per (world, config) and the GIL is
+"""Threads of one process sharing a group: the C++ group is cached per (world, members, config) and the GIL is
 released during its calls, so concurrent calls on it must be serialized, never overlap. Without the
 group's lock the calls below overlap and corrupt each other (wrong rows, spurious ValidationError or
 PeerError); with it every round trip equals its single-threaded run."""

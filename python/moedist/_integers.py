@@ -1,0 +1,37 @@
+"""Integer arguments, taken as torch's argument parser (which torch_npu's bindings use) takes them: a
+Python int or int subclass, a numpy integer, a 0-d integer tensor, any object with ``__index__`` -- but
+never a bool, which torch refuses where an int is expected."""
+import operator
+import sys
+
+import numpy as np
+
+from ._errors import ValidationError
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _refuse(name, value, rule):
+    raise ValidationError(f"{name} = {value!r}: {rule}", "invalid_argument", name, repr(value), rule)
+
+
+def integer(name, value, low=INT32_MIN, high=INT32_MAX):
+    """``value`` as a Python int in [low, high], or a ValidationError naming ``name``, the value and the rule."""
+    if isinstance(value, (bool, np.bool_)):
+        _refuse(name, value, "must be an integer, not a bool")
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        # torch takes a tensor for an int only when it is 0-d and of an integer dtype.
+        if value.dtype == torch.bool:
+            _refuse(name, value, "must be an integer, not a bool tensor")
+        if value.dim() != 0 or value.dtype.is_floating_point or value.dtype.is_complex:
+            _refuse(name, value, "a tensor given for an integer must be 0-d and of an integer dtype")
+        if value.device.type == "meta":
+            _refuse(name, value, "a tensor given for an integer must hold a value (not on the meta device)")
+    try:
+        number = operator.index(value)
+    except Exception:  # noqa: BLE001 - whatever __index__ raises, the argument is not an integer
+        _refuse(name, value, "must be an integer (an int, a numpy integer or a 0-d integer tensor)")
+    if not low <= number <= high:
+        _refuse(name, value, f"must be an integer in [{low}, {high}]")
+    return number
