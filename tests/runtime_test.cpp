@@ -451,8 +451,10 @@ TEST(CombineMisuse, ExpertIdsThatRouteATokenElsewhere) {
   const casefile::Case inputs = two_rank_case(geo, {{0, 3}, {0, 1}});
   // Rank 1 dispatched its token 0 to expert 0 but tells combine expert 2.
   const MisuseResult r = combine_misuse(geo, inputs, 1, [](CombineArgs& a) { a.expert_ids = int32_tensor(2, 1, {2, 1}); });
-  EXPECT_TRUE(validation_error(r.outcomes[1], ErrorCode::invalid_argument, "expert_ids", "(routes 0 tokens to expert 0)",
-                               "rank 0 holds 1 rows of this rank for expert 0; pass combine the expert_ids given to dispatch"));
+  EXPECT_TRUE(validation_error(r.outcomes[1], ErrorCode::invalid_argument, "expert_ids",
+                               "(routes 0 tokens to expert 0)",
+                               "rank 0 holds 1 rows of this rank for expert 0; pass combine the expert_ids and "
+                               "x_active_mask given to dispatch"));
   EXPECT_TRUE(peer_error(r.outcomes[0], ErrorCode::peer_failed, 1, "combine.data", r.outcomes[1].what));
   EXPECT_TRUE(r.out_untouched[0] && r.out_untouched[1]) << "a caller out buffer was written before the error";
   EXPECT_EQ(r.recovery, "");
@@ -483,7 +485,7 @@ TEST(CombineMisuse, BsThatDisagreesWithTheSharedExpertRank) {
     a.expand_x = Tensor(a.expand_x.dtype(), 5, a.expand_x.cols());
   });
   EXPECT_TRUE(validation_error(r.outcomes[1], ErrorCode::invalid_argument, "expert_ids.shape[0] (BS)", "3",
-                               "shared-expert rank 0 holds 2 rows of this rank, but BS = 3 assigns it 3"));
+                               "shared-expert rank 0 holds 2 rows of this rank, but 3 active tokens assign it 3"));
   EXPECT_TRUE(peer_error(r.outcomes[0], ErrorCode::peer_failed, 1, "combine.data", r.outcomes[1].what));
   EXPECT_TRUE(r.out_untouched[0] && r.out_untouched[1]) << "a caller out buffer was written before the error";
   EXPECT_EQ(r.recovery, "");

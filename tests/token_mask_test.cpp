@@ -52,7 +52,8 @@ casefile::Case base_case(std::uint64_t seed, int quant_mode) {
   for (int g = 0; g < 4; ++g) {
     casefile::RankInputs in;
     in.x = Tensor(DType::bf16, 5, 24);
-    for (std::int64_t i = 0; i < in.x.numel(); ++i) in.x.data<std::uint16_t>()[i] = to_half_bits(DType::bf16, value(rng));
+    for (std::int64_t i = 0; i < in.x.numel(); ++i)
+      in.x.data<std::uint16_t>()[i] = to_half_bits(DType::bf16, value(rng));
     in.expert_ids = random_ids(rng, 5, 2, c.moe_expert_num);
     in.expert_scales = Tensor(DType::fp32, 5, 2);
     for (std::int64_t i = 0; i < 10; ++i) in.expert_scales.data<float>()[i] = value(rng);
@@ -90,8 +91,8 @@ TEST(TokenMask, EqualsTheCallOnTheActiveTokensAlone) {
       for (int g = 0; g < 4; ++g) {
         const casefile::RankOutputs& a = got[static_cast<std::size_t>(g)];
         const casefile::RankOutputs& b = want[static_cast<std::size_t>(g)];
-        const std::string where = "rank " + std::to_string(g) + " quant_mode " + std::to_string(quant_mode) +
-                                  (strided ? " strided" : "");
+        const std::string where =
+            "rank " + std::to_string(g) + " quant_mode " + std::to_string(quant_mode) + (strided ? " strided" : "");
         EXPECT_TRUE(same_bytes(a.expand_x, b.expand_x)) << where;
         EXPECT_TRUE(same_bytes(a.dynamic_scales, b.dynamic_scales)) << where;
         EXPECT_TRUE(same_bytes(a.expand_scales, b.expand_scales)) << where;
@@ -100,7 +101,8 @@ TEST(TokenMask, EqualsTheCallOnTheActiveTokensAlone) {
         const std::int64_t n = active[g];
         ASSERT_EQ(a.expand_idx.rows(), 10) << where;
         EXPECT_TRUE(same_bytes(first_rows(a.expand_idx, n * 2), b.expand_idx)) << where;
-        for (std::int64_t t = n * 2; t < 10; ++t) EXPECT_EQ(a.expand_idx.data<std::int32_t>()[t], 0) << where << " t " << t;
+        for (std::int64_t t = n * 2; t < 10; ++t)
+          EXPECT_EQ(a.expand_idx.data<std::int32_t>()[t], 0) << where << " t " << t;
         ASSERT_EQ(a.combine_out.rows(), 5) << where;
         EXPECT_TRUE(same_bytes(first_rows(a.combine_out, n), b.combine_out)) << where;
         for (std::int64_t i = n * 24; i < 5 * 24; ++i) {
@@ -144,10 +146,12 @@ TEST(TokenMask, CombineWithAnotherMaskThanDispatchIsRefusedOnEveryRank) {
     std::fill_n(out.data<std::uint16_t>(), out.numel(), std::uint16_t{0x1234});
     c_options.out = out.mutable_view();
     const Tensor expert_rows = copy_rows(d.expand_x, d.expand_x.rows());
-    outcomes[static_cast<std::size_t>(g)] = capture(
-        [&] { group->combine(expert_rows, in.expert_ids, d.expand_idx, d.ep_recv_counts, in.expert_scales, c_options); });
+    outcomes[static_cast<std::size_t>(g)] = capture([&] {
+      group->combine(expert_rows, in.expert_ids, d.expand_idx, d.ep_recv_counts, in.expert_scales, c_options);
+    });
     untouched[static_cast<std::size_t>(g)] =
-        std::all_of(out.data<std::uint16_t>(), out.data<std::uint16_t>() + out.numel(), [](std::uint16_t v) { return v == 0x1234; });
+        std::all_of(out.data<std::uint16_t>(), out.data<std::uint16_t>() + out.numel(),
+                    [](std::uint16_t v) { return v == 0x1234; });
   });
   for (int g = 0; g < 4; ++g) {
     const Outcome& o = outcomes[static_cast<std::size_t>(g)];

@@ -54,10 +54,12 @@ def random_half_bits(rng, shape, dtype, scale=1.0):
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def random_case(seed, ep_world_size=None, tp=None, data_seed=None):
+def random_case(seed, ep_world_size=None, tp=None, data_seed=None, masks=False):
     """A random valid configuration and every rank's inputs (dict for _moedist.oracle_run, plus config).
     ep_world_size / tp fix W / T (the rest stays random); data_seed draws the inputs from another seed,
-    for groups of one configuration with different data. Without them a seed gives the case it always has."""
+    for groups of one configuration with different data; masks gives every rank that may have one an
+    x_active_mask (a random number of active tokens first, padding after, whose expert ids are garbage no
+    dispatch may read), as an inference engine pads a batch. Without them a seed gives the case it always has."""
     rng = np.random.default_rng(seed)
     t = int(rng.choice([0, 1, 2]))
     w = int(rng.integers(1, 5))
@@ -89,6 +91,14 @@ def random_case(seed, ep_world_size=None, tp=None, data_seed=None):
     case = {"ep_world_size": w, "tp_world_size": t, "moe_expert_num": e, "shared_expert_rank_num": s, "global_bs": global_bs,
             "quant_mode": quant, "expert_token_nums_type": int(rng.integers(0, 2)),
             "comm_quant_mode": 2 if t != 2 and rng.random() < 0.3 else 0, "dtype": dtype, "h": h, "k": k, "ranks": ranks}
+    if masks:
+        for rank in ranks:
+            bs = rank["x"].shape[0]
+            if global_bs and global_bs > bs * w:
+                continue  # a rank below global_bs / W must have every token active (V2 §3.9)
+            active = int(rng.integers(0, bs + 1))
+            rank["x_active_mask"] = np.arange(bs) < active
+            rank["expert_ids"][active:] = -1
     # Expert outputs: random rows, one per row each rank will hold.
     layout = _moedist.oracle_run(case)
     for g, rank in enumerate(ranks):
@@ -116,10 +126,23 @@ def rank_kwargs(case, g):
                 global_bs=case["global_bs"])
 
 
+def to_mask(mask, kind, strided=False):
+    """A bool mask as the given kind; strided: every other element of a twice as long buffer."""
+    if mask is None:
+        return None
+    if strided:
+        wide = np.zeros(mask.shape[0] * 2, dtype=bool)
+        wide[::2] = mask
+        return torch.from_numpy(wide)[::2] if kind == "torch" else wide[::2]
+    return torch.from_numpy(mask.copy()) if kind == "torch" else mask.copy()
+
+
 def check_rank(g, n, case, kind, strided, job=None, groups=None, ints=None, wrap=None):
     """Runs rank g's dispatch and combine of `case` and compares every output with the oracle's, bit for
     bit. The groups are moedist.new_group(job, ...) unless `groups` (an (ep, tp) pair) is given. `ints`
-    turns each int argument into the form to pass (e.g. np.int64), `wrap` each input tensor."""
+    turns each int argument into the form to pass (e.g. np.int64), `wrap` each input tensor. A rank's
+    x_active_mask goes to dispatch and combine; strided also passes combine expand_idx as (BS, K), as
+    programs that keep dispatch's reshaped copy do."""
     ints = ints or (lambda v: v)
     wrap = wrap or (lambda t: t)
     want = _moedist.oracle_run(case)[g]
@@ -134,6 +157,7 @@ def check_rank(g, n, case, kind, strided, job=None, groups=None, ints=None, wrap
         given(to_tensor(r["x"], dtype, kind, strided)), given(to_other(r["expert_ids"], kind, strided)), **names, **kw,
         scales=given(to_other(r.get("scales"), kind, strided)),
         expert_scales=given(to_other(r.get("expert_scales"), kind, strided)),
+        x_active_mask=given(to_mask(r.get("x_active_mask"), kind, strided)),
         quant_mode=ints(case["quant_mode"]), expert_token_nums_type=ints(case["expert_token_nums_type"]))
     expand_x, dynamic_scales, expand_idx, expert_token_nums, ep_recv_counts, tp_recv_counts, expand_scales = out
     kinds = {type(o).__module__.split(".")[0] for o in out}
@@ -154,9 +178,11 @@ def check_rank(g, n, case, kind, strided, job=None, groups=None, ints=None, wrap
     weights = r.get("expert_scales")
     if weights is None:
         weights = np.ones(r["expert_ids"].shape, np.float32)
+    if strided:
+        expand_idx = expand_idx.reshape(r["expert_ids"].shape)
     y = moedist.npu_moe_distribute_combine(
         given(to_tensor(r["combine_x"], dtype, kind, strided)), given(to_other(r["expert_ids"], kind, strided)), expand_idx,
         ep_recv_counts, given(to_other(weights, kind, strided)), **names, **kw, tp_send_counts=tp_recv_counts,
-        comm_quant_mode=ints(case["comm_quant_mode"]))
+        x_active_mask=given(to_mask(r.get("x_active_mask"), kind, strided)), comm_quant_mode=ints(case["comm_quant_mode"]))
     np.testing.assert_array_equal(bits_of(y), want["combine_out"], err_msg=f"rank {g} combine output")
     return valid

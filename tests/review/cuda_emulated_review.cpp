@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -139,6 +140,71 @@ TEST(CudaStatusMirror, ReadOnlyAsOfTheLastSynchronize) {
     cudaFree(x);
     cudaFree(ids);
     cudaFree(bad);
+    return problems;
+  });
+  for (std::size_t g = 0; g < results.size(); ++g) {
+    EXPECT_TRUE(results[g].finished) << "rank " << g << " died";
+    EXPECT_EQ(results[g].text, "") << "rank " << g;
+  }
+}
+
+// Issue 19: the CUDA backend does not implement x_active_mask yet, so a mask is refused by name on
+// dispatch and combine (never silently ignored); a (BS, K) expand_idx flat in memory gives the same
+// combine as the 1-D one, and one with gaps between its rows is refused by name.
+TEST(CudaIssue19, MaskRefusedAndExpandIdxOfShapeBsByK) {
+  const std::string job = job_name("issue19");
+  const auto results = run_in_children(2, [&](int g) -> std::string {
+    std::unique_ptr<cuda::CudaGroup> group = cuda::CudaGroup::join(config_of(g), job, options_on(0));
+    std::string problems;
+    const std::vector<std::uint16_t> x_host{0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100,
+                                            0xbf80, 0xc000, 0xc040, 0xc080, 0xc0a0, 0xc0c0, 0xc0e0, 0xc100};
+    void* x = to_device(x_host);
+    void* ids = to_device(std::vector<std::int32_t>{g, 1 - g});
+    void* weights = to_device(std::vector<float>{0.5f, 2.0f});
+    void* mask = to_device(std::vector<std::uint8_t>{1, 0});
+    const TensorView xv = matrix_view(x, DType::bf16, 2, 8);
+    const TensorView idv = matrix_view(ids, DType::int32, 2, 1);
+    const TensorView wv = matrix_view(weights, DType::fp32, 2, 1);
+    const auto refused = [&](const char* what, const std::function<void()>& call, const std::string& parameter) {
+      try {
+        call();
+        problems += std::string(what) + " was not refused; ";
+      } catch (const ValidationError& e) {
+        if (e.code() != ErrorCode::unsupported || e.parameter() != parameter)
+          problems += std::string(what) + ": " + e.what() + "; ";
+      }
+    };
+    DispatchOptions masked;
+    masked.x_active_mask = vector_view(mask, DType::boolean, 2);
+    refused(
+        "a masked dispatch", [&] { group->dispatch(xv, idv, masked, nullptr); }, "x_active_mask");
+    std::vector<std::vector<std::uint16_t>> outputs;
+    for (int round = 0; round < 2; ++round) {
+      const cuda::CudaDispatchResult d = group->dispatch(xv, idv, {}, nullptr);
+      CombineOptions combine_masked;
+      combine_masked.x_active_mask = masked.x_active_mask;
+      refused(
+          "a masked combine",
+          [&] { group->combine(d.expand_x, idv, d.expand_idx, d.ep_recv_counts, wv, combine_masked, nullptr); },
+          "x_active_mask");
+      // (2, 1) with a row stride of 2: rows with gaps.
+      refused(
+          "a (BS, K) expand_idx with gaps",
+          [&] {
+            group->combine(d.expand_x, idv, matrix_view(d.expand_idx.data, DType::int32, 2, 1, 2), d.ep_recv_counts, wv,
+                           {}, nullptr);
+          },
+          "expand_idx.stride()");
+      const TensorView idx = round == 0 ? d.expand_idx : matrix_view(d.expand_idx.data, DType::int32, 2, 1);
+      const TensorView y = group->combine(d.expand_x, idv, idx, d.ep_recv_counts, wv, {}, nullptr);
+      group->synchronize(nullptr);
+      std::vector<std::uint16_t> host(16);
+      cudaMemcpy(host.data(), y.data, 32, cudaMemcpyDeviceToHost);
+      outputs.push_back(host);
+    }
+    if (outputs[0] != outputs[1]) problems += "combine with a (2, 1) expand_idx differs from the 1-D one; ";
+    group.reset();
+    for (void* p : {x, ids, weights, mask}) cudaFree(p);
     return problems;
   });
   for (std::size_t g = 0; g < results.size(); ++g) {
