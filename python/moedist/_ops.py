@@ -1,18 +1,26 @@
 """torch_npu.npu_moe_distribute_dispatch / npu_moe_distribute_combine, with torch_npu's signatures and
-defaults (contract §1.1, §1.3), over moedist's C++ groups."""
+defaults (contract §1.1, §1.3), over moedist's C++ groups.
+
+With torch >= 2.1 the operators are also torch custom ops (_custom_ops.py): a call with torch tensors
+goes through ``torch.ops.moedist.*``, whose CPU kernels are the eager functions here (_dispatch,
+_combine), so that torch.compile traces it; numpy arrays, and torch 1.13, call the eager functions."""
 from . import _groups
+from ._errors import ValidationError
 from ._integers import integer
 from ._moedist import ViewAs
 from ._tensors import is_bfloat16, kind_of, output, prepare
 
-
-def _config(ep_world_size, ep_rank_id, moe_expert_num, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
-            shared_expert_rank_num, global_bs):
-    return {name: integer(name, value) for name, value in (
-        ("ep_world_size", ep_world_size), ("ep_rank_id", ep_rank_id), ("moe_expert_num", moe_expert_num),
-        ("tp_world_size", tp_world_size), ("tp_rank_id", tp_rank_id), ("expert_shard_type", expert_shard_type),
-        ("shared_expert_num", shared_expert_num), ("shared_expert_rank_num", shared_expert_rank_num),
-        ("global_bs", global_bs))}
+# The parameters of each operator by kind, in torch_npu's order (after the leading positional ones).
+_DISPATCH_TENSORS = ("scales", "x_active_mask", "expert_scales")
+_DISPATCH_INTS = ("ep_world_size", "ep_rank_id", "moe_expert_num", "tp_world_size", "tp_rank_id", "expert_shard_type",
+                  "shared_expert_num", "shared_expert_rank_num", "quant_mode", "global_bs", "expert_token_nums_type")
+_COMBINE_TENSORS = ("tp_send_counts", "x_active_mask", "activation_scale", "weight_scale", "group_list",
+                    "expand_scales", "shared_expert_x")
+_COMBINE_INTS = ("ep_world_size", "ep_rank_id", "moe_expert_num", "tp_world_size", "tp_rank_id", "expert_shard_type",
+                 "shared_expert_num", "shared_expert_rank_num", "global_bs", "out_dtype", "comm_quant_mode",
+                 "group_list_type")
+_CONFIG = ("ep_world_size", "ep_rank_id", "moe_expert_num", "tp_world_size", "tp_rank_id", "expert_shard_type",
+           "shared_expert_num", "shared_expert_rank_num", "global_bs")
 
 
 class _Tensors:
@@ -40,16 +48,33 @@ def npu_moe_distribute_dispatch(x, expert_ids, group_ep, ep_world_size, ep_rank_
     Returns (expand_x, dynamic_scales, expand_idx, expert_token_nums, ep_recv_counts, tp_recv_counts,
     expand_scales) as torch_npu does, as torch tensors for torch inputs and numpy arrays for numpy inputs.
     Only the first valid rows of expand_x / dynamic_scales / expand_scales are meaningful (the rest are
-    zero), as on the NPU. Collective: every rank of the group calls it."""
-    config = _config(ep_world_size, ep_rank_id, moe_expert_num, tp_world_size, tp_rank_id, expert_shard_type,
-                     shared_expert_num, shared_expert_rank_num, global_bs)
-    quant_mode = integer("quant_mode", quant_mode)
-    expert_token_nums_type = integer("expert_token_nums_type", expert_token_nums_type)
+    zero), as on the NPU; the row counts depend on the arguments alone (_custom_ops.py). Collective:
+    every rank of the group calls it."""
+    args = dict(scales=scales, x_active_mask=x_active_mask, expert_scales=expert_scales, group_tp=group_tp,
+                ep_world_size=ep_world_size, ep_rank_id=ep_rank_id, moe_expert_num=moe_expert_num,
+                tp_world_size=tp_world_size, tp_rank_id=tp_rank_id, expert_shard_type=expert_shard_type,
+                shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
+                quant_mode=quant_mode, global_bs=global_bs, expert_token_nums_type=expert_token_nums_type)
+    if _registered_ops is not None and _op_takes(x, expert_ids, *(args[name] for name in _DISPATCH_TENSORS)):
+        a = _op_arguments(args, _DISPATCH_TENSORS, _DISPATCH_INTS)
+        return _registered_ops[0](_detached(x), _detached(expert_ids), _group_name("group_ep", group_ep),
+                                  a.pop("ep_world_size"), a.pop("ep_rank_id"), a.pop("moe_expert_num"), **a)
+    return _dispatch(x, expert_ids, group_ep, **args)
+
+
+def _dispatch(x, expert_ids, group_ep, *, ep_world_size, ep_rank_id, moe_expert_num, scales, x_active_mask,
+              expert_scales, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
+              shared_expert_rank_num, quant_mode, global_bs, expert_token_nums_type):
+    """The eager dispatch (also the registered op's CPU kernel)."""
+    ints = _ints(locals(), _DISPATCH_INTS)
+    config = {name: ints[name] for name in _CONFIG}
     tensors = _Tensors(x=x, expert_ids=expert_ids, scales=scales, x_active_mask=x_active_mask, expert_scales=expert_scales)
     group = _groups.group_for(group_ep, group_tp, config)
-    results = group.dispatch(tensors["x"], tensors["expert_ids"], tensors["scales"], tensors["x_active_mask"],
-                             tensors["expert_scales"], quant_mode, expert_token_nums_type, tensors.views)
-    expand_x_bf16 = is_bfloat16(x) and quant_mode == 0
+    results = group.dispatch(x=tensors["x"], expert_ids=tensors["expert_ids"], scales=tensors["scales"],
+                             x_active_mask=tensors["x_active_mask"], expert_scales=tensors["expert_scales"],
+                             quant_mode=ints["quant_mode"], expert_token_nums_type=ints["expert_token_nums_type"],
+                             views=tensors.views)
+    expand_x_bf16 = is_bfloat16(x) and ints["quant_mode"] == 0
     return tuple(output(a, kind_of(x), expand_x_bf16 and i == 0) for i, a in enumerate(results[:7]))
 
 
@@ -62,20 +87,131 @@ def npu_moe_distribute_combine(expand_x, expert_ids, expand_idx, ep_send_counts,
     """Brings the expert outputs ``expand_x`` (in dispatch's row order) back to their tokens and adds
     them, weighted by ``expert_scales`` (the shared expert unweighted). Returns (BS, H) in expand_x's
     dtype, as the caller's kind of tensor. Collective."""
-    config = _config(ep_world_size, ep_rank_id, moe_expert_num, tp_world_size, tp_rank_id, expert_shard_type,
-                     shared_expert_num, shared_expert_rank_num, global_bs)
-    out_dtype = integer("out_dtype", out_dtype)
-    comm_quant_mode = integer("comm_quant_mode", comm_quant_mode)
-    group_list_type = integer("group_list_type", group_list_type)
+    args = dict(tp_send_counts=tp_send_counts, x_active_mask=x_active_mask, activation_scale=activation_scale,
+                weight_scale=weight_scale, group_list=group_list, expand_scales=expand_scales,
+                shared_expert_x=shared_expert_x, group_tp=group_tp, ep_world_size=ep_world_size, ep_rank_id=ep_rank_id,
+                moe_expert_num=moe_expert_num, tp_world_size=tp_world_size, tp_rank_id=tp_rank_id,
+                expert_shard_type=expert_shard_type, shared_expert_num=shared_expert_num,
+                shared_expert_rank_num=shared_expert_rank_num, global_bs=global_bs, out_dtype=out_dtype,
+                comm_quant_mode=comm_quant_mode, group_list_type=group_list_type)
+    if _registered_ops is not None and _op_takes(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales,
+                                                 *(args[name] for name in _COMBINE_TENSORS)):
+        a = _op_arguments(args, _COMBINE_TENSORS, _COMBINE_INTS)
+        return _registered_ops[1](_detached(expand_x), _detached(expert_ids), _detached(expand_idx),
+                                  _detached(ep_send_counts), _detached(expert_scales), _group_name("group_ep", group_ep),
+                                  a.pop("ep_world_size"), a.pop("ep_rank_id"), a.pop("moe_expert_num"), **a)
+    return _combine(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep, **args)
+
+
+def _combine(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep, *, ep_world_size, ep_rank_id,
+             moe_expert_num, tp_send_counts, x_active_mask, activation_scale, weight_scale, group_list, expand_scales,
+             shared_expert_x, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
+             shared_expert_rank_num, global_bs, out_dtype, comm_quant_mode, group_list_type):
+    """The eager combine (also the registered op's CPU kernel)."""
+    ints = _ints(locals(), _COMBINE_INTS)
+    config = {name: ints[name] for name in _CONFIG}
     # tp_send_counts (T,) is ignored without TP, as on the NPU
     tensors = _Tensors(expand_x=expand_x, expert_ids=expert_ids, expand_idx=expand_idx, ep_send_counts=ep_send_counts,
                        expert_scales=expert_scales, tp_send_counts=tp_send_counts if config["tp_world_size"] == 2 else None,
                        x_active_mask=x_active_mask, activation_scale=activation_scale, weight_scale=weight_scale,
                        group_list=group_list, expand_scales=expand_scales, shared_expert_x=shared_expert_x)
     group = _groups.group_for(group_ep, group_tp, config)
-    out = group.combine(*(tensors[name] for name in (
-        "expand_x", "expert_ids", "expand_idx", "ep_send_counts", "expert_scales", "tp_send_counts", "x_active_mask",
-        "activation_scale", "weight_scale", "group_list", "expand_scales", "shared_expert_x")),
-        out_dtype, comm_quant_mode, group_list_type, tensors.views)
+    names = ("expand_x", "expert_ids", "expand_idx", "ep_send_counts", "expert_scales") + _COMBINE_TENSORS
+    out = group.combine(**{name: tensors[name] for name in names}, out_dtype=ints["out_dtype"],
+                        comm_quant_mode=ints["comm_quant_mode"], group_list_type=ints["group_list_type"],
+                        views=tensors.views)
     return output(out, kind_of(expand_x), is_bfloat16(expand_x))
 
+
+def _ints(args, names):
+    """The int arguments, each read as torch reads an int (_integers.py) or refused by name."""
+    return {name: integer(name, args[name]) for name in names}
+
+
+def _op_takes(*tensors):
+    """Whether a call goes through the registered op: every tensor argument a dense torch tensor, all on
+    the CPU (or all on the meta device, where the op computes shapes only, as torch ops do). numpy arrays,
+    mixed kinds or devices and tensors the op could not take (sparse, quantized, other devices) take the
+    eager path, which reads what it can and names what it cannot."""
+    devices = set()
+    for t in tensors:
+        if t is None:
+            continue
+        if not isinstance(t, _torch.Tensor) or t.layout != _torch.strided or t.is_quantized:
+            return False
+        devices.add(t.device.type)
+    return devices == {"cpu"} or devices == {"meta"}
+
+
+def _compiling():
+    compiler = getattr(_torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return _torch._dynamo.is_compiling()
+
+
+def _op_arguments(args, tensor_names, int_names):
+    """``args`` as a registered op takes them: tensors detached, ints as Python ints (eagerly read as
+    torch reads an int, or refused by name; while torch.compile traces they are the graph's constants
+    and go as they are), group_tp a string."""
+    compiling = _compiling()
+    out = {name: _detached(args[name]) for name in tensor_names}
+    out.update({name: args[name] if compiling else integer(name, args[name]) for name in int_names})
+    out["group_tp"] = _group_name("group_tp", args["group_tp"])
+    return out
+
+
+def _group_name(parameter, name):
+    if not isinstance(name, str):
+        raise ValidationError(f"{parameter} = {name!r}: must be a string (a group's name)", "invalid_argument", parameter,
+                              repr(name), "must be a string (a group's name)")
+    return name
+
+
+def _detached(t):
+    # The ops have no autograd formula: what they read of a tensor that requires grad is its data.
+    return t.detach() if isinstance(t, _torch.Tensor) else t
+
+
+# The registered ops' CPU kernels: torch passes the schema's arguments, kwarg-only ones by name.
+def _dispatch_kernel(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales=None,
+                     x_active_mask=None, expert_scales=None, group_tp="", tp_world_size=0, tp_rank_id=0,
+                     expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0, quant_mode=0, global_bs=0,
+                     expert_token_nums_type=1):
+    args = dict(locals())
+    return _dispatch(args.pop("x"), args.pop("expert_ids"), args.pop("group_ep"), **args)
+
+
+def _combine_kernel(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep, ep_world_size,
+                    ep_rank_id, moe_expert_num, tp_send_counts=None, x_active_mask=None, activation_scale=None,
+                    weight_scale=None, group_list=None, expand_scales=None, shared_expert_x=None, group_tp="",
+                    tp_world_size=0, tp_rank_id=0, expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0,
+                    global_bs=0, out_dtype=0, comm_quant_mode=0, group_list_type=0):
+    args = dict(locals())
+    leading = [args.pop(name) for name in ("expand_x", "expert_ids", "expand_idx", "ep_send_counts", "expert_scales",
+                                           "group_ep")]
+    return _combine(*leading, **args)
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def _register_ops():
+    """The registered (dispatch, combine) ops where this torch supports them, else None. They are
+    registered when moedist is imported (torch with it, where installed), so that torch.ops.moedist.*
+    exist before anything is compiled."""
+    if _torch is None:
+        return None
+    from . import _custom_ops
+    if not _custom_ops.supported():
+        return None
+    return _custom_ops.register(_dispatch_kernel, _combine_kernel)
+
+
+_torch = _import_torch()
+_registered_ops = _register_ops()

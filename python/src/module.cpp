@@ -132,12 +132,13 @@ class PyGroup {
       r = group_->dispatch(bx.view, bids.view, o);
     }
     // Still locked while the results are copied: they are group-owned buffers the next call reuses.
+    // Row counts are a function of the arguments alone (capacity().max_receive_rows: torch_npu's
+    // A * max(T, 1), more only on a shared-expert rank of ranks with different BS, where A can be
+    // exceeded), so that the registered operator's fake gives the same static shapes (_custom_ops.py).
     const GroupConfig& c = group_->config();
-    const std::int64_t t = std::max(c.tp_world_size, 1);
-    const std::int64_t rows =
-        std::max(r.A * t, r.valid_rows);  // torch_npu's A * max(T, 1) (more on a rare shared rank)
+    const std::int64_t rows = r.expand_x.rows();
     const std::int64_t h = r.expand_x.cols();
-    const std::int64_t scale_rows = t == 2 ? rows : std::max(r.A, r.valid_rows);
+    const std::int64_t scale_rows = rows;
     return py::make_tuple(fresh_copy(r.expand_x, r.expand_x.dtype, rows, h, true),
                           fresh_copy(r.dynamic_scales, DType::fp32, rows, 1, false),
                           fresh_copy(r.expand_idx, DType::int32, r.expand_idx.rows(), 1, false),
@@ -229,6 +230,20 @@ class PyGroup {
   std::unique_ptr<std::mutex> mutex_ = std::make_unique<std::mutex>();
 };
 
+// pybind11 before 2.12 reads numpy 2's dtype descriptors at numpy 1's offsets: every array it makes gets
+// a wrong element size, and results come out silently wrong. Such a build refuses to load beside numpy 2.
+void refuse_numpy_this_pybind11_cannot_read() {
+#if PYBIND11_VERSION_MAJOR < 2 || (PYBIND11_VERSION_MAJOR == 2 && PYBIND11_VERSION_MINOR < 12)
+  const std::string numpy_version = py::str(py::module_::import("numpy").attr("__version__"));
+  if (!numpy_version.empty() && numpy_version[0] != '0' && numpy_version[0] != '1') {
+    throw py::import_error("moedist._moedist was built with pybind11 " + std::to_string(PYBIND11_VERSION_MAJOR) + "." +
+                           std::to_string(PYBIND11_VERSION_MINOR) + ", which cannot read numpy " + numpy_version +
+                           "'s arrays (numpy 2 needs pybind11 >= 2.12): install numpy < 2 in this environment, or "
+                           "build moedist with a newer pybind11 (pip install pybind11, then pip install .)");
+  }
+#endif
+}
+
 // moedist errors as moedist._errors exceptions, with the C++ message and fields.
 // pybind11 calls exception translators through void(*)(std::exception_ptr): by value.
 void translate(std::exception_ptr e) {  // NOLINT(performance-unnecessary-value-param)
@@ -256,6 +271,7 @@ PYBIND11_MODULE(_moedist, m) {
   using namespace moedist;
   using namespace moedist::python;
   m.doc() = "moedist's C++ groups and operators (use the moedist package, not this module)";
+  refuse_numpy_this_pybind11_cannot_read();
   m.attr("version") = version_string();
 #ifdef MOEDIST_HAVE_MPI
   m.attr("has_mpi") = true;
@@ -353,6 +369,28 @@ PYBIND11_MODULE(_moedist, m) {
         return d;
       },
       py::arg("tensor"), py::arg("name") = "tensor", py::arg("view_as") = ViewAs::native);
+  // moedist::capacity() of a configuration and call shape: the static output shapes of the registered
+  // operators' fakes (A, expand_x_rows = A * max(T, 1), max_receive_rows: the rows dispatch returns).
+  m.def(
+      "capacity",
+      [](const py::dict& config, std::int64_t bs, std::int64_t k, std::int64_t h, int quant_mode) {
+        const GroupConfig c = config_from(config);
+        CapacityQuery q;
+        q.bs = bs;
+        q.k = k;
+        q.h = h;
+        q.quant_mode = quant_mode;
+        const CapacityReport r = capacity(c, q);
+        py::dict d;
+        d["A"] = r.A;
+        d["expand_x_rows"] = r.expand_x_rows;
+        d["max_receive_rows"] = r.max_receive_rows;
+        d["local_expert_num"] = local_expert_num(c);
+        d["ep_recv_counts_len"] =
+            static_cast<std::int64_t>(c.ep_world_size) * local_expert_num(c) * (c.tp_world_size == 2 ? 2 : 1);
+        return d;
+      },
+      py::arg("config"), py::arg("bs"), py::arg("k"), py::arg("h"), py::arg("quant_mode"));
   // The configuration's rules (moedist::validate_config), checked before a group is looked for or joined.
   m.def(
       "validate_config", [](const py::dict& config) { validate_config(config_from(config)); }, py::arg("config"));

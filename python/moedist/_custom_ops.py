@@ -1,0 +1,128 @@
+"""The operators as torch custom ops (torch >= 2.1): ``torch.ops.moedist.npu_moe_distribute_dispatch`` and
+``torch.ops.moedist.npu_moe_distribute_combine``, with torch_npu's schemas (parameter names, order,
+defaults, the seven-tensor result), a CPU kernel (the package's eager path, _ops.py) and a fake kernel
+that gives the static output shapes from the arguments alone, so that ``torch.compile(...,
+dynamic=False, fullgraph=True)`` traces a module calling them without a graph break.
+
+Output shapes of dispatch, for BS = x.shape[0], H = x.shape[1], K = expert_ids.shape[1]: expand_x
+(R, H) int8 (quant_mode 2) or x's dtype, dynamic_scales (R,), expand_idx (BS * K,), expert_token_nums
+(L,) int64, ep_recv_counts (W * L * (2 if T == 2 else 1),), tp_recv_counts (tp_world_size,),
+expand_scales (R,), where R = moedist.capacity's max_receive_rows: torch_npu's A * max(T, 1), more only
+on a shared-expert rank of ranks with different BS, where A can be exceeded (docs/contract.md, "Capacity
+A"), and L the rank's local experts. Combine gives (BS, H) in expand_x's dtype.
+
+The ops are collective and write nothing of their inputs; they are marked as having side effects, so a
+graph never drops a call whose results are unused (every rank must make every call)."""
+import torch
+
+from . import _moedist
+from ._errors import ValidationError
+
+NAMESPACE = "moedist"
+
+DISPATCH_SCHEMA = (
+    "npu_moe_distribute_dispatch(Tensor x, Tensor expert_ids, str group_ep, int ep_world_size, int ep_rank_id, "
+    "int moe_expert_num, *, Tensor? scales=None, Tensor? x_active_mask=None, Tensor? expert_scales=None, "
+    "str group_tp=\"\", int tp_world_size=0, int tp_rank_id=0, int expert_shard_type=0, int shared_expert_num=1, "
+    "int shared_expert_rank_num=0, int quant_mode=0, int global_bs=0, int expert_token_nums_type=1) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+COMBINE_SCHEMA = (
+    "npu_moe_distribute_combine(Tensor expand_x, Tensor expert_ids, Tensor expand_idx, Tensor ep_send_counts, "
+    "Tensor expert_scales, str group_ep, int ep_world_size, int ep_rank_id, int moe_expert_num, *, "
+    "Tensor? tp_send_counts=None, Tensor? x_active_mask=None, Tensor? activation_scale=None, "
+    "Tensor? weight_scale=None, Tensor? group_list=None, Tensor? expand_scales=None, Tensor? shared_expert_x=None, "
+    "str group_tp=\"\", int tp_world_size=0, int tp_rank_id=0, int expert_shard_type=0, int shared_expert_num=1, "
+    "int shared_expert_rank_num=0, int global_bs=0, int out_dtype=0, int comm_quant_mode=0, int group_list_type=0) "
+    "-> Tensor")
+
+_CONFIG_KEYS = ("ep_world_size", "ep_rank_id", "moe_expert_num", "tp_world_size", "tp_rank_id", "expert_shard_type",
+                "shared_expert_num", "shared_expert_rank_num", "global_bs")
+
+
+def supported():
+    """Whether this torch can register the ops (torch.library with fake kernels: torch >= 2.1)."""
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    return version >= (2, 1) and hasattr(torch.library, "Library")
+
+
+def _matrix(name, t):
+    """(rows, cols) of a 2-D tensor argument, or a ValidationError as the C++ checks would raise it."""
+    if t.dim() != 2:
+        raise ValidationError(f"{name}.dim() = {t.dim()}: must be 2", "invalid_shape", f"{name}.dim()", str(t.dim()),
+                              "must be 2")
+    return int(t.shape[0]), int(t.shape[1])
+
+
+def dispatch_shapes(x, expert_ids, quant_mode, config):
+    """The output shapes and dtypes of dispatch, from the arguments alone (see the module's docstring)."""
+    bs, h = _matrix("x", x)
+    ids_rows, k = _matrix("expert_ids", expert_ids)
+    if ids_rows != bs:
+        raise ValidationError(f"expert_ids.shape = ({ids_rows}, {k}): must have BS = x.shape[0] = {bs} rows",
+                              "invalid_shape", "expert_ids.shape", f"({ids_rows}, {k})",
+                              f"must have BS = x.shape[0] = {bs} rows")
+    cap = _moedist.capacity(config, bs, k, h, quant_mode)
+    rows = cap["max_receive_rows"]
+    return [((rows, h), torch.int8 if quant_mode == 2 else x.dtype), ((rows,), torch.float32),
+            ((bs * k,), torch.int32), ((cap["local_expert_num"],), torch.int64),
+            ((cap["ep_recv_counts_len"],), torch.int32), ((max(config["tp_world_size"], 0),), torch.int32),
+            ((rows,), torch.float32)]
+
+
+def _config(args):
+    return {key: args[key] for key in _CONFIG_KEYS}
+
+
+def _dispatch_fake(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, *, scales=None,
+                   x_active_mask=None, expert_scales=None, group_tp="", tp_world_size=0, tp_rank_id=0,
+                   expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0, quant_mode=0, global_bs=0,
+                   expert_token_nums_type=1):
+    config = _config(locals())
+    return tuple(x.new_empty(shape, dtype=dtype) for shape, dtype in dispatch_shapes(x, expert_ids, quant_mode, config))
+
+
+def _combine_fake(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep, ep_world_size,
+                  ep_rank_id, moe_expert_num, *, tp_send_counts=None, x_active_mask=None, activation_scale=None,
+                  weight_scale=None, group_list=None, expand_scales=None, shared_expert_x=None, group_tp="",
+                  tp_world_size=0, tp_rank_id=0, expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0,
+                  global_bs=0, out_dtype=0, comm_quant_mode=0, group_list_type=0):
+    _, h = _matrix("expand_x", expand_x)
+    bs, _ = _matrix("expert_ids", expert_ids)
+    return expand_x.new_empty((bs, h))
+
+
+def _register_fake(qualified, fn, lib):
+    if hasattr(torch.library, "register_fake"):  # torch >= 2.4
+        torch.library.register_fake(qualified, fn, lib=lib)
+    elif hasattr(torch.library, "impl_abstract"):  # torch 2.2, 2.3
+        torch.library.impl_abstract(qualified, fn, lib=lib)
+    else:  # torch 2.1: a Meta kernel serves fake tensors too
+        lib.impl(qualified.split("::")[1], fn, "Meta")
+
+
+def _mark_side_effects(op):
+    # A collective: every rank must make the call, even one whose results nobody reads.
+    has_side_effect = getattr(torch.fx.node, "has_side_effect", None)
+    if has_side_effect is not None:
+        has_side_effect(op)
+
+
+_library = None
+
+
+def register(dispatch_kernel, combine_kernel):
+    """Defines the two ops once per process, with the given CPU kernels; returns (dispatch, combine)."""
+    global _library
+    if _library is None:
+        library = torch.library.Library(NAMESPACE, "DEF")
+        library.define(DISPATCH_SCHEMA)
+        library.define(COMBINE_SCHEMA)
+        library.impl("npu_moe_distribute_dispatch", dispatch_kernel, "CPU")
+        library.impl("npu_moe_distribute_combine", combine_kernel, "CPU")
+        _register_fake(f"{NAMESPACE}::npu_moe_distribute_dispatch", _dispatch_fake, library)
+        _register_fake(f"{NAMESPACE}::npu_moe_distribute_combine", _combine_fake, library)
+        _library = library
+        for op in (torch.ops.moedist.npu_moe_distribute_dispatch, torch.ops.moedist.npu_moe_distribute_combine):
+            _mark_side_effects(op.default)
+    return torch.ops.moedist.npu_moe_distribute_dispatch, torch.ops.moedist.npu_moe_distribute_combine
