@@ -131,7 +131,7 @@ TEST(TokenMask, CombineWithAnotherMaskThanDispatchIsRefusedOnEveryRank) {
   for (casefile::RankInputs& in : c.ranks) in.x_active_mask = prefix_mask(5, 3);
   InProcessWorld world(4, RuntimeOptions{{std::chrono::milliseconds(30000)}});
   std::vector<Outcome> outcomes(4);
-  std::vector<bool> untouched(4, false);
+  std::vector<int> untouched(4, 0);  // not vector<bool>: each rank thread writes its own element
   run_ranks(4, [&](int g) {
     const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
     const std::unique_ptr<Group> group = world.join(rank_config(c, g));

@@ -83,6 +83,7 @@ class Domain:
 
 _domains = {}            # name -> Domain
 _groups = {}             # (world, C++ members, configuration) -> _moedist.Group
+_resolved = {}           # (group_ep, group_tp, configuration values) of a call -> its _moedist.Group
 _torch_world = None      # (torch.distributed's default group, its World), once named
 
 
@@ -300,7 +301,18 @@ def _agree_over_ep(ep, tp, t, members):
 
 
 def group_for(group_ep, group_tp, config):
-    """The C++ group of this process for the named groups and configuration (joined on first use)."""
+    """The C++ group of this process for the named groups and configuration (joined on first use). The
+    names and configuration of a call resolved once are looked up directly after (_resolved)."""
+    call = (group_ep, group_tp, tuple(config.values()))
+    group = _resolved.get(call)
+    if group is not None:
+        return group
+    group = _resolve(group_ep, group_tp, config)
+    _resolved[call] = group
+    return group
+
+
+def _resolve(group_ep, group_tp, config):
     t = config["tp_world_size"]
     ep = _domain(group_ep, "group_ep")
     if ep.role == "tp":
