@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -108,6 +109,9 @@ ViewAs view_as(const py::dict& views, const char* name) {
   return views.contains(name) ? views[name].cast<ViewAs>() : ViewAs::native;
 }
 
+// A C++ group as the package holds it. Its calls are serialized by its lock; close() destroys the group
+// under that lock, so a call running on another thread finishes first, and every call after close()
+// raises a moedist Error that says the group is closed.
 class PyGroup {
  public:
   explicit PyGroup(std::unique_ptr<Group> g) : group_(std::move(g)) {}
@@ -129,7 +133,7 @@ class PyGroup {
     {
       py::gil_scoped_release unlocked;
       serial.lock();  // taken without the GIL, so that a thread waiting here never blocks the holder
-      r = group_->dispatch(bx.view, bids.view, o);
+      r = open_group("dispatch").dispatch(bx.view, bids.view, o);
     }
     // Still locked while the results are copied: they are group-owned buffers the next call reuses.
     const GroupConfig& c = group_->config();
@@ -182,13 +186,18 @@ class PyGroup {
     {
       py::gil_scoped_release unlocked;
       const std::lock_guard<std::mutex> serial(*mutex_);
-      group_->combine(x, bids.view, bidx.view, bcounts.view, bweights.view, o);
+      open_group("combine").combine(x, bids.view, bidx.view, bcounts.view, bweights.view, o);
     }
     return out;
   }
 
   py::dict config() const {
-    const GroupConfig& c = group_->config();
+    GroupConfig c;
+    {
+      py::gil_scoped_release unlocked;
+      const std::lock_guard<std::mutex> serial(*mutex_);
+      c = open_group("config").config();
+    }
     py::dict d;
     d["ep_world_size"] = c.ep_world_size;
     d["ep_rank_id"] = c.ep_rank_id;
@@ -207,7 +216,7 @@ class PyGroup {
     {
       py::gil_scoped_release unlocked;
       const std::lock_guard<std::mutex> serial(*mutex_);
-      t = group_->traffic();
+      t = open_group("traffic").traffic();
     }
     py::dict d;
     d["dispatch_rows_sent"] = t.dispatch_rows_sent;
@@ -221,8 +230,44 @@ class PyGroup {
     return d;
   }
 
+  // Destroys the C++ group (its buffers, shared memory and connections) and returns true. With wait, a
+  // call running on another thread finishes first. Without wait (interpreter exit, when a daemon thread
+  // may be stuck in a collective call for its timeout), a group in use is not destroyed: it is marked
+  // closed for later calls and false is returned; the call that holds it keeps it to the end, and the
+  // process's exit reclaims it. Closing a closed group does nothing.
+  bool close(bool wait) {
+    std::unique_ptr<Group> doomed;
+    {
+      py::gil_scoped_release unlocked;
+      std::unique_lock<std::mutex> serial(*mutex_, std::defer_lock);
+      if (wait) {
+        serial.lock();
+      } else if (!serial.try_lock()) {
+        closed_ = true;
+        return false;
+      }
+      closed_ = true;
+      doomed = std::move(group_);
+      doomed.reset();  // still under the lock and without the GIL: a peer's last message may be awaited
+    }
+    return true;
+  }
+
+  bool closed() const { return closed_; }
+
  private:
+  // The group, for a call made under the lock; a moedist Error once the group is closed.
+  Group& open_group(const char* call) const {
+    if (closed_ || !group_) {
+      throw Error(ErrorCode::invalid_argument, std::string("moedist group: ") + call +
+                                                   " on a closed group (closed by Group.close(), a with block's end "
+                                                   "or interpreter exit): create the group again to use it");
+    }
+    return *group_;
+  }
+
   std::unique_ptr<Group> group_;
+  std::atomic<bool> closed_{false};
   // One C++ group serves every Python thread of the process that names it (group_for caches it per
   // world, members and config), and the GIL is released during its calls: this serializes them, since a Group's
   // calls must not overlap (they share its buffers, call counter and transport).
@@ -301,7 +346,9 @@ PYBIND11_MODULE(_moedist, m) {
            py::arg("shared_expert_x"), py::arg("out_dtype"), py::arg("comm_quant_mode"), py::arg("group_list_type"),
            py::arg("views"))
       .def_property_readonly("config", &PyGroup::config)
-      .def("traffic", &PyGroup::traffic);
+      .def("traffic", &PyGroup::traffic)
+      .def("close", &PyGroup::close, py::arg("wait") = true)
+      .def_property_readonly("closed", &PyGroup::closed);
 
   m.def(
       "join_shm",
@@ -314,7 +361,7 @@ PYBIND11_MODULE(_moedist, m) {
           py::gil_scoped_release unlocked;
           g = join_shm(c, job, o);
         }
-        return PyGroup(std::move(g));
+        return std::make_unique<PyGroup>(std::move(g));
       },
       py::arg("config"), py::arg("job"), py::arg("timeout_ms"));
 #ifdef MOEDIST_HAVE_MPI
@@ -329,7 +376,7 @@ PYBIND11_MODULE(_moedist, m) {
           py::gil_scoped_release unlocked;
           g = join_mpi(reinterpret_cast<MPI_Comm>(comm_handle), c, o);  // NOLINT: an mpi4py handle is the C MPI_Comm
         }
-        return PyGroup(std::move(g));
+        return std::make_unique<PyGroup>(std::move(g));
       },
       py::arg("comm_handle"), py::arg("config"), py::arg("timeout_ms"));
 #endif
