@@ -35,6 +35,28 @@ void bind_oracle(py::module_& m);  // oracle_binding.cpp
 
 namespace {
 
+// Releases the GIL for a collective call, as py::gil_scoped_release does, and takes it back at the end of
+// the scope -- except on a daemon thread whose interpreter is finalizing: CPython then ends the thread
+// inside PyEval_RestoreThread with pthread_exit, whose forced unwinding may not leave a destructor (that
+// is std::terminate: the whole process aborts at exit). Such a thread is parked instead, holding nothing
+// of Python's, until the main thread's exit ends the process.
+class WithoutGil {
+ public:
+  WithoutGil() : state_(PyEval_SaveThread()) {}
+  WithoutGil(const WithoutGil&) = delete;
+  WithoutGil& operator=(const WithoutGil&) = delete;
+  ~WithoutGil() {
+    try {
+      PyEval_RestoreThread(state_);
+    } catch (abi::__forced_unwind&) {  // NOLINT(bugprone-empty-catch): never leaves: the process is exiting
+      for (;;) pause();
+    }
+  }
+
+ private:
+  PyThreadState* state_;
+};
+
 GroupConfig config_from(const py::dict& d) {
   GroupConfig c;
   const auto get = [&](const char* key, auto* field) {
@@ -131,7 +153,7 @@ class PyGroup {
     DispatchResult r;
     std::unique_lock<std::mutex> serial(*mutex_, std::defer_lock);
     {
-      py::gil_scoped_release unlocked;
+      const WithoutGil unlocked;
       serial.lock();  // taken without the GIL, so that a thread waiting here never blocks the holder
       r = open_group("dispatch").dispatch(bx.view, bids.view, o);
     }
@@ -184,7 +206,7 @@ class PyGroup {
       o.out = matrix_view(out.mutable_data(), x.dtype, bids.view.rows(), x.cols());
     }
     {
-      py::gil_scoped_release unlocked;
+      const WithoutGil unlocked;
       const std::lock_guard<std::mutex> serial(*mutex_);
       open_group("combine").combine(x, bids.view, bidx.view, bcounts.view, bweights.view, o);
     }
@@ -194,7 +216,7 @@ class PyGroup {
   py::dict config() const {
     GroupConfig c;
     {
-      py::gil_scoped_release unlocked;
+      const WithoutGil unlocked;
       const std::lock_guard<std::mutex> serial(*mutex_);
       c = open_group("config").config();
     }
@@ -214,7 +236,7 @@ class PyGroup {
   py::dict traffic() const {
     TrafficCounters t;
     {
-      py::gil_scoped_release unlocked;
+      const WithoutGil unlocked;
       const std::lock_guard<std::mutex> serial(*mutex_);
       t = open_group("traffic").traffic();
     }
@@ -238,7 +260,7 @@ class PyGroup {
   bool close(bool wait) {
     std::unique_ptr<Group> doomed;
     {
-      py::gil_scoped_release unlocked;
+      const WithoutGil unlocked;
       std::unique_lock<std::mutex> serial(*mutex_, std::defer_lock);
       if (wait) {
         serial.lock();
@@ -358,7 +380,7 @@ PYBIND11_MODULE(_moedist, m) {
         const GroupConfig c = config_from(config);
         std::unique_ptr<Group> g;
         {
-          py::gil_scoped_release unlocked;
+          const WithoutGil unlocked;
           g = join_shm(c, job, o);
         }
         return std::make_unique<PyGroup>(std::move(g));
@@ -373,7 +395,7 @@ PYBIND11_MODULE(_moedist, m) {
         const GroupConfig c = config_from(config);
         std::unique_ptr<Group> g;
         {
-          py::gil_scoped_release unlocked;
+          const WithoutGil unlocked;
           g = join_mpi(reinterpret_cast<MPI_Comm>(comm_handle), c, o);  // NOLINT: an mpi4py handle is the C MPI_Comm
         }
         return std::make_unique<PyGroup>(std::move(g));
