@@ -424,8 +424,9 @@ def group_for(group_ep: object, group_tp: object, config: Dict[str, int]) -> _mo
     if closed:  # closed by another thread during the join
         group.close(wait=True)
         _domain(next(iter(closed)), "group_ep" if group_ep in closed else "group_tp")
-    # Released at exit before any handler registered earlier runs (atexit runs the last registered first):
-    # mpi4py, imported before an MPI join, may finalize MPI in one of those.
+    # Released at exit before every atexit handler registered earlier (the last registered runs first),
+    # e.g. of a module imported for the join, while what the groups use is still whole. (mpi4py finalizes
+    # MPI later still, in Py_AtExit, after the interpreter's finalization.)
     atexit.unregister(_release_at_exit)
     atexit.register(_release_at_exit)
     return group
