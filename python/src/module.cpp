@@ -48,7 +48,7 @@ class WithoutGil {
   ~WithoutGil() {
     try {
       PyEval_RestoreThread(state_);
-    } catch (abi::__forced_unwind&) {  // NOLINT(bugprone-empty-catch): never leaves: the process is exiting
+    } catch (abi::__forced_unwind&) {  // never leaves the handler: the process is exiting
       for (;;) pause();
     }
   }
