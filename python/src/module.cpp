@@ -102,11 +102,16 @@ py::dtype numpy_dtype(DType dtype) {
   return py::dtype::of<std::uint8_t>();
 }
 
-// A zero-filled (rows,) or (rows, cols) array.
+// A zero-filled C-contiguous (rows,) or (rows, cols) array. Its strides and size come from moedist's
+// element sizes, never from the numpy dtype's itemsize: pybind11 before 2.12 (Debian 12 has 2.10) reads
+// that from numpy 1's PyArray_Descr layout, which numpy 2 changed, so under numpy 2 it is garbage.
 py::array zeros(DType dtype, std::int64_t rows, std::int64_t cols, bool matrix) {
+  const auto element = static_cast<py::ssize_t>(dtype_size(dtype));
   const std::vector<py::ssize_t> shape = matrix ? std::vector<py::ssize_t>{rows, cols} : std::vector<py::ssize_t>{rows};
-  py::array out(numpy_dtype(dtype), shape);
-  std::memset(out.mutable_data(), 0, static_cast<std::size_t>(out.nbytes()));
+  const std::vector<py::ssize_t> strides =
+      matrix ? std::vector<py::ssize_t>{cols * element, element} : std::vector<py::ssize_t>{element};
+  py::array out(numpy_dtype(dtype), shape, strides);
+  std::memset(out.mutable_data(), 0, static_cast<std::size_t>(rows * (matrix ? cols : 1) * element));
   return out;
 }
 
