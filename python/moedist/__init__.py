@@ -5,6 +5,7 @@ by changing the import: the same parameters, defaults and results, bit for bit t
 Groups (``group_ep`` / ``group_tp``) are named with ``get_hccl_comm_name`` (of a moedist group or a
 torch.distributed group) or created with ``new_group`` / ``new_group_from_env`` / ``new_group_from_mpi``.
 A group name stands for its members, as an HCCL communicator does: a world may hold any number of groups.
+A group's resources live until ``Group.close()``, the end of a ``with`` block over it, or interpreter exit.
 Tensors are torch tensors on the CPU (bfloat16 or float16, contiguous or not, viewed without a copy;
 bool masks too) or numpy arrays (float16; bfloat16 as uint16 bit patterns wrapped by ``moedist.bfloat16``).
 Ints are taken as torch takes them (numpy integers, 0-d integer tensors, ``__index__``), bools refused."""

@@ -4,7 +4,9 @@
 class Error(RuntimeError):
     """A moedist error. ``code`` is the ErrorCode's name ("invalid_argument", "timeout", "peer_lost", ...)."""
 
-    def __init__(self, message, code="internal"):
+    code: str
+
+    def __init__(self, message: str, code: str = "internal") -> None:
         super().__init__(message)
         self.code = code
 
@@ -13,7 +15,12 @@ class ValidationError(Error, ValueError):
     """An argument breaks a rule: ``parameter`` is the torch_npu parameter name, ``value`` the offending
     value as text, ``rule`` the rule in words. Raised before anything is written."""
 
-    def __init__(self, message, code="invalid_argument", parameter="", value="", rule=""):
+    parameter: str
+    value: str
+    rule: str
+
+    def __init__(self, message: str, code: str = "invalid_argument", parameter: str = "", value: str = "",
+                 rule: str = "") -> None:
         super().__init__(message, code)
         self.parameter = parameter
         self.value = value
@@ -23,7 +30,10 @@ class ValidationError(Error, ValueError):
 class PeerError(Error):
     """A collective step could not complete: ``peer`` is the rank at fault, ``phase`` the step."""
 
-    def __init__(self, message, code="peer_failed", peer=-1, phase=""):
+    peer: int
+    phase: str
+
+    def __init__(self, message: str, code: str = "peer_failed", peer: int = -1, phase: str = "") -> None:
         super().__init__(message, code)
         self.peer = peer
         self.phase = phase

@@ -29,13 +29,22 @@ are serialized by a lock of the group, one call at a time, so each call's result
 single-threaded run of the same calls in the order they took the lock. The calls stay collective:
 every rank must make them in the same order. The first use (the join) is not locked: make it from one
 thread before others share the group.
+
+A group's C++ groups (its buffers, shared memory and connections) live until ``Group.close()``, the end
+of a ``with`` block over the group, or interpreter exit, whichever comes first (see ``Group.close``).
 """
+from __future__ import annotations
+
+import atexit
 import hashlib
+import threading
 from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Dict, List, Mapping, NoReturn, Optional, Set, Tuple, Type
 
 from . import _moedist
 from ._errors import ValidationError
-from ._integers import integer
+from ._integers import Integer, integer
 
 DEFAULT_TIMEOUT_MS = _moedist.default_timeout_ms  # moedist::WaitOptions' default (30 s), as in C++
 
@@ -49,7 +58,7 @@ _PER_RANK = ("ep_rank_id", "tp_rank_id")
 _JOB_PREFIX = 40
 
 
-def _transport(name):
+def _transport(name: str) -> Dict[str, Any]:
     """The registry's entry of a transport (a dict: id, name, description, available, why_unavailable)."""
     return next(t for t in _moedist.transports() if t["name"] == name)
 
@@ -61,65 +70,133 @@ class World:
     rank: int            # this process's rank in the world
     size: int
     timeout_ms: int = DEFAULT_TIMEOUT_MS
-    comm: object = field(default=None, compare=False, repr=False)  # mpi4py communicator (kind KIND_MPI)
+    comm: Any = field(default=None, compare=False, repr=False)  # mpi4py communicator (kind KIND_MPI)
 
 
 @dataclass(frozen=True)
 class Domain:
     world: World
-    members: tuple       # world ranks of the group, in group-rank order
+    members: Tuple[int, ...]  # world ranks of the group, in group-rank order
     role: str            # "ep", "tp" or "any" (a torch.distributed group: either)
     # Groups of new_group*: the EP member lists of every TP lane of the world, from which the EP group of
     # a TP peer is known without asking it.
-    lanes: tuple = ()
+    lanes: Tuple[Tuple[int, ...], ...] = ()
     # A torch.distributed group: the TP peers' exchange goes over it (an object, neither compared nor hashed).
-    torch_group: object = field(default=None, compare=False, repr=False)
+    torch_group: Any = field(default=None, compare=False, repr=False)
 
     @property
-    def name(self):
+    def name(self) -> str:
         """The name of the group: its members in its world (two groups of the same members share it)."""
         return f"moedist-{self.role}-{_digest(self.world.kind, self.world.job, self.role, self.members)}"
 
 
-_domains = {}            # name -> Domain
-_groups = {}             # (world, C++ members, configuration) -> _moedist.Group
-_resolved = {}           # (group_ep, group_tp, configuration values) of a call -> its _moedist.Group
-_torch_world = None      # (torch.distributed's default group, its World), once named
+_GroupKey = Tuple[World, Tuple[int, ...], Tuple[int, ...], Tuple[Tuple[str, int], ...]]
+
+_domains: Dict[str, Domain] = {}   # name -> Domain
+_closed: Set[str] = set()          # names closed by Group.close() (until a group of that name is made again)
+# (world, EP members, TP members, configuration) -> the C++ group, and the names (group_ep, group_tp)
+# whose calls use it, in the order the groups were joined.
+_groups: Dict[_GroupKey, Tuple[_moedist.Group, Tuple[str, ...]]] = {}
+# (group_ep, group_tp, configuration values) of a call already resolved -> its C++ group: later calls
+# skip the checks and lookups (emptied by close()).
+_resolved: Dict[Tuple[object, object, Tuple[int, ...]], _moedist.Group] = {}
+_lock = threading.Lock()           # guards _domains, _closed and _groups against Group.close() on another thread
+_torch_world: Optional[Tuple[Any, World]] = None  # (torch.distributed's default group, its World), once named
 
 
-def _digest(*parts):
+def _digest(*parts: object) -> str:
     return hashlib.sha1("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:16]
 
 
-def _refuse(parameter, value, rule, code="invalid_argument"):
+def _refuse(parameter: str, value: object, rule: str, code: str = "invalid_argument") -> NoReturn:
     raise ValidationError(f"{parameter} = {value}: {rule}", code, parameter, str(value), rule)
 
 
-def _register(domain):
-    _domains[domain.name] = domain
+def _register(domain: Domain) -> str:
+    with _lock:
+        _domains[domain.name] = domain
+        _closed.discard(domain.name)
     return domain.name
 
 
 class Group:
     """A moedist communication group of this process: its ``name`` goes where torch_npu takes
-    ``group_ep`` / ``group_tp``."""
+    ``group_ep`` / ``group_tp``.
 
-    def __init__(self, domain):
+    A group holds C++ groups (buffers, shared memory, connections: joined by the first call of each
+    configuration) until it is closed: by ``close()``, at the end of a ``with`` block over it, or at
+    interpreter exit. ``with`` returns the group itself::
+
+        ep, tp = moedist.new_group(job, rank, world_size, tp_world_size=2)
+        with ep, tp:
+            moedist.npu_moe_distribute_dispatch(x, ids, ep.name, ..., group_tp=tp.name, ...)
+    """
+
+    name: str
+    ranks: List[int]
+
+    def __init__(self, domain: Domain) -> None:
         self.name = _register(domain)
         self.ranks = list(domain.members)
         self._domain = domain
 
-    def get_hccl_comm_name(self, rank=None):
+    def get_hccl_comm_name(self, rank: Optional[Integer] = None) -> str:
         """The group's name, as torch_npu's ProcessGroup.get_hccl_comm_name(rank) returns the HCCL name."""
         if rank is not None:
             integer("rank", rank, 0)
         return self.name
 
-    def __repr__(self):
-        return f"moedist.Group({self.name!r}, ranks={self.ranks})"
+    @property
+    def closed(self) -> bool:
+        """Whether the group's name is closed (by this object or another one of the same name)."""
+        with _lock:
+            return self.name in _closed
+
+    def close(self) -> None:
+        """Releases the C++ groups this group's calls use, and closes its name: a later call that passes
+        it as group_ep or group_tp raises a ValidationError saying that it is closed.
+
+        Close is local to this process; close a group on every rank, after the last collective call on it
+        (a peer still in a call that needs this rank gets a PeerError when its wait times out). A C++ group
+        joined through an EP group and a TP group together (tp_world_size = 2) serves both names: closing
+        either one releases it, so close the pair together (``with ep, tp:``). The other name stays open:
+        calls that pair it with a group that is still open join a new C++ group. A name stands for its
+        members, so every Group of the same members in the same world (``new_group`` called twice with
+        the same arguments) shares it and is closed with it; creating the group again reopens the name.
+        A call running on another thread finishes before its C++ group is released; a call that starts
+        after close raises. Closing a closed group does nothing."""
+        with _lock:
+            _closed.add(self.name)
+            _resolved.clear()
+            doomed = [key for key, (_, names) in _groups.items() if self.name in names]
+            released = [_groups.pop(key)[0] for key in doomed]
+        for cpp in reversed(released):
+            cpp.close(wait=True)
+
+    def __enter__(self) -> Group:
+        return self
+
+    def __exit__(self, kind: Optional[Type[BaseException]], error: Optional[BaseException],
+                 traceback: Optional[TracebackType]) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"moedist.Group({self.name!r}, ranks={self.ranks}{', closed' if self.closed else ''})"
 
 
-def _pair(world, tp_world_size):
+def _release_at_exit() -> None:
+    """Releases every C++ group still open, the last joined first, while the interpreter (and mpi4py's MPI)
+    is whole. A group that a (daemon) thread is still using is left to that call and the process's exit:
+    nothing is destroyed under a running call."""
+    with _lock:
+        released = [cpp for cpp, _ in _groups.values()]
+        _groups.clear()
+        _resolved.clear()
+    for cpp in reversed(released):
+        cpp.close(wait=False)
+
+
+def _pair(world: World, tp_world_size: Integer) -> Tuple[Group, Group]:
     """This rank's EP group (ranks x*T + lane) and TP group (its T = max(tp_world_size, 1) neighbours)."""
     tp_world_size = integer("tp_world_size", tp_world_size, 0)
     t = max(tp_world_size, 1)
@@ -131,7 +208,8 @@ def _pair(world, tp_world_size):
     return Group(Domain(world, lanes[lane], "ep", lanes)), Group(Domain(world, tp_members, "tp", lanes))
 
 
-def new_group(job, rank, world_size, tp_world_size=0, timeout_ms=DEFAULT_TIMEOUT_MS):
+def new_group(job: str, rank: Integer, world_size: Integer, tp_world_size: Integer = 0,
+              timeout_ms: Integer = DEFAULT_TIMEOUT_MS) -> Tuple[Group, Group]:
     """The (EP group, TP group) of process ``rank`` of ``world_size`` processes that share the job name
     ``job`` on one host (shared memory). Every process calls it with the same job, world size and
     tp_world_size; ranks are ordered as torch_npu's example orders them (rank = ep_rank_id * T + tp_rank_id)."""
@@ -144,11 +222,12 @@ def new_group(job, rank, world_size, tp_world_size=0, timeout_ms=DEFAULT_TIMEOUT
     return _pair(World(KIND_SHM, job, rank, world_size, _timeout(timeout_ms)), tp_world_size)
 
 
-def _timeout(timeout_ms):
+def _timeout(timeout_ms: Integer) -> int:
     return integer("timeout_ms", timeout_ms, 1, 2**62)
 
 
-def new_group_from_env(tp_world_size=None, timeout_ms=DEFAULT_TIMEOUT_MS):
+def new_group_from_env(tp_world_size: Optional[Integer] = None,
+                       timeout_ms: Integer = DEFAULT_TIMEOUT_MS) -> Tuple[Group, Group]:
     """(EP group, TP group) of a process started by ``moedist launch -n N [--tp 2] -- python3 ...``
     (MOEDIST_RANK, MOEDIST_WORLD_SIZE, MOEDIST_JOB, MOEDIST_TP_WORLD_SIZE)."""
     env = _moedist.launch_environment()
@@ -156,7 +235,8 @@ def new_group_from_env(tp_world_size=None, timeout_ms=DEFAULT_TIMEOUT_MS):
     return _pair(World(KIND_SHM, env["job"], env["rank"], env["world_size"], _timeout(timeout_ms)), t)
 
 
-def new_group_from_mpi(comm=None, tp_world_size=0, timeout_ms=DEFAULT_TIMEOUT_MS):
+def new_group_from_mpi(comm: Any = None, tp_world_size: Integer = 0,
+                       timeout_ms: Integer = DEFAULT_TIMEOUT_MS) -> Tuple[Group, Group]:
     """(EP group, TP group) over an mpi4py communicator (default MPI.COMM_WORLD; any sub-communicator,
     e.g. of ``comm.Split``, is a world of its own): comm rank g is ep_rank_id = g // T, tp_rank_id = g % T.
     Collective over ``comm``; ranks on one node share memory, ranks on other nodes are reached through
@@ -172,19 +252,19 @@ def new_group_from_mpi(comm=None, tp_world_size=0, timeout_ms=DEFAULT_TIMEOUT_MS
     return _pair(World(KIND_MPI, job, comm.Get_rank(), comm.Get_size(), timeout_ms, comm), tp_world_size)
 
 
-def _torch_world_of(dist):
+def _torch_world_of(dist: Any) -> World:
     """The World of torch.distributed's default group (named once per default group, by a broadcast
     over it: every process names its groups together, as torch_npu's example does)."""
     global _torch_world
     default = dist.group.WORLD
     if _torch_world is None or _torch_world[0] is not default:
-        box = [_moedist.new_job_name() if dist.get_rank() == 0 else None]
+        box: List[Any] = [_moedist.new_job_name() if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(box, src=0)
         _torch_world = (default, World(KIND_SHM, box[0], dist.get_rank(), dist.get_world_size()))
     return _torch_world[1]
 
 
-def _torch_members(dist, group):
+def _torch_members(dist: Any, group: Any) -> Tuple[int, ...]:
     """World ranks of a torch.distributed group, in group-rank order."""
     if group is None or group is dist.group.WORLD:
         return tuple(range(dist.get_world_size()))
@@ -198,7 +278,7 @@ def _torch_members(dist, group):
     return tuple(sorted(ranks, key=lambda g: ranks[g]))
 
 
-def get_hccl_comm_name(group, rank=None):
+def get_hccl_comm_name(group: Any, rank: Optional[Integer] = None) -> str:
     """The name to pass as group_ep / group_tp: of a moedist Group, or of a torch.distributed process
     group this process belongs to (its ranks then communicate over shared memory, as processes of one
     host; the first call is collective over torch.distributed's default group). The name stands for the
@@ -219,10 +299,14 @@ def get_hccl_comm_name(group, rank=None):
     return _register(Domain(world, members, "any", torch_group=dist.group.WORLD if group is None else group))
 
 
-def _domain(name, parameter):
+def _domain(name: object, parameter: str) -> Domain:
     if not isinstance(name, str) or not 1 <= len(name) < 128:
         _refuse(parameter, repr(name), "must be a string of length [1, 128)")
-    domain = _domains.get(name)
+    with _lock:
+        domain, closed = _domains.get(name), name in _closed
+    if closed:
+        _refuse(parameter, repr(name), "must name an open group: this group was closed (Group.close(), the end of a "
+                "with block over it); create it again to use it")
     if domain is None:
         raise ValidationError(
             f"{parameter} = {name!r}: is not the name of a moedist group of this process; create groups with "
@@ -231,7 +315,7 @@ def _domain(name, parameter):
     return domain
 
 
-def _check_position(parameter, position, domain, group_parameter, world):
+def _check_position(parameter: str, position: int, domain: Domain, group_parameter: str, world: World) -> None:
     """This process must be the member at `position` of the group."""
     if domain.members[position] != world.rank:
         where = (f"at position {domain.members.index(world.rank)}" if world.rank in domain.members else "not a member")
@@ -239,7 +323,7 @@ def _check_position(parameter, position, domain, group_parameter, world):
                 f"{list(domain.members)}): this process is world rank {world.rank}, {where}")
 
 
-def _peer_lane(ep, tp, config):
+def _peer_lane(ep: Domain, tp: Domain, config: Mapping[str, int]) -> Tuple[int, ...]:
     """The EP members of the TP peer's lane (TP peers share ep_rank_id): from the lanes of a
     new_group* partition, or asked of the peer over group_tp's torch group."""
     e, t = config["ep_rank_id"], config["tp_rank_id"]
@@ -252,7 +336,7 @@ def _peer_lane(ep, tp, config):
     import torch.distributed as dist
     shared = sorted((k, v) for k, v in config.items() if k not in _PER_RANK)
     mine = (e, ep.members, shared)
-    both = [None, None]
+    both: List[Any] = [None, None]
     dist.all_gather_object(both, mine, group=tp.torch_group)  # in group_tp's order: tp_rank_id
     peer_e, peer_members, peer_shared = both[1 - t]
     if peer_e != e:
@@ -263,9 +347,9 @@ def _peer_lane(ep, tp, config):
     return tuple(peer_members)
 
 
-def _cpp_members(ep, tp, config):
+def _cpp_members(ep: Domain, tp: Optional[Domain], config: Mapping[str, int]) -> Tuple[int, ...]:
     """World ranks of the C++ group, in C++ rank order (ep_rank_id * max(T, 1) + tp_rank_id)."""
-    if config["tp_world_size"] != 2:
+    if config["tp_world_size"] != 2 or tp is None:
         return ep.members
     t = config["tp_rank_id"]
     lanes = {t: ep.members, 1 - t: _peer_lane(ep, tp, config)}
@@ -284,12 +368,12 @@ def _cpp_members(ep, tp, config):
     return members
 
 
-def _agree_over_ep(ep, tp, t, members):
+def _agree_over_ep(ep: Domain, tp: Domain, t: int, members: Tuple[int, ...]) -> None:
     """Every member of a torch group_ep must be in the same TP lane and have found the same C++ group; a
     layout that breaks this (TP pairs that cross EP groups) would leave the join waiting for ranks that
     meet elsewhere. Every member sees the same gathered list, so every member raises alike."""
     import torch.distributed as dist
-    views = [None] * len(ep.members)
+    views: List[Any] = [None] * len(ep.members)
     dist.all_gather_object(views, (t, members), group=ep.torch_group)
     lanes = sorted({lane for lane, _ in views})
     if len(lanes) != 1:
@@ -300,24 +384,26 @@ def _agree_over_ep(ep, tp, t, members):
                 f"other EP group; they pair it with {sorted({tuple(found[1 - t::2]) for _, found in views})}")
 
 
-def group_for(group_ep, group_tp, config):
-    """The C++ group of this process for the named groups and configuration (joined on first use). The
-    names and configuration of a call resolved once are looked up directly after (_resolved)."""
+def group_for(group_ep: object, group_tp: object, config: Dict[str, int]) -> _moedist.Group:
+    """The C++ group of this process for the named groups and configuration (joined on first use). A
+    call's names and configuration, once resolved, are looked up directly (_resolved) until a close()."""
     call = (group_ep, group_tp, tuple(config.values()))
     group = _resolved.get(call)
     if group is not None:
         return group
     group = _resolve(group_ep, group_tp, config)
-    _resolved[call] = group
+    with _lock:
+        if not _closed.intersection((group_ep, group_tp)):
+            _resolved[call] = group
     return group
 
 
-def _resolve(group_ep, group_tp, config):
+def _resolve(group_ep: object, group_tp: object, config: Dict[str, int]) -> _moedist.Group:
     t = config["tp_world_size"]
     ep = _domain(group_ep, "group_ep")
     if ep.role == "tp":
         _refuse("group_ep", repr(group_ep), "must name an EP group, not a TP group")
-    tp = None
+    tp: Optional[Domain] = None
     if t == 2:
         if group_tp == group_ep:
             _refuse("group_tp", repr(group_tp), "must differ from group_ep")
@@ -332,25 +418,39 @@ def _resolve(group_ep, group_tp, config):
     if len(ep.members) != w:
         _refuse("ep_world_size", w, f"must equal the size of group_ep, {len(ep.members)}")
     _check_position("ep_rank_id", config["ep_rank_id"], ep, "group_ep", world)
-    if t == 2:
+    if tp is not None:
         if len(tp.members) != 2:
             _refuse("group_tp", repr(group_tp), f"must name a group of 2 ranks with tp_world_size = 2, not {len(tp.members)}")
         _check_position("tp_rank_id", config["tp_rank_id"], tp, "group_tp", world)
-    key = (world, ep.members, tp.members if t == 2 else (), tuple(sorted(config.items())))
-    group = _groups.get(key)
-    if group is None:
-        members = _cpp_members(ep, tp, config)
-        if world.kind == KIND_MPI:
-            group = _join_mpi(world, members, config)
-        else:
-            shared = sorted((k, v) for k, v in config.items() if k not in _PER_RANK)
-            job = f"{world.job[:_JOB_PREFIX]}.{_digest(world.job, members, shared)}"
-            group = _moedist.join_shm(config, job, world.timeout_ms)
-        _groups[key] = group
+    key = (world, ep.members, tp.members if tp is not None else (), tuple(sorted(config.items())))
+    with _lock:
+        entry = _groups.get(key)
+    if entry is not None:
+        return entry[0]
+    members = _cpp_members(ep, tp, config)
+    if world.kind == KIND_MPI:
+        group = _join_mpi(world, members, config)
+    else:
+        shared = sorted((k, v) for k, v in config.items() if k not in _PER_RANK)
+        job = f"{world.job[:_JOB_PREFIX]}.{_digest(world.job, members, shared)}"
+        group = _moedist.join_shm(config, job, world.timeout_ms)
+    names = (group_ep, group_tp) if t == 2 else (group_ep,)
+    with _lock:
+        closed = _closed.intersection(names)
+        if not closed:
+            _groups[key] = (group, tuple(str(n) for n in names))
+    if closed:  # closed by another thread during the join
+        group.close(wait=True)
+        _domain(next(iter(closed)), "group_ep" if group_ep in closed else "group_tp")
+    # Released at exit before every atexit handler registered earlier (the last registered runs first),
+    # e.g. of a module imported for the join, while what the groups use is still whole. (mpi4py finalizes
+    # MPI later still, in Py_AtExit, after the interpreter's finalization.)
+    atexit.unregister(_release_at_exit)
+    atexit.register(_release_at_exit)
     return group
 
 
-def _join_mpi(world, members, config):
+def _join_mpi(world: World, members: Tuple[int, ...], config: Dict[str, int]) -> _moedist.Group:
     """Joins over the world's communicator when the group is all of it, else over a communicator of the
     members alone (MPI_Comm_create_group: collective over the members only, as the join is)."""
     from mpi4py import MPI

@@ -1,8 +1,11 @@
 """Integer arguments, taken as torch's argument parser (which torch_npu's bindings use) takes them: a
 Python int or int subclass, a numpy integer, a 0-d integer tensor, any object with ``__index__`` -- but
 never a bool, which torch refuses where an int is expected."""
+from __future__ import annotations
+
 import operator
 import sys
+from typing import Any, NoReturn, SupportsIndex
 
 import numpy as np
 
@@ -10,12 +13,15 @@ from ._errors import ValidationError
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
+# What an integer parameter takes: anything with __index__ (int, numpy integers, 0-d integer tensors).
+Integer = SupportsIndex
 
-def _refuse(name, value, rule):
+
+def _refuse(name: str, value: object, rule: str) -> NoReturn:
     raise ValidationError(f"{name} = {value!r}: {rule}", "invalid_argument", name, repr(value), rule)
 
 
-def integer(name, value, low=INT32_MIN, high=INT32_MAX):
+def integer(name: str, value: Any, low: int = INT32_MIN, high: int = INT32_MAX) -> int:
     """``value`` as a Python int in [low, high], or a ValidationError naming ``name``, the value and the rule."""
     if type(value) is int and low <= value <= high:  # the common case, first: every call passes a dozen ints
         return value

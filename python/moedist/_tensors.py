@@ -1,8 +1,12 @@
 """Tensors in and out: torch tensors and numpy arrays are viewed in place by the extension (DLPack or
 the buffer protocol, no copy); results come back as the caller's kind of tensor."""
+from __future__ import annotations
+
 import sys
+from typing import Any, Optional, Tuple
 
 import numpy as np
+import numpy.typing as npt
 
 from ._errors import ValidationError
 from ._moedist import ViewAs
@@ -15,7 +19,9 @@ class BFloat16Array:
     bfloat16 results for numpy callers come back as plain uint16 arrays of bit patterns, which
     ``moedist.bfloat16()`` turns into inputs again."""
 
-    def __init__(self, array):
+    array: np.ndarray
+
+    def __init__(self, array: npt.ArrayLike) -> None:
         array = np.asarray(array)
         if array.dtype not in (np.uint16, np.int16):
             raise ValidationError(f"bfloat16: the array has dtype {array.dtype}: must be uint16 (bfloat16 bit patterns)",
@@ -23,24 +29,24 @@ class BFloat16Array:
         self.array = array
 
     @property
-    def shape(self):
-        return self.array.shape
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self.array.shape)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"moedist.bfloat16({self.array!r})"
 
 
-def bfloat16(array):
+def bfloat16(array: npt.ArrayLike | BFloat16Array) -> BFloat16Array:
     """Marks a numpy uint16 array as bfloat16 bit patterns (see BFloat16Array)."""
     return array if isinstance(array, BFloat16Array) else BFloat16Array(array)
 
 
-def is_torch(t):
+def is_torch(t: object) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(t, torch.Tensor)
 
 
-def prepare(name, t):
+def prepare(name: str, t: Any) -> Tuple[Any, ViewAs, Optional[str]]:
     """(object for the extension, how it reads the elements: a _moedist.ViewAs, 'torch' | 'numpy' | None).
     ``name`` is the torch_npu parameter name, for errors."""
     if t is None:
@@ -64,21 +70,21 @@ def prepare(name, t):
     return t, ViewAs.native, None  # the extension names the parameter and says what it must be
 
 
-def kind_of(t):
+def kind_of(t: object) -> str:
     """The kind of tensor results come back as: 'torch' for a torch tensor, else 'numpy'."""
     return "torch" if is_torch(t) else "numpy"
 
 
-def is_bfloat16(t):
+def is_bfloat16(t: Any) -> bool:
     if isinstance(t, BFloat16Array):
         return True
     if is_torch(t):
         import torch
-        return t.dtype == torch.bfloat16
+        return bool(t.dtype == torch.bfloat16)
     return False
 
 
-def output(array, kind, bfloat16_bits):
+def output(array: np.ndarray, kind: str, bfloat16_bits: bool) -> Any:
     """A result array as the caller's kind of tensor (zero-copy for torch: torch.from_numpy)."""
     if kind != "torch":
         return array

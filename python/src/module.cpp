@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -33,6 +34,28 @@ namespace moedist::python {
 void bind_oracle(py::module_& m);  // oracle_binding.cpp
 
 namespace {
+
+// Releases the GIL for a collective call, as py::gil_scoped_release does, and takes it back at the end of
+// the scope -- except on a daemon thread whose interpreter is finalizing: CPython then ends the thread
+// inside PyEval_RestoreThread with pthread_exit, whose forced unwinding may not leave a destructor (that
+// is std::terminate: the whole process aborts at exit). Such a thread is parked instead, holding nothing
+// of Python's, until the main thread's exit ends the process.
+class WithoutGil {
+ public:
+  WithoutGil() : state_(PyEval_SaveThread()) {}
+  WithoutGil(const WithoutGil&) = delete;
+  WithoutGil& operator=(const WithoutGil&) = delete;
+  ~WithoutGil() {
+    try {
+      PyEval_RestoreThread(state_);
+    } catch (abi::__forced_unwind&) {  // never leaves the handler: the process is exiting
+      for (;;) pause();
+    }
+  }
+
+ private:
+  PyThreadState* state_;
+};
 
 GroupConfig config_from(const py::dict& d) {
   GroupConfig c;
@@ -79,11 +102,16 @@ py::dtype numpy_dtype(DType dtype) {
   return py::dtype::of<std::uint8_t>();
 }
 
-// A zero-filled (rows,) or (rows, cols) array.
+// A zero-filled C-contiguous (rows,) or (rows, cols) array. Its strides and size come from moedist's
+// element sizes, never from the numpy dtype's itemsize: pybind11 before 2.12 (Debian 12 has 2.10) reads
+// that from numpy 1's PyArray_Descr layout, which numpy 2 changed, so under numpy 2 it is garbage.
 py::array zeros(DType dtype, std::int64_t rows, std::int64_t cols, bool matrix) {
+  const auto element = static_cast<py::ssize_t>(dtype_size(dtype));
   const std::vector<py::ssize_t> shape = matrix ? std::vector<py::ssize_t>{rows, cols} : std::vector<py::ssize_t>{rows};
-  py::array out(numpy_dtype(dtype), shape);
-  std::memset(out.mutable_data(), 0, static_cast<std::size_t>(out.nbytes()));
+  const std::vector<py::ssize_t> strides =
+      matrix ? std::vector<py::ssize_t>{cols * element, element} : std::vector<py::ssize_t>{element};
+  py::array out(numpy_dtype(dtype), shape, strides);
+  std::memset(out.mutable_data(), 0, static_cast<std::size_t>(rows * (matrix ? cols : 1) * element));
   return out;
 }
 
@@ -108,6 +136,9 @@ ViewAs view_as(const py::dict& views, const char* name) {
   return views.contains(name) ? views[name].cast<ViewAs>() : ViewAs::native;
 }
 
+// A C++ group as the package holds it. Its calls are serialized by its lock; close() destroys the group
+// under that lock, so a call running on another thread finishes first, and every call after close()
+// raises a moedist Error that says the group is closed.
 class PyGroup {
  public:
   explicit PyGroup(std::unique_ptr<Group> g) : group_(std::move(g)) {}
@@ -127,9 +158,9 @@ class PyGroup {
     DispatchResult r;
     std::unique_lock<std::mutex> serial(*mutex_, std::defer_lock);
     {
-      py::gil_scoped_release unlocked;
+      const WithoutGil unlocked;
       serial.lock();  // taken without the GIL, so that a thread waiting here never blocks the holder
-      r = group_->dispatch(bx.view, bids.view, o);
+      r = open_group("dispatch").dispatch(bx.view, bids.view, o);
     }
     // Still locked while the results are copied: they are group-owned buffers the next call reuses.
     // Row counts are a function of the arguments alone (capacity().max_receive_rows: torch_npu's
@@ -181,15 +212,20 @@ class PyGroup {
       o.out = matrix_view(out.mutable_data(), x.dtype, bids.view.rows(), x.cols());
     }
     {
-      py::gil_scoped_release unlocked;
+      const WithoutGil unlocked;
       const std::lock_guard<std::mutex> serial(*mutex_);
-      group_->combine(x, bids.view, bidx.view, bcounts.view, bweights.view, o);
+      open_group("combine").combine(x, bids.view, bidx.view, bcounts.view, bweights.view, o);
     }
     return out;
   }
 
   py::dict config() const {
-    const GroupConfig& c = group_->config();
+    GroupConfig c;
+    {
+      const WithoutGil unlocked;
+      const std::lock_guard<std::mutex> serial(*mutex_);
+      c = open_group("config").config();
+    }
     py::dict d;
     d["ep_world_size"] = c.ep_world_size;
     d["ep_rank_id"] = c.ep_rank_id;
@@ -206,9 +242,9 @@ class PyGroup {
   py::dict traffic() const {
     TrafficCounters t;
     {
-      py::gil_scoped_release unlocked;
+      const WithoutGil unlocked;
       const std::lock_guard<std::mutex> serial(*mutex_);
-      t = group_->traffic();
+      t = open_group("traffic").traffic();
     }
     py::dict d;
     d["dispatch_rows_sent"] = t.dispatch_rows_sent;
@@ -222,27 +258,49 @@ class PyGroup {
     return d;
   }
 
+  // Destroys the C++ group (its buffers, shared memory and connections) and returns true. With wait, a
+  // call running on another thread finishes first. Without wait (interpreter exit, when a daemon thread
+  // may be stuck in a collective call for its timeout), a group in use is not destroyed: it is marked
+  // closed for later calls and false is returned; the call that holds it keeps it to the end, and the
+  // process's exit reclaims it. Closing a closed group does nothing.
+  bool close(bool wait) {
+    std::unique_ptr<Group> doomed;
+    {
+      const WithoutGil unlocked;
+      std::unique_lock<std::mutex> serial(*mutex_, std::defer_lock);
+      if (wait) {
+        serial.lock();
+      } else if (!serial.try_lock()) {
+        closed_ = true;
+        return false;
+      }
+      closed_ = true;
+      doomed = std::move(group_);
+      doomed.reset();  // still under the lock and without the GIL: a peer's last message may be awaited
+    }
+    return true;
+  }
+
+  bool closed() const { return closed_; }
+
  private:
+  // The group, for a call made under the lock; a moedist Error once the group is closed.
+  Group& open_group(const char* call) const {
+    if (closed_ || !group_) {
+      throw Error(ErrorCode::invalid_argument, std::string("moedist group: ") + call +
+                                                   " on a closed group (closed by Group.close(), a with block's end "
+                                                   "or interpreter exit): create the group again to use it");
+    }
+    return *group_;
+  }
+
   std::unique_ptr<Group> group_;
+  std::atomic<bool> closed_{false};
   // One C++ group serves every Python thread of the process that names it (group_for caches it per
   // world, members and config), and the GIL is released during its calls: this serializes them, since a Group's
   // calls must not overlap (they share its buffers, call counter and transport).
   std::unique_ptr<std::mutex> mutex_ = std::make_unique<std::mutex>();
 };
-
-// pybind11 before 2.12 reads numpy 2's dtype descriptors at numpy 1's offsets: every array it makes gets
-// a wrong element size, and results come out silently wrong. Such a build refuses to load beside numpy 2.
-void refuse_numpy_this_pybind11_cannot_read() {
-#if PYBIND11_VERSION_MAJOR < 2 || (PYBIND11_VERSION_MAJOR == 2 && PYBIND11_VERSION_MINOR < 12)
-  const std::string numpy_version = py::str(py::module_::import("numpy").attr("__version__"));
-  if (!numpy_version.empty() && numpy_version[0] != '0' && numpy_version[0] != '1') {
-    throw py::import_error("moedist._moedist was built with pybind11 " + std::to_string(PYBIND11_VERSION_MAJOR) + "." +
-                           std::to_string(PYBIND11_VERSION_MINOR) + ", which cannot read numpy " + numpy_version +
-                           "'s arrays (numpy 2 needs pybind11 >= 2.12): install numpy < 2 in this environment, or "
-                           "build moedist with a newer pybind11 (pip install pybind11, then pip install .)");
-  }
-#endif
-}
 
 // moedist errors as moedist._errors exceptions, with the C++ message and fields.
 // pybind11 calls exception translators through void(*)(std::exception_ptr): by value.
@@ -271,7 +329,6 @@ PYBIND11_MODULE(_moedist, m) {
   using namespace moedist;
   using namespace moedist::python;
   m.doc() = "moedist's C++ groups and operators (use the moedist package, not this module)";
-  refuse_numpy_this_pybind11_cannot_read();
   m.attr("version") = version_string();
 #ifdef MOEDIST_HAVE_MPI
   m.attr("has_mpi") = true;
@@ -317,7 +374,9 @@ PYBIND11_MODULE(_moedist, m) {
            py::arg("shared_expert_x"), py::arg("out_dtype"), py::arg("comm_quant_mode"), py::arg("group_list_type"),
            py::arg("views"))
       .def_property_readonly("config", &PyGroup::config)
-      .def("traffic", &PyGroup::traffic);
+      .def("traffic", &PyGroup::traffic)
+      .def("close", &PyGroup::close, py::arg("wait") = true)
+      .def_property_readonly("closed", &PyGroup::closed);
 
   m.def(
       "join_shm",
@@ -327,10 +386,10 @@ PYBIND11_MODULE(_moedist, m) {
         const GroupConfig c = config_from(config);
         std::unique_ptr<Group> g;
         {
-          py::gil_scoped_release unlocked;
+          const WithoutGil unlocked;
           g = join_shm(c, job, o);
         }
-        return PyGroup(std::move(g));
+        return std::make_unique<PyGroup>(std::move(g));
       },
       py::arg("config"), py::arg("job"), py::arg("timeout_ms"));
 #ifdef MOEDIST_HAVE_MPI
@@ -342,10 +401,10 @@ PYBIND11_MODULE(_moedist, m) {
         const GroupConfig c = config_from(config);
         std::unique_ptr<Group> g;
         {
-          py::gil_scoped_release unlocked;
+          const WithoutGil unlocked;
           g = join_mpi(reinterpret_cast<MPI_Comm>(comm_handle), c, o);  // NOLINT: an mpi4py handle is the C MPI_Comm
         }
-        return PyGroup(std::move(g));
+        return std::make_unique<PyGroup>(std::move(g));
       },
       py::arg("comm_handle"), py::arg("config"), py::arg("timeout_ms"));
 #endif

@@ -229,6 +229,8 @@ def test_zero_tokens_match_the_oracle(seed, kind, job):
 
 # ---- forms torch_npu refuses, or moedist cannot read: named ----
 
+# torch 2.13 deprecates making quantized tensors; the test still needs one, to see it refused.
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
 def test_tensor_forms_that_are_refused_are_named(one):
     x, ids, w = inputs()
     bad = [
