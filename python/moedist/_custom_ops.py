@@ -13,6 +13,10 @@ A"), and L the rank's local experts. Combine gives (BS, H) in expand_x's dtype.
 
 The ops are collective and write nothing of their inputs; they are marked as having side effects, so a
 graph never drops a call whose results are unused (every rank must make every call)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
 import torch
 
 from . import _moedist
@@ -40,13 +44,13 @@ _CONFIG_KEYS = ("ep_world_size", "ep_rank_id", "moe_expert_num", "tp_world_size"
                 "shared_expert_num", "shared_expert_rank_num", "global_bs")
 
 
-def supported():
+def supported() -> bool:
     """Whether this torch can register the ops (torch.library with fake kernels: torch >= 2.1)."""
     version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
     return version >= (2, 1) and hasattr(torch.library, "Library")
 
 
-def _matrix(name, t):
+def _matrix(name: str, t: torch.Tensor) -> Tuple[int, int]:
     """(rows, cols) of a 2-D tensor argument, or a ValidationError as the C++ checks would raise it."""
     if t.dim() != 2:
         raise ValidationError(f"{name}.dim() = {t.dim()}: must be 2", "invalid_shape", f"{name}.dim()", str(t.dim()),
@@ -54,7 +58,8 @@ def _matrix(name, t):
     return int(t.shape[0]), int(t.shape[1])
 
 
-def dispatch_shapes(x, expert_ids, quant_mode, config):
+def dispatch_shapes(x: torch.Tensor, expert_ids: torch.Tensor, quant_mode: int,
+                    config: Dict[str, int]) -> List[Tuple[Tuple[int, ...], torch.dtype]]:
     """The output shapes and dtypes of dispatch, from the arguments alone (see the module's docstring)."""
     bs, h = _matrix("x", x)
     ids_rows, k = _matrix("expert_ids", expert_ids)
@@ -70,29 +75,35 @@ def dispatch_shapes(x, expert_ids, quant_mode, config):
             ((rows,), torch.float32)]
 
 
-def _config(args):
+def _config(args: Dict[str, Any]) -> Dict[str, int]:
     return {key: args[key] for key in _CONFIG_KEYS}
 
 
-def _dispatch_fake(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, *, scales=None,
-                   x_active_mask=None, expert_scales=None, group_tp="", tp_world_size=0, tp_rank_id=0,
-                   expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0, quant_mode=0, global_bs=0,
-                   expert_token_nums_type=1):
+def _dispatch_fake(x: torch.Tensor, expert_ids: torch.Tensor, group_ep: str, ep_world_size: int, ep_rank_id: int,
+                   moe_expert_num: int, *, scales: Optional[torch.Tensor] = None,
+                   x_active_mask: Optional[torch.Tensor] = None, expert_scales: Optional[torch.Tensor] = None,
+                   group_tp: str = "", tp_world_size: int = 0, tp_rank_id: int = 0, expert_shard_type: int = 0,
+                   shared_expert_num: int = 1, shared_expert_rank_num: int = 0, quant_mode: int = 0, global_bs: int = 0,
+                   expert_token_nums_type: int = 1) -> Tuple[torch.Tensor, ...]:
     config = _config(locals())
     return tuple(x.new_empty(shape, dtype=dtype) for shape, dtype in dispatch_shapes(x, expert_ids, quant_mode, config))
 
 
-def _combine_fake(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep, ep_world_size,
-                  ep_rank_id, moe_expert_num, *, tp_send_counts=None, x_active_mask=None, activation_scale=None,
-                  weight_scale=None, group_list=None, expand_scales=None, shared_expert_x=None, group_tp="",
-                  tp_world_size=0, tp_rank_id=0, expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0,
-                  global_bs=0, out_dtype=0, comm_quant_mode=0, group_list_type=0):
+def _combine_fake(expand_x: torch.Tensor, expert_ids: torch.Tensor, expand_idx: torch.Tensor,
+                  ep_send_counts: torch.Tensor, expert_scales: torch.Tensor, group_ep: str, ep_world_size: int,
+                  ep_rank_id: int, moe_expert_num: int, *, tp_send_counts: Optional[torch.Tensor] = None,
+                  x_active_mask: Optional[torch.Tensor] = None, activation_scale: Optional[torch.Tensor] = None,
+                  weight_scale: Optional[torch.Tensor] = None, group_list: Optional[torch.Tensor] = None,
+                  expand_scales: Optional[torch.Tensor] = None, shared_expert_x: Optional[torch.Tensor] = None,
+                  group_tp: str = "", tp_world_size: int = 0, tp_rank_id: int = 0, expert_shard_type: int = 0,
+                  shared_expert_num: int = 1, shared_expert_rank_num: int = 0, global_bs: int = 0, out_dtype: int = 0,
+                  comm_quant_mode: int = 0, group_list_type: int = 0) -> torch.Tensor:
     _, h = _matrix("expand_x", expand_x)
     bs, _ = _matrix("expert_ids", expert_ids)
     return expand_x.new_empty((bs, h))
 
 
-def _register_fake(qualified, fn, lib):
+def _register_fake(qualified: str, fn: Callable[..., Any], lib: torch.library.Library) -> None:
     if hasattr(torch.library, "register_fake"):  # torch >= 2.4
         torch.library.register_fake(qualified, fn, lib=lib)
     elif hasattr(torch.library, "impl_abstract"):  # torch 2.2, 2.3
@@ -101,17 +112,17 @@ def _register_fake(qualified, fn, lib):
         lib.impl(qualified.split("::")[1], fn, "Meta")
 
 
-def _mark_side_effects(op):
+def _mark_side_effects(op: Any) -> None:
     # A collective: every rank must make the call, even one whose results nobody reads.
     has_side_effect = getattr(torch.fx.node, "has_side_effect", None)
     if has_side_effect is not None:
         has_side_effect(op)
 
 
-_library = None
+_library: Optional[torch.library.Library] = None
 
 
-def register(dispatch_kernel, combine_kernel):
+def register(dispatch_kernel: Callable[..., Any], combine_kernel: Callable[..., Any]) -> Tuple[Any, Any]:
     """Defines the two ops once per process, with the given CPU kernels; returns (dispatch, combine)."""
     global _library
     if _library is None:

@@ -4,9 +4,14 @@ defaults (contract §1.1, §1.3), over moedist's C++ groups.
 With torch >= 2.1 the operators are also torch custom ops (_custom_ops.py): a call with torch tensors
 goes through ``torch.ops.moedist.*``, whose CPU kernels are the eager functions here (_dispatch,
 _combine), so that torch.compile traces it; numpy arrays, and torch 1.13, call the eager functions."""
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, Dict, Optional, Tuple
+
 from . import _groups
 from ._errors import ValidationError
-from ._integers import integer
+from ._integers import Integer, integer
 from ._moedist import ViewAs
 from ._tensors import is_bfloat16, kind_of, output, prepare
 
@@ -28,21 +33,24 @@ class _Tensors:
     joined or sent): ``[name]`` is the object it reads, ``views`` says which parameters it reads as
     another dtype."""
 
-    def __init__(self, **tensors):
-        self.objects, self.views = {}, {}
+    def __init__(self, **tensors: Any) -> None:
+        self.objects: Dict[str, Any] = {}
+        self.views: Dict[str, ViewAs] = {}
         for name, value in tensors.items():
             self.objects[name], view_as, _ = prepare(name, value)
             if view_as != ViewAs.native:
                 self.views[name] = view_as
 
-    def __getitem__(self, name):
+    def __getitem__(self, name: str) -> Any:
         return self.objects[name]
 
 
-def npu_moe_distribute_dispatch(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, *, scales=None,
-                                x_active_mask=None, expert_scales=None, group_tp="", tp_world_size=0, tp_rank_id=0,
-                                expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0, quant_mode=0,
-                                global_bs=0, expert_token_nums_type=1):
+def npu_moe_distribute_dispatch(x: Any, expert_ids: Any, group_ep: str, ep_world_size: Integer, ep_rank_id: Integer,
+                                moe_expert_num: Integer, *, scales: Any = None, x_active_mask: Any = None,
+                                expert_scales: Any = None, group_tp: str = "", tp_world_size: Integer = 0,
+                                tp_rank_id: Integer = 0, expert_shard_type: Integer = 0, shared_expert_num: Integer = 1,
+                                shared_expert_rank_num: Integer = 0, quant_mode: Integer = 0, global_bs: Integer = 0,
+                                expert_token_nums_type: Integer = 1) -> Tuple[Any, ...]:
     """Sends every token of ``x`` (BS, H) to the ranks of its top-K experts ``expert_ids`` (BS, K).
 
     Returns (expand_x, dynamic_scales, expand_idx, expert_token_nums, ep_recv_counts, tp_recv_counts,
@@ -57,14 +65,18 @@ def npu_moe_distribute_dispatch(x, expert_ids, group_ep, ep_world_size, ep_rank_
                 quant_mode=quant_mode, global_bs=global_bs, expert_token_nums_type=expert_token_nums_type)
     if _registered_ops is not None and _op_takes(x, expert_ids, *(args[name] for name in _DISPATCH_TENSORS)):
         a = _op_arguments(args, _DISPATCH_TENSORS, _DISPATCH_INTS)
-        return _registered_ops[0](_detached(x), _detached(expert_ids), _group_name("group_ep", group_ep),
-                                  a.pop("ep_world_size"), a.pop("ep_rank_id"), a.pop("moe_expert_num"), **a)
+        op = _registered_ops[0]
+        results: Tuple[Any, ...] = op(_detached(x), _detached(expert_ids), _group_name("group_ep", group_ep),
+                                      a.pop("ep_world_size"), a.pop("ep_rank_id"), a.pop("moe_expert_num"), **a)
+        return results
     return _dispatch(x, expert_ids, group_ep, **args)
 
 
-def _dispatch(x, expert_ids, group_ep, *, ep_world_size, ep_rank_id, moe_expert_num, scales, x_active_mask,
-              expert_scales, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
-              shared_expert_rank_num, quant_mode, global_bs, expert_token_nums_type):
+def _dispatch(x: Any, expert_ids: Any, group_ep: Any, *, ep_world_size: Integer, ep_rank_id: Integer,
+              moe_expert_num: Integer, scales: Any, x_active_mask: Any, expert_scales: Any, group_tp: Any,
+              tp_world_size: Integer, tp_rank_id: Integer, expert_shard_type: Integer, shared_expert_num: Integer,
+              shared_expert_rank_num: Integer, quant_mode: Integer, global_bs: Integer,
+              expert_token_nums_type: Integer) -> Tuple[Any, ...]:
     """The eager dispatch (also the registered op's CPU kernel)."""
     ints = _ints(locals(), _DISPATCH_INTS)
     config = {name: ints[name] for name in _CONFIG}
@@ -78,12 +90,14 @@ def _dispatch(x, expert_ids, group_ep, *, ep_world_size, ep_rank_id, moe_expert_
     return tuple(output(a, kind_of(x), expand_x_bf16 and i == 0) for i, a in enumerate(results[:7]))
 
 
-def npu_moe_distribute_combine(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep, ep_world_size,
-                               ep_rank_id, moe_expert_num, *, tp_send_counts=None, x_active_mask=None,
-                               activation_scale=None, weight_scale=None, group_list=None, expand_scales=None,
-                               shared_expert_x=None, group_tp="", tp_world_size=0, tp_rank_id=0, expert_shard_type=0,
-                               shared_expert_num=1, shared_expert_rank_num=0, global_bs=0, out_dtype=0,
-                               comm_quant_mode=0, group_list_type=0):
+def npu_moe_distribute_combine(expand_x: Any, expert_ids: Any, expand_idx: Any, ep_send_counts: Any, expert_scales: Any,
+                               group_ep: str, ep_world_size: Integer, ep_rank_id: Integer, moe_expert_num: Integer, *,
+                               tp_send_counts: Any = None, x_active_mask: Any = None, activation_scale: Any = None,
+                               weight_scale: Any = None, group_list: Any = None, expand_scales: Any = None,
+                               shared_expert_x: Any = None, group_tp: str = "", tp_world_size: Integer = 0,
+                               tp_rank_id: Integer = 0, expert_shard_type: Integer = 0, shared_expert_num: Integer = 1,
+                               shared_expert_rank_num: Integer = 0, global_bs: Integer = 0, out_dtype: Integer = 0,
+                               comm_quant_mode: Integer = 0, group_list_type: Integer = 0) -> Any:
     """Brings the expert outputs ``expand_x`` (in dispatch's row order) back to their tokens and adds
     them, weighted by ``expert_scales`` (the shared expert unweighted). Returns (BS, H) in expand_x's
     dtype, as the caller's kind of tensor. Collective."""
@@ -103,10 +117,12 @@ def npu_moe_distribute_combine(expand_x, expert_ids, expand_idx, ep_send_counts,
     return _combine(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep, **args)
 
 
-def _combine(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep, *, ep_world_size, ep_rank_id,
-             moe_expert_num, tp_send_counts, x_active_mask, activation_scale, weight_scale, group_list, expand_scales,
-             shared_expert_x, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
-             shared_expert_rank_num, global_bs, out_dtype, comm_quant_mode, group_list_type):
+def _combine(expand_x: Any, expert_ids: Any, expand_idx: Any, ep_send_counts: Any, expert_scales: Any, group_ep: Any, *,
+             ep_world_size: Integer, ep_rank_id: Integer, moe_expert_num: Integer, tp_send_counts: Any,
+             x_active_mask: Any, activation_scale: Any, weight_scale: Any, group_list: Any, expand_scales: Any,
+             shared_expert_x: Any, group_tp: Any, tp_world_size: Integer, tp_rank_id: Integer,
+             expert_shard_type: Integer, shared_expert_num: Integer, shared_expert_rank_num: Integer,
+             global_bs: Integer, out_dtype: Integer, comm_quant_mode: Integer, group_list_type: Integer) -> Any:
     """The eager combine (also the registered op's CPU kernel)."""
     ints = _ints(locals(), _COMBINE_INTS)
     config = {name: ints[name] for name in _CONFIG}
@@ -123,12 +139,12 @@ def _combine(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, gr
     return output(out, kind_of(expand_x), is_bfloat16(expand_x))
 
 
-def _ints(args, names):
+def _ints(args: Dict[str, Any], names: Tuple[str, ...]) -> Dict[str, int]:
     """The int arguments, each read as torch reads an int (_integers.py) or refused by name."""
     return {name: integer(name, args[name]) for name in names}
 
 
-def _op_takes(*tensors):
+def _op_takes(*tensors: Any) -> bool:
     """Whether a call goes through the registered op: every tensor argument a dense torch tensor, all on
     the CPU (or all on the meta device, where the op computes shapes only, as torch ops do). numpy arrays,
     mixed kinds or devices and tensors the op could not take (sparse, quantized, other devices) take the
@@ -143,14 +159,14 @@ def _op_takes(*tensors):
     return devices == {"cpu"} or devices == {"meta"}
 
 
-def _compiling():
+def _compiling() -> bool:
     compiler = getattr(_torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
-        return compiler.is_compiling()
-    return _torch._dynamo.is_compiling()
+        return bool(compiler.is_compiling())
+    return bool(_torch._dynamo.is_compiling())
 
 
-def _op_arguments(args, tensor_names, int_names):
+def _op_arguments(args: Dict[str, Any], tensor_names: Tuple[str, ...], int_names: Tuple[str, ...]) -> Dict[str, Any]:
     """``args`` as a registered op takes them: tensors detached, ints as Python ints (eagerly read as
     torch reads an int, or refused by name; while torch.compile traces they are the graph's constants
     and go as they are), group_tp a string."""
@@ -161,39 +177,42 @@ def _op_arguments(args, tensor_names, int_names):
     return out
 
 
-def _group_name(parameter, name):
+def _group_name(parameter: str, name: object) -> str:
     if not isinstance(name, str):
         raise ValidationError(f"{parameter} = {name!r}: must be a string (a group's name)", "invalid_argument", parameter,
                               repr(name), "must be a string (a group's name)")
     return name
 
 
-def _detached(t):
+def _detached(t: Any) -> Any:
     # The ops have no autograd formula: what they read of a tensor that requires grad is its data.
     return t.detach() if isinstance(t, _torch.Tensor) else t
 
 
 # The registered ops' CPU kernels: torch passes the schema's arguments, kwarg-only ones by name.
-def _dispatch_kernel(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales=None,
-                     x_active_mask=None, expert_scales=None, group_tp="", tp_world_size=0, tp_rank_id=0,
-                     expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0, quant_mode=0, global_bs=0,
-                     expert_token_nums_type=1):
+def _dispatch_kernel(x: Any, expert_ids: Any, group_ep: str, ep_world_size: int, ep_rank_id: int, moe_expert_num: int,
+                     scales: Any = None, x_active_mask: Any = None, expert_scales: Any = None, group_tp: str = "",
+                     tp_world_size: int = 0, tp_rank_id: int = 0, expert_shard_type: int = 0,
+                     shared_expert_num: int = 1, shared_expert_rank_num: int = 0, quant_mode: int = 0,
+                     global_bs: int = 0, expert_token_nums_type: int = 1) -> Tuple[Any, ...]:
     args = dict(locals())
     return _dispatch(args.pop("x"), args.pop("expert_ids"), args.pop("group_ep"), **args)
 
 
-def _combine_kernel(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep, ep_world_size,
-                    ep_rank_id, moe_expert_num, tp_send_counts=None, x_active_mask=None, activation_scale=None,
-                    weight_scale=None, group_list=None, expand_scales=None, shared_expert_x=None, group_tp="",
-                    tp_world_size=0, tp_rank_id=0, expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0,
-                    global_bs=0, out_dtype=0, comm_quant_mode=0, group_list_type=0):
+def _combine_kernel(expand_x: Any, expert_ids: Any, expand_idx: Any, ep_send_counts: Any, expert_scales: Any,
+                    group_ep: str, ep_world_size: int, ep_rank_id: int, moe_expert_num: int, tp_send_counts: Any = None,
+                    x_active_mask: Any = None, activation_scale: Any = None, weight_scale: Any = None,
+                    group_list: Any = None, expand_scales: Any = None, shared_expert_x: Any = None, group_tp: str = "",
+                    tp_world_size: int = 0, tp_rank_id: int = 0, expert_shard_type: int = 0, shared_expert_num: int = 1,
+                    shared_expert_rank_num: int = 0, global_bs: int = 0, out_dtype: int = 0, comm_quant_mode: int = 0,
+                    group_list_type: int = 0) -> Any:
     args = dict(locals())
     leading = [args.pop(name) for name in ("expand_x", "expert_ids", "expand_idx", "ep_send_counts", "expert_scales",
                                            "group_ep")]
     return _combine(*leading, **args)
 
 
-def _import_torch():
+def _import_torch() -> Optional[ModuleType]:
     try:
         import torch
     except ImportError:
@@ -201,7 +220,7 @@ def _import_torch():
     return torch
 
 
-def _register_ops():
+def _register_ops() -> Optional[Tuple[Any, Any]]:
     """The registered (dispatch, combine) ops where this torch supports them, else None. They are
     registered when moedist is imported (torch with it, where installed), so that torch.ops.moedist.*
     exist before anything is compiled."""
@@ -213,5 +232,5 @@ def _register_ops():
     return _custom_ops.register(_dispatch_kernel, _combine_kernel)
 
 
-_torch = _import_torch()
+_torch: Any = _import_torch()  # the torch module, or None
 _registered_ops = _register_ops()

@@ -5,7 +5,10 @@ dynamic=False)``. Here ``import moedist.torchair as torchair`` gives a ``get_npu
 CPU backend of torch.compile: inductor by default, or the one a CompilerConfig (or the environment variable
 MOEDIST_TORCHAIR_BACKEND) names. The operators inside the module are moedist's registered ops
 (torch.ops.moedist.*), which every backend runs as they are. Needs torch >= 2.1."""
+from __future__ import annotations
+
 import os
+from typing import Mapping, Optional
 
 from ._errors import ValidationError
 
@@ -22,7 +25,8 @@ class CompilerConfig:
         self.backend = os.environ.get("MOEDIST_TORCHAIR_BACKEND", "inductor")
 
 
-def get_npu_backend(*, compiler_config=None, custom_decompositions=None):
+def get_npu_backend(*, compiler_config: Optional[CompilerConfig] = None,
+                    custom_decompositions: Optional[Mapping[object, object]] = None) -> str:
     """The torch.compile backend for a module calling moedist's operators (a backend name torch.compile
     takes). ``custom_decompositions``, torchair's hook for the NPU graph compiler, has no CPU counterpart
     and must be empty."""

@@ -17,7 +17,7 @@ from cases import bits_of, random_case, rank_kwargs, to_mask, to_other, to_tenso
 from conftest import SOURCE_DIR, run_ranks
 from moedist import _custom_ops, _ops
 
-pytestmark = pytest.mark.skipif(_ops._registered_ops is None,
+pytestmark = pytest.mark.skipif(_ops._registered_ops is None,  # not collected there (conftest.py)
                                 reason=f"torch {torch.__version__} cannot register custom ops (needs torch >= 2.1)")
 
 # torch_npu's parameter lists ([OP-YAML]; contract §1.1, §1.3), in order, with their defaults.
