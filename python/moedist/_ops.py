@@ -7,7 +7,7 @@ _combine), so that torch.compile traces it; numpy arrays, and torch 1.13, call t
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import _groups
 from ._errors import ValidationError
@@ -63,7 +63,7 @@ def npu_moe_distribute_dispatch(x: Any, expert_ids: Any, group_ep: str, ep_world
                 tp_world_size=tp_world_size, tp_rank_id=tp_rank_id, expert_shard_type=expert_shard_type,
                 shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
                 quant_mode=quant_mode, global_bs=global_bs, expert_token_nums_type=expert_token_nums_type)
-    if _registered_ops is not None and _op_takes(x, expert_ids, *(args[name] for name in _DISPATCH_TENSORS)):
+    if _registered_ops is not None and _through_op(x, expert_ids, *(args[name] for name in _DISPATCH_TENSORS)):
         a = _op_arguments(args, _DISPATCH_TENSORS, _DISPATCH_INTS)
         op = _registered_ops[0]
         results: Tuple[Any, ...] = op(_detached(x), _detached(expert_ids), _group_name("group_ep", group_ep),
@@ -108,8 +108,8 @@ def npu_moe_distribute_combine(expand_x: Any, expert_ids: Any, expand_idx: Any, 
                 expert_shard_type=expert_shard_type, shared_expert_num=shared_expert_num,
                 shared_expert_rank_num=shared_expert_rank_num, global_bs=global_bs, out_dtype=out_dtype,
                 comm_quant_mode=comm_quant_mode, group_list_type=group_list_type)
-    if _registered_ops is not None and _op_takes(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales,
-                                                 *(args[name] for name in _COMBINE_TENSORS)):
+    if _registered_ops is not None and _through_op(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales,
+                                                   *(args[name] for name in _COMBINE_TENSORS)):
         a = _op_arguments(args, _COMBINE_TENSORS, _COMBINE_INTS)
         return _registered_ops[1](_detached(expand_x), _detached(expert_ids), _detached(expand_idx),
                                   _detached(ep_send_counts), _detached(expert_scales), _group_name("group_ep", group_ep),
@@ -142,6 +142,19 @@ def _combine(expand_x: Any, expert_ids: Any, expand_idx: Any, ep_send_counts: An
 def _ints(args: Dict[str, Any], names: Tuple[str, ...]) -> Dict[str, int]:
     """The int arguments, each read as torch reads an int (_integers.py) or refused by name."""
     return {name: integer(name, args[name]) for name in names}
+
+
+def _through_op(*tensors: Any) -> bool:
+    """Whether a call is made through its registered op: when the op can take its tensors (_op_takes)
+    and something would see the difference -- torch.compile tracing, a torch dispatch or function mode
+    (fake tensors, make_fx, export, a profiler's record of ops), a tensor subclass. A plain eager call
+    runs the op's CPU kernel directly: the same function, without the dispatcher's boxing of some 20
+    arguments each way (tens of µs, several times the rest of the Python layer)."""
+    if not _op_takes(*tensors):
+        return False
+    if _compiling() or _current_dispatch_mode() is not None or _torch._C._is_torch_function_mode_enabled():
+        return True
+    return any(t is not None and type(t) is not _torch.Tensor for t in tensors)
 
 
 def _op_takes(*tensors: Any) -> bool:
@@ -186,7 +199,7 @@ def _group_name(parameter: str, name: object) -> str:
 
 def _detached(t: Any) -> Any:
     # The ops have no autograd formula: what they read of a tensor that requires grad is its data.
-    return t.detach() if isinstance(t, _torch.Tensor) else t
+    return t.detach() if isinstance(t, _torch.Tensor) and t.requires_grad else t
 
 
 # The registered ops' CPU kernels: torch passes the schema's arguments, kwarg-only ones by name.
@@ -233,4 +246,9 @@ def _register_ops() -> Optional[Tuple[Any, Any]]:
 
 
 _torch: Any = _import_torch()  # the torch module, or None
+_current_dispatch_mode: Callable[[], Any] = lambda: None  # torch's innermost dispatch mode, where torch is
+if _torch is not None:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    _current_dispatch_mode = _get_current_dispatch_mode
 _registered_ops = _register_ops()

@@ -61,7 +61,8 @@ def prepare(name: str, t: Any) -> Tuple[Any, ViewAs, Optional[str]]:
         if t.layout != torch.strided:
             raise ValidationError(f"{name}.layout = {t.layout}: must be torch.strided (a dense tensor)", "invalid_argument",
                                   f"{name}.layout", str(t.layout), "must be torch.strided (a dense tensor)")
-        t = t.detach()  # DLPack cannot export a tensor that requires grad
+        if t.requires_grad:
+            t = t.detach()  # DLPack cannot export a tensor that requires grad
         if t.dtype == torch.bool:  # torch 1.13's DLPack refuses bool: its bytes, read as bools, without a copy
             return t.view(torch.uint8), ViewAs.boolean, "torch"
         return t, ViewAs.native, "torch"
