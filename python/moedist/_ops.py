@@ -87,7 +87,8 @@ def _dispatch(x: Any, expert_ids: Any, group_ep: Any, *, ep_world_size: Integer,
                              quant_mode=ints["quant_mode"], expert_token_nums_type=ints["expert_token_nums_type"],
                              views=tensors.views)
     expand_x_bf16 = is_bfloat16(x) and ints["quant_mode"] == 0
-    return tuple(output(a, kind_of(x), expand_x_bf16 and i == 0) for i, a in enumerate(results[:7]))
+    kind = kind_of(x)
+    return tuple(output(a, kind, expand_x_bf16 and i == 0) for i, a in enumerate(results[:7]))
 
 
 def npu_moe_distribute_combine(expand_x: Any, expert_ids: Any, expand_idx: Any, ep_send_counts: Any, expert_scales: Any,
@@ -147,11 +148,13 @@ def _ints(args: Dict[str, Any], names: Tuple[str, ...]) -> Dict[str, int]:
 def _through_op(*tensors: Any) -> bool:
     """Whether a call is made through its registered op: when the op can take its tensors (_op_takes)
     and something would see the difference -- torch.compile tracing, a torch dispatch or function mode
-    (fake tensors, make_fx, export, a profiler's record of ops), a tensor subclass. A plain eager call
+    (fake tensors, make_fx, export, a profiler's record of ops), a tensor subclass, meta tensors. A plain eager call
     runs the op's CPU kernel directly: the same function, without the dispatcher's boxing of some 20
     arguments each way (tens of µs, several times the rest of the Python layer)."""
     if not _op_takes(*tensors):
         return False
+    if tensors[0].is_meta:  # all on the meta device (_op_takes): shapes from the op's fake, nothing runs
+        return True
     if _compiling() or _current_dispatch_mode() is not None or _torch._C._is_torch_function_mode_enabled():
         return True
     return any(t is not None and type(t) is not _torch.Tensor for t in tensors)

@@ -51,10 +51,15 @@ def prepare(name: str, t: Any) -> Tuple[Any, ViewAs, Optional[str]]:
     ``name`` is the torch_npu parameter name, for errors."""
     if t is None:
         return None, ViewAs.native, None
+    torch = sys.modules.get("torch")
+    # The common case first, in a handful of attribute reads: a plain dense CPU tensor of a dtype DLPack
+    # exports, that does not require grad.
+    if torch is not None and type(t) is torch.Tensor and t.is_cpu and t.layout is torch.strided and \
+            not t.requires_grad and t.dtype is not torch.bool:
+        return t, ViewAs.native, "torch"
     if isinstance(t, BFloat16Array):
         return t.array, ViewAs.bfloat16, "numpy"
-    if is_torch(t):
-        import torch
+    if torch is not None and isinstance(t, torch.Tensor):
         if t.device.type != "cpu":
             raise ValidationError(f"{name}.device = {t.device}: must be the CPU (moedist's Python package runs on CPU tensors)",
                                   "invalid_argument", f"{name}.device", str(t.device), "must be the CPU")
@@ -89,7 +94,7 @@ def output(array: np.ndarray, kind: str, bfloat16_bits: bool) -> Any:
     """A result array as the caller's kind of tensor (zero-copy for torch: torch.from_numpy)."""
     if kind != "torch":
         return array
-    import torch
+    torch = sys.modules["torch"]  # the caller passed torch tensors: torch is imported
     if bfloat16_bits:  # torch.from_numpy takes no uint16: reinterpret as int16, then as bfloat16
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
