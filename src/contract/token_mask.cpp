@@ -2,6 +2,7 @@
 
 #include "common/format.h"
 #include "contract/checks.h"
+#include "contract/layout.h"
 
 namespace moedist::contract {
 
@@ -18,7 +19,7 @@ std::int64_t check_token_mask(const GroupConfig& c, const TensorView& mask, std:
          concat("must be (BS,) = (", bs, ",) (a (BS, K) mask is a V2 operator's)"));
   if (bs > 0 && mask.data == nullptr)
     fail(ErrorCode::invalid_argument, "x_active_mask.data", "nullptr", "a mask needs data");
-  if (c.global_bs != 0 && c.global_bs > bs * c.ep_world_size)
+  if (c.global_bs != 0 && c.global_bs > sat_mul(bs, static_cast<std::int64_t>(c.ep_world_size)))
     fail(ErrorCode::invalid_argument, "x_active_mask", shape,
          concat("must be None on a rank with fewer tokens than global_bs / ep_world_size = ",
                 c.global_bs / c.ep_world_size, " (BS = ", bs,
