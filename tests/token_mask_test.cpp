@@ -166,5 +166,43 @@ TEST(TokenMask, CombineWithAnotherMaskThanDispatchIsRefusedOnEveryRank) {
   }
 }
 
+// expand_idx is read in row-major order from any 1-D or 2-D view of BS * K elements: (BS*K, 1),
+// (K, BS), (1, BS*K) and a (BS, K) view with padded rows all combine as the 1-D one does; a 2-D shape
+// whose extents multiply past 2^63 to wrap onto BS * K is refused.
+TEST(ExpandIdxShape, AnyShapeOfBsTimesKElementsCombinesAlike) {
+  casefile::Case c = base_case(41, 0);
+  c.ep_world_size = 1;
+  c.shared_expert_rank_num = 0;
+  c.global_bs = 0;
+  c.ranks.resize(1);
+  c.moe_expert_num = 6;
+  const casefile::RankInputs& in = c.ranks[0];
+  InProcessWorld world(1, RuntimeOptions{{std::chrono::milliseconds(30000)}});
+  const std::unique_ptr<Group> group = world.join(rank_config(c, 0));
+  DispatchOptions d_options;
+  d_options.expert_scales = in.expert_scales;
+  const DispatchResult d = group->dispatch(in.x, in.expert_ids, d_options);
+  const Tensor idx = copy_rows(d.expand_idx, d.expand_idx.rows());  // 10 entries: BS 5, K 2
+  const Tensor rows = copy_rows(d.expand_x, d.valid_rows);
+  const auto combine_with = [&](const TensorView& expand_idx) {
+    return copy_rows(group->combine(rows, in.expert_ids, expand_idx, d.ep_recv_counts, in.expert_scales), 5);
+  };
+  const Tensor want = combine_with(idx.view());
+  std::vector<std::int32_t> padded(5 * 3, -99);  // (5, 2) with a row stride of 3
+  for (int t = 0; t < 10; ++t) padded[static_cast<std::size_t>(t / 2 * 3 + t % 2)] = idx.data<std::int32_t>()[t];
+  const TensorView shapes[] = {matrix_view(idx.raw(), DType::int32, 10, 1), matrix_view(idx.raw(), DType::int32, 2, 5),
+                               matrix_view(idx.raw(), DType::int32, 1, 10),
+                               matrix_view(static_cast<const void*>(padded.data()), DType::int32, 5, 2, 3)};
+  for (const TensorView& view : shapes) {
+    const Tensor got = combine_with(view);
+    EXPECT_TRUE(same_bytes(got, want)) << "expand_idx shape (" << view.shape[0] << ", " << view.shape[1] << ")";
+  }
+  TensorView wrapped = matrix_view(idx.raw(), DType::int32, 3, 0);
+  wrapped.shape[1] = 6148914691236517210;  // 3 * this = 2^64 + 10: wraps to BS * K
+  const Outcome o = capture([&] { group->combine(rows, in.expert_ids, wrapped, d.ep_recv_counts, in.expert_scales); });
+  EXPECT_EQ(o.kind, Outcome::Kind::validation) << describe(o);
+  EXPECT_EQ(o.parameter, "expand_idx.shape") << describe(o);
+}
+
 }  // namespace
 }  // namespace moedist::testing

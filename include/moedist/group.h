@@ -33,7 +33,7 @@ struct DispatchOutputs {
 
 struct DispatchOptions {
   TensorView scales;         // optional smooth scales (E, H) fp32, or (E+1, H) with shared experts
-  TensorView x_active_mask;  // reserved in V1: must be absent
+  TensorView x_active_mask;  // optional (BS,) bool, trues first: tokens [0, trues) are active (docs/contract.md)
   TensorView expert_scales;  // optional (BS, K) fp32 router weights, carried to expand_scales
   int quant_mode = 0;        // 0 = none, 2 = dynamic per-token int8
   int expert_token_nums_type = 1;  // 0 = prefix sum over local experts, 1 = count per local expert
@@ -59,7 +59,7 @@ struct DispatchResult {
 
 struct CombineOptions {
   TensorView tp_send_counts;    // dispatch's tp_recv_counts (T == 2 only)
-  TensorView x_active_mask;     // reserved: must be absent
+  TensorView x_active_mask;     // dispatch's x_active_mask (inactive tokens' rows come back zero)
   TensorView activation_scale;  // reserved: must be absent
   TensorView weight_scale;      // reserved: must be absent
   TensorView group_list;        // reserved: must be absent
@@ -102,7 +102,8 @@ class Group {
   DispatchResult dispatch(const TensorView& x, const TensorView& expert_ids, const DispatchOptions& options = {});
 
   // torch_npu.npu_moe_distribute_combine. Returns (BS, H) in expand_x's dtype: options.out if given,
-  // else group storage valid until the next combine on this group.
+  // else group storage valid until the next combine on this group. expand_idx may have any 1-D or 2-D
+  // shape of BS * K elements, read in row-major order (1-D under the ascend_a3 profile).
   //
   // Lifetime of the rows it reads. Without a TP domain (T <= 1) the other ranks of this rank's host read
   // its expert-output rows straight from its window: combine_buffer(), dispatch's expand_x passed back,

@@ -135,7 +135,9 @@ std::int64_t check_ids_and_profile(const GroupConfig& c, const TensorView& ids, 
 void check_expand_idx_shape(const GroupConfig& c, const TensorView& expand_idx, std::int64_t bs, std::int64_t k) {
   if (c.profile == Profile::ascend_a3 || expand_idx.ndim == 1)
     return require_vector_len("expand_idx", expand_idx, bs * k);
-  if (expand_idx.ndim != 2 || expand_idx.numel() != bs * k || expand_idx.shape[0] < 0 || expand_idx.shape[1] < 0)
+  std::int64_t elements = 0;  // without overflow: a shape whose product wraps must not pass as BS * K
+  if (expand_idx.ndim != 2 || expand_idx.shape[0] < 0 || expand_idx.shape[1] < 0 ||
+      __builtin_mul_overflow(expand_idx.shape[0], expand_idx.shape[1], &elements) || elements != bs * k)
     fail(ErrorCode::invalid_shape, "expand_idx.shape", shape_text(expand_idx),
          concat("must hold BS * K = ", bs * k, " entries in row-major order: (", bs * k, ",) or e.g. (", bs, ", ", k,
                 ")"));

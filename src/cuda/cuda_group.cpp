@@ -478,9 +478,12 @@ TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expe
   const contract::CallShape shape =
       contract::check_combine(s.config, expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, o, &counts, contract::Values::on_device);
   refuse_token_mask(o.x_active_mask);
-  // The kernels read expand_idx through one stride: a (BS, K) view must be flat in memory.
+  // The kernels read expand_idx through one stride: a (BS, K) view must be flat in memory. (Its extents
+  // multiply to BS * K without overflow: check_combine saw to it; a stride times them still may not.)
+  std::int64_t row_span = 0;
   if (expand_idx.ndim == 2 && expand_idx.numel() > 0 && expand_idx.shape[0] > 1 &&
-      expand_idx.strides[0] != expand_idx.shape[1] * expand_idx.strides[1])
+      (__builtin_mul_overflow(expand_idx.shape[1], expand_idx.strides[1], &row_span) ||
+       expand_idx.strides[0] != row_span))
     fail(ErrorCode::unsupported, "expand_idx.stride()",
          concat("(", expand_idx.strides[0], ", ", expand_idx.strides[1], ")"),
          "a 2-D expand_idx must be row-major without gaps between rows on the CUDA backend (pass a contiguous one)");
