@@ -169,14 +169,13 @@ class PyGroup {
     const GroupConfig& c = group_->config();
     const std::int64_t rows = r.expand_x.rows();
     const std::int64_t h = r.expand_x.cols();
-    const std::int64_t scale_rows = rows;
     return py::make_tuple(fresh_copy(r.expand_x, r.expand_x.dtype, rows, h, true),
                           fresh_copy(r.dynamic_scales, DType::fp32, rows, 1, false),
                           fresh_copy(r.expand_idx, DType::int32, r.expand_idx.rows(), 1, false),
                           fresh_copy(r.expert_token_nums, DType::int64, r.expert_token_nums.rows(), 1, false),
                           fresh_copy(r.ep_recv_counts, DType::int32, r.ep_recv_counts.rows(), 1, false),
                           fresh_copy(r.tp_recv_counts, DType::int32, std::max(c.tp_world_size, 0), 1, false),
-                          fresh_copy(r.expand_scales, DType::fp32, scale_rows, 1, false), r.valid_rows);
+                          fresh_copy(r.expand_scales, DType::fp32, rows, 1, false), r.valid_rows);
   }
 
   py::array combine(py::handle expand_x, py::handle expert_ids, py::handle expand_idx, py::handle ep_send_counts,

@@ -9,13 +9,14 @@
 #include "contract/token_mask.h"
 
 namespace moedist::contract {
-namespace {
 
 std::string shape_text(const Layout& v) {
   if (v.ndim == 0) return "None";
   if (v.ndim == 1) return concat("(", v.shape[0], ",)");
   return concat("(", v.shape[0], ", ", v.shape[1], ")");
 }
+
+namespace {
 
 void require_present(const char* name, const Layout& v) {
   if (!v.present()) fail(ErrorCode::invalid_argument, name, "None", "is required");

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "contract/layout.h"
 #include "moedist/config.h"
@@ -16,6 +17,9 @@ namespace moedist::contract {
 // rules about them (id ranges, counts) are checked on the GPU instead, and only shapes, dtypes and
 // options are checked on the host.
 enum class Values : std::uint8_t { on_host, on_device };
+
+// A view's shape as errors show it: "None", "(n,)" or "(rows, cols)".
+std::string shape_text(const Layout& v);
 
 // The per-call limits of the opt-in Ascend profiles (H, K, BS); nothing for Profile::portable.
 void check_profile_call_limits(const GroupConfig& config, std::int64_t bs, std::int64_t k, std::int64_t h);

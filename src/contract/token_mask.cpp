@@ -8,8 +8,7 @@ namespace moedist::contract {
 
 std::int64_t check_token_mask(const GroupConfig& c, const TensorView& mask, std::int64_t bs, Values values) {
   if (!mask.present()) return bs;
-  const std::string shape =
-      mask.ndim == 1 ? concat("(", mask.shape[0], ",)") : concat("(", mask.shape[0], ", ", mask.shape[1], ")");
+  const std::string shape = shape_text(mask);
   if (c.profile == Profile::ascend_a3)
     fail(ErrorCode::invalid_argument, "x_active_mask", shape, "profile ascend_a3 does not support it (must be None)");
   if (mask.dtype != DType::boolean)
@@ -31,8 +30,7 @@ std::int64_t check_token_mask(const GroupConfig& c, const TensorView& mask, std:
     if (mask.at<std::uint8_t>(b) != 0)
       fail(ErrorCode::invalid_argument, concat("x_active_mask[", b, "]"), "true",
            concat("every true must come before every false (x_active_mask[", active,
-                  "] is false): active tokens are a "
-                  "prefix of x"));
+                  "] is false): active tokens are a prefix of x"));
   }
   return active;
 }
