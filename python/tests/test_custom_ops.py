@@ -204,6 +204,11 @@ def test_the_ops_refuse_bad_arguments_by_name(job):
             torch.ops.moedist.npu_moe_distribute_dispatch(torch.empty(2, 8, 1), torch.empty(2, 1, dtype=torch.int32),
                                                           ep.name, 1, 0, 2)
     assert info.value.parameter == "x.dim()"
+    with pytest.raises(moedist.ValidationError) as info:
+        with torch._subclasses.fake_tensor.FakeTensorMode():
+            torch.ops.moedist.npu_moe_distribute_dispatch(torch.empty(2, 8), torch.empty(3, 1, dtype=torch.int32), ep.name,
+                                                          1, 0, 2)
+    assert (info.value.parameter, info.value.rule) == ("expert_ids.shape", "must have BS = x.shape[0] = 2 rows")
 
 
 def test_meta_tensors_give_the_static_shapes_without_running(job):
@@ -230,6 +235,11 @@ def test_torchair_backends():
     with pytest.raises(moedist.ValidationError) as info:
         torchair.get_npu_backend(compiler_config=config)
     assert info.value.parameter == "compiler_config.backend"
+    assert "must be one of inductor, aot_eager, eager" in info.value.rule
+    with pytest.raises(moedist.ValidationError) as info:
+        torchair.get_npu_backend(custom_decompositions={"op": "decomposition"})
+    assert (info.value.parameter, info.value.code) == ("custom_decompositions", "unsupported")
+    assert "must be empty" in info.value.rule
 
 
 @pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
