@@ -285,13 +285,15 @@ def _register_ops() -> Optional[Tuple[Any, Any]]:
 
 
 def _compiling_check() -> Callable[[], bool]:
-    """The function that says whether torch.compile is tracing: torch's own, which dynamo reads as True
-    while it traces (so that the fast path, opaque to it, is never traced); always False where no op is
-    registered, since nothing then goes through one."""
+    """The function that says whether dynamo (torch.compile) is tracing: torch's own, which dynamo reads as
+    True while it traces, so that the fast path, opaque to it, is never traced (other tracers -- fake
+    tensors, make_fx, export -- are declined by the fast path itself); the cheapest one this torch has.
+    Always False where no op is registered: nothing then goes through one."""
     compiler = getattr(_torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        is_compiling: Callable[[], bool] = compiler.is_compiling
-        return is_compiling
+    for name in ("is_dynamo_compiling", "is_compiling"):
+        if _registered_ops is not None and hasattr(compiler, name):
+            check: Callable[[], bool] = getattr(compiler, name)
+            return check
     return _compiling if _registered_ops is not None else lambda: False
 
 

@@ -441,8 +441,42 @@ bool plain_int(PyObject* value, int* out) {
   return true;
 }
 
-// The Group the package resolved for these names and configuration (a new reference), or an empty object.
-py::object resolved_group(PyObject* group_ep, PyObject* group_tp, PyObject* const* args, const int (&config)[9]) {
+// The C++ group of a call, and a reference that keeps it alive (a close() on another thread may drop
+// the package's).
+struct Resolved {
+  py::object held;
+  PyGroup* group = nullptr;
+};
+
+// The last calls found in _resolved, found again without building its key: their names (held, so that
+// the same address is the same string) and configuration. An entry serves only while its group is open:
+// close() empties _resolved and closes every C++ group it releases; a group that stays open is the one
+// the package would resolve the call to again. Guarded by the GIL; never destroyed (the fast path may run
+// until the interpreter's end).
+struct RecentCall {
+  PyObject* group_ep = nullptr;  // strong references
+  PyObject* group_tp = nullptr;
+  PyObject* held = nullptr;
+  PyGroup* group = nullptr;
+  int config[9] = {};
+};
+RecentCall g_recent[4];
+std::size_t g_next_recent = 0;
+
+// The Group the package resolved for these names and configuration (`ints` holds the call's int
+// arguments by position), or an empty Resolved where it resolved none.
+Resolved resolved_group(PyObject* group_ep, PyObject* group_tp, PyObject* const* args, const int* ints,
+                        const int (&config)[9]) {
+  const auto same_config = [&](const RecentCall& r) {
+    for (std::size_t i = 0; i < 9; ++i) {
+      if (r.config[i] != ints[config[i]]) return false;
+    }
+    return true;
+  };
+  for (const RecentCall& r : g_recent) {
+    if (r.group != nullptr && r.group_ep == group_ep && r.group_tp == group_tp && same_config(r) && !r.group->closed())
+      return {py::reinterpret_borrow<py::object>(r.held), r.group};
+  }
   if (g_resolved_calls == nullptr || !PyUnicode_CheckExact(group_ep) || !PyUnicode_CheckExact(group_tp)) return {};
   PyObject* values = PyTuple_New(9);
   if (values == nullptr) throw py::error_already_set();
@@ -453,12 +487,27 @@ py::object resolved_group(PyObject* group_ep, PyObject* group_tp, PyObject* cons
   const py::object key = py::reinterpret_steal<py::object>(PyTuple_Pack(3, group_ep, group_tp, values));
   Py_DECREF(values);
   if (!key) throw py::error_already_set();
-  PyObject* group = PyDict_GetItemWithError(g_resolved_calls, key.ptr());  // borrowed
-  if (group == nullptr) {
+  PyObject* found = PyDict_GetItemWithError(g_resolved_calls, key.ptr());  // borrowed
+  if (found == nullptr) {
     if (PyErr_Occurred()) throw py::error_already_set();
     return {};
   }
-  return py::reinterpret_borrow<py::object>(group);  // held: a close() on another thread may drop the cache's
+  Resolved resolved{py::reinterpret_borrow<py::object>(found), nullptr};
+  resolved.group = &resolved.held.cast<PyGroup&>();
+  RecentCall& r = g_recent[g_next_recent++ % std::size(g_recent)];
+  const RecentCall old = r;
+  Py_INCREF(group_ep);
+  Py_INCREF(group_tp);
+  Py_INCREF(found);
+  r.group_ep = group_ep;
+  r.group_tp = group_tp;
+  r.held = found;
+  r.group = resolved.group;
+  for (std::size_t i = 0; i < 9; ++i) r.config[i] = ints[config[i]];
+  Py_XDECREF(old.group_ep);  // last: a string's or group's finalizer may run Python code
+  Py_XDECREF(old.group_tp);
+  Py_XDECREF(old.held);
+  return resolved;
 }
 
 // Runs a fast-path entry: C++ exceptions become the Python exceptions the general path raises.
@@ -541,9 +590,9 @@ PyObject* dispatch_call(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
         !plain_int(args[kDExpertTokenNumsType], &ints[kDExpertTokenNumsType])) {
       Py_RETURN_NONE;
     }
-    const py::object held = resolved_group(args[kDGroupEp], args[kDGroupTp], args, kDispatchConfig);
-    if (!held) Py_RETURN_NONE;
-    auto& group = held.cast<PyGroup&>();
+    const Resolved resolved = resolved_group(args[kDGroupEp], args[kDGroupTp], args, ints, kDispatchConfig);
+    if (resolved.group == nullptr) Py_RETURN_NONE;
+    PyGroup& group = *resolved.group;
     TensorView x, ids;
     DispatchOptions o;
     if (args[kDX] == Py_None || args[kDExpertIds] == Py_None || !read_plain_tensor(*torch, args[kDX], &x) ||
@@ -641,9 +690,9 @@ PyObject* combine_call(PyObject* /*module*/, PyObject* const* args, Py_ssize_t n
     for (const int i : {kCOutDtype, kCCommQuantMode, kCGroupListType}) {
       if (!plain_int(args[i], &ints[i])) Py_RETURN_NONE;
     }
-    const py::object held = resolved_group(args[kCGroupEp], args[kCGroupTp], args, kCombineConfig);
-    if (!held) Py_RETURN_NONE;
-    auto& group = held.cast<PyGroup&>();
+    const Resolved resolved = resolved_group(args[kCGroupEp], args[kCGroupTp], args, ints, kCombineConfig);
+    if (resolved.group == nullptr) Py_RETURN_NONE;
+    PyGroup& group = *resolved.group;
     TensorView x, ids, idx, counts, weights;
     CombineOptions o;
     for (const int i : {kCExpandX, kCExpertIds, kCExpandIdx, kCEpSendCounts, kCExpertScales}) {

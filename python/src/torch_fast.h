@@ -28,7 +28,8 @@ bool plain_eager(const TorchApi& torch);
 
 // Reads `obj` into `view` when it is None (an absent view) or a plain torch tensor: exactly torch.Tensor
 // (no subclass), strided, on the CPU, of a dtype moedist knows, 1-D or 2-D, with non-negative strides.
-// The view is of the tensor's memory in place, read as DLPack would export it; the caller keeps `obj`
+// The view is of the tensor's memory in place, as DLPack exports it (torch >= 2 reads it through one
+// DLPack export, torch 1.13 through its attributes, whichever is faster there); the caller keeps `obj`
 // alive while the view is used. False (and no Python error) for anything else.
 bool read_plain_tensor(const TorchApi& torch, PyObject* obj, TensorView* view);
 

@@ -200,3 +200,44 @@ def test_call_ns_counts_the_time_in_the_cpp_calls(job):
     before = group.call_ns
     moedist.npu_moe_distribute_combine(d[0], ids, d[2], d[4], w, ep.name, 1, 0, 2)
     assert group.call_ns > before
+
+
+def test_calls_that_alternate_between_groups_each_find_their_own(job):
+    # More groups than the extension remembers recent calls of (4), called in turn, some names passed as
+    # strings made afresh for each call: every call runs on its own group, on the fast path, and gives
+    # what the general path gives.
+    groups = [moedist.new_group(f"{job}-{i}", 0, 1)[0] for i in range(6)]
+    x, ids, w = inputs()
+
+    def round_trip(i, name):
+        d = moedist.npu_moe_distribute_dispatch(x * (i + 1), ids, name, 1, 0, 2, expert_scales=w)
+        return [bits_of(t).copy() for t in d] + [bits_of(moedist.npu_moe_distribute_combine(d[0], ids, d[2], d[4], w, name, 1,
+                                                                                           0, 2))]
+
+    with general_path_only():
+        want = [round_trip(i, ep.name) for i, ep in enumerate(groups)]  # also resolves each group
+    taken = []
+    with fast_path_spied(taken):
+        for _ in range(3):
+            for i, ep in enumerate(groups):
+                for a, b in zip(round_trip(i, "".join(list(ep.name)) if i % 2 else ep.name), want[i]):
+                    np.testing.assert_array_equal(a, b)
+    assert taken == [True] * (2 * 3 * len(groups))
+
+
+def test_a_group_closed_after_fast_calls_is_refused_and_reopens(job):
+    ep, _ = moedist.new_group(job, 0, 1)
+    x, ids, w = inputs()
+    for _ in range(3):  # the first resolves the group, the next ones take the fast path
+        moedist.npu_moe_distribute_dispatch(x, ids, ep.name, 1, 0, 2)
+    ep.close()
+    taken = []
+    with fast_path_spied(taken), pytest.raises(moedist.ValidationError, match="this group was closed"):
+        moedist.npu_moe_distribute_dispatch(x, ids, ep.name, 1, 0, 2)
+    assert taken == [False]
+    again, _ = moedist.new_group(job, 0, 1)  # the same members: the same name, open again
+    assert again.name == ep.name
+    moedist.npu_moe_distribute_dispatch(x, ids, again.name, 1, 0, 2)
+    with fast_path_spied(taken):
+        moedist.npu_moe_distribute_dispatch(x, ids, again.name, 1, 0, 2)
+    assert taken == [False, True]
