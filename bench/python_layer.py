@@ -9,11 +9,14 @@ alternating rounds, so that load drifts on a shared machine touch every mode ali
   PYTHONPATH=build/release/python build/venv-torch2/bin/python bench/python_layer.py  # torch 2.13
 
 Prints one JSON object: the configuration, torch's version, and for rank 0 per mode and operator the
-p50, mean and p99 of the call in µs, the p50 of the C++ time ("cpp_p50_us") and the p50 and mean of the
-time added per call ("added_p50_us", "added_mean_us": call less C++ time, sample by sample). Modes:
-"eager" (the public functions), "op" (torch.ops.moedist.*.default with every argument, as inductor's
-generated code calls it: what each operator costs inside a compiled graph) and "compiled" (a module of
-dispatch + combine under torch.compile: one round trip, which adds torch.compile's own per-call work)."""
+p50, mean and p99 of the call in µs, the p50 of the C++ time ("cpp_p50_us"), the p50 and mean of the
+time added per call ("added_p50_us", "added_mean_us": call less C++ time, sample by sample) and, within
+it, the p50 of the time spent zeroing dispatch's rows past the valid ones ("fill_p50_us", Group.fill_ns:
+work per byte of A * H, not per call). Modes: "eager" (the public functions), "op"
+(torch.ops.moedist.*.default with every argument, as inductor's generated code calls it: what each
+operator costs inside a compiled graph), "compiled" (a module of dispatch + combine under torch.compile:
+one round trip, which includes torch.compile's own per-call work) and "compiled x + 1" (a compiled
+module without moedist: that work alone)."""
 import argparse
 import json
 import multiprocessing
@@ -49,17 +52,17 @@ def rank_main(rank, args, job, queue):
     perf = time.perf_counter_ns
 
     def timed(call_dispatch, call_combine):
-        """One dispatch + combine: (dispatch's µs, its C++ µs, combine's µs, its C++ µs)."""
-        c0 = group.call_ns
+        """One dispatch + combine: (dispatch's µs, its C++ µs, its zero fill µs, combine's µs, its C++ µs)."""
+        c0, f0 = group.call_ns, group.fill_ns
         t0 = perf()
         d = call_dispatch()
         t1 = perf()
-        c1 = group.call_ns
+        c1, f1 = group.call_ns, group.fill_ns
         t2 = perf()
         call_combine(d)
         t3 = perf()
         c2 = group.call_ns
-        return (t1 - t0) / 1e3, (c1 - c0) / 1e3, (t3 - t2) / 1e3, (c2 - c1) / 1e3
+        return (t1 - t0) / 1e3, (c1 - c0) / 1e3, (f1 - f0) / 1e3, (t3 - t2) / 1e3, (c2 - c1) / 1e3
 
     modes = {"eager": lambda: timed(lambda: dispatch(x, ids, ep.name, **kw),
                                      lambda d: combine(d[0], ids, d[2], d[4], weights, ep.name, **kw))}
@@ -85,16 +88,25 @@ def rank_main(rank, args, job, queue):
         compiled = torch.compile(Layer(), backend=args.backend, dynamic=False, fullgraph=True)
 
         def round_trip():
-            c0 = group.call_ns
+            c0, f0 = group.call_ns, group.fill_ns
             t0 = perf()
             compiled(x, ids, weights)
             t1 = perf()
-            return (t1 - t0) / 1e3, (group.call_ns - c0) / 1e3
+            return (t1 - t0) / 1e3, (group.call_ns - c0) / 1e3, (group.fill_ns - f0) / 1e3
+
+        # What torch.compile itself costs per call of a compiled module, with no moedist in it.
+        empty_graph = torch.compile(lambda x, ids, weights: x + 1, backend=args.backend, dynamic=False, fullgraph=True)
+
+        def baseline():
+            t0 = perf()
+            empty_graph(x, ids, weights)
+            return (perf() - t0) / 1e3, 0.0, 0.0
 
         d = dispatch(x, ids, ep.name, **kw)
         eager_out = combine(d[0], ids, d[2], d[4], weights, ep.name, **kw)
         assert torch.equal(compiled(x, ids, weights).view(torch.int16), eager_out.view(torch.int16))
         modes["compiled"] = round_trip
+        modes["compiled x + 1"] = baseline
     samples = {name: [] for name in modes}
     for _ in range(args.rounds):
         for name, fn in modes.items():  # the same order on both ranks: the calls are collective
@@ -105,12 +117,15 @@ def rank_main(rank, args, job, queue):
     queue.put((rank, samples))
 
 
-def summary(calls, cpp):
+def summary(calls, cpp, fill=None):
     ordered = sorted(calls)
     added = [c - p for c, p in zip(calls, cpp)]
-    return {"p50_us": round(statistics.median(calls), 2), "mean_us": round(statistics.fmean(calls), 2),
-            "p99_us": round(ordered[int(0.99 * (len(ordered) - 1))], 2), "cpp_p50_us": round(statistics.median(cpp), 2),
-            "added_p50_us": round(statistics.median(added), 2), "added_mean_us": round(statistics.fmean(added), 2)}
+    out = {"p50_us": round(statistics.median(calls), 2), "mean_us": round(statistics.fmean(calls), 2),
+           "p99_us": round(ordered[int(0.99 * (len(ordered) - 1))], 2), "cpp_p50_us": round(statistics.median(cpp), 2),
+           "added_p50_us": round(statistics.median(added), 2), "added_mean_us": round(statistics.fmean(added), 2)}
+    if fill is not None:
+        out["fill_p50_us"] = round(statistics.median(fill), 2)
+    return out
 
 
 def main():
@@ -136,12 +151,12 @@ def main():
     report = {"torch": torch.__version__, "W": 2, "BS": args.bs, "H": args.h, "K": args.k, "E": args.experts,
               "calls_per_mode": args.rounds * args.calls, "rank0": {}}
     for name, values in results[0].items():
-        if name == "compiled":
-            calls, cpp = zip(*values)
-            report["rank0"][name] = {"dispatch+combine": summary(calls, cpp)}
+        if name.startswith("compiled"):
+            calls, cpp, fill = zip(*values)
+            report["rank0"][name] = {"dispatch+combine" if name == "compiled" else "call": summary(calls, cpp, fill)}
         else:
-            d_calls, d_cpp, c_calls, c_cpp = zip(*values)
-            report["rank0"][name] = {"dispatch": summary(d_calls, d_cpp), "combine": summary(c_calls, c_cpp)}
+            d_calls, d_cpp, d_fill, c_calls, c_cpp = zip(*values)
+            report["rank0"][name] = {"dispatch": summary(d_calls, d_cpp, d_fill), "combine": summary(c_calls, c_cpp)}
     print(json.dumps(report, indent=2))
 
 

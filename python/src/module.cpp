@@ -286,8 +286,11 @@ class PyGroup {
   const GroupConfig& config_at_join() const { return config_; }
 
   // Nanoseconds spent in the C++ group's dispatch and combine calls so far (the Python layer's bench
-  // subtracts them from a call's time to see what the layer adds).
+  // subtracts them from a call's time to see what the layer adds), and of that layer's time, in zeroing
+  // the fast path's rows past the valid ones (a cost per byte of A * H, not per call).
   long long call_ns() const { return call_ns_.load(std::memory_order_relaxed); }
+  long long fill_ns() const { return fill_ns_.load(std::memory_order_relaxed); }
+  void add_fill_ns(long long ns) { fill_ns_.fetch_add(ns, std::memory_order_relaxed); }
 
   py::dict config() const {
     GroupConfig c;
@@ -393,6 +396,7 @@ class PyGroup {
   std::unique_ptr<Group> group_;
   std::atomic<bool> closed_{false};
   std::atomic<long long> call_ns_{0};
+  std::atomic<long long> fill_ns_{0};
   SizesKey sizes_key_;
   DispatchSizes sizes_;
   // One C++ group serves every Python thread of the process that names it (group_for caches it per
@@ -633,8 +637,11 @@ PyObject* dispatch_call(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
     {
       const WithoutGil unlocked;
       const DispatchResult r = group.dispatch_unlocked(x, ids, o);
+      const auto start = std::chrono::steady_clock::now();
       for (const int i : {0, 1, 6}) out[i].zero_rows_from(i == 6 && !o.expert_scales.present() ? 0 : r.valid_rows);
       if (t != 2) out[5].zero_rows_from(0);
+      group.add_fill_ns(
+          std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count());
     }
     return torch_tuple(*torch, out);
   });
@@ -800,6 +807,7 @@ PYBIND11_MODULE(_moedist, m) {
            py::arg("views"))
       .def_property_readonly("config", &PyGroup::config)
       .def_property_readonly("call_ns", &PyGroup::call_ns)
+      .def_property_readonly("fill_ns", &PyGroup::fill_ns)
       .def("traffic", &PyGroup::traffic)
       .def("close", &PyGroup::close, py::arg("wait") = true)
       .def_property_readonly("closed", &PyGroup::closed);

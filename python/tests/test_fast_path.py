@@ -190,7 +190,7 @@ def test_fast_results_are_fresh_tensors_that_outlive_later_calls(job):
     assert first[0].is_contiguous() and y.is_contiguous()
 
 
-def test_call_ns_counts_the_time_in_the_cpp_calls(job):
+def test_call_ns_and_fill_ns_count_the_cpp_calls_and_the_zero_fill(job):
     ep, _ = moedist.new_group(job, 0, 1)
     x, ids, w = inputs()
     d = moedist.npu_moe_distribute_dispatch(x, ids, ep.name, 1, 0, 2)
@@ -200,6 +200,13 @@ def test_call_ns_counts_the_time_in_the_cpp_calls(job):
     before = group.call_ns
     moedist.npu_moe_distribute_combine(d[0], ids, d[2], d[4], w, ep.name, 1, 0, 2)
     assert group.call_ns > before
+    # fill_ns: the fast path's zeroing of the rows past the valid ones (here all but one, of a wide x).
+    wide = torch.ones(4, 4096, dtype=torch.bfloat16)
+    mask = torch.tensor([True, False, False, False])
+    moedist.npu_moe_distribute_dispatch(wide, ids, ep.name, 1, 0, 2, x_active_mask=mask)
+    before = group.fill_ns
+    d = moedist.npu_moe_distribute_dispatch(wide, ids, ep.name, 1, 0, 2, x_active_mask=mask)
+    assert group.fill_ns > before and not d[0][2:].any() and d[0][:2].all()
 
 
 def test_calls_that_alternate_between_groups_each_find_their_own(job):
