@@ -5,8 +5,8 @@
 //
 // Two ways in. dispatch_call / combine_call, the fast path, take a call's arguments as torch_npu orders
 // them and run the plain call -- torch tensors on the CPU, int arguments that are Python ints, a group
-// and configuration the package has resolved before -- with a few attribute reads per tensor, results
-// made by the C++ call itself in fresh torch tensors (caller buffers), and no Python in between; for any
+// and configuration the package has resolved before -- reading each tensor in place (torch_fast.h),
+// the C++ call writing the results into fresh torch tensors (caller buffers), no Python in between; for any
 // other call they return None and the package takes the general path, Group.dispatch / combine, which
 // reads any tensor it can (DLPack, the buffer protocol) and returns numpy arrays.
 #include <pybind11/numpy.h>
