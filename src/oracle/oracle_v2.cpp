@@ -2,6 +2,8 @@
 // it amends. Each EP group's dispatch is computed from every source rank's active entries with nested
 // loops in the order the contract states; combine walks the recorded provenance (the assist_info
 // triples) backwards. Plain loops and plain containers: this is the yardstick, so obviousness wins.
+// Every fp32 multiply and add is its own statement, and moedist_flags compiles with -ffp-contract=off,
+// so none of them becomes an FMA (the contract's ops are separate, V2 §4.3).
 #include "oracle/oracle_v2.h"
 
 #include <algorithm>
@@ -426,8 +428,8 @@ std::vector<RankOutput> run(const Case& c) {
         const std::int64_t n_peer_self = outputs[peer_rank].own_rows;
         for (std::int64_t row = 0; row < n_self; ++row) {
           for (std::int64_t i = 0; i < h; ++i) {
-            reduced[self_rank][row * h + i] = tp_add(c.dtype, expert_out[self_rank][row * h + i],
-                                                     expert_out[peer_rank][(n_peer_self + row) * h + i]);
+            reduced[self_rank][row * h + i] =
+                tp_add(c.dtype, expert_out[self_rank][row * h + i], expert_out[peer_rank][(n_peer_self + row) * h + i]);
           }
         }
       }
