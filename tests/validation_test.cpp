@@ -1171,18 +1171,23 @@ std::vector<ConfigRule> config_rules() {
                   invalid("tp_rank_id", "-1", "must be 0 or 1 with tp_world_size = 2")),
       config_rule("ExpertShardType1", [](GroupConfig& c) { c.expert_shard_type = 1; },
                   invalid("expert_shard_type", "1", "must be 0 (shared-expert ranks placed before MoE ranks)")),
-      config_rule("SharedExpertNum2", [](GroupConfig& c) { c.shared_expert_num = 2; },
-                  invalid("shared_expert_num", "2", "must be 1 in the V1 operators")),
-      config_rule("SharedExpertNum0", [](GroupConfig& c) { c.shared_expert_num = 0; },
-                  invalid("shared_expert_num", "0", "must be 1 in the V1 operators")),
+      config_rule("SharedExpertNum2WithoutSharedRanks", [](GroupConfig& c) { c.shared_expert_num = 2; },
+                  invalid("shared_expert_num", "2", "must be 0 exactly when shared_expert_rank_num is 0 (it is 0)")),
+      config_rule("SharedExpertNum5", geometry(8, 4, 4, [](GroupConfig& c) { c.shared_expert_num = 5; }),
+                  invalid("shared_expert_num", "5", "must be in [0, 4] (1 in the V1 operators)")),
+      config_rule("SharedExpertNumNegative", [](GroupConfig& c) { c.shared_expert_num = -1; },
+                  invalid("shared_expert_num", "-1", "must be in [0, 4] (1 in the V1 operators)")),
+      config_rule("SharedExpertNum0WithSharedRanks", geometry(4, 2, 2, [](GroupConfig& c) { c.shared_expert_num = 0; }),
+                  invalid("shared_expert_num", "0", "must be 0 exactly when shared_expert_rank_num is 0 (it is 2)")),
+      config_rule("SharedExpertNumNotDividingSharedRanks", geometry(5, 2, 3, [](GroupConfig& c) { c.shared_expert_num = 2; }),
+                  invalid("shared_expert_num", "2",
+                          "must divide shared_expert_rank_num = 3 (each shared expert on S / shared_expert_num ranks)")),
       config_rule("SharedExpertRankNumEqualToW", geometry(2, 4, 2),
                   invalid("shared_expert_rank_num", "2", "must be in [0, ep_world_size = 2)")),
       config_rule("SharedExpertRankNumAboveW", geometry(2, 4, 3),
                   invalid("shared_expert_rank_num", "3", "must be in [0, ep_world_size = 2)")),
       config_rule("SharedExpertRankNumNegative", geometry(2, 4, -1),
                   invalid("shared_expert_rank_num", "-1", "must be in [0, ep_world_size = 2)")),
-      config_rule("WNotMultipleOfSharedExpertRankNum", geometry(5, 3, 2),
-                  invalid("shared_expert_rank_num", "2", "ep_world_size = 5 must be a multiple of it")),
       config_rule("MoeExpertNumZero", geometry(1, 0), invalid("moe_expert_num", "0", "must be >= 1")),
       config_rule("MoeExpertNumHuge", geometry(1, 2097152), invalid("moe_expert_num", "2097152", "must be <= 1048576")),
       config_rule("MoeExpertNumNegative", geometry(1, -4), invalid("moe_expert_num", "-4", "must be >= 1")),
@@ -1199,13 +1204,9 @@ std::vector<ConfigRule> config_rules() {
       config_rule("GlobalBsNotMultipleOfW", geometry(3, 3, 0, [](GroupConfig& c) { c.global_bs = 4; }),
                   invalid("global_bs", "4", "must be 0 or a multiple of ep_world_size = 3")),
       // ascend_a3
-      config_rule("AscendA3W4", a3(4, 4),
-                  invalid("ep_world_size", "4", "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288")),
-      config_rule("AscendA3W12", a3(12, 12),
-                  invalid("ep_world_size", "12", "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288")),
-      config_rule("AscendA3W512", a3(512, 512),
-                  invalid("ep_world_size", "512", "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288")),
-      config_rule("AscendA3ExpertNumAbove512", a3(8, 520), invalid("moe_expert_num", "520", "profile ascend_a3 allows at most 512")),
+      config_rule("AscendA3W1", a3(1, 4), invalid("ep_world_size", "1", "profile ascend_a3 allows 2 to 768 (V2 operators)")),
+      config_rule("AscendA3W776", a3(776, 776), invalid("ep_world_size", "776", "profile ascend_a3 allows 2 to 768 (V2 operators)")),
+      config_rule("AscendA3ExpertNumAbove1024", a3(8, 1032), invalid("moe_expert_num", "1032", "profile ascend_a3 allows at most 1024")),
       // ascend_a2
       config_rule("AscendA2WNotMultipleOf8", a2(12, 12),
                   invalid("ep_world_size", "12", "profile ascend_a2 needs a multiple of 8 that is at most 256")),
@@ -1232,6 +1233,42 @@ TEST_P(ConfigRules, ValidateConfigAndCapacityRaise) {
 std::string config_rule_name(const ::testing::TestParamInfo<ConfigRule>& info) { return info.param.name; }
 
 INSTANTIATE_TEST_SUITE_P(All, ConfigRules, ::testing::ValuesIn(config_rules()), config_rule_name);
+
+// Rules only the V1 operators have (check_v1_config): the configuration is valid, a V2 capacity
+// question is answered, a V1 one raises.
+std::vector<ConfigRule> v1_config_rules() {
+  return {
+      config_rule("SharedExpertNum0", [](GroupConfig& c) { c.shared_expert_num = 0; },
+                  invalid("shared_expert_num", "0", "must be 1 in the V1 operators (0 to 4 in the V2 ones)")),
+      config_rule("SharedExpertNum2", geometry(6, 4, 2, [](GroupConfig& c) { c.shared_expert_num = 2; }),
+                  invalid("shared_expert_num", "2", "must be 1 in the V1 operators (0 to 4 in the V2 ones)")),
+      config_rule("WNotMultipleOfSharedExpertRankNum", geometry(5, 3, 2),
+                  invalid("shared_expert_rank_num", "2", "ep_world_size = 5 must be a multiple of it in the V1 operators")),
+      config_rule("AscendA3W4", a3(4, 4),
+                  invalid("ep_world_size", "4", "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288 in the V1 operators")),
+      config_rule("AscendA3W12", a3(12, 12),
+                  invalid("ep_world_size", "12", "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288 in the V1 operators")),
+      config_rule("AscendA3W512", a3(512, 512),
+                  invalid("ep_world_size", "512", "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288 in the V1 operators")),
+      config_rule("AscendA3ExpertNumAbove512", a3(8, 520),
+                  invalid("moe_expert_num", "520", "profile ascend_a3 allows at most 512 in the V1 operators")),
+  };
+}
+
+class V1ConfigRules : public ::testing::TestWithParam<ConfigRule> {};
+
+TEST_P(V1ConfigRules, OnlyTheV1OperatorsRaise) {
+  GroupConfig config = single_rank().config;
+  GetParam().configure(config);
+  EXPECT_EQ(capture([&] { validate_config(config); }).kind, Outcome::Kind::none) << "validate_config";
+  const std::int64_t h = config.profile == Profile::ascend_a3 ? 7168 : 16;
+  EXPECT_EQ(capture([&] { capacity(config, CapacityQuery{1, 1, h, DType::bf16, 0, 2}); }).kind, Outcome::Kind::none)
+      << "capacity, V2";
+  EXPECT_TRUE(raised(capture([&] { capacity(config, CapacityQuery{1, 1, h, DType::bf16, 0, 1}); }), GetParam().want))
+      << "capacity, V1";
+}
+
+INSTANTIATE_TEST_SUITE_P(All, V1ConfigRules, ::testing::ValuesIn(v1_config_rules()), config_rule_name);
 
 // The boundaries of the rules above are accepted.
 TEST(ConfigRules, ConfigurationsAtTheLimitsAreAccepted) {
