@@ -130,6 +130,10 @@ void add_v2_combine_inputs(casefile::Case& c, std::mt19937_64& rng) {
 
 }  // namespace
 
+bool v1_compatible(const casefile::Case& c) {
+  return c.shared_expert_num == 1 && (c.shared_expert_rank_num == 0 || c.ep_world_size % c.shared_expert_rank_num == 0);
+}
+
 casefile::Case random_case(std::mt19937_64& rng, const CaseLimits& lim) {
   casefile::Case c;
   c.op = lim.v2 > 0 && chance(rng, lim.v2) ? 2 : 1;  // no draw without V2: the V1 seeds keep their cases
@@ -171,6 +175,8 @@ void random_inputs(casefile::Case& c, std::mt19937_64& rng, const CaseLimits& li
   c.quant_mode = chance(rng, 0.5) ? 2 : 0;
   c.expert_token_nums_type = pick(rng, 0, 1);
   c.comm_quant_mode = c.tp_world_size != 2 && chance(rng, 0.3) ? 2 : 0;
+  c.zero_expert_num = c.copy_expert_num = c.const_expert_num = 0;
+  c.comm_alg.clear();
   if (c.op == 2) {
     const bool special = chance(rng, 0.5);
     c.zero_expert_num = special ? pick(rng, 0, 2) : 0;
@@ -870,7 +876,7 @@ ProcessRun run_processes(const casefile::Case& c, const RunOptions& opt, const S
         const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         Writer w{slot + 1024, slot + kSlotBytes};
         w.put(&secs, sizeof(secs));
-        for (const Tensor* t : {&o.expand_x, &o.dynamic_scales, &o.expand_scales, &o.expand_idx, &o.expert_token_nums,
+        for (const Tensor* t : {&o.expand_x, &o.dynamic_scales, &o.expand_scales, &o.expand_idx, &o.assist_info_for_combine, &o.expert_token_nums,
                                 &o.ep_recv_counts, &o.tp_recv_counts, &o.combine_out}) {
           put_tensor(w, *t);
         }
@@ -899,7 +905,7 @@ ProcessRun run_processes(const casefile::Case& c, const RunOptions& opt, const S
       Reader r{slot + 1024};
       r.get(&run.seconds[static_cast<std::size_t>(g)], sizeof(double));
       casefile::RankOutputs& o = run.outputs[static_cast<std::size_t>(g)];
-      for (Tensor* t : {&o.expand_x, &o.dynamic_scales, &o.expand_scales, &o.expand_idx, &o.expert_token_nums,
+      for (Tensor* t : {&o.expand_x, &o.dynamic_scales, &o.expand_scales, &o.expand_idx, &o.assist_info_for_combine, &o.expert_token_nums,
                         &o.ep_recv_counts, &o.tp_recv_counts, &o.combine_out}) {
         *t = get_tensor(r);
       }

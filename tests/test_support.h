@@ -32,6 +32,10 @@ struct CaseLimits {
   double v2 = 0.0;
 };
 
+// Whether the V1 operators accept the configuration of `c` too (shared_expert_num 1, W a multiple of S):
+// then a group can take V1 and V2 calls in turn.
+bool v1_compatible(const casefile::Case& c);
+
 // A random configuration that satisfies every semantic rule, with random inputs for every rank.
 casefile::Case random_case(std::mt19937_64& rng, const CaseLimits& limits = {});
 

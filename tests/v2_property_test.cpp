@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <random>
 
+#include "moedist/inproc.h"
 #include "test_support.h"
 
 namespace moedist::testing {
@@ -50,6 +51,42 @@ TEST_P(V2RandomConfigs, VirtualHostsMatchOracleBitExactly) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Shards, V2RandomConfigs, ::testing::Range(0, 6));
+
+// One group, many calls: V2 and V1 calls in turn where the configuration allows both, with new shapes
+// and new special experts each time (the V2 row index must never take an earlier call's entries, or
+// rows another layout left in its place, for this call's).
+TEST(V2RandomConfigs, V1AndV2CallsTakeTurnsOnOneGroup) {
+  int mixed = 0;
+  for (std::uint64_t seed = 900; seed < 930; ++seed) {
+    std::mt19937_64 rng(seed);
+    CaseLimits lim = v2_limits();
+    casefile::Case c = random_case(rng, lim);
+    const int world = c.ep_world_size * std::max(c.tp_world_size, 1);
+    RuntimeOptions options{{std::chrono::milliseconds(60000)}};
+    const int step = c.tp_world_size == 2 ? 2 : 1;  // a TP pair shares a host
+    options.ranks_per_host = seed % 2 == 0 ? 0 : step * std::max(1, world / step / 2);
+    InProcessWorld runtime(world, options);
+    std::vector<std::unique_ptr<Group>> groups(static_cast<std::size_t>(world));
+    run_ranks(world, [&](int g) { groups[static_cast<std::size_t>(g)] = runtime.join(rank_config(c, g)); });
+    for (int call = 0; call < 6; ++call) {
+      if (call > 0) {
+        if (v1_compatible(c) && call % 2 == 1) {
+          c.op = 3 - c.op;
+          ++mixed;
+        }
+        const std::int64_t max_bs = c.global_bs != 0 ? c.global_bs / c.ep_world_size : static_cast<std::int64_t>(rng() % 5);
+        random_inputs(c, rng, lim, max_bs);
+      }
+      std::vector<casefile::RankOutputs> got(static_cast<std::size_t>(world));
+      RunOptions opt;
+      opt.outputs_in_window = call % 3 == 2;
+      opt.caller_outputs = call % 2 == 1;
+      run_ranks(world, [&](int g) { got[static_cast<std::size_t>(g)] = run_rank(*groups[static_cast<std::size_t>(g)], c, g, opt); });
+      ASSERT_EQ(oracle_diff(c, got), "") << "seed " << seed << " call " << call << ": " << describe(c);
+    }
+  }
+  EXPECT_GT(mixed, 10) << "too few configurations took V1 and V2 calls in turn";
+}
 
 }  // namespace
 }  // namespace moedist::testing
