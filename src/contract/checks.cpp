@@ -399,13 +399,44 @@ SpecialExperts check_special_experts(const GroupConfig& c, int zero, int copy, i
   return ex;
 }
 
-// comm_alg (V2 §5.3): the documented names, which all give the same results here.
-void check_comm_alg(std::string_view alg) {
+// comm_alg (V2 §5.3): the documented names, which all give the same results here. The Ascend profiles
+// take their platform's names and the combinations its kernels accept: on A3, fullmesh_v2 has no mask,
+// no special experts, no TP, equal BS, K <= 12 and BS <= 256, and hierarchy no TP, no shared-expert
+// ranks, no (BS, K) mask and no special experts, and needs expert_scales in dispatch.
+void check_comm_alg(const GroupConfig& c, std::string_view alg, std::int64_t bs, std::int64_t k, const EntryMask& mask,
+                    const SpecialExperts& experts, bool dispatch_without_expert_scales) {
+  const auto refuse = [&](const std::string& rule) {
+    fail(ErrorCode::invalid_argument, "comm_alg", concat("\"", std::string(alg), "\""), rule);
+  };
+  if (c.profile == Profile::ascend_a3) {
+    if (alg != "" && alg != "fullmesh_v1" && alg != "fullmesh_v2" && alg != "hierarchy")
+      refuse("profile ascend_a3 takes \"\", \"fullmesh_v1\", \"fullmesh_v2\" or \"hierarchy\"");
+    if (alg == "fullmesh_v2") {
+      if (mask.kind != EntryMask::Kind::none) refuse("fullmesh_v2 takes no x_active_mask (profile ascend_a3)");
+      if (experts.any()) refuse("fullmesh_v2 takes no zero, copy or const experts (profile ascend_a3)");
+      if (c.tp_world_size == 2) refuse("fullmesh_v2 has no TP domain (profile ascend_a3)");
+      if (c.global_bs != 0 && c.global_bs != sat_mul(bs, c.ep_world_size))
+        refuse("fullmesh_v2 needs the same BS on every rank (global_bs 0 or BS * ep_world_size; profile ascend_a3)");
+      if (k > 12) refuse(concat("fullmesh_v2 allows K <= 12, not ", k, " (profile ascend_a3)"));
+      if (bs > 256) refuse(concat("fullmesh_v2 allows BS <= 256, not ", bs, " (profile ascend_a3)"));
+    } else if (alg == "hierarchy") {
+      if (c.tp_world_size == 2) refuse("hierarchy has no TP domain (profile ascend_a3)");
+      if (c.shared_expert_rank_num != 0) refuse("hierarchy has no shared-expert ranks (profile ascend_a3)");
+      if (mask.kind == EntryMask::Kind::entries) refuse("hierarchy takes no (BS, K) x_active_mask (profile ascend_a3)");
+      if (experts.any()) refuse("hierarchy takes no zero, copy or const experts (profile ascend_a3)");
+      if (dispatch_without_expert_scales) refuse("hierarchy needs expert_scales (profile ascend_a3)");
+    }
+    return;
+  }
+  if (c.profile == Profile::ascend_a2) {
+    if (alg != "" && alg != "0" && alg != "fullmesh" && alg != "hierarchy")
+      refuse("profile ascend_a2 takes \"\", \"0\", \"fullmesh\" or \"hierarchy\"");
+    return;
+  }
   static constexpr std::string_view kNames[] = {"", "0", "fullmesh", "fullmesh_v1", "fullmesh_v2", "hierarchy"};
   for (std::string_view name : kNames)
     if (alg == name) return;
-  fail(ErrorCode::invalid_argument, "comm_alg", concat("\"", std::string(alg), "\""),
-       "must be one of \"\", \"0\", \"fullmesh\", \"fullmesh_v1\", \"fullmesh_v2\", \"hierarchy\"");
+  refuse("must be one of \"\", \"0\", \"fullmesh\", \"fullmesh_v1\", \"fullmesh_v2\", \"hierarchy\"");
 }
 
 void check_performance_info(const GroupConfig& c, const MutableTensorView& perf) {
@@ -496,9 +527,10 @@ CallShape check_dispatch_v2(const GroupConfig& c, const TensorView& x, const Ten
     require_matrix("expert_scales", o.expert_scales, bs, k);
     require_data("expert_scales", o.expert_scales);
   }
-  require_absent("elastic_info", o.elastic_info, "is not supported (elastic scaling): must be None");
+  if (o.elastic_info.present())
+    fail(ErrorCode::unsupported, "elastic_info", shape_text(o.elastic_info), "elastic scaling is not supported: must be None");
   check_performance_info(c, o.performance_info);
-  check_comm_alg(o.comm_alg);
+  check_comm_alg(c, o.comm_alg, bs, k, *mask, *experts, !o.expert_scales.present());
   if (o.expert_token_nums_type != 0 && o.expert_token_nums_type != 1)
     fail_value("expert_token_nums_type", o.expert_token_nums_type, "must be 0 (prefix sums) or 1 (counts)");
 
@@ -639,9 +671,10 @@ CallShape check_combine_v2(const GroupConfig& c, const TensorView& expand_x, con
     if (!view->present()) fail(ErrorCode::invalid_argument, name, "None", "is required with const experts");
     require_rows_like(name, *view, expand_x.dtype, experts->constant, h);
   }
-  require_absent("elastic_info", o.elastic_info, "is not supported (elastic scaling): must be None");
+  if (o.elastic_info.present())
+    fail(ErrorCode::unsupported, "elastic_info", shape_text(o.elastic_info), "elastic scaling is not supported: must be None");
   check_performance_info(c, o.performance_info);
-  check_comm_alg(o.comm_alg);
+  check_comm_alg(c, o.comm_alg, bs, k, *mask, *experts, false);
   if (o.expand_scales.present()) {
     require_dtype("expand_scales", o.expand_scales, DType::fp32);
     require_vector_min("expand_scales", o.expand_scales, needed);
