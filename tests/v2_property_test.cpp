@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <map>
+#include <string>
 #include <random>
 
 #include "moedist/inproc.h"
@@ -51,6 +53,39 @@ TEST_P(V2RandomConfigs, VirtualHostsMatchOracleBitExactly) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Shards, V2RandomConfigs, ::testing::Range(0, 6));
+
+// The shards above cover what issue 15 asks of them: both kinds of mask, every special expert kind, Sn
+// from 0 to 4, uneven BS with global_bs, TP, both dtypes, quant 0/2 and comm quant 0/2.
+TEST(V2RandomConfigs, ShardsCoverEveryKindOfInput) {
+  std::map<std::string, int> seen;
+  for (int shard = 0; shard < 6; ++shard) {
+    for (int i = 0; i < 30; ++i) {
+      for (const std::uint64_t base : {std::uint64_t{0}, std::uint64_t{500000}}) {
+        std::mt19937_64 rng(base + static_cast<std::uint64_t>(shard) * 1000 + static_cast<std::uint64_t>(i));
+        const casefile::Case c = random_case(rng, v2_limits());
+        const int sn = c.shared_expert_rank_num == 0 && c.shared_expert_num == 1 ? 0 : c.shared_expert_num;
+        ++seen["Sn=" + std::to_string(sn)];
+        for (const casefile::RankInputs& in : c.ranks) {
+          if (in.x_active_mask.ndim() == 1) ++seen["(BS,) mask"];
+          if (in.x_active_mask.ndim() == 2) ++seen["(BS, K) mask"];
+          if (in.shared_expert_x.present()) ++seen["shared_expert_x"];
+        }
+        if (c.zero_expert_num > 0) ++seen["zero experts"];
+        if (c.copy_expert_num > 0) ++seen["copy experts"];
+        if (c.const_expert_num > 0) ++seen["const experts"];
+        if (c.global_bs != 0) ++seen["global_bs"];
+        if (c.tp_world_size == 2) ++seen["TP"];
+        ++seen[std::string(dtype_name(c.dtype))];
+        ++seen["quant " + std::to_string(c.quant_mode)];
+        ++seen["comm quant " + std::to_string(c.comm_quant_mode)];
+      }
+    }
+  }
+  for (const char* kind : {"Sn=0", "Sn=1", "Sn=2", "Sn=3", "Sn=4", "(BS,) mask", "(BS, K) mask", "shared_expert_x",
+                           "zero experts", "copy experts", "const experts", "global_bs", "TP", "bfloat16", "float16",
+                           "quant 0", "quant 2", "comm quant 0", "comm quant 2"})
+    EXPECT_GT(seen[kind], 0) << kind;
+}
 
 // One group, many calls: V2 and V1 calls in turn where the configuration allows both, with new shapes
 // and new special experts each time (the V2 row index must never take an earlier call's entries, or
