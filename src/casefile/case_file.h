@@ -68,7 +68,8 @@ void write_case(const std::string& path, const Case& c);
 // The configuration global rank g of the case joins its group with (profile portable).
 GroupConfig group_config(const Case& c, int g);
 
-// One rank's dispatch then combine, on a group of any transport joined with group_config(c, g). A
+// One rank's dispatch then combine (dispatch_v2 then combine_v2 for an op 2 case, without performance_info),
+// on a group of any transport joined with group_config(c, g). A
 // combine_x whose row count differs from the rank's valid rows is a case_file error, raised before
 // combine. Errors carry no rank prefix; the runners below add it.
 RankOutputs run_case_rank(Group& group, const Case& c, int g);
