@@ -67,6 +67,13 @@ inline ::testing::AssertionResult peer_failed(const Outcome& got, int peer, cons
   return ::testing::AssertionSuccess();
 }
 
+// The capacity a call's caller buffers are sized by: a global_bs below BS * W is a rule under test, not a
+// reason to fail here.
+inline CapacityReport buffer_capacity(GroupConfig config, const CapacityQuery& q) {
+  if (config.global_bs != 0) config.global_bs = std::max<std::int64_t>(config.global_bs, q.bs * config.ep_world_size);
+  return capacity(config, q);
+}
+
 // A caller buffer filled with a sentinel pattern: views of it stay valid for its lifetime, and
 // untouched() says whether anything wrote to it.
 class SentinelBuffer {
@@ -153,7 +160,8 @@ inline void expect_rule_enforced(std::vector<RankReport>& reports, int bad_rank,
     if (static_cast<int>(g) != bad_rank) {
       EXPECT_TRUE(peer_failed(reports[g].outcome, bad_rank, phase, bad.what)) << "rank " << g;
     }
-    EXPECT_TRUE(reports[g].outputs_untouched) << "rank " << g << ": a caller output buffer was written before the error";
+    EXPECT_TRUE(reports[g].outputs_untouched)
+        << "rank " << g << ": a caller output buffer was written before the error";
     EXPECT_EQ(reports[g].recovery_error, "") << "rank " << g << ": the correct call after the error failed";
     recovered = recovered && reports[g].recovery_error.empty();
   }

@@ -26,6 +26,7 @@
 #include "numeric/convert.h"
 #include "outcome.h"
 #include "rule_checks.h"
+#include "test_inputs.h"
 #include "test_support.h"
 
 namespace moedist::testing {
@@ -119,13 +120,6 @@ World ascend_a2() {
 
 std::int64_t recovery_bs(const World& w) { return w.config.global_bs != 0 ? w.config.global_bs / w.config.ep_world_size : 2; }
 
-Tensor random_half(std::mt19937_64& rng, DType dtype, std::int64_t rows, std::int64_t cols) {
-  Tensor t(dtype, rows, cols);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (std::int64_t i = 0; i < t.numel(); ++i) t.data<std::uint16_t>()[i] = to_half_bits(dtype, normal(rng));
-  return t;
-}
-
 // expert_ids[b, j] = (b * K + j + g) % E: K distinct ids per row (K <= E), different on every rank.
 Tensor formula_ids(std::int64_t bs, std::int64_t k, int experts, int g) {
   Tensor t(DType::int32, bs, k);
@@ -135,34 +129,21 @@ Tensor formula_ids(std::int64_t bs, std::int64_t k, int experts, int g) {
   return t;
 }
 
-Tensor random_weights(std::mt19937_64& rng, std::int64_t bs, std::int64_t k) {
-  Tensor t(DType::fp32, bs, k);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  for (std::int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = u(rng);
-  return t;
-}
-
 // Valid inputs of every rank of a world, BS rows each.
 casefile::Case make_case(const World& w, std::int64_t bs, std::uint64_t seed) {
-  casefile::Case c;
-  c.ep_world_size = w.config.ep_world_size;
-  c.tp_world_size = w.config.tp_world_size;
-  c.moe_expert_num = w.config.moe_expert_num;
-  c.shared_expert_rank_num = w.config.shared_expert_rank_num;
-  c.global_bs = w.config.global_bs;
+  casefile::Case c = case_of(w.config);
   c.quant_mode = w.quant_mode;
   c.dtype = w.dtype;
   std::mt19937_64 rng(seed);
   for (int g = 0; g < w.size(); ++g) {
     casefile::RankInputs in;
-    in.x = random_half(rng, w.dtype, bs, w.h);
+    in.x = half_tensor(rng, w.dtype, bs, w.h);
     in.expert_ids = formula_ids(bs, w.k, w.config.moe_expert_num, g);
     if (w.with_scales) {
-      in.scales = Tensor(DType::fp32, w.config.moe_expert_num + (w.config.shared_expert_rank_num > 0 ? 1 : 0), w.h);
-      std::uniform_real_distribution<float> u(0.5f, 2.0f);
-      for (std::int64_t i = 0; i < in.scales.numel(); ++i) in.scales.data<float>()[i] = u(rng);
+      in.scales =
+          fp32_tensor(rng, w.config.moe_expert_num + (w.config.shared_expert_rank_num > 0 ? 1 : 0), w.h, 0.5f, 2.0f);
     }
-    if (w.with_expert_scales) in.expert_scales = random_weights(rng, bs, w.k);
+    if (w.with_expert_scales) in.expert_scales = fp32_tensor(rng, bs, w.k, -1.0f, 1.0f);
     c.ranks.push_back(std::move(in));
   }
   return c;
@@ -170,9 +151,7 @@ casefile::Case make_case(const World& w, std::int64_t bs, std::uint64_t seed) {
 
 // A (n,) bool tensor holding the given values.
 Tensor bool_vector(const std::vector<std::uint8_t>& values) {
-  Tensor t(DType::boolean, static_cast<std::int64_t>(values.size()));
-  std::copy(values.begin(), values.end(), t.data<std::uint8_t>());
-  return t;
+  return bool_tensor(static_cast<std::int64_t>(values.size()), 0, values);
 }
 
 Tensor ones(std::int64_t rows, std::int64_t cols) {
@@ -195,9 +174,7 @@ struct DispatchCall {
     if (in.scales.present()) options.scales = in.scales;
     if (in.expert_scales.present()) options.expert_scales = in.expert_scales;
     const std::int64_t bs = in.x.rows();
-    GroupConfig sizing = config;  // a global_bs below BS * W is a rule under test, not a reason to fail here
-    if (sizing.global_bs != 0) sizing.global_bs = std::max<std::int64_t>(sizing.global_bs, bs * sizing.ep_world_size);
-    const CapacityReport cap = capacity(sizing, CapacityQuery{bs, w.k, w.h, w.dtype, w.quant_mode});
+    const CapacityReport cap = rules::buffer_capacity(config, CapacityQuery{bs, w.k, w.h, w.dtype, w.quant_mode});
     const int T = tp_domain_size(config);
     const int local = local_expert_num(config);
     DispatchOutputs& out = options.out;
@@ -219,9 +196,9 @@ struct DispatchCall {
   // Fresh valid x / expert_ids (and expert_scales) of another shape.
   void reshape(std::int64_t bs, std::int64_t h, std::int64_t k) {
     std::mt19937_64 rng(77);
-    x = own(random_half(rng, world.dtype, bs, h));
+    x = own(half_tensor(rng, world.dtype, bs, h));
     expert_ids = own(formula_ids(bs, k, config.moe_expert_num, 0));
-    if (options.expert_scales.present()) options.expert_scales = own(random_weights(rng, bs, k));
+    if (options.expert_scales.present()) options.expert_scales = own(fp32_tensor(rng, bs, k, -1.0f, 1.0f));
   }
   bool outputs_untouched() const {
     return expand_x_buf.untouched() && dynamic_scales_buf.untouched() && expand_scales_buf.untouched() &&
@@ -271,7 +248,8 @@ using DispatchRule = rules::CallRule<World, DispatchCall>;
 using CombineRule = rules::CallRule<World, CombineCall>;
 
 template <class Call>
-rules::CallRule<World, Call> rule(std::string name, World world, int bad_rank, std::function<void(Call&)> corrupt, Expected want) {
+rules::CallRule<World, Call> rule(std::string name, World world, int bad_rank, std::function<void(Call&)> corrupt,
+                                  Expected want) {
   return rules::CallRule<World, Call>{std::move(name), world, bad_rank, std::move(corrupt), std::move(want)};
 }
 
