@@ -50,8 +50,9 @@ struct DispatchResult {
   TensorView expand_x;
   TensorView dynamic_scales;     // present (A*max(T,1) long) for every quant_mode; meaningful for quant_mode 2
   TensorView expand_idx;         // V1 only
-  // V2 only: (3 * A * max(T,1),) int32; entries [0, 3 * own EP rows) hold (source EP rank, token, k) per row
-  // (V2 §3.6), the rest are unspecified (the TP peer's rows have none, as on the NPU).
+  // V2 only: (3 * A * max(T,1),) int32 (under the ascend_a3 profile torch_npu's max(BS * K, 128 * A), which
+  // its combine requires); entries [0, 3 * own EP rows) hold (source EP rank, token, k) per row (V2 §3.6),
+  // the rest are unspecified (the TP peer's rows have none, as on the NPU).
   TensorView assist_info_for_combine;
   TensorView expert_token_nums;
   TensorView ep_recv_counts;

@@ -721,11 +721,20 @@ DispatchOptions common_options(const DispatchV2Options& o) {
 }
 
 // V2: the own rows' triples into the caller's assist_info_for_combine (the rest is left as it is).
+// Without one under the ascend_a3 profile, into group storage of torch_npu's length max(BS * K, 128 * A)
+// (V2 §1.4): that profile's combine insists on 128 * A entries (V2 §3.6), more than the window's 3 per
+// row, and must take dispatch's own output back.
 void copy_triples(const DispatchCall& c, const MutableTensorView& out, DispatchResult& result) {
-  if (!out.present()) return;
+  MutableTensorView target = out;
+  if (!target.present()) {
+    if (c.s.config.profile != Profile::ascend_a3) return;
+    const std::int64_t len = std::max(c.bs * c.k, contract::sat_mul(c.my_layout.capacity_a, std::int64_t{128}));
+    c.s.assist_storage.assign(static_cast<std::size_t>(len), 0);
+    target = vector_view(c.s.assist_storage.data(), DType::int32, len);
+  }
   const auto* triples = reinterpret_cast<const std::int32_t*>(c.s.transport->window(c.s.me()) + c.my_layout.assist_offset);
-  for (std::int64_t i = 0; i < 3 * c.n_self; ++i) *out.ptr<std::int32_t>(i) = triples[i];
-  result.assist_info_for_combine = out;
+  for (std::int64_t i = 0; i < 3 * c.n_self; ++i) *target.ptr<std::int32_t>(i) = triples[i];
+  result.assist_info_for_combine = target;
 }
 
 }  // namespace

@@ -103,6 +103,7 @@ struct Group::State {
   // Group-owned outputs.
   std::vector<std::int32_t> expand_idx, ep_recv_counts, tp_recv_counts;
   std::vector<std::int64_t> expert_token_nums;
+  std::vector<std::int32_t> assist_storage;  // V2 under ascend_a3: assist_info_for_combine at torch_npu's length
   Tensor combine_out;
   std::vector<float> scratch;  // row-sized fp32 scratch (quantization, accumulation)
   // Per-call working storage, kept so that a call in steady state allocates nothing.
