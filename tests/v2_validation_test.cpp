@@ -333,7 +333,7 @@ std::vector<DispatchRule> auxiliary_rules() {
   return {
       on_basic(
           "ElasticInfoPresent", [](DispatchCall& c) { c.options.elastic_info = c.own(Tensor(DType::int32, 8)); },
-          invalid("elastic_info", "(8,)", "is not supported (elastic scaling): must be None")),
+          expect(ErrorCode::unsupported, "elastic_info", "(8,)", "elastic scaling is not supported: must be None")),
       on_basic(
           "PerformanceInfoInt32", [](DispatchCall& c) { c.options.performance_info.dtype = DType::int32; },
           bad_dtype("performance_info.dtype", "int32", "must be int64")),
@@ -544,6 +544,33 @@ std::vector<DispatchRule> profile_rules() {
                          invalid("BS", "0", "profile ascend_a3 allows 1 <= BS <= 512")),
       rule<DispatchCall>("AscendA3BsAbove512", ascend_a3(), 1, reshape(513, 1024, 2),
                          invalid("BS", "513", "profile ascend_a3 allows 1 <= BS <= 512")),
+      // comm_alg under the profiles (V2 §5.3): the platform's names, and A3's fullmesh_v2 / hierarchy limits.
+      rule<DispatchCall>("AscendA3CommAlgOfA2", ascend_a3(), 1, [](DispatchCall& c) { c.options.comm_alg = "fullmesh"; },
+                         invalid("comm_alg", "\"fullmesh\"",
+                                 "profile ascend_a3 takes \"\", \"fullmesh_v1\", \"fullmesh_v2\" or \"hierarchy\"")),
+      rule<DispatchCall>("AscendA3FullmeshV2WithSpecialExperts", ascend_a3(), 1,
+                         [](DispatchCall& c) {
+                           c.options.comm_alg = "fullmesh_v2";
+                           c.options.zero_expert_num = 1;
+                         },
+                         invalid("comm_alg", "\"fullmesh_v2\"",
+                                 "fullmesh_v2 takes no zero, copy or const experts (profile ascend_a3)")),
+      rule<DispatchCall>("AscendA3FullmeshV2KAbove12", ascend_a3(), 1,
+                         [](DispatchCall& c) {
+                           c.options.comm_alg = "fullmesh_v2";
+                           c.options.zero_expert_num = 9;  // K = 13 needs ids beyond E = 4; no special expert is allowed
+                         },
+                         invalid("comm_alg", "\"fullmesh_v2\"",
+                                 "fullmesh_v2 takes no zero, copy or const experts (profile ascend_a3)")),
+      rule<DispatchCall>("AscendA3HierarchyWithoutExpertScales", ascend_a3(), 1,
+                         [](DispatchCall& c) {
+                           c.options.comm_alg = "hierarchy";
+                           c.options.expert_scales = TensorView{};
+                         },
+                         invalid("comm_alg", "\"hierarchy\"", "hierarchy needs expert_scales (profile ascend_a3)")),
+      rule<DispatchCall>("AscendA2CommAlgOfA3", ascend_a2(), 2, [](DispatchCall& c) { c.options.comm_alg = "fullmesh_v2"; },
+                         invalid("comm_alg", "\"fullmesh_v2\"",
+                                 "profile ascend_a2 takes \"\", \"0\", \"fullmesh\" or \"hierarchy\"")),
       rule<DispatchCall>("AscendA2ZeroExperts", ascend_a2(), 5, special_experts(1, 0, 0),
                          invalid("zero_expert_num", "1", "profile ascend_a2 has no special experts (must be 0)")),
       rule<DispatchCall>("AscendA2CopyExperts", ascend_a2(), 5, special_experts(0, 2, 0),
@@ -786,7 +813,7 @@ std::vector<CombineRule> combine_option_rules() {
           invalid("const_expert_v.data", "nullptr", "a tensor of shape (1, 16) needs data")),
       combine_on_basic(
           "ElasticInfoPresent", [](CombineCall& c) { c.options.elastic_info = c.own(Tensor(DType::int32, 8)); },
-          invalid("elastic_info", "(8,)", "is not supported (elastic scaling): must be None")),
+          expect(ErrorCode::unsupported, "elastic_info", "(8,)", "elastic scaling is not supported: must be None")),
       combine_on_basic(
           "PerformanceInfoInt32", [](CombineCall& c) { c.options.performance_info.dtype = DType::int32; },
           bad_dtype("performance_info.dtype", "int32", "must be int64")),
