@@ -497,8 +497,8 @@ void require_rows_like(const char* name, const View& v, DType dtype, std::int64_
 
 }  // namespace
 
-CallShape check_dispatch_v2(const GroupConfig& c, const TensorView& x, const TensorView& ids, const DispatchV2Options& o,
-                            EntryMask* mask, SpecialExperts* experts, Values values) {
+CallShape check_dispatch_v2(const GroupConfig& c, const TensorView& x, const TensorView& ids,
+                            const DispatchV2Options& o, EntryMask* mask, SpecialExperts* experts, Values values) {
   require_present("x", x);
   require_ndim("x", x, 2);
   require_half("x", x);

@@ -56,7 +56,8 @@ std::int64_t check_token_mask(const GroupConfig& c, const TensorView& mask, std:
   return prefix_length(mask, bs);
 }
 
-EntryMask check_entry_mask(const GroupConfig& c, const TensorView& mask, std::int64_t bs, std::int64_t k, Values values) {
+EntryMask check_entry_mask(const GroupConfig& c, const TensorView& mask, std::int64_t bs, std::int64_t k,
+                           Values values) {
   EntryMask m;
   if (!mask.present()) return m;
   check_mask_dtype(mask);

@@ -31,6 +31,7 @@ struct EntryMask;  // contract/v2_routing.h
 // allowed under ascend_a3), or (BS, K) bool (not under ascend_a2, whose kernel takes only (BS,)).
 // Its values are read where `values` says they can be (on_device: the prefix rule is left to the GPU
 // and the returned prefix is bs).
-EntryMask check_entry_mask(const GroupConfig& config, const TensorView& mask, std::int64_t bs, std::int64_t k, Values values);
+EntryMask check_entry_mask(const GroupConfig& config, const TensorView& mask, std::int64_t bs, std::int64_t k,
+                           Values values);
 
 }  // namespace moedist::contract
