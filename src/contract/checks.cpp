@@ -449,9 +449,9 @@ void check_performance_info(const GroupConfig& c, const MutableTensorView& perf)
 // expert_ids and the mask of a V2 call: (BS, K) int32, 1 <= K <= E + Z + C + Q; every entry that takes
 // part names an expert in [0, E + Z + C + Q) (an id past the special experts, which the kernel drops
 // silently, and a negative one, which it would send nowhere, are refused), distinct within its row.
-// Entries that do not take part are never read. Returns the shape, with the active tokens.
+// Entries that do not take part are never read (none on_device). Returns the shape, with the active tokens.
 CallShape check_v2_routing(const GroupConfig& c, const TensorView& ids, const TensorView& mask_view, std::int64_t h,
-                           const SpecialExperts& ex, EntryMask* mask) {
+                           const SpecialExperts& ex, EntryMask* mask, Values values) {
   require_present("expert_ids", ids);
   require_ndim("expert_ids", ids, 2);
   require_dtype("expert_ids", ids, DType::int32);
@@ -464,8 +464,9 @@ CallShape check_v2_routing(const GroupConfig& c, const TensorView& ids, const Te
     fail_value("global_bs", c.global_bs,
                concat("must be >= BS * ep_world_size = ", bs, " * ", c.ep_world_size, " (BS of this rank is ", bs, ")"));
   check_profile_call_limits(c, bs, k, h, 2);
-  *mask = check_entry_mask(c, mask_view, bs, k);
+  *mask = check_entry_mask(c, mask_view, bs, k, values);
   std::int64_t active = 0;
+  if (values == Values::on_device) return CallShape{bs, k, h, bs, 2};
   for (std::int64_t b = 0; b < bs; ++b) {
     if (!mask->token_on(b)) continue;
     ++active;
@@ -496,8 +497,8 @@ void require_rows_like(const char* name, const View& v, DType dtype, std::int64_
 
 }  // namespace
 
-CallShape check_dispatch_v2(const GroupConfig& c, const TensorView& x, const TensorView& ids, const DispatchV2Options& o,
-                            EntryMask* mask, SpecialExperts* experts) {
+CallShape check_dispatch_v2(const GroupConfig& c, const TensorView& x, const TensorView& ids,
+                            const DispatchV2Options& o, EntryMask* mask, SpecialExperts* experts, Values values) {
   require_present("x", x);
   require_ndim("x", x, 2);
   require_half("x", x);
@@ -509,7 +510,7 @@ CallShape check_dispatch_v2(const GroupConfig& c, const TensorView& x, const Ten
   if (ids.rows() != bs)
     fail(ErrorCode::invalid_shape, "expert_ids.shape", shape_text(ids), concat("must have BS = x.shape[0] = ", bs, " rows"));
   *experts = check_special_experts(c, o.zero_expert_num, o.copy_expert_num, o.const_expert_num);
-  const CallShape shape = check_v2_routing(c, ids, o.x_active_mask, h, *experts, mask);
+  const CallShape shape = check_v2_routing(c, ids, o.x_active_mask, h, *experts, mask, values);
   const std::int64_t k = shape.k;
   const Topology topo(c);
 
@@ -581,7 +582,8 @@ CallShape check_dispatch_v2(const GroupConfig& c, const TensorView& x, const Ten
 
 CallShape check_combine_v2(const GroupConfig& c, const TensorView& expand_x, const TensorView& ids,
                            const TensorView& assist, const TensorView& ep_send_counts, const TensorView& expert_scales,
-                           const CombineV2Options& o, CombineCounts* counts, EntryMask* mask, SpecialExperts* experts) {
+                           const CombineV2Options& o, CombineCounts* counts, EntryMask* mask, SpecialExperts* experts,
+                           Values values) {
   require_present("expand_x", expand_x);
   require_ndim("expand_x", expand_x, 2);
   require_half("expand_x", expand_x);
@@ -589,7 +591,7 @@ CallShape check_combine_v2(const GroupConfig& c, const TensorView& expand_x, con
   const std::int64_t h = expand_x.cols();
   if (h < 1) fail(ErrorCode::invalid_shape, "expand_x.shape[1] (H)", concat(h), "must be >= 1");
   *experts = check_special_experts(c, o.zero_expert_num, o.copy_expert_num, o.const_expert_num);
-  const CallShape shape = check_v2_routing(c, ids, o.x_active_mask, h, *experts, mask);
+  const CallShape shape = check_v2_routing(c, ids, o.x_active_mask, h, *experts, mask, values);
   const std::int64_t bs = shape.bs, k = shape.k;
   const Topology topo(c);
 
@@ -615,22 +617,25 @@ CallShape check_combine_v2(const GroupConfig& c, const TensorView& expand_x, con
     require_vector_len("tp_send_counts", o.tp_send_counts, 2);
     require_data("tp_send_counts", o.tp_send_counts);
   }
-  // Only the rows of each half (its last entry) are read, as by the kernels (V2 §4.1).
+  // Only the rows of each half (its last entry) are read, as by the kernels (V2 §4.1). On the device
+  // the GPU compares them with dispatch's, and checks the rows and triples they imply.
+  const bool read_values = values == Values::on_host;
   const std::int64_t most = topo.receive_rows(c.ep_rank_id, bs, k, 2);
   for (const int i : {own_len - 1, full_len - 1}) {
+    if (!read_values) break;
     const std::int32_t v = ep_send_counts.at<std::int32_t>(i);
     if (v < 0 || v > most)
       fail_value(concat("ep_send_counts[", i, "]"), v,
                  concat("must be in [0, ", most, "], the rows this rank can receive; use dispatch's ep_recv_counts"));
   }
-  counts->own_rows = ep_send_counts.at<std::int32_t>(own_len - 1);
-  counts->peer_rows = topo.T == 2 ? ep_send_counts.at<std::int32_t>(full_len - 1) : 0;
-  const std::int64_t needed = counts->own_rows + counts->peer_rows;
+  counts->own_rows = read_values ? ep_send_counts.at<std::int32_t>(own_len - 1) : -1;
+  counts->peer_rows = !read_values ? -1 : topo.T == 2 ? ep_send_counts.at<std::int32_t>(full_len - 1) : 0;
+  const std::int64_t needed = read_values ? counts->own_rows + counts->peer_rows : 0;
   if (expand_x.rows() < needed)
     fail(ErrorCode::invalid_shape, "expand_x.shape", shape_text(expand_x),
          concat("must have at least the ", needed, " valid rows that ep_send_counts", topo.T == 2 ? " and tp_send_counts" : "",
                 " describe"));
-  if (topo.T == 2) {
+  if (topo.T == 2 && read_values) {
     const std::int32_t self = o.tp_send_counts.at<std::int32_t>(c.tp_rank_id);
     const std::int32_t peer = o.tp_send_counts.at<std::int32_t>(1 - c.tp_rank_id);
     if (self != counts->own_rows || peer != counts->peer_rows)
@@ -641,7 +646,7 @@ CallShape check_combine_v2(const GroupConfig& c, const TensorView& expand_x, con
   }
   require_present("assist_info_for_combine", assist);
   require_dtype("assist_info_for_combine", assist, DType::int32);
-  const std::int64_t triples = sat_mul(counts->own_rows, std::int64_t{3});
+  const std::int64_t triples = read_values ? sat_mul(counts->own_rows, std::int64_t{3}) : 0;
   if (c.profile == Profile::ascend_a3) {
     // The A3 combine tiling insists on 128 * A entries although it reads 3 per row (V2 §3.6).
     require_vector_min("assist_info_for_combine", assist, sat_mul(topo.capacity_a(c.ep_rank_id, bs, k, 2), std::int64_t{128}));

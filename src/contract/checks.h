@@ -44,15 +44,17 @@ CallShape check_combine(const GroupConfig& config, const TensorView& expand_x, c
                         const TensorView& expert_scales, const CombineOptions& options, CombineCounts* counts,
                         Values values = Values::on_host);
 
-// The V2 operators (V2 §1, §3, §4, §7). Both read the mask and the ids (host memory); `mask` and
-// `experts` receive what the call's routing follows from.
+// The V2 operators (V2 §1, §3, §4, §7). Both read the mask and the ids (host memory; on_device: only
+// shapes, dtypes and options, the GPU checks the values, and `counts` is -1); `mask` and `experts`
+// receive what the call's routing follows from.
 struct EntryMask;
 struct SpecialExperts;
 CallShape check_dispatch_v2(const GroupConfig& config, const TensorView& x, const TensorView& expert_ids,
-                            const DispatchV2Options& options, EntryMask* mask, SpecialExperts* experts);
+                            const DispatchV2Options& options, EntryMask* mask, SpecialExperts* experts,
+                            Values values = Values::on_host);
 CallShape check_combine_v2(const GroupConfig& config, const TensorView& expand_x, const TensorView& expert_ids,
                            const TensorView& assist_info_for_combine, const TensorView& ep_send_counts,
                            const TensorView& expert_scales, const CombineV2Options& options, CombineCounts* counts,
-                           EntryMask* mask, SpecialExperts* experts);
+                           EntryMask* mask, SpecialExperts* experts, Values values = Values::on_host);
 
 }  // namespace moedist::contract

@@ -56,7 +56,8 @@ std::int64_t check_token_mask(const GroupConfig& c, const TensorView& mask, std:
   return prefix_length(mask, bs);
 }
 
-EntryMask check_entry_mask(const GroupConfig& c, const TensorView& mask, std::int64_t bs, std::int64_t k) {
+EntryMask check_entry_mask(const GroupConfig& c, const TensorView& mask, std::int64_t bs, std::int64_t k,
+                           Values values) {
   EntryMask m;
   if (!mask.present()) return m;
   check_mask_dtype(mask);
@@ -70,7 +71,7 @@ EntryMask check_entry_mask(const GroupConfig& c, const TensorView& mask, std::in
   check_mask_basics(c, mask, bs);
   if (tokens) {
     m.kind = EntryMask::Kind::tokens;
-    m.prefix = prefix_length(mask, bs);
+    m.prefix = values == Values::on_device ? bs : prefix_length(mask, bs);
   } else {
     m.kind = EntryMask::Kind::entries;
     m.mask = mask;
