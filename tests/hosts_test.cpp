@@ -184,11 +184,15 @@ TEST(HostMessages, DispatchEntryCutShort) {
   expect_rejected("dispatch.hosts", [](auto& m) { m.resize(m.size() - 1); }, "cut short");
 }
 TEST(HostMessages, DispatchSlotOutOfRange) {
-  expect_rejected("dispatch.hosts", [](auto& m) { write_i32(m, kFirstTarget + offsetof(RemoteTarget, slot), 1 << 20); }, "outside its");
+  expect_rejected(
+      "dispatch.hosts", [](auto& m) { write_i32(m, kFirstTarget + offsetof(RemoteTarget, slot), 1 << 20); },
+      "outside its");
 }
 TEST(HostMessages, DispatchExpertOnAnotherHost) {
   // Rank 0's entries go to host 1 (EP ranks 2, 3 hold experts 4-7); name expert 0, which lives on host 0.
-  expect_rejected("dispatch.hosts", [](auto& m) { write_i32(m, kFirstTarget + offsetof(RemoteTarget, code), 0); }, "not on this host");
+  expect_rejected(
+      "dispatch.hosts", [](auto& m) { write_i32(m, kFirstTarget + offsetof(RemoteTarget, code), 0); },
+      "not on this host");
 }
 TEST(HostMessages, DispatchSlotSentTwice) {
   expect_rejected("dispatch.hosts", [](auto& m) {

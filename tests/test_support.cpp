@@ -405,7 +405,6 @@ Strided make_strided(const Tensor& t, std::int64_t row_pad, std::int64_t col_str
   return s;
 }
 
-
 }  // namespace
 
 // Copies the first `rows` rows (or entries) of a view into a new contiguous tensor.
@@ -464,10 +463,12 @@ struct ExpertOutputs {
     }
     if (opt.outputs_in_window && std::max(c.tp_world_size, 1) == 1 && !opt.strided_inputs) {
       const MutableTensorView buffer = group.combine_buffer(c.dtype);
-      if (!buffer.present() || buffer.rows() < d.valid_rows) throw std::runtime_error("combine_buffer() is missing or too small");
+      if (!buffer.present() || buffer.rows() < d.valid_rows)
+        throw std::runtime_error("combine_buffer() is missing or too small");
       Tensor rows = copy_rows(view, d.valid_rows);
       for (std::int64_t r = 0; r < d.valid_rows; ++r) {
-        std::memcpy(buffer.ptr<std::uint16_t>(r, 0), rows.data<std::uint16_t>() + r * h, static_cast<std::size_t>(h) * 2);
+        std::memcpy(buffer.ptr<std::uint16_t>(r, 0), rows.data<std::uint16_t>() + r * h,
+                    static_cast<std::size_t>(h) * 2);
       }
       view = buffer;
     }
@@ -483,14 +484,16 @@ struct MaskView {
     if (!mask.present()) return;
     storage = make_strided(mask, strided ? 3 : 0, strided ? 2 : 1);
     view = storage.view;
-    if (mask.ndim() == 1) view = vector_view(storage.storage.data(), DType::boolean, mask.rows(), storage.view.strides[0]);
+    if (mask.ndim() == 1)
+      view = vector_view(storage.storage.data(), DType::boolean, mask.rows(), storage.view.strides[0]);
   }
   Strided storage;
   TensorView view;
 };
 
 // A V2 rank: dispatch_v2 then combine_v2, with the same choices of strides and buffers as run_rank.
-casefile::RankOutputs run_rank_v2(Group& group, const casefile::Case& c, int g, const RunOptions& opt, RankTraffic* traffic) {
+casefile::RankOutputs run_rank_v2(Group& group, const casefile::Case& c, int g, const RunOptions& opt,
+                                  RankTraffic* traffic) {
   const int T = std::max(c.tp_world_size, 1);
   const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
   const GroupConfig cfg = group.config();
@@ -527,7 +530,8 @@ casefile::RankOutputs run_rank_v2(Group& group, const casefile::Case& c, int g, 
     out_expand_scales = Tensor(DType::fp32, cap.max_receive_rows);
     out_assist = Tensor(DType::int32, std::max(bs * k, cap.A * 128));  // torch_npu's length
     out_etn = Tensor(DType::int64, group.local_expert_num());
-    out_ep = Tensor(DType::int32, static_cast<std::int64_t>(c.ep_world_size) * group.local_expert_num() * (T == 2 ? 2 : 1));
+    out_ep =
+        Tensor(DType::int32, static_cast<std::int64_t>(c.ep_world_size) * group.local_expert_num() * (T == 2 ? 2 : 1));
     dopt.out.expand_x = out_x.mutable_view();
     dopt.out.dynamic_scales = out_scales.mutable_view();
     if (in.expert_scales.present()) dopt.out.expand_scales = out_expand_scales.mutable_view();
@@ -758,7 +762,8 @@ std::string compare_rank_with_oracle_v2(const casefile::Case& c, int r, const ca
                                         const oracle::v2::RankOutput& w) {
   std::string diff;
   if (o.expand_x.rows() != w.valid_rows)
-    return "rank " + std::to_string(r) + " valid rows: got " + std::to_string(o.expand_x.rows()) + ", oracle " + std::to_string(w.valid_rows);
+    return "rank " + std::to_string(r) + " valid rows: got " + std::to_string(o.expand_x.rows()) + ", oracle " +
+           std::to_string(w.valid_rows);
   if (c.quant_mode == 2) {
     if (!(diff = compare_tensor("expand_x(int8)", r, o.expand_x, w.expand_x_int8)).empty()) return diff;
     if (!(diff = compare_tensor("dynamic_scales", r, o.dynamic_scales, w.dynamic_scales)).empty()) return diff;
@@ -768,10 +773,12 @@ std::string compare_rank_with_oracle_v2(const casefile::Case& c, int r, const ca
   if (c.ranks[static_cast<std::size_t>(r)].expert_scales.present() &&
       !(diff = compare_tensor("expand_scales", r, o.expand_scales, w.expand_scales)).empty())
     return diff;
-  if (!(diff = compare_tensor("assist_info_for_combine", r, o.assist_info_for_combine, w.assist_info)).empty()) return diff;
+  if (!(diff = compare_tensor("assist_info_for_combine", r, o.assist_info_for_combine, w.assist_info)).empty())
+    return diff;
   if (!(diff = compare_tensor("expert_token_nums", r, o.expert_token_nums, w.expert_token_nums)).empty()) return diff;
   if (!(diff = compare_tensor("ep_recv_counts", r, o.ep_recv_counts, w.ep_recv_counts)).empty()) return diff;
-  if (c.tp_world_size == 2 && !(diff = compare_tensor("tp_recv_counts", r, o.tp_recv_counts, w.tp_recv_counts)).empty()) return diff;
+  if (c.tp_world_size == 2 && !(diff = compare_tensor("tp_recv_counts", r, o.tp_recv_counts, w.tp_recv_counts)).empty())
+    return diff;
   return compare_tensor("combine_out", r, o.combine_out, w.combine_out);
 }
 
@@ -876,8 +883,9 @@ ProcessRun run_processes(const casefile::Case& c, const RunOptions& opt, const S
         const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         Writer w{slot + 1024, slot + kSlotBytes};
         w.put(&secs, sizeof(secs));
-        for (const Tensor* t : {&o.expand_x, &o.dynamic_scales, &o.expand_scales, &o.expand_idx, &o.assist_info_for_combine, &o.expert_token_nums,
-                                &o.ep_recv_counts, &o.tp_recv_counts, &o.combine_out}) {
+        for (const Tensor* t :
+             {&o.expand_x, &o.dynamic_scales, &o.expand_scales, &o.expand_idx, &o.assist_info_for_combine,
+              &o.expert_token_nums, &o.ep_recv_counts, &o.tp_recv_counts, &o.combine_out}) {
           put_tensor(w, *t);
         }
       } catch (const std::exception& e) {
@@ -905,8 +913,8 @@ ProcessRun run_processes(const casefile::Case& c, const RunOptions& opt, const S
       Reader r{slot + 1024};
       r.get(&run.seconds[static_cast<std::size_t>(g)], sizeof(double));
       casefile::RankOutputs& o = run.outputs[static_cast<std::size_t>(g)];
-      for (Tensor* t : {&o.expand_x, &o.dynamic_scales, &o.expand_scales, &o.expand_idx, &o.assist_info_for_combine, &o.expert_token_nums,
-                        &o.ep_recv_counts, &o.tp_recv_counts, &o.combine_out}) {
+      for (Tensor* t : {&o.expand_x, &o.dynamic_scales, &o.expand_scales, &o.expand_idx, &o.assist_info_for_combine,
+                        &o.expert_token_nums, &o.ep_recv_counts, &o.tp_recv_counts, &o.combine_out}) {
         *t = get_tensor(r);
       }
     } else if (WIFEXITED(status) && WEXITSTATUS(status) == 3) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -10,8 +11,6 @@
 #include "casefile/case_file.h"
 #include "moedist/group.h"
 #include "moedist/shm.h"
-
-#include <functional>
 #include "oracle/oracle.h"
 #include "oracle/oracle_v2.h"
 

@@ -6,8 +6,8 @@
 
 #include <algorithm>
 #include <map>
-#include <string>
 #include <random>
+#include <string>
 
 #include "moedist/inproc.h"
 #include "test_support.h"
@@ -45,11 +45,13 @@ class V2RandomConfigs : public ::testing::TestWithParam<int> {};
 
 // 6 shards x 30 seeds on one host, and as many on virtual hosts.
 TEST_P(V2RandomConfigs, RuntimeMatchesOracleBitExactly) {
-  for (int i = 0; i < 30; ++i) run_and_compare(static_cast<std::uint64_t>(GetParam()) * 1000 + static_cast<std::uint64_t>(i), false);
+  for (int i = 0; i < 30; ++i)
+    run_and_compare(static_cast<std::uint64_t>(GetParam()) * 1000 + static_cast<std::uint64_t>(i), false);
 }
 
 TEST_P(V2RandomConfigs, VirtualHostsMatchOracleBitExactly) {
-  for (int i = 0; i < 30; ++i) run_and_compare(500000 + static_cast<std::uint64_t>(GetParam()) * 1000 + static_cast<std::uint64_t>(i), true);
+  for (int i = 0; i < 30; ++i)
+    run_and_compare(500000 + static_cast<std::uint64_t>(GetParam()) * 1000 + static_cast<std::uint64_t>(i), true);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shards, V2RandomConfigs, ::testing::Range(0, 6));
@@ -109,14 +111,17 @@ TEST(V2RandomConfigs, V1AndV2CallsTakeTurnsOnOneGroup) {
           c.op = 3 - c.op;
           ++mixed;
         }
-        const std::int64_t max_bs = c.global_bs != 0 ? c.global_bs / c.ep_world_size : static_cast<std::int64_t>(rng() % 5);
+        const std::int64_t max_bs =
+            c.global_bs != 0 ? c.global_bs / c.ep_world_size : static_cast<std::int64_t>(rng() % 5);
         random_inputs(c, rng, lim, max_bs);
       }
       std::vector<casefile::RankOutputs> got(static_cast<std::size_t>(world));
       RunOptions opt;
       opt.outputs_in_window = call % 3 == 2;
       opt.caller_outputs = call % 2 == 1;
-      run_ranks(world, [&](int g) { got[static_cast<std::size_t>(g)] = run_rank(*groups[static_cast<std::size_t>(g)], c, g, opt); });
+      run_ranks(world, [&](int g) {
+        got[static_cast<std::size_t>(g)] = run_rank(*groups[static_cast<std::size_t>(g)], c, g, opt);
+      });
       ASSERT_EQ(oracle_diff(c, got), "") << "seed " << seed << " call " << call << ": " << describe(c);
     }
   }

@@ -545,32 +545,36 @@ std::vector<DispatchRule> profile_rules() {
       rule<DispatchCall>("AscendA3BsAbove512", ascend_a3(), 1, reshape(513, 1024, 2),
                          invalid("BS", "513", "profile ascend_a3 allows 1 <= BS <= 512")),
       // comm_alg under the profiles (V2 §5.3): the platform's names, and A3's fullmesh_v2 / hierarchy limits.
-      rule<DispatchCall>("AscendA3CommAlgOfA2", ascend_a3(), 1, [](DispatchCall& c) { c.options.comm_alg = "fullmesh"; },
-                         invalid("comm_alg", "\"fullmesh\"",
-                                 "profile ascend_a3 takes \"\", \"fullmesh_v1\", \"fullmesh_v2\" or \"hierarchy\"")),
-      rule<DispatchCall>("AscendA3FullmeshV2WithSpecialExperts", ascend_a3(), 1,
-                         [](DispatchCall& c) {
-                           c.options.comm_alg = "fullmesh_v2";
-                           c.options.zero_expert_num = 1;
-                         },
-                         invalid("comm_alg", "\"fullmesh_v2\"",
-                                 "fullmesh_v2 takes no zero, copy or const experts (profile ascend_a3)")),
-      rule<DispatchCall>("AscendA3FullmeshV2KAbove12", ascend_a3(), 1,
-                         [](DispatchCall& c) {
-                           c.options.comm_alg = "fullmesh_v2";
-                           c.options.zero_expert_num = 9;  // K = 13 needs ids beyond E = 4; no special expert is allowed
-                         },
-                         invalid("comm_alg", "\"fullmesh_v2\"",
-                                 "fullmesh_v2 takes no zero, copy or const experts (profile ascend_a3)")),
-      rule<DispatchCall>("AscendA3HierarchyWithoutExpertScales", ascend_a3(), 1,
-                         [](DispatchCall& c) {
-                           c.options.comm_alg = "hierarchy";
-                           c.options.expert_scales = TensorView{};
-                         },
-                         invalid("comm_alg", "\"hierarchy\"", "hierarchy needs expert_scales (profile ascend_a3)")),
-      rule<DispatchCall>("AscendA2CommAlgOfA3", ascend_a2(), 2, [](DispatchCall& c) { c.options.comm_alg = "fullmesh_v2"; },
-                         invalid("comm_alg", "\"fullmesh_v2\"",
-                                 "profile ascend_a2 takes \"\", \"0\", \"fullmesh\" or \"hierarchy\"")),
+      rule<DispatchCall>(
+          "AscendA3CommAlgOfA2", ascend_a3(), 1, [](DispatchCall& c) { c.options.comm_alg = "fullmesh"; },
+          invalid("comm_alg", "\"fullmesh\"",
+                  "profile ascend_a3 takes \"\", \"fullmesh_v1\", \"fullmesh_v2\" or \"hierarchy\"")),
+      rule<DispatchCall>(
+          "AscendA3FullmeshV2WithSpecialExperts", ascend_a3(), 1,
+          [](DispatchCall& c) {
+            c.options.comm_alg = "fullmesh_v2";
+            c.options.zero_expert_num = 1;
+          },
+          invalid("comm_alg", "\"fullmesh_v2\"",
+                  "fullmesh_v2 takes no zero, copy or const experts (profile ascend_a3)")),
+      rule<DispatchCall>(
+          "AscendA3FullmeshV2KAbove12", ascend_a3(), 1,
+          [](DispatchCall& c) {
+            c.options.comm_alg = "fullmesh_v2";
+            c.options.zero_expert_num = 9;  // K = 13 needs ids beyond E = 4; no special expert is allowed
+          },
+          invalid("comm_alg", "\"fullmesh_v2\"",
+                  "fullmesh_v2 takes no zero, copy or const experts (profile ascend_a3)")),
+      rule<DispatchCall>(
+          "AscendA3HierarchyWithoutExpertScales", ascend_a3(), 1,
+          [](DispatchCall& c) {
+            c.options.comm_alg = "hierarchy";
+            c.options.expert_scales = TensorView{};
+          },
+          invalid("comm_alg", "\"hierarchy\"", "hierarchy needs expert_scales (profile ascend_a3)")),
+      rule<DispatchCall>(
+          "AscendA2CommAlgOfA3", ascend_a2(), 2, [](DispatchCall& c) { c.options.comm_alg = "fullmesh_v2"; },
+          invalid("comm_alg", "\"fullmesh_v2\"", "profile ascend_a2 takes \"\", \"0\", \"fullmesh\" or \"hierarchy\"")),
       rule<DispatchCall>("AscendA2ZeroExperts", ascend_a2(), 5, special_experts(1, 0, 0),
                          invalid("zero_expert_num", "1", "profile ascend_a2 has no special experts (must be 0)")),
       rule<DispatchCall>("AscendA2CopyExperts", ascend_a2(), 5, special_experts(0, 2, 0),

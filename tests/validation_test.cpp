@@ -999,50 +999,61 @@ std::vector<ConfigRule> config_rules() {
   return {
       config_rule("EpWorldSizeZero", geometry(0, 4), invalid("ep_world_size", "0", "must be >= 1")),
       config_rule("EpWorldSizeNegative", geometry(-2, 4), invalid("ep_world_size", "-2", "must be >= 1")),
-      config_rule("EpWorldSizeHuge", geometry(2147483647, 4), invalid("ep_world_size", "2147483647", "must be <= 65536")),
+      config_rule("EpWorldSizeHuge", geometry(2147483647, 4),
+                  invalid("ep_world_size", "2147483647", "must be <= 65536")),
       config_rule("EpRankIdNegative", geometry(2, 4, 0, [](GroupConfig& c) { c.ep_rank_id = -1; }),
                   invalid("ep_rank_id", "-1", "must be in [0, ep_world_size = 2)")),
       config_rule("EpRankIdEqualToW", geometry(2, 4, 0, [](GroupConfig& c) { c.ep_rank_id = 2; }),
                   invalid("ep_rank_id", "2", "must be in [0, ep_world_size = 2)")),
-      config_rule("TpWorldSize3", [](GroupConfig& c) { c.tp_world_size = 3; },
-                  invalid("tp_world_size", "3", "must be 0, 1 (no TP domain) or 2")),
-      config_rule("TpWorldSizeNegative", [](GroupConfig& c) { c.tp_world_size = -1; },
-                  invalid("tp_world_size", "-1", "must be 0, 1 (no TP domain) or 2")),
-      config_rule("TpRankIdWithoutTpDomain", [](GroupConfig& c) { c.tp_rank_id = 1; },
-                  invalid("tp_rank_id", "1", "must be 0 without a TP domain (tp_world_size = 0)")),
-      config_rule("TpRankIdWithTpWorldSize1",
-                  [](GroupConfig& c) {
-                    c.tp_world_size = 1;
-                    c.tp_rank_id = 1;
-                  },
-                  invalid("tp_rank_id", "1", "must be 0 without a TP domain (tp_world_size = 1)")),
-      config_rule("TpRankId2WithTpWorldSize2",
-                  [](GroupConfig& c) {
-                    c.moe_expert_num = 1;
-                    c.tp_world_size = 2;
-                    c.tp_rank_id = 2;
-                  },
-                  invalid("tp_rank_id", "2", "must be 0 or 1 with tp_world_size = 2")),
-      config_rule("TpRankIdNegativeWithTpWorldSize2",
-                  [](GroupConfig& c) {
-                    c.moe_expert_num = 1;
-                    c.tp_world_size = 2;
-                    c.tp_rank_id = -1;
-                  },
-                  invalid("tp_rank_id", "-1", "must be 0 or 1 with tp_world_size = 2")),
-      config_rule("ExpertShardType1", [](GroupConfig& c) { c.expert_shard_type = 1; },
-                  invalid("expert_shard_type", "1", "must be 0 (shared-expert ranks placed before MoE ranks)")),
-      config_rule("SharedExpertNum2WithoutSharedRanks", [](GroupConfig& c) { c.shared_expert_num = 2; },
-                  invalid("shared_expert_num", "2", "must be 0 exactly when shared_expert_rank_num is 0 (it is 0)")),
+      config_rule(
+          "TpWorldSize3", [](GroupConfig& c) { c.tp_world_size = 3; },
+          invalid("tp_world_size", "3", "must be 0, 1 (no TP domain) or 2")),
+      config_rule(
+          "TpWorldSizeNegative", [](GroupConfig& c) { c.tp_world_size = -1; },
+          invalid("tp_world_size", "-1", "must be 0, 1 (no TP domain) or 2")),
+      config_rule(
+          "TpRankIdWithoutTpDomain", [](GroupConfig& c) { c.tp_rank_id = 1; },
+          invalid("tp_rank_id", "1", "must be 0 without a TP domain (tp_world_size = 0)")),
+      config_rule(
+          "TpRankIdWithTpWorldSize1",
+          [](GroupConfig& c) {
+            c.tp_world_size = 1;
+            c.tp_rank_id = 1;
+          },
+          invalid("tp_rank_id", "1", "must be 0 without a TP domain (tp_world_size = 1)")),
+      config_rule(
+          "TpRankId2WithTpWorldSize2",
+          [](GroupConfig& c) {
+            c.moe_expert_num = 1;
+            c.tp_world_size = 2;
+            c.tp_rank_id = 2;
+          },
+          invalid("tp_rank_id", "2", "must be 0 or 1 with tp_world_size = 2")),
+      config_rule(
+          "TpRankIdNegativeWithTpWorldSize2",
+          [](GroupConfig& c) {
+            c.moe_expert_num = 1;
+            c.tp_world_size = 2;
+            c.tp_rank_id = -1;
+          },
+          invalid("tp_rank_id", "-1", "must be 0 or 1 with tp_world_size = 2")),
+      config_rule(
+          "ExpertShardType1", [](GroupConfig& c) { c.expert_shard_type = 1; },
+          invalid("expert_shard_type", "1", "must be 0 (shared-expert ranks placed before MoE ranks)")),
+      config_rule(
+          "SharedExpertNum2WithoutSharedRanks", [](GroupConfig& c) { c.shared_expert_num = 2; },
+          invalid("shared_expert_num", "2", "must be 0 exactly when shared_expert_rank_num is 0 (it is 0)")),
       config_rule("SharedExpertNum5", geometry(8, 4, 4, [](GroupConfig& c) { c.shared_expert_num = 5; }),
                   invalid("shared_expert_num", "5", "must be in [0, 4] (1 in the V1 operators)")),
-      config_rule("SharedExpertNumNegative", [](GroupConfig& c) { c.shared_expert_num = -1; },
-                  invalid("shared_expert_num", "-1", "must be in [0, 4] (1 in the V1 operators)")),
+      config_rule(
+          "SharedExpertNumNegative", [](GroupConfig& c) { c.shared_expert_num = -1; },
+          invalid("shared_expert_num", "-1", "must be in [0, 4] (1 in the V1 operators)")),
       config_rule("SharedExpertNum0WithSharedRanks", geometry(4, 2, 2, [](GroupConfig& c) { c.shared_expert_num = 0; }),
                   invalid("shared_expert_num", "0", "must be 0 exactly when shared_expert_rank_num is 0 (it is 2)")),
-      config_rule("SharedExpertNumNotDividingSharedRanks", geometry(5, 2, 3, [](GroupConfig& c) { c.shared_expert_num = 2; }),
-                  invalid("shared_expert_num", "2",
-                          "must divide shared_expert_rank_num = 3 (each shared expert on S / shared_expert_num ranks)")),
+      config_rule(
+          "SharedExpertNumNotDividingSharedRanks", geometry(5, 2, 3, [](GroupConfig& c) { c.shared_expert_num = 2; }),
+          invalid("shared_expert_num", "2",
+                  "must divide shared_expert_rank_num = 3 (each shared expert on S / shared_expert_num ranks)")),
       config_rule("SharedExpertRankNumEqualToW", geometry(2, 4, 2),
                   invalid("shared_expert_rank_num", "2", "must be in [0, ep_world_size = 2)")),
       config_rule("SharedExpertRankNumAboveW", geometry(2, 4, 3),
@@ -1065,9 +1076,12 @@ std::vector<ConfigRule> config_rules() {
       config_rule("GlobalBsNotMultipleOfW", geometry(3, 3, 0, [](GroupConfig& c) { c.global_bs = 4; }),
                   invalid("global_bs", "4", "must be 0 or a multiple of ep_world_size = 3")),
       // ascend_a3
-      config_rule("AscendA3W1", a3(1, 4), invalid("ep_world_size", "1", "profile ascend_a3 allows 2 to 768 (V2 operators)")),
-      config_rule("AscendA3W776", a3(776, 776), invalid("ep_world_size", "776", "profile ascend_a3 allows 2 to 768 (V2 operators)")),
-      config_rule("AscendA3ExpertNumAbove1024", a3(8, 1032), invalid("moe_expert_num", "1032", "profile ascend_a3 allows at most 1024")),
+      config_rule("AscendA3W1", a3(1, 4),
+                  invalid("ep_world_size", "1", "profile ascend_a3 allows 2 to 768 (V2 operators)")),
+      config_rule("AscendA3W776", a3(776, 776),
+                  invalid("ep_world_size", "776", "profile ascend_a3 allows 2 to 768 (V2 operators)")),
+      config_rule("AscendA3ExpertNumAbove1024", a3(8, 1032),
+                  invalid("moe_expert_num", "1032", "profile ascend_a3 allows at most 1024")),
       // ascend_a2
       config_rule("AscendA2WNotMultipleOf8", a2(12, 12),
                   invalid("ep_world_size", "12", "profile ascend_a2 needs a multiple of 8 that is at most 256")),
@@ -1075,8 +1089,10 @@ std::vector<ConfigRule> config_rules() {
                   invalid("ep_world_size", "264", "profile ascend_a2 needs a multiple of 8 that is at most 256")),
       config_rule("AscendA2SharedExpertRanks", a2(8, 7, 1),
                   invalid("shared_expert_rank_num", "1", "profile ascend_a2 has no shared-expert ranks (must be 0)")),
-      config_rule("AscendA2TpDomain", a2(8, 8, 0, 2), invalid("tp_world_size", "2", "profile ascend_a2 has no TP domain")),
-      config_rule("AscendA2ExpertNumAbove512", a2(24, 528), invalid("moe_expert_num", "528", "profile ascend_a2 allows at most 512")),
+      config_rule("AscendA2TpDomain", a2(8, 8, 0, 2),
+                  invalid("tp_world_size", "2", "profile ascend_a2 has no TP domain")),
+      config_rule("AscendA2ExpertNumAbove512", a2(24, 528),
+                  invalid("moe_expert_num", "528", "profile ascend_a2 allows at most 512")),
       config_rule("AscendA2MoreThan24ExpertsPerRank", a2(8, 200),
                   invalid("moe_expert_num", "200", "profile ascend_a2 allows at most 24 experts per rank")),
   };
@@ -1099,18 +1115,23 @@ INSTANTIATE_TEST_SUITE_P(All, ConfigRules, ::testing::ValuesIn(config_rules()), 
 // question is answered, a V1 one raises.
 std::vector<ConfigRule> v1_config_rules() {
   return {
-      config_rule("SharedExpertNum0", [](GroupConfig& c) { c.shared_expert_num = 0; },
-                  invalid("shared_expert_num", "0", "must be 1 in the V1 operators (0 to 4 in the V2 ones)")),
+      config_rule(
+          "SharedExpertNum0", [](GroupConfig& c) { c.shared_expert_num = 0; },
+          invalid("shared_expert_num", "0", "must be 1 in the V1 operators (0 to 4 in the V2 ones)")),
       config_rule("SharedExpertNum2", geometry(6, 4, 2, [](GroupConfig& c) { c.shared_expert_num = 2; }),
                   invalid("shared_expert_num", "2", "must be 1 in the V1 operators (0 to 4 in the V2 ones)")),
-      config_rule("WNotMultipleOfSharedExpertRankNum", geometry(5, 3, 2),
-                  invalid("shared_expert_rank_num", "2", "ep_world_size = 5 must be a multiple of it in the V1 operators")),
+      config_rule(
+          "WNotMultipleOfSharedExpertRankNum", geometry(5, 3, 2),
+          invalid("shared_expert_rank_num", "2", "ep_world_size = 5 must be a multiple of it in the V1 operators")),
       config_rule("AscendA3W4", a3(4, 4),
-                  invalid("ep_world_size", "4", "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288 in the V1 operators")),
+                  invalid("ep_world_size", "4",
+                          "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288 in the V1 operators")),
       config_rule("AscendA3W12", a3(12, 12),
-                  invalid("ep_world_size", "12", "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288 in the V1 operators")),
+                  invalid("ep_world_size", "12",
+                          "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288 in the V1 operators")),
       config_rule("AscendA3W512", a3(512, 512),
-                  invalid("ep_world_size", "512", "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288 in the V1 operators")),
+                  invalid("ep_world_size", "512",
+                          "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288 in the V1 operators")),
       config_rule("AscendA3ExpertNumAbove512", a3(8, 520),
                   invalid("moe_expert_num", "520", "profile ascend_a3 allows at most 512 in the V1 operators")),
   };
@@ -1123,9 +1144,15 @@ TEST_P(V1ConfigRules, OnlyTheV1OperatorsRaise) {
   GetParam().configure(config);
   EXPECT_EQ(capture([&] { validate_config(config); }).kind, Outcome::Kind::none) << "validate_config";
   const std::int64_t h = config.profile == Profile::ascend_a3 ? 7168 : 16;
-  EXPECT_EQ(capture([&] { capacity(config, CapacityQuery{1, 1, h, DType::bf16, 0, 2}); }).kind, Outcome::Kind::none)
+  EXPECT_EQ(capture([&] {
+              capacity(config, CapacityQuery{1, 1, h, DType::bf16, 0, 2});
+            }).kind,
+            Outcome::Kind::none)
       << "capacity, V2";
-  EXPECT_TRUE(raised(capture([&] { capacity(config, CapacityQuery{1, 1, h, DType::bf16, 0, 1}); }), GetParam().want))
+  EXPECT_TRUE(raised(capture([&] {
+                       capacity(config, CapacityQuery{1, 1, h, DType::bf16, 0, 1});
+                     }),
+                     GetParam().want))
       << "capacity, V1";
 }
 

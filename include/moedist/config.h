@@ -49,7 +49,7 @@ struct CapacityQuery {
   std::int64_t h = 0;    // hidden size
   DType x_dtype = DType::bf16;
   int quant_mode = 0;
-  int version = 1;       // 1: the V1 operators; 2: the V2 ones (a shared-expert rank's A is maxBS * ceil(W / R))
+  int version = 1;  // 1: the V1 operators; 2: the V2 ones (a shared-expert rank's A is maxBS * ceil(W / R))
 };
 
 struct CapacityReport {

@@ -58,9 +58,9 @@ struct CudaGroupOptions {
 struct CudaDispatchResult {
   // Rows R * max(T,1) with R = the most rows this rank can receive: A, except on a shared-expert rank
   // with global_bs != 0 and uneven BS, where it can be more (capacity().max_receive_rows).
-  TensorView expand_x;           // (R * max(T,1), H): views into this rank's window, valid until the next dispatch
-  TensorView dynamic_scales;     // (R * max(T,1),) fp32
-  TensorView expand_idx;         // (BS * K,) int32 (V1 only)
+  TensorView expand_x;        // (R * max(T,1), H): views into this rank's window, valid until the next dispatch
+  TensorView dynamic_scales;  // (R * max(T,1),) fp32
+  TensorView expand_idx;      // (BS * K,) int32 (V1 only)
   // V2 only: (3 * R * max(T,1),) int32, a view into this rank's window valid until the next dispatch:
   // entries [0, 3 * own EP rows) hold (source EP rank, token, k) per row (V2 §3.6), the rest unspecified.
   TensorView assist_info_for_combine;

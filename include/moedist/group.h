@@ -89,39 +89,39 @@ struct DispatchV2Outputs {
 };
 
 struct DispatchV2Options {
-  TensorView scales;           // optional smooth scales (Sn + E, H) fp32: shared expert j row j, MoE expert e row Sn + e
+  TensorView scales;  // optional smooth scales (Sn + E, H) fp32: shared expert j row j, MoE expert e row Sn + e
   // optional: (BS,) bool with its trues first (tokens [0, trues) take part), or (BS, K) bool (entry (b, k)
   // takes part where true; a token with no true is inactive). V2 §3.2-3.3.
   TensorView x_active_mask;
-  TensorView expert_scales;    // optional (BS, K) fp32 router weights, carried to expand_scales
-  TensorView elastic_info;     // must be absent: elastic scaling is not supported
+  TensorView expert_scales;  // optional (BS, K) fp32 router weights, carried to expand_scales
+  TensorView elastic_info;   // must be absent: elastic scaling is not supported
   // optional (W,) int64: entry r becomes max(entry, the microseconds this rank waited for EP rank r in
   // this call) (V2 §5.1, the kernels' maximum). Never zeroed by the operator.
   MutableTensorView performance_info;
-  int quant_mode = 0;          // 0 = none, 2 = dynamic per-token int8
+  int quant_mode = 0;  // 0 = none, 2 = dynamic per-token int8
   int expert_token_nums_type = 1;
   // Special experts (V2 §3.4): ids [E, E+Z) zero, [E+Z, E+Z+C) copy, [E+Z+C, E+Z+C+Q) const experts;
   // never sent, evaluated by combine.
   int zero_expert_num = 0, copy_expert_num = 0, const_expert_num = 0;
-  std::string_view comm_alg;   // "", "0", "fullmesh", "fullmesh_v1", "fullmesh_v2" or "hierarchy": same results
+  std::string_view comm_alg;  // "", "0", "fullmesh", "fullmesh_v1", "fullmesh_v2" or "hierarchy": same results
   DispatchV2Outputs out;
 };
 
 struct CombineV2Options {
-  TensorView tp_send_counts;        // dispatch's tp_recv_counts (T == 2 only)
-  TensorView x_active_mask;         // dispatch's x_active_mask (inactive tokens' rows come back zero)
-  TensorView expand_scales;         // accepted (dispatch's expand_scales), checked, not used
-  TensorView shared_expert_x;       // optional (BS, H), added with weight 1 (only with shared_expert_rank_num 0)
-  TensorView elastic_info;          // must be absent
-  TensorView ori_x;                 // (BS, H): the copy and const experts' input (required when C or Q > 0)
-  TensorView const_expert_alpha_1;  // (Q, H) gate rows of the const experts (V2 §4.4)
-  TensorView const_expert_alpha_2;  // (Q, H)
-  TensorView const_expert_v;        // (Q, H) the const experts' vectors
+  TensorView tp_send_counts;           // dispatch's tp_recv_counts (T == 2 only)
+  TensorView x_active_mask;            // dispatch's x_active_mask (inactive tokens' rows come back zero)
+  TensorView expand_scales;            // accepted (dispatch's expand_scales), checked, not used
+  TensorView shared_expert_x;          // optional (BS, H), added with weight 1 (only with shared_expert_rank_num 0)
+  TensorView elastic_info;             // must be absent
+  TensorView ori_x;                    // (BS, H): the copy and const experts' input (required when C or Q > 0)
+  TensorView const_expert_alpha_1;     // (Q, H) gate rows of the const experts (V2 §4.4)
+  TensorView const_expert_alpha_2;     // (Q, H)
+  TensorView const_expert_v;           // (Q, H) the const experts' vectors
   MutableTensorView performance_info;  // as in DispatchV2Options
   int zero_expert_num = 0, copy_expert_num = 0, const_expert_num = 0;  // as given to dispatch
-  int comm_quant_mode = 0;          // 0 = none, 2 = int8 communication quantization
+  int comm_quant_mode = 0;                                             // 0 = none, 2 = int8 communication quantization
   std::string_view comm_alg;
-  MutableTensorView out;            // optional caller buffer (BS, H), same dtype as expand_x
+  MutableTensorView out;  // optional caller buffer (BS, H), same dtype as expand_x
 };
 
 // Bytes this rank moved in its last call (for benchmarks and tests).

@@ -263,7 +263,8 @@ class PyGroup {
     const std::int64_t rows = r.expand_x.rows();
     const std::int64_t h = r.expand_x.cols();
     const std::int64_t bsk = bids.view.rows() * bids.view.cols();
-    const std::int64_t own_rows = r.valid_rows - (c.tp_world_size == 2 ? r.tp_recv_counts.at<std::int32_t>(1 - c.tp_rank_id) : 0);
+    const std::int64_t own_rows =
+        r.valid_rows - (c.tp_world_size == 2 ? r.tp_recv_counts.at<std::int32_t>(1 - c.tp_rank_id) : 0);
     py::array assist = zeros(DType::int32, std::max(bsk, 128 * r.A), 1, false);
     std::memcpy(assist.mutable_data(), r.assist_info_for_combine.data, static_cast<std::size_t>(3 * own_rows) * 4);
     return py::make_tuple(fresh_copy(r.expand_x, r.expand_x.dtype, rows, h, true),
@@ -289,7 +290,8 @@ class PyGroup {
                    bmask = borrow(x_active_mask, "x_active_mask", view_as(views, "x_active_mask")),
                    bes = borrow(expand_scales, "expand_scales"),
                    bsx = borrow(shared_expert_x, "shared_expert_x", view_as(views, "shared_expert_x")),
-                   belastic = borrow(elastic_info, "elastic_info"), bori = borrow(ori_x, "ori_x", view_as(views, "ori_x")),
+                   belastic = borrow(elastic_info, "elastic_info"),
+                   bori = borrow(ori_x, "ori_x", view_as(views, "ori_x")),
                    ba1 = borrow(const_expert_alpha_1, "const_expert_alpha_1", view_as(views, "const_expert_alpha_1")),
                    ba2 = borrow(const_expert_alpha_2, "const_expert_alpha_2", view_as(views, "const_expert_alpha_2")),
                    bv = borrow(const_expert_v, "const_expert_v", view_as(views, "const_expert_v")),

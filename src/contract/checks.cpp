@@ -394,8 +394,14 @@ SpecialExperts check_special_experts(const GroupConfig& c, int zero, int copy, i
                concat("moe_expert_num + zero_expert_num + copy_expert_num + const_expert_num = ", ex.id_limit(),
                       " must be <= 2147483647"));
   if (c.profile == Profile::ascend_a2 && ex.any())
-    fail(ErrorCode::invalid_argument, zero > 0 ? "zero_expert_num" : copy > 0 ? "copy_expert_num" : "const_expert_num",
-         concat(zero > 0 ? zero : copy > 0 ? copy : constant), "profile ascend_a2 has no special experts (must be 0)");
+    fail(ErrorCode::invalid_argument,
+         zero > 0   ? "zero_expert_num"
+         : copy > 0 ? "copy_expert_num"
+                    : "const_expert_num",
+         concat(zero > 0   ? zero
+                : copy > 0 ? copy
+                           : constant),
+         "profile ascend_a2 has no special experts (must be 0)");
   return ex;
 }
 
@@ -461,8 +467,9 @@ CallShape check_v2_routing(const GroupConfig& c, const TensorView& ids, const Te
     fail(ErrorCode::invalid_shape, "expert_ids.shape[1] (K)", concat(k),
          concat("must be in [1, moe_expert_num + zero, copy and const experts = ", ex.id_limit(), "]"));
   if (c.global_bs != 0 && sat_mul(bs, c.ep_world_size) > c.global_bs)
-    fail_value("global_bs", c.global_bs,
-               concat("must be >= BS * ep_world_size = ", bs, " * ", c.ep_world_size, " (BS of this rank is ", bs, ")"));
+    fail_value(
+        "global_bs", c.global_bs,
+        concat("must be >= BS * ep_world_size = ", bs, " * ", c.ep_world_size, " (BS of this rank is ", bs, ")"));
   check_profile_call_limits(c, bs, k, h, 2);
   *mask = check_entry_mask(c, mask_view, bs, k, values);
   std::int64_t active = 0;
@@ -508,17 +515,21 @@ CallShape check_dispatch_v2(const GroupConfig& c, const TensorView& x, const Ten
   require_present("expert_ids", ids);
   require_ndim("expert_ids", ids, 2);
   if (ids.rows() != bs)
-    fail(ErrorCode::invalid_shape, "expert_ids.shape", shape_text(ids), concat("must have BS = x.shape[0] = ", bs, " rows"));
+    fail(ErrorCode::invalid_shape, "expert_ids.shape", shape_text(ids),
+         concat("must have BS = x.shape[0] = ", bs, " rows"));
   *experts = check_special_experts(c, o.zero_expert_num, o.copy_expert_num, o.const_expert_num);
   const CallShape shape = check_v2_routing(c, ids, o.x_active_mask, h, *experts, mask, values);
   const std::int64_t k = shape.k;
   const Topology topo(c);
 
   if (o.quant_mode == 1)
-    fail(ErrorCode::unsupported, "quant_mode", "1", "static quantization is not supported (0 = none, 2 = dynamic int8)");
-  if (o.quant_mode != 0 && o.quant_mode != 2) fail_value("quant_mode", o.quant_mode, "must be 0 (none) or 2 (dynamic int8)");
+    fail(ErrorCode::unsupported, "quant_mode", "1",
+         "static quantization is not supported (0 = none, 2 = dynamic int8)");
+  if (o.quant_mode != 0 && o.quant_mode != 2)
+    fail_value("quant_mode", o.quant_mode, "must be 0 (none) or 2 (dynamic int8)");
   if (o.scales.present()) {
-    if (o.quant_mode == 0) fail(ErrorCode::invalid_argument, "scales", shape_text(o.scales), "must be None with quant_mode 0");
+    if (o.quant_mode == 0)
+      fail(ErrorCode::invalid_argument, "scales", shape_text(o.scales), "must be None with quant_mode 0");
     require_dtype("scales", o.scales, DType::fp32);
     require_matrix("scales", o.scales, topo.Sn + c.moe_expert_num, h);
     require_data("scales", o.scales);
@@ -529,7 +540,8 @@ CallShape check_dispatch_v2(const GroupConfig& c, const TensorView& x, const Ten
     require_data("expert_scales", o.expert_scales);
   }
   if (o.elastic_info.present())
-    fail(ErrorCode::unsupported, "elastic_info", shape_text(o.elastic_info), "elastic scaling is not supported: must be None");
+    fail(ErrorCode::unsupported, "elastic_info", shape_text(o.elastic_info),
+         "elastic scaling is not supported: must be None");
   check_performance_info(c, o.performance_info);
   check_comm_alg(c, o.comm_alg, bs, k, *mask, *experts, !o.expert_scales.present());
   if (o.expert_token_nums_type != 0 && o.expert_token_nums_type != 1)
@@ -562,19 +574,25 @@ CallShape check_dispatch_v2(const GroupConfig& c, const TensorView& x, const Ten
   vector_out("out.ep_recv_counts", out.ep_recv_counts, DType::int32, topo.ep_recv_counts_len(c.ep_rank_id));
   if (out.tp_recv_counts.present()) {
     if (c.tp_world_size != 2)
-      fail(ErrorCode::invalid_argument, "out.tp_recv_counts", shape_text(out.tp_recv_counts), "is only produced with tp_world_size = 2");
+      fail(ErrorCode::invalid_argument, "out.tp_recv_counts", shape_text(out.tp_recv_counts),
+           "is only produced with tp_world_size = 2");
     require_dtype("out.tp_recv_counts", out.tp_recv_counts, DType::int32);
     require_vector_len("out.tp_recv_counts", out.tp_recv_counts, 2);
     require_data("out.tp_recv_counts", out.tp_recv_counts);
   }
-  for (const auto& [name, buffer] :
-       {std::pair<const char*, const MutableTensorView*>{"out.expand_x", &out.expand_x},
-        {"out.dynamic_scales", &out.dynamic_scales}, {"out.expand_scales", &out.expand_scales},
-        {"out.assist_info_for_combine", &out.assist_info_for_combine}, {"out.expert_token_nums", &out.expert_token_nums},
-        {"out.ep_recv_counts", &out.ep_recv_counts}, {"out.tp_recv_counts", &out.tp_recv_counts},
-        {"performance_info", &o.performance_info}}) {
+  for (const auto& [name, buffer] : {std::pair<const char*, const MutableTensorView*>{"out.expand_x", &out.expand_x},
+                                     {"out.dynamic_scales", &out.dynamic_scales},
+                                     {"out.expand_scales", &out.expand_scales},
+                                     {"out.assist_info_for_combine", &out.assist_info_for_combine},
+                                     {"out.expert_token_nums", &out.expert_token_nums},
+                                     {"out.ep_recv_counts", &out.ep_recv_counts},
+                                     {"out.tp_recv_counts", &out.tp_recv_counts},
+                                     {"performance_info", &o.performance_info}}) {
     require_no_alias(name, *buffer,
-                     {{"x", x}, {"expert_ids", ids}, {"scales", o.scales}, {"expert_scales", o.expert_scales},
+                     {{"x", x},
+                      {"expert_ids", ids},
+                      {"scales", o.scales},
+                      {"expert_scales", o.expert_scales},
                       {"x_active_mask", o.x_active_mask}});
   }
   return shape;
@@ -633,23 +651,24 @@ CallShape check_combine_v2(const GroupConfig& c, const TensorView& expand_x, con
   const std::int64_t needed = read_values ? counts->own_rows + counts->peer_rows : 0;
   if (expand_x.rows() < needed)
     fail(ErrorCode::invalid_shape, "expand_x.shape", shape_text(expand_x),
-         concat("must have at least the ", needed, " valid rows that ep_send_counts", topo.T == 2 ? " and tp_send_counts" : "",
-                " describe"));
+         concat("must have at least the ", needed, " valid rows that ep_send_counts",
+                topo.T == 2 ? " and tp_send_counts" : "", " describe"));
   if (topo.T == 2 && read_values) {
     const std::int32_t self = o.tp_send_counts.at<std::int32_t>(c.tp_rank_id);
     const std::int32_t peer = o.tp_send_counts.at<std::int32_t>(1 - c.tp_rank_id);
     if (self != counts->own_rows || peer != counts->peer_rows)
       fail(ErrorCode::invalid_argument, "tp_send_counts",
            concat("[", o.tp_send_counts.at<std::int32_t>(0), ", ", o.tp_send_counts.at<std::int32_t>(1), "]"),
-           concat("must match ep_send_counts (own rows ", counts->own_rows, " at tp_rank_id ", c.tp_rank_id, ", peer rows ",
-                  counts->peer_rows, ")"));
+           concat("must match ep_send_counts (own rows ", counts->own_rows, " at tp_rank_id ", c.tp_rank_id,
+                  ", peer rows ", counts->peer_rows, ")"));
   }
   require_present("assist_info_for_combine", assist);
   require_dtype("assist_info_for_combine", assist, DType::int32);
   const std::int64_t triples = read_values ? sat_mul(counts->own_rows, std::int64_t{3}) : 0;
   if (c.profile == Profile::ascend_a3) {
     // The A3 combine tiling insists on 128 * A entries although it reads 3 per row (V2 §3.6).
-    require_vector_min("assist_info_for_combine", assist, sat_mul(topo.capacity_a(c.ep_rank_id, bs, k, 2), std::int64_t{128}));
+    require_vector_min("assist_info_for_combine", assist,
+                       sat_mul(topo.capacity_a(c.ep_rank_id, bs, k, 2), std::int64_t{128}));
   } else {
     require_vector_min("assist_info_for_combine", assist, triples);
   }
@@ -664,11 +683,14 @@ CallShape check_combine_v2(const GroupConfig& c, const TensorView& expand_x, con
   }
   if (o.ori_x.present() || experts->copy + experts->constant > 0) {
     if (!o.ori_x.present())
-      fail(ErrorCode::invalid_argument, "ori_x", "None", "is required with copy or const experts (copy_expert_num + const_expert_num > 0)");
+      fail(ErrorCode::invalid_argument, "ori_x", "None",
+           "is required with copy or const experts (copy_expert_num + const_expert_num > 0)");
     require_rows_like("ori_x", o.ori_x, expand_x.dtype, bs, h);
   }
-  for (const auto& [name, view] : {std::pair<const char*, const TensorView*>{"const_expert_alpha_1", &o.const_expert_alpha_1},
-                                   {"const_expert_alpha_2", &o.const_expert_alpha_2}, {"const_expert_v", &o.const_expert_v}}) {
+  for (const auto& [name, view] :
+       {std::pair<const char*, const TensorView*>{"const_expert_alpha_1", &o.const_expert_alpha_1},
+        {"const_expert_alpha_2", &o.const_expert_alpha_2},
+        {"const_expert_v", &o.const_expert_v}}) {
     if (experts->constant == 0) {
       require_absent(name, *view, "must be None without const experts (const_expert_num = 0)");
       continue;
@@ -677,7 +699,8 @@ CallShape check_combine_v2(const GroupConfig& c, const TensorView& expand_x, con
     require_rows_like(name, *view, expand_x.dtype, experts->constant, h);
   }
   if (o.elastic_info.present())
-    fail(ErrorCode::unsupported, "elastic_info", shape_text(o.elastic_info), "elastic scaling is not supported: must be None");
+    fail(ErrorCode::unsupported, "elastic_info", shape_text(o.elastic_info),
+         "elastic scaling is not supported: must be None");
   check_performance_info(c, o.performance_info);
   check_comm_alg(c, o.comm_alg, bs, k, *mask, *experts, false);
   if (o.expand_scales.present()) {
@@ -685,19 +708,26 @@ CallShape check_combine_v2(const GroupConfig& c, const TensorView& expand_x, con
     require_vector_min("expand_scales", o.expand_scales, needed);
     require_data("expand_scales", o.expand_scales);
   }
-  for (const auto& [name, buffer] : {std::pair<const char*, const MutableTensorView*>{"out", &o.out},
-                                     {"performance_info", &o.performance_info}}) {
+  for (const auto& [name, buffer] :
+       {std::pair<const char*, const MutableTensorView*>{"out", &o.out}, {"performance_info", &o.performance_info}}) {
     if (name == std::string_view("out") && o.out.present()) {
       require_dtype("out", o.out, expand_x.dtype);
       require_matrix("out", o.out, bs, h);
       require_data("out", o.out);
     }
     require_no_alias(name, *buffer,
-                     {{"expand_x", expand_x}, {"expert_ids", ids}, {"assist_info_for_combine", assist},
-                      {"ep_send_counts", ep_send_counts}, {"expert_scales", expert_scales},
-                      {"tp_send_counts", o.tp_send_counts}, {"x_active_mask", o.x_active_mask}, {"ori_x", o.ori_x},
-                      {"shared_expert_x", o.shared_expert_x}, {"const_expert_alpha_1", o.const_expert_alpha_1},
-                      {"const_expert_alpha_2", o.const_expert_alpha_2}, {"const_expert_v", o.const_expert_v}});
+                     {{"expand_x", expand_x},
+                      {"expert_ids", ids},
+                      {"assist_info_for_combine", assist},
+                      {"ep_send_counts", ep_send_counts},
+                      {"expert_scales", expert_scales},
+                      {"tp_send_counts", o.tp_send_counts},
+                      {"x_active_mask", o.x_active_mask},
+                      {"ori_x", o.ori_x},
+                      {"shared_expert_x", o.shared_expert_x},
+                      {"const_expert_alpha_1", o.const_expert_alpha_1},
+                      {"const_expert_alpha_2", o.const_expert_alpha_2},
+                      {"const_expert_v", o.const_expert_v}});
   }
   return shape;
 }

@@ -23,7 +23,8 @@ std::string shape_text(const Layout& v);
 
 // The per-call limits of the opt-in Ascend profiles (H, K, BS) for the V1 or V2 operators; nothing for
 // Profile::portable.
-void check_profile_call_limits(const GroupConfig& config, std::int64_t bs, std::int64_t k, std::int64_t h, int version = 1);
+void check_profile_call_limits(const GroupConfig& config, std::int64_t bs, std::int64_t k, std::int64_t h,
+                               int version = 1);
 
 // The rules only the V1 operators have: shared_expert_num 1, ep_world_size a multiple of
 // shared_expert_rank_num.

@@ -68,8 +68,9 @@ void validate_config(const GroupConfig& c) {
     fail_value("shared_expert_num", c.shared_expert_num,
                concat("must be 0 exactly when shared_expert_rank_num is 0 (it is ", S, ")"));
   if (sn > 0 && S % sn != 0)
-    fail_value("shared_expert_num", c.shared_expert_num,
-               concat("must divide shared_expert_rank_num = ", S, " (each shared expert on S / shared_expert_num ranks)"));
+    fail_value(
+        "shared_expert_num", c.shared_expert_num,
+        concat("must divide shared_expert_rank_num = ", S, " (each shared expert on S / shared_expert_num ranks)"));
   if (c.moe_expert_num < 1) fail_value("moe_expert_num", c.moe_expert_num, "must be >= 1");
   if (c.moe_expert_num > (1 << 20)) fail_value("moe_expert_num", c.moe_expert_num, "must be <= 1048576");
   if (c.moe_expert_num % (W - S) != 0)
@@ -86,7 +87,8 @@ void validate_config(const GroupConfig& c) {
   if (c.profile == Profile::ascend_a3) {
     // The V2 kernels' limits (V2 §7.1); the V1 ones are narrower (check_v1_config).
     if (W < 2 || W > 768) fail_value("ep_world_size", W, "profile ascend_a3 allows 2 to 768 (V2 operators)");
-    if (c.moe_expert_num > 1024) fail_value("moe_expert_num", c.moe_expert_num, "profile ascend_a3 allows at most 1024");
+    if (c.moe_expert_num > 1024)
+      fail_value("moe_expert_num", c.moe_expert_num, "profile ascend_a3 allows at most 1024");
   } else if (c.profile == Profile::ascend_a2) {
     if (W > 256 || W % 8 != 0)
       fail_value("ep_world_size", W, "profile ascend_a2 needs a multiple of 8 that is at most 256");
@@ -109,7 +111,8 @@ void check_v1_config(const GroupConfig& c) {
   if (c.profile == Profile::ascend_a3) {
     static constexpr int kA3Sizes[] = {8, 16, 32, 64, 128, 144, 256, 288};
     if (std::find(std::begin(kA3Sizes), std::end(kA3Sizes), c.ep_world_size) == std::end(kA3Sizes))
-      fail_value("ep_world_size", c.ep_world_size, "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288 in the V1 operators");
+      fail_value("ep_world_size", c.ep_world_size,
+                 "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288 in the V1 operators");
     if (c.moe_expert_num > 512)
       fail_value("moe_expert_num", c.moe_expert_num, "profile ascend_a3 allows at most 512 in the V1 operators");
   }

@@ -126,7 +126,8 @@ struct WindowLayout {
     combine_rows_offset = align_up(sat_add(expand_scales_offset, sat_mul(rows, std::size_t{4})), 64);
     const auto own_rows = static_cast<std::size_t>(receive_rows);
     tp_inbox_offset = align_up(sat_add(combine_rows_offset, sat_mul(own_rows, combine_row_bytes)), 64);
-    std::size_t end = align_up(sat_add(tp_inbox_offset, topo.T == 2 ? sat_mul(sat_mul(own_rows, h), std::size_t{2}) : 0), 64);
+    std::size_t end =
+        align_up(sat_add(tp_inbox_offset, topo.T == 2 ? sat_mul(sat_mul(own_rows, h), std::size_t{2}) : 0), 64);
     if (shape.version == 2) {
       // The triples of the rows dispatch writes (V2 §3.6), and combine's row index: per source rank, an
       // entry per (token, k) slot of its largest batch (V2 §4.1) naming the row that holds it.
@@ -135,8 +136,9 @@ struct WindowLayout {
       lookup_tokens = static_cast<std::size_t>(topo.effective_global_bs(shape.bs) / topo.W);
       lookup_offset = align_up(sat_add(assist_offset, sat_mul(rows, std::size_t{12})), 64);
       lookup_counts_offset = align_up(
-          sat_add(lookup_offset, sat_mul(sat_mul(sat_mul(static_cast<std::size_t>(topo.W), lookup_tokens), lookup_slots),
-                                         std::size_t{8})),
+          sat_add(
+              lookup_offset,
+              sat_mul(sat_mul(sat_mul(static_cast<std::size_t>(topo.W), lookup_tokens), lookup_slots), std::size_t{8})),
           64);
       end = align_up(sat_add(lookup_counts_offset, sat_mul(static_cast<std::size_t>(topo.W), std::size_t{8})), 64);
     }

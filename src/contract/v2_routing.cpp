@@ -25,7 +25,8 @@ void SendPlanV2::build(const Topology& topo, const TensorView& expert_ids, const
   // Expert e is local expert e % L of rank S + e / L, so its count sits at (S + e / L) * L + e % L = S * L + e.
   std::copy(seen_.begin(), seen_.end(), counts.begin() + topo.S * topo.L);
   for (int j = 0; j < topo.Sn; ++j)
-    counts[static_cast<std::size_t>(topo.v2_shared_target(source_ep, j) * topo.L)] = static_cast<std::int32_t>(active_tokens);
+    counts[static_cast<std::size_t>(topo.v2_shared_target(source_ep, j) * topo.L)] =
+        static_cast<std::int32_t>(active_tokens);
 }
 
 }  // namespace moedist::contract

@@ -16,8 +16,6 @@
 
 namespace moedist {
 
-using numeric::Half;
-
 namespace {
 
 using combine_steps::CombineCall;
@@ -178,7 +176,8 @@ class TermPlaces {
   TermPlace shared(std::int64_t b) {  // call with b ascending: the shared split follows from one token to the next
     const contract::Topology& topo = c_.topo;
     const int my_ep = topo.ep_rank;
-    if (topo.is_shared(my_ep)) return TermPlace{my_ep, b, RowRequest{shared_expert_code(my_ep), static_cast<std::int32_t>(b)}};
+    if (topo.is_shared(my_ep))
+      return TermPlace{my_ep, b, RowRequest{shared_expert_code(my_ep), static_cast<std::int32_t>(b)}};
     while (b >= contract::shared_range_begin(my_ep, shared_target_ + 1, c_.active, topo.S)) ++shared_target_;
     const std::int32_t* table = c_.s.counts(topo.global_rank(shared_target_, topo.tp_rank));
     const std::int64_t slot = b - contract::shared_range_begin(my_ep, shared_target_, c_.active, topo.S);

@@ -27,7 +27,8 @@ using combine_steps::PublishedRows;
 // An index entry or a per-source count of this call: the call's number in the high half, so that what
 // an earlier call left in the window never passes for this call's.
 std::int64_t tagged(std::int64_t seq, std::int64_t value) {
-  return static_cast<std::int64_t>(static_cast<std::uint64_t>(seq & 0xffffffff) << 32 | static_cast<std::uint32_t>(value));
+  return static_cast<std::int64_t>(static_cast<std::uint64_t>(seq & 0xffffffff) << 32 |
+                                   static_cast<std::uint32_t>(value));
 }
 bool tag_matches(std::int64_t entry, std::int64_t seq) {
   return static_cast<std::uint64_t>(entry) >> 32 == static_cast<std::uint64_t>(seq & 0xffffffff);
@@ -56,9 +57,9 @@ void check_combine_record(const Group::State& s, int r, const char* phase) {
     const CallHeader& other = s.header(peer);
     if (hd.own_rows != other.peer_rows || hd.peer_rows != other.own_rows) {
       throw PeerError(ErrorCode::config_mismatch, r, phase,
-                      concat("rank ", r, " holds ", hd.own_rows, " own and ", hd.peer_rows, " peer rows but its TP peer rank ",
-                             peer, " holds ", other.own_rows, " own and ", other.peer_rows,
-                             " peer rows: pass each rank its own dispatch outputs"));
+                      concat("rank ", r, " holds ", hd.own_rows, " own and ", hd.peer_rows,
+                             " peer rows but its TP peer rank ", peer, " holds ", other.own_rows, " own and ",
+                             other.peer_rows, " peer rows: pass each rank its own dispatch outputs"));
     }
   }
 }
@@ -69,7 +70,7 @@ struct CallV2 {
   const CombineV2Options& o;
   const contract::EntryMask& mask;
   const contract::SpecialExperts& experts;
-  std::int64_t slots = 0;   // (token, k) slots per token: K + Sn
+  std::int64_t slots = 0;  // (token, k) slots per token: K + Sn
 };
 
 // Validates and plans locally (what this rank expects back from each expert rank), then publishes
@@ -133,14 +134,19 @@ std::exception_ptr index_rows(const CombineCall& c, const CallV2& v) {
       };
       if (source < 0 || source >= topo.W) bad(3 * i, source, concat("must be a source EP rank in [0, ", topo.W, ")"));
       const std::int64_t source_bs = s.header(topo.global_rank(source, topo.tp_rank)).bs;
-      if (b < 0 || b >= source_bs) bad(3 * i + 1, b, concat("must be a token of EP rank ", source, ", in [0, ", source_bs, ")"));
+      if (b < 0 || b >= source_bs)
+        bad(3 * i + 1, b, concat("must be a token of EP rank ", source, ", in [0, ", source_bs, ")"));
       if (shared ? k != shared_k : (k < 0 || k >= c.k))
-        bad(3 * i + 2, k, shared ? concat("must be K + the shared expert of this rank = ", shared_k) : concat("must be in [0, K = ", c.k, ")"));
+        bad(3 * i + 2, k,
+            shared ? concat("must be K + the shared expert of this rank = ", shared_k)
+                   : concat("must be in [0, K = ", c.k, ")"));
       std::int64_t& entry =
-          index[(static_cast<std::size_t>(source) * mine.lookup_tokens + static_cast<std::size_t>(b)) * mine.lookup_slots +
+          index[(static_cast<std::size_t>(source) * mine.lookup_tokens + static_cast<std::size_t>(b)) *
+                    mine.lookup_slots +
                 static_cast<std::size_t>(k)];
       if (tag_matches(entry, s.seq))
-        bad(3 * i, source, concat("row ", untagged(entry), " already carries the triple (", source, ", ", b, ", ", k, ")"));
+        bad(3 * i, source,
+            concat("row ", untagged(entry), " already carries the triple (", source, ", ", b, ", ", k, ")"));
       entry = tagged(s.seq, i);
       ++per_source[static_cast<std::size_t>(source)];
     }
@@ -181,10 +187,12 @@ std::vector<PeerIndex> locate_indexes(const CombineCall& c) {
 }
 
 // The row of (source, b, k) in an expert rank's index, or -1. Checked against the rows it holds.
-std::int64_t find_row(const PeerIndex& p, std::int64_t seq, int source, std::int64_t b, std::int64_t k, std::int64_t held) {
+std::int64_t find_row(const PeerIndex& p, std::int64_t seq, int source, std::int64_t b, std::int64_t k,
+                      std::int64_t held) {
   if (static_cast<std::size_t>(b) >= p.tokens || static_cast<std::size_t>(k) >= p.slots) return -1;
-  const std::int64_t entry = p.index[(static_cast<std::size_t>(source) * p.tokens + static_cast<std::size_t>(b)) * p.slots +
-                                     static_cast<std::size_t>(k)];
+  const std::int64_t entry =
+      p.index[(static_cast<std::size_t>(source) * p.tokens + static_cast<std::size_t>(b)) * p.slots +
+              static_cast<std::size_t>(k)];
   if (!tag_matches(entry, seq)) return -1;
   const std::int64_t row = untagged(entry);
   return row < held ? row : -1;
@@ -217,21 +225,26 @@ void check_local_rows(const CombineCall& c, const CallV2& v, const std::vector<P
     const PeerIndex& p = indexes[static_cast<std::size_t>(d)];
     if (p.index == nullptr) continue;
     std::int64_t expected = 0;
-    for (int l = 0; l < topo.local_experts(d); ++l) expected += s.plan_v2.counts[static_cast<std::size_t>(d * topo.L + l)];
+    for (int l = 0; l < topo.local_experts(d); ++l)
+      expected += s.plan_v2.counts[static_cast<std::size_t>(d * topo.L + l)];
     const std::int64_t count = p.counts[my_ep];
     if (!tag_matches(count, s.seq) || untagged(count) != expected) {
       fail(ErrorCode::invalid_argument, "assist_info_for_combine",
            concat("(rank ", topo.global_rank(d, topo.tp_rank), "'s)"),
-           concat("holds ", tag_matches(count, s.seq) ? untagged(count) : 0, " rows of this rank, but expert_ids and x_active_mask send it ",
-                  expected, ": pass combine the expert_ids, x_active_mask and special-expert counts given to dispatch, and each rank its own dispatch outputs"));
+           concat("holds ", tag_matches(count, s.seq) ? untagged(count) : 0,
+                  " rows of this rank, but expert_ids and x_active_mask send it ", expected,
+                  ": pass combine the expert_ids, x_active_mask and special-expert counts given to dispatch, and each "
+                  "rank its own dispatch outputs"));
     }
   }
   for_each_expected_row(c, v, [&](int d, std::int64_t b, std::int64_t slot) {
     const PeerIndex& p = indexes[static_cast<std::size_t>(d)];
     if (p.index == nullptr) return;
     if (find_row(p, s.seq, my_ep, b, slot, s.header(topo.global_rank(d, topo.tp_rank)).own_rows) < 0) {
-      fail(ErrorCode::invalid_argument, "assist_info_for_combine", concat("(rank ", topo.global_rank(d, topo.tp_rank), "'s)"),
-           concat("has no row for token ", b, ", k ", slot, " of this rank: pass combine each rank's own dispatch outputs"));
+      fail(ErrorCode::invalid_argument, "assist_info_for_combine",
+           concat("(rank ", topo.global_rank(d, topo.tp_rank), "'s)"),
+           concat("has no row for token ", b, ", k ", slot,
+                  " of this rank: pass combine each rank's own dispatch outputs"));
     }
   });
 }
@@ -251,33 +264,39 @@ void request_rows_from_other_hosts(CombineCall& c, const CallV2& v) {
 
 // A proxy answers carried-for rank r from its host's indexes: each request must name an expert rank on
 // this host and a (token, k) it holds a row of for r, and r must ask each such rank for all its rows.
-void answer_requests(const CombineCall& c, int r, const std::vector<std::byte>& requests, std::vector<std::byte>& answer) {
+void answer_requests(const CombineCall& c, int r, const std::vector<std::byte>& requests,
+                     std::vector<std::byte>& answer) {
   Group::State& s = c.s;
   const contract::Topology& topo = c.topo;
   const int r_ep = s.ep_of(r);
   const std::int64_t slots = topo.K_slots(c.k);
   MessageReader in(requests);
   const auto bad = [&](const std::string& what) {
-    throw PeerError(ErrorCode::protocol, r, "combine.requests", concat("rank ", s.me(), ": rank ", r, " asked this host for ", what));
+    throw PeerError(ErrorCode::protocol, r, "combine.requests",
+                    concat("rank ", s.me(), ": rank ", r, " asked this host for ", what));
   };
-  if (in.left() % sizeof(RowRequest) != 0) bad(concat("a request of ", in.left(), " bytes, not a whole number of rows"));
+  if (in.left() % sizeof(RowRequest) != 0)
+    bad(concat("a request of ", in.left(), " bytes, not a whole number of rows"));
   const std::vector<PeerIndex> indexes = locate_indexes(c);
   std::vector<std::int64_t>& asked = s.scratch_prefix;
   asked.assign(static_cast<std::size_t>(topo.W), 0);
   RowRequest request{};
   while (in.read(&request)) {
     const int d = request.code;
-    if (d < 0 || d >= topo.W || c.host_of_ep(d) != c.my_host) bad(concat("the rows of EP rank ", d, ", which is not on this host"));
+    if (d < 0 || d >= topo.W || c.host_of_ep(d) != c.my_host)
+      bad(concat("the rows of EP rank ", d, ", which is not on this host"));
     if (request.slot < 0) bad(concat("slot ", request.slot));
     const std::int64_t b = request.slot / slots, k = request.slot % slots;
     const int gd = topo.global_rank(d, topo.tp_rank);
     const std::int64_t row = find_row(indexes[static_cast<std::size_t>(d)], s.seq, r_ep, b, k, s.header(gd).own_rows);
     if (row < 0) {
       fail(ErrorCode::invalid_argument, "assist_info_for_combine", concat("(rank ", gd, "'s)"),
-           concat("has no row for token ", b, ", k ", k, " of rank ", r, ": pass combine each rank's own dispatch outputs"));
+           concat("has no row for token ", b, ", k ", k, " of rank ", r,
+                  ": pass combine each rank's own dispatch outputs"));
     }
     ++asked[static_cast<std::size_t>(d)];
-    const std::byte* src = s.rows_of[static_cast<std::size_t>(d)] + static_cast<std::size_t>(row) * s.row_bytes_of[static_cast<std::size_t>(d)];
+    const std::byte* src = s.rows_of[static_cast<std::size_t>(d)] +
+                           static_cast<std::size_t>(row) * s.row_bytes_of[static_cast<std::size_t>(d)];
     std::memcpy(append(answer, c.answer_stride), src, c.min_row_bytes);
   }
   for (int d = 0; d < topo.W; ++d) {
@@ -286,9 +305,11 @@ void answer_requests(const CombineCall& c, int r, const std::vector<std::byte>& 
     const std::int64_t count = p.counts[r_ep];
     const std::int64_t held = tag_matches(count, s.seq) ? untagged(count) : 0;
     if (held != asked[static_cast<std::size_t>(d)]) {
-      fail(ErrorCode::invalid_argument, "assist_info_for_combine", concat("(rank ", topo.global_rank(d, topo.tp_rank), "'s)"),
+      fail(ErrorCode::invalid_argument, "assist_info_for_combine",
+           concat("(rank ", topo.global_rank(d, topo.tp_rank), "'s)"),
            concat("holds ", held, " rows of rank ", r, ", which expects ", asked[static_cast<std::size_t>(d)],
-                  ": pass combine the expert_ids, x_active_mask and special-expert counts given to dispatch, and each rank its own dispatch outputs"));
+                  ": pass combine the expert_ids, x_active_mask and special-expert counts given to dispatch, and each "
+                  "rank its own dispatch outputs"));
     }
   }
 }
@@ -311,7 +332,7 @@ struct TermV2 {
   Kind kind;
   bool weighted;
   float weight;
-  const std::byte* row;           // expert_row: as published (int8 groups with comm quant); plain_row: 16-bit
+  const std::byte* row;              // expert_row: as published (int8 groups with comm quant); plain_row: 16-bit
   const std::uint16_t* v = nullptr;  // const_expert: its vector row
   float a1 = 0.0f, a2 = 0.0f;        // const_expert: the softmax of its two gate products
 };
@@ -339,9 +360,10 @@ void reduce_tokens(const CombineCall& c, const CallV2& v, const MutableTensorVie
       return s.from_host[static_cast<std::size_t>(host)].data() + sizeof(std::int64_t) +
              answered[static_cast<std::size_t>(host)]++ * c.answer_stride;
     }
-    const std::int64_t row =
-        find_row(indexes[static_cast<std::size_t>(d)], s.seq, my_ep, b, slot, s.header(topo.global_rank(d, topo.tp_rank)).own_rows);
-    return s.rows_of[static_cast<std::size_t>(d)] + static_cast<std::size_t>(row) * s.row_bytes_of[static_cast<std::size_t>(d)];
+    const std::int64_t row = find_row(indexes[static_cast<std::size_t>(d)], s.seq, my_ep, b, slot,
+                                      s.header(topo.global_rank(d, topo.tp_rank)).own_rows);
+    return s.rows_of[static_cast<std::size_t>(d)] +
+           static_cast<std::size_t>(row) * s.row_bytes_of[static_cast<std::size_t>(d)];
   };
   const auto weight_of = [&](std::int64_t b, std::int64_t j) {
     return c.expert_scales.present() ? c.expert_scales.at<float>(b, j) : 1.0f;
@@ -367,14 +389,16 @@ void reduce_tokens(const CombineCall& c, const CallV2& v, const MutableTensorVie
       const std::int32_t e = c.expert_ids.at<std::int32_t>(b, j);
       switch (v.experts.kind(e)) {
         case contract::ExpertKind::routed:
-          terms.push_back(TermV2{TermV2::Kind::expert_row, true, weight_of(b, j), expert_row(topo.expert_rank(e), b, j)});
+          terms.push_back(
+              TermV2{TermV2::Kind::expert_row, true, weight_of(b, j), expert_row(topo.expert_rank(e), b, j)});
           ++rows_read;
           break;
         case contract::ExpertKind::zero:
           break;
         case contract::ExpertKind::copy:
           if (ori == nullptr) ori = packed_row(v.o.ori_x, b, c.h, rows16.data());
-          terms.push_back(TermV2{TermV2::Kind::plain_row, true, weight_of(b, j), reinterpret_cast<const std::byte*>(ori)});
+          terms.push_back(
+              TermV2{TermV2::Kind::plain_row, true, weight_of(b, j), reinterpret_cast<const std::byte*>(ori)});
           break;
         case contract::ExpertKind::constant: {
           if (ori == nullptr) ori = packed_row(v.o.ori_x, b, c.h, rows16.data());
@@ -397,7 +421,8 @@ void reduce_tokens(const CombineCall& c, const CallV2& v, const MutableTensorVie
       }
     }
     for (int j = 0; j < topo.Sn; ++j) {
-      terms.push_back(TermV2{TermV2::Kind::expert_row, false, 1.0f, expert_row(topo.v2_shared_target(my_ep, j), b, c.k + j)});
+      terms.push_back(
+          TermV2{TermV2::Kind::expert_row, false, 1.0f, expert_row(topo.v2_shared_target(my_ep, j), b, c.k + j)});
       ++rows_read;
     }
     if (v.o.shared_expert_x.present()) {
@@ -409,8 +434,8 @@ void reduce_tokens(const CombineCall& c, const CallV2& v, const MutableTensorVie
       std::fill_n(acc, len, 0.0f);
       for (const TermV2& t : terms) {
         if (t.kind == TermV2::Kind::const_expert) {
-          kernels::accumulate_const_expert(acc, reinterpret_cast<const std::uint16_t*>(t.row) + h0, t.v + h0, c.type, t.a1, t.a2,
-                                           t.weight, len);
+          kernels::accumulate_const_expert(acc, reinterpret_cast<const std::uint16_t*>(t.row) + h0, t.v + h0, c.type,
+                                           t.a1, t.a2, t.weight, len);
         } else if (t.kind == TermV2::Kind::expert_row && c.quantized) {
           const auto* scales = reinterpret_cast<const std::uint16_t*>(t.row) + h0 / 8;
           const auto* q = reinterpret_cast<const std::int8_t*>(t.row + groups * 2) + h0;
@@ -437,7 +462,8 @@ void reduce_tokens(const CombineCall& c, const CallV2& v, const MutableTensorVie
 }  // namespace
 
 TensorView Group::combine_v2(const TensorView& expand_x, const TensorView& expert_ids, const TensorView& assist,
-                             const TensorView& ep_send_counts, const TensorView& expert_scales, const CombineV2Options& o) {
+                             const TensorView& ep_send_counts, const TensorView& expert_scales,
+                             const CombineV2Options& o) {
   State& s = *state_;
   ++s.seq;
   const WaitClock clock(s, o.performance_info);

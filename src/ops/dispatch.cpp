@@ -34,7 +34,8 @@ void check_dispatch_record(const Group::State& s, int r, const char* phase) {
   const std::int64_t max_bs = contract::peer_bs_limit(topo.global_bs, topo.W, s.header(s.me()).bs);
   const bool v2 = hd.version == 2;
   const contract::RecordCheck c =
-      v2 ? contract::check_send_counts_v2(counts, topo.W, topo.S, topo.L, topo.R, r / topo.T, hd.bs, hd.active, hd.k, max_bs)
+      v2 ? contract::check_send_counts_v2(counts, topo.W, topo.S, topo.L, topo.R, r / topo.T, hd.bs, hd.active, hd.k,
+                                          max_bs)
          : contract::check_send_counts(counts, topo.W, topo.S, topo.L, r / topo.T, hd.bs, hd.active, hd.k, max_bs);
   switch (c.fault) {
     case contract::RecordFault::none:
@@ -51,9 +52,12 @@ void check_dispatch_record(const Group::State& s, int r, const char* phase) {
     case contract::RecordFault::entry_shared_local:
       return bad(concat("entry ", c.entry, " addresses a shared-expert rank's local expert ", c.entry % topo.L));
     case contract::RecordFault::moe_rows:
-      return bad(concat("it sends ", c.value, " rows to MoE experts, ", v2 ? "more than" : "not", " active tokens * K = ", c.bound));
+      return bad(concat("it sends ", c.value, " rows to MoE experts, ", v2 ? "more than" : "not",
+                        " active tokens * K = ", c.bound));
     case contract::RecordFault::shared_rows:
-      if (v2) return bad(concat("entry ", c.entry, " sends ", c.value, " rows to shared-expert rank ", c.entry / topo.L, ", not ", c.bound));
+      if (v2)
+        return bad(concat("entry ", c.entry, " sends ", c.value, " rows to shared-expert rank ", c.entry / topo.L,
+                          ", not ", c.bound));
       return bad(concat("it sends ", c.value, " rows to shared experts, not ", c.bound));
   }
 }
@@ -114,8 +118,9 @@ void plan_receive_blocks(Group::State& s, std::int64_t k, int version) {
       const int gd = topo.global_rank(d, tp);
       prefix.resize(static_cast<std::size_t>(topo.W * topo.local_experts(d)));
       const std::int64_t rows =
-          version == 2 ? contract::receive_prefix_sums_v2(topo.W, topo.S, topo.L, records_of_group(tp), d, prefix.data())
-                       : contract::receive_prefix_sums(topo, records_of_group(tp), d, s.header(gd).active, prefix.data());
+          version == 2
+              ? contract::receive_prefix_sums_v2(topo.W, topo.S, topo.L, records_of_group(tp), d, prefix.data())
+              : contract::receive_prefix_sums(topo, records_of_group(tp), d, s.header(gd).active, prefix.data());
       const std::int64_t most = std::min<std::int64_t>(topo.receive_rows(d, s.header(gd).bs, k, version), INT32_MAX);
       if (rows > most) {
         throw PeerError(ErrorCode::capacity, gd, "dispatch.counts",
@@ -167,10 +172,10 @@ struct DispatchCall {
   const std::int64_t x_cs;  // x's column stride
   const bool smoothing;     // smooth scales given
   const int my_host;
-  const contract::WindowLayout my_layout;  // this rank's window for this call
-  float* scratch = nullptr;                // quantization scratch, set by write_rows
-  float* gathered_scales = nullptr;        // a scales row gathered from strided columns
-  std::int64_t n_self = 0, n_peer = 0;     // rows of this rank's own EP region, and of its TP peer's (T == 2)
+  const contract::WindowLayout my_layout;        // this rank's window for this call
+  float* scratch = nullptr;                      // quantization scratch, set by write_rows
+  float* gathered_scales = nullptr;              // a scales row gathered from strided columns
+  std::int64_t n_self = 0, n_peer = 0;           // rows of this rank's own EP region, and of its TP peer's (T == 2)
   const contract::EntryMask* v2_mask = nullptr;  // a V2 call: its mask (the plan is s.plan_v2)
   bool v2() const { return v2_mask != nullptr; }
 
@@ -435,7 +440,7 @@ void write_rows(DispatchCall& c) {
   c.gathered_scales = c.scratch + c.h;
   s.row_targets.resize(static_cast<std::size_t>(c.k + std::max(1, c.topo.Sn)));
   std::int64_t rows_sent = 0, rows_to_other_hosts = 0;
-  int shared_target = 0;  // shared-expert rank of the current token (MoE source ranks)
+  int shared_target = 0;                                 // shared-expert rank of the current token (MoE source ranks)
   const std::int64_t tokens = c.v2() ? c.bs : c.active;  // V2: route_token_v2 skips the inactive ones
   for (std::int64_t b = 0; b < tokens; ++b) {
     const std::size_t n = c.v2() ? route_token_v2(c, b) : route_token(c, b, shared_target);
@@ -457,8 +462,8 @@ void write_rows(DispatchCall& c) {
 // A proxy writes the rows that the ranks it carries for sent to this host into their destination windows.
 // Every target is checked against the sender's count record: it must name an expert on this host and a
 // row of the sender's block there, and the sender must fill each of its rows on this host exactly once.
-void write_carried_rows(Group::State& s, const std::vector<Destination>& dests, bool quant, std::int64_t h, std::int64_t k,
-                        bool has_expert_scales, bool v2) {
+void write_carried_rows(Group::State& s, const std::vector<Destination>& dests, bool quant, std::int64_t h,
+                        std::int64_t k, bool has_expert_scales, bool v2) {
   const contract::Topology& topo = s.topo;
   const std::size_t stride = payload_stride(quant, h);
   const std::size_t row_bytes = static_cast<std::size_t>(h) * (quant ? 1 : 2);
@@ -488,7 +493,8 @@ void write_carried_rows(Group::State& s, const std::vector<Destination>& dests, 
     MessageReader in(s.carried[i]);
     while (!in.done()) {
       RemoteEntry entry{};
-      if (!in.read(&entry) || entry.targets < 1 || entry.targets > max_targets || (entry.payloads != 1 && entry.payloads != entry.targets)) {
+      if (!in.read(&entry) || entry.targets < 1 || entry.targets > max_targets ||
+          (entry.payloads != 1 && entry.payloads != entry.targets)) {
         bad(concat("an entry header (", entry.targets, " targets, ", entry.payloads, " rows) is cut short or out of range"));
       }
       for (std::int32_t t = 0; t < entry.targets; ++t) {
@@ -732,7 +738,8 @@ void copy_triples(const DispatchCall& c, const MutableTensorView& out, DispatchR
     c.s.assist_storage.assign(static_cast<std::size_t>(len), 0);
     target = vector_view(c.s.assist_storage.data(), DType::int32, len);
   }
-  const auto* triples = reinterpret_cast<const std::int32_t*>(c.s.transport->window(c.s.me()) + c.my_layout.assist_offset);
+  const auto* triples =
+      reinterpret_cast<const std::int32_t*>(c.s.transport->window(c.s.me()) + c.my_layout.assist_offset);
   for (std::int64_t i = 0; i < 3 * c.n_self; ++i) *target.ptr<std::int32_t>(i) = triples[i];
   result.assist_info_for_combine = target;
 }

@@ -12,8 +12,8 @@
 #include "contract/layout.h"
 #include "contract/routing_plan.h"
 #include "contract/v2_routing.h"
-#include "ops/host_routes.h"
 #include "moedist/group.h"
+#include "ops/host_routes.h"
 #include "transport/transport.h"
 
 namespace moedist {
@@ -26,8 +26,8 @@ struct CallHeader {
   std::int64_t seq = 0;
   std::int64_t status = 0;  // 0 = ok, else the ErrorCode of the rank's local failure
   std::int64_t bs = 0, k = 0, h = 0;
-  std::int64_t active = 0;  // tokens that take part (x_active_mask), <= bs
-  std::int64_t version = 0; // 1: a V1 operator, 2: a V2 operator (0: join)
+  std::int64_t active = 0;   // tokens that take part (x_active_mask), <= bs
+  std::int64_t version = 0;  // 1: a V1 operator, 2: a V2 operator (0: join)
   std::int64_t dtype = 0;
   std::int64_t mode = 0;                 // quant_mode (dispatch) or comm_quant_mode (combine)
   std::int64_t has_expert_scales = 0;

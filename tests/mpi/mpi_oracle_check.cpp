@@ -117,10 +117,12 @@ int main(int argc, char** argv) {
   const bool covered = with_shared > 0 && (!tp_possible || with_tp > 0) && v2_calls > 0;
   if (!covered) failed += 1;
   if (rank == 0) {
-    std::printf("mpi oracle check: %d ranks, %d per host (%d hosts), %d configurations (%d with TP, %d with shared experts) x %d calls "
-                "(%d V2): %ld rank outputs compared, %ld mismatches: %s\n",
-                world, rpn, (world + rpn - 1) / rpn, configs, with_tp, with_shared, calls, v2_calls, sums[0], sums[1],
-                failed == 0 ? "PASS" : "FAIL");
+    std::printf(
+        "mpi oracle check: %d ranks, %d per host (%d hosts), %d configurations (%d with TP, %d with shared experts) x "
+        "%d calls "
+        "(%d V2): %ld rank outputs compared, %ld mismatches: %s\n",
+        world, rpn, (world + rpn - 1) / rpn, configs, with_tp, with_shared, calls, v2_calls, sums[0], sums[1],
+        failed == 0 ? "PASS" : "FAIL");
     std::printf("bytes between hosts: %lld node-aware, %lld with a flat all-to-all\n", static_cast<long long>(byte_sums[0]),
                 static_cast<long long>(byte_sums[1]));
   }

@@ -54,7 +54,8 @@ void InProcHub::claim(int rank) {
 
 namespace {
 std::int64_t steady_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 }  // namespace
 
@@ -130,7 +131,8 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
                           " bytes: the ranks disagree about the group configuration");
     }
     std::memcpy(dst + static_cast<std::size_t>(r) * bytes, slot.data(), bytes);
-    if (waits != nullptr) waits[r] = std::max<std::int64_t>(0, entered_ns_[gen & 1][static_cast<std::size_t>(r)] - entered);
+    if (waits != nullptr)
+      waits[r] = std::max<std::int64_t>(0, entered_ns_[gen & 1][static_cast<std::size_t>(r)] - entered);
   }
 }
 

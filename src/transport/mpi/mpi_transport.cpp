@@ -438,7 +438,8 @@ void MpiTransport::wait_all(std::vector<Pending>& pending, std::string_view phas
         done = false;
         continue;
       }
-      if (p.expected >= 0 && static_cast<std::size_t>(p.peer) < arrived_.size()) arrived_[static_cast<std::size_t>(p.peer)] = Clock::now();
+      if (p.expected >= 0 && static_cast<std::size_t>(p.peer) < arrived_.size())
+        arrived_[static_cast<std::size_t>(p.peer)] = Clock::now();
       if (p.expected >= 0) {
         int count = 0;
         MPI_Get_count(&status, MPI_BYTE, &count);

@@ -78,7 +78,7 @@ class MpiTransport final : public Transport {
   int tag_ = 0, tag_limit_ = 32767;  // data tags cycle through [1, tag_limit_); tag_limit_ carries notices
   std::vector<Pending> pending_;
   std::vector<std::chrono::steady_clock::time_point> arrived_;  // per rank: when its last record came
-  std::vector<std::int64_t> waits_;                              // of the last allgather (ns)
+  std::vector<std::int64_t> waits_;                             // of the last allgather (ns)
   std::function<void(std::string_view)> on_phase_;
   std::size_t message_limit_;         // longest MPI message (MpiOptions::test_message_limit lowers it)
   int cause_ = -1;                    // the rank another rank reported lost (a notice), or -1

@@ -239,7 +239,8 @@ void ShmTransport::allgather(const void* in, std::size_t bytes, void* out, std::
     throw Error(ErrorCode::capacity, "a record of " + std::to_string(bytes) + " bytes exceeds the " + std::to_string(kSlotBytes) +
                                          "-byte slot of the shared-memory transport");
   }
-  const std::int64_t entered = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+  const std::int64_t entered =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
   const std::uint32_t step = ++steps_;
   Control* mine = control(rank());
   std::memcpy(mine->slot(step), in, bytes);
