@@ -89,6 +89,62 @@ TEST(V2RandomConfigs, ShardsCoverEveryKindOfInput) {
     EXPECT_GT(seen[kind], 0) << kind;
 }
 
+// The worked example of V2 §3.10 through the fast path (threads, one host and two virtual hosts): W 4,
+// S 2, Sn 2, E 4, a zero expert (id 4) and a copy expert (id 5), K 2, BS 2, (BS, K) masks. The expected
+// triples and counts are the document's hand-computed ones.
+TEST(V2WorkedExample, FastPathGivesTheDocumentsRows) {
+  casefile::Case c;
+  c.op = 2;
+  c.ep_world_size = 4;
+  c.moe_expert_num = 4;
+  c.shared_expert_rank_num = 2;
+  c.shared_expert_num = 2;
+  c.zero_expert_num = 1;
+  c.copy_expert_num = 1;
+  c.dtype = DType::bf16;
+  const std::vector<std::vector<std::int32_t>> ids = {{0, 4, 2, 5}, {1, 3, 4, 5}, {3, 0, 1, 2}, {5, 4, 0, 1}};
+  const std::vector<std::vector<std::uint8_t>> masks = {{1, 1, 1, 1}, {1, 0, 1, 1}, {0, 0, 1, 1}, {1, 1, 1, 1}};
+  for (int r = 0; r < 4; ++r) {
+    casefile::RankInputs in;
+    in.x = Tensor(DType::bf16, 2, 2);
+    in.ori_x = Tensor(DType::bf16, 2, 2);
+    for (int i = 0; i < 4; ++i) {
+      in.x.data<std::uint16_t>()[i] = to_half_bits(DType::bf16, static_cast<float>(10 * r + i + 1));
+      in.ori_x.data<std::uint16_t>()[i] = to_half_bits(DType::bf16, static_cast<float>(-(10 * r + i + 1)));
+    }
+    in.expert_ids = int32_tensor(2, 2, ids[static_cast<std::size_t>(r)]);
+    in.x_active_mask = Tensor(DType::boolean, 2, 2);
+    for (int i = 0; i < 4; ++i)
+      in.x_active_mask.data<std::uint8_t>()[i] = masks[static_cast<std::size_t>(r)][static_cast<std::size_t>(i)];
+    c.ranks.push_back(std::move(in));
+  }
+  const auto values = [](const Tensor& t) {
+    return std::vector<std::int32_t>(t.data<std::int32_t>(), t.data<std::int32_t>() + t.numel());
+  };
+  for (const int ranks_per_host : {0, 2}) {
+    RunOptions opt;
+    opt.ranks_per_host = ranks_per_host;
+    const std::vector<casefile::RankOutputs> got = run_runtime(c, opt);
+    ASSERT_EQ(oracle_diff(c, got), "");
+    // Rank 2: experts 0, 1 (blocks e0: r0 b0 | r3 b1; e1: r1 b0 | r2 b1 | r3 b1).
+    EXPECT_EQ(values(got[2].assist_info_for_combine),
+              (std::vector<std::int32_t>{0, 0, 0, 3, 1, 0, 1, 0, 0, 2, 1, 0, 3, 1, 1}));
+    EXPECT_EQ(values(got[2].ep_recv_counts), (std::vector<std::int32_t>{1, 1, 1, 2, 2, 3, 4, 5}));
+    EXPECT_EQ(got[2].expert_token_nums.data<std::int64_t>()[0], 2);
+    EXPECT_EQ(got[2].expert_token_nums.data<std::int64_t>()[1], 3);
+    // Rank 3: expert 2 from r0 b1 and r2 b1; expert 3 none.
+    EXPECT_EQ(values(got[3].assist_info_for_combine), (std::vector<std::int32_t>{0, 1, 0, 2, 1, 1}));
+    EXPECT_EQ(values(got[3].ep_recv_counts), (std::vector<std::int32_t>{1, 1, 2, 2, 2, 2, 2, 2}));
+    // Shared ranks 0 (j = 0, k = 2) and 1 (j = 1, k = 3): every active token once, blocks over r.
+    for (int s = 0; s < 2; ++s) {
+      const std::int32_t k = 2 + s;
+      EXPECT_EQ(values(got[static_cast<std::size_t>(s)].ep_recv_counts), (std::vector<std::int32_t>{2, 4, 5, 7}));
+      EXPECT_EQ(values(got[static_cast<std::size_t>(s)].assist_info_for_combine),
+                (std::vector<std::int32_t>{0, 0, k, 0, 1, k, 1, 0, k, 1, 1, k, 2, 1, k, 3, 0, k, 3, 1, k}));
+    }
+  }
+}
+
 // One group, many calls: V2 and V1 calls in turn where the configuration allows both, with new shapes
 // and new special experts each time (the V2 row index must never take an earlier call's entries, or
 // rows another layout left in its place, for this call's).
