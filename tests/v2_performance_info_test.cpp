@@ -1,10 +1,11 @@
 // performance_info (V2 §5.1): an optional (W,) int64 buffer of dispatch_v2 and combine_v2 whose entry r
 // becomes max(entry, the microseconds this rank waited for EP rank r in the call), never zeroed, never
 // written by a call that fails (v2_validation_test's sentinels) or that does not get it, nor by the V1
-// operators, which have none. A rank that enters a call ~30 ms after the others shows up at its EP rank
-// on every other rank with at least 20 ms, while its own entries for the punctual ranks stay small;
-// over threads (the in-process transport) and over processes (the shared-memory transport). Only
-// "at least 20 ms when 30 ms late" is asserted of the times themselves.
+// operators, which have none. A rank that enters a call 200 ms after the others shows up at its EP rank
+// on every other rank with at least 100 ms, while its own entries for the punctual ranks stay below
+// 100 ms; over threads (the in-process transport) and over processes (the shared-memory transport).
+// Only these wide bounds are asserted of the times themselves: on a loaded machine (a sanitizer build
+// beside other tests) a punctual rank may need tens of milliseconds to get from its arrival to its wait.
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
@@ -32,9 +33,9 @@ namespace {
 
 using std::chrono::milliseconds;
 
-constexpr milliseconds kLate{30};
-constexpr std::int64_t kSeenLate = 20000;  // µs: what a 30 ms wait must show at least
-constexpr std::int64_t kPunctual = 20000;  // µs: what a wait for a punctual rank stays below
+constexpr milliseconds kLate{200};
+constexpr std::int64_t kSeenLate = 100000;  // µs: what a 200 ms wait must show at least
+constexpr std::int64_t kPunctual = 100000;  // µs: what a wait for a punctual rank stays below
 
 // W = 4, E = 4, BS = 3, K = 2 (no shared experts).
 World four_ranks() { return world(4, 4); }
