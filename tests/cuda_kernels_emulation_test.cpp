@@ -14,8 +14,8 @@
 #include <atomic>
 #include <chrono>
 #include <new>
-#include <stdexcept>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
