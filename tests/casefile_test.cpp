@@ -16,6 +16,8 @@
 #include <functional>
 #include <initializer_list>
 #include <map>
+#include <random>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -120,11 +122,71 @@ void expect_same_outputs(const std::vector<RankOutputs>& a, const std::vector<Ra
     expect_same_tensor(a[g].dynamic_scales, b[g].dynamic_scales, rank + "dynamic_scales");
     expect_same_tensor(a[g].expand_scales, b[g].expand_scales, rank + "expand_scales");
     expect_same_tensor(a[g].expand_idx, b[g].expand_idx, rank + "expand_idx");
+    expect_same_tensor(a[g].assist_info_for_combine, b[g].assist_info_for_combine, rank + "assist_info_for_combine");
     expect_same_tensor(a[g].expert_token_nums, b[g].expert_token_nums, rank + "expert_token_nums");
     expect_same_tensor(a[g].ep_recv_counts, b[g].ep_recv_counts, rank + "ep_recv_counts");
     expect_same_tensor(a[g].tp_recv_counts, b[g].tp_recv_counts, rank + "tp_recv_counts");
     expect_same_tensor(a[g].combine_out, b[g].combine_out, rank + "combine_out");
   }
+}
+
+// Every field of two cases: the configuration and every tensor of every rank.
+void expect_same_case(const Case& a, const Case& b) {
+  EXPECT_EQ(a.ep_world_size, b.ep_world_size);
+  EXPECT_EQ(a.tp_world_size, b.tp_world_size);
+  EXPECT_EQ(a.moe_expert_num, b.moe_expert_num);
+  EXPECT_EQ(a.shared_expert_rank_num, b.shared_expert_rank_num);
+  EXPECT_EQ(a.shared_expert_num, b.shared_expert_num);
+  EXPECT_EQ(a.global_bs, b.global_bs);
+  EXPECT_EQ(a.quant_mode, b.quant_mode);
+  EXPECT_EQ(a.expert_token_nums_type, b.expert_token_nums_type);
+  EXPECT_EQ(a.comm_quant_mode, b.comm_quant_mode);
+  EXPECT_EQ(a.dtype, b.dtype);
+  EXPECT_EQ(a.op, b.op);
+  EXPECT_EQ(a.zero_expert_num, b.zero_expert_num);
+  EXPECT_EQ(a.copy_expert_num, b.copy_expert_num);
+  EXPECT_EQ(a.const_expert_num, b.const_expert_num);
+  EXPECT_EQ(a.comm_alg, b.comm_alg);
+  ASSERT_EQ(a.ranks.size(), b.ranks.size());
+  for (std::size_t g = 0; g < a.ranks.size(); ++g) {
+    const std::string rank = "rank" + std::to_string(g) + ".";
+    const RankInputs& x = a.ranks[g];
+    const RankInputs& y = b.ranks[g];
+    expect_same_tensor(x.x, y.x, rank + "x");
+    expect_same_tensor(x.expert_ids, y.expert_ids, rank + "expert_ids");
+    expect_same_tensor(x.scales, y.scales, rank + "scales");
+    expect_same_tensor(x.expert_scales, y.expert_scales, rank + "expert_scales");
+    expect_same_tensor(x.x_active_mask, y.x_active_mask, rank + "x_active_mask");
+    expect_same_tensor(x.combine_x, y.combine_x, rank + "combine_x");
+    expect_same_tensor(x.ori_x, y.ori_x, rank + "ori_x");
+    expect_same_tensor(x.shared_expert_x, y.shared_expert_x, rank + "shared_expert_x");
+    expect_same_tensor(x.const_expert_alpha_1, y.const_expert_alpha_1, rank + "const_expert_alpha_1");
+    expect_same_tensor(x.const_expert_alpha_2, y.const_expert_alpha_2, rank + "const_expert_alpha_2");
+    expect_same_tensor(x.const_expert_v, y.const_expert_v, rank + "const_expert_v");
+  }
+}
+
+// Random V2 cases (testing::random_case): every mask kind, special expert kind, Sn 0-4, T = 2, ...
+testing::CaseLimits v2_limits(int max_ep_world_size = 16) {
+  testing::CaseLimits limits;
+  limits.v2 = 1;
+  limits.token_masks = true;
+  limits.max_ep_world_size = max_ep_world_size;
+  return limits;
+}
+
+Case random_v2_case(std::uint64_t seed, int max_ep_world_size = 16) {
+  std::mt19937_64 rng(seed);
+  return testing::random_case(rng, v2_limits(max_ep_world_size));
+}
+
+// The first random V2 case (seeds 1, 2, ...) that has `property`: fixed cases that name what they cover.
+Case v2_case_with(const std::function<bool(const Case&)>& property, int max_ep_world_size = 6) {
+  for (std::uint64_t seed = 1; seed < 10000; ++seed) {
+    Case c = random_v2_case(seed, max_ep_world_size);
+    if (property(c)) return c;
+  }
+  throw std::runtime_error("no random V2 case of seeds 1..9999 has the property");
 }
 
 std::uint16_t to_half(DType dtype, float value) {
@@ -418,32 +480,41 @@ TEST_F(CaseFileTest, CaseWriteReadRoundTrip) {
   write_case(path("case.safetensors"), c);
 
   const Case back = read_case(path("case.safetensors"));
-  EXPECT_EQ(back.ep_world_size, c.ep_world_size);
-  EXPECT_EQ(back.tp_world_size, c.tp_world_size);
-  EXPECT_EQ(back.moe_expert_num, c.moe_expert_num);
-  EXPECT_EQ(back.shared_expert_rank_num, c.shared_expert_rank_num);
-  EXPECT_EQ(back.shared_expert_num, c.shared_expert_num);
-  EXPECT_EQ(back.global_bs, c.global_bs);
-  EXPECT_EQ(back.quant_mode, c.quant_mode);
-  EXPECT_EQ(back.expert_token_nums_type, c.expert_token_nums_type);
-  EXPECT_EQ(back.comm_quant_mode, c.comm_quant_mode);
-  EXPECT_EQ(back.dtype, c.dtype);
-  ASSERT_EQ(back.ranks.size(), c.ranks.size());
-  for (std::size_t g = 0; g < c.ranks.size(); ++g) {
-    const std::string rank = "rank" + std::to_string(g) + ".";
-    expect_same_tensor(back.ranks[g].x, c.ranks[g].x, rank + "x");
-    expect_same_tensor(back.ranks[g].expert_ids, c.ranks[g].expert_ids, rank + "expert_ids");
-    expect_same_tensor(back.ranks[g].scales, c.ranks[g].scales, rank + "scales");
-    expect_same_tensor(back.ranks[g].expert_scales, c.ranks[g].expert_scales, rank + "expert_scales");
-    expect_same_tensor(back.ranks[g].combine_x, c.ranks[g].combine_x, rank + "combine_x");
-  }
+  expect_same_case(back, c);
 
-  // The metadata is all strings, under the documented keys.
+  // The metadata is all strings, under the documented keys; a V1 case has no 'op' (absent means v1).
   const SafetensorsReader raw(path("case.safetensors"));
   EXPECT_EQ(raw.metadata().at("dtype"), "float16");
   EXPECT_EQ(raw.metadata().at("global_bs"), "6");
   EXPECT_EQ(raw.metadata().at("tp_world_size"), "2");
+  EXPECT_EQ(raw.metadata().count("op"), 0u);
   EXPECT_EQ(raw.find("rank1.x")->shape, (std::vector<std::int64_t>{0, 8}));
+}
+
+// Random V2 cases (both mask kinds, zero / copy / const experts, ori_x, shared_expert_x, Sn 0-4, comm_alg, ...)
+// come back field for field.
+TEST_F(CaseFileTest, CaseWriteReadRoundTripV2) {
+  int masks_2d = 0, const_experts = 0, shared_x = 0;
+  for (std::uint64_t seed = 1; seed <= 40; ++seed) {
+    const Case c = random_v2_case(seed);
+    SCOPED_TRACE("seed " + std::to_string(seed) + ": " + testing::describe(c));
+    ASSERT_EQ(c.op, 2);
+    write_case(path("case.safetensors"), c);
+    expect_same_case(read_case(path("case.safetensors")), c);
+    const RankInputs& r0 = c.ranks.front();
+    masks_2d += r0.x_active_mask.ndim() == 2 ? 1 : 0;
+    const_experts += r0.const_expert_v.present() ? 1 : 0;
+    shared_x += r0.shared_expert_x.present() ? 1 : 0;
+
+    const SafetensorsReader raw(path("case.safetensors"));
+    EXPECT_EQ(raw.metadata().at("op"), "v2");
+    EXPECT_EQ(raw.metadata().at("comm_alg"), c.comm_alg);
+    EXPECT_EQ(raw.metadata().at("zero_expert_num"), std::to_string(c.zero_expert_num));
+  }
+  // The seeds cover what the V2 fields add.
+  EXPECT_GT(masks_2d, 0);
+  EXPECT_GT(const_experts, 0);
+  EXPECT_GT(shared_x, 0);
 }
 
 TEST_F(CaseFileTest, CaseMetadataRules) {
@@ -576,6 +647,149 @@ TEST_F(CaseFileTest, CaseTensorRules) {
   expect_case_file_error([&] { (void)read_case(file); }, {"tensor 'rank0.x'", "rank 3", "1-D or 2-D"});
 }
 
+// The metadata of a V2 case file over the two ranks of make_case(CaseShape{}): one zero and one const expert.
+std::map<std::string, std::string> v2_metadata() {
+  auto metadata = base_metadata();
+  metadata["op"] = "v2";
+  metadata["zero_expert_num"] = "1";
+  metadata["copy_expert_num"] = "0";
+  metadata["const_expert_num"] = "1";
+  metadata["comm_alg"] = "";
+  return metadata;
+}
+
+Tensor bool_tensor(std::vector<std::int64_t> shape, const std::vector<std::uint8_t>& values) {
+  Tensor t = shape.size() == 1 ? Tensor(DType::boolean, shape[0]) : Tensor(DType::boolean, shape[0], shape[1]);
+  std::copy(values.begin(), values.end(), t.data<std::uint8_t>());
+  return t;
+}
+
+TEST_F(CaseFileTest, CaseV2Rules) {
+  const Case c = make_case(CaseShape{});  // W 2, E 4, BS 3, K 2, H 8, bf16
+  const std::string file = path("v2.safetensors");
+  using Tensors = std::vector<std::pair<std::string, const Tensor*>>;
+  const auto write = [&](const std::map<std::string, std::string>& metadata, const Tensors& extra) {
+    Tensors list;
+    for (std::size_t g = 0; g < c.ranks.size(); ++g) {
+      list.emplace_back("rank" + std::to_string(g) + ".x", &c.ranks[g].x);
+      list.emplace_back("rank" + std::to_string(g) + ".expert_ids", &c.ranks[g].expert_ids);
+    }
+    list.insert(list.end(), extra.begin(), extra.end());
+    write_parts(file, metadata, list);
+  };
+  const auto expect_error = [&](const std::map<std::string, std::string>& metadata, const Tensors& extra,
+                                std::initializer_list<std::string> fragments) {
+    write(metadata, extra);
+    expect_case_file_error([&] { (void)read_case(file); }, fragments);
+  };
+
+  // A valid V2 file: a (BS, K) mask on rank 0 and a (BS,) one on rank 1, ori_x, the const expert's (Q, H) tensors.
+  const Tensor mask_2d = bool_tensor({3, 2}, {1, 0, 0, 0, 1, 1});
+  const Tensor mask_1d = bool_tensor({3}, {1, 1, 0});
+  const Tensor ori_x = patterned(DType::bf16, {3, 8}, 1);
+  const Tensor const_row = patterned(DType::bf16, {1, 8}, 2);
+  const Tensors v2_inputs = {{"rank0.x_active_mask", &mask_2d},
+                             {"rank1.x_active_mask", &mask_1d},
+                             {"rank0.ori_x", &ori_x},
+                             {"rank1.shared_expert_x", &ori_x},
+                             {"rank0.const_expert_alpha_1", &const_row},
+                             {"rank0.const_expert_alpha_2", &const_row},
+                             {"rank0.const_expert_v", &const_row}};
+  write(v2_metadata(), v2_inputs);
+  const Case v2 = read_case(file);
+  EXPECT_EQ(v2.op, 2);
+  EXPECT_EQ(v2.zero_expert_num, 1);
+  EXPECT_EQ(v2.const_expert_num, 1);
+  EXPECT_EQ(v2.comm_alg, "");
+  EXPECT_EQ(v2.ranks[0].x_active_mask.ndim(), 2);
+  EXPECT_TRUE(v2.ranks[1].shared_expert_x.present());
+  auto metadata = v2_metadata();
+  metadata["comm_alg"] = "fullmesh_v1";
+  write(metadata, {});
+  EXPECT_EQ(read_case(file).comm_alg, "fullmesh_v1");
+
+  // op: absent or "v1" is V1; anything but "v1" and "v2" is refused.
+  metadata = base_metadata();
+  metadata["op"] = "v1";
+  write(metadata, {});
+  EXPECT_EQ(read_case(file).op, 1);
+  for (const std::string bad : {"v3", "V2", "2", ""}) {
+    metadata["op"] = bad;
+    expect_error(metadata, {}, {"metadata 'op' is '" + bad + "'", "expected \"v1\"", "\"v2\""});
+  }
+
+  // A V2 file needs the four V2 keys, each in range; a V1 file has none of them.
+  for (const std::string key : {"zero_expert_num", "copy_expert_num", "const_expert_num", "comm_alg"}) {
+    metadata = v2_metadata();
+    metadata.erase(key);
+    expect_error(metadata, {}, {"missing metadata key '" + key + "'", "a V2 case file"});
+    metadata = base_metadata();
+    metadata[key] = "0";
+    expect_error(metadata, {}, {"metadata '" + key + "' is a V2 key", "op v1", "metadata 'op' absent"});
+  }
+  metadata = v2_metadata();
+  metadata["copy_expert_num"] = "-1";
+  expect_error(metadata, {}, {"metadata 'copy_expert_num' is -1", "outside"});
+  metadata["copy_expert_num"] = "one";
+  expect_error(metadata, {}, {"metadata 'copy_expert_num' is 'one'", "not a decimal integer"});
+
+  // A (BS, K) mask is a V2 input; in a V1 file the mask must be (BS,).
+  expect_error(base_metadata(), {{"rank0.x_active_mask", &mask_2d}},
+               {"'rank0.x_active_mask'", "shape [3, 2]", "must be (BS,) = (3,) in a V1 case", "V2 input",
+                "'op' must be \"v2\""});
+  const Tensor mask_3x3 = bool_tensor({3, 3}, std::vector<std::uint8_t>(9, 1));
+  expect_error(v2_metadata(), {{"rank1.x_active_mask", &mask_3x3}},
+               {"'rank1.x_active_mask'", "shape [3, 3]", "must be (BS,) = (3,) or (BS, K) = (3, 2)"});
+  const Tensor mask_i8 = patterned(DType::int8, {3, 2}, 1);
+  expect_error(v2_metadata(), {{"rank0.x_active_mask", &mask_i8}}, {"'rank0.x_active_mask'", "dtype must be BOOL"});
+
+  // ori_x and shared_expert_x are (BS, H) in the case dtype.
+  const Tensor ori_short = patterned(DType::bf16, {2, 8}, 1);
+  expect_error(v2_metadata(), {{"rank1.ori_x", &ori_short}},
+               {"'rank1.ori_x'", "shape [2, 8]", "must be (BS, H) = (3, 8)"});
+  const Tensor ori_1d = patterned(DType::bf16, {24}, 1);
+  expect_error(v2_metadata(), {{"rank0.shared_expert_x", &ori_1d}},
+               {"'rank0.shared_expert_x'", "shape [24]", "must be (BS, H) = (3, 8)"});
+  const Tensor ori_f16 = patterned(DType::fp16, {3, 8}, 1);
+  expect_error(v2_metadata(), {{"rank0.ori_x", &ori_f16}},
+               {"'rank0.ori_x'", "dtype F16 differs from the case dtype BF16"});
+
+  // The const experts' tensors are (Q, H): a wrong Q, the older (Q,) alphas and a wrong H are refused.
+  const Tensor two_rows = patterned(DType::bf16, {2, 8}, 1);
+  expect_error(v2_metadata(), {{"rank0.const_expert_v", &two_rows}},
+               {"'rank0.const_expert_v'", "shape [2, 8]", "must be (const_expert_num, H) = (1, 8)"});
+  const Tensor alpha_1d = patterned(DType::bf16, {1}, 1);
+  expect_error(v2_metadata(), {{"rank1.const_expert_alpha_1", &alpha_1d}},
+               {"'rank1.const_expert_alpha_1'", "shape [1]", "must be (const_expert_num, H) = (1, 8)"});
+  const Tensor alpha_narrow = patterned(DType::bf16, {1, 4}, 1);
+  expect_error(v2_metadata(), {{"rank0.const_expert_alpha_2", &alpha_narrow}},
+               {"'rank0.const_expert_alpha_2'", "shape [1, 4]", "(const_expert_num, H) = (1, 8)"});
+
+  // Every V2 input in a V1 file is named.
+  for (const auto& [name, tensor] : v2_inputs) {
+    if (name.find("x_active_mask") != std::string::npos) continue;
+    expect_error(base_metadata(), {{name, tensor}}, {"'" + name + "'", "is a V2 input", "the case is op v1"});
+  }
+  expect_error(v2_metadata(), {{"rank0.ori", &ori_x}}, {"unknown tensor 'rank0.ori'", ".ori_x"});
+}
+
+TEST_F(CaseFileTest, WriteCaseChecksTheOperator) {
+  Case c = make_case(CaseShape{});
+  c.zero_expert_num = 1;
+  expect_case_file_error([&] { write_case(path("bad.safetensors"), c); },
+                         {"zero_expert_num is 1", "the case is op v1", "op must be \"v2\""});
+  c.zero_expert_num = 0;
+  c.comm_alg = "fullmesh";
+  expect_case_file_error([&] { write_case(path("bad.safetensors"), c); }, {"comm_alg is 'fullmesh'", "op v1"});
+  c.comm_alg.clear();
+  c.op = 3;
+  expect_case_file_error([&] { write_case(path("bad.safetensors"), c); }, {"op is 3", "outside [1, 2]"});
+  c.op = 1;
+  c.ranks[1].const_expert_v = patterned(DType::bf16, {1, 8}, 1);
+  expect_case_file_error([&] { write_case(path("bad.safetensors"), c); }, {"'rank1.const_expert_v'", "is a V2 input"});
+  EXPECT_FALSE(fs::exists(path("bad.safetensors")));
+}
+
 TEST_F(CaseFileTest, WriteCaseChecksStructure) {
   Case c = make_case(CaseShape{});
   c.ranks.pop_back();
@@ -600,6 +814,33 @@ TEST_F(CaseFileTest, ReadOutputsChecksItsFormat) {
               {{"rank0.expand_idx", &t}});
   expect_case_file_error([&] { (void)read_outputs(path("partial.safetensors"), 1); },
                          {"missing tensor 'rank0.expand_x'"});
+  // expand_idx (V1) or assist_info_for_combine (V2), never both or neither; triples come in threes.
+  const Tensor x = patterned(DType::bf16, {1, 8}, 1);
+  const Tensor counts = patterned(DType::int32, {2}, 1);
+  const Tensor token_nums = patterned(DType::int64, {1}, 1);
+  const Tensor triples = patterned(DType::int32, {3}, 1);
+  const Tensor four = patterned(DType::int32, {4}, 1);
+  const std::map<std::string, std::string> format = {{"format", "moedist-replay-outputs"}, {"version", "1"}};
+  const std::vector<std::pair<std::string, const Tensor*>> common = {{"rank0.expand_x", &x},
+                                                                     {"rank0.expert_token_nums", &token_nums},
+                                                                     {"rank0.ep_recv_counts", &counts},
+                                                                     {"rank0.combine_out", &x}};
+  const auto with = [&](std::vector<std::pair<std::string, const Tensor*>> extra) {
+    extra.insert(extra.end(), common.begin(), common.end());
+    return extra;
+  };
+  write_parts(path("v2_out.safetensors"), format, with({{"rank0.assist_info_for_combine", &triples}}));
+  EXPECT_EQ(read_outputs(path("v2_out.safetensors"), 1).front().assist_info_for_combine.rows(), 3);
+  write_parts(path("both.safetensors"), format,
+              with({{"rank0.assist_info_for_combine", &triples}, {"rank0.expand_idx", &counts}}));
+  expect_case_file_error(
+      [&] { (void)read_outputs(path("both.safetensors"), 1); },
+      {"exactly one of tensors 'rank0.expand_idx' (V1) and 'rank0.assist_info_for_combine' (V2)", "got both"});
+  write_parts(path("neither.safetensors"), format, with({}));
+  expect_case_file_error([&] { (void)read_outputs(path("neither.safetensors"), 1); }, {"got neither"});
+  write_parts(path("four.safetensors"), format, with({{"rank0.assist_info_for_combine", &four}}));
+  expect_case_file_error([&] { (void)read_outputs(path("four.safetensors"), 1); },
+                         {"'rank0.assist_info_for_combine' has 4 entries, not a multiple of 3"});
   try {
     (void)read_outputs(path("partial.safetensors"), 0);
     ADD_FAILURE() << "world_size 0 accepted";
@@ -755,6 +996,50 @@ TEST_F(CaseFileTest, ReplayReportsLibraryValidationErrors) {
   }
 }
 
+// Random V2 cases replay through their case file (written, read back, run, outputs written and read back)
+// with the V2 oracle's outputs bit for bit: the triples, zero rows for inactive tokens, the special experts.
+TEST_F(CaseFileTest, ReplayV2MatchesTheOracle) {
+  for (std::uint64_t seed = 1; seed <= 24; ++seed) {
+    const Case c = random_v2_case(seed, 8);
+    SCOPED_TRACE("seed " + std::to_string(seed) + ": " + testing::describe(c));
+    const auto outputs = replay_round_trip(c, path("case.safetensors"), path("out.safetensors"));
+    EXPECT_EQ(testing::oracle_diff(read_case(path("case.safetensors")), outputs), "");
+    for (const RankOutputs& out : outputs) {
+      EXPECT_FALSE(out.expand_idx.present());
+      ASSERT_TRUE(out.assist_info_for_combine.present());
+      EXPECT_EQ(out.assist_info_for_combine.rows() % 3, 0);
+    }
+  }
+}
+
+// A rule of the V2 operator the file's structure cannot see (a (BS,) mask that is not a prefix) is the
+// library's error, named for its rank, not a case_file one.
+TEST_F(CaseFileTest, ReplayReportsV2LibraryErrors) {
+  Case c = v2_case_with([](const Case& v2) {
+    return v2.ranks[0].x_active_mask.ndim() == 1 && v2.ranks[0].x.rows() >= 2 && v2.global_bs == 0;
+  });
+  std::uint8_t* mask = c.ranks[0].x_active_mask.data<std::uint8_t>();
+  std::fill_n(mask, c.ranks[0].x.rows(), std::uint8_t{1});
+  mask[0] = 0;
+  write_case(path("case.safetensors"), c);
+  try {
+    (void)run_case(read_case(path("case.safetensors")));
+    ADD_FAILURE() << "a (BS,) mask with a false before a true accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(e.code(), ErrorCode::case_file) << e.what();
+    EXPECT_NE(std::string(e.what()).find("rank 0 (ep_rank 0, tp_rank 0): "), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("x_active_mask"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(CaseFileTest, ReplayRejectsV2CombineXWithWrongRowCount) {
+  Case c = v2_case_with([](const Case& v2) { return v2.ranks[0].combine_x.present(); });
+  const auto rows = c.ranks[0].combine_x.rows();
+  c.ranks[0].combine_x = Tensor(c.dtype, rows + 1, c.ranks[0].x.cols());
+  expect_case_file_error([&] { (void)run_case(c); }, {"rank 0", "'rank0.combine_x'", std::to_string(rows + 1) + " rows",
+                                                      std::to_string(rows) + " valid rows"});
+}
+
 // ---- ranks as processes ---------------------------------------------------------------------------
 
 // A worker process hands one rank's outputs to the parent in a file of their own.
@@ -827,17 +1112,49 @@ class ReplayCli : public CaseFileTest {
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   }
 
+  // Replays every case over shm (a process per rank) and checks OUT against the in-process replay and run_case.
+  void expect_shm_writes_the_same_bytes(const std::vector<std::pair<std::string, Case>>& cases);
+  // Replays every case under mpirun on 1 and 2 virtual hosts and checks OUT against the in-process replay.
+  void expect_mpi_writes_the_same_bytes(const std::vector<std::pair<std::string, Case>>& cases);
+
  private:
   std::string cli_;
 };
 
-TEST_F(ReplayCli, ShmWritesTheSameBytesAsInproc) {
-  std::vector<std::pair<std::string, Case>> cases;
+using NamedCases = std::vector<std::pair<std::string, Case>>;
+
+NamedCases v1_cli_cases() {
+  NamedCases cases;
   cases.emplace_back("identity experts", make_case(CaseShape{}));
   cases.emplace_back("tensor parallel with expert outputs", tensor_parallel_case_with_expert_outputs());
   cases.emplace_back("shared expert with smooth scales", shared_expert_case_with_smooth_scales());
   cases.emplace_back("quantized, a rank without tokens", quantized_case_with_empty_rank());
+  return cases;
+}
 
+// V2 cases of what V2 adds, each the first random case (v2_case_with) that has it.
+NamedCases v2_cli_cases() {
+  const auto any_rank = [](const Case& c, const std::function<bool(const RankInputs&)>& property) {
+    return std::any_of(c.ranks.begin(), c.ranks.end(), property);
+  };
+  NamedCases cases;
+  cases.emplace_back("v2: (BS, K) masks, zero, copy and const experts", v2_case_with([&](const Case& c) {
+                       return c.zero_expert_num > 0 && c.copy_expert_num > 0 && c.const_expert_num > 0 &&
+                              any_rank(c, [](const RankInputs& in) { return in.x_active_mask.ndim() == 2; });
+                     }));
+  cases.emplace_back("v2: (BS,) masks, 2 or more shared experts", v2_case_with([&](const Case& c) {
+                       return c.shared_expert_num >= 2 &&
+                              any_rank(c, [](const RankInputs& in) { return in.x_active_mask.ndim() == 1; });
+                     }));
+  cases.emplace_back("v2: tensor parallel", v2_case_with([](const Case& c) { return c.tp_world_size == 2; }));
+  cases.emplace_back("v2: int8 with expert outputs and shared_expert_x", v2_case_with([](const Case& c) {
+                       return c.quant_mode == 2 && c.ranks[0].combine_x.present() &&
+                              c.ranks[0].shared_expert_x.present();
+                     }));
+  return cases;
+}
+
+void ReplayCli::expect_shm_writes_the_same_bytes(const NamedCases& cases) {
   for (const auto& [name, c] : cases) {
     SCOPED_TRACE(name);
     write_case(path("case.safetensors"), c);
@@ -853,26 +1170,31 @@ TEST_F(ReplayCli, ShmWritesTheSameBytesAsInproc) {
   }
 }
 
-// mpirun with one process per rank, on `hosts` virtual hosts (cli.replay_mpi sets MOEDIST_MPIRUN).
-std::string mpirun(std::size_t ranks, std::size_t hosts) {
+TEST_F(ReplayCli, ShmWritesTheSameBytesAsInproc) { expect_shm_writes_the_same_bytes(v1_cli_cases()); }
+
+TEST_F(ReplayCli, ShmWritesTheSameBytesAsInprocV2) { expect_shm_writes_the_same_bytes(v2_cli_cases()); }
+
+// mpirun with one process per rank, on `hosts` virtual hosts (cli.replay_mpi sets MOEDIST_MPIRUN). With TP pairs
+// (tp_pairs) a host holds an even number of ranks, since a pair must share one.
+std::string mpirun(std::size_t ranks, std::size_t hosts, bool tp_pairs = false) {
   const char* mpirun = std::getenv("MOEDIST_MPIRUN");
+  std::size_t per_host = (ranks + hosts - 1) / hosts;
+  if (tp_pairs) per_host += per_host % 2;
   return std::string(mpirun == nullptr ? "mpirun" : mpirun) + " --oversubscribe -np " + std::to_string(ranks) +
-         " -x MOEDIST_RANKS_PER_NODE=" + std::to_string((ranks + hosts - 1) / hosts);
+         " -x MOEDIST_RANKS_PER_NODE=" + std::to_string(per_host);
 }
 
-TEST_F(ReplayCli, MpiWritesTheSameBytesAsInproc) {
-  std::vector<std::pair<std::string, Case>> cases;
-  cases.emplace_back("identity experts", make_case(CaseShape{}));
-  cases.emplace_back("tensor parallel with expert outputs", tensor_parallel_case_with_expert_outputs());
-  cases.emplace_back("shared expert with smooth scales", shared_expert_case_with_smooth_scales());
-  cases.emplace_back("quantized, a rank without tokens", quantized_case_with_empty_rank());
+void ReplayCli::expect_mpi_writes_the_same_bytes(const NamedCases& cases) {
   for (const auto& [name, c] : cases) {
     for (const std::size_t hosts : {std::size_t{1}, std::size_t{2}}) {
       SCOPED_TRACE(name + ", " + std::to_string(hosts) + " virtual hosts");
       write_case(path("case.safetensors"), c);
       std::string log;
       ASSERT_EQ(replay("", path("case.safetensors"), path("inproc.safetensors"), &log), 0) << log;
-      ASSERT_EQ(replay("--transport mpi", path("case.safetensors"), path("mpi.safetensors"), &log, mpirun(c.ranks.size(), hosts)), 0) << log;
+      ASSERT_EQ(replay("--transport mpi", path("case.safetensors"), path("mpi.safetensors"), &log,
+                       mpirun(c.ranks.size(), hosts, c.tp_world_size == 2)),
+                0)
+          << log;
       EXPECT_NE(log.find("wrote the outputs of " + std::to_string(c.ranks.size()) + " ranks"), std::string::npos) << log;
       const std::string inproc = read_bytes(path("inproc.safetensors"));
       EXPECT_FALSE(inproc.empty());
@@ -880,6 +1202,10 @@ TEST_F(ReplayCli, MpiWritesTheSameBytesAsInproc) {
     }
   }
 }
+
+TEST_F(ReplayCli, MpiWritesTheSameBytesAsInproc) { expect_mpi_writes_the_same_bytes(v1_cli_cases()); }
+
+TEST_F(ReplayCli, MpiWritesTheSameBytesAsInprocV2) { expect_mpi_writes_the_same_bytes(v2_cli_cases()); }
 
 TEST_F(ReplayCli, MpiNamesTheFailingRank) {
   Case bad_id = make_case(CaseShape{});

@@ -72,12 +72,19 @@ class Emulator {
       EmuRank& e = rank(r);
       begin(e);
       const CombineArgs& a = args[static_cast<std::size_t>(r)];
+      const bool v2 = a.version == 2;
       std::uint64_t lowest = ~std::uint64_t{0};
       for (std::int64_t t = 0; t < a.bs * a.k && !status_failed(&e.status); ++t) {
-        const std::uint64_t mark = combine_entry_mark(e.g, a, t);
-        if (mark != 0) lowest = std::min(lowest, mark);
+        const std::uint64_t mark = v2 ? combine_entry_mark_v2(e.g, a, t) : combine_entry_mark(e.g, a, t);
+        if (v2 || mark != 0) lowest = std::min(lowest, mark);  // V1 marks 0 for "agrees", V2 kNoMark
       }
-      if (!status_failed(&e.status)) report_combine_args(e.g, a, lowest);
+      if (status_failed(&e.status)) continue;
+      if (v2) {
+        report_combine_args_v2(e.g, a, lowest);
+        index_rows_v2(e, a);
+      } else {
+        report_combine_args(e.g, a, lowest);
+      }
     }
     for (int r = 0; r < world(); ++r) {  // TP partials into the peer's inbox
       EmuRank& e = rank(r);
@@ -89,14 +96,23 @@ class Emulator {
       }
     }
     for (int r = 0; r < world(); ++r) stage(rank(r), args[static_cast<std::size_t>(r)]);
+    std::vector<bool> failed_before(static_cast<std::size_t>(world()));  // the failed bits the ranks signal
+    for (int r = 0; r < world(); ++r) failed_before[static_cast<std::size_t>(r)] = status_failed(&rank(r).status);
     for (int r = 0; r < world(); ++r) {  // the combine flags: a failed rank's failure reaches its readers
       EmuRank& e = rank(r);
       for (int d = 0; d < e.g.W && !status_failed(&e.status); ++d) {
         const int holder = global_rank(e.g, d, e.g.tp_rank);
-        if (status_failed(&rank(holder).status)) record_failure(&e.status, ErrorCode::peer_failed, holder, Phase::combine_rows, Rule::peer_failed);
+        if (failed_before[static_cast<std::size_t>(holder)])
+          record_failure(&e.status, ErrorCode::peer_failed, holder, Phase::combine_rows, Rule::peer_failed);
       }
     }
-    for (int r = 0; r < world(); ++r) reduce(rank(r), args[static_cast<std::size_t>(r)]);
+    for (int r = 0; r < world(); ++r) {
+      const CombineArgs& a = args[static_cast<std::size_t>(r)];
+      if (a.version == 2)
+        reduce_v2(rank(r), a);
+      else
+        reduce(rank(r), a);
+    }
   }
 
  private:
@@ -109,7 +125,10 @@ class Emulator {
     DeviceGroup& g = e.g;
     if (status_failed(&e.status)) return;
     const std::int64_t n = a.bs * a.k;
-    for (std::int64_t t = 0; t < n; ++t) {
+    for (std::int64_t b = 0; b < a.bs && a.version == 2; ++b) {
+      e.status.first_bad_entry = std::min(e.status.first_bad_entry, classify_token_v2(g, a, b));
+    }
+    for (std::int64_t t = 0; t < n && a.version != 2; ++t) {
       const std::int64_t b = t / a.k, j = t % a.k;
       const std::int32_t id = a.ids[b * a.ids_row_stride + j * a.ids_col_stride];
       const bool bad = id_is_bad(g, a, b, j);
@@ -128,21 +147,31 @@ class Emulator {
     }
     if (e.status.first_bad_entry == ~std::uint64_t{0}) {
       for (std::int64_t p = 0; p < n; ++p) {
+        if (g.sort_keys_out[p] >= g.E) continue;  // V2: not sent
         g.dispatch_expand_idx[g.sort_vals_out[p]] = static_cast<std::int32_t>(p - lower_bound(g.sort_keys_out, n, g.sort_keys_out[p]));
       }
     }
     for (int ex = 0; ex < g.E; ++ex) {
       g.expert_counts[ex] = static_cast<std::int32_t>(lower_bound(g.sort_keys_out, n, ex + 1) - lower_bound(g.sort_keys_out, n, ex));
     }
+    if (a.version == 2) e.status.active_tokens = number_tokens(g.token_slot, 0, a.bs, 0);
   }
 
   void publish(EmuRank& e, int r_me, const Tamper& tamper) {
     DeviceGroup& g = e.g;
     const DispatchArgs& a = e.dispatch;
-    if (e.status.first_bad_entry != ~std::uint64_t{0}) report_bad_id(g, a, e.status.first_bad_entry);
+    const bool v2 = a.version == 2;
+    if (e.status.first_bad_entry != ~std::uint64_t{0}) {
+      if (v2)
+        report_dispatch_mark_v2(g, a, e.status.first_bad_entry);
+      else
+        report_bad_id(g, a, e.status.first_bad_entry);
+    }
     const bool failed = status_failed(&e.status);
-    for (int i = 0; i < g.W * g.L; ++i) g.record[i] = failed ? 0 : record_entry(g, a.bs, i);
-    RecordHeader header = record_header_of(a, failed);
+    const std::int64_t active = v2 ? e.status.active_tokens : a.bs;
+    for (int i = 0; i < g.W * g.L; ++i)
+      g.record[i] = failed ? 0 : v2 ? record_entry_v2(g, active, i) : record_entry(g, a.bs, i);
+    RecordHeader header = record_header_of(a, failed, active);
     if (tamper) tamper(r_me, header, g.record);
     for (int r = 0; r < g.world; ++r) {
       std::byte* slot = inbox_slot(g, r, g.me);
@@ -164,7 +193,8 @@ class Emulator {
     if (status_failed(&e.status)) return;
     for (int d = 0; d < g.W; ++d) plan_destination(g, a, d);
     if (!status_failed(&e.status)) plan_outputs(g, a);
-    if (!status_failed(&e.status)) std::copy_n(g.dispatch_expand_idx, a.bs * a.k, a.expand_idx);
+    if (!status_failed(&e.status) && a.expand_idx != nullptr)
+      std::copy_n(g.dispatch_expand_idx, a.bs * a.k, a.expand_idx);
   }
 
   void write_rows(EmuRank& e) {
@@ -175,15 +205,21 @@ class Emulator {
     const int copies = g.T == 2 ? 2 : 1;
     const bool bf16 = a.bf16 != 0;
     for (std::int64_t b = 0; b < a.bs; ++b) {
-      const int n_targets = targets_of(g, b, a.k, a.expert_scales, a.expert_scales_row_stride, a.expert_scales_col_stride, a.bs, targets.data());
+      const int n_targets = targets_of(g, a, b, targets.data());
       const std::uint16_t* x = a.x + b * a.x_row_stride;
+      for (int i = 0; i < n_targets; ++i) {
+        if (a.version == 2 && targets[static_cast<std::size_t>(i)].ep >= 0)
+          write_triple(g, targets[static_cast<std::size_t>(i)], b);
+      }
       for (int slot = 0; slot < n_targets * copies && a.expert_scales != nullptr; ++slot) {
+        if (targets[static_cast<std::size_t>(slot / copies)].ep < 0) continue;
         std::byte* at = target_row(g, targets[static_cast<std::size_t>(slot / copies)], slot % copies, g.off.expand_scales, sizeof(float));
         ASSERT_NE(at, nullptr);
         std::memcpy(at, &targets[static_cast<std::size_t>(slot / copies)].weight, 4);
       }
       const bool per_target = a.quant == 2 && a.scales != nullptr;
       for (int first = 0; first < n_targets; first += per_target ? 1 : n_targets) {
+        if (per_target && targets[static_cast<std::size_t>(first)].ep < 0) continue;
         const int last = per_target ? first + 1 : n_targets;
         const float* smooth = per_target ? a.scales + targets[static_cast<std::size_t>(first)].smooth_row * a.scales_row_stride : nullptr;
         float amax = 0.0f, ds = 0.0f;
@@ -193,6 +229,7 @@ class Emulator {
         }
         for (int slot = first * copies; slot < last * copies; ++slot) {
           const Target& tg = targets[static_cast<std::size_t>(slot / copies)];
+          if (tg.ep < 0) continue;
           if (a.quant == 2) {
             std::byte* at = target_row(g, tg, slot % copies, g.off.dynamic_scales, sizeof(float));
             ASSERT_NE(at, nullptr);
@@ -240,7 +277,8 @@ class Emulator {
         auto y = load(a.expand_x + row * a.expand_x_row_stride, a.expand_x_col_stride, i0, a.h);
         const auto partner = g.T == 2 ? load(inbox + row * a.h, 1, i0, a.h) : std::array<std::uint16_t, kChunk>{};
         std::int8_t q[kChunk];
-        stage_chunk(bf16, a.comm_quant == 2, y.data(), g.T == 2 ? partner.data() : nullptr, n, a.h, c, dst, q);
+        stage_chunk(bf16, a.comm_quant == 2, y.data(), g.T == 2 ? partner.data() : nullptr, n, a.h, c, dst, q,
+                    a.version == 2);
         if (a.comm_quant == 2) std::memcpy(dst + i0, q, static_cast<std::size_t>(n));
         else std::memcpy(dst + 2 * i0, y.data(), static_cast<std::size_t>(n) * 2);
       }
@@ -253,7 +291,7 @@ class Emulator {
     std::vector<Target> targets(kMaxTargets);
     const bool bf16 = a.bf16 != 0;
     for (std::int64_t b = 0; b < a.bs; ++b) {
-      const int n_targets = targets_of(g, b, a.k, a.expert_scales, a.expert_scales_row_stride, a.expert_scales_col_stride, a.bs, targets.data());
+      const int n_targets = targets_of(g, a, b, targets.data());
       for (std::int64_t c = 0; c < chunks_of(a.h); ++c) {
         const std::int64_t i0 = c * kChunk;
         const int n = chunk_len(a.h, i0);
@@ -279,6 +317,71 @@ class Emulator {
     }
   }
 
+  // V2, the expert rank's side before the exchange: its triples checked, its rows indexed, the const
+  // experts' gate products of its own tokens.
+  void index_rows_v2(EmuRank& e, const CombineArgs& a) {
+    DeviceGroup& g = e.g;
+    std::fill_n(index_counts_of(g, g.me), g.W, 0);
+    std::uint64_t lowest = kNoMark;
+    for (std::int64_t i = 0; i < e.status.own_rows && !status_failed(&e.status); ++i)
+      lowest = std::min(lowest, triple_mark(g, a, i));
+    if (!status_failed(&e.status) && lowest != kNoMark) report_triple_mark(g, a, lowest);
+    for (std::int64_t i = 0; i < e.status.own_rows && !status_failed(&e.status); ++i)
+      index_row(g, a, i, status_seq(&e.status));
+    for (std::int64_t i = 0; i < a.bs * a.k * 2 && !status_failed(&e.status); ++i)
+      g.const_logits[i] = const_logit(g, a, i / 2, static_cast<int>(i % 2));
+  }
+
+  // V2, the source's side after the exchange: its rows found in the holders' indexes, then each token's
+  // terms in order (protocol.h term_of) accumulated chunk by chunk.
+  void reduce_v2(EmuRank& e, const CombineArgs& a) {
+    DeviceGroup& g = e.g;
+    if (status_failed(&e.status)) return;
+    std::uint64_t lowest = kNoMark;
+    for (std::int64_t i = 0; i < a.bs * g.off.index_slots; ++i)
+      lowest = std::min(lowest, find_row(g, a, i / g.off.index_slots, i % g.off.index_slots, status_seq(&e.status)));
+    for (int d = 0; d < g.W; ++d) lowest = std::min(lowest, holder_count_mark(g, d));
+    if (lowest != kNoMark) return report_find_mark(g, a, lowest);
+    const bool bf16 = a.bf16 != 0;
+    for (std::int64_t b = 0; b < a.bs; ++b) {
+      std::vector<TermV2> terms;
+      for (int s = 0; s < term_count(g, a.k); ++s) terms.push_back(term_of(g, a, b, s));
+      for (std::int64_t c = 0; c < chunks_of(a.h); ++c) {
+        const std::int64_t i0 = c * kChunk;
+        const int n = chunk_len(a.h, i0);
+        float acc[kChunk] = {};
+        for (const TermV2& t : terms) {
+          if (t.kind == TermKind::none) continue;
+          std::array<std::uint16_t, kChunk> y{}, v{};
+          if (t.kind == TermKind::expert_row) {
+            const std::byte* row = bases_[static_cast<std::size_t>(global_rank(g, t.ep, g.tp_rank))] +
+                                   off_.combine_rows + static_cast<std::size_t>(t.row) * off_.combine_pitch;
+            if (a.comm_quant == 2) {
+              std::int8_t q[kChunk] = {};
+              std::memcpy(q, row + i0, static_cast<std::size_t>(n));
+              std::uint16_t scale = 0;
+              std::memcpy(&scale, row + comm_scales_offset(a.h) + 2 * static_cast<std::size_t>(c), 2);
+              dequantize_chunk(bf16, q, scale, y.data());
+            } else {
+              std::memcpy(y.data(), row + 2 * i0, static_cast<std::size_t>(n) * 2);
+            }
+          } else {
+            std::int64_t cs = 1;
+            const std::uint16_t* row = term_row(a, t, b, &cs);
+            y = load(row, cs, i0, a.h);
+            if (t.kind == TermKind::constant) {
+              const std::uint16_t* vrow = const_vector_row(a, t, &cs);
+              v = load(vrow, cs, i0, a.h);
+            }
+          }
+          accumulate_term(bf16, acc, t, y.data(), v.data(), n);
+        }
+        for (int u = 0; u < n; ++u)
+          a.out[b * a.out_row_stride + (i0 + u) * a.out_col_stride] = f32_to_half_rne(bf16, acc[u]);
+      }
+    }
+  }
+
   const casefile::Case& c_;
   std::vector<EmuRank> ranks_;
   std::vector<std::vector<std::uint64_t>> storage_;  // 8-byte aligned window bytes
@@ -295,7 +398,9 @@ struct EmuRun {
 };
 
 EmuRun run_emulated(const casefile::Case& c, bool in_window, const Tamper& tamper = {},
-                    const std::function<void(int, DispatchArgs&)>& edit_dispatch = {}, const std::function<void(int, CombineArgs&)>& edit_combine = {}) {
+                    const std::function<void(int, DispatchArgs&)>& edit_dispatch = {},
+                    const std::function<void(int, CombineArgs&)>& edit_combine = {}, std::uint64_t permute_seed = 0) {
+  std::mt19937_64 permute(permute_seed);
   const int world = static_cast<int>(c.ranks.size());
   Emulator emu(c);
   std::vector<DispatchArgs> dargs;
@@ -308,7 +413,9 @@ EmuRun run_emulated(const casefile::Case& c, bool in_window, const Tamper& tampe
   std::vector<CombineArgs> cargs;
   for (int r = 0; r < world; ++r) {
     run.outputs.push_back(testing::dispatch_outputs(c, r, emu.rank(r)));
-    cargs.push_back(testing::rank_combine_args(c, r, emu.rank(r), run.outputs.back(), in_window));
+    const std::vector<std::int64_t> order =
+        permute_seed != 0 ? testing::random_row_order(c, run.outputs.back(), permute) : std::vector<std::int64_t>{};
+    cargs.push_back(testing::rank_combine_args(c, r, emu.rank(r), run.outputs.back(), in_window, order));
     if (edit_combine) edit_combine(r, cargs.back());
   }
   emu.combine(cargs);
@@ -515,6 +622,225 @@ TEST(CudaProtocol, RecordWithTooManyTokensIsRefused) {
   }
 }
 
+// ---- the V2 operators ----
+
+// Random V2 cases (V2 §3-§4): (BS,) and (BS, K) masks, zero / copy / const experts, Sn 0-4, TP, both
+// quant and comm-quant modes, ori_x, shared_expert_x, uneven BS; the experts' rows now and then passed
+// back permuted with their triples, or in the combine buffer. Bit for bit against the V2 oracle.
+TEST(CudaProtocol, RandomV2CasesMatchTheV2Oracle) {
+  std::mt19937_64 rng(20261128);
+  int masks_1d = 0, masks_2d = 0, specials = 0, consts = 0, several_shared = 0, tp = 0, permuted = 0;
+  for (int iteration = 0; iteration < 300; ++iteration) {
+    mt::CaseLimits limits;
+    limits.max_ep_world_size = 8;
+    limits.max_h = 40;
+    limits.max_bs = 6;
+    limits.v2 = 1.0;
+    limits.token_masks = true;
+    const casefile::Case c = mt::random_case(rng, limits);
+    const mt::Expected want = mt::expected_outputs(c);
+    const std::uint64_t permute = iteration % 2 == 0 ? (rng() | 1) : 0;
+    const EmuRun got = run_emulated(c, iteration % 3 == 0, {}, {}, {}, permute);
+    for (int r = 0; r < static_cast<int>(c.ranks.size()); ++r) {
+      const Status& st = got.status[static_cast<std::size_t>(r)];
+      ASSERT_EQ(st.code, 0) << mt::describe(c) << ": rank " << r << ": "
+                            << testing::status_error_text(st, r, c.ranks[0].expert_ids.cols());
+      ASSERT_EQ(mt::compare_rank(c, r, got.outputs[static_cast<std::size_t>(r)], want), "")
+          << mt::describe(c) << ": rank " << r;
+    }
+    const casefile::RankInputs& r0 = c.ranks[0];
+    masks_1d += r0.x_active_mask.ndim() == 1;
+    masks_2d += r0.x_active_mask.ndim() == 2;
+    specials += c.zero_expert_num + c.copy_expert_num > 0;
+    consts += c.const_expert_num > 0;
+    several_shared += c.shared_expert_rank_num > 0 && c.shared_expert_num > 1;
+    tp += c.tp_world_size == 2;
+    permuted += permute != 0 && c.tp_world_size != 2;
+  }
+  // The draw covers every feature (a change of the generator that lost one would show here).
+  EXPECT_GT(masks_1d, 20);
+  EXPECT_GT(masks_2d, 20);
+  EXPECT_GT(specials, 50);
+  EXPECT_GT(consts, 50);
+  EXPECT_GT(several_shared, 10);
+  EXPECT_GT(tp, 20);
+  EXPECT_GT(permuted, 50);
+}
+
+// A V2 case of `world` ranks with every rank at `bs` tokens (global_bs 0), no masks, no TP; with
+// special experts when `special`.
+casefile::Case v2_case(std::mt19937_64& rng, int world, std::int64_t bs, bool special) {
+  for (;;) {
+    mt::CaseLimits limits;
+    limits.world_size = world;
+    limits.allow_tp = false;
+    limits.max_h = 16;
+    limits.max_bs = bs;
+    limits.v2 = 1.0;
+    casefile::Case c = mt::random_case(rng, limits);
+    c.global_bs = 0;
+    mt::random_inputs(c, rng, limits, bs);
+    const bool has_special = c.zero_expert_num + c.copy_expert_num + c.const_expert_num > 0;
+    if (has_special == special && c.ranks[0].expert_ids.cols() >= 2) return c;
+  }
+}
+
+// A copy of rank r's ids of the case, for a hook to change and pass instead.
+std::vector<std::int32_t> ids_of(const casefile::Case& c, int r) {
+  const Tensor& ids = c.ranks[static_cast<std::size_t>(r)].expert_ids;
+  return std::vector<std::int32_t>(ids.data<std::int32_t>(), ids.data<std::int32_t>() + ids.numel());
+}
+
+// Every peer of `bad` reports peer_failed naming it.
+void expect_peers_name(const EmuRun& got, int bad) {
+  for (std::size_t r = 0; r < got.status.size(); ++r) {
+    if (static_cast<int>(r) == bad) continue;
+    EXPECT_EQ(got.status[r].code, static_cast<int>(ErrorCode::peer_failed))
+        << "rank " << r << ": " << testing::status_error_text(got.status[r], static_cast<int>(r), 1);
+    EXPECT_EQ(got.status[r].peer, bad) << "rank " << r;
+  }
+}
+
+TEST(CudaProtocol, V2IdsAndMasksAreCheckedOnTheGpu) {
+  std::mt19937_64 rng(21);
+  const casefile::Case c = v2_case(rng, 4, 3, true);
+  const std::int64_t k = c.ranks[0].expert_ids.cols();
+  const int limit = c.moe_expert_num + c.zero_expert_num + c.copy_expert_num + c.const_expert_num;
+  std::vector<std::int32_t> ids = ids_of(c, 2);
+  ids[k + 1] = limit;  // expert_ids[1, 1]: past the special experts
+  EmuRun got = run_emulated(c, false, {}, [&](int r, DispatchArgs& a) {
+    if (r == 2) a.ids = ids.data();
+  });
+  std::string text = testing::status_error_text(got.status[2], 2, k);
+  EXPECT_NE(
+      text.find("expert_ids[1, 1] = " + std::to_string(limit) +
+                ": must be in [0, moe_expert_num + zero, copy and const experts = " + std::to_string(limit) + ")"),
+      std::string::npos)
+      << text;
+  expect_peers_name(got, 2);
+
+  ids = ids_of(c, 1);
+  ids[2 * k + 1] = ids[2 * k];  // row 2 routes one id twice
+  got = run_emulated(c, false, {}, [&](int r, DispatchArgs& a) {
+    if (r == 1) a.ids = ids.data();
+  });
+  text = testing::status_error_text(got.status[1], 1, k);
+  EXPECT_NE(text.find("expert_ids[2, 1]"), std::string::npos) << text;
+  EXPECT_NE(text.find("the ids a row routes must be distinct; row 2 repeats it"), std::string::npos) << text;
+  expect_peers_name(got, 1);
+
+  // A (BS,) mask whose trues do not come first.
+  const std::vector<std::uint8_t> not_prefix{1, 0, 1};
+  got = run_emulated(c, false, {}, [&](int r, DispatchArgs& a) {
+    if (r == 0) a.mask = TokenMask{not_prefix.data(), 0, 1, 1};
+  });
+  text = testing::status_error_text(got.status[0], 0, k);
+  EXPECT_NE(text.find("x_active_mask[2] = true: every true must come before every false (x_active_mask[1] is false)"),
+            std::string::npos)
+      << text;
+  expect_peers_name(got, 0);
+}
+
+TEST(CudaProtocol, V2CombineIsCheckedAgainstItsDispatchAndTheTriples) {
+  std::mt19937_64 rng(22);
+  const casefile::Case c = v2_case(rng, 4, 4, false);
+  const std::int64_t k = c.ranks[0].expert_ids.cols();
+  // expert_ids differing from dispatch's.
+  std::vector<std::int32_t> ids = ids_of(c, 1);
+  for (std::int32_t v = 0; v < c.moe_expert_num; ++v) {  // an expert row 0 does not route
+    if (std::find(ids.begin(), ids.begin() + k, v) == ids.begin() + k) {
+      ids[0] = v;
+      break;
+    }
+  }
+  {
+    const EmuRun got = run_emulated(c, false, {}, {}, [&](int r, CombineArgs& a) {
+      if (r == 1) a.ids = ids.data();
+    });
+    const std::string text = testing::status_error_text(got.status[1], 1, k);
+    EXPECT_NE(
+        text.find("expert_ids[0, 0] = " + std::to_string(ids[0]) + ": must equal the latest dispatch's expert_ids"),
+        std::string::npos)
+        << text;
+    expect_peers_name(got, 1);
+  }
+  // A mask dispatch did not have: the last token switched off.
+  std::vector<std::uint8_t> mask(4, 1);
+  mask[3] = 0;
+  EmuRun got = run_emulated(c, false, {}, {}, [&](int r, CombineArgs& a) {
+    if (r == 2) a.mask = TokenMask{mask.data(), 0, 1, 1};
+  });
+  std::string text = testing::status_error_text(got.status[2], 2, k);
+  EXPECT_NE(text.find("x_active_mask[3, 0] = off: must switch the entries on and off as the latest dispatch's"),
+            std::string::npos)
+      << text;
+  EXPECT_EQ(got.status[0].code, static_cast<int>(ErrorCode::peer_failed));
+
+  // Triples, on the expert rank holding the most rows: a source outside the group, then two rows with
+  // one triple.
+  const EmuRun plain = run_emulated(c, false);
+  int holder = 0;
+  for (int r = 1; r < 4; ++r) {
+    if (plain.outputs[static_cast<std::size_t>(r)].assist_info_for_combine.numel() >
+        plain.outputs[static_cast<std::size_t>(holder)].assist_info_for_combine.numel())
+      holder = r;
+  }
+  const Tensor& held = plain.outputs[static_cast<std::size_t>(holder)].assist_info_for_combine;
+  ASSERT_GE(held.numel(), 6) << mt::describe(c);
+  std::vector<std::int32_t> triples;
+  const auto edit_triples = [&](const std::function<void(std::vector<std::int32_t>&)>& change) {
+    return [&, change](int r, CombineArgs& a) {
+      if (r != holder) return;
+      triples.assign(a.assist, a.assist + a.assist_len);
+      change(triples);
+      a.assist = triples.data();
+    };
+  };
+  got = run_emulated(c, false, {}, {}, edit_triples([](std::vector<std::int32_t>& t) { t[0] = 9; }));
+  text = testing::status_error_text(got.status[static_cast<std::size_t>(holder)], holder, k);
+  EXPECT_NE(text.find("assist_info_for_combine[0] = 9: must be a source EP rank in [0, 4)"), std::string::npos) << text;
+  expect_peers_name(got, holder);
+  got = run_emulated(c, false, {}, {},
+                     edit_triples([](std::vector<std::int32_t>& t) { std::copy_n(t.begin(), 3, t.begin() + 3); }));
+  text = testing::status_error_text(got.status[static_cast<std::size_t>(holder)], holder, k);
+  EXPECT_NE(text.find("row 1 and row 0 carry the same triple"), std::string::npos) << text;
+  expect_peers_name(got, holder);
+  // A triple naming another token of its source: the row of the token it named is missing there, and
+  // that source (not the expert rank, whose triples are all well-formed) names the expert rank.
+  const std::int32_t* t0 = held.data<std::int32_t>();
+  std::int32_t other = -1;
+  for (std::int32_t b = 0; b < 4 && other < 0; ++b) {
+    bool taken = false;
+    for (std::int64_t i = 0; i < held.numel(); i += 3)
+      taken = taken || (t0[i] == t0[0] && t0[i + 1] == b && t0[i + 2] == t0[2]);
+    if (!taken) other = b;
+  }
+  if (other >= 0) {
+    got = run_emulated(c, false, {}, {}, edit_triples([&](std::vector<std::int32_t>& t) { t[1] = other; }));
+    const int source = t0[0];
+    text = testing::status_error_text(got.status[static_cast<std::size_t>(source)], source, k);
+    EXPECT_NE(text.find("assist_info_for_combine = (rank " + std::to_string(holder) + "'s): has no row for token " +
+                        std::to_string(t0[1]) + ", k " + std::to_string(t0[2])),
+              std::string::npos)
+        << text;
+  }
+}
+
+// A rank making a V1 call while its peers make V2 ones: every rank names the first that differs.
+TEST(CudaProtocol, V1AndV2CallsDoNotMix) {
+  std::mt19937_64 rng(23);
+  casefile::Case c = v2_case(rng, 3, 2, false);
+  while (c.shared_expert_rank_num != 0 || c.shared_expert_num > 1) c = v2_case(rng, 3, 2, false);
+  const EmuRun got = run_emulated(c, false, {}, [&](int r, DispatchArgs& a) {
+    if (r == 1) a.version = 1;
+  });
+  EXPECT_EQ(got.status[0].code, static_cast<int>(ErrorCode::config_mismatch));
+  EXPECT_EQ(got.status[0].peer, 1);
+  const std::string text = testing::status_error_text(got.status[0], 0, 1);
+  EXPECT_NE(text.find("rank 0 made a V2 call but rank 1 a V1 one"), std::string::npos) << text;
+  EXPECT_EQ(got.status[1].peer, 0);
+}
+
 TEST(CudaProtocol, StatusErrorsNameTimeoutsAndCapacity) {
   Status st;
   st.code = static_cast<int>(ErrorCode::timeout);
@@ -564,7 +890,11 @@ TEST(CudaProtocol, WindowLayoutRegionsDoNotOverlap) {
       EXPECT_GE(o.combine_rows, o.expand_scales + 4u * static_cast<std::size_t>(o.dispatch_rows));
       EXPECT_GE(o.combine_pitch, static_cast<std::size_t>(2 * h));
       EXPECT_GE(o.combine_pitch, comm_scales_offset(h) + 2u * static_cast<std::size_t>(chunks_of(h)));
-      EXPECT_GE(o.total, o.tp_inbox + (topo.T == 2 ? static_cast<std::size_t>(o.receive_rows * h * 2) : 0u));
+      EXPECT_GE(o.assist, o.tp_inbox + (topo.T == 2 ? static_cast<std::size_t>(o.receive_rows * h * 2) : 0u));
+      EXPECT_GE(o.index, o.assist + 12u * static_cast<std::size_t>(o.dispatch_rows));
+      EXPECT_EQ(o.index_slots, 3 + topo.Sn);
+      EXPECT_GE(o.index_counts, o.index + 8u * static_cast<std::size_t>(topo.W * o.index_tokens * o.index_slots));
+      EXPECT_GE(o.total, o.index_counts + 8u * static_cast<std::size_t>(topo.W));
       EXPECT_GE(o.receive_rows, std::max(topo.receive_rows(0, 5, 3), topo.receive_rows(7, 5, 3)));
     }
   }

@@ -553,6 +553,78 @@ TEST_F(CudaRowMath, TpAddMatchesScalarKernelAndOracle) {
   EXPECT_EQ(cuda::tp_add(false, 0x3c01, 0x1000), 0x3c02);  // (1 + 2^-10) + 2^-11
 }
 
+// V2's TP add (V2 §3.8) rounds the sum half to even for bf16 too.
+TEST_F(CudaRowMath, TpAddEvenMatchesScalarKernelAndOracle) {
+  std::mt19937 rng(7005);
+  Mismatches bad("tp_add_even");
+  for (const Half type : kTypes) {
+    const bool bf16 = type == Half::bf16;
+    for (const std::int64_t h : kWidths) {
+      for (const RowKind kind : kKinds) {
+        const std::vector<std::uint16_t> a = make_row(rng, type, kind, h);
+        const std::vector<std::uint16_t> b = make_row(rng, type, RowKind::normal, h);
+        std::vector<std::uint16_t> out_ref(static_cast<std::size_t>(h), 0xdead);
+        kernels::tp_reduce_row_even(a.data(), 1, b.data(), type, h, out_ref.data());
+        for (std::int64_t i = 0; i < h; ++i) {
+          const std::uint16_t out = cuda::tp_add_even(bf16, a[i], b[i]);
+          const std::uint16_t oracle =
+              numeric::f32_to_half_rne(type, numeric::half_to_f32(type, a[i]) + numeric::half_to_f32(type, b[i]));
+          if (out != out_ref[i] || out != oracle)
+            bad.add(where(type, kind, h, i) + ": gpu " + hex(out) + " kernel " + hex(out_ref[i]) + " oracle " +
+                    hex(oracle));
+        }
+      }
+    }
+  }
+  EXPECT_EQ(cuda::tp_add_even(true, 0x3f80, 0x3b80), 0x3f80);  // 1 + 2^-8 ties to even (V1: 0x3f81)
+}
+
+// The same float: the same bits, or both NaN (hostile rows make NaNs, whose payload depends on which
+// operand of a commutative add the compiler puts first, not on the arithmetic).
+bool same_float(float a, float b) { return fbits(a) == fbits(b) || (std::isnan(a) && std::isnan(b)); }
+
+// The const expert (V2 §4.4): the dot products in increasing h, the softmax gate, and each element's
+// term, against the CPU path's scalar kernels (dot_row, accumulate_const_expert) and the oracle's loop.
+TEST_F(CudaRowMath, ConstExpertMatchesScalarKernelsAndOracle) {
+  std::mt19937 rng(7006);
+  Mismatches bad("const expert");
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (const Half type : kTypes) {
+    const bool bf16 = type == Half::bf16;
+    for (const std::int64_t h : kWidths) {
+      for (const RowKind kind : kKinds) {
+        const std::vector<std::uint16_t> x = make_row(rng, type, kind, h);
+        const std::vector<std::uint16_t> a1 = make_row(rng, type, RowKind::normal, h),
+                                         a2 = make_row(rng, type, kind, h);
+        const std::vector<std::uint16_t> v = make_row(rng, type, RowKind::normal, h);
+        float l1 = 0.0f, l2 = 0.0f;
+        for (std::int64_t i = 0; i < h; ++i) {
+          l1 = cuda::dot_step(l1, bf16, a1[static_cast<std::size_t>(i)], x[static_cast<std::size_t>(i)]);
+          l2 = cuda::dot_step(l2, bf16, a2[static_cast<std::size_t>(i)], x[static_cast<std::size_t>(i)]);
+        }
+        const float k1 = kernels::dot_row(a1.data(), x.data(), type, h),
+                    k2 = kernels::dot_row(a2.data(), x.data(), type, h);
+        if (!same_float(l1, k1) || !same_float(l2, k2)) bad.add(where(type, kind, h, 0) + ": dot products differ");
+        const cuda::ConstGate gate = cuda::const_gate(l1, l2);
+        const float m = std::max(k1, k2), e1 = std::exp(k1 - m), e2 = std::exp(k2 - m);  // the oracle's, transcribed
+        if (!same_float(gate.a1, e1 / (e1 + e2)) || !same_float(gate.a2, e2 / (e1 + e2)))
+          bad.add(where(type, kind, h, 0) + ": gate differs");
+        const float weight = normal(rng);
+        std::vector<float> acc(static_cast<std::size_t>(h)), ref(static_cast<std::size_t>(h));
+        for (std::int64_t i = 0; i < h; ++i)
+          acc[static_cast<std::size_t>(i)] = ref[static_cast<std::size_t>(i)] = normal(rng);
+        kernels::accumulate_const_expert(ref.data(), x.data(), v.data(), type, gate.a1, gate.a2, weight, h);
+        for (std::int64_t i = 0; i < h; ++i) {
+          const auto u = static_cast<std::size_t>(i);
+          const float got = cuda::accumulate_const(acc[u], bf16, x[u], v[u], gate, weight);
+          if (!same_float(got, ref[u]))
+            bad.add(where(type, kind, h, i) + ": gpu " + hex(fbits(got)) + " kernel " + hex(fbits(ref[u])));
+        }
+      }
+    }
+  }
+}
+
 // The oracle's comm_quant_round_trip, transcribed: the row after quantization and dequantization.
 std::vector<std::uint16_t> oracle_comm_round_trip(Half dtype, std::vector<std::uint16_t> row) {
   const auto h = static_cast<std::int64_t>(row.size());

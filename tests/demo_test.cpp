@@ -104,6 +104,64 @@ std::vector<Case> passing_cases() {
   return cases;
 }
 
+// --op v2 on W 4: BS 8 of which the last 2 are padding, a zero and a copy expert among the router's 4 + 2 choices,
+// 2 shared experts on the 2 shared-expert ranks (one each); cases change what they test.
+DemoOptions small_v2() {
+  DemoOptions o = small();
+  o.op = 2;
+  o.bs = 8;
+  o.shared_expert_rank_num = 2;
+  o.shared_expert_num = 2;
+  o.moe_expert_num = 4;
+  o.zero_expert_num = 1;
+  o.copy_expert_num = 1;
+  return o;
+}
+
+std::vector<Case> v2_cases() {
+  std::vector<Case> cases;
+  cases.push_back({"V2_S2_Sn2_quant0", small_v2()});
+  {
+    DemoOptions o = small_v2();
+    o.quant_mode = 2;
+    o.topk = 3;
+    cases.push_back({"V2_S2_Sn2_quant2_scales_K3", o});
+  }
+  {
+    DemoOptions o = small_v2();
+    o.ep_world_size = 6;
+    o.shared_expert_rank_num = 4;  // 2 shared experts on 2 ranks each
+    o.quant_mode = 2;
+    o.comm_quant_mode = 2;
+    o.expert_token_nums_type = 0;
+    cases.push_back({"V2_S4_Sn2_quant2_commquant2", o});
+  }
+  {
+    DemoOptions o = small_v2();
+    o.shared_expert_num = 1;  // one shared expert on both shared-expert ranks
+    o.zero_expert_num = 2;
+    o.padding_tokens = 3;
+    o.dtype = DType::fp16;
+    cases.push_back({"V2_S2_Sn1_Z2_fp16_padding3", o});
+  }
+  {
+    DemoOptions o = small_v2();
+    o.shared_expert_rank_num = 0;
+    o.shared_expert_num = 0;
+    o.moe_expert_num = 8;
+    o.copy_expert_num = 2;
+    cases.push_back({"V2_S0_C2", o});
+  }
+  {
+    DemoOptions o = small_v2();
+    o.tp_world_size = 2;
+    o.moe_expert_num = 2;
+    o.quant_mode = 2;
+    cases.push_back({"V2_T2_S2_Sn2_quant2", o});
+  }
+  return cases;
+}
+
 // Names the case in test listings instead of dumping its bytes.
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
@@ -136,6 +194,41 @@ TEST_P(DemoPasses, MatchesDenseReference) {
 INSTANTIATE_TEST_SUITE_P(SmallShapes, DemoPasses, ::testing::ValuesIn(passing_cases()),
                          [](const ::testing::TestParamInfo<Case>& param_info) { return std::string(param_info.param.name); });
 
+class DemoV2Passes : public ::testing::TestWithParam<Case> {};
+
+// --op v2 matches the dense reference with its V2 terms; the padding tokens' rows are zero; the router sent some
+// entries to the zero and the copy experts, which no expert rank processed.
+TEST_P(DemoV2Passes, MatchesDenseReference) {
+  const DemoOptions& o = GetParam().options;
+  std::ostringstream out;
+  const DemoReport report = moedist::demo::run_demo(o, out);
+  SCOPED_TRACE(out.str());
+  EXPECT_TRUE(report.passed);
+  EXPECT_TRUE(report.all_finite);
+  EXPECT_TRUE(report.padding_rows_zero);
+  EXPECT_LE(report.max_rel_error, report.tolerance);
+  EXPECT_GT(report.max_abs_reference, 0.0);
+  const int tp = o.tp_world_size == 2 ? 2 : 1;
+  const std::int64_t padding = moedist::demo::padding_tokens(o);
+  EXPECT_EQ(padding, o.padding_tokens == -1 ? o.bs / 4 : o.padding_tokens);
+  EXPECT_GT(padding, 0);
+  EXPECT_EQ(report.padding_tokens, o.ep_world_size * tp * padding);
+  const std::int64_t active = report.tokens - report.padding_tokens;
+  EXPECT_GT(report.zero_expert_entries, 0);
+  EXPECT_GT(report.copy_expert_entries, 0);
+  // Active tokens' entries to MoE experts, plus one row per shared expert, on both ranks of a TP pair.
+  const int shared = o.shared_expert_rank_num > 0 ? o.shared_expert_num : 0;
+  const std::int64_t routed = active * o.topk - report.zero_expert_entries - report.copy_expert_entries;
+  EXPECT_EQ(report.expert_rows, (routed + active * shared) * tp);
+  EXPECT_NE(out.str().find("dispatch_v2 / combine_v2"), std::string::npos);
+  EXPECT_NE(out.str().find("PASS"), std::string::npos);
+}
+
+INSTANTIATE_TEST_SUITE_P(SmallShapes, DemoV2Passes, ::testing::ValuesIn(v2_cases()),
+                         [](const ::testing::TestParamInfo<Case>& param_info) {
+                           return std::string(param_info.param.name);
+                         });
+
 // The checker's self-test: each planted bug must be reported as a mismatch, in a plain and a shared/quantized setup.
 TEST(DemoChecker, CatchesEveryPlantedFault) {
   DemoOptions shared_quant = small();
@@ -145,7 +238,7 @@ TEST(DemoChecker, CatchesEveryPlantedFault) {
   DemoOptions tp_pair = small();
   tp_pair.tp_world_size = 2;
   tp_pair.moe_expert_num = 4;
-  for (const DemoOptions& base : {small(), shared_quant, tp_pair}) {
+  for (const DemoOptions& base : {small(), shared_quant, tp_pair, small_v2()}) {
     for (Fault fault : {Fault::drop_expert, Fault::swap_rows, Fault::swap_weights}) {
       DemoOptions o = base;
       o.fault = fault;
@@ -203,12 +296,17 @@ std::vector<RankRecord> run_shm_threads(const DemoOptions& o) {
       o, [&](const moedist::GroupConfig& config) { return moedist::join_shm(config, job, shm); });
 }
 
-// Three of passing_cases(): a shared expert with int8 dispatch and smooth scales, and TP pairs with and without.
+// Three of passing_cases(): a shared expert with int8 dispatch and smooth scales, and TP pairs with and without;
+// and two of v2_cases(): 2 shared experts with int8 dispatch, and --op v2 with TP pairs.
 std::vector<Case> shm_cases() {
   std::vector<Case> cases;
   for (const Case& c : passing_cases()) {
     const std::string name = c.name;
     if (name == "S2_quant2_scales_L2" || name == "T2_S0_quant0" || name == "T2_S2_quant2_scales") cases.push_back(c);
+  }
+  for (const Case& c : v2_cases()) {
+    const std::string name = c.name;
+    if (name == "V2_S2_Sn2_quant2_scales_K3" || name == "V2_T2_S2_Sn2_quant2") cases.push_back(c);
   }
   return cases;
 }
@@ -305,6 +403,51 @@ TEST(DemoOptions, RejectsBadCombinations) {
   o.moe_expert_num = 6;
   o.shared_expert_rank_num = 0;
   EXPECT_THROW(moedist::demo::validate_options(o), moedist::ValidationError);
+}
+
+TEST(DemoOptions, RejectsBadV2Combinations) {
+  DemoOptions o = small_v2();
+  EXPECT_NO_THROW(moedist::demo::validate_options(o));
+  o.op = 3;
+  expect_rejected(o, "op");
+
+  // The router picks among E + Z + C experts: K may exceed E, not E + Z + C.
+  o = small_v2();
+  o.topk = 6;
+  EXPECT_NO_THROW(moedist::demo::validate_options(o));
+  o.topk = 7;
+  expect_rejected(o, "topk");
+
+  o = small_v2();
+  o.zero_expert_num = -1;
+  expect_rejected(o, "zero_expert_num");
+  o = small_v2();
+  o.copy_expert_num = -1;
+  expect_rejected(o, "copy_expert_num");
+
+  o = small_v2();
+  o.padding_tokens = o.bs;  // no active token left
+  expect_rejected(o, "padding_tokens");
+  o.padding_tokens = -2;
+  expect_rejected(o, "padding_tokens");
+
+  // A mask with a larger global_bs is refused by V2 (§3.9); without padding tokens it is fine.
+  o = small_v2();
+  o.global_bs = 2 * o.bs * o.ep_world_size;
+  expect_rejected(o, "global_bs");
+  o.padding_tokens = 0;
+  EXPECT_NO_THROW(moedist::demo::validate_options(o));
+
+  // The library's rule: shared_expert_num divides S.
+  o = small_v2();
+  o.shared_expert_num = 3;
+  expect_rejected(o, "shared_expert_num");
+
+  // padding_tokens is BS / 4 by default, and 0 with op 1.
+  o = small_v2();
+  EXPECT_EQ(moedist::demo::padding_tokens(o), 2);
+  o.op = 1;
+  EXPECT_EQ(moedist::demo::padding_tokens(o), 0);
 }
 
 TEST(DemoOptions, DefaultsAreTheOperatorPageExample) {

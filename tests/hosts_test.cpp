@@ -4,10 +4,12 @@
 // oracle on virtual hosts: property_test's VirtualHosts suites.
 #include <gtest/gtest.h>
 
+#include <cstddef>
 #include <cstring>
 #include <random>
 
 #include "moedist/inproc.h"
+#include "ops/host_messages.h"
 #include "ops/host_routes.h"
 #include "outcome.h"
 #include "test_support.h"
@@ -168,6 +170,9 @@ void expect_rejected(const std::string& phase, const std::function<void(std::vec
   EXPECT_TRUE(named) << "no rank blamed rank 0 for its message in " << phase;
 }
 
+// The first dispatch entry's first target (host_messages.h).
+constexpr std::size_t kFirstTarget = sizeof(RemoteEntry);
+
 std::int32_t read_i32(const std::vector<std::byte>& m, std::size_t at) {
   std::int32_t v;
   std::memcpy(&v, m.data() + at, 4);
@@ -179,17 +184,22 @@ TEST(HostMessages, DispatchEntryCutShort) {
   expect_rejected("dispatch.hosts", [](auto& m) { m.resize(m.size() - 1); }, "cut short");
 }
 TEST(HostMessages, DispatchSlotOutOfRange) {
-  expect_rejected("dispatch.hosts", [](auto& m) { write_i32(m, 8 + 4, 1 << 20); }, "outside its");
+  expect_rejected(
+      "dispatch.hosts", [](auto& m) { write_i32(m, kFirstTarget + offsetof(RemoteTarget, slot), 1 << 20); },
+      "outside its");
 }
 TEST(HostMessages, DispatchExpertOnAnotherHost) {
   // Rank 0's entries go to host 1 (EP ranks 2, 3 hold experts 4-7); name expert 0, which lives on host 0.
-  expect_rejected("dispatch.hosts", [](auto& m) { write_i32(m, 8, 0); }, "not on this host");
+  expect_rejected(
+      "dispatch.hosts", [](auto& m) { write_i32(m, kFirstTarget + offsetof(RemoteTarget, code), 0); },
+      "not on this host");
 }
 TEST(HostMessages, DispatchSlotSentTwice) {
   expect_rejected("dispatch.hosts", [](auto& m) {
     // The second target of the first entry repeats the first one.
-    write_i32(m, 8 + 12, read_i32(m, 8));
-    write_i32(m, 8 + 12 + 4, read_i32(m, 8 + 4));
+    constexpr std::size_t second = kFirstTarget + sizeof(RemoteTarget);
+    write_i32(m, second + offsetof(RemoteTarget, code), read_i32(m, kFirstTarget + offsetof(RemoteTarget, code)));
+    write_i32(m, second + offsetof(RemoteTarget, slot), read_i32(m, kFirstTarget + offsetof(RemoteTarget, slot)));
   }, "twice");
 }
 TEST(HostMessages, DispatchRowsMissing) {

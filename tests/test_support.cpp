@@ -73,10 +73,70 @@ void add_token_masks(casefile::Case& c, std::mt19937_64& rng) {
   }
 }
 
+// Smooth-scales rows before the MoE experts' (V1 §2.3, V2 §2.2): the shared experts'.
+int smooth_rows_for_shared(const casefile::Case& c) {
+  if (c.op != 2) return c.shared_expert_rank_num > 0 ? 1 : 0;
+  return c.shared_expert_rank_num == 0 && c.shared_expert_num == 1 ? 0 : c.shared_expert_num;
+}
+
+// V2 masks on the ranks the rules allow: a (BS,) prefix or a random (BS, K) mask. The ids the mask
+// switches off become ones no operator may read (out of range, repeated).
+void add_v2_masks(casefile::Case& c, std::mt19937_64& rng) {
+  const int garbage = c.moe_expert_num + c.zero_expert_num + c.copy_expert_num + c.const_expert_num + 3;
+  for (casefile::RankInputs& in : c.ranks) {
+    const std::int64_t bs = in.x.rows(), k = in.expert_ids.cols();
+    if (c.global_bs != 0 && c.global_bs > bs * c.ep_world_size) continue;
+    std::int32_t* ids = in.expert_ids.data<std::int32_t>();
+    if (chance(rng, 0.5)) {
+      const std::int64_t active = pick(rng, 0, static_cast<int>(bs));
+      in.x_active_mask = Tensor(DType::boolean, bs);
+      for (std::int64_t b = 0; b < bs; ++b) in.x_active_mask.data<std::uint8_t>()[b] = b < active ? 1 : 0;
+      for (std::int64_t i = active * k; i < bs * k; ++i) ids[i] = chance(rng, 0.5) ? -7 : garbage;
+    } else {
+      in.x_active_mask = Tensor(DType::boolean, bs, k);
+      const double on = chance(rng, 0.3) ? 0.2 : 0.75;
+      for (std::int64_t i = 0; i < bs * k; ++i) {
+        const bool active = chance(rng, on);
+        in.x_active_mask.data<std::uint8_t>()[i] = active ? 1 : 0;
+        if (!active) ids[i] = chance(rng, 0.5) ? -7 : garbage;
+      }
+    }
+  }
+}
+
+// V2 combine inputs: ori_x (required with copy or const experts), the const experts' gates and
+// vectors, and sometimes shared_expert_x (only without shared-expert ranks).
+void add_v2_combine_inputs(casefile::Case& c, std::mt19937_64& rng) {
+  const bool with_ori = c.copy_expert_num + c.const_expert_num > 0 || chance(rng, 0.2);
+  const bool with_shared_x = c.shared_expert_rank_num == 0 && chance(rng, 0.3);
+  for (casefile::RankInputs& in : c.ranks) {
+    const std::int64_t bs = in.x.rows(), h = in.x.cols();
+    if (with_ori) {
+      in.ori_x = Tensor(c.dtype, bs, h);
+      fill_half(rng, in.ori_x, 1.0f);
+    }
+    if (with_shared_x) {
+      in.shared_expert_x = Tensor(c.dtype, bs, h);
+      fill_half(rng, in.shared_expert_x, 1.0f);
+    }
+    if (c.const_expert_num > 0) {
+      for (Tensor* t : {&in.const_expert_alpha_1, &in.const_expert_alpha_2, &in.const_expert_v}) {
+        *t = Tensor(c.dtype, c.const_expert_num, h);
+        fill_half(rng, *t, t == &in.const_expert_v ? 1.0f : 0.2f);
+      }
+    }
+  }
+}
+
 }  // namespace
+
+bool v1_compatible(const casefile::Case& c) {
+  return c.shared_expert_num == 1 && (c.shared_expert_rank_num == 0 || c.ep_world_size % c.shared_expert_rank_num == 0);
+}
 
 casefile::Case random_case(std::mt19937_64& rng, const CaseLimits& lim) {
   casefile::Case c;
+  c.op = lim.v2 > 0 && chance(rng, lim.v2) ? 2 : 1;  // no draw without V2: the V1 seeds keep their cases
   int W = pick(rng, 1, lim.max_ep_world_size);
   bool tp = lim.allow_tp && chance(rng, 0.25);
   if (lim.world_size > 0) {
@@ -85,10 +145,18 @@ casefile::Case random_case(std::mt19937_64& rng, const CaseLimits& lim) {
   }
   std::vector<int> shared_choices{0};
   for (int s = 1; s < W; ++s) {
-    if (W % s == 0) shared_choices.push_back(s);
+    if (W % s == 0 || c.op == 2) shared_choices.push_back(s);  // V2 has no W % S rule
   }
   c.ep_world_size = W;
   c.shared_expert_rank_num = chance(rng, 0.35) ? shared_choices[static_cast<std::size_t>(pick(rng, 0, static_cast<int>(shared_choices.size()) - 1))] : 0;
+  if (c.op == 2) {  // V2: Sn shared experts of S / Sn ranks each, Sn a divisor of S up to 4; 0 or 1 without S
+    std::vector<int> sn_choices;
+    for (int sn = 1; sn <= 4; ++sn) {
+      if (c.shared_expert_rank_num == 0 ? sn == 1 : c.shared_expert_rank_num % sn == 0) sn_choices.push_back(sn);
+    }
+    if (c.shared_expert_rank_num == 0) sn_choices.push_back(0);
+    c.shared_expert_num = sn_choices[static_cast<std::size_t>(pick(rng, 0, static_cast<int>(sn_choices.size()) - 1))];
+  }
   const int moe_ranks = W - c.shared_expert_rank_num;
   c.tp_world_size = tp ? 2 : pick(rng, 0, 1);
   const int L = c.tp_world_size == 2 ? 1 : pick(rng, 1, 4);
@@ -107,7 +175,18 @@ void random_inputs(casefile::Case& c, std::mt19937_64& rng, const CaseLimits& li
   c.quant_mode = chance(rng, 0.5) ? 2 : 0;
   c.expert_token_nums_type = pick(rng, 0, 1);
   c.comm_quant_mode = c.tp_world_size != 2 && chance(rng, 0.3) ? 2 : 0;
-  const int K = pick(rng, 1, std::min(c.moe_expert_num, lim.max_k));
+  c.zero_expert_num = c.copy_expert_num = c.const_expert_num = 0;
+  c.comm_alg.clear();
+  if (c.op == 2) {
+    const bool special = chance(rng, 0.5);
+    c.zero_expert_num = special ? pick(rng, 0, 2) : 0;
+    c.copy_expert_num = special ? pick(rng, 0, 2) : 0;
+    c.const_expert_num = special ? pick(rng, 0, 2) : 0;
+    static const char* const kAlgs[] = {"", "fullmesh_v1", "fullmesh_v2", "fullmesh", "hierarchy", "0"};
+    c.comm_alg = kAlgs[pick(rng, 0, 5)];
+  }
+  const int ids = c.moe_expert_num + c.zero_expert_num + c.copy_expert_num + c.const_expert_num;
+  const int K = pick(rng, 1, std::min(ids, lim.max_k));
   const std::int64_t H = pick(rng, 1, static_cast<int>(lim.max_h));
   const bool with_scales = c.quant_mode == 2 && chance(rng, 0.6);
   const bool with_expert_scales = chance(rng, 0.7);
@@ -121,9 +200,9 @@ void random_inputs(casefile::Case& c, std::mt19937_64& rng, const CaseLimits& li
     if (bs > 0 && chance(rng, 0.15)) {  // an all-zero row: q = 0, scale 0
       std::fill_n(in.x.data<std::uint16_t>() + pick(rng, 0, static_cast<int>(bs) - 1) * H, H, std::uint16_t{0});
     }
-    in.expert_ids = random_ids(rng, bs, K, c.moe_expert_num);
+    in.expert_ids = random_ids(rng, bs, K, ids);
     if (with_scales) {
-      in.scales = Tensor(DType::fp32, c.moe_expert_num + (c.shared_expert_rank_num > 0 ? 1 : 0), H);
+      in.scales = Tensor(DType::fp32, c.moe_expert_num + smooth_rows_for_shared(c), H);
       std::uniform_real_distribution<float> u(0.25f, 4.0f);
       for (std::int64_t i = 0; i < in.scales.numel(); ++i) in.scales.data<float>()[i] = u(rng);
     }
@@ -134,12 +213,19 @@ void random_inputs(casefile::Case& c, std::mt19937_64& rng, const CaseLimits& li
     }
     c.ranks.push_back(std::move(in));
   }
-  if (lim.token_masks && chance(rng, 0.4)) add_token_masks(c, rng);
+  if (c.op == 2) {
+    if (lim.token_masks && chance(rng, 0.5)) add_v2_masks(c, rng);
+    add_v2_combine_inputs(c, rng);
+  } else if (lim.token_masks && chance(rng, 0.4)) {
+    add_token_masks(c, rng);
+  }
   if (chance(rng, 0.5)) {  // explicit expert outputs, sized by the valid rows of each rank
-    const std::vector<oracle::RankOutput> layout = oracle::run(to_oracle_case(c));
+    const Expected layout = expected_outputs(c);
     for (int g = 0; g < W * T; ++g) {
       casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
-      in.combine_x = Tensor(c.dtype, layout[static_cast<std::size_t>(g)].valid_rows, H);
+      const std::int64_t rows = c.op == 2 ? layout.v2[static_cast<std::size_t>(g)].valid_rows
+                                          : layout.v1[static_cast<std::size_t>(g)].valid_rows;
+      in.combine_x = Tensor(c.dtype, rows, H);
       fill_half(rng, in.combine_x, 2.0f);
     }
   }
@@ -153,7 +239,13 @@ std::string describe(const casefile::Case& c) {
      << " global_bs=" << c.global_bs << " quant=" << c.quant_mode << " comm_quant=" << c.comm_quant_mode
      << " dtype=" << dtype_name(c.dtype) << " etn_type=" << c.expert_token_nums_type
      << " scales=" << r0.scales.present() << " expert_scales=" << r0.expert_scales.present()
-     << " combine_x=" << r0.combine_x.present() << " mask=" << r0.x_active_mask.present() << " BS=[";
+     << " combine_x=" << r0.combine_x.present() << " mask=" << r0.x_active_mask.present();
+  if (c.op == 2) {
+    os << " op=v2 Sn=" << c.shared_expert_num << " Z=" << c.zero_expert_num << " C=" << c.copy_expert_num
+       << " Q=" << c.const_expert_num << " comm_alg='" << c.comm_alg << "' mask_2d=" << (r0.x_active_mask.ndim() == 2)
+       << " ori_x=" << r0.ori_x.present() << " shared_expert_x=" << r0.shared_expert_x.present();
+  }
+  os << " BS=[";
   for (std::size_t g = 0; g < c.ranks.size(); ++g) os << (g ? "," : "") << c.ranks[g].x.rows();
   os << "]";
   return os.str();
@@ -233,6 +325,64 @@ oracle::Case to_oracle_case(const casefile::Case& c) {
 
 namespace {
 
+template <class T>
+std::vector<T> values_of(const Tensor& t) {
+  if (!t.present()) return {};
+  return std::vector<T>(t.data<T>(), t.data<T>() + t.numel());
+}
+
+}  // namespace
+
+oracle::v2::Case to_oracle_v2_case(const casefile::Case& c) {
+  oracle::v2::Case o;
+  o.ep_world_size = c.ep_world_size;
+  o.tp_world_size = c.tp_world_size;
+  o.moe_expert_num = c.moe_expert_num;
+  o.shared_expert_rank_num = c.shared_expert_rank_num;
+  o.shared_expert_num = c.shared_expert_num;
+  o.zero_expert_num = c.zero_expert_num;
+  o.copy_expert_num = c.copy_expert_num;
+  o.const_expert_num = c.const_expert_num;
+  o.global_bs = c.global_bs;
+  o.quant_mode = c.quant_mode;
+  o.expert_token_nums_type = c.expert_token_nums_type;
+  o.comm_quant_mode = c.comm_quant_mode;
+  o.dtype = half_of(c.dtype);
+  o.h = c.ranks.front().x.cols();
+  o.k = c.ranks.front().expert_ids.cols();
+  for (const casefile::RankInputs& in : c.ranks) {
+    oracle::v2::RankInput r;
+    r.bs = in.x.rows();
+    r.x = values_of<std::uint16_t>(in.x);
+    r.expert_ids = values_of<std::int32_t>(in.expert_ids);
+    r.scales = values_of<float>(in.scales);
+    r.expert_scales = values_of<float>(in.expert_scales);
+    r.x_active_mask = values_of<std::uint8_t>(in.x_active_mask);
+    r.mask_2d = in.x_active_mask.ndim() == 2;
+    r.ori_x = values_of<std::uint16_t>(in.ori_x);
+    r.shared_expert_x = values_of<std::uint16_t>(in.shared_expert_x);
+    r.const_expert_alpha_1 = values_of<std::uint16_t>(in.const_expert_alpha_1);
+    r.const_expert_alpha_2 = values_of<std::uint16_t>(in.const_expert_alpha_2);
+    r.const_expert_v = values_of<std::uint16_t>(in.const_expert_v);
+    r.has_combine_x = in.combine_x.present();
+    r.combine_x = values_of<std::uint16_t>(in.combine_x);
+    o.ranks.push_back(std::move(r));
+  }
+  return o;
+}
+
+Expected expected_outputs(const casefile::Case& c) {
+  Expected e;
+  e.op = c.op;
+  if (c.op == 2)
+    e.v2 = oracle::v2::run(to_oracle_v2_case(c));
+  else
+    e.v1 = oracle::run(to_oracle_case(c));
+  return e;
+}
+
+namespace {
+
 // A copy of a contiguous tensor placed in a larger buffer so that the view has the given strides.
 struct Strided {
   std::vector<std::byte> storage;
@@ -254,7 +404,6 @@ Strided make_strided(const Tensor& t, std::int64_t row_pad, std::int64_t col_str
   s.view = matrix_view(s.storage.data(), t.dtype(), rows, cols, row_stride, col_stride);
   return s;
 }
-
 
 }  // namespace
 
@@ -280,11 +429,172 @@ GroupConfig rank_config(const casefile::Case& c, int g) {
   cfg.tp_rank_id = g % T;
   cfg.moe_expert_num = c.moe_expert_num;
   cfg.shared_expert_rank_num = c.shared_expert_rank_num;
+  cfg.shared_expert_num = c.shared_expert_num;
   cfg.global_bs = c.global_bs;
   return cfg;
 }
 
+namespace {
+
+// The experts' outputs for combine: the case's, or identity experts (the dispatched row, dequantized);
+// strided when the run says so, or written into Group::combine_buffer() (T <= 1).
+struct ExpertOutputs {
+  ExpertOutputs(Group& group, const casefile::Case& c, const casefile::RankInputs& in, const DispatchResult& d,
+                const RunOptions& opt) {
+    const std::int64_t h = in.x.cols();
+    view = d.expand_x;  // quant_mode 0 identity: feed dispatch's own view back
+    if (in.combine_x.present()) {
+      given = make_strided(in.combine_x, opt.strided_inputs ? 1 : 0, opt.strided_inputs ? 2 : 1);
+      view = given.view;
+    } else if (c.quant_mode == 2) {
+      identity = Tensor(c.dtype, d.valid_rows, h);
+      for (std::int64_t r = 0; r < d.valid_rows; ++r) {
+        const float scale = d.dynamic_scales.at<float>(r);
+        for (std::int64_t col = 0; col < h; ++col) {
+          const float v = static_cast<float>(d.expand_x.at<std::int8_t>(r, col)) * scale;
+          identity.data<std::uint16_t>()[r * h + col] = numeric::f32_to_half_rne(half_of(c.dtype), v);
+        }
+      }
+      view = identity.view();
+      if (opt.strided_inputs) {
+        given = make_strided(identity, 3, 2);
+        view = given.view;
+      }
+    }
+    if (opt.outputs_in_window && std::max(c.tp_world_size, 1) == 1 && !opt.strided_inputs) {
+      const MutableTensorView buffer = group.combine_buffer(c.dtype);
+      if (!buffer.present() || buffer.rows() < d.valid_rows)
+        throw std::runtime_error("combine_buffer() is missing or too small");
+      Tensor rows = copy_rows(view, d.valid_rows);
+      for (std::int64_t r = 0; r < d.valid_rows; ++r) {
+        std::memcpy(buffer.ptr<std::uint16_t>(r, 0), rows.data<std::uint16_t>() + r * h,
+                    static_cast<std::size_t>(h) * 2);
+      }
+      view = buffer;
+    }
+  }
+  Tensor identity;
+  Strided given;
+  TensorView view;
+};
+
+// A bool mask as a view: (BS,) every other byte of a buffer, or (BS, K) with padded rows, when strided.
+struct MaskView {
+  MaskView(const Tensor& mask, bool strided) {
+    if (!mask.present()) return;
+    storage = make_strided(mask, strided ? 3 : 0, strided ? 2 : 1);
+    view = storage.view;
+    if (mask.ndim() == 1)
+      view = vector_view(storage.storage.data(), DType::boolean, mask.rows(), storage.view.strides[0]);
+  }
+  Strided storage;
+  TensorView view;
+};
+
+// A V2 rank: dispatch_v2 then combine_v2, with the same choices of strides and buffers as run_rank.
+casefile::RankOutputs run_rank_v2(Group& group, const casefile::Case& c, int g, const RunOptions& opt,
+                                  RankTraffic* traffic) {
+  const int T = std::max(c.tp_world_size, 1);
+  const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
+  const GroupConfig cfg = group.config();
+  const std::int64_t bs = in.x.rows(), h = in.x.cols(), k = in.expert_ids.cols();
+  Strided x = make_strided(in.x, 3, opt.strided_inputs ? 2 : 1);
+  Strided ids = make_strided(in.expert_ids, opt.strided_inputs ? 1 : 0, 1);
+  Strided weights, scales;
+  const MaskView mask(in.x_active_mask, opt.strided_inputs);
+  DispatchV2Options dopt;
+  dopt.quant_mode = c.quant_mode;
+  dopt.expert_token_nums_type = c.expert_token_nums_type;
+  dopt.zero_expert_num = c.zero_expert_num;
+  dopt.copy_expert_num = c.copy_expert_num;
+  dopt.const_expert_num = c.const_expert_num;
+  dopt.comm_alg = c.comm_alg;
+  dopt.x_active_mask = mask.view;
+  if (in.scales.present()) {
+    scales = make_strided(in.scales, opt.strided_inputs ? 5 : 0, opt.strided_inputs ? 2 : 1);
+    dopt.scales = scales.view;
+  }
+  if (in.expert_scales.present()) {
+    weights = make_strided(in.expert_scales, opt.strided_inputs ? 2 : 0, 1);
+    dopt.expert_scales = weights.view;
+  }
+  // performance_info on every rank of every run: its values are timings, only its shape is checked.
+  Tensor perf(DType::int64, c.ep_world_size);
+  dopt.performance_info = perf.mutable_view();
+  Tensor out_x, out_scales, out_expand_scales, out_assist, out_etn, out_ep, out_tp;
+  if (opt.caller_outputs) {
+    CapacityQuery q{bs, k, h, c.dtype, c.quant_mode, 2};
+    const CapacityReport cap = capacity(cfg, q);
+    out_x = Tensor(c.quant_mode == 2 ? DType::int8 : c.dtype, cap.max_receive_rows, h);
+    out_scales = Tensor(DType::fp32, cap.max_receive_rows);
+    out_expand_scales = Tensor(DType::fp32, cap.max_receive_rows);
+    out_assist = Tensor(DType::int32, std::max(bs * k, cap.A * 128));  // torch_npu's length
+    out_etn = Tensor(DType::int64, group.local_expert_num());
+    out_ep =
+        Tensor(DType::int32, static_cast<std::int64_t>(c.ep_world_size) * group.local_expert_num() * (T == 2 ? 2 : 1));
+    dopt.out.expand_x = out_x.mutable_view();
+    dopt.out.dynamic_scales = out_scales.mutable_view();
+    if (in.expert_scales.present()) dopt.out.expand_scales = out_expand_scales.mutable_view();
+    dopt.out.assist_info_for_combine = out_assist.mutable_view();
+    dopt.out.expert_token_nums = out_etn.mutable_view();
+    dopt.out.ep_recv_counts = out_ep.mutable_view();
+    if (T == 2) {
+      out_tp = Tensor(DType::int32, 2);
+      dopt.out.tp_recv_counts = out_tp.mutable_view();
+    }
+  }
+  const DispatchResult d = group.dispatch_v2(x.view, ids.view, dopt);
+  if (traffic != nullptr) traffic->after_dispatch = group.traffic();
+
+  casefile::RankOutputs o;
+  o.expand_x = copy_rows(d.expand_x, d.valid_rows);
+  if (c.quant_mode == 2) o.dynamic_scales = copy_rows(d.dynamic_scales, d.valid_rows);
+  if (in.expert_scales.present()) o.expand_scales = copy_rows(d.expand_scales, d.valid_rows);
+  const std::int64_t own_rows = d.ep_recv_counts.at<std::int32_t>(c.ep_world_size * group.local_expert_num() - 1);
+  o.assist_info_for_combine = copy_rows(d.assist_info_for_combine, 3 * own_rows);
+  o.expert_token_nums = copy_rows(d.expert_token_nums, d.expert_token_nums.rows());
+  o.ep_recv_counts = copy_rows(d.ep_recv_counts, d.ep_recv_counts.rows());
+  if (T == 2) o.tp_recv_counts = copy_rows(d.tp_recv_counts, 2);
+
+  ExpertOutputs experts(group, c, in, d, opt);
+  CombineV2Options copt;
+  copt.comm_quant_mode = c.comm_quant_mode;
+  copt.x_active_mask = mask.view;
+  copt.zero_expert_num = c.zero_expert_num;
+  copt.copy_expert_num = c.copy_expert_num;
+  copt.const_expert_num = c.const_expert_num;
+  copt.comm_alg = c.comm_alg;
+  copt.performance_info = perf.mutable_view();
+  if (T == 2) copt.tp_send_counts = d.tp_recv_counts;
+  std::vector<Strided> extras;
+  extras.reserve(5);
+  const auto view_of = [&](const Tensor& t) {
+    if (!t.present()) return TensorView{};
+    extras.push_back(make_strided(t, opt.strided_inputs ? 2 : 0, opt.strided_inputs ? 2 : 1));
+    return extras.back().view;
+  };
+  copt.ori_x = view_of(in.ori_x);
+  copt.shared_expert_x = view_of(in.shared_expert_x);
+  copt.const_expert_alpha_1 = view_of(in.const_expert_alpha_1);
+  copt.const_expert_alpha_2 = view_of(in.const_expert_alpha_2);
+  copt.const_expert_v = view_of(in.const_expert_v);
+  Tensor combined;
+  if (opt.caller_outputs) {  // garbage first: combine must write every row, zeros for inactive tokens
+    combined = Tensor(c.dtype, bs, h);
+    std::fill_n(combined.data<std::uint16_t>(), combined.numel(), std::uint16_t{0x5a5a});
+    copt.out = combined.mutable_view();
+  }
+  const TensorView y = group.combine_v2(experts.view, ids.view, d.assist_info_for_combine, d.ep_recv_counts,
+                                        in.expert_scales.present() ? weights.view : TensorView{}, copt);
+  if (traffic != nullptr) traffic->after_combine = group.traffic();
+  o.combine_out = copy_rows(y, bs);
+  return o;
+}
+
+}  // namespace
+
 casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, const RunOptions& opt, RankTraffic* traffic) {
+  if (c.op == 2) return run_rank_v2(group, c, g, opt, traffic);
   const int T = std::max(c.tp_world_size, 1);
   const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
   const GroupConfig cfg = group.config();
@@ -354,37 +664,8 @@ casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, con
   o.ep_recv_counts = copy_rows(d.ep_recv_counts, d.ep_recv_counts.rows());
   if (T == 2) o.tp_recv_counts = copy_rows(d.tp_recv_counts, 2);
 
-  // Expert outputs: the given ones, or identity experts (the dispatched row, dequantized).
-  Tensor identity;
-  Strided given;
-  TensorView expert_out = d.expand_x;  // quant_mode 0 identity: feed dispatch's own view back
-  if (in.combine_x.present()) {
-    given = make_strided(in.combine_x, opt.strided_inputs ? 1 : 0, opt.strided_inputs ? 2 : 1);
-    expert_out = given.view;
-  } else if (c.quant_mode == 2) {
-    identity = Tensor(c.dtype, d.valid_rows, h);
-    for (std::int64_t r = 0; r < d.valid_rows; ++r) {
-      const float scale = d.dynamic_scales.at<float>(r);
-      for (std::int64_t col = 0; col < h; ++col) {
-        const float v = static_cast<float>(d.expand_x.at<std::int8_t>(r, col)) * scale;
-        identity.data<std::uint16_t>()[r * h + col] = numeric::f32_to_half_rne(half_of(c.dtype), v);
-      }
-    }
-    expert_out = identity.view();
-    if (opt.strided_inputs) {
-      given = make_strided(identity, 3, 2);
-      expert_out = given.view;
-    }
-  }
-  if (opt.outputs_in_window && T == 1 && !opt.strided_inputs) {  // the experts write straight into the window
-    const MutableTensorView buffer = group.combine_buffer(c.dtype);
-    if (!buffer.present() || buffer.rows() < d.valid_rows) throw std::runtime_error("combine_buffer() is missing or too small");
-    Tensor rows = copy_rows(expert_out, d.valid_rows);
-    for (std::int64_t r = 0; r < d.valid_rows; ++r) {
-      std::memcpy(buffer.ptr<std::uint16_t>(r, 0), rows.data<std::uint16_t>() + r * h, static_cast<std::size_t>(h) * 2);
-    }
-    expert_out = buffer;
-  }
+  ExpertOutputs experts(group, c, in, d, opt);
+  const TensorView expert_out = experts.view;
   CombineOptions copt;
   copt.comm_quant_mode = c.comm_quant_mode;
   copt.x_active_mask = mask;
@@ -475,6 +756,48 @@ std::string compare_with_oracle(const casefile::Case& c, const std::vector<casef
   return "";
 }
 
+namespace {
+
+std::string compare_rank_with_oracle_v2(const casefile::Case& c, int r, const casefile::RankOutputs& o,
+                                        const oracle::v2::RankOutput& w) {
+  std::string diff;
+  if (o.expand_x.rows() != w.valid_rows)
+    return "rank " + std::to_string(r) + " valid rows: got " + std::to_string(o.expand_x.rows()) + ", oracle " +
+           std::to_string(w.valid_rows);
+  if (c.quant_mode == 2) {
+    if (!(diff = compare_tensor("expand_x(int8)", r, o.expand_x, w.expand_x_int8)).empty()) return diff;
+    if (!(diff = compare_tensor("dynamic_scales", r, o.dynamic_scales, w.dynamic_scales)).empty()) return diff;
+  } else if (!(diff = compare_tensor("expand_x", r, o.expand_x, w.expand_x)).empty()) {
+    return diff;
+  }
+  if (c.ranks[static_cast<std::size_t>(r)].expert_scales.present() &&
+      !(diff = compare_tensor("expand_scales", r, o.expand_scales, w.expand_scales)).empty())
+    return diff;
+  if (!(diff = compare_tensor("assist_info_for_combine", r, o.assist_info_for_combine, w.assist_info)).empty())
+    return diff;
+  if (!(diff = compare_tensor("expert_token_nums", r, o.expert_token_nums, w.expert_token_nums)).empty()) return diff;
+  if (!(diff = compare_tensor("ep_recv_counts", r, o.ep_recv_counts, w.ep_recv_counts)).empty()) return diff;
+  if (c.tp_world_size == 2 && !(diff = compare_tensor("tp_recv_counts", r, o.tp_recv_counts, w.tp_recv_counts)).empty())
+    return diff;
+  return compare_tensor("combine_out", r, o.combine_out, w.combine_out);
+}
+
+}  // namespace
+
+std::string compare_rank(const casefile::Case& c, int g, const casefile::RankOutputs& got, const Expected& want) {
+  if (want.op == 2) return compare_rank_with_oracle_v2(c, g, got, want.v2[static_cast<std::size_t>(g)]);
+  return compare_rank_with_oracle(c, g, got, want.v1[static_cast<std::size_t>(g)]);
+}
+
+std::string oracle_diff(const casefile::Case& c, const std::vector<casefile::RankOutputs>& got) {
+  const Expected want = expected_outputs(c);
+  for (std::size_t g = 0; g < got.size(); ++g) {
+    std::string diff = compare_rank(c, static_cast<int>(g), got[g], want);
+    if (!diff.empty()) return diff;
+  }
+  return "";
+}
+
 }  // namespace moedist::testing
 
 // ----- processes over shared memory -----
@@ -560,8 +883,9 @@ ProcessRun run_processes(const casefile::Case& c, const RunOptions& opt, const S
         const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         Writer w{slot + 1024, slot + kSlotBytes};
         w.put(&secs, sizeof(secs));
-        for (const Tensor* t : {&o.expand_x, &o.dynamic_scales, &o.expand_scales, &o.expand_idx, &o.expert_token_nums,
-                                &o.ep_recv_counts, &o.tp_recv_counts, &o.combine_out}) {
+        for (const Tensor* t :
+             {&o.expand_x, &o.dynamic_scales, &o.expand_scales, &o.expand_idx, &o.assist_info_for_combine,
+              &o.expert_token_nums, &o.ep_recv_counts, &o.tp_recv_counts, &o.combine_out}) {
           put_tensor(w, *t);
         }
       } catch (const std::exception& e) {
@@ -589,8 +913,8 @@ ProcessRun run_processes(const casefile::Case& c, const RunOptions& opt, const S
       Reader r{slot + 1024};
       r.get(&run.seconds[static_cast<std::size_t>(g)], sizeof(double));
       casefile::RankOutputs& o = run.outputs[static_cast<std::size_t>(g)];
-      for (Tensor* t : {&o.expand_x, &o.dynamic_scales, &o.expand_scales, &o.expand_idx, &o.expert_token_nums,
-                        &o.ep_recv_counts, &o.tp_recv_counts, &o.combine_out}) {
+      for (Tensor* t : {&o.expand_x, &o.dynamic_scales, &o.expand_scales, &o.expand_idx, &o.assist_info_for_combine,
+                        &o.expert_token_nums, &o.ep_recv_counts, &o.tp_recv_counts, &o.combine_out}) {
         *t = get_tensor(r);
       }
     } else if (WIFEXITED(status) && WEXITSTATUS(status) == 3) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -10,9 +11,8 @@
 #include "casefile/case_file.h"
 #include "moedist/group.h"
 #include "moedist/shm.h"
-
-#include <functional>
 #include "oracle/oracle.h"
+#include "oracle/oracle_v2.h"
 
 namespace moedist::testing {
 
@@ -26,7 +26,14 @@ struct CaseLimits {
   // Give some cases an x_active_mask (a random prefix of active tokens per rank, garbage expert ids in
   // the inactive rows), where the rules allow one. Off by default: the CUDA backend refuses masks.
   bool token_masks = false;
+  // The share of cases that call the V2 operators (op 2): shared_expert_num 0-4, (BS,) and (BS, K)
+  // masks, zero / copy / const experts, ori_x, shared_expert_x, comm_alg.
+  double v2 = 0.0;
 };
+
+// Whether the V1 operators accept the configuration of `c` too (shared_expert_num 1, W a multiple of S):
+// then a group can take V1 and V2 calls in turn.
+bool v1_compatible(const casefile::Case& c);
 
 // A random configuration that satisfies every semantic rule, with random inputs for every rank.
 casefile::Case random_case(std::mt19937_64& rng, const CaseLimits& limits = {});
@@ -46,8 +53,21 @@ casefile::Case next_call(const casefile::Case& c, std::mt19937_64& rng);
 // One-line description for failure messages.
 std::string describe(const casefile::Case& c);
 
-// The same case in the oracle's plain representation.
+// The same case in the oracle's plain representation (V1 cases; V2 ones for the V2 oracle).
 oracle::Case to_oracle_case(const casefile::Case& c);
+oracle::v2::Case to_oracle_v2_case(const casefile::Case& c);
+
+// The oracle's outputs of a case of either operator pair, and one rank's comparison with them
+// ("" when equal bit for bit, else the first difference).
+struct Expected {
+  int op = 1;
+  std::vector<oracle::RankOutput> v1;
+  std::vector<oracle::v2::RankOutput> v2;
+};
+Expected expected_outputs(const casefile::Case& c);
+std::string compare_rank(const casefile::Case& c, int g, const casefile::RankOutputs& got, const Expected& want);
+// Every rank of a case, with either oracle.
+std::string oracle_diff(const casefile::Case& c, const std::vector<casefile::RankOutputs>& got);
 
 struct RunOptions {
   // Pass x, expert_ids, expert_scales, x_active_mask and combine inputs as non-contiguous views, and

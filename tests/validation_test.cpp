@@ -25,53 +25,27 @@
 #include "moedist/moedist.h"
 #include "numeric/convert.h"
 #include "outcome.h"
+#include "rule_checks.h"
+#include "test_inputs.h"
 #include "test_support.h"
 
 namespace moedist::testing {
 namespace {
 
-// ---- errors -----------------------------------------------------------------------------------------
+// ---- errors (rule_checks.h) -----------------------------------------------------------------------
 
-// The ValidationError a rule must raise. `rule` is a distinctive part of ValidationError::rule().
-struct Expected {
-  ErrorCode code;
-  std::string parameter;
-  std::string value;
-  std::string rule;
-};
-
-Expected expect(ErrorCode code, std::string parameter, std::string value, std::string rule) {
-  return Expected{code, std::move(parameter), std::move(value), std::move(rule)};
-}
-Expected invalid(std::string parameter, std::string value, std::string rule) {
-  return expect(ErrorCode::invalid_argument, std::move(parameter), std::move(value), std::move(rule));
-}
-Expected bad_dtype(std::string parameter, std::string value, std::string rule) {
-  return expect(ErrorCode::invalid_dtype, std::move(parameter), std::move(value), std::move(rule));
-}
-Expected bad_shape(std::string parameter, std::string value, std::string rule) {
-  return expect(ErrorCode::invalid_shape, std::move(parameter), std::move(value), std::move(rule));
-}
-
-::testing::AssertionResult raised(const Outcome& got, const Expected& want) {
-  if (got.kind != Outcome::Kind::validation || got.code != want.code || got.parameter != want.parameter ||
-      got.value != want.value || !contains(got.rule, want.rule) ||
-      got.what != want.parameter + " = " + want.value + ": " + got.rule) {
-    return ::testing::AssertionFailure() << "expected ValidationError(" << error_code_name(want.code) << ", parameter '"
-                                         << want.parameter << "', value '" << want.value << "', rule containing '"
-                                         << want.rule << "'), got " << describe(got);
-  }
-  return ::testing::AssertionSuccess();
-}
-
-::testing::AssertionResult peer_failed(const Outcome& got, int peer, const std::string& phase, const std::string& cause) {
-  if (got.kind != Outcome::Kind::peer || got.code != ErrorCode::peer_failed || got.peer != peer || got.phase != phase ||
-      cause.empty() || !contains(got.what, cause)) {
-    return ::testing::AssertionFailure() << "expected PeerError(peer_failed, peer " << peer << ", phase '" << phase
-                                         << "') quoting '" << cause << "', got " << describe(got);
-  }
-  return ::testing::AssertionSuccess();
-}
+using rules::bad_dtype;
+using rules::bad_shape;
+using rules::expect;
+using rules::expect_rule_enforced;
+using rules::Expected;
+using rules::generous_timeout;
+using rules::invalid;
+using rules::on_ranks;
+using rules::raised;
+using rules::RankReport;
+using rules::run_recovery;
+using rules::SentinelBuffer;
 
 // ---- worlds and inputs ------------------------------------------------------------------------------
 
@@ -146,13 +120,6 @@ World ascend_a2() {
 
 std::int64_t recovery_bs(const World& w) { return w.config.global_bs != 0 ? w.config.global_bs / w.config.ep_world_size : 2; }
 
-Tensor random_half(std::mt19937_64& rng, DType dtype, std::int64_t rows, std::int64_t cols) {
-  Tensor t(dtype, rows, cols);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (std::int64_t i = 0; i < t.numel(); ++i) t.data<std::uint16_t>()[i] = to_half_bits(dtype, normal(rng));
-  return t;
-}
-
 // expert_ids[b, j] = (b * K + j + g) % E: K distinct ids per row (K <= E), different on every rank.
 Tensor formula_ids(std::int64_t bs, std::int64_t k, int experts, int g) {
   Tensor t(DType::int32, bs, k);
@@ -162,34 +129,21 @@ Tensor formula_ids(std::int64_t bs, std::int64_t k, int experts, int g) {
   return t;
 }
 
-Tensor random_weights(std::mt19937_64& rng, std::int64_t bs, std::int64_t k) {
-  Tensor t(DType::fp32, bs, k);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  for (std::int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = u(rng);
-  return t;
-}
-
 // Valid inputs of every rank of a world, BS rows each.
 casefile::Case make_case(const World& w, std::int64_t bs, std::uint64_t seed) {
-  casefile::Case c;
-  c.ep_world_size = w.config.ep_world_size;
-  c.tp_world_size = w.config.tp_world_size;
-  c.moe_expert_num = w.config.moe_expert_num;
-  c.shared_expert_rank_num = w.config.shared_expert_rank_num;
-  c.global_bs = w.config.global_bs;
+  casefile::Case c = case_of(w.config);
   c.quant_mode = w.quant_mode;
   c.dtype = w.dtype;
   std::mt19937_64 rng(seed);
   for (int g = 0; g < w.size(); ++g) {
     casefile::RankInputs in;
-    in.x = random_half(rng, w.dtype, bs, w.h);
+    in.x = half_tensor(rng, w.dtype, bs, w.h);
     in.expert_ids = formula_ids(bs, w.k, w.config.moe_expert_num, g);
     if (w.with_scales) {
-      in.scales = Tensor(DType::fp32, w.config.moe_expert_num + (w.config.shared_expert_rank_num > 0 ? 1 : 0), w.h);
-      std::uniform_real_distribution<float> u(0.5f, 2.0f);
-      for (std::int64_t i = 0; i < in.scales.numel(); ++i) in.scales.data<float>()[i] = u(rng);
+      in.scales =
+          fp32_tensor(rng, w.config.moe_expert_num + (w.config.shared_expert_rank_num > 0 ? 1 : 0), w.h, 0.5f, 2.0f);
     }
-    if (w.with_expert_scales) in.expert_scales = random_weights(rng, bs, w.k);
+    if (w.with_expert_scales) in.expert_scales = fp32_tensor(rng, bs, w.k, -1.0f, 1.0f);
     c.ranks.push_back(std::move(in));
   }
   return c;
@@ -197,9 +151,7 @@ casefile::Case make_case(const World& w, std::int64_t bs, std::uint64_t seed) {
 
 // A (n,) bool tensor holding the given values.
 Tensor bool_vector(const std::vector<std::uint8_t>& values) {
-  Tensor t(DType::boolean, static_cast<std::int64_t>(values.size()));
-  std::copy(values.begin(), values.end(), t.data<std::uint8_t>());
-  return t;
+  return bool_tensor(static_cast<std::int64_t>(values.size()), 0, values);
 }
 
 Tensor ones(std::int64_t rows, std::int64_t cols) {
@@ -210,42 +162,6 @@ Tensor ones(std::int64_t rows, std::int64_t cols) {
 
 // One correct dispatch + combine of rank g with identity experts; the outputs as the oracle reports them.
 casefile::RankOutputs round_trip(Group& group, const casefile::Case& c, int g) { return run_rank(group, c, g, RunOptions{}); }
-
-// Runs fn(rank) for every rank: in the test thread for a single-rank world, else on one thread per rank.
-void on_ranks(int n, const std::function<void(int)>& fn) {
-  if (n == 1) {
-    fn(0);
-  } else {
-    run_ranks(n, fn);
-  }
-}
-
-// ---- caller buffers with a sentinel pattern ---------------------------------------------------------
-
-class SentinelBuffer {
- public:
-  static constexpr std::uint8_t kPattern = 0xA5;
-
-  // A buffer for rows x cols elements, generously sized so that a rule may describe it with another
-  // shape or dtype; views of it stay valid for the buffer's lifetime.
-  MutableTensorView matrix(DType dtype, std::int64_t rows, std::int64_t cols) {
-    allocate(rows * cols);
-    return matrix_view(bytes_.data(), dtype, rows, cols);
-  }
-  MutableTensorView vector(DType dtype, std::int64_t n) {
-    allocate(n);
-    return vector_view(bytes_.data(), dtype, n);
-  }
-  bool untouched() const {
-    return std::all_of(bytes_.begin(), bytes_.end(), [](std::uint8_t b) { return b == kPattern; });
-  }
-
- private:
-  void allocate(std::int64_t elements) {
-    bytes_.assign(static_cast<std::size_t>(std::max<std::int64_t>(elements + 8, 8)) * 8, kPattern);
-  }
-  std::vector<std::uint8_t> bytes_;
-};
 
 // ---- one rank's dispatch and combine calls, which a rule corrupts -----------------------------------
 
@@ -258,9 +174,7 @@ struct DispatchCall {
     if (in.scales.present()) options.scales = in.scales;
     if (in.expert_scales.present()) options.expert_scales = in.expert_scales;
     const std::int64_t bs = in.x.rows();
-    GroupConfig sizing = config;  // a global_bs below BS * W is a rule under test, not a reason to fail here
-    if (sizing.global_bs != 0) sizing.global_bs = std::max<std::int64_t>(sizing.global_bs, bs * sizing.ep_world_size);
-    const CapacityReport cap = capacity(sizing, CapacityQuery{bs, w.k, w.h, w.dtype, w.quant_mode});
+    const CapacityReport cap = rules::buffer_capacity(config, CapacityQuery{bs, w.k, w.h, w.dtype, w.quant_mode});
     const int T = tp_domain_size(config);
     const int local = local_expert_num(config);
     DispatchOutputs& out = options.out;
@@ -282,9 +196,9 @@ struct DispatchCall {
   // Fresh valid x / expert_ids (and expert_scales) of another shape.
   void reshape(std::int64_t bs, std::int64_t h, std::int64_t k) {
     std::mt19937_64 rng(77);
-    x = own(random_half(rng, world.dtype, bs, h));
+    x = own(half_tensor(rng, world.dtype, bs, h));
     expert_ids = own(formula_ids(bs, k, config.moe_expert_num, 0));
-    if (options.expert_scales.present()) options.expert_scales = own(random_weights(rng, bs, k));
+    if (options.expert_scales.present()) options.expert_scales = own(fp32_tensor(rng, bs, k, -1.0f, 1.0f));
   }
   bool outputs_untouched() const {
     return expand_x_buf.untouched() && dynamic_scales_buf.untouched() && expand_scales_buf.untouched() &&
@@ -330,67 +244,14 @@ struct CombineCall {
 
 // ---- the rule runner --------------------------------------------------------------------------------
 
-template <class Call>
-struct CallRule {
-  std::string name;
-  World world;
-  int bad_rank = 0;
-  std::function<void(Call&)> corrupt;
-  Expected want;
-};
+using DispatchRule = rules::CallRule<World, DispatchCall>;
+using CombineRule = rules::CallRule<World, CombineCall>;
 
 template <class Call>
-void PrintTo(const CallRule<Call>& rule, std::ostream* os) {
-  *os << rule.name;
+rules::CallRule<World, Call> rule(std::string name, World world, int bad_rank, std::function<void(Call&)> corrupt,
+                                  Expected want) {
+  return rules::CallRule<World, Call>{std::move(name), world, bad_rank, std::move(corrupt), std::move(want)};
 }
-
-template <class Call>
-CallRule<Call> rule(std::string name, World world, int bad_rank, std::function<void(Call&)> corrupt, Expected want) {
-  return CallRule<Call>{std::move(name), world, bad_rank, std::move(corrupt), std::move(want)};
-}
-
-struct RankReport {
-  Outcome outcome;
-  bool outputs_untouched = false;
-  std::string recovery_error;
-  casefile::RankOutputs recovered;
-};
-
-
-// Checks the outcome of a rule on every rank, the sentinel buffers and the recovery round.
-void expect_rule_enforced(std::vector<RankReport>& reports, int bad_rank, const Expected& want, const std::string& phase,
-                          const casefile::Case& recovery) {
-  const Outcome& bad = reports[static_cast<std::size_t>(bad_rank)].outcome;
-  EXPECT_TRUE(raised(bad, want)) << "rank " << bad_rank << " (the rank with the bad input)";
-  bool recovered = true;
-  for (std::size_t g = 0; g < reports.size(); ++g) {
-    if (static_cast<int>(g) != bad_rank) {
-      EXPECT_TRUE(peer_failed(reports[g].outcome, bad_rank, phase, bad.what)) << "rank " << g;
-    }
-    EXPECT_TRUE(reports[g].outputs_untouched) << "rank " << g << ": a caller output buffer was written before the error";
-    EXPECT_EQ(reports[g].recovery_error, "") << "rank " << g << ": the correct call after the error failed";
-    recovered = recovered && reports[g].recovery_error.empty();
-  }
-  if (recovered) {
-    std::vector<casefile::RankOutputs> outputs;
-    for (RankReport& r : reports) outputs.push_back(std::move(r.recovered));
-    EXPECT_EQ(compare_with_oracle(recovery, outputs, oracle::run(to_oracle_case(recovery))), "")
-        << "the correct call after the error differs from the oracle";
-  }
-}
-
-RuntimeOptions generous_timeout() { return RuntimeOptions{{std::chrono::milliseconds(20000)}}; }
-
-void run_recovery(Group& group, const casefile::Case& recovery, int g, RankReport& report) {
-  try {
-    report.recovered = round_trip(group, recovery, g);
-  } catch (const std::exception& e) {
-    report.recovery_error = e.what();
-  }
-}
-
-using DispatchRule = CallRule<DispatchCall>;
-using CombineRule = CallRule<CombineCall>;
 
 class DispatchRules : public ::testing::TestWithParam<DispatchRule> {};
 
@@ -440,8 +301,8 @@ TEST_P(CombineRules, BadRankRaisesPeersFailCleanlyGroupStaysUsable) {
   expect_rule_enforced(reports, r.bad_rank, r.want, "combine.counts", recovery);
 }
 
-std::string rule_name(const ::testing::TestParamInfo<DispatchRule>& info) { return info.param.name; }
-std::string combine_rule_name(const ::testing::TestParamInfo<CombineRule>& info) { return info.param.name; }
+constexpr auto rule_name = rules::rule_name<World, DispatchCall>;
+constexpr auto combine_rule_name = rules::rule_name<World, CombineCall>;
 
 // ---- dispatch: the rules a single-rank world can trigger ------------------------------------------
 // single_rank(): W = 1, E = 4 (L = 4), BS = 3, H = 16, K = 2, bf16, quant_mode 0, with expert_scales;
@@ -1138,51 +999,67 @@ std::vector<ConfigRule> config_rules() {
   return {
       config_rule("EpWorldSizeZero", geometry(0, 4), invalid("ep_world_size", "0", "must be >= 1")),
       config_rule("EpWorldSizeNegative", geometry(-2, 4), invalid("ep_world_size", "-2", "must be >= 1")),
-      config_rule("EpWorldSizeHuge", geometry(2147483647, 4), invalid("ep_world_size", "2147483647", "must be <= 65536")),
+      config_rule("EpWorldSizeHuge", geometry(2147483647, 4),
+                  invalid("ep_world_size", "2147483647", "must be <= 65536")),
       config_rule("EpRankIdNegative", geometry(2, 4, 0, [](GroupConfig& c) { c.ep_rank_id = -1; }),
                   invalid("ep_rank_id", "-1", "must be in [0, ep_world_size = 2)")),
       config_rule("EpRankIdEqualToW", geometry(2, 4, 0, [](GroupConfig& c) { c.ep_rank_id = 2; }),
                   invalid("ep_rank_id", "2", "must be in [0, ep_world_size = 2)")),
-      config_rule("TpWorldSize3", [](GroupConfig& c) { c.tp_world_size = 3; },
-                  invalid("tp_world_size", "3", "must be 0, 1 (no TP domain) or 2")),
-      config_rule("TpWorldSizeNegative", [](GroupConfig& c) { c.tp_world_size = -1; },
-                  invalid("tp_world_size", "-1", "must be 0, 1 (no TP domain) or 2")),
-      config_rule("TpRankIdWithoutTpDomain", [](GroupConfig& c) { c.tp_rank_id = 1; },
-                  invalid("tp_rank_id", "1", "must be 0 without a TP domain (tp_world_size = 0)")),
-      config_rule("TpRankIdWithTpWorldSize1",
-                  [](GroupConfig& c) {
-                    c.tp_world_size = 1;
-                    c.tp_rank_id = 1;
-                  },
-                  invalid("tp_rank_id", "1", "must be 0 without a TP domain (tp_world_size = 1)")),
-      config_rule("TpRankId2WithTpWorldSize2",
-                  [](GroupConfig& c) {
-                    c.moe_expert_num = 1;
-                    c.tp_world_size = 2;
-                    c.tp_rank_id = 2;
-                  },
-                  invalid("tp_rank_id", "2", "must be 0 or 1 with tp_world_size = 2")),
-      config_rule("TpRankIdNegativeWithTpWorldSize2",
-                  [](GroupConfig& c) {
-                    c.moe_expert_num = 1;
-                    c.tp_world_size = 2;
-                    c.tp_rank_id = -1;
-                  },
-                  invalid("tp_rank_id", "-1", "must be 0 or 1 with tp_world_size = 2")),
-      config_rule("ExpertShardType1", [](GroupConfig& c) { c.expert_shard_type = 1; },
-                  invalid("expert_shard_type", "1", "must be 0 (shared-expert ranks placed before MoE ranks)")),
-      config_rule("SharedExpertNum2", [](GroupConfig& c) { c.shared_expert_num = 2; },
-                  invalid("shared_expert_num", "2", "must be 1 in the V1 operators")),
-      config_rule("SharedExpertNum0", [](GroupConfig& c) { c.shared_expert_num = 0; },
-                  invalid("shared_expert_num", "0", "must be 1 in the V1 operators")),
+      config_rule(
+          "TpWorldSize3", [](GroupConfig& c) { c.tp_world_size = 3; },
+          invalid("tp_world_size", "3", "must be 0, 1 (no TP domain) or 2")),
+      config_rule(
+          "TpWorldSizeNegative", [](GroupConfig& c) { c.tp_world_size = -1; },
+          invalid("tp_world_size", "-1", "must be 0, 1 (no TP domain) or 2")),
+      config_rule(
+          "TpRankIdWithoutTpDomain", [](GroupConfig& c) { c.tp_rank_id = 1; },
+          invalid("tp_rank_id", "1", "must be 0 without a TP domain (tp_world_size = 0)")),
+      config_rule(
+          "TpRankIdWithTpWorldSize1",
+          [](GroupConfig& c) {
+            c.tp_world_size = 1;
+            c.tp_rank_id = 1;
+          },
+          invalid("tp_rank_id", "1", "must be 0 without a TP domain (tp_world_size = 1)")),
+      config_rule(
+          "TpRankId2WithTpWorldSize2",
+          [](GroupConfig& c) {
+            c.moe_expert_num = 1;
+            c.tp_world_size = 2;
+            c.tp_rank_id = 2;
+          },
+          invalid("tp_rank_id", "2", "must be 0 or 1 with tp_world_size = 2")),
+      config_rule(
+          "TpRankIdNegativeWithTpWorldSize2",
+          [](GroupConfig& c) {
+            c.moe_expert_num = 1;
+            c.tp_world_size = 2;
+            c.tp_rank_id = -1;
+          },
+          invalid("tp_rank_id", "-1", "must be 0 or 1 with tp_world_size = 2")),
+      config_rule(
+          "ExpertShardType1", [](GroupConfig& c) { c.expert_shard_type = 1; },
+          invalid("expert_shard_type", "1", "must be 0 (shared-expert ranks placed before MoE ranks)")),
+      config_rule(
+          "SharedExpertNum2WithoutSharedRanks", [](GroupConfig& c) { c.shared_expert_num = 2; },
+          invalid("shared_expert_num", "2", "must be 0 exactly when shared_expert_rank_num is 0 (it is 0)")),
+      config_rule("SharedExpertNum5", geometry(8, 4, 4, [](GroupConfig& c) { c.shared_expert_num = 5; }),
+                  invalid("shared_expert_num", "5", "must be in [0, 4] (1 in the V1 operators)")),
+      config_rule(
+          "SharedExpertNumNegative", [](GroupConfig& c) { c.shared_expert_num = -1; },
+          invalid("shared_expert_num", "-1", "must be in [0, 4] (1 in the V1 operators)")),
+      config_rule("SharedExpertNum0WithSharedRanks", geometry(4, 2, 2, [](GroupConfig& c) { c.shared_expert_num = 0; }),
+                  invalid("shared_expert_num", "0", "must be 0 exactly when shared_expert_rank_num is 0 (it is 2)")),
+      config_rule(
+          "SharedExpertNumNotDividingSharedRanks", geometry(5, 2, 3, [](GroupConfig& c) { c.shared_expert_num = 2; }),
+          invalid("shared_expert_num", "2",
+                  "must divide shared_expert_rank_num = 3 (each shared expert on S / shared_expert_num ranks)")),
       config_rule("SharedExpertRankNumEqualToW", geometry(2, 4, 2),
                   invalid("shared_expert_rank_num", "2", "must be in [0, ep_world_size = 2)")),
       config_rule("SharedExpertRankNumAboveW", geometry(2, 4, 3),
                   invalid("shared_expert_rank_num", "3", "must be in [0, ep_world_size = 2)")),
       config_rule("SharedExpertRankNumNegative", geometry(2, 4, -1),
                   invalid("shared_expert_rank_num", "-1", "must be in [0, ep_world_size = 2)")),
-      config_rule("WNotMultipleOfSharedExpertRankNum", geometry(5, 3, 2),
-                  invalid("shared_expert_rank_num", "2", "ep_world_size = 5 must be a multiple of it")),
       config_rule("MoeExpertNumZero", geometry(1, 0), invalid("moe_expert_num", "0", "must be >= 1")),
       config_rule("MoeExpertNumHuge", geometry(1, 2097152), invalid("moe_expert_num", "2097152", "must be <= 1048576")),
       config_rule("MoeExpertNumNegative", geometry(1, -4), invalid("moe_expert_num", "-4", "must be >= 1")),
@@ -1199,13 +1076,12 @@ std::vector<ConfigRule> config_rules() {
       config_rule("GlobalBsNotMultipleOfW", geometry(3, 3, 0, [](GroupConfig& c) { c.global_bs = 4; }),
                   invalid("global_bs", "4", "must be 0 or a multiple of ep_world_size = 3")),
       // ascend_a3
-      config_rule("AscendA3W4", a3(4, 4),
-                  invalid("ep_world_size", "4", "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288")),
-      config_rule("AscendA3W12", a3(12, 12),
-                  invalid("ep_world_size", "12", "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288")),
-      config_rule("AscendA3W512", a3(512, 512),
-                  invalid("ep_world_size", "512", "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288")),
-      config_rule("AscendA3ExpertNumAbove512", a3(8, 520), invalid("moe_expert_num", "520", "profile ascend_a3 allows at most 512")),
+      config_rule("AscendA3W1", a3(1, 4),
+                  invalid("ep_world_size", "1", "profile ascend_a3 allows 2 to 768 (V2 operators)")),
+      config_rule("AscendA3W776", a3(776, 776),
+                  invalid("ep_world_size", "776", "profile ascend_a3 allows 2 to 768 (V2 operators)")),
+      config_rule("AscendA3ExpertNumAbove1024", a3(8, 1032),
+                  invalid("moe_expert_num", "1032", "profile ascend_a3 allows at most 1024")),
       // ascend_a2
       config_rule("AscendA2WNotMultipleOf8", a2(12, 12),
                   invalid("ep_world_size", "12", "profile ascend_a2 needs a multiple of 8 that is at most 256")),
@@ -1213,8 +1089,10 @@ std::vector<ConfigRule> config_rules() {
                   invalid("ep_world_size", "264", "profile ascend_a2 needs a multiple of 8 that is at most 256")),
       config_rule("AscendA2SharedExpertRanks", a2(8, 7, 1),
                   invalid("shared_expert_rank_num", "1", "profile ascend_a2 has no shared-expert ranks (must be 0)")),
-      config_rule("AscendA2TpDomain", a2(8, 8, 0, 2), invalid("tp_world_size", "2", "profile ascend_a2 has no TP domain")),
-      config_rule("AscendA2ExpertNumAbove512", a2(24, 528), invalid("moe_expert_num", "528", "profile ascend_a2 allows at most 512")),
+      config_rule("AscendA2TpDomain", a2(8, 8, 0, 2),
+                  invalid("tp_world_size", "2", "profile ascend_a2 has no TP domain")),
+      config_rule("AscendA2ExpertNumAbove512", a2(24, 528),
+                  invalid("moe_expert_num", "528", "profile ascend_a2 allows at most 512")),
       config_rule("AscendA2MoreThan24ExpertsPerRank", a2(8, 200),
                   invalid("moe_expert_num", "200", "profile ascend_a2 allows at most 24 experts per rank")),
   };
@@ -1232,6 +1110,53 @@ TEST_P(ConfigRules, ValidateConfigAndCapacityRaise) {
 std::string config_rule_name(const ::testing::TestParamInfo<ConfigRule>& info) { return info.param.name; }
 
 INSTANTIATE_TEST_SUITE_P(All, ConfigRules, ::testing::ValuesIn(config_rules()), config_rule_name);
+
+// Rules only the V1 operators have (check_v1_config): the configuration is valid, a V2 capacity
+// question is answered, a V1 one raises.
+std::vector<ConfigRule> v1_config_rules() {
+  return {
+      config_rule(
+          "SharedExpertNum0", [](GroupConfig& c) { c.shared_expert_num = 0; },
+          invalid("shared_expert_num", "0", "must be 1 in the V1 operators (0 to 4 in the V2 ones)")),
+      config_rule("SharedExpertNum2", geometry(6, 4, 2, [](GroupConfig& c) { c.shared_expert_num = 2; }),
+                  invalid("shared_expert_num", "2", "must be 1 in the V1 operators (0 to 4 in the V2 ones)")),
+      config_rule(
+          "WNotMultipleOfSharedExpertRankNum", geometry(5, 3, 2),
+          invalid("shared_expert_rank_num", "2", "ep_world_size = 5 must be a multiple of it in the V1 operators")),
+      config_rule("AscendA3W4", a3(4, 4),
+                  invalid("ep_world_size", "4",
+                          "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288 in the V1 operators")),
+      config_rule("AscendA3W12", a3(12, 12),
+                  invalid("ep_world_size", "12",
+                          "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288 in the V1 operators")),
+      config_rule("AscendA3W512", a3(512, 512),
+                  invalid("ep_world_size", "512",
+                          "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288 in the V1 operators")),
+      config_rule("AscendA3ExpertNumAbove512", a3(8, 520),
+                  invalid("moe_expert_num", "520", "profile ascend_a3 allows at most 512 in the V1 operators")),
+  };
+}
+
+class V1ConfigRules : public ::testing::TestWithParam<ConfigRule> {};
+
+TEST_P(V1ConfigRules, OnlyTheV1OperatorsRaise) {
+  GroupConfig config = single_rank().config;
+  GetParam().configure(config);
+  EXPECT_EQ(capture([&] { validate_config(config); }).kind, Outcome::Kind::none) << "validate_config";
+  const std::int64_t h = config.profile == Profile::ascend_a3 ? 7168 : 16;
+  EXPECT_EQ(capture([&] {
+              capacity(config, CapacityQuery{1, 1, h, DType::bf16, 0, 2});
+            }).kind,
+            Outcome::Kind::none)
+      << "capacity, V2";
+  EXPECT_TRUE(raised(capture([&] {
+                       capacity(config, CapacityQuery{1, 1, h, DType::bf16, 0, 1});
+                     }),
+                     GetParam().want))
+      << "capacity, V1";
+}
+
+INSTANTIATE_TEST_SUITE_P(All, V1ConfigRules, ::testing::ValuesIn(v1_config_rules()), config_rule_name);
 
 // The boundaries of the rules above are accepted.
 TEST(ConfigRules, ConfigurationsAtTheLimitsAreAccepted) {

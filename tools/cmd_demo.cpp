@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <iostream>
+#include <limits>
 #include <memory>
 #include <string>
 #include <utility>
@@ -35,6 +36,7 @@ struct DemoFlags {
   std::string dtype = "bf16";
   std::string profile = "portable";
   std::string fault = "none";
+  std::string op = "v1";
   std::string worker_dir;  // set (by the parent) in the rank processes of --transport shm
 };
 
@@ -45,6 +47,7 @@ demo::DemoOptions resolve(const DemoFlags& flags) {
   // The CLI11 checks below already limit these names to valid ones.
   profile_from_name(flags.profile.c_str(), &o.profile);
   demo::fault_from_name(flags.fault, &o.fault);
+  o.op = flags.op == "v2" ? 2 : 1;
   return o;
 }
 
@@ -155,7 +158,8 @@ void add_demo(CLI::App& app, int* exit_code) {
       "in-process ranks (threads) or, with --transport shm, on rank processes over shared memory, and check it "
       "against a dense single-process fp64 computation of the same layer. The defaults are the operator page's "
       "example: 16 ranks, 2 shared-expert ranks, 14 MoE experts, BS 8, H 7168, K 8, quant_mode 2 with smooth "
-      "scales, bf16.");
+      "scales, bf16. --op v2 runs the layer on the V2 operators: a quarter of each rank's tokens padding (masked), a "
+      "zero and a copy expert among the router's choices, and 2 shared experts.");
   cmd->footer("Exit status: 0 when the combine output matches the reference within --tolerance, 1 on a mismatch, "
               "2 on an error (with shm, the message names the failed rank: its own error, or how its process "
               "died).");
@@ -219,10 +223,44 @@ void add_demo(CLI::App& app, int* exit_code) {
       ->capture_default_str()
       ->check(CLI::IsMember({"none", "drop-expert", "swap-rows", "swap-weights"}));
 
+  cmd->add_option("--op", flags->op,
+                  "the operators: v1 = npu_moe_distribute_dispatch / combine; v2 = their _v2 pair, with padding tokens "
+                  "masked by x_active_mask, zero and copy experts among the router's choices, and several shared "
+                  "experts (the --op v2 flags below)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"v1", "v2"}));
+  // The flags of --op v2 only; given with v1 they are an error, not ignored.
+  const std::vector<CLI::Option*> v2_flags = {
+      cmd->add_option(
+             "--shared-expert-num", o.shared_expert_num,
+             "--op v2: shared experts Sn, each on S / Sn shared-expert ranks (S a multiple of Sn; 0 with S = 0)")
+          ->capture_default_str()
+          ->check(CLI::Range(0, 4)),
+      cmd->add_option("--zero-expert-num", o.zero_expert_num,
+                      "--op v2: zero experts Z (ids E..E+Z-1) the router may pick; their output is zero")
+          ->capture_default_str()
+          ->check(CLI::NonNegativeNumber),
+      cmd->add_option("--copy-expert-num", o.copy_expert_num,
+                      "--op v2: copy experts C (ids E+Z..E+Z+C-1) the router may pick; they return ori_x, the layer "
+                      "input")
+          ->capture_default_str()
+          ->check(CLI::NonNegativeNumber),
+      cmd->add_option("--padding-tokens", o.padding_tokens,
+                      "--op v2: the last P tokens of every rank are padding, masked off by a (BS,) x_active_mask "
+                      "(their combine rows must come back zero); -1 = BS / 4")
+          ->capture_default_str()
+          ->check(CLI::Range(std::int64_t{-1}, std::numeric_limits<std::int64_t>::max()))};
+
   // Internal: makes this process one rank of a --transport shm run, writing its record to the directory.
   cmd->add_option(kWorkerFlag, flags->worker_dir)->group("");
 
-  cmd->callback([flags, exit_code] {
+  cmd->callback([flags, exit_code, v2_flags] {
+    for (const CLI::Option* flag : v2_flags) {
+      if (flags->op != "v2" && flag->count() > 0) {
+        throw ValidationError(ErrorCode::invalid_argument, flag->get_name(), flag->as<std::string>(),
+                              "applies to --op v2 only");
+      }
+    }
     const demo::DemoOptions options = resolve(*flags);
     const TransportKind& kind = require_transport_built(options.transport);
 #ifdef MOEDIST_HAVE_MPI

@@ -86,12 +86,14 @@ void add_replay(CLI::App& app, int* exit_code) {
       "replay", "Run a recorded case file (every rank's dispatch and combine) and write every rank's outputs");
   sub->footer(
       "CASE is a safetensors file holding the group configuration (as __metadata__ strings) and each rank's\n"
-      "inputs rank{g}.x, rank{g}.expert_ids and optionally .scales, .expert_scales, .x_active_mask, .combine_x.\n"
-      "replay runs dispatch then combine on every rank, each a thread of one process (--transport inproc) or a\n"
-      "process of its own over shared memory (--transport shm), and writes OUT, a safetensors file with\n"
-      "rank{g}.expand_x,"
-      ".dynamic_scales, .expand_scales, .expand_idx, .expert_token_nums, .ep_recv_counts, .tp_recv_counts and\n"
-      ".combine_out; both transports write the same bytes. Without combine_x the experts are identities. It\n"
+      "inputs rank{g}.x, rank{g}.expert_ids and optionally .scales, .expert_scales, .x_active_mask, .combine_x\n"
+      "(and with metadata op = \"v2\" also .ori_x, .shared_expert_x, .const_expert_alpha_1/_2, .const_expert_v).\n"
+      "replay runs dispatch then combine (dispatch_v2 then combine_v2 for a V2 case) on every rank, each a thread\n"
+      "of one process (--transport inproc), a process of its own over shared memory (--transport shm) or a\n"
+      "process of mpirun (--transport mpi), and writes OUT, a safetensors file with rank{g}.expand_x,\n"
+      ".dynamic_scales, .expand_scales, .expand_idx (V2: .assist_info_for_combine), .expert_token_nums,\n"
+      ".ep_recv_counts, .tp_recv_counts and .combine_out; every transport writes the same bytes. Without\n"
+      "combine_x the experts are identities. It\n"
       "prints one line per rank and exits 0; a malformed case or a rule the inputs break exits 2 with a message\n"
       "naming the rank, the tensor and the rule. The format is in docs/case-files.md.");
   sub->add_option("CASE", args->case_path, "Case file to run (safetensors; see docs/case-files.md)")->required();

@@ -12,7 +12,7 @@ void add_size(CLI::App& app, int* exit_code) {
   struct Args {
     GroupConfig config;
     std::int64_t bs = 8, k = 8, h = 7168;
-    std::string dtype = "bfloat16", profile = "portable";
+    std::string dtype = "bfloat16", profile = "portable", op = "v1";
     int quant_mode = 2;
   };
   auto args = std::make_shared<Args>();
@@ -25,6 +25,11 @@ void add_size(CLI::App& app, int* exit_code) {
   cmd->add_option("--tp-world-size", args->config.tp_world_size, "TP ranks per EP rank: 0/1 none, 2")->capture_default_str();
   cmd->add_option("--moe-expert-num", args->config.moe_expert_num, "MoE experts (E)")->capture_default_str();
   cmd->add_option("--shared-expert-rank-num", args->config.shared_expert_rank_num, "shared-expert ranks (S)")->capture_default_str();
+  cmd->add_option("--shared-expert-num", args->config.shared_expert_num,
+                  "shared experts (V2: 0-4, each on S / this many ranks; V1: 1)")
+      ->capture_default_str();
+  cmd->add_option("--op", args->op, "v1 (npu_moe_distribute_dispatch) or v2 (..._dispatch_v2: another shared-rank A)")
+      ->capture_default_str();
   cmd->add_option("--global-bs", args->config.global_bs, "max BS * W, or 0 when every rank has the same BS")->capture_default_str();
   cmd->add_option("--bs", args->bs, "tokens per rank (with --global-bs, the max is global_bs / W)")->capture_default_str();
   cmd->add_option("--topk", args->k, "experts per token (K)")->capture_default_str();
@@ -41,6 +46,9 @@ void add_size(CLI::App& app, int* exit_code) {
     q.k = args->k;
     q.h = args->h;
     q.quant_mode = args->quant_mode;
+    if (args->op != "v1" && args->op != "v2")
+      throw CLI::ValidationError("--op", "must be v1 or v2, not '" + args->op + "'");
+    q.version = args->op == "v2" ? 2 : 1;
     if (!dtype_from_name(args->dtype, &q.x_dtype))
       throw CLI::ValidationError("--dtype", "must be bfloat16 or float16, not '" + args->dtype + "'");
     // Compute every role first, so that an invalid configuration prints only its error.

@@ -105,12 +105,20 @@ class Random {
 };
 
 // The facts about a run that every part needs, derived once from the options.
+//
+// The model's experts are numbered m: MoE expert m for m < E, shared expert j for m = E + j (V1 has one, E). The
+// router's ids are the operators': [0, E) MoE experts, then (op 2) Z zero and C copy experts.
 struct Shape {
   int W = 0, T = 1, S = 0, E = 0, L = 0, K = 0;  // T: TP domain size max(tp_world_size, 1); L: experts per MoE rank
+  int op = 1;
+  int Z = 0, C = 0;  // op 2: zero and copy experts
+  int shared = 0;    // shared experts: V1 1 when S > 0; V2 Sn (0 without shared-expert ranks)
+  int R = 1;         // shared-expert ranks per shared expert, S / shared
   std::int64_t BS = 0, H = 0, I = 0;
+  std::int64_t active = 0;  // tokens [0, active) of each rank take part; the rest are padding (op 2)
   int world = 0;
   bool scales = false;  // smooth scales are passed to dispatch
-  int scale_rows = 0;   // E + 1 with shared experts, else E
+  int scale_rows = 0;   // V1: E + 1 with shared experts, else E; V2: shared + E
   numeric::Half half = numeric::Half::bf16;
 
   explicit Shape(const DemoOptions& o)
@@ -120,20 +128,33 @@ struct Shape {
         E(o.moe_expert_num),
         L(o.moe_expert_num / (o.ep_world_size - o.shared_expert_rank_num)),
         K(o.topk),
+        op(o.op),
+        Z(o.op == 2 ? o.zero_expert_num : 0),
+        C(o.op == 2 ? o.copy_expert_num : 0),
+        shared(o.shared_expert_rank_num == 0 ? 0 : (o.op == 2 ? o.shared_expert_num : 1)),
+        R(shared > 0 ? o.shared_expert_rank_num / shared : 1),
         BS(o.bs),
         H(o.hidden),
         I(o.intermediate),
+        active(o.bs - padding_tokens(o)),
         world(world_size(o)),
         scales(o.quant_mode == 2 && o.smooth_scales),
-        scale_rows(o.shared_expert_rank_num > 0 ? o.moe_expert_num + 1 : o.moe_expert_num),
+        scale_rows(o.op == 2 ? shared + o.moe_expert_num
+                             : (o.shared_expert_rank_num > 0 ? o.moe_expert_num + 1 : o.moe_expert_num)),
         half(o.dtype == DType::bf16 ? numeric::Half::bf16 : numeric::Half::fp16) {}
 
-  // The row of `scales` dispatch uses for a destination (contract §2.3, V1): shared expert row 0, MoE expert e row
-  // e + 1 with shared experts, else e.
-  int smooth_row(int expert) const { return expert == E ? 0 : (S > 0 ? expert + 1 : expert); }
+  // The router's candidates: the MoE experts, and with op 2 the zero and copy experts.
+  int route_experts() const { return E + Z + C; }
+
+  // The row of `scales` dispatch uses for model expert m. V1 (contract §2.3): the shared expert row 0, MoE expert
+  // e row e + 1 with a shared expert, else e. V2 (§2.2): shared expert j row j, MoE expert e row shared + e.
+  int smooth_row(int m) const {
+    if (op == 2) return m >= E ? m - E : shared + m;
+    return m == E ? 0 : (S > 0 ? m + 1 : m);
+  }
 };
 
-// Expert `expert` in [0, E) is a MoE expert; expert == E is the shared expert.
+// Model expert m (Shape): a MoE expert for m < E, shared expert m - E otherwise.
 struct ExpertWeights {
   std::vector<float> w1;  // (I, H): up projection
   std::vector<float> w2;  // (H, I): down projection
@@ -153,11 +174,11 @@ ExpertWeights make_expert_weights(std::uint64_t seed, int expert, std::int64_t H
   return w;
 }
 
-// Router weights (E, H), the same on every rank; variance 1/H gives logits of order 1.
+// Router weights (route_experts, H), the same on every rank; variance 1/H gives logits of order 1.
 std::vector<float> make_gate(std::uint64_t seed, const Shape& s) {
   const Random r(seed, Stream::gate, 0);
   const double a = std::sqrt(3.0 / static_cast<double>(s.H));
-  std::vector<float> gate(static_cast<std::size_t>(s.E * s.H));
+  std::vector<float> gate(static_cast<std::size_t>(s.route_experts() * s.H));
   for (std::size_t i = 0; i < gate.size(); ++i) gate[i] = static_cast<float>(a * r.symmetric(i));
   return gate;
 }
@@ -192,18 +213,19 @@ Routing route(const Tensor& x, const std::vector<float>& gate, const Shape& s) {
   std::vector<float> xf(static_cast<std::size_t>(s.BS * s.H));
   const auto* bits = x.data<std::uint16_t>();
   for (std::size_t i = 0; i < xf.size(); ++i) xf[i] = numeric::half_to_f32(s.half, bits[i]);
-  std::vector<float> logits(static_cast<std::size_t>(s.BS * s.E));
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(s.BS), s.E, static_cast<int>(s.H), 1.0f,
-              xf.data(), static_cast<int>(s.H), gate.data(), static_cast<int>(s.H), 0.0f, logits.data(), s.E);
+  const int n = s.route_experts();
+  std::vector<float> logits(static_cast<std::size_t>(s.BS * n));
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(s.BS), n, static_cast<int>(s.H), 1.0f,
+              xf.data(), static_cast<int>(s.H), gate.data(), static_cast<int>(s.H), 0.0f, logits.data(), n);
 
   Routing routing{Tensor(DType::int32, s.BS, s.K), Tensor(DType::fp32, s.BS, s.K)};
-  std::vector<int> order(static_cast<std::size_t>(s.E));
-  std::vector<double> prob(static_cast<std::size_t>(s.E));
+  std::vector<int> order(static_cast<std::size_t>(n));
+  std::vector<double> prob(static_cast<std::size_t>(n));
   for (std::int64_t b = 0; b < s.BS; ++b) {
-    const float* row = logits.data() + b * s.E;
-    const double top = *std::max_element(row, row + s.E);
+    const float* row = logits.data() + b * n;
+    const double top = *std::max_element(row, row + n);
     // Softmax up to its normalization, which the renormalization over the top K cancels.
-    for (int e = 0; e < s.E; ++e) prob[static_cast<std::size_t>(e)] = std::exp(static_cast<double>(row[e]) - top);
+    for (int e = 0; e < n; ++e) prob[static_cast<std::size_t>(e)] = std::exp(static_cast<double>(row[e]) - top);
     std::iota(order.begin(), order.end(), 0);
     std::partial_sort(order.begin(), order.begin() + s.K, order.end(), [&](int a, int c) {
       const double pa = prob[static_cast<std::size_t>(a)], pc = prob[static_cast<std::size_t>(c)];
@@ -277,7 +299,57 @@ GroupConfig config_for(const DemoOptions& o, int ep_rank, int tp_rank) {
   c.shared_expert_rank_num = o.shared_expert_rank_num;
   c.global_bs = o.global_bs;
   c.profile = o.profile;
+  if (o.op == 2) c.shared_expert_num = o.shared_expert_num;
   return c;
+}
+
+// op 2: the (BS,) x_active_mask, tokens [0, active) true.
+Tensor make_mask(const Shape& s) {
+  Tensor mask(DType::boolean, s.BS);
+  for (std::int64_t b = 0; b < s.BS; ++b) mask.data<std::uint8_t>()[b] = b < s.active ? 1 : 0;
+  return mask;
+}
+
+// Dispatch with the options' operator: dispatch, or dispatch_v2 with the padding mask and the special experts.
+DispatchResult call_dispatch(Group& group, const DemoOptions& o, const Shape& s, const Tensor& x,
+                             const Routing& routing, const std::vector<float>& smooth, const Tensor& mask) {
+  const TensorView scales = s.scales ? matrix_view(smooth.data(), DType::fp32, s.scale_rows, s.H) : TensorView{};
+  if (o.op == 2) {
+    DispatchV2Options options;
+    options.scales = scales;
+    options.x_active_mask = mask;
+    options.quant_mode = o.quant_mode;
+    options.expert_token_nums_type = o.expert_token_nums_type;
+    options.zero_expert_num = s.Z;
+    options.copy_expert_num = s.C;
+    return group.dispatch_v2(x, routing.expert_ids, options);
+  }
+  DispatchOptions options;
+  options.scales = scales;
+  options.quant_mode = o.quant_mode;
+  options.expert_token_nums_type = o.expert_token_nums_type;
+  return group.dispatch(x, routing.expert_ids, options);
+}
+
+// Combine with the options' operator; combine_v2's copy experts return ori_x = the layer input x.
+TensorView call_combine(Group& group, const DemoOptions& o, const Shape& s, const DispatchResult& d,
+                        const Tensor& expert_out, const Tensor& x, const Tensor& expert_ids,
+                        const TensorView& expert_scales, const Tensor& mask) {
+  if (o.op == 2) {
+    CombineV2Options options;
+    options.tp_send_counts = d.tp_recv_counts;
+    options.x_active_mask = mask;
+    options.ori_x = x;
+    options.zero_expert_num = s.Z;
+    options.copy_expert_num = s.C;
+    options.comm_quant_mode = o.comm_quant_mode;
+    return group.combine_v2(expert_out, expert_ids, d.assist_info_for_combine, d.ep_recv_counts, expert_scales,
+                            options);
+  }
+  CombineOptions options;
+  options.tp_send_counts = d.tp_recv_counts;
+  options.comm_quant_mode = o.comm_quant_mode;
+  return group.combine(expert_out, expert_ids, d.expand_idx, d.ep_recv_counts, expert_scales, options);
 }
 
 }  // namespace
@@ -294,9 +366,9 @@ RankRecord run_rank(const DemoOptions& o, int global_rank, const JoinGroup& join
   rec.x = make_tokens(o.seed, global_rank, s, o.dtype);
   const std::vector<float> gate = make_gate(o.seed, s);
   const std::vector<float> smooth = s.scales ? make_smooth_scales(o.seed, s) : std::vector<float>{};
-  std::vector<int> experts;  // global ids of this rank's local experts (E: the shared expert)
+  std::vector<int> experts;  // this rank's local experts, as model experts m (Shape)
   if (shared_rank) {
-    experts.push_back(s.E);
+    experts.push_back(s.E + ep_rank / s.R);  // V2 §3.5: shared expert j on ranks [j R, (j + 1) R)
   } else {
     for (int l = 0; l < s.L; ++l) experts.push_back((ep_rank - s.S) * s.L + l);
   }
@@ -310,11 +382,8 @@ RankRecord run_rank(const DemoOptions& o, int global_rank, const JoinGroup& join
   rec.route_ms = ms_since(start);
 
   start = Clock::now();
-  DispatchOptions dispatch_options;
-  if (s.scales) dispatch_options.scales = matrix_view(smooth.data(), DType::fp32, s.scale_rows, s.H);
-  dispatch_options.quant_mode = o.quant_mode;
-  dispatch_options.expert_token_nums_type = o.expert_token_nums_type;
-  const DispatchResult d = group->dispatch(rec.x, routing.expert_ids, dispatch_options);
+  const Tensor mask = o.op == 2 ? make_mask(s) : Tensor();
+  const DispatchResult d = call_dispatch(*group, o, s, rec.x, routing, smooth, mask);
   rec.dispatch_ms = ms_since(start);
 
   // Experts: local expert l owns the next expert_token_nums rows of expand_x (a count or an inclusive prefix sum).
@@ -356,11 +425,7 @@ RankRecord run_rank(const DemoOptions& o, int global_rank, const JoinGroup& join
     for (std::int64_t b = 0; b < s.BS; ++b) std::swap(dst[b * s.K], dst[b * s.K + s.K - 1]);
     combine_scales = swapped_scales;
   }
-  CombineOptions combine_options;
-  combine_options.tp_send_counts = d.tp_recv_counts;
-  combine_options.comm_quant_mode = o.comm_quant_mode;
-  const TensorView y = group->combine(expert_out, routing.expert_ids, d.expand_idx, d.ep_recv_counts,
-                                      combine_scales, combine_options);
+  const TensorView y = call_combine(*group, o, s, d, expert_out, rec.x, routing.expert_ids, combine_scales, mask);
   rec.combine_ms = ms_since(start);
 
   rec.out = Tensor(o.dtype, s.BS, s.H);
@@ -403,33 +468,37 @@ void quantized_token(const std::uint16_t* x, const float* smooth, const Shape& s
   }
 }
 
-// For every token of every rank: sum_k w_k * MLP_{e_k}(token) + MLP_shared(token) (weight 1, when S > 0), in fp64
-// with the full intermediate dimension. With `quantized`, each expert sees the token as dispatch's quant_mode 2
-// leaves it (quantized_token); otherwise the bf16/fp16 token itself. Returns (world * BS, H), rank-major.
+// For every active token of every rank: sum_k w_k * f_{e_k}(token) + sum_j MLP_shared_j(token) (weight 1), in fp64
+// with the full intermediate dimension, where f_e is expert e's MLP, nothing for a zero expert and the token itself
+// (ori_x) for a copy expert; padding tokens' rows stay zero. With `quantized`, each MLP sees the token as dispatch's
+// quant_mode 2 leaves it (quantized_token); otherwise the bf16/fp16 token itself. Returns (world * BS, H),
+// rank-major.
 std::vector<double> reference_layer(const DemoOptions& o, const Shape& s, const std::vector<RankRecord>& ranks,
                                     bool quantized) {
   std::vector<double> ref(static_cast<std::size_t>(s.world * s.BS * s.H), 0.0);
   const std::vector<float> smooth = s.scales ? make_smooth_scales(o.seed, s) : std::vector<float>{};
   std::vector<float> scratch(static_cast<std::size_t>(s.H));
-  const int expert_count = s.S > 0 ? s.E + 1 : s.E;  // expert E is the shared expert
+  const auto token_row = [&](std::int64_t token) {
+    return ranks[static_cast<std::size_t>(token / s.BS)].x.data<std::uint16_t>() + (token % s.BS) * s.H;
+  };
   struct Entry {
     std::int64_t token;  // global token index: rank * BS + b
     double weight;
   };
   std::vector<Entry> entries;
-  for (int e = 0; e < expert_count; ++e) {
+  for (int m = 0; m < s.E + s.shared; ++m) {  // model experts: m >= E is shared expert m - E
     entries.clear();
     for (int g = 0; g < s.world; ++g) {
-      for (std::int64_t b = 0; b < s.BS; ++b) {
+      for (std::int64_t b = 0; b < s.active; ++b) {
         const std::int64_t token = g * s.BS + b;
-        if (e == s.E) {
+        if (m >= s.E) {
           entries.push_back({token, 1.0});
           continue;
         }
         const auto* ids = ranks[static_cast<std::size_t>(g)].expert_ids.data<std::int32_t>() + b * s.K;
         const auto* w = ranks[static_cast<std::size_t>(g)].expert_scales.data<float>() + b * s.K;
         for (int k = 0; k < s.K; ++k) {
-          if (ids[k] == e) entries.push_back({token, static_cast<double>(w[k])});
+          if (ids[k] == m) entries.push_back({token, static_cast<double>(w[k])});
         }
       }
     }
@@ -437,10 +506,9 @@ std::vector<double> reference_layer(const DemoOptions& o, const Shape& s, const 
     const auto n = static_cast<std::int64_t>(entries.size());
 
     std::vector<double> input(static_cast<std::size_t>(n * s.H));
-    const float* smooth_row = s.scales ? smooth.data() + s.smooth_row(e) * s.H : nullptr;
+    const float* smooth_row = s.scales ? smooth.data() + s.smooth_row(m) * s.H : nullptr;
     for (std::int64_t i = 0; i < n; ++i) {
-      const std::int64_t token = entries[static_cast<std::size_t>(i)].token;
-      const auto* x = ranks[static_cast<std::size_t>(token / s.BS)].x.data<std::uint16_t>() + (token % s.BS) * s.H;
+      const std::uint16_t* x = token_row(entries[static_cast<std::size_t>(i)].token);
       double* dst = input.data() + i * s.H;
       if (quantized) {
         quantized_token(x, smooth_row, s, scratch, dst);
@@ -449,7 +517,7 @@ std::vector<double> reference_layer(const DemoOptions& o, const Shape& s, const 
       }
     }
 
-    const ExpertWeights wf = make_expert_weights(o.seed, e, s.H, s.I);
+    const ExpertWeights wf = make_expert_weights(o.seed, m, s.H, s.I);
     const std::vector<double> w1(wf.w1.begin(), wf.w1.end()), w2(wf.w2.begin(), wf.w2.end());
     std::vector<double> hidden(static_cast<std::size_t>(n * s.I));
     cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), static_cast<int>(s.I),
@@ -467,6 +535,19 @@ std::vector<double> reference_layer(const DemoOptions& o, const Shape& s, const 
       for (std::int64_t h = 0; h < s.H; ++h) dst[h] += entry.weight * src[h];
     }
   }
+  // Copy experts (ids [E+Z, E+Z+C)) return the token itself, ori_x; zero experts (ids [E, E+Z)) add nothing.
+  for (int g = 0; g < s.world; ++g) {
+    for (std::int64_t b = 0; b < s.active; ++b) {
+      const auto* ids = ranks[static_cast<std::size_t>(g)].expert_ids.data<std::int32_t>() + b * s.K;
+      const auto* w = ranks[static_cast<std::size_t>(g)].expert_scales.data<float>() + b * s.K;
+      const std::uint16_t* x = token_row(g * s.BS + b);
+      double* dst = ref.data() + (g * s.BS + b) * s.H;
+      for (int k = 0; k < s.K; ++k) {
+        if (ids[k] < s.E + s.Z || ids[k] >= s.route_experts()) continue;
+        for (std::int64_t h = 0; h < s.H; ++h) dst[h] += static_cast<double>(w[k]) * numeric::half_to_f32(s.half, x[h]);
+      }
+    }
+  }
   return ref;
 }
 
@@ -474,9 +555,11 @@ struct Comparison {
   double max_abs_error = 0;
   double max_abs_reference = 0;
   bool all_finite = true;
+  bool padding_rows_zero = true;  // the rows of padding tokens hold +0.0 only (combine writes zeros for them)
   double rel() const { return max_abs_reference > 0 ? max_abs_error / max_abs_reference : max_abs_error; }
 };
 
+// Every row, padding tokens' included (their reference rows are zero).
 Comparison compare(const Shape& s, const std::vector<RankRecord>& ranks, const std::vector<double>& ref) {
   Comparison c;
   for (int g = 0; g < s.world; ++g) {
@@ -485,11 +568,23 @@ Comparison compare(const Shape& s, const std::vector<RankRecord>& ranks, const s
     for (std::int64_t i = 0; i < s.BS * s.H; ++i) {
       const double v = numeric::half_to_f32(s.half, out[i]);
       if (!std::isfinite(v)) c.all_finite = false;
+      if (i >= s.active * s.H && out[i] != 0) c.padding_rows_zero = false;
       c.max_abs_error = std::max(c.max_abs_error, std::fabs(v - r[i]));
       c.max_abs_reference = std::max(c.max_abs_reference, std::fabs(r[i]));
     }
   }
   return c;
+}
+
+// The routing entries of active tokens whose id falls in [first, first + count): what the zero or the copy experts
+// received.
+std::int64_t entries_routed_to(const Shape& s, const std::vector<RankRecord>& ranks, int first, int count) {
+  std::int64_t n = 0;
+  for (const RankRecord& r : ranks) {
+    const auto* ids = r.expert_ids.data<std::int32_t>();
+    for (std::int64_t i = 0; i < s.active * s.K; ++i) n += ids[i] >= first && ids[i] < first + count ? 1 : 0;
+  }
+  return n;
 }
 
 PhaseTime phase_time(const std::vector<RankRecord>& ranks, double RankRecord::*field) {
@@ -505,17 +600,33 @@ void print_report(const DemoOptions& o, const Shape& s, const DemoReport& r, std
   const bool threads = kind != nullptr && kind->ranks == RankModel::threads;
   out << format("moedist demo: one MoE layer on %d %s (transport %s, profile %s)\n", r.world_size,
                 threads ? "in-process ranks" : "rank processes", o.transport.c_str(), profile_name(o.profile));
-  if (s.S > 0) {
+  if (s.S > 0 && s.op == 2) {
+    out << format(
+        "  ranks     EP %d x TP %d; %d shared-expert ranks (%d shared expert%s x %d rank%s), %d MoE ranks x %d "
+        "expert%s\n",
+        s.W, s.T, s.S, s.shared, s.shared == 1 ? "" : "s", s.R, s.R == 1 ? "" : "s", s.W - s.S, s.L,
+        s.L == 1 ? "" : "s");
+  } else if (s.S > 0) {
     out << format("  ranks     EP %d x TP %d; %d shared-expert ranks, %d MoE ranks x %d expert%s\n", s.W, s.T, s.S,
                   s.W - s.S, s.L, s.L == 1 ? "" : "s");
   } else {
     out << format("  ranks     EP %d x TP %d; no shared expert, %d MoE ranks x %d expert%s\n", s.W, s.T, s.W, s.L,
                   s.L == 1 ? "" : "s");
   }
-  out << format("  layer     BS %lld, H %lld, K %d of %d experts%s, expert MLP H->%lld->H (SiLU)%s, %s\n",
-                static_cast<long long>(s.BS), static_cast<long long>(s.H), s.K, s.E, s.S > 0 ? " + 1 shared" : "",
+  const std::string experts = s.op == 2
+                                  ? format("%d MoE + %d zero + %d copy experts, + %d shared", s.E, s.Z, s.C, s.shared)
+                                  : format("%d experts%s", s.E, s.S > 0 ? " + 1 shared" : "");
+  out << format("  layer     BS %lld, H %lld, K %d of %s, expert MLP H->%lld->H (SiLU)%s, %s\n",
+                static_cast<long long>(s.BS), static_cast<long long>(s.H), s.K, experts.c_str(),
                 static_cast<long long>(s.I), s.T == 2 ? " split over the TP pair" : "",
                 std::string(dtype_name(o.dtype)).c_str());
+  if (s.op == 2) {
+    out << format(
+        "  v2        dispatch_v2 / combine_v2; x_active_mask: %lld of %lld tokens per rank active; routing "
+        "entries to zero experts %lld, to copy experts (ori_x = x) %lld\n",
+        static_cast<long long>(s.active), static_cast<long long>(s.BS), static_cast<long long>(r.zero_expert_entries),
+        static_cast<long long>(r.copy_expert_entries));
+  }
   out << format("  quant     quant_mode %d%s, comm_quant_mode %d, expert_token_nums_type %d, global_bs %lld\n",
                 o.quant_mode,
                 o.quant_mode == 2 ? (s.scales ? " (dynamic int8, smooth scales)" : " (dynamic int8, no scales)")
@@ -533,12 +644,13 @@ void print_report(const DemoOptions& o, const Shape& s, const DemoReport& r, std
   out << format("  %-16s %11.3f            (wall, all ranks, setup included)\n", "ranks total", r.ranks_wall_ms);
   out << format("  %-16s %11.3f            (wall, single process, fp64)\n", "reference", r.reference_ms);
   out << "\n";
-  out << format("  check     combine output vs a dense fp64 layer from the same inputs%s%s\n",
+  out << format("  check     combine output vs a dense fp64 layer from the same inputs%s%s%s\n",
                 o.quant_mode == 2 ? ", with dispatch's int8 quantization replayed" : "",
-                o.comm_quant_mode == 2 ? " (not combine's)" : "");
-  out << format("  error     max |err| %.3e, max |ref| %.3e, max rel err %.3e, tolerance %.3e%s%s\n",
-                r.max_abs_error, r.max_abs_reference, r.max_rel_error, r.tolerance, o.tolerance > 0 ? "" : " (auto)",
-                r.all_finite ? "" : ", NON-FINITE OUTPUT");
+                o.comm_quant_mode == 2 ? " (not combine's)" : "",
+                r.padding_tokens > 0 ? "; the padding tokens' rows must be zero" : "");
+  out << format("  error     max |err| %.3e, max |ref| %.3e, max rel err %.3e, tolerance %.3e%s%s%s\n", r.max_abs_error,
+                r.max_abs_reference, r.max_rel_error, r.tolerance, o.tolerance > 0 ? "" : " (auto)",
+                r.all_finite ? "" : ", NON-FINITE OUTPUT", r.padding_rows_zero ? "" : ", NONZERO PADDING ROWS");
   if (r.unquantized_rel_diff >= 0) {
     out << format("  info      vs the layer without int8 dispatch quantization: max rel err %.3e\n",
                   r.unquantized_rel_diff);
@@ -574,6 +686,39 @@ double effective_tolerance(const DemoOptions& o) noexcept {
   return 4 * unit_roundoff + (o.comm_quant_mode == 2 ? 1.0 / 127 : 0.0);
 }
 
+namespace {
+
+// The rules --op v2 adds. The library checks shared_expert_num against S (validate_config in validate_options).
+void validate_v2_options(const DemoOptions& o) {
+  const auto text = [](auto v) { return std::to_string(v); };
+  if (o.zero_expert_num < 0) {
+    reject(ErrorCode::invalid_argument, "zero_expert_num", text(o.zero_expert_num), "must be >= 0");
+  }
+  if (o.copy_expert_num < 0) {
+    reject(ErrorCode::invalid_argument, "copy_expert_num", text(o.copy_expert_num), "must be >= 0");
+  }
+  if (static_cast<std::int64_t>(o.topk) > std::int64_t{o.moe_expert_num} + o.zero_expert_num + o.copy_expert_num) {
+    reject(ErrorCode::invalid_argument, "topk", text(o.topk),
+           "must be at most moe_expert_num + zero_expert_num + copy_expert_num (the router picks K distinct experts)");
+  }
+  if (o.padding_tokens < -1 || o.padding_tokens >= o.bs) {
+    reject(ErrorCode::invalid_argument, "padding_tokens", text(o.padding_tokens),
+           "must be -1 (BS / 4) or in [0, BS): every rank keeps at least one active token");
+  }
+  if (padding_tokens(o) > 0 && o.global_bs != 0 && o.global_bs != o.bs * o.ep_world_size) {
+    reject(ErrorCode::invalid_argument, "global_bs", text(o.global_bs),
+           "must be 0 or BS * W with padding tokens: V2 refuses x_active_mask on a rank with fewer than global_bs / W "
+           "tokens (V2 §3.9)");
+  }
+}
+
+}  // namespace
+
+std::int64_t padding_tokens(const DemoOptions& o) noexcept {
+  if (o.op != 2) return 0;
+  return o.padding_tokens == -1 ? o.bs / 4 : o.padding_tokens;
+}
+
 void validate_options(const DemoOptions& o) {
   const auto text = [](auto v) { return std::to_string(v); };
   if (find_transport(o.transport) == nullptr) {
@@ -593,7 +738,7 @@ void validate_options(const DemoOptions& o) {
   if (o.hidden < 1) reject(ErrorCode::invalid_argument, "hidden", text(o.hidden), "must be >= 1");
   if (o.topk < 1) reject(ErrorCode::invalid_argument, "topk", text(o.topk), "must be >= 1");
   if (o.moe_expert_num < 1) reject(ErrorCode::invalid_argument, "moe_expert_num", text(o.moe_expert_num), "must be >= 1");
-  if (o.topk > o.moe_expert_num) {
+  if (o.op != 2 && o.topk > o.moe_expert_num) {
     reject(ErrorCode::invalid_argument, "topk", text(o.topk),
            "must be at most moe_expert_num (the router picks K distinct experts)");
   }
@@ -615,6 +760,8 @@ void validate_options(const DemoOptions& o) {
     reject(ErrorCode::invalid_argument, "topk", text(o.topk), "the swap-weights fault needs K >= 2 to swap anything");
   }
   if (o.timeout_ms < 1) reject(ErrorCode::invalid_argument, "timeout_ms", text(o.timeout_ms), "must be >= 1");
+  if (o.op != 1 && o.op != 2) reject(ErrorCode::invalid_argument, "op", text(o.op), "must be 1 (v1) or 2 (v2)");
+  if (o.op == 2) validate_v2_options(o);
   // The contract's rules (W, S, E, T, global_bs, the profile's limits), as the library states them.
   const GroupConfig config = config_for(o, 0, 0);
   validate_config(config);
@@ -624,6 +771,7 @@ void validate_options(const DemoOptions& o) {
   query.h = o.hidden;
   query.x_dtype = o.dtype;
   query.quant_mode = o.quant_mode;
+  query.version = o.op;
   capacity(config, query);
 }
 
@@ -698,7 +846,11 @@ DemoReport run_demo(const DemoOptions& o, std::ostream& out, const RankRunner& r
   report.max_rel_error = checked.rel();
   report.all_finite = checked.all_finite;
   report.tolerance = effective_tolerance(o);
-  report.passed = checked.all_finite && report.max_rel_error <= report.tolerance;
+  report.padding_tokens = s.world * (s.BS - s.active);
+  report.padding_rows_zero = checked.padding_rows_zero;
+  report.zero_expert_entries = entries_routed_to(s, ranks, s.E, s.Z);
+  report.copy_expert_entries = entries_routed_to(s, ranks, s.E + s.Z, s.C);
+  report.passed = checked.all_finite && checked.padding_rows_zero && report.max_rel_error <= report.tolerance;
   print_report(o, s, report, out);
   return report;
 }

@@ -1,6 +1,7 @@
 // The layer behind `moedist demo`: a whole MoE layer (router top-k, dispatch, a per-expert MLP, combine) over
 // N ranks (threads of one process, or processes), checked against a dense single-process fp64 computation of the
-// same layer.
+// same layer. With op 2 the layer calls the V2 operators, with padding tokens, zero and copy experts and several
+// shared experts.
 #pragma once
 
 #include <cstdint>
@@ -60,10 +61,23 @@ struct DemoOptions {
   // run_demo). Named in the summary.
   std::string transport{transport_name(TransportId::inproc)};
   Fault fault = Fault::none;
+  // The operators: 1 = npu_moe_distribute_dispatch / combine; 2 = their V2 pair (dispatch_v2 / combine_v2), with
+  // what the fields below add. They apply to op 2 only.
+  int op = 1;
+  int shared_expert_num = 2;  // Sn shared experts, each on S / Sn of the shared-expert ranks (S a multiple of Sn)
+  // The router picks its top K among E MoE experts, Z zero experts (ids [E, E+Z): they add nothing) and C copy
+  // experts (ids [E+Z, E+Z+C): they return ori_x, the layer input, LongCat style), never sent by dispatch.
+  int zero_expert_num = 1;
+  int copy_expert_num = 1;
+  // The last P tokens of every rank are padding, masked off with a (BS,) x_active_mask; -1 = BS / 4.
+  std::int64_t padding_tokens = -1;
 };
 
 // W * max(T, 1): the number of ranks.
 int world_size(const DemoOptions& options) noexcept;
+
+// The padding tokens per rank: options.padding_tokens, BS / 4 when it is -1; 0 with op 1.
+std::int64_t padding_tokens(const DemoOptions& options) noexcept;
 
 struct PhaseTime {
   double median_ms = 0;  // over ranks
@@ -87,6 +101,13 @@ struct DemoReport {
   // Informational (quant_mode 2 only, else negative): max |combine output - unquantized layer| / max |that layer|,
   // i.e. what int8 dispatch quantization costs end to end.
   double unquantized_rel_diff = -1;
+  // op 2: the padding tokens (over all ranks), whether every row combine wrote for them is zero (a run passes only
+  // then; the reference's rows for them are zero too), and the routing entries of active tokens that chose a zero or
+  // a copy expert.
+  std::int64_t padding_tokens = 0;
+  bool padding_rows_zero = true;
+  std::int64_t zero_expert_entries = 0;
+  std::int64_t copy_expert_entries = 0;
 };
 
 // The tolerance a run applies: options.tolerance when it is set, else 4 unit roundoffs of the dtype (2^-8 for bf16,

@@ -26,7 +26,7 @@ struct GroupConfig {
   int tp_world_size = 0;           // 0 or 1: no TP domain; 2: TP domain of two ranks
   int tp_rank_id = 0;              // this rank in the TP domain
   int shared_expert_rank_num = 0;  // S: ranks [0, S) host the shared expert
-  int shared_expert_num = 1;       // must be 1 (V1)
+  int shared_expert_num = 1;       // V1: must be 1. V2: 0-4 shared experts, S / shared_expert_num ranks each
   int expert_shard_type = 0;       // must be 0: shared-expert ranks come first
   std::int64_t global_bs = 0;      // 0 (every rank has the same BS) or max BS * W
   Profile profile = Profile::portable;
@@ -49,6 +49,7 @@ struct CapacityQuery {
   std::int64_t h = 0;    // hidden size
   DType x_dtype = DType::bf16;
   int quant_mode = 0;
+  int version = 1;  // 1: the V1 operators; 2: the V2 ones (a shared-expert rank's A is maxBS * ceil(W / R))
 };
 
 struct CapacityReport {

@@ -45,7 +45,7 @@ bool available(std::string* reason = nullptr);
 struct CudaGroupOptions {
   int device = -1;          // the CUDA device of this rank; -1: the calling thread's current device
   std::int64_t max_bs = 0;  // most tokens a rank passes in one call (with global_bs != 0 at most global_bs / W)
-  std::int64_t k = 0;       // top-k K of every call (1 <= K <= min(moe_expert_num, 1024))
+  std::int64_t k = 0;       // top-k K of every call (1 <= K <= 1024; a V1 call also needs K <= moe_expert_num)
   std::int64_t h = 0;       // hidden size H of every call
   // The longest a rank waits for a peer on the GPU, in any step, before it reports ErrorCode::timeout
   // (WaitOptions: 30 s by default). Also bounds joining. With several ranks time-sharing one GPU
@@ -58,9 +58,12 @@ struct CudaGroupOptions {
 struct CudaDispatchResult {
   // Rows R * max(T,1) with R = the most rows this rank can receive: A, except on a shared-expert rank
   // with global_bs != 0 and uneven BS, where it can be more (capacity().max_receive_rows).
-  TensorView expand_x;           // (R * max(T,1), H): views into this rank's window, valid until the next dispatch
-  TensorView dynamic_scales;     // (R * max(T,1),) fp32
-  TensorView expand_idx;         // (BS * K,) int32
+  TensorView expand_x;        // (R * max(T,1), H): views into this rank's window, valid until the next dispatch
+  TensorView dynamic_scales;  // (R * max(T,1),) fp32
+  TensorView expand_idx;      // (BS * K,) int32 (V1 only)
+  // V2 only: (3 * R * max(T,1),) int32, a view into this rank's window valid until the next dispatch:
+  // entries [0, 3 * own EP rows) hold (source EP rank, token, k) per row (V2 §3.6), the rest unspecified.
+  TensorView assist_info_for_combine;
   TensorView expert_token_nums;  // (local_expert_num,) int64
   TensorView ep_recv_counts;     // (W * local_expert_num * (T == 2 ? 2 : 1),) int32
   TensorView tp_recv_counts;     // (2,) int32 when T == 2, else absent
@@ -94,6 +97,23 @@ class CudaGroup {
   TensorView combine(const TensorView& expand_x, const TensorView& expert_ids, const TensorView& expand_idx,
                      const TensorView& ep_send_counts, const TensorView& expert_scales, const CombineOptions& options,
                      Stream stream);
+
+  // torch_npu.npu_moe_distribute_dispatch_v2 on `stream` (Group::dispatch_v2's semantics): x_active_mask
+  // (BS,) or (BS, K), zero / copy / const experts, shared_expert_num 0-4, assist_info_for_combine in
+  // place of expand_idx, performance_info (device memory, raised to the longest wait per EP rank in µs,
+  // measured on the GPU's global timer). Same rules as dispatch: device tensors, options.out refused.
+  // The GPU checks the values (ids, the mask's prefix rule) and names the first that breaks a rule.
+  CudaDispatchResult dispatch_v2(const TensorView& x, const TensorView& expert_ids, const DispatchV2Options& options,
+                                 Stream stream);
+
+  // torch_npu.npu_moe_distribute_combine_v2 on `stream`, paired with this group's latest dispatch_v2:
+  // expert_ids and x_active_mask must be that dispatch's (checked on the GPU), and the special-expert
+  // counts too. Row i of expand_x goes back to the token and k of its triple in
+  // assist_info_for_combine, in any row order (the GPU indexes the rows by their triples and checks that
+  // every row a source expects is there once). expert_scales may be absent (weights 1).
+  TensorView combine_v2(const TensorView& expand_x, const TensorView& expert_ids,
+                        const TensorView& assist_info_for_combine, const TensorView& ep_send_counts,
+                        const TensorView& expert_scales, const CombineV2Options& options, Stream stream);
 
   // A (rows, H) view in this rank's window where experts can write their outputs (row stride may exceed
   // H); passed to combine as expand_x it is read in place by the source ranks, with no staging copy.

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string_view>
 
 #include "moedist/config.h"
 #include "moedist/tensor.h"
@@ -48,7 +49,11 @@ struct DispatchOptions {
 struct DispatchResult {
   TensorView expand_x;
   TensorView dynamic_scales;     // present (A*max(T,1) long) for every quant_mode; meaningful for quant_mode 2
-  TensorView expand_idx;
+  TensorView expand_idx;         // V1 only
+  // V2 only: (3 * A * max(T,1),) int32 (under the ascend_a3 profile torch_npu's max(BS * K, 128 * A), which
+  // its combine requires); entries [0, 3 * own EP rows) hold (source EP rank, token, k) per row (V2 §3.6),
+  // the rest are unspecified (the TP peer's rows have none, as on the NPU).
+  TensorView assist_info_for_combine;
   TensorView expert_token_nums;
   TensorView ep_recv_counts;
   TensorView tp_recv_counts;     // absent unless T == 2
@@ -69,6 +74,54 @@ struct CombineOptions {
   int comm_quant_mode = 0;      // 0 = none, 2 = int8 communication quantization of expert outputs
   int group_list_type = 0;      // reserved: must be 0
   MutableTensorView out;        // optional caller buffer (BS, H), same dtype as expand_x
+};
+
+// The V2 operators (torch_npu.npu_moe_distribute_dispatch_v2 / combine_v2; docs/contract.md, "The V2
+// operators"). shared_expert_num of the group's configuration may be 0 to 4 here.
+struct DispatchV2Outputs {
+  MutableTensorView expand_x;                 // (A*max(T,1), H)
+  MutableTensorView dynamic_scales;           // (A*max(T,1),) fp32
+  MutableTensorView assist_info_for_combine;  // (>= 3*A,) int32
+  MutableTensorView expert_token_nums;        // (local_expert_num,) int64
+  MutableTensorView ep_recv_counts;           // (W*local_expert_num*(T==2?2:1),) int32
+  MutableTensorView tp_recv_counts;           // (T,) int32 (T == 2 only)
+  MutableTensorView expand_scales;            // (A*max(T,1),) fp32 (when expert_scales is given)
+};
+
+struct DispatchV2Options {
+  TensorView scales;  // optional smooth scales (Sn + E, H) fp32: shared expert j row j, MoE expert e row Sn + e
+  // optional: (BS,) bool with its trues first (tokens [0, trues) take part), or (BS, K) bool (entry (b, k)
+  // takes part where true; a token with no true is inactive). V2 §3.2-3.3.
+  TensorView x_active_mask;
+  TensorView expert_scales;  // optional (BS, K) fp32 router weights, carried to expand_scales
+  TensorView elastic_info;   // must be absent: elastic scaling is not supported
+  // optional (W,) int64: entry r becomes max(entry, the microseconds this rank waited for EP rank r in
+  // this call) (V2 §5.1, the kernels' maximum). Never zeroed by the operator.
+  MutableTensorView performance_info;
+  int quant_mode = 0;  // 0 = none, 2 = dynamic per-token int8
+  int expert_token_nums_type = 1;
+  // Special experts (V2 §3.4): ids [E, E+Z) zero, [E+Z, E+Z+C) copy, [E+Z+C, E+Z+C+Q) const experts;
+  // never sent, evaluated by combine.
+  int zero_expert_num = 0, copy_expert_num = 0, const_expert_num = 0;
+  std::string_view comm_alg;  // "", "0", "fullmesh", "fullmesh_v1", "fullmesh_v2" or "hierarchy": same results
+  DispatchV2Outputs out;
+};
+
+struct CombineV2Options {
+  TensorView tp_send_counts;           // dispatch's tp_recv_counts (T == 2 only)
+  TensorView x_active_mask;            // dispatch's x_active_mask (inactive tokens' rows come back zero)
+  TensorView expand_scales;            // accepted (dispatch's expand_scales), checked, not used
+  TensorView shared_expert_x;          // optional (BS, H), added with weight 1 (only with shared_expert_rank_num 0)
+  TensorView elastic_info;             // must be absent
+  TensorView ori_x;                    // (BS, H): the copy and const experts' input (required when C or Q > 0)
+  TensorView const_expert_alpha_1;     // (Q, H) gate rows of the const experts (V2 §4.4)
+  TensorView const_expert_alpha_2;     // (Q, H)
+  TensorView const_expert_v;           // (Q, H) the const experts' vectors
+  MutableTensorView performance_info;  // as in DispatchV2Options
+  int zero_expert_num = 0, copy_expert_num = 0, const_expert_num = 0;  // as given to dispatch
+  int comm_quant_mode = 0;                                             // 0 = none, 2 = int8 communication quantization
+  std::string_view comm_alg;
+  MutableTensorView out;  // optional caller buffer (BS, H), same dtype as expand_x
 };
 
 // Bytes this rank moved in its last call (for benchmarks and tests).
@@ -119,6 +172,18 @@ class Group {
   TensorView combine(const TensorView& expand_x, const TensorView& expert_ids, const TensorView& expand_idx,
                      const TensorView& ep_send_counts, const TensorView& expert_scales,
                      const CombineOptions& options = {});
+
+  // torch_npu.npu_moe_distribute_dispatch_v2: active entries only, special experts never sent, Sn shared
+  // experts, and assist_info_for_combine (triples) in place of expand_idx. Outputs as dispatch's.
+  DispatchResult dispatch_v2(const TensorView& x, const TensorView& expert_ids, const DispatchV2Options& options = {});
+
+  // torch_npu.npu_moe_distribute_combine_v2. Row i of expand_x (i below ep_send_counts' last own entry,
+  // plus the TP peer's rows with T = 2) goes back to the token and k its triple in
+  // assist_info_for_combine names, in any row order. expert_scales may be absent (weights 1) except
+  // under the ascend_a3 profile. Lifetime of the rows it reads: as combine's.
+  TensorView combine_v2(const TensorView& expand_x, const TensorView& expert_ids,
+                        const TensorView& assist_info_for_combine, const TensorView& ep_send_counts,
+                        const TensorView& expert_scales, const CombineV2Options& options = {});
 
   const TrafficCounters& traffic() const noexcept;
 

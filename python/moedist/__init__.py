@@ -1,4 +1,4 @@
-"""moedist: torch_npu's MoE dispatch and combine operators on CPUs.
+"""moedist: torch_npu's MoE dispatch and combine operators (and their V2 pair) on CPUs.
 
 Code written for ``torch_npu.npu_moe_distribute_dispatch`` / ``npu_moe_distribute_combine`` runs on CPUs
 by changing the import: the same parameters, defaults and results, bit for bit the Ascend semantics.
@@ -13,6 +13,7 @@ from . import _moedist
 from ._errors import Error, PeerError, ValidationError
 from ._groups import Group, get_hccl_comm_name, new_group, new_group_from_env, new_group_from_mpi
 from ._ops import npu_moe_distribute_combine, npu_moe_distribute_dispatch
+from ._ops_v2 import npu_moe_distribute_combine_v2, npu_moe_distribute_dispatch_v2
 from ._tensors import BFloat16Array, bfloat16
 
 __version__ = _moedist.version.split(" ")[0]
@@ -20,7 +21,8 @@ version = _moedist.version       # with the transports and MPI support of this b
 has_mpi = _moedist.has_mpi
 
 __all__ = [
-    "npu_moe_distribute_dispatch", "npu_moe_distribute_combine", "get_hccl_comm_name", "new_group", "new_group_from_env",
+    "npu_moe_distribute_dispatch", "npu_moe_distribute_combine", "npu_moe_distribute_dispatch_v2",
+    "npu_moe_distribute_combine_v2", "get_hccl_comm_name", "new_group", "new_group_from_env",
     "new_group_from_mpi", "Group", "bfloat16", "BFloat16Array", "Error", "ValidationError", "PeerError", "has_mpi",
     "version", "__version__",
 ]

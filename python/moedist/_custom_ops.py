@@ -40,6 +40,27 @@ COMBINE_SCHEMA = (
     "int shared_expert_rank_num=0, int global_bs=0, int out_dtype=0, int comm_quant_mode=0, int group_list_type=0) "
     "-> Tensor")
 
+# V2 (V2 §1.1-1.2): torch_npu's schemas, with performance_info marked as written in place (the op raises
+# its entries to this call's waits), so that a compiled graph keeps the update.
+DISPATCH_V2_SCHEMA = (
+    "npu_moe_distribute_dispatch_v2(Tensor x, Tensor expert_ids, str group_ep, int ep_world_size, int ep_rank_id, "
+    "int moe_expert_num, *, Tensor? scales=None, Tensor? x_active_mask=None, Tensor? expert_scales=None, "
+    "Tensor? elastic_info=None, Tensor(a!)? performance_info=None, str group_tp=\"\", int tp_world_size=0, "
+    "int tp_rank_id=0, int expert_shard_type=0, int shared_expert_num=1, int shared_expert_rank_num=0, "
+    "int quant_mode=0, int global_bs=0, int expert_token_nums_type=1, str comm_alg=\"\", int zero_expert_num=0, "
+    "int copy_expert_num=0, int const_expert_num=0, int? y_dtype=None, int? x_dtype=None, int? scales_dtype=None) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+COMBINE_V2_SCHEMA = (
+    "npu_moe_distribute_combine_v2(Tensor expand_x, Tensor expert_ids, Tensor assist_info_for_combine, "
+    "Tensor ep_send_counts, Tensor expert_scales, str group_ep, int ep_world_size, int ep_rank_id, int moe_expert_num, "
+    "*, Tensor? tp_send_counts=None, Tensor? x_active_mask=None, Tensor? expand_scales=None, "
+    "Tensor? shared_expert_x=None, Tensor? elastic_info=None, Tensor? ori_x=None, Tensor? const_expert_alpha_1=None, "
+    "Tensor? const_expert_alpha_2=None, Tensor? const_expert_v=None, Tensor(a!)? performance_info=None, "
+    "str group_tp=\"\", int tp_world_size=0, int tp_rank_id=0, int expert_shard_type=0, int shared_expert_num=1, "
+    "int shared_expert_rank_num=0, int global_bs=0, int comm_quant_mode=0, str comm_alg=\"\", int zero_expert_num=0, "
+    "int copy_expert_num=0, int const_expert_num=0) -> Tensor")
+
 _CONFIG_KEYS = ("ep_world_size", "ep_rank_id", "moe_expert_num", "tp_world_size", "tp_rank_id", "expert_shard_type",
                 "shared_expert_num", "shared_expert_rank_num", "global_bs")
 
@@ -75,6 +96,25 @@ def dispatch_shapes(x: torch.Tensor, expert_ids: torch.Tensor, quant_mode: int,
             ((rows,), torch.float32)]
 
 
+def dispatch_v2_shapes(x: torch.Tensor, expert_ids: torch.Tensor, quant_mode: int,
+                       config: Dict[str, int]) -> List[Tuple[Tuple[int, ...], torch.dtype]]:
+    """The output shapes and dtypes of dispatch_v2 (V2 §1.4): expand_x (A * max(T, 1), H), dynamic_scales
+    (A * max(T, 1),), assist_info_for_combine (max(BS * K, 128 * A),), expert_token_nums (L,),
+    ep_recv_counts (W * L * (2 if T == 2 else 1),), tp_recv_counts (T,), expand_scales (A,)."""
+    bs, h = _matrix("x", x)
+    ids_rows, k = _matrix("expert_ids", expert_ids)
+    if ids_rows != bs:
+        raise ValidationError(f"expert_ids.shape = ({ids_rows}, {k}): must have BS = x.shape[0] = {bs} rows",
+                              "invalid_shape", "expert_ids.shape", f"({ids_rows}, {k})",
+                              f"must have BS = x.shape[0] = {bs} rows")
+    cap = _moedist.capacity(config, bs, k, h, quant_mode, 2)
+    rows, a = cap["max_receive_rows"], cap["A"]
+    return [((rows, h), torch.int8 if quant_mode == 2 else x.dtype), ((rows,), torch.float32),
+            ((max(bs * k, 128 * a),), torch.int32), ((cap["local_expert_num"],), torch.int64),
+            ((cap["ep_recv_counts_len"],), torch.int32), ((max(config["tp_world_size"], 0),), torch.int32),
+            ((a,), torch.float32)]
+
+
 def _config(args: Dict[str, Any]) -> Dict[str, int]:
     return {key: args[key] for key in _CONFIG_KEYS}
 
@@ -100,6 +140,27 @@ def _combine_fake(expand_x: torch.Tensor, expert_ids: torch.Tensor, expand_idx: 
                   comm_quant_mode: int = 0, group_list_type: int = 0) -> torch.Tensor:
     _, h = _matrix("expand_x", expand_x)
     bs, _ = _matrix("expert_ids", expert_ids)
+    return expand_x.new_empty((bs, h))
+
+
+def _dispatch_v2_fake(x: torch.Tensor, expert_ids: torch.Tensor, group_ep: str, ep_world_size: int, ep_rank_id: int,
+                      moe_expert_num: int, *, scales: Optional[torch.Tensor] = None,
+                      x_active_mask: Optional[torch.Tensor] = None, expert_scales: Optional[torch.Tensor] = None,
+                      elastic_info: Optional[torch.Tensor] = None, performance_info: Optional[torch.Tensor] = None,
+                      group_tp: str = "", tp_world_size: int = 0, tp_rank_id: int = 0, expert_shard_type: int = 0,
+                      shared_expert_num: int = 1, shared_expert_rank_num: int = 0, quant_mode: int = 0,
+                      global_bs: int = 0, expert_token_nums_type: int = 1, comm_alg: str = "", zero_expert_num: int = 0,
+                      copy_expert_num: int = 0, const_expert_num: int = 0, y_dtype: Optional[int] = None,
+                      x_dtype: Optional[int] = None, scales_dtype: Optional[int] = None) -> Tuple[torch.Tensor, ...]:
+    config = _config(locals())
+    return tuple(x.new_empty(shape, dtype=dtype) for shape, dtype in dispatch_v2_shapes(x, expert_ids, quant_mode, config))
+
+
+def _combine_v2_fake(expand_x: torch.Tensor, expert_ids: torch.Tensor, assist_info_for_combine: torch.Tensor,
+                     ep_send_counts: torch.Tensor, expert_scales: torch.Tensor, group_ep: str, ep_world_size: int,
+                     ep_rank_id: int, moe_expert_num: int, **options: Any) -> torch.Tensor:
+    _, h = _matrix("expand_x", expand_x)
+    bs, _k = _matrix("expert_ids", expert_ids)
     return expand_x.new_empty((bs, h))
 
 
@@ -137,3 +198,23 @@ def register(dispatch_kernel: Callable[..., Any], combine_kernel: Callable[..., 
         for op in (torch.ops.moedist.npu_moe_distribute_dispatch, torch.ops.moedist.npu_moe_distribute_combine):
             _mark_side_effects(op.default)
     return torch.ops.moedist.npu_moe_distribute_dispatch, torch.ops.moedist.npu_moe_distribute_combine
+
+
+_library_v2: Optional[torch.library.Library] = None
+
+
+def register_v2(dispatch_kernel: Callable[..., Any], combine_kernel: Callable[..., Any]) -> Tuple[Any, Any]:
+    """Defines the V2 pair once per process (in a fragment of the namespace); returns (dispatch_v2, combine_v2)."""
+    global _library_v2
+    if _library_v2 is None:
+        library = torch.library.Library(NAMESPACE, "FRAGMENT")
+        library.define(DISPATCH_V2_SCHEMA)
+        library.define(COMBINE_V2_SCHEMA)
+        library.impl("npu_moe_distribute_dispatch_v2", dispatch_kernel, "CPU")
+        library.impl("npu_moe_distribute_combine_v2", combine_kernel, "CPU")
+        _register_fake(f"{NAMESPACE}::npu_moe_distribute_dispatch_v2", _dispatch_v2_fake, library)
+        _register_fake(f"{NAMESPACE}::npu_moe_distribute_combine_v2", _combine_v2_fake, library)
+        _library_v2 = library
+        for op in (torch.ops.moedist.npu_moe_distribute_dispatch_v2, torch.ops.moedist.npu_moe_distribute_combine_v2):
+            _mark_side_effects(op.default)
+    return torch.ops.moedist.npu_moe_distribute_dispatch_v2, torch.ops.moedist.npu_moe_distribute_combine_v2

@@ -144,6 +144,15 @@ py::array fresh_copy(const TensorView& v, DType dtype, std::int64_t rows, std::i
   return out;
 }
 
+// A tensor the call writes in place (performance_info): the caller's own memory, viewed as writable.
+MutableTensorView writable(const TensorView& v) {
+  MutableTensorView m;
+  static_cast<Layout&>(m) = v;
+  m.data = const_cast<void*>(v.data);
+  m.dtype = v.dtype;
+  return m;
+}
+
 // How the package asks that a parameter's tensor be read (dlpack_view.h): {parameter name: ViewAs}.
 ViewAs view_as(const py::dict& views, const char* name) {
   return views.contains(name) ? views[name].cast<ViewAs>() : ViewAs::native;
@@ -231,6 +240,109 @@ class PyGroup {
       const std::lock_guard<std::mutex> serial(*mutex_);
       const Timed timed(call_ns_);
       open_group("combine").combine(x, bids.view, bidx.view, bcounts.view, bweights.view, o);
+    }
+    return out;
+  }
+
+  // The V2 pair. performance_info is a tensor the caller owns and the call updates in place.
+  py::tuple dispatch_v2(py::handle x, py::handle expert_ids, py::handle scales, py::handle x_active_mask,
+                        py::handle expert_scales, py::handle elastic_info, py::handle performance_info, int quant_mode,
+                        int expert_token_nums_type, int zero_expert_num, int copy_expert_num, int const_expert_num,
+                        const std::string& comm_alg, const py::dict& views) {
+    const Borrowed bx = borrow(x, "x", view_as(views, "x")), bids = borrow(expert_ids, "expert_ids"),
+                   bscales = borrow(scales, "scales"),
+                   bmask = borrow(x_active_mask, "x_active_mask", view_as(views, "x_active_mask")),
+                   bweights = borrow(expert_scales, "expert_scales"), belastic = borrow(elastic_info, "elastic_info"),
+                   bperf = borrow(performance_info, "performance_info");
+    DispatchV2Options o;
+    o.scales = bscales.view;
+    o.x_active_mask = bmask.view;
+    o.expert_scales = bweights.view;
+    o.elastic_info = belastic.view;
+    o.performance_info = writable(bperf.view);
+    o.quant_mode = quant_mode;
+    o.expert_token_nums_type = expert_token_nums_type;
+    o.zero_expert_num = zero_expert_num;
+    o.copy_expert_num = copy_expert_num;
+    o.const_expert_num = const_expert_num;
+    o.comm_alg = comm_alg;
+    DispatchResult r;
+    std::unique_lock<std::mutex> serial(*mutex_, std::defer_lock);
+    {
+      const WithoutGil unlocked;
+      serial.lock();
+      const Timed timed(call_ns_);
+      r = open_group("dispatch_v2").dispatch_v2(bx.view, bids.view, o);
+    }
+    // torch_npu's shapes (V2 §1.4, _custom_ops.py): expand_x and dynamic_scales A * max(T, 1) rows,
+    // assist_info_for_combine max(BS * K, 128 * A) entries (3 per own row written, the rest zero),
+    // expand_scales A entries.
+    const GroupConfig& c = group_->config();
+    const std::int64_t rows = r.expand_x.rows();
+    const std::int64_t h = r.expand_x.cols();
+    const std::int64_t bsk = bids.view.rows() * bids.view.cols();
+    const std::int64_t own_rows =
+        r.valid_rows - (c.tp_world_size == 2 ? r.tp_recv_counts.at<std::int32_t>(1 - c.tp_rank_id) : 0);
+    py::array assist = zeros(DType::int32, std::max(bsk, 128 * r.A), 1, false);
+    std::memcpy(assist.mutable_data(), r.assist_info_for_combine.data, static_cast<std::size_t>(3 * own_rows) * 4);
+    const auto all = [](const TensorView& v) { return v.rows(); };
+    return py::make_tuple(
+        fresh_copy(r.expand_x, r.expand_x.dtype, rows, h, true, r.valid_rows),
+        fresh_copy(r.dynamic_scales, DType::fp32, rows, 1, false, r.valid_rows), assist,
+        fresh_copy(r.expert_token_nums, DType::int64, all(r.expert_token_nums), 1, false, all(r.expert_token_nums)),
+        fresh_copy(r.ep_recv_counts, DType::int32, all(r.ep_recv_counts), 1, false, all(r.ep_recv_counts)),
+        fresh_copy(r.tp_recv_counts, DType::int32, std::max(c.tp_world_size, 0), 1, false, all(r.tp_recv_counts)),
+        fresh_copy(r.expand_scales, DType::fp32, r.A, 1, false, r.valid_rows), r.valid_rows);
+  }
+
+  py::array combine_v2(py::handle expand_x, py::handle expert_ids, py::handle assist_info_for_combine,
+                       py::handle ep_send_counts, py::handle expert_scales, py::handle tp_send_counts,
+                       py::handle x_active_mask, py::handle expand_scales, py::handle shared_expert_x,
+                       py::handle elastic_info, py::handle ori_x, py::handle const_expert_alpha_1,
+                       py::handle const_expert_alpha_2, py::handle const_expert_v, py::handle performance_info,
+                       int comm_quant_mode, int zero_expert_num, int copy_expert_num, int const_expert_num,
+                       const std::string& comm_alg, const py::dict& views) {
+    const Borrowed bx = borrow(expand_x, "expand_x", view_as(views, "expand_x")),
+                   bids = borrow(expert_ids, "expert_ids"),
+                   bassist = borrow(assist_info_for_combine, "assist_info_for_combine"),
+                   bcounts = borrow(ep_send_counts, "ep_send_counts"),
+                   bweights = borrow(expert_scales, "expert_scales"), btp = borrow(tp_send_counts, "tp_send_counts"),
+                   bmask = borrow(x_active_mask, "x_active_mask", view_as(views, "x_active_mask")),
+                   bes = borrow(expand_scales, "expand_scales"),
+                   bsx = borrow(shared_expert_x, "shared_expert_x", view_as(views, "shared_expert_x")),
+                   belastic = borrow(elastic_info, "elastic_info"),
+                   bori = borrow(ori_x, "ori_x", view_as(views, "ori_x")),
+                   ba1 = borrow(const_expert_alpha_1, "const_expert_alpha_1", view_as(views, "const_expert_alpha_1")),
+                   ba2 = borrow(const_expert_alpha_2, "const_expert_alpha_2", view_as(views, "const_expert_alpha_2")),
+                   bv = borrow(const_expert_v, "const_expert_v", view_as(views, "const_expert_v")),
+                   bperf = borrow(performance_info, "performance_info");
+    CombineV2Options o;
+    o.tp_send_counts = btp.view;
+    o.x_active_mask = bmask.view;
+    o.expand_scales = bes.view;
+    o.shared_expert_x = bsx.view;
+    o.elastic_info = belastic.view;
+    o.ori_x = bori.view;
+    o.const_expert_alpha_1 = ba1.view;
+    o.const_expert_alpha_2 = ba2.view;
+    o.const_expert_v = bv.view;
+    o.performance_info = writable(bperf.view);
+    o.comm_quant_mode = comm_quant_mode;
+    o.zero_expert_num = zero_expert_num;
+    o.copy_expert_num = copy_expert_num;
+    o.const_expert_num = const_expert_num;
+    o.comm_alg = comm_alg;
+    py::array out;
+    const TensorView& x = bx.view;
+    if (x.ndim == 2 && bids.view.ndim == 2 && (x.dtype == DType::bf16 || x.dtype == DType::fp16)) {
+      out = zeros(x.dtype, bids.view.rows(), x.cols(), true);
+      o.out = matrix_view(out.mutable_data(), x.dtype, bids.view.rows(), x.cols());
+    }
+    {
+      const WithoutGil unlocked;
+      const std::lock_guard<std::mutex> serial(*mutex_);
+      const Timed timed(call_ns_);
+      open_group("combine_v2").combine_v2(x, bids.view, bassist.view, bcounts.view, bweights.view, o);
     }
     return out;
   }
@@ -805,6 +917,17 @@ PYBIND11_MODULE(_moedist, m) {
            py::arg("activation_scale"), py::arg("weight_scale"), py::arg("group_list"), py::arg("expand_scales"),
            py::arg("shared_expert_x"), py::arg("out_dtype"), py::arg("comm_quant_mode"), py::arg("group_list_type"),
            py::arg("views"))
+      .def("dispatch_v2", &PyGroup::dispatch_v2, py::arg("x"), py::arg("expert_ids"), py::arg("scales"),
+           py::arg("x_active_mask"), py::arg("expert_scales"), py::arg("elastic_info"), py::arg("performance_info"),
+           py::arg("quant_mode"), py::arg("expert_token_nums_type"), py::arg("zero_expert_num"),
+           py::arg("copy_expert_num"), py::arg("const_expert_num"), py::arg("comm_alg"), py::arg("views"))
+      .def("combine_v2", &PyGroup::combine_v2, py::arg("expand_x"), py::arg("expert_ids"),
+           py::arg("assist_info_for_combine"), py::arg("ep_send_counts"), py::arg("expert_scales"),
+           py::arg("tp_send_counts"), py::arg("x_active_mask"), py::arg("expand_scales"), py::arg("shared_expert_x"),
+           py::arg("elastic_info"), py::arg("ori_x"), py::arg("const_expert_alpha_1"), py::arg("const_expert_alpha_2"),
+           py::arg("const_expert_v"), py::arg("performance_info"), py::arg("comm_quant_mode"),
+           py::arg("zero_expert_num"), py::arg("copy_expert_num"), py::arg("const_expert_num"), py::arg("comm_alg"),
+           py::arg("views"))
       .def_property_readonly("config", &PyGroup::config)
       .def_property_readonly("call_ns", &PyGroup::call_ns)
       .def_property_readonly("fill_ns", &PyGroup::fill_ns)
@@ -880,13 +1003,14 @@ PYBIND11_MODULE(_moedist, m) {
   // operators' fakes (A, expand_x_rows = A * max(T, 1), max_receive_rows: the rows dispatch returns).
   m.def(
       "capacity",
-      [](const py::dict& config, std::int64_t bs, std::int64_t k, std::int64_t h, int quant_mode) {
+      [](const py::dict& config, std::int64_t bs, std::int64_t k, std::int64_t h, int quant_mode, int version) {
         const GroupConfig c = config_from(config);
         CapacityQuery q;
         q.bs = bs;
         q.k = k;
         q.h = h;
         q.quant_mode = quant_mode;
+        q.version = version;
         const CapacityReport r = capacity(c, q);
         py::dict d;
         d["A"] = r.A;
@@ -897,7 +1021,7 @@ PYBIND11_MODULE(_moedist, m) {
             static_cast<std::int64_t>(c.ep_world_size) * local_expert_num(c) * (c.tp_world_size == 2 ? 2 : 1);
         return d;
       },
-      py::arg("config"), py::arg("bs"), py::arg("k"), py::arg("h"), py::arg("quant_mode"));
+      py::arg("config"), py::arg("bs"), py::arg("k"), py::arg("h"), py::arg("quant_mode"), py::arg("version") = 1);
   // The configuration's rules (moedist::validate_config), checked before a group is looked for or joined.
   m.def(
       "validate_config", [](const py::dict& config) { validate_config(config_from(config)); }, py::arg("config"));

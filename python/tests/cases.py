@@ -130,10 +130,10 @@ def to_mask(mask, kind, strided=False):
     """A bool mask as the given kind; strided: every other element of a twice as long buffer."""
     if mask is None:
         return None
-    if strided:
-        wide = np.zeros(mask.shape[0] * 2, dtype=bool)
-        wide[::2] = mask
-        return torch.from_numpy(wide)[::2] if kind == "torch" else wide[::2]
+    if strided:  # (BS,) or (BS, K): every other element of the last dimension
+        wide = np.zeros(mask.shape[:-1] + (mask.shape[-1] * 2,), dtype=bool)
+        wide[..., ::2] = mask
+        return torch.from_numpy(wide)[..., ::2] if kind == "torch" else wide[..., ::2]
     return torch.from_numpy(mask.copy()) if kind == "torch" else mask.copy()
 
 

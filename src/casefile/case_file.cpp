@@ -73,16 +73,27 @@ bool parse_tensor_name(std::string_view name, int* rank, std::string_view* field
   return true;
 }
 
+// What a missing metadata key message says every case file, and every V2 one, needs.
+constexpr const char* kCaseKeys =
+    "a case file needs ep_world_size, tp_world_size, moe_expert_num, shared_expert_rank_num, shared_expert_num, "
+    "global_bs, quant_mode, expert_token_nums_type, comm_quant_mode, dtype";
+constexpr const char* kV2CaseKeys =
+    "a V2 case file (op \"v2\") also needs zero_expert_num, copy_expert_num, const_expert_num and comm_alg";
+// The metadata keys only V2 cases have (a V1 file that holds one is refused rather than half-read).
+constexpr const char* kV2MetadataKeys[] = {"zero_expert_num", "copy_expert_num", "const_expert_num", "comm_alg"};
+
+// A required metadata value; `needs` says which keys the file needs.
+const std::string& metadata_value(const std::string& where, const std::map<std::string, std::string>& metadata,
+                                  const char* key, const char* needs) {
+  const auto it = metadata.find(key);
+  if (it == metadata.end()) fail(where, std::string("missing metadata key '") + key + "' (" + needs + ")");
+  return it->second;
+}
+
 // A metadata integer: the whole string must be a decimal integer within [min, max].
 std::int64_t parse_metadata_int(const std::string& where, const std::map<std::string, std::string>& metadata,
-                                const char* key, std::int64_t min, std::int64_t max) {
-  const auto it = metadata.find(key);
-  if (it == metadata.end()) {
-    fail(where, std::string("missing metadata key '") + key +
-                    "' (a case file needs ep_world_size, tp_world_size, moe_expert_num, shared_expert_rank_num, "
-                    "shared_expert_num, global_bs, quant_mode, expert_token_nums_type, comm_quant_mode, dtype)");
-  }
-  const std::string& text = it->second;
+                                const char* key, std::int64_t min, std::int64_t max, const char* needs = kCaseKeys) {
+  const std::string& text = metadata_value(where, metadata, key, needs);
   std::int64_t value = 0;
   const char* first = text.data();
   const char* last = text.data() + text.size();
@@ -126,6 +137,58 @@ void check_scalars(const std::string& where, const Case& c) {
   check("comm_quant_mode", c.comm_quant_mode, 0, kIntMax);
   if (c.dtype != DType::bf16 && c.dtype != DType::fp16) {
     fail(where, "dtype must be bfloat16 or float16, got " + dtype_text(c.dtype));
+  }
+  check("op", c.op, 1, 2);
+  check("zero_expert_num", c.zero_expert_num, 0, kIntMax);
+  check("copy_expert_num", c.copy_expert_num, 0, kIntMax);
+  check("const_expert_num", c.const_expert_num, 0, kIntMax);
+  if (c.op == 1) {  // the special experts and comm_alg are V2 inputs: a V1 case has none
+    for (const auto& [key, value] : {std::pair<const char*, int>{"zero_expert_num", c.zero_expert_num},
+                                     {"copy_expert_num", c.copy_expert_num},
+                                     {"const_expert_num", c.const_expert_num}}) {
+      if (value != 0) {
+        fail(where, std::string(key) + " is " + std::to_string(value) +
+                        ", but the case is op v1 (special experts are V2 inputs: op must be \"v2\")");
+      }
+    }
+    if (!c.comm_alg.empty()) {
+      fail(where,
+           "comm_alg is '" + c.comm_alg + "', but the case is op v1 (comm_alg is a V2 input: op must be \"v2\")");
+    }
+  }
+}
+
+// The V2 combine inputs of one rank, each optional: (rows, H) tensors in the case dtype.
+struct V2Input {
+  std::string_view field;
+  Tensor RankInputs::*tensor;
+  bool per_token;  // (BS, H); else (const_expert_num, H)
+};
+constexpr V2Input kV2Inputs[] = {{"ori_x", &RankInputs::ori_x, true},
+                                 {"shared_expert_x", &RankInputs::shared_expert_x, true},
+                                 {"const_expert_alpha_1", &RankInputs::const_expert_alpha_1, false},
+                                 {"const_expert_alpha_2", &RankInputs::const_expert_alpha_2, false},
+                                 {"const_expert_v", &RankInputs::const_expert_v, false}};
+
+// A V1 case has none of them; a V2 case's are (BS, H) or (Q, H) in the case dtype. Whether the
+// operator needs one (ori_x with copy or const experts, ...) is its rule, checked when the case runs.
+template <class Bad>
+void check_v2_inputs(const Case& c, const RankInputs& in, std::int64_t bs, std::int64_t h, const Bad& bad) {
+  for (const V2Input& input : kV2Inputs) {
+    const Tensor& t = in.*input.tensor;
+    if (!t.present()) continue;
+    if (c.op != 2) {
+      bad(input.field, "is a V2 input, but the case is op v1 (metadata 'op' absent or \"v1\"; \"v2\" for a V2 case)");
+    }
+    if (t.dtype() != c.dtype) {
+      bad(input.field, "dtype " + dtype_text(t.dtype()) + " differs from the case dtype " + dtype_text(c.dtype));
+    }
+    const std::int64_t rows = input.per_token ? bs : c.const_expert_num;
+    if (t.ndim() != 2 || t.rows() != rows || t.cols() != h) {
+      bad(input.field, "shape " + shape_text(t) + " must be " +
+                           (input.per_token ? "(BS, H) = (" : "(const_expert_num, H) = (") + std::to_string(rows) +
+                           ", " + std::to_string(h) + ")");
+    }
   }
 }
 
@@ -190,16 +253,25 @@ void check_case(const std::string& where, const Case& c) {
                                  shape_text(in.expert_ids));
       }
     }
-    // Its values (trues first) are the operator's rule, checked when the case runs.
+    // Its values (trues first, for a (BS,) mask) are the operator's rule, checked when the case runs.
     if (in.x_active_mask.present()) {
-      if (in.x_active_mask.dtype() != DType::boolean) {
-        bad("x_active_mask", "dtype must be BOOL, got " + dtype_text(in.x_active_mask.dtype()));
+      const Tensor& mask = in.x_active_mask;
+      if (mask.dtype() != DType::boolean) bad("x_active_mask", "dtype must be BOOL, got " + dtype_text(mask.dtype()));
+      const bool one_d = mask.ndim() == 1 && mask.rows() == bs;
+      const bool two_d = mask.ndim() == 2 && mask.rows() == bs && mask.cols() == k;
+      const std::string bs_shape = "(BS,) = (" + std::to_string(bs) + ",)";
+      const std::string bsk_shape = "(BS, K) = (" + std::to_string(bs) + ", " + std::to_string(k) + ")";
+      if (c.op == 2 && !one_d && !two_d) {
+        bad("x_active_mask", "shape " + shape_text(mask) + " must be " + bs_shape + " or " + bsk_shape);
       }
-      if (in.x_active_mask.ndim() != 1 || in.x_active_mask.rows() != bs) {
-        bad("x_active_mask",
-            "shape " + shape_text(in.x_active_mask) + " must be (BS,) = (" + std::to_string(bs) + ",)");
+      if (c.op == 1 && !one_d) {
+        bad("x_active_mask", "shape " + shape_text(mask) + " must be " + bs_shape +
+                                 (mask.ndim() == 2 ? " in a V1 case (a " + bsk_shape +
+                                                         " mask is a V2 input: metadata 'op' must be \"v2\")"
+                                                   : std::string()));
       }
     }
+    check_v2_inputs(c, in, bs, h, bad);
     if (in.combine_x.present()) {
       if (in.combine_x.ndim() != 2) bad("combine_x", "must be 2-D (rows, H), got shape " + shape_text(in.combine_x));
       if (in.combine_x.dtype() != c.dtype) {
@@ -220,6 +292,9 @@ Tensor* input_field(RankInputs& in, std::string_view field) {
   if (field == "expert_scales") return &in.expert_scales;
   if (field == "x_active_mask") return &in.x_active_mask;
   if (field == "combine_x") return &in.combine_x;
+  for (const V2Input& input : kV2Inputs) {
+    if (field == input.field) return &(in.*input.tensor);
+  }
   return nullptr;
 }
 
@@ -228,6 +303,7 @@ Tensor* output_field(RankOutputs& out, std::string_view field) {
   if (field == "dynamic_scales") return &out.dynamic_scales;
   if (field == "expand_scales") return &out.expand_scales;
   if (field == "expand_idx") return &out.expand_idx;
+  if (field == "assist_info_for_combine") return &out.assist_info_for_combine;
   if (field == "expert_token_nums") return &out.expert_token_nums;
   if (field == "ep_recv_counts") return &out.ep_recv_counts;
   if (field == "tp_recv_counts") return &out.tp_recv_counts;
@@ -316,24 +392,50 @@ struct DispatchedRank {
   TensorView expert_out;
 };
 
+// The case's dispatch operator (dispatch or dispatch_v2) with rank g's inputs; absent tensors stay absent.
+DispatchResult call_dispatch(Group& group, const Case& c, const RankInputs& in) {
+  if (c.op == 2) {
+    DispatchV2Options options;
+    options.scales = in.scales;
+    options.x_active_mask = in.x_active_mask;
+    options.expert_scales = in.expert_scales;
+    options.quant_mode = c.quant_mode;
+    options.expert_token_nums_type = c.expert_token_nums_type;
+    options.zero_expert_num = c.zero_expert_num;
+    options.copy_expert_num = c.copy_expert_num;
+    options.const_expert_num = c.const_expert_num;
+    options.comm_alg = c.comm_alg;
+    return group.dispatch_v2(in.x, in.expert_ids, options);
+  }
+  DispatchOptions options;
+  options.scales = in.scales;
+  options.expert_scales = in.expert_scales;
+  options.x_active_mask = in.x_active_mask;
+  options.quant_mode = c.quant_mode;
+  options.expert_token_nums_type = c.expert_token_nums_type;
+  return group.dispatch(in.x, in.expert_ids, options);
+}
+
 // Dispatch for rank g; its dispatch outputs, cut to the valid rows, go to `out`. Also prepares the
 // expert outputs: combine_x, or the identity experts.
 DispatchedRank dispatch_rank(Group& group, const Case& c, int g, RankOutputs& out) {
   const RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
-  DispatchOptions dispatch_options;
-  if (in.scales.present()) dispatch_options.scales = in.scales;
-  if (in.expert_scales.present()) dispatch_options.expert_scales = in.expert_scales;
-  if (in.x_active_mask.present()) dispatch_options.x_active_mask = in.x_active_mask;
-  dispatch_options.quant_mode = c.quant_mode;
-  dispatch_options.expert_token_nums_type = c.expert_token_nums_type;
   DispatchedRank dispatched;
   DispatchResult& d = dispatched.result;
-  d = group.dispatch(in.x, in.expert_ids, dispatch_options);
+  d = call_dispatch(group, c, in);
 
   out.expand_x = copy_prefix(d.expand_x, d.valid_rows);
   if (c.quant_mode == 2) out.dynamic_scales = copy_prefix(d.dynamic_scales, d.valid_rows);
   if (in.expert_scales.present()) out.expand_scales = copy_prefix(d.expand_scales, d.valid_rows);
-  out.expand_idx = copy_prefix(d.expand_idx, d.expand_idx.rows());
+  if (c.op == 2) {
+    // The written triples: one per row this rank received in its EP domain, whose count is the last of
+    // its own ep_recv_counts (a TP peer's rows, after them, have none; V2 §3.6).
+    const std::int64_t own_rows =
+        d.ep_recv_counts.at<std::int32_t>(std::int64_t{c.ep_world_size} * group.local_expert_num() - 1);
+    out.assist_info_for_combine = copy_prefix(d.assist_info_for_combine, 3 * own_rows);
+  } else {
+    out.expand_idx = copy_prefix(d.expand_idx, d.expand_idx.rows());
+  }
   out.expert_token_nums = copy_prefix(d.expert_token_nums, d.expert_token_nums.rows());
   out.ep_recv_counts = copy_prefix(d.ep_recv_counts, d.ep_recv_counts.rows());
   out.tp_recv_counts = copy_prefix(d.tp_recv_counts, d.tp_recv_counts.rows());
@@ -360,9 +462,34 @@ DispatchedRank dispatch_rank(Group& group, const Case& c, int g, RankOutputs& ou
   return dispatched;
 }
 
+// combine_v2 for rank g: weights absent (1.0) where the case has no expert_scales.
+TensorView call_combine_v2(Group& group, const Case& c, const RankInputs& in, const DispatchedRank& dispatched) {
+  const DispatchResult& d = dispatched.result;
+  CombineV2Options options;
+  if (c.tp_world_size == 2) options.tp_send_counts = d.tp_recv_counts;
+  options.x_active_mask = in.x_active_mask;
+  options.shared_expert_x = in.shared_expert_x;
+  options.ori_x = in.ori_x;
+  options.const_expert_alpha_1 = in.const_expert_alpha_1;
+  options.const_expert_alpha_2 = in.const_expert_alpha_2;
+  options.const_expert_v = in.const_expert_v;
+  options.zero_expert_num = c.zero_expert_num;
+  options.copy_expert_num = c.copy_expert_num;
+  options.const_expert_num = c.const_expert_num;
+  options.comm_quant_mode = c.comm_quant_mode;
+  options.comm_alg = c.comm_alg;
+  return group.combine_v2(dispatched.expert_out, in.expert_ids, d.assist_info_for_combine, d.ep_recv_counts,
+                          in.expert_scales, options);
+}
+
 // Combine for rank g (weights 1.0 where the case has no expert_scales); its output goes to `out`.
 void combine_rank(Group& group, const Case& c, int g, const DispatchedRank& dispatched, RankOutputs& out) {
   const RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
+  if (c.op == 2) {
+    const TensorView combined = call_combine_v2(group, c, in, dispatched);
+    out.combine_out = copy_prefix(combined, combined.rows());
+    return;
+  }
   const DispatchResult& d = dispatched.result;
   Tensor unit_weights;
   TensorView weights = in.expert_scales;
@@ -386,7 +513,11 @@ void add_rank_outputs(SafetensorsWriter& writer, int g, const RankOutputs& out) 
   writer.add(tensor_name(g, "expand_x"), out.expand_x);
   if (out.dynamic_scales.present()) writer.add(tensor_name(g, "dynamic_scales"), out.dynamic_scales);
   if (out.expand_scales.present()) writer.add(tensor_name(g, "expand_scales"), out.expand_scales);
-  writer.add(tensor_name(g, "expand_idx"), out.expand_idx);
+  // expand_idx (V1) or assist_info_for_combine (V2): read_output_file requires exactly one.
+  if (out.expand_idx.present()) writer.add(tensor_name(g, "expand_idx"), out.expand_idx);
+  if (out.assist_info_for_combine.present()) {
+    writer.add(tensor_name(g, "assist_info_for_combine"), out.assist_info_for_combine);
+  }
   writer.add(tensor_name(g, "expert_token_nums"), out.expert_token_nums);
   writer.add(tensor_name(g, "ep_recv_counts"), out.ep_recv_counts);
   if (out.tp_recv_counts.present()) writer.add(tensor_name(g, "tp_recv_counts"), out.tp_recv_counts);
@@ -444,7 +575,21 @@ std::vector<RankOutputs> read_output_file(const std::string& path, int first, in
       }
     };
     require(out.expand_x, "expand_x", 2, {DType::int8, DType::bf16, DType::fp16});
-    require(out.expand_idx, "expand_idx", 1, {DType::int32});
+    // V1 outputs hold expand_idx, V2 ones the written assist_info_for_combine triples instead.
+    if (out.expand_idx.present() == out.assist_info_for_combine.present()) {
+      fail(where, "rank " + std::to_string(g) + " must have exactly one of tensors '" + tensor_name(g, "expand_idx") +
+                      "' (V1) and '" + tensor_name(g, "assist_info_for_combine") + "' (V2), " +
+                      (out.expand_idx.present() ? "got both" : "got neither"));
+    }
+    if (out.expand_idx.present()) require(out.expand_idx, "expand_idx", 1, {DType::int32});
+    if (out.assist_info_for_combine.present()) {
+      require(out.assist_info_for_combine, "assist_info_for_combine", 1, {DType::int32});
+      if (out.assist_info_for_combine.rows() % 3 != 0) {
+        fail(where, "tensor '" + tensor_name(g, "assist_info_for_combine") + "' has " +
+                        std::to_string(out.assist_info_for_combine.rows()) +
+                        " entries, not a multiple of 3 (one (rank, token, k) triple per row)");
+      }
+    }
     require(out.expert_token_nums, "expert_token_nums", 1, {DType::int64});
     require(out.ep_recv_counts, "ep_recv_counts", 1, {DType::int32});
     require(out.combine_out, "combine_out", 2, {DType::bf16, DType::fp16});
@@ -496,6 +641,29 @@ Case read_case(const std::string& path) {
   } else {
     fail(where, "metadata 'dtype' is '" + dtype->second + "', expected \"bfloat16\" or \"float16\"");
   }
+  const auto op = metadata.find("op");
+  if (op != metadata.end() && op->second != "v1" && op->second != "v2") {
+    fail(where, "metadata 'op' is '" + op->second +
+                    "', expected \"v1\" (npu_moe_distribute_dispatch / combine; "
+                    "also what an absent 'op' means) or \"v2\" (their _v2 pair)");
+  }
+  c.op = op != metadata.end() && op->second == "v2" ? 2 : 1;
+  if (c.op == 2) {
+    c.zero_expert_num =
+        static_cast<int>(parse_metadata_int(where, metadata, "zero_expert_num", 0, kIntMax, kV2CaseKeys));
+    c.copy_expert_num =
+        static_cast<int>(parse_metadata_int(where, metadata, "copy_expert_num", 0, kIntMax, kV2CaseKeys));
+    c.const_expert_num =
+        static_cast<int>(parse_metadata_int(where, metadata, "const_expert_num", 0, kIntMax, kV2CaseKeys));
+    c.comm_alg = metadata_value(where, metadata, "comm_alg", kV2CaseKeys);
+  } else {
+    for (const char* key : kV2MetadataKeys) {
+      if (metadata.count(key) != 0) {
+        fail(where, std::string("metadata '") + key + "' is a V2 key, but the case is op v1 (metadata 'op' " +
+                        (op == metadata.end() ? "absent" : "\"v1\"") + "; \"v2\" for a V2 case)");
+      }
+    }
+  }
   check_scalars(where, c);
 
   const int n = rank_count(c);
@@ -513,9 +681,10 @@ Case read_case(const std::string& path) {
       slot = input_field(c.ranks[static_cast<std::size_t>(g)], field);
     }
     if (slot == nullptr) {
-      fail(where,
-           "unknown tensor '" + entry.name +
-               "' (a case holds rank{g}.x, .expert_ids, .scales, .expert_scales, .x_active_mask and .combine_x)");
+      fail(where, "unknown tensor '" + entry.name +
+                      "' (a case holds rank{g}.x, .expert_ids, .scales, .expert_scales, .x_active_mask and "
+                      ".combine_x, and in V2 .ori_x, .shared_expert_x, .const_expert_alpha_1, .const_expert_alpha_2 "
+                      "and .const_expert_v)");
     }
     *slot = reader.read_tensor(entry);
   }
@@ -536,6 +705,13 @@ void write_case(const std::string& path, const Case& c) {
   writer.set_metadata("expert_token_nums_type", std::to_string(c.expert_token_nums_type));
   writer.set_metadata("comm_quant_mode", std::to_string(c.comm_quant_mode));
   writer.set_metadata("dtype", c.dtype == DType::bf16 ? "bfloat16" : "float16");
+  if (c.op == 2) {  // a V1 case has no 'op' key, as before V2 existed
+    writer.set_metadata("op", "v2");
+    writer.set_metadata("zero_expert_num", std::to_string(c.zero_expert_num));
+    writer.set_metadata("copy_expert_num", std::to_string(c.copy_expert_num));
+    writer.set_metadata("const_expert_num", std::to_string(c.const_expert_num));
+    writer.set_metadata("comm_alg", c.comm_alg);
+  }
   for (std::size_t g = 0; g < c.ranks.size(); ++g) {
     const RankInputs& in = c.ranks[g];
     const int rank = static_cast<int>(g);
@@ -545,6 +721,9 @@ void write_case(const std::string& path, const Case& c) {
     if (in.expert_scales.present()) writer.add(tensor_name(rank, "expert_scales"), in.expert_scales);
     if (in.x_active_mask.present()) writer.add(tensor_name(rank, "x_active_mask"), in.x_active_mask);
     if (in.combine_x.present()) writer.add(tensor_name(rank, "combine_x"), in.combine_x);
+    for (const V2Input& input : kV2Inputs) {
+      if ((in.*input.tensor).present()) writer.add(tensor_name(rank, input.field), in.*input.tensor);
+    }
   }
   writer.write(path);
 }

@@ -19,8 +19,14 @@ struct RankInputs {
   Tensor expert_ids;     // (BS, K) int32
   Tensor scales;         // optional (E[+1], H) fp32 smooth scales
   Tensor expert_scales;  // optional (BS, K) fp32 combine weights; absent = 1.0
-  Tensor x_active_mask;  // optional (BS,) bool: tokens [0, n) active, n = its trues (trues first)
+  Tensor x_active_mask;  // optional (BS,) bool: tokens [0, n) active, n = its trues (trues first); V2 also (BS, K)
   Tensor combine_x;      // optional (valid rows, H) expert outputs in x's dtype; absent = identity experts
+  // V2 combine inputs (op 2), all optional as in the operator, in x's dtype.
+  Tensor ori_x;                 // (BS, H): the copy and const experts' input
+  Tensor shared_expert_x;       // (BS, H): added with weight 1
+  Tensor const_expert_alpha_1;  // (Q, H)
+  Tensor const_expert_alpha_2;  // (Q, H)
+  Tensor const_expert_v;        // (Q, H)
 };
 
 struct Case {
@@ -34,6 +40,11 @@ struct Case {
   int expert_token_nums_type = 1;
   int comm_quant_mode = 0;
   DType dtype = DType::bf16;
+  // The operators: 1 = npu_moe_distribute_dispatch / combine, 2 = their V2 pair (then the special experts
+  // and comm_alg apply, and shared_expert_num may be 0 to 4).
+  int op = 1;
+  int zero_expert_num = 0, copy_expert_num = 0, const_expert_num = 0;
+  std::string comm_alg;
   std::vector<RankInputs> ranks;  // W * max(T, 1) entries
 };
 
@@ -42,7 +53,8 @@ struct RankOutputs {
   Tensor expand_x;           // (valid, H) int8 or x's dtype
   Tensor dynamic_scales;     // (valid,) fp32, quant_mode 2 only
   Tensor expand_scales;      // (valid,) fp32, only when expert_scales were given
-  Tensor expand_idx;         // (BS*K,) int32 (0 for inactive tokens' entries)
+  Tensor expand_idx;         // (BS*K,) int32 (0 for inactive tokens' entries); V1 only
+  Tensor assist_info_for_combine;  // (3 * own EP rows,) int32: the written triples; V2 only
   Tensor expert_token_nums;  // (L,) int64
   Tensor ep_recv_counts;     // int32
   Tensor tp_recv_counts;     // (2,) int32, TP only
@@ -56,7 +68,8 @@ void write_case(const std::string& path, const Case& c);
 // The configuration global rank g of the case joins its group with (profile portable).
 GroupConfig group_config(const Case& c, int g);
 
-// One rank's dispatch then combine, on a group of any transport joined with group_config(c, g). A
+// One rank's dispatch then combine (dispatch_v2 then combine_v2 for an op 2 case, without performance_info),
+// on a group of any transport joined with group_config(c, g). A
 // combine_x whose row count differs from the rank's valid rows is a case_file error, raised before
 // combine. Errors carry no rank prefix; the runners below add it.
 RankOutputs run_case_rank(Group& group, const Case& c, int g);

@@ -46,4 +46,18 @@ MOEDIST_HD std::int64_t receive_prefix_sums(int W, int S, int L, const Records& 
   return receive_prefix_sums(W, S, L, records, dest, dest_bs, static_cast<std::int64_t*>(nullptr));
 }
 
+// The same for a V2 call (V2 §3.5, §3.7): every block is what its source's record says, a shared-expert
+// rank's own tokens included (it sends them to itself like any source).
+template <class Records, class Out>
+MOEDIST_HD std::int64_t receive_prefix_sums_v2(int W, int S, int L, const Records& records, int dest, Out* out) {
+  std::int64_t sum = 0;
+  for (int l = 0; l < (dest < S ? 1 : L); ++l) {
+    for (int r = 0; r < W; ++r) {
+      sum += records(r)[dest * L + l];
+      if (out != nullptr) out[l * W + r] = static_cast<Out>(sum);
+    }
+  }
+  return sum;
+}
+
 }  // namespace moedist::contract

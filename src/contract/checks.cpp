@@ -7,6 +7,7 @@
 
 #include "common/format.h"
 #include "contract/token_mask.h"
+#include "contract/v2_routing.h"
 
 namespace moedist::contract {
 
@@ -179,8 +180,12 @@ void check_combine_side_buffers(const TensorView& expand_x, const TensorView& id
 
 }  // namespace
 
-void check_profile_call_limits(const GroupConfig& c, std::int64_t bs, std::int64_t k, std::int64_t h) {
-  if (c.profile == Profile::ascend_a3) {
+void check_profile_call_limits(const GroupConfig& c, std::int64_t bs, std::int64_t k, std::int64_t h, int version) {
+  if (version == 2 && c.profile == Profile::ascend_a3) {  // V2 §7.1
+    if (h < 1024 || h > 8192) fail_value("H", h, "profile ascend_a3 allows 1024 <= H <= 8192 in the V2 operators");
+    if (k > 16) fail_value("K", k, "profile ascend_a3 allows K <= 16");
+    if (bs < 1 || bs > 512) fail_value("BS", bs, "profile ascend_a3 allows 1 <= BS <= 512");
+  } else if (c.profile == Profile::ascend_a3) {
     if (h != 7168) fail_value("H", h, "profile ascend_a3 needs H == 7168");
     if (k > 8) fail_value("K", k, "profile ascend_a3 allows K <= 8");
     if (bs < 1 || bs > 512) fail_value("BS", bs, "profile ascend_a3 allows 1 <= BS <= 512");
@@ -193,6 +198,7 @@ void check_profile_call_limits(const GroupConfig& c, std::int64_t bs, std::int64
 
 CallShape check_dispatch(const GroupConfig& c, const TensorView& x, const TensorView& ids, const DispatchOptions& o,
                          Values values) {
+  check_v1_config(c);
   require_present("x", x);
   require_ndim("x", x, 2);
   require_half("x", x);
@@ -286,6 +292,7 @@ CallShape check_combine(const GroupConfig& c, const TensorView& expand_x, const 
                         const TensorView& expand_idx, const TensorView& ep_send_counts,
                         const TensorView& expert_scales, const CombineOptions& o, CombineCounts* counts,
                         Values values) {
+  check_v1_config(c);
   require_present("expand_x", expand_x);
   require_ndim("expand_x", expand_x, 2);
   require_half("expand_x", expand_x);
@@ -372,6 +379,357 @@ CallShape check_combine(const GroupConfig& c, const TensorView& expand_x, const 
 
   check_combine_side_buffers(expand_x, ids, expand_idx, ep_send_counts, expert_scales, o, bs, h, needed);
   return CallShape{bs, k, h, active};
+}
+
+namespace {
+
+// zero/copy/const_expert_num (V2 §3.4, §7.1).
+SpecialExperts check_special_experts(const GroupConfig& c, int zero, int copy, int constant) {
+  if (zero < 0) fail_value("zero_expert_num", zero, "must be >= 0");
+  if (copy < 0) fail_value("copy_expert_num", copy, "must be >= 0");
+  if (constant < 0) fail_value("const_expert_num", constant, "must be >= 0");
+  SpecialExperts ex{c.moe_expert_num, zero, copy, constant};
+  if (ex.id_limit() > INT32_MAX)
+    fail_value("const_expert_num", constant,
+               concat("moe_expert_num + zero_expert_num + copy_expert_num + const_expert_num = ", ex.id_limit(),
+                      " must be <= 2147483647"));
+  if (c.profile == Profile::ascend_a2 && ex.any())
+    fail(ErrorCode::invalid_argument,
+         zero > 0   ? "zero_expert_num"
+         : copy > 0 ? "copy_expert_num"
+                    : "const_expert_num",
+         concat(zero > 0   ? zero
+                : copy > 0 ? copy
+                           : constant),
+         "profile ascend_a2 has no special experts (must be 0)");
+  return ex;
+}
+
+// comm_alg (V2 §5.3): the documented names, which all give the same results here. The Ascend profiles
+// take their platform's names and the combinations its kernels accept: on A3, fullmesh_v2 has no mask,
+// no special experts, no TP, equal BS, K <= 12 and BS <= 256, and hierarchy no TP, no shared-expert
+// ranks, no (BS, K) mask and no special experts, and needs expert_scales in dispatch.
+void check_comm_alg(const GroupConfig& c, std::string_view alg, std::int64_t bs, std::int64_t k, const EntryMask& mask,
+                    const SpecialExperts& experts, bool dispatch_without_expert_scales) {
+  const auto refuse = [&](const std::string& rule) {
+    fail(ErrorCode::invalid_argument, "comm_alg", concat("\"", std::string(alg), "\""), rule);
+  };
+  if (c.profile == Profile::ascend_a3) {
+    if (alg != "" && alg != "fullmesh_v1" && alg != "fullmesh_v2" && alg != "hierarchy")
+      refuse("profile ascend_a3 takes \"\", \"fullmesh_v1\", \"fullmesh_v2\" or \"hierarchy\"");
+    if (alg == "fullmesh_v2") {
+      if (mask.kind != EntryMask::Kind::none) refuse("fullmesh_v2 takes no x_active_mask (profile ascend_a3)");
+      if (experts.any()) refuse("fullmesh_v2 takes no zero, copy or const experts (profile ascend_a3)");
+      if (c.tp_world_size == 2) refuse("fullmesh_v2 has no TP domain (profile ascend_a3)");
+      if (c.global_bs != 0 && c.global_bs != sat_mul(bs, c.ep_world_size))
+        refuse("fullmesh_v2 needs the same BS on every rank (global_bs 0 or BS * ep_world_size; profile ascend_a3)");
+      if (k > 12) refuse(concat("fullmesh_v2 allows K <= 12, not ", k, " (profile ascend_a3)"));
+      if (bs > 256) refuse(concat("fullmesh_v2 allows BS <= 256, not ", bs, " (profile ascend_a3)"));
+    } else if (alg == "hierarchy") {
+      if (c.tp_world_size == 2) refuse("hierarchy has no TP domain (profile ascend_a3)");
+      if (c.shared_expert_rank_num != 0) refuse("hierarchy has no shared-expert ranks (profile ascend_a3)");
+      if (mask.kind == EntryMask::Kind::entries) refuse("hierarchy takes no (BS, K) x_active_mask (profile ascend_a3)");
+      if (experts.any()) refuse("hierarchy takes no zero, copy or const experts (profile ascend_a3)");
+      if (dispatch_without_expert_scales) refuse("hierarchy needs expert_scales (profile ascend_a3)");
+    }
+    return;
+  }
+  if (c.profile == Profile::ascend_a2) {
+    if (alg != "" && alg != "0" && alg != "fullmesh" && alg != "hierarchy")
+      refuse("profile ascend_a2 takes \"\", \"0\", \"fullmesh\" or \"hierarchy\"");
+    return;
+  }
+  static constexpr std::string_view kNames[] = {"", "0", "fullmesh", "fullmesh_v1", "fullmesh_v2", "hierarchy"};
+  for (std::string_view name : kNames)
+    if (alg == name) return;
+  refuse("must be one of \"\", \"0\", \"fullmesh\", \"fullmesh_v1\", \"fullmesh_v2\", \"hierarchy\"");
+}
+
+void check_performance_info(const GroupConfig& c, const MutableTensorView& perf) {
+  if (!perf.present()) return;
+  require_dtype("performance_info", perf, DType::int64);
+  require_vector_len("performance_info", perf, c.ep_world_size);
+  require_data("performance_info", perf);
+}
+
+// expert_ids and the mask of a V2 call: (BS, K) int32, 1 <= K <= E + Z + C + Q; every entry that takes
+// part names an expert in [0, E + Z + C + Q) (an id past the special experts, which the kernel drops
+// silently, and a negative one, which it would send nowhere, are refused), distinct within its row.
+// Entries that do not take part are never read (none on_device). Returns the shape, with the active tokens.
+CallShape check_v2_routing(const GroupConfig& c, const TensorView& ids, const TensorView& mask_view, std::int64_t h,
+                           const SpecialExperts& ex, EntryMask* mask, Values values) {
+  require_present("expert_ids", ids);
+  require_ndim("expert_ids", ids, 2);
+  require_dtype("expert_ids", ids, DType::int32);
+  require_data("expert_ids", ids);
+  const std::int64_t bs = ids.rows(), k = ids.cols();
+  if (k < 1 || k > ex.id_limit())
+    fail(ErrorCode::invalid_shape, "expert_ids.shape[1] (K)", concat(k),
+         concat("must be in [1, moe_expert_num + zero, copy and const experts = ", ex.id_limit(), "]"));
+  if (c.global_bs != 0 && sat_mul(bs, c.ep_world_size) > c.global_bs)
+    fail_value(
+        "global_bs", c.global_bs,
+        concat("must be >= BS * ep_world_size = ", bs, " * ", c.ep_world_size, " (BS of this rank is ", bs, ")"));
+  check_profile_call_limits(c, bs, k, h, 2);
+  *mask = check_entry_mask(c, mask_view, bs, k, values);
+  std::int64_t active = 0;
+  if (values == Values::on_device) return CallShape{bs, k, h, bs, 2};
+  for (std::int64_t b = 0; b < bs; ++b) {
+    if (!mask->token_on(b)) continue;
+    ++active;
+    for (std::int64_t j = 0; j < k; ++j) {
+      if (!mask->entry_on(b, j)) continue;
+      const std::int32_t e = ids.at<std::int32_t>(b, j);
+      if (e < 0 || e >= ex.id_limit())
+        fail(ErrorCode::invalid_argument, concat("expert_ids[", b, ", ", j, "]"), concat(e),
+             ex.any() ? concat("must be in [0, moe_expert_num + zero, copy and const experts = ", ex.id_limit(), ")")
+                      : concat("must be in [0, moe_expert_num = ", c.moe_expert_num, ")"));
+      for (std::int64_t i = 0; i < j; ++i) {
+        if (mask->entry_on(b, i) && ids.at<std::int32_t>(b, i) == e)
+          fail(ErrorCode::invalid_argument, concat("expert_ids[", b, ", ", j, "]"), concat(e),
+               concat("the ids a row routes must be distinct; row ", b, " repeats it"));
+      }
+    }
+  }
+  CallShape shape{bs, k, h, active, 2};
+  return shape;
+}
+
+template <class View>
+void require_rows_like(const char* name, const View& v, DType dtype, std::int64_t rows, std::int64_t h) {
+  require_dtype(name, v, dtype);
+  require_matrix(name, v, rows, h);
+  require_data(name, v);
+}
+
+}  // namespace
+
+CallShape check_dispatch_v2(const GroupConfig& c, const TensorView& x, const TensorView& ids,
+                            const DispatchV2Options& o, EntryMask* mask, SpecialExperts* experts, Values values) {
+  require_present("x", x);
+  require_ndim("x", x, 2);
+  require_half("x", x);
+  require_data("x", x);
+  const std::int64_t bs = x.rows(), h = x.cols();
+  if (h < 1) fail(ErrorCode::invalid_shape, "x.shape[1] (H)", concat(h), "must be >= 1");
+  require_present("expert_ids", ids);
+  require_ndim("expert_ids", ids, 2);
+  if (ids.rows() != bs)
+    fail(ErrorCode::invalid_shape, "expert_ids.shape", shape_text(ids),
+         concat("must have BS = x.shape[0] = ", bs, " rows"));
+  *experts = check_special_experts(c, o.zero_expert_num, o.copy_expert_num, o.const_expert_num);
+  const CallShape shape = check_v2_routing(c, ids, o.x_active_mask, h, *experts, mask, values);
+  const std::int64_t k = shape.k;
+  const Topology topo(c);
+
+  if (o.quant_mode == 1)
+    fail(ErrorCode::unsupported, "quant_mode", "1",
+         "static quantization is not supported (0 = none, 2 = dynamic int8)");
+  if (o.quant_mode != 0 && o.quant_mode != 2)
+    fail_value("quant_mode", o.quant_mode, "must be 0 (none) or 2 (dynamic int8)");
+  if (o.scales.present()) {
+    if (o.quant_mode == 0)
+      fail(ErrorCode::invalid_argument, "scales", shape_text(o.scales), "must be None with quant_mode 0");
+    require_dtype("scales", o.scales, DType::fp32);
+    require_matrix("scales", o.scales, topo.Sn + c.moe_expert_num, h);
+    require_data("scales", o.scales);
+  }
+  if (o.expert_scales.present()) {
+    require_dtype("expert_scales", o.expert_scales, DType::fp32);
+    require_matrix("expert_scales", o.expert_scales, bs, k);
+    require_data("expert_scales", o.expert_scales);
+  }
+  if (o.elastic_info.present())
+    fail(ErrorCode::unsupported, "elastic_info", shape_text(o.elastic_info),
+         "elastic scaling is not supported: must be None");
+  check_performance_info(c, o.performance_info);
+  check_comm_alg(c, o.comm_alg, bs, k, *mask, *experts, !o.expert_scales.present());
+  if (o.expert_token_nums_type != 0 && o.expert_token_nums_type != 1)
+    fail_value("expert_token_nums_type", o.expert_token_nums_type, "must be 0 (prefix sums) or 1 (counts)");
+
+  const std::int64_t a = topo.capacity_a(c.ep_rank_id, bs, k, 2);
+  const std::int64_t rows = sat_mul(a, static_cast<std::int64_t>(topo.T));
+  const DispatchV2Outputs& out = o.out;
+  if (out.expand_x.present()) {
+    require_dtype("out.expand_x", out.expand_x, o.quant_mode == 2 ? DType::int8 : x.dtype);
+    if (out.expand_x.ndim != 2 || out.expand_x.shape[0] < rows || out.expand_x.shape[1] != h)
+      fail(ErrorCode::invalid_shape, "out.expand_x.shape", shape_text(out.expand_x),
+           concat("must be (>= A * max(tp_world_size, 1) = ", rows, ", H = ", h, ")"));
+    require_data("out.expand_x", out.expand_x);
+  }
+  const auto vector_out = [](const char* name, const MutableTensorView& v, DType dtype, std::int64_t min_len) {
+    if (!v.present()) return;
+    require_dtype(name, v, dtype);
+    require_vector_min(name, v, min_len);
+    require_data(name, v);
+  };
+  vector_out("out.dynamic_scales", out.dynamic_scales, DType::fp32, rows);
+  vector_out("out.expand_scales", out.expand_scales, DType::fp32, rows);
+  vector_out("out.assist_info_for_combine", out.assist_info_for_combine, DType::int32, sat_mul(a, std::int64_t{3}));
+  if (out.expert_token_nums.present()) {
+    require_dtype("out.expert_token_nums", out.expert_token_nums, DType::int64);
+    require_vector_len("out.expert_token_nums", out.expert_token_nums, topo.local_experts(c.ep_rank_id));
+    require_data("out.expert_token_nums", out.expert_token_nums);
+  }
+  vector_out("out.ep_recv_counts", out.ep_recv_counts, DType::int32, topo.ep_recv_counts_len(c.ep_rank_id));
+  if (out.tp_recv_counts.present()) {
+    if (c.tp_world_size != 2)
+      fail(ErrorCode::invalid_argument, "out.tp_recv_counts", shape_text(out.tp_recv_counts),
+           "is only produced with tp_world_size = 2");
+    require_dtype("out.tp_recv_counts", out.tp_recv_counts, DType::int32);
+    require_vector_len("out.tp_recv_counts", out.tp_recv_counts, 2);
+    require_data("out.tp_recv_counts", out.tp_recv_counts);
+  }
+  for (const auto& [name, buffer] : {std::pair<const char*, const MutableTensorView*>{"out.expand_x", &out.expand_x},
+                                     {"out.dynamic_scales", &out.dynamic_scales},
+                                     {"out.expand_scales", &out.expand_scales},
+                                     {"out.assist_info_for_combine", &out.assist_info_for_combine},
+                                     {"out.expert_token_nums", &out.expert_token_nums},
+                                     {"out.ep_recv_counts", &out.ep_recv_counts},
+                                     {"out.tp_recv_counts", &out.tp_recv_counts},
+                                     {"performance_info", &o.performance_info}}) {
+    require_no_alias(name, *buffer,
+                     {{"x", x},
+                      {"expert_ids", ids},
+                      {"scales", o.scales},
+                      {"expert_scales", o.expert_scales},
+                      {"x_active_mask", o.x_active_mask}});
+  }
+  return shape;
+}
+
+CallShape check_combine_v2(const GroupConfig& c, const TensorView& expand_x, const TensorView& ids,
+                           const TensorView& assist, const TensorView& ep_send_counts, const TensorView& expert_scales,
+                           const CombineV2Options& o, CombineCounts* counts, EntryMask* mask, SpecialExperts* experts,
+                           Values values) {
+  require_present("expand_x", expand_x);
+  require_ndim("expand_x", expand_x, 2);
+  require_half("expand_x", expand_x);
+  require_data("expand_x", expand_x);
+  const std::int64_t h = expand_x.cols();
+  if (h < 1) fail(ErrorCode::invalid_shape, "expand_x.shape[1] (H)", concat(h), "must be >= 1");
+  *experts = check_special_experts(c, o.zero_expert_num, o.copy_expert_num, o.const_expert_num);
+  const CallShape shape = check_v2_routing(c, ids, o.x_active_mask, h, *experts, mask, values);
+  const std::int64_t bs = shape.bs, k = shape.k;
+  const Topology topo(c);
+
+  if (expert_scales.present() || c.profile == Profile::ascend_a3) {
+    require_present("expert_scales", expert_scales);
+    require_dtype("expert_scales", expert_scales, DType::fp32);
+    require_matrix("expert_scales", expert_scales, bs, k);
+    require_data("expert_scales", expert_scales);
+  }
+  const int own_len = topo.W * topo.local_experts(c.ep_rank_id);
+  const int full_len = topo.ep_recv_counts_len(c.ep_rank_id);
+  require_present("ep_send_counts", ep_send_counts);
+  require_dtype("ep_send_counts", ep_send_counts, DType::int32);
+  require_vector_min("ep_send_counts", ep_send_counts, full_len);
+  require_data("ep_send_counts", ep_send_counts);
+  if (o.comm_quant_mode != 0 && o.comm_quant_mode != 2)
+    fail_value("comm_quant_mode", o.comm_quant_mode, "must be 0 (none) or 2 (int8)");
+  if (o.comm_quant_mode != 0 && c.tp_world_size == 2)
+    fail_value("comm_quant_mode", o.comm_quant_mode, "must be 0 with a TP domain (tp_world_size = 2)");
+  if (topo.T == 2) {
+    require_present("tp_send_counts", o.tp_send_counts);
+    require_dtype("tp_send_counts", o.tp_send_counts, DType::int32);
+    require_vector_len("tp_send_counts", o.tp_send_counts, 2);
+    require_data("tp_send_counts", o.tp_send_counts);
+  }
+  // Only the rows of each half (its last entry) are read, as by the kernels (V2 §4.1). On the device
+  // the GPU compares them with dispatch's, and checks the rows and triples they imply.
+  const bool read_values = values == Values::on_host;
+  const std::int64_t most = topo.receive_rows(c.ep_rank_id, bs, k, 2);
+  for (const int i : {own_len - 1, full_len - 1}) {
+    if (!read_values) break;
+    const std::int32_t v = ep_send_counts.at<std::int32_t>(i);
+    if (v < 0 || v > most)
+      fail_value(concat("ep_send_counts[", i, "]"), v,
+                 concat("must be in [0, ", most, "], the rows this rank can receive; use dispatch's ep_recv_counts"));
+  }
+  counts->own_rows = read_values ? ep_send_counts.at<std::int32_t>(own_len - 1) : -1;
+  counts->peer_rows = !read_values ? -1 : topo.T == 2 ? ep_send_counts.at<std::int32_t>(full_len - 1) : 0;
+  const std::int64_t needed = read_values ? counts->own_rows + counts->peer_rows : 0;
+  if (expand_x.rows() < needed)
+    fail(ErrorCode::invalid_shape, "expand_x.shape", shape_text(expand_x),
+         concat("must have at least the ", needed, " valid rows that ep_send_counts",
+                topo.T == 2 ? " and tp_send_counts" : "", " describe"));
+  if (topo.T == 2 && read_values) {
+    const std::int32_t self = o.tp_send_counts.at<std::int32_t>(c.tp_rank_id);
+    const std::int32_t peer = o.tp_send_counts.at<std::int32_t>(1 - c.tp_rank_id);
+    if (self != counts->own_rows || peer != counts->peer_rows)
+      fail(ErrorCode::invalid_argument, "tp_send_counts",
+           concat("[", o.tp_send_counts.at<std::int32_t>(0), ", ", o.tp_send_counts.at<std::int32_t>(1), "]"),
+           concat("must match ep_send_counts (own rows ", counts->own_rows, " at tp_rank_id ", c.tp_rank_id,
+                  ", peer rows ", counts->peer_rows, ")"));
+  }
+  require_present("assist_info_for_combine", assist);
+  require_dtype("assist_info_for_combine", assist, DType::int32);
+  const std::int64_t triples = read_values ? sat_mul(counts->own_rows, std::int64_t{3}) : 0;
+  if (c.profile == Profile::ascend_a3) {
+    // The A3 combine tiling insists on 128 * A entries although it reads 3 per row (V2 §3.6).
+    require_vector_min("assist_info_for_combine", assist,
+                       sat_mul(topo.capacity_a(c.ep_rank_id, bs, k, 2), std::int64_t{128}));
+  } else {
+    require_vector_min("assist_info_for_combine", assist, triples);
+  }
+  require_data("assist_info_for_combine", assist);
+
+  if (o.shared_expert_x.present()) {
+    if (c.shared_expert_rank_num != 0)
+      fail(ErrorCode::invalid_argument, "shared_expert_x", shape_text(o.shared_expert_x),
+           concat("must be None with shared_expert_rank_num = ", c.shared_expert_rank_num,
+                  " (the kernel adds it only without shared-expert ranks)"));
+    require_rows_like("shared_expert_x", o.shared_expert_x, expand_x.dtype, bs, h);
+  }
+  if (o.ori_x.present() || experts->copy + experts->constant > 0) {
+    if (!o.ori_x.present())
+      fail(ErrorCode::invalid_argument, "ori_x", "None",
+           "is required with copy or const experts (copy_expert_num + const_expert_num > 0)");
+    require_rows_like("ori_x", o.ori_x, expand_x.dtype, bs, h);
+  }
+  for (const auto& [name, view] :
+       {std::pair<const char*, const TensorView*>{"const_expert_alpha_1", &o.const_expert_alpha_1},
+        {"const_expert_alpha_2", &o.const_expert_alpha_2},
+        {"const_expert_v", &o.const_expert_v}}) {
+    if (experts->constant == 0) {
+      require_absent(name, *view, "must be None without const experts (const_expert_num = 0)");
+      continue;
+    }
+    if (!view->present()) fail(ErrorCode::invalid_argument, name, "None", "is required with const experts");
+    require_rows_like(name, *view, expand_x.dtype, experts->constant, h);
+  }
+  if (o.elastic_info.present())
+    fail(ErrorCode::unsupported, "elastic_info", shape_text(o.elastic_info),
+         "elastic scaling is not supported: must be None");
+  check_performance_info(c, o.performance_info);
+  check_comm_alg(c, o.comm_alg, bs, k, *mask, *experts, false);
+  if (o.expand_scales.present()) {
+    require_dtype("expand_scales", o.expand_scales, DType::fp32);
+    require_vector_min("expand_scales", o.expand_scales, needed);
+    require_data("expand_scales", o.expand_scales);
+  }
+  for (const auto& [name, buffer] :
+       {std::pair<const char*, const MutableTensorView*>{"out", &o.out}, {"performance_info", &o.performance_info}}) {
+    if (name == std::string_view("out") && o.out.present()) {
+      require_dtype("out", o.out, expand_x.dtype);
+      require_matrix("out", o.out, bs, h);
+      require_data("out", o.out);
+    }
+    require_no_alias(name, *buffer,
+                     {{"expand_x", expand_x},
+                      {"expert_ids", ids},
+                      {"assist_info_for_combine", assist},
+                      {"ep_send_counts", ep_send_counts},
+                      {"expert_scales", expert_scales},
+                      {"tp_send_counts", o.tp_send_counts},
+                      {"x_active_mask", o.x_active_mask},
+                      {"ori_x", o.ori_x},
+                      {"shared_expert_x", o.shared_expert_x},
+                      {"const_expert_alpha_1", o.const_expert_alpha_1},
+                      {"const_expert_alpha_2", o.const_expert_alpha_2},
+                      {"const_expert_v", o.const_expert_v}});
+  }
+  return shape;
 }
 
 }  // namespace moedist::contract

@@ -57,12 +57,20 @@ void validate_config(const GroupConfig& c) {
     fail_value("tp_rank_id", c.tp_rank_id, "must be 0 or 1 with tp_world_size = 2");
   if (c.expert_shard_type != 0)
     fail_value("expert_shard_type", c.expert_shard_type, "must be 0 (shared-expert ranks placed before MoE ranks)");
-  if (c.shared_expert_num != 1)
-    fail_value("shared_expert_num", c.shared_expert_num, "must be 1 in the V1 operators");
   if (S < 0 || S >= W)
     fail_value("shared_expert_rank_num", S, concat("must be in [0, ep_world_size = ", W, ")"));
-  if (S > 0 && W % S != 0)
-    fail_value("shared_expert_rank_num", S, concat("ep_world_size = ", W, " must be a multiple of it"));
+  // shared_expert_num: 1 for the V1 operators (checked at their calls); V2 §3.5 / §7.1 allow 0 to 4
+  // shared experts, each on S / Sn ranks (S == 0 with the default 1 means none).
+  const int sn = contract::v2_shared_expert_num(c);
+  if (c.shared_expert_num < 0 || c.shared_expert_num > 4)
+    fail_value("shared_expert_num", c.shared_expert_num, "must be in [0, 4] (1 in the V1 operators)");
+  if ((sn == 0) != (S == 0))
+    fail_value("shared_expert_num", c.shared_expert_num,
+               concat("must be 0 exactly when shared_expert_rank_num is 0 (it is ", S, ")"));
+  if (sn > 0 && S % sn != 0)
+    fail_value(
+        "shared_expert_num", c.shared_expert_num,
+        concat("must divide shared_expert_rank_num = ", S, " (each shared expert on S / shared_expert_num ranks)"));
   if (c.moe_expert_num < 1) fail_value("moe_expert_num", c.moe_expert_num, "must be >= 1");
   if (c.moe_expert_num > (1 << 20)) fail_value("moe_expert_num", c.moe_expert_num, "must be <= 1048576");
   if (c.moe_expert_num % (W - S) != 0)
@@ -77,10 +85,10 @@ void validate_config(const GroupConfig& c) {
     fail_value("global_bs", c.global_bs, concat("must be 0 or a multiple of ep_world_size = ", W));
 
   if (c.profile == Profile::ascend_a3) {
-    static constexpr int kA3Sizes[] = {8, 16, 32, 64, 128, 144, 256, 288};
-    if (std::find(std::begin(kA3Sizes), std::end(kA3Sizes), W) == std::end(kA3Sizes))
-      fail_value("ep_world_size", W, "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288");
-    if (c.moe_expert_num > 512) fail_value("moe_expert_num", c.moe_expert_num, "profile ascend_a3 allows at most 512");
+    // The V2 kernels' limits (V2 §7.1); the V1 ones are narrower (check_v1_config).
+    if (W < 2 || W > 768) fail_value("ep_world_size", W, "profile ascend_a3 allows 2 to 768 (V2 operators)");
+    if (c.moe_expert_num > 1024)
+      fail_value("moe_expert_num", c.moe_expert_num, "profile ascend_a3 allows at most 1024");
   } else if (c.profile == Profile::ascend_a2) {
     if (W > 256 || W % 8 != 0)
       fail_value("ep_world_size", W, "profile ascend_a2 needs a multiple of 8 that is at most 256");
@@ -92,10 +100,31 @@ void validate_config(const GroupConfig& c) {
   }
 }
 
+namespace contract {
+
+void check_v1_config(const GroupConfig& c) {
+  if (c.shared_expert_num != 1)
+    fail_value("shared_expert_num", c.shared_expert_num, "must be 1 in the V1 operators (0 to 4 in the V2 ones)");
+  if (c.shared_expert_rank_num > 0 && c.ep_world_size % c.shared_expert_rank_num != 0)
+    fail_value("shared_expert_rank_num", c.shared_expert_rank_num,
+               concat("ep_world_size = ", c.ep_world_size, " must be a multiple of it in the V1 operators"));
+  if (c.profile == Profile::ascend_a3) {
+    static constexpr int kA3Sizes[] = {8, 16, 32, 64, 128, 144, 256, 288};
+    if (std::find(std::begin(kA3Sizes), std::end(kA3Sizes), c.ep_world_size) == std::end(kA3Sizes))
+      fail_value("ep_world_size", c.ep_world_size,
+                 "profile ascend_a3 allows 8, 16, 32, 64, 128, 144, 256 or 288 in the V1 operators");
+    if (c.moe_expert_num > 512)
+      fail_value("moe_expert_num", c.moe_expert_num, "profile ascend_a3 allows at most 512 in the V1 operators");
+  }
+}
+
+}  // namespace contract
+
 CapacityReport capacity(const GroupConfig& config, const CapacityQuery& q) {
   validate_config(config);
   if (q.bs < 0) fail_value("bs", q.bs, "must be >= 0");
-  if (q.k < 1 || q.k > config.moe_expert_num)
+  // V2's K may exceed E with special experts (K <= E + zero + copy + const experts, a call's choice).
+  if (q.k < 1 || (q.version != 2 && q.k > config.moe_expert_num))
     fail_value("k", q.k, concat("must be in [1, moe_expert_num = ", config.moe_expert_num, "]"));
   if (q.h < 1) fail_value("h", q.h, "must be >= 1");
   if (q.x_dtype != DType::bf16 && q.x_dtype != DType::fp16)
@@ -107,9 +136,11 @@ CapacityReport capacity(const GroupConfig& config, const CapacityQuery& q) {
   if (config.global_bs != 0 && contract::sat_mul(q.bs, config.ep_world_size) > config.global_bs)
     fail_value("bs", q.bs, concat("bs * ep_world_size must be <= global_bs = ", config.global_bs));
 
-  contract::check_profile_call_limits(config, q.bs, q.k, q.h);
+  contract::check_profile_call_limits(config, q.bs, q.k, q.h, q.version);
   const contract::Topology topo(config);
-  const contract::CallShape shape{q.bs, q.k, q.h};
+  if (q.version != 1 && q.version != 2) fail_value("version", q.version, "must be 1 (V1 operators) or 2 (V2)");
+  if (q.version == 1) contract::check_v1_config(config);
+  const contract::CallShape shape{q.bs, q.k, q.h, q.bs, q.version};
   const contract::WindowLayout layout(topo, shape, config.ep_rank_id);
 
   CapacityReport r;

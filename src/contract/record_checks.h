@@ -100,4 +100,32 @@ MOEDIST_HD RecordCheck check_send_counts(const std::int32_t* counts, int W, int 
   return RecordCheck{};
 }
 
+// The same for a V2 dispatch record (V2 §3.1-§3.5): `active` tokens take part; a MoE entry counts
+// active entries, so each is in [0, active] and together they are at most active * K (masked entries
+// and special experts send nothing); a shared-expert rank d receives exactly `active` rows from every
+// source with d % R == source % R (its Sn targets), and nothing from the others. Faults as above
+// (moe_rows: value > bound; shared_rows: entry `entry` holds value, not bound).
+MOEDIST_HD RecordCheck check_send_counts_v2(const std::int32_t* counts, int W, int S, int L, int R, int source_ep,
+                                            std::int64_t bs, std::int64_t active, std::int64_t k, std::int64_t max_bs) {
+  if (bs < 0 || bs > max_bs) return RecordCheck{RecordFault::bs_range, -1, bs, max_bs};
+  if (active < 0 || active > bs) return RecordCheck{RecordFault::active_range, -1, active, bs};
+  std::int64_t moe_rows = 0;
+  for (int i = 0; i < W * L; ++i) {
+    const std::int32_t c = counts[i];
+    if (c < 0 || c > active) return RecordCheck{RecordFault::entry_range, i, c, active};
+    if (i >= S * L) {
+      moe_rows += c;
+    } else if (i % L != 0) {
+      if (c != 0) return RecordCheck{RecordFault::entry_shared_local, i, c, active};
+    } else {
+      const int d = i / L;
+      const std::int64_t want = d % R == source_ep % R ? active : 0;
+      if (c != want) return RecordCheck{RecordFault::shared_rows, i, c, want};
+    }
+  }
+  const std::int64_t most = active <= 0x7fffffffffffffff / k ? active * k : 0x7fffffffffffffff;
+  if (moe_rows > most) return RecordCheck{RecordFault::moe_rows, 0, moe_rows, most};
+  return RecordCheck{};
+}
+
 }  // namespace moedist::contract

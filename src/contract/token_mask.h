@@ -25,4 +25,13 @@ enum class Values : std::uint8_t;  // contract/checks.h
 //    which silently drops the wrong tokens).
 std::int64_t check_token_mask(const GroupConfig& config, const TensorView& mask, std::int64_t bs, Values values);
 
+struct EntryMask;  // contract/v2_routing.h
+
+// The V2 operators' mask (V2 §3.2-§3.3): absent, (BS,) bool with its trues first (the rules above, but
+// allowed under ascend_a3), or (BS, K) bool (not under ascend_a2, whose kernel takes only (BS,)).
+// Its values are read where `values` says they can be (on_device: the prefix rule is left to the GPU
+// and the returned prefix is bs).
+EntryMask check_entry_mask(const GroupConfig& config, const TensorView& mask, std::int64_t bs, std::int64_t k,
+                           Values values);
+
 }  // namespace moedist::contract

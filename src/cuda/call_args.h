@@ -17,4 +17,13 @@ CombineArgs combine_args(const TensorView& expand_x, const TensorView& expert_id
                          const TensorView& ep_send_counts, const TensorView& expert_scales, const CombineOptions& options,
                          const contract::CallShape& shape);
 
+// The same for the V2 operators (version 2): the mask, the special experts, performance_info, V2's
+// capacities; combine's triples, ori_x, shared_expert_x and const experts.
+DispatchArgs dispatch_args_v2(const contract::Topology& topo, const TensorView& x, const TensorView& expert_ids,
+                              const DispatchV2Options& options, const contract::CallShape& shape);
+CombineArgs combine_args_v2(const TensorView& expand_x, const TensorView& expert_ids,
+                            const TensorView& assist_info_for_combine, const TensorView& ep_send_counts,
+                            const TensorView& expert_scales, const CombineV2Options& options,
+                            const contract::CallShape& shape);
+
 }  // namespace moedist::cuda

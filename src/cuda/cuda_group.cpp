@@ -5,11 +5,14 @@
 
 #include <algorithm>
 #include <cstring>
+#include <initializer_list>
+#include <utility>
 #include <vector>
 
 #include "common/format.h"
 #include "contract/checks.h"
 #include "contract/layout.h"
+#include "contract/v2_routing.h"
 #include "cuda/call_args.h"
 #include "cuda/kernels.h"
 #include "cuda/status_errors.h"
@@ -137,6 +140,9 @@ struct CudaGroup::State {
   contract::CallShape last_shape;
   DType last_dtype = DType::bf16;
   int last_quant = 0;
+  int last_version = 1;           // the operators of the latest dispatch
+  cuda::SpecialIds last_special;  // and, of a dispatch_v2, its special experts and its mask's rank
+  int last_mask_ndim = 0;
 
   State(const GroupConfig& c, const CudaGroupOptions& o) : config(c), options(o), topo(c) {}
   ~State() { release(); }
@@ -268,12 +274,18 @@ void allocate_group_memory(CudaGroup::State& s, const contract::Topology& topo, 
   g.recv_counts = s.device_array<std::int32_t>(topo.ep_recv_counts_len(config.ep_rank_id));
   g.tp_counts = s.device_array<std::int32_t>(2);
   g.call_shape = s.device_array<std::int64_t>(3);
+  g.Sn = topo.Sn;
+  g.R = topo.R;
+  g.token_slot = s.device_array<std::int32_t>(opts.max_bs);
+  g.source_bs = s.device_array<std::int64_t>(topo.W);
+  g.found_rows = s.device_array<std::int64_t>(contract::sat_mul(opts.max_bs, topo.K_slots(opts.k)));
+  g.const_logits = s.device_array<float>(contract::sat_mul(entries, std::int64_t{2}));
   s.expand_idx_out = s.device_array<std::int32_t>(entries);
   s.token_nums_out = s.device_array<std::int64_t>(local);
   s.recv_counts_out = s.device_array<std::int32_t>(topo.ep_recv_counts_len(config.ep_rank_id));
   s.tp_counts_out = s.device_array<std::int32_t>(2);
   s.combine_out = s.device_array<std::uint16_t>(contract::sat_mul(opts.max_bs, opts.h));
-  s.sort.key_bits = bits_for(topo.E - 1);
+  s.sort.key_bits = bits_for(topo.E);  // ids [0, E) and V2's key E for entries that are not sent
   check_cuda(cuda::sort_scratch_bytes(entries, s.sort.key_bits, &s.sort.bytes), "cub::DeviceRadixSort (scratch size)");
   s.sort.temp = s.device_array<std::byte>(static_cast<std::int64_t>(s.sort.bytes));
   check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (join)");
@@ -292,8 +304,9 @@ std::unique_ptr<CudaGroup> CudaGroup::join(const GroupConfig& config, const std:
   if (world > kMaxWorld)
     fail(ErrorCode::unsupported, "ep_world_size * max(tp_world_size, 1)", concat(world),
          concat("the CUDA backend supports at most ", kMaxWorld, " ranks"));
-  if (options.k < 1 || options.k > std::min<std::int64_t>(config.moe_expert_num, kMaxK))
-    fail_value("CudaGroupOptions::k", options.k, concat("must be in [1, min(moe_expert_num, ", kMaxK, ")]"));
+  // K <= E is a V1 call's rule (checked at the call): a V2 call's K may reach E + its special experts.
+  if (options.k < 1 || options.k > kMaxK)
+    fail_value("CudaGroupOptions::k", options.k, concat("must be in [1, ", kMaxK, "]"));
   if (options.h < 1) fail_value("CudaGroupOptions::h", options.h, "must be >= 1");
   if (options.wait.timeout.count() <= 0)
     fail_value("CudaGroupOptions::timeout (ms)", options.wait.timeout.count(), "must be > 0");
@@ -402,12 +415,10 @@ std::unique_ptr<CudaGroup> CudaGroup::join(const GroupConfig& config, const std:
   return std::unique_ptr<CudaGroup>(new CudaGroup(std::move(state)));
 }
 
-CudaDispatchResult CudaGroup::dispatch(const TensorView& x, const TensorView& expert_ids, const DispatchOptions& o, Stream stream) {
-  State& s = *state_;
-  s.throw_if_failed();
-  const DeviceGuard on_device(s.options.device);
-  const contract::CallShape shape = contract::check_dispatch(s.config, x, expert_ids, o, contract::Values::on_device);
-  refuse_token_mask(o.x_active_mask);
+namespace {
+
+// The call shape against the group's (the windows are sized for its largest call).
+void require_group_shape(const CudaGroup::State& s, const contract::CallShape& shape) {
   if (shape.h != s.options.h)
     fail(ErrorCode::invalid_shape, "x.shape[1] (H)", concat(shape.h), concat("must be the group's H = ", s.options.h));
   if (shape.k != s.options.k)
@@ -416,50 +427,130 @@ CudaDispatchResult CudaGroup::dispatch(const TensorView& x, const TensorView& ex
   if (shape.bs > s.options.max_bs)
     fail(ErrorCode::invalid_shape, "x.shape[0] (BS)", concat(shape.bs),
          concat("must be <= the group's max_bs = ", s.options.max_bs));
-  const DispatchOutputs& out = o.out;
+}
+
+// Caller output buffers: both dispatch operators return theirs in group memory. `index` is the
+// operator's own (expand_idx, assist_info_for_combine).
+template <class Outputs>
+void refuse_dispatch_outputs(const Outputs& out, std::pair<const char*, const MutableTensorView*> index) {
   for (const auto& [name, buffer] : {std::pair<const char*, const MutableTensorView*>{"out.expand_x", &out.expand_x},
-                                     {"out.dynamic_scales", &out.dynamic_scales}, {"out.expand_scales", &out.expand_scales},
-                                     {"out.expand_idx", &out.expand_idx}, {"out.expert_token_nums", &out.expert_token_nums},
-                                     {"out.ep_recv_counts", &out.ep_recv_counts}, {"out.tp_recv_counts", &out.tp_recv_counts}}) {
+                                     {"out.dynamic_scales", &out.dynamic_scales},
+                                     {"out.expand_scales", &out.expand_scales},
+                                     index,
+                                     {"out.expert_token_nums", &out.expert_token_nums},
+                                     {"out.ep_recv_counts", &out.ep_recv_counts},
+                                     {"out.tp_recv_counts", &out.tp_recv_counts}}) {
     if (buffer->present())
       fail(ErrorCode::unsupported, name, "given",
            "the CUDA backend returns its outputs in group memory (leave options.out empty)");
   }
-  const int dev = s.options.device;
+}
+
+// The inputs both dispatch operators take, on the group's device.
+void require_dispatch_tensors(int dev, const TensorView& x, const TensorView& expert_ids, const TensorView& scales,
+                              const TensorView& expert_scales) {
   require_device_tensor("x", x.data, x.numel(), dev);
   require_device_tensor("expert_ids", expert_ids.data, expert_ids.numel(), dev);
-  require_device_tensor("scales", o.scales.data, o.scales.numel(), dev);
-  require_device_tensor("expert_scales", o.expert_scales.data, o.expert_scales.numel(), dev);
+  require_device_tensor("scales", scales.data, scales.numel(), dev);
+  require_device_tensor("expert_scales", expert_scales.data, expert_scales.numel(), dev);
+}
 
+// Enqueues a dispatch whose arguments (but the output pointers) are `a`, and returns its outputs.
+CudaDispatchResult run_dispatch(CudaGroup::State& s, cuda::DispatchArgs& a, const contract::CallShape& shape,
+                                DType dtype, int quant_mode, bool has_expert_scales, Stream stream) {
   const contract::Topology& topo = s.topo;
-  cuda::DispatchArgs a = cuda::dispatch_args(topo, x, expert_ids, o, shape);
-  a.expand_idx = static_cast<std::int32_t*>(s.expand_idx_out);
+  const int version = a.version;
+  a.expand_idx = version == 2 ? nullptr : static_cast<std::int32_t*>(s.expand_idx_out);
   a.expert_token_nums = static_cast<std::int64_t*>(s.token_nums_out);
   a.ep_recv_counts = static_cast<std::int32_t*>(s.recv_counts_out);
   a.tp_recv_counts = topo.T == 2 ? static_cast<std::int32_t*>(s.tp_counts_out) : nullptr;
-  require_no_pending_error("dispatch");
+  require_no_pending_error(version == 2 ? "dispatch_v2" : "dispatch");
   s.enqueue_or_break(cuda::enqueue_dispatch(s.dev, a, s.sort, s.mirror, reinterpret_cast<cudaStream_t>(stream)),
-                     "dispatch");
+                     version == 2 ? "dispatch_v2" : "dispatch");
   s.dispatched = true;
   s.combined_since_dispatch = false;
   s.last_shape = shape;
-  s.last_dtype = x.dtype;
-  s.last_quant = o.quant_mode;
+  s.last_dtype = dtype;
+  s.last_quant = quant_mode;
+  s.last_version = version;
 
   CudaDispatchResult r;
   const int me_ep = s.config.ep_rank_id;
-  r.A = topo.capacity_a(me_ep, shape.bs, shape.k);
-  // A shared-expert rank can receive more than A rows when ranks have different BS (global_bs != 0);
+  r.A = topo.capacity_a(me_ep, shape.bs, shape.k, version);
+  // A shared-expert rank can receive more than A rows when ranks have different BS (global_bs != 0, V1);
   // the views cover every row this call can produce, as the CPU path's outputs do, so that they can be
   // read up to valid_rows and passed back to combine. The window is sized for this bound.
-  const std::int64_t rows = topo.receive_rows(me_ep, shape.bs, shape.k) * topo.T;
-  r.expand_x = matrix_view(s.window + s.off.expand_x, o.quant_mode == 2 ? DType::int8 : x.dtype, rows, shape.h);
+  const std::int64_t rows = topo.receive_rows(me_ep, shape.bs, shape.k, version) * topo.T;
+  r.expand_x = matrix_view(s.window + s.off.expand_x, quant_mode == 2 ? DType::int8 : dtype, rows, shape.h);
   r.dynamic_scales = vector_view(s.window + s.off.dynamic_scales, DType::fp32, rows);
-  if (o.expert_scales.present()) r.expand_scales = vector_view(s.window + s.off.expand_scales, DType::fp32, rows);
-  r.expand_idx = vector_view(s.expand_idx_out, DType::int32, shape.bs * shape.k);
+  if (has_expert_scales) r.expand_scales = vector_view(s.window + s.off.expand_scales, DType::fp32, rows);
+  if (version == 2)
+    r.assist_info_for_combine = vector_view(s.window + s.off.assist, DType::int32, 3 * rows);
+  else
+    r.expand_idx = vector_view(s.expand_idx_out, DType::int32, shape.bs * shape.k);
   r.expert_token_nums = vector_view(s.token_nums_out, DType::int64, topo.local_experts(me_ep));
   r.ep_recv_counts = vector_view(s.recv_counts_out, DType::int32, topo.ep_recv_counts_len(me_ep));
   if (topo.T == 2) r.tp_recv_counts = vector_view(s.tp_counts_out, DType::int32, 2);
+  return r;
+}
+
+// Combine's pairing with the latest dispatch, as far as the host sees it.
+void require_paired(const CudaGroup::State& s, const contract::CallShape& shape, DType dtype, int version) {
+  if (!s.dispatched)
+    fail(ErrorCode::invalid_argument, version == 2 ? "combine_v2" : "combine", "before any dispatch",
+         "needs a dispatch on this group first");
+  if (s.last_version != version)
+    fail(ErrorCode::invalid_argument, version == 2 ? "combine_v2" : "combine",
+         concat("after a V", s.last_version, " dispatch"),
+         concat("pairs with ", version == 2 ? "dispatch_v2" : "dispatch", " (the latest dispatch of the group)"));
+  if (s.combined_since_dispatch)
+    fail(ErrorCode::invalid_argument, version == 2 ? "combine_v2" : "combine", "a second combine",
+         "the CUDA backend pairs one combine with each dispatch");
+  if (shape.bs != s.last_shape.bs || shape.k != s.last_shape.k || shape.h != s.last_shape.h) {
+    fail(ErrorCode::invalid_shape, "expert_ids.shape / expand_x.shape[1]",
+         concat("(", shape.bs, ", ", shape.k, ") / ", shape.h),
+         concat("must be the latest dispatch's (", s.last_shape.bs, ", ", s.last_shape.k, ") / ", s.last_shape.h));
+  }
+  if (dtype != s.last_dtype)
+    fail(ErrorCode::invalid_dtype, "expand_x.dtype", std::string(dtype_name(dtype)),
+         concat("must be the dispatched x's dtype ", dtype_name(s.last_dtype)));
+}
+
+}  // namespace
+
+CudaDispatchResult CudaGroup::dispatch(const TensorView& x, const TensorView& expert_ids, const DispatchOptions& o,
+                                       Stream stream) {
+  State& s = *state_;
+  s.throw_if_failed();
+  const DeviceGuard on_device(s.options.device);
+  const contract::CallShape shape = contract::check_dispatch(s.config, x, expert_ids, o, contract::Values::on_device);
+  refuse_token_mask(o.x_active_mask);
+  require_group_shape(s, shape);
+  refuse_dispatch_outputs(o.out, {"out.expand_idx", &o.out.expand_idx});
+  require_dispatch_tensors(s.options.device, x, expert_ids, o.scales, o.expert_scales);
+  cuda::DispatchArgs a = cuda::dispatch_args(s.topo, x, expert_ids, o, shape);
+  return run_dispatch(s, a, shape, x.dtype, o.quant_mode, o.expert_scales.present(), stream);
+}
+
+CudaDispatchResult CudaGroup::dispatch_v2(const TensorView& x, const TensorView& expert_ids, const DispatchV2Options& o,
+                                          Stream stream) {
+  State& s = *state_;
+  s.throw_if_failed();
+  const DeviceGuard on_device(s.options.device);
+  contract::EntryMask mask;
+  contract::SpecialExperts experts;
+  const contract::CallShape shape =
+      contract::check_dispatch_v2(s.config, x, expert_ids, o, &mask, &experts, contract::Values::on_device);
+  require_group_shape(s, shape);
+  refuse_dispatch_outputs(o.out, {"out.assist_info_for_combine", &o.out.assist_info_for_combine});
+  const int dev = s.options.device;
+  require_dispatch_tensors(dev, x, expert_ids, o.scales, o.expert_scales);
+  require_device_tensor("x_active_mask", o.x_active_mask.data, o.x_active_mask.numel(), dev);
+  require_device_tensor("performance_info", o.performance_info.data, o.performance_info.numel(), dev);
+  cuda::DispatchArgs a = cuda::dispatch_args_v2(s.topo, x, expert_ids, o, shape);
+  CudaDispatchResult r = run_dispatch(s, a, shape, x.dtype, o.quant_mode, o.expert_scales.present(), stream);
+  s.last_special = a.special;
+  s.last_mask_ndim = o.x_active_mask.ndim;
   return r;
 }
 
@@ -468,6 +559,49 @@ MutableTensorView CudaGroup::combine_buffer(DType dtype) {
   if (s.topo.T == 2 || (dtype != DType::bf16 && dtype != DType::fp16)) return {};
   return matrix_view(s.window + s.off.combine_rows, dtype, s.off.receive_rows, s.options.h, static_cast<std::int64_t>(s.off.combine_pitch / 2));
 }
+
+namespace {
+
+// What both combine operators share after their own checks: where expand_x is (the combine buffer, read
+// in place, or other memory staged into the window), the output, the enqueue.
+TensorView run_combine(CudaGroup& group, CudaGroup::State& s, cuda::CombineArgs& a, const TensorView& expand_x,
+                       const MutableTensorView& caller_out, int comm_quant_mode, const contract::CallShape& shape,
+                       Stream stream) {
+  const MutableTensorView in_window = group.combine_buffer(expand_x.dtype);
+  a.staged_in_place = comm_quant_mode == 0 && in_window.present() && expand_x.data == in_window.data &&
+                      expand_x.strides[0] == in_window.strides[0] && expand_x.strides[1] == 1;
+  const auto* x_begin = static_cast<const std::byte*>(expand_x.data);
+  const std::byte* region = s.window + s.off.combine_rows;
+  if (!a.staged_in_place && x_begin >= region &&
+      x_begin < region + s.off.receive_rows * static_cast<std::int64_t>(s.off.combine_pitch)) {
+    fail(ErrorCode::invalid_argument, "expand_x", "a view of combine_buffer()",
+         comm_quant_mode == 2
+             ? "cannot be staged in place with comm_quant_mode 2 (quantization rewrites those rows): pass it from "
+               "other memory"
+             : "must be exactly combine_buffer(dtype) (same start and row stride) when it lies in it");
+  }
+  if (caller_out.present() && shape.bs > 0) {  // the source ranks read the window while this rank writes out
+    const auto* first = static_cast<const std::byte*>(caller_out.data);
+    const std::byte* last =
+        first + ((shape.bs - 1) * caller_out.strides[0] + (shape.h - 1) * caller_out.strides[1] + 1) * 2;
+    if (first < s.window + s.off.total && last > s.window) {
+      fail(ErrorCode::invalid_argument, "out", "a view of the group's window",
+           "must not lie in the group's window (peers read it during combine)");
+    }
+  }
+  MutableTensorView out =
+      caller_out.present() ? caller_out : matrix_view(s.combine_out, expand_x.dtype, shape.bs, shape.h);
+  a.out = static_cast<std::uint16_t*>(out.data);
+  a.out_row_stride = out.strides[0];
+  a.out_col_stride = out.strides[1];
+  const char* call = a.version == 2 ? "combine_v2" : "combine";
+  require_no_pending_error(call);
+  s.enqueue_or_break(cuda::enqueue_combine(s.dev, a, s.mirror, reinterpret_cast<cudaStream_t>(stream)), call);
+  s.combined_since_dispatch = true;
+  return out;
+}
+
+}  // namespace
 
 TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expert_ids, const TensorView& expand_idx,
                               const TensorView& ep_send_counts, const TensorView& expert_scales, const CombineOptions& o, Stream stream) {
@@ -487,19 +621,7 @@ TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expe
     fail(ErrorCode::unsupported, "expand_idx.stride()",
          concat("(", expand_idx.strides[0], ", ", expand_idx.strides[1], ")"),
          "a 2-D expand_idx must be row-major without gaps between rows on the CUDA backend (pass a contiguous one)");
-  if (!s.dispatched)
-    fail(ErrorCode::invalid_argument, "combine", "before any dispatch", "needs a dispatch on this group first");
-  if (s.combined_since_dispatch)
-    fail(ErrorCode::invalid_argument, "combine", "a second combine",
-         "the CUDA backend pairs one combine with each dispatch");
-  if (shape.bs != s.last_shape.bs || shape.k != s.last_shape.k || shape.h != s.last_shape.h) {
-    fail(ErrorCode::invalid_shape, "expert_ids.shape / expand_x.shape[1]",
-         concat("(", shape.bs, ", ", shape.k, ") / ", shape.h),
-         concat("must be the latest dispatch's (", s.last_shape.bs, ", ", s.last_shape.k, ") / ", s.last_shape.h));
-  }
-  if (expand_x.dtype != s.last_dtype)
-    fail(ErrorCode::invalid_dtype, "expand_x.dtype", std::string(dtype_name(expand_x.dtype)),
-         concat("must be the dispatched x's dtype ", dtype_name(s.last_dtype)));
+  require_paired(s, shape, expand_x.dtype, 1);
   const int dev = s.options.device;
   require_device_tensor("expand_x", expand_x.data, expand_x.numel(), dev);
   require_device_tensor("expert_ids", expert_ids.data, expert_ids.numel(), dev);
@@ -508,36 +630,53 @@ TensorView CudaGroup::combine(const TensorView& expand_x, const TensorView& expe
   require_device_tensor("expert_scales", expert_scales.data, expert_scales.numel(), dev);
   require_device_tensor("tp_send_counts", o.tp_send_counts.data, o.tp_send_counts.numel(), dev);
   require_device_tensor("out", o.out.data, o.out.numel(), dev);
-
   cuda::CombineArgs a = cuda::combine_args(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, o, shape);
-  const MutableTensorView in_window = combine_buffer(expand_x.dtype);
-  a.staged_in_place = o.comm_quant_mode == 0 && in_window.present() && expand_x.data == in_window.data &&
-                      expand_x.strides[0] == in_window.strides[0] && expand_x.strides[1] == 1;
-  const auto* x_begin = static_cast<const std::byte*>(expand_x.data);
-  const std::byte* region = s.window + s.off.combine_rows;
-  if (!a.staged_in_place && x_begin >= region && x_begin < region + s.off.receive_rows * static_cast<std::int64_t>(s.off.combine_pitch)) {
-    fail(ErrorCode::invalid_argument, "expand_x", "a view of combine_buffer()",
-         o.comm_quant_mode == 2
-             ? "cannot be staged in place with comm_quant_mode 2 (quantization rewrites those rows): pass it from "
-               "other memory"
-             : "must be exactly combine_buffer(dtype) (same start and row stride) when it lies in it");
+  return run_combine(*this, s, a, expand_x, o.out, o.comm_quant_mode, shape, stream);
+}
+
+TensorView CudaGroup::combine_v2(const TensorView& expand_x, const TensorView& expert_ids, const TensorView& assist,
+                                 const TensorView& ep_send_counts, const TensorView& expert_scales,
+                                 const CombineV2Options& o, Stream stream) {
+  State& s = *state_;
+  s.throw_if_failed();
+  const DeviceGuard on_device(s.options.device);
+  contract::CombineCounts counts;
+  contract::EntryMask mask;
+  contract::SpecialExperts experts;
+  const contract::CallShape shape =
+      contract::check_combine_v2(s.config, expand_x, expert_ids, assist, ep_send_counts, expert_scales, o, &counts,
+                                 &mask, &experts, contract::Values::on_device);
+  require_paired(s, shape, expand_x.dtype, 2);
+  const cuda::SpecialIds special{o.zero_expert_num, o.copy_expert_num, o.const_expert_num};
+  if (special.zero != s.last_special.zero || special.copy != s.last_special.copy ||
+      special.constant != s.last_special.constant)
+    fail(ErrorCode::invalid_argument, "zero_expert_num, copy_expert_num, const_expert_num",
+         concat(special.zero, ", ", special.copy, ", ", special.constant),
+         concat("must be the latest dispatch_v2's (", s.last_special.zero, ", ", s.last_special.copy, ", ",
+                s.last_special.constant, ")"));
+  if (o.x_active_mask.ndim != s.last_mask_ndim)
+    fail(ErrorCode::invalid_argument, "x_active_mask", contract::shape_text(o.x_active_mask),
+         concat("must be the latest dispatch_v2's x_active_mask (",
+                s.last_mask_ndim == 0 ? "None" : concat(s.last_mask_ndim, "-D"), ")"));
+  const int dev = s.options.device;
+  for (const auto& [name, t] : {std::pair<const char*, const TensorView*>{"expand_x", &expand_x},
+                                {"expert_ids", &expert_ids},
+                                {"assist_info_for_combine", &assist},
+                                {"ep_send_counts", &ep_send_counts},
+                                {"expert_scales", &expert_scales},
+                                {"tp_send_counts", &o.tp_send_counts},
+                                {"x_active_mask", &o.x_active_mask},
+                                {"ori_x", &o.ori_x},
+                                {"shared_expert_x", &o.shared_expert_x},
+                                {"const_expert_alpha_1", &o.const_expert_alpha_1},
+                                {"const_expert_alpha_2", &o.const_expert_alpha_2},
+                                {"const_expert_v", &o.const_expert_v}}) {
+    require_device_tensor(name, t->data, t->numel(), dev);
   }
-  if (o.out.present() && shape.bs > 0) {  // the source ranks read the window while this rank writes out
-    const auto* first = static_cast<const std::byte*>(o.out.data);
-    const std::byte* last = first + ((shape.bs - 1) * o.out.strides[0] + (shape.h - 1) * o.out.strides[1] + 1) * 2;
-    if (first < s.window + s.off.total && last > s.window) {
-      fail(ErrorCode::invalid_argument, "out", "a view of the group's window",
-           "must not lie in the group's window (peers read it during combine)");
-    }
-  }
-  MutableTensorView out = o.out.present() ? o.out : matrix_view(s.combine_out, expand_x.dtype, shape.bs, shape.h);
-  a.out = static_cast<std::uint16_t*>(out.data);
-  a.out_row_stride = out.strides[0];
-  a.out_col_stride = out.strides[1];
-  require_no_pending_error("combine");
-  s.enqueue_or_break(cuda::enqueue_combine(s.dev, a, s.mirror, reinterpret_cast<cudaStream_t>(stream)), "combine");
-  s.combined_since_dispatch = true;
-  return out;
+  require_device_tensor("performance_info", o.performance_info.data, o.performance_info.numel(), dev);
+  require_device_tensor("out", o.out.data, o.out.numel(), dev);
+  cuda::CombineArgs a = cuda::combine_args_v2(expand_x, expert_ids, assist, ep_send_counts, expert_scales, o, shape);
+  return run_combine(*this, s, a, expand_x, o.out, o.comm_quant_mode, shape, stream);
 }
 
 void CudaGroup::synchronize(Stream stream) {

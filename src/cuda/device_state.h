@@ -12,24 +12,48 @@
 namespace moedist::cuda {
 
 // Which step of a call a device-side error comes from (ErrorCode says what kind of error).
-enum class Phase : std::int32_t { none = 0, dispatch_ids, dispatch_counts, dispatch_rows, combine_args, combine_tp, combine_rows };
+enum class Phase : std::int32_t {
+  none = 0,
+  dispatch_ids,
+  dispatch_counts,
+  dispatch_rows,
+  combine_args,
+  combine_tp,
+  combine_rows,
+  combine_index,  // V2: the expert rank indexes its rows by their triples
+  combine_find,   // V2: the source rank finds its rows in the expert ranks' indexes
+};
 
 // The rule an error broke, for the host's message.
 enum class Rule : std::int32_t {
   none = 0,
-  id_range,              // expert_ids[index] = value is outside [0, limit)
-  id_repeated,           // expert_ids[index] = value repeats an id of its row
-  peer_failed,           // rank `peer` failed in the same call
-  timeout,               // rank `peer` did not arrive within the timeout
-  same_call,             // rank `peer` has another value (value) of the call field `index` (CallField) than this rank (limit)
-  bad_record,            // rank `peer`'s count record breaks a rule (index: entry, value: its value, limit: bound)
-  capacity,              // rank `peer` would receive `value` rows, more than `limit`
-  ids_differ,            // combine: expert_ids[index] = value differs from dispatch's (limit)
-  expand_idx_differs,    // combine: expand_idx[index] = value differs from dispatch's (limit)
-  ep_counts_differ,      // combine: ep_send_counts[index] = value differs from dispatch's ep_recv_counts (limit)
-  tp_counts_differ,      // combine: tp_send_counts[index] = value differs from dispatch's tp_recv_counts (limit)
-  expand_x_rows,         // combine: expand_x has `value` rows, fewer than the `limit` valid rows
-  out_of_step,           // rank `peer` signalled call `value` while this rank waits for call `limit`
+  id_range,     // expert_ids[index] = value is outside [0, limit)
+  id_repeated,  // expert_ids[index] = value repeats an id of its row
+  peer_failed,  // rank `peer` failed in the same call
+  timeout,      // rank `peer` did not arrive within the timeout
+  same_call,    // rank `peer` has another value (value) of the call field `index` (CallField) than this rank (limit)
+  bad_record,   // rank `peer`'s count record breaks a rule (index: entry, value: its value, limit: bound)
+  capacity,     // rank `peer` would receive `value` rows, more than `limit`
+  ids_differ,   // combine: expert_ids[index] = value differs from dispatch's (limit)
+  expand_idx_differs,  // combine: expand_idx[index] = value differs from dispatch's (limit)
+  ep_counts_differ,    // combine: ep_send_counts[index] = value differs from dispatch's ep_recv_counts (limit)
+  tp_counts_differ,    // combine: tp_send_counts[index] = value differs from dispatch's tp_recv_counts (limit)
+  expand_x_rows,       // combine: expand_x has `value` rows, fewer than the `limit` valid rows
+  out_of_step,         // rank `peer` signalled call `value` while this rank waits for call `limit`
+  // The V2 operators.
+  id_range_special,    // expert_ids[index] = value is outside [0, limit = E + Z + C + Q)
+  id_repeated_routed,  // expert_ids[index] = value repeats an id its row routes (unmasked)
+  mask_not_prefix,     // x_active_mask[index] is true after a false (a (BS,) mask must be a prefix)
+  mask_differs,       // combine: x_active_mask has entry `index` (b * K + k) on (value 1) or off (0), unlike dispatch's
+  other_operator,     // rank `peer` made a V`value` call while this rank made a V`limit` one
+  triple_source,      // combine: assist_info_for_combine[index] = value is not an EP rank in [0, limit)
+  triple_token,       // combine: assist_info_for_combine[index] = value is not a token of its source, [0, limit)
+  triple_k,           // combine: assist_info_for_combine[index] = value is not a k in [0, K = limit) (a MoE rank)
+  triple_k_shared,    // combine: assist_info_for_combine[index] = value is not K + this shared rank's expert = limit
+  triple_repeated,    // combine: the triple at assist_info_for_combine[index] repeats the one of row `value`
+  assist_short,       // combine: assist_info_for_combine has `value` entries, fewer than 3 * own rows = limit
+  row_missing,        // combine: rank `peer` holds no row for token `index`, slot `value` (k, or K + j) of this rank
+  rows_count_differ,  // combine: rank `peer` holds `value` rows of this rank, which sends it `limit`
 };
 
 // The same-call fields as contract/record_checks.h compares them; Status::index holds one.
@@ -48,13 +72,17 @@ struct Status {
   std::int64_t valid_rows = 0;                        // the latest dispatch's valid rows
   std::int64_t own_rows = 0, peer_rows = 0;           // ... and its split (T == 2)
   std::uint64_t seq = 0;                              // calls issued on the device so far
+  std::int64_t active_tokens = 0;                     // V2 dispatch: this rank's active tokens (scratch)
 };
 
 // What a rank publishes to every rank at the start of a dispatch (into slot [rank] of their inbox).
 struct RecordHeader {
   std::int64_t bs = 0, k = 0, h = 0;
   std::int32_t dtype = 0, mode = 0, has_expert_scales = 0, failed = 0;
-  std::int64_t reserved[3] = {};
+  std::int64_t active = 0;   // tokens that take part (V2: x_active_mask); = bs in V1
+  std::int32_t version = 0;  // 1: a V1 operator's record, 2: a V2 one
+  std::int32_t unused = 0;
+  std::int64_t reserved = 0;
 };
 static_assert(sizeof(RecordHeader) == 64);
 
@@ -72,6 +100,12 @@ struct WindowOffsets {
   std::size_t combine_rows = 0;   // receive_rows rows of combine_pitch bytes (16-bit rows or int8 + group scales)
   std::size_t combine_pitch = 0;
   std::size_t tp_inbox = 0;       // receive_rows rows of H 16-bit elements (T == 2)
+  // V2: the triples of the dispatch rows (3 int32 per row), and combine's row index: for every source EP
+  // rank, token and (token, k) slot (K + Sn of them) the row holding it, tagged with the call
+  // ((seq << 32) | row, int64), then per source rank the rows it has here (int64).
+  std::size_t assist = 0;
+  std::size_t index = 0, index_counts = 0;
+  std::int64_t index_tokens = 0, index_slots = 0;
   std::size_t total = 0;
   std::int64_t dispatch_rows = 0, receive_rows = 0;
 };
@@ -82,6 +116,7 @@ MOEDIST_HD constexpr std::uint64_t flag_word(std::uint64_t seq, bool failed) { r
 // The group as every kernel sees it (passed by value; arrays live in device memory).
 struct DeviceGroup {
   int W = 0, S = 0, E = 0, L = 0, T = 1, ep_rank = 0, tp_rank = 0, world = 0, me = 0;
+  int Sn = 0, R = 0;            // V2: shared experts, and the shared-expert ranks of each (contract Topology)
   int local_experts = 0;        // of this rank
   std::int64_t global_bs = 0;
   std::int64_t timeout_ns = 0;
@@ -103,6 +138,35 @@ struct DeviceGroup {
   std::int32_t* recv_counts = nullptr;         // [W*local*2] this rank's ep_recv_counts (copy kept for combine)
   std::int32_t* tp_counts = nullptr;           // [2]
   std::int64_t* call_shape = nullptr;          // [3] the latest dispatch's bs, k, h (combine checks against it)
+  // V2 (the dispatch handle and combine's scratch, sized for the largest shape).
+  std::int32_t* token_slot = nullptr;  // [max BS] an active token's place among them, -1 inactive
+  std::int64_t* source_bs = nullptr;   // [W] BS of each EP rank of this lane (triples name its tokens)
+  std::int64_t* found_rows = nullptr;  // [max BS * (K + Sn)] the holder's row of each of this rank's slots
+  float* const_logits = nullptr;       // [max BS * K * 2] <alpha_1, x>, <alpha_2, x> of const entries
+};
+
+// A (BS,) or (BS, K) bool mask (x_active_mask) in device memory; absent when data is null.
+struct TokenMask {
+  const std::uint8_t* data = nullptr;
+  int two_d = 0;
+  std::int64_t row_stride = 0, col_stride = 1;
+};
+
+// Rows of 16-bit values (ori_x, shared_expert_x, the const experts' tensors); absent when data is null.
+struct HalfRows {
+  const std::uint16_t* data = nullptr;
+  std::int64_t row_stride = 0, col_stride = 1;
+};
+
+// performance_info (V2 §5.1): (W,) int64 raised to the longest wait per EP rank, in µs; absent when null.
+struct PerfOut {
+  std::int64_t* data = nullptr;
+  std::int64_t stride = 1;
+};
+
+// The special experts of a V2 call (V2 §3.4): ids [E, E+Z) zero, [E+Z, E+Z+C) copy, [E+Z+C, E+Z+C+Q) const.
+struct SpecialIds {
+  std::int32_t zero = 0, copy = 0, constant = 0;
 };
 
 // The arguments of one dispatch.
@@ -123,6 +187,11 @@ struct DispatchArgs {
   std::int64_t* expert_token_nums = nullptr;   // [local]
   std::int32_t* ep_recv_counts = nullptr;      // [W*local*(T==2?2:1)]
   std::int32_t* tp_recv_counts = nullptr;      // [2] or null
+  // V2 (version 2): active entries, special experts, Sn shared experts, triples; expand_idx is null.
+  int version = 1;
+  TokenMask mask;
+  SpecialIds special;
+  PerfOut perf;
 };
 
 // The arguments of one combine.
@@ -144,6 +213,15 @@ struct CombineArgs {
   bool staged_in_place = false;  // expand_x is this rank's combine buffer: no staging copy
   std::uint16_t* out = nullptr;
   std::int64_t out_row_stride = 0, out_col_stride = 1;
+  // V2 (version 2): rows found by their triples, special experts, shared_expert_x, V2's TP rounding;
+  // expand_idx is null.
+  int version = 1;
+  TokenMask mask;
+  SpecialIds special;
+  const std::int32_t* assist = nullptr;  // assist_info_for_combine
+  std::int64_t assist_stride = 1, assist_len = 0;
+  HalfRows ori_x, shared_x, alpha_1, alpha_2, const_v;
+  PerfOut perf;
 };
 
 }  // namespace moedist::cuda

@@ -53,14 +53,20 @@ __device__ __forceinline__ void store_release(std::uint64_t* p, std::uint64_t v)
 #endif
 }
 
-// Waits until `flag` signals call `seq` or `deadline` (global timer, ns) passes. Every rank waits for its
-// peers to arrive, a failed one too, so that no rank runs a call ahead of a peer and rewrites what the
-// peer still reads; only a rank that already timed out (a peer is gone) stops waiting. What it sees is
-// recorded as the rank's error unless it has one: a failed peer, a flag of another call, a timeout.
-__device__ bool wait_flag(const DeviceGroup& g, const std::uint64_t* flag, std::uint64_t seq, std::uint64_t deadline, int peer, Phase phase) {
+// Waits until `flag` signals call `seq` or the timeout passes after `start` (global timer, ns: when the
+// waiting thread began to poll). Every rank waits for its peers to arrive, a failed one too, so that no
+// rank runs a call ahead of a peer and rewrites what the peer still reads; only a rank that already timed
+// out (a peer is gone) stops waiting. What it sees is recorded as the rank's error unless it has one: a
+// failed peer, a flag of another call, a timeout. With `perf` (V2 performance_info) the time from `start`
+// to the poll that saw the flag raises the peer's EP rank's entry, in µs (V2 §5.1).
+__device__ bool wait_flag(const DeviceGroup& g, const std::uint64_t* flag, std::uint64_t seq, std::uint64_t start, int peer, Phase phase,
+                          const PerfOut& perf = {}) {
+  const std::uint64_t deadline = start + static_cast<std::uint64_t>(g.timeout_ns);
   for (;;) {
     const std::uint64_t v = load_acquire(flag);
     if ((v >> 1) >= seq) {
+      const std::uint64_t now = global_timer_ns();
+      record_wait(perf, peer / g.T, now > start ? now - start : 0);
       if ((v >> 1) != seq) {
         record_failure(g.status, ErrorCode::protocol, peer, phase, Rule::out_of_step, 0, static_cast<std::int64_t>(v >> 1), static_cast<std::int64_t>(seq));
         return false;
@@ -80,7 +86,6 @@ __device__ bool wait_flag(const DeviceGroup& g, const std::uint64_t* flag, std::
   }
 }
 
-__device__ std::uint64_t deadline_of(const DeviceGroup& g) { return global_timer_ns() + static_cast<std::uint64_t>(g.timeout_ns); }
 
 // Loads and stores of 8-element chunks: 16-byte vectors when rows are contiguous and aligned (VEC),
 // element by element otherwise. Both give the same values.
@@ -162,15 +167,15 @@ __device__ Target* shared_targets() {
   return reinterpret_cast<Target*>(dynamic_shared);
 #endif
 }
-std::size_t targets_bytes(std::int64_t k) { return static_cast<std::size_t>(k + 1) * sizeof(Target); }
+std::size_t targets_bytes(std::int64_t k) {
+  return static_cast<std::size_t>(k + kMaxSharedExperts + 1) * std::max(sizeof(Target), sizeof(TermV2));
+}
 
-// Token b's targets (protocol.h target_of), thread j finding target j, shared with the block.
+// Token b's targets (protocol.h call_target), thread j finding target j, shared with the block.
 template <class Args>
 __device__ int block_targets(const DeviceGroup& g, const Args& a, std::int64_t b, Target* targets) {
-  const int count = target_count(g, a.k);
-  for (int j = threadIdx.x; j < count; j += blockDim.x) {
-    targets[j] = target_of(g, b, a.k, j, a.expert_scales, a.expert_scales_row_stride, a.expert_scales_col_stride, a.bs);
-  }
+  const int count = target_count(g, a.k, a.version);
+  for (int j = threadIdx.x; j < count; j += blockDim.x) targets[j] = call_target(g, a, b, j);
   __syncthreads();
   return count;
 }
@@ -198,6 +203,38 @@ __global__ void check_dispatch_ids(DeviceGroup g, DispatchArgs a) {
   }
 }
 
+// V2: token b's activity, its entries' sort keys and states, and the rules of its mask and ids.
+__global__ void check_dispatch_ids_v2(DeviceGroup g, DispatchArgs a) {
+  const std::int64_t b = thread_index();
+  if (b >= a.bs || status_failed(g.status)) return;
+  const std::uint64_t mark = classify_token_v2(g, a, b);
+  if (mark != kNoMark) mark_lowest(g.status, mark);
+}
+
+// V2: numbers the active tokens (their rows on the shared-expert ranks) in one block: each thread counts
+// a range of tokens, thread 0 sums the counts, each thread numbers its range from there.
+__global__ void __launch_bounds__(1024) number_active_tokens(DeviceGroup g, DispatchArgs a) {
+  __shared__ std::int64_t before[1024];
+  const std::int64_t per = (a.bs + blockDim.x - 1) / blockDim.x;
+  const std::int64_t first = threadIdx.x * per;
+  const std::int64_t begin = first < a.bs ? first : a.bs, end = begin + per < a.bs ? begin + per : a.bs;
+  std::int64_t mine = 0;
+  for (std::int64_t b = begin; b < end; ++b) mine += g.token_slot[b];
+  before[threadIdx.x] = mine;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    std::int64_t running = 0;
+    for (unsigned t = 0; t < blockDim.x; ++t) {
+      const std::int64_t n = before[t];
+      before[t] = running;
+      running += n;
+    }
+    g.status->active_tokens = running;
+  }
+  __syncthreads();
+  number_tokens(g.token_slot, begin, end, before[threadIdx.x]);
+}
+
 // After the sort, one launch for both: thread p < BS*K gives entry p its expand_idx (its position in the
 // stably sorted run of its expert), thread e < E counts expert e's entries.
 __global__ void index_and_count(DeviceGroup g, DispatchArgs a) {
@@ -208,19 +245,25 @@ __global__ void index_and_count(DeviceGroup g, DispatchArgs a) {
   }
   if (p >= n || status_failed(g.status) || g.status->first_bad_entry != ~std::uint64_t{0}) return;
   const std::int32_t e = g.sort_keys_out[p];
+  if (e >= g.E) return;  // V2: an entry that is not sent (its state is set already)
   g.dispatch_expand_idx[g.sort_vals_out[p]] = static_cast<std::int32_t>(p - lower_bound(g.sort_keys_out, n, e));
 }
 
 // The count record goes into slot [me] of every rank's inbox, then the count flag.
 __global__ void publish_record(DeviceGroup g, DispatchArgs a) {
-  if (threadIdx.x == 0 && g.status->first_bad_entry != ~std::uint64_t{0}) report_bad_id(g, a, g.status->first_bad_entry);
+  const bool v2 = a.version == 2;
+  if (threadIdx.x == 0 && g.status->first_bad_entry != kNoMark) {
+    if (v2) report_dispatch_mark_v2(g, a, g.status->first_bad_entry);
+    else report_bad_id(g, a, g.status->first_bad_entry);
+  }
   __syncthreads();
   const bool failed = status_failed(g.status);
   const std::uint64_t seq = status_seq(g.status);
   const int entries = g.W * g.L;
-  for (int i = threadIdx.x; i < entries; i += blockDim.x) g.record[i] = failed ? 0 : record_entry(g, a.bs, i);
+  const std::int64_t active = v2 ? g.status->active_tokens : a.bs;
+  for (int i = threadIdx.x; i < entries; i += blockDim.x) g.record[i] = failed ? 0 : v2 ? record_entry_v2(g, active, i) : record_entry(g, a.bs, i);
   __syncthreads();
-  const RecordHeader header = record_header_of(a, failed);
+  const RecordHeader header = record_header_of(a, failed, active);
   for (int r = 0; r < g.world; ++r) {
     std::byte* slot = inbox_slot(g, r, g.me);
     if (threadIdx.x == 0) *reinterpret_cast<RecordHeader*>(slot) = header;
@@ -234,8 +277,8 @@ __global__ void publish_record(DeviceGroup g, DispatchArgs a) {
 
 __global__ void plan_layout(DeviceGroup g, DispatchArgs a) {
   __shared__ int any_failed;
-  const std::uint64_t seq = status_seq(g.status), deadline = deadline_of(g);
-  for (int r = threadIdx.x; r < g.world; r += blockDim.x) wait_flag(g, flag_at(g, g.me, g.off.count_flags, r), seq, deadline, r, Phase::dispatch_counts);
+  const std::uint64_t seq = status_seq(g.status), start = global_timer_ns();
+  for (int r = threadIdx.x; r < g.world; r += blockDim.x) wait_flag(g, flag_at(g, g.me, g.off.count_flags, r), seq, start, r, Phase::dispatch_counts, a.perf);
   __syncthreads();
   for (int r = threadIdx.x; r < g.world && !status_failed(g.status); r += blockDim.x) check_record(g, a, r);
   __syncthreads();
@@ -270,13 +313,24 @@ __global__ void __launch_bounds__(1024, 2) write_rows(DeviceGroup g, DispatchArg
   const int n_targets = block_targets(g, a, b, targets);
   const int copies = g.T == 2 ? 2 : 1;
   const bool bf16 = a.bf16 != 0;
-  // The caller's expand_idx, written only now that every rank's checks passed.
-  for (std::int64_t j = threadIdx.x; j < a.k; j += blockDim.x) a.expand_idx[b * a.k + j] = g.dispatch_expand_idx[b * a.k + j];
-
+  // The caller's expand_idx (V1), written only now that every rank's checks passed.
+  if (a.expand_idx != nullptr) {
+    for (std::int64_t j = threadIdx.x; j < a.k; j += blockDim.x) a.expand_idx[b * a.k + j] = g.dispatch_expand_idx[b * a.k + j];
+  }
+  // V2: a token sends nothing for its masked entries and special experts (targets with ep -1), and
+  // nothing at all when it does not take part; each row it sends carries its triple.
+  bool any = false;
+  for (int i = 0; i < n_targets; ++i) any = any || targets[i].ep >= 0;
+  if (!any) return;
+  if (a.version == 2) {
+    for (int i = threadIdx.x; i < n_targets; i += blockDim.x) {
+      if (targets[i].ep >= 0) write_triple(g, targets[i], b);
+    }
+  }
   if (a.expert_scales != nullptr) {
     for (int slot = threadIdx.x; slot < n_targets * copies; slot += blockDim.x) {
       const int i = slot / copies;
-      std::byte* at = target_row(g, targets[i], slot % copies, g.off.expand_scales, sizeof(float));
+      std::byte* at = targets[i].ep < 0 ? nullptr : target_row(g, targets[i], slot % copies, g.off.expand_scales, sizeof(float));
       if (at != nullptr) *reinterpret_cast<float*>(at) = targets[i].weight;
     }
   }
@@ -287,6 +341,7 @@ __global__ void __launch_bounds__(1024, 2) write_rows(DeviceGroup g, DispatchArg
       std::uint16_t v[kChunk];
       chunk_of_row<VEC>(one_chunk, held, x, a.x_col_stride, i0, n, v);
       for (int slot = 0; slot < n_targets * copies; ++slot) {
+        if (targets[slot / copies].ep < 0) continue;
         std::byte* row = target_row(g, targets[slot / copies], slot % copies, g.off.expand_x, static_cast<std::size_t>(a.h) * 2);
         if (row != nullptr) store_half8<VEC>(reinterpret_cast<std::uint16_t*>(row), 1, i0, n, v);
       }
@@ -295,6 +350,7 @@ __global__ void __launch_bounds__(1024, 2) write_rows(DeviceGroup g, DispatchArg
     // Without smooth scales every target gets the same int8 row: quantize once. With them, per target.
     const bool per_target = a.scales != nullptr;
     for (int first = 0; first < n_targets; first += per_target ? 1 : n_targets) {
+      if (per_target && targets[first].ep < 0) continue;  // the same for every thread: the targets are shared
       const float* smooth = per_target ? a.scales + targets[first].smooth_row * a.scales_row_stride : nullptr;
       const int last = per_target ? first + 1 : n_targets;
       float amax = 0.0f;
@@ -308,6 +364,7 @@ __global__ void __launch_bounds__(1024, 2) write_rows(DeviceGroup g, DispatchArg
       amax = block_max(amax, reduce_scratch);
       const float ds = quant_ds(amax);
       for (int slot = threadIdx.x; slot < (last - first) * copies; slot += blockDim.x) {
+        if (targets[first + slot / copies].ep < 0) continue;
         std::byte* at = target_row(g, targets[first + slot / copies], slot % copies, g.off.dynamic_scales, sizeof(float));
         if (at != nullptr) *reinterpret_cast<float*>(at) = quant_scale_out(ds);
       }
@@ -319,6 +376,7 @@ __global__ void __launch_bounds__(1024, 2) write_rows(DeviceGroup g, DispatchArg
         std::int8_t q[kChunk];
         quantize_chunk(bf16, v, n, smooth, i0, ds, q);
         for (int slot = first * copies; slot < last * copies; ++slot) {
+          if (targets[slot / copies].ep < 0) continue;
           std::byte* row = target_row(g, targets[slot / copies], slot % copies, g.off.expand_x, static_cast<std::size_t>(a.h));
           if (row != nullptr) store_int8x8<VEC>(reinterpret_cast<std::int8_t*>(row), i0, n, q);
         }
@@ -329,13 +387,13 @@ __global__ void __launch_bounds__(1024, 2) write_rows(DeviceGroup g, DispatchArg
 }
 
 // Signals "my rows of this call are written" to every rank, then waits for every rank's rows.
-__global__ void finish_dispatch(DeviceGroup g) {
+__global__ void finish_dispatch(DeviceGroup g, PerfOut perf) {
   const std::uint64_t seq = status_seq(g.status);
   const bool failed = status_failed(g.status);
   __threadfence_system();
   for (int r = threadIdx.x; r < g.world; r += blockDim.x) store_release(flag_at(g, r, g.off.rows_flags, g.me), flag_word(seq, failed));
-  const std::uint64_t deadline = deadline_of(g);
-  for (int r = threadIdx.x; r < g.world; r += blockDim.x) wait_flag(g, flag_at(g, g.me, g.off.rows_flags, r), seq, deadline, r, Phase::dispatch_rows);
+  const std::uint64_t start = global_timer_ns();
+  for (int r = threadIdx.x; r < g.world; r += blockDim.x) wait_flag(g, flag_at(g, g.me, g.off.rows_flags, r), seq, start, r, Phase::dispatch_rows, perf);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -379,10 +437,10 @@ __global__ void signal_tp_peer(DeviceGroup g) {
 
 // T = 2: waits, in one thread of one block, for the TP peer's partial rows. (Waiting in every block of
 // stage_rows could fill the GPU with spinning blocks while the peer's kernels need it.)
-__global__ void wait_tp_peer(DeviceGroup g) {
+__global__ void wait_tp_peer(DeviceGroup g, PerfOut perf) {
   if (threadIdx.x == 0) {
-    wait_flag(g, flag_at(g, g.me, g.off.tp_flag, 0), status_seq(g.status), deadline_of(g), global_rank(g, g.ep_rank, 1 - g.tp_rank),
-              Phase::combine_tp);
+    wait_flag(g, flag_at(g, g.me, g.off.tp_flag, 0), status_seq(g.status), global_timer_ns(), global_rank(g, g.ep_rank, 1 - g.tp_rank),
+              Phase::combine_tp, perf);
   }
 }
 
@@ -405,7 +463,7 @@ __global__ void __launch_bounds__(1024) stage_rows(DeviceGroup g, CombineArgs a)
       load_half8<VEC>(src, a.expand_x_col_stride, i0, n, y);
       if (g.T == 2) load_half8<VEC>(inbox + row * a.h, 1, i0, n, partner);
       std::int8_t q[kChunk];
-      stage_chunk(bf16, a.comm_quant == 2, y, g.T == 2 ? partner : nullptr, n, a.h, c, dst, q);
+      stage_chunk(bf16, a.comm_quant == 2, y, g.T == 2 ? partner : nullptr, n, a.h, c, dst, q, a.version == 2);
       if (a.comm_quant == 2) store_int8x8<VEC>(reinterpret_cast<std::int8_t*>(dst), i0, n, q);
       else store_half8<VEC>(reinterpret_cast<std::uint16_t*>(dst), 1, i0, n, y);
     }
@@ -414,17 +472,33 @@ __global__ void __launch_bounds__(1024) stage_rows(DeviceGroup g, CombineArgs a)
 }
 
 // Signals "my rows are staged" to the ranks of this EP group, then waits for all of them.
-__global__ void exchange_combine_flags(DeviceGroup g) {
+__global__ void exchange_combine_flags(DeviceGroup g, PerfOut perf) {
   const std::uint64_t seq = status_seq(g.status);
   const bool failed = status_failed(g.status);
   __threadfence_system();
   for (int d = threadIdx.x; d < g.W; d += blockDim.x) {
     store_release(flag_at(g, global_rank(g, d, g.tp_rank), g.off.combine_flags, g.me), flag_word(seq, failed));
   }
-  const std::uint64_t deadline = deadline_of(g);
+  const std::uint64_t start = global_timer_ns();
   for (int d = threadIdx.x; d < g.W; d += blockDim.x) {
     const int r = global_rank(g, d, g.tp_rank);
-    wait_flag(g, flag_at(g, g.me, g.off.combine_flags, r), seq, deadline, r, Phase::combine_rows);
+    wait_flag(g, flag_at(g, g.me, g.off.combine_flags, r), seq, start, r, Phase::combine_rows, perf);
+  }
+}
+
+// Chunk c (n elements) of row `row` staged in EP rank ep's combine region (this lane), in 16-bit form:
+// the stored values, or (comm_quant_mode 2) the dequantized int8 ones.
+template <bool VEC>
+__device__ __forceinline__ void load_staged_chunk(const DeviceGroup& g, const CombineArgs& a, int ep, std::int64_t row, std::int64_t c,
+                                                  int n, std::uint16_t y[kChunk]) {
+  const std::byte* at = g.windows[global_rank(g, ep, g.tp_rank)] + g.off.combine_rows + static_cast<std::size_t>(row) * g.off.combine_pitch;
+  const std::int64_t i0 = c * kChunk;
+  if (a.comm_quant == 2) {
+    std::int8_t q[kChunk];
+    load_int8x8<VEC>(reinterpret_cast<const std::int8_t*>(at), i0, n, q);
+    dequantize_chunk(a.bf16 != 0, q, reinterpret_cast<const std::uint16_t*>(at + comm_scales_offset(a.h))[c], y);
+  } else {
+    load_half8<VEC>(reinterpret_cast<const std::uint16_t*>(at), 1, i0, n, y);
   }
 }
 
@@ -443,17 +517,113 @@ __global__ void __launch_bounds__(1024) reduce_tokens(DeviceGroup g, CombineArgs
     float acc[kChunk];
     for (int u = 0; u < kChunk; ++u) acc[u] = 0.0f;
     for (int i = 0; i < n_targets; ++i) {
-      const std::byte* row = g.windows[global_rank(g, targets[i].ep, g.tp_rank)] + g.off.combine_rows +
-                             static_cast<std::size_t>(targets[i].row) * g.off.combine_pitch;
       std::uint16_t y[kChunk];
-      if (a.comm_quant == 2) {
-        std::int8_t q[kChunk];
-        load_int8x8<VEC>(reinterpret_cast<const std::int8_t*>(row), i0, n, q);
-        dequantize_chunk(bf16, q, reinterpret_cast<const std::uint16_t*>(row + comm_scales_offset(a.h))[c], y);
-      } else {
-        load_half8<VEC>(reinterpret_cast<const std::uint16_t*>(row), 1, i0, n, y);
-      }
+      load_staged_chunk<VEC>(g, a, targets[i].ep, targets[i].row, c, n, y);
       accumulate_chunk(bf16, acc, y, n, i < a.k, targets[i].weight);
+    }
+    std::uint16_t out[kChunk];
+    for (int u = 0; u < kChunk; ++u) out[u] = f32_to_half_rne(bf16, acc[u]);
+    store_half8<VEC>(a.out + b * a.out_row_stride, a.out_col_stride, i0, n, out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Combine V2: the expert rank indexes its rows by their triples; the source ranks find theirs there.
+
+__global__ void check_combine_args_v2(DeviceGroup g, CombineArgs a) {
+  const std::int64_t t = thread_index();
+  if (t >= a.bs * a.k || status_failed(g.status)) return;
+  const std::uint64_t mark = combine_entry_mark_v2(g, a, t);
+  if (mark != kNoMark) mark_lowest(g.status, mark);
+}
+
+// Reports the arguments' first fault, and clears this rank's per-source row counts for the index (the
+// sources read them only after this call's exchange of combine flags).
+__global__ void finish_combine_checks_v2(DeviceGroup g, CombineArgs a) {
+  if (!status_failed(g.status)) report_combine_args_v2(g, a, g.status->first_bad_entry);
+  g.status->first_bad_entry = kNoMark;
+  std::int64_t* counts = index_counts_of(g, g.me);
+  for (int r = 0; r < g.W; ++r) counts[r] = 0;
+}
+
+// The own rows' triples (their number is on the GPU: a grid-stride loop).
+__global__ void check_triples(DeviceGroup g, CombineArgs a) {
+  if (status_failed(g.status)) return;
+  const std::int64_t rows = g.status->own_rows, step = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = thread_index(); i < rows; i += step) {
+    const std::uint64_t mark = triple_mark(g, a, i);
+    if (mark != kNoMark) mark_lowest(g.status, mark);
+  }
+}
+
+__global__ void report_triples(DeviceGroup g, CombineArgs a) {
+  if (!status_failed(g.status) && g.status->first_bad_entry != kNoMark) report_triple_mark(g, a, g.status->first_bad_entry);
+  g.status->first_bad_entry = kNoMark;
+}
+
+__global__ void index_own_rows(DeviceGroup g, CombineArgs a) {
+  if (status_failed(g.status)) return;
+  const std::uint64_t seq = status_seq(g.status);
+  const std::int64_t rows = g.status->own_rows, step = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = thread_index(); i < rows; i += step) index_row(g, a, i, seq);
+}
+
+// The dot products of the const experts' gates: one thread per (entry, gate), each a sequential sum.
+__global__ void const_logits(DeviceGroup g, CombineArgs a) {
+  const std::int64_t i = thread_index();
+  if (i >= a.bs * a.k * 2 || status_failed(g.status)) return;
+  g.const_logits[i] = const_logit(g, a, i / 2, static_cast<int>(i % 2));
+}
+
+// After the exchange: thread i < BS * (K + Sn) finds slot i's row in its holder's index, the next W
+// threads compare each holder's count of this rank's rows with what this rank sent it.
+__global__ void find_rows(DeviceGroup g, CombineArgs a) {
+  if (status_failed(g.status)) return;
+  const std::int64_t n = a.bs * g.off.index_slots, i = thread_index();
+  std::uint64_t mark = kNoMark;
+  if (i < n) mark = find_row(g, a, i / g.off.index_slots, i % g.off.index_slots, status_seq(g.status));
+  else if (i < n + g.W) mark = holder_count_mark(g, static_cast<int>(i - n));
+  if (mark != kNoMark) mark_lowest(g.status, mark);
+}
+
+__global__ void report_found(DeviceGroup g, CombineArgs a) {
+  if (!status_failed(g.status) && g.status->first_bad_entry != kNoMark) report_find_mark(g, a, g.status->first_bad_entry);
+}
+
+// One block per token (V2 §4.3): the K entries in k order (routed rows and copy and const experts
+// weighted, zero experts and masked entries nothing), the Sn shared experts' rows and shared_expert_x
+// unweighted, one rounding; an inactive token's row is zeros.
+template <bool VEC>
+__global__ void __launch_bounds__(1024) reduce_tokens_v2(DeviceGroup g, CombineArgs a) {
+  auto* terms = reinterpret_cast<TermV2*>(shared_targets());
+  if (status_failed(g.status)) return;
+  const std::int64_t b = blockIdx.x;
+  const int n_terms = term_count(g, a.k);
+  for (int s = threadIdx.x; s < n_terms; s += blockDim.x) terms[s] = term_of(g, a, b, s);
+  __syncthreads();
+  const bool bf16 = a.bf16 != 0;
+  const std::int64_t chunks = chunks_of(a.h);
+  for (std::int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+    const std::int64_t i0 = c * kChunk;
+    const int n = VEC ? kChunk : chunk_len(a.h, i0);  // VEC: H is a multiple of the chunk
+    float acc[kChunk];
+    for (int u = 0; u < kChunk; ++u) acc[u] = 0.0f;
+    for (int s = 0; s < n_terms; ++s) {
+      const TermV2& t = terms[s];
+      if (t.kind == TermKind::none) continue;
+      std::uint16_t y[kChunk], v[kChunk];
+      if (t.kind == TermKind::expert_row) {
+        load_staged_chunk<VEC>(g, a, t.ep, t.row, c, n, y);
+      } else {  // the caller's rows: any strides
+        std::int64_t cs = 1;
+        const std::uint16_t* row = term_row(a, t, b, &cs);
+        load_half8<false>(row, cs, i0, n, y);
+        if (t.kind == TermKind::constant) {
+          const std::uint16_t* vrow = const_vector_row(a, t, &cs);
+          load_half8<false>(vrow, cs, i0, n, v);
+        }
+      }
+      accumulate_term(bf16, acc, t, y, v, n);
     }
     std::uint16_t out[kChunk];
     for (int u = 0; u < kChunk; ++u) out[u] = f32_to_half_rne(bf16, acc[u]);
@@ -489,7 +659,8 @@ cudaError_t enqueue_dispatch(const DeviceGroup& g, const DispatchArgs& a, const 
                              cudaStream_t stream) {
   const std::int64_t n = a.bs * a.k;
   MOEDIST_LAUNCH(begin_call, 1, 1, 0, stream)(g);
-  MOEDIST_LAUNCH(check_dispatch_ids, blocks_for(a.bs, 128), 128, 0, stream)(g, a);
+  if (a.version == 2) MOEDIST_LAUNCH(check_dispatch_ids_v2, blocks_for(a.bs, 128), 128, 0, stream)(g, a);
+  else MOEDIST_LAUNCH(check_dispatch_ids, blocks_for(a.bs, 128), 128, 0, stream)(g, a);
   if (n > 0) {
 #if defined(MOEDIST_CUDA_EMULATION)
     emu::enqueue([g, n, bits = sort.key_bits] { emu::sort_pairs(g.sort_keys_in, g.sort_keys_out, g.sort_vals_in, g.sort_vals_out, n, bits); });
@@ -501,6 +672,7 @@ cudaError_t enqueue_dispatch(const DeviceGroup& g, const DispatchArgs& a, const 
 #endif
   }
   MOEDIST_LAUNCH(index_and_count, blocks_for(std::max<std::int64_t>(n, g.E), 256), 256, 0, stream)(g, a);
+  if (a.version == 2) MOEDIST_LAUNCH(number_active_tokens, 1, 256, 0, stream)(g, a);
   MOEDIST_LAUNCH(publish_record, 1, 256, 0, stream)(g, a);
   MOEDIST_LAUNCH(plan_layout, 1, 256, 0, stream)(g, a);
   const bool vec = a.x_col_stride == 1 && a.h % kChunk == 0 && aligned16(a.x) && (a.x_row_stride * 2) % 16 == 0 &&
@@ -509,7 +681,7 @@ cudaError_t enqueue_dispatch(const DeviceGroup& g, const DispatchArgs& a, const 
     if (vec) MOEDIST_LAUNCH(write_rows<true>, static_cast<unsigned>(a.bs), threads_for(a.h), targets_bytes(a.k), stream)(g, a);
     else MOEDIST_LAUNCH(write_rows<false>, static_cast<unsigned>(a.bs), threads_for(a.h), targets_bytes(a.k), stream)(g, a);
   }
-  MOEDIST_LAUNCH(finish_dispatch, 1, 256, 0, stream)(g);
+  MOEDIST_LAUNCH(finish_dispatch, 1, 256, 0, stream)(g, a.perf);
   cudaError_t launched = cudaGetLastError();
   if (launched != cudaSuccess) return launched;
   return cudaMemcpyAsync(status_mirror, g.status, sizeof(Status), cudaMemcpyDeviceToHost, stream);
@@ -517,28 +689,50 @@ cudaError_t enqueue_dispatch(const DeviceGroup& g, const DispatchArgs& a, const 
 
 cudaError_t enqueue_combine(const DeviceGroup& g, const CombineArgs& a, Status* status_mirror, cudaStream_t stream) {
   const std::int64_t n = a.bs * a.k;
+  const bool v2 = a.version == 2;
   MOEDIST_LAUNCH(begin_call, 1, 1, 0, stream)(g);
-  if (n > 0) MOEDIST_LAUNCH(check_combine_args, blocks_for(n, 256), 256, 0, stream)(g, a);
-  MOEDIST_LAUNCH(finish_combine_checks, 1, 1, 0, stream)(g, a);
+  if (v2) {
+    if (n > 0) MOEDIST_LAUNCH(check_combine_args_v2, blocks_for(n, 256), 256, 0, stream)(g, a);
+    MOEDIST_LAUNCH(finish_combine_checks_v2, 1, 1, 0, stream)(g, a);
+  } else {
+    if (n > 0) MOEDIST_LAUNCH(check_combine_args, blocks_for(n, 256), 256, 0, stream)(g, a);
+    MOEDIST_LAUNCH(finish_combine_checks, 1, 1, 0, stream)(g, a);
+  }
   const bool vec = a.expand_x_col_stride == 1 && a.h % 16 == 0 && aligned16(a.expand_x) && (a.expand_x_row_stride * 2) % 16 == 0 &&
                    a.out_col_stride == 1 && aligned16(a.out) && (a.out_row_stride * 2) % 16 == 0;
   const int threads = threads_for(a.h);
   // Row loops stride over a fixed grid: the row counts live on the GPU (static shapes for graphs).
   const unsigned grid = 264;
+  if (v2) {
+    MOEDIST_LAUNCH(check_triples, grid, 256, 0, stream)(g, a);
+    MOEDIST_LAUNCH(report_triples, 1, 1, 0, stream)(g, a);
+    MOEDIST_LAUNCH(index_own_rows, grid, 256, 0, stream)(g, a);
+    if (a.special.constant > 0 && n > 0) MOEDIST_LAUNCH(const_logits, blocks_for(2 * n, 256), 256, 0, stream)(g, a);
+  }
   if (g.T == 2) {
     if (vec) MOEDIST_LAUNCH(send_tp_partials<true>, grid, threads, 0, stream)(g, a);
     else MOEDIST_LAUNCH(send_tp_partials<false>, grid, threads, 0, stream)(g, a);
     MOEDIST_LAUNCH(signal_tp_peer, 1, 32, 0, stream)(g);
-    MOEDIST_LAUNCH(wait_tp_peer, 1, 32, 0, stream)(g);
+    MOEDIST_LAUNCH(wait_tp_peer, 1, 32, 0, stream)(g, a.perf);
   }
   if (!a.staged_in_place) {
     if (vec) MOEDIST_LAUNCH(stage_rows<true>, grid, threads, 0, stream)(g, a);
     else MOEDIST_LAUNCH(stage_rows<false>, grid, threads, 0, stream)(g, a);
   }
-  MOEDIST_LAUNCH(exchange_combine_flags, 1, 256, 0, stream)(g);
+  MOEDIST_LAUNCH(exchange_combine_flags, 1, 256, 0, stream)(g, a.perf);
+  if (v2) {
+    MOEDIST_LAUNCH(find_rows, blocks_for(a.bs * g.off.index_slots + g.W, 256), 256, 0, stream)(g, a);
+    MOEDIST_LAUNCH(report_found, 1, 1, 0, stream)(g, a);
+  }
   if (a.bs > 0) {
-    if (vec) MOEDIST_LAUNCH(reduce_tokens<true>, static_cast<unsigned>(a.bs), threads, targets_bytes(a.k), stream)(g, a);
-    else MOEDIST_LAUNCH(reduce_tokens<false>, static_cast<unsigned>(a.bs), threads, targets_bytes(a.k), stream)(g, a);
+    if (v2) {
+      if (vec) MOEDIST_LAUNCH(reduce_tokens_v2<true>, static_cast<unsigned>(a.bs), threads, targets_bytes(a.k), stream)(g, a);
+      else MOEDIST_LAUNCH(reduce_tokens_v2<false>, static_cast<unsigned>(a.bs), threads, targets_bytes(a.k), stream)(g, a);
+    } else if (vec) {
+      MOEDIST_LAUNCH(reduce_tokens<true>, static_cast<unsigned>(a.bs), threads, targets_bytes(a.k), stream)(g, a);
+    } else {
+      MOEDIST_LAUNCH(reduce_tokens<false>, static_cast<unsigned>(a.bs), threads, targets_bytes(a.k), stream)(g, a);
+    }
   }
   cudaError_t launched = cudaGetLastError();
   if (launched != cudaSuccess) return launched;

@@ -19,7 +19,19 @@
 namespace moedist::cuda {
 
 constexpr int kChunk = 8;              // elements per thread step: 16 bytes of 16-bit values
-constexpr int kMaxTargets = 1 + 1024;  // K <= 1024 (checked at join) plus the shared expert
+constexpr int kMaxSharedExperts = 4;   // Sn <= 4 (V2 §3.5)
+constexpr int kMaxTargets = 1024 + kMaxSharedExperts;  // K <= 1024 (checked at join) plus the shared experts
+// A validation's mark is the entry it names, and the lowest mark is reported; the rules a check applies
+// first get the lower categories (the high bits), so that the error reported is the CPU path's.
+constexpr int kMarkShift = 60;
+constexpr std::uint64_t kNoMark = ~std::uint64_t{0};
+MOEDIST_HD std::uint64_t mark_of(int category, std::int64_t entry) {
+  return (static_cast<std::uint64_t>(category) << kMarkShift) | static_cast<std::uint64_t>(entry);
+}
+MOEDIST_HD int mark_category(std::uint64_t mark) { return static_cast<int>(mark >> kMarkShift); }
+MOEDIST_HD std::int64_t mark_entry(std::uint64_t mark) {
+  return static_cast<std::int64_t>(mark & ((std::uint64_t{1} << kMarkShift) - 1));
+}
 
 // The rank's error code as other threads see it (it is set while other threads of the rank run).
 MOEDIST_HD std::int32_t status_code(const Status* st) {
@@ -50,6 +62,36 @@ MOEDIST_HD void record_failure(Status* st, ErrorCode code, int peer, Phase phase
 #if defined(__CUDA_ARCH__)
   __threadfence();
 #endif
+}
+
+// 64-bit atomics on window words that other ranks' threads update too.
+MOEDIST_HD std::uint64_t exchange_u64(std::uint64_t* p, std::uint64_t v) {
+#if defined(__CUDA_ARCH__)
+  return atomicExch(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
+#else
+  return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL);
+#endif
+}
+MOEDIST_HD void add_i64(std::int64_t* p, std::int64_t v) {
+#if defined(__CUDA_ARCH__)
+  atomicAdd(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
+#else
+  __atomic_fetch_add(p, v, __ATOMIC_ACQ_REL);
+#endif
+}
+MOEDIST_HD void max_i64(std::int64_t* p, std::int64_t v) {
+#if defined(__CUDA_ARCH__)
+  atomicMax(reinterpret_cast<long long*>(p), static_cast<long long>(v));
+#else
+  std::int64_t old = __atomic_load_n(p, __ATOMIC_RELAXED);
+  while (v > old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+  }
+#endif
+}
+
+// performance_info: entry `ep` becomes max(entry, waited_ns in µs) (V2 §5.1).
+MOEDIST_HD void record_wait(const PerfOut& perf, int ep, std::uint64_t waited_ns) {
+  if (perf.data != nullptr) max_i64(perf.data + ep * perf.stride, static_cast<std::int64_t>(waited_ns / 1000));
 }
 
 MOEDIST_HD int global_rank(const DeviceGroup& g, int ep, int tp) { return ep * g.T + tp; }
@@ -96,6 +138,99 @@ MOEDIST_HD void report_bad_id(const DeviceGroup& g, const DispatchArgs& a, std::
                  static_cast<std::int64_t>(t), e, g.E);
 }
 
+// ---- V2: masks, special experts, the entries that take part (V2 §3.1-§3.4) ----
+
+MOEDIST_HD bool mask_value(const TokenMask& m, std::int64_t b, std::int64_t k) {
+  return m.data[b * m.row_stride + k * m.col_stride] != 0;
+}
+// Entry (b, k) is not switched off by a (BS, K) mask.
+MOEDIST_HD bool entry_on(const TokenMask& m, std::int64_t b, std::int64_t k) {
+  return m.data == nullptr || m.two_d == 0 || mask_value(m, b, k);
+}
+// Token b takes part: no mask, its (BS,) entry (a prefix: mask_breaks_prefix), or a true in its (BS, K) row.
+MOEDIST_HD bool token_on(const TokenMask& m, std::int64_t b, std::int64_t k) {
+  if (m.data == nullptr) return true;
+  if (m.two_d == 0) return mask_value(m, b, 0);
+  for (std::int64_t j = 0; j < k; ++j) {
+    if (mask_value(m, b, j)) return true;
+  }
+  return false;
+}
+// Whether x_active_mask[b] is the first true after a false of a (BS,) mask (whose trues must come first).
+MOEDIST_HD bool mask_breaks_prefix(const TokenMask& m, std::int64_t b) {
+  return m.data != nullptr && m.two_d == 0 && b > 0 && mask_value(m, b, 0) && !mask_value(m, b - 1, 0);
+}
+
+enum class IdKind : std::int32_t { routed = 0, zero, copy, constant };
+MOEDIST_HD std::int64_t id_limit(const DeviceGroup& g, const SpecialIds& s) {
+  return static_cast<std::int64_t>(g.E) + s.zero + s.copy + s.constant;
+}
+MOEDIST_HD IdKind id_kind(const DeviceGroup& g, const SpecialIds& s, std::int32_t e) {
+  if (e < g.E) return IdKind::routed;
+  if (e - g.E < s.zero) return IdKind::zero;
+  if (e - g.E - s.zero < s.copy) return IdKind::copy;
+  return IdKind::constant;
+}
+
+// The rule entry (b, j) of a token that takes part breaks, if any: an unmasked id outside [0, E+Z+C+Q), or
+// one its row already routes (V2 §7.1). Masked entries are never read.
+MOEDIST_HD Rule v2_entry_fault(const DeviceGroup& g, const std::int32_t* ids, std::int64_t rs, std::int64_t cs,
+                               const TokenMask& mask, const SpecialIds& special, std::int64_t b, std::int64_t j) {
+  if (!entry_on(mask, b, j)) return Rule::none;
+  const std::int32_t e = ids[b * rs + j * cs];
+  const std::int64_t limit = id_limit(g, special);
+  if (e < 0 || e >= limit) return limit > g.E ? Rule::id_range_special : Rule::id_range;
+  for (std::int64_t i = 0; i < j; ++i) {
+    if (entry_on(mask, b, i) && ids[b * rs + i * cs] == e) return Rule::id_repeated_routed;
+  }
+  return Rule::none;
+}
+
+// V2 dispatch, token b: its ids into the handle, its activity into token_slot[b] (1 or 0; numbered by
+// number_tokens), and per entry the sort key (its expert when it is sent, E when not) and the handle's
+// state (-1: not taking part; -2: taking part, sent or not; index_and_count gives sent ones their slot).
+// Returns the lowest mark of what it breaks: category 0 a (BS,) mask that is no prefix (entry b), 1 an id.
+MOEDIST_HD std::uint64_t classify_token_v2(const DeviceGroup& g, const DispatchArgs& a, std::int64_t b) {
+  std::uint64_t lowest = kNoMark;
+  if (mask_breaks_prefix(a.mask, b)) lowest = mark_of(0, b);
+  const bool on = token_on(a.mask, b, a.k);
+  g.token_slot[b] = on ? 1 : 0;
+  for (std::int64_t j = 0; j < a.k; ++j) {
+    const std::int64_t t = b * a.k + j;
+    const std::int32_t e = a.ids[b * a.ids_row_stride + j * a.ids_col_stride];
+    const bool entry = on && entry_on(a.mask, b, j);
+    const bool bad =
+        entry && v2_entry_fault(g, a.ids, a.ids_row_stride, a.ids_col_stride, a.mask, a.special, b, j) != Rule::none;
+    if (bad && lowest == kNoMark) lowest = mark_of(1, t);
+    g.dispatch_ids[t] = e;
+    g.sort_keys_in[t] = entry && !bad && e < g.E ? e : g.E;
+    g.sort_vals_in[t] = static_cast<std::int32_t>(t);
+    g.dispatch_expand_idx[t] = entry ? -2 : -1;
+  }
+  return lowest;
+}
+
+// Numbers the active tokens among slot[begin, end) (1 active, 0 not) from `first` on, inactive ones -1;
+// returns the number after them.
+MOEDIST_HD std::int64_t number_tokens(std::int32_t* slot, std::int64_t begin, std::int64_t end, std::int64_t first) {
+  for (std::int64_t b = begin; b < end; ++b) slot[b] = slot[b] != 0 ? static_cast<std::int32_t>(first++) : -1;
+  return first;
+}
+
+// The error of a V2 dispatch's lowest mark.
+MOEDIST_HD void report_dispatch_mark_v2(const DeviceGroup& g, const DispatchArgs& a, std::uint64_t mark) {
+  const std::int64_t entry = mark_entry(mark);
+  if (mark_category(mark) == 0) {
+    return record_failure(g.status, ErrorCode::invalid_argument, g.me, Phase::dispatch_ids, Rule::mask_not_prefix,
+                          entry);
+  }
+  const std::int64_t b = entry / a.k, j = entry % a.k;
+  const Rule rule = v2_entry_fault(g, a.ids, a.ids_row_stride, a.ids_col_stride, a.mask, a.special, b, j);
+  record_failure(g.status, ErrorCode::invalid_argument, g.me, Phase::dispatch_ids, rule, entry,
+                 a.ids[b * a.ids_row_stride + j * a.ids_col_stride],
+                 rule == Rule::id_range ? g.E : id_limit(g, a.special));
+}
+
 // ---- dispatch: the count record ----
 
 // Entry i = d * L + l of this rank's record: rows for EP rank d's local expert l (a shared rank d: the
@@ -107,8 +242,18 @@ MOEDIST_HD std::int32_t record_entry(const DeviceGroup& g, std::int64_t bs, int 
   return 0;
 }
 
-MOEDIST_HD RecordHeader record_header_of(const DispatchArgs& a, bool failed) {
+// The same in a V2 dispatch (V2 §3.5, §3.7): a shared-expert rank d gets this rank's active tokens when
+// it hosts one of the Sn shared experts this rank sends to (d % R == this rank % R), else nothing.
+MOEDIST_HD std::int32_t record_entry_v2(const DeviceGroup& g, std::int64_t active, int i) {
+  const int d = i / g.L, l = i % g.L;
+  if (d >= g.S) return g.expert_counts[(d - g.S) * g.L + l];
+  return l == 0 && g.ep_rank % g.R == d % g.R ? static_cast<std::int32_t>(active) : 0;
+}
+
+MOEDIST_HD RecordHeader record_header_of(const DispatchArgs& a, bool failed, std::int64_t active) {
   RecordHeader h;
+  h.active = active;
+  h.version = a.version;
   h.bs = a.bs;
   h.k = a.k;
   h.h = a.h;
@@ -131,9 +276,23 @@ MOEDIST_HD std::int64_t dest_bs(const DeviceGroup& g, int d, int lane) {
   return record_header(g, global_rank(g, d, lane)).bs;
 }
 
+// Rows source EP rank r sends local expert l of EP rank d in lane `lane`: its record's entry, but for
+// the V1 split of a shared-expert rank's own rows (contract/blocks.h).
+MOEDIST_HD std::int64_t lane_block_rows(const DeviceGroup& g, bool v2, int lane, int d, int l, int r) {
+  const LaneRecords records{&g, lane};
+  return v2 ? records(r)[d * g.L + l] : contract::block_rows(g.S, g.L, records, d, l, r, dest_bs(g, d, lane));
+}
+
+// ep_recv_counts of EP rank d in lane `lane` (its own part) into out (unless null); returns its rows.
+MOEDIST_HD std::int64_t lane_prefix_sums(const DeviceGroup& g, bool v2, int lane, int d, std::int32_t* out) {
+  const LaneRecords records{&g, lane};
+  if (v2) return contract::receive_prefix_sums_v2(g.W, g.S, g.L, records, d, out);
+  return contract::receive_prefix_sums(g.W, g.S, g.L, records, d, dest_bs(g, d, lane), out);
+}
+
 // Rows EP rank d receives in lane u (its own part).
-MOEDIST_HD std::int64_t rows_received(const DeviceGroup& g, int d, int lane) {
-  return contract::receive_prefix_sums(g.W, g.S, g.L, LaneRecords{&g, lane}, d, dest_bs(g, d, lane), nullptr);
+MOEDIST_HD std::int64_t rows_received(const DeviceGroup& g, bool v2, int d, int lane) {
+  return lane_prefix_sums(g, v2, lane, d, nullptr);
 }
 
 // Checks peer r's record with the CPU path's checks (contract/record_checks.h): the same call, a BS in
@@ -143,6 +302,8 @@ MOEDIST_HD void check_record(const DeviceGroup& g, const DispatchArgs& a, int r)
   const RecordHeader& hd = record_header(g, r);
   Status* st = g.status;
   const Phase ph = Phase::dispatch_counts;
+  if (hd.version != a.version)
+    return record_failure(st, ErrorCode::config_mismatch, r, ph, Rule::other_operator, 0, hd.version, a.version);
   const contract::CallMismatch m = contract::first_call_mismatch(
       contract::CallFields{hd.bs, hd.k, hd.h, hd.dtype, hd.mode, hd.has_expert_scales},
       contract::CallFields{a.bs, a.k, a.h, a.dtype_code, a.quant, a.expert_scales != nullptr ? 1 : 0},
@@ -151,20 +312,25 @@ MOEDIST_HD void check_record(const DeviceGroup& g, const DispatchArgs& a, int r)
     return record_failure(st, ErrorCode::config_mismatch, r, ph, Rule::same_call, static_cast<std::int64_t>(m.field),
                           m.theirs, m.mine);
   }
-  const contract::RecordCheck c = contract::check_send_counts(record_counts(g, r), g.W, g.S, g.L, r / g.T, hd.bs, hd.bs,
-                                                              hd.k, contract::peer_bs_limit(g.global_bs, g.W, a.bs));
+  const std::int64_t max_bs = contract::peer_bs_limit(g.global_bs, g.W, a.bs);
+  const bool v2 = a.version == 2;
+  const contract::RecordCheck c =
+      v2 ? contract::check_send_counts_v2(record_counts(g, r), g.W, g.S, g.L, g.R, r / g.T, hd.bs, hd.active, hd.k,
+                                          max_bs)
+         : contract::check_send_counts(record_counts(g, r), g.W, g.S, g.L, r / g.T, hd.bs, hd.bs, hd.k, max_bs);
   switch (c.fault) {
     case contract::RecordFault::none:
       return;
     case contract::RecordFault::bs_range:
-    case contract::RecordFault::active_range:  // cannot happen here: every token is active on the GPU
     case contract::RecordFault::entry_range:
     case contract::RecordFault::entry_shared_local:
       return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, c.entry, c.value, c.bound);
+    case contract::RecordFault::active_range:
+      return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -4, c.value, c.bound);
     case contract::RecordFault::moe_rows:
       return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -2, c.value, c.bound);
-    case contract::RecordFault::shared_rows:
-      return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, -3, c.value, c.bound);
+    case contract::RecordFault::shared_rows:  // V2 names the entry
+      return record_failure(st, ErrorCode::protocol, r, ph, Rule::bad_record, v2 ? c.entry : -3, c.value, c.bound);
   }
 }
 
@@ -172,8 +338,9 @@ MOEDIST_HD void check_record(const DeviceGroup& g, const DispatchArgs& a, int r)
 // (T == 2) how many rows d's TP peer owns before the copies this rank also writes there.
 MOEDIST_HD void plan_destination(const DeviceGroup& g, const DispatchArgs& a, int d) {
   const int t = g.tp_rank, other = g.T == 2 ? 1 - t : -1;
-  const std::int64_t own = rows_received(g, d, t);
-  const std::int64_t twin = other >= 0 ? rows_received(g, d, other) : 0;
+  const bool v2 = a.version == 2;
+  const std::int64_t own = rows_received(g, v2, d, t);
+  const std::int64_t twin = other >= 0 ? rows_received(g, v2, d, other) : 0;
   const std::int64_t most = d < g.S ? a.capacity_shared : a.capacity_moe;
   const Phase ph = Phase::dispatch_counts;
   if (own > most) record_failure(g.status, ErrorCode::capacity, global_rank(g, d, t), ph, Rule::capacity, 0, own, most);
@@ -182,15 +349,16 @@ MOEDIST_HD void plan_destination(const DeviceGroup& g, const DispatchArgs& a, in
     record_failure(g.status, ErrorCode::capacity, global_rank(g, d, t), ph, Rule::capacity, 1, own + twin, g.off.dispatch_rows);
   }
   if (other >= 0) g.tp_shift[d] = twin;
-  const LaneRecords records{&g, t};
-  const std::int64_t bs_d = dest_bs(g, d, t);
   std::int64_t running = 0;
   for (int l = 0; l < (d < g.S ? 1 : g.L); ++l) {
     for (int r = 0; r < g.W; ++r) {
-      if (r == g.ep_rank) {
-        if (d < g.S) g.shared_start[d] = running; else g.block_start[d * g.L + l] = running;
+      if (r == g.ep_rank) {  // V2 keeps a shared-expert rank's start in block_start too
+        if (d < g.S && !v2)
+          g.shared_start[d] = running;
+        else
+          g.block_start[d * g.L + l] = running;
       }
-      running += contract::block_rows(g.S, g.L, records, d, l, r, bs_d);
+      running += lane_block_rows(g, v2, t, d, l, r);
     }
   }
 }
@@ -201,20 +369,21 @@ MOEDIST_HD void plan_outputs(const DeviceGroup& g, const DispatchArgs& a) {
   const int t = g.tp_rank, other = g.T == 2 ? 1 - t : -1;
   const int d = g.ep_rank, lanes = g.T == 2 ? 2 : 1;
   const int local = g.local_experts;
+  const bool v2 = a.version == 2;
   std::int64_t part_rows[2] = {0, 0};
   for (int half = 0; half < lanes; ++half) {
     const int lane = half == 0 ? t : other;
     std::int32_t* out = a.ep_recv_counts + half * g.W * local;
-    part_rows[half] = contract::receive_prefix_sums(g.W, g.S, g.L, LaneRecords{&g, lane}, d, dest_bs(g, d, lane), out);
+    part_rows[half] = lane_prefix_sums(g, v2, lane, d, out);
     for (int i = 0; i < g.W * local; ++i) g.recv_counts[half * g.W * local + i] = out[i];
   }
+  for (int r = 0; r < g.W; ++r) g.source_bs[r] = dest_bs(g, r, t);  // V2 combine checks the triples' tokens
   std::int64_t cumulative = 0;
   for (int l = 0; l < local; ++l) {
     std::int64_t rows = 0;
     for (int half = 0; half < lanes; ++half) {
       const int lane = half == 0 ? t : other;
-      const std::int64_t bs_d = dest_bs(g, d, lane);
-      for (int r = 0; r < g.W; ++r) rows += contract::block_rows(g.S, g.L, LaneRecords{&g, lane}, d, l, r, bs_d);
+      for (int r = 0; r < g.W; ++r) rows += lane_block_rows(g, v2, lane, d, l, r);
     }
     cumulative += rows;
     a.expert_token_nums[l] = a.expert_token_nums_type == 0 ? cumulative : rows;
@@ -238,10 +407,11 @@ MOEDIST_HD void plan_outputs(const DeviceGroup& g, const DispatchArgs& a) {
 // ---- rows: where token b goes (dispatch) and comes back from (combine) ----
 
 struct Target {
-  int ep = 0;                  // EP rank holding the row (in this rank's TP lane)
+  int ep = 0;                  // EP rank holding the row (in this rank's TP lane); -1: none (V2)
   std::int64_t row = 0;        // row in that rank's own part
   std::int64_t smooth_row = 0; // row of `scales` for quantizing it
   float weight = 1.0f;         // expert_scales[b, j]; 1 for the shared expert
+  std::int32_t k = 0;          // V2: the triple's k (j for expert j, K + j for shared expert j)
 };
 
 // Target j of token b: j < K its top-k expert j, j == K (when S > 0) its shared expert. Each is
@@ -261,15 +431,60 @@ MOEDIST_HD Target target_of(const DeviceGroup& g, std::int64_t b, std::int64_t k
   return Target{s, g.shared_start[s] + b - contract::shared_range_begin(g.ep_rank, s, bs, g.S), 0, 1.0f};
 }
 
-// How many targets a token has: K, plus its shared expert when S > 0.
-MOEDIST_HD int target_count(const DeviceGroup& g, std::int64_t k) { return static_cast<int>(k) + (g.S > 0 ? 1 : 0); }
+// Target j of token b in a V2 dispatch (V2 §3.1-§3.5): j < K its entry k = j when it is sent (a MoE
+// expert, slot from the handle), j = K + i its shared expert i (rank (r % R) + i * R, row its place among
+// the active tokens, smooth row i); ep = -1 when nothing goes there.
+MOEDIST_HD Target target_of_v2(const DeviceGroup& g, std::int64_t b, std::int64_t k, std::int64_t j,
+                               const float* expert_scales, std::int64_t es_rs, std::int64_t es_cs) {
+  Target none;
+  none.ep = -1;
+  if (j < k) {
+    const std::int64_t t = b * k + j;
+    const std::int32_t slot = g.dispatch_expand_idx[t];
+    if (slot < 0) return none;
+    const std::int32_t e = g.dispatch_ids[t];
+    const int d = g.S + e / g.L, l = e % g.L;
+    return Target{d, g.block_start[d * g.L + l] + slot, g.Sn + e,
+                  expert_scales != nullptr ? expert_scales[b * es_rs + j * es_cs] : 1.0f, static_cast<std::int32_t>(j)};
+  }
+  const std::int32_t token = g.token_slot[b];
+  if (token < 0) return none;
+  const int i = static_cast<int>(j - k), d = g.ep_rank % g.R + i * g.R;
+  return Target{d, g.block_start[d * g.L] + token, i, 1.0f, static_cast<std::int32_t>(k + i)};
+}
 
-// All of token b's targets in order (the K MoE targets in top-k order, then the shared one). Returns how many.
-MOEDIST_HD int targets_of(const DeviceGroup& g, std::int64_t b, std::int64_t k, const float* expert_scales, std::int64_t es_rs,
-                          std::int64_t es_cs, std::int64_t bs, Target* out) {
-  const int n = target_count(g, k);
-  for (int j = 0; j < n; ++j) out[j] = target_of(g, b, k, j, expert_scales, es_rs, es_cs, bs);
+// How many targets a token has: K, plus its shared expert when S > 0 (V1), its Sn shared experts (V2).
+MOEDIST_HD int target_count(const DeviceGroup& g, std::int64_t k, int version = 1) {
+  return static_cast<int>(k) + (version == 2 ? g.Sn : g.S > 0 ? 1 : 0);
+}
+
+// Target j of a call of either version.
+template <class Args>
+MOEDIST_HD Target call_target(const DeviceGroup& g, const Args& a, std::int64_t b, std::int64_t j) {
+  if (a.version == 2)
+    return target_of_v2(g, b, a.k, j, a.expert_scales, a.expert_scales_row_stride, a.expert_scales_col_stride);
+  return target_of(g, b, a.k, j, a.expert_scales, a.expert_scales_row_stride, a.expert_scales_col_stride, a.bs);
+}
+
+// All of token b's targets in order (the K MoE targets in top-k order, then the shared ones). Returns how many.
+template <class Args>
+MOEDIST_HD int targets_of(const DeviceGroup& g, const Args& a, std::int64_t b, Target* out) {
+  const int n = target_count(g, a.k, a.version);
+  for (int j = 0; j < n; ++j) out[j] = call_target(g, a, b, j);
   return n;
+}
+
+// V2: where a target's triple goes (its copy in the target itself; the TP peer's copy has none, V2 §3.6).
+MOEDIST_HD std::int32_t* triple_at(const DeviceGroup& g, const Target& tg) {
+  if (tg.row < 0 || tg.row >= g.off.dispatch_rows) return nullptr;
+  return reinterpret_cast<std::int32_t*>(g.windows[global_rank(g, tg.ep, g.tp_rank)] + g.off.assist) + 3 * tg.row;
+}
+MOEDIST_HD void write_triple(const DeviceGroup& g, const Target& tg, std::int64_t b) {
+  std::int32_t* at = triple_at(g, tg);
+  if (at == nullptr) return;
+  at[0] = g.ep_rank;
+  at[1] = static_cast<std::int32_t>(b);
+  at[2] = tg.k;
 }
 
 // Address of a target's row in `region` (row pitch `pitch`): copy 0 in the target itself, copy 1 in the
@@ -301,10 +516,12 @@ MOEDIST_HD std::size_t comm_scales_offset(std::int64_t h) { return (static_cast<
 
 // Stages chunk c of an expert-output row: TP-reduced with `partner` (T == 2), then stored as 16-bit
 // values or quantized (the chunk is exactly one group of 8).
-MOEDIST_HD void stage_chunk(bool bf16, bool comm_quant, std::uint16_t y[kChunk], const std::uint16_t* partner, int n, std::int64_t h,
-                            std::int64_t c, std::byte* dst_row, std::int8_t q[kChunk]) {
-  if (partner != nullptr) {
-    for (int u = 0; u < n; ++u) y[u] = tp_add(bf16, y[u], partner[u]);
+MOEDIST_HD void stage_chunk(bool bf16, bool comm_quant, std::uint16_t y[kChunk], const std::uint16_t* partner, int n,
+                            std::int64_t h, std::int64_t c, std::byte* dst_row, std::int8_t q[kChunk],
+                            bool round_even = false) {
+  if (partner != nullptr) {  // V1's TP add rounds bf16 half away from zero, V2's half to even
+    for (int u = 0; u < n; ++u)
+      y[u] = round_even ? tp_add_even(bf16, y[u], partner[u]) : tp_add(bf16, y[u], partner[u]);
   }
   if (comm_quant) {
     for (int u = 0; u < kChunk; ++u) q[u] = 0;
@@ -325,6 +542,23 @@ MOEDIST_HD void dequantize_chunk(bool bf16, const std::int8_t q[kChunk], std::ui
 }
 
 // ---- combine: checks against the dispatch handle ----
+
+// tp_send_counts and the rows of expand_x against dispatch's (both versions).
+MOEDIST_HD void report_combine_rows(const DeviceGroup& g, const CombineArgs& a) {
+  const Phase ph = Phase::combine_args;
+  if (g.T == 2) {
+    for (int i = 0; i < 2; ++i) {
+      const std::int32_t v = a.tp_send_counts[i * a.tp_send_counts_stride];
+      if (v != g.tp_counts[i])
+        return record_failure(g.status, ErrorCode::invalid_argument, g.me, ph, Rule::tp_counts_differ, i, v,
+                              g.tp_counts[i]);
+    }
+  }
+  if (a.expand_x_rows < g.status->valid_rows) {
+    record_failure(g.status, ErrorCode::invalid_shape, g.me, ph, Rule::expand_x_rows, 0, a.expand_x_rows,
+                   g.status->valid_rows);
+  }
+}
 
 // 0 when routing entry t matches dispatch, else the entry's mark (2t + 1: ids differ; 2t + 2: expand_idx).
 MOEDIST_HD std::uint64_t combine_entry_mark(const DeviceGroup& g, const CombineArgs& a, std::int64_t t) {
@@ -352,14 +586,250 @@ MOEDIST_HD void report_combine_args(const DeviceGroup& g, const CombineArgs& a, 
     const std::int32_t v = a.ep_send_counts[i * a.ep_send_counts_stride];
     if (v != g.recv_counts[i]) return record_failure(g.status, ErrorCode::invalid_argument, g.me, ph, Rule::ep_counts_differ, i, v, g.recv_counts[i]);
   }
-  if (g.T == 2) {
-    for (int i = 0; i < 2; ++i) {
-      const std::int32_t v = a.tp_send_counts[i * a.tp_send_counts_stride];
-      if (v != g.tp_counts[i]) return record_failure(g.status, ErrorCode::invalid_argument, g.me, ph, Rule::tp_counts_differ, i, v, g.tp_counts[i]);
+  report_combine_rows(g, a);
+}
+
+// ---- V2 combine (V2 §4): the rows come back by their triples ----
+
+// Entry t = b * K + j of a V2 combine against the dispatch handle: kNoMark when it agrees, else the
+// mark of what it breaks, in the CPU path's order: a (BS,) mask that is no prefix (category 0, entry b),
+// an id (1), the mask differing from dispatch's (2), an id differing from dispatch's (3).
+MOEDIST_HD std::uint64_t combine_entry_mark_v2(const DeviceGroup& g, const CombineArgs& a, std::int64_t t) {
+  const std::int64_t b = t / a.k, j = t % a.k;
+  if (j == 0 && mask_breaks_prefix(a.mask, b)) return mark_of(0, b);
+  const bool on = token_on(a.mask, b, a.k) && entry_on(a.mask, b, j);
+  if (on && v2_entry_fault(g, a.ids, a.ids_row_stride, a.ids_col_stride, a.mask, a.special, b, j) != Rule::none)
+    return mark_of(1, t);
+  if (on != (g.dispatch_expand_idx[t] != -1)) return mark_of(2, t);
+  if (on && a.ids[b * a.ids_row_stride + j * a.ids_col_stride] != g.dispatch_ids[t]) return mark_of(3, t);
+  return kNoMark;
+}
+
+// Turns the lowest mark (or the counts) into the error; nothing when combine's arguments are dispatch's.
+// Of ep_send_counts only the entries the kernels read are compared: the last of each half (V2 §4.1).
+MOEDIST_HD void report_combine_args_v2(const DeviceGroup& g, const CombineArgs& a, std::uint64_t lowest_mark) {
+  const Phase ph = Phase::combine_args;
+  Status* st = g.status;
+  if (lowest_mark != kNoMark) {
+    const std::int64_t t = mark_entry(lowest_mark), b = t / a.k, j = t % a.k;
+    switch (mark_category(lowest_mark)) {
+      case 0:
+        return record_failure(st, ErrorCode::invalid_argument, g.me, ph, Rule::mask_not_prefix, t);
+      case 1: {
+        const Rule rule = v2_entry_fault(g, a.ids, a.ids_row_stride, a.ids_col_stride, a.mask, a.special, b, j);
+        return record_failure(st, ErrorCode::invalid_argument, g.me, ph, rule, t,
+                              a.ids[b * a.ids_row_stride + j * a.ids_col_stride],
+                              rule == Rule::id_range ? g.E : id_limit(g, a.special));
+      }
+      case 2:
+        return record_failure(st, ErrorCode::invalid_argument, g.me, ph, Rule::mask_differs, t,
+                              g.dispatch_expand_idx[t] == -1 ? 1 : 0);
+      default:
+        return record_failure(st, ErrorCode::invalid_argument, g.me, ph, Rule::ids_differ, t,
+                              a.ids[b * a.ids_row_stride + j * a.ids_col_stride], g.dispatch_ids[t]);
     }
   }
-  if (a.expand_x_rows < g.status->valid_rows) {
-    record_failure(g.status, ErrorCode::invalid_shape, g.me, ph, Rule::expand_x_rows, 0, a.expand_x_rows, g.status->valid_rows);
+  const int own_len = g.W * g.local_experts;
+  for (int i = own_len - 1; i < own_len * (g.T == 2 ? 2 : 1); i += own_len) {
+    const std::int32_t v = a.ep_send_counts[i * a.ep_send_counts_stride];
+    if (v != g.recv_counts[i])
+      return record_failure(st, ErrorCode::invalid_argument, g.me, ph, Rule::ep_counts_differ, i, v, g.recv_counts[i]);
+  }
+  report_combine_rows(g, a);
+  if (a.assist_len < 3 * st->own_rows)
+    record_failure(st, ErrorCode::invalid_shape, g.me, ph, Rule::assist_short, 0, a.assist_len, 3 * st->own_rows);
+}
+
+// Where this rank's row index lives (its window; a holder's for a source) and what it holds.
+MOEDIST_HD std::uint64_t* index_of(const DeviceGroup& g, int global) {
+  return reinterpret_cast<std::uint64_t*>(g.windows[global] + g.off.index);
+}
+MOEDIST_HD std::int64_t* index_counts_of(const DeviceGroup& g, int global) {
+  return reinterpret_cast<std::int64_t*>(g.windows[global] + g.off.index_counts);
+}
+MOEDIST_HD std::size_t index_entry(const DeviceGroup& g, int source, std::int64_t b, std::int64_t slot) {
+  return (static_cast<std::size_t>(source) * static_cast<std::size_t>(g.off.index_tokens) +
+          static_cast<std::size_t>(b)) *
+             static_cast<std::size_t>(g.off.index_slots) +
+         static_cast<std::size_t>(slot);
+}
+// An index entry of call `seq`: the call's number in the high half, so that what an earlier call left
+// never passes for this call's.
+MOEDIST_HD std::uint64_t tagged_row(std::uint64_t seq, std::int64_t row) {
+  return (seq << 32) | static_cast<std::uint32_t>(row);
+}
+MOEDIST_HD bool tag_is(std::uint64_t entry, std::uint64_t seq) { return (entry >> 32) == (seq & 0xffffffffu); }
+
+// Row i's triple (assist_info_for_combine[3i .. 3i+2]) names a source EP rank, one of its tokens and a k
+// this rank holds (< K on a MoE rank, K + its shared expert on a shared one). kNoMark, or the mark of
+// the first entry of the triple that does not (category 0).
+MOEDIST_HD std::uint64_t triple_mark(const DeviceGroup& g, const CombineArgs& a, std::int64_t i) {
+  const std::int32_t source = a.assist[3 * i * a.assist_stride];
+  const std::int32_t b = a.assist[(3 * i + 1) * a.assist_stride];
+  const std::int32_t k = a.assist[(3 * i + 2) * a.assist_stride];
+  if (source < 0 || source >= g.W) return mark_of(0, 3 * i);
+  if (b < 0 || b >= g.source_bs[source]) return mark_of(0, 3 * i + 1);
+  const bool shared = g.ep_rank < g.S;
+  if (shared ? k != a.k + g.ep_rank / g.R : (k < 0 || k >= a.k)) return mark_of(0, 3 * i + 2);
+  return kNoMark;
+}
+MOEDIST_HD void report_triple_mark(const DeviceGroup& g, const CombineArgs& a, std::uint64_t mark) {
+  const std::int64_t at = mark_entry(mark);
+  const std::int32_t value = a.assist[at * a.assist_stride];
+  const std::int32_t source = a.assist[(at - at % 3) * a.assist_stride];
+  const Phase ph = Phase::combine_index;
+  if (at % 3 == 0)
+    return record_failure(g.status, ErrorCode::invalid_argument, g.me, ph, Rule::triple_source, at, value, g.W);
+  if (at % 3 == 1)
+    return record_failure(g.status, ErrorCode::invalid_argument, g.me, ph, Rule::triple_token, at, value,
+                          g.source_bs[source]);
+  if (g.ep_rank < g.S)
+    return record_failure(g.status, ErrorCode::invalid_argument, g.me, ph, Rule::triple_k_shared, at, value,
+                          a.k + g.ep_rank / g.R);
+  record_failure(g.status, ErrorCode::invalid_argument, g.me, ph, Rule::triple_k, at, value, a.k);
+}
+
+// Enters own row i (its triple checked) into this rank's index and counts it for its source; a triple
+// that another row of this call already entered is an error.
+MOEDIST_HD void index_row(const DeviceGroup& g, const CombineArgs& a, std::int64_t i, std::uint64_t seq) {
+  const std::int32_t source = a.assist[3 * i * a.assist_stride];
+  const std::int32_t b = a.assist[(3 * i + 1) * a.assist_stride];
+  const std::int32_t k = a.assist[(3 * i + 2) * a.assist_stride];
+  const std::uint64_t old = exchange_u64(index_of(g, g.me) + index_entry(g, source, b, k), tagged_row(seq, i));
+  if (tag_is(old, seq)) {
+    record_failure(g.status, ErrorCode::invalid_argument, g.me, Phase::combine_index, Rule::triple_repeated, 3 * i,
+                   static_cast<std::int64_t>(old & 0xffffffffu));
+  }
+  add_i64(index_counts_of(g, g.me) + source, 1);
+}
+
+// The EP rank holding slot s of token b (s < K: entry s; K + j: shared expert j), -1 when no row comes
+// back for it (an inactive token, a masked entry, a special expert).
+MOEDIST_HD int holder_of_slot(const DeviceGroup& g, const CombineArgs& a, std::int64_t b, std::int64_t s) {
+  if (!token_on(a.mask, b, a.k)) return -1;
+  if (s >= a.k) return g.ep_rank % g.R + static_cast<int>(s - a.k) * g.R;
+  if (!entry_on(a.mask, b, s)) return -1;
+  const std::int32_t e = a.ids[b * a.ids_row_stride + s * a.ids_col_stride];
+  return e < g.E ? g.S + e / g.L : -1;
+}
+
+// After the exchange: the row of slot s of token b in its holder's index, into found_rows. kNoMark, or
+// the mark (category 1) of a slot its holder has no row for.
+MOEDIST_HD std::uint64_t find_row(const DeviceGroup& g, const CombineArgs& a, std::int64_t b, std::int64_t s,
+                                  std::uint64_t seq) {
+  const int d = holder_of_slot(g, a, b, s);
+  if (d < 0) return kNoMark;
+  const std::uint64_t entry = index_of(g, global_rank(g, d, g.tp_rank))[index_entry(g, g.ep_rank, b, s)];
+  if (!tag_is(entry, seq)) return mark_of(1, b * g.off.index_slots + s);
+  g.found_rows[b * g.off.index_slots + s] = static_cast<std::int64_t>(entry & 0xffffffffu);
+  return kNoMark;
+}
+// Holder d must hold exactly the rows this rank's dispatch record sent it: kNoMark, or the mark
+// (category 0, the CPU path's first check) naming d.
+MOEDIST_HD std::uint64_t holder_count_mark(const DeviceGroup& g, int d) {
+  std::int64_t sent = 0;
+  for (int l = 0; l < (d < g.S ? 1 : g.L); ++l) sent += g.record[d * g.L + l];
+  return index_counts_of(g, global_rank(g, d, g.tp_rank))[g.ep_rank] == sent ? kNoMark : mark_of(0, d);
+}
+MOEDIST_HD void report_find_mark(const DeviceGroup& g, const CombineArgs& a, std::uint64_t mark) {
+  const std::int64_t entry = mark_entry(mark);
+  const Phase ph = Phase::combine_find;
+  if (mark_category(mark) == 0) {
+    const int d = static_cast<int>(entry), holder = global_rank(g, d, g.tp_rank);
+    std::int64_t sent = 0;
+    for (int l = 0; l < (d < g.S ? 1 : g.L); ++l) sent += g.record[d * g.L + l];
+    return record_failure(g.status, ErrorCode::invalid_argument, holder, ph, Rule::rows_count_differ, d,
+                          index_counts_of(g, holder)[g.ep_rank], sent);
+  }
+  const std::int64_t b = entry / g.off.index_slots, s = entry % g.off.index_slots;
+  record_failure(g.status, ErrorCode::invalid_argument, global_rank(g, holder_of_slot(g, a, b, s), g.tp_rank), ph,
+                 Rule::row_missing, b, s);
+}
+
+// <alpha_{which+1}[q], ori_x[b]> for entry t = b * K + j when it names const expert q, else 0.
+MOEDIST_HD float const_logit(const DeviceGroup& g, const CombineArgs& a, std::int64_t t, int which) {
+  const std::int64_t b = t / a.k, j = t % a.k;
+  if (!token_on(a.mask, b, a.k) || !entry_on(a.mask, b, j)) return 0.0f;
+  const std::int32_t e = a.ids[b * a.ids_row_stride + j * a.ids_col_stride];
+  if (id_kind(g, a.special, e) != IdKind::constant) return 0.0f;
+  const HalfRows& alpha = which == 0 ? a.alpha_1 : a.alpha_2;
+  const std::uint16_t* w = alpha.data + (e - id_limit(g, a.special) + a.special.constant) * alpha.row_stride;
+  const std::uint16_t* x = a.ori_x.data + b * a.ori_x.row_stride;
+  const bool bf16 = a.bf16 != 0;
+  float sum = 0.0f;
+  for (std::int64_t h = 0; h < a.h; ++h) sum = dot_step(sum, bf16, w[h * alpha.col_stride], x[h * a.ori_x.col_stride]);
+  return sum;
+}
+
+// One term of token b's sum (V2 §4.3), in the order of the slots: K entries, Sn shared experts, then
+// shared_expert_x.
+enum class TermKind : std::int32_t { none = 0, expert_row, copy, constant, plain };
+struct TermV2 {
+  TermKind kind = TermKind::none;
+  bool weighted = false;
+  int ep = 0;            // expert_row: the EP rank holding it (this lane)
+  std::int64_t row = 0;  // expert_row: its row there; constant: the const expert
+  float weight = 1.0f;
+  ConstGate gate;
+};
+MOEDIST_HD int term_count(const DeviceGroup& g, std::int64_t k) { return static_cast<int>(k) + g.Sn + 1; }
+MOEDIST_HD TermV2 term_of(const DeviceGroup& g, const CombineArgs& a, std::int64_t b, std::int64_t s) {
+  TermV2 t;
+  const std::int64_t slots = g.off.index_slots;
+  if (s == a.k + g.Sn) {
+    if (a.shared_x.data != nullptr && token_on(a.mask, b, a.k)) t.kind = TermKind::plain;
+    return t;
+  }
+  const int d = holder_of_slot(g, a, b, s);
+  if (d >= 0) {
+    t.kind = TermKind::expert_row;
+    t.ep = d;
+    t.row = g.found_rows[b * slots + s];
+  }
+  if (s >= a.k || !token_on(a.mask, b, a.k) || !entry_on(a.mask, b, s)) return t;  // shared experts: weight 1
+  t.weighted = true;
+  t.weight = a.expert_scales != nullptr
+                 ? a.expert_scales[b * a.expert_scales_row_stride + s * a.expert_scales_col_stride]
+                 : 1.0f;
+  const std::int32_t e = a.ids[b * a.ids_row_stride + s * a.ids_col_stride];
+  switch (id_kind(g, a.special, e)) {
+    case IdKind::routed:
+    case IdKind::zero:
+      break;
+    case IdKind::copy:
+      t.kind = TermKind::copy;
+      break;
+    case IdKind::constant: {
+      t.kind = TermKind::constant;
+      t.row = e - (id_limit(g, a.special) - a.special.constant);
+      const float* logits = g.const_logits + 2 * (b * a.k + s);
+      t.gate = const_gate(logits[0], logits[1]);
+      break;
+    }
+  }
+  return t;
+}
+// The rows a term's chunk is read from, besides a holder's window row: ori_x (copy, constant), the const
+// expert's vector (constant), shared_expert_x (plain).
+MOEDIST_HD const std::uint16_t* term_row(const CombineArgs& a, const TermV2& t, std::int64_t b,
+                                         std::int64_t* col_stride) {
+  const HalfRows& rows = t.kind == TermKind::plain ? a.shared_x : a.ori_x;
+  *col_stride = rows.col_stride;
+  return rows.data + b * rows.row_stride;
+}
+MOEDIST_HD const std::uint16_t* const_vector_row(const CombineArgs& a, const TermV2& t, std::int64_t* col_stride) {
+  *col_stride = a.const_v.col_stride;
+  return a.const_v.data + t.row * a.const_v.row_stride;
+}
+// Adds a term's chunk: y its row's 16-bit values (dequantized with comm quant), v the const vector's.
+MOEDIST_HD void accumulate_term(bool bf16, float acc[kChunk], const TermV2& t, const std::uint16_t y[kChunk],
+                                const std::uint16_t v[kChunk], int n) {
+  for (int u = 0; u < n; ++u) {
+    if (t.kind == TermKind::constant)
+      acc[u] = accumulate_const(acc[u], bf16, y[u], v[u], t.gate, t.weight);
+    else
+      acc[u] =
+          t.weighted ? accumulate_weighted(acc[u], bf16, y[u], t.weight) : accumulate_unweighted(acc[u], bf16, y[u]);
   }
 }
 

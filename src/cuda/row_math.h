@@ -6,6 +6,7 @@
 // numeric/convert.h's, the same functions the CPU path runs.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "common/hd.h"
@@ -76,6 +77,46 @@ MOEDIST_HD float accumulate_unweighted(float acc, bool bf16, std::uint16_t y) { 
 MOEDIST_HD std::uint16_t tp_add(bool bf16, std::uint16_t a, std::uint16_t b) {
   const float sum = add_rn(half_to_f32(bf16, a), half_to_f32(bf16, b));
   return bf16 ? f32_to_bf16_round_away(sum) : f32_to_fp16_rne(sum);
+}
+
+// ---- TP reduce of the V2 operators (V2 §3.8): the fp32 sum rounded half to even for bf16 too ----
+MOEDIST_HD std::uint16_t tp_add_even(bool bf16, std::uint16_t a, std::uint16_t b) {
+  return f32_to_half_rne(bf16, add_rn(half_to_f32(bf16, a), half_to_f32(bf16, b)));
+}
+
+// ---- const experts (V2 §4.4; docs/contract.md "Const experts") ----
+// One term of <alpha, x>: the products are added in increasing h, one fp32 add at a time from 0.
+MOEDIST_HD float dot_step(float sum, bool bf16, std::uint16_t alpha, std::uint16_t x) {
+  return add_rn(sum, mul_rn(half_to_f32(bf16, alpha), half_to_f32(bf16, x)));
+}
+// e^x. The host's is the C library's expf, the oracle's and the CPU paths' own. The GPU's is CUDA's
+// double-precision exp rounded to float, which is the correctly rounded expf except where the exact
+// value lies within about 2^-28 ulp of a rounding boundary (CUDA's float expf is up to 2 ulp off).
+// The C library's expf is not guaranteed correctly rounded either, so the two can differ by one ulp
+// for rare inputs: docs/cuda.md, "Bit-exactness".
+MOEDIST_HD float exp_f(float x) {
+#if defined(__CUDA_ARCH__)
+  return static_cast<float>(::exp(static_cast<double>(x)));
+#else
+  return std::exp(x);
+#endif
+}
+// The gate (a1, a2) = softmax(l1, l2) of a const expert: m = max(l1, l2), e_i = exp(l_i - m),
+// a_i = e_i / (e1 + e2).
+struct ConstGate {
+  float a1 = 0.0f, a2 = 0.0f;
+};
+MOEDIST_HD ConstGate const_gate(float l1, float l2) {
+  const float m = l1 < l2 ? l2 : l1;  // std::max(l1, l2)
+  const float e1 = exp_f(add_rn(l1, -m)), e2 = exp_f(add_rn(l2, -m));
+  const float sum = add_rn(e1, e2);
+  return ConstGate{div_rn(e1, sum), div_rn(e2, sum)};
+}
+// acc + fl32(CONST[h] * w), CONST[h] = fl32(fl32(x * a1) + fl32(v * a2)).
+MOEDIST_HD float accumulate_const(float acc, bool bf16, std::uint16_t x, std::uint16_t v, ConstGate gate,
+                                  float weight) {
+  const float value = add_rn(mul_rn(half_to_f32(bf16, x), gate.a1), mul_rn(half_to_f32(bf16, v), gate.a2));
+  return add_rn(acc, mul_rn(value, weight));
 }
 
 // ---- communication quantization (§4.5): groups of 8, scale sent in x's dtype ----

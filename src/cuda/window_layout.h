@@ -17,7 +17,10 @@ inline WindowOffsets window_offsets(const contract::Topology& topo, std::int64_t
   WindowOffsets o;
   const int world = topo.world_size();
   std::int64_t receive = topo.receive_rows(topo.W - 1, max_bs, k);           // a MoE rank (W - 1 >= S)
-  if (topo.S > 0) receive = std::max(receive, topo.receive_rows(0, max_bs, k));  // a shared-expert rank
+  if (topo.S > 0) {  // a shared-expert rank, in a V1 call and in a V2 call
+    receive = std::max(receive, topo.receive_rows(0, max_bs, k));
+    if (topo.Sn > 0) receive = std::max(receive, topo.receive_rows(0, max_bs, k, 2));
+  }
   o.receive_rows = receive;
   o.dispatch_rows = contract::sat_mul(receive, static_cast<std::int64_t>(topo.T));
   const auto rows = static_cast<std::size_t>(o.dispatch_rows);
@@ -43,6 +46,15 @@ inline WindowOffsets window_offsets(const contract::Topology& topo, std::int64_t
   o.combine_pitch = contract::align_up(std::max(2 * hh, quantized), 16);
   o.combine_rows = take(contract::sat_mul(own_rows, o.combine_pitch));
   o.tp_inbox = take(topo.T == 2 ? contract::sat_mul(contract::sat_mul(own_rows, hh), std::size_t{2}) : 0);
+  // V2: triples, and the row index over (source, token, slot) for the largest BS a source may have.
+  o.assist = take(contract::sat_mul(rows, std::size_t{12}));
+  o.index_tokens = topo.global_bs != 0 ? topo.global_bs / topo.W : max_bs;
+  o.index_slots = topo.K_slots(k);
+  o.index = take(contract::sat_mul(
+      contract::sat_mul(contract::sat_mul(static_cast<std::size_t>(topo.W), static_cast<std::size_t>(o.index_tokens)),
+                        static_cast<std::size_t>(o.index_slots)),
+      std::size_t{8}));
+  o.index_counts = take(sizeof(std::int64_t) * static_cast<std::size_t>(topo.W));
   o.total = at;
   return o;
 }

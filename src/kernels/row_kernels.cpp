@@ -119,4 +119,26 @@ void accumulate_comm_quant(float* acc, const std::int8_t* q, const std::uint16_t
   scalar::accumulate_comm_quant(acc, q, group_scales, type, h);
 }
 
+void tp_reduce_row_even(const std::uint16_t* a, std::int64_t a_col_stride, const std::uint16_t* b, Half type,
+                        std::int64_t h, std::uint16_t* out) {
+  for (std::int64_t i = 0; i < h; ++i) {
+    const float sum = numeric::half_to_f32(type, a[i * a_col_stride]) + numeric::half_to_f32(type, b[i]);
+    out[i] = numeric::f32_to_half_rne(type, sum);
+  }
+}
+
+float dot_row(const std::uint16_t* a, const std::uint16_t* b, Half type, std::int64_t h) {
+  float sum = 0.0f;
+  for (std::int64_t i = 0; i < h; ++i) sum = sum + numeric::half_to_f32(type, a[i]) * numeric::half_to_f32(type, b[i]);
+  return sum;
+}
+
+void accumulate_const_expert(float* acc, const std::uint16_t* x, const std::uint16_t* v, Half type, float a1, float a2,
+                             float s, std::int64_t h) {
+  for (std::int64_t i = 0; i < h; ++i) {
+    const float value = numeric::half_to_f32(type, x[i]) * a1 + numeric::half_to_f32(type, v[i]) * a2;
+    acc[i] = acc[i] + value * s;
+  }
+}
+
 }  // namespace moedist::kernels

@@ -57,4 +57,16 @@ void accumulate_scaled_comm_quant(float* acc, const std::int8_t* q, const std::u
 void accumulate_comm_quant(float* acc, const std::int8_t* q, const std::uint16_t* group_scales, Half type,
                            std::int64_t h);
 
+// TP reduce of the V2 operators (V1 §4.4): out[i] = to_T_rint(fl32(a[i] + b[i])), half to even for
+// bf16 too (one variant, the scalar one).
+void tp_reduce_row_even(const std::uint16_t* a, std::int64_t a_col_stride, const std::uint16_t* b, Half type,
+                        std::int64_t h, std::uint16_t* out);
+
+// The V2 const expert (V2 §4.4; one variant, the scalar one). dot_row: l = sum over i = 0..h-1, in
+// increasing i, of fl32(float(a[i]) * float(b[i])), one fp32 add at a time from 0 (moedist's fixed order).
+float dot_row(const std::uint16_t* a, const std::uint16_t* b, Half type, std::int64_t h);
+// Its term of combine: acc[i] = fl32(acc[i] + fl32(fl32(fl32(float(x[i]) * a1) + fl32(float(v[i]) * a2)) * s)).
+void accumulate_const_expert(float* acc, const std::uint16_t* x, const std::uint16_t* v, Half type, float a1, float a2,
+                             float s, std::int64_t h);
+
 }  // namespace moedist::kernels

@@ -10,14 +10,16 @@
 #include "contract/record_checks.h"
 #include "contract/shared_split.h"
 #include "kernels/row_kernels.h"
+#include "ops/combine_steps.h"
 #include "ops/group_state.h"
 #include "ops/host_messages.h"
 
 namespace moedist {
 
-using numeric::Half;
-
 namespace {
+
+using combine_steps::CombineCall;
+using combine_steps::PublishedRows;
 
 // Start of block `index` in an inclusive prefix-sum table.
 inline std::int64_t block_begin(const std::int32_t* table, int index) { return index == 0 ? 0 : table[index - 1]; }
@@ -119,24 +121,6 @@ std::exception_ptr route_failure(Group::State& s, const TensorView& expert_ids, 
   return nullptr;
 }
 
-// Rows in this rank's window (combine_buffer(), or dispatch's expand_x passed back) feed one combine per
-// dispatch: the previous combine read them in place, and slower ranks may have gone on reading them
-// after it returned here, so a caller that rewrote them since may have changed what those ranks
-// summed. Refused rather than read again (group_state.h, combined_since_dispatch).
-void check_window_rows_unused(const Group::State& s, const TensorView& expand_x) {
-  if (!s.combined_since_dispatch || expand_x.data == nullptr || expand_x.rows() == 0 || expand_x.cols() == 0) return;
-  const std::int64_t last = (expand_x.rows() - 1) * expand_x.strides[0] + (expand_x.cols() - 1) * expand_x.strides[1];
-  const auto first = reinterpret_cast<std::uintptr_t>(expand_x.data);
-  const auto end = first + static_cast<std::uintptr_t>(last + 1) * dtype_size(expand_x.dtype);
-  const auto window = reinterpret_cast<std::uintptr_t>(s.transport->window(s.me()));
-  if (first < window + s.transport->window_size(s.me()) && window < end) {
-    fail(ErrorCode::invalid_argument, "expand_x", "rows in this rank's window",
-         "were read in place by the previous combine, which other ranks may still have been reading after it returned "
-         "here, so they may not be rewritten or combined again before the next dispatch: dispatch again, or pass "
-         "combine a buffer of your own");
-  }
-}
-
 // Validates locally, then publishes this rank's record with its row table (ep_send_counts, own half),
 // or its failure, and learns everyone's. Returns the checked shape; `rows` gets the row counts.
 contract::CallShape publish_records(Group::State& s, const TensorView& expand_x, const TensorView& expert_ids,
@@ -148,7 +132,7 @@ contract::CallShape publish_records(Group::State& s, const TensorView& expand_x,
   contract::CallShape shape;
   try {
     shape = contract::check_combine(s.config, expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, o, rows);
-    check_window_rows_unused(s, expand_x);
+    combine_steps::check_window_rows_unused(s, expand_x);
   } catch (...) {
     local_error = std::current_exception();
   }
@@ -168,173 +152,6 @@ void check_records(const Group::State& s) {
   for (int r = 0; r < s.transport->size(); ++r) check_combine_record(s, r, "combine.counts");
 }
 
-// One combine call as the phases after the record exchange share it: the caller's arguments, the
-// shape they were checked to, and what follows from them.
-struct CombineCall {
-  CombineCall(Group::State& state, const TensorView& expand_x_, const TensorView& expert_ids_,
-              const TensorView& expand_idx_, const TensorView& expert_scales_, const CombineOptions& o_,
-              const contract::CallShape& shape_, const contract::CombineCounts& rows_)
-      : s(state),
-        topo(state.topo),
-        expand_x(expand_x_),
-        expert_ids(expert_ids_),
-        expand_idx(expand_idx_),
-        expert_scales(expert_scales_),
-        o(o_),
-        shape(shape_),
-        rows(rows_),
-        h(shape_.h),
-        k(shape_.k),
-        bs(shape_.bs),
-        active(shape_.active),
-        type(expand_x_.dtype == DType::bf16 ? Half::bf16 : Half::fp16),
-        quantized(o_.comm_quant_mode == 2),
-        my_layout(topo, shape_, topo.ep_rank),
-        min_row_bytes(quantized ? my_layout.comm_quant_groups * 2 + static_cast<std::size_t>(h)
-                                : static_cast<std::size_t>(h) * 2),
-        answer_stride(contract::align_up(min_row_bytes, 4)),
-        my_host(state.my_host()) {}
-
-  Group::State& s;
-  const contract::Topology& topo;
-  const TensorView& expand_x;
-  const TensorView& expert_ids;
-  const TensorView& expand_idx;
-  const TensorView& expert_scales;
-  const CombineOptions& o;
-  const contract::CallShape shape;
-  const contract::CombineCounts rows;
-  const std::int64_t h, k, bs;
-  const std::int64_t active;  // tokens produced: [0, active); the others' rows are zero (x_active_mask)
-  const Half type;
-  const bool quantized;                    // comm_quant_mode 2: rows travel as int8 groups
-  const contract::WindowLayout my_layout;  // this rank's window for this call
-  const std::size_t min_row_bytes;         // bytes of one expert-output row as a source reads it
-  const std::size_t answer_stride;         // bytes of one row in a proxy's answer
-  const int my_host;
-  std::int64_t rows_from_other_hosts = 0;
-
-  int host_of_ep(int d) const { return s.routes.host_of(topo.global_rank(d, topo.tp_rank)); }
-};
-
-// Where this rank's expert-output rows are for the source ranks to read: offset in its window, row stride.
-struct PublishedRows {
-  std::size_t offset;
-  std::size_t row_bytes;
-};
-
-// T = 2 (§4.4): the peer's tokens' rows of this rank's partial result go to the peer's inbox; after a
-// barrier, this rank's own rows are reduced with what the peer sent into the staging rows.
-PublishedRows tp_reduce(const CombineCall& c, const std::exception_ptr& route_error) {
-  Group::State& s = c.s;
-  const contract::Topology& topo = c.topo;
-  const int my_ep = topo.ep_rank;
-  const std::int64_t x_cs = c.expand_x.strides[1];
-  const std::size_t stage_row_bytes = c.my_layout.combine_row_bytes;
-  std::byte* my_window = s.transport->window(s.me());
-  std::byte* my_stage = my_window + c.my_layout.combine_rows_offset;
-  if (!route_error) {
-    const int peer = topo.global_rank(my_ep, 1 - topo.tp_rank);
-    const contract::WindowLayout peer_layout(topo, s.shape_of(peer), my_ep);
-    auto* inbox = reinterpret_cast<std::uint16_t*>(s.transport->window(peer) + peer_layout.tp_inbox_offset);
-    for (std::int64_t i = 0; i < c.rows.peer_rows; ++i) {
-      kernels::copy_row16(c.expand_x.ptr<std::uint16_t>(c.rows.own_rows + i, 0), x_cs, c.h, inbox + i * c.h);
-    }
-  }
-  s.step(route_error, "combine.tp");
-  const auto* inbox = reinterpret_cast<const std::uint16_t*>(my_window + c.my_layout.tp_inbox_offset);
-  for (std::int64_t i = 0; i < c.rows.own_rows; ++i) {  // row by row, so reducing in place is safe
-    kernels::tp_reduce_row(c.expand_x.ptr<std::uint16_t>(i, 0), x_cs, inbox + i * c.h, c.type, c.h,
-                           reinterpret_cast<std::uint16_t*>(my_stage + static_cast<std::size_t>(i) * stage_row_bytes));
-  }
-  return PublishedRows{c.my_layout.combine_rows_offset, stage_row_bytes};
-}
-
-// T = 1: this rank's rows go to its staging rows, int8-quantized with comm_quant_mode 2 (§4.5). Rows
-// that already sit in this rank's window (dispatch's expand_x view passed back, or combine_buffer())
-// are read in place: no copy at all.
-PublishedRows stage_own_rows(const CombineCall& c, const std::exception_ptr& route_error) {
-  Group::State& s = c.s;
-  const contract::WindowLayout& mine = c.my_layout;
-  const std::size_t stage_row_bytes = mine.combine_row_bytes;
-  std::byte* my_window = s.transport->window(s.me());
-  std::byte* my_stage = my_window + mine.combine_rows_offset;
-  const std::int64_t x_cs = c.expand_x.strides[1];
-  const auto* x_base = static_cast<const std::byte*>(c.expand_x.data);
-  const bool in_stage =
-      x_base == my_stage && x_cs == 1 && static_cast<std::size_t>(c.expand_x.strides[0]) * 2 == stage_row_bytes;
-  const bool in_dispatch_region =
-      x_base == my_window + mine.expand_x_offset && x_cs == 1 && c.expand_x.strides[0] == c.h;
-  PublishedRows published{mine.combine_rows_offset, stage_row_bytes};
-  if (route_error) return published;
-  if (c.quantized) {
-    // Quantize through a scratch row: the source row may be the very slot it is written to.
-    auto* packed =
-        reinterpret_cast<std::byte*>(s.row_scratch(c.h + static_cast<std::int64_t>(stage_row_bytes) / 4 + 1));
-    const std::size_t groups = mine.comm_quant_groups;
-    for (std::int64_t i = 0; i < c.rows.own_rows; ++i) {
-      kernels::comm_quantize_row(c.expand_x.ptr<std::uint16_t>(i, 0), x_cs, c.type, c.h,
-                                 reinterpret_cast<std::int8_t*>(packed + groups * 2),
-                                 reinterpret_cast<std::uint16_t*>(packed));
-      std::memcpy(my_stage + static_cast<std::size_t>(i) * stage_row_bytes, packed,
-                  groups * 2 + static_cast<std::size_t>(c.h));
-    }
-  } else if (in_dispatch_region) {
-    published = PublishedRows{mine.expand_x_offset, static_cast<std::size_t>(c.h) * 2};
-  } else if (!in_stage) {
-    for (std::int64_t i = 0; i < c.rows.own_rows; ++i) {
-      kernels::copy_row16(c.expand_x.ptr<std::uint16_t>(i, 0), x_cs, c.h,
-                          reinterpret_cast<std::uint16_t*>(my_stage + static_cast<std::size_t>(i) * stage_row_bytes));
-    }
-  }
-  return published;
-}
-
-// Makes this rank's rows readable by the source ranks: TP reduce first (§4.4), else optional int8
-// quantization (§4.5). Returns where they are.
-PublishedRows stage_rows(const CombineCall& c, const std::exception_ptr& route_error) {
-  return c.topo.T == 2 ? tp_reduce(c, route_error) : stage_own_rows(c, route_error);
-}
-
-// The output: the caller's buffer, else the group's, reallocated only when its shape changes.
-MutableTensorView combine_output(const CombineCall& c) {
-  if (c.o.out.present()) return c.o.out;
-  Group::State& s = c.s;
-  if (s.combine_out.dtype() != c.expand_x.dtype || s.combine_out.rows() != c.bs || s.combine_out.cols() != c.h) {
-    s.combine_out = Tensor(c.expand_x.dtype, c.bs, c.h);
-  }
-  return s.combine_out.mutable_view();
-}
-
-// Where every expert rank of this rank's TP lane published its rows (s.rows_of, s.row_bytes_of);
-// checked against its window before any address is formed.
-void locate_published_rows(const CombineCall& c) {
-  Group::State& s = c.s;
-  const contract::Topology& topo = c.topo;
-  s.rows_of.resize(static_cast<std::size_t>(topo.W));
-  s.row_bytes_of.resize(static_cast<std::size_t>(topo.W));
-  for (int d = 0; d < topo.W; ++d) {
-    const int gd = topo.global_rank(d, topo.tp_rank);
-    const StepRecord& published = s.steps[static_cast<std::size_t>(gd)];
-    const std::int64_t held = s.header(gd).own_rows;
-    // Without a product that could overflow: offset and row size within the window, and room for the rows.
-    const std::size_t window_bytes = s.transport->window_size(gd);
-    if (published.row_bytes < static_cast<std::int64_t>(c.min_row_bytes) || published.rows_offset < 0 ||
-        static_cast<std::uint64_t>(published.rows_offset) > window_bytes ||
-        static_cast<std::uint64_t>(published.row_bytes) > window_bytes ||
-        (held > 0 && (window_bytes - static_cast<std::size_t>(published.rows_offset)) /
-                             static_cast<std::size_t>(published.row_bytes) <
-                         static_cast<std::size_t>(held))) {
-      throw PeerError(ErrorCode::protocol, gd, "combine.data",
-                      concat("rank ", s.me(), ": rank ", gd, " published its rows at offset ", published.rows_offset,
-                             " with ", published.row_bytes, "-byte rows, outside its window"));
-    }
-    std::byte* window = s.transport->window(gd);  // nullptr on another host: its rows come through the proxy there
-    s.rows_of[static_cast<std::size_t>(d)] = window == nullptr ? nullptr : window + published.rows_offset;
-    s.row_bytes_of[static_cast<std::size_t>(d)] = static_cast<std::size_t>(published.row_bytes);
-  }
-}
-
 // Where a term of token b lives: its EP rank, its row there, and its name for a proxy (host_messages.h).
 struct TermPlace {
   int d;
@@ -345,21 +162,22 @@ struct TermPlace {
 // The places of the terms of each token, for one pass over the tokens in ascending order.
 class TermPlaces {
  public:
-  explicit TermPlaces(const CombineCall& c) : c_(c) {}
+  TermPlaces(const CombineCall& c, const TensorView& expand_idx) : c_(c), expand_idx_(expand_idx) {}
 
   TermPlace moe(std::int64_t b, std::int64_t j) const {
     const contract::Topology& topo = c_.topo;
     const std::int32_t e = c_.expert_ids.at<std::int32_t>(b, j);
     const int d = topo.expert_rank(e);
     const std::int32_t* table = c_.s.counts(topo.global_rank(d, topo.tp_rank));
-    const std::int32_t slot = c_.expand_idx.flat<std::int32_t>(b * c_.k + j);
+    const std::int32_t slot = expand_idx_.flat<std::int32_t>(b * c_.k + j);
     return TermPlace{d, block_begin(table, topo.expert_local(e) * topo.W + topo.ep_rank) + slot, RowRequest{e, slot}};
   }
 
   TermPlace shared(std::int64_t b) {  // call with b ascending: the shared split follows from one token to the next
     const contract::Topology& topo = c_.topo;
     const int my_ep = topo.ep_rank;
-    if (topo.is_shared(my_ep)) return TermPlace{my_ep, b, RowRequest{shared_expert_code(my_ep), static_cast<std::int32_t>(b)}};
+    if (topo.is_shared(my_ep))
+      return TermPlace{my_ep, b, RowRequest{shared_expert_code(my_ep), static_cast<std::int32_t>(b)}};
     while (b >= contract::shared_range_begin(my_ep, shared_target_ + 1, c_.active, topo.S)) ++shared_target_;
     const std::int32_t* table = c_.s.counts(topo.global_rank(shared_target_, topo.tp_rank));
     const std::int64_t slot = b - contract::shared_range_begin(my_ep, shared_target_, c_.active, topo.S);
@@ -369,11 +187,12 @@ class TermPlaces {
 
  private:
   const CombineCall& c_;
+  const TensorView& expand_idx_;
   int shared_target_ = 0;  // shared-expert rank of the current token (MoE source ranks)
 };
 
 // Asks this rank's proxy on each other host for the rows there, in reduce order (s.to_host).
-void request_rows_from_other_hosts(CombineCall& c) {
+void request_rows_from_other_hosts(CombineCall& c, const TensorView& expand_idx) {
   Group::State& s = c.s;
   for (auto& message : s.to_host) message.clear();
   const auto request = [&](const TermPlace& place) {
@@ -383,7 +202,7 @@ void request_rows_from_other_hosts(CombineCall& c) {
                 sizeof(RowRequest));
     ++c.rows_from_other_hosts;
   };
-  TermPlaces places(c);
+  TermPlaces places(c, expand_idx);
   for (std::int64_t b = 0; b < c.active; ++b) {
     for (std::int64_t j = 0; j < c.k; ++j) request(places.moe(b, j));
     if (c.topo.S > 0) request(places.shared(b));
@@ -422,73 +241,18 @@ void answer_requests(const CombineCall& c, int r, const std::vector<std::byte>& 
   }
 }
 
-// Answers the ranks this rank carries for from its host's windows (s.carried_out): a status of 0 and
-// the rows, or the failure's code and message. Returns the first failure, to raise once all are answered.
-std::exception_ptr serve_carried_requests(const CombineCall& c) {
-  Group::State& s = c.s;
-  std::exception_ptr serve_error;
-  const std::vector<int>& senders = s.routes.carried_for(s.me());
-  s.carried_out.resize(senders.size());
-  for (std::size_t i = 0; i < senders.size(); ++i) {
-    std::vector<std::byte>& answer = s.carried_out[i];
-    answer.clear();
-    const std::int64_t ok = 0;
-    std::memcpy(append(answer, sizeof ok), &ok, sizeof ok);
-    try {
-      answer_requests(c, senders[i], s.carried[i], answer);
-    } catch (const Error& e) {
-      if (!serve_error) serve_error = std::current_exception();
-      answer.clear();
-      const auto status = static_cast<std::int64_t>(e.code());
-      std::memcpy(append(answer, sizeof status), &status, sizeof status);
-      const std::string text = e.what();
-      std::memcpy(append(answer, text.size()), text.data(), text.size());
-    }
-    s.traffic.combine_bytes_between_hosts += static_cast<std::int64_t>(answer.size());
-  }
-  return serve_error;
-}
-
-// Each proxy's answer must carry status 0 and exactly the rows asked for; a proxy's failure is raised here.
-void check_answers(const CombineCall& c) {
-  Group::State& s = c.s;
-  const int me = s.me();
-  for (int host = 0; host < s.routes.hosts(); ++host) {
-    if (host == c.my_host) continue;
-    const int proxy = s.routes.proxy(me, host);
-    const std::vector<std::byte>& answer = s.from_host[static_cast<std::size_t>(host)];
-    std::int64_t status = -1;
-    if (answer.size() >= sizeof status) std::memcpy(&status, answer.data(), sizeof status);
-    if (status > 0 && status <= static_cast<std::int64_t>(ErrorCode::peer_lost)) {
-      throw PeerError(ErrorCode::peer_failed, proxy, "combine.hosts",
-                      concat("rank ", me, ": rank ", proxy, " could not serve this rank's rows (",
-                             error_code_name(static_cast<ErrorCode>(status)), "): ",
-                             std::string(reinterpret_cast<const char*>(answer.data()) + sizeof status,
-                                         answer.size() - sizeof status)));
-    }
-    const std::size_t asked = s.to_host[static_cast<std::size_t>(host)].size() / sizeof(RowRequest);
-    if (status != 0 || answer.size() != sizeof status + asked * c.answer_stride) {
-      throw PeerError(ErrorCode::protocol, proxy, "combine.hosts",
-                      concat("rank ", me, ": rank ", proxy, " answered ", answer.size(), " bytes with status ", status,
-                             " for ", asked, " rows"));
-    }
-    s.traffic.combine_bytes_between_hosts +=
-        static_cast<std::int64_t>(s.to_host[static_cast<std::size_t>(host)].size());
-  }
-}
-
 // Rows on other hosts: ask this rank's proxy on each for them, in reduce order; serve the ranks this
 // rank carries for from its host's windows; then check the answers, which reduce_tokens reads.
-void fetch_rows_from_other_hosts(CombineCall& c) {
+void fetch_rows_from_other_hosts(CombineCall& c, const TensorView& expand_idx) {
   Group::State& s = c.s;
   s.traffic.combine_bytes_between_hosts = 0;
   if (!s.routes.multi_host()) return;
-  request_rows_from_other_hosts(c);
+  request_rows_from_other_hosts(c, expand_idx);
   s.exchange_with_proxies("combine.requests");
-  const std::exception_ptr serve_error = serve_carried_requests(c);
+  const std::exception_ptr serve_error = combine_steps::serve_carried_requests(c, answer_requests);
   s.answer_carried("combine.hosts");
   if (serve_error) std::rethrow_exception(serve_error);
-  check_answers(c);
+  combine_steps::check_answers(c);
 }
 
 // Token b's output row from its n terms (s.terms), added in increasing k, shared expert last. In chunks
@@ -523,7 +287,7 @@ void reduce_token(const CombineCall& c, std::int64_t b, std::size_t n, float* ac
 
 // Reduces every token from the expert ranks' rows (§4.2), shared expert unweighted (§4.3): rows on
 // this host from the windows, rows of other hosts from the proxies' answers, in request order.
-void reduce_tokens(const CombineCall& c, const MutableTensorView& out) {
+void reduce_tokens(const CombineCall& c, const TensorView& expand_idx, const MutableTensorView& out) {
   Group::State& s = c.s;
   const contract::Topology& topo = c.topo;
   std::vector<std::size_t>& answered = s.answered;  // per host: rows of its answer reduced so far
@@ -541,7 +305,7 @@ void reduce_tokens(const CombineCall& c, const MutableTensorView& out) {
   terms.resize(static_cast<std::size_t>(c.k + 1));
   constexpr std::int64_t kChunk = 1024;  // a multiple of the comm-quant group of 8
   float* acc = s.row_scratch(std::min(c.h, kChunk));
-  TermPlaces places(c);
+  TermPlaces places(c, expand_idx);
   for (std::int64_t b = 0; b < c.active; ++b) {
     std::size_t n = 0;
     for (std::int64_t j = 0; j < c.k; ++j)
@@ -571,16 +335,16 @@ TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_i
   check_records(s);
   s.ensure_windows("combine.window");  // grows them when some rank's layout needs more room
   const std::exception_ptr route_error = route_failure(s, expert_ids, expand_idx, shape.active);
-  CombineCall call(s, expand_x, expert_ids, expand_idx, expert_scales, o, shape, rows);
-  const PublishedRows staged = stage_rows(call, route_error);
+  CombineCall call(s, expand_x, expert_ids, expert_scales, o.out, o.comm_quant_mode, shape, rows);
+  const PublishedRows staged = combine_steps::stage_rows(call, route_error);
   // Carries any failure (with T = 2 the routing one was raised at combine.tp) and where each rank's rows are.
   s.step(s.topo.T == 2 ? nullptr : route_error, "combine.data", staged.offset, staged.row_bytes);
   // From here on the other ranks of this host read this rank's rows, possibly after it has returned.
   if (s.topo.T != 2) s.combined_since_dispatch = true;
-  const MutableTensorView out = combine_output(call);
-  locate_published_rows(call);
-  fetch_rows_from_other_hosts(call);
-  reduce_tokens(call, out);
+  const MutableTensorView out = combine_steps::combine_output(call);
+  combine_steps::locate_published_rows(call);
+  fetch_rows_from_other_hosts(call, expand_idx);
+  reduce_tokens(call, expand_idx, out);
   return out;
 }
 

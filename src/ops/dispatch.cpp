@@ -32,8 +32,11 @@ void check_dispatch_record(const Group::State& s, int r, const char* phase) {
   };
   if (hd.k < 1 || hd.h < 1) bad(concat("BS ", hd.bs, ", K ", hd.k, ", H ", hd.h));
   const std::int64_t max_bs = contract::peer_bs_limit(topo.global_bs, topo.W, s.header(s.me()).bs);
+  const bool v2 = hd.version == 2;
   const contract::RecordCheck c =
-      contract::check_send_counts(counts, topo.W, topo.S, topo.L, r / topo.T, hd.bs, hd.active, hd.k, max_bs);
+      v2 ? contract::check_send_counts_v2(counts, topo.W, topo.S, topo.L, topo.R, r / topo.T, hd.bs, hd.active, hd.k,
+                                          max_bs)
+         : contract::check_send_counts(counts, topo.W, topo.S, topo.L, r / topo.T, hd.bs, hd.active, hd.k, max_bs);
   switch (c.fault) {
     case contract::RecordFault::none:
       return;
@@ -49,8 +52,12 @@ void check_dispatch_record(const Group::State& s, int r, const char* phase) {
     case contract::RecordFault::entry_shared_local:
       return bad(concat("entry ", c.entry, " addresses a shared-expert rank's local expert ", c.entry % topo.L));
     case contract::RecordFault::moe_rows:
-      return bad(concat("it sends ", c.value, " rows to MoE experts, not active tokens * K = ", c.bound));
+      return bad(concat("it sends ", c.value, " rows to MoE experts, ", v2 ? "more than" : "not",
+                        " active tokens * K = ", c.bound));
     case contract::RecordFault::shared_rows:
+      if (v2)
+        return bad(concat("entry ", c.entry, " sends ", c.value, " rows to shared-expert rank ", c.entry / topo.L,
+                          ", not ", c.bound));
       return bad(concat("it sends ", c.value, " rows to shared experts, not ", c.bound));
   }
 }
@@ -73,6 +80,25 @@ contract::CallShape publish_records(Group::State& s, const TensorView& x, const 
   return shape;
 }
 
+// The same for a V2 call: its own checks and plan (active entries, special experts, Sn shared experts).
+contract::CallShape publish_records_v2(Group::State& s, const TensorView& x, const TensorView& expert_ids,
+                                       const DispatchV2Options& o, contract::EntryMask* mask) {
+  std::exception_ptr local_error;
+  contract::CallShape shape;
+  shape.version = 2;
+  try {
+    contract::SpecialExperts experts;
+    shape = contract::check_dispatch_v2(s.config, x, expert_ids, o, mask, &experts);
+    s.plan_v2.build(s.topo, expert_ids, *mask, experts, s.topo.ep_rank);
+  } catch (...) {
+    local_error = std::current_exception();
+  }
+  s.describe_call(shape, x.dtype, o.quant_mode, o.expert_scales.present(), 0, 0);
+  if (!local_error) std::copy(s.plan_v2.counts.begin(), s.plan_v2.counts.end(), s.own_counts());
+  s.exchange(CallKind::dispatch, local_error, "dispatch.counts");
+  return shape;
+}
+
 // Every rank checks every record alike: the same call everywhere, and counts the sender's BS and K allow.
 void check_records(const Group::State& s) {
   s.require_same_call("dispatch.counts", true);
@@ -82,7 +108,7 @@ void check_records(const Group::State& s) {
 // Receive layouts of every destination of every EP group; capacity checked everywhere alike. The prefix
 // sums are 64-bit, so that records adding up past 2^31 rows are seen as what they are (an int32 sum
 // would wrap below the capacity and pass); what a rank receives must also fit ep_recv_counts (int32).
-void plan_receive_blocks(Group::State& s, std::int64_t k) {
+void plan_receive_blocks(Group::State& s, std::int64_t k, int version) {
   const contract::Topology& topo = s.topo;
   const int my_ep = topo.ep_rank, my_tp = topo.tp_rank;
   const auto records_of_group = [&](int tp) { return [&s, tp, T = topo.T](int r) { return s.counts(r * T + tp); }; };
@@ -92,8 +118,10 @@ void plan_receive_blocks(Group::State& s, std::int64_t k) {
       const int gd = topo.global_rank(d, tp);
       prefix.resize(static_cast<std::size_t>(topo.W * topo.local_experts(d)));
       const std::int64_t rows =
-          contract::receive_prefix_sums(topo, records_of_group(tp), d, s.header(gd).active, prefix.data());
-      const std::int64_t most = std::min<std::int64_t>(topo.receive_rows(d, s.header(gd).bs, k), INT32_MAX);
+          version == 2
+              ? contract::receive_prefix_sums_v2(topo.W, topo.S, topo.L, records_of_group(tp), d, prefix.data())
+              : contract::receive_prefix_sums(topo, records_of_group(tp), d, s.header(gd).active, prefix.data());
+      const std::int64_t most = std::min<std::int64_t>(topo.receive_rows(d, s.header(gd).bs, k, version), INT32_MAX);
       if (rows > most) {
         throw PeerError(ErrorCode::capacity, gd, "dispatch.counts",
                         concat("rank ", s.me(), ": rank ", gd, " would receive ", rows, " rows but can hold at most ",
@@ -136,7 +164,7 @@ struct DispatchCall {
   const DispatchOptions& o;
   const contract::CallShape shape;
   const std::int64_t h, k, bs;
-  const std::int64_t active;   // tokens sent: [0, active) (x_active_mask)
+  const std::int64_t active;   // V1: tokens sent, [0, active) (x_active_mask); V2: the active tokens' number
   const bool quant;            // quant_mode 2: rows are int8 with a per-row scale
   const std::size_t out_elem;  // bytes of one expand_x element
   const std::size_t stride;    // bytes of one payload row in a message to another host
@@ -144,10 +172,12 @@ struct DispatchCall {
   const std::int64_t x_cs;  // x's column stride
   const bool smoothing;     // smooth scales given
   const int my_host;
-  const contract::WindowLayout my_layout;  // this rank's window for this call
-  float* scratch = nullptr;                // quantization scratch, set by write_rows
-  float* gathered_scales = nullptr;        // a scales row gathered from strided columns
-  std::int64_t n_self = 0, n_peer = 0;     // rows of this rank's own EP region, and of its TP peer's (T == 2)
+  const contract::WindowLayout my_layout;        // this rank's window for this call
+  float* scratch = nullptr;                      // quantization scratch, set by write_rows
+  float* gathered_scales = nullptr;              // a scales row gathered from strided columns
+  std::int64_t n_self = 0, n_peer = 0;           // rows of this rank's own EP region, and of its TP peer's (T == 2)
+  const contract::EntryMask* v2_mask = nullptr;  // a V2 call: its mask (the plan is s.plan_v2)
+  bool v2() const { return v2_mask != nullptr; }
 
   int host_of_ep(int d) const { return s.routes.host_of(topo.global_rank(d, topo.tp_rank)); }
   std::int64_t smooth_row(std::int64_t row) const { return smoothing ? row : -1; }
@@ -164,6 +194,7 @@ struct DispatchCall {
 // identical: it is quantized once and the other copies are copied from the first.
 struct TokenRow {
   const std::uint16_t* x;
+  std::int64_t b;  // the token (V2 triples)
   const std::byte* quantized = nullptr;
   const float* quantized_scale = nullptr;
 };
@@ -185,6 +216,7 @@ void locate_destinations(DispatchCall& c) {
     dest.expand_x = base + layout.expand_x_offset;
     dest.dynamic_scales = reinterpret_cast<float*>(base + layout.dynamic_scales_offset);
     dest.expand_scales = reinterpret_cast<float*>(base + layout.expand_scales_offset);
+    if (c.v2()) dest.assist = reinterpret_cast<std::int32_t*>(base + layout.assist_offset);
   }
   for (auto& message : s.to_host) message.clear();
   // First row of this rank's block at each (destination, local expert).
@@ -224,7 +256,8 @@ std::size_t route_token(const DispatchCall& c, std::int64_t b, int& shared_targe
                              weight,
                              c.host_of_ep(d),
                              e,
-                             slot};
+                             slot,
+                             static_cast<std::int32_t>(j)};
   }
   if (topo.S > 0) {
     if (topo.is_shared(my_ep)) {
@@ -235,7 +268,8 @@ std::size_t route_token(const DispatchCall& c, std::int64_t b, int& shared_targe
                                1.0f,
                                c.my_host,
                                shared_expert_code(my_ep),
-                               static_cast<std::int32_t>(b)};
+                               static_cast<std::int32_t>(b),
+                               static_cast<std::int32_t>(c.k)};
     } else {
       while (b >= contract::shared_range_begin(my_ep, shared_target + 1, c.active, topo.S)) ++shared_target;
       const std::int64_t slot = b - contract::shared_range_begin(my_ep, shared_target, c.active, topo.S);
@@ -246,10 +280,59 @@ std::size_t route_token(const DispatchCall& c, std::int64_t b, int& shared_targe
                                1.0f,
                                c.host_of_ep(shared_target),
                                shared_expert_code(shared_target),
-                               static_cast<std::int32_t>(slot)};
+                               static_cast<std::int32_t>(slot),
+                               static_cast<std::int32_t>(c.k)};
     }
   }
   return n;
+}
+
+// The copies of token b in a V2 call (V2 §3.1-§3.5), into s.row_targets: its active entries that name
+// MoE experts, in k order (smooth row Sn + e), then one per shared expert j, to EP rank (r % R) + j * R
+// (smooth row j, triple k = K + j). Returns their number (0 for an inactive token).
+std::size_t route_token_v2(const DispatchCall& c, std::int64_t b) {
+  Group::State& s = c.s;
+  const contract::Topology& topo = c.topo;
+  const contract::SendPlanV2& plan = s.plan_v2;
+  const std::int32_t token_slot = plan.token_slot[static_cast<std::size_t>(b)];
+  if (token_slot < 0) return 0;
+  const std::vector<Destination>& dests = s.destinations;
+  std::vector<RowTarget>& targets = s.row_targets;
+  std::size_t n = 0;
+  for (std::int64_t j = 0; j < c.k; ++j) {
+    const std::int32_t slot = plan.slot[static_cast<std::size_t>(b * c.k + j)];
+    if (slot < 0) continue;  // masked, or a special expert
+    const std::int32_t e = c.expert_ids.at<std::int32_t>(b, j);
+    const int d = topo.expert_rank(e);
+    const float weight = c.o.expert_scales.present() ? c.o.expert_scales.at<float>(b, j) : 1.0f;
+    targets[n++] = RowTarget{&dests[static_cast<std::size_t>(d)],
+                             s.block_start[static_cast<std::size_t>(topo.S * topo.L + e)] + slot,
+                             c.smooth_row(topo.Sn + e),
+                             weight,
+                             c.host_of_ep(d),
+                             e,
+                             slot,
+                             static_cast<std::int32_t>(j)};
+  }
+  for (int j = 0; j < topo.Sn; ++j) {
+    const int d = topo.v2_shared_target(topo.ep_rank, j);
+    targets[n++] = RowTarget{&dests[static_cast<std::size_t>(d)],
+                             s.block_start[static_cast<std::size_t>(d * topo.L)] + token_slot,
+                             c.smooth_row(j),
+                             1.0f,
+                             c.host_of_ep(d),
+                             shared_expert_code(d),
+                             token_slot,
+                             static_cast<std::int32_t>(c.k + j)};
+  }
+  return n;
+}
+
+// A V2 row's triple (V2 §3.6): who sent it, which token, which k.
+void write_triple(std::int32_t* assist, std::int64_t row, int source_ep, std::int64_t b, std::int32_t k) {
+  assist[3 * row] = source_ep;
+  assist[3 * row + 1] = static_cast<std::int32_t>(b);
+  assist[3 * row + 2] = k;
 }
 
 // Writes the token's copies whose destinations are on this host, each straight into its final row.
@@ -281,6 +364,7 @@ bool write_local_rows(const DispatchCall& c, std::size_t n, TokenRow& row) {
       }
     }
     if (c.o.expert_scales.present()) t.dest->expand_scales[t.row] = t.weight;
+    if (c.v2()) write_triple(t.dest->assist, t.row, c.topo.ep_rank, row.b, t.k);
   }
   return to_other_hosts;
 }
@@ -313,14 +397,14 @@ std::int64_t pack_host_entry(const DispatchCall& c, std::size_t first, std::size
   std::byte* at = append(c.s.to_host[static_cast<std::size_t>(host)],
                          sizeof(RemoteEntry) + static_cast<std::size_t>(count) * sizeof(RemoteTarget) +
                              static_cast<std::size_t>(payloads) * c.stride);
-  const RemoteEntry head{count, payloads};
+  const RemoteEntry head{count, payloads, static_cast<std::int32_t>(row.b)};
   std::memcpy(at, &head, sizeof head);
   at += sizeof head;
   std::byte* payload = at + static_cast<std::size_t>(count) * sizeof(RemoteTarget);
   for (std::size_t j = first; j < n; ++j) {
     const RowTarget& t = targets[j];
     if (!on_host(t)) continue;
-    const RemoteTarget wire{t.code, t.slot, t.weight};
+    const RemoteTarget wire{t.code, t.slot, t.weight, t.k};
     std::memcpy(at, &wire, sizeof wire);
     at += sizeof wire;
     if (row_per_target) {
@@ -354,12 +438,14 @@ void write_rows(DispatchCall& c) {
   Group::State& s = c.s;
   c.scratch = s.row_scratch(2 * c.h);
   c.gathered_scales = c.scratch + c.h;
-  s.row_targets.resize(static_cast<std::size_t>(c.k + 1));
+  s.row_targets.resize(static_cast<std::size_t>(c.k + std::max(1, c.topo.Sn)));
   std::int64_t rows_sent = 0, rows_to_other_hosts = 0;
-  int shared_target = 0;  // shared-expert rank of the current token (MoE source ranks)
-  for (std::int64_t b = 0; b < c.active; ++b) {
-    const std::size_t n = route_token(c, b, shared_target);
-    TokenRow row{c.x.ptr<std::uint16_t>(b, 0)};
+  int shared_target = 0;                                 // shared-expert rank of the current token (MoE source ranks)
+  const std::int64_t tokens = c.v2() ? c.bs : c.active;  // V2: route_token_v2 skips the inactive ones
+  for (std::int64_t b = 0; b < tokens; ++b) {
+    const std::size_t n = c.v2() ? route_token_v2(c, b) : route_token(c, b, shared_target);
+    if (n == 0) continue;
+    TokenRow row{c.x.ptr<std::uint16_t>(b, 0), b};
     if (write_local_rows(c, n, row)) rows_to_other_hosts += pack_rows_for_other_hosts(c, n, row);
     rows_sent += static_cast<std::int64_t>(n);
   }
@@ -376,14 +462,15 @@ void write_rows(DispatchCall& c) {
 // A proxy writes the rows that the ranks it carries for sent to this host into their destination windows.
 // Every target is checked against the sender's count record: it must name an expert on this host and a
 // row of the sender's block there, and the sender must fill each of its rows on this host exactly once.
-void write_carried_rows(Group::State& s, const std::vector<Destination>& dests, bool quant, std::int64_t h, std::int64_t k,
-                        bool has_expert_scales) {
+void write_carried_rows(Group::State& s, const std::vector<Destination>& dests, bool quant, std::int64_t h,
+                        std::int64_t k, bool has_expert_scales, bool v2) {
   const contract::Topology& topo = s.topo;
   const std::size_t stride = payload_stride(quant, h);
   const std::size_t row_bytes = static_cast<std::size_t>(h) * (quant ? 1 : 2);
   const std::vector<int>& senders = s.routes.carried_for(s.me());
   std::vector<std::int64_t>& first_seen = s.seen_first;
-  std::vector<RemoteTarget> targets(static_cast<std::size_t>(k + 1));
+  const std::int64_t max_targets = k + (v2 ? std::max(1, topo.Sn) : 1);  // a token's copies: K and its shared experts
+  std::vector<RemoteTarget> targets(static_cast<std::size_t>(max_targets));
   for (std::size_t i = 0; i < senders.size(); ++i) {
     const int r = senders[i];
     const int r_ep = s.ep_of(r);
@@ -406,7 +493,8 @@ void write_carried_rows(Group::State& s, const std::vector<Destination>& dests, 
     MessageReader in(s.carried[i]);
     while (!in.done()) {
       RemoteEntry entry{};
-      if (!in.read(&entry) || entry.targets < 1 || entry.targets > k + 1 || (entry.payloads != 1 && entry.payloads != entry.targets)) {
+      if (!in.read(&entry) || entry.targets < 1 || entry.targets > max_targets ||
+          (entry.payloads != 1 && entry.payloads != entry.targets)) {
         bad(concat("an entry header (", entry.targets, " targets, ", entry.payloads, " rows) is cut short or out of range"));
       }
       for (std::int32_t t = 0; t < entry.targets; ++t) {
@@ -414,6 +502,8 @@ void write_carried_rows(Group::State& s, const std::vector<Destination>& dests, 
       }
       const std::byte* payload = in.take(static_cast<std::size_t>(entry.payloads) * stride);
       if (payload == nullptr) bad("a row is cut short");
+      if (v2 && (entry.token < 0 || entry.token >= s.header(r).bs))
+        bad(concat("token ", entry.token, " is outside its BS ", s.header(r).bs));
       for (std::int32_t t = 0; t < entry.targets; ++t) {
         const RemoteTarget& target = targets[static_cast<std::size_t>(t)];
         const bool shared = target.code < 0;
@@ -444,6 +534,12 @@ void write_carried_rows(Group::State& s, const std::vector<Destination>& dests, 
           std::memcpy(dest.expand_x + static_cast<std::size_t>(row) * row_bytes, src, row_bytes);
         }
         if (has_expert_scales) dest.expand_scales[row] = shared ? 1.0f : target.weight;
+        if (v2) {
+          // The triple's k: an entry of the token for a MoE expert, K + j on shared expert j's rank.
+          const bool k_ok = shared ? target.k == k + topo.v2_shared_expert_of(d) : target.k >= 0 && target.k < k;
+          if (!k_ok) bad(concat("k ", target.k, " does not fit expert code ", target.code, " (K = ", k, ")"));
+          write_triple(dest.assist, row, r_ep, entry.token, target.k);
+        }
       }
     }
     if (written != expected) bad(concat("it filled ", written, " of the ", expected, " rows its count record sends to this host"));
@@ -457,7 +553,7 @@ std::exception_ptr forward_rows_to_other_hosts(const DispatchCall& c) {
   if (!c.s.routes.multi_host()) return carry_error;
   c.s.exchange_with_proxies("dispatch.hosts");
   try {
-    write_carried_rows(c.s, c.s.destinations, c.quant, c.h, c.k, c.o.expert_scales.present());
+    write_carried_rows(c.s, c.s.destinations, c.quant, c.h, c.k, c.o.expert_scales.present(), c.v2());
   } catch (...) {
     carry_error = std::current_exception();
   }
@@ -538,7 +634,12 @@ DispatchResult window_outputs(const DispatchCall& c) {
   result.dynamic_scales = vector_view(my_window + mine.dynamic_scales_offset, DType::fp32, rows);
   if (c.o.expert_scales.present())
     result.expand_scales = vector_view(my_window + mine.expand_scales_offset, DType::fp32, rows);
-  result.expand_idx = vector_view(s.plan.expand_idx.data(), DType::int32, c.bs * c.k);
+  if (c.v2()) {
+    result.assist_info_for_combine =
+        vector_view(my_window + mine.assist_offset, DType::int32, contract::sat_mul(rows, std::int64_t{3}));
+  } else {
+    result.expand_idx = vector_view(s.plan.expand_idx.data(), DType::int32, c.bs * c.k);
+  }
   result.expert_token_nums =
       vector_view(s.expert_token_nums.data(), DType::int64, c.topo.local_experts(c.topo.ep_rank));
   result.ep_recv_counts = vector_view(s.ep_recv_counts.data(), DType::int32, static_cast<std::int64_t>(s.ep_recv_counts.size()));
@@ -609,14 +710,70 @@ DispatchResult make_outputs(const DispatchCall& c) {
   return result;
 }
 
+// The options V2 shares with V1, as the phases above read them.
+DispatchOptions common_options(const DispatchV2Options& o) {
+  DispatchOptions common;
+  common.scales = o.scales;
+  common.expert_scales = o.expert_scales;
+  common.quant_mode = o.quant_mode;
+  common.expert_token_nums_type = o.expert_token_nums_type;
+  common.out.expand_x = o.out.expand_x;
+  common.out.dynamic_scales = o.out.dynamic_scales;
+  common.out.expert_token_nums = o.out.expert_token_nums;
+  common.out.ep_recv_counts = o.out.ep_recv_counts;
+  common.out.tp_recv_counts = o.out.tp_recv_counts;
+  common.out.expand_scales = o.out.expand_scales;
+  return common;
+}
+
+// V2: the own rows' triples into the caller's assist_info_for_combine (the rest is left as it is).
+// Without one under the ascend_a3 profile, into group storage of torch_npu's length max(BS * K, 128 * A)
+// (V2 §1.4): that profile's combine insists on 128 * A entries (V2 §3.6), more than the window's 3 per
+// row, and must take dispatch's own output back.
+void copy_triples(const DispatchCall& c, const MutableTensorView& out, DispatchResult& result) {
+  MutableTensorView target = out;
+  if (!target.present()) {
+    if (c.s.config.profile != Profile::ascend_a3) return;
+    const std::int64_t len = std::max(c.bs * c.k, contract::sat_mul(c.my_layout.capacity_a, std::int64_t{128}));
+    c.s.assist_storage.assign(static_cast<std::size_t>(len), 0);
+    target = vector_view(c.s.assist_storage.data(), DType::int32, len);
+  }
+  const auto* triples =
+      reinterpret_cast<const std::int32_t*>(c.s.transport->window(c.s.me()) + c.my_layout.assist_offset);
+  for (std::int64_t i = 0; i < 3 * c.n_self; ++i) *target.ptr<std::int32_t>(i) = triples[i];
+  result.assist_info_for_combine = target;
+}
+
 }  // namespace
+
+DispatchResult Group::dispatch_v2(const TensorView& x, const TensorView& expert_ids, const DispatchV2Options& o) {
+  State& s = *state_;
+  ++s.seq;
+  const WaitClock clock(s, o.performance_info);
+  contract::EntryMask mask;
+  const contract::CallShape shape = publish_records_v2(s, x, expert_ids, o, &mask);
+  check_records(s);
+  plan_receive_blocks(s, shape.k, 2);
+  s.ensure_windows("dispatch.window");
+  const DispatchOptions common = common_options(o);
+  DispatchCall call(s, x, expert_ids, common, shape);
+  call.v2_mask = &mask;
+  locate_destinations(call);
+  write_rows(call);
+  s.step(forward_rows_to_other_hosts(call), "dispatch.data");
+  tp_gather(call);
+  DispatchResult result = make_outputs(call);
+  copy_triples(call, o.out.assist_info_for_combine, result);
+  clock.record();
+  return result;
+}
 
 DispatchResult Group::dispatch(const TensorView& x, const TensorView& expert_ids, const DispatchOptions& o) {
   State& s = *state_;
   ++s.seq;
   const contract::CallShape shape = publish_records(s, x, expert_ids, o);
   check_records(s);
-  plan_receive_blocks(s, shape.k);
+  plan_receive_blocks(s, shape.k, 1);
   s.ensure_windows("dispatch.window");  // grows them when some rank's layout needs more room
   DispatchCall call(s, x, expert_ids, o, shape);
   locate_destinations(call);

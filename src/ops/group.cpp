@@ -72,6 +72,7 @@ void Group::State::describe_call(const contract::CallShape& shape, DType dtype, 
   CallHeader& hd = own_header();
   hd.bs = shape.bs;
   hd.active = shape.active;
+  hd.version = shape.version;
   hd.k = shape.k;
   hd.h = shape.h;
   hd.dtype = static_cast<std::int64_t>(dtype);
@@ -95,6 +96,7 @@ void Group::State::exchange(CallKind kind, const std::exception_ptr& local_error
     std::strncpy(hd.message, message.c_str(), sizeof(hd.message) - 1);
   }
   transport->allgather(own_record.data(), record_bytes, records.data(), phase);
+  note_waits();
   if (local_error) std::rethrow_exception(local_error);
   for (int r = 0; r < transport->size(); ++r) {
     const CallHeader& other = header(r);
@@ -113,6 +115,11 @@ void Group::State::exchange(CallKind kind, const std::exception_ptr& local_error
       throw PeerError(ErrorCode::protocol, r, phase,
                       concat("rank ", me(), " is at call ", hd.seq, " but rank ", r, " is at call ", other.seq));
     }
+    if (other.version != hd.version) {
+      throw PeerError(ErrorCode::config_mismatch, r, phase,
+                      concat("rank ", me(), " made a V", hd.version, " call but rank ", r, " a V", other.version,
+                             " one: every rank must call the same operators"));
+    }
   }
 }
 
@@ -128,6 +135,7 @@ void Group::State::step(const std::exception_ptr& local_error, const char* phase
     std::strncpy(mine.message, message.c_str(), sizeof(mine.message) - 1);
   }
   transport->allgather(&mine, sizeof(mine), steps.data(), phase);
+  note_waits();
   if (local_error) std::rethrow_exception(local_error);
   for (int r = 0; r < transport->size(); ++r) {
     const StepRecord& other = steps[static_cast<std::size_t>(r)];
@@ -194,7 +202,15 @@ void Group::State::ensure_windows(const char* phase) {
     if (static_cast<std::int64_t>(layout.total_bytes) > header(r).window_bytes) grow = true;
     if (r == me()) mine = layout.total_bytes;
   }
-  if (grow) transport->resize_window(mine, phase);
+  if (grow) {
+    transport->resize_window(mine, phase);
+    ++window_generation;
+  }
+  const contract::CallShape shape = shape_of(me());
+  if (shape.bs != index_shape.bs || shape.k != index_shape.k || shape.h != index_shape.h ||
+      shape.version != index_shape.version || window_generation != index_generation) {
+    index_clean = false;
+  }
   // Every address computed from here on lies inside these sizes; check what the transport really mapped.
   for (int r = 0; r < transport->size(); ++r) {
     const contract::WindowLayout layout(topo, shape_of(r), ep_of(r));

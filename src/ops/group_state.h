@@ -2,6 +2,7 @@
 // collective call (its status, its call shape and its routing counts).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <exception>
 #include <memory>
@@ -10,8 +11,9 @@
 
 #include "contract/layout.h"
 #include "contract/routing_plan.h"
-#include "ops/host_routes.h"
+#include "contract/v2_routing.h"
 #include "moedist/group.h"
+#include "ops/host_routes.h"
 #include "transport/transport.h"
 
 namespace moedist {
@@ -24,7 +26,8 @@ struct CallHeader {
   std::int64_t seq = 0;
   std::int64_t status = 0;  // 0 = ok, else the ErrorCode of the rank's local failure
   std::int64_t bs = 0, k = 0, h = 0;
-  std::int64_t active = 0;  // tokens that take part (x_active_mask), <= bs
+  std::int64_t active = 0;   // tokens that take part (x_active_mask), <= bs
+  std::int64_t version = 0;  // 1: a V1 operator, 2: a V2 operator (0: join)
   std::int64_t dtype = 0;
   std::int64_t mode = 0;                 // quant_mode (dispatch) or comm_quant_mode (combine)
   std::int64_t has_expert_scales = 0;
@@ -51,6 +54,7 @@ struct Destination {
   std::byte* expand_x = nullptr;  // row 0 of expand_x in the destination's window
   float* dynamic_scales = nullptr;
   float* expand_scales = nullptr;
+  std::int32_t* assist = nullptr;  // V2: the rows' triples (source EP rank, token, k)
   std::int64_t capacity_rows = 0;  // rows of its own EP region
 };
 
@@ -63,6 +67,7 @@ struct RowTarget {
   int host;                 // the destination's host
   std::int32_t code;        // the expert as a proxy names it (RemoteTarget::code)
   std::int32_t slot;        // the row within this rank's block there
+  std::int32_t k;           // V2: the triple's k (the routing entry, or K + j for shared expert j)
 };
 
 // One expert-output row of a token in combine, with its weight (the shared expert's is unweighted).
@@ -89,6 +94,7 @@ struct Group::State {
 
   contract::SendPlan plan;        // dispatch's; backs DispatchResult::expand_idx
   contract::SendPlan route_plan;  // combine's check of the routing it is given
+  contract::SendPlanV2 plan_v2;   // V2 dispatch's, and V2 combine's count of what it expects back
   // Per destination EP rank: its ep_recv_counts (own half) as computed from the records, 64-bit (rows
   // computed from them are checked against capacities before ep_recv_counts gets them as int32).
   std::vector<std::vector<std::int64_t>> dest_prefix;
@@ -97,6 +103,7 @@ struct Group::State {
   // Group-owned outputs.
   std::vector<std::int32_t> expand_idx, ep_recv_counts, tp_recv_counts;
   std::vector<std::int64_t> expert_token_nums;
+  std::vector<std::int32_t> assist_storage;  // V2 under ascend_a3: assist_info_for_combine at torch_npu's length
   Tensor combine_out;
   std::vector<float> scratch;  // row-sized fp32 scratch (quantization, accumulation)
   // Per-call working storage, kept so that a call in steady state allocates nothing.
@@ -129,6 +136,24 @@ struct Group::State {
   std::vector<std::int64_t> seen_first;             // per count-record entry: where its rows start in `seen`
   std::vector<std::size_t> answered;                // combine: per host, rows of its answer used so far
 
+  // The V2 combine's row index (combine_v2.cpp) trusts its region of this rank's window to hold only
+  // entries of earlier calls, each tagged with its call's number, or zeros. That holds while every call
+  // since the region was cleared had this rank's same shape (the same layout, so no rows were written
+  // there) and the window was not remapped; otherwise the region is cleared before its next use.
+  bool index_clean = false;
+  contract::CallShape index_shape;
+  std::int64_t window_generation = 0, index_generation = -1;  // resizes of this rank's window
+
+  // performance_info (V2 §5.1): while a call that reports it runs, per rank the longest this rank waited
+  // for it at one of the call's collectives (ns).
+  bool measuring_waits = false;
+  std::vector<std::int64_t> call_waits, last_waits;
+  void note_waits() {
+    if (!measuring_waits) return;
+    transport->last_allgather_waits(last_waits);
+    for (std::size_t r = 0; r < call_waits.size(); ++r) call_waits[r] = std::max(call_waits[r], last_waits[r]);
+  }
+
   CallHeader& own_header() { return *reinterpret_cast<CallHeader*>(own_record.data()); }
   std::int32_t* own_counts() { return reinterpret_cast<std::int32_t*>(own_record.data() + sizeof(CallHeader)); }
   const CallHeader& header(int rank) const {
@@ -155,7 +180,7 @@ struct Group::State {
   void ensure_windows(const char* phase);
   contract::CallShape shape_of(int rank) const {
     const CallHeader& hd = header(rank);
-    return contract::CallShape{hd.bs, hd.k, hd.h, hd.active};
+    return contract::CallShape{hd.bs, hd.k, hd.h, hd.active, hd.version == 2 ? 2 : 1};
   }
   int ep_of(int rank) const { return rank / topo.T; }
   int tp_of(int rank) const { return rank % topo.T; }
@@ -169,6 +194,34 @@ struct Group::State {
     if (scratch.size() < static_cast<std::size_t>(h)) scratch.resize(static_cast<std::size_t>(h));
     return scratch.data();
   }
+};
+
+// Measures a V2 call's waits for performance_info, and folds them in when the call succeeds: entry r
+// becomes max(entry, the longest wait in microseconds for the ranks of EP rank r), the kernels' atomic
+// maximum (V2 §5.1).
+class WaitClock {
+ public:
+  WaitClock(Group::State& s, const MutableTensorView& performance_info) : s_(s), out_(performance_info) {
+    if (!out_.present()) return;
+    s_.measuring_waits = true;
+    s_.call_waits.assign(static_cast<std::size_t>(s_.transport->size()), 0);
+    s_.last_waits.assign(s_.call_waits.size(), 0);
+  }
+  ~WaitClock() { s_.measuring_waits = false; }
+  WaitClock(const WaitClock&) = delete;
+  WaitClock& operator=(const WaitClock&) = delete;
+
+  void record() const {
+    if (!out_.present()) return;
+    for (std::size_t g = 0; g < s_.call_waits.size(); ++g) {
+      std::int64_t& entry = *out_.ptr<std::int64_t>(static_cast<std::int64_t>(g) / s_.topo.T);
+      entry = std::max(entry, s_.call_waits[g] / 1000);
+    }
+  }
+
+ private:
+  Group::State& s_;
+  MutableTensorView out_;
 };
 
 }  // namespace moedist

@@ -5,7 +5,8 @@
 //   RemoteEntry, then `targets` RemoteTarget, then `payloads` rows of payload_stride() bytes:
 //   one row for all targets (the token, or its int8 row when no smooth scales make the copies differ),
 //   else one per target. A row is the token's H 16-bit values, or a float scale then H int8.
-// Combine, source -> proxy: the RowRequest of every expert row it needs from that host,
+// Combine, source -> proxy: the RowRequest of every expert row it needs from that host (V2: the EP
+// rank and the token's (b, k) slot, as V2's row index names it),
 //   in the order it reduces them; proxy -> source: an int64 status (0, or an ErrorCode followed by the
 //   message), then the rows in that order, each as it sits in the expert rank's window.
 #pragma once
@@ -22,6 +23,7 @@ namespace moedist {
 struct RemoteEntry {
   std::int32_t targets;
   std::int32_t payloads;
+  std::int32_t token;  // the token's row in the sender's x (V2 triples)
 };
 
 // An expert row: code >= 0 names MoE expert `code`, code < 0 the shared expert of shared-expert rank
@@ -31,9 +33,11 @@ struct RemoteTarget {
   std::int32_t code;
   std::int32_t slot;
   float weight;
+  std::int32_t k;  // V2: the triple's k (the entry's, or K + j for shared expert j)
 };
 
-// Combine: an expert row a source asks a proxy for, named as in RemoteTarget.
+// Combine: an expert row a source asks a proxy for, named as in RemoteTarget (V1), or by EP rank
+// (code) and the token's slot b * (K + Sn) + k (V2).
 struct RowRequest {
   std::int32_t code;
   std::int32_t slot;

@@ -67,6 +67,13 @@ class Transport {
   // It is also a barrier: no rank returns before every rank has entered.
   virtual void allgather(const void* in, std::size_t bytes, void* out, std::string_view phase) = 0;
 
+  // How long this rank waited for each rank in its last allgather: per rank, the nanoseconds from this
+  // rank's entry until that rank had entered too (on one machine, from both entry times; from another
+  // machine, until its record arrived), 0 when it was there first and for this rank itself. `out` has
+  // size() entries. The V2 operators' performance_info reports these (V2 §5.1). A transport that cannot
+  // tell reports zeros (the default).
+  virtual void last_allgather_waits(std::span<std::int64_t> out) const;
+
   // Collective: this rank's window becomes at least `bytes` long (each rank passes its own need; a
   // window already that long is kept as it is). The new window's contents are unspecified; the previous
   // window of this rank stays mapped with its contents until the next resize, so views into it that a

@@ -42,7 +42,8 @@ void expect_refused(const GroupConfig& c, const CudaGroupOptions& o, const std::
 
 TEST(CudaHost, JoinRefusesBadOptionsNamingThem) {
   expect_refused(config(), options(0), "CudaGroupOptions::k", ErrorCode::invalid_argument);
-  expect_refused(config(), options(5), "CudaGroupOptions::k", ErrorCode::invalid_argument);  // K > E = 4
+  expect_refused(config(), options(1025), "CudaGroupOptions::k",
+                 ErrorCode::invalid_argument);  // K > 1024 (V2 allows K > E)
   expect_refused(config(), options(2, 0), "CudaGroupOptions::h", ErrorCode::invalid_argument);
   expect_refused(config(), options(2, 16, -1), "CudaGroupOptions::max_bs", ErrorCode::invalid_argument);
   GroupConfig with_global = config();

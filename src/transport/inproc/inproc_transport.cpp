@@ -1,5 +1,6 @@
 #include "transport/inproc/inproc_transport.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -25,6 +26,8 @@ InProcHub::InProcHub(int size, std::chrono::milliseconds timeout, std::chrono::m
   rounds_.assign(static_cast<std::size_t>(size), 0);
   slots_[0].resize(static_cast<std::size_t>(size));
   slots_[1].resize(static_cast<std::size_t>(size));
+  entered_ns_[0].assign(static_cast<std::size_t>(size), 0);
+  entered_ns_[1].assign(static_cast<std::size_t>(size), 0);
   // Every window starts with one page, so a window is never null (calls where every BS is 0 address it too).
   for (int r = 0; r < size; ++r) resize_window(r, 1);
 }
@@ -49,7 +52,16 @@ void InProcHub::claim(int rank) {
   claimed_[static_cast<std::size_t>(rank)] = true;
 }
 
-void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out, std::string_view phase) {
+namespace {
+std::int64_t steady_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+}  // namespace
+
+void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out, std::string_view phase,
+                          std::int64_t* waits) {
+  const std::int64_t entered = steady_ns();
   std::unique_lock<std::mutex> lock(mu_);
   if (failed_) {
     throw PeerError(ErrorCode::peer_failed, failed_peer_, std::string(phase),
@@ -59,6 +71,7 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
   auto& slots = slots_[gen & 1];
   const auto* src = static_cast<const std::byte*>(in);
   slots[static_cast<std::size_t>(rank)].assign(src, src + bytes);
+  entered_ns_[gen & 1][static_cast<std::size_t>(rank)] = entered;
   arrived_at_[static_cast<std::size_t>(rank)] = gen + 1;
   if (++arrived_ == size_) {
     arrived_ = 0;
@@ -118,6 +131,8 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
                           " bytes: the ranks disagree about the group configuration");
     }
     std::memcpy(dst + static_cast<std::size_t>(r) * bytes, slot.data(), bytes);
+    if (waits != nullptr)
+      waits[r] = std::max<std::int64_t>(0, entered_ns_[gen & 1][static_cast<std::size_t>(r)] - entered);
   }
 }
 
@@ -140,7 +155,7 @@ void InProcHub::exchange(int rank, std::span<const Transport::Outgoing> out, std
   }
   char none[1] = {};
   std::vector<char> ignored(static_cast<std::size_t>(size_));
-  allgather(rank, none, 1, ignored.data(), phase);
+  allgather(rank, none, 1, ignored.data(), phase, nullptr);
   for (std::size_t i = 0; i < from.size(); ++i) {
     const std::size_t b = box(rank, from[i]);
     if (posted_[parity][b] == 0) {
@@ -166,6 +181,7 @@ void InProcHub::resize_window(int rank, std::size_t bytes) {
 }
 
 InProcTransport::InProcTransport(std::shared_ptr<InProcHub> hub, int rank) : hub_(std::move(hub)), rank_(rank) {
+  waits_.assign(static_cast<std::size_t>(hub_->size()), 0);
   refresh_views();
 }
 
@@ -188,7 +204,7 @@ void InProcTransport::resize_window(std::size_t bytes, std::string_view phase) {
     failed = 1;
   }
   std::vector<char> all(static_cast<std::size_t>(hub_->size()));
-  hub_->allgather(rank_, &failed, 1, all.data(), phase);
+  hub_->allgather(rank_, &failed, 1, all.data(), phase, nullptr);
   refresh_views();  // every rank has resized: the allgather has published their new windows
   for (int r = 0; r < hub_->size(); ++r) {
     if (all[static_cast<std::size_t>(r)] != 0) {

@@ -28,7 +28,8 @@ class InProcHub {
   // Claims `rank` for one joining thread; throws if the rank is out of range or already taken.
   void claim(int rank);
 
-  void allgather(int rank, const void* in, std::size_t bytes, void* out, std::string_view phase);
+  // waits (size() entries, or null): per rank, how long after `rank` it entered (Transport::last_allgather_waits).
+  void allgather(int rank, const void* in, std::size_t bytes, void* out, std::string_view phase, std::int64_t* waits);
   void resize_window(int rank, std::size_t bytes);
   std::size_t window_size(int rank) const noexcept { return windows_[static_cast<std::size_t>(rank)].size; }
   std::byte* window(int rank) noexcept { return windows_[static_cast<std::size_t>(rank)].data; }
@@ -55,6 +56,7 @@ class InProcHub {
   int arrived_ = 0;
   std::vector<std::uint64_t> arrived_at_;         // per rank: 1 + the generation it last entered
   std::vector<std::vector<std::byte>> slots_[2];  // double-buffered by generation parity
+  std::vector<std::int64_t> entered_ns_[2];       // per rank: when it entered (steady clock), by parity
   std::vector<bool> claimed_;
   bool failed_ = false;
   int failed_peer_ = -1;
@@ -74,7 +76,10 @@ class InProcTransport final : public Transport {
   int rank() const noexcept override { return rank_; }
   int size() const noexcept override { return hub_->size(); }
   void allgather(const void* in, std::size_t bytes, void* out, std::string_view phase) override {
-    hub_->allgather(rank_, in, bytes, out, phase);
+    hub_->allgather(rank_, in, bytes, out, phase, waits_.data());
+  }
+  void last_allgather_waits(std::span<std::int64_t> out) const override {
+    for (std::size_t r = 0; r < out.size() && r < waits_.size(); ++r) out[r] = waits_[r];
   }
   void resize_window(std::size_t bytes, std::string_view phase) override;
   std::size_t window_size(int rank) const noexcept override { return sizes_[static_cast<std::size_t>(rank)]; }
@@ -96,6 +101,7 @@ class InProcTransport final : public Transport {
   int rank_;
   std::vector<std::byte*> windows_;  // nullptr for ranks on another (virtual) host
   std::vector<std::size_t> sizes_;
+  std::vector<std::int64_t> waits_;  // of the last allgather
 };
 
 }  // namespace moedist::inproc

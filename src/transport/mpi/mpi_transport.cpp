@@ -438,6 +438,8 @@ void MpiTransport::wait_all(std::vector<Pending>& pending, std::string_view phas
         done = false;
         continue;
       }
+      if (p.expected >= 0 && static_cast<std::size_t>(p.peer) < arrived_.size())
+        arrived_[static_cast<std::size_t>(p.peer)] = Clock::now();
       if (p.expected >= 0) {
         int count = 0;
         MPI_Get_count(&status, MPI_BYTE, &count);
@@ -481,8 +483,17 @@ void MpiTransport::allgather(const void* in, std::size_t bytes, void* out, std::
     check(MPI_Isend(in, count, MPI_BYTE, comm_rank_of_[static_cast<std::size_t>(r)], tag, comm_, &req), r, phase, "MPI_Isend");
     pending_.push_back(Pending{req, r, -1});
   }
+  const Clock::time_point entered = Clock::now();
+  arrived_.assign(static_cast<std::size_t>(size_), entered);
+  waits_.resize(static_cast<std::size_t>(size_));
   wait_all(pending_, phase);
+  for (std::size_t r = 0; r < arrived_.size(); ++r)
+    waits_[r] = std::chrono::duration_cast<std::chrono::nanoseconds>(arrived_[r] - entered).count();
   full_barrier();  // peers' window stores before this rank reads them
+}
+
+void MpiTransport::last_allgather_waits(std::span<std::int64_t> out) const {
+  for (std::size_t r = 0; r < out.size() && r < waits_.size(); ++r) out[r] = waits_[r];
 }
 
 void MpiTransport::exchange(std::span<const Outgoing> out, std::span<const int> from, std::span<std::vector<std::byte>> in,

@@ -29,6 +29,7 @@ class MpiTransport final : public Transport {
   int rank() const noexcept override { return rank_; }
   int size() const noexcept override { return size_; }
   void allgather(const void* in, std::size_t bytes, void* out, std::string_view phase) override;
+  void last_allgather_waits(std::span<std::int64_t> out) const override;
   void resize_window(std::size_t bytes, std::string_view phase) override;
   std::size_t window_size(int rank) const noexcept override { return sizes_[static_cast<std::size_t>(rank)]; }
   std::byte* window(int rank) noexcept override;
@@ -76,6 +77,8 @@ class MpiTransport final : public Transport {
   WaitPolicy wait_;
   int tag_ = 0, tag_limit_ = 32767;  // data tags cycle through [1, tag_limit_); tag_limit_ carries notices
   std::vector<Pending> pending_;
+  std::vector<std::chrono::steady_clock::time_point> arrived_;  // per rank: when its last record came
+  std::vector<std::int64_t> waits_;                             // of the last allgather (ns)
   std::function<void(std::string_view)> on_phase_;
   std::size_t message_limit_;         // longest MPI message (MpiOptions::test_message_limit lowers it)
   int cause_ = -1;                    // the rank another rank reported lost (a notice), or -1

@@ -7,6 +7,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <cstring>
@@ -20,7 +21,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 constexpr std::uint64_t kControlMagic = 0x6d6f65646973744bull;  // "moedistK"
-constexpr std::uint32_t kControlVersion = 1;
+constexpr std::uint32_t kControlVersion = 2;
 constexpr std::size_t kSlotBytes = 256 * 1024;  // largest record of one collective step
 constexpr std::size_t kPage = 4096;
 constexpr std::uint64_t kAllocationFailed = ~std::uint64_t{0};  // a SegmentNote that says the allocation failed
@@ -75,6 +76,7 @@ struct ShmTransport::Control {
   std::uint64_t slot_bytes;
   alignas(64) std::atomic<std::uint32_t> steps;  // futex word: collective steps entered (records published)
   alignas(64) std::uint64_t record_bytes[2];
+  std::int64_t entered_ns[2];  // when the rank entered the step (steady clock: one per machine), by parity
 
   std::byte* slot(std::uint32_t step) noexcept {
     return reinterpret_cast<std::byte*>(this) + kControlHead + (step & 1u) * slot_bytes;
@@ -89,7 +91,8 @@ ShmTransport::ShmTransport(const std::string& job, int rank, int world_size, con
       mesh_(job, rank, world_size, Clock::now() + options.wait.timeout),
       controls_(static_cast<std::size_t>(world_size)),
       windows_(static_cast<std::size_t>(world_size)),
-      retired_(static_cast<std::size_t>(world_size)) {
+      retired_(static_cast<std::size_t>(world_size)),
+      waits_(static_cast<std::size_t>(world_size), 0) {
   static_assert(sizeof(Control) <= Control::kControlHead, "control head must fit its reserved bytes");
   const std::size_t control_bytes = round_to_page(Control::kControlHead + 2 * kSlotBytes);
   int control_fd = -1, window_fd = -1;
@@ -236,10 +239,13 @@ void ShmTransport::allgather(const void* in, std::size_t bytes, void* out, std::
     throw Error(ErrorCode::capacity, "a record of " + std::to_string(bytes) + " bytes exceeds the " + std::to_string(kSlotBytes) +
                                          "-byte slot of the shared-memory transport");
   }
+  const std::int64_t entered =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
   const std::uint32_t step = ++steps_;
   Control* mine = control(rank());
   std::memcpy(mine->slot(step), in, bytes);
   mine->record_bytes[step & 1u] = bytes;
+  mine->entered_ns[step & 1u] = entered;
   mine->steps.store(step, std::memory_order_release);
   futex(&mine->steps, FUTEX_WAKE, INT_MAX, nullptr);
 
@@ -256,7 +262,12 @@ void ShmTransport::allgather(const void* in, std::size_t bytes, void* out, std::
                          " bytes: the ranks disagree about the group configuration"));
     }
     std::memcpy(dst + static_cast<std::size_t>(peer) * bytes, pc->slot(step), bytes);
+    waits_[static_cast<std::size_t>(peer)] = std::max<std::int64_t>(0, pc->entered_ns[step & 1u] - entered);
   }
+}
+
+void ShmTransport::last_allgather_waits(std::span<std::int64_t> out) const {
+  for (std::size_t r = 0; r < out.size() && r < waits_.size(); ++r) out[r] = waits_[r];
 }
 
 // After a resize in which some rank sent a new window: one small status round, so that every rank
