@@ -97,9 +97,14 @@ _closed: Set[str] = set()          # names closed by Group.close() (until a grou
 # (world, EP members, TP members, configuration) -> the C++ group, and the names (group_ep, group_tp)
 # whose calls use it, in the order the groups were joined.
 _groups: Dict[_GroupKey, Tuple[_moedist.Group, Tuple[str, ...]]] = {}
-# (group_ep, group_tp, configuration values) of a call already resolved -> its C++ group: later calls
-# skip the checks and lookups (emptied by close()).
+# The configuration's keys, in the order of _resolved's keys.
+CONFIG_KEYS = ("ep_world_size", "ep_rank_id", "moe_expert_num", "tp_world_size", "tp_rank_id", "expert_shard_type",
+               "shared_expert_num", "shared_expert_rank_num", "global_bs")
+# (group_ep, group_tp, configuration values in CONFIG_KEYS' order) of a call already resolved -> its C++
+# group: later calls skip the checks and lookups (emptied by close()). The extension's fast path looks
+# calls up in this very dict (set_resolved_calls below): it is emptied, never rebound.
 _resolved: Dict[Tuple[object, object, Tuple[int, ...]], _moedist.Group] = {}
+_moedist.set_resolved_calls(_resolved)
 _lock = threading.Lock()           # guards _domains, _closed and _groups against Group.close() on another thread
 _torch_world: Optional[Tuple[Any, World]] = None  # (torch.distributed's default group, its World), once named
 
@@ -387,7 +392,7 @@ def _agree_over_ep(ep: Domain, tp: Domain, t: int, members: Tuple[int, ...]) -> 
 def group_for(group_ep: object, group_tp: object, config: Dict[str, int]) -> _moedist.Group:
     """The C++ group of this process for the named groups and configuration (joined on first use). A
     call's names and configuration, once resolved, are looked up directly (_resolved) until a close()."""
-    call = (group_ep, group_tp, tuple(config.values()))
+    call = (group_ep, group_tp, tuple(config[key] for key in CONFIG_KEYS))
     group = _resolved.get(call)
     if group is not None:
         return group

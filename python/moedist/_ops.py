@@ -1,15 +1,23 @@
 """torch_npu.npu_moe_distribute_dispatch / npu_moe_distribute_combine, with torch_npu's signatures and
 defaults (contract §1.1, §1.3), over moedist's C++ groups.
 
-With torch >= 2.1 the operators are also torch custom ops (_custom_ops.py): a call with torch tensors
-goes through ``torch.ops.moedist.*``, whose CPU kernels are the eager functions here (_dispatch,
-_combine), so that torch.compile traces it; numpy arrays, and torch 1.13, call the eager functions."""
+A call takes one of three ways:
+
+* the fast path: a plain eager call -- torch tensors on the CPU, Python ints, a group and configuration
+  resolved by an earlier call, no torch mode that must see the call -- is one call of the extension
+  (_moedist.dispatch_call / combine_call), which reads the tensors in place and returns fresh torch
+  tensors that the C++ call wrote (caller buffers); it answers None for any other call;
+* through the registered op: with torch >= 2.1 the operators are also torch custom ops (_custom_ops.py),
+  and a call that torch.compile traces, or that a torch mode or a tensor subclass would see, goes through
+  ``torch.ops.moedist.*``, whose CPU kernels try the fast path and then the eager functions here;
+* the eager functions (_dispatch, _combine): everything else -- numpy arrays, other int forms, the first
+  call of a group, torch 1.13's modes -- read and checked argument by argument, every mistake named."""
 from __future__ import annotations
 
 from types import ModuleType
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from . import _groups
+from . import _groups, _moedist
 from ._errors import ValidationError
 from ._integers import Integer, integer
 from ._moedist import ViewAs
@@ -24,8 +32,7 @@ _COMBINE_TENSORS = ("tp_send_counts", "x_active_mask", "activation_scale", "weig
 _COMBINE_INTS = ("ep_world_size", "ep_rank_id", "moe_expert_num", "tp_world_size", "tp_rank_id", "expert_shard_type",
                  "shared_expert_num", "shared_expert_rank_num", "global_bs", "out_dtype", "comm_quant_mode",
                  "group_list_type")
-_CONFIG = ("ep_world_size", "ep_rank_id", "moe_expert_num", "tp_world_size", "tp_rank_id", "expert_shard_type",
-           "shared_expert_num", "shared_expert_rank_num", "global_bs")
+_CONFIG = _groups.CONFIG_KEYS  # the configuration's ints (the rest are per call)
 
 
 class _Tensors:
@@ -55,9 +62,15 @@ def npu_moe_distribute_dispatch(x: Any, expert_ids: Any, group_ep: str, ep_world
 
     Returns (expand_x, dynamic_scales, expand_idx, expert_token_nums, ep_recv_counts, tp_recv_counts,
     expand_scales) as torch_npu does, as torch tensors for torch inputs and numpy arrays for numpy inputs.
-    Only the first valid rows of expand_x / dynamic_scales / expand_scales are meaningful (the rest are
-    zero), as on the NPU; the row counts depend on the arguments alone (_custom_ops.py). Collective:
+    Only the first valid rows of expand_x / dynamic_scales / expand_scales are meaningful, as on the NPU
+    (here the rest are zero); the row counts depend on the arguments alone (_custom_ops.py). Collective:
     every rank of the group calls it."""
+    if not _is_compiling():
+        fast = _dispatch_call(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales, x_active_mask,
+                              expert_scales, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
+                              shared_expert_rank_num, quant_mode, global_bs, expert_token_nums_type)
+        if fast is not None:
+            return fast
     args = dict(scales=scales, x_active_mask=x_active_mask, expert_scales=expert_scales, group_tp=group_tp,
                 ep_world_size=ep_world_size, ep_rank_id=ep_rank_id, moe_expert_num=moe_expert_num,
                 tp_world_size=tp_world_size, tp_rank_id=tp_rank_id, expert_shard_type=expert_shard_type,
@@ -102,6 +115,14 @@ def npu_moe_distribute_combine(expand_x: Any, expert_ids: Any, expand_idx: Any, 
     """Brings the expert outputs ``expand_x`` (in dispatch's row order) back to their tokens and adds
     them, weighted by ``expert_scales`` (the shared expert unweighted). Returns (BS, H) in expand_x's
     dtype, as the caller's kind of tensor. Collective."""
+    if not _is_compiling():
+        out = _combine_call(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep, ep_world_size,
+                            ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, activation_scale, weight_scale,
+                            group_list, expand_scales, shared_expert_x, group_tp, tp_world_size, tp_rank_id,
+                            expert_shard_type, shared_expert_num, shared_expert_rank_num, global_bs, out_dtype,
+                            comm_quant_mode, group_list_type)
+        if out is not None:
+            return out
     args = dict(tp_send_counts=tp_send_counts, x_active_mask=x_active_mask, activation_scale=activation_scale,
                 weight_scale=weight_scale, group_list=group_list, expand_scales=expand_scales,
                 shared_expert_x=shared_expert_x, group_tp=group_tp, ep_world_size=ep_world_size, ep_rank_id=ep_rank_id,
@@ -205,13 +226,20 @@ def _detached(t: Any) -> Any:
     return t.detach() if isinstance(t, _torch.Tensor) and t.requires_grad else t
 
 
-# The registered ops' CPU kernels: torch passes the schema's arguments, kwarg-only ones by name.
+# The registered ops' CPU kernels: torch passes the schema's arguments, kwarg-only ones by name. The fast
+# path first (what a compiled graph calls is a plain call), then the eager functions.
 def _dispatch_kernel(x: Any, expert_ids: Any, group_ep: str, ep_world_size: int, ep_rank_id: int, moe_expert_num: int,
                      scales: Any = None, x_active_mask: Any = None, expert_scales: Any = None, group_tp: str = "",
                      tp_world_size: int = 0, tp_rank_id: int = 0, expert_shard_type: int = 0,
                      shared_expert_num: int = 1, shared_expert_rank_num: int = 0, quant_mode: int = 0,
                      global_bs: int = 0, expert_token_nums_type: int = 1) -> Tuple[Any, ...]:
+    results = _dispatch_call(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales, x_active_mask,
+                             expert_scales, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
+                             shared_expert_rank_num, quant_mode, global_bs, expert_token_nums_type)
+    if results is not None:
+        return results
     args = dict(locals())
+    del args["results"]
     return _dispatch(args.pop("x"), args.pop("expert_ids"), args.pop("group_ep"), **args)
 
 
@@ -222,7 +250,15 @@ def _combine_kernel(expand_x: Any, expert_ids: Any, expand_idx: Any, ep_send_cou
                     tp_world_size: int = 0, tp_rank_id: int = 0, expert_shard_type: int = 0, shared_expert_num: int = 1,
                     shared_expert_rank_num: int = 0, global_bs: int = 0, out_dtype: int = 0, comm_quant_mode: int = 0,
                     group_list_type: int = 0) -> Any:
+    out = _combine_call(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep, ep_world_size,
+                        ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, activation_scale, weight_scale,
+                        group_list, expand_scales, shared_expert_x, group_tp, tp_world_size, tp_rank_id,
+                        expert_shard_type, shared_expert_num, shared_expert_rank_num, global_bs, out_dtype,
+                        comm_quant_mode, group_list_type)
+    if out is not None:
+        return out
     args = dict(locals())
+    del args["out"]
     leading = [args.pop(name) for name in ("expand_x", "expert_ids", "expand_idx", "ep_send_counts", "expert_scales",
                                            "group_ep")]
     return _combine(*leading, **args)
@@ -248,6 +284,19 @@ def _register_ops() -> Optional[Tuple[Any, Any]]:
     return _custom_ops.register(_dispatch_kernel, _combine_kernel)
 
 
+def _compiling_check() -> Callable[[], bool]:
+    """The function that says whether dynamo (torch.compile) is tracing: torch's own, which dynamo reads as
+    True while it traces, so that the fast path, opaque to it, is never traced (other tracers -- fake
+    tensors, make_fx, export -- are declined by the fast path itself); the cheapest one this torch has.
+    Always False where no op is registered: nothing then goes through one."""
+    compiler = getattr(_torch, "compiler", None)
+    for name in ("is_dynamo_compiling", "is_compiling"):
+        if _registered_ops is not None and hasattr(compiler, name):
+            check: Callable[[], bool] = getattr(compiler, name)
+            return check
+    return _compiling if _registered_ops is not None else lambda: False
+
+
 _torch: Any = _import_torch()  # the torch module, or None
 _current_dispatch_mode: Callable[[], Any] = lambda: None  # torch's innermost dispatch mode, where torch is
 if _torch is not None:
@@ -255,3 +304,6 @@ if _torch is not None:
 
     _current_dispatch_mode = _get_current_dispatch_mode
 _registered_ops = _register_ops()
+_is_compiling = _compiling_check()
+_dispatch_call = _moedist.dispatch_call  # the fast path (module.cpp)
+_combine_call = _moedist.combine_call

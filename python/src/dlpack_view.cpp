@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "dlpack.h"
 #include "moedist/error.h"
 
 namespace moedist::python {
@@ -11,38 +12,11 @@ namespace py = pybind11;
 
 namespace {
 
-// The DLPack ABI (dlpack.h, v0.5-v0.8; the layout every producer since 2017 uses). Declared here
-// because Debian ships no dlpack header; only these fields are read.
-struct DLDevice {
-  std::int32_t device_type;  // 1 = kDLCPU
-  std::int32_t device_id;
-};
-struct DLDataType {
-  std::uint8_t code;  // 0 int, 1 uint, 2 float, 4 bfloat
-  std::uint8_t bits;
-  std::uint16_t lanes;
-};
-struct DLTensor {
-  void* data;
-  DLDevice device;
-  std::int32_t ndim;
-  DLDataType dtype;
-  std::int64_t* shape;
-  std::int64_t* strides;  // in elements; nullptr = compact row-major
-  std::uint64_t byte_offset;
-};
-struct DLManagedTensor {
-  DLTensor dl_tensor;
-  void* manager_ctx;
-  void (*deleter)(DLManagedTensor*);
-};
+using namespace dlpack;  // the ABI's names, as dlpack.h spells them
 
 [[noreturn]] void reject(ErrorCode code, const std::string& name, const std::string& value, const std::string& rule) {
   throw ValidationError(code, name, value, rule);
 }
-
-// DLPack type codes (dlpack.h's DLDataTypeCode).
-constexpr std::uint8_t kDLInt = 0, kDLUInt = 1, kDLFloat = 2, kDLBfloat = 4, kDLComplex = 5, kDLBool = 6;
 
 // The dtype as torch names it, for error messages ("float64", "uint8", "bool").
 std::string dl_type_name(const DLDataType& t) {
@@ -170,10 +144,10 @@ Borrowed borrow(py::handle obj, const std::string& name, ViewAs as) {
     reject(ErrorCode::invalid_argument, name, std::string(py::str(py::type::of(obj).attr("__name__"))),
            "must be a dense tensor that DLPack can export (" + why + ")");
   }
-  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(b.capsule.ptr(), "dltensor"));
+  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(b.capsule.ptr(), kCapsuleName));
   if (managed == nullptr) throw py::error_already_set();
   const DLTensor& t = managed->dl_tensor;
-  if (t.device.device_type != 1) {
+  if (t.device.device_type != kDLCPU) {
     reject(ErrorCode::invalid_argument, name + ".device", "DLPack device type " + std::to_string(t.device.device_type),
            "must be the CPU: moedist's Python package runs on CPU tensors");
   }
