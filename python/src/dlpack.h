@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "moedist/tensor.h"
+
 namespace moedist::python::dlpack {
 
 struct DLDevice {
@@ -39,5 +41,17 @@ constexpr std::uint8_t kDLInt = 0, kDLUInt = 1, kDLFloat = 2, kDLBfloat = 4, kDL
 // takes the tensor (and with it the duty to call the deleter).
 constexpr const char* kCapsuleName = "dltensor";
 constexpr const char* kUsedCapsuleName = "used_dltensor";
+
+// The shape and strides (in elements) of a DLPack tensor the caller found 1- or 2-dimensional into `v`
+// (clamped to 2 dimensions all the same); a producer may leave strides out for a compact row-major one.
+inline void copy_layout(const DLTensor& t, Layout& v) {
+  v.ndim = t.ndim < 0 ? 0 : (t.ndim > 2 ? 2 : t.ndim);
+  std::int64_t compact = 1;
+  for (int i = v.ndim - 1; i >= 0; --i) {
+    v.shape[i] = t.shape[i];
+    v.strides[i] = t.strides != nullptr ? t.strides[i] : compact;
+    compact *= t.shape[i];
+  }
+}
 
 }  // namespace moedist::python::dlpack

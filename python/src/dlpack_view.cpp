@@ -155,16 +155,9 @@ Borrowed borrow(py::handle obj, const std::string& name, ViewAs as) {
     reject(ErrorCode::invalid_shape, name + ".dim()", std::to_string(t.ndim), "must be 1 or 2");
   }
   MutableTensorView& v = b.view;
-  v.ndim = t.ndim;
   v.dtype = dtype_of(t.dtype, as, name);
   v.data = static_cast<char*>(t.data) + t.byte_offset;
-  for (int i = 0; i < t.ndim; ++i) v.shape[i] = t.shape[i];
-  if (t.strides != nullptr) {
-    for (int i = 0; i < t.ndim; ++i) v.strides[i] = t.strides[i];
-  } else {
-    v.strides[t.ndim - 1] = 1;
-    if (t.ndim == 2) v.strides[0] = t.shape[1];
-  }
+  dlpack::copy_layout(t, v);
   for (int i = 0; i < t.ndim; ++i) {
     if (v.strides[i] < 0)
       reject(ErrorCode::invalid_shape, name + ".stride()", std::to_string(v.strides[i]),

@@ -216,14 +216,7 @@ bool read_through_dlpack(const TorchApi& torch, PyObject* obj, TensorView* view)
   } else {
     return false;
   }
-  v.ndim = t.ndim;
-  for (int i = 0; i < t.ndim; ++i) v.shape[i] = t.shape[i];
-  if (t.strides != nullptr) {
-    for (int i = 0; i < t.ndim; ++i) v.strides[i] = t.strides[i];
-  } else {
-    v.strides[t.ndim - 1] = 1;
-    if (t.ndim == 2) v.strides[0] = t.shape[1];
-  }
+  dlpack::copy_layout(t, v);
   for (int i = 0; i < t.ndim; ++i) {
     if (v.strides[i] < 0) return false;
   }
