@@ -4,9 +4,14 @@
 #include <signal.h>
 #include <sys/wait.h>
 
+#include <chrono>
+#include <cstdio>
 #include <random>
+#include <thread>
 
+#include "process/rank_processes.h"
 #include "test_support.h"
+#include "transport/shm/shm_transport.h"
 
 namespace moedist::testing {
 namespace {
@@ -53,6 +58,45 @@ TEST(Shm, NothingIsCreatedInDevShm) {
   const ProcessRun run = run_processes(c, RunOptions{}, test_shm_options());
   EXPECT_EQ(first_error(run), "");
   EXPECT_EQ(moedist_shm_entries(), before);
+}
+
+// A waiter that sleeps (no spin) is woken by the publisher's FUTEX_WAKE, which a publisher makes only
+// while a peer says it sleeps: a wake-up lost to that bookkeeping would end each wait only at the
+// waiter's next 20 ms look at its peer (about 600 ms for these 60 steps, whose waits then end in pairs),
+// instead of about the peer's 1 ms delays (60 ms). The bound, 400 ms, is a liveness check with a wide
+// margin, not a speed target.
+TEST(Shm, ASleepingWaiterIsWokenWhenItsPeerPublishes) {
+  const std::string job = "shm-wake-" + std::to_string(::getpid());
+  constexpr int kSteps = 60;
+  process::RankProcesses ranks;
+  for (int r = 0; r < 2; ++r) {
+    ranks.start([&job, r] {
+      try {
+        ShmOptions options = test_shm_options();
+        options.spin = std::chrono::microseconds(0);  // sleep on the futex at once
+        shm::ShmTransport t(job, r, 2, options);
+        char in = static_cast<char>(r), out[2] = {};
+        t.allgather(&in, 1, out, "wake.start");
+        const auto start = std::chrono::steady_clock::now();
+        for (int step = 0; step < kSteps; ++step) {
+          if (r == 1) std::this_thread::sleep_for(std::chrono::milliseconds(1));  // rank 0 is asleep by then
+          t.allgather(&in, 1, out, "wake.step");
+          if (out[0] != 0 || out[1] != 1) return 3;
+        }
+        const auto ms =
+            std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - start).count();
+        if (r == 0 && ms >= 400) {
+          std::fprintf(stderr, "rank 0: %d waits took %lld ms\n", kSteps, static_cast<long long>(ms));
+          return 2;
+        }
+        return 0;
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "rank %d: %s\n", r, e.what());
+        return 4;
+      }
+    });
+  }
+  for (const RankExit& e : ranks.wait()) EXPECT_TRUE(e.ok()) << e.describe();
 }
 
 }  // namespace

@@ -21,7 +21,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 constexpr std::uint64_t kControlMagic = 0x6d6f65646973744bull;  // "moedistK"
-constexpr std::uint32_t kControlVersion = 2;
+constexpr std::uint32_t kControlVersion = 3;
 constexpr std::size_t kSlotBytes = 256 * 1024;  // largest record of one collective step
 constexpr std::size_t kPage = 4096;
 constexpr std::uint64_t kAllocationFailed = ~std::uint64_t{0};  // a SegmentNote that says the allocation failed
@@ -75,6 +75,9 @@ struct ShmTransport::Control {
   std::uint64_t job_hash;
   std::uint64_t slot_bytes;
   alignas(64) std::atomic<std::uint32_t> steps;  // futex word: collective steps entered (records published)
+  // Peers asleep (or about to be) on `steps`: a publisher makes the FUTEX_WAKE system call only when one
+  // is, which spares it on every step where all waiters spin.
+  std::atomic<std::uint32_t> sleepers;
   alignas(64) std::uint64_t record_bytes[2];
   std::int64_t entered_ns[2];  // when the rank entered the step (steady clock: one per machine), by parity
 
@@ -228,7 +231,12 @@ void ShmTransport::wait_for(int peer, std::uint32_t target, Clock::time_point de
     const auto slice = std::min<Clock::duration>(deadline - now, std::chrono::milliseconds(20));
     const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(slice).count();
     const timespec ts{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
+    // Counted before the futex compares the word: a publisher that stores its step after this count
+    // sees it and wakes us; one that stored before changed the word, and the wait returns at once.
+    std::atomic<std::uint32_t>& sleepers = control(peer)->sleepers;
+    sleepers.fetch_add(1, std::memory_order_seq_cst);
     futex(word, FUTEX_WAIT, seen, &ts);
+    sleepers.fetch_sub(1, std::memory_order_seq_cst);
   }
 }
 
@@ -246,8 +254,8 @@ void ShmTransport::allgather(const void* in, std::size_t bytes, void* out, std::
   std::memcpy(mine->slot(step), in, bytes);
   mine->record_bytes[step & 1u] = bytes;
   mine->entered_ns[step & 1u] = entered;
-  mine->steps.store(step, std::memory_order_release);
-  futex(&mine->steps, FUTEX_WAKE, INT_MAX, nullptr);
+  mine->steps.store(step, std::memory_order_seq_cst);  // ordered before the load of sleepers (see wait_for)
+  if (mine->sleepers.load(std::memory_order_seq_cst) != 0) futex(&mine->steps, FUTEX_WAKE, INT_MAX, nullptr);
 
   const auto deadline = Clock::now() + options_.wait.timeout;
   auto* dst = static_cast<std::byte*>(out);
