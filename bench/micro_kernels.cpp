@@ -131,6 +131,27 @@ void BM_WeightedReduce(benchmark::State& state, Isa isa, Half type) {
   finish(state, weighted_reduce_bytes(), kRows);
 }
 
+// The same reduce as combine does it: one reduce_terms per token, its sums in registers across the K rows.
+void BM_ReduceTerms(benchmark::State& state, Isa isa, Half type) {
+  select(state, isa);
+  const std::vector<std::uint16_t> y = random_rows(type, kRows);
+  const std::vector<float> weights = random_floats(kRows, 0.05f, 0.3f);
+  std::vector<moedist::kernels::ReduceTerm> terms(kTopK);
+  std::vector<std::uint16_t> out(static_cast<std::size_t>(kRows / kTopK * kH));
+  for (auto _ : state) {
+    for (std::int64_t t = 0; t < kRows / kTopK; ++t) {
+      for (int k = 0; k < kTopK; ++k) {
+        const std::int64_t r = t * kTopK + k;
+        terms[static_cast<std::size_t>(k)] = {y.data() + r * kH, weights[static_cast<std::size_t>(r)], true};
+      }
+      moedist::kernels::reduce_terms(terms.data(), terms.size(), type, kH, out.data() + t * kH, 1);
+    }
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  finish(state, weighted_reduce_bytes(), kRows);
+}
+
 // Rows copied to scattered destinations (copy_row16, what quant_mode 0 dispatch does per row).
 std::int64_t row_gather_bytes() { return kRows * (2 * kH + 2 * kH); }
 void BM_RowGather(benchmark::State& state) {
@@ -172,6 +193,8 @@ void register_all() {
       benchmark::RegisterBenchmark(("BM_ToF32" + suffix).c_str(), BM_ToF32, isa, type);
       benchmark::RegisterBenchmark(("BM_StoreRow" + suffix).c_str(), BM_StoreRow, isa, type);
       benchmark::RegisterBenchmark(("BM_WeightedReduce" + suffix + "/K:" + std::to_string(kTopK)).c_str(), BM_WeightedReduce,
+                                   isa, type);
+      benchmark::RegisterBenchmark(("BM_ReduceTerms" + suffix + "/K:" + std::to_string(kTopK)).c_str(), BM_ReduceTerms,
                                    isa, type);
     }
   }

@@ -159,6 +159,68 @@ TEST_P(KernelVariants, TpReduceMatchesScalar) {
   }
 }
 
+// n terms over rows of h hostile halves, some weighted with hostile weights, some not.
+struct Terms {
+  std::vector<std::vector<std::uint16_t>> rows;
+  std::vector<ReduceTerm> terms;
+};
+Terms hostile_terms(std::mt19937& rng, std::size_t n, std::int64_t h, Half type) {
+  Terms t;
+  for (std::size_t i = 0; i < n; ++i)
+    t.rows.push_back(hostile_halves(rng, static_cast<std::size_t>(h), type, rng() % 3 != 0));
+  for (std::size_t i = 0; i < n; ++i) {
+    const bool weighted = rng() % 4 != 0;
+    const float w = rng() % 3 == 0 ? hostile_floats(rng, 1)[0] : std::uniform_real_distribution<float>(0.0f, 1.0f)(rng);
+    t.terms.push_back(ReduceTerm{t.rows[i].data(), w, weighted});
+  }
+  return t;
+}
+
+// The scalar reduce_terms is the per-term path it replaces in combine: a zeroed accumulator,
+// accumulate_scaled / accumulate term by term, store_row.
+TEST_P(KernelVariants, ReduceTermsIsAccumulateThenStore) {
+  const Half type = GetParam();
+  std::mt19937 rng(5);
+  for (std::int64_t h = 1; h <= 90; h += 7) {
+    for (std::size_t n = 1; n <= 17; n += 2) {
+      const Terms t = hostile_terms(rng, n, h, type);
+      std::vector<float> acc(static_cast<std::size_t>(h), 0.0f);
+      for (const ReduceTerm& term : t.terms) {
+        if (term.weighted)
+          scalar::accumulate_scaled(acc.data(), term.row, type, term.weight, h);
+        else
+          scalar::accumulate(acc.data(), term.row, type, h);
+      }
+      std::vector<std::uint16_t> want(static_cast<std::size_t>(h)), got(static_cast<std::size_t>(2 * h), 0x5555);
+      scalar::store_row(acc.data(), type, h, want.data(), 1);
+      scalar::reduce_terms(t.terms.data(), n, type, 0, h, got.data(), 2);  // strided output
+      for (std::int64_t i = 0; i < h; ++i) {
+        ASSERT_EQ(got[static_cast<std::size_t>(2 * i)], want[static_cast<std::size_t>(i)])
+            << "h=" << h << " n=" << n << " i=" << i;
+        ASSERT_EQ(got[static_cast<std::size_t>(2 * i + 1)], 0x5555) << "wrote between the strided elements";
+      }
+    }
+  }
+}
+
+TEST_P(KernelVariants, ReduceTermsMatchesScalar) {
+  const Half type = GetParam();
+  std::mt19937 rng(6);
+  for (const RowKernelTable* table : vector_tables()) {
+    for (std::int64_t h = 1; h <= 200; ++h) {
+      for (std::size_t n : {std::size_t{1}, std::size_t{2}, std::size_t{9}}) {
+        const Terms t = hostile_terms(rng, n, h, type);
+        std::vector<std::uint16_t> want(static_cast<std::size_t>(h)), got(static_cast<std::size_t>(h) + 1, 0x5555);
+        scalar::reduce_terms(t.terms.data(), n, type, 0, h, want.data(), 1);
+        table->reduce_terms(t.terms.data(), n, type, h, got.data());
+        ASSERT_EQ(got.back(), 0x5555) << isa_name(table->isa) << " wrote past the row, h=" << h;
+        got.pop_back();
+        ASSERT_TRUE(same_bits(got, want)) << isa_name(table->isa) << " h=" << h << " n=" << n;
+      }
+    }
+  }
+}
+
 std::string type_name(const ::testing::TestParamInfo<Half>& param) { return param.param == Half::bf16 ? "bf16" : "fp16"; }
 INSTANTIATE_TEST_SUITE_P(Types, KernelVariants, ::testing::Values(Half::bf16, Half::fp16), type_name);
 

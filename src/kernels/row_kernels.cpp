@@ -98,6 +98,14 @@ void store_row(const float* acc, Half type, std::int64_t h, std::uint16_t* out, 
   else scalar::store_row(acc, type, h, out, col_stride);
 }
 
+void reduce_terms(const ReduceTerm* terms, std::size_t n, Half type, std::int64_t h, std::uint16_t* out,
+                  std::int64_t col_stride) {
+  if (col_stride == 1)
+    active().reduce_terms(terms, n, type, h, out);
+  else
+    scalar::reduce_terms(terms, n, type, 0, h, out, col_stride);
+}
+
 void tp_reduce_row(const std::uint16_t* a, std::int64_t a_col_stride, const std::uint16_t* b, Half type, std::int64_t h,
                    std::uint16_t* out) {
   if (a_col_stride == 1) active().tp_reduce_row(a, b, type, h, out);

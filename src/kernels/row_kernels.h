@@ -7,6 +7,7 @@
 // chosen once at run time; MOEDIST_KERNELS=scalar|avx2|avx512 or force_isa() overrides the choice.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "numeric/convert.h"
@@ -39,6 +40,20 @@ void accumulate_scaled(float* acc, const std::uint16_t* y, Half type, float s, s
 void accumulate(float* acc, const std::uint16_t* y, Half type, std::int64_t h);
 // out[i] = to_T_rint(acc[i]), written with col_stride (elements).
 void store_row(const float* acc, Half type, std::int64_t h, std::uint16_t* out, std::int64_t col_stride);
+
+// One term of a token's weighted reduce (§4.2): a contiguous row of expert output and its weight.
+struct ReduceTerm {
+  const std::uint16_t* row;
+  float weight;   // the term's expert_scales entry where weighted
+  bool weighted;  // false: the shared expert's unweighted term
+};
+// A token's whole output row from its n terms (§4.2): per element, acc = 0, then term by term in the
+// given order acc = fl32(acc + fl32(float(y[i]) * s)) (fl32(acc + float(y[i])) unweighted), and
+// out[i] = to_T_rint(acc), written with col_stride (elements). The same bits as accumulate_scaled /
+// accumulate into a zeroed accumulator and store_row; the vector variants keep the sums in registers
+// across the terms, so no accumulator goes through memory once per term.
+void reduce_terms(const ReduceTerm* terms, std::size_t n, Half type, std::int64_t h, std::uint16_t* out,
+                  std::int64_t col_stride);
 
 // TP reduce of two partial rows (§4.4, V1): bf16 rounds the fp32 sum half away from zero, fp16 to even.
 void tp_reduce_row(const std::uint16_t* a, std::int64_t a_col_stride, const std::uint16_t* b, Half type,

@@ -132,8 +132,89 @@ void tp_reduce_row(const std::uint16_t* a, const std::uint16_t* b, Half type, st
   scalar::tp_reduce_row(a + full, 1, b + full, type, h - full, out + full);
 }
 
+// bf16 rounded half to even, left in the upper 16 bits of each 32-bit lane (the lower ones zero); NaN
+// lanes become the canonical NaN.
+inline __m256i bf16_in_upper_half(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_and_si256(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)),
+                                           _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  const __m256i canonical = _mm256_set1_epi32(static_cast<int>(std::uint32_t{numeric::kBf16CanonicalNan} << 16));
+  return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(canonical), nan));
+}
+
+// bf16 rows: 16 elements of a row are one 256-bit load whose 32-bit lanes hold an even element in
+// their lower half and an odd one in the upper half, so masking and shifting give the odd and the even
+// elements as fp32 without any shuffle; the two sums are rounded into their halves and merged back in
+// element order.
+void reduce_terms_bf16(const ReduceTerm* terms, std::size_t n, std::int64_t h, std::uint16_t* out) {
+  const __m256i upper = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  std::int64_t i = 0;
+  for (; i + 32 <= h; i += 32) {
+    __m256 even0 = _mm256_setzero_ps(), odd0 = _mm256_setzero_ps(), even1 = _mm256_setzero_ps(),
+           odd1 = _mm256_setzero_ps();
+    for (std::size_t t = 0; t < n; ++t) {
+      const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(terms[t].row + i));
+      const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(terms[t].row + i + 16));
+      __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(r0, 16)), o0 = _mm256_castsi256_ps(_mm256_and_si256(r0, upper));
+      __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(r1, 16)), o1 = _mm256_castsi256_ps(_mm256_and_si256(r1, upper));
+      if (terms[t].weighted) {
+        const __m256 s = _mm256_set1_ps(terms[t].weight);
+        e0 = _mm256_mul_ps(e0, s);
+        o0 = _mm256_mul_ps(o0, s);
+        e1 = _mm256_mul_ps(e1, s);
+        o1 = _mm256_mul_ps(o1, s);
+      }
+      even0 = _mm256_add_ps(even0, e0);
+      odd0 = _mm256_add_ps(odd0, o0);
+      even1 = _mm256_add_ps(even1, e1);
+      odd1 = _mm256_add_ps(odd1, o1);
+    }
+    const __m256i merged0 = _mm256_or_si256(_mm256_srli_epi32(bf16_in_upper_half(even0), 16), bf16_in_upper_half(odd0));
+    const __m256i merged1 = _mm256_or_si256(_mm256_srli_epi32(bf16_in_upper_half(even1), 16), bf16_in_upper_half(odd1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), merged0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 16), merged1);
+  }
+  scalar::reduce_terms(terms, n, Half::bf16, i, h, out, 1);
+}
+
+// Four vectors of 8 elements at a time, their sums in registers across all the terms.
+void reduce_terms(const ReduceTerm* terms, std::size_t n, Half type, std::int64_t h, std::uint16_t* out) {
+  if (type == Half::bf16) {
+    reduce_terms_bf16(terms, n, h, out);
+    return;
+  }
+  std::int64_t i = 0;
+  for (; i + 32 <= h; i += 32) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (std::size_t t = 0; t < n; ++t) {
+      const std::uint16_t* y = terms[t].row + i;
+      __m256 v0 = load_half(y, type), v1 = load_half(y + 8, type), v2 = load_half(y + 16, type),
+             v3 = load_half(y + 24, type);
+      if (terms[t].weighted) {
+        const __m256 s = _mm256_set1_ps(terms[t].weight);
+        v0 = _mm256_mul_ps(v0, s);
+        v1 = _mm256_mul_ps(v1, s);
+        v2 = _mm256_mul_ps(v2, s);
+        v3 = _mm256_mul_ps(v3, s);
+      }
+      a0 = _mm256_add_ps(a0, v0);
+      a1 = _mm256_add_ps(a1, v1);
+      a2 = _mm256_add_ps(a2, v2);
+      a3 = _mm256_add_ps(a3, v3);
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), to_half_rne(a0, type));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + 8), to_half_rne(a1, type));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + 16), to_half_rne(a2, type));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + 24), to_half_rne(a3, type));
+  }
+  scalar::reduce_terms(terms, n, type, i, h, out, 1);
+}
+
 }  // namespace
 
-const RowKernelTable kTable{Isa::avx2, quantize_row, accumulate_scaled, accumulate, store_row, tp_reduce_row};
+const RowKernelTable kTable{Isa::avx2, quantize_row,  accumulate_scaled, accumulate,
+                            store_row, tp_reduce_row, reduce_terms};
 
 }  // namespace moedist::kernels::avx2

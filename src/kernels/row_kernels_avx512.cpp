@@ -128,6 +128,44 @@ void store_row(const float* acc, Half type, std::int64_t h, std::uint16_t* out) 
   }
 }
 
+// Four vectors of 16 elements at a time, their sums in registers across all the terms; the tail one
+// masked vector at a time.
+void reduce_terms(const ReduceTerm* terms, std::size_t n, Half type, std::int64_t h, std::uint16_t* out) {
+  std::int64_t i = 0;
+  for (; i + 64 <= h; i += 64) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (std::size_t t = 0; t < n; ++t) {
+      const std::uint16_t* y = terms[t].row + i;
+      __m512 v0 = load_half(y, type, 0xffff), v1 = load_half(y + 16, type, 0xffff),
+             v2 = load_half(y + 32, type, 0xffff), v3 = load_half(y + 48, type, 0xffff);
+      if (terms[t].weighted) {
+        const __m512 s = _mm512_set1_ps(terms[t].weight);
+        v0 = _mm512_mul_ps(v0, s);
+        v1 = _mm512_mul_ps(v1, s);
+        v2 = _mm512_mul_ps(v2, s);
+        v3 = _mm512_mul_ps(v3, s);
+      }
+      a0 = _mm512_add_ps(a0, v0);
+      a1 = _mm512_add_ps(a1, v1);
+      a2 = _mm512_add_ps(a2, v2);
+      a3 = _mm512_add_ps(a3, v3);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), to_half_rne(a0, type));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 16), to_half_rne(a1, type));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 32), to_half_rne(a2, type));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 48), to_half_rne(a3, type));
+  }
+  for (; i < h; i += 16) {
+    const __mmask16 m = tail_mask(h - i);
+    __m512 a = _mm512_setzero_ps();
+    for (std::size_t t = 0; t < n; ++t) {
+      const __m512 v = load_half(terms[t].row + i, type, m);
+      a = _mm512_add_ps(a, terms[t].weighted ? _mm512_mul_ps(v, _mm512_set1_ps(terms[t].weight)) : v);
+    }
+    _mm256_mask_storeu_epi16(out + i, m, to_half_rne(a, type));
+  }
+}
+
 void tp_reduce_row(const std::uint16_t* a, const std::uint16_t* b, Half type, std::int64_t h, std::uint16_t* out) {
   for (std::int64_t i = 0; i < h; i += 16) {
     const __mmask16 m = tail_mask(h - i);
@@ -139,6 +177,7 @@ void tp_reduce_row(const std::uint16_t* a, const std::uint16_t* b, Half type, st
 
 }  // namespace
 
-const RowKernelTable kTable{Isa::avx512, quantize_row, accumulate_scaled, accumulate, store_row, tp_reduce_row};
+const RowKernelTable kTable{Isa::avx512, quantize_row,  accumulate_scaled, accumulate,
+                            store_row,   tp_reduce_row, reduce_terms};
 
 }  // namespace moedist::kernels::avx512

@@ -16,6 +16,7 @@ struct RowKernelTable {
   void (*accumulate)(float* acc, const std::uint16_t* y, Half type, std::int64_t h);
   void (*store_row)(const float* acc, Half type, std::int64_t h, std::uint16_t* out);
   void (*tp_reduce_row)(const std::uint16_t* a, const std::uint16_t* b, Half type, std::int64_t h, std::uint16_t* out);
+  void (*reduce_terms)(const ReduceTerm* terms, std::size_t n, Half type, std::int64_t h, std::uint16_t* out);
 };
 
 namespace scalar {
@@ -26,6 +27,9 @@ void dequantize_row(const std::int8_t* q, float scale, Half type, std::int64_t h
 void accumulate_scaled(float* acc, const std::uint16_t* y, Half type, float s, std::int64_t h);
 void accumulate(float* acc, const std::uint16_t* y, Half type, std::int64_t h);
 void store_row(const float* acc, Half type, std::int64_t h, std::uint16_t* out, std::int64_t col_stride);
+// reduce_terms for the elements [begin, end) of the rows (the vector variants' tails).
+void reduce_terms(const ReduceTerm* terms, std::size_t n, Half type, std::int64_t begin, std::int64_t end,
+                  std::uint16_t* out, std::int64_t col_stride);
 void tp_reduce_row(const std::uint16_t* a, std::int64_t a_col_stride, const std::uint16_t* b, Half type, std::int64_t h,
                    std::uint16_t* out);
 void comm_quantize_row(const std::uint16_t* y, std::int64_t col_stride, Half type, std::int64_t h, std::int8_t* q,

@@ -56,6 +56,18 @@ void store_row(const float* acc, Half type, std::int64_t h, std::uint16_t* out, 
   for (std::int64_t i = 0; i < h; ++i) out[i * col_stride] = f32_to_half_rne(type, acc[i]);
 }
 
+void reduce_terms(const ReduceTerm* terms, std::size_t n, Half type, std::int64_t begin, std::int64_t end,
+                  std::uint16_t* out, std::int64_t col_stride) {
+  for (std::int64_t i = begin; i < end; ++i) {
+    float acc = 0.0f;
+    for (std::size_t t = 0; t < n; ++t) {
+      const float y = half_to_f32(type, terms[t].row[i]);
+      acc = acc + (terms[t].weighted ? y * terms[t].weight : y);
+    }
+    out[i * col_stride] = f32_to_half_rne(type, acc);
+  }
+}
+
 void tp_reduce_row(const std::uint16_t* a, std::int64_t a_col_stride, const std::uint16_t* b, Half type,
                    std::int64_t h, std::uint16_t* out) {
   for (std::int64_t i = 0; i < h; ++i) {
@@ -126,8 +138,12 @@ void store_packed(const float* acc, Half type, std::int64_t h, std::uint16_t* ou
 void tp_reduce_packed(const std::uint16_t* a, const std::uint16_t* b, Half type, std::int64_t h, std::uint16_t* out) {
   tp_reduce_row(a, 1, b, type, h, out);
 }
+void reduce_terms_packed(const ReduceTerm* terms, std::size_t n, Half type, std::int64_t h, std::uint16_t* out) {
+  reduce_terms(terms, n, type, 0, h, out, 1);
+}
 }  // namespace
 
-const RowKernelTable kTable{Isa::scalar, quantize_packed, accumulate_scaled, accumulate, store_packed, tp_reduce_packed};
+const RowKernelTable kTable{Isa::scalar,  quantize_packed,  accumulate_scaled,  accumulate,
+                            store_packed, tp_reduce_packed, reduce_terms_packed};
 
 }  // namespace moedist::kernels::scalar

@@ -255,31 +255,30 @@ void fetch_rows_from_other_hosts(CombineCall& c, const TensorView& expand_idx) {
   combine_steps::check_answers(c);
 }
 
-// Token b's output row from its n terms (s.terms), added in increasing k, shared expert last. In chunks
-// of H so the fp32 accumulator stays in L1; every element still adds its terms in the same order, so
-// the result is bit-identical to a whole-row reduce.
+// Token b's output row from its n terms (s.terms), added in increasing k, shared expert last. Rows of
+// 16-bit floats in one pass (the sums stay in registers across the terms); int8 rows (comm quant) in
+// chunks of H, so that the fp32 accumulator stays in L1. Every element adds its terms in the same order
+// either way, so the result is bit-identical to a whole-row reduce.
 void reduce_token(const CombineCall& c, std::int64_t b, std::size_t n, float* acc, std::int64_t chunk,
                   const MutableTensorView& out) {
+  const std::vector<kernels::ReduceTerm>& terms = c.s.terms;
+  if (!c.quantized) {
+    kernels::reduce_terms(terms.data(), n, c.type, c.h, out.ptr<std::uint16_t>(b, 0), out.strides[1]);
+    return;
+  }
   const std::size_t groups = c.my_layout.comm_quant_groups;
   for (std::int64_t h0 = 0; h0 < c.h; h0 += chunk) {
     const std::int64_t len = std::min(chunk, c.h - h0);
     std::fill_n(acc, len, 0.0f);
     for (std::size_t i = 0; i < n; ++i) {
-      const CombineTerm& t = c.s.terms[i];
-      if (c.quantized) {
-        const auto* scales = reinterpret_cast<const std::uint16_t*>(t.row) + h0 / 8;
-        const auto* q = reinterpret_cast<const std::int8_t*>(t.row + groups * 2) + h0;
-        if (t.weighted)
-          kernels::accumulate_scaled_comm_quant(acc, q, scales, c.type, t.weight, len);
-        else
-          kernels::accumulate_comm_quant(acc, q, scales, c.type, len);
-      } else {
-        const auto* y = reinterpret_cast<const std::uint16_t*>(t.row) + h0;
-        if (t.weighted)
-          kernels::accumulate_scaled(acc, y, c.type, t.weight, len);
-        else
-          kernels::accumulate(acc, y, c.type, len);
-      }
+      const kernels::ReduceTerm& t = terms[i];
+      const auto* row = reinterpret_cast<const std::byte*>(t.row);  // group scales, then the int8 values
+      const auto* scales = reinterpret_cast<const std::uint16_t*>(row) + h0 / 8;
+      const auto* q = reinterpret_cast<const std::int8_t*>(row + groups * 2) + h0;
+      if (t.weighted)
+        kernels::accumulate_scaled_comm_quant(acc, q, scales, c.type, t.weight, len);
+      else
+        kernels::accumulate_comm_quant(acc, q, scales, c.type, len);
     }
     kernels::store_row(acc, c.type, len, out.ptr<std::uint16_t>(b, h0), out.strides[1]);
   }
@@ -301,16 +300,17 @@ void reduce_tokens(const CombineCall& c, const TensorView& expand_idx, const Mut
            answered[static_cast<std::size_t>(host)]++ * c.answer_stride;
   };
   // The K + 1 rows of one token and their weights (the shared expert's is unweighted).
-  std::vector<CombineTerm>& terms = s.terms;
+  std::vector<kernels::ReduceTerm>& terms = s.terms;
   terms.resize(static_cast<std::size_t>(c.k + 1));
   constexpr std::int64_t kChunk = 1024;  // a multiple of the comm-quant group of 8
   float* acc = s.row_scratch(std::min(c.h, kChunk));
   TermPlaces places(c, expand_idx);
   for (std::int64_t b = 0; b < c.active; ++b) {
     std::size_t n = 0;
+    const auto row = [](const std::byte* p) { return reinterpret_cast<const std::uint16_t*>(p); };
     for (std::int64_t j = 0; j < c.k; ++j)
-      terms[n++] = CombineTerm{term_row(places.moe(b, j)), true, c.expert_scales.at<float>(b, j)};
-    if (topo.S > 0) terms[n++] = CombineTerm{term_row(places.shared(b)), false, 1.0f};
+      terms[n++] = kernels::ReduceTerm{row(term_row(places.moe(b, j))), c.expert_scales.at<float>(b, j), true};
+    if (topo.S > 0) terms[n++] = kernels::ReduceTerm{row(term_row(places.shared(b))), 1.0f, false};
     reduce_token(c, b, n, acc, kChunk, out);
   }
   // Inactive tokens: the NPU leaves their rows unwritten; moedist writes zeros (docs/contract.md).

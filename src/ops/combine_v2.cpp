@@ -370,6 +370,7 @@ void reduce_tokens(const CombineCall& c, const CallV2& v, const MutableTensorVie
   };
   std::vector<TermV2> terms;
   terms.reserve(static_cast<std::size_t>(c.k + topo.Sn + 1));
+  std::vector<kernels::ReduceTerm>& row_terms = s.terms;
   // Packed copies of strided rows: ori_x, shared_expert_x, an alpha row, and one const vector per k.
   std::vector<std::uint16_t> rows16(static_cast<std::size_t>(3 * c.h));
   std::vector<std::uint16_t> const_rows(v.experts.constant > 0 ? static_cast<std::size_t>(c.k * c.h) : 0);
@@ -428,6 +429,16 @@ void reduce_tokens(const CombineCall& c, const CallV2& v, const MutableTensorVie
     if (v.o.shared_expert_x.present()) {
       const std::uint16_t* sx = packed_row(v.o.shared_expert_x, b, c.h, rows16.data() + c.h);
       terms.push_back(TermV2{TermV2::Kind::plain_row, false, 1.0f, reinterpret_cast<const std::byte*>(sx)});
+    }
+    // Rows of 16-bit floats only (no comm quant, no const expert): one pass, the sums in registers.
+    const auto is_const = [](const TermV2& t) { return t.kind == TermV2::Kind::const_expert; };
+    if (!c.quantized && std::none_of(terms.begin(), terms.end(), is_const)) {
+      row_terms.clear();
+      for (const TermV2& t : terms)
+        row_terms.push_back(kernels::ReduceTerm{reinterpret_cast<const std::uint16_t*>(t.row), t.weight, t.weighted});
+      kernels::reduce_terms(row_terms.data(), row_terms.size(), c.type, c.h, out.ptr<std::uint16_t>(b, 0),
+                            out.strides[1]);
+      continue;
     }
     for (std::int64_t h0 = 0; h0 < c.h; h0 += kChunk) {
       const std::int64_t len = std::min(kChunk, c.h - h0);

@@ -12,6 +12,7 @@
 #include "contract/layout.h"
 #include "contract/routing_plan.h"
 #include "contract/v2_routing.h"
+#include "kernels/row_kernels.h"
 #include "moedist/group.h"
 #include "ops/host_routes.h"
 #include "transport/transport.h"
@@ -70,13 +71,6 @@ struct RowTarget {
   std::int32_t k;           // V2: the triple's k (the routing entry, or K + j for shared expert j)
 };
 
-// One expert-output row of a token in combine, with its weight (the shared expert's is unweighted).
-struct CombineTerm {
-  const std::byte* row;
-  bool weighted;
-  float weight;
-};
-
 struct Group::State {
   State(const GroupConfig& c, std::unique_ptr<Transport> t);
 
@@ -113,7 +107,7 @@ struct Group::State {
   std::vector<RowTarget> row_targets;
   std::vector<const std::byte*> rows_of;
   std::vector<std::size_t> row_bytes_of;
-  std::vector<CombineTerm> terms;
+  std::vector<kernels::ReduceTerm> terms;  // a token's expert-output rows in combine, with their weights
   contract::CallShape last_dispatch;  // shape of the last successful dispatch (for combine_buffer())
   // Lifetime of the rows a combine reads in place (docs/architecture.md, "Lifetimes"). Without a TP
   // domain, the other ranks of this rank's host read its window in combine (its expert-output rows: the
