@@ -140,7 +140,8 @@ std::string definitions_text() {
   return
       "  latency       per iteration every rank leaves an untimed barrier and times its own call; the iteration's\n"
       "                latency is the slowest rank's (the operation ends when the last rank ends). p50 / p99 are\n"
-      "                nearest-rank percentiles over the timed iterations (below 100 iterations p99 is the maximum).\n"
+      "                nearest-rank percentiles over the timed iterations (below 100 iterations p99 is the maximum);\n"
+      "                mean is their arithmetic mean.\n"
       "                The count exchange and everything else the call does is inside the timed region.\n"
       "  roundtrip     dispatch, identity experts, combine: one span per rank, with no barrier in between. The\n"
       "                identity experts cost nothing: combine gets dispatch's expand_x (quant 0) or a dequantized\n"
@@ -197,14 +198,14 @@ void print_point(std::ostream& out, const Point& p, const PointBytes& bytes, con
   out << "\n";
   if (!rows.empty()) {
     char line[256];
-    std::snprintf(line, sizeof line, "%-13s %-10s %6s %10s %10s %13s %10s %7s %8s\n", "transport", "op", "iters",
-                  "p50 us", "p99 us", "logical GB/s", "wire GB/s", "x mpi", "x floor");
+    std::snprintf(line, sizeof line, "%-13s %-10s %6s %10s %10s %10s %13s %10s %7s %8s\n", "transport", "op", "iters",
+                  "p50 us", "p99 us", "mean us", "logical GB/s", "wire GB/s", "x mpi", "x floor");
     out << line;
     for (const ResultRow& r : rows) {
-      std::snprintf(line, sizeof line, "%-13s %-10s %6d %10s %10s %13s %10s %7s %8s\n", r.transport.c_str(), r.op.c_str(),
-                    r.stats.iters, micros(r.stats.p50_us).c_str(), micros(r.stats.p99_us).c_str(),
-                    fixed(r.logical_gbps, 2).c_str(), fixed(r.wire_gbps, 2).c_str(), fixed(r.x_mpi, 2).c_str(),
-                    fixed(r.x_floor, 2).c_str());
+      std::snprintf(line, sizeof line, "%-13s %-10s %6d %10s %10s %10s %13s %10s %7s %8s\n", r.transport.c_str(),
+                    r.op.c_str(), r.stats.iters, micros(r.stats.p50_us).c_str(), micros(r.stats.p99_us).c_str(),
+                    micros(r.stats.mean_us).c_str(), fixed(r.logical_gbps, 2).c_str(), fixed(r.wire_gbps, 2).c_str(),
+                    fixed(r.x_mpi, 2).c_str(), fixed(r.x_floor, 2).c_str());
       out << line;
     }
   }

@@ -113,8 +113,9 @@ void add_bench(CLI::App& app, int* exit_code) {
       "bench",
       "Time dispatch, combine and the round trip over a grid of shapes and transports, with an MPI baseline "
       "(MPI_Alltoall + MPI_Alltoallv + a local sort, as a user would write it) and a memcpy floor in the same run. "
-      "Prints the command, machine, kernel ISA and date, then a table per grid point: p50/p99 latency, logical and "
-      "wire GB/s, and each latency relative to the baselines; for moedist over MPI across --hosts virtual hosts, "
+      "Prints the command, machine, kernel ISA and date, then a table per grid point: p50/p99/mean latency, "
+      "logical and wire GB/s, and each latency relative to the baselines; for moedist over MPI across --hosts virtual "
+      "hosts, "
       "also the bytes that crossed between hosts against a flat all-to-all.");
   cmd->footer("Definitions:\n" + bench::definitions_text() +
               "\nA run that would not fit in memory (moedist::capacity() per rank x W, against MemAvailable) is skipped "
