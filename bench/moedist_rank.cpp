@@ -9,13 +9,18 @@
 namespace moedist::bench {
 
 GroupConfig group_config(const Point& p, int rank) {
-  return GroupConfig{.ep_world_size = p.W, .ep_rank_id = rank, .moe_expert_num = p.E};
+  return GroupConfig{.ep_world_size = p.W,
+                     .ep_rank_id = p.ep_rank(rank),
+                     .moe_expert_num = p.E,
+                     .tp_world_size = p.T,
+                     .tp_rank_id = p.tp_rank(rank),
+                     .shared_expert_rank_num = p.S};
 }
 
 MoedistRank::MoedistRank(const Point& p, int rank, Group& group)
     : p_(p), rank_(rank), group_(group), in_(make_rank_inputs(p, rank)) {
   options_.quant_mode = p.quant_mode;
-  if (p.quant_mode == 2) {
+  if (p.scales()) {
     smooth_ = make_smooth_scales(p);
     options_.scales = smooth_.view();
   }
@@ -58,7 +63,9 @@ RankOps MoedistRank::ops() {
 void MoedistRank::dispatch() { result_ = group_.dispatch(in_.x, in_.expert_ids, options_); }
 
 void MoedistRank::combine() {
-  group_.combine(expert_out_, in_.expert_ids, result_.expand_idx, result_.ep_recv_counts, in_.expert_scales);
+  CombineOptions options;
+  options.tp_send_counts = result_.tp_recv_counts;  // absent without a TP domain
+  group_.combine(expert_out_, in_.expert_ids, result_.expand_idx, result_.ep_recv_counts, in_.expert_scales, options);
 }
 
 }  // namespace moedist::bench

@@ -10,7 +10,8 @@
 
 namespace moedist::bench {
 
-// The group configuration of `rank` at a point: W ranks, E experts, every rank an MoE rank (S = 0, no TP).
+// The group configuration of global rank `rank` (ep_rank * max(T, 1) + tp_rank) at a point: W EP ranks, E experts,
+// S shared-expert ranks, T.
 GroupConfig group_config(const Point& p, int rank);
 
 // One rank's dispatch and combine on a group, with identity experts.

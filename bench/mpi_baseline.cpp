@@ -94,15 +94,21 @@ void MpiAlltoallvMoe::dispatch(const std::uint16_t* x, std::int64_t bs, const st
   std::vector<std::int64_t> chunk_start(cursor);
   for (std::int64_t b = 0; b < bs; ++b) {
     const std::uint16_t* row = x + b * h;
+    std::int64_t first = -1;  // without smooth scales: the token's row quantized once, at its first entry
     for (int j = 0; j < k; ++j) {
       const auto e = static_cast<std::size_t>(expert_ids[b * k + j]);
       const std::int64_t pos = cursor[e]++;
       slot_[static_cast<std::size_t>(b * k + j)] = pos;
       expand_idx_[static_cast<std::size_t>(b * k + j)] = static_cast<std::int32_t>(pos - chunk_start[e]);
-      if (shape_.quant_mode == 2) {
+      if (shape_.quant_mode == 2 && smooth == nullptr && first >= 0) {
+        std::memcpy(send_.data() + pos * row_bytes_, send_.data() + first * row_bytes_,
+                    static_cast<std::size_t>(row_bytes_));
+        send_scales_[static_cast<std::size_t>(pos)] = send_scales_[static_cast<std::size_t>(first)];
+      } else if (shape_.quant_mode == 2) {
         kernels::quantize_row(row, 1, half, smooth ? smooth + static_cast<std::int64_t>(e) * h : nullptr, h,
                               reinterpret_cast<std::int8_t*>(send_.data() + pos * row_bytes_),
                               &send_scales_[static_cast<std::size_t>(pos)], scratch_.data());
+        first = pos;
       } else {
         std::memcpy(send_.data() + pos * row_bytes_, row, static_cast<std::size_t>(row_bytes_));
       }

@@ -2,7 +2,8 @@
 // collective-based MoE layers do (Megatron's alltoall dispatcher, FastMoE):
 //
 //   dispatch: count the rows for every (destination rank, local expert) from expert_ids; MPI_Alltoall the
-//             counts; pack the rows (quantized per (token, expert) with moedist's quantize_row for quant_mode 2)
+//             counts; pack the rows (quant_mode 2: quantized per (token, expert) with moedist's quantize_row and
+//             the expert's smooth scales, or once per token and copied when there are no smooth scales)
 //             destination-major, local-expert minor, token order; MPI_Alltoallv the rows (and the fp32 scales);
 //             then a local stable sort of the received (source rank, local expert) chunks into (local expert,
 //             source rank, token) order: dispatch's expand_x order.

@@ -64,12 +64,12 @@ std::vector<std::uint16_t> dequantized(const MpiAlltoallvMoe& moe, const Point& 
 nlohmann::json gathered_times(const Point& p, int rank, const std::vector<RoundTimes>& times) {
   std::vector<double> flat;
   for (const RoundTimes& t : times) flat.insert(flat.end(), {t.dispatch_us, t.combine_us, t.roundtrip_us});
-  std::vector<double> all(rank == 0 ? flat.size() * static_cast<std::size_t>(p.W) : 0);
+  std::vector<double> all(rank == 0 ? flat.size() * static_cast<std::size_t>(p.ranks()) : 0);
   MPI_Gather(flat.data(), static_cast<int>(flat.size()), MPI_DOUBLE, all.data(), static_cast<int>(flat.size()), MPI_DOUBLE,
              0, MPI_COMM_WORLD);
   if (rank != 0) return {};
-  std::vector<std::vector<RoundTimes>> per_rank(static_cast<std::size_t>(p.W));
-  for (int r = 0; r < p.W; ++r) {
+  std::vector<std::vector<RoundTimes>> per_rank(static_cast<std::size_t>(p.ranks()));
+  for (int r = 0; r < p.ranks(); ++r) {
     for (std::size_t i = 0; i < times.size(); ++i) {
       const double* t = all.data() + (static_cast<std::size_t>(r) * times.size() + i) * 3;
       per_rank[static_cast<std::size_t>(r)].push_back({t[0], t[1], t[2]});
@@ -85,7 +85,7 @@ nlohmann::json gathered_times(const Point& p, int rank, const std::vector<RoundT
 // The baseline at one point.
 nlohmann::json bench_point_alltoallv(const Point& p, const LoopOptions& loop, int rank) {
   const RankInputs in = make_rank_inputs(p, rank);
-  const Tensor smooth = p.quant_mode == 2 ? make_smooth_scales(p) : Tensor();
+  const Tensor smooth = p.scales() ? make_smooth_scales(p) : Tensor();
   MpiAlltoallvMoe moe(MPI_COMM_WORLD, MpiMoeShape{p.E, p.h, p.k, p.quant_mode, p.dtype});
   std::vector<std::uint16_t> out(static_cast<std::size_t>(p.bs * p.h));
   const auto* x = in.x.data<std::uint16_t>();
@@ -109,12 +109,12 @@ nlohmann::json bench_point_alltoallv(const Point& p, const LoopOptions& loop, in
   return gathered_times(p, rank, run_rank_loop(rank, sync, loop, ops));
 }
 
-// moedist over MPI at one point, the ranks split into `hosts` virtual hosts. The same body as the inproc and shm
-// transports (MoedistRank, its traffic self-check included), timed by the same loop.
+// moedist over MPI at one point, the EP ranks split into `hosts` virtual hosts (a TP pair on one host). The same
+// body as the inproc and shm transports (MoedistRank, its traffic self-check included), timed by the same loop.
 nlohmann::json bench_point_moedist(const Point& p, const LoopOptions& loop, int rank, int hosts, std::int64_t timeout_ms) {
   MpiOptions options;
   options.wait.timeout = std::chrono::milliseconds(timeout_ms);
-  options.ranks_per_node = ranks_per_host_of(p.W, hosts);
+  options.ranks_per_node = ranks_per_host_of(p.W, hosts) * p.tp();
   const std::unique_ptr<Group> group = join_mpi(MPI_COMM_WORLD, group_config(p, rank), options);
   MoedistRank body(p, rank, *group);
   body.prime(count_bytes(p));
@@ -128,7 +128,7 @@ nlohmann::json bench_point_moedist(const Point& p, const LoopOptions& loop, int 
   std::int64_t sum[4] = {0, 0, 0, 0};
   MPI_Reduce(mine, sum, 4, MPI_INT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
   if (rank != 0) return {};
-  line["between_hosts"] = {{"hosts", hosts_of(p.W, options.ranks_per_node)},
+  line["between_hosts"] = {{"hosts", hosts_of(p.ranks(), options.ranks_per_node)},
                            {"ranks_per_host", options.ranks_per_node},
                            {"dispatch", sum[0]},
                            {"dispatch_flat", sum[1]},
@@ -146,6 +146,7 @@ struct CheckCase {
   int quant_mode;
   DType dtype;
   std::uint64_t seed;
+  bool smooth = true;  // quant_mode 2: smooth scales given (false: each token quantized once)
 };
 
 // Tokens per rank vary (some ranks have none); the oracle then needs global_bs = W * max BS.
@@ -190,7 +191,7 @@ std::string check_case(const CheckCase& c, int W, int rank) {
     oi.x.assign(in.x.data<std::uint16_t>(), in.x.data<std::uint16_t>() + p.bs * p.h);
     oi.expert_ids.assign(in.expert_ids.data<std::int32_t>(), in.expert_ids.data<std::int32_t>() + p.bs * p.k);
     oi.expert_scales.assign(in.expert_scales.data<float>(), in.expert_scales.data<float>() + p.bs * p.k);
-    if (c.quant_mode == 2) oi.scales.assign(smooth.data<float>(), smooth.data<float>() + base.E * c.h);
+    if (c.quant_mode == 2 && c.smooth) oi.scales.assign(smooth.data<float>(), smooth.data<float>() + base.E * c.h);
     oc.ranks.push_back(std::move(oi));
   }
   oc.global_bs = max_bs * W;
@@ -200,7 +201,7 @@ std::string check_case(const CheckCase& c, int W, int rank) {
   const std::int64_t bs = check_bs(c, rank);
   MpiAlltoallvMoe moe(MPI_COMM_WORLD, MpiMoeShape{base.E, c.h, c.k, c.quant_mode, c.dtype});
   moe.dispatch(in.x.data<std::uint16_t>(), bs, in.expert_ids.data<std::int32_t>(),
-               c.quant_mode == 2 ? smooth.data<float>() : nullptr);
+               c.quant_mode == 2 && c.smooth ? smooth.data<float>() : nullptr);
   const auto n = static_cast<std::size_t>(moe.rows() * c.h);
   std::string diff = moe.rows() == want.valid_rows
                          ? ""
@@ -228,8 +229,9 @@ std::string check_case(const CheckCase& c, int W, int rank) {
 
 int run_check(int rank, int W) {
   const CheckCase cases[] = {
-      {2, 3, 96, 0, DType::bf16, 11},  {3, 5, 200, 2, DType::bf16, 12}, {1, 2, 64, 2, DType::fp16, 13},
-      {2, 4, 33, 0, DType::fp16, 14},  {4, 8, 130, 2, DType::bf16, 15}, {1, 1, 17, 0, DType::bf16, 16},
+      {2, 3, 96, 0, DType::bf16, 11},        {3, 5, 200, 2, DType::bf16, 12},       {1, 2, 64, 2, DType::fp16, 13},
+      {2, 4, 33, 0, DType::fp16, 14},        {4, 8, 130, 2, DType::bf16, 15},       {1, 1, 17, 0, DType::bf16, 16},
+      {3, 4, 96, 2, DType::bf16, 17, false}, {2, 3, 40, 2, DType::fp16, 18, false},
   };
   bool all_passed = true;
   for (const CheckCase& c : cases) {
@@ -241,9 +243,9 @@ int run_check(int rank, int W) {
     if (rank == 0) {
       std::string sizes;
       for (int r = 0; r < W; ++r) sizes += (r ? "," : "") + std::to_string(check_bs(c, r));
-      std::printf("check W=%d E=%d K=%d H=%lld quant=%d %s BS=[%s]: %s\n", W, c.local_experts * W, c.k,
-                  static_cast<long long>(c.h), c.quant_mode, c.dtype == DType::fp16 ? "fp16" : "bf16", sizes.c_str(),
-                  all_ok ? "PASS" : "MISMATCH");
+      std::printf("check W=%d E=%d K=%d H=%lld quant=%d%s %s BS=[%s]: %s\n", W, c.local_experts * W, c.k,
+                  static_cast<long long>(c.h), c.quant_mode, c.quant_mode == 2 && !c.smooth ? " no-scales" : "",
+                  c.dtype == DType::fp16 ? "fp16" : "bf16", sizes.c_str(), all_ok ? "PASS" : "MISMATCH");
       std::fflush(stdout);
     }
   }
@@ -251,14 +253,18 @@ int run_check(int rank, int W) {
   return all_passed ? 0 : 1;
 }
 
-// "BS,H,K,E,QUANT"
-Point parse_point(const std::string& text, int W, DType dtype, std::uint64_t seed) {
+// "BS,H,K,E,QUANT"; `shape` gives W, S, T, the dtype, the seed and whether smooth scales are given.
+Point parse_point(const std::string& text, const Point& shape) {
   long long v[5];
   char tail = 0;
   if (std::sscanf(text.c_str(), "%lld,%lld,%lld,%lld,%lld%c", &v[0], &v[1], &v[2], &v[3], &v[4], &tail) != 5)
     throw CLI::ValidationError("--point", "'" + text + "' is not BS,H,K,E,QUANT");
-  const Point p{.W = W, .bs = v[0], .h = v[1], .k = static_cast<int>(v[2]), .E = static_cast<int>(v[3]),
-                .quant_mode = static_cast<int>(v[4]), .dtype = dtype, .seed = seed};
+  Point p = shape;
+  p.bs = v[0];
+  p.h = v[1];
+  p.k = static_cast<int>(v[2]);
+  p.E = static_cast<int>(v[3]);
+  p.quant_mode = static_cast<int>(v[4]);
   const std::string problem = point_problem(p);
   if (!problem.empty()) throw CLI::ValidationError("--point", text + ": " + problem);
   return p;
@@ -276,6 +282,8 @@ int run(int argc, char** argv, int rank, int W) {
   std::int64_t timeout_ms = 60000;
   std::uint64_t seed = 1;
   LoopOptions loop;
+  int shared_ranks = 0, tp_world_size = 0;
+  bool no_scales = false;
   app.add_flag("--check", check, "compare with moedist's reference oracle on random cases instead of timing");
   app.add_option("--impl", impl, "what to time: the MPI_Alltoallv baseline, or moedist over MPI")
       ->check(CLI::IsMember({"alltoallv", "moedist"}))
@@ -286,6 +294,15 @@ int run(int argc, char** argv, int rank, int W) {
   app.add_option("--timeout-ms", timeout_ms, "moedist: longest wait for a peer (MpiOptions::wait.timeout)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  app.add_option("--shared-expert-rank-num", shared_ranks,
+                 "moedist: S shared-expert ranks (the alltoallv baseline supports only 0)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--tp-world-size", tp_world_size,
+                 "moedist: 2 runs a TP pair per EP rank, W = ranks / 2 (the alltoallv baseline supports only 0 or 1)")
+      ->check(CLI::IsMember({0, 1, 2}))
+      ->capture_default_str();
+  app.add_flag("--no-scales", no_scales, "quant_mode 2 without smooth scales: each token is quantized once");
   app.add_option("--point", points, "a grid point BS,H,K,E,QUANT (repeatable)");
   app.add_option("--dtype", dtype, "token dtype")->check(CLI::IsMember({"bf16", "fp16"}))->capture_default_str();
   app.add_option("--seed", seed, "seed of the inputs (the same as moedist bench's)")->capture_default_str();
@@ -302,10 +319,24 @@ int run(int argc, char** argv, int rank, int W) {
   }
   if (check) return run_check(rank, W);
 
-  const DType type = dtype == "fp16" ? DType::fp16 : DType::bf16;
+  Point shape;
+  shape.dtype = dtype == "fp16" ? DType::fp16 : DType::bf16;
+  shape.seed = seed;
+  shape.S = shared_ranks;
+  shape.T = tp_world_size;
+  shape.smooth = !no_scales;
+  shape.W = W / shape.tp();
   std::vector<Point> parsed;
   try {
-    for (const std::string& text : points) parsed.push_back(parse_point(text, W, type, seed));
+    if (impl == "alltoallv" && shared_ranks != 0)
+      throw CLI::ValidationError(
+          "--shared-expert-rank-num",
+          std::to_string(shared_ranks) + ": the MPI baseline has no shared-expert ranks (must be 0)");
+    if (impl == "alltoallv" && tp_world_size == 2)
+      throw CLI::ValidationError("--tp-world-size", "2: the MPI baseline has no TP domain (must be 0 or 1)");
+    if (W % shape.tp() != 0)
+      throw CLI::ValidationError("--tp-world-size", "2 needs an even number of MPI ranks, not " + std::to_string(W));
+    for (const std::string& text : points) parsed.push_back(parse_point(text, shape));
   } catch (const CLI::ParseError& e) {
     return rank == 0 ? app.exit(e) : 2;
   }

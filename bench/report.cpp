@@ -68,7 +68,16 @@ std::string isa_description() {
 }
 
 nlohmann::json point_json(const Point& p) {
-  return {{"W", p.W}, {"BS", p.bs}, {"H", p.h}, {"K", p.k}, {"E", p.E}, {"quant_mode", p.quant_mode},
+  return {{"W", p.W},
+          {"BS", p.bs},
+          {"H", p.h},
+          {"K", p.k},
+          {"E", p.E},
+          {"S", p.S},
+          {"T", p.T},
+          {"ranks", p.ranks()},
+          {"quant_mode", p.quant_mode},
+          {"smooth_scales", p.scales()},
           {"dtype", dtype_text(p.dtype)}};
 }
 
@@ -137,10 +146,12 @@ RunInfo collect_run_info(const std::string& command, const SweepOptions& options
 }
 
 std::string definitions_text() {
+  // clang-format off
   return
       "  latency       per iteration every rank leaves an untimed barrier and times its own call; the iteration's\n"
       "                latency is the slowest rank's (the operation ends when the last rank ends). p50 / p99 are\n"
-      "                nearest-rank percentiles over the timed iterations (below 100 iterations p99 is the maximum).\n"
+      "                nearest-rank percentiles over the timed iterations (below 100 iterations p99 is the maximum);\n"
+      "                mean is their arithmetic mean.\n"
       "                The count exchange and everything else the call does is inside the timed region.\n"
       "  roundtrip     dispatch, identity experts, combine: one span per rank, with no barrier in between. The\n"
       "                identity experts cost nothing: combine gets dispatch's expand_x (quant 0) or a dequantized\n"
@@ -165,10 +176,21 @@ std::string definitions_text() {
       "  between hosts moedist-mpi: the bytes all ranks sent to other hosts in one dispatch (the tokens, once per\n"
       "                remote host, with their destinations) and one combine (the requests, and the rows carried back),\n"
       "                against what a flat all-to-all sending every row to its destination rank would send.\n"
-      "  memcpy-floor  baseline: the logical bytes of every rank memcpy'd, nothing else, by min(W, usable CPUs)\n"
-      "                threads at once (rank r's bytes by thread r mod that count, back to back).\n"
-      "  workload      E = W x L experts (L = --local-experts unless --moe-expert-num), uniform random top-K\n"
-      "                routing, no shared experts, no TP; inputs are random but the same for every transport.\n";
+      "  memcpy-floor  baseline: the logical bytes of every rank memcpy'd, nothing else, by min(ranks, usable\n"
+      "                CPUs) threads at once (rank r's bytes by thread r mod that count, back to back).\n"
+      "  workload      E = (W - S) x L experts (L = --local-experts unless --moe-expert-num), uniform random\n"
+      "                top-K routing; inputs are random but the same for every transport.\n"
+      "  S             --shared-expert-rank-num: EP ranks [0, S) host the shared expert; every token also sends\n"
+      "                one row to a shared rank (the V1 split), counted as one more (token, expert) and (token,\n"
+      "                rank). The mpi baseline has no shared experts: it refuses S > 0.\n"
+      "  T             --tp-world-size 2: a TP pair per EP rank, W x 2 ranks (threads or processes), each with\n"
+      "                its own tokens; one expert per MoE rank; bytes are summed over all W x 2 ranks. The mpi\n"
+      "                baseline has no TP domain: it refuses T = 2.\n"
+      "  no-scales     --no-scales: quant 2 without smooth scales, so each token is quantized once and the same\n"
+      "                int8 row goes to all its experts (with scales: once per expert); row bytes are the same.\n"
+      "  background    --background-load N: N busy threads of the bench process spin at normal priority while\n"
+      "                every transport is timed, a competing load for all of them.\n";
+  // clang-format on
 }
 
 void print_header(std::ostream& out, const RunInfo& info, const SweepOptions& o) {
@@ -183,6 +205,15 @@ void print_header(std::ostream& out, const RunInfo& info, const SweepOptions& o)
       << "timing    : " << o.run.loop.warmup << " warm-up iterations, then up to " << o.run.loop.max_iters
       << " timed iterations or " << o.run.loop.max_seconds << " s per transport and point (at least "
       << o.run.loop.min_iters << ")\n"
+      << "workload  : S = " << o.shared_expert_rank_num << " shared-expert ranks; T = " << o.tp_world_size
+      << (o.tp_world_size == 2 ? " (a TP pair per EP rank: W x 2 ranks)" : " (no TP domain)") << "; quant 2 "
+      << (o.no_scales ? "without smooth scales (--no-scales)" : "with smooth scales") << "; grid "
+      << (o.grid.empty() ? std::string("from the lists") : o.grid + " (" + grid_description(o.grid) + ")") << "\n"
+      << "load      : "
+      << (o.background_load > 0
+              ? std::to_string(o.background_load) + " busy threads beside every timed run (--background-load)"
+              : std::string("none besides the bench"))
+      << "\n"
       << "definitions:\n"
       << definitions_text() << "\n";
 }
@@ -197,14 +228,14 @@ void print_point(std::ostream& out, const Point& p, const PointBytes& bytes, con
   out << "\n";
   if (!rows.empty()) {
     char line[256];
-    std::snprintf(line, sizeof line, "%-13s %-10s %6s %10s %10s %13s %10s %7s %8s\n", "transport", "op", "iters",
-                  "p50 us", "p99 us", "logical GB/s", "wire GB/s", "x mpi", "x floor");
+    std::snprintf(line, sizeof line, "%-13s %-10s %6s %10s %10s %10s %13s %10s %7s %8s\n", "transport", "op", "iters",
+                  "p50 us", "p99 us", "mean us", "logical GB/s", "wire GB/s", "x mpi", "x floor");
     out << line;
     for (const ResultRow& r : rows) {
-      std::snprintf(line, sizeof line, "%-13s %-10s %6d %10s %10s %13s %10s %7s %8s\n", r.transport.c_str(), r.op.c_str(),
-                    r.stats.iters, micros(r.stats.p50_us).c_str(), micros(r.stats.p99_us).c_str(),
-                    fixed(r.logical_gbps, 2).c_str(), fixed(r.wire_gbps, 2).c_str(), fixed(r.x_mpi, 2).c_str(),
-                    fixed(r.x_floor, 2).c_str());
+      std::snprintf(line, sizeof line, "%-13s %-10s %6d %10s %10s %10s %13s %10s %7s %8s\n", r.transport.c_str(),
+                    r.op.c_str(), r.stats.iters, micros(r.stats.p50_us).c_str(), micros(r.stats.p99_us).c_str(),
+                    micros(r.stats.mean_us).c_str(), fixed(r.logical_gbps, 2).c_str(), fixed(r.wire_gbps, 2).c_str(),
+                    fixed(r.x_mpi, 2).c_str(), fixed(r.x_floor, 2).c_str());
       out << line;
     }
   }
@@ -216,7 +247,7 @@ void print_point(std::ostream& out, const Point& p, const PointBytes& bytes, con
   }
   for (const ResultRow& r : rows) {  // once per transport that measured its bytes between hosts
     if (r.op != "roundtrip" || r.between_hosts.hosts <= 0) continue;
-    out << "between hosts " << host_layout(r.point.W, r.between_hosts) << ": dispatch "
+    out << "between hosts " << host_layout(r.point.ranks(), r.between_hosts) << ": dispatch "
         << node_aware_vs_flat(r.between_hosts.dispatch, r.between_hosts.dispatch_flat) << ", combine "
         << node_aware_vs_flat(r.between_hosts.combine, r.between_hosts.combine_flat) << "\n";
   }
@@ -250,7 +281,14 @@ void write_json(const std::string& path, const RunInfo& info, const SweepOptions
                    {"seed", o.seed},
                    {"local_experts", o.local_experts},
                    {"hosts", o.hosts},
-                   {"moe_expert_num", o.moe_expert_num}};
+                   {"moe_expert_num", o.moe_expert_num},
+                   {"shared_expert_rank_num", o.shared_expert_rank_num},
+                   {"tp_world_size", o.tp_world_size},
+                   {"no_scales", o.no_scales},
+                   {"background_load", result.background_load},
+                   {"grid", o.grid},
+                   {"bs", o.bs},
+                   {"world_sizes", o.world_sizes}};
   j["definitions"] = definitions_text();
   j["results"] = nlohmann::json::array();
   for (const ResultRow& r : result.rows) {
@@ -296,7 +334,8 @@ void write_csv(const std::string& path, const SweepResult& result) {
   std::ofstream f(path);
   f << "transport,W,BS,H,K,E,quant_mode,dtype,op,iters,p50_us,p99_us,mean_us,min_us,max_us,logical_bytes,wire_bytes,"
        "logical_gbps,wire_gbps,x_mpi,x_floor,hosts,ranks_per_host,dispatch_bytes_between_hosts,"
-       "dispatch_bytes_between_hosts_flat,combine_bytes_between_hosts,combine_bytes_between_hosts_flat\n";
+       "dispatch_bytes_between_hosts_flat,combine_bytes_between_hosts,combine_bytes_between_hosts_flat,S,T,ranks,"
+       "smooth_scales,background_load\n";
   const auto num = [](double v) {
     if (std::isnan(v)) return std::string();
     char buf[64];
@@ -312,11 +351,13 @@ void write_csv(const std::string& path, const SweepResult& result) {
       << num(r.x_mpi) << "," << num(r.x_floor);
     const BetweenHosts& b = r.between_hosts;
     if (b.hosts > 0) {
-      f << "," << b.hosts << "," << b.ranks_per_host << "," << b.dispatch << "," << b.dispatch_flat << "," << b.combine << ","
-        << b.combine_flat << "\n";
+      f << "," << b.hosts << "," << b.ranks_per_host << "," << b.dispatch << "," << b.dispatch_flat << "," << b.combine
+        << "," << b.combine_flat;
     } else {
-      f << ",,,,,,\n";  // not measured: a transport with one host
+      f << ",,,,,,";  // not measured: a transport with one host
     }
+    f << "," << p.S << "," << p.T << "," << p.ranks() << "," << (p.scales() ? 1 : 0) << "," << result.background_load
+      << "\n";
   }
   if (!f) throw std::runtime_error("cannot write " + path);
 }

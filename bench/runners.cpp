@@ -115,10 +115,11 @@ void escape(void* p) { asm volatile("" : : "g"(p) : "memory"); }
 
 void write_spec(const std::string& dir, const Point& p, const RunSettings& s) {
   std::ofstream f(dir + "/spec");
-  f << "W " << p.W << "\nbs " << p.bs << "\nh " << p.h << "\nk " << p.k << "\nE " << p.E << "\nquant_mode " << p.quant_mode
-    << "\ndtype " << (p.dtype == DType::fp16 ? "fp16" : "bf16") << "\nseed " << p.seed << "\nwarmup " << s.loop.warmup
-    << "\nmax_iters " << s.loop.max_iters << "\nmin_iters " << s.loop.min_iters << "\nmax_seconds " << s.loop.max_seconds
-    << "\ntimeout_ms " << s.timeout_ms << "\n";
+  f << "W " << p.W << "\nbs " << p.bs << "\nh " << p.h << "\nk " << p.k << "\nE " << p.E << "\nS " << p.S << "\nT "
+    << p.T << "\nsmooth " << (p.smooth ? 1 : 0) << "\nquant_mode " << p.quant_mode << "\ndtype "
+    << (p.dtype == DType::fp16 ? "fp16" : "bf16") << "\nseed " << p.seed << "\nwarmup " << s.loop.warmup
+    << "\nmax_iters " << s.loop.max_iters << "\nmin_iters " << s.loop.min_iters << "\nmax_seconds "
+    << s.loop.max_seconds << "\ntimeout_ms " << s.timeout_ms << "\n";
   if (!f) throw std::runtime_error("cannot write " + dir + "/spec");
 }
 
@@ -132,6 +133,12 @@ void read_spec(const std::string& dir, Point* p, RunSettings* s) {
     else if (key == "h") f >> p->h;
     else if (key == "k") f >> p->k;
     else if (key == "E") f >> p->E;
+    else if (key == "S")
+      f >> p->S;
+    else if (key == "T")
+      f >> p->T;
+    else if (key == "smooth")
+      f >> p->smooth;
     else if (key == "quant_mode") f >> p->quant_mode;
     else if (key == "seed") f >> p->seed;
     else if (key == "warmup") f >> s->loop.warmup;
@@ -204,7 +211,7 @@ std::string root_cause_message(const std::vector<std::exception_ptr>& errors, st
 
 RunOutcome run_inproc(const Point& p, const RunSettings& settings) {
   const PointBytes bytes = count_bytes(p);
-  return run_threads(p.W, settings, [&](int rank, std::unique_ptr<Transport> transport) {
+  return run_threads(p.ranks(), settings, [&](int rank, std::unique_ptr<Transport> transport) {
     // The group gets the transport the ranks also meet through between iterations.
     TransportSync sync(*transport);
     const GroupConfig config = group_config(p, rank);
@@ -222,7 +229,7 @@ RunOutcome run_memcpy_floor(const Point& p, const RunSettings& settings) {
   // would take turns on the cores and each report one rank's time, although the last copy ends several rank
   // times after the first starts (moedist's and MPI's ranks wait for each other inside the call, so their
   // slowest rank sees that). So thread t copies the bytes of ranks t, t + T, ... back to back and times them all.
-  const int threads = std::min(p.W, usable_cpus());
+  const int threads = std::min(p.ranks(), usable_cpus());
   return run_threads(threads, settings, [&](int thread, std::unique_ptr<Transport> transport) {
     TransportSync sync(*transport);
     // Buffers written once here, so that the timed copies do not fault pages in (moedist's windows are warm too).
@@ -230,7 +237,7 @@ RunOutcome run_memcpy_floor(const Point& p, const RunSettings& settings) {
       std::vector<unsigned char> src, dst;
     };
     std::vector<Copy> dispatch, combine;
-    for (int rank = thread; rank < p.W; rank += threads) {
+    for (int rank = thread; rank < p.ranks(); rank += threads) {
       const auto d = static_cast<std::size_t>(bytes.dispatch_per_rank[static_cast<std::size_t>(rank)]);
       const auto c = static_cast<std::size_t>(bytes.combine_per_rank[static_cast<std::size_t>(rank)]);
       dispatch.push_back({std::vector<unsigned char>(d, 1), std::vector<unsigned char>(d, 2)});
@@ -253,7 +260,7 @@ RunOutcome run_shm(const Point& p, const RunSettings& settings, const std::vecto
     const process::TempDir dir("moedist-bench");
     write_spec(dir.path(), p, settings);
     LaunchOptions launch_options;
-    launch_options.ranks = p.W;
+    launch_options.ranks = p.ranks();
     launch_options.argv = rank_program;
     launch_options.argv.push_back(dir.path());
     const LaunchResult result = launch(launch_options);
@@ -264,9 +271,9 @@ RunOutcome run_shm(const Point& p, const RunSettings& settings, const std::vecto
       return failure(!cause.empty() ? cause : process::describe_failures(result.ranks));
     }
     std::vector<std::vector<RoundTimes>> per_rank;
-    for (int rank = 0; rank < p.W; ++rank) per_rank.push_back(read_times(process::result_file(dir.path(), rank)));
+    for (int rank = 0; rank < p.ranks(); ++rank) per_rank.push_back(read_times(process::result_file(dir.path(), rank)));
     RunOutcome outcome = success(per_rank);
-    for (int rank = 0; rank < p.W; ++rank) {
+    for (int rank = 0; rank < p.ranks(); ++rank) {
       std::ifstream rss(process::rank_file(dir.path(), rank, ".rss"));
       std::int64_t bytes = -1;
       if (rss >> bytes) outcome.peak_rss_bytes = std::max(outcome.peak_rss_bytes, bytes);
@@ -289,7 +296,7 @@ int shm_rank_main(const std::string& dir) {
         const GroupConfig config = group_config(p, rank);
         validate_config(config);
         // The transport is made here, not by join_shm, so that the rank also meets its peers through it.
-        auto transport = std::make_unique<shm::ShmTransport>(launch_environment().job, rank, p.W, options);
+        auto transport = std::make_unique<shm::ShmTransport>(launch_environment().job, rank, p.ranks(), options);
         TransportSync sync(*transport);
         Group group(config, std::move(transport));
         MoedistRank body(p, rank, group);
@@ -301,6 +308,34 @@ int shm_rank_main(const std::string& dir) {
             << static_cast<std::int64_t>(usage.ru_maxrss) * 1024 << "\n";  // ru_maxrss is KiB
       },
       "moedist bench-rank");
+}
+
+// ---- a competing load ----
+
+BackgroundLoad::BackgroundLoad(int threads) {
+  threads_.reserve(static_cast<std::size_t>(std::max(threads, 0)));
+  try {
+    for (int i = 0; i < threads; ++i) {
+      threads_.emplace_back([this] {
+        // Spins on plain arithmetic at normal priority until stopped; the volatile keeps the loop.
+        volatile std::uint64_t x = 0;
+        while (!stop_.load(std::memory_order_relaxed)) x = x + 1;
+      });
+    }
+  } catch (...) {
+    stop();
+    throw;
+  }
+}
+
+BackgroundLoad::~BackgroundLoad() { stop(); }
+
+void BackgroundLoad::stop() noexcept {
+  stop_.store(true, std::memory_order_relaxed);
+  for (std::thread& t : threads_) {
+    if (t.joinable()) t.join();
+  }
+  threads_.clear();
 }
 
 // ---- MPI ----
@@ -431,7 +466,8 @@ void run_mpi_points(const MpiTools& tools, const MpiImpl& impl, const std::vecto
                     const std::function<void(std::size_t index, RunOutcome outcome)>& on_point, std::string* library) {
   if (points.empty()) return;
   const Point& first = points.front();
-  std::vector<std::string> argv = {tools.mpirun, "--oversubscribe", "--bind-to", "none", "-np", std::to_string(first.W),
+  // clang-format off
+  std::vector<std::string> argv = {tools.mpirun, "--oversubscribe", "--bind-to", "none", "-np", std::to_string(first.ranks()),
                                    tools.baseline, "--impl", impl.impl, "--hosts", std::to_string(impl.hosts),
                                    "--timeout-ms", std::to_string(settings.timeout_ms),
                                    "--dtype", first.dtype == DType::fp16 ? "fp16" : "bf16",
@@ -439,6 +475,11 @@ void run_mpi_points(const MpiTools& tools, const MpiImpl& impl, const std::vecto
                                    "--iters", std::to_string(settings.loop.max_iters), "--min-iters",
                                    std::to_string(settings.loop.min_iters), "--max-seconds",
                                    std::to_string(settings.loop.max_seconds)};
+  // clang-format on
+  // The workload's shape beyond the points: the same for all of them.
+  argv.insert(argv.end(),
+              {"--shared-expert-rank-num", std::to_string(first.S), "--tp-world-size", std::to_string(first.T)});
+  if (!first.smooth) argv.push_back("--no-scales");
   for (const Point& p : points) {
     argv.push_back("--point");
     argv.push_back(std::to_string(p.bs) + "," + std::to_string(p.h) + "," + std::to_string(p.k) + "," +

@@ -5,14 +5,16 @@
 //   mpi           the MPI baseline (bench/mpi_baseline.h) under mpirun
 //   moedist-mpi   moedist over MPI (join_mpi) under mpirun, the ranks split into virtual hosts whose traffic
 //                 between each other goes through MPI messages (moedist_mpi_baseline --impl moedist)
-//   memcpy-floor  the bytes every rank must move (its logical bytes) memcpy'd, nothing else, by min(W, usable
-//                 CPUs) threads at once (rank r's bytes by thread r mod that count)
+//   memcpy-floor  the bytes every rank must move (its logical bytes) memcpy'd, nothing else, by min(W * max(T, 1),
+//                 usable CPUs) threads at once (rank r's bytes by thread r mod that count)
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "process/rank_processes.h"
@@ -53,6 +55,24 @@ RunOutcome run_shm(const Point& p, const RunSettings& settings, const std::vecto
 // The body of one such process (rank MOEDIST_RANK): reads the point from the directory, joins the job's group,
 // runs the loop, leaves its samples (or its error) in the directory. Returns the process's exit status.
 int shm_rank_main(const std::string& dir);
+
+// `threads` busy threads of this process (normal priority, each spinning on arithmetic) from construction until
+// stop() or destruction, so that every transport can be timed under the same competing load
+// (`moedist bench --background-load`).
+class BackgroundLoad {
+ public:
+  explicit BackgroundLoad(int threads);
+  ~BackgroundLoad();
+  BackgroundLoad(const BackgroundLoad&) = delete;
+  BackgroundLoad& operator=(const BackgroundLoad&) = delete;
+
+  int threads() const noexcept { return static_cast<int>(threads_.size()); }
+  void stop() noexcept;
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::vector<std::thread> threads_;
+};
 
 // Where the MPI transports (mpi, moedist-mpi) run from.
 struct MpiTools {

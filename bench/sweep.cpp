@@ -10,12 +10,17 @@
 #include <stdexcept>
 
 #include "moedist/config.h"
+#include "moedist_rank.h"
 
 namespace moedist::bench {
 
 namespace {
 
 bool contains(const std::vector<std::string>& list, const std::string& item) {
+  return std::find(list.begin(), list.end(), item) != list.end();
+}
+
+bool contains_value(const std::vector<int>& list, int item) {
   return std::find(list.begin(), list.end(), item) != list.end();
 }
 
@@ -158,6 +163,35 @@ bool is_mpi_transport(const std::string& transport) {
   return target != nullptr && target->under_mpirun;
 }
 
+namespace {
+struct NamedGrid {
+  const char* name;
+  std::vector<std::int64_t> bs;
+  std::vector<int> world_sizes;  // empty: not set by the grid
+};
+const std::vector<NamedGrid>& named_grids() {
+  static const std::vector<NamedGrid> grids = {{"decode", {1, 2, 4, 8, 16, 32, 64, 128}, {}}, {"prefill", {4096}, {2}}};
+  return grids;
+}
+const NamedGrid* find_grid(const std::string& name) {
+  for (const NamedGrid& g : named_grids()) {
+    if (name == g.name) return &g;
+  }
+  return nullptr;
+}
+std::string unknown_grid(const std::string& name) {
+  std::string known;
+  for (const NamedGrid& g : named_grids()) known += std::string(known.empty() ? "" : ", ") + g.name;
+  return "--grid: unknown grid '" + name + "' (known: " + known + ")";
+}
+template <class T>
+std::string comma_list(const std::vector<T>& values) {
+  std::string out;
+  for (const T& v : values) out += (out.empty() ? "" : ",") + std::to_string(v);
+  return out;
+}
+}  // namespace
+
 void validate(const SweepOptions& o) {
   const auto fail = [](const std::string& what) { throw std::invalid_argument(what); };
   if (o.transports.empty()) fail("--transport: name at least one transport");
@@ -185,7 +219,7 @@ void validate(const SweepOptions& o) {
   for (int q : o.quant_modes) {
     if (q != 0 && q != 2) fail("--quant-mode: " + std::to_string(q) + " is not 0 or 2");
   }
-  if (o.moe_expert_num < 0) fail("--moe-expert-num: must be positive (or 0 for W * --local-experts)");
+  if (o.moe_expert_num < 0) fail("--moe-expert-num: must be positive (or 0 for (W - S) * --local-experts)");
   if (o.local_experts < 1) fail("--local-experts: must be positive");
   if (o.hosts < 1 || o.hosts > 1024) fail("--hosts: " + std::to_string(o.hosts) + " is not in [1, 1024]");
   if (o.run.loop.warmup < 1) fail("--warmup: at least 1 (the timed count is sized from the warm-up)");
@@ -193,6 +227,55 @@ void validate(const SweepOptions& o) {
   if (!(o.run.loop.max_seconds >= 0)) fail("--max-point-seconds: must not be negative");
   if (o.run.timeout_ms < 1) fail("--timeout-ms: must be positive");
   if (!(o.memory_fraction > 0 && o.memory_fraction <= 1)) fail("memory fraction must be in (0, 1]");
+  const int S = o.shared_expert_rank_num;
+  if (S < 0) fail("--shared-expert-rank-num: " + std::to_string(S) + " is negative");
+  for (int w : o.world_sizes) {
+    if (S > 0 && (S >= w || w % S != 0))
+      fail("--shared-expert-rank-num: " + std::to_string(S) + " does not fit --ep-world-size " + std::to_string(w) +
+           " (every W must be larger than S and a multiple of it: ranks [0, S) host the shared expert, W - S the "
+           "MoE experts)");
+  }
+  if (o.tp_world_size < 0 || o.tp_world_size > 2)
+    fail("--tp-world-size: " + std::to_string(o.tp_world_size) +
+         " is not 0, 1 (no TP domain) or 2 (a TP pair per EP rank)");
+  if (o.tp_world_size == 2 && o.moe_expert_num == 0 && o.local_experts != 1)
+    fail("--tp-world-size: 2 needs one expert per MoE rank, but --local-experts is " + std::to_string(o.local_experts) +
+         " (give --local-experts 1 or --moe-expert-num W - S)");
+  if (o.no_scales && !contains_value(o.quant_modes, 2))
+    fail("--no-scales: smooth scales exist only with quant_mode 2, and --quant-mode has no 2");
+  if (o.background_load < 0 || o.background_load > 1024)
+    fail("--background-load: " + std::to_string(o.background_load) + " is not in [0, 1024] (busy threads)");
+  if (!o.grid.empty() && find_grid(o.grid) == nullptr) fail(unknown_grid(o.grid));
+  // The MPI baseline implements neither shared-expert ranks nor TP: comparing it with them would compare
+  // different workloads.
+  const auto baseline_lacks = [&](const char* option, const std::string& value, const char* what) {
+    fail(std::string(option) + ": " + value + ": the mpi baseline (MPI_Alltoallv) has " + what +
+         ", so it would time another workload; leave mpi out of --transport (e.g. --transport "
+         "inproc,shm,moedist-mpi,memcpy-floor)");
+  };
+  if (contains(o.transports, "mpi") && S > 0)
+    baseline_lacks("--shared-expert-rank-num", std::to_string(S), "no shared-expert ranks");
+  if (contains(o.transports, "mpi") && o.tp_world_size == 2) baseline_lacks("--tp-world-size", "2", "no TP domain");
+}
+
+std::vector<std::string> grid_names() {
+  std::vector<std::string> names;
+  for (const NamedGrid& g : named_grids()) names.emplace_back(g.name);
+  return names;
+}
+
+std::string grid_description(const std::string& name) {
+  const NamedGrid* g = find_grid(name);
+  if (g == nullptr) return "";
+  return "BS " + comma_list(g->bs) + (g->world_sizes.empty() ? "" : ", W " + comma_list(g->world_sizes));
+}
+
+void apply_grid(const std::string& name, SweepOptions& o) {
+  const NamedGrid* g = find_grid(name);
+  if (g == nullptr) throw std::invalid_argument(unknown_grid(name));
+  o.grid = name;
+  o.bs = g->bs;
+  if (!g->world_sizes.empty()) o.world_sizes = g->world_sizes;
 }
 
 std::vector<Point> grid_points(const SweepOptions& o, int W) {
@@ -206,8 +289,11 @@ std::vector<Point> grid_points(const SweepOptions& o, int W) {
           p.bs = bs;
           p.h = h;
           p.k = k;
-          p.E = o.moe_expert_num > 0 ? o.moe_expert_num : W * o.local_experts;
+          p.S = o.shared_expert_rank_num;
+          p.T = o.tp_world_size;
+          p.E = o.moe_expert_num > 0 ? o.moe_expert_num : (W - p.S) * o.local_experts;
           p.quant_mode = q;
+          p.smooth = !o.no_scales;
           p.dtype = o.dtype;
           p.seed = o.seed;
           points.push_back(p);
@@ -218,26 +304,36 @@ std::vector<Point> grid_points(const SweepOptions& o, int W) {
   return points;
 }
 
-// What moedist::capacity() says the group of one rank allocates (window and group-owned outputs); the
-// bench's ranks all have the MoE-rank role (S = 0).
-std::int64_t group_bytes_per_rank(const Point& p) {
-  const GroupConfig config{.ep_world_size = p.W, .moe_expert_num = p.E};
+// What moedist::capacity() says the group of global rank g allocates (window and group-owned outputs).
+std::int64_t group_bytes_of(const Point& p, int g) {
+  const GroupConfig config = group_config(p, g);
   const CapacityQuery query{.bs = p.bs, .k = p.k, .h = p.h, .x_dtype = p.dtype, .quant_mode = p.quant_mode};
   return capacity(config, query).total_bytes;
 }
 
+// A MoE rank's (the first one, EP rank S).
+std::int64_t group_bytes_per_rank(const Point& p) { return group_bytes_of(p, p.S * p.tp()); }
+
+// Every rank's: S * max(T, 1) shared-expert ranks and the MoE ranks.
+std::int64_t group_bytes_total(const Point& p) {
+  const std::int64_t moe_ranks = static_cast<std::int64_t>(p.W - p.S) * p.tp();
+  return moe_ranks * group_bytes_per_rank(p) +
+         (p.S > 0 ? static_cast<std::int64_t>(p.S) * p.tp() * group_bytes_of(p, 0) : 0);
+}
+
 std::int64_t memory_needed(const std::string& transport, const Point& p, const PointBytes& bytes) {
-  const std::int64_t x = p.bs * p.h * 2, routing = p.bs * p.k * 8, smooth = p.quant_mode == 2 ? p.E * p.h * 4 : 0;
+  const std::int64_t x = p.bs * p.h * 2, routing = p.bs * p.k * 8;
+  const std::int64_t smooth = p.scales() ? (p.E + (p.S > 0 ? 1 : 0)) * p.h * 4 : 0;
   std::int64_t total = 0;
   const SweepTarget& target = target_of(transport);
   if (target.baseline == Baseline::memcpy_floor) {
-    for (int r = 0; r < p.W; ++r)
+    for (int r = 0; r < p.ranks(); ++r)
       total += 2 * (bytes.dispatch_per_rank[static_cast<std::size_t>(r)] + bytes.combine_per_rank[static_cast<std::size_t>(r)]);
     return total;
   }
-  for (int r = 0; r < p.W; ++r) {
+  for (int r = 0; r < p.ranks(); ++r) {
     const std::int64_t received = bytes.received_rows[static_cast<std::size_t>(r)];
-    const std::int64_t identity = p.quant_mode == 2 ? received * 2 * p.h : 0;
+    const std::int64_t identity = p.quant_mode == 2 ? received * p.tp() * 2 * p.h : 0;  // T = 2: the peer's rows too
     total += x + routing + smooth + identity;
     if (target.baseline == Baseline::mpi_alltoallv) {
       // send, receive and sorted dispatch rows; expert outputs sent back and received; combine output
@@ -245,11 +341,11 @@ std::int64_t memory_needed(const std::string& transport, const Point& p, const P
                received * 2 * p.h + bytes.combine_per_rank[static_cast<std::size_t>(r)] + x;
     }
   }
-  if (runs_moedist(transport)) total += p.W * group_bytes_per_rank(p);  // every rank has the same role (S = 0)
+  if (runs_moedist(transport)) total += group_bytes_total(p);
   if (target.moedist == TransportId::mpi) {
     // The messages between hosts: what a rank sends to other hosts and what it receives from them, each bounded
     // by its dispatch bytes.
-    for (int r = 0; r < p.W; ++r) total += 2 * bytes.dispatch_per_rank[static_cast<std::size_t>(r)];
+    for (int r = 0; r < p.ranks(); ++r) total += 2 * bytes.dispatch_per_rank[static_cast<std::size_t>(r)];
   }
   return total;
 }
@@ -334,6 +430,9 @@ RunOutcome run_local(const std::string& transport, const Point& p, const PointBy
 SweepResult run_sweep(const SweepOptions& o, std::ostream& out, std::ostream& progress_stream, bool progress_tty) {
   validate(o);
   SweepResult result;
+  // The competing load runs from here until the sweep returns or throws (its destructor stops it).
+  const BackgroundLoad load(o.background_load);
+  result.background_load = load.threads();
   MpiTools tools;
   std::vector<std::string> mpi_transports;  // the MPI transports asked for, in the order they run
   for (const std::string& t : o.transports) {

@@ -51,8 +51,13 @@ struct SweepOptions {
   std::vector<std::int64_t> hidden = {7168};
   std::vector<int> topk = {8};
   std::vector<int> quant_modes = {0, 2};
-  int moe_expert_num = 0;  // 0: E = W * local_experts for each W
+  int moe_expert_num = 0;  // 0: E = (W - S) * local_experts for each W
   int local_experts = 4;
+  int shared_expert_rank_num = 0;  // S: EP ranks [0, S) host the shared expert (W a multiple of S)
+  int tp_world_size = 0;           // T: 2 runs a TP pair per EP rank (W * 2 ranks, one expert per MoE rank)
+  bool no_scales = false;          // quant_mode 2 without smooth scales (each token quantized once)
+  int background_load = 0;         // busy threads this process runs while it times (a competing load)
+  std::string grid;                // the named grid (--grid) that set the lists, or ""
   int hosts = 2;  // moedist-mpi: virtual hosts of ceil(W / hosts) ranks each (1: all ranks on one host)
   DType dtype = DType::bf16;
   std::uint64_t seed = 1;
@@ -65,6 +70,14 @@ struct SweepOptions {
 
 // Throws std::invalid_argument naming the flag when an option is unusable.
 void validate(const SweepOptions& options);
+
+// The named grids of --grid: decode (BS 1, 2, 4, ..., 128) and prefill (BS 4096, W 2). apply_grid sets the lists
+// the grid names (and options.grid) and leaves the rest; it throws std::invalid_argument naming --grid, the value
+// and the known names for an unknown grid.
+std::vector<std::string> grid_names();
+void apply_grid(const std::string& name, SweepOptions& options);
+// What a grid sets, e.g. "BS 1,2,4,8,16,32,64,128" ("" for an unknown name).
+std::string grid_description(const std::string& name);
 
 // The points of one W, in the order they run: quant_mode, H, K, then BS.
 std::vector<Point> grid_points(const SweepOptions& options, int W);
@@ -96,6 +109,7 @@ struct SweepResult {
   std::string mpi_library;      // the MPI library's version line, when mpi or moedist-mpi ran
   std::string mpi_unavailable;  // why mpi and moedist-mpi did not run at all ("" if they ran or were not asked for)
   int failures = 0;             // runs that were tried and failed
+  int background_load = 0;      // busy threads that ran beside the timed runs
 };
 
 // Bytes a transport needs at a point, summed over its ranks, estimated before running it (moedist's from

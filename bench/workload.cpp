@@ -7,6 +7,7 @@
 #include <random>
 #include <stdexcept>
 
+#include "contract/shared_split.h"
 #include "numeric/convert.h"
 
 namespace moedist::bench {
@@ -51,15 +52,24 @@ double micros(Clock::time_point a, Clock::time_point b) {
 
 std::string describe(const Point& p) {
   return "W=" + std::to_string(p.W) + " BS=" + std::to_string(p.bs) + " H=" + std::to_string(p.h) +
-         " K=" + std::to_string(p.k) + " E=" + std::to_string(p.E) + " quant=" + std::to_string(p.quant_mode) + " " +
-         (p.dtype == DType::fp16 ? "fp16" : "bf16");
+         " K=" + std::to_string(p.k) + " E=" + std::to_string(p.E) + (p.S > 0 ? " S=" + std::to_string(p.S) : "") +
+         (p.T == 2 ? " T=2" : "") + " quant=" + std::to_string(p.quant_mode) +
+         (p.quant_mode == 2 && !p.smooth ? " no-scales" : "") + " " + (p.dtype == DType::fp16 ? "fp16" : "bf16");
 }
 
 std::string point_problem(const Point& p) {
   if (p.W < 1) return "W = " + std::to_string(p.W) + " < 1";
   if (p.bs < 0) return "BS = " + std::to_string(p.bs) + " < 0";
   if (p.h < 1) return "H = " + std::to_string(p.h) + " < 1";
-  if (p.E < 1 || p.E % p.W != 0) return "E = " + std::to_string(p.E) + " is not a positive multiple of W = " + std::to_string(p.W);
+  if (p.T < 0 || p.T > 2) return "T = " + std::to_string(p.T) + " is not 0, 1 or 2";
+  if (p.S < 0 || p.S >= p.W) return "S = " + std::to_string(p.S) + " is not in [0, W = " + std::to_string(p.W) + ")";
+  if (p.S > 0 && p.W % p.S != 0)
+    return "W = " + std::to_string(p.W) + " is not a multiple of S = " + std::to_string(p.S) +
+           " (the V1 operators' rule)";
+  if (p.E < 1 || p.E % (p.W - p.S) != 0)
+    return "E = " + std::to_string(p.E) + " is not a positive multiple of W - S = " + std::to_string(p.W - p.S);
+  if (p.T == 2 && p.local_experts() != 1)
+    return "T = 2 needs one expert per MoE rank, but E / (W - S) = " + std::to_string(p.local_experts());
   if (p.k < 1 || p.k > p.E) return "K = " + std::to_string(p.k) + " is not in [1, E = " + std::to_string(p.E) + "]";
   if (p.quant_mode != 0 && p.quant_mode != 2) return "quant_mode = " + std::to_string(p.quant_mode) + " is not 0 or 2";
   if (p.dtype != DType::bf16 && p.dtype != DType::fp16) return "dtype is not bf16 or fp16";
@@ -96,20 +106,21 @@ std::vector<std::int32_t> make_expert_ids(const Point& p, int rank) {
 }
 
 Tensor make_smooth_scales(const Point& p) {
-  Tensor scales(DType::fp32, p.E, p.h);
+  const std::int64_t rows = p.E + (p.S > 0 ? 1 : 0);
+  Tensor scales(DType::fp32, rows, p.h);
   std::mt19937_64 g = generator(p.seed, Stream::smooth, 0);
   auto* s = scales.data<float>();
-  for (std::int64_t i = 0; i < p.E * p.h; ++i) s[i] = 0.5f + 1.5f * unit(g);
+  for (std::int64_t i = 0; i < rows * p.h; ++i) s[i] = 0.5f + 1.5f * unit(g);
   return scales;
 }
 
-RouteCounts count_routes(const std::int32_t* expert_ids, std::int64_t bs, int k, int W, int local_experts) {
+RouteCounts count_routes(const std::int32_t* expert_ids, std::int64_t bs, int k, int W, int local_experts, int S) {
   RouteCounts c;
   c.rows_to.assign(static_cast<std::size_t>(W), 0);
   std::vector<std::int64_t> last_token(static_cast<std::size_t>(W), -1);  // dedups a token's experts per rank
   for (std::int64_t b = 0; b < bs; ++b) {
     for (int j = 0; j < k; ++j) {
-      const auto rank = static_cast<std::size_t>(expert_ids[b * k + j] / local_experts);
+      const auto rank = static_cast<std::size_t>(S + expert_ids[b * k + j] / local_experts);
       ++c.entries;
       ++c.rows_to[rank];
       if (last_token[rank] != b) {
@@ -124,17 +135,31 @@ RouteCounts count_routes(const std::int32_t* expert_ids, std::int64_t bs, int k,
 PointBytes count_bytes(const Point& p) {
   PointBytes out;
   const std::int64_t drow = dispatch_row_bytes(p), crow = combine_row_bytes(p);
-  out.received_rows.assign(static_cast<std::size_t>(p.W), 0);
-  for (int r = 0; r < p.W; ++r) {
-    const std::vector<std::int32_t> ids = make_expert_ids(p, r);
-    const RouteCounts c = count_routes(ids.data(), p.bs, p.k, p.W, p.local_experts());
+  const int tp = p.tp();
+  out.received_rows.assign(static_cast<std::size_t>(p.ranks()), 0);
+  for (int g = 0; g < p.ranks(); ++g) {
+    const int ep = p.ep_rank(g);
+    const std::vector<std::int32_t> ids = make_expert_ids(p, g);
+    RouteCounts c = count_routes(ids.data(), p.bs, p.k, p.W, p.local_experts(), p.S);
+    if (p.S > 0) {
+      // One more row per token, to a shared-expert rank (a destination no MoE expert lives on): a shared rank
+      // keeps its own tokens, a MoE rank splits its tokens over the S shared ranks (contract §3.4.1).
+      c.entries += p.bs;
+      c.rank_pairs += p.bs;
+      for (int s = 0; s < p.S; ++s) {
+        c.rows_to[static_cast<std::size_t>(s)] +=
+            ep < p.S ? (s == ep ? p.bs : 0) : contract::shared_range_count(ep, s, p.bs, p.S);
+      }
+    }
     out.dispatch.logical += c.entries * drow;
     out.dispatch.wire += c.rank_pairs * drow;
     out.combine.logical += c.entries * crow;
     out.combine.wire += c.rank_pairs * crow;
     out.dispatch_per_rank.push_back(c.entries * drow);
     out.combine_per_rank.push_back(c.entries * crow);
-    for (int d = 0; d < p.W; ++d) out.received_rows[static_cast<std::size_t>(d)] += c.rows_to[static_cast<std::size_t>(d)];
+    // Its EP group is the ranks of the same TP rank.
+    for (int d = 0; d < p.W; ++d)
+      out.received_rows[static_cast<std::size_t>(d * tp + p.tp_rank(g))] += c.rows_to[static_cast<std::size_t>(d)];
   }
   out.roundtrip = {out.dispatch.logical + out.combine.logical, out.dispatch.wire + out.combine.wire};
   return out;

@@ -14,22 +14,29 @@
 
 namespace moedist::bench {
 
-// One point of the grid. No shared-expert ranks and no TP domain (S = 0, T = 0): the shapes the
-// baselines implement.
+// One point of the grid. The MPI baseline implements S = 0, T <= 1 only.
 struct Point {
-  int W = 2;               // ep_world_size: ranks
-  std::int64_t bs = 1;     // tokens per rank
+  int W = 2;               // ep_world_size: EP ranks
+  std::int64_t bs = 1;     // tokens per rank (per process with T = 2)
   std::int64_t h = 7168;   // hidden size
   int k = 8;               // experts per token
-  int E = 8;               // moe_expert_num, a multiple of W
+  int E = 8;               // moe_expert_num, a multiple of W - S
   int quant_mode = 0;      // 0 or 2
   DType dtype = DType::bf16;
   std::uint64_t seed = 1;
+  int S = 0;           // shared_expert_rank_num: EP ranks [0, S) host the shared expert
+  int T = 0;           // tp_world_size: 0 or 1 (no TP domain) or 2 (a TP pair per EP rank)
+  bool smooth = true;  // quant_mode 2: smooth scales given (false: each token is quantized once)
 
-  int local_experts() const noexcept { return E / W; }
+  int local_experts() const noexcept { return E / (W - S); }  // L: experts per MoE rank
+  int tp() const noexcept { return T > 1 ? T : 1; }           // max(T, 1)
+  int ranks() const noexcept { return W * tp(); }             // processes or threads: W * max(T, 1)
+  int ep_rank(int g) const noexcept { return g / tp(); }      // the EP rank of global rank g
+  int tp_rank(int g) const noexcept { return g % tp(); }
+  bool scales() const noexcept { return quant_mode == 2 && smooth; }  // dispatch gets smooth scales
 };
 
-// "W=2 BS=16 H=7168 K=8 E=8 quant=2 bf16"
+// "W=2 BS=16 H=7168 K=8 E=8 quant=2 bf16", with " S=1", " T=2" and " no-scales" where they apply
 std::string describe(const Point& p);
 // "" when the point is usable, else why not ("K = 9 > E = 8").
 std::string point_problem(const Point& p);
@@ -40,7 +47,8 @@ std::int64_t dispatch_row_bytes(const Point& p) noexcept;
 std::int64_t combine_row_bytes(const Point& p) noexcept;
 
 // One rank's inputs: tokens uniform in [-2, 2) rounded to the dtype, uniform random top-K routing (K distinct
-// experts), router weights positive and summing to 1 per token. Deterministic in (seed, rank).
+// experts), router weights positive and summing to 1 per token. Deterministic in (seed, rank); `rank` is the
+// global rank (ep_rank * max(T, 1) + tp_rank).
 struct RankInputs {
   Tensor x;              // (BS, H) bf16/fp16
   Tensor expert_ids;     // (BS, K) int32
@@ -49,7 +57,7 @@ struct RankInputs {
 RankInputs make_rank_inputs(const Point& p, int rank);
 // The routing alone (what make_rank_inputs puts in expert_ids), for byte counts without the tokens.
 std::vector<std::int32_t> make_expert_ids(const Point& p, int rank);
-// Smooth scales (E, H) fp32 in [0.5, 2), the same on every rank; dispatch uses row e for expert e (S = 0).
+// Smooth scales (E, H) fp32 in [0.5, 2), (E + 1, H) with shared-expert ranks, the same on every rank.
 Tensor make_smooth_scales(const Point& p);
 
 // Routing entries of one rank's tokens. A (token, expert) entry is one dispatched row; a (token, destination
@@ -59,18 +67,21 @@ struct RouteCounts {
   std::int64_t rank_pairs = 0;   // distinct (token, destination rank) pairs, the rank itself included
   std::vector<std::int64_t> rows_to;  // entries per destination rank (size W)
 };
-RouteCounts count_routes(const std::int32_t* expert_ids, std::int64_t bs, int k, int W, int local_experts);
+// Expert e lives on EP rank S + e / local_experts; the shared expert's rows are not counted here.
+RouteCounts count_routes(const std::int32_t* expert_ids, std::int64_t bs, int k, int W, int local_experts, int S = 0);
 
-// Bytes of each operation at a point, summed over ranks.
+// Bytes of each operation at a point, summed over ranks (all W * max(T, 1) of them). With S > 0 every token
+// also has one row for a shared-expert rank (the V1 split), which counts as an expert and a destination rank.
 struct OpBytes {
   std::int64_t logical = 0;  // one row per (token, expert)
   std::int64_t wire = 0;     // one row per (token, destination rank)
 };
 struct PointBytes {
   OpBytes dispatch, combine, roundtrip;  // roundtrip = dispatch + combine
+  // Per global rank (W * max(T, 1) entries):
   std::vector<std::int64_t> dispatch_per_rank;  // logical bytes each rank sends (the memcpy floor copies these)
   std::vector<std::int64_t> combine_per_rank;   // logical bytes of the expert outputs each rank reads back
-  std::vector<std::int64_t> received_rows;      // rows each rank receives in dispatch
+  std::vector<std::int64_t> received_rows;      // rows each rank receives in dispatch from its EP group
 };
 PointBytes count_bytes(const Point& p);
 

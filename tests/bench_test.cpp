@@ -37,6 +37,15 @@ SweepOptions quick_options() {
   return o;
 }
 
+// Why the MPI transports cannot run here, or "".
+std::string mpi_missing() {
+  if (find_in_path("mpirun").empty()) return "mpirun is not in PATH";
+#ifndef MOEDIST_HAVE_MPI
+  return "moedist was built without MPI";
+#endif
+  return "";
+}
+
 std::string temp_path(const std::string& name) {
   return (std::filesystem::temp_directory_path() / ("moedist_bench_test_" + std::to_string(::getpid()) + "_" + name)).string();
 }
@@ -220,10 +229,7 @@ TEST(BenchSweep, RunsTooLargeForMemoryAreSkippedWithAReason) {
 // mpi and moedist-mpi at W = 4 in 2 virtual hosts of 2 ranks: both run, moedist-mpi gets its ratio to the baseline,
 // and its bytes between hosts show tokens crossing each remote host once.
 TEST(BenchSweep, MoedistOverMpiReportsTheBytesBetweenHosts) {
-  if (find_in_path("mpirun").empty()) GTEST_SKIP() << "mpirun is not in PATH";
-#ifndef MOEDIST_HAVE_MPI
-  GTEST_SKIP() << "moedist was built without MPI";
-#endif
+  if (const std::string why = mpi_missing(); !why.empty()) GTEST_SKIP() << why;
   SweepOptions o = quick_options();
   o.transports = {"mpi", "moedist-mpi"};
   o.world_sizes = {4};
@@ -316,6 +322,22 @@ TEST(BenchSweep, MoedistOverMpiReportsTheBytesBetweenHosts) {
   std::remove(csv_path.c_str());
 }
 
+// --no-scales reaches both MPI transports: the baseline quantizes each token once, moedist-mpi passes no scales.
+TEST(BenchSweep, NoScalesOverBothMpiTransports) {
+  if (const std::string why = mpi_missing(); !why.empty()) GTEST_SKIP() << why;
+  SweepOptions o = quick_options();
+  o.transports = {"mpi", "moedist-mpi"};
+  o.bs = {8};
+  o.quant_modes = {2};
+  o.no_scales = true;
+  std::ostringstream text, progress;
+  const SweepResult result = run_sweep(o, text, progress, false);
+  ASSERT_EQ(result.failures, 0) << text.str();
+  ASSERT_EQ(result.rows.size(), 6u) << text.str();
+  for (const ResultRow& r : result.rows) EXPECT_FALSE(r.point.smooth) << r.transport;
+  EXPECT_NE(text.str().find("quant=2 no-scales"), std::string::npos) << text.str();
+}
+
 TEST(BenchSweep, UnusablePointsAndOptionsAreRejectedClearly) {
   SweepOptions o = quick_options();
   o.topk = {9};  // E = 2 * 4 = 8 < K
@@ -333,6 +355,234 @@ TEST(BenchSweep, UnusablePointsAndOptionsAreRejectedClearly) {
   o = quick_options();
   o.hosts = 0;
   EXPECT_THROW(validate(o), std::invalid_argument);
+}
+
+// A quick sweep with `o`, its JSON (written and read back) and its text.
+struct QuickRun {
+  SweepResult result;
+  nlohmann::json json;
+  std::string text, csv_header;
+  std::vector<std::string> csv_lines;
+};
+
+QuickRun quick_run(const SweepOptions& o) {
+  QuickRun run;
+  std::ostringstream text, progress;
+  print_header(text, collect_run_info("moedist bench --quick", o), o);
+  run.result = run_sweep(o, text, progress, false);
+  run.text = text.str();
+  const std::string json_path = temp_path("quick.json"), csv_path = temp_path("quick.csv");
+  write_json(json_path, collect_run_info("moedist bench --quick", o), o, run.result);
+  write_csv(csv_path, run.result);
+  std::ifstream jf(json_path);
+  run.json = nlohmann::json::parse(jf);
+  std::ifstream cf(csv_path);
+  std::getline(cf, run.csv_header);
+  for (std::string line; std::getline(cf, line);) run.csv_lines.push_back(line);
+  std::remove(json_path.c_str());
+  std::remove(csv_path.c_str());
+  return run;
+}
+
+// The CSV field of `column` in `line`.
+std::string csv_field(const std::string& header, const std::string& line, const std::string& column) {
+  std::vector<std::string> names, values;
+  std::stringstream h(header), l(line);
+  for (std::string f; std::getline(h, f, ',');) names.push_back(f);
+  for (std::string f; std::getline(l, f, ',');) values.push_back(f);
+  if (!line.empty() && line.back() == ',') values.emplace_back();
+  for (std::size_t i = 0; i < names.size() && i < values.size(); ++i) {
+    if (names[i] == column) return values[i];
+  }
+  return "<no column " + column + ">";
+}
+
+std::int64_t logical_bytes(const nlohmann::json& results, const nlohmann::json& like) {
+  for (const nlohmann::json& r : results) {
+    if (r["transport"] == like["transport"] && r["BS"] == like["BS"] && r["quant_mode"] == like["quant_mode"] &&
+        r["op"] == like["op"])
+      return r["logical_bytes"].get<std::int64_t>();
+  }
+  return -1;
+}
+
+TEST(BenchSweep, TablesShowTheMeanBesideThePercentiles) {
+  SweepOptions o = quick_options();
+  o.transports = {"inproc"};
+  o.quant_modes = {0};
+  o.bs = {4};
+  const QuickRun run = quick_run(o);
+  ASSERT_EQ(run.result.failures, 0) << run.text;
+  EXPECT_NE(run.text.find("p50 us     p99 us    mean us"), std::string::npos) << run.text;
+  EXPECT_NE(run.text.find("mean is their arithmetic mean"), std::string::npos) << run.text;
+  for (const nlohmann::json& r : run.json["results"]) EXPECT_GT(r["mean_us"].get<double>(), 0) << r.dump();
+}
+
+TEST(BenchSweep, NoScalesQuantizesWithoutSmoothScalesForEveryTransport) {
+  SweepOptions o = quick_options();
+  o.quant_modes = {2};
+  o.no_scales = true;
+  const QuickRun run = quick_run(o);
+  ASSERT_EQ(run.result.failures, 0) << run.text;  // moedist's traffic self-check included
+  EXPECT_EQ(run.json["settings"]["no_scales"], true);
+  EXPECT_NE(run.text.find("quant 2 without smooth scales (--no-scales)"), std::string::npos) << run.text;
+  EXPECT_NE(run.text.find("== W=2 BS=16 H=256 K=2 E=8 quant=2 no-scales bf16"), std::string::npos) << run.text;
+  ASSERT_EQ(run.json["results"].size(), 12u);
+  for (const nlohmann::json& r : run.json["results"]) EXPECT_EQ(r["smooth_scales"], false) << r.dump();
+  for (const std::string& line : run.csv_lines)
+    EXPECT_EQ(csv_field(run.csv_header, line, "smooth_scales"), "0") << line;
+  // The rows are as large as with scales (H int8 + the fp32 scale): only the quantization work differs.
+  SweepOptions with = o;
+  with.no_scales = false;
+  const QuickRun scaled = quick_run(with);
+  EXPECT_EQ(scaled.json["results"][0]["smooth_scales"], true);
+  for (const nlohmann::json& r : run.json["results"])
+    EXPECT_EQ(r["logical_bytes"], logical_bytes(scaled.json["results"], r));
+}
+
+TEST(BenchSweep, SharedExpertRanksAddOneRowPerToken) {
+  SweepOptions o = quick_options();
+  o.shared_expert_rank_num = 1;  // W = 2: rank 0 the shared expert, rank 1 the E = (2 - 1) * 4 MoE experts
+  o.transports = {"inproc", "memcpy-floor"};
+  const QuickRun run = quick_run(o);
+  ASSERT_EQ(run.result.failures, 0) << run.text;  // moedist's traffic self-check: the bytes below are what it moved
+  ASSERT_EQ(run.json["results"].size(), 24u) << run.text;
+  EXPECT_EQ(run.json["settings"]["shared_expert_rank_num"], 1);
+  EXPECT_NE(run.text.find("== W=2 BS=16 H=256 K=2 E=4 S=1 quant=0 bf16"), std::string::npos) << run.text;
+  for (const nlohmann::json& r : run.json["results"]) {
+    EXPECT_EQ(r["S"], 1);
+    EXPECT_EQ(r["E"], 4);
+    const std::int64_t bs = r["BS"], drow = r["quant_mode"] == 2 ? 256 + 4 : 512;
+    if (r["op"] == "dispatch") {
+      EXPECT_EQ(r["logical_bytes"].get<std::int64_t>(), 2 * bs * (2 + 1) * drow) << r.dump();
+    }
+  }
+  for (const std::string& line : run.csv_lines) EXPECT_EQ(csv_field(run.csv_header, line, "S"), "1") << line;
+}
+
+TEST(BenchSweep, TpPairsDoubleTheRanks) {
+  SweepOptions o = quick_options();
+  o.tp_world_size = 2;
+  o.local_experts = 1;  // a TP pair needs one expert per MoE rank
+  o.topk = {1};
+  o.transports = {"inproc", "memcpy-floor"};
+  const QuickRun run = quick_run(o);
+  ASSERT_EQ(run.result.failures, 0) << run.text;
+  ASSERT_EQ(run.json["results"].size(), 24u) << run.text;
+  EXPECT_EQ(run.json["settings"]["tp_world_size"], 2);
+  EXPECT_NE(run.text.find("T = 2 (a TP pair per EP rank: W x 2 ranks)"), std::string::npos) << run.text;
+  EXPECT_NE(run.text.find("== W=2 BS=16 H=256 K=1 E=2 T=2 quant=2 bf16"), std::string::npos) << run.text;
+  SweepOptions no_tp = o;
+  no_tp.tp_world_size = 0;
+  const QuickRun single = quick_run(no_tp);
+  for (const nlohmann::json& r : run.json["results"]) {
+    EXPECT_EQ(r["T"], 2);
+    EXPECT_EQ(r["W"], 2);
+    EXPECT_EQ(r["ranks"], 4);
+    EXPECT_EQ(r["logical_bytes"].get<std::int64_t>(), 2 * logical_bytes(single.json["results"], r)) << r.dump();
+  }
+  for (const std::string& line : run.csv_lines) EXPECT_EQ(csv_field(run.csv_header, line, "ranks"), "4") << line;
+}
+
+TEST(BenchSweep, BackgroundLoadRunsBesideTheTimedRunsAndStops) {
+  {
+    BackgroundLoad load(2);
+    EXPECT_EQ(load.threads(), 2);
+    load.stop();
+    EXPECT_EQ(load.threads(), 0);
+  }
+  SweepOptions o = quick_options();
+  o.transports = {"inproc"};
+  o.quant_modes = {0};
+  o.background_load = 1;
+  const QuickRun run = quick_run(o);
+  ASSERT_EQ(run.result.failures, 0) << run.text;
+  EXPECT_EQ(run.result.background_load, 1);
+  EXPECT_EQ(run.json["settings"]["background_load"], 1);
+  EXPECT_NE(run.text.find("load      : 1 busy threads beside every timed run"), std::string::npos) << run.text;
+  for (const std::string& line : run.csv_lines)
+    EXPECT_EQ(csv_field(run.csv_header, line, "background_load"), "1") << line;
+  // A sweep that throws still stops its load (the destructor joins the threads; a leak would hang the test).
+  o.run.loop.warmup = 0;
+  std::ostringstream text, progress;
+  EXPECT_THROW(run_sweep(o, text, progress, false), std::invalid_argument);
+}
+
+TEST(BenchSweep, NamedGridsSetTheirListsAndCombineWithTheRest) {
+  SweepOptions o = quick_options();
+  apply_grid("decode", o);
+  EXPECT_EQ(o.bs, (std::vector<std::int64_t>{1, 2, 4, 8, 16, 32, 64, 128}));
+  EXPECT_EQ(o.world_sizes, (std::vector<int>{2}));  // untouched
+  EXPECT_EQ(o.hidden, (std::vector<std::int64_t>{256}));
+  o.transports = {"inproc"};
+  o.quant_modes = {0};
+  const QuickRun run = quick_run(o);
+  ASSERT_EQ(run.result.failures, 0) << run.text;
+  EXPECT_EQ(run.json["settings"]["grid"], "decode");
+  std::set<std::int64_t> bs;
+  for (const nlohmann::json& r : run.json["results"]) bs.insert(r["BS"].get<std::int64_t>());
+  EXPECT_EQ(bs, (std::set<std::int64_t>{1, 2, 4, 8, 16, 32, 64, 128}));
+  EXPECT_NE(run.text.find("grid decode (BS 1,2,4,8,16,32,64,128)"), std::string::npos) << run.text;
+
+  SweepOptions prefill = quick_options();
+  apply_grid("prefill", prefill);
+  EXPECT_EQ(prefill.bs, (std::vector<std::int64_t>{4096}));
+  EXPECT_EQ(prefill.world_sizes, (std::vector<int>{2}));
+  EXPECT_EQ(grid_description("prefill"), "BS 4096, W 2");
+  try {
+    apply_grid("warmup", prefill);
+    ADD_FAILURE() << "an unknown grid was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_STREQ(e.what(), "--grid: unknown grid 'warmup' (known: decode, prefill)");
+  }
+}
+
+TEST(BenchSweep, BadValuesOfTheNewOptionsAreRefusedWithTheRule) {
+  const auto refused = [](SweepOptions o, const std::string& want) {
+    try {
+      validate(o);
+    } catch (const std::invalid_argument& e) {
+      return std::string(e.what()).find(want) != std::string::npos ? std::string() : std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  SweepOptions o = quick_options();
+  o.shared_expert_rank_num = -1;
+  EXPECT_EQ(refused(o, "--shared-expert-rank-num: -1 is negative"), "");
+  o.shared_expert_rank_num = 2;  // W = 2: no MoE rank left
+  EXPECT_EQ(refused(o, "--shared-expert-rank-num: 2 does not fit --ep-world-size 2 (every W must be larger than S"),
+            "");
+  o.world_sizes = {4, 6};  // 6 is not a multiple of 4... of S = 2 it is; S = 4 fits neither
+  o.shared_expert_rank_num = 4;
+  EXPECT_EQ(refused(o, "--shared-expert-rank-num: 4 does not fit --ep-world-size 4"), "");
+  o = quick_options();
+  o.tp_world_size = 3;
+  EXPECT_EQ(refused(o, "--tp-world-size: 3 is not 0, 1 (no TP domain) or 2"), "");
+  o.tp_world_size = 2;  // --local-experts 4
+  EXPECT_EQ(refused(o, "--tp-world-size: 2 needs one expert per MoE rank, but --local-experts is 4"), "");
+  o = quick_options();
+  o.quant_modes = {0};
+  o.no_scales = true;
+  EXPECT_EQ(refused(o, "--no-scales: smooth scales exist only with quant_mode 2, and --quant-mode has no 2"), "");
+  o = quick_options();
+  o.background_load = -1;
+  EXPECT_EQ(refused(o, "--background-load: -1 is not in [0, 1024]"), "");
+  o.background_load = 5000;
+  EXPECT_EQ(refused(o, "--background-load: 5000 is not in [0, 1024]"), "");
+  o = quick_options();
+  o.grid = "huge";
+  EXPECT_EQ(refused(o, "--grid: unknown grid 'huge' (known: decode, prefill)"), "");
+  // The MPI baseline cannot time shared experts or TP: it says so rather than time another workload.
+  o = quick_options();
+  o.transports = {"inproc", "mpi"};
+  o.shared_expert_rank_num = 1;
+  EXPECT_EQ(refused(o, "--shared-expert-rank-num: 1: the mpi baseline (MPI_Alltoallv) has no shared-expert ranks"), "");
+  o.shared_expert_rank_num = 0;
+  o.tp_world_size = 2;
+  o.local_experts = 1;
+  EXPECT_EQ(refused(o, "--tp-world-size: 2: the mpi baseline (MPI_Alltoallv) has no TP domain"), "");
+  o.transports = {"inproc", "moedist-mpi"};  // moedist over MPI has both
+  EXPECT_EQ(refused(o, "--"), "accepted");
 }
 
 // run_shm's report when rank processes fail (sh stands in for the rank program; the work directory is its $0):

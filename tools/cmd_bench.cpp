@@ -24,6 +24,7 @@ struct BenchFlags {
   bool quick = false;
   bool no_progress = false;
   std::string json, csv, plot;
+  std::string grid;
 };
 
 // The command line exactly as given (from /proc/self/cmdline), quoted for a POSIX shell where needed.
@@ -66,6 +67,26 @@ void run_bench(BenchFlags& f, CLI::App* cmd, int* exit_code) {
     if (unset("--iters")) o.run.loop.max_iters = 3;
     if (unset("--min-iters")) o.run.loop.min_iters = 3;
   }
+  // --grid sets the lists it names (after --quick, which it overrides); naming one of them as well is ambiguous.
+  if (!f.grid.empty()) {
+    try {
+      bench::apply_grid(f.grid, o);
+    } catch (const std::invalid_argument& e) {
+      throw CLI::ValidationError(e.what());
+    }
+    bench::SweepOptions named;  // what the grid sets: the lists it leaves empty here are not its
+    named.bs.clear();
+    named.world_sizes.clear();
+    bench::apply_grid(f.grid, named);
+    for (const auto& [list, set] :
+         {std::pair{"--bs", !named.bs.empty()}, {"--ep-world-size", !named.world_sizes.empty()}}) {
+      if (set && cmd->get_option(list)->count() > 0)
+        throw CLI::ValidationError(std::string("--grid ") + f.grid + " sets " + bench::grid_description(f.grid) +
+                                   "; give " + list + " or the grid, not both");
+    }
+  }
+  // A TP pair needs one expert per MoE rank: --tp-world-size 2 makes that the default of --local-experts.
+  if (o.tp_world_size == 2 && cmd->get_option("--local-experts")->count() == 0) o.local_experts = 1;
   o.dtype = f.dtype == "fp16" ? DType::fp16 : DType::bf16;
   const std::string exe = self_exe();
   if (!exe.empty()) {
@@ -113,8 +134,9 @@ void add_bench(CLI::App& app, int* exit_code) {
       "bench",
       "Time dispatch, combine and the round trip over a grid of shapes and transports, with an MPI baseline "
       "(MPI_Alltoall + MPI_Alltoallv + a local sort, as a user would write it) and a memcpy floor in the same run. "
-      "Prints the command, machine, kernel ISA and date, then a table per grid point: p50/p99 latency, logical and "
-      "wire GB/s, and each latency relative to the baselines; for moedist over MPI across --hosts virtual hosts, "
+      "Prints the command, machine, kernel ISA and date, then a table per grid point: p50/p99/mean latency, "
+      "logical and wire GB/s, and each latency relative to the baselines; for moedist over MPI across --hosts virtual "
+      "hosts, "
       "also the bytes that crossed between hosts against a flat all-to-all.");
   cmd->footer("Definitions:\n" + bench::definitions_text() +
               "\nA run that would not fit in memory (moedist::capacity() per rank x W, against MemAvailable) is skipped "
@@ -128,7 +150,8 @@ void add_bench(CLI::App& app, int* exit_code) {
   cmd->add_option("--hidden", o.hidden, "comma list of H")->delimiter(',')->capture_default_str();
   cmd->add_option("--topk", o.topk, "comma list of K")->delimiter(',')->capture_default_str();
   cmd->add_option("--quant-mode", o.quant_modes, "comma list of quant_mode (0, 2)")->delimiter(',')->capture_default_str();
-  cmd->add_option("--moe-expert-num", o.moe_expert_num, "E for every W (a multiple of each W); 0: W * --local-experts")
+  cmd->add_option("--moe-expert-num", o.moe_expert_num,
+                  "E for every W (a multiple of each W - S); 0: (W - S) * --local-experts")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--local-experts", o.local_experts, "experts per rank L when --moe-expert-num is 0")
@@ -139,6 +162,29 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "host)")
       ->capture_default_str()
       ->check(CLI::Range(1, 1024));
+  cmd->add_option("--shared-expert-rank-num", o.shared_expert_rank_num,
+                  "S: EP ranks [0, S) host the shared expert, W - S the E MoE experts (every W a multiple of S, "
+                  "larger than it); the mpi baseline refuses S > 0")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--tp-world-size", o.tp_world_size,
+                  "T: 2 runs a TP pair per EP rank (W x 2 threads or processes, one expert per MoE rank: "
+                  "--local-experts defaults to 1); the mpi baseline refuses 2")
+      ->capture_default_str()
+      ->check(CLI::IsMember({0, 1, 2}));
+  cmd->add_flag("--no-scales", o.no_scales,
+                "quant_mode 2 without smooth scales: each token is quantized once for all its experts (needs 2 in "
+                "--quant-mode)");
+  cmd->add_option("--background-load", o.background_load,
+                  "N busy threads (normal priority, spinning) run by the bench while it times every transport, a "
+                  "competing load; they stop when the bench ends")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1024));
+  std::string grids;
+  for (const std::string& name : bench::grid_names())
+    grids += (grids.empty() ? "" : "; ") + name + ": " + bench::grid_description(name);
+  cmd->add_option("--grid", flags->grid,
+                  "a named grid that sets the lists it names (" + grids + "); the other options combine with it");
   cmd->add_option("--dtype", flags->dtype, "token dtype")->capture_default_str()->check(CLI::IsMember({"bf16", "fp16"}));
   cmd->add_option("--warmup", o.run.loop.warmup, "untimed iterations per transport and point (at least 1)")
       ->capture_default_str()
