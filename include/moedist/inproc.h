@@ -16,7 +16,9 @@ struct RuntimeOptions {
   WaitOptions wait;
   // How long a waiting rank spins before it sleeps. Negative: automatic, 200 us when every rank can
   // have a core of its own; with more ranks than cores it instead yields the core for up to 2 ms
-  // (spinning would take the core from the rank it waits for).
+  // (spinning would take the core from the rank it waits for). Automatic waits also go on spinning
+  // (yielding) while a rank still awaited is inside a dispatch or combine call, and sleep only while
+  // none is. An explicit value (>= 0) spins that long and then sleeps.
   std::chrono::microseconds spin{-1};
   // Virtual hosts: 0 puts every rank on one host. n > 0 puts global ranks [i*n, (i+1)*n) on host i:
   // ranks then address only their own host's windows and reach the others through messages, as ranks

@@ -24,7 +24,10 @@ struct ShmOptions {
   WaitOptions wait;
   // How long a waiting rank spins before it sleeps on a futex. Negative: automatic, 200 us when every
   // rank of the job can have a core of its own; with more ranks than cores it instead yields the core
-  // for up to 2 ms (spinning would take the core from the rank it waits for).
+  // for up to 2 ms (spinning would take the core from the rank it waits for). Automatic waits also go
+  // on spinning (yielding) while the awaited rank is inside a dispatch or combine call, on its way to
+  // the step, and sleep only while it is not (between calls, in the caller's own work). An explicit
+  // value (>= 0) spins that long and then sleeps.
   std::chrono::microseconds spin{-1};
   // Test hook: called with the phase name as every collective step starts (fault-injection tests
   // kill the process from here). Leave empty in production.

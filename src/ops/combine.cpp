@@ -328,6 +328,7 @@ void reduce_tokens(const CombineCall& c, const TensorView& expand_idx, const Mut
 TensorView Group::combine(const TensorView& expand_x, const TensorView& expert_ids, const TensorView& expand_idx,
                           const TensorView& ep_send_counts, const TensorView& expert_scales, const CombineOptions& o) {
   State& s = *state_;
+  const BusyWhileCalling busy(*s.transport);
   ++s.seq;
   contract::CombineCounts rows;
   const contract::CallShape shape =

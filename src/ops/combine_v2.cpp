@@ -476,6 +476,7 @@ TensorView Group::combine_v2(const TensorView& expand_x, const TensorView& exper
                              const TensorView& ep_send_counts, const TensorView& expert_scales,
                              const CombineV2Options& o) {
   State& s = *state_;
+  const BusyWhileCalling busy(*s.transport);
   ++s.seq;
   const WaitClock clock(s, o.performance_info);
   contract::CombineCounts rows;

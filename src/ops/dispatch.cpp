@@ -748,6 +748,7 @@ void copy_triples(const DispatchCall& c, const MutableTensorView& out, DispatchR
 
 DispatchResult Group::dispatch_v2(const TensorView& x, const TensorView& expert_ids, const DispatchV2Options& o) {
   State& s = *state_;
+  const BusyWhileCalling busy(*s.transport);
   ++s.seq;
   const WaitClock clock(s, o.performance_info);
   contract::EntryMask mask;
@@ -770,6 +771,7 @@ DispatchResult Group::dispatch_v2(const TensorView& x, const TensorView& expert_
 
 DispatchResult Group::dispatch(const TensorView& x, const TensorView& expert_ids, const DispatchOptions& o) {
   State& s = *state_;
+  const BusyWhileCalling busy(*s.transport);
   ++s.seq;
   const contract::CallShape shape = publish_records(s, x, expert_ids, o);
   check_records(s);

@@ -218,4 +218,17 @@ class WaitClock {
   MutableTensorView out_;
 };
 
+// Marks this rank busy for its peers' waits while an operator call runs (Transport::set_busy): between
+// its collectives it is on its way to the next one, so a peer waiting for it spins rather than sleeps.
+class BusyWhileCalling {
+ public:
+  explicit BusyWhileCalling(Transport& transport) noexcept : transport_(transport) { transport_.set_busy(true); }
+  ~BusyWhileCalling() { transport_.set_busy(false); }
+  BusyWhileCalling(const BusyWhileCalling&) = delete;
+  BusyWhileCalling& operator=(const BusyWhileCalling&) = delete;
+
+ private:
+  Transport& transport_;
+};
+
 }  // namespace moedist

@@ -8,10 +8,12 @@
 namespace moedist {
 
 WaitPolicy wait_policy(std::chrono::microseconds requested, int world_size) noexcept {
-  if (requested.count() >= 0) return WaitPolicy{requested, std::chrono::microseconds(0)};
+  using WhileBusy = WaitPolicy::WhileBusy;
+  if (requested.count() >= 0) return WaitPolicy{requested, std::chrono::microseconds(0), WhileBusy::sleep};
   const unsigned cores = std::thread::hardware_concurrency();
-  if (cores != 0 && static_cast<unsigned>(world_size) <= cores) return WaitPolicy{std::chrono::microseconds(200), {}};
-  return WaitPolicy{std::chrono::microseconds(0), std::chrono::microseconds(2000)};
+  if (cores != 0 && static_cast<unsigned>(world_size) <= cores)
+    return WaitPolicy{std::chrono::microseconds(200), {}, WhileBusy::spin};
+  return WaitPolicy{std::chrono::microseconds(0), std::chrono::microseconds(2000), WhileBusy::yield};
 }
 
 void Transport::last_allgather_waits(std::span<std::int64_t> out) const {

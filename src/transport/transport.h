@@ -29,6 +29,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <span>
 #include <string>
 #include <string_view>
@@ -43,10 +44,16 @@ namespace moedist {
 struct WaitPolicy {
   std::chrono::microseconds spin{0};   // busy-wait this long (with a pause hint)
   std::chrono::microseconds yield{0};  // then sched_yield() in a loop this long, then sleep
+  // Past those, while the awaited rank is busy (inside an operator call, Transport::set_busy): go on
+  // spinning or yielding rather than sleep. The rank is on its way to the step; waking a sleeper would
+  // cost more than its remaining work usually does, and under a competing load far more.
+  enum class WhileBusy : std::uint8_t { sleep, spin, yield };
+  WhileBusy while_busy = WhileBusy::sleep;
 };
 
-// `requested` >= 0: spin that long and never yield. Negative (automatic): spin 200 us when every one of
-// `world_size` ranks can have a core of its own; else yield for up to 2 ms.
+// `requested` >= 0: spin that long, never yield, and sleep after it whatever the awaited rank does.
+// Negative (automatic): spin 200 us, and on while the awaited rank is busy, when every one of
+// `world_size` ranks can have a core of its own; else yield for up to 2 ms, and on while it is busy.
 WaitPolicy wait_policy(std::chrono::microseconds requested, int world_size) noexcept;
 
 // A pause hint for spin loops.
@@ -73,6 +80,12 @@ class Transport {
   // size() entries. The V2 operators' performance_info reports these (V2 §5.1). A transport that cannot
   // tell reports zeros (the default).
   virtual void last_allgather_waits(std::span<std::int64_t> out) const;
+
+  // A hint from the operators: true while this rank is inside an operator call (between its
+  // collectives it works toward the next one), false outside (the caller's own work, which may take
+  // long). Ranks waiting for a busy rank keep spinning or yielding instead of sleeping
+  // (WaitPolicy::while_busy). A transport may ignore it (the default).
+  virtual void set_busy(bool /*busy*/) noexcept {}
 
   // Collective: this rank's window becomes at least `bytes` long (each rank passes its own need; a
   // window already that long is kept as it is). The new window's contents are unspecified; the previous

@@ -20,6 +20,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "moedist/error.h"
@@ -149,7 +150,7 @@ std::vector<std::string> run_world(TransportKind kind, int size, milliseconds ti
 }
 
 class Conformance : public ::testing::TestWithParam<TransportKind> {
- protected:
+ public:
   // Ranks of the world: 4, on two hosts where the transport has hosts (virtual hosts of 2 ranks).
   static constexpr int kRanks = 4;
   void expect_all_passed(const std::vector<std::string>& failures) {
@@ -281,13 +282,17 @@ TEST_P(Conformance, ExchangeDeliversMessagesWhoseSizesOnlyTheSenderKnows) {
 // The rank that does not come: the last one, on a host of its own ranks' where there are hosts.
 constexpr int kAbsent = 3;
 
-TEST_P(Conformance, ATimeoutNamesTheMissingPeerAndTheTransportStaysFailed) {
+// The absent rank either idles (outside an operator call) or says it is busy (inside one), which makes
+// its peers spin or yield for it rather than sleep (Transport::set_busy): either way they give up at
+// the timeout, naming it.
+void expect_timeout_names_the_missing_peer(TransportKind kind, bool absent_busy) {
   const milliseconds timeout(600);
-  expect_all_passed(run_world(GetParam(), kRanks, timeout, [&](Transport& t) {
+  const auto failures = run_world(kind, Conformance::kRanks, timeout, [&](Transport& t) {
     char token = 1;
     std::vector<char> tokens(static_cast<std::size_t>(t.size()));
     t.allgather(&token, 1, tokens.data(), "conformance.start");
     if (t.rank() == kAbsent) {
+      t.set_busy(absent_busy);
       // Stay alive (a closed connection would be a lost peer, not a late one) until the others gave up.
       std::this_thread::sleep_for(timeout * 4);
       return;
@@ -318,22 +323,35 @@ TEST_P(Conformance, ATimeoutNamesTheMissingPeerAndTheTransportStaysFailed) {
         fail_check(t, "after the failure, named rank ", std::to_string(e.peer()), ": ", e.what());
       if (Clock::now() - again > timeout / 2) fail_check(t, "after the failure, waited again before raising");
     }
-  }));
+  });
+  for (std::size_t r = 0; r < failures.size(); ++r) EXPECT_EQ(failures[r], "") << "rank " << r;
+}
+
+TEST_P(Conformance, ATimeoutNamesTheMissingPeerAndTheTransportStaysFailed) {
+  expect_timeout_names_the_missing_peer(GetParam(), false);
+}
+
+TEST_P(Conformance, ATimeoutNamesAMissingPeerThatSaysItIsBusy) {
+  expect_timeout_names_the_missing_peer(GetParam(), true);
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, Conformance, ::testing::ValuesIn(transports_here(false)),
                          [](const ::testing::TestParamInfo<TransportKind>& param) { return kind_name(param.param); });
 
 // A rank that dies: only where ranks are processes (a thread cannot die alone; its process would).
-class ConformanceOfProcesses : public Conformance {};
+
+// The dead rank died inside an operator call (busy, Transport::set_busy) or outside one.
+class ConformanceOfProcesses : public ::testing::TestWithParam<std::tuple<TransportKind, bool>> {};
 
 TEST_P(ConformanceOfProcesses, ADeadPeerIsReportedAsLostBeforeTheTimeout) {
   const milliseconds timeout(20000);
-  const auto failures = run_world(GetParam(), kRanks, timeout, [&](Transport& t) {
+  const bool dies_busy = std::get<1>(GetParam());
+  const auto failures = run_world(std::get<0>(GetParam()), Conformance::kRanks, timeout, [&](Transport& t) {
     char token = 1;
     std::vector<char> tokens(static_cast<std::size_t>(t.size()));
     t.allgather(&token, 1, tokens.data(), "conformance.start");
     if (t.rank() == kAbsent) {
+      t.set_busy(dies_busy);
       std::fflush(nullptr);
       ::_exit(0);  // dies without a word; the others must notice its process is gone
     }
@@ -358,11 +376,14 @@ TEST_P(ConformanceOfProcesses, ADeadPeerIsReportedAsLostBeforeTheTimeout) {
     std::fflush(nullptr);
     ::_exit(passed ? 0 : 1);
   }
-  for (int r = 0; r < kRanks; ++r) EXPECT_EQ(failures[static_cast<std::size_t>(r)], "") << "rank " << r;
+  for (std::size_t r = 0; r < failures.size(); ++r) EXPECT_EQ(failures[r], "") << "rank " << r;
 }
 
-INSTANTIATE_TEST_SUITE_P(Transports, ConformanceOfProcesses, ::testing::ValuesIn(transports_here(true)),
-                         [](const ::testing::TestParamInfo<TransportKind>& param) { return kind_name(param.param); });
+INSTANTIATE_TEST_SUITE_P(Transports, ConformanceOfProcesses,
+                         ::testing::Combine(::testing::ValuesIn(transports_here(true)), ::testing::Bool()),
+                         [](const ::testing::TestParamInfo<std::tuple<TransportKind, bool>>& param) {
+                           return kind_name(std::get<0>(param.param)) + (std::get<1>(param.param) ? "Busy" : "Idle");
+                         });
 
 }  // namespace
 }  // namespace moedist

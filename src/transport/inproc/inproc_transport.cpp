@@ -16,7 +16,8 @@ InProcHub::InProcHub(int size, std::chrono::milliseconds timeout, std::chrono::m
       ranks_per_host_(ranks_per_host >= size ? 0 : ranks_per_host),
       timeout_(timeout),
       wait_(wait_policy(spin, size)),
-      arrived_at_(static_cast<std::size_t>(size), 0),
+      arrived_at_(static_cast<std::size_t>(size)),
+      busy_(static_cast<std::size_t>(size)),
       claimed_(static_cast<std::size_t>(size), false),
       windows_(static_cast<std::size_t>(size)) {
   for (int p = 0; p < 2; ++p) {
@@ -72,14 +73,15 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
   const auto* src = static_cast<const std::byte*>(in);
   slots[static_cast<std::size_t>(rank)].assign(src, src + bytes);
   entered_ns_[gen & 1][static_cast<std::size_t>(rank)] = entered;
-  arrived_at_[static_cast<std::size_t>(rank)] = gen + 1;
+  arrived_at_[static_cast<std::size_t>(rank)].store(gen + 1, std::memory_order_relaxed);
   if (++arrived_ == size_) {
     arrived_ = 0;
     generation_.store(gen + 1, std::memory_order_release);
     cv_.notify_all();
   } else {
     // Spin or yield first (without the lock, see WaitPolicy), then sleep on the condition.
-    if (wait_.spin.count() > 0 || wait_.yield.count() > 0) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout_;
+    if (wait_.spin.count() > 0 || wait_.yield.count() > 0 || wait_.while_busy != WaitPolicy::WhileBusy::sleep) {
       lock.unlock();
       const auto arrived = [&] {
         return generation_.load(std::memory_order_acquire) != gen || failed_flag_.load(std::memory_order_acquire);
@@ -88,16 +90,32 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
       while (!arrived() && std::chrono::steady_clock::now() < spin_end) cpu_relax();
       const auto yield_end = std::chrono::steady_clock::now() + wait_.yield;
       while (!arrived() && std::chrono::steady_clock::now() < yield_end) std::this_thread::yield();
+      // Then on while a rank still missing is busy (WaitPolicy::while_busy), up to the timeout.
+      const auto missing_rank_busy = [&] {
+        for (int r = 0; r < size_; ++r) {
+          const auto i = static_cast<std::size_t>(r);
+          if (arrived_at_[i].load(std::memory_order_relaxed) != gen + 1 && busy_[i].load(std::memory_order_relaxed))
+            return true;
+        }
+        return false;
+      };
+      if (wait_.while_busy != WaitPolicy::WhileBusy::sleep) {
+        while (!arrived() && missing_rank_busy() && std::chrono::steady_clock::now() < deadline) {
+          if (wait_.while_busy == WaitPolicy::WhileBusy::spin)
+            cpu_relax();
+          else
+            std::this_thread::yield();
+        }
+      }
       lock.lock();
     }
-    const auto deadline = std::chrono::steady_clock::now() + timeout_;
     const bool done =
         cv_.wait_until(lock, deadline, [&] { return generation_.load(std::memory_order_relaxed) != gen || failed_; });
     if (!done) {
       std::ostringstream missing;
       int first_missing = -1;
       for (int r = 0; r < size_; ++r) {
-        if (arrived_at_[static_cast<std::size_t>(r)] != gen + 1) {
+        if (arrived_at_[static_cast<std::size_t>(r)].load(std::memory_order_relaxed) != gen + 1) {
           if (first_missing < 0) first_missing = r;
           missing << (missing.tellp() > 0 ? ", " : "") << r;
         }

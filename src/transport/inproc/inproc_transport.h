@@ -31,6 +31,9 @@ class InProcHub {
   // waits (size() entries, or null): per rank, how long after `rank` it entered (Transport::last_allgather_waits).
   void allgather(int rank, const void* in, std::size_t bytes, void* out, std::string_view phase, std::int64_t* waits);
   void resize_window(int rank, std::size_t bytes);
+  void set_busy(int rank, bool busy) noexcept {
+    busy_[static_cast<std::size_t>(rank)].store(busy, std::memory_order_relaxed);
+  }
   std::size_t window_size(int rank) const noexcept { return windows_[static_cast<std::size_t>(rank)].size; }
   std::byte* window(int rank) noexcept { return windows_[static_cast<std::size_t>(rank)].data; }
   int host_count() const noexcept { return ranks_per_host_ == 0 ? 1 : (size_ + ranks_per_host_ - 1) / ranks_per_host_; }
@@ -54,7 +57,10 @@ class InProcHub {
   std::atomic<std::uint64_t> generation_{0};  // written under mu_; read without it while spinning
   std::atomic<bool> failed_flag_{false};      // mirrors failed_ for the spinning readers
   int arrived_ = 0;
-  std::vector<std::uint64_t> arrived_at_;         // per rank: 1 + the generation it last entered
+  // Per rank: 1 + the generation it last entered (written under mu_, read by spinning waiters), and
+  // whether it is inside an operator call (set_busy).
+  std::vector<std::atomic<std::uint64_t>> arrived_at_;
+  std::vector<std::atomic<bool>> busy_;
   std::vector<std::vector<std::byte>> slots_[2];  // double-buffered by generation parity
   std::vector<std::int64_t> entered_ns_[2];       // per rank: when it entered (steady clock), by parity
   std::vector<bool> claimed_;
@@ -82,6 +88,7 @@ class InProcTransport final : public Transport {
     for (std::size_t r = 0; r < out.size() && r < waits_.size(); ++r) out[r] = waits_[r];
   }
   void resize_window(std::size_t bytes, std::string_view phase) override;
+  void set_busy(bool busy) noexcept override { hub_->set_busy(rank_, busy); }
   std::size_t window_size(int rank) const noexcept override { return sizes_[static_cast<std::size_t>(rank)]; }
   std::byte* window(int rank) noexcept override { return windows_[static_cast<std::size_t>(rank)]; }
   int host_count() const noexcept override { return hub_->host_count(); }

@@ -21,7 +21,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 constexpr std::uint64_t kControlMagic = 0x6d6f65646973744bull;  // "moedistK"
-constexpr std::uint32_t kControlVersion = 3;
+constexpr std::uint32_t kControlVersion = 4;
 constexpr std::size_t kSlotBytes = 256 * 1024;  // largest record of one collective step
 constexpr std::size_t kPage = 4096;
 constexpr std::uint64_t kAllocationFailed = ~std::uint64_t{0};  // a SegmentNote that says the allocation failed
@@ -78,6 +78,7 @@ struct ShmTransport::Control {
   // Peers asleep (or about to be) on `steps`: a publisher makes the FUTEX_WAKE system call only when one
   // is, which spares it on every step where all waiters spin.
   std::atomic<std::uint32_t> sleepers;
+  std::atomic<std::uint32_t> busy;  // 1 while the rank is inside an operator call (Transport::set_busy)
   alignas(64) std::uint64_t record_bytes[2];
   std::int64_t entered_ns[2];  // when the rank entered the step (steady clock: one per machine), by parity
 
@@ -191,6 +192,10 @@ void ShmTransport::fail(const PeerError& error) {
   throw error;
 }
 
+void ShmTransport::set_busy(bool busy) noexcept {
+  control(rank())->busy.store(busy ? 1 : 0, std::memory_order_relaxed);
+}
+
 void ShmTransport::enter(std::string_view phase) {
   if (failed_) {
     throw PeerError(ErrorCode::peer_failed, failed_peer_, std::string(phase),
@@ -227,8 +232,22 @@ void ShmTransport::wait_for(int peer, std::uint32_t target, Clock::time_point de
                          std::to_string(options_.wait.timeout.count()) + " ms in phase '" + phase +
                          "' waiting for rank " + std::to_string(peer)));
     }
-    // Sleep until the peer publishes (it wakes us), or 20 ms pass and we look at its liveness again.
     const auto slice = std::min<Clock::duration>(deadline - now, std::chrono::milliseconds(20));
+    // A busy peer is on its way here: spin or yield (the policy's choice) while it stays busy, looking
+    // at its liveness and the deadline again every slice.
+    std::atomic<std::uint32_t>& peer_busy = control(peer)->busy;
+    if (wait_.while_busy != WaitPolicy::WhileBusy::sleep && peer_busy.load(std::memory_order_relaxed) != 0) {
+      const auto slice_end = now + slice;
+      while (!reached(word->load(std::memory_order_acquire)) && peer_busy.load(std::memory_order_relaxed) != 0 &&
+             Clock::now() < slice_end) {
+        if (wait_.while_busy == WaitPolicy::WhileBusy::spin)
+          cpu_relax();
+        else
+          ::sched_yield();
+      }
+      continue;
+    }
+    // Sleep until the peer publishes (it wakes us), or 20 ms pass and we look at its liveness again.
     const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(slice).count();
     const timespec ts{static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
     // Counted before the futex compares the word: a publisher that stores its step after this count

@@ -26,6 +26,7 @@ class ShmTransport final : public Transport {
   int size() const noexcept override { return mesh_.size(); }
   void allgather(const void* in, std::size_t bytes, void* out, std::string_view phase) override;
   void last_allgather_waits(std::span<std::int64_t> out) const override;
+  void set_busy(bool busy) noexcept override;
   void resize_window(std::size_t bytes, std::string_view phase) override;
   std::size_t window_size(int rank) const noexcept override { return windows_[static_cast<std::size_t>(rank)].size; }
   std::byte* window(int rank) noexcept override { return windows_[static_cast<std::size_t>(rank)].base; }
