@@ -19,6 +19,7 @@
 #include "cuda/row_math.h"
 #include "kernels/row_kernels.h"
 #include "numeric/convert.h"
+#include "oracle/oracle_common.h"
 
 namespace moedist {
 namespace {
@@ -343,29 +344,6 @@ GpuQuant gpu_quantize(bool bf16, const std::vector<std::uint16_t>& x, const floa
   return out;
 }
 
-// The oracle's make_row (quant_mode 2), transcribed with numeric:: conversions.
-void oracle_quantize(Half type, const std::vector<std::uint16_t>& x, const float* smooth, std::vector<std::int8_t>& q,
-                     float& scale) {
-  const auto h = static_cast<std::int64_t>(x.size());
-  std::vector<float> v(x.size());
-  for (std::int64_t i = 0; i < h; ++i) {
-    v[i] = numeric::half_to_f32(type, x[i]);
-    if (smooth != nullptr) {
-      const float smoothed = v[i] * smooth[i];
-      v[i] = smoothed;
-    }
-  }
-  float amax = 0.0f;
-  for (const float value : v) amax = std::max(amax, std::fabs(value));
-  const float ds = 127.0f / amax;
-  q.resize(x.size());
-  for (std::int64_t i = 0; i < h; ++i) {
-    const float w = v[i] * ds;
-    q[i] = numeric::rint_to_int8(w);
-  }
-  scale = 1.0f / ds;
-}
-
 TEST_F(CudaRowMath, QuantizeRowMatchesScalarKernelAndOracle) {
   std::mt19937 rng(7001);
   Mismatches bad("quantize");
@@ -384,9 +362,10 @@ TEST_F(CudaRowMath, QuantizeRowMatchesScalarKernelAndOracle) {
           std::vector<float> scratch(static_cast<std::size_t>(h));
           float scale_ref = -1.0f;
           kernels::quantize_row(x.data(), 1, type, smooth, h, q_ref.data(), &scale_ref, scratch.data());
-          std::vector<std::int8_t> q_oracle;
-          float scale_oracle = -1.0f;
-          oracle_quantize(type, x, smooth, q_oracle, scale_oracle);
+          // The oracle's own quantization (make_row, quant_mode 2).
+          const oracle::common::RowPayload oracle_row = oracle::common::make_payload(type, 2, x.data(), smooth, h);
+          const std::vector<std::int8_t>& q_oracle = oracle_row.q;
+          const float scale_oracle = oracle_row.dynamic_scale;
           ++rows;
 
           const std::string at = where(type, kind, h, -1) + (with_smooth ? " smooth" : "");

@@ -1,6 +1,7 @@
 // Tests of the reference oracle against values derived by hand from the contract
 // (ascend-op-semantics.md). Expected values are written out or computed here independently; the tests
-// never call the oracle's internals, and they encode 16-bit floats with their own exact encoders.
+// never call the oracle's internals, and they encode 16-bit floats with exact encoders of their own
+// (test_inputs.h), not the conversions of numeric/convert.h.
 #include "oracle/oracle.h"
 
 #include <gtest/gtest.h>
@@ -12,44 +13,18 @@
 #include <random>
 #include <vector>
 
+#include "test_inputs.h"
+
 namespace {
 
 using moedist::numeric::Half;
 using moedist::oracle::Case;
 using moedist::oracle::RankInput;
 using moedist::oracle::RankOutput;
-
-// bf16 bits of a value that bf16 represents exactly (the test fails otherwise).
-std::uint16_t bf16(float value) {
-  const auto bits = std::bit_cast<std::uint32_t>(value);
-  EXPECT_EQ(bits & 0xffffu, 0u) << value << " is not exactly representable in bf16";
-  return static_cast<std::uint16_t>(bits >> 16);
-}
-
-// fp16 bits of a normal (or zero) value that fp16 represents exactly (the test fails otherwise).
-std::uint16_t fp16(double value) {
-  if (value == 0.0) return std::signbit(value) ? 0x8000 : 0x0000;
-  const std::uint16_t sign = value < 0 ? 0x8000 : 0x0000;
-  const double magnitude = std::fabs(value);
-  int exponent = -14;
-  while (exponent < 15 && std::ldexp(1.0, exponent + 1) <= magnitude) ++exponent;
-  const double mantissa = (magnitude / std::ldexp(1.0, exponent) - 1.0) * 1024.0;
-  EXPECT_TRUE(mantissa >= 0.0 && mantissa < 1024.0 && mantissa == std::floor(mantissa))
-      << value << " is not an exactly representable normal fp16";
-  return static_cast<std::uint16_t>(sign | ((exponent + 15) << 10) | static_cast<int>(mantissa));
-}
-
-std::vector<std::uint16_t> bf16_row(const std::vector<float>& values) {
-  std::vector<std::uint16_t> bits;
-  for (const float v : values) bits.push_back(bf16(v));
-  return bits;
-}
-
-std::vector<std::uint16_t> fp16_row(const std::vector<double>& values) {
-  std::vector<std::uint16_t> bits;
-  for (const double v : values) bits.push_back(fp16(v));
-  return bits;
-}
+using moedist::testing::exact_bf16;
+using moedist::testing::exact_bf16_row;
+using moedist::testing::exact_fp16;
+using moedist::testing::exact_fp16_row;
 
 // A case with the geometry filled in and empty ranks.
 Case make_case(int ep_world_size, int tp_world_size, int moe_expert_num, int shared_expert_rank_num, std::int64_t h,
@@ -94,7 +69,7 @@ Case worked_example_case() {
     std::vector<float> x = worked_example_row(r, 0);
     const std::vector<float> second = worked_example_row(r, 1);
     x.insert(x.end(), second.begin(), second.end());
-    c.ranks[r] = make_rank(2, bf16_row(x), ids[r]);
+    c.ranks[r] = make_rank(2, exact_bf16_row(x), ids[r]);
   }
   return c;
 }
@@ -120,7 +95,7 @@ TEST(OracleWorkedExample, Rank1RowProvenanceAndCounts) {
   ASSERT_EQ(rank1.expand_x.size(), 11u * 2);
   for (std::size_t row = 0; row < expected_sources.size(); ++row) {
     const auto [src, b] = expected_sources[row];
-    EXPECT_EQ(row_of(rank1.expand_x, static_cast<std::int64_t>(row), 2), bf16_row(worked_example_row(src, b)))
+    EXPECT_EQ(row_of(rank1.expand_x, static_cast<std::int64_t>(row), 2), exact_bf16_row(worked_example_row(src, b)))
         << "row " << row;
   }
   EXPECT_EQ(rank1.ep_recv_counts, (std::vector<std::int32_t>{1, 2, 3, 5, 7, 8, 10, 11}));
@@ -150,7 +125,7 @@ Case single_rank_case(std::int64_t h, const std::vector<std::vector<float>>& row
     x.insert(x.end(), row.begin(), row.end());
     ids.push_back(0);
   }
-  c.ranks[0] = make_rank(static_cast<std::int64_t>(rows.size()), bf16_row(x), ids);
+  c.ranks[0] = make_rank(static_cast<std::int64_t>(rows.size()), exact_bf16_row(x), ids);
   return c;
 }
 
@@ -166,7 +141,7 @@ TEST(OracleDynamicQuant, ExactScalesAndTiesToEven) {
   EXPECT_EQ(out.dynamic_scales[0], 1.0f);
   EXPECT_EQ(out.dynamic_scales[1], 2.0f);
   // Identity experts return q * scale: [127, -64, 2, 0] and [254, 4, -4, 0].
-  EXPECT_EQ(out.combine_out, bf16_row({127.0f, -64.0f, 2.0f, 0.0f, 254.0f, 4.0f, -4.0f, 0.0f}));
+  EXPECT_EQ(out.combine_out, exact_bf16_row({127.0f, -64.0f, 2.0f, 0.0f, 254.0f, 4.0f, -4.0f, 0.0f}));
 }
 
 TEST(OracleDynamicQuant, NonPowerOfTwoScale) {
@@ -191,7 +166,7 @@ TEST(OracleDynamicQuant, AllZeroRowGivesZeroValuesAndZeroScale) {
   EXPECT_EQ(out.expand_x_int8, (std::vector<std::int8_t>{0, 0, 0}));
   ASSERT_EQ(out.dynamic_scales.size(), 1u);
   EXPECT_EQ(std::bit_cast<std::uint32_t>(out.dynamic_scales[0]), 0u);  // +0.0
-  EXPECT_EQ(out.combine_out, bf16_row({0.0f, 0.0f, 0.0f}));
+  EXPECT_EQ(out.combine_out, exact_bf16_row({0.0f, 0.0f, 0.0f}));
 }
 
 TEST(OracleDynamicQuant, SmoothScalesRowSelectionWithSharedExperts) {
@@ -200,12 +175,12 @@ TEST(OracleDynamicQuant, SmoothScalesRowSelectionWithSharedExperts) {
   Case c = make_case(2, 0, 2, 1, 4, 1);
   c.quant_mode = 2;
   // rank 0: token [2,2,2,2] -> expert 0 (row 1 of rank 0's scales); its shared copy stays on rank 0 (row 0).
-  c.ranks[0] = make_rank(1, bf16_row({2, 2, 2, 2}), {0});
+  c.ranks[0] = make_rank(1, exact_bf16_row({2, 2, 2, 2}), {0});
   c.ranks[0].scales = {1, 1,     1, 1,   // row 0: shared expert
                        1, 0.25f, 1, 1,   // row 1: expert 0
                        3, 3,     3, 3};  // row 2: expert 1 (unused by rank 0)
   // rank 1: token [1,1,1,1] -> expert 1 (row 2 of rank 1's scales); its shared copy goes to rank 0 (row 0).
-  c.ranks[1] = make_rank(1, bf16_row({1, 1, 1, 1}), {1});
+  c.ranks[1] = make_rank(1, exact_bf16_row({1, 1, 1, 1}), {1});
   c.ranks[1].scales = {1,   1,     1, 1,      // row 0: shared expert
                        2,   2,     2, 2,      // row 1: expert 0 (must not be used)
                        127, 63.5f, 0, -127};  // row 2: expert 1
@@ -237,10 +212,10 @@ TEST(OracleSharedExperts, V1SplitWithNonDivisibleBatch) {
   //   s = 0: r0 -> 1, r1 -> 2;  s = 1: r0 -> 2, r1 -> 1.
   Case c = make_case(4, 0, 2, 2, 1, 1);
   for (int r = 0; r < 4; ++r) {
-    c.ranks[r] = make_rank(3, bf16_row({float(10 * r + 1), float(10 * r + 2), float(10 * r + 3)}), {0, 1, 0});
+    c.ranks[r] = make_rank(3, exact_bf16_row({float(10 * r + 1), float(10 * r + 2), float(10 * r + 3)}), {0, 1, 0});
   }
   const std::vector<RankOutput> out = moedist::oracle::run(c);
-  auto token = [](int r, int b) { return bf16(float(10 * r + b + 1)); };
+  auto token = [](int r, int b) { return exact_bf16(float(10 * r + b + 1)); };
 
   EXPECT_EQ(out[0].expand_x,
             (std::vector<std::uint16_t>{token(0, 0), token(0, 1), token(0, 2), token(2, 0), token(3, 0), token(3, 1)}));
@@ -260,7 +235,8 @@ TEST(OracleSharedExperts, V1SplitWithNonDivisibleBatch) {
   // Identity experts: every token comes back once from its MoE expert and once (weight 1) from the
   // shared expert, so combine gives exactly 2x. A wrong shared slot would pick another token's value.
   for (int r = 0; r < 4; ++r) {
-    EXPECT_EQ(out[r].combine_out, bf16_row({float(2 * (10 * r + 1)), float(2 * (10 * r + 2)), float(2 * (10 * r + 3))}))
+    EXPECT_EQ(out[r].combine_out,
+              exact_bf16_row({float(2 * (10 * r + 1)), float(2 * (10 * r + 2)), float(2 * (10 * r + 3))}))
         << "rank " << r;
   }
 }
@@ -269,65 +245,65 @@ TEST(OracleSharedExperts, RanksWithDifferentBatchSizesIncludingZero) {
   // W = 3, S = 1, E = 2 (L = 1): shared rank 0 has BS 2, MoE rank 1 has BS 0, MoE rank 2 has BS 3.
   Case c = make_case(3, 0, 2, 1, 1, 1);
   c.global_bs = 3 * 3;
-  c.ranks[0] = make_rank(2, bf16_row({1, 2}), {0, 1});
+  c.ranks[0] = make_rank(2, exact_bf16_row({1, 2}), {0, 1});
   c.ranks[1] = make_rank(0, {}, {});
-  c.ranks[2] = make_rank(3, bf16_row({3, 4, 5}), {1, 1, 0});
+  c.ranks[2] = make_rank(3, exact_bf16_row({3, 4, 5}), {1, 1, 0});
   const std::vector<RankOutput> out = moedist::oracle::run(c);
 
   // With S = 1 every MoE token goes to rank 0; its own 2 rows are the r = 0 entry.
-  EXPECT_EQ(out[0].expand_x, bf16_row({1, 2, 3, 4, 5}));
+  EXPECT_EQ(out[0].expand_x, exact_bf16_row({1, 2, 3, 4, 5}));
   EXPECT_EQ(out[0].ep_recv_counts, (std::vector<std::int32_t>{2, 2, 5}));
   EXPECT_EQ(out[0].expert_token_nums, (std::vector<std::int64_t>{5}));
   // Rank 1 (expert 0): rank 0's b0, rank 2's b2. Rank 2 (expert 1): rank 0's b1, rank 2's b0 and b1.
-  EXPECT_EQ(out[1].expand_x, bf16_row({1, 5}));
+  EXPECT_EQ(out[1].expand_x, exact_bf16_row({1, 5}));
   EXPECT_EQ(out[1].ep_recv_counts, (std::vector<std::int32_t>{1, 1, 2}));
-  EXPECT_EQ(out[2].expand_x, bf16_row({2, 3, 4}));
+  EXPECT_EQ(out[2].expand_x, exact_bf16_row({2, 3, 4}));
   EXPECT_EQ(out[2].ep_recv_counts, (std::vector<std::int32_t>{1, 1, 3}));
   EXPECT_EQ(out[2].expand_idx, (std::vector<std::int32_t>{0, 1, 0}));
   // The empty rank still gets its counts but no per-token outputs.
   EXPECT_TRUE(out[1].expand_idx.empty());
   EXPECT_TRUE(out[1].combine_out.empty());
-  EXPECT_EQ(out[0].combine_out, bf16_row({2, 4}));
-  EXPECT_EQ(out[2].combine_out, bf16_row({6, 8, 10}));
+  EXPECT_EQ(out[0].combine_out, exact_bf16_row({2, 4}));
+  EXPECT_EQ(out[2].combine_out, exact_bf16_row({6, 8, 10}));
 }
 
 TEST(OracleTensorParallel, LayoutCountsAndIdentityCombine) {
   // W = 2, T = 2, E = 2 (L = 1), K = 1. Global rank g = 2 * ep + t; EP group t = {g = t, g = 2 + t}.
   Case c = make_case(2, 2, 2, 0, 1, 1);
-  c.ranks[0] = make_rank(2, bf16_row({1, 2}), {0, 1});        // ep 0, t 0
-  c.ranks[1] = make_rank(1, bf16_row({3}), {1});              // ep 0, t 1
-  c.ranks[2] = make_rank(1, bf16_row({4}), {0});              // ep 1, t 0
-  c.ranks[3] = make_rank(3, bf16_row({5, 6, 7}), {0, 0, 1});  // ep 1, t 1
+  c.ranks[0] = make_rank(2, exact_bf16_row({1, 2}), {0, 1});        // ep 0, t 0
+  c.ranks[1] = make_rank(1, exact_bf16_row({3}), {1});              // ep 0, t 1
+  c.ranks[2] = make_rank(1, exact_bf16_row({4}), {0});              // ep 1, t 0
+  c.ranks[3] = make_rank(3, exact_bf16_row({5, 6, 7}), {0, 0, 1});  // ep 1, t 1
   const std::vector<RankOutput> out = moedist::oracle::run(c);
 
   // Group t = 0: expert 0 (ep 0) gets g0.b0, g2.b0 -> counts [1, 2]; expert 1 (ep 1) gets g0.b1 -> [1, 1].
   // Group t = 1: expert 0 (ep 0) gets g3.b0, g3.b1 -> [0, 2]; expert 1 (ep 1) gets g1.b0, g3.b2 -> [1, 2].
-  EXPECT_EQ(out[0].expand_x, bf16_row({1, 4, 5, 6}));  // own rows, then the peer's own rows
+  EXPECT_EQ(out[0].expand_x, exact_bf16_row({1, 4, 5, 6}));  // own rows, then the peer's own rows
   EXPECT_EQ(out[0].tp_recv_counts, (std::vector<std::int32_t>{2, 2}));
   EXPECT_EQ(out[0].ep_recv_counts, (std::vector<std::int32_t>{1, 2, 0, 2}));
   EXPECT_EQ(out[0].expert_token_nums, (std::vector<std::int64_t>{4}));
 
-  EXPECT_EQ(out[1].expand_x, bf16_row({5, 6, 1, 4}));  // own rows first whatever the tp_rank
+  EXPECT_EQ(out[1].expand_x, exact_bf16_row({5, 6, 1, 4}));  // own rows first whatever the tp_rank
   EXPECT_EQ(out[1].tp_recv_counts, (std::vector<std::int32_t>{2, 2}));
   EXPECT_EQ(out[1].ep_recv_counts, (std::vector<std::int32_t>{0, 2, 1, 2}));
   EXPECT_EQ(out[1].expert_token_nums, (std::vector<std::int64_t>{4}));
 
-  EXPECT_EQ(out[2].expand_x, bf16_row({2, 3, 7}));
+  EXPECT_EQ(out[2].expand_x, exact_bf16_row({2, 3, 7}));
   EXPECT_EQ(out[2].tp_recv_counts, (std::vector<std::int32_t>{1, 2}));  // [t] = own, [1 - t] = peer
   EXPECT_EQ(out[2].ep_recv_counts, (std::vector<std::int32_t>{1, 1, 1, 2}));
   EXPECT_EQ(out[2].expert_token_nums, (std::vector<std::int64_t>{3}));
 
-  EXPECT_EQ(out[3].expand_x, bf16_row({3, 7, 2}));
+  EXPECT_EQ(out[3].expand_x, exact_bf16_row({3, 7, 2}));
   EXPECT_EQ(out[3].tp_recv_counts, (std::vector<std::int32_t>{1, 2}));
   EXPECT_EQ(out[3].ep_recv_counts, (std::vector<std::int32_t>{1, 2, 1, 1}));
   EXPECT_EQ(out[3].expert_token_nums, (std::vector<std::int64_t>{3}));
   EXPECT_EQ(out[3].expand_idx, (std::vector<std::int32_t>{0, 1, 0}));
 
   // Identity experts: each TP partial is the token itself, so the reduce doubles it (K = 1).
-  EXPECT_EQ(out[0].combine_out, bf16_row({2, 4}));
-  EXPECT_EQ(out[1].combine_out, bf16_row({6}));
-  EXPECT_EQ(out[2].combine_out, bf16_row({8}));
-  EXPECT_EQ(out[3].combine_out, bf16_row({10, 12, 14}));
+  EXPECT_EQ(out[0].combine_out, exact_bf16_row({2, 4}));
+  EXPECT_EQ(out[1].combine_out, exact_bf16_row({6}));
+  EXPECT_EQ(out[2].combine_out, exact_bf16_row({8}));
+  EXPECT_EQ(out[3].combine_out, exact_bf16_row({10, 12, 14}));
 }
 
 TEST(OracleTensorParallel, Bf16ReduceRoundsHalfAwayFromZero) {
@@ -336,15 +312,15 @@ TEST(OracleTensorParallel, Bf16ReduceRoundsHalfAwayFromZero) {
   // 1 + 2^-8 and -(1 + 2^-8) lie exactly halfway between bf16 neighbours (spacing 2^-7 at 1): round-half-
   // away gives +-(1 + 2^-7), round-half-even would give +-1. Likewise 3 + 2^-7 (spacing 2^-6) -> 3 + 2^-6.
   Case c = make_case(1, 2, 1, 0, 2, 1);
-  c.ranks[0] = make_rank(1, bf16_row({0, 0}), {0});
-  c.ranks[1] = make_rank(1, bf16_row({0, 0}), {0});
+  c.ranks[0] = make_rank(1, exact_bf16_row({0, 0}), {0});
+  c.ranks[1] = make_rank(1, exact_bf16_row({0, 0}), {0});
   c.ranks[0].has_combine_x = true;
-  c.ranks[0].combine_x = bf16_row({1.0f, 3.0f, -0x1p-8f, -0x1p-7f});  // [own row, copy of g1's row]
+  c.ranks[0].combine_x = exact_bf16_row({1.0f, 3.0f, -0x1p-8f, -0x1p-7f});  // [own row, copy of g1's row]
   c.ranks[1].has_combine_x = true;
-  c.ranks[1].combine_x = bf16_row({-1.0f, -3.0f, 0x1p-8f, 0x1p-7f});  // [own row, copy of g0's row]
+  c.ranks[1].combine_x = exact_bf16_row({-1.0f, -3.0f, 0x1p-8f, 0x1p-7f});  // [own row, copy of g0's row]
   const std::vector<RankOutput> out = moedist::oracle::run(c);
-  EXPECT_EQ(out[0].combine_out, bf16_row({1.0f + 0x1p-7f, 3.0f + 0x1p-6f}));
-  EXPECT_EQ(out[1].combine_out, bf16_row({-1.0f - 0x1p-7f, -3.0f - 0x1p-6f}));
+  EXPECT_EQ(out[0].combine_out, exact_bf16_row({1.0f + 0x1p-7f, 3.0f + 0x1p-6f}));
+  EXPECT_EQ(out[1].combine_out, exact_bf16_row({-1.0f - 0x1p-7f, -3.0f - 0x1p-6f}));
 }
 
 TEST(OracleTensorParallel, Fp16ReduceRoundsHalfToEven) {
@@ -352,15 +328,15 @@ TEST(OracleTensorParallel, Fp16ReduceRoundsHalfToEven) {
   // 1 + 3 * 2^-11 is halfway between 1 + 2^-10 (odd) and 1 + 2^-9 (even): gives 1 + 2^-9.
   Case c = make_case(1, 2, 1, 0, 2, 1);
   c.dtype = Half::fp16;
-  c.ranks[0] = make_rank(1, fp16_row({0, 0}), {0});
-  c.ranks[1] = make_rank(1, fp16_row({0, 0}), {0});
+  c.ranks[0] = make_rank(1, exact_fp16_row({0, 0}), {0});
+  c.ranks[1] = make_rank(1, exact_fp16_row({0, 0}), {0});
   c.ranks[0].has_combine_x = true;
-  c.ranks[0].combine_x = fp16_row({1.0, 1.0 + 0x1p-10, 0.0, 0.0});
+  c.ranks[0].combine_x = exact_fp16_row({1.0, 1.0 + 0x1p-10, 0.0, 0.0});
   c.ranks[1].has_combine_x = true;
-  c.ranks[1].combine_x = fp16_row({0.0, 0.0, 0x1p-11, 0x1p-11});
+  c.ranks[1].combine_x = exact_fp16_row({0.0, 0.0, 0x1p-11, 0x1p-11});
   const std::vector<RankOutput> out = moedist::oracle::run(c);
-  EXPECT_EQ(out[0].combine_out, fp16_row({1.0, 1.0 + 0x1p-9}));
-  EXPECT_EQ(out[1].combine_out, fp16_row({0.0, 0.0}));
+  EXPECT_EQ(out[0].combine_out, exact_fp16_row({1.0, 1.0 + 0x1p-9}));
+  EXPECT_EQ(out[1].combine_out, exact_fp16_row({0.0, 0.0}));
 }
 
 TEST(OracleCombine, WeightsExpertsAndAddsSharedExpertUnweighted) {
@@ -368,23 +344,23 @@ TEST(OracleCombine, WeightsExpertsAndAddsSharedExpertUnweighted) {
   // rank 0 (shared): token ids [0, 1], weights [2, 4]; rank 1: token ids [1, 0], weights [0.5, 0.25].
   // Rank 1 rows: (l=0: r0 b0 k0, r1 b0 k1), (l=1: r0 b0 k1, r1 b0 k0). Rank 0 rows: own b0, rank 1's b0.
   Case c = make_case(2, 0, 2, 1, 1, 2);
-  c.ranks[0] = make_rank(1, bf16_row({0}), {0, 1});
+  c.ranks[0] = make_rank(1, exact_bf16_row({0}), {0, 1});
   c.ranks[0].expert_scales = {2.0f, 4.0f};
-  c.ranks[1] = make_rank(1, bf16_row({0}), {1, 0});
+  c.ranks[1] = make_rank(1, exact_bf16_row({0}), {1, 0});
   c.ranks[1].expert_scales = {0.5f, 0.25f};
   c.ranks[1].has_combine_x = true;
-  c.ranks[1].combine_x = bf16_row({1, 8, 3, 16});
+  c.ranks[1].combine_x = exact_bf16_row({1, 8, 3, 16});
   c.ranks[0].has_combine_x = true;
-  c.ranks[0].combine_x = bf16_row({100, 1000});
+  c.ranks[0].combine_x = exact_bf16_row({100, 1000});
   const std::vector<RankOutput> out = moedist::oracle::run(c);
 
   EXPECT_EQ(out[1].expand_scales, (std::vector<float>{2.0f, 0.25f, 4.0f, 0.5f}));
   EXPECT_EQ(out[0].expand_scales, (std::vector<float>{1.0f, 1.0f}));  // shared-expert rows
   // rank 0: 1*2 + 3*4 + 100 = 114 (exact in bf16).
-  EXPECT_EQ(out[0].combine_out, bf16_row({114}));
+  EXPECT_EQ(out[0].combine_out, exact_bf16_row({114}));
   // rank 1: 16*0.5 + 8*0.25 + 1000 = 1010, halfway between the bf16 values 1008 and 1012 (spacing 4):
   // nearest-even gives 1008. (Weighting the shared output by a router weight would give something else.)
-  EXPECT_EQ(out[1].combine_out, bf16_row({1008}));
+  EXPECT_EQ(out[1].combine_out, exact_bf16_row({1008}));
 }
 
 TEST(OracleCombine, AccumulatesInIncreasingKThenAddsShared) {
@@ -395,12 +371,12 @@ TEST(OracleCombine, AccumulatesInIncreasingKThenAddsShared) {
   Case c = make_case(2, 0, 3, 1, 1, 3);
   c.ranks[0] = make_rank(0, {}, {});
   c.ranks[0].has_combine_x = true;
-  c.ranks[0].combine_x = bf16_row({-0x1p24f});
-  c.ranks[1] = make_rank(1, bf16_row({0}), {0, 1, 2});
+  c.ranks[0].combine_x = exact_bf16_row({-0x1p24f});
+  c.ranks[1] = make_rank(1, exact_bf16_row({0}), {0, 1, 2});
   c.ranks[1].has_combine_x = true;
-  c.ranks[1].combine_x = bf16_row({1.0f, 0x1p24f, 1.0f});
+  c.ranks[1].combine_x = exact_bf16_row({1.0f, 0x1p24f, 1.0f});
   const std::vector<RankOutput> out = moedist::oracle::run(c);
-  EXPECT_EQ(out[1].combine_out, bf16_row({0.0f}));
+  EXPECT_EQ(out[1].combine_out, exact_bf16_row({0.0f}));
   // Counts of the empty shared rank: its own-row split is 0, then 1 row from rank 1.
   EXPECT_EQ(out[0].ep_recv_counts, (std::vector<std::int32_t>{0, 1}));
   EXPECT_EQ(out[1].ep_recv_counts, (std::vector<std::int32_t>{0, 1, 1, 2, 2, 3}));
@@ -410,8 +386,8 @@ TEST(OracleCombine, AccumulatesInIncreasingKThenAddsShared) {
 
 TEST(OracleCombine, CommQuantMode2RoundTripsThroughInt8InGroupsOf8) {
   // fp16, H = 19: groups [0, 8), [8, 16), [16, 19) (a short tail). Identity weights, K = 1, one rank.
-  // Group 0, max 200: sc = fl32(200 * fl32(1/127)) = 1.5748031; sc_T = fp16(sc) = 1.5751953125.
-  //   y      y/sc (fp32)   fp16      q      y' = fp16(q * sc_T)
+  // Group 0, max 200: sc = fl32(200 * fl32(1/127)) = 1.5748031; sc_T = exact_fp16(sc) = 1.5751953125.
+  //   y      y/sc (fp32)   fp16      q      y' = exact_fp16(q * sc_T)
   //   200    127.0         127       127    200.0498 -> 200
   //   199.25 126.52375     126.5     126    198.4746 -> 198.5   (without the fp16 step q would be 127)
   //   199    126.365       126.375   126    198.5
@@ -427,13 +403,13 @@ TEST(OracleCombine, CommQuantMode2RoundTripsThroughInt8InGroupsOf8) {
   c.dtype = Half::fp16;
   c.comm_quant_mode = 2;
   const std::vector<double> y = {200, 199.25, 199, -100, 1, 0.5, 3, 150, 0, 0, 0, 0, 0, 0, 0, 0, -2, 1, 0.25};
-  c.ranks[0] = make_rank(1, fp16_row(std::vector<double>(19, 0.0)), {0});
+  c.ranks[0] = make_rank(1, exact_fp16_row(std::vector<double>(19, 0.0)), {0});
   c.ranks[0].has_combine_x = true;
-  c.ranks[0].combine_x = fp16_row(y);
+  c.ranks[0].combine_x = exact_fp16_row(y);
   const RankOutput out = moedist::oracle::run(c)[0];
-  EXPECT_EQ(out.combine_out, fp16_row({200, 198.5, 198.5, -100.8125, 1.5751953125, 0, 3.150390625, 149.625,  //
-                                       0, 0, 0, 0, 0, 0, 0, 0,                                               //
-                                       -2, 1.0078125, 0.251953125}));
+  EXPECT_EQ(out.combine_out, exact_fp16_row({200, 198.5, 198.5, -100.8125, 1.5751953125, 0, 3.150390625, 149.625,  //
+                                             0, 0, 0, 0, 0, 0, 0, 0,                                               //
+                                             -2, 1.0078125, 0.251953125}));
 }
 
 TEST(OracleLayout, RandomRoutingMatchesBlockOrderDerivedByNestedLoops) {
@@ -449,8 +425,8 @@ TEST(OracleLayout, RandomRoutingMatchesBlockOrderDerivedByNestedLoops) {
     RankInput& rank = c.ranks[r];
     rank.bs = 20 + 4 * r;
     for (std::int64_t b = 0; b < rank.bs; ++b) {
-      rank.x.push_back(bf16(float(r)));
-      rank.x.push_back(bf16(float(b)));
+      rank.x.push_back(exact_bf16(float(r)));
+      rank.x.push_back(exact_bf16(float(b)));
       std::vector<std::int32_t> ids = {0, 1, 2, 3, 4, 5, 6, 7};
       std::shuffle(ids.begin(), ids.end(), rng);
       rank.expert_ids.insert(rank.expert_ids.end(), ids.begin(), ids.begin() + k);
@@ -469,8 +445,8 @@ TEST(OracleLayout, RandomRoutingMatchesBlockOrderDerivedByNestedLoops) {
         for (std::int64_t b = 0; b < rank.bs; ++b) {
           for (std::int64_t j = 0; j < k; ++j) {
             if (rank.expert_ids[b * k + j] != expert) continue;
-            expected_rows.push_back(bf16(float(r)));
-            expected_rows.push_back(bf16(float(b)));
+            expected_rows.push_back(exact_bf16(float(r)));
+            expected_rows.push_back(exact_bf16(float(b)));
             ++per_expert;
           }
         }
@@ -520,7 +496,7 @@ Case random_round_trip_case(Half dtype, std::int64_t k, std::uint32_t seed) {
     for (std::int64_t i = 0; i < rank.bs * h; ++i) {
       // m * 2^e with |m| < 256 is exact in bf16 (8 significant bits) and in fp16 (11).
       const double value = std::ldexp(mantissa(rng), exponent(rng));
-      rank.x.push_back(dtype == Half::bf16 ? bf16(static_cast<float>(value)) : fp16(value));
+      rank.x.push_back(dtype == Half::bf16 ? exact_bf16(static_cast<float>(value)) : exact_fp16(value));
     }
     for (std::int64_t b = 0; b < rank.bs; ++b) {
       std::vector<std::int32_t> experts = {0, 1, 2, 3, 4, 5, 6, 7};

@@ -19,44 +19,17 @@
 
 #include "numeric/convert.h"
 #include "oracle/oracle.h"
+#include "test_inputs.h"
 
 namespace {
 
 using moedist::numeric::Half;
+using moedist::testing::exact_bf16;
+using moedist::testing::exact_bf16_row;
+using moedist::testing::exact_fp16;
+using moedist::testing::exact_fp16_row;
 namespace v2 = moedist::oracle::v2;
 namespace v1 = moedist::oracle;
-
-// bf16 bits of a value that bf16 represents exactly (the test fails otherwise).
-std::uint16_t bf16(float value) {
-  const auto bits = std::bit_cast<std::uint32_t>(value);
-  EXPECT_EQ(bits & 0xffffu, 0u) << value << " is not exactly representable in bf16";
-  return static_cast<std::uint16_t>(bits >> 16);
-}
-
-// fp16 bits of a normal (or zero) value that fp16 represents exactly (the test fails otherwise).
-std::uint16_t fp16(double value) {
-  if (value == 0.0) return std::signbit(value) ? 0x8000 : 0x0000;
-  const std::uint16_t sign = value < 0 ? 0x8000 : 0x0000;
-  const double magnitude = std::fabs(value);
-  int exponent = -14;
-  while (exponent < 15 && std::ldexp(1.0, exponent + 1) <= magnitude) ++exponent;
-  const double mantissa = (magnitude / std::ldexp(1.0, exponent) - 1.0) * 1024.0;
-  EXPECT_TRUE(mantissa >= 0.0 && mantissa < 1024.0 && mantissa == std::floor(mantissa))
-      << value << " is not an exactly representable normal fp16";
-  return static_cast<std::uint16_t>(sign | ((exponent + 15) << 10) | static_cast<int>(mantissa));
-}
-
-std::vector<std::uint16_t> bf16_row(const std::vector<float>& values) {
-  std::vector<std::uint16_t> bits;
-  for (const float v : values) bits.push_back(bf16(v));
-  return bits;
-}
-
-std::vector<std::uint16_t> fp16_row(const std::vector<double>& values) {
-  std::vector<std::uint16_t> bits;
-  for (const double v : values) bits.push_back(fp16(v));
-  return bits;
-}
 
 template <typename T>
 std::vector<T> row_of(const std::vector<T>& flat, std::int64_t row, std::int64_t h) {
@@ -115,10 +88,10 @@ v2::Case worked_example_case() {
         ori.push_back(v / 2);
       }
     }
-    c.ranks[r] = make_rank(2, bf16_row(x), ids[r]);
+    c.ranks[r] = make_rank(2, exact_bf16_row(x), ids[r]);
     c.ranks[r].x_active_mask = masks[r];
     c.ranks[r].mask_2d = true;
-    c.ranks[r].ori_x = bf16_row(ori);
+    c.ranks[r].ori_x = exact_bf16_row(ori);
   }
   return c;
 }
@@ -139,7 +112,8 @@ TEST(OracleV2WorkedExample, MoeRank2) {
   ASSERT_EQ(rank2.expand_x.size(), 5u * 2);
   for (std::size_t i = 0; i < expected.size(); ++i) {
     const auto [r, b, k] = expected[i];
-    EXPECT_EQ(row_of(rank2.expand_x, static_cast<std::int64_t>(i), 2), bf16_row(example_row(r, b))) << "row " << i;
+    EXPECT_EQ(row_of(rank2.expand_x, static_cast<std::int64_t>(i), 2), exact_bf16_row(example_row(r, b)))
+        << "row " << i;
   }
   EXPECT_TRUE(rank2.tp_recv_counts.empty());
   EXPECT_TRUE(rank2.expand_scales.empty());
@@ -151,7 +125,7 @@ TEST(OracleV2WorkedExample, MoeRank3) {
   EXPECT_EQ(triples_of(rank3), (Triples{{0, 1, 0}, {2, 1, 1}}));
   EXPECT_EQ(rank3.ep_recv_counts, (std::vector<std::int32_t>{1, 1, 2, 2, 2, 2, 2, 2}));
   EXPECT_EQ(rank3.expert_token_nums, (std::vector<std::int64_t>{2, 0}));
-  EXPECT_EQ(rank3.expand_x, bf16_row({5, 6, 37, 38}));
+  EXPECT_EQ(rank3.expand_x, exact_bf16_row({5, 6, 37, 38}));
 }
 
 TEST(OracleV2WorkedExample, SharedRanks) {
@@ -169,7 +143,7 @@ TEST(OracleV2WorkedExample, SharedRanks) {
     ASSERT_EQ(shared.valid_rows, 7);
     for (std::size_t i = 0; i < sources.size(); ++i) {
       EXPECT_EQ(row_of(shared.expand_x, static_cast<std::int64_t>(i), 2),
-                bf16_row(example_row(sources[i].first, sources[i].second)));
+                exact_bf16_row(example_row(sources[i].first, sources[i].second)));
     }
   }
 }
@@ -231,7 +205,7 @@ TEST(OracleV2WorkedExample, CombineWithIdentityExperts) {
     for (int b = 0; b < 2; ++b) {
       for (const float v : example_row(r, b)) expected.push_back(v * multiple[r][b]);
     }
-    EXPECT_EQ(out[r].combine_out, bf16_row(expected)) << "rank " << r;
+    EXPECT_EQ(out[r].combine_out, exact_bf16_row(expected)) << "rank " << r;
   }
   EXPECT_EQ(out[2].token_active, (std::vector<std::uint8_t>{0, 1}));
   EXPECT_EQ(out[3].token_active, (std::vector<std::uint8_t>{1, 1}));
@@ -562,7 +536,7 @@ TEST(OracleV2Masks, AllFalseRowMakesTheTokenInactiveButSpecialOnlyRowsStayActive
   c.zero_expert_num = 1;
   c.ranks[0] = make_rank(0, {}, {});
   c.ranks[0].mask_2d = true;
-  c.ranks[1] = make_rank(2, bf16_row({3, 5}), {0, 1, 1, 0});
+  c.ranks[1] = make_rank(2, exact_bf16_row({3, 5}), {0, 1, 1, 0});
   c.ranks[1].x_active_mask = {0, 0, 1, 0};
   c.ranks[1].mask_2d = true;
   const std::vector<v2::RankOutput> out = v2::run(c);
@@ -571,19 +545,19 @@ TEST(OracleV2Masks, AllFalseRowMakesTheTokenInactiveButSpecialOnlyRowsStayActive
   EXPECT_EQ(triples_of(out[0]), (Triples{{1, 1, 2}}));
   EXPECT_EQ(out[0].ep_recv_counts, (std::vector<std::int32_t>{0, 1}));
   EXPECT_EQ(out[1].token_active, (std::vector<std::uint8_t>{0, 1}));
-  EXPECT_EQ(out[1].combine_out, bf16_row({0, 5}));  // token 1: zero expert + the shared expert's x
+  EXPECT_EQ(out[1].combine_out, exact_bf16_row({0, 5}));  // token 1: zero expert + the shared expert's x
 }
 
 TEST(OracleV2Masks, OneDimensionalMaskCountsItsTrues) {
   // V2 §3.2 / §6: the kernel reads only n = popcount(mask) and takes tokens [0, n), wherever the trues
   // sit. (moedist's validation refuses such masks; this pins the oracle's reading of §6.)
   v2::Case c = make_case(1, 0, 1, 0, 0, 1, 1);
-  c.ranks[0] = make_rank(3, bf16_row({2, 3, 4}), {0, 0, 0});
+  c.ranks[0] = make_rank(3, exact_bf16_row({2, 3, 4}), {0, 0, 0});
   c.ranks[0].x_active_mask = {0, 1, 0};
   const std::vector<v2::RankOutput> out = v2::run(c);
   EXPECT_EQ(triples_of(out[0]), (Triples{{0, 0, 0}}));
   EXPECT_EQ(out[0].token_active, (std::vector<std::uint8_t>{1, 0, 0}));
-  EXPECT_EQ(out[0].combine_out, bf16_row({2, 0, 0}));
+  EXPECT_EQ(out[0].combine_out, exact_bf16_row({2, 0, 0}));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -597,13 +571,13 @@ TEST(OracleV2Combine, CopyExpertsAtTheirKInTheFp32Order) {
   v2::Case c = make_case(1, 0, 1, 0, 1, 2, 4);
   c.zero_expert_num = 1;
   c.copy_expert_num = 2;
-  c.ranks[0] = make_rank(1, bf16_row({1, 3}), {2, 0, 1, 3});
+  c.ranks[0] = make_rank(1, exact_bf16_row({1, 3}), {2, 0, 1, 3});
   c.ranks[0].expert_scales = {1.0f, 1.0f, 0.5f, -1.0f};
-  c.ranks[0].ori_x = bf16_row({0x1p24f, 0.5f});
+  c.ranks[0].ori_x = exact_bf16_row({0x1p24f, 0.5f});
   const std::vector<v2::RankOutput> out = v2::run(c);
   EXPECT_EQ(out[0].valid_rows, 1);  // only the routed entry is sent
   EXPECT_EQ(triples_of(out[0]), (Triples{{0, 0, 1}}));
-  EXPECT_EQ(out[0].combine_out, bf16_row({0.0f, 3.0f}));
+  EXPECT_EQ(out[0].combine_out, exact_bf16_row({0.0f, 3.0f}));
 }
 
 TEST(OracleV2Combine, CopyExpertWeightsOriXNotX) {
@@ -612,13 +586,13 @@ TEST(OracleV2Combine, CopyExpertWeightsOriXNotX) {
   v2::Case c = make_case(2, 0, 2, 0, 0, 1, 2);
   c.dtype = Half::fp16;
   c.copy_expert_num = 1;
-  c.ranks[0] = make_rank(1, fp16_row({8}), {2, 1});
+  c.ranks[0] = make_rank(1, exact_fp16_row({8}), {2, 1});
   c.ranks[0].expert_scales = {0.25f, 2.0f};
-  c.ranks[0].ori_x = fp16_row({-4});
+  c.ranks[0].ori_x = exact_fp16_row({-4});
   c.ranks[1] = make_rank(0, {}, {});
   c.ranks[1].ori_x = {};
   const std::vector<v2::RankOutput> out = v2::run(c);
-  EXPECT_EQ(out[0].combine_out, fp16_row({15}));
+  EXPECT_EQ(out[0].combine_out, exact_fp16_row({15}));
   EXPECT_EQ(out[1].valid_rows, 1);
   EXPECT_EQ(out[0].valid_rows, 0);
 }
@@ -629,19 +603,19 @@ TEST(OracleV2Combine, ConstExpertSoftmaxOfDotProductsInIncreasingH) {
   v2::Case c = make_case(1, 0, 1, 0, 0, 4, 2);
   c.const_expert_num = 1;
   const float big = 0x1p24f;
-  c.ranks[0] = make_rank(2, bf16_row({0, 1, 2, -0x1p21f, /**/ 0, 0, 0, 0}), {1, 0, /**/ 0, 1});
+  c.ranks[0] = make_rank(2, exact_bf16_row({0, 1, 2, -0x1p21f, /**/ 0, 0, 0, 0}), {1, 0, /**/ 0, 1});
   c.ranks[0].expert_scales = {0.25f, 1.0f, /**/ 1.0f, 1.0f};
-  c.ranks[0].ori_x = bf16_row({big, 1, 1, big, /**/ 1, 0, 0, 0});
-  c.ranks[0].const_expert_alpha_1 = bf16_row({1, 1, 1, -1});
-  c.ranks[0].const_expert_alpha_2 = bf16_row({0, 0, 0, 0});
-  c.ranks[0].const_expert_v = bf16_row({0, 2, -2, 0});
+  c.ranks[0].ori_x = exact_bf16_row({big, 1, 1, big, /**/ 1, 0, 0, 0});
+  c.ranks[0].const_expert_alpha_1 = exact_bf16_row({1, 1, 1, -1});
+  c.ranks[0].const_expert_alpha_2 = exact_bf16_row({0, 0, 0, 0});
+  c.ranks[0].const_expert_v = exact_bf16_row({0, 2, -2, 0});
   const std::vector<v2::RankOutput> out = v2::run(c);
 
   // Token 0: l1 = ((2^24 + 1) + 1) - 2^24 in increasing h = (2^24 + 1 -> 2^24, + 1 -> 2^24) - 2^24 = 0
   // (a pairwise sum would give 1); l2 = 0, so a1 = a2 = exp(0) / 2 = 0.5.
   // CONST = [2^23 + 0, 0.5 + 1, 0.5 - 1, 2^23] = [2^23, 1.5, -0.5, 2^23]; times 0.25 = [2^21, 0.375, -0.125, 2^21].
   // Then k = 1 routes to expert 0 with x = [0, 1, 2, -2^21]: [2^21, 1.375, 1.875, 0].
-  const std::vector<std::uint16_t> token0 = bf16_row({0x1p21f, 1.375f, 1.875f, 0.0f});
+  const std::vector<std::uint16_t> token0 = exact_bf16_row({0x1p21f, 1.375f, 1.875f, 0.0f});
   EXPECT_EQ(row_of(out[0].combine_out, 0, 4), token0);
 
   // Token 1: routed x = 0, then const with ori_x = [1, 0, 0, 0]: l1 = 1, l2 = 0, m = 1,
@@ -665,11 +639,11 @@ TEST(OracleV2Combine, SharedExpertXIsAddedAfterTheRoutedExperts) {
   // h0: 2^24 - 2^24 = 0, + 1 = 1. Adding shared_expert_x first: 1 + 2^24 -> 2^24, - 2^24 = 0.
   // h1: 2 - 2 + 0.5 = 0.5 (weight 1, not a router weight).
   v2::Case c = make_case(1, 0, 2, 0, 1, 2, 2);
-  c.ranks[0] = make_rank(1, bf16_row({0x1p24f, 2}), {0, 1});
+  c.ranks[0] = make_rank(1, exact_bf16_row({0x1p24f, 2}), {0, 1});
   c.ranks[0].expert_scales = {1.0f, -1.0f};
-  c.ranks[0].shared_expert_x = bf16_row({1, 0.5f});
+  c.ranks[0].shared_expert_x = exact_bf16_row({1, 0.5f});
   const std::vector<v2::RankOutput> out = v2::run(c);
-  EXPECT_EQ(out[0].combine_out, bf16_row({1, 0.5f}));
+  EXPECT_EQ(out[0].combine_out, exact_bf16_row({1, 0.5f}));
   EXPECT_EQ(out[0].ep_recv_counts, (std::vector<std::int32_t>{1, 2}));
 }
 
@@ -680,17 +654,17 @@ TEST(OracleV2Combine, SharedExpertsInIncreasingJAfterTheRoutedOnes) {
   v2::Case c = make_case(3, 0, 1, 2, 2, 1, 1);
   c.ranks[0] = make_rank(0, {}, {});
   c.ranks[1] = make_rank(0, {}, {});
-  c.ranks[2] = make_rank(1, bf16_row({7}), {0});
+  c.ranks[2] = make_rank(1, exact_bf16_row({7}), {0});
   c.ranks[0].has_combine_x = true;
-  c.ranks[0].combine_x = bf16_row({0x1p24f});
+  c.ranks[0].combine_x = exact_bf16_row({0x1p24f});
   c.ranks[1].has_combine_x = true;
-  c.ranks[1].combine_x = bf16_row({-0x1p24f});
+  c.ranks[1].combine_x = exact_bf16_row({-0x1p24f});
   c.ranks[2].has_combine_x = true;
-  c.ranks[2].combine_x = bf16_row({1});
+  c.ranks[2].combine_x = exact_bf16_row({1});
   const std::vector<v2::RankOutput> out = v2::run(c);
   EXPECT_EQ(triples_of(out[0]), (Triples{{2, 0, 1}}));
   EXPECT_EQ(triples_of(out[1]), (Triples{{2, 0, 2}}));
-  EXPECT_EQ(out[2].combine_out, bf16_row({0}));
+  EXPECT_EQ(out[2].combine_out, exact_bf16_row({0}));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -815,8 +789,8 @@ class OracleV2TensorParallel : public ::testing::TestWithParam<Half> {};
 TEST_P(OracleV2TensorParallel, LayoutAndReduceRoundsHalfToEven) {
   const Half dtype = GetParam();
   auto row = [&](std::vector<double> v) {
-    if (dtype == Half::fp16) return fp16_row(v);
-    return bf16_row(std::vector<float>(v.begin(), v.end()));
+    if (dtype == Half::fp16) return exact_fp16_row(v);
+    return exact_bf16_row(std::vector<float>(v.begin(), v.end()));
   };
   // W = 2, T = 2, E = 2 (L = 1), K = 1, H = 2; g = 2 * ep + tp; EP group tp = {g = tp, g = 2 + tp}.
   // g0 (ep0, tp0): 2 tokens -> expert 0;  g1 (ep0, tp1): 1 token -> expert 1;
@@ -873,8 +847,8 @@ TEST(OracleV2Outputs, ExpandScalesAndQuantizedOutputs) {
   // W = 2, S = 1, Sn = 1, E = 2 (rank 1), K = 2, H = 2, quant 2, router weights on rank 1 only.
   v2::Case c = make_case(2, 0, 2, 1, 1, 2, 2);
   c.quant_mode = 2;
-  c.ranks[0] = make_rank(1, bf16_row({1, -2}), {1, 0});
-  c.ranks[1] = make_rank(1, bf16_row({4, 3}), {0, 1});
+  c.ranks[0] = make_rank(1, exact_bf16_row({1, -2}), {1, 0});
+  c.ranks[1] = make_rank(1, exact_bf16_row({4, 3}), {0, 1});
   c.ranks[1].expert_scales = {0.5f, 0.25f};
   const std::vector<v2::RankOutput> out = v2::run(c);
   // Rank 1 rows: e0: r0 (0,0,1), r1 (1,0,0); e1: r0 (0,0,0), r1 (1,0,1). Rank 0 gave no weights: 1.0.

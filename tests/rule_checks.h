@@ -121,6 +121,55 @@ std::string rule_name(const ::testing::TestParamInfo<CallRule<World, Call>>& inf
   return info.param.name;
 }
 
+// The rules of x and expert_ids as tensors, which dispatch and dispatch_v2 share (one check each in
+// src/contract/checks.cpp, the same messages). `make(name, corrupt, want)` makes the version's rule for a
+// call of BS = 3, H = 16, K = 2 and bfloat16 x; a Call has views x and expert_ids, and own(Tensor).
+template <class Call, class Make>
+auto x_and_expert_ids_rules(Make make) {
+  using Rule = decltype(make(std::string(), std::function<void(Call&)>(), Expected{}));
+  return std::vector<Rule>{
+      // x
+      make(
+          "XAbsent", [](Call& c) { c.x = TensorView{}; }, invalid("x", "None", "is required")),
+      make(
+          "XOneDimensional", [](Call& c) { c.x = vector_view(c.x.data, DType::bf16, 48); },
+          bad_shape("x.shape", "(48,)", "must be 2-D")),
+      make(
+          "XFloat32", [](Call& c) { c.x.dtype = DType::fp32; },
+          bad_dtype("x.dtype", "float32", "must be bfloat16 or float16")),
+      make(
+          "XInt8", [](Call& c) { c.x.dtype = DType::int8; },
+          bad_dtype("x.dtype", "int8", "must be bfloat16 or float16")),
+      make(
+          "XNullData", [](Call& c) { c.x.data = nullptr; },
+          invalid("x.data", "nullptr", "a tensor of shape (3, 16) needs data")),
+      make(
+          "XNegativeRows", [](Call& c) { c.x.shape[0] = -1; },
+          bad_shape("x.shape", "(-1, 16)", "extents must be >= 0")),
+      make(
+          "XZeroHidden", [](Call& c) { c.x = matrix_view(c.x.data, DType::bf16, 3, 0); },
+          bad_shape("x.shape[1] (H)", "0", "must be >= 1")),
+      // expert_ids
+      make(
+          "IdsAbsent", [](Call& c) { c.expert_ids = TensorView{}; }, invalid("expert_ids", "None", "is required")),
+      make(
+          "IdsOneDimensional", [](Call& c) { c.expert_ids = vector_view(c.expert_ids.data, DType::int32, 6); },
+          bad_shape("expert_ids.shape", "(6,)", "must be 2-D")),
+      make(
+          "IdsRowsDifferFromBs", [](Call& c) { c.expert_ids.shape[0] = 2; },
+          bad_shape("expert_ids.shape", "(2, 2)", "must have BS = x.shape[0] = 3 rows")),
+      make(
+          "IdsInt64", [](Call& c) { c.expert_ids = c.own(Tensor(DType::int64, 3, 2)); },
+          bad_dtype("expert_ids.dtype", "int64", "must be int32")),
+      make(
+          "IdsNullData", [](Call& c) { c.expert_ids.data = nullptr; },
+          invalid("expert_ids.data", "nullptr", "a tensor of shape (3, 2) needs data")),
+      make(
+          "IdsNegativeK", [](Call& c) { c.expert_ids.shape[1] = -1; },
+          bad_shape("expert_ids.shape", "(3, -1)", "extents must be >= 0")),
+  };
+}
+
 // What one rank saw: the refused call, whether its caller buffers are untouched, and the round after.
 struct RankReport {
   Outcome outcome;

@@ -1,8 +1,13 @@
 // What the error and rule tests build their inputs from (validation_test, the v2_*_test programs): a
-// case of a configuration's geometry, random 16-bit and fp32 values, and bool masks.
+// case of a configuration's geometry, random 16-bit and fp32 values, and bool masks; and the exact
+// 16-bit encoders the oracle tests write their hand-computed values with.
 #pragma once
 
+#include <gtest/gtest.h>
+
 #include <algorithm>
+#include <bit>
+#include <cmath>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -49,6 +54,40 @@ inline Tensor bool_tensor(std::int64_t rows, std::int64_t cols, const std::vecto
   Tensor t = cols == 0 ? Tensor(DType::boolean, rows) : Tensor(DType::boolean, rows, cols);
   std::copy(values.begin(), values.end(), t.data<std::uint8_t>());
   return t;
+}
+
+// The exact encoders are written independently of numeric/convert.h, so that hand-computed expectations
+// do not lean on the conversions under test. bf16 bits of a value that bf16 represents exactly (the test
+// fails otherwise).
+inline std::uint16_t exact_bf16(float value) {
+  const auto bits = std::bit_cast<std::uint32_t>(value);
+  EXPECT_EQ(bits & 0xffffu, 0u) << value << " is not exactly representable in bf16";
+  return static_cast<std::uint16_t>(bits >> 16);
+}
+
+// fp16 bits of a normal (or zero) value that fp16 represents exactly (the test fails otherwise).
+inline std::uint16_t exact_fp16(double value) {
+  if (value == 0.0) return std::signbit(value) ? 0x8000 : 0x0000;
+  const std::uint16_t sign = value < 0 ? 0x8000 : 0x0000;
+  const double magnitude = std::fabs(value);
+  int exponent = -14;
+  while (exponent < 15 && std::ldexp(1.0, exponent + 1) <= magnitude) ++exponent;
+  const double mantissa = (magnitude / std::ldexp(1.0, exponent) - 1.0) * 1024.0;
+  EXPECT_TRUE(mantissa >= 0.0 && mantissa < 1024.0 && mantissa == std::floor(mantissa))
+      << value << " is not an exactly representable normal fp16";
+  return static_cast<std::uint16_t>(sign | ((exponent + 15) << 10) | static_cast<int>(mantissa));
+}
+
+inline std::vector<std::uint16_t> exact_bf16_row(const std::vector<float>& values) {
+  std::vector<std::uint16_t> bits;
+  for (const float v : values) bits.push_back(exact_bf16(v));
+  return bits;
+}
+
+inline std::vector<std::uint16_t> exact_fp16_row(const std::vector<double>& values) {
+  std::vector<std::uint16_t> bits;
+  for (const double v : values) bits.push_back(exact_fp16(v));
+  return bits;
 }
 
 }  // namespace moedist::testing

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <sstream>
 
 #include "moedist/moedist.h"
@@ -491,16 +492,72 @@ struct MaskView {
   TensorView view;
 };
 
+// x, expert_ids and smooth scales as both versions' runs pass them: x with padded rows (every other
+// column when strided), ids and scales with padded rows when strided.
+struct DispatchInputs {
+  DispatchInputs(const casefile::RankInputs& in, const RunOptions& opt)
+      : x(make_strided(in.x, 3, opt.strided_inputs ? 2 : 1)),
+        ids(make_strided(in.expert_ids, opt.strided_inputs ? 1 : 0, 1)) {
+    if (in.scales.present()) scales = make_strided(in.scales, opt.strided_inputs ? 5 : 0, opt.strided_inputs ? 2 : 1);
+  }
+  Strided x, ids, scales;  // scales: absent when the case has none
+};
+
+// The caller-provided dispatch output buffers both versions take, of the sizes torch_npu allocates.
+struct CallerDispatchOutputs {
+  CallerDispatchOutputs(Group& group, const casefile::Case& c, std::int64_t bs, std::int64_t k, std::int64_t h,
+                        int version)
+      : cap(capacity(group.config(), CapacityQuery{bs, k, h, c.dtype, c.quant_mode, version})),
+        expand_x(c.quant_mode == 2 ? DType::int8 : c.dtype, cap.max_receive_rows, h),
+        dynamic_scales(DType::fp32, cap.max_receive_rows),
+        expand_scales(DType::fp32, cap.max_receive_rows),
+        expert_token_nums(DType::int64, group.local_expert_num()),
+        ep_recv_counts(DType::int32, static_cast<std::int64_t>(c.ep_world_size) * group.local_expert_num() *
+                                         (c.tp_world_size == 2 ? 2 : 1)) {
+    if (c.tp_world_size == 2) tp_recv_counts = Tensor(DType::int32, 2);
+  }
+  // Points `out` (DispatchOutputs or DispatchV2Outputs) at the buffers; expand_scales only with router weights.
+  template <class Outputs>
+  void attach(Outputs& out, const casefile::RankInputs& in) {
+    out.expand_x = expand_x.mutable_view();
+    out.dynamic_scales = dynamic_scales.mutable_view();
+    if (in.expert_scales.present()) out.expand_scales = expand_scales.mutable_view();
+    out.expert_token_nums = expert_token_nums.mutable_view();
+    out.ep_recv_counts = ep_recv_counts.mutable_view();
+    if (tp_recv_counts.present()) out.tp_recv_counts = tp_recv_counts.mutable_view();
+  }
+  CapacityReport cap;
+  Tensor expand_x, dynamic_scales, expand_scales, expert_token_nums, ep_recv_counts, tp_recv_counts;
+};
+
+// The dispatch outputs both versions return, copied out of the group's buffers (valid rows only).
+casefile::RankOutputs copy_dispatch_outputs(const casefile::Case& c, const casefile::RankInputs& in,
+                                            const DispatchResult& d) {
+  casefile::RankOutputs o;
+  o.expand_x = copy_rows(d.expand_x, d.valid_rows);
+  if (c.quant_mode == 2) o.dynamic_scales = copy_rows(d.dynamic_scales, d.valid_rows);
+  if (in.expert_scales.present()) o.expand_scales = copy_rows(d.expand_scales, d.valid_rows);
+  o.expert_token_nums = copy_rows(d.expert_token_nums, d.expert_token_nums.rows());
+  o.ep_recv_counts = copy_rows(d.ep_recv_counts, d.ep_recv_counts.rows());
+  if (c.tp_world_size == 2) o.tp_recv_counts = copy_rows(d.tp_recv_counts, 2);
+  return o;
+}
+
+// A caller's combine output buffer, garbage first: combine must write every row, zeros for inactive tokens.
+Tensor garbage_combine_out(const casefile::Case& c, std::int64_t bs, std::int64_t h) {
+  Tensor combined(c.dtype, bs, h);
+  std::fill_n(combined.data<std::uint16_t>(), combined.numel(), std::uint16_t{0x5a5a});
+  return combined;
+}
+
 // A V2 rank: dispatch_v2 then combine_v2, with the same choices of strides and buffers as run_rank.
 casefile::RankOutputs run_rank_v2(Group& group, const casefile::Case& c, int g, const RunOptions& opt,
                                   RankTraffic* traffic) {
   const int T = std::max(c.tp_world_size, 1);
   const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
-  const GroupConfig cfg = group.config();
   const std::int64_t bs = in.x.rows(), h = in.x.cols(), k = in.expert_ids.cols();
-  Strided x = make_strided(in.x, 3, opt.strided_inputs ? 2 : 1);
-  Strided ids = make_strided(in.expert_ids, opt.strided_inputs ? 1 : 0, 1);
-  Strided weights, scales;
+  const DispatchInputs inputs(in, opt);
+  Strided weights;
   const MaskView mask(in.x_active_mask, opt.strided_inputs);
   DispatchV2Options dopt;
   dopt.quant_mode = c.quant_mode;
@@ -510,10 +567,7 @@ casefile::RankOutputs run_rank_v2(Group& group, const casefile::Case& c, int g, 
   dopt.const_expert_num = c.const_expert_num;
   dopt.comm_alg = c.comm_alg;
   dopt.x_active_mask = mask.view;
-  if (in.scales.present()) {
-    scales = make_strided(in.scales, opt.strided_inputs ? 5 : 0, opt.strided_inputs ? 2 : 1);
-    dopt.scales = scales.view;
-  }
+  dopt.scales = inputs.scales.view;
   if (in.expert_scales.present()) {
     weights = make_strided(in.expert_scales, opt.strided_inputs ? 2 : 0, 1);
     dopt.expert_scales = weights.view;
@@ -521,40 +575,20 @@ casefile::RankOutputs run_rank_v2(Group& group, const casefile::Case& c, int g, 
   // performance_info on every rank of every run: its values are timings, only its shape is checked.
   Tensor perf(DType::int64, c.ep_world_size);
   dopt.performance_info = perf.mutable_view();
-  Tensor out_x, out_scales, out_expand_scales, out_assist, out_etn, out_ep, out_tp;
+  std::optional<CallerDispatchOutputs> outs;
+  Tensor out_assist;
   if (opt.caller_outputs) {
-    CapacityQuery q{bs, k, h, c.dtype, c.quant_mode, 2};
-    const CapacityReport cap = capacity(cfg, q);
-    out_x = Tensor(c.quant_mode == 2 ? DType::int8 : c.dtype, cap.max_receive_rows, h);
-    out_scales = Tensor(DType::fp32, cap.max_receive_rows);
-    out_expand_scales = Tensor(DType::fp32, cap.max_receive_rows);
-    out_assist = Tensor(DType::int32, std::max(bs * k, cap.A * 128));  // torch_npu's length
-    out_etn = Tensor(DType::int64, group.local_expert_num());
-    out_ep =
-        Tensor(DType::int32, static_cast<std::int64_t>(c.ep_world_size) * group.local_expert_num() * (T == 2 ? 2 : 1));
-    dopt.out.expand_x = out_x.mutable_view();
-    dopt.out.dynamic_scales = out_scales.mutable_view();
-    if (in.expert_scales.present()) dopt.out.expand_scales = out_expand_scales.mutable_view();
+    outs.emplace(group, c, bs, k, h, 2);
+    outs->attach(dopt.out, in);
+    out_assist = Tensor(DType::int32, std::max(bs * k, outs->cap.A * 128));  // torch_npu's length
     dopt.out.assist_info_for_combine = out_assist.mutable_view();
-    dopt.out.expert_token_nums = out_etn.mutable_view();
-    dopt.out.ep_recv_counts = out_ep.mutable_view();
-    if (T == 2) {
-      out_tp = Tensor(DType::int32, 2);
-      dopt.out.tp_recv_counts = out_tp.mutable_view();
-    }
   }
-  const DispatchResult d = group.dispatch_v2(x.view, ids.view, dopt);
+  const DispatchResult d = group.dispatch_v2(inputs.x.view, inputs.ids.view, dopt);
   if (traffic != nullptr) traffic->after_dispatch = group.traffic();
 
-  casefile::RankOutputs o;
-  o.expand_x = copy_rows(d.expand_x, d.valid_rows);
-  if (c.quant_mode == 2) o.dynamic_scales = copy_rows(d.dynamic_scales, d.valid_rows);
-  if (in.expert_scales.present()) o.expand_scales = copy_rows(d.expand_scales, d.valid_rows);
+  casefile::RankOutputs o = copy_dispatch_outputs(c, in, d);
   const std::int64_t own_rows = d.ep_recv_counts.at<std::int32_t>(c.ep_world_size * group.local_expert_num() - 1);
   o.assist_info_for_combine = copy_rows(d.assist_info_for_combine, 3 * own_rows);
-  o.expert_token_nums = copy_rows(d.expert_token_nums, d.expert_token_nums.rows());
-  o.ep_recv_counts = copy_rows(d.ep_recv_counts, d.ep_recv_counts.rows());
-  if (T == 2) o.tp_recv_counts = copy_rows(d.tp_recv_counts, 2);
 
   ExpertOutputs experts(group, c, in, d, opt);
   CombineV2Options copt;
@@ -579,12 +613,11 @@ casefile::RankOutputs run_rank_v2(Group& group, const casefile::Case& c, int g, 
   copt.const_expert_alpha_2 = view_of(in.const_expert_alpha_2);
   copt.const_expert_v = view_of(in.const_expert_v);
   Tensor combined;
-  if (opt.caller_outputs) {  // garbage first: combine must write every row, zeros for inactive tokens
-    combined = Tensor(c.dtype, bs, h);
-    std::fill_n(combined.data<std::uint16_t>(), combined.numel(), std::uint16_t{0x5a5a});
+  if (opt.caller_outputs) {
+    combined = garbage_combine_out(c, bs, h);
     copt.out = combined.mutable_view();
   }
-  const TensorView y = group.combine_v2(experts.view, ids.view, d.assist_info_for_combine, d.ep_recv_counts,
+  const TensorView y = group.combine_v2(experts.view, inputs.ids.view, d.assist_info_for_combine, d.ep_recv_counts,
                                         in.expert_scales.present() ? weights.view : TensorView{}, copt);
   if (traffic != nullptr) traffic->after_combine = group.traffic();
   o.combine_out = copy_rows(y, bs);
@@ -597,10 +630,8 @@ casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, con
   if (c.op == 2) return run_rank_v2(group, c, g, opt, traffic);
   const int T = std::max(c.tp_world_size, 1);
   const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(g)];
-  const GroupConfig cfg = group.config();
   const std::int64_t bs = in.x.rows(), h = in.x.cols(), k = in.expert_ids.cols();
-  Strided x = make_strided(in.x, 3, opt.strided_inputs ? 2 : 1);
-  Strided ids = make_strided(in.expert_ids, opt.strided_inputs ? 1 : 0, 1);
+  const DispatchInputs inputs(in, opt);
   Tensor ones(DType::fp32, bs, k);
   std::fill_n(ones.data<float>(), bs * k, 1.0f);
   Strided weights = make_strided(in.expert_scales.present() ? in.expert_scales : ones, opt.strided_inputs ? 2 : 0, 1);
@@ -608,11 +639,7 @@ casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, con
   DispatchOptions dopt;
   dopt.quant_mode = c.quant_mode;
   dopt.expert_token_nums_type = c.expert_token_nums_type;
-  Strided scales;
-  if (in.scales.present()) {
-    scales = make_strided(in.scales, opt.strided_inputs ? 5 : 0, opt.strided_inputs ? 2 : 1);
-    dopt.scales = scales.view;
-  }
+  dopt.scales = inputs.scales.view;
   if (in.expert_scales.present()) dopt.expert_scales = weights.view;
   // The mask, every other byte of a buffer when strided.
   std::vector<std::uint8_t> mask_storage;
@@ -625,44 +652,26 @@ casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, con
     mask = vector_view(mask_storage.data(), DType::boolean, bs, step);
     dopt.x_active_mask = mask;
   }
-  Tensor out_x, out_scales, out_expand_scales, out_idx, out_etn, out_ep, out_tp;
+  std::optional<CallerDispatchOutputs> outs;
+  Tensor out_idx;
   Strided strided_out_x;
   if (opt.caller_outputs) {
-    CapacityQuery q{bs, k, h, c.dtype, c.quant_mode};
-    const CapacityReport cap = capacity(cfg, q);
-    out_x = Tensor(c.quant_mode == 2 ? DType::int8 : c.dtype, cap.max_receive_rows, h);
-    out_scales = Tensor(DType::fp32, cap.max_receive_rows);
-    out_expand_scales = Tensor(DType::fp32, cap.max_receive_rows);
-    out_idx = Tensor(DType::int32, bs * k);
-    out_etn = Tensor(DType::int64, group.local_expert_num());
-    out_ep = Tensor(DType::int32, static_cast<std::int64_t>(c.ep_world_size) * group.local_expert_num() * (T == 2 ? 2 : 1));
-    dopt.out.expand_x = out_x.mutable_view();
+    outs.emplace(group, c, bs, k, h, 1);
+    outs->attach(dopt.out, in);
     if (opt.strided_inputs) {  // a non-contiguous output buffer: padded rows, every other column
+      const Tensor& out_x = outs->expand_x;
       strided_out_x = make_strided(out_x, 7, 2);
       dopt.out.expand_x = matrix_view(static_cast<void*>(strided_out_x.storage.data()), out_x.dtype(), out_x.rows(), h,
                                       strided_out_x.view.strides[0], 2);
     }
-    dopt.out.dynamic_scales = out_scales.mutable_view();
-    if (in.expert_scales.present()) dopt.out.expand_scales = out_expand_scales.mutable_view();
+    out_idx = Tensor(DType::int32, bs * k);
     dopt.out.expand_idx = out_idx.mutable_view();
-    dopt.out.expert_token_nums = out_etn.mutable_view();
-    dopt.out.ep_recv_counts = out_ep.mutable_view();
-    if (T == 2) {
-      out_tp = Tensor(DType::int32, 2);
-      dopt.out.tp_recv_counts = out_tp.mutable_view();
-    }
   }
-  const DispatchResult d = group.dispatch(x.view, ids.view, dopt);
+  const DispatchResult d = group.dispatch(inputs.x.view, inputs.ids.view, dopt);
   if (traffic != nullptr) traffic->after_dispatch = group.traffic();
 
-  casefile::RankOutputs o;
-  o.expand_x = copy_rows(d.expand_x, d.valid_rows);
-  if (c.quant_mode == 2) o.dynamic_scales = copy_rows(d.dynamic_scales, d.valid_rows);
-  if (in.expert_scales.present()) o.expand_scales = copy_rows(d.expand_scales, d.valid_rows);
+  casefile::RankOutputs o = copy_dispatch_outputs(c, in, d);
   o.expand_idx = copy_rows(d.expand_idx, d.expand_idx.rows());
-  o.expert_token_nums = copy_rows(d.expert_token_nums, d.expert_token_nums.rows());
-  o.ep_recv_counts = copy_rows(d.ep_recv_counts, d.ep_recv_counts.rows());
-  if (T == 2) o.tp_recv_counts = copy_rows(d.tp_recv_counts, 2);
 
   ExpertOutputs experts(group, c, in, d, opt);
   const TensorView expert_out = experts.view;
@@ -671,9 +680,8 @@ casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, con
   copt.x_active_mask = mask;
   if (T == 2) copt.tp_send_counts = d.tp_recv_counts;
   Tensor combined;
-  if (opt.caller_outputs) {  // garbage first: combine must write every row, zeros for inactive tokens
-    combined = Tensor(c.dtype, bs, h);
-    std::fill_n(combined.data<std::uint16_t>(), combined.numel(), std::uint16_t{0x5a5a});
+  if (opt.caller_outputs) {
+    combined = garbage_combine_out(c, bs, h);
     copt.out = combined.mutable_view();
   }
   // expand_idx as (BS, K), as programs pass dispatch's reshaped copy (any BS * K elements are accepted).
@@ -683,7 +691,7 @@ casefile::RankOutputs run_rank(Group& group, const casefile::Case& c, int g, con
     idx_2d = copy_rows(d.expand_idx, d.expand_idx.rows());
     expand_idx = matrix_view(idx_2d.raw(), DType::int32, bs, k);
   }
-  const TensorView y = group.combine(expert_out, ids.view, expand_idx, d.ep_recv_counts, weights.view, copt);
+  const TensorView y = group.combine(expert_out, inputs.ids.view, expand_idx, d.ep_recv_counts, weights.view, copt);
   if (traffic != nullptr) traffic->after_combine = group.traffic();
   o.combine_out = copy_rows(y, bs);
   return o;

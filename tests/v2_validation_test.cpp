@@ -36,6 +36,7 @@ using rules::expect;
 using rules::Expected;
 using rules::invalid;
 using rules::raised;
+using rules::x_and_expert_ids_rules;
 
 using DispatchRule = rules::CallRule<World, DispatchCall>;
 using CombineRule = rules::CallRule<World, CombineCall>;
@@ -166,42 +167,7 @@ const char* const kCommAlgRule =
 // ---- dispatch_v2: x, expert_ids, special experts, quant_mode, scales, expert_scales --------------
 
 std::vector<DispatchRule> input_rules() {
-  return {
-      on_basic(
-          "XAbsent", [](DispatchCall& c) { c.x = TensorView{}; }, invalid("x", "None", "is required")),
-      on_basic(
-          "XOneDimensional", [](DispatchCall& c) { c.x = vector_view(c.x.data, DType::bf16, 48); },
-          bad_shape("x.shape", "(48,)", "must be 2-D")),
-      on_basic(
-          "XFloat32", [](DispatchCall& c) { c.x.dtype = DType::fp32; },
-          bad_dtype("x.dtype", "float32", "must be bfloat16 or float16")),
-      on_basic(
-          "XNullData", [](DispatchCall& c) { c.x.data = nullptr; },
-          invalid("x.data", "nullptr", "a tensor of shape (3, 16) needs data")),
-      on_basic(
-          "XNegativeRows", [](DispatchCall& c) { c.x.shape[0] = -1; },
-          bad_shape("x.shape", "(-1, 16)", "extents must be >= 0")),
-      on_basic(
-          "XZeroHidden", [](DispatchCall& c) { c.x = matrix_view(c.x.data, DType::bf16, 3, 0); },
-          bad_shape("x.shape[1] (H)", "0", "must be >= 1")),
-      on_basic(
-          "IdsAbsent", [](DispatchCall& c) { c.expert_ids = TensorView{}; },
-          invalid("expert_ids", "None", "is required")),
-      on_basic(
-          "IdsOneDimensional", [](DispatchCall& c) { c.expert_ids = vector_view(c.expert_ids.data, DType::int32, 6); },
-          bad_shape("expert_ids.shape", "(6,)", "must be 2-D")),
-      on_basic(
-          "IdsRowsDifferFromBs", [](DispatchCall& c) { c.expert_ids.shape[0] = 2; },
-          bad_shape("expert_ids.shape", "(2, 2)", "must have BS = x.shape[0] = 3 rows")),
-      on_basic(
-          "IdsInt64", [](DispatchCall& c) { c.expert_ids = c.own(Tensor(DType::int64, 3, 2)); },
-          bad_dtype("expert_ids.dtype", "int64", "must be int32")),
-      on_basic(
-          "IdsNullData", [](DispatchCall& c) { c.expert_ids.data = nullptr; },
-          invalid("expert_ids.data", "nullptr", "a tensor of shape (3, 2) needs data")),
-      on_basic(
-          "IdsNegativeK", [](DispatchCall& c) { c.expert_ids.shape[1] = -1; },
-          bad_shape("expert_ids.shape", "(3, -1)", "extents must be >= 0")),
+  const std::vector<DispatchRule> v2_rules = {
       on_basic(
           "KZero", [](DispatchCall& c) { c.expert_ids = c.own(Tensor(DType::int32, 3, 0)); },
           bad_shape("expert_ids.shape[1] (K)", "0",
@@ -325,6 +291,10 @@ std::vector<DispatchRule> input_rules() {
           "ExpertTokenNumsType2", [](DispatchCall& c) { c.options.expert_token_nums_type = 2; },
           invalid("expert_token_nums_type", "2", "must be 0 (prefix sums) or 1 (counts)")),
   };
+  // x and expert_ids as tensors (the rules V1 dispatch shares), then the rest.
+  std::vector<DispatchRule> rules = x_and_expert_ids_rules<DispatchCall>(on_basic);
+  rules.insert(rules.end(), v2_rules.begin(), v2_rules.end());
+  return rules;
 }
 
 // ---- dispatch_v2: elastic_info, performance_info, comm_alg -----------------------------------------

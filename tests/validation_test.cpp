@@ -46,6 +46,7 @@ using rules::raised;
 using rules::RankReport;
 using rules::run_recovery;
 using rules::SentinelBuffer;
+using rules::x_and_expert_ids_rules;
 
 // ---- worlds and inputs ------------------------------------------------------------------------------
 
@@ -317,47 +318,7 @@ std::vector<DispatchRule> single_rank_dispatch_rules() {
   small_global_bs.config.global_bs = 2;
   World masked_global_bs = single_rank();  // BS 3 of at most 4 tokens per rank
   masked_global_bs.config.global_bs = 4;
-  std::vector<DispatchRule> rules = {
-      // x
-      single(
-          "XAbsent", [](DispatchCall& c) { c.x = TensorView{}; }, invalid("x", "None", "is required")),
-      single(
-          "XOneDimensional", [](DispatchCall& c) { c.x = vector_view(c.x.data, DType::bf16, 48); },
-          bad_shape("x.shape", "(48,)", "must be 2-D")),
-      single(
-          "XFloat32", [](DispatchCall& c) { c.x.dtype = DType::fp32; },
-          bad_dtype("x.dtype", "float32", "must be bfloat16 or float16")),
-      single(
-          "XInt8", [](DispatchCall& c) { c.x.dtype = DType::int8; },
-          bad_dtype("x.dtype", "int8", "must be bfloat16 or float16")),
-      single(
-          "XNullData", [](DispatchCall& c) { c.x.data = nullptr; },
-          invalid("x.data", "nullptr", "a tensor of shape (3, 16) needs data")),
-      single(
-          "XNegativeRows", [](DispatchCall& c) { c.x.shape[0] = -1; },
-          bad_shape("x.shape", "(-1, 16)", "extents must be >= 0")),
-      single(
-          "XZeroHidden", [](DispatchCall& c) { c.x = matrix_view(c.x.data, DType::bf16, 3, 0); },
-          bad_shape("x.shape[1] (H)", "0", "must be >= 1")),
-      // expert_ids
-      single(
-          "IdsAbsent", [](DispatchCall& c) { c.expert_ids = TensorView{}; },
-          invalid("expert_ids", "None", "is required")),
-      single(
-          "IdsOneDimensional", [](DispatchCall& c) { c.expert_ids = vector_view(c.expert_ids.data, DType::int32, 6); },
-          bad_shape("expert_ids.shape", "(6,)", "must be 2-D")),
-      single(
-          "IdsRowsDifferFromBs", [](DispatchCall& c) { c.expert_ids.shape[0] = 2; },
-          bad_shape("expert_ids.shape", "(2, 2)", "must have BS = x.shape[0] = 3 rows")),
-      single(
-          "IdsInt64", [](DispatchCall& c) { c.expert_ids = c.own(Tensor(DType::int64, 3, 2)); },
-          bad_dtype("expert_ids.dtype", "int64", "must be int32")),
-      single(
-          "IdsNullData", [](DispatchCall& c) { c.expert_ids.data = nullptr; },
-          invalid("expert_ids.data", "nullptr", "a tensor of shape (3, 2) needs data")),
-      single(
-          "IdsNegativeK", [](DispatchCall& c) { c.expert_ids.shape[1] = -1; },
-          bad_shape("expert_ids.shape", "(3, -1)", "extents must be >= 0")),
+  const std::vector<DispatchRule> v1_rules = {
       single(
           "KZero", [](DispatchCall& c) { c.expert_ids = c.own(Tensor(DType::int32, 3, 0)); },
           bad_shape("expert_ids.shape[1] (K)", "0", "must be in [1, moe_expert_num = 4]")),
@@ -580,6 +541,9 @@ std::vector<DispatchRule> single_rank_dispatch_rules() {
           [](DispatchCall& c) { c.options.out.tp_recv_counts = c.tp_recv_counts_buf.vector(DType::int32, 2); },
           invalid("out.tp_recv_counts", "(2,)", "is only produced with tp_world_size = 2")),
   };
+  // x and expert_ids as tensors (the rules dispatch_v2 shares), then the rest.
+  std::vector<DispatchRule> rules = x_and_expert_ids_rules<DispatchCall>(single);
+  rules.insert(rules.end(), v1_rules.begin(), v1_rules.end());
   return rules;
 }
 

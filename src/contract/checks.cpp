@@ -68,6 +68,116 @@ void require_vector_min(const char* name, const Layout& v, std::int64_t len) {
     fail(ErrorCode::invalid_shape, concat(name, ".shape"), shape_text(v), concat("must be 1-D with at least ", len, " entries"));
 }
 
+// The dtype, shape and data rules of one tensor, in the order their errors are reported.
+template <class View>
+void require_matrix_of(const char* name, const View& v, DType dtype, std::int64_t rows, std::int64_t cols) {
+  require_dtype(name, v, dtype);
+  require_matrix(name, v, rows, cols);
+  require_data(name, v);
+}
+
+template <class View>
+void require_vector_of(const char* name, const View& v, DType dtype, std::int64_t len) {
+  require_dtype(name, v, dtype);
+  require_vector_len(name, v, len);
+  require_data(name, v);
+}
+
+template <class View>
+void require_vector_of_at_least(const char* name, const View& v, DType dtype, std::int64_t min_len) {
+  require_dtype(name, v, dtype);
+  require_vector_min(name, v, min_len);
+  require_data(name, v);
+}
+
+// The same for an optional tensor (a caller's output buffer, an accepted extra): only when it is given.
+template <class View>
+void optional_vector_of(const char* name, const View& v, DType dtype, std::int64_t len) {
+  if (v.present()) require_vector_of(name, v, dtype, len);
+}
+
+template <class View>
+void optional_vector_of_at_least(const char* name, const View& v, DType dtype, std::int64_t min_len) {
+  if (v.present()) require_vector_of_at_least(name, v, dtype, min_len);
+}
+
+// x of dispatch, expand_x of combine: (rows, H) bfloat16 or float16 with H >= 1. Returns H.
+std::int64_t check_token_rows(const char* name, const TensorView& v) {
+  require_present(name, v);
+  require_ndim(name, v, 2);
+  require_half(name, v);
+  require_data(name, v);
+  const std::int64_t h = v.cols();
+  if (h < 1) fail(ErrorCode::invalid_shape, concat(name, ".shape[1] (H)"), concat(h), "must be >= 1");
+  return h;
+}
+
+// expert_ids of dispatch has a row for each row of x; its other rules follow with the routing checks.
+void require_ids_row_per_token(const TensorView& ids, std::int64_t bs) {
+  require_present("expert_ids", ids);
+  require_ndim("expert_ids", ids, 2);
+  if (ids.rows() != bs)
+    fail(ErrorCode::invalid_shape, "expert_ids.shape", shape_text(ids),
+         concat("must have BS = x.shape[0] = ", bs, " rows"));
+}
+
+// expert_ids as a tensor: (BS, K) int32 with data.
+void require_ids_tensor(const TensorView& ids) {
+  require_present("expert_ids", ids);
+  require_ndim("expert_ids", ids, 2);
+  require_dtype("expert_ids", ids, DType::int32);
+  require_data("expert_ids", ids);
+}
+
+// global_bs (0: every rank has the same BS) must cover the BS of all ranks; `bs_times_world` is
+// BS * ep_world_size as the caller computes it.
+void require_global_bs_covers(const GroupConfig& c, std::int64_t bs, std::int64_t bs_times_world) {
+  if (c.global_bs != 0 && bs_times_world > c.global_bs)
+    fail_value(
+        "global_bs", c.global_bs,
+        concat("must be >= BS * ep_world_size = ", bs, " * ", c.ep_world_size, " (BS of this rank is ", bs, ")"));
+}
+
+// quant_mode and the static scales of dispatch; `scale_rows` is the rows scales must have.
+void check_quant_mode_and_scales(int quant_mode, const TensorView& scales, std::int64_t scale_rows, std::int64_t h) {
+  if (quant_mode == 1)
+    fail(ErrorCode::unsupported, "quant_mode", "1",
+         "static quantization is not supported (0 = none, 2 = dynamic int8)");
+  if (quant_mode != 0 && quant_mode != 2) fail_value("quant_mode", quant_mode, "must be 0 (none) or 2 (dynamic int8)");
+  if (scales.present()) {
+    if (quant_mode == 0)
+      fail(ErrorCode::invalid_argument, "scales", shape_text(scales), "must be None with quant_mode 0");
+    require_matrix_of("scales", scales, DType::fp32, scale_rows, h);
+  }
+}
+
+void check_expert_token_nums_type(int type) {
+  if (type != 0 && type != 1) fail_value("expert_token_nums_type", type, "must be 0 (prefix sums) or 1 (counts)");
+}
+
+// out.expand_x of dispatch: at least `rows` rows of H (int8 when quantized, else x's dtype).
+void check_expand_x_out(const MutableTensorView& expand_x, DType dtype, std::int64_t rows, std::int64_t h) {
+  if (!expand_x.present()) return;
+  require_dtype("out.expand_x", expand_x, dtype);
+  if (expand_x.ndim != 2 || expand_x.shape[0] < rows || expand_x.shape[1] != h)
+    fail(ErrorCode::invalid_shape, "out.expand_x.shape", shape_text(expand_x),
+         concat("must be (>= A * max(tp_world_size, 1) = ", rows, ", H = ", h, ")"));
+  require_data("out.expand_x", expand_x);
+}
+
+// expert_token_nums: the tokens of each expert of this rank.
+void check_expert_token_nums_out(const GroupConfig& c, const Topology& topo, const MutableTensorView& v) {
+  optional_vector_of("out.expert_token_nums", v, DType::int64, topo.local_experts(c.ep_rank_id));
+}
+
+// tp_recv_counts: two entries, and only with a TP domain.
+void check_tp_recv_counts_out(const GroupConfig& c, const MutableTensorView& v) {
+  if (!v.present()) return;
+  if (c.tp_world_size != 2)
+    fail(ErrorCode::invalid_argument, "out.tp_recv_counts", shape_text(v), "is only produced with tp_world_size = 2");
+  require_vector_of("out.tp_recv_counts", v, DType::int32, 2);
+}
+
 // expert_ids: ids in [0, E), K distinct values per row (§3.1).
 // The bytes a view spans, [first, last); empty for an absent or empty view. Strides are non-negative.
 struct Span {
@@ -115,16 +225,11 @@ void check_expert_ids(const TensorView& ids, int E, std::int64_t active) {
 // per-call limits of the Ascend profiles. Returns the number of active tokens (x_active_mask).
 std::int64_t check_ids_and_profile(const GroupConfig& c, const TensorView& ids, const TensorView& mask, std::int64_t h,
                                    Values values) {
-  require_present("expert_ids", ids);
-  require_ndim("expert_ids", ids, 2);
-  require_dtype("expert_ids", ids, DType::int32);
-  require_data("expert_ids", ids);
+  require_ids_tensor(ids);
   const std::int64_t bs = ids.rows(), k = ids.cols();
   if (k < 1 || k > c.moe_expert_num)
     fail(ErrorCode::invalid_shape, "expert_ids.shape[1] (K)", concat(k), concat("must be in [1, moe_expert_num = ", c.moe_expert_num, "]"));
-  if (c.global_bs != 0 && bs * c.ep_world_size > c.global_bs)
-    fail_value("global_bs", c.global_bs,
-               concat("must be >= BS * ep_world_size = ", bs, " * ", c.ep_world_size, " (BS of this rank is ", bs, ")"));
+  require_global_bs_covers(c, bs, bs * c.ep_world_size);
   check_profile_call_limits(c, bs, k, h);
   const std::int64_t active = check_token_mask(c, mask, bs, values);
   if (values == Values::on_host) check_expert_ids(ids, c.moe_expert_num, active);
@@ -145,6 +250,64 @@ void check_expand_idx_shape(const GroupConfig& c, const TensorView& expand_idx, 
                 ")"));
 }
 
+// A dispatch output buffer must not overlap any of dispatch's inputs (both versions take the same ones).
+template <class Options>
+void require_dispatch_output_apart(const char* name, const MutableTensorView& buffer, const TensorView& x,
+                                   const TensorView& ids, const Options& o) {
+  require_no_alias(name, buffer,
+                   {{"x", x},
+                    {"expert_ids", ids},
+                    {"scales", o.scales},
+                    {"expert_scales", o.expert_scales},
+                    {"x_active_mask", o.x_active_mask}});
+}
+
+// expert_scales of combine, where it is required: (BS, K) float32.
+void require_combine_expert_scales(const TensorView& expert_scales, std::int64_t bs, std::int64_t k) {
+  require_present("expert_scales", expert_scales);
+  require_matrix_of("expert_scales", expert_scales, DType::fp32, bs, k);
+}
+
+// The count inputs of combine: ep_send_counts (dispatch's ep_recv_counts, at least `full_len`
+// entries), comm_quant_mode, and tp_send_counts (dispatch's tp_recv_counts) with a TP domain.
+void check_combine_count_inputs(const GroupConfig& c, const Topology& topo, const TensorView& ep_send_counts,
+                                int full_len, int comm_quant_mode, const TensorView& tp_send_counts) {
+  require_present("ep_send_counts", ep_send_counts);
+  require_vector_of_at_least("ep_send_counts", ep_send_counts, DType::int32, full_len);
+  if (comm_quant_mode != 0 && comm_quant_mode != 2)
+    fail_value("comm_quant_mode", comm_quant_mode, "must be 0 (none) or 2 (int8)");
+  if (comm_quant_mode != 0 && c.tp_world_size == 2)
+    fail_value("comm_quant_mode", comm_quant_mode, "must be 0 with a TP domain (tp_world_size = 2)");
+  if (topo.T == 2) {
+    require_present("tp_send_counts", tp_send_counts);
+    require_vector_of("tp_send_counts", tp_send_counts, DType::int32, 2);
+  }
+}
+
+// expand_x holds at least the `needed` rows that the counts describe.
+void require_rows_of_counts(const Topology& topo, const TensorView& expand_x, std::int64_t needed) {
+  if (expand_x.rows() < needed)
+    fail(ErrorCode::invalid_shape, "expand_x.shape", shape_text(expand_x),
+         concat("must have at least the ", needed, " valid rows that ep_send_counts",
+                topo.T == 2 ? " and tp_send_counts" : "", " describe"));
+}
+
+// With a TP domain, tp_send_counts names the same own and peer rows as ep_send_counts.
+void require_tp_send_counts_match(const GroupConfig& c, const TensorView& tp_send_counts, const CombineCounts& counts) {
+  const std::int32_t self = tp_send_counts.at<std::int32_t>(c.tp_rank_id);
+  const std::int32_t peer = tp_send_counts.at<std::int32_t>(1 - c.tp_rank_id);
+  if (self != counts.own_rows || peer != counts.peer_rows)
+    fail(ErrorCode::invalid_argument, "tp_send_counts",
+         concat("[", tp_send_counts.at<std::int32_t>(0), ", ", tp_send_counts.at<std::int32_t>(1), "]"),
+         concat("must match ep_send_counts (own rows ", counts.own_rows, " at tp_rank_id ", c.tp_rank_id,
+                ", peer rows ", counts.peer_rows, ")"));
+}
+
+// The combined result may go to the caller's buffer: (BS, H) of expand_x's dtype.
+void check_combine_out(const MutableTensorView& out, DType dtype, std::int64_t bs, std::int64_t h) {
+  if (out.present()) require_matrix_of("out", out, dtype, bs, h);
+}
+
 void check_reserved_combine_options(const CombineOptions& o) {
   require_absent("activation_scale", o.activation_scale, "is reserved and must be None");
   require_absent("weight_scale", o.weight_scale, "is reserved and must be None");
@@ -158,15 +321,9 @@ void check_reserved_combine_options(const CombineOptions& o) {
 void check_combine_side_buffers(const TensorView& expand_x, const TensorView& ids, const TensorView& expand_idx,
                                 const TensorView& ep_send_counts, const TensorView& expert_scales, const CombineOptions& o,
                                 std::int64_t bs, std::int64_t h, std::int64_t needed) {
-  if (o.expand_scales.present()) {
-    require_dtype("expand_scales", o.expand_scales, DType::fp32);
-    require_vector_min("expand_scales", o.expand_scales, needed);
-    require_data("expand_scales", o.expand_scales);
-  }
+  optional_vector_of_at_least("expand_scales", o.expand_scales, DType::fp32, needed);
+  check_combine_out(o.out, expand_x.dtype, bs, h);
   if (o.out.present()) {
-    require_dtype("out", o.out, expand_x.dtype);
-    require_matrix("out", o.out, bs, h);
-    require_data("out", o.out);
     require_no_alias("out", o.out,
                      {{"expand_x", expand_x},
                       {"expert_ids", ids},
@@ -199,91 +356,37 @@ void check_profile_call_limits(const GroupConfig& c, std::int64_t bs, std::int64
 CallShape check_dispatch(const GroupConfig& c, const TensorView& x, const TensorView& ids, const DispatchOptions& o,
                          Values values) {
   check_v1_config(c);
-  require_present("x", x);
-  require_ndim("x", x, 2);
-  require_half("x", x);
-  require_data("x", x);
-  const std::int64_t bs = x.rows(), h = x.cols();
-  if (h < 1) fail(ErrorCode::invalid_shape, "x.shape[1] (H)", concat(h), "must be >= 1");
-  require_present("expert_ids", ids);
-  require_ndim("expert_ids", ids, 2);
-  if (ids.rows() != bs)
-    fail(ErrorCode::invalid_shape, "expert_ids.shape", shape_text(ids), concat("must have BS = x.shape[0] = ", bs, " rows"));
+  const std::int64_t h = check_token_rows("x", x);
+  const std::int64_t bs = x.rows();
+  require_ids_row_per_token(ids, bs);
   const std::int64_t active = check_ids_and_profile(c, ids, o.x_active_mask, h, values);
   const std::int64_t k = ids.cols();
 
-  if (o.quant_mode == 1)
-    fail(ErrorCode::unsupported, "quant_mode", "1", "static quantization is not supported (0 = none, 2 = dynamic int8)");
-  if (o.quant_mode != 0 && o.quant_mode != 2) fail_value("quant_mode", o.quant_mode, "must be 0 (none) or 2 (dynamic int8)");
-  if (o.scales.present()) {
-    if (o.quant_mode == 0) fail(ErrorCode::invalid_argument, "scales", shape_text(o.scales), "must be None with quant_mode 0");
-    require_dtype("scales", o.scales, DType::fp32);
-    require_matrix("scales", o.scales, c.moe_expert_num + (c.shared_expert_rank_num > 0 ? 1 : 0), h);
-    require_data("scales", o.scales);
-  }
+  check_quant_mode_and_scales(o.quant_mode, o.scales, c.moe_expert_num + (c.shared_expert_rank_num > 0 ? 1 : 0), h);
   if (o.expert_scales.present()) {
     if (c.profile == Profile::ascend_a3)
       fail(ErrorCode::invalid_argument, "expert_scales", shape_text(o.expert_scales), "profile ascend_a3 does not support it (must be None)");
-    require_dtype("expert_scales", o.expert_scales, DType::fp32);
-    require_matrix("expert_scales", o.expert_scales, bs, k);
-    require_data("expert_scales", o.expert_scales);
+    require_matrix_of("expert_scales", o.expert_scales, DType::fp32, bs, k);
   }
-  if (o.expert_token_nums_type != 0 && o.expert_token_nums_type != 1)
-    fail_value("expert_token_nums_type", o.expert_token_nums_type, "must be 0 (prefix sums) or 1 (counts)");
+  check_expert_token_nums_type(o.expert_token_nums_type);
 
   // Caller output buffers: dtype and at least the shapes torch_npu allocates.
   const Topology topo(c);
   const std::int64_t rows = topo.capacity_a(c.ep_rank_id, bs, k) * topo.T;
   const DispatchOutputs& out = o.out;
-  if (out.expand_x.present()) {
-    require_dtype("out.expand_x", out.expand_x, o.quant_mode == 2 ? DType::int8 : x.dtype);
-    if (out.expand_x.ndim != 2 || out.expand_x.shape[0] < rows || out.expand_x.shape[1] != h)
-      fail(ErrorCode::invalid_shape, "out.expand_x.shape", shape_text(out.expand_x),
-           concat("must be (>= A * max(tp_world_size, 1) = ", rows, ", H = ", h, ")"));
-    require_data("out.expand_x", out.expand_x);
-  }
-  if (out.dynamic_scales.present()) {
-    require_dtype("out.dynamic_scales", out.dynamic_scales, DType::fp32);
-    require_vector_min("out.dynamic_scales", out.dynamic_scales, rows);
-    require_data("out.dynamic_scales", out.dynamic_scales);
-  }
-  if (out.expand_scales.present()) {
-    require_dtype("out.expand_scales", out.expand_scales, DType::fp32);
-    require_vector_min("out.expand_scales", out.expand_scales, rows);
-    require_data("out.expand_scales", out.expand_scales);
-  }
-  if (out.expand_idx.present()) {
-    require_dtype("out.expand_idx", out.expand_idx, DType::int32);
-    require_vector_len("out.expand_idx", out.expand_idx, bs * k);
-    require_data("out.expand_idx", out.expand_idx);
-  }
-  if (out.expert_token_nums.present()) {
-    require_dtype("out.expert_token_nums", out.expert_token_nums, DType::int64);
-    require_vector_len("out.expert_token_nums", out.expert_token_nums, topo.local_experts(c.ep_rank_id));
-    require_data("out.expert_token_nums", out.expert_token_nums);
-  }
-  if (out.ep_recv_counts.present()) {
-    require_dtype("out.ep_recv_counts", out.ep_recv_counts, DType::int32);
-    require_vector_min("out.ep_recv_counts", out.ep_recv_counts, topo.ep_recv_counts_len(c.ep_rank_id));
-    require_data("out.ep_recv_counts", out.ep_recv_counts);
-  }
-  if (out.tp_recv_counts.present()) {
-    if (c.tp_world_size != 2)
-      fail(ErrorCode::invalid_argument, "out.tp_recv_counts", shape_text(out.tp_recv_counts), "is only produced with tp_world_size = 2");
-    require_dtype("out.tp_recv_counts", out.tp_recv_counts, DType::int32);
-    require_vector_len("out.tp_recv_counts", out.tp_recv_counts, 2);
-    require_data("out.tp_recv_counts", out.tp_recv_counts);
-  }
+  check_expand_x_out(out.expand_x, o.quant_mode == 2 ? DType::int8 : x.dtype, rows, h);
+  optional_vector_of_at_least("out.dynamic_scales", out.dynamic_scales, DType::fp32, rows);
+  optional_vector_of_at_least("out.expand_scales", out.expand_scales, DType::fp32, rows);
+  optional_vector_of("out.expand_idx", out.expand_idx, DType::int32, bs * k);
+  check_expert_token_nums_out(c, topo, out.expert_token_nums);
+  optional_vector_of_at_least("out.ep_recv_counts", out.ep_recv_counts, DType::int32,
+                              topo.ep_recv_counts_len(c.ep_rank_id));
+  check_tp_recv_counts_out(c, out.tp_recv_counts);
   for (const auto& [name, buffer] : {std::pair<const char*, const MutableTensorView*>{"out.expand_x", &out.expand_x},
                                      {"out.dynamic_scales", &out.dynamic_scales}, {"out.expand_scales", &out.expand_scales},
                                      {"out.expand_idx", &out.expand_idx}, {"out.expert_token_nums", &out.expert_token_nums},
                                      {"out.ep_recv_counts", &out.ep_recv_counts}, {"out.tp_recv_counts", &out.tp_recv_counts}}) {
-    require_no_alias(name, *buffer,
-                     {{"x", x},
-                      {"expert_ids", ids},
-                      {"scales", o.scales},
-                      {"expert_scales", o.expert_scales},
-                      {"x_active_mask", o.x_active_mask}});
+    require_dispatch_output_apart(name, *buffer, x, ids, o);
   }
   return CallShape{bs, k, h, active};
 }
@@ -293,12 +396,7 @@ CallShape check_combine(const GroupConfig& c, const TensorView& expand_x, const 
                         const TensorView& expert_scales, const CombineOptions& o, CombineCounts* counts,
                         Values values) {
   check_v1_config(c);
-  require_present("expand_x", expand_x);
-  require_ndim("expand_x", expand_x, 2);
-  require_half("expand_x", expand_x);
-  require_data("expand_x", expand_x);
-  const std::int64_t h = expand_x.cols();
-  if (h < 1) fail(ErrorCode::invalid_shape, "expand_x.shape[1] (H)", concat(h), "must be >= 1");
+  const std::int64_t h = check_token_rows("expand_x", expand_x);
   const std::int64_t active = check_ids_and_profile(c, ids, o.x_active_mask, h, values);
   const std::int64_t bs = ids.rows(), k = ids.cols();
   const bool read_values = values == Values::on_host;
@@ -312,28 +410,12 @@ CallShape check_combine(const GroupConfig& c, const TensorView& expand_x, const 
     if (v < 0) fail_value(concat("expand_idx[", t, "]"), v, "must be >= 0 (use dispatch's expand_idx)");
   }
 
-  require_present("expert_scales", expert_scales);
-  require_dtype("expert_scales", expert_scales, DType::fp32);
-  require_matrix("expert_scales", expert_scales, bs, k);
-  require_data("expert_scales", expert_scales);
+  require_combine_expert_scales(expert_scales, bs, k);
 
   const Topology topo(c);
   const int own_len = topo.W * topo.local_experts(c.ep_rank_id);
   const int full_len = topo.ep_recv_counts_len(c.ep_rank_id);
-  require_present("ep_send_counts", ep_send_counts);
-  require_dtype("ep_send_counts", ep_send_counts, DType::int32);
-  require_vector_min("ep_send_counts", ep_send_counts, full_len);
-  require_data("ep_send_counts", ep_send_counts);
-  if (o.comm_quant_mode != 0 && o.comm_quant_mode != 2)
-    fail_value("comm_quant_mode", o.comm_quant_mode, "must be 0 (none) or 2 (int8)");
-  if (o.comm_quant_mode != 0 && c.tp_world_size == 2)
-    fail_value("comm_quant_mode", o.comm_quant_mode, "must be 0 with a TP domain (tp_world_size = 2)");
-  if (topo.T == 2) {
-    require_present("tp_send_counts", o.tp_send_counts);
-    require_dtype("tp_send_counts", o.tp_send_counts, DType::int32);
-    require_vector_len("tp_send_counts", o.tp_send_counts, 2);
-    require_data("tp_send_counts", o.tp_send_counts);
-  }
+  check_combine_count_inputs(c, topo, ep_send_counts, full_len, o.comm_quant_mode, o.tp_send_counts);
   check_reserved_combine_options(o);
   if (!read_values) {  // the GPU checks the counts against dispatch's
     counts->own_rows = counts->peer_rows = -1;
@@ -361,21 +443,13 @@ CallShape check_combine(const GroupConfig& c, const TensorView& expand_x, const 
   counts->own_rows = ep_send_counts.at<std::int32_t>(own_len - 1);
   counts->peer_rows = topo.T == 2 ? ep_send_counts.at<std::int32_t>(full_len - 1) : 0;
   const std::int64_t needed = counts->own_rows + counts->peer_rows;
-  if (expand_x.rows() < needed)
-    fail(ErrorCode::invalid_shape, "expand_x.shape", shape_text(expand_x),
-         concat("must have at least the ", needed, " valid rows that ep_send_counts", topo.T == 2 ? " and tp_send_counts" : "", " describe"));
+  require_rows_of_counts(topo, expand_x, needed);
   if (topo.is_shared(c.ep_rank_id) && ep_send_counts.at<std::int32_t>(topo.S - 1) != active)
     fail_value(concat("ep_send_counts[", topo.S - 1, "]"), ep_send_counts.at<std::int32_t>(topo.S - 1),
                concat("on a shared-expert rank it must equal this rank's ",
                       o.x_active_mask.present() ? "active tokens" : "BS", " = ", active, " (its own rows come first)"));
 
-  if (topo.T == 2) {
-    const std::int32_t self = o.tp_send_counts.at<std::int32_t>(c.tp_rank_id);
-    const std::int32_t peer = o.tp_send_counts.at<std::int32_t>(1 - c.tp_rank_id);
-    if (self != counts->own_rows || peer != counts->peer_rows)
-      fail(ErrorCode::invalid_argument, "tp_send_counts", concat("[", o.tp_send_counts.at<std::int32_t>(0), ", ", o.tp_send_counts.at<std::int32_t>(1), "]"),
-           concat("must match ep_send_counts (own rows ", counts->own_rows, " at tp_rank_id ", c.tp_rank_id, ", peer rows ", counts->peer_rows, ")"));
-  }
+  if (topo.T == 2) require_tp_send_counts_match(c, o.tp_send_counts, *counts);
 
   check_combine_side_buffers(expand_x, ids, expand_idx, ep_send_counts, expert_scales, o, bs, h, needed);
   return CallShape{bs, k, h, active};
@@ -446,10 +520,7 @@ void check_comm_alg(const GroupConfig& c, std::string_view alg, std::int64_t bs,
 }
 
 void check_performance_info(const GroupConfig& c, const MutableTensorView& perf) {
-  if (!perf.present()) return;
-  require_dtype("performance_info", perf, DType::int64);
-  require_vector_len("performance_info", perf, c.ep_world_size);
-  require_data("performance_info", perf);
+  optional_vector_of("performance_info", perf, DType::int64, c.ep_world_size);
 }
 
 // expert_ids and the mask of a V2 call: (BS, K) int32, 1 <= K <= E + Z + C + Q; every entry that takes
@@ -458,18 +529,12 @@ void check_performance_info(const GroupConfig& c, const MutableTensorView& perf)
 // Entries that do not take part are never read (none on_device). Returns the shape, with the active tokens.
 CallShape check_v2_routing(const GroupConfig& c, const TensorView& ids, const TensorView& mask_view, std::int64_t h,
                            const SpecialExperts& ex, EntryMask* mask, Values values) {
-  require_present("expert_ids", ids);
-  require_ndim("expert_ids", ids, 2);
-  require_dtype("expert_ids", ids, DType::int32);
-  require_data("expert_ids", ids);
+  require_ids_tensor(ids);
   const std::int64_t bs = ids.rows(), k = ids.cols();
   if (k < 1 || k > ex.id_limit())
     fail(ErrorCode::invalid_shape, "expert_ids.shape[1] (K)", concat(k),
          concat("must be in [1, moe_expert_num + zero, copy and const experts = ", ex.id_limit(), "]"));
-  if (c.global_bs != 0 && sat_mul(bs, c.ep_world_size) > c.global_bs)
-    fail_value(
-        "global_bs", c.global_bs,
-        concat("must be >= BS * ep_world_size = ", bs, " * ", c.ep_world_size, " (BS of this rank is ", bs, ")"));
+  require_global_bs_covers(c, bs, sat_mul(bs, c.ep_world_size));
   check_profile_call_limits(c, bs, k, h, 2);
   *mask = check_entry_mask(c, mask_view, bs, k, values);
   std::int64_t active = 0;
@@ -495,91 +560,39 @@ CallShape check_v2_routing(const GroupConfig& c, const TensorView& ids, const Te
   return shape;
 }
 
-template <class View>
-void require_rows_like(const char* name, const View& v, DType dtype, std::int64_t rows, std::int64_t h) {
-  require_dtype(name, v, dtype);
-  require_matrix(name, v, rows, h);
-  require_data(name, v);
-}
-
 }  // namespace
 
 CallShape check_dispatch_v2(const GroupConfig& c, const TensorView& x, const TensorView& ids,
                             const DispatchV2Options& o, EntryMask* mask, SpecialExperts* experts, Values values) {
-  require_present("x", x);
-  require_ndim("x", x, 2);
-  require_half("x", x);
-  require_data("x", x);
-  const std::int64_t bs = x.rows(), h = x.cols();
-  if (h < 1) fail(ErrorCode::invalid_shape, "x.shape[1] (H)", concat(h), "must be >= 1");
-  require_present("expert_ids", ids);
-  require_ndim("expert_ids", ids, 2);
-  if (ids.rows() != bs)
-    fail(ErrorCode::invalid_shape, "expert_ids.shape", shape_text(ids),
-         concat("must have BS = x.shape[0] = ", bs, " rows"));
+  const std::int64_t h = check_token_rows("x", x);
+  const std::int64_t bs = x.rows();
+  require_ids_row_per_token(ids, bs);
   *experts = check_special_experts(c, o.zero_expert_num, o.copy_expert_num, o.const_expert_num);
   const CallShape shape = check_v2_routing(c, ids, o.x_active_mask, h, *experts, mask, values);
   const std::int64_t k = shape.k;
   const Topology topo(c);
 
-  if (o.quant_mode == 1)
-    fail(ErrorCode::unsupported, "quant_mode", "1",
-         "static quantization is not supported (0 = none, 2 = dynamic int8)");
-  if (o.quant_mode != 0 && o.quant_mode != 2)
-    fail_value("quant_mode", o.quant_mode, "must be 0 (none) or 2 (dynamic int8)");
-  if (o.scales.present()) {
-    if (o.quant_mode == 0)
-      fail(ErrorCode::invalid_argument, "scales", shape_text(o.scales), "must be None with quant_mode 0");
-    require_dtype("scales", o.scales, DType::fp32);
-    require_matrix("scales", o.scales, topo.Sn + c.moe_expert_num, h);
-    require_data("scales", o.scales);
-  }
-  if (o.expert_scales.present()) {
-    require_dtype("expert_scales", o.expert_scales, DType::fp32);
-    require_matrix("expert_scales", o.expert_scales, bs, k);
-    require_data("expert_scales", o.expert_scales);
-  }
+  check_quant_mode_and_scales(o.quant_mode, o.scales, topo.Sn + c.moe_expert_num, h);
+  if (o.expert_scales.present()) require_matrix_of("expert_scales", o.expert_scales, DType::fp32, bs, k);
   if (o.elastic_info.present())
     fail(ErrorCode::unsupported, "elastic_info", shape_text(o.elastic_info),
          "elastic scaling is not supported: must be None");
   check_performance_info(c, o.performance_info);
   check_comm_alg(c, o.comm_alg, bs, k, *mask, *experts, !o.expert_scales.present());
-  if (o.expert_token_nums_type != 0 && o.expert_token_nums_type != 1)
-    fail_value("expert_token_nums_type", o.expert_token_nums_type, "must be 0 (prefix sums) or 1 (counts)");
+  check_expert_token_nums_type(o.expert_token_nums_type);
 
   const std::int64_t a = topo.capacity_a(c.ep_rank_id, bs, k, 2);
   const std::int64_t rows = sat_mul(a, static_cast<std::int64_t>(topo.T));
   const DispatchV2Outputs& out = o.out;
-  if (out.expand_x.present()) {
-    require_dtype("out.expand_x", out.expand_x, o.quant_mode == 2 ? DType::int8 : x.dtype);
-    if (out.expand_x.ndim != 2 || out.expand_x.shape[0] < rows || out.expand_x.shape[1] != h)
-      fail(ErrorCode::invalid_shape, "out.expand_x.shape", shape_text(out.expand_x),
-           concat("must be (>= A * max(tp_world_size, 1) = ", rows, ", H = ", h, ")"));
-    require_data("out.expand_x", out.expand_x);
-  }
-  const auto vector_out = [](const char* name, const MutableTensorView& v, DType dtype, std::int64_t min_len) {
-    if (!v.present()) return;
-    require_dtype(name, v, dtype);
-    require_vector_min(name, v, min_len);
-    require_data(name, v);
-  };
-  vector_out("out.dynamic_scales", out.dynamic_scales, DType::fp32, rows);
-  vector_out("out.expand_scales", out.expand_scales, DType::fp32, rows);
-  vector_out("out.assist_info_for_combine", out.assist_info_for_combine, DType::int32, sat_mul(a, std::int64_t{3}));
-  if (out.expert_token_nums.present()) {
-    require_dtype("out.expert_token_nums", out.expert_token_nums, DType::int64);
-    require_vector_len("out.expert_token_nums", out.expert_token_nums, topo.local_experts(c.ep_rank_id));
-    require_data("out.expert_token_nums", out.expert_token_nums);
-  }
-  vector_out("out.ep_recv_counts", out.ep_recv_counts, DType::int32, topo.ep_recv_counts_len(c.ep_rank_id));
-  if (out.tp_recv_counts.present()) {
-    if (c.tp_world_size != 2)
-      fail(ErrorCode::invalid_argument, "out.tp_recv_counts", shape_text(out.tp_recv_counts),
-           "is only produced with tp_world_size = 2");
-    require_dtype("out.tp_recv_counts", out.tp_recv_counts, DType::int32);
-    require_vector_len("out.tp_recv_counts", out.tp_recv_counts, 2);
-    require_data("out.tp_recv_counts", out.tp_recv_counts);
-  }
+  check_expand_x_out(out.expand_x, o.quant_mode == 2 ? DType::int8 : x.dtype, rows, h);
+  optional_vector_of_at_least("out.dynamic_scales", out.dynamic_scales, DType::fp32, rows);
+  optional_vector_of_at_least("out.expand_scales", out.expand_scales, DType::fp32, rows);
+  optional_vector_of_at_least("out.assist_info_for_combine", out.assist_info_for_combine, DType::int32,
+                              sat_mul(a, std::int64_t{3}));
+  check_expert_token_nums_out(c, topo, out.expert_token_nums);
+  optional_vector_of_at_least("out.ep_recv_counts", out.ep_recv_counts, DType::int32,
+                              topo.ep_recv_counts_len(c.ep_rank_id));
+  check_tp_recv_counts_out(c, out.tp_recv_counts);
   for (const auto& [name, buffer] : {std::pair<const char*, const MutableTensorView*>{"out.expand_x", &out.expand_x},
                                      {"out.dynamic_scales", &out.dynamic_scales},
                                      {"out.expand_scales", &out.expand_scales},
@@ -588,12 +601,7 @@ CallShape check_dispatch_v2(const GroupConfig& c, const TensorView& x, const Ten
                                      {"out.ep_recv_counts", &out.ep_recv_counts},
                                      {"out.tp_recv_counts", &out.tp_recv_counts},
                                      {"performance_info", &o.performance_info}}) {
-    require_no_alias(name, *buffer,
-                     {{"x", x},
-                      {"expert_ids", ids},
-                      {"scales", o.scales},
-                      {"expert_scales", o.expert_scales},
-                      {"x_active_mask", o.x_active_mask}});
+    require_dispatch_output_apart(name, *buffer, x, ids, o);
   }
   return shape;
 }
@@ -602,39 +610,16 @@ CallShape check_combine_v2(const GroupConfig& c, const TensorView& expand_x, con
                            const TensorView& assist, const TensorView& ep_send_counts, const TensorView& expert_scales,
                            const CombineV2Options& o, CombineCounts* counts, EntryMask* mask, SpecialExperts* experts,
                            Values values) {
-  require_present("expand_x", expand_x);
-  require_ndim("expand_x", expand_x, 2);
-  require_half("expand_x", expand_x);
-  require_data("expand_x", expand_x);
-  const std::int64_t h = expand_x.cols();
-  if (h < 1) fail(ErrorCode::invalid_shape, "expand_x.shape[1] (H)", concat(h), "must be >= 1");
+  const std::int64_t h = check_token_rows("expand_x", expand_x);
   *experts = check_special_experts(c, o.zero_expert_num, o.copy_expert_num, o.const_expert_num);
   const CallShape shape = check_v2_routing(c, ids, o.x_active_mask, h, *experts, mask, values);
   const std::int64_t bs = shape.bs, k = shape.k;
   const Topology topo(c);
 
-  if (expert_scales.present() || c.profile == Profile::ascend_a3) {
-    require_present("expert_scales", expert_scales);
-    require_dtype("expert_scales", expert_scales, DType::fp32);
-    require_matrix("expert_scales", expert_scales, bs, k);
-    require_data("expert_scales", expert_scales);
-  }
+  if (expert_scales.present() || c.profile == Profile::ascend_a3) require_combine_expert_scales(expert_scales, bs, k);
   const int own_len = topo.W * topo.local_experts(c.ep_rank_id);
   const int full_len = topo.ep_recv_counts_len(c.ep_rank_id);
-  require_present("ep_send_counts", ep_send_counts);
-  require_dtype("ep_send_counts", ep_send_counts, DType::int32);
-  require_vector_min("ep_send_counts", ep_send_counts, full_len);
-  require_data("ep_send_counts", ep_send_counts);
-  if (o.comm_quant_mode != 0 && o.comm_quant_mode != 2)
-    fail_value("comm_quant_mode", o.comm_quant_mode, "must be 0 (none) or 2 (int8)");
-  if (o.comm_quant_mode != 0 && c.tp_world_size == 2)
-    fail_value("comm_quant_mode", o.comm_quant_mode, "must be 0 with a TP domain (tp_world_size = 2)");
-  if (topo.T == 2) {
-    require_present("tp_send_counts", o.tp_send_counts);
-    require_dtype("tp_send_counts", o.tp_send_counts, DType::int32);
-    require_vector_len("tp_send_counts", o.tp_send_counts, 2);
-    require_data("tp_send_counts", o.tp_send_counts);
-  }
+  check_combine_count_inputs(c, topo, ep_send_counts, full_len, o.comm_quant_mode, o.tp_send_counts);
   // Only the rows of each half (its last entry) are read, as by the kernels (V2 §4.1). On the device
   // the GPU compares them with dispatch's, and checks the rows and triples they imply.
   const bool read_values = values == Values::on_host;
@@ -649,19 +634,8 @@ CallShape check_combine_v2(const GroupConfig& c, const TensorView& expand_x, con
   counts->own_rows = read_values ? ep_send_counts.at<std::int32_t>(own_len - 1) : -1;
   counts->peer_rows = !read_values ? -1 : topo.T == 2 ? ep_send_counts.at<std::int32_t>(full_len - 1) : 0;
   const std::int64_t needed = read_values ? counts->own_rows + counts->peer_rows : 0;
-  if (expand_x.rows() < needed)
-    fail(ErrorCode::invalid_shape, "expand_x.shape", shape_text(expand_x),
-         concat("must have at least the ", needed, " valid rows that ep_send_counts",
-                topo.T == 2 ? " and tp_send_counts" : "", " describe"));
-  if (topo.T == 2 && read_values) {
-    const std::int32_t self = o.tp_send_counts.at<std::int32_t>(c.tp_rank_id);
-    const std::int32_t peer = o.tp_send_counts.at<std::int32_t>(1 - c.tp_rank_id);
-    if (self != counts->own_rows || peer != counts->peer_rows)
-      fail(ErrorCode::invalid_argument, "tp_send_counts",
-           concat("[", o.tp_send_counts.at<std::int32_t>(0), ", ", o.tp_send_counts.at<std::int32_t>(1), "]"),
-           concat("must match ep_send_counts (own rows ", counts->own_rows, " at tp_rank_id ", c.tp_rank_id,
-                  ", peer rows ", counts->peer_rows, ")"));
-  }
+  require_rows_of_counts(topo, expand_x, needed);
+  if (topo.T == 2 && read_values) require_tp_send_counts_match(c, o.tp_send_counts, *counts);
   require_present("assist_info_for_combine", assist);
   require_dtype("assist_info_for_combine", assist, DType::int32);
   const std::int64_t triples = read_values ? sat_mul(counts->own_rows, std::int64_t{3}) : 0;
@@ -679,13 +653,13 @@ CallShape check_combine_v2(const GroupConfig& c, const TensorView& expand_x, con
       fail(ErrorCode::invalid_argument, "shared_expert_x", shape_text(o.shared_expert_x),
            concat("must be None with shared_expert_rank_num = ", c.shared_expert_rank_num,
                   " (the kernel adds it only without shared-expert ranks)"));
-    require_rows_like("shared_expert_x", o.shared_expert_x, expand_x.dtype, bs, h);
+    require_matrix_of("shared_expert_x", o.shared_expert_x, expand_x.dtype, bs, h);
   }
   if (o.ori_x.present() || experts->copy + experts->constant > 0) {
     if (!o.ori_x.present())
       fail(ErrorCode::invalid_argument, "ori_x", "None",
            "is required with copy or const experts (copy_expert_num + const_expert_num > 0)");
-    require_rows_like("ori_x", o.ori_x, expand_x.dtype, bs, h);
+    require_matrix_of("ori_x", o.ori_x, expand_x.dtype, bs, h);
   }
   for (const auto& [name, view] :
        {std::pair<const char*, const TensorView*>{"const_expert_alpha_1", &o.const_expert_alpha_1},
@@ -696,25 +670,17 @@ CallShape check_combine_v2(const GroupConfig& c, const TensorView& expand_x, con
       continue;
     }
     if (!view->present()) fail(ErrorCode::invalid_argument, name, "None", "is required with const experts");
-    require_rows_like(name, *view, expand_x.dtype, experts->constant, h);
+    require_matrix_of(name, *view, expand_x.dtype, experts->constant, h);
   }
   if (o.elastic_info.present())
     fail(ErrorCode::unsupported, "elastic_info", shape_text(o.elastic_info),
          "elastic scaling is not supported: must be None");
   check_performance_info(c, o.performance_info);
   check_comm_alg(c, o.comm_alg, bs, k, *mask, *experts, false);
-  if (o.expand_scales.present()) {
-    require_dtype("expand_scales", o.expand_scales, DType::fp32);
-    require_vector_min("expand_scales", o.expand_scales, needed);
-    require_data("expand_scales", o.expand_scales);
-  }
+  optional_vector_of_at_least("expand_scales", o.expand_scales, DType::fp32, needed);
   for (const auto& [name, buffer] :
        {std::pair<const char*, const MutableTensorView*>{"out", &o.out}, {"performance_info", &o.performance_info}}) {
-    if (name == std::string_view("out") && o.out.present()) {
-      require_dtype("out", o.out, expand_x.dtype);
-      require_matrix("out", o.out, bs, h);
-      require_data("out", o.out);
-    }
+    if (name == std::string_view("out")) check_combine_out(o.out, expand_x.dtype, bs, h);
     require_no_alias(name, *buffer,
                      {{"expand_x", expand_x},
                       {"expert_ids", ids},

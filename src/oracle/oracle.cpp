@@ -5,27 +5,24 @@
 #include "oracle/oracle.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "oracle/oracle_common.h"
+
 namespace moedist::oracle {
 namespace {
 
+using common::global_rank;
+using common::moe_local_expert_num;
+using common::tp_domain_size;
 using numeric::Half;
 
 // ---------------------------------------------------------------------------------------------
 // Rank geometry (§0.3, §3.1)
-
-int tp_domain_size(const Case& c) { return std::max(c.tp_world_size, 1); }
-
-int global_rank(const Case& c, int ep_rank, int tp_rank) { return ep_rank * tp_domain_size(c) + tp_rank; }
-
-// Experts per MoE rank, L = E / (W - S).
-int moe_local_expert_num(const Case& c) { return c.moe_expert_num / (c.ep_world_size - c.shared_expert_rank_num); }
 
 int expert_home_rank(const Case& c, int expert) { return c.shared_expert_rank_num + expert / moe_local_expert_num(c); }
 
@@ -66,10 +63,8 @@ struct Provenance {
 // One row exactly as dispatch delivers it to the receiving rank.
 struct DeliveredRow {
   Provenance from;
-  std::vector<std::uint16_t> x;  // quant_mode 0: bit copy of the source row
-  std::vector<std::int8_t> q;    // quant_mode 2
-  float dynamic_scale = 0.0f;    // quant_mode 2
-  float expand_scale = 1.0f;     // expert_scales[b, k]; 1.0 on shared-expert rows
+  common::RowPayload payload;
+  float expand_scale = 1.0f;  // expert_scales[b, k]; 1.0 on shared-expert rows
 };
 
 // Builds the payload of source row `token` of `src`, quantized on the sender with smooth row `scales_row`
@@ -77,33 +72,8 @@ struct DeliveredRow {
 DeliveredRow make_row(const Case& c, const RankInput& src, const Provenance& from, int scales_row) {
   DeliveredRow row;
   row.from = from;
-  const std::int64_t h = c.h;
-  const std::uint16_t* source = src.x.data() + from.token * h;
-
-  if (c.quant_mode == 0) {
-    row.x.assign(source, source + h);
-  } else {
-    std::vector<float> v(static_cast<std::size_t>(h));
-    for (std::int64_t i = 0; i < h; ++i) {
-      v[i] = numeric::half_to_f32(c.dtype, source[i]);
-      if (!src.scales.empty()) {
-        const float smooth = src.scales[scales_row * h + i];
-        const float smoothed = v[i] * smooth;
-        v[i] = smoothed;
-      }
-    }
-    float amax = 0.0f;
-    for (const float value : v) amax = std::max(amax, std::fabs(value));
-    // An all-zero row gives ds = +inf, w = 0 * inf = NaN -> q = 0 (rint_to_int8), and 1/inf = 0 as its scale.
-    const float ds = 127.0f / amax;
-    row.q.resize(static_cast<std::size_t>(h));
-    for (std::int64_t i = 0; i < h; ++i) {
-      const float w = v[i] * ds;
-      row.q[i] = numeric::rint_to_int8(w);
-    }
-    row.dynamic_scale = 1.0f / ds;
-  }
-
+  const float* smooth = src.scales.empty() ? nullptr : src.scales.data() + scales_row * c.h;
+  row.payload = common::make_payload(c.dtype, c.quant_mode, src.x.data() + from.token * c.h, smooth, c.h);
   if (from.topk != kSharedExpertSlot && !src.expert_scales.empty()) {
     row.expand_scale = src.expert_scales[from.token * c.k + from.topk];
   }
@@ -264,32 +234,6 @@ std::vector<EpRankDispatch> dispatch_ep_group(const Case& c, int tp_rank) {
 // ---------------------------------------------------------------------------------------------
 // Combine arithmetic
 
-// comm_quant_mode 2 (§4.5): quantize an expert-output row in groups of 8 on the sender and dequantize it
-// on the receiver, in place. The last group is shorter when h is not a multiple of 8.
-void comm_quant_round_trip(Half dtype, std::uint16_t* row, std::int64_t h) {
-  constexpr std::int64_t kGroupSize = 8;
-  const float inv127 = 1.0f / 127.0f;
-  for (std::int64_t begin = 0; begin < h; begin += kGroupSize) {
-    const std::int64_t end = std::min(begin + kGroupSize, h);
-    float group_max = 0.0f;
-    for (std::int64_t i = begin; i < end; ++i)
-      group_max = std::max(group_max, std::fabs(numeric::half_to_f32(dtype, row[i])));
-    const float scale = group_max * inv127;
-    // The receiver only sees the scale after it travelled in x's dtype.
-    const float received_scale = numeric::half_to_f32(dtype, numeric::f32_to_half_rne(dtype, scale));
-    for (std::int64_t i = begin; i < end; ++i) {
-      std::int8_t q = 0;
-      if (scale != 0.0f) {
-        const float ratio = numeric::half_to_f32(dtype, row[i]) / scale;  // divides by the unrounded scale
-        const float ratio_via_fp16 = numeric::fp16_to_f32(numeric::f32_to_fp16_rne(ratio));
-        q = numeric::rint_to_int8(ratio_via_fp16);
-      }
-      const float dequantized = static_cast<float>(q) * received_scale;
-      row[i] = numeric::f32_to_half_rne(dtype, dequantized);
-    }
-  }
-}
-
 // Where one routing entry's (or one token's shared) expert output sits: EP rank and row of expand_x.
 struct RowLocation {
   int ep_rank = -1;
@@ -348,62 +292,13 @@ std::vector<RankOutput> run(const Case& c) {
       const EpRankDispatch& own = group_dispatch[t][ep];
       const EpRankDispatch* peer = has_tp_peer ? &group_dispatch[1 - t][ep] : nullptr;
 
-      std::vector<const DeliveredRow*> rows;
-      for (const DeliveredRow& row : own.rows) rows.push_back(&row);
-      if (peer != nullptr) {
-        for (const DeliveredRow& row : peer->rows) rows.push_back(&row);
-      }
-      out.valid_rows = static_cast<std::int64_t>(rows.size());
-      for (const DeliveredRow* row : rows) {
-        if (c.quant_mode == 0) {
-          out.expand_x.insert(out.expand_x.end(), row->x.begin(), row->x.end());
-        } else {
-          out.expand_x_int8.insert(out.expand_x_int8.end(), row->q.begin(), row->q.end());
-          out.dynamic_scales.push_back(row->dynamic_scale);
-        }
-        if (any_expert_scales) out.expand_scales.push_back(row->expand_scale);
-      }
-
+      common::fill_dispatch_outputs(c, own, peer, t, any_expert_scales, out);
       out.expand_idx = own.expand_idx;
-      out.ep_recv_counts = own.ep_recv_counts;
-      if (peer != nullptr) {
-        out.ep_recv_counts.insert(out.ep_recv_counts.end(), peer->ep_recv_counts.begin(), peer->ep_recv_counts.end());
-        out.tp_recv_counts.assign(2, 0);
-        out.tp_recv_counts[t] = static_cast<std::int32_t>(own.rows.size());
-        out.tp_recv_counts[1 - t] = static_cast<std::int32_t>(peer->rows.size());
-      }
-
-      std::int64_t cumulative = 0;
-      for (std::size_t l = 0; l < own.rows_per_local_expert.size(); ++l) {
-        const std::int64_t count =
-            own.rows_per_local_expert[l] + (peer != nullptr ? peer->rows_per_local_expert[l] : 0);
-        cumulative += count;
-        out.expert_token_nums.push_back(c.expert_token_nums_type == 0 ? cumulative : count);
-      }
     }
   }
 
   // ---- combine: expert outputs Y per global rank, valid_rows * h in x's dtype ----
-  std::vector<std::vector<std::uint16_t>> expert_out(c.ranks.size());
-  for (std::size_t g = 0; g < c.ranks.size(); ++g) {
-    const RankOutput& out = outputs[g];
-    if (c.ranks[g].has_combine_x) {
-      require(static_cast<std::int64_t>(c.ranks[g].combine_x.size()) == out.valid_rows * h,
-              "combine_x must hold valid_rows * h values");
-      expert_out[g] = c.ranks[g].combine_x;
-    } else if (c.quant_mode == 0) {
-      expert_out[g] = out.expand_x;  // identity expert
-    } else {
-      // Identity expert on a quantized row: its dequantized value.
-      expert_out[g].resize(static_cast<std::size_t>(out.valid_rows * h));
-      for (std::int64_t row = 0; row < out.valid_rows; ++row) {
-        for (std::int64_t i = 0; i < h; ++i) {
-          const float dequantized = static_cast<float>(out.expand_x_int8[row * h + i]) * out.dynamic_scales[row];
-          expert_out[g][row * h + i] = numeric::f32_to_half_rne(c.dtype, dequantized);
-        }
-      }
-    }
-  }
+  std::vector<std::vector<std::uint16_t>> expert_out = common::expert_outputs(c, outputs, require);
 
   // TP reduce (§4.4): own row i plus the peer's copy of it, which sits after the peer's own rows.
   if (has_tp_peer) {
@@ -429,10 +324,11 @@ std::vector<RankOutput> run(const Case& c) {
     expert_out = std::move(reduced);
   }
 
-  if (c.comm_quant_mode == 2) {
+  if (c.comm_quant_mode == 2) {  // §4.5
     for (std::size_t g = 0; g < c.ranks.size(); ++g) {
       const std::int64_t rows = outputs[g].valid_rows;
-      for (std::int64_t row = 0; row < rows; ++row) comm_quant_round_trip(c.dtype, expert_out[g].data() + row * h, h);
+      for (std::int64_t row = 0; row < rows; ++row)
+        common::comm_quant_round_trip(c.dtype, expert_out[g].data() + row * h, h);
     }
   }
 

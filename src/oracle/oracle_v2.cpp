@@ -14,9 +14,14 @@
 #include <string>
 #include <vector>
 
+#include "oracle/oracle_common.h"
+
 namespace moedist::oracle::v2 {
 namespace {
 
+using common::global_rank;
+using common::moe_local_expert_num;
+using common::tp_domain_size;
 using numeric::Half;
 
 void require(bool condition, const std::string& what) {
@@ -31,10 +36,6 @@ void ensure(bool condition, const char* what) {
 // ---------------------------------------------------------------------------------------------
 // Geometry (V2 §0.3, V1 §3.1)
 
-int tp_domain_size(const Case& c) { return std::max(c.tp_world_size, 1); }
-
-int global_rank(const Case& c, int ep_rank, int tp_rank) { return ep_rank * tp_domain_size(c) + tp_rank; }
-
 // Sn after the remap "S == 0 and Sn == 1 => Sn := 0".
 int shared_expert_num(const Case& c) {
   return c.shared_expert_rank_num == 0 && c.shared_expert_num == 1 ? 0 : c.shared_expert_num;
@@ -45,9 +46,6 @@ int ranks_per_shared_expert(const Case& c) {
   const int sn = shared_expert_num(c);
   return sn == 0 ? 0 : c.shared_expert_rank_num / sn;
 }
-
-// L = E / (W - S) on a MoE rank.
-int moe_local_expert_num(const Case& c) { return c.moe_expert_num / (c.ep_world_size - c.shared_expert_rank_num); }
 
 // The first id of each kind of special expert (V2 §0.3): zero [E, E+Z), copy [E+Z, E+Z+C), const [E+Z+C, E+Z+C+Q).
 std::int64_t first_copy_id(const Case& c) { return std::int64_t{c.moe_expert_num} + c.zero_expert_num; }
@@ -98,44 +96,17 @@ struct Provenance {
 // One row exactly as dispatch delivers it to the receiving rank.
 struct DeliveredRow {
   Provenance from;
-  std::vector<std::uint16_t> x;  // quant_mode 0: bit copy of the source row
-  std::vector<std::int8_t> q;    // quant_mode 2
-  float dynamic_scale = 0.0f;    // quant_mode 2
-  float expand_scale = 1.0f;     // expert_scales[b, k]; 1.0 on shared-expert rows
+  common::RowPayload payload;
+  float expand_scale = 1.0f;  // expert_scales[b, k]; 1.0 on shared-expert rows
 };
 
 // The payload of source row `from.token` of `src`, quantized on the sender with smooth row `scales_row`
-// (V1 §2.2 / V2 §2.2 for quant_mode 2; a bit copy for quant_mode 0). The same arithmetic as the V1 oracle.
+// (V1 §2.2 / V2 §2.2 for quant_mode 2; a bit copy for quant_mode 0), as the V1 oracle builds its rows.
 DeliveredRow make_row(const Case& c, const RankInput& src, const Provenance& from, std::int64_t scales_row) {
   DeliveredRow row;
   row.from = from;
-  const std::int64_t h = c.h;
-  const std::uint16_t* source = src.x.data() + from.token * h;
-
-  if (c.quant_mode == 0) {
-    row.x.assign(source, source + h);
-  } else {
-    std::vector<float> v(static_cast<std::size_t>(h));
-    for (std::int64_t i = 0; i < h; ++i) {
-      v[i] = numeric::half_to_f32(c.dtype, source[i]);
-      if (!src.scales.empty()) {
-        const float smooth = src.scales[scales_row * h + i];
-        const float smoothed = v[i] * smooth;
-        v[i] = smoothed;
-      }
-    }
-    float amax = 0.0f;
-    for (const float value : v) amax = std::max(amax, std::fabs(value));
-    // An all-zero row gives ds = +inf, w = 0 * inf = NaN -> q = 0 (rint_to_int8), and 1/inf = 0 as its scale.
-    const float ds = 127.0f / amax;
-    row.q.resize(static_cast<std::size_t>(h));
-    for (std::int64_t i = 0; i < h; ++i) {
-      const float w = v[i] * ds;
-      row.q[i] = numeric::rint_to_int8(w);
-    }
-    row.dynamic_scale = 1.0f / ds;
-  }
-
+  const float* smooth = src.scales.empty() ? nullptr : src.scales.data() + scales_row * c.h;
+  row.payload = common::make_payload(c.dtype, c.quant_mode, src.x.data() + from.token * c.h, smooth, c.h);
   if (from.topk < c.k && !src.expert_scales.empty()) row.expand_scale = src.expert_scales[from.token * c.k + from.topk];
   return row;
 }
@@ -211,32 +182,6 @@ std::vector<EpRankDispatch> dispatch_ep_group(const Case& c, int tp_rank) {
 std::uint16_t tp_add(Half dtype, std::uint16_t mine, std::uint16_t theirs) {
   const float sum = numeric::half_to_f32(dtype, mine) + numeric::half_to_f32(dtype, theirs);
   return numeric::f32_to_half_rne(dtype, sum);
-}
-
-// comm_quant_mode 2 (V1 §4.5, unchanged in V2 §2.6): quantize an expert-output row in groups of 8 on the
-// sender and dequantize it on the receiver, in place; the same arithmetic as the V1 oracle.
-void comm_quant_round_trip(Half dtype, std::uint16_t* row, std::int64_t h) {
-  constexpr std::int64_t kGroupSize = 8;
-  const float inv127 = 1.0f / 127.0f;
-  for (std::int64_t begin = 0; begin < h; begin += kGroupSize) {
-    const std::int64_t end = std::min(begin + kGroupSize, h);
-    float group_max = 0.0f;
-    for (std::int64_t i = begin; i < end; ++i)
-      group_max = std::max(group_max, std::fabs(numeric::half_to_f32(dtype, row[i])));
-    const float scale = group_max * inv127;
-    // The receiver only sees the scale after it travelled in x's dtype.
-    const float received_scale = numeric::half_to_f32(dtype, numeric::f32_to_half_rne(dtype, scale));
-    for (std::int64_t i = begin; i < end; ++i) {
-      std::int8_t q = 0;
-      if (scale != 0.0f) {
-        const float ratio = numeric::half_to_f32(dtype, row[i]) / scale;  // divides by the unrounded scale
-        const float ratio_via_fp16 = numeric::fp16_to_f32(numeric::f32_to_fp16_rne(ratio));
-        q = numeric::rint_to_int8(ratio_via_fp16);
-      }
-      const float dequantized = static_cast<float>(q) * received_scale;
-      row[i] = numeric::f32_to_half_rne(dtype, dequantized);
-    }
-  }
 }
 
 // The mixing weights of const expert c for token b (V2 §4.4, G2): (a1, a2) = softmax(l1, l2) with
@@ -354,68 +299,19 @@ std::vector<RankOutput> run(const Case& c) {
       const EpRankDispatch& own = group_dispatch[t][ep];
       const EpRankDispatch* peer = has_tp_peer ? &group_dispatch[1 - t][ep] : nullptr;
 
-      std::vector<const DeliveredRow*> rows;
-      for (const DeliveredRow& row : own.rows) rows.push_back(&row);
-      if (peer != nullptr) {
-        for (const DeliveredRow& row : peer->rows) rows.push_back(&row);
-      }
-      out.valid_rows = static_cast<std::int64_t>(rows.size());
+      common::fill_dispatch_outputs(c, own, peer, t, any_expert_scales, out);
       out.own_rows = static_cast<std::int64_t>(own.rows.size());
-      for (const DeliveredRow* row : rows) {
-        if (c.quant_mode == 0) {
-          out.expand_x.insert(out.expand_x.end(), row->x.begin(), row->x.end());
-        } else {
-          out.expand_x_int8.insert(out.expand_x_int8.end(), row->q.begin(), row->q.end());
-          out.dynamic_scales.push_back(row->dynamic_scale);
-        }
-        if (any_expert_scales) out.expand_scales.push_back(row->expand_scale);
-      }
       // Triples for the own EP rows only; the peer's gathered rows get none (V2 §3.6).
       for (const DeliveredRow& row : own.rows) {
         out.assist_info.push_back(row.from.src_ep_rank);
         out.assist_info.push_back(static_cast<std::int32_t>(row.from.token));
         out.assist_info.push_back(static_cast<std::int32_t>(row.from.topk));
       }
-
-      out.ep_recv_counts = own.ep_recv_counts;
-      if (peer != nullptr) {
-        out.ep_recv_counts.insert(out.ep_recv_counts.end(), peer->ep_recv_counts.begin(), peer->ep_recv_counts.end());
-        out.tp_recv_counts.assign(2, 0);
-        out.tp_recv_counts[t] = static_cast<std::int32_t>(own.rows.size());
-        out.tp_recv_counts[1 - t] = static_cast<std::int32_t>(peer->rows.size());
-      }
-
-      std::int64_t cumulative = 0;
-      for (std::size_t l = 0; l < own.rows_per_local_expert.size(); ++l) {
-        const std::int64_t count =
-            own.rows_per_local_expert[l] + (peer != nullptr ? peer->rows_per_local_expert[l] : 0);
-        cumulative += count;
-        out.expert_token_nums.push_back(c.expert_token_nums_type == 0 ? cumulative : count);
-      }
     }
   }
 
   // ---- combine: expert outputs Y per global rank, valid_rows * h in x's dtype ----
-  std::vector<std::vector<std::uint16_t>> expert_out(c.ranks.size());
-  for (std::size_t g = 0; g < c.ranks.size(); ++g) {
-    const RankOutput& out = outputs[g];
-    if (c.ranks[g].has_combine_x) {
-      require(static_cast<std::int64_t>(c.ranks[g].combine_x.size()) == out.valid_rows * h,
-              "combine_x must hold valid_rows * h values");
-      expert_out[g] = c.ranks[g].combine_x;
-    } else if (c.quant_mode == 0) {
-      expert_out[g] = out.expand_x;  // identity expert
-    } else {
-      // Identity expert on a quantized row: its dequantized value.
-      expert_out[g].resize(static_cast<std::size_t>(out.valid_rows * h));
-      for (std::int64_t row = 0; row < out.valid_rows; ++row) {
-        for (std::int64_t i = 0; i < h; ++i) {
-          const float dequantized = static_cast<float>(out.expand_x_int8[row * h + i]) * out.dynamic_scales[row];
-          expert_out[g][row * h + i] = numeric::f32_to_half_rne(c.dtype, dequantized);
-        }
-      }
-    }
-  }
+  std::vector<std::vector<std::uint16_t>> expert_out = common::expert_outputs(c, outputs, require);
 
   // TP reduce: own row i plus the peer's copy of it, which sits after the peer's own rows.
   if (has_tp_peer) {
@@ -441,7 +337,8 @@ std::vector<RankOutput> run(const Case& c) {
   if (c.comm_quant_mode == 2) {
     for (std::size_t g = 0; g < c.ranks.size(); ++g) {
       const std::int64_t rows = outputs[g].valid_rows;
-      for (std::int64_t row = 0; row < rows; ++row) comm_quant_round_trip(c.dtype, expert_out[g].data() + row * h, h);
+      for (std::int64_t row = 0; row < rows; ++row)
+        common::comm_quant_round_trip(c.dtype, expert_out[g].data() + row * h, h);
     }
   }
 
