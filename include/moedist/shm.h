@@ -26,6 +26,8 @@ struct ShmOptions {
   // rank of the job can have a core of its own; with more ranks than cores it instead yields the core
   // for up to 2 ms (spinning would take the core from the rank it waits for).
   std::chrono::microseconds spin{-1};
+  // This rank's execution options (its worker threads, GroupOptions): each process may choose its own.
+  GroupOptions group;
   // Test hook: called with the phase name as every collective step starts (fault-injection tests
   // kill the process from here). Leave empty in production.
   std::function<void(std::string_view phase)> on_phase;

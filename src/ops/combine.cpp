@@ -255,17 +255,17 @@ void fetch_rows_from_other_hosts(CombineCall& c, const TensorView& expand_idx) {
   combine_steps::check_answers(c);
 }
 
-// Token b's output row from its n terms (s.terms), added in increasing k, shared expert last. In chunks
-// of H so the fp32 accumulator stays in L1; every element still adds its terms in the same order, so
-// the result is bit-identical to a whole-row reduce.
-void reduce_token(const CombineCall& c, std::int64_t b, std::size_t n, float* acc, std::int64_t chunk,
-                  const MutableTensorView& out) {
+// Token b's output row from its n terms, added in increasing k, shared expert last. In chunks of H so
+// the fp32 accumulator stays in L1; every element still adds its terms in the same order, so the result
+// is bit-identical to a whole-row reduce.
+void reduce_token(const CombineCall& c, std::int64_t b, const CombineTerm* terms, std::size_t n, float* acc,
+                  std::int64_t chunk, const MutableTensorView& out) {
   const std::size_t groups = c.my_layout.comm_quant_groups;
   for (std::int64_t h0 = 0; h0 < c.h; h0 += chunk) {
     const std::int64_t len = std::min(chunk, c.h - h0);
     std::fill_n(acc, len, 0.0f);
     for (std::size_t i = 0; i < n; ++i) {
-      const CombineTerm& t = c.s.terms[i];
+      const CombineTerm& t = terms[i];
       if (c.quantized) {
         const auto* scales = reinterpret_cast<const std::uint16_t*>(t.row) + h0 / 8;
         const auto* q = reinterpret_cast<const std::int8_t*>(t.row + groups * 2) + h0;
@@ -286,7 +286,9 @@ void reduce_token(const CombineCall& c, std::int64_t b, std::size_t n, float* ac
 }
 
 // Reduces every token from the expert ranks' rows (§4.2), shared expert unweighted (§4.3): rows on
-// this host from the windows, rows of other hosts from the proxies' answers, in request order.
+// this host from the windows, rows of other hosts from the proxies' answers, in request order. Where
+// each term's row is (an order-dependent walk through the answers) is found first, token by token; the
+// sums are then shared by the rank's threads, each token's by one thread, in the same order as alone.
 void reduce_tokens(const CombineCall& c, const TensorView& expand_idx, const MutableTensorView& out) {
   Group::State& s = c.s;
   const contract::Topology& topo = c.topo;
@@ -300,19 +302,25 @@ void reduce_tokens(const CombineCall& c, const TensorView& expand_idx, const Mut
     return s.from_host[static_cast<std::size_t>(host)].data() + sizeof(std::int64_t) +
            answered[static_cast<std::size_t>(host)]++ * c.answer_stride;
   };
-  // The K + 1 rows of one token and their weights (the shared expert's is unweighted).
+  // Per token its K (+ 1 shared) rows and their weights (the shared expert's is unweighted).
+  const std::size_t n = static_cast<std::size_t>(c.k + (topo.S > 0 ? 1 : 0));
   std::vector<CombineTerm>& terms = s.terms;
-  terms.resize(static_cast<std::size_t>(c.k + 1));
-  constexpr std::int64_t kChunk = 1024;  // a multiple of the comm-quant group of 8
-  float* acc = s.row_scratch(std::min(c.h, kChunk));
+  terms.resize(static_cast<std::size_t>(c.active) * n);
   TermPlaces places(c, expand_idx);
   for (std::int64_t b = 0; b < c.active; ++b) {
-    std::size_t n = 0;
+    CombineTerm* token_terms = terms.data() + static_cast<std::size_t>(b) * n;
     for (std::int64_t j = 0; j < c.k; ++j)
-      terms[n++] = CombineTerm{term_row(places.moe(b, j)), true, c.expert_scales.at<float>(b, j)};
-    if (topo.S > 0) terms[n++] = CombineTerm{term_row(places.shared(b)), false, 1.0f};
-    reduce_token(c, b, n, acc, kChunk, out);
+      token_terms[j] = CombineTerm{term_row(places.moe(b, j)), true, c.expert_scales.at<float>(b, j)};
+    if (topo.S > 0) token_terms[c.k] = CombineTerm{term_row(places.shared(b)), false, 1.0f};
   }
+  constexpr std::int64_t kChunk = 1024;  // a multiple of the comm-quant group of 8
+  for (int t = 0; t < s.pool.size(); ++t) s.row_scratch(t, std::min(c.h, kChunk));  // sized on the calling thread
+  const std::int64_t token_bytes = static_cast<std::int64_t>(n * c.min_row_bytes);
+  s.pool.parallel_for(0, c.active, s.min_chunk(token_bytes), [&](std::int64_t begin, std::int64_t end, int t) {
+    float* acc = s.row_scratch(t, std::min(c.h, kChunk));
+    for (std::int64_t b = begin; b < end; ++b)
+      reduce_token(c, b, terms.data() + static_cast<std::size_t>(b) * n, n, acc, kChunk, out);
+  });
   // Inactive tokens: the NPU leaves their rows unwritten; moedist writes zeros (docs/contract.md).
   for (std::int64_t b = c.active; b < c.bs; ++b) {
     for (std::int64_t i = 0; i < c.h; ++i) *out.ptr<std::uint16_t>(b, i) = 0;
