@@ -111,9 +111,11 @@ nlohmann::json bench_point_alltoallv(const Point& p, const LoopOptions& loop, in
 
 // moedist over MPI at one point, the ranks split into `hosts` virtual hosts. The same body as the inproc and shm
 // transports (MoedistRank, its traffic self-check included), timed by the same loop.
-nlohmann::json bench_point_moedist(const Point& p, const LoopOptions& loop, int rank, int hosts, std::int64_t timeout_ms) {
+nlohmann::json bench_point_moedist(const Point& p, const LoopOptions& loop, int rank, int hosts,
+                                   std::int64_t timeout_ms, int threads_per_rank) {
   MpiOptions options;
   options.wait.timeout = std::chrono::milliseconds(timeout_ms);
+  options.group.worker_threads = threads_per_rank;
   options.ranks_per_node = ranks_per_host_of(p.W, hosts);
   const std::unique_ptr<Group> group = join_mpi(MPI_COMM_WORLD, group_config(p, rank), options);
   MoedistRank body(p, rank, *group);
@@ -274,6 +276,7 @@ int run(int argc, char** argv, int rank, int W) {
   std::string impl = "alltoallv";
   int hosts = 2;
   std::int64_t timeout_ms = 60000;
+  int threads_per_rank = 1;
   std::uint64_t seed = 1;
   LoopOptions loop;
   app.add_flag("--check", check, "compare with moedist's reference oracle on random cases instead of timing");
@@ -285,6 +288,10 @@ int run(int argc, char** argv, int rank, int W) {
       ->capture_default_str();
   app.add_option("--timeout-ms", timeout_ms, "moedist: longest wait for a peer (MpiOptions::wait.timeout)")
       ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--threads-per-rank", threads_per_rank,
+                 "moedist: worker threads of each rank (GroupOptions::worker_threads)")
+      ->check(CLI::Range(1, GroupOptions::kMaxWorkerThreads))
       ->capture_default_str();
   app.add_option("--point", points, "a grid point BS,H,K,E,QUANT (repeatable)");
   app.add_option("--dtype", dtype, "token dtype")->check(CLI::IsMember({"bf16", "fp16"}))->capture_default_str();
@@ -319,8 +326,9 @@ int run(int argc, char** argv, int rank, int W) {
     std::fflush(stdout);
   }
   for (const Point& p : parsed) {
-    const nlohmann::json line =
-        impl == "moedist" ? bench_point_moedist(p, loop, rank, hosts, timeout_ms) : bench_point_alltoallv(p, loop, rank);
+    const nlohmann::json line = impl == "moedist"
+                                    ? bench_point_moedist(p, loop, rank, hosts, timeout_ms, threads_per_rank)
+                                    : bench_point_alltoallv(p, loop, rank);
     if (rank == 0) {
       std::printf("%s\n", line.dump().c_str());
       std::fflush(stdout);  // the parent reads the lines as they come, for its progress bar

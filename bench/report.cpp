@@ -183,6 +183,7 @@ void print_header(std::ostream& out, const RunInfo& info, const SweepOptions& o)
       << "timing    : " << o.run.loop.warmup << " warm-up iterations, then up to " << o.run.loop.max_iters
       << " timed iterations or " << o.run.loop.max_seconds << " s per transport and point (at least "
       << o.run.loop.min_iters << ")\n"
+      << "threads   : " << o.run.threads_per_rank << " per moedist rank (GroupOptions::worker_threads)\n"
       << "definitions:\n"
       << definitions_text() << "\n";
 }
@@ -250,7 +251,8 @@ void write_json(const std::string& path, const RunInfo& info, const SweepOptions
                    {"seed", o.seed},
                    {"local_experts", o.local_experts},
                    {"hosts", o.hosts},
-                   {"moe_expert_num", o.moe_expert_num}};
+                   {"moe_expert_num", o.moe_expert_num},
+                   {"threads_per_rank", o.run.threads_per_rank}};
   j["definitions"] = definitions_text();
   j["results"] = nlohmann::json::array();
   for (const ResultRow& r : result.rows) {
@@ -271,6 +273,7 @@ void write_json(const std::string& path, const RunInfo& info, const SweepOptions
     row["x_floor"] = number_or_null(r.x_floor);
     if (r.peak_rss_bytes >= 0) row["peak_rss_bytes"] = r.peak_rss_bytes;
     if (r.predicted_bytes >= 0) row["predicted_group_bytes"] = r.predicted_bytes;
+    if (r.threads_per_rank > 0) row["threads_per_rank"] = r.threads_per_rank;
     if (r.between_hosts.hosts > 0) {
       const BetweenHosts& b = r.between_hosts;
       row["between_hosts"] = {{"hosts", b.hosts},       {"ranks_per_host", b.ranks_per_host},
@@ -296,7 +299,8 @@ void write_csv(const std::string& path, const SweepResult& result) {
   std::ofstream f(path);
   f << "transport,W,BS,H,K,E,quant_mode,dtype,op,iters,p50_us,p99_us,mean_us,min_us,max_us,logical_bytes,wire_bytes,"
        "logical_gbps,wire_gbps,x_mpi,x_floor,hosts,ranks_per_host,dispatch_bytes_between_hosts,"
-       "dispatch_bytes_between_hosts_flat,combine_bytes_between_hosts,combine_bytes_between_hosts_flat\n";
+       "dispatch_bytes_between_hosts_flat,combine_bytes_between_hosts,combine_bytes_between_hosts_flat,threads_per_"
+       "rank\n";
   const auto num = [](double v) {
     if (std::isnan(v)) return std::string();
     char buf[64];
@@ -312,11 +316,14 @@ void write_csv(const std::string& path, const SweepResult& result) {
       << num(r.x_mpi) << "," << num(r.x_floor);
     const BetweenHosts& b = r.between_hosts;
     if (b.hosts > 0) {
-      f << "," << b.hosts << "," << b.ranks_per_host << "," << b.dispatch << "," << b.dispatch_flat << "," << b.combine << ","
-        << b.combine_flat << "\n";
+      f << "," << b.hosts << "," << b.ranks_per_host << "," << b.dispatch << "," << b.dispatch_flat << "," << b.combine
+        << "," << b.combine_flat;
     } else {
-      f << ",,,,,,\n";  // not measured: a transport with one host
+      f << ",,,,,,";  // not measured: a transport with one host
     }
+    f << ",";
+    if (r.threads_per_rank > 0) f << r.threads_per_rank;  // empty for the baselines
+    f << "\n";
   }
   if (!f) throw std::runtime_error("cannot write " + path);
 }

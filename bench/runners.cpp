@@ -115,10 +115,10 @@ void escape(void* p) { asm volatile("" : : "g"(p) : "memory"); }
 
 void write_spec(const std::string& dir, const Point& p, const RunSettings& s) {
   std::ofstream f(dir + "/spec");
-  f << "W " << p.W << "\nbs " << p.bs << "\nh " << p.h << "\nk " << p.k << "\nE " << p.E << "\nquant_mode " << p.quant_mode
-    << "\ndtype " << (p.dtype == DType::fp16 ? "fp16" : "bf16") << "\nseed " << p.seed << "\nwarmup " << s.loop.warmup
-    << "\nmax_iters " << s.loop.max_iters << "\nmin_iters " << s.loop.min_iters << "\nmax_seconds " << s.loop.max_seconds
-    << "\ntimeout_ms " << s.timeout_ms << "\n";
+  f << "W " << p.W << "\nbs " << p.bs << "\nh " << p.h << "\nk " << p.k << "\nE " << p.E << "\nquant_mode "
+    << p.quant_mode << "\ndtype " << (p.dtype == DType::fp16 ? "fp16" : "bf16") << "\nseed " << p.seed << "\nwarmup "
+    << s.loop.warmup << "\nmax_iters " << s.loop.max_iters << "\nmin_iters " << s.loop.min_iters << "\nmax_seconds "
+    << s.loop.max_seconds << "\ntimeout_ms " << s.timeout_ms << "\nthreads_per_rank " << s.threads_per_rank << "\n";
   if (!f) throw std::runtime_error("cannot write " + dir + "/spec");
 }
 
@@ -139,6 +139,8 @@ void read_spec(const std::string& dir, Point* p, RunSettings* s) {
     else if (key == "min_iters") f >> s->loop.min_iters;
     else if (key == "max_seconds") f >> s->loop.max_seconds;
     else if (key == "timeout_ms") f >> s->timeout_ms;
+    else if (key == "threads_per_rank")
+      f >> s->threads_per_rank;
     else if (key == "dtype") {
       std::string name;
       f >> name;
@@ -202,6 +204,12 @@ std::string root_cause_message(const std::vector<std::exception_ptr>& errors, st
 
 }  // namespace
 
+GroupOptions group_options(const RunSettings& settings) {
+  GroupOptions options;
+  options.worker_threads = settings.threads_per_rank;
+  return options;
+}
+
 RunOutcome run_inproc(const Point& p, const RunSettings& settings) {
   const PointBytes bytes = count_bytes(p);
   return run_threads(p.W, settings, [&](int rank, std::unique_ptr<Transport> transport) {
@@ -209,7 +217,7 @@ RunOutcome run_inproc(const Point& p, const RunSettings& settings) {
     TransportSync sync(*transport);
     const GroupConfig config = group_config(p, rank);
     validate_config(config);
-    Group group(config, std::move(transport));
+    Group group(config, std::move(transport), group_options(settings));
     MoedistRank body(p, rank, group);
     body.prime(bytes);
     return run_rank_loop(rank, sync, settings.loop, body.ops());
@@ -291,7 +299,7 @@ int shm_rank_main(const std::string& dir) {
         // The transport is made here, not by join_shm, so that the rank also meets its peers through it.
         auto transport = std::make_unique<shm::ShmTransport>(launch_environment().job, rank, p.W, options);
         TransportSync sync(*transport);
-        Group group(config, std::move(transport));
+        Group group(config, std::move(transport), group_options(settings));
         MoedistRank body(p, rank, group);
         body.prime(count_bytes(p));
         write_times(result, run_rank_loop(rank, sync, settings.loop, body.ops()));
@@ -431,13 +439,32 @@ void run_mpi_points(const MpiTools& tools, const MpiImpl& impl, const std::vecto
                     const std::function<void(std::size_t index, RunOutcome outcome)>& on_point, std::string* library) {
   if (points.empty()) return;
   const Point& first = points.front();
-  std::vector<std::string> argv = {tools.mpirun, "--oversubscribe", "--bind-to", "none", "-np", std::to_string(first.W),
-                                   tools.baseline, "--impl", impl.impl, "--hosts", std::to_string(impl.hosts),
-                                   "--timeout-ms", std::to_string(settings.timeout_ms),
-                                   "--dtype", first.dtype == DType::fp16 ? "fp16" : "bf16",
-                                   "--seed", std::to_string(first.seed), "--warmup", std::to_string(settings.loop.warmup),
-                                   "--iters", std::to_string(settings.loop.max_iters), "--min-iters",
-                                   std::to_string(settings.loop.min_iters), "--max-seconds",
+  std::vector<std::string> argv = {tools.mpirun,
+                                   "--oversubscribe",
+                                   "--bind-to",
+                                   "none",
+                                   "-np",
+                                   std::to_string(first.W),
+                                   tools.baseline,
+                                   "--impl",
+                                   impl.impl,
+                                   "--hosts",
+                                   std::to_string(impl.hosts),
+                                   "--timeout-ms",
+                                   std::to_string(settings.timeout_ms),
+                                   "--threads-per-rank",
+                                   std::to_string(settings.threads_per_rank),
+                                   "--dtype",
+                                   first.dtype == DType::fp16 ? "fp16" : "bf16",
+                                   "--seed",
+                                   std::to_string(first.seed),
+                                   "--warmup",
+                                   std::to_string(settings.loop.warmup),
+                                   "--iters",
+                                   std::to_string(settings.loop.max_iters),
+                                   "--min-iters",
+                                   std::to_string(settings.loop.min_iters),
+                                   "--max-seconds",
                                    std::to_string(settings.loop.max_seconds)};
   for (const Point& p : points) {
     argv.push_back("--point");
