@@ -260,26 +260,12 @@ void fetch_rows_from_other_hosts(CombineCall& c, const TensorView& expand_idx) {
 // is bit-identical to a whole-row reduce.
 void reduce_token(const CombineCall& c, std::int64_t b, const CombineTerm* terms, std::size_t n, float* acc,
                   std::int64_t chunk, const MutableTensorView& out) {
-  const std::size_t groups = c.my_layout.comm_quant_groups;
   for (std::int64_t h0 = 0; h0 < c.h; h0 += chunk) {
     const std::int64_t len = std::min(chunk, c.h - h0);
     std::fill_n(acc, len, 0.0f);
     for (std::size_t i = 0; i < n; ++i) {
       const CombineTerm& t = terms[i];
-      if (c.quantized) {
-        const auto* scales = reinterpret_cast<const std::uint16_t*>(t.row) + h0 / 8;
-        const auto* q = reinterpret_cast<const std::int8_t*>(t.row + groups * 2) + h0;
-        if (t.weighted)
-          kernels::accumulate_scaled_comm_quant(acc, q, scales, c.type, t.weight, len);
-        else
-          kernels::accumulate_comm_quant(acc, q, scales, c.type, len);
-      } else {
-        const auto* y = reinterpret_cast<const std::uint16_t*>(t.row) + h0;
-        if (t.weighted)
-          kernels::accumulate_scaled(acc, y, c.type, t.weight, len);
-        else
-          kernels::accumulate(acc, y, c.type, len);
-      }
+      combine_steps::accumulate_row(c, acc, t.row, c.quantized, t.weighted, t.weight, h0, len);
     }
     kernels::store_row(acc, c.type, len, out.ptr<std::uint16_t>(b, h0), out.strides[1]);
   }

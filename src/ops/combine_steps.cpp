@@ -211,4 +211,22 @@ void check_answers(const CombineCall& c) {
   }
 }
 
+void accumulate_row(const CombineCall& c, float* acc, const std::byte* row, bool int8_groups, bool weighted,
+                    float weight, std::int64_t h0, std::int64_t len) {
+  if (int8_groups) {
+    const auto* scales = reinterpret_cast<const std::uint16_t*>(row) + h0 / 8;
+    const auto* q = reinterpret_cast<const std::int8_t*>(row + c.my_layout.comm_quant_groups * 2) + h0;
+    if (weighted)
+      kernels::accumulate_scaled_comm_quant(acc, q, scales, c.type, weight, len);
+    else
+      kernels::accumulate_comm_quant(acc, q, scales, c.type, len);
+  } else {
+    const auto* y = reinterpret_cast<const std::uint16_t*>(row) + h0;
+    if (weighted)
+      kernels::accumulate_scaled(acc, y, c.type, weight, len);
+    else
+      kernels::accumulate(acc, y, c.type, len);
+  }
+}
+
 }  // namespace moedist::combine_steps

@@ -379,7 +379,6 @@ void reduce_tokens(const CombineCall& c, const CallV2& v, const MutableTensorVie
     return c.expert_scales.present() ? c.expert_scales.at<float>(b, j) : 1.0f;
   };
   constexpr std::int64_t kChunk = 1024;  // a multiple of the comm-quant group of 8
-  const std::size_t groups = c.my_layout.comm_quant_groups;
   const std::int64_t token_bytes = static_cast<std::int64_t>(v.slots) * static_cast<std::int64_t>(c.min_row_bytes);
   s.pool.parallel_for(0, c.bs, s.min_chunk(token_bytes), [&](std::int64_t begin, std::int64_t end, int) {
     std::vector<TermV2> terms;
@@ -444,19 +443,9 @@ void reduce_tokens(const CombineCall& c, const CallV2& v, const MutableTensorVie
           if (t.kind == TermV2::Kind::const_expert) {
             kernels::accumulate_const_expert(acc, reinterpret_cast<const std::uint16_t*>(t.row) + h0, t.v + h0, c.type,
                                              t.a1, t.a2, t.weight, len);
-          } else if (t.kind == TermV2::Kind::expert_row && c.quantized) {
-            const auto* scales = reinterpret_cast<const std::uint16_t*>(t.row) + h0 / 8;
-            const auto* q = reinterpret_cast<const std::int8_t*>(t.row + groups * 2) + h0;
-            if (t.weighted)
-              kernels::accumulate_scaled_comm_quant(acc, q, scales, c.type, t.weight, len);
-            else
-              kernels::accumulate_comm_quant(acc, q, scales, c.type, len);
           } else {
-            const auto* y = reinterpret_cast<const std::uint16_t*>(t.row) + h0;
-            if (t.weighted)
-              kernels::accumulate_scaled(acc, y, c.type, t.weight, len);
-            else
-              kernels::accumulate(acc, y, c.type, len);
+            const bool int8_groups = t.kind == TermV2::Kind::expert_row && c.quantized;
+            combine_steps::accumulate_row(c, acc, t.row, int8_groups, t.weighted, t.weight, h0, len);
           }
         }
         kernels::store_row(acc, c.type, len, out.ptr<std::uint16_t>(b, h0), out.strides[1]);
