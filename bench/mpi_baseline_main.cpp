@@ -111,9 +111,11 @@ nlohmann::json bench_point_alltoallv(const Point& p, const LoopOptions& loop, in
 
 // moedist over MPI at one point, the EP ranks split into `hosts` virtual hosts (a TP pair on one host). The same
 // body as the inproc and shm transports (MoedistRank, its traffic self-check included), timed by the same loop.
-nlohmann::json bench_point_moedist(const Point& p, const LoopOptions& loop, int rank, int hosts, std::int64_t timeout_ms) {
+nlohmann::json bench_point_moedist(const Point& p, const LoopOptions& loop, int rank, int hosts,
+                                   std::int64_t timeout_ms, int threads_per_rank) {
   MpiOptions options;
   options.wait.timeout = std::chrono::milliseconds(timeout_ms);
+  options.group.worker_threads = threads_per_rank;
   options.ranks_per_node = ranks_per_host_of(p.W, hosts) * p.tp();
   const std::unique_ptr<Group> group = join_mpi(MPI_COMM_WORLD, group_config(p, rank), options);
   MoedistRank body(p, rank, *group);
@@ -280,6 +282,7 @@ int run(int argc, char** argv, int rank, int W) {
   std::string impl = "alltoallv";
   int hosts = 2;
   std::int64_t timeout_ms = 60000;
+  int threads_per_rank = 1;
   std::uint64_t seed = 1;
   LoopOptions loop;
   int shared_ranks = 0, tp_world_size = 0;
@@ -303,6 +306,10 @@ int run(int argc, char** argv, int rank, int W) {
       ->check(CLI::IsMember({0, 1, 2}))
       ->capture_default_str();
   app.add_flag("--no-scales", no_scales, "quant_mode 2 without smooth scales: each token is quantized once");
+  app.add_option("--threads-per-rank", threads_per_rank,
+                 "moedist: worker threads of each rank (GroupOptions::worker_threads)")
+      ->check(CLI::Range(1, GroupOptions::kMaxWorkerThreads))
+      ->capture_default_str();
   app.add_option("--point", points, "a grid point BS,H,K,E,QUANT (repeatable)");
   app.add_option("--dtype", dtype, "token dtype")->check(CLI::IsMember({"bf16", "fp16"}))->capture_default_str();
   app.add_option("--seed", seed, "seed of the inputs (the same as moedist bench's)")->capture_default_str();
@@ -350,8 +357,9 @@ int run(int argc, char** argv, int rank, int W) {
     std::fflush(stdout);
   }
   for (const Point& p : parsed) {
-    const nlohmann::json line =
-        impl == "moedist" ? bench_point_moedist(p, loop, rank, hosts, timeout_ms) : bench_point_alltoallv(p, loop, rank);
+    const nlohmann::json line = impl == "moedist"
+                                    ? bench_point_moedist(p, loop, rank, hosts, timeout_ms, threads_per_rank)
+                                    : bench_point_alltoallv(p, loop, rank);
     if (rank == 0) {
       std::printf("%s\n", line.dump().c_str());
       std::fflush(stdout);  // the parent reads the lines as they come, for its progress bar

@@ -214,6 +214,7 @@ void print_header(std::ostream& out, const RunInfo& info, const SweepOptions& o)
               ? std::to_string(o.background_load) + " busy threads beside every timed run (--background-load)"
               : std::string("none besides the bench"))
       << "\n"
+      << "threads   : " << o.run.threads_per_rank << " per moedist rank (GroupOptions::worker_threads)\n"
       << "definitions:\n"
       << definitions_text() << "\n";
 }
@@ -288,7 +289,8 @@ void write_json(const std::string& path, const RunInfo& info, const SweepOptions
                    {"background_load", result.background_load},
                    {"grid", o.grid},
                    {"bs", o.bs},
-                   {"world_sizes", o.world_sizes}};
+                   {"world_sizes", o.world_sizes},
+                   {"threads_per_rank", o.run.threads_per_rank}};
   j["definitions"] = definitions_text();
   j["results"] = nlohmann::json::array();
   for (const ResultRow& r : result.rows) {
@@ -309,6 +311,7 @@ void write_json(const std::string& path, const RunInfo& info, const SweepOptions
     row["x_floor"] = number_or_null(r.x_floor);
     if (r.peak_rss_bytes >= 0) row["peak_rss_bytes"] = r.peak_rss_bytes;
     if (r.predicted_bytes >= 0) row["predicted_group_bytes"] = r.predicted_bytes;
+    if (r.threads_per_rank > 0) row["threads_per_rank"] = r.threads_per_rank;
     if (r.between_hosts.hosts > 0) {
       const BetweenHosts& b = r.between_hosts;
       row["between_hosts"] = {{"hosts", b.hosts},       {"ranks_per_host", b.ranks_per_host},
@@ -335,7 +338,7 @@ void write_csv(const std::string& path, const SweepResult& result) {
   f << "transport,W,BS,H,K,E,quant_mode,dtype,op,iters,p50_us,p99_us,mean_us,min_us,max_us,logical_bytes,wire_bytes,"
        "logical_gbps,wire_gbps,x_mpi,x_floor,hosts,ranks_per_host,dispatch_bytes_between_hosts,"
        "dispatch_bytes_between_hosts_flat,combine_bytes_between_hosts,combine_bytes_between_hosts_flat,S,T,ranks,"
-       "smooth_scales,background_load\n";
+       "smooth_scales,background_load,threads_per_rank\n";
   const auto num = [](double v) {
     if (std::isnan(v)) return std::string();
     char buf[64];
@@ -357,7 +360,9 @@ void write_csv(const std::string& path, const SweepResult& result) {
       f << ",,,,,,";  // not measured: a transport with one host
     }
     f << "," << p.S << "," << p.T << "," << p.ranks() << "," << (p.scales() ? 1 : 0) << "," << result.background_load
-      << "\n";
+      << ",";
+    if (r.threads_per_rank > 0) f << r.threads_per_rank;  // empty for the baselines
+    f << "\n";
   }
   if (!f) throw std::runtime_error("cannot write " + path);
 }

@@ -119,7 +119,7 @@ void write_spec(const std::string& dir, const Point& p, const RunSettings& s) {
     << p.T << "\nsmooth " << (p.smooth ? 1 : 0) << "\nquant_mode " << p.quant_mode << "\ndtype "
     << (p.dtype == DType::fp16 ? "fp16" : "bf16") << "\nseed " << p.seed << "\nwarmup " << s.loop.warmup
     << "\nmax_iters " << s.loop.max_iters << "\nmin_iters " << s.loop.min_iters << "\nmax_seconds "
-    << s.loop.max_seconds << "\ntimeout_ms " << s.timeout_ms << "\n";
+    << s.loop.max_seconds << "\ntimeout_ms " << s.timeout_ms << "\nthreads_per_rank " << s.threads_per_rank << "\n";
   if (!f) throw std::runtime_error("cannot write " + dir + "/spec");
 }
 
@@ -146,6 +146,8 @@ void read_spec(const std::string& dir, Point* p, RunSettings* s) {
     else if (key == "min_iters") f >> s->loop.min_iters;
     else if (key == "max_seconds") f >> s->loop.max_seconds;
     else if (key == "timeout_ms") f >> s->timeout_ms;
+    else if (key == "threads_per_rank")
+      f >> s->threads_per_rank;
     else if (key == "dtype") {
       std::string name;
       f >> name;
@@ -209,6 +211,12 @@ std::string root_cause_message(const std::vector<std::exception_ptr>& errors, st
 
 }  // namespace
 
+GroupOptions group_options(const RunSettings& settings) {
+  GroupOptions options;
+  options.worker_threads = settings.threads_per_rank;
+  return options;
+}
+
 RunOutcome run_inproc(const Point& p, const RunSettings& settings) {
   const PointBytes bytes = count_bytes(p);
   return run_threads(p.ranks(), settings, [&](int rank, std::unique_ptr<Transport> transport) {
@@ -216,7 +224,7 @@ RunOutcome run_inproc(const Point& p, const RunSettings& settings) {
     TransportSync sync(*transport);
     const GroupConfig config = group_config(p, rank);
     validate_config(config);
-    Group group(config, std::move(transport));
+    Group group(config, std::move(transport), group_options(settings));
     MoedistRank body(p, rank, group);
     body.prime(bytes);
     return run_rank_loop(rank, sync, settings.loop, body.ops());
@@ -298,7 +306,7 @@ int shm_rank_main(const std::string& dir) {
         // The transport is made here, not by join_shm, so that the rank also meets its peers through it.
         auto transport = std::make_unique<shm::ShmTransport>(launch_environment().job, rank, p.ranks(), options);
         TransportSync sync(*transport);
-        Group group(config, std::move(transport));
+        Group group(config, std::move(transport), group_options(settings));
         MoedistRank body(p, rank, group);
         body.prime(count_bytes(p));
         write_times(result, run_rank_loop(rank, sync, settings.loop, body.ops()));
@@ -470,6 +478,7 @@ void run_mpi_points(const MpiTools& tools, const MpiImpl& impl, const std::vecto
   std::vector<std::string> argv = {tools.mpirun, "--oversubscribe", "--bind-to", "none", "-np", std::to_string(first.ranks()),
                                    tools.baseline, "--impl", impl.impl, "--hosts", std::to_string(impl.hosts),
                                    "--timeout-ms", std::to_string(settings.timeout_ms),
+                                   "--threads-per-rank", std::to_string(settings.threads_per_rank),
                                    "--dtype", first.dtype == DType::fp16 ? "fp16" : "bf16",
                                    "--seed", std::to_string(first.seed), "--warmup", std::to_string(settings.loop.warmup),
                                    "--iters", std::to_string(settings.loop.max_iters), "--min-iters",

@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "moedist/group.h"
 #include "process/rank_processes.h"
 #include "workload.h"
 
@@ -25,7 +26,11 @@ namespace moedist::bench {
 struct RunSettings {
   LoopOptions loop;
   std::int64_t timeout_ms = 60000;  // longest wait for a peer (moedist's timeout, also between iterations)
+  int threads_per_rank = 1;         // moedist's ranks: GroupOptions::worker_threads (--threads-per-rank)
 };
+
+// The GroupOptions of every moedist rank of a run.
+GroupOptions group_options(const RunSettings& settings);
 
 // Bytes that crossed between hosts in one dispatch and one combine, summed over the ranks (moedist's
 // TrafficCounters), next to what a flat all-to-all that sends every row to its destination rank would send.

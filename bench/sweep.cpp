@@ -226,6 +226,9 @@ void validate(const SweepOptions& o) {
   if (o.run.loop.max_iters < 1 || o.run.loop.min_iters < 1) fail("--iters and --min-iters: at least 1");
   if (!(o.run.loop.max_seconds >= 0)) fail("--max-point-seconds: must not be negative");
   if (o.run.timeout_ms < 1) fail("--timeout-ms: must be positive");
+  if (o.run.threads_per_rank < 1 || o.run.threads_per_rank > GroupOptions::kMaxWorkerThreads)
+    fail("--threads-per-rank: " + std::to_string(o.run.threads_per_rank) + " is not in [1, " +
+         std::to_string(GroupOptions::kMaxWorkerThreads) + "]");
   if (!(o.memory_fraction > 0 && o.memory_fraction <= 1)) fail("memory fraction must be in (0, 1]");
   const int S = o.shared_expert_rank_num;
   if (S < 0) fail("--shared-expert-rank-num: " + std::to_string(S) + " is negative");
@@ -482,6 +485,7 @@ SweepResult run_sweep(const SweepOptions& o, std::ostream& out, std::ostream& pr
             if (target_of(t).moedist.has_value() && !target_of(t).under_mpirun)
               r.predicted_bytes = group_bytes_per_rank(p);
             r.between_hosts = outcome.between_hosts;
+            if (target_of(t).moedist.has_value()) r.threads_per_rank = o.run.threads_per_rank;
             rows.push_back(std::move(r));
           }
         } else if (!(is_mpi_transport(t) && !result.mpi_unavailable.empty())) {  // MPI's absence was said once, at the top

@@ -606,5 +606,42 @@ TEST(BenchShm, AFailingRankIsNamed) {
   EXPECT_EQ(o.error, "rank 1: bad shape");
 }
 
+// --threads-per-rank reaches moedist's groups (the inproc transport's rank threads run with it) and is
+// reported in the header, the JSON and the CSV; the baselines' rows leave it out.
+TEST(BenchSweep, ThreadsPerRankIsRunAndReported) {
+  SweepOptions o = quick_options();
+  o.bs = {16};
+  o.quant_modes = {2};
+  o.run.threads_per_rank = 2;
+  std::ostringstream text, progress;
+  const SweepResult result = run_sweep(o, text, progress, false);
+  EXPECT_EQ(result.failures, 0) << text.str();
+  for (const ResultRow& r : result.rows) EXPECT_EQ(r.threads_per_rank, r.transport == "inproc" ? 2 : 0) << r.transport;
+
+  std::ostringstream header;
+  const RunInfo info = collect_run_info("moedist bench --threads-per-rank 2", o);
+  print_header(header, info, o);
+  EXPECT_NE(header.str().find("threads   : 2 per moedist rank"), std::string::npos) << header.str();
+
+  const std::string json_path = temp_path("threads.json"), csv_path = temp_path("threads.csv");
+  write_json(json_path, info, o, result);
+  write_csv(csv_path, result);
+  std::ifstream jf(json_path);
+  const nlohmann::json j = nlohmann::json::parse(jf);
+  EXPECT_EQ(j["settings"]["threads_per_rank"], 2);
+  for (const nlohmann::json& r : j["results"])
+    EXPECT_EQ(r.contains("threads_per_rank"), r["transport"] == "inproc") << r.dump();
+  std::ifstream cf(csv_path);
+  std::string head, line;
+  std::getline(cf, head);
+  EXPECT_TRUE(head.ends_with(",threads_per_rank")) << head;
+  while (std::getline(cf, line)) EXPECT_TRUE(line.ends_with(line.rfind("inproc,", 0) == 0 ? ",2" : ",")) << line;
+  std::remove(json_path.c_str());
+  std::remove(csv_path.c_str());
+
+  o.run.threads_per_rank = 0;
+  EXPECT_THROW(validate(o), std::invalid_argument);
+}
+
 }  // namespace
 }  // namespace moedist::bench

@@ -704,7 +704,8 @@ std::vector<casefile::RankOutputs> run_runtime(const casefile::Case& c, const Ru
   runtime_options.ranks_per_host = opt.ranks_per_host;
   InProcessWorld runtime(world, runtime_options);
   run_ranks(world, [&](int g) {
-    std::unique_ptr<Group> group = runtime.join(rank_config(c, g));
+    std::unique_ptr<Group> group =
+        runtime.join(rank_config(c, g), opt.group_options ? opt.group_options(g) : GroupOptions{});
     outputs[static_cast<std::size_t>(g)] = run_rank(*group, c, g, opt);
   });
   return outputs;

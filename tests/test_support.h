@@ -76,6 +76,8 @@ struct RunOptions {
   bool caller_outputs = false;  // give dispatch and combine caller-provided output buffers
   bool outputs_in_window = false;  // write the expert outputs into Group::combine_buffer() (T <= 1)
   int ranks_per_host = 0;          // run_runtime: virtual hosts of this many ranks (0: one host)
+  // run_runtime: each rank's GroupOptions (its worker threads), by global rank; empty: the defaults.
+  std::function<GroupOptions(int g)> group_options = {};
 };
 
 // Copies the first `rows` rows (or entries) of a view into a new contiguous tensor.

@@ -197,6 +197,11 @@ void add_bench(CLI::App& app, int* exit_code) {
                   "time budget of the timed iterations of one transport at one point (sized from the warm-up)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--threads-per-rank", o.run.threads_per_rank,
+                  "worker threads of every moedist rank for its row work (GroupOptions::worker_threads; results do not "
+                  "depend on it)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, GroupOptions::kMaxWorkerThreads));
   cmd->add_option("--seed", o.seed, "seed of the inputs and routing")->capture_default_str();
   cmd->add_option("--timeout-ms", o.run.timeout_ms, "longest wait for a peer rank")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_flag("--quick", flags->quick,

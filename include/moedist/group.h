@@ -140,14 +140,33 @@ struct TrafficCounters {
   std::int64_t combine_bytes_between_hosts_flat = 0;
 };
 
+// How one rank runs its share of a call: not part of GroupConfig (which mirrors torch_npu's and must
+// match on every rank), so ranks may differ here.
+struct GroupOptions {
+  // Threads for this rank's row work (quantizing and writing dispatch's rows, combine's TP reduce, comm
+  // quantization and weighted sums): the calling thread plus worker_threads - 1 threads the group starts
+  // and joins when it is destroyed. In [1, kMaxWorkerThreads]. Results are bit-identical for every value
+  // (each row is computed by one thread, with the same kernels in the same order).
+  int worker_threads = 1;
+  // The least row work (bytes of rows) worth handing to another thread: smaller loops stay on the
+  // calling thread. 0 = automatic (16 KiB); tests set 1 to split every loop.
+  std::int64_t min_chunk_bytes = 0;
+  static constexpr int kMaxWorkerThreads = 256;
+};
+
+// Throws a ValidationError (invalid_argument) naming the field, its value and the rule when options are
+// out of range. The group's constructor and the runtimes' join functions call it.
+void validate_group_options(const GroupOptions& options);
+
 class Group {
  public:
-  Group(const GroupConfig& config, std::unique_ptr<Transport> transport);
+  Group(const GroupConfig& config, std::unique_ptr<Transport> transport, const GroupOptions& options = {});
   ~Group();
   Group(const Group&) = delete;
   Group& operator=(const Group&) = delete;
 
   const GroupConfig& config() const noexcept;
+  const GroupOptions& options() const noexcept;
   int local_expert_num() const noexcept;
   bool is_shared_expert_rank() const noexcept;
 

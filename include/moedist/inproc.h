@@ -38,8 +38,8 @@ class InProcessWorld {
 
   // Called once by each rank's thread; collective. The rank's place in the world is its global rank
   // ep_rank_id * max(tp_world_size, 1) + tp_rank_id. Ranks that disagree about the configuration get a
-  // config_mismatch error.
-  std::unique_ptr<Group> join(const GroupConfig& config);
+  // config_mismatch error. `options` are this rank's own (its worker threads): ranks may differ in them.
+  std::unique_ptr<Group> join(const GroupConfig& config, const GroupOptions& options = {});
 
  private:
   struct Hub;

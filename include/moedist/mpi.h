@@ -28,6 +28,8 @@ struct MpiOptions {
   // How long a waiting rank polls before it starts to sleep between polls. Negative: automatic, as in
   // ShmOptions::spin.
   std::chrono::microseconds spin{-1};
+  // This rank's execution options (its worker threads, GroupOptions): each rank may choose its own.
+  GroupOptions group;
   // Virtual hosts: 0 takes MOEDIST_RANKS_PER_NODE from the environment when set, else the real nodes
   // (hostname and boot id). n > 0 splits each node's ranks, in global-rank order, into hosts of n ranks
   // whose traffic between each other goes through MPI as if they were separate machines. With TP,

@@ -29,6 +29,8 @@ struct ShmOptions {
   // the step, and sleep only while it is not (between calls, in the caller's own work). An explicit
   // value (>= 0) spins that long and then sleeps.
   std::chrono::microseconds spin{-1};
+  // This rank's execution options (its worker threads, GroupOptions): each process may choose its own.
+  GroupOptions group;
   // Test hook: called with the phase name as every collective step starts (fault-injection tests
   // kill the process from here). Leave empty in production.
   std::function<void(std::string_view phase)> on_phase;

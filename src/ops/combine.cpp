@@ -255,37 +255,32 @@ void fetch_rows_from_other_hosts(CombineCall& c, const TensorView& expand_idx) {
   combine_steps::check_answers(c);
 }
 
-// Token b's output row from its n terms (s.terms), added in increasing k, shared expert last. Rows of
-// 16-bit floats in one pass (the sums stay in registers across the terms); int8 rows (comm quant) in
-// chunks of H, so that the fp32 accumulator stays in L1. Every element adds its terms in the same order
-// either way, so the result is bit-identical to a whole-row reduce.
-void reduce_token(const CombineCall& c, std::int64_t b, std::size_t n, float* acc, std::int64_t chunk,
-                  const MutableTensorView& out) {
-  const std::vector<kernels::ReduceTerm>& terms = c.s.terms;
+// Token b's output row from its n terms, added in increasing k, shared expert last. Rows of 16-bit
+// floats in one pass (the sums stay in registers across the terms); int8 rows (comm quant) in chunks of
+// H, so that the fp32 accumulator stays in L1. Every element adds its terms in the same order either
+// way, so the result is bit-identical to a whole-row reduce.
+void reduce_token(const CombineCall& c, std::int64_t b, const kernels::ReduceTerm* terms, std::size_t n, float* acc,
+                  std::int64_t chunk, const MutableTensorView& out) {
   if (!c.quantized) {
-    kernels::reduce_terms(terms.data(), n, c.type, c.h, out.ptr<std::uint16_t>(b, 0), out.strides[1]);
+    kernels::reduce_terms(terms, n, c.type, c.h, out.ptr<std::uint16_t>(b, 0), out.strides[1]);
     return;
   }
-  const std::size_t groups = c.my_layout.comm_quant_groups;
   for (std::int64_t h0 = 0; h0 < c.h; h0 += chunk) {
     const std::int64_t len = std::min(chunk, c.h - h0);
     std::fill_n(acc, len, 0.0f);
     for (std::size_t i = 0; i < n; ++i) {
       const kernels::ReduceTerm& t = terms[i];
-      const auto* row = reinterpret_cast<const std::byte*>(t.row);  // group scales, then the int8 values
-      const auto* scales = reinterpret_cast<const std::uint16_t*>(row) + h0 / 8;
-      const auto* q = reinterpret_cast<const std::int8_t*>(row + groups * 2) + h0;
-      if (t.weighted)
-        kernels::accumulate_scaled_comm_quant(acc, q, scales, c.type, t.weight, len);
-      else
-        kernels::accumulate_comm_quant(acc, q, scales, c.type, len);
+      combine_steps::accumulate_row(c, acc, reinterpret_cast<const std::byte*>(t.row), true, t.weighted, t.weight, h0,
+                                    len);
     }
     kernels::store_row(acc, c.type, len, out.ptr<std::uint16_t>(b, h0), out.strides[1]);
   }
 }
 
 // Reduces every token from the expert ranks' rows (§4.2), shared expert unweighted (§4.3): rows on
-// this host from the windows, rows of other hosts from the proxies' answers, in request order.
+// this host from the windows, rows of other hosts from the proxies' answers, in request order. Where
+// each term's row is (an order-dependent walk through the answers) is found first, token by token; the
+// sums are then shared by the rank's threads, each token's by one thread, in the same order as alone.
 void reduce_tokens(const CombineCall& c, const TensorView& expand_idx, const MutableTensorView& out) {
   Group::State& s = c.s;
   const contract::Topology& topo = c.topo;
@@ -299,20 +294,26 @@ void reduce_tokens(const CombineCall& c, const TensorView& expand_idx, const Mut
     return s.from_host[static_cast<std::size_t>(host)].data() + sizeof(std::int64_t) +
            answered[static_cast<std::size_t>(host)]++ * c.answer_stride;
   };
-  // The K + 1 rows of one token and their weights (the shared expert's is unweighted).
+  // Per token its K (+ 1 shared) rows and their weights (the shared expert's is unweighted).
+  const std::size_t n = static_cast<std::size_t>(c.k + (topo.S > 0 ? 1 : 0));
   std::vector<kernels::ReduceTerm>& terms = s.terms;
-  terms.resize(static_cast<std::size_t>(c.k + 1));
-  constexpr std::int64_t kChunk = 1024;  // a multiple of the comm-quant group of 8
-  float* acc = s.row_scratch(std::min(c.h, kChunk));
+  terms.resize(static_cast<std::size_t>(c.active) * n);
   TermPlaces places(c, expand_idx);
+  const auto row = [](const std::byte* p) { return reinterpret_cast<const std::uint16_t*>(p); };
   for (std::int64_t b = 0; b < c.active; ++b) {
-    std::size_t n = 0;
-    const auto row = [](const std::byte* p) { return reinterpret_cast<const std::uint16_t*>(p); };
+    kernels::ReduceTerm* token_terms = terms.data() + static_cast<std::size_t>(b) * n;
     for (std::int64_t j = 0; j < c.k; ++j)
-      terms[n++] = kernels::ReduceTerm{row(term_row(places.moe(b, j))), c.expert_scales.at<float>(b, j), true};
-    if (topo.S > 0) terms[n++] = kernels::ReduceTerm{row(term_row(places.shared(b))), 1.0f, false};
-    reduce_token(c, b, n, acc, kChunk, out);
+      token_terms[j] = kernels::ReduceTerm{row(term_row(places.moe(b, j))), c.expert_scales.at<float>(b, j), true};
+    if (topo.S > 0) token_terms[c.k] = kernels::ReduceTerm{row(term_row(places.shared(b))), 1.0f, false};
   }
+  constexpr std::int64_t kChunk = 1024;  // a multiple of the comm-quant group of 8
+  for (int t = 0; t < s.pool.size(); ++t) s.row_scratch(t, std::min(c.h, kChunk));  // sized on the calling thread
+  const std::int64_t token_bytes = static_cast<std::int64_t>(n * c.min_row_bytes);
+  s.pool.parallel_for(0, c.active, s.min_chunk(token_bytes), [&](std::int64_t begin, std::int64_t end, int t) {
+    float* acc = s.row_scratch(t, std::min(c.h, kChunk));
+    for (std::int64_t b = begin; b < end; ++b)
+      reduce_token(c, b, terms.data() + static_cast<std::size_t>(b) * n, n, acc, kChunk, out);
+  });
   // Inactive tokens: the NPU leaves their rows unwritten; moedist writes zeros (docs/contract.md).
   for (std::int64_t b = c.active; b < c.bs; ++b) {
     for (std::int64_t i = 0; i < c.h; ++i) *out.ptr<std::uint16_t>(b, i) = 0;

@@ -44,19 +44,23 @@ PublishedRows tp_reduce(const CombineCall& c, const std::exception_ptr& route_er
     const int peer = topo.global_rank(my_ep, 1 - topo.tp_rank);
     const contract::WindowLayout peer_layout(topo, s.shape_of(peer), my_ep);
     auto* inbox = reinterpret_cast<std::uint16_t*>(s.transport->window(peer) + peer_layout.tp_inbox_offset);
-    for (std::int64_t i = 0; i < c.rows.peer_rows; ++i) {
-      kernels::copy_row16(c.expand_x.ptr<std::uint16_t>(c.rows.own_rows + i, 0), x_cs, c.h, inbox + i * c.h);
-    }
+    s.pool.parallel_for(0, c.rows.peer_rows, s.min_chunk(c.h * 2), [&](std::int64_t begin, std::int64_t end, int) {
+      for (std::int64_t i = begin; i < end; ++i)
+        kernels::copy_row16(c.expand_x.ptr<std::uint16_t>(c.rows.own_rows + i, 0), x_cs, c.h, inbox + i * c.h);
+    });
   }
   s.step(route_error, "combine.tp");
   const auto* inbox = reinterpret_cast<const std::uint16_t*>(my_window + c.my_layout.tp_inbox_offset);
-  for (std::int64_t i = 0; i < c.rows.own_rows; ++i) {  // row by row, so reducing in place is safe
-    auto* staged = reinterpret_cast<std::uint16_t*>(my_stage + static_cast<std::size_t>(i) * stage_row_bytes);
-    if (c.v2)
-      kernels::tp_reduce_row_even(c.expand_x.ptr<std::uint16_t>(i, 0), x_cs, inbox + i * c.h, c.type, c.h, staged);
-    else
-      kernels::tp_reduce_row(c.expand_x.ptr<std::uint16_t>(i, 0), x_cs, inbox + i * c.h, c.type, c.h, staged);
-  }
+  // Row by row, so reducing in place is safe (each row is read and written by one thread).
+  s.pool.parallel_for(0, c.rows.own_rows, s.min_chunk(c.h * 4), [&](std::int64_t begin, std::int64_t end, int) {
+    for (std::int64_t i = begin; i < end; ++i) {
+      auto* staged = reinterpret_cast<std::uint16_t*>(my_stage + static_cast<std::size_t>(i) * stage_row_bytes);
+      if (c.v2)
+        kernels::tp_reduce_row_even(c.expand_x.ptr<std::uint16_t>(i, 0), x_cs, inbox + i * c.h, c.type, c.h, staged);
+      else
+        kernels::tp_reduce_row(c.expand_x.ptr<std::uint16_t>(i, 0), x_cs, inbox + i * c.h, c.type, c.h, staged);
+    }
+  });
   return PublishedRows{c.my_layout.combine_rows_offset, stage_row_bytes};
 }
 
@@ -78,24 +82,29 @@ PublishedRows stage_own_rows(const CombineCall& c, const std::exception_ptr& rou
   PublishedRows published{mine.combine_rows_offset, stage_row_bytes};
   if (route_error) return published;
   if (c.quantized) {
-    // Quantize through a scratch row: the source row may be the very slot it is written to.
-    auto* packed =
-        reinterpret_cast<std::byte*>(s.row_scratch(c.h + static_cast<std::int64_t>(stage_row_bytes) / 4 + 1));
+    // Quantize through a scratch row per thread: the source row may be the very slot it is written to.
+    const std::int64_t scratch_floats = c.h + static_cast<std::int64_t>(stage_row_bytes) / 4 + 1;
+    for (int t = 0; t < s.pool.size(); ++t) s.row_scratch(t, scratch_floats);  // sized on the calling thread
     const std::size_t groups = mine.comm_quant_groups;
-    for (std::int64_t i = 0; i < c.rows.own_rows; ++i) {
-      kernels::comm_quantize_row(c.expand_x.ptr<std::uint16_t>(i, 0), x_cs, c.type, c.h,
-                                 reinterpret_cast<std::int8_t*>(packed + groups * 2),
-                                 reinterpret_cast<std::uint16_t*>(packed));
-      std::memcpy(my_stage + static_cast<std::size_t>(i) * stage_row_bytes, packed,
-                  groups * 2 + static_cast<std::size_t>(c.h));
-    }
+    s.pool.parallel_for(0, c.rows.own_rows, s.min_chunk(c.h * 2), [&](std::int64_t begin, std::int64_t end, int t) {
+      auto* packed = reinterpret_cast<std::byte*>(s.row_scratch(t, scratch_floats));
+      for (std::int64_t i = begin; i < end; ++i) {
+        kernels::comm_quantize_row(c.expand_x.ptr<std::uint16_t>(i, 0), x_cs, c.type, c.h,
+                                   reinterpret_cast<std::int8_t*>(packed + groups * 2),
+                                   reinterpret_cast<std::uint16_t*>(packed));
+        std::memcpy(my_stage + static_cast<std::size_t>(i) * stage_row_bytes, packed,
+                    groups * 2 + static_cast<std::size_t>(c.h));
+      }
+    });
   } else if (in_dispatch_region) {
     published = PublishedRows{mine.expand_x_offset, static_cast<std::size_t>(c.h) * 2};
   } else if (!in_stage) {
-    for (std::int64_t i = 0; i < c.rows.own_rows; ++i) {
-      kernels::copy_row16(c.expand_x.ptr<std::uint16_t>(i, 0), x_cs, c.h,
-                          reinterpret_cast<std::uint16_t*>(my_stage + static_cast<std::size_t>(i) * stage_row_bytes));
-    }
+    s.pool.parallel_for(0, c.rows.own_rows, s.min_chunk(c.h * 2), [&](std::int64_t begin, std::int64_t end, int) {
+      for (std::int64_t i = begin; i < end; ++i) {
+        kernels::copy_row16(c.expand_x.ptr<std::uint16_t>(i, 0), x_cs, c.h,
+                            reinterpret_cast<std::uint16_t*>(my_stage + static_cast<std::size_t>(i) * stage_row_bytes));
+      }
+    });
   }
   return published;
 }
@@ -199,6 +208,24 @@ void check_answers(const CombineCall& c) {
     }
     s.traffic.combine_bytes_between_hosts +=
         static_cast<std::int64_t>(s.to_host[static_cast<std::size_t>(host)].size());
+  }
+}
+
+void accumulate_row(const CombineCall& c, float* acc, const std::byte* row, bool int8_groups, bool weighted,
+                    float weight, std::int64_t h0, std::int64_t len) {
+  if (int8_groups) {
+    const auto* scales = reinterpret_cast<const std::uint16_t*>(row) + h0 / 8;
+    const auto* q = reinterpret_cast<const std::int8_t*>(row + c.my_layout.comm_quant_groups * 2) + h0;
+    if (weighted)
+      kernels::accumulate_scaled_comm_quant(acc, q, scales, c.type, weight, len);
+    else
+      kernels::accumulate_comm_quant(acc, q, scales, c.type, len);
+  } else {
+    const auto* y = reinterpret_cast<const std::uint16_t*>(row) + h0;
+    if (weighted)
+      kernels::accumulate_scaled(acc, y, c.type, weight, len);
+    else
+      kernels::accumulate(acc, y, c.type, len);
   }
 }
 

@@ -95,4 +95,9 @@ std::exception_ptr serve_carried_requests(const CombineCall& c, AnswerRequests a
 // Each proxy's answer must carry status 0 and exactly the rows asked for; a proxy's failure is raised here.
 void check_answers(const CombineCall& c);
 
+// Adds elements [h0, h0 + len) of one row to acc, times `weight` when weighted: a row as published with
+// comm quant (int8_groups: the group scales, then the int8 values), else a 16-bit row.
+void accumulate_row(const CombineCall& c, float* acc, const std::byte* row, bool int8_groups, bool weighted,
+                    float weight, std::int64_t h0, std::int64_t len);
+
 }  // namespace moedist::combine_steps

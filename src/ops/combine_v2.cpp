@@ -347,6 +347,8 @@ const std::uint16_t* packed_row(const TensorView& t, std::int64_t b, std::int64_
 // Reduces every active token in the kernel's order: k = 0..K-1 (routed rows and copy and const experts
 // weighted, zero experts and masked entries nothing), then shared experts j = 0..Sn-1 and
 // shared_expert_x unweighted, one RINT cast (V2 §4.3). Inactive tokens' rows are written as zeros.
+// Where each expert row is (an order-dependent walk through the proxies' answers) is found first, in
+// reduce order; the sums are then shared by the rank's threads, each token's by one thread.
 void reduce_tokens(const CombineCall& c, const CallV2& v, const MutableTensorView& out) {
   Group::State& s = c.s;
   const contract::Topology& topo = c.topo;
@@ -365,106 +367,103 @@ void reduce_tokens(const CombineCall& c, const CallV2& v, const MutableTensorVie
     return s.rows_of[static_cast<std::size_t>(d)] +
            static_cast<std::size_t>(row) * s.row_bytes_of[static_cast<std::size_t>(d)];
   };
+  // The row of every (token, slot) an expert rank holds, in reduce order (routed k, then shared j).
+  std::vector<const std::byte*>& term_rows = s.term_rows;
+  term_rows.assign(static_cast<std::size_t>(c.bs * v.slots), nullptr);
+  std::int64_t rows_read = 0;
+  for_each_expected_row(c, v, [&](int d, std::int64_t b, std::int64_t slot) {
+    term_rows[static_cast<std::size_t>(b * v.slots + slot)] = expert_row(d, b, slot);
+    ++rows_read;
+  });
   const auto weight_of = [&](std::int64_t b, std::int64_t j) {
     return c.expert_scales.present() ? c.expert_scales.at<float>(b, j) : 1.0f;
   };
-  std::vector<TermV2> terms;
-  terms.reserve(static_cast<std::size_t>(c.k + topo.Sn + 1));
-  std::vector<kernels::ReduceTerm>& row_terms = s.terms;
-  // Packed copies of strided rows: ori_x, shared_expert_x, an alpha row, and one const vector per k.
-  std::vector<std::uint16_t> rows16(static_cast<std::size_t>(3 * c.h));
-  std::vector<std::uint16_t> const_rows(v.experts.constant > 0 ? static_cast<std::size_t>(c.k * c.h) : 0);
   constexpr std::int64_t kChunk = 1024;  // a multiple of the comm-quant group of 8
-  float* acc = s.row_scratch(std::min(c.h, kChunk));
-  const std::size_t groups = c.my_layout.comm_quant_groups;
-  std::int64_t rows_read = 0;
-  for (std::int64_t b = 0; b < c.bs; ++b) {
-    if (!v.mask.token_on(b)) {
-      for (std::int64_t i = 0; i < c.h; ++i) *out.ptr<std::uint16_t>(b, i) = 0;
-      continue;
-    }
-    terms.clear();
-    const std::uint16_t* ori = nullptr;
-    for (std::int64_t j = 0; j < c.k; ++j) {
-      if (!v.mask.entry_on(b, j)) continue;
-      const std::int32_t e = c.expert_ids.at<std::int32_t>(b, j);
-      switch (v.experts.kind(e)) {
-        case contract::ExpertKind::routed:
-          terms.push_back(
-              TermV2{TermV2::Kind::expert_row, true, weight_of(b, j), expert_row(topo.expert_rank(e), b, j)});
-          ++rows_read;
-          break;
-        case contract::ExpertKind::zero:
-          break;
-        case contract::ExpertKind::copy:
-          if (ori == nullptr) ori = packed_row(v.o.ori_x, b, c.h, rows16.data());
-          terms.push_back(
-              TermV2{TermV2::Kind::plain_row, true, weight_of(b, j), reinterpret_cast<const std::byte*>(ori)});
-          break;
-        case contract::ExpertKind::constant: {
-          if (ori == nullptr) ori = packed_row(v.o.ori_x, b, c.h, rows16.data());
-          const std::int64_t q = v.experts.const_index(e);
-          // The gate: the softmax of <alpha_1[q], x> and <alpha_2[q], x> (V2 §4.4, moedist's summation order).
-          const auto dot = [&](const TensorView& alpha) {
-            return kernels::dot_row(packed_row(alpha, q, c.h, rows16.data() + 2 * c.h), ori, c.type, c.h);
-          };
-          const float l1 = dot(v.o.const_expert_alpha_1), l2 = dot(v.o.const_expert_alpha_2);
-          const float m = std::max(l1, l2);
-          const float e1 = std::exp(l1 - m), e2 = std::exp(l2 - m);
-          const float sum = e1 + e2;
-          TermV2 t{TermV2::Kind::const_expert, true, weight_of(b, j), reinterpret_cast<const std::byte*>(ori)};
-          t.v = packed_row(v.o.const_expert_v, q, c.h, const_rows.data() + j * c.h);
-          t.a1 = e1 / sum;
-          t.a2 = e2 / sum;
-          terms.push_back(t);
-          break;
+  const std::int64_t token_bytes = static_cast<std::int64_t>(v.slots) * static_cast<std::int64_t>(c.min_row_bytes);
+  s.pool.parallel_for(0, c.bs, s.min_chunk(token_bytes), [&](std::int64_t begin, std::int64_t end, int) {
+    std::vector<TermV2> terms;
+    terms.reserve(static_cast<std::size_t>(c.k + topo.Sn + 1));
+    std::vector<kernels::ReduceTerm> row_terms;
+    row_terms.reserve(terms.capacity());
+    // Packed copies of strided rows: ori_x, shared_expert_x, an alpha row, and one const vector per k.
+    std::vector<std::uint16_t> rows16(static_cast<std::size_t>(3 * c.h));
+    std::vector<std::uint16_t> const_rows(v.experts.constant > 0 ? static_cast<std::size_t>(c.k * c.h) : 0);
+    std::vector<float> accumulator(static_cast<std::size_t>(std::min(c.h, kChunk)));
+    float* acc = accumulator.data();
+    for (std::int64_t b = begin; b < end; ++b) {
+      if (!v.mask.token_on(b)) {
+        for (std::int64_t i = 0; i < c.h; ++i) *out.ptr<std::uint16_t>(b, i) = 0;
+        continue;
+      }
+      const std::byte* const* token_rows = term_rows.data() + b * v.slots;
+      terms.clear();
+      const std::uint16_t* ori = nullptr;
+      for (std::int64_t j = 0; j < c.k; ++j) {
+        if (!v.mask.entry_on(b, j)) continue;
+        const std::int32_t e = c.expert_ids.at<std::int32_t>(b, j);
+        switch (v.experts.kind(e)) {
+          case contract::ExpertKind::routed:
+            terms.push_back(TermV2{TermV2::Kind::expert_row, true, weight_of(b, j), token_rows[j]});
+            break;
+          case contract::ExpertKind::zero:
+            break;
+          case contract::ExpertKind::copy:
+            if (ori == nullptr) ori = packed_row(v.o.ori_x, b, c.h, rows16.data());
+            terms.push_back(
+                TermV2{TermV2::Kind::plain_row, true, weight_of(b, j), reinterpret_cast<const std::byte*>(ori)});
+            break;
+          case contract::ExpertKind::constant: {
+            if (ori == nullptr) ori = packed_row(v.o.ori_x, b, c.h, rows16.data());
+            const std::int64_t q = v.experts.const_index(e);
+            // The gate: the softmax of <alpha_1[q], x> and <alpha_2[q], x> (V2 §4.4, moedist's summation order).
+            const auto dot = [&](const TensorView& alpha) {
+              return kernels::dot_row(packed_row(alpha, q, c.h, rows16.data() + 2 * c.h), ori, c.type, c.h);
+            };
+            const float l1 = dot(v.o.const_expert_alpha_1), l2 = dot(v.o.const_expert_alpha_2);
+            const float m = std::max(l1, l2);
+            const float e1 = std::exp(l1 - m), e2 = std::exp(l2 - m);
+            const float sum = e1 + e2;
+            TermV2 t{TermV2::Kind::const_expert, true, weight_of(b, j), reinterpret_cast<const std::byte*>(ori)};
+            t.v = packed_row(v.o.const_expert_v, q, c.h, const_rows.data() + j * c.h);
+            t.a1 = e1 / sum;
+            t.a2 = e2 / sum;
+            terms.push_back(t);
+            break;
+          }
         }
       }
-    }
-    for (int j = 0; j < topo.Sn; ++j) {
-      terms.push_back(
-          TermV2{TermV2::Kind::expert_row, false, 1.0f, expert_row(topo.v2_shared_target(my_ep, j), b, c.k + j)});
-      ++rows_read;
-    }
-    if (v.o.shared_expert_x.present()) {
-      const std::uint16_t* sx = packed_row(v.o.shared_expert_x, b, c.h, rows16.data() + c.h);
-      terms.push_back(TermV2{TermV2::Kind::plain_row, false, 1.0f, reinterpret_cast<const std::byte*>(sx)});
-    }
-    // Rows of 16-bit floats only (no comm quant, no const expert): one pass, the sums in registers.
-    const auto is_const = [](const TermV2& t) { return t.kind == TermV2::Kind::const_expert; };
-    if (!c.quantized && std::none_of(terms.begin(), terms.end(), is_const)) {
-      row_terms.clear();
-      for (const TermV2& t : terms)
-        row_terms.push_back(kernels::ReduceTerm{reinterpret_cast<const std::uint16_t*>(t.row), t.weight, t.weighted});
-      kernels::reduce_terms(row_terms.data(), row_terms.size(), c.type, c.h, out.ptr<std::uint16_t>(b, 0),
-                            out.strides[1]);
-      continue;
-    }
-    for (std::int64_t h0 = 0; h0 < c.h; h0 += kChunk) {
-      const std::int64_t len = std::min(kChunk, c.h - h0);
-      std::fill_n(acc, len, 0.0f);
-      for (const TermV2& t : terms) {
-        if (t.kind == TermV2::Kind::const_expert) {
-          kernels::accumulate_const_expert(acc, reinterpret_cast<const std::uint16_t*>(t.row) + h0, t.v + h0, c.type,
-                                           t.a1, t.a2, t.weight, len);
-        } else if (t.kind == TermV2::Kind::expert_row && c.quantized) {
-          const auto* scales = reinterpret_cast<const std::uint16_t*>(t.row) + h0 / 8;
-          const auto* q = reinterpret_cast<const std::int8_t*>(t.row + groups * 2) + h0;
-          if (t.weighted)
-            kernels::accumulate_scaled_comm_quant(acc, q, scales, c.type, t.weight, len);
-          else
-            kernels::accumulate_comm_quant(acc, q, scales, c.type, len);
-        } else {
-          const auto* y = reinterpret_cast<const std::uint16_t*>(t.row) + h0;
-          if (t.weighted)
-            kernels::accumulate_scaled(acc, y, c.type, t.weight, len);
-          else
-            kernels::accumulate(acc, y, c.type, len);
-        }
+      for (int j = 0; j < topo.Sn; ++j)
+        terms.push_back(TermV2{TermV2::Kind::expert_row, false, 1.0f, token_rows[c.k + j]});
+      if (v.o.shared_expert_x.present()) {
+        const std::uint16_t* sx = packed_row(v.o.shared_expert_x, b, c.h, rows16.data() + c.h);
+        terms.push_back(TermV2{TermV2::Kind::plain_row, false, 1.0f, reinterpret_cast<const std::byte*>(sx)});
       }
-      kernels::store_row(acc, c.type, len, out.ptr<std::uint16_t>(b, h0), out.strides[1]);
+      // Rows of 16-bit floats only (no comm quant, no const expert): one pass, the sums in registers.
+      const auto is_const = [](const TermV2& t) { return t.kind == TermV2::Kind::const_expert; };
+      if (!c.quantized && std::none_of(terms.begin(), terms.end(), is_const)) {
+        row_terms.clear();
+        for (const TermV2& t : terms)
+          row_terms.push_back(kernels::ReduceTerm{reinterpret_cast<const std::uint16_t*>(t.row), t.weight, t.weighted});
+        kernels::reduce_terms(row_terms.data(), row_terms.size(), c.type, c.h, out.ptr<std::uint16_t>(b, 0),
+                              out.strides[1]);
+        continue;
+      }
+      for (std::int64_t h0 = 0; h0 < c.h; h0 += kChunk) {
+        const std::int64_t len = std::min(kChunk, c.h - h0);
+        std::fill_n(acc, len, 0.0f);
+        for (const TermV2& t : terms) {
+          if (t.kind == TermV2::Kind::const_expert) {
+            kernels::accumulate_const_expert(acc, reinterpret_cast<const std::uint16_t*>(t.row) + h0, t.v + h0, c.type,
+                                             t.a1, t.a2, t.weight, len);
+          } else {
+            const bool int8_groups = t.kind == TermV2::Kind::expert_row && c.quantized;
+            combine_steps::accumulate_row(c, acc, t.row, int8_groups, t.weighted, t.weight, h0, len);
+          }
+        }
+        kernels::store_row(acc, c.type, len, out.ptr<std::uint16_t>(b, h0), out.strides[1]);
+      }
     }
-  }
+  });
   s.traffic.combine_rows_read = rows_read;
   s.traffic.combine_bytes_read = rows_read * static_cast<std::int64_t>(c.min_row_bytes);
   s.traffic.combine_bytes_between_hosts_flat = c.rows_from_other_hosts * static_cast<std::int64_t>(c.min_row_bytes);

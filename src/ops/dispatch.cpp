@@ -173,21 +173,26 @@ struct DispatchCall {
   const bool smoothing;     // smooth scales given
   const int my_host;
   const contract::WindowLayout my_layout;        // this rank's window for this call
-  float* scratch = nullptr;                      // quantization scratch, set by write_rows
-  float* gathered_scales = nullptr;              // a scales row gathered from strided columns
   std::int64_t n_self = 0, n_peer = 0;           // rows of this rank's own EP region, and of its TP peer's (T == 2)
   const contract::EntryMask* v2_mask = nullptr;  // a V2 call: its mask (the plan is s.plan_v2)
   bool v2() const { return v2_mask != nullptr; }
 
   int host_of_ep(int d) const { return s.routes.host_of(topo.global_rank(d, topo.tp_rank)); }
   std::int64_t smooth_row(std::int64_t row) const { return smoothing ? row : -1; }
-  // A scales row as a packed pointer: itself when its columns are contiguous, else gathered.
-  const float* smooth_ptr(std::int64_t row) const {
+  // A scales row as a packed pointer: itself when its columns are contiguous, else gathered into `gathered`.
+  const float* smooth_ptr(std::int64_t row, float* gathered) const {
     if (row < 0) return nullptr;
     if (o.scales.strides[1] == 1) return o.scales.ptr<float>(row, 0);
-    for (std::int64_t i = 0; i < h; ++i) gathered_scales[i] = o.scales.at<float>(row, i);
-    return gathered_scales;
+    for (std::int64_t i = 0; i < h; ++i) gathered[i] = o.scales.at<float>(row, i);
+    return gathered;
   }
+};
+
+// One thread's working storage while it writes rows: the copies of its current token and its scratch.
+struct RowWork {
+  RowTarget* targets;      // a token's copies (route_token / route_token_v2)
+  float* scratch;          // quantization scratch (H floats)
+  float* gathered_scales;  // a scales row gathered from strided columns (H floats)
 };
 
 // One token's row while its copies are written. Without smoothing every int8 copy of a token is
@@ -233,15 +238,15 @@ void locate_destinations(DispatchCall& c) {
   }
 }
 
-// The copies of token b, into s.row_targets: its K experts, then its shared expert. Returns their
-// number. Call with b ascending: shared_target follows the shared split from one token to the next.
-std::size_t route_token(const DispatchCall& c, std::int64_t b, int& shared_target) {
+// The copies of token b, into `targets`: its K experts, then its shared expert. Returns their number.
+// Call with b ascending: shared_target follows the shared split from one token to the next (starting
+// from 0 at any token gives the same target, as it only depends on b).
+std::size_t route_token(const DispatchCall& c, std::int64_t b, int& shared_target, RowTarget* targets) {
   Group::State& s = c.s;
   const contract::Topology& topo = c.topo;
   const int my_ep = topo.ep_rank;
   const std::vector<Destination>& dests = s.destinations;
   const std::vector<std::int64_t>& block_start = s.block_start;
-  std::vector<RowTarget>& targets = s.row_targets;
   std::size_t n = 0;
   for (std::int64_t j = 0; j < c.k; ++j) {
     const std::int32_t e = c.expert_ids.at<std::int32_t>(b, j);
@@ -287,17 +292,16 @@ std::size_t route_token(const DispatchCall& c, std::int64_t b, int& shared_targe
   return n;
 }
 
-// The copies of token b in a V2 call (V2 §3.1-§3.5), into s.row_targets: its active entries that name
+// The copies of token b in a V2 call (V2 §3.1-§3.5), into `targets`: its active entries that name
 // MoE experts, in k order (smooth row Sn + e), then one per shared expert j, to EP rank (r % R) + j * R
 // (smooth row j, triple k = K + j). Returns their number (0 for an inactive token).
-std::size_t route_token_v2(const DispatchCall& c, std::int64_t b) {
+std::size_t route_token_v2(const DispatchCall& c, std::int64_t b, RowTarget* targets) {
   Group::State& s = c.s;
   const contract::Topology& topo = c.topo;
   const contract::SendPlanV2& plan = s.plan_v2;
   const std::int32_t token_slot = plan.token_slot[static_cast<std::size_t>(b)];
   if (token_slot < 0) return 0;
   const std::vector<Destination>& dests = s.destinations;
-  std::vector<RowTarget>& targets = s.row_targets;
   std::size_t n = 0;
   for (std::int64_t j = 0; j < c.k; ++j) {
     const std::int32_t slot = plan.slot[static_cast<std::size_t>(b * c.k + j)];
@@ -337,10 +341,10 @@ void write_triple(std::int32_t* assist, std::int64_t row, int source_ep, std::in
 
 // Writes the token's copies whose destinations are on this host, each straight into its final row.
 // Returns whether some of its copies go to other hosts.
-bool write_local_rows(const DispatchCall& c, std::size_t n, TokenRow& row) {
+bool write_local_rows(const DispatchCall& c, const RowWork& w, std::size_t n, TokenRow& row) {
   bool to_other_hosts = false;
   for (std::size_t i = 0; i < n; ++i) {
-    const RowTarget& t = c.s.row_targets[i];
+    const RowTarget& t = w.targets[i];
     if (t.row < 0 || t.row >= t.dest->capacity_rows) {
       throw Error(ErrorCode::internal,
                   concat("dispatch computed row ", t.row, " outside capacity ", t.dest->capacity_rows));
@@ -356,8 +360,8 @@ bool write_local_rows(const DispatchCall& c, std::size_t n, TokenRow& row) {
       std::memcpy(dst, row.quantized, static_cast<std::size_t>(c.h));
       t.dest->dynamic_scales[t.row] = *row.quantized_scale;
     } else {
-      kernels::quantize_row(row.x, c.x_cs, c.type, c.smooth_ptr(t.smooth_row), c.h, reinterpret_cast<std::int8_t*>(dst),
-                            &t.dest->dynamic_scales[t.row], c.scratch);
+      kernels::quantize_row(row.x, c.x_cs, c.type, c.smooth_ptr(t.smooth_row, w.gathered_scales), c.h,
+                            reinterpret_cast<std::int8_t*>(dst), &t.dest->dynamic_scales[t.row], w.scratch);
       if (t.smooth_row < 0) {
         row.quantized = dst;
         row.quantized_scale = &t.dest->dynamic_scales[t.row];
@@ -370,7 +374,7 @@ bool write_local_rows(const DispatchCall& c, std::size_t n, TokenRow& row) {
 }
 
 // The one payload row of an entry whose targets all take the same bytes: the token, or its int8 row.
-void pack_common_payload(const DispatchCall& c, std::byte* payload, TokenRow& row) {
+void pack_common_payload(const DispatchCall& c, const RowWork& w, std::byte* payload, TokenRow& row) {
   if (!c.quant) {
     kernels::copy_row16(row.x, c.x_cs, c.h, reinterpret_cast<std::uint16_t*>(payload));
   } else if (row.quantized != nullptr) {
@@ -378,7 +382,7 @@ void pack_common_payload(const DispatchCall& c, std::byte* payload, TokenRow& ro
     std::memcpy(payload, row.quantized_scale, 4);
   } else {
     kernels::quantize_row(row.x, c.x_cs, c.type, nullptr, c.h, reinterpret_cast<std::int8_t*>(payload + 4),
-                          reinterpret_cast<float*>(payload), c.scratch);
+                          reinterpret_cast<float*>(payload), w.scratch);
     row.quantized = payload + 4;
     row.quantized_scale = reinterpret_cast<const float*>(payload);
   }
@@ -386,8 +390,8 @@ void pack_common_payload(const DispatchCall& c, std::byte* payload, TokenRow& ro
 
 // Appends the token's entry for the host of target `first` to the message for this rank's proxy there:
 // the targets on that host from `first` on, then their rows. Returns the number of targets.
-std::int64_t pack_host_entry(const DispatchCall& c, std::size_t first, std::size_t n, TokenRow& row) {
-  const std::vector<RowTarget>& targets = c.s.row_targets;
+std::int64_t pack_host_entry(const DispatchCall& c, const RowWork& w, std::size_t first, std::size_t n, TokenRow& row) {
+  const RowTarget* targets = w.targets;
   const int host = targets[first].host;
   const auto on_host = [&](const RowTarget& t) { return !t.dest->local && t.host == host; };
   std::int32_t count = 0;
@@ -408,51 +412,96 @@ std::int64_t pack_host_entry(const DispatchCall& c, std::size_t first, std::size
     std::memcpy(at, &wire, sizeof wire);
     at += sizeof wire;
     if (row_per_target) {
-      kernels::quantize_row(row.x, c.x_cs, c.type, c.smooth_ptr(t.smooth_row), c.h,
-                            reinterpret_cast<std::int8_t*>(payload + 4), reinterpret_cast<float*>(payload), c.scratch);
+      kernels::quantize_row(row.x, c.x_cs, c.type, c.smooth_ptr(t.smooth_row, w.gathered_scales), c.h,
+                            reinterpret_cast<std::int8_t*>(payload + 4), reinterpret_cast<float*>(payload), w.scratch);
       payload += c.stride;
     }
   }
-  if (!row_per_target) pack_common_payload(c, payload, row);
+  if (!row_per_target) pack_common_payload(c, w, payload, row);
   return count;
 }
 
 // Targets on other hosts: one entry per host, for the proxy there to fan out (host_messages.h).
 // Returns the number of targets packed.
-std::int64_t pack_rows_for_other_hosts(const DispatchCall& c, std::size_t n, TokenRow& row) {
-  const std::vector<RowTarget>& targets = c.s.row_targets;
+std::int64_t pack_rows_for_other_hosts(const DispatchCall& c, const RowWork& w, std::size_t n, TokenRow& row) {
+  const RowTarget* targets = w.targets;
   std::int64_t packed = 0;
   for (std::size_t i = 0; i < n; ++i) {
     const RowTarget& first = targets[i];
     bool host_seen = first.dest->local;
     for (std::size_t j = 0; j < i && !host_seen; ++j)
       host_seen = !targets[j].dest->local && targets[j].host == first.host;
-    if (!host_seen) packed += pack_host_entry(c, i, n, row);
+    if (!host_seen) packed += pack_host_entry(c, w, i, n, row);
   }
   return packed;
 }
 
+// Where write_local_rows left the token's int8 row (quantized once, without smoothing) in a window of
+// this host, for its copies to other hosts to reuse: the first local copy without smoothing.
+void find_local_quantized_row(const DispatchCall& c, const RowWork& w, std::size_t n, TokenRow& row) {
+  if (!c.quant) return;
+  for (std::size_t i = 0; i < n; ++i) {
+    const RowTarget& t = w.targets[i];
+    if (!t.dest->local || t.smooth_row >= 0) continue;
+    row.quantized = t.dest->expand_x + static_cast<std::size_t>(t.row * c.h) * c.out_elem;
+    row.quantized_scale = &t.dest->dynamic_scales[t.row];
+    return;
+  }
+}
+
+// Thread `thread`'s working storage for write_rows.
+RowWork row_work(const DispatchCall& c, int thread) {
+  float* scratch = c.s.row_scratch(thread, 2 * c.h);
+  return RowWork{c.s.worker_targets[static_cast<std::size_t>(thread)].data(), scratch, scratch + c.h};
+}
+
 // Every copy of every token of this rank: written into its window on this host, or packed for the
-// proxy on its host.
+// proxy on its host. The tokens' copies on this host are written by the rank's threads, each a
+// contiguous range of tokens (each row's bytes do not depend on which thread writes it); the messages
+// for other hosts are then appended token by token on the calling thread, in token order.
 void write_rows(DispatchCall& c) {
   Group::State& s = c.s;
-  c.scratch = s.row_scratch(2 * c.h);
-  c.gathered_scales = c.scratch + c.h;
-  s.row_targets.resize(static_cast<std::size_t>(c.k + std::max(1, c.topo.Sn)));
-  std::int64_t rows_sent = 0, rows_to_other_hosts = 0;
-  int shared_target = 0;                                 // shared-expert rank of the current token (MoE source ranks)
-  const std::int64_t tokens = c.v2() ? c.bs : c.active;  // V2: route_token_v2 skips the inactive ones
-  for (std::int64_t b = 0; b < tokens; ++b) {
-    const std::size_t n = c.v2() ? route_token_v2(c, b) : route_token(c, b, shared_target);
-    if (n == 0) continue;
-    TokenRow row{c.x.ptr<std::uint16_t>(b, 0), b};
-    if (write_local_rows(c, n, row)) rows_to_other_hosts += pack_rows_for_other_hosts(c, n, row);
-    rows_sent += static_cast<std::int64_t>(n);
+  const std::size_t max_targets = static_cast<std::size_t>(c.k + std::max(1, c.topo.Sn));
+  for (int t = 0; t < s.pool.size(); ++t) {
+    s.worker_targets[static_cast<std::size_t>(t)].resize(max_targets);
+    s.row_scratch(t, 2 * c.h);  // sized here, on the calling thread
   }
+  const bool multi_host = s.routes.multi_host();
+  const std::int64_t tokens = c.v2() ? c.bs : c.active;  // V2: route_token_v2 skips the inactive ones
+  s.token_flags.assign(multi_host ? static_cast<std::size_t>(tokens) : 0, 0);
+  std::vector<std::int64_t>& rows_sent = s.scratch_prefix;  // per thread
+  rows_sent.assign(static_cast<std::size_t>(s.pool.size()), 0);
+  s.pool.parallel_for(0, tokens, s.min_chunk(c.h * 2), [&](std::int64_t begin, std::int64_t end, int thread) {
+    const RowWork w = row_work(c, thread);
+    int shared_target = 0;  // shared-expert rank of the current token (MoE source ranks)
+    std::int64_t sent = 0;
+    for (std::int64_t b = begin; b < end; ++b) {
+      const std::size_t n = c.v2() ? route_token_v2(c, b, w.targets) : route_token(c, b, shared_target, w.targets);
+      if (n == 0) continue;
+      TokenRow row{c.x.ptr<std::uint16_t>(b, 0), b};
+      if (write_local_rows(c, w, n, row)) s.token_flags[static_cast<std::size_t>(b)] = 1;
+      sent += static_cast<std::int64_t>(n);
+    }
+    rows_sent[static_cast<std::size_t>(thread)] = sent;
+  });
+  std::int64_t rows_to_other_hosts = 0;
+  if (multi_host) {
+    const RowWork w = row_work(c, 0);
+    int shared_target = 0;
+    for (std::int64_t b = 0; b < tokens; ++b) {
+      if (s.token_flags[static_cast<std::size_t>(b)] == 0) continue;
+      const std::size_t n = c.v2() ? route_token_v2(c, b, w.targets) : route_token(c, b, shared_target, w.targets);
+      TokenRow row{c.x.ptr<std::uint16_t>(b, 0), b};
+      find_local_quantized_row(c, w, n, row);
+      rows_to_other_hosts += pack_rows_for_other_hosts(c, w, n, row);
+    }
+  }
+  std::int64_t total_sent = 0;
+  for (const std::int64_t n : rows_sent) total_sent += n;
   const std::int64_t row_out_bytes =
       c.h * static_cast<std::int64_t>(c.out_elem) + (c.quant ? 4 : 0) + (c.o.expert_scales.present() ? 4 : 0);
-  s.traffic.dispatch_rows_sent = rows_sent;
-  s.traffic.dispatch_bytes_sent = rows_sent * row_out_bytes;
+  s.traffic.dispatch_rows_sent = total_sent;
+  s.traffic.dispatch_bytes_sent = total_sent * row_out_bytes;
   s.traffic.dispatch_bytes_between_hosts_flat = rows_to_other_hosts * row_out_bytes;
   s.traffic.dispatch_bytes_between_hosts = 0;
   for (const auto& message : s.to_host)

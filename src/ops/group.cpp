@@ -22,8 +22,10 @@ std::int64_t error_code_of(const std::exception_ptr& e, std::string* message) {
 }
 }  // namespace
 
-Group::State::State(const GroupConfig& c, std::unique_ptr<Transport> t)
-    : config(c), topo(c), transport(std::move(t)) {
+Group::State::State(const GroupConfig& c, std::unique_ptr<Transport> t, const GroupOptions& o)
+    : config(c), options(o), topo(c), transport(std::move(t)), pool(o.worker_threads) {
+  worker_floats.resize(static_cast<std::size_t>(pool.size()));
+  worker_targets.resize(static_cast<std::size_t>(pool.size()));
   record_bytes = sizeof(CallHeader) + static_cast<std::size_t>(topo.count_record_len()) * sizeof(std::int32_t);
   record_bytes = contract::align_up(record_bytes, 8);
   own_record.resize(record_bytes);
@@ -222,8 +224,24 @@ void Group::State::ensure_windows(const char* phase) {
   }
 }
 
-Group::Group(const GroupConfig& config, std::unique_ptr<Transport> transport)
-    : state_(std::make_unique<State>(config, std::move(transport))) {
+void validate_group_options(const GroupOptions& options) {
+  if (options.worker_threads < 1 || options.worker_threads > GroupOptions::kMaxWorkerThreads) {
+    fail_value("GroupOptions::worker_threads", options.worker_threads,
+               concat("must be in [1, ", GroupOptions::kMaxWorkerThreads, "] (threads of this rank for its row work)"));
+  }
+  if (options.min_chunk_bytes < 0)
+    fail_value("GroupOptions::min_chunk_bytes", options.min_chunk_bytes, "must be >= 0 (0 = automatic)");
+}
+
+namespace {
+const GroupOptions& checked(const GroupOptions& options) {
+  validate_group_options(options);
+  return options;
+}
+}  // namespace
+
+Group::Group(const GroupConfig& config, std::unique_ptr<Transport> transport, const GroupOptions& options)
+    : state_(std::make_unique<State>(config, std::move(transport), checked(options))) {
   State& s = *state_;
   CallHeader& hd = s.own_header();
   hd.ep_world_size = config.ep_world_size;
@@ -261,6 +279,7 @@ Group::Group(const GroupConfig& config, std::unique_ptr<Transport> transport)
 Group::~Group() = default;
 
 const GroupConfig& Group::config() const noexcept { return state_->config; }
+const GroupOptions& Group::options() const noexcept { return state_->options; }
 int Group::local_expert_num() const noexcept { return moedist::local_expert_num(state_->config); }
 bool Group::is_shared_expert_rank() const noexcept { return moedist::is_shared_expert_rank(state_->config); }
 const TrafficCounters& Group::traffic() const noexcept { return state_->traffic; }

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "common/worker_pool.h"
 #include "contract/layout.h"
 #include "contract/routing_plan.h"
 #include "contract/v2_routing.h"
@@ -72,9 +73,10 @@ struct RowTarget {
 };
 
 struct Group::State {
-  State(const GroupConfig& c, std::unique_ptr<Transport> t);
+  State(const GroupConfig& c, std::unique_ptr<Transport> t, const GroupOptions& o);
 
   GroupConfig config;
+  GroupOptions options;
   contract::Topology topo;
   std::unique_ptr<Transport> transport;
   std::int64_t seq = 0;
@@ -99,12 +101,17 @@ struct Group::State {
   std::vector<std::int64_t> expert_token_nums;
   std::vector<std::int32_t> assist_storage;  // V2 under ascend_a3: assist_info_for_combine at torch_npu's length
   Tensor combine_out;
-  std::vector<float> scratch;  // row-sized fp32 scratch (quantization, accumulation)
+  // This rank's threads for its row work (GroupOptions::worker_threads), and each thread's scratch:
+  // row-sized fp32 (quantization, accumulation) and the copies of the token it routes (dispatch).
+  WorkerPool pool;
+  std::vector<std::vector<float>> worker_floats;
+  std::vector<std::vector<RowTarget>> worker_targets;
   // Per-call working storage, kept so that a call in steady state allocates nothing.
   std::vector<std::int64_t> scratch_prefix;
   std::vector<Destination> destinations;
   std::vector<std::int64_t> block_start;
-  std::vector<RowTarget> row_targets;
+  std::vector<std::uint8_t> token_flags;    // dispatch: tokens with copies for other hosts
+  std::vector<const std::byte*> term_rows;  // combine V2: the row of each (token, slot), in reduce order
   std::vector<const std::byte*> rows_of;
   std::vector<std::size_t> row_bytes_of;
   std::vector<kernels::ReduceTerm> terms;  // a token's expert-output rows in combine, with their weights
@@ -184,9 +191,17 @@ struct Group::State {
   // for sent into `in`; then, with `answer`, sends carried_out back and receives from_host.
   void exchange_with_proxies(const char* phase);
   void answer_carried(const char* phase);
-  float* row_scratch(std::int64_t h) {
-    if (scratch.size() < static_cast<std::size_t>(h)) scratch.resize(static_cast<std::size_t>(h));
+  // Thread `thread`'s fp32 scratch of at least n floats (thread 0 is the caller's).
+  float* row_scratch(int thread, std::int64_t n) {
+    std::vector<float>& scratch = worker_floats[static_cast<std::size_t>(thread)];
+    if (scratch.size() < static_cast<std::size_t>(n)) scratch.resize(static_cast<std::size_t>(n));
     return scratch.data();
+  }
+  // Items of `item_bytes` bytes of row work each that make a chunk worth another thread.
+  std::int64_t min_chunk(std::int64_t item_bytes) const {
+    const std::int64_t bytes = options.min_chunk_bytes > 0 ? options.min_chunk_bytes : 16 * 1024;
+    return std::max<std::int64_t>(
+        1, (bytes + std::max<std::int64_t>(item_bytes, 1) - 1) / std::max<std::int64_t>(item_bytes, 1));
   }
 };
 

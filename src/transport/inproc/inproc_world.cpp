@@ -25,8 +25,9 @@ InProcessWorld::~InProcessWorld() = default;
 
 int InProcessWorld::world_size() const noexcept { return hub_->hub->size(); }
 
-std::unique_ptr<Group> InProcessWorld::join(const GroupConfig& config) {
+std::unique_ptr<Group> InProcessWorld::join(const GroupConfig& config, const GroupOptions& options) {
   validate_config(config);
+  validate_group_options(options);
   const int want = config.ep_world_size * tp_domain_size(config);
   if (want != world_size()) {
     fail(ErrorCode::config_mismatch, "ep_world_size * max(tp_world_size, 1)", concat(want),
@@ -34,7 +35,7 @@ std::unique_ptr<Group> InProcessWorld::join(const GroupConfig& config) {
   }
   const int rank = global_rank(config);
   hub_->hub->claim(rank);
-  return std::make_unique<Group>(config, std::make_unique<inproc::InProcTransport>(hub_->hub, rank));
+  return std::make_unique<Group>(config, std::make_unique<inproc::InProcTransport>(hub_->hub, rank), options);
 }
 
 void run_ranks(int n, const std::function<void(int rank)>& fn) {

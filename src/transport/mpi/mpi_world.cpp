@@ -23,13 +23,15 @@ std::unique_ptr<Group> join_mpi(MPI_Comm comm, const GroupConfig& config, const 
   validate_config(config);
   if (options.wait.timeout.count() <= 0)
     fail_value("MpiOptions::timeout (ms)", options.wait.timeout.count(), "must be > 0");
+  validate_group_options(options.group);
   const int world = config.ep_world_size * tp_domain_size(config);
   const int size = comm_size_of(comm);
   if (size != world) {
     fail(ErrorCode::config_mismatch, "ep_world_size * max(tp_world_size, 1)", concat(world),
          concat("must equal the size of comm, ", size));
   }
-  return std::make_unique<Group>(config, std::make_unique<mpi::MpiTransport>(comm, global_rank(config), options));
+  return std::make_unique<Group>(config, std::make_unique<mpi::MpiTransport>(comm, global_rank(config), options),
+                                 options.group);
 }
 
 std::unique_ptr<Group> join_mpi_world(GroupConfig config, MPI_Comm comm, const MpiOptions& options) {

@@ -12,9 +12,10 @@ std::unique_ptr<Group> join_shm(const GroupConfig& config, const std::string& jo
   validate_config(config);
   if (options.wait.timeout.count() <= 0)
     fail_value("ShmOptions::timeout (ms)", options.wait.timeout.count(), "must be > 0");
+  validate_group_options(options.group);
   const int world = config.ep_world_size * tp_domain_size(config);
   auto transport = std::make_unique<shm::ShmTransport>(job, global_rank(config), world, options);
-  return std::make_unique<Group>(config, std::move(transport));
+  return std::make_unique<Group>(config, std::move(transport), options.group);
 }
 
 std::unique_ptr<Group> join_shm_from_env(GroupConfig config, const ShmOptions& options) {
