@@ -16,6 +16,16 @@ WaitPolicy wait_policy(std::chrono::microseconds requested, int world_size) noex
   return WaitPolicy{std::chrono::microseconds(0), std::chrono::microseconds(2000), WhileBusy::yield};
 }
 
+void BusyPause::operator()() noexcept {
+  if (mode_ == WaitPolicy::WhileBusy::spin) {
+    cpu_relax();
+    const auto now = std::chrono::steady_clock::now();
+    if (now < next_yield_) return;
+    next_yield_ = now + kYieldEvery;
+  }
+  std::this_thread::yield();
+}
+
 void Transport::last_allgather_waits(std::span<std::int64_t> out) const {
   for (std::int64_t& w : out) w = 0;
 }

@@ -63,6 +63,21 @@ inline void cpu_relax() noexcept {
 #endif
 }
 
+// The pauses of a wait for a busy rank (WaitPolicy::while_busy). Spinning also yields the core every
+// 20 us: that costs a system call when no other thread wants the core, and gives the core up when one
+// does, for instead of holding a core through whole scheduler slices while the awaited rank waits for
+// one, the waiter lets it (or whatever holds its core) run.
+class BusyPause {
+ public:
+  explicit BusyPause(WaitPolicy::WhileBusy mode) noexcept : mode_(mode) {}
+  void operator()() noexcept;
+
+ private:
+  WaitPolicy::WhileBusy mode_;
+  std::chrono::steady_clock::time_point next_yield_ = std::chrono::steady_clock::now() + kYieldEvery;
+  static constexpr std::chrono::microseconds kYieldEvery{20};
+};
+
 class Transport {
  public:
   virtual ~Transport() = default;

@@ -100,12 +100,8 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
         return false;
       };
       if (wait_.while_busy != WaitPolicy::WhileBusy::sleep) {
-        while (!arrived() && missing_rank_busy() && std::chrono::steady_clock::now() < deadline) {
-          if (wait_.while_busy == WaitPolicy::WhileBusy::spin)
-            cpu_relax();
-          else
-            std::this_thread::yield();
-        }
+        BusyPause pause(wait_.while_busy);
+        while (!arrived() && missing_rank_busy() && std::chrono::steady_clock::now() < deadline) pause();
       }
       lock.lock();
     }

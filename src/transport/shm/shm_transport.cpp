@@ -238,12 +238,10 @@ void ShmTransport::wait_for(int peer, std::uint32_t target, Clock::time_point de
     std::atomic<std::uint32_t>& peer_busy = control(peer)->busy;
     if (wait_.while_busy != WaitPolicy::WhileBusy::sleep && peer_busy.load(std::memory_order_relaxed) != 0) {
       const auto slice_end = now + slice;
+      BusyPause pause(wait_.while_busy);
       while (!reached(word->load(std::memory_order_acquire)) && peer_busy.load(std::memory_order_relaxed) != 0 &&
              Clock::now() < slice_end) {
-        if (wait_.while_busy == WaitPolicy::WhileBusy::spin)
-          cpu_relax();
-        else
-          ::sched_yield();
+        pause();
       }
       continue;
     }
