@@ -279,10 +279,17 @@ pid_t RankProcesses::start(const Command& command) {
     if (out >= 0) ::dup2(out, STDOUT_FILENO);
     if (err >= 0) ::dup2(err, STDERR_FILENO);
     ::execvpe(argv[0], argv.data(), envp.data());
-    const int why = errno;
-    write_all(STDERR_FILENO, failure);
-    write_all(STDERR_FILENO, ::strerror(why));
-    write_all(STDERR_FILENO, "\n");
+    // One write of the whole line: ranks that fail at once share the stream, and a line written in
+    // pieces would interleave with theirs (a pipe keeps writes up to PIPE_BUF bytes whole).
+    const char* why = ::strerror(errno);
+    char line[1024];
+    std::size_t n = std::min(failure.size(), sizeof line - 2);
+    std::memcpy(line, failure.data(), n);
+    const std::size_t why_len = std::min(std::strlen(why), sizeof line - 1 - n);
+    std::memcpy(line + n, why, why_len);
+    n += why_len;
+    line[n++] = '\n';
+    write_all(STDERR_FILENO, std::string_view(line, n));
     ::_exit(127);
   });
 }
