@@ -538,7 +538,7 @@ TEST(BenchSweep, NamedGridsSetTheirListsAndCombineWithTheRest) {
 }
 
 TEST(BenchSweep, BadValuesOfTheNewOptionsAreRefusedWithTheRule) {
-  const auto refused = [](SweepOptions o, const std::string& want) {
+  const auto refused = [](const SweepOptions& o, const std::string& want) {
     try {
       validate(o);
     } catch (const std::invalid_argument& e) {

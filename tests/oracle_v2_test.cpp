@@ -24,9 +24,7 @@
 namespace {
 
 using moedist::numeric::Half;
-using moedist::testing::exact_bf16;
 using moedist::testing::exact_bf16_row;
-using moedist::testing::exact_fp16;
 using moedist::testing::exact_fp16_row;
 namespace v2 = moedist::oracle::v2;
 namespace v1 = moedist::oracle;

@@ -284,9 +284,9 @@ pid_t RankProcesses::start(const Command& command) {
     const char* why = ::strerror(errno);
     char line[1024];
     std::size_t n = std::min(failure.size(), sizeof line - 2);
-    std::memcpy(line, failure.data(), n);
+    std::copy_n(failure.data(), n, line);
     const std::size_t why_len = std::min(std::strlen(why), sizeof line - 1 - n);
-    std::memcpy(line + n, why, why_len);
+    std::copy_n(why, why_len, line + n);
     n += why_len;
     line[n++] = '\n';
     write_all(STDERR_FILENO, std::string_view(line, n));
