@@ -63,8 +63,9 @@ std::vector<float> worked_example_row(int r, int b) {
 }
 
 Case worked_example_case() {
-  Case c = make_case(/*ep_world_size=*/4, /*tp_world_size=*/0, /*moe_expert_num=*/8, /*shared_expert_rank_num=*/0, /*h=*/2,
-                     /*k=*/2);
+  Case c =
+      make_case(/*ep_world_size=*/4, /*tp_world_size=*/0, /*moe_expert_num=*/8, /*shared_expert_rank_num=*/0, /*h=*/2,
+                /*k=*/2);
   const std::vector<std::vector<std::int32_t>> ids = {{0, 3, 2, 3}, {3, 1, 0, 2}, {2, 3, 3, 0}, {1, 2, 3, 2}};
   for (int r = 0; r < 4; ++r) {
     std::vector<float> x = worked_example_row(r, 0);
