@@ -144,6 +144,9 @@ py::array fresh_copy(const TensorView& v, DType dtype, std::int64_t rows, std::i
   return out;
 }
 
+// Every row of a group-owned result (the count tensors): all of them are valid.
+std::int64_t all_rows(const TensorView& v) { return v.rows(); }
+
 // A tensor the call writes in place (performance_info): the caller's own memory, viewed as writable.
 MutableTensorView writable(const TensorView& v) {
   MutableTensorView m;
@@ -192,14 +195,14 @@ class PyGroup {
     const GroupConfig& c = group_->config();
     const std::int64_t rows = r.expand_x.rows();
     const std::int64_t h = r.expand_x.cols();
-    const auto all = [](const TensorView& v) { return v.rows(); };
     return py::make_tuple(
         fresh_copy(r.expand_x, r.expand_x.dtype, rows, h, true, r.valid_rows),
         fresh_copy(r.dynamic_scales, DType::fp32, rows, 1, false, r.valid_rows),
-        fresh_copy(r.expand_idx, DType::int32, all(r.expand_idx), 1, false, all(r.expand_idx)),
-        fresh_copy(r.expert_token_nums, DType::int64, all(r.expert_token_nums), 1, false, all(r.expert_token_nums)),
-        fresh_copy(r.ep_recv_counts, DType::int32, all(r.ep_recv_counts), 1, false, all(r.ep_recv_counts)),
-        fresh_copy(r.tp_recv_counts, DType::int32, std::max(c.tp_world_size, 0), 1, false, all(r.tp_recv_counts)),
+        fresh_copy(r.expand_idx, DType::int32, all_rows(r.expand_idx), 1, false, all_rows(r.expand_idx)),
+        fresh_copy(r.expert_token_nums, DType::int64, all_rows(r.expert_token_nums), 1, false,
+                   all_rows(r.expert_token_nums)),
+        fresh_copy(r.ep_recv_counts, DType::int32, all_rows(r.ep_recv_counts), 1, false, all_rows(r.ep_recv_counts)),
+        fresh_copy(r.tp_recv_counts, DType::int32, std::max(c.tp_world_size, 0), 1, false, all_rows(r.tp_recv_counts)),
         fresh_copy(r.expand_scales, DType::fp32, rows, 1, false, r.valid_rows), r.valid_rows);
   }
 
@@ -285,13 +288,13 @@ class PyGroup {
         r.valid_rows - (c.tp_world_size == 2 ? r.tp_recv_counts.at<std::int32_t>(1 - c.tp_rank_id) : 0);
     py::array assist = zeros(DType::int32, std::max(bsk, 128 * r.A), 1, false);
     std::memcpy(assist.mutable_data(), r.assist_info_for_combine.data, static_cast<std::size_t>(3 * own_rows) * 4);
-    const auto all = [](const TensorView& v) { return v.rows(); };
     return py::make_tuple(
         fresh_copy(r.expand_x, r.expand_x.dtype, rows, h, true, r.valid_rows),
         fresh_copy(r.dynamic_scales, DType::fp32, rows, 1, false, r.valid_rows), assist,
-        fresh_copy(r.expert_token_nums, DType::int64, all(r.expert_token_nums), 1, false, all(r.expert_token_nums)),
-        fresh_copy(r.ep_recv_counts, DType::int32, all(r.ep_recv_counts), 1, false, all(r.ep_recv_counts)),
-        fresh_copy(r.tp_recv_counts, DType::int32, std::max(c.tp_world_size, 0), 1, false, all(r.tp_recv_counts)),
+        fresh_copy(r.expert_token_nums, DType::int64, all_rows(r.expert_token_nums), 1, false,
+                   all_rows(r.expert_token_nums)),
+        fresh_copy(r.ep_recv_counts, DType::int32, all_rows(r.ep_recv_counts), 1, false, all_rows(r.ep_recv_counts)),
+        fresh_copy(r.tp_recv_counts, DType::int32, std::max(c.tp_world_size, 0), 1, false, all_rows(r.tp_recv_counts)),
         fresh_copy(r.expand_scales, DType::fp32, r.A, 1, false, r.valid_rows), r.valid_rows);
   }
 
