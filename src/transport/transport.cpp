@@ -1,5 +1,7 @@
 #include "transport/transport.h"
 
+#include <sched.h>
+
 #include <string>
 #include <thread>
 
@@ -15,6 +17,8 @@ WaitPolicy wait_policy(std::chrono::microseconds requested, int world_size) noex
     return WaitPolicy{std::chrono::microseconds(200), {}, WhileBusy::spin};
   return WaitPolicy{std::chrono::microseconds(0), std::chrono::microseconds(2000), WhileBusy::yield};
 }
+
+int current_cpu() noexcept { return ::sched_getcpu(); }
 
 void BusyPause::operator()() noexcept {
   if (mode_ == WaitPolicy::WhileBusy::spin) {

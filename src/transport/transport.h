@@ -56,6 +56,13 @@ struct WaitPolicy {
 // `world_size` ranks can have a core of its own; else yield for up to 2 ms, and on while it is busy.
 WaitPolicy wait_policy(std::chrono::microseconds requested, int world_size) noexcept;
 
+// The CPU the calling thread runs on now, -1 when the kernel cannot tell. Waits compare it with the CPU
+// the awaited rank last ran on: a rank that waits on the very CPU its peer needs must give that CPU up
+// (sleep), for the scheduler keeps two spinning ranks that share a CPU together, each holding it for a
+// whole slice (about 0.5 ms) while the other waits, even when another CPU is idle; only a wake-up moves
+// a rank to an idle CPU.
+int current_cpu() noexcept;
+
 // A pause hint for spin loops.
 inline void cpu_relax() noexcept {
 #if defined(__x86_64__) || defined(__i386__)

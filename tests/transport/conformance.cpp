@@ -7,7 +7,9 @@
 // one rank, and only the MPI instantiations run.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sched.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -336,6 +338,52 @@ TEST_P(Conformance, ATimeoutNamesAMissingPeerThatSaysItIsBusy) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, Conformance, ::testing::ValuesIn(transports_here(false)),
+                         [](const ::testing::TestParamInfo<TransportKind>& param) { return kind_name(param.param); });
+
+// Two ranks on one CPU: a waiter gives the CPU up (sleeps) for the rank it awaits when that rank last ran
+// on the same CPU, even while that rank says it is busy, for the scheduler does not move either of two
+// spinning ranks to an idle CPU, and each would hold the CPU for a whole slice while the other waits
+// (current_cpu). Seen as the waiter's voluntary context switches, which spinning and yielding never make.
+// Only the transports that take the busy hint (MPI ignores it, and MPI_Allgather polls).
+class WaitsOnOneCpu : public ::testing::TestWithParam<TransportKind> {};
+
+void pin_to_one_cpu(const Transport& t) {
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  if (::sched_getaffinity(0, sizeof allowed, &allowed) != 0) fail_check(t, "sched_getaffinity: ", std::strerror(errno));
+  int first = 0;
+  while (first < CPU_SETSIZE && !CPU_ISSET(first, &allowed)) ++first;
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(first, &one);
+  if (::sched_setaffinity(0, sizeof one, &one) != 0) fail_check(t, "sched_setaffinity: ", std::strerror(errno));
+}
+
+TEST_P(WaitsOnOneCpu, AWaiterSleepsWhenTheRankItAwaitsLastRanOnItsCpu) {
+  const auto failures = run_world(GetParam(), 2, milliseconds(20000), [&](Transport& t) {
+    pin_to_one_cpu(t);
+    char token = 1;
+    std::vector<char> tokens(2);
+    t.allgather(&token, 1, tokens.data(), "one_cpu.start");  // both have run on the one CPU since
+    if (t.rank() == 1) {
+      t.set_busy(true);  // busy, but not running for a while: rank 0 must not spin for it
+      std::this_thread::sleep_for(milliseconds(50));
+      t.allgather(&token, 1, tokens.data(), "one_cpu.late");
+      t.set_busy(false);
+      return;
+    }
+    rusage before{}, after{};
+    ::getrusage(RUSAGE_THREAD, &before);
+    t.allgather(&token, 1, tokens.data(), "one_cpu.late");
+    ::getrusage(RUSAGE_THREAD, &after);
+    if (after.ru_nvcsw == before.ru_nvcsw)
+      fail_check(t, "waited 50 ms for a busy rank on its own CPU without sleeping once (", std::to_string(after.ru_nivcsw - before.ru_nivcsw),
+                 " involuntary context switches)");
+  });
+  for (std::size_t r = 0; r < failures.size(); ++r) EXPECT_EQ(failures[r], "") << "rank " << r;
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, WaitsOnOneCpu, ::testing::Values(TransportKind::inproc, TransportKind::shm),
                          [](const ::testing::TestParamInfo<TransportKind>& param) { return kind_name(param.param); });
 
 // A rank that dies: only where ranks are processes (a thread cannot die alone; its process would).

@@ -18,8 +18,10 @@ InProcHub::InProcHub(int size, std::chrono::milliseconds timeout, std::chrono::m
       wait_(wait_policy(spin, size)),
       arrived_at_(static_cast<std::size_t>(size)),
       busy_(static_cast<std::size_t>(size)),
+      cpus_(static_cast<std::size_t>(size)),
       claimed_(static_cast<std::size_t>(size), false),
       windows_(static_cast<std::size_t>(size)) {
+  for (std::atomic<int>& cpu : cpus_) cpu.store(-1, std::memory_order_relaxed);
   for (int p = 0; p < 2; ++p) {
     mail_[p].resize(static_cast<std::size_t>(size) * static_cast<std::size_t>(size));
     posted_[p].assign(static_cast<std::size_t>(size) * static_cast<std::size_t>(size), 0);
@@ -60,9 +62,28 @@ std::int64_t steady_ns() {
 }
 }  // namespace
 
+int InProcHub::note_cpu(int rank) noexcept {
+  const int cpu = current_cpu();
+  std::atomic<int>& noted = cpus_[static_cast<std::size_t>(rank)];
+  // Stored only when it changed: waiters read it in every pause.
+  if (noted.load(std::memory_order_relaxed) != cpu) noted.store(cpu, std::memory_order_relaxed);
+  return cpu;
+}
+
+bool InProcHub::missing_rank_on(int cpu, std::uint64_t gen) const noexcept {
+  if (cpu < 0) return false;
+  for (int r = 0; r < size_; ++r) {
+    const auto i = static_cast<std::size_t>(r);
+    if (arrived_at_[i].load(std::memory_order_relaxed) != gen + 1 && cpus_[i].load(std::memory_order_relaxed) == cpu)
+      return true;
+  }
+  return false;
+}
+
 void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out, std::string_view phase,
                           std::int64_t* waits) {
   const std::int64_t entered = steady_ns();
+  note_cpu(rank);
   std::unique_lock<std::mutex> lock(mu_);
   if (failed_) {
     throw PeerError(ErrorCode::peer_failed, failed_peer_, std::string(phase),
@@ -86,10 +107,13 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
       const auto arrived = [&] {
         return generation_.load(std::memory_order_acquire) != gen || failed_flag_.load(std::memory_order_acquire);
       };
+      // A missing rank that last ran on this CPU cannot run while this rank spins or yields here: then
+      // it sleeps at once (see current_cpu).
+      const auto blocking_a_rank = [&] { return missing_rank_on(note_cpu(rank), gen); };
       const auto spin_end = std::chrono::steady_clock::now() + wait_.spin;
-      while (!arrived() && std::chrono::steady_clock::now() < spin_end) cpu_relax();
+      while (!arrived() && !blocking_a_rank() && std::chrono::steady_clock::now() < spin_end) cpu_relax();
       const auto yield_end = std::chrono::steady_clock::now() + wait_.yield;
-      while (!arrived() && std::chrono::steady_clock::now() < yield_end) std::this_thread::yield();
+      while (!arrived() && !blocking_a_rank() && std::chrono::steady_clock::now() < yield_end) std::this_thread::yield();
       // Then on while a rank still missing is busy (WaitPolicy::while_busy), up to the timeout.
       const auto missing_rank_busy = [&] {
         for (int r = 0; r < size_; ++r) {
@@ -101,7 +125,8 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
       };
       if (wait_.while_busy != WaitPolicy::WhileBusy::sleep) {
         BusyPause pause(wait_.while_busy);
-        while (!arrived() && missing_rank_busy() && std::chrono::steady_clock::now() < deadline) pause();
+        while (!arrived() && missing_rank_busy() && !blocking_a_rank() && std::chrono::steady_clock::now() < deadline)
+          pause();
       }
       lock.lock();
     }

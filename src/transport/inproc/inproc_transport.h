@@ -33,6 +33,7 @@ class InProcHub {
   void resize_window(int rank, std::size_t bytes);
   void set_busy(int rank, bool busy) noexcept {
     busy_[static_cast<std::size_t>(rank)].store(busy, std::memory_order_relaxed);
+    note_cpu(rank);
   }
   std::size_t window_size(int rank) const noexcept { return windows_[static_cast<std::size_t>(rank)].size; }
   std::byte* window(int rank) noexcept { return windows_[static_cast<std::size_t>(rank)].data; }
@@ -42,6 +43,11 @@ class InProcHub {
                 std::span<std::vector<std::byte>> in, std::string_view phase);
 
  private:
+  // Records the CPU `rank` runs on now (cpus_) and returns it.
+  int note_cpu(int rank) noexcept;
+  // Whether a rank that has not arrived at generation `gen` last ran on `cpu` (see current_cpu).
+  bool missing_rank_on(int cpu, std::uint64_t gen) const noexcept;
+
   struct Window {
     std::byte* data = nullptr;
     std::size_t size = 0;
@@ -61,6 +67,9 @@ class InProcHub {
   // whether it is inside an operator call (set_busy).
   std::vector<std::atomic<std::uint64_t>> arrived_at_;
   std::vector<std::atomic<bool>> busy_;
+  // Per rank: the CPU it last ran on when it entered, waited or changed busy_ (-1: not known). A waiter
+  // does not spin for a rank that needs the waiter's own CPU.
+  std::vector<std::atomic<int>> cpus_;
   std::vector<std::vector<std::byte>> slots_[2];  // double-buffered by generation parity
   std::vector<std::int64_t> entered_ns_[2];       // per rank: when it entered (steady clock), by parity
   std::vector<bool> claimed_;

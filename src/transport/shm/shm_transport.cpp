@@ -21,7 +21,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 constexpr std::uint64_t kControlMagic = 0x6d6f65646973744bull;  // "moedistK"
-constexpr std::uint32_t kControlVersion = 4;
+constexpr std::uint32_t kControlVersion = 5;
 constexpr std::size_t kSlotBytes = 256 * 1024;  // largest record of one collective step
 constexpr std::size_t kPage = 4096;
 constexpr std::uint64_t kAllocationFailed = ~std::uint64_t{0};  // a SegmentNote that says the allocation failed
@@ -79,6 +79,9 @@ struct ShmTransport::Control {
   // is, which spares it on every step where all waiters spin.
   std::atomic<std::uint32_t> sleepers;
   std::atomic<std::uint32_t> busy;  // 1 while the rank is inside an operator call (Transport::set_busy)
+  // The CPU the rank last ran on when it published, waited or changed `busy` (-1: not known). A waiter on
+  // that same CPU sleeps instead of spinning: the rank cannot run there while it spins.
+  std::atomic<std::int32_t> cpu;
   alignas(64) std::uint64_t record_bytes[2];
   std::int64_t entered_ns[2];  // when the rank entered the step (steady clock: one per machine), by parity
 
@@ -114,6 +117,7 @@ ShmTransport::ShmTransport(const std::string& job, int rank, int world_size, con
     c->owner_uid = static_cast<std::uint32_t>(::getuid());
     c->job_hash = job_hash_;
     c->slot_bytes = kSlotBytes;
+    c->cpu.store(-1, std::memory_order_relaxed);
     Mapping& own_window = windows_[static_cast<std::size_t>(rank)];
     own_window.base = create_shared(kPage, "moedist-window", &window_fd);
     own_window.size = kPage;
@@ -194,6 +198,17 @@ void ShmTransport::fail(const PeerError& error) {
 
 void ShmTransport::set_busy(bool busy) noexcept {
   control(rank())->busy.store(busy ? 1 : 0, std::memory_order_relaxed);
+  note_cpu();
+}
+
+int ShmTransport::note_cpu() noexcept {
+  const int cpu = current_cpu();
+  // Stored only when it changed: peers read this cache line in every wait.
+  if (cpu != noted_cpu_) {
+    noted_cpu_ = cpu;
+    control(rank())->cpu.store(cpu, std::memory_order_relaxed);
+  }
+  return cpu;
 }
 
 void ShmTransport::enter(std::string_view phase) {
@@ -207,14 +222,28 @@ void ShmTransport::enter(std::string_view phase) {
 void ShmTransport::wait_for(int peer, std::uint32_t target, Clock::time_point deadline, const char* phase) {
   std::atomic<std::uint32_t>* word = &control(peer)->steps;
   const auto reached = [&](std::uint32_t seen) { return static_cast<std::int32_t>(seen - target) >= 0; };
+  // Whether the peer last ran on this CPU: then it cannot run while this rank spins or yields (see
+  // current_cpu), and this rank sleeps at once. The CPU is read again in every loop, since either rank
+  // may have moved.
+  const std::atomic<std::int32_t>& peer_cpu = control(peer)->cpu;
+  const auto on_peer_cpu = [&] {
+    const int cpu = note_cpu();
+    return cpu >= 0 && peer_cpu.load(std::memory_order_relaxed) == cpu;
+  };
+  bool sleep_now = false;
   const auto spin_end = Clock::now() + wait_.spin;
   do {
     if (reached(word->load(std::memory_order_acquire))) return;
+    if (on_peer_cpu()) {
+      sleep_now = true;
+      break;
+    }
     cpu_relax();
   } while (Clock::now() < spin_end);
   const auto yield_end = Clock::now() + wait_.yield;
-  while (Clock::now() < yield_end) {
+  while (!sleep_now && Clock::now() < yield_end) {
     if (reached(word->load(std::memory_order_acquire))) return;
+    if (on_peer_cpu()) break;
     ::sched_yield();
   }
   for (;;) {
@@ -236,11 +265,12 @@ void ShmTransport::wait_for(int peer, std::uint32_t target, Clock::time_point de
     // A busy peer is on its way here: spin or yield (the policy's choice) while it stays busy, looking
     // at its liveness and the deadline again every slice.
     std::atomic<std::uint32_t>& peer_busy = control(peer)->busy;
-    if (wait_.while_busy != WaitPolicy::WhileBusy::sleep && peer_busy.load(std::memory_order_relaxed) != 0) {
+    if (wait_.while_busy != WaitPolicy::WhileBusy::sleep && peer_busy.load(std::memory_order_relaxed) != 0 &&
+        !on_peer_cpu()) {
       const auto slice_end = now + slice;
       BusyPause pause(wait_.while_busy);
       while (!reached(word->load(std::memory_order_acquire)) && peer_busy.load(std::memory_order_relaxed) != 0 &&
-             Clock::now() < slice_end) {
+             !on_peer_cpu() && Clock::now() < slice_end) {
         pause();
       }
       continue;
@@ -271,6 +301,7 @@ void ShmTransport::allgather(const void* in, std::size_t bytes, void* out, std::
   std::memcpy(mine->slot(step), in, bytes);
   mine->record_bytes[step & 1u] = bytes;
   mine->entered_ns[step & 1u] = entered;
+  note_cpu();
   mine->steps.store(step, std::memory_order_seq_cst);  // ordered before the load of sleepers (see wait_for)
   if (mine->sleepers.load(std::memory_order_seq_cst) != 0) futex(&mine->steps, FUTEX_WAKE, INT_MAX, nullptr);
 

@@ -44,6 +44,8 @@ class ShmTransport final : public Transport {
 
   Control* control(int rank) const noexcept;
   void wait_for(int peer, std::uint32_t target, std::chrono::steady_clock::time_point deadline, const char* phase);
+  // Publishes the CPU this rank runs on (Control::cpu) and returns it.
+  int note_cpu() noexcept;
   void enter(std::string_view phase);
   [[noreturn]] void fail(const PeerError& error);
   void settle_mapping(const std::optional<PeerError>& own, const std::string& phase);
@@ -51,6 +53,7 @@ class ShmTransport final : public Transport {
 
   ShmOptions options_;
   WaitPolicy wait_;
+  int noted_cpu_ = -1;  // the CPU last stored in this rank's Control::cpu
   std::uint64_t job_hash_ = 0;
   SocketMesh mesh_;
   std::vector<Mapping> controls_;
