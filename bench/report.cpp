@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <ctime>
@@ -83,7 +84,9 @@ nlohmann::json point_json(const Point& p) {
 
 // "2 hosts of 2 ranks", "3 hosts of 3 ranks (the last of 2)", "1 host of 4 ranks"
 std::string host_layout(int W, const BetweenHosts& b) {
-  const auto count = [](int n, const char* one, const char* many) { return std::to_string(n) + " " + (n == 1 ? one : many); };
+  const auto count = [](int n, const char* one, const char* many) {
+    return std::to_string(n) + " " + (n == 1 ? one : many);
+  };
   std::string s = count(b.hosts, "host", "hosts") + " of " + count(b.ranks_per_host, "rank", "ranks");
   const int last = W - (b.hosts - 1) * b.ranks_per_host;
   if (last != b.ranks_per_host) s += " (the last of " + std::to_string(last) + ")";
@@ -93,10 +96,54 @@ std::string host_layout(int W, const BetweenHosts& b) {
 // "1.234 MB node-aware vs 2.345 MB flat all-to-all (0.53x)"
 std::string node_aware_vs_flat(std::int64_t node_aware, std::int64_t flat) {
   return megabytes(node_aware) + " node-aware vs " + megabytes(flat) + " flat all-to-all (" +
-         (flat > 0 ? fixed(static_cast<double>(node_aware) / static_cast<double>(flat), 2) + "x" : std::string("-")) + ")";
+         (flat > 0 ? fixed(static_cast<double>(node_aware) / static_cast<double>(flat), 2) + "x" : std::string("-")) +
+         ")";
 }
 
 nlohmann::json number_or_null(double v) { return std::isnan(v) ? nlohmann::json(nullptr) : nlohmann::json(v); }
+
+// Times a fixed loop of dependent multiplies, sized to about 10 us, `iters` times (see RunInfo::Noise).
+RunInfo::Noise measure_noise(int iters) {
+  using Clock = std::chrono::steady_clock;
+  volatile float sink = 1.0f;
+  const auto work = [&sink](long n) {
+    float x = sink;
+    for (long i = 0; i < n; ++i) x = x * 1.0000001f + 1e-9f;
+    sink = x;
+  };
+  const auto us = [](Clock::time_point a, Clock::time_point b) {
+    return std::chrono::duration<double, std::micro>(b - a).count();
+  };
+  long n = 1000;  // calibrate: grow until one piece takes about 10 us
+  for (;;) {
+    const auto t0 = Clock::now();
+    work(n);
+    const double took = us(t0, Clock::now());
+    if (took >= 10.0 || n > (1L << 30)) break;
+    n = took <= 0.5 ? n * 8 : static_cast<long>(static_cast<double>(n) * 10.0 / took) + 1;
+  }
+  std::vector<double> samples;
+  samples.reserve(static_cast<std::size_t>(iters));
+  for (int i = 0; i < iters; ++i) {
+    const auto t0 = Clock::now();
+    work(n);
+    samples.push_back(us(t0, Clock::now()));
+  }
+  RunInfo::Noise noise;
+  noise.iters = iters;
+  double sum = 0;
+  for (double v : samples) sum += v;
+  noise.mean_us = sum / static_cast<double>(iters);
+  std::sort(samples.begin(), samples.end());
+  const auto nearest_rank = [&](double q) {
+    const auto rank = static_cast<std::size_t>(std::ceil(q * static_cast<double>(iters)));
+    return samples[std::min(std::max<std::size_t>(rank, 1), samples.size()) - 1];
+  };
+  noise.p50_us = nearest_rank(0.50);
+  noise.p99_us = nearest_rank(0.99);
+  noise.max_us = samples.back();
+  return noise;
+}
 
 // A string for gnuplot's single quotes, where '' stands for '.
 std::string gnuplot_quoted(const std::string& s) {
@@ -133,6 +180,7 @@ RunInfo collect_run_info(const std::string& command, const SweepOptions& options
   utsname u{};
   if (::uname(&u) == 0) info.kernel = std::string(u.sysname) + " " + u.release + " " + u.machine;
   info.isa = isa_description();
+  info.noise = measure_noise(2000);
   info.version = version_string();
   info.build = std::string(MOEDIST_BENCH_BUILD_TYPE) + ", " +
 #if defined(__clang__)
@@ -202,6 +250,10 @@ void print_header(std::ostream& out, const RunInfo& info, const SweepOptions& o)
       << "kernels   : " << info.isa << "\n"
       << "build     : " << info.build << "\n"
       << "mpi       : " << info.mpi << "\n"
+      << "noise     : a fixed piece of work without communication, timed " << info.noise.iters
+      << " times on one thread at the start: p50 " << fixed(info.noise.p50_us, 1) << " us, mean "
+      << fixed(info.noise.mean_us, 1) << ", p99 " << fixed(info.noise.p99_us, 1) << ", max "
+      << fixed(info.noise.max_us, 1) << " (the machine's own interruptions)\n"
       << "timing    : " << o.run.loop.warmup << " warm-up iterations, then up to " << o.run.loop.max_iters
       << " timed iterations or " << o.run.loop.max_seconds << " s per transport and point (at least "
       << o.run.loop.min_iters << ")\n"
@@ -223,8 +275,9 @@ void print_point(std::ostream& out, const Point& p, const PointBytes& bytes, con
                  const std::vector<SkipRow>& skipped) {
   out << "== " << describe(p);
   if (skipped.empty() || skipped.front().transport != "*") {
-    out << "  (logical: dispatch " << megabytes(bytes.dispatch.logical) << ", combine " << megabytes(bytes.combine.logical)
-        << "; wire: dispatch " << megabytes(bytes.dispatch.wire) << ", combine " << megabytes(bytes.combine.wire) << ")";
+    out << "  (logical: dispatch " << megabytes(bytes.dispatch.logical) << ", combine "
+        << megabytes(bytes.combine.logical) << "; wire: dispatch " << megabytes(bytes.dispatch.wire) << ", combine "
+        << megabytes(bytes.combine.wire) << ")";
   }
   out << "\n";
   if (!rows.empty()) {
@@ -272,6 +325,12 @@ void write_json(const std::string& path, const RunInfo& info, const SweepOptions
                {"kernel", info.kernel},
                {"kernels_isa", info.isa},
                {"mpi", info.mpi},
+               {"noise",
+                {{"iters", info.noise.iters},
+                 {"p50_us", info.noise.p50_us},
+                 {"mean_us", info.noise.mean_us},
+                 {"p99_us", info.noise.p99_us},
+                 {"max_us", info.noise.max_us}}},
                {"mpi_library", result.mpi_library},
                {"mpi_unavailable", result.mpi_unavailable}};
   j["settings"] = {{"transports", o.transports},
@@ -347,8 +406,8 @@ void write_csv(const std::string& path, const SweepResult& result) {
   };
   for (const ResultRow& r : result.rows) {
     const Point& p = r.point;
-    f << r.transport << "," << p.W << "," << p.bs << "," << p.h << "," << p.k << "," << p.E << "," << p.quant_mode << ","
-      << dtype_text(p.dtype) << "," << r.op << "," << r.stats.iters << "," << num(r.stats.p50_us) << ","
+    f << r.transport << "," << p.W << "," << p.bs << "," << p.h << "," << p.k << "," << p.E << "," << p.quant_mode
+      << "," << dtype_text(p.dtype) << "," << r.op << "," << r.stats.iters << "," << num(r.stats.p50_us) << ","
       << num(r.stats.p99_us) << "," << num(r.stats.mean_us) << "," << num(r.stats.min_us) << "," << num(r.stats.max_us)
       << "," << r.bytes.logical << "," << r.bytes.wire << "," << num(r.logical_gbps) << "," << num(r.wire_gbps) << ","
       << num(r.x_mpi) << "," << num(r.x_floor);
@@ -394,17 +453,18 @@ std::string write_plot(const std::string& png_path, const SweepResult& result) {
   int block = 0;
   for (const auto& [key, transports] : panels) {
     const auto& [W, H, K, E, quant, dtype] = key;
-    plots << "set title " << gnuplot_quoted("W=" + std::to_string(W) + " H=" + std::to_string(H) + " K=" + std::to_string(K) +
-                                            " E=" + std::to_string(E) + " quant=" + std::to_string(quant) + " " +
-                                            dtype_text(static_cast<DType>(dtype)))
+    plots << "set title "
+          << gnuplot_quoted("W=" + std::to_string(W) + " H=" + std::to_string(H) + " K=" + std::to_string(K) +
+                            " E=" + std::to_string(E) + " quant=" + std::to_string(quant) + " " +
+                            dtype_text(static_cast<DType>(dtype)))
           << "\nplot ";
     bool first = true;
     for (const auto& [transport, series] : transports) {
       data << "# " << transport << "\n";
       for (const auto& [bs, us] : series) data << bs << " " << us << "\n";
       data << "\n\n";
-      plots << (first ? "" : ", ") << gnuplot_quoted(data_path) << " index " << block << " using 1:2 with linespoints title "
-            << gnuplot_quoted(transport);
+      plots << (first ? "" : ", ") << gnuplot_quoted(data_path) << " index " << block
+            << " using 1:2 with linespoints title " << gnuplot_quoted(transport);
       first = false;
       ++block;
     }

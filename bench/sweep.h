@@ -62,7 +62,7 @@ struct SweepOptions {
   DType dtype = DType::bf16;
   std::uint64_t seed = 1;
   RunSettings run;
-  double memory_fraction = 0.8;  // skip a run that needs more than this share of MemAvailable
+  double memory_fraction = 0.8;           // skip a run that needs more than this share of MemAvailable
   std::vector<std::string> rank_program;  // shm: the program (and arguments) of a rank process
   std::string mpi_baseline;               // explicit moedist_mpi_baseline (mpi, moedist-mpi), or "" to look for it
   std::string self_dir;                   // directory of the running tool (where the baseline may also be)
@@ -88,20 +88,20 @@ struct ResultRow {
   std::string op;  // dispatch, combine, roundtrip
   Stats stats;
   OpBytes bytes;
-  double logical_gbps = 0, wire_gbps = 0;  // bytes / p50 latency
+  double logical_gbps = 0, wire_gbps = 0;                     // bytes / p50 latency
   double x_mpi = std::numeric_limits<double>::quiet_NaN();    // p50 / the mpi baseline's p50 (NaN: none)
   double x_floor = std::numeric_limits<double>::quiet_NaN();  // p50 / the memcpy floor's p50 (NaN: none)
-  std::int64_t peak_rss_bytes = -1;     // shm: the largest rank process's peak resident set (-1: not measured)
-  std::int64_t predicted_bytes = -1;    // inproc/shm: what moedist::capacity() says a rank's group allocates
-  BetweenHosts between_hosts;           // moedist-mpi: bytes between hosts, node-aware and flat (hosts 0: none)
-  int threads_per_rank = 0;             // moedist's transports: worker threads per rank (0: a baseline)
+  std::int64_t peak_rss_bytes = -1;   // shm: the largest rank process's peak resident set (-1: not measured)
+  std::int64_t predicted_bytes = -1;  // inproc/shm: what moedist::capacity() says a rank's group allocates
+  BetweenHosts between_hosts;         // moedist-mpi: bytes between hosts, node-aware and flat (hosts 0: none)
+  int threads_per_rank = 0;           // moedist's transports: worker threads per rank (0: a baseline)
 };
 
 struct SkipRow {
   std::string transport;  // "*": every transport (the point itself is unusable)
   Point point;
   std::string reason;
-  bool failed = false;    // the run was tried and failed (an error), rather than not tried (memory, no MPI)
+  bool failed = false;  // the run was tried and failed (an error), rather than not tried (memory, no MPI)
 };
 
 struct SweepResult {
@@ -136,6 +136,13 @@ struct RunInfo {
   std::string version;
   std::string build;
   std::string mpi;  // the MPI that mpi and moedist-mpi run on, why they cannot run, or "not asked for"
+  // The machine's own interruptions: one thread times a fixed piece of work (about 10 us, no
+  // communication) many times at the start of the run. Its p99 over p50 is what no transport can go below
+  // at latencies of that size.
+  struct Noise {
+    int iters = 0;
+    double p50_us = 0, p99_us = 0, mean_us = 0, max_us = 0;
+  } noise;
 };
 // `options` says whether and where the MPI baseline runs.
 RunInfo collect_run_info(const std::string& command, const SweepOptions& options);

@@ -47,7 +47,8 @@ std::string mpi_missing() {
 }
 
 std::string temp_path(const std::string& name) {
-  return (std::filesystem::temp_directory_path() / ("moedist_bench_test_" + std::to_string(::getpid()) + "_" + name)).string();
+  return (std::filesystem::temp_directory_path() / ("moedist_bench_test_" + std::to_string(::getpid()) + "_" + name))
+      .string();
 }
 
 // Bytes of an operation computed here, from the routing alone: a set of destination ranks per token.
@@ -86,7 +87,9 @@ TEST(BenchRouting, PointBytesFollowTheDefinitions) {
   EXPECT_EQ(b.combine.logical, 4 * 5 * 8 * 200);
   for (const char* op : {"dispatch", "combine", "roundtrip"}) {
     const OpBytes want = expected_bytes(p, op);
-    const OpBytes got = std::string(op) == "dispatch" ? b.dispatch : std::string(op) == "combine" ? b.combine : b.roundtrip;
+    const OpBytes got = std::string(op) == "dispatch"  ? b.dispatch
+                        : std::string(op) == "combine" ? b.combine
+                                                       : b.roundtrip;
     EXPECT_EQ(got.logical, want.logical) << op;
     EXPECT_EQ(got.wire, want.wire) << op;
     EXPECT_LE(got.wire, got.logical) << op;
@@ -153,10 +156,21 @@ TEST(BenchSweep, QuickSweepWritesEveryOpToJsonAndCsv) {
   EXPECT_EQ(j["info"]["command"], "moedist bench --quick");
   EXPECT_FALSE(j["info"]["cpu_model"].get<std::string>().empty());
   EXPECT_FALSE(j["info"]["kernels_isa"].get<std::string>().empty());
+  // The machine's noise probe: 2000 timed pieces of about 10 us, ordered statistics.
+  const nlohmann::json& noise = j["info"]["noise"];
+  EXPECT_EQ(noise["iters"], 2000);
+  EXPECT_GT(noise["p50_us"].get<double>(), 1.0);
+  EXPECT_LE(noise["p50_us"].get<double>(), noise["p99_us"].get<double>());
+  EXPECT_LE(noise["p99_us"].get<double>(), noise["max_us"].get<double>());
+  EXPECT_LE(noise["mean_us"].get<double>(), noise["max_us"].get<double>());
   std::set<std::tuple<std::string, std::int64_t, int, std::string>> seen;  // transport, BS, quant, op
   for (const nlohmann::json& r : j["results"]) {
-    const Point p{.W = r["W"].get<int>(), .bs = r["BS"].get<std::int64_t>(), .h = r["H"].get<std::int64_t>(),
-                  .k = r["K"].get<int>(), .E = r["E"].get<int>(), .quant_mode = r["quant_mode"].get<int>()};
+    const Point p{.W = r["W"].get<int>(),
+                  .bs = r["BS"].get<std::int64_t>(),
+                  .h = r["H"].get<std::int64_t>(),
+                  .k = r["K"].get<int>(),
+                  .E = r["E"].get<int>(),
+                  .quant_mode = r["quant_mode"].get<int>()};
     const std::string op = r["op"];
     const OpBytes want = expected_bytes(p, op);
     EXPECT_EQ(r["logical_bytes"].get<std::int64_t>(), want.logical) << r.dump();
@@ -164,7 +178,8 @@ TEST(BenchSweep, QuickSweepWritesEveryOpToJsonAndCsv) {
     EXPECT_EQ(r["iters"].get<int>(), 3);
     EXPECT_GT(r["p50_us"].get<double>(), 0);
     EXPECT_GE(r["p99_us"].get<double>(), r["p50_us"].get<double>());
-    EXPECT_NEAR(r["logical_gbps"].get<double>(), static_cast<double>(want.logical) / r["p50_us"].get<double>() * 1e-3, 1e-9);
+    EXPECT_NEAR(r["logical_gbps"].get<double>(), static_cast<double>(want.logical) / r["p50_us"].get<double>() * 1e-3,
+                1e-9);
     EXPECT_FALSE(r["x_floor"].is_null());  // the floor ran at every point
     EXPECT_TRUE(r["x_mpi"].is_null());     // mpi was not asked for
     seen.insert({r["transport"], p.bs, p.quant_mode, op});
@@ -203,7 +218,7 @@ TEST(BenchSweep, HeaderStatesTheDefinitionsAndTheMachine) {
   const std::string s = out.str();
   for (const char* needle : {"command   : moedist bench --bs 1", "machine   : ", "kernels   : ", "date      : ",
                              "logical GB/s  sum over ranks of one row per (token, expert)", "wire GB/s     the same",
-                             "count exchange", "mpi       : not asked for"}) {
+                             "count exchange", "mpi       : not asked for", "noise     : a fixed piece of work"}) {
     EXPECT_NE(s.find(needle), std::string::npos) << needle << "\n" << s;
   }
 }

@@ -377,8 +377,8 @@ TEST_P(WaitsOnOneCpu, AWaiterSleepsWhenTheRankItAwaitsLastRanOnItsCpu) {
     t.allgather(&token, 1, tokens.data(), "one_cpu.late");
     ::getrusage(RUSAGE_THREAD, &after);
     if (after.ru_nvcsw == before.ru_nvcsw)
-      fail_check(t, "waited 50 ms for a busy rank on its own CPU without sleeping once (", std::to_string(after.ru_nivcsw - before.ru_nivcsw),
-                 " involuntary context switches)");
+      fail_check(t, "waited 50 ms for a busy rank on its own CPU without sleeping once (",
+                 std::to_string(after.ru_nivcsw - before.ru_nivcsw), " involuntary context switches)");
   });
   for (std::size_t r = 0; r < failures.size(); ++r) EXPECT_EQ(failures[r], "") << "rank " << r;
 }

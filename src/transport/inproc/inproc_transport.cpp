@@ -113,7 +113,8 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
       const auto spin_end = std::chrono::steady_clock::now() + wait_.spin;
       while (!arrived() && !blocking_a_rank() && std::chrono::steady_clock::now() < spin_end) cpu_relax();
       const auto yield_end = std::chrono::steady_clock::now() + wait_.yield;
-      while (!arrived() && !blocking_a_rank() && std::chrono::steady_clock::now() < yield_end) std::this_thread::yield();
+      while (!arrived() && !blocking_a_rank() && std::chrono::steady_clock::now() < yield_end)
+        std::this_thread::yield();
       // Then on while a rank still missing is busy (WaitPolicy::while_busy), up to the timeout.
       const auto missing_rank_busy = [&] {
         for (int r = 0; r < size_; ++r) {

@@ -46,13 +46,15 @@ std::byte* create_shared(std::size_t bytes, const char* name, int* fd_out) {
   if (::fchmod(fd, 0600) != 0 || ::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
     const int err = errno;
     ::close(fd);
-    throw Error(ErrorCode::capacity, "cannot size a " + std::to_string(bytes) + "-byte shared window: " + std::strerror(err));
+    throw Error(ErrorCode::capacity,
+                "cannot size a " + std::to_string(bytes) + "-byte shared window: " + std::strerror(err));
   }
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (p == MAP_FAILED) {
     const int err = errno;
     ::close(fd);
-    throw Error(ErrorCode::capacity, "cannot map a " + std::to_string(bytes) + "-byte shared window: " + std::strerror(err));
+    throw Error(ErrorCode::capacity,
+                "cannot map a " + std::to_string(bytes) + "-byte shared window: " + std::strerror(err));
   }
   *fd_out = fd;
   return static_cast<std::byte*>(p);
@@ -139,7 +141,8 @@ ShmTransport::ShmTransport(const std::string& job, int rank, int world_size, con
           pc->job_hash != job_hash_ || pc->owner_uid != ::getuid() || pc->slot_bytes != kSlotBytes ||
           note.bytes < Control::kControlHead + 2 * kSlotBytes) {
         throw PeerError(ErrorCode::protocol, peer, phase,
-                        "the control segment of rank " + std::to_string(peer) + " fails its checks (magic, version, rank, world, job, owner or size)");
+                        "the control segment of rank " + std::to_string(peer) +
+                            " fails its checks (magic, version, rank, world, job, owner or size)");
       }
       fd = mesh_.receive(peer, &note, sizeof(note), deadline, phase);
       windows_[static_cast<std::size_t>(peer)] = map_peer_memfd(fd, note.bytes, peer, "window", phase);
@@ -147,8 +150,10 @@ ShmTransport::ShmTransport(const std::string& job, int rank, int world_size, con
   } catch (...) {
     if (control_fd >= 0) ::close(control_fd);
     if (window_fd >= 0) ::close(window_fd);
-    for (Mapping& m : controls_) if (m.base != nullptr) ::munmap(m.base, m.size);
-    for (Mapping& m : windows_) if (m.base != nullptr) ::munmap(m.base, m.size);
+    for (Mapping& m : controls_)
+      if (m.base != nullptr) ::munmap(m.base, m.size);
+    for (Mapping& m : windows_)
+      if (m.base != nullptr) ::munmap(m.base, m.size);
     throw;
   }
   // The mappings keep the memory alive; no name or descriptor is left behind.
@@ -168,23 +173,27 @@ ShmTransport::Control* ShmTransport::control(int rank) const noexcept {
   return reinterpret_cast<Control*>(controls_[static_cast<std::size_t>(rank)].base);
 }
 
-ShmTransport::Mapping ShmTransport::map_peer_memfd(int fd, std::size_t expected, int peer, const char* what, const char* phase) {
+ShmTransport::Mapping ShmTransport::map_peer_memfd(int fd, std::size_t expected, int peer, const char* what,
+                                                   const char* phase) {
   if (fd < 0) {
-    throw PeerError(ErrorCode::protocol, peer, phase, "rank " + std::to_string(peer) + " sent no descriptor for its " + what);
+    throw PeerError(ErrorCode::protocol, peer, phase,
+                    "rank " + std::to_string(peer) + " sent no descriptor for its " + what);
   }
   struct stat st {};
   if (::fstat(fd, &st) != 0 || st.st_uid != ::getuid() || (st.st_mode & 077) != 0 ||
       static_cast<std::size_t>(st.st_size) != expected || expected == 0) {
     ::close(fd);
     throw PeerError(ErrorCode::protocol, peer, phase,
-                    "the " + std::string(what) + " of rank " + std::to_string(peer) + " has the wrong owner, mode or size (expected " +
-                        std::to_string(expected) + " bytes)");
+                    "the " + std::string(what) + " of rank " + std::to_string(peer) +
+                        " has the wrong owner, mode or size (expected " + std::to_string(expected) + " bytes)");
   }
   void* p = ::mmap(nullptr, expected, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   const int err = errno;
   ::close(fd);
   if (p == MAP_FAILED) {
-    throw PeerError(ErrorCode::capacity, peer, phase, "cannot map the " + std::string(what) + " of rank " + std::to_string(peer) + ": " + std::strerror(err));
+    throw PeerError(
+        ErrorCode::capacity, peer, phase,
+        "cannot map the " + std::string(what) + " of rank " + std::to_string(peer) + ": " + std::strerror(err));
   }
   return Mapping{static_cast<std::byte*>(p), expected};
 }
@@ -251,8 +260,9 @@ void ShmTransport::wait_for(int peer, std::uint32_t target, Clock::time_point de
     if (reached(seen)) return;
     if (mesh_.peer_gone(peer)) {
       fail(PeerError(ErrorCode::peer_lost, peer, phase,
-                     "rank " + std::to_string(rank()) + ": rank " + std::to_string(peer) + " (pid " + std::to_string(mesh_.peer_pid(peer)) +
-                         ") exited or was killed; lost in phase '" + phase + "'"));
+                     "rank " + std::to_string(rank()) + ": rank " + std::to_string(peer) + " (pid " +
+                         std::to_string(mesh_.peer_pid(peer)) + ") exited or was killed; lost in phase '" + phase +
+                         "'"));
     }
     const auto now = Clock::now();
     if (now >= deadline) {
@@ -291,8 +301,8 @@ void ShmTransport::allgather(const void* in, std::size_t bytes, void* out, std::
   enter(phase_view);
   const std::string phase(phase_view);
   if (bytes > kSlotBytes) {
-    throw Error(ErrorCode::capacity, "a record of " + std::to_string(bytes) + " bytes exceeds the " + std::to_string(kSlotBytes) +
-                                         "-byte slot of the shared-memory transport");
+    throw Error(ErrorCode::capacity, "a record of " + std::to_string(bytes) + " bytes exceeds the " +
+                                         std::to_string(kSlotBytes) + "-byte slot of the shared-memory transport");
   }
   const std::int64_t entered =
       std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
@@ -313,8 +323,8 @@ void ShmTransport::allgather(const void* in, std::size_t bytes, void* out, std::
     const std::uint64_t got = pc->record_bytes[step & 1u];
     if (got != bytes) {
       fail(PeerError(ErrorCode::config_mismatch, peer, phase,
-                     "rank " + std::to_string(peer) + " sent a " + std::to_string(got) + "-byte record in phase '" + phase + "' where rank " +
-                         std::to_string(rank()) + " expected " + std::to_string(bytes) +
+                     "rank " + std::to_string(peer) + " sent a " + std::to_string(got) + "-byte record in phase '" +
+                         phase + "' where rank " + std::to_string(rank()) + " expected " + std::to_string(bytes) +
                          " bytes: the ranks disagree about the group configuration"));
     }
     std::memcpy(dst + static_cast<std::size_t>(peer) * bytes, pc->slot(step), bytes);
@@ -446,7 +456,8 @@ void ShmTransport::resize_window(std::size_t bytes, std::string_view phase_view)
       // The group stays usable: every rank saw the same notes and raises the same error.
       throw PeerError(ErrorCode::capacity, failed_peer, phase,
                       failed_peer == rank() ? own_failure
-                                            : "rank " + std::to_string(failed_peer) + " could not allocate its window in phase '" + phase + "'");
+                                            : "rank " + std::to_string(failed_peer) +
+                                                  " could not allocate its window in phase '" + phase + "'");
     }
   } catch (const PeerError& e) {
     if (failed_ || e.code() == ErrorCode::capacity) throw;  // failed_: settle_mapping already failed the group
