@@ -19,6 +19,8 @@ struct RuntimeOptions {
   // (spinning would take the core from the rank it waits for). Automatic waits also go on spinning
   // (yielding) while a rank still awaited is inside a dispatch or combine call, and sleep only while
   // none is. An explicit value (>= 0) spins that long and then sleeps.
+  // Either way a waiter sleeps at once when the rank it awaits last ran on the waiter's own CPU, which
+  // that rank cannot get while the waiter spins.
   std::chrono::microseconds spin{-1};
   // Virtual hosts: 0 puts every rank on one host. n > 0 puts global ranks [i*n, (i+1)*n) on host i:
   // ranks then address only their own host's windows and reach the others through messages, as ranks

@@ -28,6 +28,8 @@ struct ShmOptions {
   // on spinning (yielding) while the awaited rank is inside a dispatch or combine call, on its way to
   // the step, and sleep only while it is not (between calls, in the caller's own work). An explicit
   // value (>= 0) spins that long and then sleeps.
+  // Either way a waiter sleeps at once when the rank it awaits last ran on the waiter's own CPU, which
+  // that rank cannot get while the waiter spins.
   std::chrono::microseconds spin{-1};
   // This rank's execution options (its worker threads, GroupOptions): each process may choose its own.
   GroupOptions group;
