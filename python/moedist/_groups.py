@@ -47,6 +47,7 @@ from ._errors import ValidationError
 from ._integers import Integer, integer
 
 DEFAULT_TIMEOUT_MS = _moedist.default_timeout_ms  # moedist::WaitOptions' default (30 s), as in C++
+MAX_WORKER_THREADS = _moedist.max_worker_threads  # moedist::GroupOptions::kMaxWorkerThreads (256)
 
 # The kinds of world, named by the C++ transport registry (moedist._moedist.transports()).
 KIND_SHM = _moedist.transport_name(_moedist.TransportId.shm)
@@ -70,6 +71,7 @@ class World:
     rank: int            # this process's rank in the world
     size: int
     timeout_ms: int = DEFAULT_TIMEOUT_MS
+    worker_threads: int = 1  # GroupOptions::worker_threads of the C++ groups this process joins in the world
     comm: Any = field(default=None, compare=False, repr=False)  # mpi4py communicator (kind KIND_MPI)
 
 
@@ -214,47 +216,60 @@ def _pair(world: World, tp_world_size: Integer) -> Tuple[Group, Group]:
 
 
 def new_group(job: str, rank: Integer, world_size: Integer, tp_world_size: Integer = 0,
-              timeout_ms: Integer = DEFAULT_TIMEOUT_MS) -> Tuple[Group, Group]:
+              timeout_ms: Integer = DEFAULT_TIMEOUT_MS, worker_threads: Integer = 1) -> Tuple[Group, Group]:
     """The (EP group, TP group) of process ``rank`` of ``world_size`` processes that share the job name
     ``job`` on one host (shared memory). Every process calls it with the same job, world size and
-    tp_world_size; ranks are ordered as torch_npu's example orders them (rank = ep_rank_id * T + tp_rank_id)."""
+    tp_world_size; ranks are ordered as torch_npu's example orders them (rank = ep_rank_id * T + tp_rank_id).
+
+    ``worker_threads`` (1 to 256) is the number of threads this process's calls on the groups use for
+    their row work (C++ ``GroupOptions::worker_threads``): the calling thread plus worker_threads - 1
+    threads each C++ group starts. Results are bit-identical for every value; processes may differ in it."""
     if not isinstance(job, str) or not job:
         _refuse("job", repr(job), "must be a non-empty string")
     world_size = integer("world_size", world_size, 1)
     rank = integer("rank", rank, 0)
     if rank >= world_size:
         _refuse("rank", rank, f"must be < world_size = {world_size}")
-    return _pair(World(KIND_SHM, job, rank, world_size, _timeout(timeout_ms)), tp_world_size)
+    world = World(KIND_SHM, job, rank, world_size, _timeout(timeout_ms), _worker_threads(worker_threads))
+    return _pair(world, tp_world_size)
 
 
 def _timeout(timeout_ms: Integer) -> int:
     return integer("timeout_ms", timeout_ms, 1, 2**62)
 
 
-def new_group_from_env(tp_world_size: Optional[Integer] = None,
-                       timeout_ms: Integer = DEFAULT_TIMEOUT_MS) -> Tuple[Group, Group]:
+def _worker_threads(worker_threads: Integer) -> int:
+    return integer("worker_threads", worker_threads, 1, MAX_WORKER_THREADS)
+
+
+def new_group_from_env(tp_world_size: Optional[Integer] = None, timeout_ms: Integer = DEFAULT_TIMEOUT_MS,
+                       worker_threads: Integer = 1) -> Tuple[Group, Group]:
     """(EP group, TP group) of a process started by ``moedist launch -n N [--tp 2] -- python3 ...``
-    (MOEDIST_RANK, MOEDIST_WORLD_SIZE, MOEDIST_JOB, MOEDIST_TP_WORLD_SIZE)."""
+    (MOEDIST_RANK, MOEDIST_WORLD_SIZE, MOEDIST_JOB, MOEDIST_TP_WORLD_SIZE). ``worker_threads``: as
+    ``new_group``'s."""
+    timeout_ms, worker_threads = _timeout(timeout_ms), _worker_threads(worker_threads)
     env = _moedist.launch_environment()
     t = env["tp_world_size"] if tp_world_size is None else tp_world_size
-    return _pair(World(KIND_SHM, env["job"], env["rank"], env["world_size"], _timeout(timeout_ms)), t)
+    return _pair(World(KIND_SHM, env["job"], env["rank"], env["world_size"], timeout_ms, worker_threads), t)
 
 
-def new_group_from_mpi(comm: Any = None, tp_world_size: Integer = 0,
-                       timeout_ms: Integer = DEFAULT_TIMEOUT_MS) -> Tuple[Group, Group]:
+def new_group_from_mpi(comm: Any = None, tp_world_size: Integer = 0, timeout_ms: Integer = DEFAULT_TIMEOUT_MS,
+                       worker_threads: Integer = 1) -> Tuple[Group, Group]:
     """(EP group, TP group) over an mpi4py communicator (default MPI.COMM_WORLD; any sub-communicator,
     e.g. of ``comm.Split``, is a world of its own): comm rank g is ep_rank_id = g // T, tp_rank_id = g % T.
     Collective over ``comm``; ranks on one node share memory, ranks on other nodes are reached through
-    MPI (docs/mpi.md)."""
+    MPI (docs/mpi.md). ``worker_threads``: as ``new_group``'s (C++ ``MpiOptions::group``)."""
     if not _transport(KIND_MPI)["available"]:
         _refuse("comm", "MPI", "needs a build with MPI (Debian: libopenmpi-dev)", "unsupported")
+    # Checked before the communicator is touched: a bad value raises here, not inside a collective.
+    timeout_ms, worker_threads = _timeout(timeout_ms), _worker_threads(worker_threads)
     from mpi4py import MPI
     comm = MPI.COMM_WORLD if comm is None else comm
     if not isinstance(comm, MPI.Comm) or comm == MPI.COMM_NULL:
         _refuse("comm", repr(comm), "must be an mpi4py communicator this process belongs to")
-    timeout_ms = _timeout(timeout_ms)
     job = comm.bcast(_moedist.new_job_name() if comm.Get_rank() == 0 else None, root=0)
-    return _pair(World(KIND_MPI, job, comm.Get_rank(), comm.Get_size(), timeout_ms, comm), tp_world_size)
+    world = World(KIND_MPI, job, comm.Get_rank(), comm.Get_size(), timeout_ms, worker_threads, comm)
+    return _pair(world, tp_world_size)
 
 
 def _torch_world_of(dist: Any) -> World:
@@ -438,7 +453,7 @@ def _resolve(group_ep: object, group_tp: object, config: Dict[str, int]) -> _moe
     else:
         shared = sorted((k, v) for k, v in config.items() if k not in _PER_RANK)
         job = f"{world.job[:_JOB_PREFIX]}.{_digest(world.job, members, shared)}"
-        group = _moedist.join_shm(config, job, world.timeout_ms)
+        group = _moedist.join_shm(config, job, world.timeout_ms, world.worker_threads)
     names = (group_ep, group_tp) if t == 2 else (group_ep,)
     with _lock:
         closed = _closed.intersection(names)
@@ -460,12 +475,12 @@ def _join_mpi(world: World, members: Tuple[int, ...], config: Dict[str, int]) ->
     members alone (MPI_Comm_create_group: collective over the members only, as the join is)."""
     from mpi4py import MPI
     if members == tuple(range(world.size)):
-        return _moedist.join_mpi(MPI._handleof(world.comm), config, world.timeout_ms)
+        return _moedist.join_mpi(MPI._handleof(world.comm), config, world.timeout_ms, world.worker_threads)
     everyone = world.comm.Get_group()
     chosen = everyone.Incl(list(members))
     comm = world.comm.Create_group(chosen)
     try:
-        return _moedist.join_mpi(MPI._handleof(comm), config, world.timeout_ms)
+        return _moedist.join_mpi(MPI._handleof(comm), config, world.timeout_ms, world.worker_threads)
     finally:
         comm.Free()  # join_mpi works on a duplicate of its own
         chosen.Free()

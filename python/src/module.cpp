@@ -427,6 +427,13 @@ class PyGroup {
     return d;
   }
 
+  // GroupOptions::worker_threads as the group holds it: what the package asked for, seen from C++.
+  int worker_threads() const {
+    const WithoutGil unlocked;
+    const std::lock_guard<std::mutex> serial(*mutex_);
+    return open_group("worker_threads").options().worker_threads;
+  }
+
   py::dict traffic() const {
     TrafficCounters t;
     {
@@ -885,6 +892,7 @@ PYBIND11_MODULE(_moedist, m) {
   py::register_exception_translator(&translate);
   // WaitOptions' default, so that the package's timeout_ms defaults are the C++ one.
   m.attr("default_timeout_ms") = static_cast<long long>(WaitOptions{}.timeout.count());
+  m.attr("max_worker_threads") = GroupOptions::kMaxWorkerThreads;  // the package checks worker_threads against it
 
   // The transport registry (src/transport/registry.h): the package picks transports by these ids and
   // names rather than by literals of its own.
@@ -932,6 +940,7 @@ PYBIND11_MODULE(_moedist, m) {
            py::arg("zero_expert_num"), py::arg("copy_expert_num"), py::arg("const_expert_num"), py::arg("comm_alg"),
            py::arg("views"))
       .def_property_readonly("config", &PyGroup::config)
+      .def_property_readonly("worker_threads", &PyGroup::worker_threads)
       .def_property_readonly("call_ns", &PyGroup::call_ns)
       .def_property_readonly("fill_ns", &PyGroup::fill_ns)
       .def("traffic", &PyGroup::traffic)
@@ -940,9 +949,10 @@ PYBIND11_MODULE(_moedist, m) {
 
   m.def(
       "join_shm",
-      [](const py::dict& config, const std::string& job, long long timeout_ms) {
+      [](const py::dict& config, const std::string& job, long long timeout_ms, int worker_threads) {
         ShmOptions o;
         o.wait.timeout = std::chrono::milliseconds(timeout_ms);
+        o.group.worker_threads = worker_threads;
         const GroupConfig c = config_from(config);
         std::unique_ptr<Group> g;
         {
@@ -951,13 +961,14 @@ PYBIND11_MODULE(_moedist, m) {
         }
         return std::make_unique<PyGroup>(std::move(g));
       },
-      py::arg("config"), py::arg("job"), py::arg("timeout_ms"));
+      py::arg("config"), py::arg("job"), py::arg("timeout_ms"), py::arg("worker_threads"));
 #ifdef MOEDIST_HAVE_MPI
   m.def(
       "join_mpi",
-      [](std::uintptr_t comm_handle, const py::dict& config, long long timeout_ms) {
+      [](std::uintptr_t comm_handle, const py::dict& config, long long timeout_ms, int worker_threads) {
         MpiOptions o;
         o.wait.timeout = std::chrono::milliseconds(timeout_ms);
+        o.group.worker_threads = worker_threads;
         const GroupConfig c = config_from(config);
         std::unique_ptr<Group> g;
         {
@@ -966,7 +977,7 @@ PYBIND11_MODULE(_moedist, m) {
         }
         return std::make_unique<PyGroup>(std::move(g));
       },
-      py::arg("comm_handle"), py::arg("config"), py::arg("timeout_ms"));
+      py::arg("comm_handle"), py::arg("config"), py::arg("timeout_ms"), py::arg("worker_threads"));
 #endif
   // The fast path (dispatch_call, combine_call): plain functions of the C API, without pybind11's
   // argument conversion.

@@ -54,12 +54,13 @@ def random_half_bits(rng, shape, dtype, scale=1.0):
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def random_case(seed, ep_world_size=None, tp=None, data_seed=None, masks=False):
+def random_case(seed, ep_world_size=None, tp=None, data_seed=None, masks=False, h=None, max_bs=None):
     """A random valid configuration and every rank's inputs (dict for _moedist.oracle_run, plus config).
-    ep_world_size / tp fix W / T (the rest stays random); data_seed draws the inputs from another seed,
-    for groups of one configuration with different data; masks gives every rank that may have one an
-    x_active_mask (a random number of active tokens first, padding after, whose expert ids are garbage no
-    dispatch may read), as an inference engine pads a batch. Without them a seed gives the case it always has."""
+    ep_world_size / tp fix W / T, h / max_bs the row width and the largest BS (the rest stays random);
+    data_seed draws the inputs from another seed, for groups of one configuration with different data;
+    masks gives every rank that may have one an x_active_mask (a random number of active tokens first,
+    padding after, whose expert ids are garbage no dispatch may read), as an inference engine pads a batch.
+    Without them a seed gives the case it always has."""
     rng = np.random.default_rng(seed)
     t = int(rng.choice([0, 1, 2]))
     w = int(rng.integers(1, 5))
@@ -70,11 +71,13 @@ def random_case(seed, ep_world_size=None, tp=None, data_seed=None, masks=False):
     local = 1 if t == 2 else int(rng.integers(1, 4))
     e = (w - s) * local
     k = int(rng.integers(1, min(e, 6) + 1))
-    h = int(rng.integers(1, 96))
+    drawn_h = int(rng.integers(1, 96))  # drawn even when h is given: the later draws stay the seed's
+    h = drawn_h if h is None else h
     dtype = str(rng.choice(["bfloat16", "float16"]))
     quant = int(rng.choice([0, 2]))
     uneven = rng.random() < 0.4
-    max_bs = int(rng.integers(1, 6))
+    drawn_bs = int(rng.integers(1, 6))
+    max_bs = drawn_bs if max_bs is None else max_bs
     global_bs = max_bs * w if uneven or rng.random() < 0.5 else 0
     with_scales, with_weights = quant == 2 and rng.random() < 0.6, rng.random() < 0.7  # every rank alike
     rng = rng if data_seed is None else np.random.default_rng([seed, data_seed])
@@ -137,12 +140,13 @@ def to_mask(mask, kind, strided=False):
     return torch.from_numpy(mask.copy()) if kind == "torch" else mask.copy()
 
 
-def check_rank(g, n, case, kind, strided, job=None, groups=None, ints=None, wrap=None):
+def check_rank(g, n, case, kind, strided, job=None, groups=None, ints=None, wrap=None, outputs=None):
     """Runs rank g's dispatch and combine of `case` and compares every output with the oracle's, bit for
     bit. The groups are moedist.new_group(job, ...) unless `groups` (an (ep, tp) pair) is given. `ints`
     turns each int argument into the form to pass (e.g. np.int64), `wrap` each input tensor. A rank's
     x_active_mask goes to dispatch and combine; strided also passes combine expand_idx as (BS, K), as
-    programs that keep dispatch's reshaped copy do."""
+    programs that keep dispatch's reshaped copy do. `outputs`, a list, receives copies of the bits of
+    dispatch's seven results and combine's, for callers that compare runs with each other too."""
     ints = ints or (lambda v: v)
     wrap = wrap or (lambda t: t)
     want = _moedist.oracle_run(case)[g]
@@ -185,4 +189,6 @@ def check_rank(g, n, case, kind, strided, job=None, groups=None, ints=None, wrap
         ep_recv_counts, given(to_other(weights, kind, strided)), **names, **kw, tp_send_counts=tp_recv_counts,
         x_active_mask=given(to_mask(r.get("x_active_mask"), kind, strided)), comm_quant_mode=ints(case["comm_quant_mode"]))
     np.testing.assert_array_equal(bits_of(y), want["combine_out"], err_msg=f"rank {g} combine output")
+    if outputs is not None:
+        outputs.extend(np.array(bits_of(o)) for o in (*out, y))
     return valid

@@ -6,6 +6,9 @@
 //
 //   mpirun -np 8 -x MOEDIST_RANKS_PER_NODE=2 mpi_oracle_check --configs 12 --calls 3
 //
+// --worker-threads N gives every rank N threads for its row work (MpiOptions::group); with
+// --min-chunk-bytes 1 every row loop is split between them, however small the case.
+//
 // Exit status 0 when every output of every rank matched, 1 on a mismatch; an error aborts the job (2).
 #include <mpi.h>
 
@@ -28,12 +31,16 @@ int main(int argc, char** argv) {
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
 
   CLI::App app("moedist's randomized oracle suite over MPI");
-  int configs = 10, calls = 3, timeout_ms = 60000;
+  int configs = 10, calls = 3, timeout_ms = 60000, worker_threads = 1;
+  std::int64_t min_chunk_bytes = 0;
   std::uint64_t seed = 1;
   app.add_option("--configs", configs, "random group configurations")->capture_default_str();
   app.add_option("--calls", calls, "dispatch + combine calls per configuration, each with new random inputs")->capture_default_str();
   app.add_option("--seed", seed, "seed of the first configuration")->capture_default_str();
   app.add_option("--timeout-ms", timeout_ms, "MpiOptions::wait.timeout")->capture_default_str();
+  app.add_option("--worker-threads", worker_threads, "MpiOptions::group.worker_threads")->capture_default_str();
+  app.add_option("--min-chunk-bytes", min_chunk_bytes, "MpiOptions::group.min_chunk_bytes (0 = automatic)")
+      ->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -48,6 +55,8 @@ int main(int argc, char** argv) {
 
   MpiOptions options;
   options.wait.timeout = std::chrono::milliseconds(timeout_ms);
+  options.group.worker_threads = worker_threads;  // out of range: join_mpi's ValidationError aborts the job
+  options.group.min_chunk_bytes = min_chunk_bytes;
   testing::CaseLimits limits;
   limits.world_size = world;
   limits.allow_tp = rpn % 2 == 0;  // a TP pair must share a host
@@ -56,7 +65,7 @@ int main(int argc, char** argv) {
   limits.max_k = 8;
   limits.token_masks = true;
   limits.v2 = 0.5;
-  long checked = 0, mismatches = 0;
+  long checked = 0, mismatches = 0, options_lost = 0;
   int with_tp = 0, with_shared = 0, v2_calls = 0;
   std::int64_t between_hosts = 0, between_hosts_flat = 0;
   for (int i = 0; i < configs; ++i) {
@@ -72,6 +81,14 @@ int main(int argc, char** argv) {
       } else {
         GroupConfig config = testing::rank_config(c, rank);
         group = join_mpi_world(config, MPI_COMM_WORLD, options);
+      }
+      // A group that ran on other options than asked would pass the comparison without testing them.
+      if (group->options().worker_threads != worker_threads || group->options().min_chunk_bytes != min_chunk_bytes) {
+        ++options_lost;
+        std::fprintf(stderr,
+                     "rank %d: configuration %d joined with worker_threads %d, min_chunk_bytes %lld, not %d, %lld\n",
+                     rank, i, group->options().worker_threads, static_cast<long long>(group->options().min_chunk_bytes),
+                     worker_threads, static_cast<long long>(min_chunk_bytes));
       }
       for (int call = 0; call < calls; ++call) {
         if (call > 0) {
@@ -110,7 +127,8 @@ int main(int argc, char** argv) {
   std::int64_t byte_sums[2] = {0, 0};
   MPI_Reduce(bytes, byte_sums, 2, MPI_INT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
   long failed = 0;
-  MPI_Allreduce(&mismatches, &failed, 1, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
+  const long local_failures = mismatches + options_lost;
+  MPI_Allreduce(&local_failures, &failed, 1, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
   // The draws are the same on every rank and fixed by the seed: a run that drew no TP pair (where
   // hosts allow one), no shared-expert rank or no V2 call has not tested them, which counts as a failure.
   const bool tp_possible = limits.allow_tp && world % 2 == 0;
@@ -118,11 +136,10 @@ int main(int argc, char** argv) {
   if (!covered) failed += 1;
   if (rank == 0) {
     std::printf(
-        "mpi oracle check: %d ranks, %d per host (%d hosts), %d configurations (%d with TP, %d with shared experts) x "
-        "%d calls "
-        "(%d V2): %ld rank outputs compared, %ld mismatches: %s\n",
-        world, rpn, (world + rpn - 1) / rpn, configs, with_tp, with_shared, calls, v2_calls, sums[0], sums[1],
-        failed == 0 ? "PASS" : "FAIL");
+        "mpi oracle check: %d ranks, %d per host (%d hosts), %d worker threads each, %d configurations (%d with TP, "
+        "%d with shared experts) x %d calls (%d V2): %ld rank outputs compared, %ld mismatches: %s\n",
+        world, rpn, (world + rpn - 1) / rpn, worker_threads, configs, with_tp, with_shared, calls, v2_calls, sums[0],
+        sums[1], failed == 0 ? "PASS" : "FAIL");
     std::printf("bytes between hosts: %lld node-aware, %lld with a flat all-to-all\n", static_cast<long long>(byte_sums[0]),
                 static_cast<long long>(byte_sums[1]));
   }
