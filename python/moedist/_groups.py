@@ -121,6 +121,16 @@ def _refuse(parameter: str, value: object, rule: str, code: str = "invalid_argum
 
 def _register(domain: Domain) -> str:
     with _lock:
+        # A name stands for its members and is shared by every Group of them: while it is open, its
+        # per-process settings stay those it was opened with, and asking for others is refused rather
+        # than ignored (the C++ groups already joined under the name keep theirs).
+        open_domain = None if domain.name in _closed else _domains.get(domain.name)
+        if open_domain is not None:
+            for setting in ("timeout_ms", "worker_threads"):
+                held, asked = getattr(open_domain.world, setting), getattr(domain.world, setting)
+                if held != asked:
+                    _refuse(setting, asked, f"group {domain.name} of these members is open with {setting} = "
+                            f"{held}; close it first to open it with another value", "config_mismatch")
         _domains[domain.name] = domain
         _closed.discard(domain.name)
     return domain.name

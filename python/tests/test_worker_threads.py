@@ -109,3 +109,23 @@ def test_new_group_from_mpi_with_worker_threads():
     assert out.returncode == 0, out.stdout + out.stderr
     for g in range(4):
         assert f"rank {g}: 2 cases with 3 worker threads match the oracle" in out.stdout, out.stdout
+
+
+def test_an_open_group_refuses_other_settings_instead_of_ignoring_them(job):
+    # A name stands for its members: a second new_group of the same members while the first is open would
+    # otherwise get the C++ group joined with the first one's settings.
+    ep, tp = moedist.new_group(job, 0, 1, worker_threads=2)
+    with ep, tp:
+        again, again_tp = moedist.new_group(job, 0, 1, worker_threads=2)  # the same settings: the same group
+        assert again.name == ep.name
+        for setting, value in (("worker_threads", 3), ("timeout_ms", 1234)):
+            with pytest.raises(moedist.ValidationError) as info:
+                moedist.new_group(job, 0, 1, **{setting: value})
+            e = info.value
+            assert (e.parameter, e.value, e.code) == (setting, "1234" if setting == "timeout_ms" else "3",
+                                                      "config_mismatch"), str(e)
+            assert "close it first" in e.rule, str(e)
+    # Closed: the name opens again with the new value.
+    ep3, tp3 = moedist.new_group(job, 0, 1, worker_threads=3)
+    with ep3, tp3:
+        assert ep3.name == ep.name
