@@ -19,6 +19,7 @@ InProcHub::InProcHub(int size, std::chrono::milliseconds timeout, std::chrono::m
       arrived_at_(static_cast<std::size_t>(size)),
       busy_(static_cast<std::size_t>(size)),
       cpus_(static_cast<std::size_t>(size)),
+      movers_(static_cast<std::size_t>(size)),
       claimed_(static_cast<std::size_t>(size), false),
       windows_(static_cast<std::size_t>(size)) {
   for (std::atomic<int>& cpu : cpus_) cpu.store(-1, std::memory_order_relaxed);
@@ -70,14 +71,14 @@ int InProcHub::note_cpu(int rank) noexcept {
   return cpu;
 }
 
-bool InProcHub::missing_rank_on(int cpu, std::uint64_t gen) const noexcept {
-  if (cpu < 0) return false;
+int InProcHub::missing_rank_on(int cpu, std::uint64_t gen) const noexcept {
+  if (cpu < 0) return -1;
   for (int r = 0; r < size_; ++r) {
     const auto i = static_cast<std::size_t>(r);
     if (arrived_at_[i].load(std::memory_order_relaxed) != gen + 1 && cpus_[i].load(std::memory_order_relaxed) == cpu)
-      return true;
+      return r;
   }
-  return false;
+  return -1;
 }
 
 void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out, std::string_view phase,
@@ -108,8 +109,26 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
         return generation_.load(std::memory_order_acquire) != gen || failed_flag_.load(std::memory_order_acquire);
       };
       // A missing rank that last ran on this CPU cannot run while this rank spins or yields here: then
-      // it sleeps at once (see current_cpu).
-      const auto blocking_a_rank = [&] { return missing_rank_on(note_cpu(rank), gen); };
+      // it moves to a free CPU or, with none, sleeps at once (see current_cpu).
+      const auto blocking_a_rank = [&] {
+        const int cpu = note_cpu(rank);
+        const int blocked = missing_rank_on(cpu, gen);
+        if (blocked < 0) return false;
+        // Onto a CPU no other rank uses, if the affinity allows one (CpuMover); else give this one up. Of
+        // two ranks on one CPU only the higher moves, so that they do not both move to the same free one.
+        CpuMover& mover = movers_[static_cast<std::size_t>(rank)];
+        if (rank > blocked && mover.due()) {
+          std::vector<int> taken;
+          for (int r = 0; r < size_; ++r) {
+            if (r != rank) taken.push_back(cpus_[static_cast<std::size_t>(r)].load(std::memory_order_relaxed));
+          }
+          if (mover.move_off(cpu, taken)) {
+            note_cpu(rank);
+            return false;
+          }
+        }
+        return true;
+      };
       const auto spin_end = std::chrono::steady_clock::now() + wait_.spin;
       while (!arrived() && !blocking_a_rank() && std::chrono::steady_clock::now() < spin_end) cpu_relax();
       const auto yield_end = std::chrono::steady_clock::now() + wait_.yield;

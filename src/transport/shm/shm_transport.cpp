@@ -232,12 +232,25 @@ void ShmTransport::wait_for(int peer, std::uint32_t target, Clock::time_point de
   std::atomic<std::uint32_t>* word = &control(peer)->steps;
   const auto reached = [&](std::uint32_t seen) { return static_cast<std::int32_t>(seen - target) >= 0; };
   // Whether the peer last ran on this CPU: then it cannot run while this rank spins or yields (see
-  // current_cpu), and this rank sleeps at once. The CPU is read again in every loop, since either rank
-  // may have moved.
+  // current_cpu), and this rank moves to a free CPU or, with none, sleeps at once. The CPU is read again in every loop,
+  // since either rank may have moved.
   const std::atomic<std::int32_t>& peer_cpu = control(peer)->cpu;
   const auto on_peer_cpu = [&] {
     const int cpu = note_cpu();
-    return cpu >= 0 && peer_cpu.load(std::memory_order_relaxed) == cpu;
+    if (cpu < 0 || peer_cpu.load(std::memory_order_relaxed) != cpu) return false;
+    // Onto a CPU no rank of this host uses, if the affinity allows one (CpuMover); else give this one up.
+    // Of two ranks on one CPU only the higher moves, so that they do not both move to the same free one.
+    if (rank() > peer && mover_.due()) {
+      taken_.clear();
+      for (int p = 0; p < size(); ++p) {
+        if (p != rank()) taken_.push_back(control(p)->cpu.load(std::memory_order_relaxed));
+      }
+      if (mover_.move_off(cpu, taken_)) {
+        note_cpu();
+        return false;
+      }
+    }
+    return true;
   };
   bool sleep_now = false;
   const auto spin_end = Clock::now() + wait_.spin;
