@@ -128,24 +128,36 @@ void read_spec(const std::string& dir, Point* p, RunSettings* s) {
   if (!f) throw std::runtime_error("cannot read " + dir + "/spec");
   std::string key;
   while (f >> key) {
-    if (key == "W") f >> p->W;
-    else if (key == "bs") f >> p->bs;
-    else if (key == "h") f >> p->h;
-    else if (key == "k") f >> p->k;
-    else if (key == "E") f >> p->E;
+    if (key == "W")
+      f >> p->W;
+    else if (key == "bs")
+      f >> p->bs;
+    else if (key == "h")
+      f >> p->h;
+    else if (key == "k")
+      f >> p->k;
+    else if (key == "E")
+      f >> p->E;
     else if (key == "S")
       f >> p->S;
     else if (key == "T")
       f >> p->T;
     else if (key == "smooth")
       f >> p->smooth;
-    else if (key == "quant_mode") f >> p->quant_mode;
-    else if (key == "seed") f >> p->seed;
-    else if (key == "warmup") f >> s->loop.warmup;
-    else if (key == "max_iters") f >> s->loop.max_iters;
-    else if (key == "min_iters") f >> s->loop.min_iters;
-    else if (key == "max_seconds") f >> s->loop.max_seconds;
-    else if (key == "timeout_ms") f >> s->timeout_ms;
+    else if (key == "quant_mode")
+      f >> p->quant_mode;
+    else if (key == "seed")
+      f >> p->seed;
+    else if (key == "warmup")
+      f >> s->loop.warmup;
+    else if (key == "max_iters")
+      f >> s->loop.max_iters;
+    else if (key == "min_iters")
+      f >> s->loop.min_iters;
+    else if (key == "max_seconds")
+      f >> s->loop.max_seconds;
+    else if (key == "timeout_ms")
+      f >> s->timeout_ms;
     else if (key == "threads_per_rank")
       f >> s->threads_per_rank;
     else if (key == "dtype") {
@@ -231,13 +243,31 @@ RunOutcome run_inproc(const Point& p, const RunSettings& settings) {
   });
 }
 
+std::vector<std::vector<std::size_t>> memcpy_floor_pieces(const std::vector<std::int64_t>& per_rank, int threads) {
+  const int ranks = static_cast<int>(per_rank.size());
+  threads = std::max(threads, 1);
+  const int parts = std::max(1, threads / std::max(ranks, 1));  // pieces per rank
+  std::vector<std::vector<std::size_t>> pieces(static_cast<std::size_t>(threads));
+  for (int i = 0; i < ranks * parts; ++i) {
+    const std::int64_t b = per_rank[static_cast<std::size_t>(i / parts)];
+    const int part = i % parts;
+    pieces[static_cast<std::size_t>(i % threads)].push_back(
+        static_cast<std::size_t>(b * (part + 1) / parts - b * part / parts));
+  }
+  return pieces;
+}
+
 RunOutcome run_memcpy_floor(const Point& p, const RunSettings& settings) {
   const PointBytes bytes = count_bytes(p);
   // One thread per rank while there are cores for them. Past that, threads that each time only their own copy
   // would take turns on the cores and each report one rank's time, although the last copy ends several rank
   // times after the first starts (moedist's and MPI's ranks wait for each other inside the call, so their
-  // slowest rank sees that). So thread t copies the bytes of ranks t, t + T, ... back to back and times them all.
-  const int threads = std::min(p.ranks(), usable_cpus());
+  // slowest rank sees that). So thread t copies pieces t, t + T, ... back to back and times them all. With
+  // --threads-per-rank N, a rank's bytes are cut into N pieces while there are cores for them, as its
+  // worker threads split its row work: the floor of a rank that uses several cores.
+  const int threads = std::min(p.ranks() * std::max(settings.threads_per_rank, 1), usable_cpus());
+  const std::vector<std::vector<std::size_t>> dispatch_pieces = memcpy_floor_pieces(bytes.dispatch_per_rank, threads);
+  const std::vector<std::vector<std::size_t>> combine_pieces = memcpy_floor_pieces(bytes.combine_per_rank, threads);
   return run_threads(threads, settings, [&](int thread, std::unique_ptr<Transport> transport) {
     TransportSync sync(*transport);
     // Buffers written once here, so that the timed copies do not fault pages in (moedist's windows are warm too).
@@ -245,12 +275,10 @@ RunOutcome run_memcpy_floor(const Point& p, const RunSettings& settings) {
       std::vector<unsigned char> src, dst;
     };
     std::vector<Copy> dispatch, combine;
-    for (int rank = thread; rank < p.ranks(); rank += threads) {
-      const auto d = static_cast<std::size_t>(bytes.dispatch_per_rank[static_cast<std::size_t>(rank)]);
-      const auto c = static_cast<std::size_t>(bytes.combine_per_rank[static_cast<std::size_t>(rank)]);
-      dispatch.push_back({std::vector<unsigned char>(d, 1), std::vector<unsigned char>(d, 2)});
-      combine.push_back({std::vector<unsigned char>(c, 3), std::vector<unsigned char>(c, 4)});
-    }
+    for (std::size_t n : dispatch_pieces[static_cast<std::size_t>(thread)])
+      dispatch.push_back({std::vector<unsigned char>(n, 1), std::vector<unsigned char>(n, 2)});
+    for (std::size_t n : combine_pieces[static_cast<std::size_t>(thread)])
+      combine.push_back({std::vector<unsigned char>(n, 3), std::vector<unsigned char>(n, 4)});
     const auto copy_all = [](std::vector<Copy>& copies) {
       for (Copy& c : copies) {
         std::memcpy(c.dst.data(), c.src.data(), c.src.size());
@@ -364,7 +392,8 @@ std::string find_mpi_tools(const std::string& explicit_baseline, const std::stri
   tools->mpirun = find_in_path("mpirun");
   if (tools->mpirun.empty()) return "mpirun is not in PATH (Debian: openmpi-bin)";
   if (!explicit_baseline.empty()) {
-    if (::access(explicit_baseline.c_str(), X_OK) != 0) return "--mpi-baseline " + explicit_baseline + " is not an executable";
+    if (::access(explicit_baseline.c_str(), X_OK) != 0)
+      return "--mpi-baseline " + explicit_baseline + " is not an executable";
     tools->baseline = explicit_baseline;
     return "";
   }
@@ -390,11 +419,12 @@ std::string find_mpi_tools(const std::string& explicit_baseline, const std::stri
 std::string describe_mpi(const MpiTools& tools) {
   std::string version;
   std::string ignored;
-  run_program({tools.mpirun, "--version"}, {},
-              [&](const std::string& line) {
-                if (version.empty() && !line.empty()) version = line;
-              },
-              &ignored);
+  run_program(
+      {tools.mpirun, "--version"}, {},
+      [&](const std::string& line) {
+        if (version.empty() && !line.empty()) version = line;
+      },
+      &ignored);
   return (version.empty() ? tools.mpirun : version + " (" + tools.mpirun + ")") + "; baseline " + tools.baseline;
 }
 

@@ -29,6 +29,10 @@ struct RunSettings {
   int threads_per_rank = 1;         // moedist's ranks: GroupOptions::worker_threads (--threads-per-rank)
 };
 
+// What each of `threads` memcpy-floor threads copies, back to back: piece i goes to thread i mod threads,
+// where a rank's bytes are one piece, or threads / ranks pieces when there are more threads than ranks.
+std::vector<std::vector<std::size_t>> memcpy_floor_pieces(const std::vector<std::int64_t>& per_rank, int threads);
+
 // The GroupOptions of every moedist rank of a run.
 GroupOptions group_options(const RunSettings& settings);
 

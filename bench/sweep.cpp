@@ -62,7 +62,8 @@ class Progress {
     constexpr int kWidth = 30;
     const int filled = total_ > 0 ? done_ * kWidth / total_ : kWidth;
     os_ << "\r\033[K[" << std::string(static_cast<std::size_t>(filled), '#')
-        << std::string(static_cast<std::size_t>(kWidth - filled), '.') << "] " << done_ << "/" << total_ << "  " << what_;
+        << std::string(static_cast<std::size_t>(kWidth - filled), '.') << "] " << done_ << "/" << total_ << "  "
+        << what_;
     os_.flush();
   }
 
@@ -119,9 +120,10 @@ std::string memory_problem(const std::string& transport, const Point& p, const P
   const std::int64_t need = memory_needed(transport, p, bytes);
   const std::int64_t available = memory_available();
   if (available < 0 || static_cast<double>(need) <= fraction * static_cast<double>(available)) return "";
-  std::string how = runs_moedist(transport) ? " (moedist::capacity() of " + std::to_string(p.W) + " ranks, plus inputs)" : "";
-  return "needs about " + gb(need) + how + ", more than " + std::to_string(static_cast<int>(fraction * 100)) + "% of the " +
-         gb(available) + " available";
+  std::string how =
+      runs_moedist(transport) ? " (moedist::capacity() of " + std::to_string(p.W) + " ranks, plus inputs)" : "";
+  return "needs about " + gb(need) + how + ", more than " + std::to_string(static_cast<int>(fraction * 100)) +
+         "% of the " + gb(available) + " available";
 }
 
 }  // namespace
@@ -331,7 +333,8 @@ std::int64_t memory_needed(const std::string& transport, const Point& p, const P
   const SweepTarget& target = target_of(transport);
   if (target.baseline == Baseline::memcpy_floor) {
     for (int r = 0; r < p.ranks(); ++r)
-      total += 2 * (bytes.dispatch_per_rank[static_cast<std::size_t>(r)] + bytes.combine_per_rank[static_cast<std::size_t>(r)]);
+      total += 2 * (bytes.dispatch_per_rank[static_cast<std::size_t>(r)] +
+                    bytes.combine_per_rank[static_cast<std::size_t>(r)]);
     return total;
   }
   for (int r = 0; r < p.ranks(); ++r) {
@@ -422,7 +425,8 @@ RunOutcome run_local(const std::string& transport, const Point& p, const PointBy
       outcome = run_inproc(p, o.run);
     else if (target.moedist == TransportId::shm)
       outcome = run_shm(p, o.run, o.rank_program);
-    else outcome = run_memcpy_floor(p, o.run);
+    else
+      outcome = run_memcpy_floor(p, o.run);
   }
   progress.end();
   return outcome;
@@ -485,10 +489,12 @@ SweepResult run_sweep(const SweepOptions& o, std::ostream& out, std::ostream& pr
             if (target_of(t).moedist.has_value() && !target_of(t).under_mpirun)
               r.predicted_bytes = group_bytes_per_rank(p);
             r.between_hosts = outcome.between_hosts;
-            if (target_of(t).moedist.has_value()) r.threads_per_rank = o.run.threads_per_rank;
+            if (target_of(t).moedist.has_value() || target_of(t).baseline == Baseline::memcpy_floor)
+              r.threads_per_rank = o.run.threads_per_rank;
             rows.push_back(std::move(r));
           }
-        } else if (!(is_mpi_transport(t) && !result.mpi_unavailable.empty())) {  // MPI's absence was said once, at the top
+        } else if (!(is_mpi_transport(t) &&
+                     !result.mpi_unavailable.empty())) {  // MPI's absence was said once, at the top
           skipped.push_back({t, p, outcome.error, outcome.tried});
           if (outcome.tried) ++result.failures;
         }

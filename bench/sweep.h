@@ -94,7 +94,7 @@ struct ResultRow {
   std::int64_t peak_rss_bytes = -1;   // shm: the largest rank process's peak resident set (-1: not measured)
   std::int64_t predicted_bytes = -1;  // inproc/shm: what moedist::capacity() says a rank's group allocates
   BetweenHosts between_hosts;         // moedist-mpi: bytes between hosts, node-aware and flat (hosts 0: none)
-  int threads_per_rank = 0;           // moedist's transports: worker threads per rank (0: a baseline)
+  int threads_per_rank = 0;           // moedist's transports and the memcpy floor: threads per rank (0: MPI)
 };
 
 struct SkipRow {

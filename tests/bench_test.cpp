@@ -621,17 +621,32 @@ TEST(BenchShm, AFailingRankIsNamed) {
   EXPECT_EQ(o.error, "rank 1: bad shape");
 }
 
-// --threads-per-rank reaches moedist's groups (the inproc transport's rank threads run with it) and is
-// reported in the header, the JSON and the CSV; the baselines' rows leave it out.
+// The floor's pieces: every byte once; one piece per rank up to one thread each, a rank cut into equal
+// pieces when threads outnumber ranks, ranks back to back when ranks outnumber threads.
+TEST(BenchSweep, MemcpyFloorPiecesCoverEveryRankOnce) {
+  using Pieces = std::vector<std::vector<std::size_t>>;
+  EXPECT_EQ(memcpy_floor_pieces({100}, 1), (Pieces{{100}}));
+  EXPECT_EQ(memcpy_floor_pieces({101}, 2), (Pieces{{50}, {51}}));
+  EXPECT_EQ(memcpy_floor_pieces({10, 20}, 2), (Pieces{{10}, {20}}));
+  EXPECT_EQ(memcpy_floor_pieces({10, 20, 30}, 2), (Pieces{{10, 30}, {20}}));
+  EXPECT_EQ(memcpy_floor_pieces({9, 21}, 4), (Pieces{{4}, {5}, {10}, {11}}));
+  EXPECT_EQ(memcpy_floor_pieces({9, 21}, 3), (Pieces{{9}, {21}, {}}));  // 3 / 2 ranks: one piece each
+}
+
+// --threads-per-rank reaches moedist's groups (the inproc transport's rank threads run with it) and the
+// memcpy floor (a rank's bytes in pieces, W 1 and 2), and is reported in the header, the JSON and the CSV;
+// the MPI baseline's rows leave it out.
 TEST(BenchSweep, ThreadsPerRankIsRunAndReported) {
   SweepOptions o = quick_options();
+  o.world_sizes = {1, 2};
   o.bs = {16};
   o.quant_modes = {2};
   o.run.threads_per_rank = 2;
   std::ostringstream text, progress;
   const SweepResult result = run_sweep(o, text, progress, false);
   EXPECT_EQ(result.failures, 0) << text.str();
-  for (const ResultRow& r : result.rows) EXPECT_EQ(r.threads_per_rank, r.transport == "inproc" ? 2 : 0) << r.transport;
+  EXPECT_EQ(result.rows.size(), 2u * 2u * 3u);  // W 1 and 2, two transports, three operations
+  for (const ResultRow& r : result.rows) EXPECT_EQ(r.threads_per_rank, 2) << r.transport;
 
   std::ostringstream header;
   const RunInfo info = collect_run_info("moedist bench --threads-per-rank 2", o);
@@ -644,13 +659,12 @@ TEST(BenchSweep, ThreadsPerRankIsRunAndReported) {
   std::ifstream jf(json_path);
   const nlohmann::json j = nlohmann::json::parse(jf);
   EXPECT_EQ(j["settings"]["threads_per_rank"], 2);
-  for (const nlohmann::json& r : j["results"])
-    EXPECT_EQ(r.contains("threads_per_rank"), r["transport"] == "inproc") << r.dump();
+  for (const nlohmann::json& r : j["results"]) EXPECT_EQ(r["threads_per_rank"], 2) << r.dump();
   std::ifstream cf(csv_path);
   std::string head, line;
   std::getline(cf, head);
   EXPECT_TRUE(head.ends_with(",threads_per_rank")) << head;
-  while (std::getline(cf, line)) EXPECT_TRUE(line.ends_with(line.rfind("inproc,", 0) == 0 ? ",2" : ",")) << line;
+  while (std::getline(cf, line)) EXPECT_TRUE(line.ends_with(",2")) << line;
   std::remove(json_path.c_str());
   std::remove(csv_path.c_str());
 

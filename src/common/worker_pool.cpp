@@ -38,7 +38,11 @@ constexpr int kChunkBits = 16;                         // threads <= 2^16 - 1
 
 }  // namespace
 
-WorkerPool::WorkerPool(int threads) : threads_(std::clamp(threads, 1, (1 << kChunkBits) - 1)) {
+WorkerPool::WorkerPool(int threads)
+    : threads_(std::clamp(threads, 1, (1 << kChunkBits) - 1)),
+      cpus_(static_cast<std::size_t>(threads_)),
+      movers_(static_cast<std::size_t>(threads_)) {
+  for (std::atomic<int>& cpu : cpus_) cpu.store(-1, std::memory_order_relaxed);
   workers_.reserve(static_cast<std::size_t>(threads_ - 1));
   try {
     for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
@@ -90,8 +94,18 @@ void WorkerPool::run(const Job& job) {
     { const std::lock_guard<std::mutex> lock(mutex_); }
     wake_.notify_all();
   }
+  const int my_cpu = current_cpu();
+  cpus_[0].store(my_cpu, std::memory_order_relaxed);
   run_chunk(0);
-  if (!spin_until([&] { return pending_.load() == 0; }, kCallerSpin)) {
+  // A worker that last ran on this CPU cannot run its chunk while the caller spins here: park at once.
+  const auto worker_here = [&] {
+    if (my_cpu < 0) return false;
+    for (int t = 1; t < job.chunks; ++t) {
+      if (cpus_[static_cast<std::size_t>(t)].load(std::memory_order_relaxed) == my_cpu) return true;
+    }
+    return false;
+  };
+  if (!spin_until([&] { return pending_.load() == 0 || worker_here(); }, kCallerSpin) || pending_.load() != 0) {
     std::unique_lock<std::mutex> lock(mutex_);
     caller_sleeping_.store(true);
     done_.wait(lock, [&] { return pending_.load() == 0; });
@@ -102,6 +116,26 @@ void WorkerPool::run(const Job& job) {
     error_ = nullptr;
     std::rethrow_exception(e);
   }
+}
+
+void WorkerPool::place_worker(int i) noexcept {
+  int cpu = current_cpu();
+  const auto shared = [&] {
+    for (int t = 0; t < threads_; ++t) {
+      if (t != i && cpus_[static_cast<std::size_t>(t)].load(std::memory_order_relaxed) == cpu) return true;
+    }
+    return false;
+  };
+  CpuMover& mover = movers_[static_cast<std::size_t>(i)];
+  if (cpu >= 0 && mover.due() && shared()) {
+    int taken[64];  // the other threads' CPUs (the first 64 of them: enough to find a free CPU here)
+    int n = 0;
+    for (int t = 0; t < threads_ && n < 64; ++t) {
+      if (t != i) taken[n++] = cpus_[static_cast<std::size_t>(t)].load(std::memory_order_relaxed);
+    }
+    if (mover.move_off(cpu, std::span<const int>(taken, static_cast<std::size_t>(n)))) cpu = current_cpu();
+  }
+  cpus_[static_cast<std::size_t>(i)].store(cpu, std::memory_order_relaxed);
 }
 
 void WorkerPool::worker_loop(int i) {
@@ -119,6 +153,7 @@ void WorkerPool::worker_loop(int i) {
     // A job of fewer chunks than threads leaves the last workers out; they must not read job_, which
     // the caller may already be rewriting for the next job.
     if (i >= static_cast<int>(seen & ((1u << kChunkBits) - 1))) continue;
+    place_worker(i);
     run_chunk(i);
     if (pending_.fetch_sub(1) == 1 && caller_sleeping_.load()) {
       { const std::lock_guard<std::mutex> lock(mutex_); }

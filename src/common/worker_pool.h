@@ -16,6 +16,8 @@
 #include <thread>
 #include <vector>
 
+#include "common/cpu_placement.h"
+
 namespace moedist {
 
 class WorkerPool {
@@ -57,6 +59,8 @@ class WorkerPool {
   int chunk_count(std::int64_t items, std::int64_t min_chunk) const;
   void run(const Job& job);
   void run_chunk(int i) noexcept;
+  // Records where worker i runs, moving it first when it shares a CPU with another thread of the pool.
+  void place_worker(int i) noexcept;
   void worker_loop(int i);
   void shut_down() noexcept;
 
@@ -75,6 +79,11 @@ class WorkerPool {
   std::condition_variable done_;  // the caller: pending_ reached 0
   std::mutex error_mutex_;
   std::exception_ptr error_;
+  // The CPU each thread (0: the caller) last ran a chunk on (current_cpu). A worker woken onto the
+  // caller's CPU, or another worker's, moves to a free one (movers_, one per worker, each touched by its
+  // own thread only); else the pool would run its chunks one after the other on one CPU.
+  std::vector<std::atomic<int>> cpus_;
+  std::vector<CpuMover> movers_;
 };
 
 }  // namespace moedist

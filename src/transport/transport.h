@@ -35,6 +35,8 @@
 #include <string_view>
 #include <vector>
 
+#include "common/cpu_placement.h"
+
 namespace moedist {
 
 // How a waiting rank waits before it sleeps. A rank that is running arrives within microseconds, far
@@ -55,32 +57,6 @@ struct WaitPolicy {
 // Negative (automatic): spin 200 us, and on while the awaited rank is busy, when every one of
 // `world_size` ranks can have a core of its own; else yield for up to 2 ms, and on while it is busy.
 WaitPolicy wait_policy(std::chrono::microseconds requested, int world_size) noexcept;
-
-// The CPU the calling thread runs on now, -1 when the kernel cannot tell. Waits compare it with the CPU
-// the awaited rank last ran on: a rank that waits on the very CPU its peer needs must give that CPU up
-// (sleep), for the scheduler keeps two spinning ranks that share a CPU together, each holding it for a
-// whole slice (about 0.5 ms) while the other waits, even when another CPU is idle; only a wake-up moves
-// a rank to an idle CPU.
-int current_cpu() noexcept;
-
-// Moves a waiting rank off the CPU it shares with the rank it awaits, when the scheduler will not: a
-// wake-up on a busy CPU does not always look for an idle one, so two ranks that start on one CPU can
-// stay there for a whole run, taking turns, while another CPU idles. The thread narrows its affinity
-// to the allowed CPUs that are neither `cpu` nor `taken` (the CPUs the other ranks last ran on), which
-// makes the kernel move it at once, and then restores the affinity it had (it stays where it landed).
-// A thread pinned to one CPU, or whose allowed CPUs are all taken, stays. At most one move per 5 ms, so
-// a thread that the kernel keeps putting back is left alone.
-class CpuMover {
- public:
-  // Whether a try is allowed now (the caller then gathers `taken`).
-  bool due() const noexcept { return std::chrono::steady_clock::now() >= next_try_; }
-  // Tries to move the calling thread off `cpu`; returns whether it now runs elsewhere.
-  bool move_off(int cpu, std::span<const int> taken) noexcept;
-
- private:
-  std::chrono::steady_clock::time_point next_try_{};
-  static constexpr std::chrono::milliseconds kInterval{5};
-};
 
 // A pause hint for spin loops.
 inline void cpu_relax() noexcept {
