@@ -2,7 +2,8 @@
 // Used by the transports' waits (ranks) and the worker pool (a rank's threads).
 #pragma once
 
-#include <chrono>
+#include <atomic>
+#include <cstdint>
 #include <span>
 
 namespace moedist {
@@ -13,24 +14,20 @@ namespace moedist {
 // each holding it for a whole slice (about 0.5 ms) while the other waits, even when another CPU is idle.
 int current_cpu() noexcept;
 
-// Moves a thread off the CPU it shares with a thread it works with, when the scheduler will not: a
-// wake-up on a busy CPU does not always look for an idle one, so two ranks (or a rank's caller and its
-// worker) that start on one CPU can stay there for a whole run, taking turns, while another CPU idles.
-// The thread narrows its affinity to the allowed CPUs that are neither `cpu` nor `taken` (the CPUs the
-// other threads last ran on), which
-// makes the kernel move it at once, and then restores the affinity it had (it stays where it landed).
-// A thread pinned to one CPU, or whose allowed CPUs are all taken, stays. At most one move per 5 ms, so
-// a thread that the kernel keeps putting back is left alone.
-class CpuMover {
- public:
-  // Whether a try is allowed now (the caller then gathers `taken`).
-  bool due() const noexcept { return std::chrono::steady_clock::now() >= next_try_; }
-  // Tries to move the calling thread off `cpu`; returns whether it now runs elsewhere.
-  bool move_off(int cpu, std::span<const int> taken) noexcept;
-
- private:
-  std::chrono::steady_clock::time_point next_try_{};
-  static constexpr std::chrono::milliseconds kInterval{5};
-};
+// Moves the calling thread off `cpu`, a CPU it shares with a thread it works with, when the scheduler
+// will not: a wake-up on a busy CPU does not always look for an idle one, so two ranks (or a rank's
+// caller and its worker) that start on one CPU can stay there for a whole run, taking turns, while
+// another CPU idles. The thread narrows its affinity to the allowed CPUs that are neither `cpu` nor
+// `taken` (the CPUs the other threads last ran on), which makes the kernel move it at once, and then
+// restores the affinity it had (it stays where it landed). A thread pinned to one CPU, or whose allowed
+// CPUs are all taken, stays. Returns whether it now runs elsewhere.
+//
+// The threads that may move for one another (a host's ranks, a pool's threads) share `next_move_ns`
+// (steady clock): one move among them per 5 ms, claimed by the first that tries, so that two threads
+// on one CPU never both move to the same free one, and a thread the kernel keeps putting back is left
+// alone for a while.
+bool move_off_cpu(int cpu, std::span<const int> taken, std::atomic<std::int64_t>& next_move_ns) noexcept;
+// Whether a move may be tried now (the caller then gathers `taken`).
+bool move_due(const std::atomic<std::int64_t>& next_move_ns) noexcept;
 
 }  // namespace moedist

@@ -6,18 +6,30 @@ namespace moedist {
 
 const char* error_code_name(ErrorCode code) noexcept {
   switch (code) {
-    case ErrorCode::invalid_argument: return "invalid_argument";
-    case ErrorCode::invalid_dtype: return "invalid_dtype";
-    case ErrorCode::invalid_shape: return "invalid_shape";
-    case ErrorCode::config_mismatch: return "config_mismatch";
-    case ErrorCode::capacity: return "capacity";
-    case ErrorCode::timeout: return "timeout";
-    case ErrorCode::peer_failed: return "peer_failed";
-    case ErrorCode::protocol: return "protocol";
-    case ErrorCode::case_file: return "case_file";
-    case ErrorCode::unsupported: return "unsupported";
-    case ErrorCode::internal: return "internal";
-    case ErrorCode::peer_lost: return "peer_lost";
+    case ErrorCode::invalid_argument:
+      return "invalid_argument";
+    case ErrorCode::invalid_dtype:
+      return "invalid_dtype";
+    case ErrorCode::invalid_shape:
+      return "invalid_shape";
+    case ErrorCode::config_mismatch:
+      return "config_mismatch";
+    case ErrorCode::capacity:
+      return "capacity";
+    case ErrorCode::timeout:
+      return "timeout";
+    case ErrorCode::peer_failed:
+      return "peer_failed";
+    case ErrorCode::protocol:
+      return "protocol";
+    case ErrorCode::case_file:
+      return "case_file";
+    case ErrorCode::unsupported:
+      return "unsupported";
+    case ErrorCode::internal:
+      return "internal";
+    case ErrorCode::peer_lost:
+      return "peer_lost";
   }
   return "unknown";
 }

@@ -13,10 +13,13 @@ const char* version_string() noexcept {
   static const std::string text = [] {
     char library[MPI_MAX_LIBRARY_VERSION_STRING] = {};
     int len = 0;
-    std::string name = MPI_Get_library_version(library, &len) == MPI_SUCCESS ? std::string(library, static_cast<std::size_t>(len)) : "";
+    std::string name = MPI_Get_library_version(library, &len) == MPI_SUCCESS
+                           ? std::string(library, static_cast<std::size_t>(len))
+                           : "";
     name = name.substr(0, name.find(','));
     while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
-    return std::string(MOEDIST_VERSION " (transports: inproc, shm, mpi; MPI support on: ") + name + ", " MOEDIST_MPI_SUMMARY ")";
+    return std::string(MOEDIST_VERSION " (transports: inproc, shm, mpi; MPI support on: ") + name +
+           ", " MOEDIST_MPI_SUMMARY ")";
   }();
   return text.c_str();
 #else

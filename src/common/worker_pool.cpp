@@ -39,9 +39,7 @@ constexpr int kChunkBits = 16;                         // threads <= 2^16 - 1
 }  // namespace
 
 WorkerPool::WorkerPool(int threads)
-    : threads_(std::clamp(threads, 1, (1 << kChunkBits) - 1)),
-      cpus_(static_cast<std::size_t>(threads_)),
-      movers_(static_cast<std::size_t>(threads_)) {
+    : threads_(std::clamp(threads, 1, (1 << kChunkBits) - 1)), cpus_(static_cast<std::size_t>(threads_)) {
   for (std::atomic<int>& cpu : cpus_) cpu.store(-1, std::memory_order_relaxed);
   workers_.reserve(static_cast<std::size_t>(threads_ - 1));
   try {
@@ -126,14 +124,13 @@ void WorkerPool::place_worker(int i) noexcept {
     }
     return false;
   };
-  CpuMover& mover = movers_[static_cast<std::size_t>(i)];
-  if (cpu >= 0 && mover.due() && shared()) {
+  if (cpu >= 0 && move_due(next_move_ns_) && shared()) {
     int taken[64];  // the other threads' CPUs (the first 64 of them: enough to find a free CPU here)
     int n = 0;
     for (int t = 0; t < threads_ && n < 64; ++t) {
       if (t != i) taken[n++] = cpus_[static_cast<std::size_t>(t)].load(std::memory_order_relaxed);
     }
-    if (mover.move_off(cpu, std::span<const int>(taken, static_cast<std::size_t>(n)))) cpu = current_cpu();
+    if (move_off_cpu(cpu, std::span<const int>(taken, static_cast<std::size_t>(n)), next_move_ns_)) cpu = current_cpu();
   }
   cpus_[static_cast<std::size_t>(i)].store(cpu, std::memory_order_relaxed);
 }

@@ -80,10 +80,10 @@ class WorkerPool {
   std::mutex error_mutex_;
   std::exception_ptr error_;
   // The CPU each thread (0: the caller) last ran a chunk on (current_cpu). A worker woken onto the
-  // caller's CPU, or another worker's, moves to a free one (movers_, one per worker, each touched by its
-  // own thread only); else the pool would run its chunks one after the other on one CPU.
+  // caller's CPU, or another worker's, moves to a free one (move_off_cpu); else the pool would run its
+  // chunks one after the other on one CPU.
   std::vector<std::atomic<int>> cpus_;
-  std::vector<CpuMover> movers_;
+  std::atomic<std::int64_t> next_move_ns_{0};
 };
 
 }  // namespace moedist

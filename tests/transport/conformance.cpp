@@ -391,9 +391,9 @@ cpu_set_t affinity_of_this_thread() {
   return set;
 }
 
-// CpuMover alone: it moves the thread to a CPU that is neither its own nor taken, restores the affinity,
-// and otherwise leaves the thread where it is.
-TEST(CpuMover, MovesToAFreeAllowedCpuAndRestoresTheAffinity) {
+// move_off_cpu alone: it moves the thread to a CPU that is neither its own nor taken, restores the
+// affinity, claims the shared interval, and otherwise leaves the thread where it is.
+TEST(MoveOffCpu, MovesToAFreeAllowedCpuAndRestoresTheAffinity) {
   std::thread([] {  // a thread of its own: its affinity changes
     const cpu_set_t allowed = affinity_of_this_thread();
     std::vector<int> cpus;
@@ -406,9 +406,9 @@ TEST(CpuMover, MovesToAFreeAllowedCpuAndRestoresTheAffinity) {
     CPU_SET(cpus[0], &first);
     ASSERT_EQ(::sched_setaffinity(0, sizeof first, &first), 0);
     ASSERT_EQ(current_cpu(), cpus[0]);
-    CpuMover pinned;
-    EXPECT_FALSE(pinned.move_off(cpus[0], {})) << "a thread pinned to one CPU moved";
-    EXPECT_TRUE(pinned.due()) << "a refusal counted as a move";
+    std::atomic<std::int64_t> next_move_ns{0};
+    EXPECT_FALSE(move_off_cpu(cpus[0], {}, next_move_ns)) << "a thread pinned to one CPU moved";
+    EXPECT_TRUE(move_due(next_move_ns)) << "a refusal claimed the interval";
     // Free again, still on cpus[0] (the kernel moves a thread only when its CPU leaves the mask, or when
     // it balances, rarely at this very moment: then pin and free it again).
     for (int attempt = 0; attempt < 5; ++attempt) {
@@ -417,25 +417,26 @@ TEST(CpuMover, MovesToAFreeAllowedCpuAndRestoresTheAffinity) {
       if (current_cpu() == cpus[0]) break;
     }
     ASSERT_EQ(current_cpu(), cpus[0]);
-    CpuMover all_taken;
-    std::vector<int> others(cpus.begin() + 1, cpus.end());
-    EXPECT_FALSE(all_taken.move_off(cpus[0], others)) << "moved onto a taken CPU";
+    const std::vector<int> others(cpus.begin() + 1, cpus.end());
+    EXPECT_FALSE(move_off_cpu(cpus[0], others, next_move_ns)) << "moved onto a taken CPU";
     EXPECT_EQ(current_cpu(), cpus[0]);
+    EXPECT_TRUE(move_due(next_move_ns));
     if (cpus.size() == 1) return;  // a single usable CPU: nowhere to go, as checked above
-    CpuMover mover;
     const std::vector<int> taken(cpus.begin() + 1, cpus.end() - 1);  // leaves the last CPU free
-    EXPECT_TRUE(mover.move_off(cpus[0], taken));
+    EXPECT_TRUE(move_off_cpu(cpus[0], taken, next_move_ns));
     EXPECT_EQ(current_cpu(), cpus.back());
     const cpu_set_t after = affinity_of_this_thread();
     EXPECT_TRUE(CPU_EQUAL(&allowed, &after)) << "the affinity was not restored";
-    EXPECT_FALSE(mover.due()) << "a second move within its interval is allowed";
-    EXPECT_FALSE(mover.move_off(cpus.back(), {}));
+    // The interval is shared: no thread that shares it moves again within it.
+    EXPECT_FALSE(move_due(next_move_ns)) << "a second move within the interval is allowed";
+    EXPECT_FALSE(move_off_cpu(cpus.back(), {}, next_move_ns));
+    EXPECT_EQ(current_cpu(), cpus.back());
   })
       .join();
 }
 
 // Two ranks that start on one CPU while another is allowed and free: the waiter moves itself off the
-// shared CPU (CpuMover), for a wake-up does not always place it on the idle one and the two would take
+// shared CPU (move_off_cpu), for a wake-up does not always place it on the idle one and the two would take
 // turns on one CPU for the rest of the run. With a single usable CPU they stay there, and still finish.
 TEST_P(WaitsOnOneCpu, RanksThatStartOnOneCpuMoveApartWhenAnotherIsFree) {
   const auto failures = run_world(GetParam(), 2, milliseconds(20000), [&](Transport& t) {

@@ -19,7 +19,6 @@ InProcHub::InProcHub(int size, std::chrono::milliseconds timeout, std::chrono::m
       arrived_at_(static_cast<std::size_t>(size)),
       busy_(static_cast<std::size_t>(size)),
       cpus_(static_cast<std::size_t>(size)),
-      movers_(static_cast<std::size_t>(size)),
       claimed_(static_cast<std::size_t>(size), false),
       windows_(static_cast<std::size_t>(size)) {
   for (std::atomic<int>& cpu : cpus_) cpu.store(-1, std::memory_order_relaxed);
@@ -71,14 +70,14 @@ int InProcHub::note_cpu(int rank) noexcept {
   return cpu;
 }
 
-int InProcHub::missing_rank_on(int cpu, std::uint64_t gen) const noexcept {
-  if (cpu < 0) return -1;
+bool InProcHub::missing_rank_on(int cpu, std::uint64_t gen) const noexcept {
+  if (cpu < 0) return false;
   for (int r = 0; r < size_; ++r) {
     const auto i = static_cast<std::size_t>(r);
     if (arrived_at_[i].load(std::memory_order_relaxed) != gen + 1 && cpus_[i].load(std::memory_order_relaxed) == cpu)
-      return r;
+      return true;
   }
-  return -1;
+  return false;
 }
 
 void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out, std::string_view phase,
@@ -112,17 +111,14 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
       // it moves to a free CPU or, with none, sleeps at once (see current_cpu).
       const auto blocking_a_rank = [&] {
         const int cpu = note_cpu(rank);
-        const int blocked = missing_rank_on(cpu, gen);
-        if (blocked < 0) return false;
-        // Onto a CPU no other rank uses, if the affinity allows one (CpuMover); else give this one up. Of
-        // two ranks on one CPU only the higher moves, so that they do not both move to the same free one.
-        CpuMover& mover = movers_[static_cast<std::size_t>(rank)];
-        if (rank > blocked && mover.due()) {
+        if (!missing_rank_on(cpu, gen)) return false;
+        // Onto a CPU no other rank uses, if the affinity allows one (move_off_cpu); else give this one up.
+        if (move_due(next_move_ns_)) {
           std::vector<int> taken;
           for (int r = 0; r < size_; ++r) {
             if (r != rank) taken.push_back(cpus_[static_cast<std::size_t>(r)].load(std::memory_order_relaxed));
           }
-          if (mover.move_off(cpu, taken)) {
+          if (move_off_cpu(cpu, taken, next_move_ns_)) {
             note_cpu(rank);
             return false;
           }

@@ -45,8 +45,8 @@ class InProcHub {
  private:
   // Records the CPU `rank` runs on now (cpus_) and returns it.
   int note_cpu(int rank) noexcept;
-  // The lowest rank that has not arrived at generation `gen` and last ran on `cpu` (see current_cpu), or -1.
-  int missing_rank_on(int cpu, std::uint64_t gen) const noexcept;
+  // Whether a rank that has not arrived at generation `gen` last ran on `cpu` (see current_cpu).
+  bool missing_rank_on(int cpu, std::uint64_t gen) const noexcept;
 
   struct Window {
     std::byte* data = nullptr;
@@ -70,7 +70,7 @@ class InProcHub {
   // Per rank: the CPU it last ran on when it entered, waited or changed busy_ (-1: not known). A waiter
   // does not spin for a rank that needs the waiter's own CPU.
   std::vector<std::atomic<int>> cpus_;
-  std::vector<CpuMover> movers_;  // per rank, used by its own thread only
+  std::atomic<std::int64_t> next_move_ns_{0};     // move_off_cpu's: one move among the ranks per interval
   std::vector<std::vector<std::byte>> slots_[2];  // double-buffered by generation parity
   std::vector<std::int64_t> entered_ns_[2];       // per rank: when it entered (steady clock), by parity
   std::vector<bool> claimed_;

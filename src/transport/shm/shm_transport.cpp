@@ -84,6 +84,8 @@ struct ShmTransport::Control {
   // The CPU the rank last ran on when it published, waited or changed `busy` (-1: not known). A waiter on
   // that same CPU sleeps instead of spinning: the rank cannot run there while it spins.
   std::atomic<std::int32_t> cpu;
+  // Rank 0's only: when the next rank of the host may move off a shared CPU (move_off_cpu; steady ns).
+  std::atomic<std::int64_t> next_move_ns;
   alignas(64) std::uint64_t record_bytes[2];
   std::int64_t entered_ns[2];  // when the rank entered the step (steady clock: one per machine), by parity
 
@@ -120,6 +122,7 @@ ShmTransport::ShmTransport(const std::string& job, int rank, int world_size, con
     c->job_hash = job_hash_;
     c->slot_bytes = kSlotBytes;
     c->cpu.store(-1, std::memory_order_relaxed);
+    c->next_move_ns.store(0, std::memory_order_relaxed);
     Mapping& own_window = windows_[static_cast<std::size_t>(rank)];
     own_window.base = create_shared(kPage, "moedist-window", &window_fd);
     own_window.size = kPage;
@@ -238,14 +241,14 @@ void ShmTransport::wait_for(int peer, std::uint32_t target, Clock::time_point de
   const auto on_peer_cpu = [&] {
     const int cpu = note_cpu();
     if (cpu < 0 || peer_cpu.load(std::memory_order_relaxed) != cpu) return false;
-    // Onto a CPU no rank of this host uses, if the affinity allows one (CpuMover); else give this one up.
-    // Of two ranks on one CPU only the higher moves, so that they do not both move to the same free one.
-    if (rank() > peer && mover_.due()) {
+    // Onto a CPU no rank of this host uses, if the affinity allows one (move_off_cpu); else give this one up.
+    std::atomic<std::int64_t>& next_move_ns = control(0)->next_move_ns;
+    if (move_due(next_move_ns)) {
       taken_.clear();
       for (int p = 0; p < size(); ++p) {
         if (p != rank()) taken_.push_back(control(p)->cpu.load(std::memory_order_relaxed));
       }
-      if (mover_.move_off(cpu, taken_)) {
+      if (move_off_cpu(cpu, taken_, next_move_ns)) {
         note_cpu();
         return false;
       }

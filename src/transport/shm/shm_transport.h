@@ -54,8 +54,7 @@ class ShmTransport final : public Transport {
   ShmOptions options_;
   WaitPolicy wait_;
   int noted_cpu_ = -1;  // the CPU last stored in this rank's Control::cpu
-  CpuMover mover_;
-  std::vector<int> taken_;  // the peers' CPUs, gathered for mover_
+  std::vector<int> taken_;  // the peers' CPUs, gathered for move_off_cpu
   std::uint64_t job_hash_ = 0;
   SocketMesh mesh_;
   std::vector<Mapping> controls_;

@@ -42,8 +42,8 @@ std::uint64_t hash_job(const std::string& job) {
   const int err = errno;
   const bool gone = err == ECONNRESET || err == EPIPE || err == ENOTCONN;
   throw PeerError(gone ? ErrorCode::peer_lost : ErrorCode::peer_failed, peer, phase,
-                  "rank " + std::to_string(peer) + (gone ? " exited or was killed" : " is unreachable") + " (" + operation + ": " +
-                      std::strerror(err) + ") in phase '" + phase + "'");
+                  "rank " + std::to_string(peer) + (gone ? " exited or was killed" : " is unreachable") + " (" +
+                      operation + ": " + std::strerror(err) + ") in phase '" + phase + "'");
 }
 
 sockaddr_un address_of(const std::string& job, int rank, socklen_t* len) {
@@ -91,12 +91,15 @@ void read_exact(int fd, void* data, std::size_t bytes, Clock::time_point deadlin
   auto* p = static_cast<char*>(data);
   while (bytes > 0) {
     if (!wait_readable(fd, deadline)) {
-      throw PeerError(ErrorCode::timeout, peer, phase, "timed out in phase '" + std::string(phase) + "' waiting for rank " + std::to_string(peer));
+      throw PeerError(ErrorCode::timeout, peer, phase,
+                      "timed out in phase '" + std::string(phase) + "' waiting for rank " + std::to_string(peer));
     }
     const ssize_t n = ::recv(fd, p, bytes, 0);
     if (n < 0 && errno == EINTR) continue;
     if (n == 0) {
-      throw PeerError(ErrorCode::peer_lost, peer, phase, "rank " + std::to_string(peer) + " exited or was killed (its connection closed) in phase '" + std::string(phase) + "'");
+      throw PeerError(ErrorCode::peer_lost, peer, phase,
+                      "rank " + std::to_string(peer) + " exited or was killed (its connection closed) in phase '" +
+                          std::string(phase) + "'");
     }
     if (n < 0) fail_io(peer, phase, "recv");
     p += n;
@@ -109,11 +112,14 @@ void read_exact(int fd, void* data, std::size_t bytes, Clock::time_point deadlin
 std::string socket_name(const std::string& job, int rank) { return "moedist." + job + "." + std::to_string(rank); }
 
 SocketMesh::SocketMesh(const std::string& job, int rank, int world_size, Clock::time_point deadline)
-    : rank_(rank), world_(world_size), fds_(static_cast<std::size_t>(world_size), -1),
+    : rank_(rank),
+      world_(world_size),
+      fds_(static_cast<std::size_t>(world_size), -1),
       pids_(static_cast<std::size_t>(world_size), 0) {
   if (job.empty()) throw Error(ErrorCode::invalid_argument, "job name must not be empty");
   if (world_size < 1 || rank < 0 || rank >= world_size) {
-    throw Error(ErrorCode::invalid_argument, "rank " + std::to_string(rank) + " is outside the world of " + std::to_string(world_size));
+    throw Error(ErrorCode::invalid_argument,
+                "rank " + std::to_string(rank) + " is outside the world of " + std::to_string(world_size));
   }
   Hello mine;
   mine.job_hash = hash_job(job);
@@ -174,14 +180,17 @@ SocketMesh::SocketMesh(const std::string& job, int rank, int world_size, Clock::
     const auto check_peer = [&](int fd, const Hello& theirs, int expected_rank) {
       ucred cred{};
       socklen_t cred_len = sizeof(cred);
-      if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cred_len) != 0) fail_errno(ErrorCode::internal, expected_rank, phase, "SO_PEERCRED");
+      if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cred_len) != 0)
+        fail_errno(ErrorCode::internal, expected_rank, phase, "SO_PEERCRED");
       if (theirs.magic != kHelloMagic || theirs.job_hash != mine.job_hash) {
-        throw PeerError(ErrorCode::protocol, expected_rank, phase, "a process that is not part of job '" + job + "' connected");
+        throw PeerError(ErrorCode::protocol, expected_rank, phase,
+                        "a process that is not part of job '" + job + "' connected");
       }
       if (cred.uid != ::getuid() || static_cast<int>(cred.pid) != theirs.pid) {
         throw PeerError(ErrorCode::protocol, expected_rank, phase,
-                        "the process claiming rank " + std::to_string(theirs.rank) + " runs as uid " + std::to_string(cred.uid) +
-                            " (pid " + std::to_string(cred.pid) + "); only processes of the same user may join");
+                        "the process claiming rank " + std::to_string(theirs.rank) + " runs as uid " +
+                            std::to_string(cred.uid) + " (pid " + std::to_string(cred.pid) +
+                            "); only processes of the same user may join");
       }
       if (theirs.world != world_size) {
         throw PeerError(ErrorCode::config_mismatch, theirs.rank, phase,
@@ -203,8 +212,8 @@ SocketMesh::SocketMesh(const std::string& job, int rank, int world_size, Clock::
         ::close(fd);
         if (Clock::now() >= deadline) {
           throw PeerError(ErrorCode::timeout, peer, phase,
-                          "rank " + std::to_string(rank) + ": timed out in phase 'connect' waiting for rank " + std::to_string(peer) +
-                              " of job '" + job + "' to start");
+                          "rank " + std::to_string(rank) + ": timed out in phase 'connect' waiting for rank " +
+                              std::to_string(peer) + " of job '" + job + "' to start");
         }
         std::this_thread::sleep_for(std::chrono::milliseconds(2));
       }
@@ -222,8 +231,8 @@ SocketMesh::SocketMesh(const std::string& job, int rank, int world_size, Clock::
           if (fds_[static_cast<std::size_t>(r)] < 0) missing = r;
         }
         throw PeerError(ErrorCode::timeout, missing, phase,
-                        "rank " + std::to_string(rank) + ": timed out in phase 'connect' waiting for rank " + std::to_string(missing) +
-                            " of job '" + job + "' to start");
+                        "rank " + std::to_string(rank) + ": timed out in phase 'connect' waiting for rank " +
+                            std::to_string(missing) + " of job '" + job + "' to start");
       }
       const int fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
       if (fd < 0) fail_errno(ErrorCode::internal, rank, phase, "accept");
@@ -231,7 +240,8 @@ SocketMesh::SocketMesh(const std::string& job, int rank, int world_size, Clock::
       try {
         read_exact(fd, &theirs, sizeof(theirs), deadline, -1, phase);
         // Answer before judging, so that a peer with a different world size sees the mismatch too.
-        if (theirs.magic == kHelloMagic && theirs.job_hash == mine.job_hash) write_all(fd, &mine, sizeof(mine), theirs.rank, phase);
+        if (theirs.magic == kHelloMagic && theirs.job_hash == mine.job_hash)
+          write_all(fd, &mine, sizeof(mine), theirs.rank, phase);
         check_peer(fd, theirs, -1);
       } catch (...) {
         ::close(fd);
@@ -285,14 +295,16 @@ void SocketMesh::send(int peer, const void* data, std::size_t bytes, int fd, con
   } while (n < 0 && errno == EINTR);
   if (n < 0) fail_io(peer, phase, "sendmsg");
   // The descriptor travels with the first byte; send whatever the kernel did not take.
-  if (static_cast<std::size_t>(n) < bytes) write_all(sock, static_cast<const char*>(data) + n, bytes - static_cast<std::size_t>(n), peer, phase);
+  if (static_cast<std::size_t>(n) < bytes)
+    write_all(sock, static_cast<const char*>(data) + n, bytes - static_cast<std::size_t>(n), peer, phase);
 }
 
 int SocketMesh::receive(int peer, void* data, std::size_t bytes, Clock::time_point deadline, const char* phase) {
   const int sock = fds_[static_cast<std::size_t>(peer)];
   if (!wait_readable(sock, deadline)) {
     throw PeerError(ErrorCode::timeout, peer, phase,
-                    "rank " + std::to_string(rank_) + ": timed out in phase '" + phase + "' waiting for rank " + std::to_string(peer));
+                    "rank " + std::to_string(rank_) + ": timed out in phase '" + phase + "' waiting for rank " +
+                        std::to_string(peer));
   }
   iovec iov{data, bytes};
   alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
@@ -306,8 +318,9 @@ int SocketMesh::receive(int peer, void* data, std::size_t bytes, Clock::time_poi
     n = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
   } while (n < 0 && errno == EINTR);
   if (n == 0) {
-    throw PeerError(ErrorCode::peer_lost, peer, phase,
-                    "rank " + std::to_string(peer) + " exited or was killed (its connection closed) in phase '" + phase + "'");
+    throw PeerError(
+        ErrorCode::peer_lost, peer, phase,
+        "rank " + std::to_string(peer) + " exited or was killed (its connection closed) in phase '" + phase + "'");
   }
   if (n < 0) fail_io(peer, phase, "recvmsg");
   int fd = -1;
@@ -318,7 +331,8 @@ int SocketMesh::receive(int peer, void* data, std::size_t bytes, Clock::time_poi
   }
   if ((msg.msg_flags & MSG_CTRUNC) != 0) {
     if (fd >= 0) ::close(fd);
-    throw PeerError(ErrorCode::protocol, peer, phase, "rank " + std::to_string(peer) + " sent more descriptors than expected");
+    throw PeerError(ErrorCode::protocol, peer, phase,
+                    "rank " + std::to_string(peer) + " sent more descriptors than expected");
   }
   if (static_cast<std::size_t>(n) < bytes) {
     try {
