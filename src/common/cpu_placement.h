@@ -23,7 +23,7 @@ int current_cpu() noexcept;
 // CPUs are all taken, stays. Returns whether it now runs elsewhere.
 //
 // The threads that may move for one another (a host's ranks, a pool's threads) share `next_move_ns`
-// (steady clock): one move among them per 5 ms, claimed by the first that tries, so that two threads
+// (steady clock): one move among them per 1 ms, claimed by the first that tries, so that two threads
 // on one CPU never both move to the same free one, and a thread the kernel keeps putting back is left
 // alone for a while.
 bool move_off_cpu(int cpu, std::span<const int> taken, std::atomic<std::int64_t>& next_move_ns) noexcept;
