@@ -9,7 +9,6 @@ namespace moedist {
 int current_cpu() noexcept { return ::sched_getcpu(); }
 
 namespace {
-constexpr std::int64_t kMoveIntervalNs = 1'000'000;
 
 std::int64_t steady_now_ns() noexcept {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
