@@ -53,7 +53,7 @@ class ShmTransport final : public Transport {
 
   ShmOptions options_;
   WaitPolicy wait_;
-  int noted_cpu_ = -1;  // the CPU last stored in this rank's Control::cpu
+  int noted_cpu_ = -1;      // the CPU last stored in this rank's Control::cpu
   std::vector<int> taken_;  // the peers' CPUs, gathered for move_off_cpu
   std::uint64_t job_hash_ = 0;
   SocketMesh mesh_;
