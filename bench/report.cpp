@@ -17,6 +17,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <tuple>
+#include <utility>
 
 #include "kernels/row_kernels.h"
 #include "moedist/version.h"
@@ -102,8 +103,8 @@ std::string node_aware_vs_flat(std::int64_t node_aware, std::int64_t flat) {
 
 nlohmann::json number_or_null(double v) { return std::isnan(v) ? nlohmann::json(nullptr) : nlohmann::json(v); }
 
-// Times a fixed loop of dependent multiplies, sized to about 10 us, `iters` times (see RunInfo::Noise).
-RunInfo::Noise measure_noise(int iters) {
+// Times a fixed loop of dependent multiplies, sized to about 10 us, `iters` times (see RunInfo::noise).
+Stats measure_noise(int iters) {
   using Clock = std::chrono::steady_clock;
   volatile float sink = 1.0f;
   const auto work = [&sink](long n) {
@@ -129,20 +130,7 @@ RunInfo::Noise measure_noise(int iters) {
     work(n);
     samples.push_back(us(t0, Clock::now()));
   }
-  RunInfo::Noise noise;
-  noise.iters = iters;
-  double sum = 0;
-  for (double v : samples) sum += v;
-  noise.mean_us = sum / static_cast<double>(iters);
-  std::sort(samples.begin(), samples.end());
-  const auto nearest_rank = [&](double q) {
-    const auto rank = static_cast<std::size_t>(std::ceil(q * static_cast<double>(iters)));
-    return samples[std::min(std::max<std::size_t>(rank, 1), samples.size()) - 1];
-  };
-  noise.p50_us = nearest_rank(0.50);
-  noise.p99_us = nearest_rank(0.99);
-  noise.max_us = samples.back();
-  return noise;
+  return summarize(std::move(samples));
 }
 
 // A string for gnuplot's single quotes, where '' stands for '.

@@ -139,10 +139,7 @@ struct RunInfo {
   // The machine's own interruptions: one thread times a fixed piece of work (about 10 us, no
   // communication) many times at the start of the run. Its p99 over p50 is what no transport can go below
   // at latencies of that size.
-  struct Noise {
-    int iters = 0;
-    double p50_us = 0, p99_us = 0, mean_us = 0, max_us = 0;
-  } noise;
+  Stats noise;
 };
 // `options` says whether and where the MPI baseline runs.
 RunInfo collect_run_info(const std::string& command, const SweepOptions& options);
