@@ -27,6 +27,9 @@ int current_cpu() noexcept;
 // on one CPU never both move to the same free one, and a thread the kernel keeps putting back is left
 // alone for a while.
 bool move_off_cpu(int cpu, std::span<const int> taken, std::atomic<std::int64_t>& next_move_ns) noexcept;
+// The same with `taken` read from `cpus`, each thread's last CPU (current_cpu), all but thread `self`'s.
+bool move_off_cpu(int cpu, std::span<const std::atomic<int>> cpus, int self,
+                  std::atomic<std::int64_t>& next_move_ns) noexcept;
 inline constexpr std::int64_t kMoveIntervalNs = 1'000'000;
 // Whether a move may be tried now (the caller then gathers `taken`).
 bool move_due(const std::atomic<std::int64_t>& next_move_ns) noexcept;

@@ -124,14 +124,7 @@ void WorkerPool::place_worker(int i) noexcept {
     }
     return false;
   };
-  if (cpu >= 0 && move_due(next_move_ns_) && shared()) {
-    int taken[64];  // the other threads' CPUs (the first 64 of them: enough to find a free CPU here)
-    int n = 0;
-    for (int t = 0; t < threads_ && n < 64; ++t) {
-      if (t != i) taken[n++] = cpus_[static_cast<std::size_t>(t)].load(std::memory_order_relaxed);
-    }
-    if (move_off_cpu(cpu, std::span<const int>(taken, static_cast<std::size_t>(n)), next_move_ns_)) cpu = current_cpu();
-  }
+  if (cpu >= 0 && shared() && move_off_cpu(cpu, cpus_, i, next_move_ns_)) cpu = current_cpu();
   cpus_[static_cast<std::size_t>(i)].store(cpu, std::memory_order_relaxed);
 }
 

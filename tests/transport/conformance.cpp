@@ -445,6 +445,47 @@ TEST(MoveOffCpu, MovesToAFreeAllowedCpuAndRestoresTheAffinity) {
       .join();
 }
 
+// The overload that reads the other threads' CPUs from a table: the caller's own entry does not count
+// as taken, every other does.
+TEST(MoveOffCpu, ReadsTakenCpusFromATableLeavingOutItsOwnEntry) {
+  std::thread([] {
+    const cpu_set_t allowed = affinity_of_this_thread();
+    std::vector<int> cpus;
+    for (int c = 0; c < CPU_SETSIZE; ++c) {
+      if (CPU_ISSET(c, &allowed)) cpus.push_back(c);
+    }
+    cpu_set_t first;
+    CPU_ZERO(&first);
+    CPU_SET(cpus[0], &first);
+    for (int attempt = 0; attempt < 5; ++attempt) {
+      ASSERT_EQ(::sched_setaffinity(0, sizeof first, &first), 0);
+      ASSERT_EQ(::sched_setaffinity(0, sizeof allowed, &allowed), 0);
+      if (current_cpu() == cpus[0]) break;
+    }
+    ASSERT_EQ(current_cpu(), cpus[0]);
+    std::atomic<std::int64_t> next_move_ns{0};
+    // n + 1 entries: [0] names the last CPU, [1, n - 1) the CPUs between, [n - 1] nothing known, [n] the
+    // first CPU (where the thread is).
+    const std::size_t n = cpus.size();
+    std::vector<std::atomic<int>> table(n + 1);
+    table[0].store(cpus.back());
+    for (std::size_t i = 1; i + 1 < n; ++i) table[i].store(cpus[i]);
+    table[n - 1].store(-1);
+    table[n].store(cpus[0]);
+    if (n == 1) {
+      EXPECT_FALSE(move_off_cpu(cpus[0], table, 0, next_move_ns));
+      return;
+    }
+    // As thread 0, its own entry (the last CPU) does not count: the last CPU is free.
+    EXPECT_TRUE(move_off_cpu(cpus[0], table, 0, next_move_ns));
+    EXPECT_EQ(current_cpu(), cpus.back());
+    // As thread n - 1, entries 0 and n count: every CPU is taken, and it stays.
+    next_move_ns.store(0);
+    EXPECT_FALSE(move_off_cpu(cpus.back(), table, static_cast<int>(n - 1), next_move_ns));
+    EXPECT_EQ(current_cpu(), cpus.back());
+  }).join();
+}
+
 // Two ranks that start on one CPU while another is allowed and free: the waiter moves itself off the
 // shared CPU (move_off_cpu), for a wake-up does not always place it on the idle one and the two would take
 // turns on one CPU for the rest of the run. With a single usable CPU they stay there, and still finish.

@@ -113,15 +113,9 @@ void InProcHub::allgather(int rank, const void* in, std::size_t bytes, void* out
         const int cpu = note_cpu(rank);
         if (!missing_rank_on(cpu, gen)) return false;
         // Onto a CPU no other rank uses, if the affinity allows one (move_off_cpu); else give this one up.
-        if (move_due(next_move_ns_)) {
-          std::vector<int> taken;
-          for (int r = 0; r < size_; ++r) {
-            if (r != rank) taken.push_back(cpus_[static_cast<std::size_t>(r)].load(std::memory_order_relaxed));
-          }
-          if (move_off_cpu(cpu, taken, next_move_ns_)) {
-            note_cpu(rank);
-            return false;
-          }
+        if (move_off_cpu(cpu, cpus_, rank, next_move_ns_)) {
+          note_cpu(rank);
+          return false;
         }
         return true;
       };
