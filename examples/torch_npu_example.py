@@ -7,6 +7,11 @@
 # against a reference and prints one line; the run fails if any rank does.
 #
 #   PYTHONPATH=build/release/python /usr/bin/python3 examples/torch_npu_example.py
+#
+# With MOEDIST_EXAMPLE_DEVICE=cuda (a build with the CUDA backend, a GPU), the page's device lines come
+# back as CUDA: each rank sets its device (rank modulo the GPUs; ranks share one) and moves its inputs
+# there, as the page's .npu() does; the operators then run on the CUDA group, and moedist.synchronize
+# raises what only the GPU saw before the output is checked.
 import os
 import torch
 import random
@@ -41,6 +46,7 @@ local_moe_expert_num = moeExpertNum // moe_rank_num
 globalBS = bs * ep_world_size
 is_shared = (sharedExpertRankNum > 0)
 is_quant = (quant_mode > 0)
+device = os.environ.get("MOEDIST_EXAMPLE_DEVICE", "cpu")  # moedist: "cuda" runs on the GPU(s)
 
 def gen_unique_topk_array(low, high, bs, k):
     array = []
@@ -101,6 +107,8 @@ def reference_combine(x, expert_ids, scales, expert_scales):
 
 def run_npu_process(rank):
     # torch_npu.npu.set_device(rank): on CPUs there is no device to pick
+    if device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     rank = rank + 16 * server_index
     dist.init_process_group(backend='gloo', rank=rank, world_size=world_size, init_method=f'tcp://{master_ip}:{port}')
     ep_group, tp_group = get_new_group(rank)
@@ -118,6 +126,10 @@ def run_npu_process(rank):
         scales = torch.randn(scales_shape, dtype=torch.float32)
     else:
         scales = None
+    if device == "cuda":  # the page's .npu(); the reference below reads the CPU copies
+        x_cpu, ids_cpu, scales_cpu, weights_cpu = x, expert_ids, scales, expert_scales
+        x, expert_ids, expert_scales = x.cuda(), expert_ids.cuda(), expert_scales.cuda()
+        scales = scales.cuda() if scales is not None else None
 
     expand_x, dynamic_scales, expand_idx, expert_token_nums, ep_recv_counts, tp_recv_counts, expand_scales = torch_npu.npu_moe_distribute_dispatch(
         x=x,
@@ -154,6 +166,9 @@ def run_npu_process(rank):
                                              moe_expert_num=moeExpertNum,
                                              global_bs=globalBS)
     # moedist: check this rank's combine output against a reference computed here from its own inputs.
+    if device == "cuda":
+        torch_npu.synchronize(ep_hcomm_info)
+        x_in, expert_ids, scales, expert_scales, x = x_cpu, ids_cpu, scales_cpu, weights_cpu, x.cpu()
     want = reference_combine(x_in, expert_ids, scales, expert_scales)
     got = x.view(torch.int16).numpy()
     result = "matches the reference bit for bit" if np.array_equal(got, want) else \

@@ -8,6 +8,10 @@
 #   fetches the two build dependencies the device image lacks (GoogleTest, nlohmann-json) as .deb files
 #   into .devdeps/, which .git/info/exclude keeps out of git.
 # Then through the device tool:  command "bash scripts/gpu_session.sh", carry [".devdeps"], timeout_s 600.
+# A second, shorter call:  command "bash scripts/gpu_session.sh --python", carry [".devdeps"], timeout_s 300:
+#   builds the Python extension with the CUDA backend for the image's python3 (which holds torch with CUDA)
+#   and runs the package's CUDA path with torch CUDA tensors: python/tests/cuda_path_check.py torch (random
+#   cases against the oracle, the typed errors) and the operator page's eager example on the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,6 +57,20 @@ prefix=$PWD/.devdeps/root
 if ls .devdeps/*.deb > /dev/null 2>&1; then
   for f in .devdeps/*.deb; do dpkg -x "$f" "$prefix"; done
 fi
+if [ "${1:-}" = "--python" ]; then
+  py=$(command -v python3)
+  step py_configure 60 cmake -S . -B build/gpu-python -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DCMAKE_CUDA_COMPILER="$nvcc_bin" -DMOEDIST_WITH_MPI=OFF -DMOEDIST_BUILD_TESTS=OFF -DMOEDIST_BUILD_TOOLS=OFF \
+    -DMOEDIST_WERROR=OFF -DPython3_EXECUTABLE="$py" -DCMAKE_PREFIX_PATH="$prefix/usr" \
+    -Dnlohmann_json_DIR="$prefix/usr/share/cmake/nlohmann_json" || { cat "$LOGS/py_configure.log"; finish; }
+  grep -q "Python package ON" "$LOGS/py_configure.log" || { log "no Python package in this build (see py_configure.log)"; status=1; finish; }
+  step py_build 120 cmake --build build/gpu-python --parallel 16 --target moedist_python || { tail -n 40 "$LOGS/py_build.log"; finish; }
+  step py_cuda_path 150 env PYTHONPATH=build/gpu-python/python PYTHONUNBUFFERED=1 "$py" python/tests/cuda_path_check.py torch
+  step py_example 100 env PYTHONPATH=build/gpu-python/python PYTHONUNBUFFERED=1 MOEDIST_EXAMPLE_DEVICE=cuda \
+    "$py" examples/torch_npu_example.py
+  finish
+fi
+
 # MOEDIST_WERROR=OFF: this image's compiler is not the one CI checks warnings with.
 step configure 60 cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
   -DCMAKE_CUDA_COMPILER="$nvcc_bin" -DMOEDIST_WITH_MPI=OFF -DMOEDIST_BUILD_PYTHON=OFF -DMOEDIST_BUILD_TOOLS=OFF \

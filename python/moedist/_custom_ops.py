@@ -1,6 +1,6 @@
 """The operators as torch custom ops (torch >= 2.1): ``torch.ops.moedist.npu_moe_distribute_dispatch`` and
 ``torch.ops.moedist.npu_moe_distribute_combine``, with torch_npu's schemas (parameter names, order,
-defaults, the seven-tensor result), a CPU kernel (the package's eager path, _ops.py) and a fake kernel
+defaults, the seven-tensor result), CPU and CUDA kernels (the package's eager path, _ops.py) and a fake kernel
 that gives the static output shapes from the arguments alone, so that ``torch.compile(...,
 dynamic=False, fullgraph=True)`` traces a module calling them without a graph break.
 
@@ -184,14 +184,16 @@ _library: Optional[torch.library.Library] = None
 
 
 def register(dispatch_kernel: Callable[..., Any], combine_kernel: Callable[..., Any]) -> Tuple[Any, Any]:
-    """Defines the two ops once per process, with the given CPU kernels; returns (dispatch, combine)."""
+    """Defines the two ops once per process, with the given kernels for CPU and CUDA tensors; returns
+    (dispatch, combine)."""
     global _library
     if _library is None:
         library = torch.library.Library(NAMESPACE, "DEF")
         library.define(DISPATCH_SCHEMA)
         library.define(COMBINE_SCHEMA)
-        library.impl("npu_moe_distribute_dispatch", dispatch_kernel, "CPU")
-        library.impl("npu_moe_distribute_combine", combine_kernel, "CPU")
+        for device in ("CPU", "CUDA"):  # the same kernels: they tell the two apart (_ops.py, _cuda.py)
+            library.impl("npu_moe_distribute_dispatch", dispatch_kernel, device)
+            library.impl("npu_moe_distribute_combine", combine_kernel, device)
         _register_fake(f"{NAMESPACE}::npu_moe_distribute_dispatch", _dispatch_fake, library)
         _register_fake(f"{NAMESPACE}::npu_moe_distribute_combine", _combine_fake, library)
         _library = library
@@ -210,8 +212,9 @@ def register_v2(dispatch_kernel: Callable[..., Any], combine_kernel: Callable[..
         library = torch.library.Library(NAMESPACE, "FRAGMENT")
         library.define(DISPATCH_V2_SCHEMA)
         library.define(COMBINE_V2_SCHEMA)
-        library.impl("npu_moe_distribute_dispatch_v2", dispatch_kernel, "CPU")
-        library.impl("npu_moe_distribute_combine_v2", combine_kernel, "CPU")
+        for device in ("CPU", "CUDA"):
+            library.impl("npu_moe_distribute_dispatch_v2", dispatch_kernel, device)
+            library.impl("npu_moe_distribute_combine_v2", combine_kernel, device)
         _register_fake(f"{NAMESPACE}::npu_moe_distribute_dispatch_v2", _dispatch_v2_fake, library)
         _register_fake(f"{NAMESPACE}::npu_moe_distribute_combine_v2", _combine_v2_fake, library)
         _library_v2 = library

@@ -72,6 +72,8 @@ class World:
     size: int
     timeout_ms: int = DEFAULT_TIMEOUT_MS
     worker_threads: int = 1  # GroupOptions::worker_threads of the C++ groups this process joins in the world
+    # CudaGroupOptions::max_bs of the CUDA groups this process joins in the world (None: from the first call)
+    max_bs: Optional[int] = None
     comm: Any = field(default=None, compare=False, repr=False)  # mpi4py communicator (kind KIND_MPI)
 
 
@@ -92,13 +94,14 @@ class Domain:
         return f"moedist-{self.role}-{_digest(self.world.kind, self.world.job, self.role, self.members)}"
 
 
-_GroupKey = Tuple[World, Tuple[int, ...], Tuple[int, ...], Tuple[Tuple[str, int], ...]]
+# (world, EP members, TP members, configuration, CUDA device: None for the CPU group)
+_GroupKey = Tuple[World, Tuple[int, ...], Tuple[int, ...], Tuple[Tuple[str, int], ...], Optional[int]]
 
 _domains: Dict[str, Domain] = {}   # name -> Domain
 _closed: Set[str] = set()          # names closed by Group.close() (until a group of that name is made again)
 # (world, EP members, TP members, configuration) -> the C++ group, and the names (group_ep, group_tp)
 # whose calls use it, in the order the groups were joined.
-_groups: Dict[_GroupKey, Tuple[_moedist.Group, Tuple[str, ...]]] = {}
+_groups: Dict[_GroupKey, Tuple[Any, Tuple[str, ...]]] = {}  # _moedist.Group, or _moedist.CudaGroup (_cuda.py)
 # The configuration's keys, in the order of _resolved's keys.
 CONFIG_KEYS = ("ep_world_size", "ep_rank_id", "moe_expert_num", "tp_world_size", "tp_rank_id", "expert_shard_type",
                "shared_expert_num", "shared_expert_rank_num", "global_bs")
@@ -126,7 +129,7 @@ def _register(domain: Domain) -> str:
         # than ignored (the C++ groups already joined under the name keep theirs).
         open_domain = None if domain.name in _closed else _domains.get(domain.name)
         if open_domain is not None:
-            for setting in ("timeout_ms", "worker_threads"):
+            for setting in ("timeout_ms", "worker_threads", "max_bs"):
                 held, asked = getattr(open_domain.world, setting), getattr(domain.world, setting)
                 if held != asked:
                     _refuse(setting, asked, f"group {domain.name} of these members is open with {setting} = "
@@ -185,6 +188,7 @@ class Group:
         with _lock:
             _closed.add(self.name)
             _resolved.clear()
+            _resolved_cuda.clear()
             doomed = [key for key, (_, names) in _groups.items() if self.name in names]
             released = [_groups.pop(key)[0] for key in doomed]
         for cpp in reversed(released):
@@ -209,6 +213,7 @@ def _release_at_exit() -> None:
         released = [cpp for cpp, _ in _groups.values()]
         _groups.clear()
         _resolved.clear()
+        _resolved_cuda.clear()
     for cpp in reversed(released):
         cpp.close(wait=False)
 
@@ -226,21 +231,27 @@ def _pair(world: World, tp_world_size: Integer) -> Tuple[Group, Group]:
 
 
 def new_group(job: str, rank: Integer, world_size: Integer, tp_world_size: Integer = 0,
-              timeout_ms: Integer = DEFAULT_TIMEOUT_MS, worker_threads: Integer = 1) -> Tuple[Group, Group]:
+              timeout_ms: Integer = DEFAULT_TIMEOUT_MS, worker_threads: Integer = 1,
+              max_bs: Optional[Integer] = None) -> Tuple[Group, Group]:
     """The (EP group, TP group) of process ``rank`` of ``world_size`` processes that share the job name
     ``job`` on one host (shared memory). Every process calls it with the same job, world size and
     tp_world_size; ranks are ordered as torch_npu's example orders them (rank = ep_rank_id * T + tp_rank_id).
 
     ``worker_threads`` (1 to 256) is the number of threads this process's calls on the groups use for
     their row work (C++ ``GroupOptions::worker_threads``): the calling thread plus worker_threads - 1
-    threads each C++ group starts. Results are bit-identical for every value; processes may differ in it."""
+    threads each C++ group starts. Results are bit-identical for every value; processes may differ in it.
+
+    ``max_bs`` is the most tokens this process passes in one call on CUDA tensors (the CUDA group's
+    buffers are sized for it, C++ ``CudaGroupOptions::max_bs``); None: global_bs / ep_world_size when the
+    call's global_bs is not 0, else the BS of the first call on CUDA tensors. CPU calls ignore it."""
     if not isinstance(job, str) or not job:
         _refuse("job", repr(job), "must be a non-empty string")
     world_size = integer("world_size", world_size, 1)
     rank = integer("rank", rank, 0)
     if rank >= world_size:
         _refuse("rank", rank, f"must be < world_size = {world_size}")
-    world = World(KIND_SHM, job, rank, world_size, _timeout(timeout_ms), _worker_threads(worker_threads))
+    world = World(KIND_SHM, job, rank, world_size, _timeout(timeout_ms), _worker_threads(worker_threads),
+                  _max_bs(max_bs))
     return _pair(world, tp_world_size)
 
 
@@ -252,33 +263,38 @@ def _worker_threads(worker_threads: Integer) -> int:
     return integer("worker_threads", worker_threads, 1, MAX_WORKER_THREADS)
 
 
+def _max_bs(max_bs: Optional[Integer]) -> Optional[int]:
+    return None if max_bs is None else integer("max_bs", max_bs, 1, 2**30)
+
+
 def new_group_from_env(tp_world_size: Optional[Integer] = None, timeout_ms: Integer = DEFAULT_TIMEOUT_MS,
-                       worker_threads: Integer = 1) -> Tuple[Group, Group]:
+                       worker_threads: Integer = 1, max_bs: Optional[Integer] = None) -> Tuple[Group, Group]:
     """(EP group, TP group) of a process started by ``moedist launch -n N [--tp 2] -- python3 ...``
-    (MOEDIST_RANK, MOEDIST_WORLD_SIZE, MOEDIST_JOB, MOEDIST_TP_WORLD_SIZE). ``worker_threads``: as
-    ``new_group``'s."""
-    timeout_ms, worker_threads = _timeout(timeout_ms), _worker_threads(worker_threads)
+    (MOEDIST_RANK, MOEDIST_WORLD_SIZE, MOEDIST_JOB, MOEDIST_TP_WORLD_SIZE). ``worker_threads``,
+    ``max_bs``: as ``new_group``'s."""
+    timeout_ms, worker_threads, cuda_max_bs = _timeout(timeout_ms), _worker_threads(worker_threads), _max_bs(max_bs)
     env = _moedist.launch_environment()
     t = env["tp_world_size"] if tp_world_size is None else tp_world_size
-    return _pair(World(KIND_SHM, env["job"], env["rank"], env["world_size"], timeout_ms, worker_threads), t)
+    return _pair(World(KIND_SHM, env["job"], env["rank"], env["world_size"], timeout_ms, worker_threads, cuda_max_bs), t)
 
 
 def new_group_from_mpi(comm: Any = None, tp_world_size: Integer = 0, timeout_ms: Integer = DEFAULT_TIMEOUT_MS,
-                       worker_threads: Integer = 1) -> Tuple[Group, Group]:
+                       worker_threads: Integer = 1, max_bs: Optional[Integer] = None) -> Tuple[Group, Group]:
     """(EP group, TP group) over an mpi4py communicator (default MPI.COMM_WORLD; any sub-communicator,
     e.g. of ``comm.Split``, is a world of its own): comm rank g is ep_rank_id = g // T, tp_rank_id = g % T.
     Collective over ``comm``; ranks on one node share memory, ranks on other nodes are reached through
-    MPI (docs/mpi.md). ``worker_threads``: as ``new_group``'s (C++ ``MpiOptions::group``)."""
+    MPI (docs/mpi.md). ``worker_threads``: as ``new_group``'s (C++ ``MpiOptions::group``); ``max_bs``: as
+    ``new_group``'s (a CUDA group's ranks must share one host)."""
     if not _transport(KIND_MPI)["available"]:
         _refuse("comm", "MPI", "needs a build with MPI (Debian: libopenmpi-dev)", "unsupported")
     # Checked before the communicator is touched: a bad value raises here, not inside a collective.
-    timeout_ms, worker_threads = _timeout(timeout_ms), _worker_threads(worker_threads)
+    timeout_ms, worker_threads, cuda_max_bs = _timeout(timeout_ms), _worker_threads(worker_threads), _max_bs(max_bs)
     from mpi4py import MPI
     comm = MPI.COMM_WORLD if comm is None else comm
     if not isinstance(comm, MPI.Comm) or comm == MPI.COMM_NULL:
         _refuse("comm", repr(comm), "must be an mpi4py communicator this process belongs to")
     job = comm.bcast(_moedist.new_job_name() if comm.Get_rank() == 0 else None, root=0)
-    world = World(KIND_MPI, job, comm.Get_rank(), comm.Get_size(), timeout_ms, worker_threads, comm)
+    world = World(KIND_MPI, job, comm.Get_rank(), comm.Get_size(), timeout_ms, worker_threads, cuda_max_bs, comm)
     return _pair(world, tp_world_size)
 
 
@@ -428,7 +444,21 @@ def group_for(group_ep: object, group_tp: object, config: Dict[str, int]) -> _mo
     return group
 
 
-def _resolve(group_ep: object, group_tp: object, config: Dict[str, int]) -> _moedist.Group:
+@dataclass(frozen=True)
+class _Placement:
+    """Where a call's C++ group is: its world, its key in _groups, its EP and TP domains and the names its
+    calls use."""
+    world: World
+    key: _GroupKey
+    ep: Domain
+    tp: Optional[Domain]
+    names: Tuple[object, ...]
+
+
+def _placement(group_ep: object, group_tp: object, config: Dict[str, int], device: Optional[int]) -> _Placement:
+    """The placement of the C++ group (of CUDA device `device`, or the CPU group) of a call's names and
+    configuration; every mistake in them named. Local: no collective runs here (the members of a torch
+    group with TP are found by one, _cpp_members, only for a group not yet joined)."""
     t = config["tp_world_size"]
     ep = _domain(group_ep, "group_ep")
     if ep.role == "tp":
@@ -452,19 +482,14 @@ def _resolve(group_ep: object, group_tp: object, config: Dict[str, int]) -> _moe
         if len(tp.members) != 2:
             _refuse("group_tp", repr(group_tp), f"must name a group of 2 ranks with tp_world_size = 2, not {len(tp.members)}")
         _check_position("tp_rank_id", config["tp_rank_id"], tp, "group_tp", world)
-    key = (world, ep.members, tp.members if tp is not None else (), tuple(sorted(config.items())))
-    with _lock:
-        entry = _groups.get(key)
-    if entry is not None:
-        return entry[0]
-    members = _cpp_members(ep, tp, config)
-    if world.kind == KIND_MPI:
-        group = _join_mpi(world, members, config)
-    else:
-        shared = sorted((k, v) for k, v in config.items() if k not in _PER_RANK)
-        job = f"{world.job[:_JOB_PREFIX]}.{_digest(world.job, members, shared)}"
-        group = _moedist.join_shm(config, job, world.timeout_ms, world.worker_threads)
+    key = (world, ep.members, tp.members if tp is not None else (), tuple(sorted(config.items())), device)
     names = (group_ep, group_tp) if t == 2 else (group_ep,)
+    return _Placement(world, key, ep, tp, names)
+
+
+def _keep(key: _GroupKey, group: Any, names: Tuple[object, ...], group_ep: object) -> None:
+    """Files a joined C++ group under its key, unless one of its names was closed during the join (then
+    the group is released and the closed name raises)."""
     with _lock:
         closed = _closed.intersection(names)
         if not closed:
@@ -477,7 +502,109 @@ def _resolve(group_ep: object, group_tp: object, config: Dict[str, int]) -> _moe
     # MPI later still, in Py_AtExit, after the interpreter's finalization.)
     atexit.unregister(_release_at_exit)
     atexit.register(_release_at_exit)
+
+
+def _job_of(world: World, members: Tuple[int, ...], config: Dict[str, int], kind: str = "") -> str:
+    """The job name of a C++ group over shared memory: the same on every member, distinct for other
+    members, configurations or kinds of group."""
+    shared = sorted((k, v) for k, v in config.items() if k not in _PER_RANK)
+    digest = _digest(world.job, members, shared, kind) if kind else _digest(world.job, members, shared)
+    return f"{world.job[:_JOB_PREFIX]}.{kind + '.' if kind else ''}{digest}"
+
+
+def _resolve(group_ep: object, group_tp: object, config: Dict[str, int]) -> _moedist.Group:
+    at = _placement(group_ep, group_tp, config, None)
+    with _lock:
+        entry = _groups.get(at.key)
+    if entry is not None:
+        group: _moedist.Group = entry[0]
+        return group
+    members = _cpp_members(at.ep, at.tp, config)
+    world = at.world
+    if world.kind == KIND_MPI:
+        group = _join_mpi(world, members, config)
+    else:
+        group = _moedist.join_shm(config, _job_of(world, members, config), world.timeout_ms, world.worker_threads)
+    _keep(at.key, group, at.names, group_ep)
     return group
+
+
+# (group_ep, group_tp, configuration values, device) of a call on CUDA tensors already resolved -> its
+# CUDA group (emptied by close(), with _resolved).
+_resolved_cuda: Dict[Tuple[object, object, Tuple[int, ...], int], Any] = {}
+
+
+def cuda_group_for(group_ep: object, group_tp: object, config: Dict[str, int], device: int, bs: int, k: int,
+                   h: int) -> Any:
+    """The CUDA group (_moedist.CudaGroup) of this process for the named groups, the configuration and
+    CUDA device `device`, joined on first use for the call's shape (K, H; BS unless max_bs or global_bs
+    says more: _cuda.py)."""
+    call = (group_ep, group_tp, tuple(config[key] for key in CONFIG_KEYS), device)
+    group = _resolved_cuda.get(call)
+    if group is not None:
+        return group
+    if not _moedist.has_cuda:
+        _refuse("x.device", f"cuda:{device}", "needs moedist built with the CUDA backend (a CUDA compiler at build "
+                "time: docs/cuda.md)", "unsupported")
+    at = _placement(group_ep, group_tp, config, device)
+    with _lock:
+        entry = _groups.get(at.key)
+        # A CUDA group of these members and configuration on another device: its bootstrap (the job name,
+        # the same on every rank whatever its device) is in use.
+        other = next((key[4] for key in _groups if key[:4] == at.key[:4] and key[4] not in (None, device)), None)
+    if entry is not None:
+        group = entry[0]
+    else:
+        if other is not None:
+            _refuse("x.device", f"cuda:{device}", f"must be cuda:{other}, where this process's CUDA group of "
+                    f"{group_ep} and this configuration is (one device per rank; close the group to move it)")
+        members = _cpp_members(at.ep, at.tp, config)
+        world = at.world
+        if world.kind == KIND_MPI:
+            _require_one_host(world, members)
+        w, global_bs = config["ep_world_size"], config["global_bs"]
+        max_bs = world.max_bs if world.max_bs is not None else (global_bs // w if global_bs else max(bs, 1))
+        group = _moedist.CudaGroup.join(config, _job_of(world, members, config, "cuda"), device, max_bs, k, h,
+                                        world.timeout_ms)
+        _keep(at.key, group, at.names, group_ep)
+    with _lock:
+        if not _closed.intersection((group_ep, group_tp)):
+            _resolved_cuda[call] = group
+    return group
+
+
+def _require_one_host(world: World, members: Tuple[int, ...]) -> None:
+    """A CUDA group's ranks reach each other through CUDA IPC: its members in an MPI world must be on one
+    node. Collective over the members only (as the join is): a communicator of theirs, as _join_mpi makes."""
+    from mpi4py import MPI
+    everyone = world.comm.Get_group()
+    chosen = everyone.Incl(list(members))
+    comm = world.comm.Create_group(chosen)
+    try:
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        spread = node.Get_size() != comm.Get_size()
+        node.Free()
+    finally:
+        comm.Free()
+        chosen.Free()
+        everyone.Free()
+    if spread:
+        _refuse("group_ep", "ranks on several nodes", "the ranks of a CUDA group must be processes of one host (CUDA "
+                "IPC); groups across hosts take CPU tensors", "unsupported")
+
+
+def synchronize(group: Any, stream: Optional[int] = None) -> None:
+    """Waits for this process's calls on CUDA tensors of the group (a Group or a group's name) and raises
+    the first error the GPU recorded for them (ValidationError, PeerError). ``stream``: the stream to wait
+    for, as an int (torch's ``cuda_stream``); default the stream of each CUDA group's latest call. Does
+    nothing for a group that made no call on CUDA tensors."""
+    name = group.name if isinstance(group, Group) else group
+    _domain(name, "group")
+    with _lock:
+        cuda_groups = [cpp for key, (cpp, names) in _groups.items() if key[4] is not None and name in names]
+    from . import _cuda
+    for cpp in cuda_groups:
+        _cuda.synchronize_group(cpp, stream)
 
 
 def _join_mpi(world: World, members: Tuple[int, ...], config: Dict[str, int]) -> _moedist.Group:

@@ -9,7 +9,7 @@ A call takes one of three ways:
   tensors that the C++ call wrote (caller buffers); it answers None for any other call;
 * through the registered op: with torch >= 2.1 the operators are also torch custom ops (_custom_ops.py),
   and a call that torch.compile traces, or that a torch mode or a tensor subclass would see, goes through
-  ``torch.ops.moedist.*``, whose CPU kernels try the fast path and then the eager functions here;
+  ``torch.ops.moedist.*``, whose CPU and CUDA kernels try the fast path and then the eager functions here;
 * the eager functions (_dispatch, _combine): everything else -- numpy arrays, other int forms, the first
   call of a group, torch 1.13's modes -- read and checked argument by argument, every mistake named."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from . import _groups, _moedist
+from . import _cuda, _groups, _moedist
 from ._errors import ValidationError
 from ._integers import Integer, integer
 from ._moedist import ViewAs
@@ -61,10 +61,10 @@ def npu_moe_distribute_dispatch(x: Any, expert_ids: Any, group_ep: str, ep_world
     """Sends every token of ``x`` (BS, H) to the ranks of its top-K experts ``expert_ids`` (BS, K).
 
     Returns (expand_x, dynamic_scales, expand_idx, expert_token_nums, ep_recv_counts, tp_recv_counts,
-    expand_scales) as torch_npu does, as torch tensors for torch inputs and numpy arrays for numpy inputs.
-    Only the first valid rows of expand_x / dynamic_scales / expand_scales are meaningful, as on the NPU
-    (here the rest are zero); the row counts depend on the arguments alone (_custom_ops.py). Collective:
-    every rank of the group calls it."""
+    expand_scales) as torch_npu does, as torch tensors for torch inputs (on x's device) and numpy arrays for
+    numpy inputs. Only the first valid rows of expand_x / dynamic_scales / expand_scales are meaningful, as
+    on the NPU (here the rest are zero on the CPU, unspecified on CUDA tensors); the row counts depend on
+    the arguments alone (_custom_ops.py). Collective: every rank of the group calls it."""
     if not _is_compiling():
         fast = _dispatch_call(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales, x_active_mask,
                               expert_scales, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
@@ -90,9 +90,12 @@ def _dispatch(x: Any, expert_ids: Any, group_ep: Any, *, ep_world_size: Integer,
               tp_world_size: Integer, tp_rank_id: Integer, expert_shard_type: Integer, shared_expert_num: Integer,
               shared_expert_rank_num: Integer, quant_mode: Integer, global_bs: Integer,
               expert_token_nums_type: Integer) -> Tuple[Any, ...]:
-    """The eager dispatch (also the registered op's CPU kernel)."""
+    """The eager dispatch (also the registered op's CPU and CUDA kernel)."""
     ints = _ints(locals(), _DISPATCH_INTS)
     config = {name: ints[name] for name in _CONFIG}
+    if _cuda.on_cuda(x):
+        return _cuda.dispatch(x, expert_ids, group_ep, group_tp, config, ints["quant_mode"],
+                              ints["expert_token_nums_type"], scales, x_active_mask, expert_scales)
     tensors = _Tensors(x=x, expert_ids=expert_ids, scales=scales, x_active_mask=x_active_mask, expert_scales=expert_scales)
     group = _groups.group_for(group_ep, group_tp, config)
     results = group.dispatch(x=tensors["x"], expert_ids=tensors["expert_ids"], scales=tensors["scales"],
@@ -145,9 +148,15 @@ def _combine(expand_x: Any, expert_ids: Any, expand_idx: Any, ep_send_counts: An
              shared_expert_x: Any, group_tp: Any, tp_world_size: Integer, tp_rank_id: Integer,
              expert_shard_type: Integer, shared_expert_num: Integer, shared_expert_rank_num: Integer,
              global_bs: Integer, out_dtype: Integer, comm_quant_mode: Integer, group_list_type: Integer) -> Any:
-    """The eager combine (also the registered op's CPU kernel)."""
+    """The eager combine (also the registered op's CPU and CUDA kernel)."""
     ints = _ints(locals(), _COMBINE_INTS)
     config = {name: ints[name] for name in _CONFIG}
+    if _cuda.on_cuda(expand_x):
+        optional = dict(tp_send_counts=tp_send_counts, x_active_mask=x_active_mask, activation_scale=activation_scale,
+                        weight_scale=weight_scale, group_list=group_list, expand_scales=expand_scales,
+                        shared_expert_x=shared_expert_x)
+        return _cuda.combine(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep, group_tp, config,
+                             optional, ints["out_dtype"], ints["comm_quant_mode"], ints["group_list_type"])
     # tp_send_counts (T,) is ignored without TP, as on the NPU
     tensors = _Tensors(expand_x=expand_x, expert_ids=expert_ids, expand_idx=expand_idx, ep_send_counts=ep_send_counts,
                        expert_scales=expert_scales, tp_send_counts=tp_send_counts if config["tp_world_size"] == 2 else None,
@@ -183,7 +192,8 @@ def _through_op(*tensors: Any) -> bool:
 
 def _op_takes(*tensors: Any) -> bool:
     """Whether a call goes through the registered op: every tensor argument a dense torch tensor, all on
-    the CPU (or all on the meta device, where the op computes shapes only, as torch ops do). numpy arrays,
+    the CPU, or all on CUDA devices (the op's CUDA kernel names a tensor on another device than x's), or
+    all on the meta device (where the op computes shapes only, as torch ops do). numpy arrays,
     mixed kinds or devices and tensors the op could not take (sparse, quantized, other devices) take the
     eager path, which reads what it can and names what it cannot."""
     devices = set()
@@ -193,7 +203,7 @@ def _op_takes(*tensors: Any) -> bool:
         if not isinstance(t, _torch.Tensor) or t.layout != _torch.strided or t.is_quantized:
             return False
         devices.add(t.device.type)
-    return devices == {"cpu"} or devices == {"meta"}
+    return devices == {"cpu"} or devices == {"meta"} or devices == {"cuda"}
 
 
 def _compiling() -> bool:
@@ -226,7 +236,7 @@ def _detached(t: Any) -> Any:
     return t.detach() if isinstance(t, _torch.Tensor) and t.requires_grad else t
 
 
-# The registered ops' CPU kernels: torch passes the schema's arguments, kwarg-only ones by name. The fast
+# The registered ops' kernels (CPU and CUDA): torch passes the schema's arguments, kwarg-only ones by name. The fast
 # path first (what a compiled graph calls is a plain call), then the eager functions.
 def _dispatch_kernel(x: Any, expert_ids: Any, group_ep: str, ep_world_size: int, ep_rank_id: int, moe_expert_num: int,
                      scales: Any = None, x_active_mask: Any = None, expert_scales: Any = None, group_tp: str = "",
@@ -298,6 +308,8 @@ def _compiling_check() -> Callable[[], bool]:
 
 
 _torch: Any = _import_torch()  # the torch module, or None
+if _torch is not None:
+    _cuda.register_backend(_torch.Tensor, _cuda.TorchBackend(_torch))
 _current_dispatch_mode: Callable[[], Any] = lambda: None  # torch's innermost dispatch mode, where torch is
 if _torch is not None:
     from torch.utils._python_dispatch import _get_current_dispatch_mode

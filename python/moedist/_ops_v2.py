@@ -1,14 +1,14 @@
 """torch_npu.npu_moe_distribute_dispatch_v2 / npu_moe_distribute_combine_v2, with torch_npu's signatures,
 defaults and results (V2 §1.1-1.2), over moedist's C++ groups (docs/contract.md, "The V2 operators").
 
-As for the V1 pair (_ops.py): with torch >= 2.1 they are torch custom ops too, whose CPU kernels are the
+As for the V1 pair (_ops.py): with torch >= 2.1 they are torch custom ops too, whose CPU and CUDA kernels are the
 eager functions here, so that torch.compile traces them; numpy arrays, and torch 1.13, call the eager
 functions."""
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
-from . import _groups, _ops
+from . import _cuda, _groups, _ops
 from ._errors import ValidationError
 from ._integers import Integer, integer
 from ._tensors import is_bfloat16, kind_of, output
@@ -67,9 +67,13 @@ def _dispatch_v2(x: Any, expert_ids: Any, group_ep: Any, *, ep_world_size: Integ
                  expert_shard_type: Integer, shared_expert_num: Integer, shared_expert_rank_num: Integer,
                  quant_mode: Integer, global_bs: Integer, expert_token_nums_type: Integer, comm_alg: Any,
                  zero_expert_num: Integer, copy_expert_num: Integer, const_expert_num: Integer) -> Tuple[Any, ...]:
-    """The eager dispatch_v2 (also the registered op's CPU kernel)."""
+    """The eager dispatch_v2 (also the registered op's CPU and CUDA kernel)."""
     ints = _ops._ints(locals(), _DISPATCH_INTS)
     config = {name: ints[name] for name in _ops._CONFIG}
+    if _cuda.on_cuda(x):
+        optional = dict(scales=scales, x_active_mask=x_active_mask, expert_scales=expert_scales,
+                        elastic_info=elastic_info, performance_info=performance_info)
+        return _cuda.dispatch_v2(x, expert_ids, group_ep, group_tp, config, ints, _string("comm_alg", comm_alg), optional)
     tensors = _ops._Tensors(x=x, expert_ids=expert_ids, scales=scales, x_active_mask=x_active_mask,
                             expert_scales=expert_scales, elastic_info=elastic_info, performance_info=performance_info)
     group = _groups.group_for(group_ep, group_tp, config)
@@ -127,9 +131,16 @@ def _combine_v2(expand_x: Any, expert_ids: Any, assist_info_for_combine: Any, ep
                 expert_shard_type: Integer, shared_expert_num: Integer, shared_expert_rank_num: Integer,
                 global_bs: Integer, comm_quant_mode: Integer, comm_alg: Any, zero_expert_num: Integer,
                 copy_expert_num: Integer, const_expert_num: Integer) -> Any:
-    """The eager combine_v2 (also the registered op's CPU kernel)."""
+    """The eager combine_v2 (also the registered op's CPU and CUDA kernel)."""
     ints = _ops._ints(locals(), _COMBINE_INTS)
     config = {name: ints[name] for name in _ops._CONFIG}
+    if _cuda.on_cuda(expand_x):
+        optional = dict(tp_send_counts=tp_send_counts, x_active_mask=x_active_mask, expand_scales=expand_scales,
+                        shared_expert_x=_rows_of(shared_expert_x, expert_ids), elastic_info=elastic_info, ori_x=ori_x,
+                        const_expert_alpha_1=const_expert_alpha_1, const_expert_alpha_2=const_expert_alpha_2,
+                        const_expert_v=const_expert_v, performance_info=performance_info)
+        return _cuda.combine_v2(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep,
+                                group_tp, config, ints, _string("comm_alg", comm_alg), optional)
     tensors = _ops._Tensors(expand_x=expand_x, expert_ids=expert_ids, assist_info_for_combine=assist_info_for_combine,
                             ep_send_counts=ep_send_counts, expert_scales=expert_scales,
                             tp_send_counts=tp_send_counts if config["tp_world_size"] == 2 else None,
@@ -172,7 +183,7 @@ def _refuse_hidden_dtypes(**dtypes: Optional[Integer]) -> None:
                                   "unsupported", name, str(code), "the Ascend 950's low-precision dtypes are not supported (must be None)")
 
 
-# The registered ops' CPU kernels: torch passes the schema's arguments, kwarg-only ones by name.
+# The registered ops' kernels (CPU and CUDA): torch passes the schema's arguments, kwarg-only ones by name.
 def _dispatch_v2_kernel(x: Any, expert_ids: Any, group_ep: str, ep_world_size: int, ep_rank_id: int,
                         moe_expert_num: int, scales: Any = None, x_active_mask: Any = None, expert_scales: Any = None,
                         elastic_info: Any = None, performance_info: Any = None, group_tp: str = "",

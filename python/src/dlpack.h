@@ -10,7 +10,7 @@
 namespace moedist::python::dlpack {
 
 struct DLDevice {
-  std::int32_t device_type;  // 1 = kDLCPU
+  std::int32_t device_type;  // kDLCPU, kDLCUDA, ...
   std::int32_t device_id;
 };
 struct DLDataType {
@@ -34,6 +34,8 @@ struct DLManagedTensor {
 };
 
 constexpr std::int32_t kDLCPU = 1;
+constexpr std::int32_t kDLCUDA = 2;          // device memory of CUDA device device_id
+constexpr std::int32_t kDLCUDAManaged = 13;  // CUDA managed (unified) memory
 // DLPack type codes (dlpack.h's DLDataTypeCode).
 constexpr std::uint8_t kDLInt = 0, kDLUInt = 1, kDLFloat = 2, kDLBfloat = 4, kDLComplex = 5, kDLBool = 6;
 

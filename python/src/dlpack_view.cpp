@@ -127,12 +127,29 @@ Borrowed borrow_buffer(const py::array& a, const std::string& name, ViewAs as) {
   return b;
 }
 
+std::string device_name(const DLDevice& d) {
+  switch (d.device_type) {
+    case kDLCPU:
+      return "cpu";
+    case kDLCUDA:
+    case kDLCUDAManaged:
+      return "cuda:" + std::to_string(d.device_id);
+    default:
+      return "DLPack device type " + std::to_string(d.device_type);
+  }
+}
+
 }  // namespace
 
-Borrowed borrow(py::handle obj, const std::string& name, ViewAs as) {
+Borrowed borrow(py::handle obj, const std::string& name, ViewAs as, Memory where) {
   Borrowed b;
   if (obj.is_none()) return b;
-  if (py::isinstance<py::array>(obj)) return borrow_buffer(py::reinterpret_borrow<py::array>(obj), name, as);
+  if (py::isinstance<py::array>(obj)) {
+    if (where == Memory::cuda)
+      reject(ErrorCode::invalid_argument, name + ".device", "cpu (a numpy array)",
+             "must be on the CUDA device of the call's x");
+    return borrow_buffer(py::reinterpret_borrow<py::array>(obj), name, as);
+  }
   if (!py::hasattr(obj, "__dlpack__")) {
     reject(ErrorCode::invalid_argument, name, std::string(py::str(py::type::of(obj).attr("__name__"))),
            "must be a torch tensor, a numpy array or None");
@@ -147,9 +164,15 @@ Borrowed borrow(py::handle obj, const std::string& name, ViewAs as) {
   auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(b.capsule.ptr(), kCapsuleName));
   if (managed == nullptr) throw py::error_already_set();
   const DLTensor& t = managed->dl_tensor;
-  if (t.device.device_type != kDLCPU) {
-    reject(ErrorCode::invalid_argument, name + ".device", "DLPack device type " + std::to_string(t.device.device_type),
-           "must be the CPU: moedist's Python package runs on CPU tensors");
+  if (where == Memory::host && t.device.device_type != kDLCPU) {
+    reject(ErrorCode::invalid_argument, name + ".device", device_name(t.device),
+           "must be the CPU, as the call's x (or a CUDA device for every tensor of the call)");
+  }
+  if (where == Memory::cuda) {
+    if (t.device.device_type != kDLCUDA && t.device.device_type != kDLCUDAManaged)
+      reject(ErrorCode::invalid_argument, name + ".device", device_name(t.device),
+             "must be on the CUDA device of the call's x");
+    b.device = t.device.device_id;
   }
   if (t.ndim < 1 || t.ndim > 2) {
     reject(ErrorCode::invalid_shape, name + ".dim()", std::to_string(t.ndim), "must be 1 or 2");

@@ -22,6 +22,7 @@
 #include <mutex>
 #include <string>
 
+#include "call_tensors.h"
 #include "dlpack_view.h"
 #include "moedist/config.h"
 #include "moedist/dtype.h"
@@ -31,6 +32,7 @@
 #include "moedist/shm.h"
 #include "moedist/version.h"
 #include "moedist/wait.h"
+#include "python_support.h"
 #include "torch_fast.h"
 #include "transport/registry.h"
 #ifdef MOEDIST_HAVE_MPI
@@ -42,30 +44,9 @@ namespace py = pybind11;
 namespace moedist::python {
 
 void bind_oracle(py::module_& m);  // oracle_binding.cpp
-
-namespace {
-
-// Releases the GIL for a collective call, as py::gil_scoped_release does, and takes it back at the end of
-// the scope -- except on a daemon thread whose interpreter is finalizing: CPython then ends the thread
-// inside PyEval_RestoreThread with pthread_exit, whose forced unwinding may not leave a destructor (that
-// is std::terminate: the whole process aborts at exit). Such a thread is parked instead, holding nothing
-// of Python's, until the main thread's exit ends the process.
-class WithoutGil {
- public:
-  WithoutGil() : state_(PyEval_SaveThread()) {}
-  WithoutGil(const WithoutGil&) = delete;
-  WithoutGil& operator=(const WithoutGil&) = delete;
-  ~WithoutGil() {
-    try {
-      PyEval_RestoreThread(state_);
-    } catch (abi::__forced_unwind&) {  // never leaves the handler: the process is exiting
-      for (;;) pause();
-    }
-  }
-
- private:
-  PyThreadState* state_;
-};
+#ifdef MOEDIST_PYTHON_WITH_CUDA
+void bind_cuda(py::module_& m);  // cuda_binding.cpp
+#endif
 
 GroupConfig config_from(const py::dict& d) {
   GroupConfig c;
@@ -91,6 +72,8 @@ GroupConfig config_from(const py::dict& d) {
   get("global_bs", &c.global_bs);
   return c;
 }
+
+namespace {
 
 py::dtype numpy_dtype(DType dtype) {
   switch (dtype) {
@@ -147,20 +130,6 @@ py::array fresh_copy(const TensorView& v, DType dtype, std::int64_t rows, std::i
 // Every row of a group-owned result (the count tensors): all of them are valid.
 std::int64_t all_rows(const TensorView& v) { return v.rows(); }
 
-// A tensor the call writes in place (performance_info): the caller's own memory, viewed as writable.
-MutableTensorView writable(const TensorView& v) {
-  MutableTensorView m;
-  static_cast<Layout&>(m) = v;
-  m.data = const_cast<void*>(v.data);
-  m.dtype = v.dtype;
-  return m;
-}
-
-// How the package asks that a parameter's tensor be read (dlpack_view.h): {parameter name: ViewAs}.
-ViewAs view_as(const py::dict& views, const char* name) {
-  return views.contains(name) ? views[name].cast<ViewAs>() : ViewAs::native;
-}
-
 // A C++ group as the package holds it. Its calls are serialized by its lock; close() destroys the group
 // under that lock, so a call running on another thread finishes first, and every call after close()
 // raises a moedist Error that says the group is closed.
@@ -170,23 +139,15 @@ class PyGroup {
 
   py::tuple dispatch(py::handle x, py::handle expert_ids, py::handle scales, py::handle x_active_mask,
                      py::handle expert_scales, int quant_mode, int expert_token_nums_type, const py::dict& views) {
-    const Borrowed bx = borrow(x, "x", view_as(views, "x")), bids = borrow(expert_ids, "expert_ids"),
-                   bscales = borrow(scales, "scales"),
-                   bmask = borrow(x_active_mask, "x_active_mask", view_as(views, "x_active_mask")),
-                   bweights = borrow(expert_scales, "expert_scales");
-    DispatchOptions o;
-    o.scales = bscales.view;
-    o.x_active_mask = bmask.view;
-    o.expert_scales = bweights.view;
-    o.quant_mode = quant_mode;
-    o.expert_token_nums_type = expert_token_nums_type;
+    const DispatchTensors a(Placement::host(views), x, expert_ids, scales, x_active_mask, expert_scales);
+    const DispatchOptions o = a.options(quant_mode, expert_token_nums_type);
     DispatchResult r;
     std::unique_lock<std::mutex> serial(*mutex_, std::defer_lock);
     {
       const WithoutGil unlocked;
       serial.lock();  // taken without the GIL, so that a thread waiting here never blocks the holder
       const Timed timed(call_ns_);
-      r = open_group("dispatch").dispatch(bx.view, bids.view, o);
+      r = open_group("dispatch").dispatch(a.x.view, a.expert_ids.view, o);
     }
     // Still locked while the results are copied: they are group-owned buffers the next call reuses.
     // Row counts are a function of the arguments alone (capacity().max_receive_rows: torch_npu's
@@ -211,38 +172,24 @@ class PyGroup {
                     py::handle activation_scale, py::handle weight_scale, py::handle group_list,
                     py::handle expand_scales, py::handle shared_expert_x, int out_dtype, int comm_quant_mode,
                     int group_list_type, const py::dict& views) {
-    const Borrowed bx = borrow(expand_x, "expand_x", view_as(views, "expand_x")),
-                   bids = borrow(expert_ids, "expert_ids"), bidx = borrow(expand_idx, "expand_idx"),
-                   bcounts = borrow(ep_send_counts, "ep_send_counts"),
-                   bweights = borrow(expert_scales, "expert_scales"), btp = borrow(tp_send_counts, "tp_send_counts"),
-                   bmask = borrow(x_active_mask, "x_active_mask", view_as(views, "x_active_mask")),
-                   bact = borrow(activation_scale, "activation_scale"), bws = borrow(weight_scale, "weight_scale"),
-                   bgl = borrow(group_list, "group_list"), bes = borrow(expand_scales, "expand_scales"),
-                   bsx = borrow(shared_expert_x, "shared_expert_x");
-    CombineOptions o;
-    o.tp_send_counts = btp.view;
-    o.x_active_mask = bmask.view;
-    o.activation_scale = bact.view;
-    o.weight_scale = bws.view;
-    o.group_list = bgl.view;
-    o.expand_scales = bes.view;
-    o.shared_expert_x = bsx.view;
-    o.out_dtype = out_dtype;
-    o.comm_quant_mode = comm_quant_mode;
-    o.group_list_type = group_list_type;
+    const CombineTensors a(Placement::host(views), expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales,
+                           tp_send_counts, x_active_mask, activation_scale, weight_scale, group_list, expand_scales,
+                           shared_expert_x);
+    CombineOptions o = a.options(out_dtype, comm_quant_mode, group_list_type);
     // The output, (BS, H) in expand_x's dtype, written by combine itself. Shapes that cannot give it are
     // left to combine's own checks, which name the parameter.
     py::array out;
-    const TensorView& x = bx.view;
-    if (x.ndim == 2 && bids.view.ndim == 2 && (x.dtype == DType::bf16 || x.dtype == DType::fp16)) {
-      out = zeros(x.dtype, bids.view.rows(), x.cols(), true);
-      o.out = matrix_view(out.mutable_data(), x.dtype, bids.view.rows(), x.cols());
+    const TensorView& x = a.expand_x.view;
+    if (x.ndim == 2 && a.expert_ids.view.ndim == 2 && (x.dtype == DType::bf16 || x.dtype == DType::fp16)) {
+      out = zeros(x.dtype, a.expert_ids.view.rows(), x.cols(), true);
+      o.out = matrix_view(out.mutable_data(), x.dtype, a.expert_ids.view.rows(), x.cols());
     }
     {
       const WithoutGil unlocked;
       const std::lock_guard<std::mutex> serial(*mutex_);
       const Timed timed(call_ns_);
-      open_group("combine").combine(x, bids.view, bidx.view, bcounts.view, bweights.view, o);
+      open_group("combine").combine(x, a.expert_ids.view, a.expand_idx.view, a.ep_send_counts.view,
+                                    a.expert_scales.view, o);
     }
     return out;
   }
@@ -252,30 +199,17 @@ class PyGroup {
                         py::handle expert_scales, py::handle elastic_info, py::handle performance_info, int quant_mode,
                         int expert_token_nums_type, int zero_expert_num, int copy_expert_num, int const_expert_num,
                         const std::string& comm_alg, const py::dict& views) {
-    const Borrowed bx = borrow(x, "x", view_as(views, "x")), bids = borrow(expert_ids, "expert_ids"),
-                   bscales = borrow(scales, "scales"),
-                   bmask = borrow(x_active_mask, "x_active_mask", view_as(views, "x_active_mask")),
-                   bweights = borrow(expert_scales, "expert_scales"), belastic = borrow(elastic_info, "elastic_info"),
-                   bperf = borrow(performance_info, "performance_info");
-    DispatchV2Options o;
-    o.scales = bscales.view;
-    o.x_active_mask = bmask.view;
-    o.expert_scales = bweights.view;
-    o.elastic_info = belastic.view;
-    o.performance_info = writable(bperf.view);
-    o.quant_mode = quant_mode;
-    o.expert_token_nums_type = expert_token_nums_type;
-    o.zero_expert_num = zero_expert_num;
-    o.copy_expert_num = copy_expert_num;
-    o.const_expert_num = const_expert_num;
-    o.comm_alg = comm_alg;
+    const DispatchV2Tensors a(Placement::host(views), x, expert_ids, scales, x_active_mask, expert_scales, elastic_info,
+                              performance_info);
+    const DispatchV2Options o =
+        a.options(quant_mode, expert_token_nums_type, zero_expert_num, copy_expert_num, const_expert_num, comm_alg);
     DispatchResult r;
     std::unique_lock<std::mutex> serial(*mutex_, std::defer_lock);
     {
       const WithoutGil unlocked;
       serial.lock();
       const Timed timed(call_ns_);
-      r = open_group("dispatch_v2").dispatch_v2(bx.view, bids.view, o);
+      r = open_group("dispatch_v2").dispatch_v2(a.x.view, a.expert_ids.view, o);
     }
     // torch_npu's shapes (V2 §1.4, _custom_ops.py): expand_x and dynamic_scales A * max(T, 1) rows,
     // assist_info_for_combine max(BS * K, 128 * A) entries (3 per own row written, the rest zero),
@@ -283,7 +217,7 @@ class PyGroup {
     const GroupConfig& c = group_->config();
     const std::int64_t rows = r.expand_x.rows();
     const std::int64_t h = r.expand_x.cols();
-    const std::int64_t bsk = bids.view.rows() * bids.view.cols();
+    const std::int64_t bsk = a.expert_ids.view.rows() * a.expert_ids.view.cols();
     const std::int64_t own_rows =
         r.valid_rows - (c.tp_world_size == 2 ? r.tp_recv_counts.at<std::int32_t>(1 - c.tp_rank_id) : 0);
     py::array assist = zeros(DType::int32, std::max(bsk, 128 * r.A), 1, false);
@@ -305,47 +239,23 @@ class PyGroup {
                        py::handle const_expert_alpha_2, py::handle const_expert_v, py::handle performance_info,
                        int comm_quant_mode, int zero_expert_num, int copy_expert_num, int const_expert_num,
                        const std::string& comm_alg, const py::dict& views) {
-    const Borrowed bx = borrow(expand_x, "expand_x", view_as(views, "expand_x")),
-                   bids = borrow(expert_ids, "expert_ids"),
-                   bassist = borrow(assist_info_for_combine, "assist_info_for_combine"),
-                   bcounts = borrow(ep_send_counts, "ep_send_counts"),
-                   bweights = borrow(expert_scales, "expert_scales"), btp = borrow(tp_send_counts, "tp_send_counts"),
-                   bmask = borrow(x_active_mask, "x_active_mask", view_as(views, "x_active_mask")),
-                   bes = borrow(expand_scales, "expand_scales"),
-                   bsx = borrow(shared_expert_x, "shared_expert_x", view_as(views, "shared_expert_x")),
-                   belastic = borrow(elastic_info, "elastic_info"),
-                   bori = borrow(ori_x, "ori_x", view_as(views, "ori_x")),
-                   ba1 = borrow(const_expert_alpha_1, "const_expert_alpha_1", view_as(views, "const_expert_alpha_1")),
-                   ba2 = borrow(const_expert_alpha_2, "const_expert_alpha_2", view_as(views, "const_expert_alpha_2")),
-                   bv = borrow(const_expert_v, "const_expert_v", view_as(views, "const_expert_v")),
-                   bperf = borrow(performance_info, "performance_info");
-    CombineV2Options o;
-    o.tp_send_counts = btp.view;
-    o.x_active_mask = bmask.view;
-    o.expand_scales = bes.view;
-    o.shared_expert_x = bsx.view;
-    o.elastic_info = belastic.view;
-    o.ori_x = bori.view;
-    o.const_expert_alpha_1 = ba1.view;
-    o.const_expert_alpha_2 = ba2.view;
-    o.const_expert_v = bv.view;
-    o.performance_info = writable(bperf.view);
-    o.comm_quant_mode = comm_quant_mode;
-    o.zero_expert_num = zero_expert_num;
-    o.copy_expert_num = copy_expert_num;
-    o.const_expert_num = const_expert_num;
-    o.comm_alg = comm_alg;
+    const CombineV2Tensors a(Placement::host(views), expand_x, expert_ids, assist_info_for_combine, ep_send_counts,
+                             expert_scales, tp_send_counts, x_active_mask, expand_scales, shared_expert_x, elastic_info,
+                             ori_x, const_expert_alpha_1, const_expert_alpha_2, const_expert_v, performance_info);
+    CombineV2Options o = a.options(comm_quant_mode, zero_expert_num, copy_expert_num, const_expert_num, comm_alg);
     py::array out;
-    const TensorView& x = bx.view;
-    if (x.ndim == 2 && bids.view.ndim == 2 && (x.dtype == DType::bf16 || x.dtype == DType::fp16)) {
-      out = zeros(x.dtype, bids.view.rows(), x.cols(), true);
-      o.out = matrix_view(out.mutable_data(), x.dtype, bids.view.rows(), x.cols());
+    const TensorView& x = a.expand_x.view;
+    if (x.ndim == 2 && a.expert_ids.view.ndim == 2 && (x.dtype == DType::bf16 || x.dtype == DType::fp16)) {
+      out = zeros(x.dtype, a.expert_ids.view.rows(), x.cols(), true);
+      o.out = matrix_view(out.mutable_data(), x.dtype, a.expert_ids.view.rows(), x.cols());
     }
     {
       const WithoutGil unlocked;
       const std::lock_guard<std::mutex> serial(*mutex_);
       const Timed timed(call_ns_);
-      open_group("combine_v2").combine_v2(x, bids.view, bassist.view, bcounts.view, bweights.view, o);
+      open_group("combine_v2")
+          .combine_v2(x, a.expert_ids.view, a.assist_info_for_combine.view, a.ep_send_counts.view, a.expert_scales.view,
+                      o);
     }
     return out;
   }
@@ -1049,4 +959,10 @@ PYBIND11_MODULE(_moedist, m) {
     return d;
   });
   bind_oracle(m);
+#ifdef MOEDIST_PYTHON_WITH_CUDA
+  bind_cuda(m);
+#else
+  m.attr("has_cuda") = false;
+  m.attr("cuda_emulated") = false;
+#endif
 }

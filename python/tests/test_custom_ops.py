@@ -62,6 +62,14 @@ class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def test_the_ops_have_cpu_and_cuda_kernels():
+    # CUDA tensors reach the ops' CUDA kernels, the same eager functions, which send them to _cuda.py.
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    for name in ("npu_moe_distribute_dispatch", "npu_moe_distribute_combine", "npu_moe_distribute_dispatch_v2",
+                 "npu_moe_distribute_combine_v2"):
+        assert has(f"moedist::{name}", "CUDA") and has(f"moedist::{name}", "CPU"), name
+
+
 def test_public_functions_go_through_the_registered_ops(job):
     ep, _ = moedist.new_group(job, 0, 1)
     x = torch.randn(3, 16).to(torch.bfloat16)
