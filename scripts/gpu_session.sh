@@ -8,7 +8,8 @@
 #   fetches the two build dependencies the device image lacks (GoogleTest, nlohmann-json) as .deb files
 #   into .devdeps/, which .git/info/exclude keeps out of git.
 # Then through the device tool:  command "bash scripts/gpu_session.sh", carry [".devdeps"], timeout_s 600.
-# A second, shorter call:  command "bash scripts/gpu_session.sh --python", carry [".devdeps"], timeout_s 300:
+# A second call, when the device budget still has about 8 minutes (its steps are limited to 430 s in all):
+#   command "bash scripts/gpu_session.sh --python", carry [".devdeps"], timeout_s 450:
 #   builds the Python extension with the CUDA backend for the image's python3 (which holds torch with CUDA)
 #   and runs the package's CUDA path with torch CUDA tensors: python/tests/cuda_path_check.py torch (random
 #   cases against the oracle, the typed errors) and the operator page's eager example on the GPU.
