@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
-from . import _groups, _moedist
+from . import _groups
 from ._errors import ValidationError
+from ._tensors import detached, dispatch_outputs, matrix
 
 _KDL_CUDA, _KDL_CUDA_MANAGED = 2, 13  # DLPack device types
 
@@ -50,19 +51,10 @@ class Backend:
         """t's dtype by the names of ``empty``."""
         raise NotImplementedError
 
-    def readable(self, t: Any) -> Any:
-        """t as the extension reads it through DLPack (or None)."""
-        return t
-
 
 class TorchBackend(Backend):
     def __init__(self, torch: Any) -> None:
         self.torch = torch
-
-    def readable(self, t: Any) -> Any:
-        # The ops have no autograd formula (as on the CPU path): what they read of a tensor that requires
-        # grad is its data (DLPack refuses such a tensor itself).
-        return t.detach() if t is not None and t.requires_grad else t
 
     def device(self, t: Any) -> int:
         return int(t.device.index)
@@ -101,14 +93,6 @@ def on_cuda(t: Any) -> bool:
     return int(t.__dlpack_device__()[0]) in (_KDL_CUDA, _KDL_CUDA_MANAGED)
 
 
-def _matrix(name: str, t: Any) -> Tuple[int, int]:
-    shape = tuple(t.shape)
-    if len(shape) != 2:
-        raise ValidationError(f"{name}.dim() = {len(shape)}: must be 2", "invalid_shape", f"{name}.dim()",
-                              str(len(shape)), "must be 2")
-    return int(shape[0]), int(shape[1])
-
-
 def _group(group_ep: Any, group_tp: Any, config: Dict[str, int], backend: Backend, lead: Any, bs: int, k: int,
            h: int) -> Any:
     device = backend.device(lead)
@@ -121,24 +105,39 @@ def _group(group_ep: Any, group_tp: Any, config: Dict[str, int], backend: Backen
     return group
 
 
+def _dispatch_call(x: Any, expert_ids: Any, group_ep: Any, group_tp: Any, config: Dict[str, int], quant_mode: int,
+                   version: int) -> Tuple[Any, Tuple[Any, ...], int]:
+    """What a dispatch on CUDA tensors runs with: its CUDA group, its seven outputs (fresh, on x's device,
+    torch_npu's shapes), and the stream (its device's current one)."""
+    backend = _backend_of(x)
+    assert backend is not None
+    specs = dispatch_outputs(x, expert_ids, quant_mode, config, version)
+    bs, h = matrix("x", x)
+    group = _group(group_ep, group_tp, config, backend, x, bs, matrix("expert_ids", expert_ids)[1], h)
+    outputs = tuple(backend.empty(shape, backend.dtype(x) if dtype == "x" else dtype, x) for shape, dtype in specs)
+    return group, outputs, backend.stream(group.device)
+
+
+def _combine_call(expand_x: Any, expert_ids: Any, group_ep: Any, group_tp: Any,
+                  config: Dict[str, int]) -> Tuple[Any, Any, int]:
+    """What a combine on CUDA tensors runs with: its CUDA group, its output ((BS, H) in expand_x's dtype,
+    fresh, on its device) and the stream."""
+    backend = _backend_of(expand_x)
+    assert backend is not None
+    _, h = matrix("expand_x", expand_x)
+    bs, k = matrix("expert_ids", expert_ids)
+    group = _group(group_ep, group_tp, config, backend, expand_x, bs, k, h)
+    return group, backend.empty((bs, h), backend.dtype(expand_x), expand_x), backend.stream(group.device)
+
+
 def dispatch(x: Any, expert_ids: Any, group_ep: Any, group_tp: Any, config: Dict[str, int], quant_mode: int,
              expert_token_nums_type: int, scales: Any, x_active_mask: Any, expert_scales: Any) -> Tuple[Any, ...]:
     """npu_moe_distribute_dispatch on CUDA tensors: the seven results, fresh tensors on x's device."""
-    backend = _backend_of(x)
-    assert backend is not None
     x, expert_ids, scales, x_active_mask, expert_scales = (
-        backend.readable(t) for t in (x, expert_ids, scales, x_active_mask, expert_scales))
-    bs, h = _matrix("x", x)
-    _, k = _matrix("expert_ids", expert_ids)
-    group = _group(group_ep, group_tp, config, backend, x, bs, k, h)
-    cap = _moedist.capacity(config, bs, k, h, quant_mode)
-    rows, t = cap["max_receive_rows"], max(config["tp_world_size"], 0)
-    shapes = [((rows, h), "int8" if quant_mode == 2 else backend.dtype(x)), ((rows,), "float32"), ((bs * k,), "int32"),
-              ((cap["local_expert_num"],), "int64"), ((cap["ep_recv_counts_len"],), "int32"), ((t,), "int32"),
-              ((rows,), "float32")]
-    outputs = tuple(backend.empty(shape, dtype, x) for shape, dtype in shapes)
-    group.dispatch(backend.stream(group.device), x, expert_ids, scales, x_active_mask, expert_scales, quant_mode,
-                   expert_token_nums_type, outputs)
+        detached(t) for t in (x, expert_ids, scales, x_active_mask, expert_scales))
+    group, outputs, stream = _dispatch_call(x, expert_ids, group_ep, group_tp, config, quant_mode, 1)
+    group.dispatch(stream, x, expert_ids, scales, x_active_mask, expert_scales, quant_mode, expert_token_nums_type,
+                   outputs)
     return outputs
 
 
@@ -147,20 +146,15 @@ def combine(expand_x: Any, expert_ids: Any, expand_idx: Any, ep_send_counts: Any
             group_list_type: int) -> Any:
     """npu_moe_distribute_combine on CUDA tensors: (BS, H) in expand_x's dtype, a fresh tensor. `tensors`
     holds the optional tensor parameters by name."""
-    backend = _backend_of(expand_x)
-    assert backend is not None
     expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales = (
-        backend.readable(t) for t in (expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales))
-    tensors = {name: backend.readable(t) for name, t in tensors.items()}
-    _, h = _matrix("expand_x", expand_x)
-    bs, k = _matrix("expert_ids", expert_ids)
-    group = _group(group_ep, group_tp, config, backend, expand_x, bs, k, h)
-    out = backend.empty((bs, h), backend.dtype(expand_x), expand_x)
+        detached(t) for t in (expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales))
+    tensors = {name: detached(t) for name, t in tensors.items()}
+    group, out, stream = _combine_call(expand_x, expert_ids, group_ep, group_tp, config)
     tp_send_counts = tensors["tp_send_counts"] if config["tp_world_size"] == 2 else None  # ignored without TP
-    group.combine(backend.stream(group.device), expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales,
-                  tp_send_counts, tensors["x_active_mask"], tensors["activation_scale"], tensors["weight_scale"],
-                  tensors["group_list"], tensors["expand_scales"], tensors["shared_expert_x"], out_dtype,
-                  comm_quant_mode, group_list_type, out)
+    group.combine(stream, expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, tp_send_counts,
+                  tensors["x_active_mask"], tensors["activation_scale"], tensors["weight_scale"], tensors["group_list"],
+                  tensors["expand_scales"], tensors["shared_expert_x"], out_dtype, comm_quant_mode, group_list_type,
+                  out)
     return out
 
 
@@ -170,22 +164,11 @@ def dispatch_v2(x: Any, expert_ids: Any, group_ep: Any, group_tp: Any, config: D
     (assist_info_for_combine: max(BS * K, 128 * A) entries, 3 per own row; the rest unspecified, as the
     rows of expand_x past the valid ones are). `tensors` holds the optional tensor parameters by name;
     performance_info is raised in place."""
-    backend = _backend_of(x)
-    assert backend is not None
-    x, expert_ids = backend.readable(x), backend.readable(expert_ids)
-    tensors = {name: backend.readable(t) for name, t in tensors.items()}
-    bs, h = _matrix("x", x)
-    _, k = _matrix("expert_ids", expert_ids)
-    group = _group(group_ep, group_tp, config, backend, x, bs, k, h)
-    quant_mode = ints["quant_mode"]
-    cap = _moedist.capacity(config, bs, k, h, quant_mode, 2)
-    rows, a, t = cap["max_receive_rows"], cap["A"], max(config["tp_world_size"], 0)
-    shapes = [((rows, h), "int8" if quant_mode == 2 else backend.dtype(x)), ((rows,), "float32"),
-              ((max(bs * k, 128 * a),), "int32"), ((cap["local_expert_num"],), "int64"),
-              ((cap["ep_recv_counts_len"],), "int32"), ((t,), "int32"), ((a,), "float32")]
-    outputs = tuple(backend.empty(shape, dtype, x) for shape, dtype in shapes)
-    group.dispatch_v2(backend.stream(group.device), x, expert_ids, tensors["scales"], tensors["x_active_mask"],
-                      tensors["expert_scales"], tensors["elastic_info"], tensors["performance_info"], quant_mode,
+    x, expert_ids = detached(x), detached(expert_ids)
+    tensors = {name: detached(t) for name, t in tensors.items()}
+    group, outputs, stream = _dispatch_call(x, expert_ids, group_ep, group_tp, config, ints["quant_mode"], 2)
+    group.dispatch_v2(stream, x, expert_ids, tensors["scales"], tensors["x_active_mask"], tensors["expert_scales"],
+                      tensors["elastic_info"], tensors["performance_info"], ints["quant_mode"],
                       ints["expert_token_nums_type"], ints["zero_expert_num"], ints["copy_expert_num"],
                       ints["const_expert_num"], comm_alg, outputs)
     return outputs
@@ -195,26 +178,15 @@ def combine_v2(expand_x: Any, expert_ids: Any, assist_info_for_combine: Any, ep_
                group_ep: Any, group_tp: Any, config: Dict[str, int], ints: Dict[str, int], comm_alg: str,
                tensors: Dict[str, Any]) -> Any:
     """npu_moe_distribute_combine_v2 on CUDA tensors: (BS, H) in expand_x's dtype, a fresh tensor."""
-    backend = _backend_of(expand_x)
-    assert backend is not None
     expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales = (
-        backend.readable(t) for t in (expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales))
-    tensors = {name: backend.readable(t) for name, t in tensors.items()}
-    _, h = _matrix("expand_x", expand_x)
-    bs, k = _matrix("expert_ids", expert_ids)
-    group = _group(group_ep, group_tp, config, backend, expand_x, bs, k, h)
-    out = backend.empty((bs, h), backend.dtype(expand_x), expand_x)
+        detached(t) for t in (expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales))
+    tensors = {name: detached(t) for name, t in tensors.items()}
+    group, out, stream = _combine_call(expand_x, expert_ids, group_ep, group_tp, config)
     tp_send_counts = tensors["tp_send_counts"] if config["tp_world_size"] == 2 else None  # ignored without TP
-    group.combine_v2(backend.stream(group.device), expand_x, expert_ids, assist_info_for_combine, ep_send_counts,
-                     expert_scales, tp_send_counts, tensors["x_active_mask"], tensors["expand_scales"],
-                     tensors["shared_expert_x"], tensors["elastic_info"], tensors["ori_x"],
-                     tensors["const_expert_alpha_1"], tensors["const_expert_alpha_2"], tensors["const_expert_v"],
-                     tensors["performance_info"], ints["comm_quant_mode"], ints["zero_expert_num"],
-                     ints["copy_expert_num"], ints["const_expert_num"], comm_alg, out)
+    group.combine_v2(stream, expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales,
+                     tp_send_counts, tensors["x_active_mask"], tensors["expand_scales"], tensors["shared_expert_x"],
+                     tensors["elastic_info"], tensors["ori_x"], tensors["const_expert_alpha_1"],
+                     tensors["const_expert_alpha_2"], tensors["const_expert_v"], tensors["performance_info"],
+                     ints["comm_quant_mode"], ints["zero_expert_num"], ints["copy_expert_num"],
+                     ints["const_expert_num"], comm_alg, out)
     return out
-
-
-def synchronize_group(group: Any, stream: Optional[int]) -> None:
-    """Waits for the calls of one CUDA group on `stream` (default: the stream of its latest call) and
-    raises the first error its GPU recorded."""
-    group.synchronize(stream)

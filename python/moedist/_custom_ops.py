@@ -19,8 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _moedist
-from ._errors import ValidationError
+from ._tensors import OutputSpec, dispatch_outputs, matrix
 
 NAMESPACE = "moedist"
 
@@ -71,29 +70,14 @@ def supported() -> bool:
     return version >= (2, 1) and hasattr(torch.library, "Library")
 
 
-def _matrix(name: str, t: torch.Tensor) -> Tuple[int, int]:
-    """(rows, cols) of a 2-D tensor argument, or a ValidationError as the C++ checks would raise it."""
-    if t.dim() != 2:
-        raise ValidationError(f"{name}.dim() = {t.dim()}: must be 2", "invalid_shape", f"{name}.dim()", str(t.dim()),
-                              "must be 2")
-    return int(t.shape[0]), int(t.shape[1])
+def _torch_outputs(specs: List[OutputSpec], x: torch.Tensor) -> List[Tuple[Tuple[int, ...], torch.dtype]]:
+    return [(shape, x.dtype if dtype == "x" else getattr(torch, dtype)) for shape, dtype in specs]
 
 
 def dispatch_shapes(x: torch.Tensor, expert_ids: torch.Tensor, quant_mode: int,
                     config: Dict[str, int]) -> List[Tuple[Tuple[int, ...], torch.dtype]]:
     """The output shapes and dtypes of dispatch, from the arguments alone (see the module's docstring)."""
-    bs, h = _matrix("x", x)
-    ids_rows, k = _matrix("expert_ids", expert_ids)
-    if ids_rows != bs:
-        raise ValidationError(f"expert_ids.shape = ({ids_rows}, {k}): must have BS = x.shape[0] = {bs} rows",
-                              "invalid_shape", "expert_ids.shape", f"({ids_rows}, {k})",
-                              f"must have BS = x.shape[0] = {bs} rows")
-    cap = _moedist.capacity(config, bs, k, h, quant_mode)
-    rows = cap["max_receive_rows"]
-    return [((rows, h), torch.int8 if quant_mode == 2 else x.dtype), ((rows,), torch.float32),
-            ((bs * k,), torch.int32), ((cap["local_expert_num"],), torch.int64),
-            ((cap["ep_recv_counts_len"],), torch.int32), ((max(config["tp_world_size"], 0),), torch.int32),
-            ((rows,), torch.float32)]
+    return _torch_outputs(dispatch_outputs(x, expert_ids, quant_mode, config, 1), x)
 
 
 def dispatch_v2_shapes(x: torch.Tensor, expert_ids: torch.Tensor, quant_mode: int,
@@ -101,18 +85,7 @@ def dispatch_v2_shapes(x: torch.Tensor, expert_ids: torch.Tensor, quant_mode: in
     """The output shapes and dtypes of dispatch_v2 (V2 §1.4): expand_x (A * max(T, 1), H), dynamic_scales
     (A * max(T, 1),), assist_info_for_combine (max(BS * K, 128 * A),), expert_token_nums (L,),
     ep_recv_counts (W * L * (2 if T == 2 else 1),), tp_recv_counts (T,), expand_scales (A,)."""
-    bs, h = _matrix("x", x)
-    ids_rows, k = _matrix("expert_ids", expert_ids)
-    if ids_rows != bs:
-        raise ValidationError(f"expert_ids.shape = ({ids_rows}, {k}): must have BS = x.shape[0] = {bs} rows",
-                              "invalid_shape", "expert_ids.shape", f"({ids_rows}, {k})",
-                              f"must have BS = x.shape[0] = {bs} rows")
-    cap = _moedist.capacity(config, bs, k, h, quant_mode, 2)
-    rows, a = cap["max_receive_rows"], cap["A"]
-    return [((rows, h), torch.int8 if quant_mode == 2 else x.dtype), ((rows,), torch.float32),
-            ((max(bs * k, 128 * a),), torch.int32), ((cap["local_expert_num"],), torch.int64),
-            ((cap["ep_recv_counts_len"],), torch.int32), ((max(config["tp_world_size"], 0),), torch.int32),
-            ((a,), torch.float32)]
+    return _torch_outputs(dispatch_outputs(x, expert_ids, quant_mode, config, 2), x)
 
 
 def _config(args: Dict[str, Any]) -> Dict[str, int]:
@@ -138,8 +111,8 @@ def _combine_fake(expand_x: torch.Tensor, expert_ids: torch.Tensor, expand_idx: 
                   group_tp: str = "", tp_world_size: int = 0, tp_rank_id: int = 0, expert_shard_type: int = 0,
                   shared_expert_num: int = 1, shared_expert_rank_num: int = 0, global_bs: int = 0, out_dtype: int = 0,
                   comm_quant_mode: int = 0, group_list_type: int = 0) -> torch.Tensor:
-    _, h = _matrix("expand_x", expand_x)
-    bs, _ = _matrix("expert_ids", expert_ids)
+    _, h = matrix("expand_x", expand_x)
+    bs, _ = matrix("expert_ids", expert_ids)
     return expand_x.new_empty((bs, h))
 
 
@@ -159,8 +132,8 @@ def _dispatch_v2_fake(x: torch.Tensor, expert_ids: torch.Tensor, group_ep: str, 
 def _combine_v2_fake(expand_x: torch.Tensor, expert_ids: torch.Tensor, assist_info_for_combine: torch.Tensor,
                      ep_send_counts: torch.Tensor, expert_scales: torch.Tensor, group_ep: str, ep_world_size: int,
                      ep_rank_id: int, moe_expert_num: int, **options: Any) -> torch.Tensor:
-    _, h = _matrix("expand_x", expand_x)
-    bs, _k = _matrix("expert_ids", expert_ids)
+    _, h = matrix("expand_x", expand_x)
+    bs, _k = matrix("expert_ids", expert_ids)
     return expand_x.new_empty((bs, h))
 
 

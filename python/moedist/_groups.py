@@ -38,9 +38,10 @@ from __future__ import annotations
 import atexit
 import hashlib
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Dict, List, Mapping, NoReturn, Optional, Set, Tuple, Type
+from typing import Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Set, Tuple, Type
 
 from . import _moedist
 from ._errors import ValidationError
@@ -577,17 +578,10 @@ def _require_one_host(world: World, members: Tuple[int, ...]) -> None:
     """A CUDA group's ranks reach each other through CUDA IPC: its members in an MPI world must be on one
     node. Collective over the members only (as the join is): a communicator of theirs, as _join_mpi makes."""
     from mpi4py import MPI
-    everyone = world.comm.Get_group()
-    chosen = everyone.Incl(list(members))
-    comm = world.comm.Create_group(chosen)
-    try:
+    with _members_comm(world, members) as comm:
         node = comm.Split_type(MPI.COMM_TYPE_SHARED)
         spread = node.Get_size() != comm.Get_size()
         node.Free()
-    finally:
-        comm.Free()
-        chosen.Free()
-        everyone.Free()
     if spread:
         _refuse("group_ep", "ranks on several nodes", "the ranks of a CUDA group must be processes of one host (CUDA "
                 "IPC); groups across hosts take CPU tensors", "unsupported")
@@ -602,23 +596,30 @@ def synchronize(group: Any, stream: Optional[int] = None) -> None:
     _domain(name, "group")
     with _lock:
         cuda_groups = [cpp for key, (cpp, names) in _groups.items() if key[4] is not None and name in names]
-    from . import _cuda
     for cpp in cuda_groups:
-        _cuda.synchronize_group(cpp, stream)
+        cpp.synchronize(stream)
 
 
-def _join_mpi(world: World, members: Tuple[int, ...], config: Dict[str, int]) -> _moedist.Group:
-    """Joins over the world's communicator when the group is all of it, else over a communicator of the
-    members alone (MPI_Comm_create_group: collective over the members only, as the join is)."""
-    from mpi4py import MPI
+@contextmanager
+def _members_comm(world: World, members: Tuple[int, ...]) -> Iterator[Any]:
+    """The world's communicator when the group is all of it, else one of the members alone
+    (MPI_Comm_create_group: collective over the members only, as the join is), freed afterwards."""
     if members == tuple(range(world.size)):
-        return _moedist.join_mpi(MPI._handleof(world.comm), config, world.timeout_ms, world.worker_threads)
+        yield world.comm
+        return
     everyone = world.comm.Get_group()
     chosen = everyone.Incl(list(members))
     comm = world.comm.Create_group(chosen)
     try:
-        return _moedist.join_mpi(MPI._handleof(comm), config, world.timeout_ms, world.worker_threads)
+        yield comm
     finally:
-        comm.Free()  # join_mpi works on a duplicate of its own
+        comm.Free()
         chosen.Free()
         everyone.Free()
+
+
+def _join_mpi(world: World, members: Tuple[int, ...], config: Dict[str, int]) -> _moedist.Group:
+    """Joins over a communicator of the members (_members_comm; join_mpi works on a duplicate of its own)."""
+    from mpi4py import MPI
+    with _members_comm(world, members) as comm:
+        return _moedist.join_mpi(MPI._handleof(comm), config, world.timeout_ms, world.worker_threads)

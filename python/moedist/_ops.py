@@ -21,7 +21,7 @@ from . import _cuda, _groups, _moedist
 from ._errors import ValidationError
 from ._integers import Integer, integer
 from ._moedist import ViewAs
-from ._tensors import is_bfloat16, kind_of, output, prepare
+from ._tensors import detached, is_bfloat16, kind_of, output, prepare
 
 # The parameters of each operator by kind, in torch_npu's order (after the leading positional ones).
 _DISPATCH_TENSORS = ("scales", "x_active_mask", "expert_scales")
@@ -79,7 +79,7 @@ def npu_moe_distribute_dispatch(x: Any, expert_ids: Any, group_ep: str, ep_world
     if _registered_ops is not None and _through_op(x, expert_ids, *(args[name] for name in _DISPATCH_TENSORS)):
         a = _op_arguments(args, _DISPATCH_TENSORS, _DISPATCH_INTS)
         op = _registered_ops[0]
-        results: Tuple[Any, ...] = op(_detached(x), _detached(expert_ids), _group_name("group_ep", group_ep),
+        results: Tuple[Any, ...] = op(detached(x), detached(expert_ids), _group_name("group_ep", group_ep),
                                       a.pop("ep_world_size"), a.pop("ep_rank_id"), a.pop("moe_expert_num"), **a)
         return results
     return _dispatch(x, expert_ids, group_ep, **args)
@@ -136,8 +136,8 @@ def npu_moe_distribute_combine(expand_x: Any, expert_ids: Any, expand_idx: Any, 
     if _registered_ops is not None and _through_op(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales,
                                                    *(args[name] for name in _COMBINE_TENSORS)):
         a = _op_arguments(args, _COMBINE_TENSORS, _COMBINE_INTS)
-        return _registered_ops[1](_detached(expand_x), _detached(expert_ids), _detached(expand_idx),
-                                  _detached(ep_send_counts), _detached(expert_scales), _group_name("group_ep", group_ep),
+        return _registered_ops[1](detached(expand_x), detached(expert_ids), detached(expand_idx),
+                                  detached(ep_send_counts), detached(expert_scales), _group_name("group_ep", group_ep),
                                   a.pop("ep_world_size"), a.pop("ep_rank_id"), a.pop("moe_expert_num"), **a)
     return _combine(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep, **args)
 
@@ -218,7 +218,7 @@ def _op_arguments(args: Dict[str, Any], tensor_names: Tuple[str, ...], int_names
     torch reads an int, or refused by name; while torch.compile traces they are the graph's constants
     and go as they are), group_tp a string."""
     compiling = _compiling()
-    out = {name: _detached(args[name]) for name in tensor_names}
+    out = {name: detached(args[name]) for name in tensor_names}
     out.update({name: args[name] if compiling else integer(name, args[name]) for name in int_names})
     out["group_tp"] = _group_name("group_tp", args["group_tp"])
     return out
@@ -229,11 +229,6 @@ def _group_name(parameter: str, name: object) -> str:
         raise ValidationError(f"{parameter} = {name!r}: must be a string (a group's name)", "invalid_argument", parameter,
                               repr(name), "must be a string (a group's name)")
     return name
-
-
-def _detached(t: Any) -> Any:
-    # The ops have no autograd formula: what they read of a tensor that requires grad is its data.
-    return t.detach() if isinstance(t, _torch.Tensor) and t.requires_grad else t
 
 
 # The registered ops' kernels (CPU and CUDA): torch passes the schema's arguments, kwarg-only ones by name. The fast

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional, Tuple
 from . import _cuda, _groups, _ops
 from ._errors import ValidationError
 from ._integers import Integer, integer
-from ._tensors import is_bfloat16, kind_of, output
+from ._tensors import detached, is_bfloat16, kind_of, output
 
 _DISPATCH_TENSORS = ("scales", "x_active_mask", "expert_scales", "elastic_info", "performance_info")
 _DISPATCH_INTS = ("ep_world_size", "ep_rank_id", "moe_expert_num", "tp_world_size", "tp_rank_id", "expert_shard_type",
@@ -54,7 +54,7 @@ def npu_moe_distribute_dispatch_v2(x: Any, expert_ids: Any, group_ep: str, ep_wo
     if ops is not None and _ops._through_op(x, expert_ids, *(args[name] for name in _DISPATCH_TENSORS)):
         a = _ops._op_arguments(args, _DISPATCH_TENSORS, _DISPATCH_INTS)
         a["comm_alg"] = _string("comm_alg", comm_alg)
-        results: Tuple[Any, ...] = ops[0](_ops._detached(x), _ops._detached(expert_ids),
+        results: Tuple[Any, ...] = ops[0](detached(x), detached(expert_ids),
                                           _ops._group_name("group_ep", group_ep), a.pop("ep_world_size"),
                                           a.pop("ep_rank_id"), a.pop("moe_expert_num"), **a)
         return results
@@ -116,7 +116,7 @@ def npu_moe_distribute_combine_v2(expand_x: Any, expert_ids: Any, assist_info_fo
                                             *(args[name] for name in _COMBINE_TENSORS)):
         a = _ops._op_arguments(args, _COMBINE_TENSORS, _COMBINE_INTS)
         a["comm_alg"] = _string("comm_alg", comm_alg)
-        d = _ops._detached
+        d = detached
         return ops[1](d(expand_x), d(expert_ids), d(assist_info_for_combine), d(ep_send_counts), d(expert_scales),
                       _ops._group_name("group_ep", group_ep), a.pop("ep_world_size"), a.pop("ep_rank_id"),
                       a.pop("moe_expert_num"), **a)

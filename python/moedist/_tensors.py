@@ -3,11 +3,12 @@ the buffer protocol, no copy); results come back as the caller's kind of tensor.
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
 
+from . import _moedist
 from ._errors import ValidationError
 from ._moedist import ViewAs
 
@@ -44,6 +45,45 @@ def bfloat16(array: npt.ArrayLike | BFloat16Array) -> BFloat16Array:
 def is_torch(t: object) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(t, torch.Tensor)
+
+
+def detached(t: Any) -> Any:
+    """What the operators read of a torch tensor that requires grad: its data (they have no autograd
+    formula); anything else as it is."""
+    return t.detach() if is_torch(t) and t.requires_grad else t
+
+
+def matrix(name: str, t: Any) -> Tuple[int, int]:
+    """(rows, cols) of a 2-D tensor argument, or a ValidationError as the C++ checks would raise it."""
+    shape = tuple(t.shape)
+    if len(shape) != 2:
+        raise ValidationError(f"{name}.dim() = {len(shape)}: must be 2", "invalid_shape", f"{name}.dim()",
+                              str(len(shape)), "must be 2")
+    return int(shape[0]), int(shape[1])
+
+
+# One output of a dispatch: its shape, and its dtype by name ("x": the dtype of the call's x).
+OutputSpec = Tuple[Tuple[int, ...], str]
+
+
+def dispatch_outputs(x: Any, expert_ids: Any, quant_mode: int, config: Dict[str, int], version: int) -> List[OutputSpec]:
+    """The seven outputs of dispatch (version 1) or dispatch_v2 (2), from the arguments alone: the static
+    shapes of the registered ops' fakes (_custom_ops.py) and of the CUDA path's results (_cuda.py).
+    V1: expand_x (R, H), dynamic_scales (R,), expand_idx (BS * K,); V2: expand_x (R, H), dynamic_scales
+    (R,), assist_info_for_combine (max(BS * K, 128 * A),); both: expert_token_nums (L,), ep_recv_counts,
+    tp_recv_counts (T,), then expand_scales (R,) in V1 and (A,) in V2; R is capacity's max_receive_rows."""
+    bs, h = matrix("x", x)
+    ids_rows, k = matrix("expert_ids", expert_ids)
+    if ids_rows != bs:
+        raise ValidationError(f"expert_ids.shape = ({ids_rows}, {k}): must have BS = x.shape[0] = {bs} rows",
+                              "invalid_shape", "expert_ids.shape", f"({ids_rows}, {k})",
+                              f"must have BS = x.shape[0] = {bs} rows")
+    cap = _moedist.capacity(config, bs, k, h, quant_mode, version)
+    rows, a = cap["max_receive_rows"], cap["A"]
+    third = ((bs * k,), "int32") if version == 1 else ((max(bs * k, 128 * a),), "int32")
+    return [((rows, h), "int8" if quant_mode == 2 else "x"), ((rows,), "float32"), third,
+            ((cap["local_expert_num"],), "int64"), ((cap["ep_recv_counts_len"],), "int32"),
+            ((max(config["tp_world_size"], 0),), "int32"), ((rows if version == 1 else a,), "float32")]
 
 
 def prepare(name: str, t: Any) -> Tuple[Any, ViewAs, Optional[str]]:
