@@ -25,6 +25,7 @@
 
 #include "call_tensors.h"
 #include "common/format.h"
+#include "cuda/device_guard.h"
 #include "dlpack.h"
 #include "dlpack_view.h"
 #include "moedist/cuda.h"
@@ -47,25 +48,6 @@ void check_enqueue(cudaError_t err, const char* what) {
                                             cudaGetErrorString(err), ")"));
   }
 }
-
-// Makes `device` the calling thread's current CUDA device for a scope, and restores the previous one.
-class OnDevice {
- public:
-  explicit OnDevice(int device) {
-    check_enqueue(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) check_enqueue(cudaSetDevice(device), "cudaSetDevice");
-    device_ = device;
-  }
-  ~OnDevice() {
-    if (previous_ != device_) cudaSetDevice(previous_);
-  }
-  OnDevice(const OnDevice&) = delete;
-  OnDevice& operator=(const OnDevice&) = delete;
-
- private:
-  int previous_ = 0;
-  int device_ = 0;
-};
 
 // An output tensor the package made for a call: C-contiguous, as torch.empty makes them (checked before
 // anything is enqueued).
@@ -234,7 +216,7 @@ class PyCudaGroup {
       }
       closed_ = true;
       if (order_event_ != nullptr) {
-        const OnDevice on(device_);
+        const cuda::DeviceGuard on(device_);
         cudaEventDestroy(order_event_);
         order_event_ = nullptr;
       }
@@ -291,7 +273,7 @@ class PyCudaGroup {
   cuda::CudaGroup& begin_call(const char* call, std::uintptr_t stream) {
     cuda::CudaGroup& g = open_group(call);
     if (has_last_ && stream != last_stream_ && !capturing(stream) && !capturing(last_stream_)) {
-      const OnDevice on(device_);
+      const cuda::DeviceGuard on(device_);
       if (order_event_ == nullptr) check_enqueue(cudaEventCreateWithFlags(&order_event_, cudaEventDisableTiming), call);
       check_enqueue(cudaEventRecord(order_event_, stream_of(last_stream_)), call);
       check_enqueue(cudaStreamWaitEvent(stream_of(stream), order_event_, 0), call);
@@ -312,7 +294,7 @@ class PyCudaGroup {
   void deliver(const cuda::CudaDispatchResult& r, const TensorView& third, const std::vector<Borrowed>& outs,
                const OutputNames& names, std::uintptr_t stream) {
     try {
-      const OnDevice on(device_);
+      const cuda::DeviceGuard on(device_);
       copy_results(r, third, outs, names, stream_of(stream));
     } catch (const Error& e) {
       broken_ = concat("copying a dispatch's results failed after its kernels were enqueued (", e.what(),

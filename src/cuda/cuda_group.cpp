@@ -14,6 +14,7 @@
 #include "contract/layout.h"
 #include "contract/v2_routing.h"
 #include "cuda/call_args.h"
+#include "cuda/device_guard.h"
 #include "cuda/kernels.h"
 #include "cuda/status_errors.h"
 #include "cuda/window_layout.h"
@@ -28,12 +29,6 @@ namespace {
 
 constexpr int kMaxWorld = 1024;  // flag arrays and the per-rank loops of the planning kernel are sized for this
 constexpr std::int64_t kMaxK = 1024;
-
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw Error(ErrorCode::internal, concat("CUDA error in ", what, ": ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
-  }
-}
 
 int bits_for(int max_value) {
   int bits = 1;
@@ -65,24 +60,6 @@ void require_device_tensor(const char* name, const void* data, std::int64_t nume
     fail(ErrorCode::invalid_argument, concat(name, ".data"), concat("memory of device ", attr.device),
          concat("must be memory of this rank's device ", device));
 }
-
-// Makes the group's device current for a call and restores the caller's afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) : device_(device) {
-    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device_) check_cuda(cudaSetDevice(device_), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    if (previous_ != device_) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int device_;
-  int previous_ = 0;
-};
 
 // An error an earlier, unrelated launch of this process left pending would otherwise be reported as
 // this call's; it is reported as what it is, before anything is enqueued.
