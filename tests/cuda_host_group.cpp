@@ -255,18 +255,17 @@ Tensor fresh_like(std::mt19937_64& rng, const Tensor& t, float spread) {
 }  // namespace
 
 casefile::Case next_call_v2(const casefile::Case& c, std::mt19937_64& rng) {
-  casefile::Case n = mt::next_call(c, rng);
+  const int ids = c.moe_expert_num + c.zero_expert_num + c.copy_expert_num + c.const_expert_num;
+  casefile::Case n = mt::next_call(c, rng, ids);  // K may exceed moe_expert_num: the special experts' ids follow
   n.op = 2;
   n.zero_expert_num = c.zero_expert_num;
   n.copy_expert_num = c.copy_expert_num;
   n.const_expert_num = c.const_expert_num;
   n.comm_alg = c.comm_alg;
-  const int ids = c.moe_expert_num + c.zero_expert_num + c.copy_expert_num + c.const_expert_num;
   for (std::size_t g = 0; g < c.ranks.size(); ++g) {
     const casefile::RankInputs& old = c.ranks[g];
     casefile::RankInputs& in = n.ranks[g];
     const std::int64_t bs = in.x.rows(), k = in.expert_ids.cols();
-    in.expert_ids = mt::random_ids(rng, bs, k, ids);
     std::int32_t* id = in.expert_ids.data<std::int32_t>();
     if (old.x_active_mask.ndim() == 1) {  // a new prefix; the inactive rows' ids must not be read
       const auto active = static_cast<std::int64_t>(rng() % static_cast<std::uint64_t>(bs + 1));

@@ -7,6 +7,7 @@
 #include <mutex>
 #include <optional>
 #include <sstream>
+#include <stdexcept>
 
 #include "moedist/moedist.h"
 #include "numeric/convert.h"
@@ -35,6 +36,7 @@ void fill_half(std::mt19937_64& rng, Tensor& t, float spread) {
 }  // namespace
 
 Tensor random_ids(std::mt19937_64& rng, std::int64_t bs, std::int64_t k, int experts) {
+  if (k > experts) throw std::invalid_argument("random_ids: k distinct ids need k <= experts");
   Tensor t(DType::int32, bs, k);
   std::vector<std::int32_t> ids(static_cast<std::size_t>(experts));
   for (std::int64_t b = 0; b < bs; ++b) {
@@ -264,7 +266,7 @@ casefile::Case uniform_case(std::mt19937_64& rng, int world_size, std::int64_t m
   return c;
 }
 
-casefile::Case next_call(const casefile::Case& c, std::mt19937_64& rng) {
+casefile::Case next_call(const casefile::Case& c, std::mt19937_64& rng, int id_count) {
   casefile::Case n;
   n.ep_world_size = c.ep_world_size;
   n.tp_world_size = c.tp_world_size;
@@ -281,7 +283,8 @@ casefile::Case next_call(const casefile::Case& c, std::mt19937_64& rng) {
     casefile::RankInputs in;
     in.x = Tensor(c.dtype, r.x.rows(), r.x.cols());
     for (std::int64_t i = 0; i < in.x.numel(); ++i) in.x.data<std::uint16_t>()[i] = to_half_bits(c.dtype, value(rng));
-    in.expert_ids = random_ids(rng, r.expert_ids.rows(), r.expert_ids.cols(), c.moe_expert_num);
+    in.expert_ids =
+        random_ids(rng, r.expert_ids.rows(), r.expert_ids.cols(), id_count > 0 ? id_count : c.moe_expert_num);
     if (r.scales.present()) in.scales = copy_rows(r.scales.view(), r.scales.rows());
     if (r.expert_scales.present()) {
       in.expert_scales = Tensor(DType::fp32, r.expert_scales.rows(), r.expert_scales.cols());

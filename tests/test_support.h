@@ -47,8 +47,9 @@ void random_inputs(casefile::Case& c, std::mt19937_64& rng, const CaseLimits& li
 casefile::Case uniform_case(std::mt19937_64& rng, int world_size, std::int64_t max_h, std::int64_t bs);
 
 // The next call on the same group: the configuration and shapes of `c` with new random x, expert ids
-// and router weights (smooth scales kept), and identity experts (no combine_x).
-casefile::Case next_call(const casefile::Case& c, std::mt19937_64& rng);
+// and router weights (smooth scales kept), and identity experts (no combine_x). The ids are distinct per
+// token, drawn from [0, id_count) (default: moe_expert_num).
+casefile::Case next_call(const casefile::Case& c, std::mt19937_64& rng, int id_count = 0);
 
 // One-line description for failure messages.
 std::string describe(const casefile::Case& c);
@@ -108,7 +109,7 @@ std::string compare_with_oracle(const casefile::Case& c, const std::vector<casef
                                 const std::vector<oracle::RankOutput>& want);
 
 // (bs, k) int32 expert ids: k distinct experts in [0, experts) per row, uniformly at random.
-Tensor random_ids(std::mt19937_64& rng, std::int64_t bs, std::int64_t k, int experts);
+Tensor random_ids(std::mt19937_64& rng, std::int64_t bs, std::int64_t k, int experts);  // k <= experts, or throws
 // int32 tensors holding the given values, row-major.
 Tensor int32_tensor(std::int64_t rows, std::int64_t cols, const std::vector<std::int32_t>& values);
 Tensor int32_vector(const std::vector<std::int32_t>& values);
