@@ -121,15 +121,11 @@ std::vector<std::string> run_kernels(const std::vector<casefile::Case>& calls, c
   return out;
 }
 
-// Sanitizer builds run fewer cases: they multiply the cost of every fiber switch (16 V2 cases took 7 minutes
-// under ASan). They are there to see the kernels' memory accesses and races, which the targeted tests below
-// and a few random cases reach; the release build runs the full count against the oracle.
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-constexpr int kRandomCases = 8;
-constexpr int kV1AndV2Runs = 3;
+// ThreadSanitizer builds run fewer cases: it multiplies the cost of every fiber switch.
+#ifdef MOEDIST_EMU_TSAN
+constexpr int kRandomCases = 16;
 #else
 constexpr int kRandomCases = 64;
-constexpr int kV1AndV2Runs = 6;
 #endif
 
 TEST(CudaKernelsEmulated, RandomCasesMatchTheOracleOverSeveralCalls) {
@@ -181,7 +177,7 @@ TEST(CudaKernelsEmulated, RandomV2CasesMatchTheV2OracleOverSeveralCalls) {
 TEST(CudaKernelsEmulated, V1AndV2CallsInTurnOnOneGroup) {
   std::mt19937_64 rng(8130);
   int runs = 0;
-  while (runs < kV1AndV2Runs) {
+  while (runs < 6) {
     mt::CaseLimits limits;
     limits.max_ep_world_size = 4;
     limits.world_size = 2 + static_cast<int>(rng() % 3);
