@@ -281,12 +281,24 @@ def check_errors(g, n, job):
     """Typed errors of the CUDA path, on 2 ranks: host-visible ones, raised before anything is enqueued
     (the first call still joins the CUDA group), and an error only the kernels see, raised by
     synchronize (on the rank that made it: its own; on its peer: peer_failed); then the group is made
-    anew under the same name and works."""
+    anew under the same name and works. Emulated only: a build without the CUDA backend, the group's
+    calls from a second device, and a result copy that fails after the kernels were enqueued."""
     ep, tp = moedist.new_group(job, g, n, max_bs=4)
     kw = dict(ep_world_size=2, ep_rank_id=g, moe_expert_num=4)
     rng = np.random.default_rng(g)
     x = rng.integers(0, 2**15, (4, 16)).astype(np.uint16)
     ids = np.stack([rng.permutation(4)[:2] for _ in range(4)]).astype(np.int32)
+    call = lambda x_, ids_: moedist.npu_moe_distribute_dispatch(x_, ids_, ep.name, **kw)  # noqa: E731
+    if MODE == "emulated":
+        # A build without the CUDA backend refuses CUDA tensors by name. The check is the package's; this
+        # extension has the backend, so the package is shown one that has not.
+        _moedist.has_cuda = False
+        try:
+            message = expect(moedist.ValidationError, "x.device",
+                             lambda: call(on_device(x, "bfloat16"), on_device(ids, "int32")))
+        finally:
+            _moedist.has_cuda = True
+        assert "CUDA backend" in message and "cuda:0" in message, message
     # A tensor of the call in host memory (a numpy array; a torch CPU tensor through DLPack), or on
     # another device than x's: named.
     import torch
@@ -311,6 +323,10 @@ def check_errors(g, n, job):
     moedist.synchronize(ep.name, stream=0 if MODE == "emulated" else None)
     good_counts = bits(out[4])
     assert good_counts.sum() > 0
+    if MODE == "emulated":  # the group's calls from another device of this rank: named, nothing enqueued
+        message = expect(moedist.ValidationError, "x.device",
+                         lambda: call(Device.from_numpy(x, "bfloat16", 1), Device.from_numpy(ids, "int32", 1)))
+        assert "cuda:1" in message and "must be cuda:0" in message, message
     bad = ids.copy()
     if g == 1:
         bad[2, 1] = 7
@@ -330,6 +346,17 @@ def check_errors(g, n, job):
     out = moedist.npu_moe_distribute_dispatch(on_device(x, "bfloat16"), on_device(ids, "int32"), ep.name, **kw)
     moedist.synchronize(ep)
     np.testing.assert_array_equal(bits(out[4]), good_counts, err_msg=f"rank {g}: the new group's ep_recv_counts")
+    if MODE == "emulated":
+        # A result copy that fails once the kernels are enqueued (the fake runtime refuses device-to-device
+        # copies) raises, and the group then refuses every call, saying why, on every rank.
+        os.environ["MOEDIST_FAKE_CUDA_REFUSE_DEVICE_COPIES"] = "1"
+        try:
+            message = expect(moedist.Error, None, lambda: call(on_device(x, "bfloat16"), on_device(ids, "int32")))
+        finally:
+            del os.environ["MOEDIST_FAKE_CUDA_REFUSE_DEVICE_COPIES"]
+        assert "copying a dispatch's results failed" in message and "expand_x" in message, message
+        message = expect(moedist.Error, None, lambda: call(on_device(x, "bfloat16"), on_device(ids, "int32")))
+        assert "unusable" in message, message
     ep.close()
     return "ok"
 

@@ -51,6 +51,11 @@ int device_count() {
   const char* n = std::getenv("MOEDIST_FAKE_CUDA_DEVICES");
   return n != nullptr && std::atoi(n) > 0 ? std::atoi(n) : 1;
 }
+// MOEDIST_FAKE_CUDA_REFUSE_DEVICE_COPIES: copies from device to device fail (the Python binding's copies
+// of results into the caller's tensors; the group's own copies go to or from the host).
+bool refuse_device_copy(enum cudaMemcpyKind kind) {
+  return kind == cudaMemcpyDeviceToDevice && std::getenv("MOEDIST_FAKE_CUDA_REFUSE_DEVICE_COPIES") != nullptr;
+}
 
 cudaError_t fail(cudaError_t e) {
   last_error = e;
@@ -176,7 +181,8 @@ cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, enum cudaMemcpy
   std::memcpy(dst, src, bytes);
   return cudaSuccess;
 }
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, enum cudaMemcpyKind, cudaStream_t) {
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, enum cudaMemcpyKind kind, cudaStream_t) {
+  if (refuse_device_copy(kind)) return fail(cudaErrorInvalidValue);
   if (capturing != nullptr) {
     capturing->push_back([dst, src, bytes] { std::memcpy(dst, src, bytes); });
   } else {
@@ -185,7 +191,8 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, enum cudaM
   return cudaSuccess;
 }
 cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
-                              enum cudaMemcpyKind, cudaStream_t) {
+                              enum cudaMemcpyKind kind, cudaStream_t) {
+  if (refuse_device_copy(kind)) return fail(cudaErrorInvalidValue);
   if (width > dpitch || width > spitch) return fail(cudaErrorInvalidPitchValue);
   const auto copy = [=] {
     for (size_t r = 0; r < height; ++r)
