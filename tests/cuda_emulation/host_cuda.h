@@ -196,7 +196,7 @@ inline Runner& runner() {
 // (__sanitizer_start/finish_switch_fiber below), which is what it needs to follow them.
 inline int switch_context(ucontext_t* from, const ucontext_t* to) {
 #ifdef MOEDIST_EMU_ASAN
-  using Swap = int (*)(ucontext_t*, const ucontext_t*);
+  using Swap = decltype(&::swapcontext);
   static const Swap libc_swap = [] {
     void* libc = dlopen("libc.so.6", RTLD_LAZY | RTLD_NOLOAD);
     void* found = libc != nullptr ? dlsym(libc, "swapcontext") : nullptr;
