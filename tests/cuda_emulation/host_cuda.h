@@ -82,6 +82,8 @@ inline thread_local EmulatedDim3 blockIdx, blockDim, gridDim;  // threadIdx: the
 #undef __shared__
 #undef __launch_bounds__
 #undef __align__
+// CUDA's own names, reserved as they are: kernels.cu compiles here unchanged.
+// NOLINTBEGIN(bugprone-reserved-identifier)
 #define __global__
 #define __device__
 #define __host__
@@ -89,6 +91,7 @@ inline thread_local EmulatedDim3 blockIdx, blockDim, gridDim;  // threadIdx: the
 #define __shared__ static
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
+// NOLINTEND(bugprone-reserved-identifier)
 
 namespace emu {
 
@@ -435,9 +438,12 @@ inline void sort_pairs(const std::int32_t* keys_in, std::int32_t* keys_out, cons
 
 #define threadIdx (::emu::current_thread_idx())
 
+// NOLINTBEGIN(bugprone-macro-parentheses): a kernel's name, taken by address
 #define MOEDIST_LAUNCH(kernel, grid, threads, dynamic_bytes, stream) \
   emu::Launch<decltype(&kernel)>{&kernel, static_cast<unsigned>(grid), static_cast<unsigned>(threads), static_cast<std::size_t>(dynamic_bytes)}
+// NOLINTEND(bugprone-macro-parentheses)
 
+// NOLINTBEGIN(bugprone-reserved-identifier): CUDA's intrinsics, by their names
 inline void __syncthreads() { emu::wait_at_barrier(); }
 // Synchronizes the warp only, as on the GPU (a block-wide barrier here would hide a missing one).
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
@@ -457,6 +463,7 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 #endif
 inline void __nanosleep(unsigned) { emu::let_others_run(); }
+// NOLINTEND(bugprone-reserved-identifier)
 inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
   std::atomic_ref<unsigned long long> a(*p);
   unsigned long long old = a.load();
