@@ -77,6 +77,7 @@ class CudaGroup {
   // the job meet over the shared-memory bootstrap (abstract Unix sockets, as join_shm), allocate their
   // windows on their devices and open each other's through CUDA IPC. Collective. The calling thread's
   // current device is the same afterwards; destruction synchronizes the group's device from any thread.
+  // Processes started by mpirun can meet over their communicator instead (moedist/cuda_mpi.h).
   static std::unique_ptr<CudaGroup> join(const GroupConfig& config, const std::string& job, const CudaGroupOptions& options);
   ~CudaGroup();
   CudaGroup(const CudaGroup&) = delete;
@@ -135,6 +136,7 @@ class CudaGroup {
   struct State;
 
  private:
+  friend struct GroupJoin;  // the joins over each bootstrap (src/cuda/group_join.h)
   explicit CudaGroup(std::unique_ptr<State> state);
   std::unique_ptr<State> state_;
 };

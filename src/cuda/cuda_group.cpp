@@ -1,5 +1,5 @@
-// The host side of the CUDA group: joining (bootstrap over the shared-memory transport, device windows
-// exported and opened through CUDA IPC), host-side validation of every call, and turning the status the
+// The host side of the CUDA group: joining (a bootstrap transport, device windows exported and opened
+// through CUDA IPC), host-side validation of every call, and turning the status the
 // GPU recorded into typed errors. The kernels are in kernels.cu; the contract's checks in src/contract.
 #include <cuda_runtime_api.h>
 
@@ -15,6 +15,7 @@
 #include "contract/v2_routing.h"
 #include "cuda/call_args.h"
 #include "cuda/device_guard.h"
+#include "cuda/group_join.h"
 #include "cuda/kernels.h"
 #include "cuda/status_errors.h"
 #include "cuda/window_layout.h"
@@ -91,7 +92,7 @@ struct CudaGroup::State {
   GroupConfig config;
   CudaGroupOptions options;
   contract::Topology topo;
-  std::unique_ptr<shm::ShmTransport> bootstrap;  // kept until destruction: the last barrier before freeing
+  std::unique_ptr<Transport> bootstrap;  // kept until destruction: the last barrier before freeing
   cuda::WindowOffsets off;
   cuda::DeviceGroup dev;
   cuda::SortScratch sort;
@@ -275,6 +276,16 @@ const GroupConfig& CudaGroup::config() const noexcept { return state_->config; }
 int CudaGroup::device() const noexcept { return state_->options.device; }
 
 std::unique_ptr<CudaGroup> CudaGroup::join(const GroupConfig& config, const std::string& job, const CudaGroupOptions& options) {
+  return GroupJoin::join(config, options, [&](const CudaGroupOptions& resolved) -> std::unique_ptr<Transport> {
+    ShmOptions boot;
+    boot.wait.timeout = resolved.wait.timeout;
+    return std::make_unique<shm::ShmTransport>(job, global_rank(config), config.ep_world_size * tp_domain_size(config),
+                                               boot);
+  });
+}
+
+std::unique_ptr<CudaGroup> GroupJoin::join(const GroupConfig& config, const CudaGroupOptions& options,
+                                           const Bootstrap& bootstrap) {
   validate_config(config);
   const contract::Topology topo(config);
   const int world = topo.world_size();
@@ -307,15 +318,24 @@ std::unique_ptr<CudaGroup> CudaGroup::join(const GroupConfig& config, const std:
   // before the state, so that a failed join's teardown still runs on the group's device).
   const DeviceGuard on_device(opts.device);
 
-  auto state = std::make_unique<State>(config, opts);
-  State& s = *state;
+  auto state = std::make_unique<CudaGroup::State>(config, opts);
+  CudaGroup::State& s = *state;
   s.off = cuda::window_offsets(topo, opts.max_bs, opts.k, opts.h);
   if (s.off.total >= static_cast<std::size_t>(contract::kSizeLimit))
     fail_value("CudaGroupOptions::max_bs", opts.max_bs, "gives a window of more than 2^62 bytes");
 
-  ShmOptions boot;
-  boot.wait.timeout = opts.wait.timeout;
-  s.bootstrap = std::make_unique<shm::ShmTransport>(job, global_rank(config), world, boot);
+  s.bootstrap = bootstrap(opts);
+  // Every rank sees the same host map, so all of them refuse together, before any device memory exists.
+  for (int r = 1; r < world; ++r) {
+    if (s.bootstrap->host_of(r) != s.bootstrap->host_of(0)) {
+      throw PeerError(
+          ErrorCode::unsupported, r, "cuda.join",
+          concat("rank ", global_rank(config), ": rank 0 is on ", s.bootstrap->host_name(s.bootstrap->host_of(0)),
+                 " but rank ", r, " on ", s.bootstrap->host_name(s.bootstrap->host_of(r)),
+                 "; the CUDA backend does not carry rows between hosts yet: all ranks of a CUDA group must be on one "
+                 "host"));
+    }
+  }
 
   // Each phase below meets every peer even when this rank's local step failed (a failed word in its
   // record), so that all ranks leave join with an error together instead of waiting in another phase.

@@ -31,6 +31,12 @@
 #include "moedist/error.h"
 #include "test_support.h"
 
+#if MOEDIST_HAVE_MPI
+#include <mpi.h>
+
+#include "moedist/cuda_mpi.h"
+#endif
+
 namespace {
 
 using namespace moedist;
@@ -137,7 +143,17 @@ struct Mode {
   // --plant-fault: one bit of each rank's downloaded output flipped before the comparison, so a run
   // shows that the comparison sees a wrong bit (every case must then fail).
   bool plant_fault = false;
+  bool over_mpi = false;  // --mpi: the ranks are MPI_COMM_WORLD's and join with cuda::join_mpi
 };
+
+std::unique_ptr<cuda::CudaGroup> join_group(const GroupConfig& config, const std::string& job,
+                                            const cuda::CudaGroupOptions& options, const Mode& mode) {
+#if MOEDIST_HAVE_MPI
+  if (mode.over_mpi) return cuda::join_mpi(MPI_COMM_WORLD, config, options);
+#endif
+  if (mode.over_mpi) throw std::runtime_error("--mpi: this build has no MPI");
+  return cuda::CudaGroup::join(config, job, options);
+}
 
 // Runs `call` directly, or (graph) captures it into *exec the first time and launches the graph: later
 // calls replay the captured kernels with whatever the input buffers then hold.
@@ -206,7 +222,7 @@ std::string run_rank(const std::vector<casefile::Case>& calls, const std::vector
   options.device = g % devices;
   options.wait.timeout = mode.timeout;
   check(cudaSetDevice(options.device), "cudaSetDevice");
-  auto group = cuda::CudaGroup::join(mt::rank_config(c0, g), job, options);
+  auto group = join_group(mt::rank_config(c0, g), job, options, mode);
   cudaStream_t stream = nullptr;
   check(cudaStreamCreate(&stream), "cudaStreamCreate");
   const auto s = reinterpret_cast<cuda::Stream>(stream);
@@ -428,6 +444,66 @@ std::string job_name(const char* what, int i) { return "gpu-" + std::string(what
 
 int run_shared_uneven_case(std::chrono::milliseconds timeout);
 
+// Case i of a run: `world_size` ranks (0: as many as the generator draws), the call and two more on the
+// same group, the oracle's outputs for each, and the way the ranks pass them (strides, combine_buffer(),
+// graphs, permuted rows) from i.
+struct OracleCase {
+  std::vector<casefile::Case> calls;
+  std::vector<mt::Expected> wants;
+  Mode mode;
+};
+OracleCase draw_case(int i, bool v2, std::mt19937_64& rng, bool small, int world_size, const Mode& base) {
+  mt::CaseLimits limits;
+  limits.max_ep_world_size = small ? 4 : 8;
+  limits.world_size = 1 + static_cast<int>(rng() % (small ? 4 : 8));
+  if (world_size > 0) {
+    limits.world_size = world_size;
+    limits.max_ep_world_size = world_size;
+  }
+  limits.max_bs = small ? 4 : 12;
+  limits.max_h = small ? (i % 2 == 0 ? 32 : 19) : (i % 4 == 0 ? 512 : 72);
+  if (v2) {
+    limits.v2 = 1.0;
+    limits.token_masks = true;
+    if (!small && i % 10 == 9) limits.max_h = 7168;  // wide rows (and long const-expert dot products)
+  }
+  casefile::Case c = mt::random_case(rng, limits);
+  if (!v2 && !small && i % 10 == 9) {  // now and then the benchmark's row width
+    for (auto& r : c.ranks) {
+      Tensor x(c.dtype, r.x.rows(), 7168);
+      for (std::int64_t e = 0; e < x.numel(); ++e)
+        x.data<std::uint16_t>()[e] =
+            mt::to_half_bits(c.dtype, static_cast<float>(static_cast<int>(rng() % 2001) - 1000) / 250.0f);
+      r.x = std::move(x);
+      if (r.scales.present()) {
+        Tensor sc(DType::fp32, r.scales.rows(), 7168);
+        for (std::int64_t e = 0; e < sc.numel(); ++e)
+          sc.data<float>()[e] = 0.5f + static_cast<float>(rng() % 1000) / 1000.0f;
+        r.scales = std::move(sc);
+      }
+      r.combine_x = Tensor();
+    }
+  }
+  OracleCase out;
+  out.mode = base;
+  out.mode.strided = i % 5 == 1;
+  out.mode.in_window = i % 3 == 0;
+  out.mode.graph = i % 4 == 2;
+  out.mode.permute = v2 && i % 2 == 1;
+  for (int extra = 0; extra < 2; ++extra)
+    out.calls.push_back(v2 ? cuda::testing::next_call_v2(c, rng) : mt::next_call(c, rng));
+  out.calls.insert(out.calls.begin(), std::move(c));
+  for (const auto& call : out.calls) out.wants.push_back(mt::expected_outputs(call));
+  return out;
+}
+
+std::string describe_case(int i, const OracleCase& oc) {
+  const Mode& m = oc.mode;
+  return "case " + std::to_string(i) + " (" + mt::describe(oc.calls[0]) + "; strided " + std::to_string(m.strided) +
+         ", in_window " + std::to_string(m.in_window) + ", graph " + std::to_string(m.graph) + ", permuted " +
+         std::to_string(m.permute) + ")";
+}
+
 // `small`: narrow rows and few ranks, for the CPU emulation (tests/cuda_emulation/), where every
 // thread of a block is a fiber on one CPU. `cases` V1 cases, then `v2_cases` cases of the V2 operators
 // (masks, special experts, Sn 0-4, their own rows now and then permuted with their triples), drawn
@@ -437,62 +513,27 @@ int run_oracle_cases(int cases, int v2_cases, std::uint64_t seed, bool small, bo
                      std::chrono::milliseconds timeout, int const_ulps) {
   std::mt19937_64 rng_v1(seed), rng_v2(seed + 2);
   int mismatches = 0, rank_calls_checked = 0;
+  Mode base;
+  base.const_ulps = const_ulps;
+  base.timeout = timeout;
+  base.plant_fault = plant_fault;
   for (int i = 0; i < cases + v2_cases; ++i) {
     const bool v2 = i >= cases;
-    std::mt19937_64& rng = v2 ? rng_v2 : rng_v1;
-    mt::CaseLimits limits;
-    limits.max_ep_world_size = small ? 4 : 8;
-    limits.world_size = 1 + static_cast<int>(rng() % (small ? 4 : 8));
-    limits.max_bs = small ? 4 : 12;
-    limits.max_h = small ? (i % 2 == 0 ? 32 : 19) : (i % 4 == 0 ? 512 : 72);
-    if (v2) {
-      limits.v2 = 1.0;
-      limits.token_masks = true;
-      if (!small && i % 10 == 9) limits.max_h = 7168;  // wide rows (and long const-expert dot products)
-    }
-    casefile::Case c = mt::random_case(rng, limits);
-    if (!v2 && !small && i % 10 == 9) {  // now and then the benchmark's row width
-      for (auto& r : c.ranks) {
-        Tensor x(c.dtype, r.x.rows(), 7168);
-        for (std::int64_t e = 0; e < x.numel(); ++e) x.data<std::uint16_t>()[e] = mt::to_half_bits(c.dtype, static_cast<float>(static_cast<int>(rng() % 2001) - 1000) / 250.0f);
-        r.x = std::move(x);
-        if (r.scales.present()) {
-          Tensor sc(DType::fp32, r.scales.rows(), 7168);
-          for (std::int64_t e = 0; e < sc.numel(); ++e) sc.data<float>()[e] = 0.5f + static_cast<float>(rng() % 1000) / 1000.0f;
-          r.scales = std::move(sc);
-        }
-        r.combine_x = Tensor();
-      }
-    }
-    Mode mode;
-    mode.strided = i % 5 == 1;
-    mode.in_window = i % 3 == 0;
-    mode.graph = i % 4 == 2;
-    mode.permute = v2 && i % 2 == 1;
-    mode.const_ulps = const_ulps;
-    mode.timeout = timeout;
-    mode.plant_fault = plant_fault;
-    std::vector<casefile::Case> calls;
-    for (int extra = 0; extra < 2; ++extra)
-      calls.push_back(v2 ? cuda::testing::next_call_v2(c, rng) : mt::next_call(c, rng));
-    calls.insert(calls.begin(), std::move(c));
-    std::vector<mt::Expected> wants;
-    for (const auto& call : calls) wants.push_back(mt::expected_outputs(call));
+    OracleCase oc = draw_case(i, v2, v2 ? rng_v2 : rng_v1, small, 0, base);
+    const std::vector<casefile::Case>& calls = oc.calls;
+    const std::vector<mt::Expected>& wants = oc.wants;
+    const Mode& mode = oc.mode;
     const std::string job = job_name("oracle", i);
-    // calls[0], not c: c was moved into calls (its ranks were once read here, empty, so no rank ran).
     const int world = static_cast<int>(calls[0].ranks.size());
     const auto results = fork_ranks(world, [&](int g) { return run_rank(calls, wants, g, mode, job); });
     rank_calls_checked += world * static_cast<int>(calls.size());
     int bad_ranks = 0;
     for (std::size_t g = 0; g < results.size(); ++g) bad_ranks += results[g].empty() ? 0 : 1;
-    std::printf("case %d: %s; strided %d, in_window %d, graph %d, permuted %d: %s\n", i, mt::describe(calls[0]).c_str(),
-                mode.strided, mode.in_window, mode.graph, mode.permute, bad_ranks == 0 ? "ok" : "MISMATCH");
+    std::printf("%s: %s\n", describe_case(i, oc).c_str(), bad_ranks == 0 ? "ok" : "MISMATCH");
     for (std::size_t g = 0; g < results.size(); ++g) {
       if (!results[g].empty()) {
         ++mismatches;
-        std::printf("MISMATCH case %d (%s; strided %d, in_window %d, graph %d, permuted %d) rank %zu: %s\n", i,
-                    mt::describe(calls[0]).c_str(), mode.strided, mode.in_window, mode.graph, mode.permute, g,
-                    results[g].c_str());
+        std::printf("MISMATCH %s rank %zu: %s\n", describe_case(i, oc).c_str(), g, results[g].c_str());
       }
     }
   }
@@ -504,6 +545,88 @@ int run_oracle_cases(int cases, int v2_cases, std::uint64_t seed, bool small, bo
       cases, v2_cases, rank_calls_checked, mismatches, pass ? "PASS" : "FAIL");
   return pass ? 0 : 1;
 }
+
+#if MOEDIST_HAVE_MPI
+// --mpi, one process per rank under mpirun: the random cases with the ranks joined by cuda::join_mpi
+// over MPI_COMM_WORLD (every case has as many ranks as the job), then join_mpi's refusals: ranks on
+// two (virtual) hosts, a communicator of the wrong size. Every rank prints its own mismatches; rank 0
+// the verdict over all of them.
+int run_mpi_cases(int cases, int v2_cases, std::uint64_t seed, std::chrono::milliseconds timeout, bool plant_fault) {
+  int me = 0, size = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &me);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  std::mt19937_64 rng_v1(seed), rng_v2(seed + 2);
+  Mode base;
+  base.timeout = timeout;
+  base.over_mpi = true;
+  base.plant_fault = plant_fault;
+  long failures = 0, checked = 0;
+  for (int i = 0; i < cases + v2_cases; ++i) {
+    const bool v2 = i >= cases;
+    const OracleCase oc = draw_case(i, v2, v2 ? rng_v2 : rng_v1, true, size, base);
+    std::string result;
+    try {
+      result = run_rank(oc.calls, oc.wants, me, oc.mode, "");
+    } catch (const std::exception& e) {
+      result = std::string("threw: ") + e.what();
+    }
+    checked += static_cast<long>(oc.calls.size());
+    if (!result.empty()) {
+      ++failures;
+      std::printf("MISMATCH %s rank %d: %s\n", describe_case(i, oc).c_str(), me, result.c_str());
+    } else if (me == 0) {
+      std::printf("%s: ok on rank 0\n", describe_case(i, oc).c_str());
+    }
+  }
+
+  // The refusals: every rank gets the same typed error.
+  GroupConfig config;
+  config.ep_world_size = size;
+  config.ep_rank_id = me;
+  config.moe_expert_num = size;
+  cuda::CudaGroupOptions options;
+  options.max_bs = 2;
+  options.k = 1;
+  options.h = 8;
+  options.wait.timeout = timeout;
+  const auto expect = [&](const char* what, const std::function<void()>& join, ErrorCode code,
+                          const std::string& phrase) {
+    std::string got;
+    try {
+      join();
+      got = "joined";
+    } catch (const Error& e) {
+      got = e.code() == code ? unless_says(e, phrase)
+                             : std::string("code ") + error_code_name(e.code()) + ": " + e.what();
+    }
+    if (!got.empty()) {
+      ++failures;
+      std::printf("FAIL %s, rank %d: %s\n", what, me, got.c_str());
+    }
+  };
+  if (size % 2 == 0) {
+    expect(
+        "two virtual hosts", [&] { cuda::join_mpi(MPI_COMM_WORLD, config, options, size / 2); }, ErrorCode::unsupported,
+        "does not carry rows between hosts yet");
+  }
+  GroupConfig larger = config;
+  larger.ep_world_size = size + 1;
+  larger.moe_expert_num = size + 1;
+  expect(
+      "a communicator of the wrong size", [&] { cuda::join_mpi(MPI_COMM_WORLD, larger, options); },
+      ErrorCode::config_mismatch, "must equal the size of comm");
+
+  long totals[2] = {failures, checked}, sums[2] = {0, 0};
+  MPI_Allreduce(totals, sums, 2, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);  // every rank exits with the verdict
+  const bool pass = sums[0] == 0 && sums[1] >= static_cast<long>(size) * (cases + v2_cases) * 3;
+  if (me == 0) {
+    std::printf(
+        "gpu oracle over MPI: %d ranks, %d V1 and %d V2 cases x 3 calls, %ld rank-calls checked, %ld mismatches: %s\n",
+        size, cases, v2_cases, sums[1], sums[0], pass ? "PASS" : "FAIL");
+  }
+  return pass ? 0 : 1;
+}
+#endif
 
 // A shared-expert rank receiving more than A rows (tests/runtime_test.cpp's
 // DispatchCapacity.SharedRankReceivesMoreThanAWithUnevenBs): W = 10, S = 5, global_bs = 30, BS
@@ -950,7 +1073,7 @@ bool probe_device(std::string* reason) {
 int main(int argc, char** argv) {
   int cases = 40, v2_cases = 20;
   std::uint64_t seed = 20261127;
-  bool errors = false, small = false, plant_fault = false, shared_uneven = false;
+  bool errors = false, small = false, plant_fault = false, shared_uneven = false, over_mpi = false;
   long timeout_ms = 10000;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -963,16 +1086,35 @@ int main(int argc, char** argv) {
     else if (a == "--shared-uneven")
       shared_uneven = true;
     else if (a == "--plant-fault") plant_fault = true;
+    else if (a == "--mpi")
+      over_mpi = true;
     else if (a == "--timeout-ms" && i + 1 < argc) timeout_ms = std::atol(argv[++i]);
     else {
       std::fprintf(stderr,
                    "usage: %s [--cases N] [--v2-cases N] [--seed S] [--small] [--plant-fault] [--timeout-ms MS] "
-                   "[--errors] [--shared-uneven]\n",
+                   "[--errors] [--shared-uneven] [--mpi]\n",
                    argv[0]);
       return 2;
     }
   }
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // a step killed at its time limit still leaves every finished line
+  if (over_mpi) {
+#if MOEDIST_HAVE_MPI
+    // No forked probe here: Open MPI's processes should not fork.
+    std::string why;
+    if (!cuda::available(&why)) {
+      std::printf("SKIPPED: no usable CUDA device (%s)\n", why.c_str());
+      return 77;
+    }
+    MPI_Init(&argc, &argv);
+    const int status = run_mpi_cases(cases, v2_cases, seed, std::chrono::milliseconds(timeout_ms), plant_fault);
+    MPI_Finalize();
+    return status;
+#else
+    std::printf("SKIPPED: --mpi needs a build with MPI\n");
+    return 77;
+#endif
+  }
   std::string reason;
   if (!probe_device(&reason)) {
     std::printf("SKIPPED: no usable CUDA device (%s); the GPU suite runs on a machine with one\n", reason.c_str());

@@ -587,4 +587,25 @@ void MpiTransport::resize_window(std::size_t bytes, std::string_view phase) {
   }
 }
 
+int comm_size_of(MPI_Comm comm) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (initialized == 0)
+    throw Error(ErrorCode::invalid_argument, "join_mpi: MPI is not initialized (call MPI_Init first)");
+  if (comm == MPI_COMM_NULL)
+    moedist::fail(ErrorCode::invalid_argument, "comm", "MPI_COMM_NULL", "must be a communicator of the group's ranks");
+  int size = 0;
+  MPI_Comm_size(comm, &size);
+  return size;
+}
+
+void require_group_comm(MPI_Comm comm, const GroupConfig& config) {
+  const int world = config.ep_world_size * tp_domain_size(config);
+  const int size = comm_size_of(comm);
+  if (size != world) {
+    moedist::fail(ErrorCode::config_mismatch, "ep_world_size * max(tp_world_size, 1)", concat(world),
+                  concat("must equal the size of comm, ", size));
+  }
+}
+
 }  // namespace moedist::mpi

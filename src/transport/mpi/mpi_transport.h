@@ -96,4 +96,10 @@ class MpiTransport final : public Transport {
   std::string failed_reason_;
 };
 
+// The size of a caller's communicator for a join, after checking that MPI is initialized and `comm`
+// is not MPI_COMM_NULL (invalid_argument otherwise).
+int comm_size_of(MPI_Comm comm);
+// comm_size_of's checks, and that `comm` holds exactly the group's ranks (config_mismatch otherwise).
+void require_group_comm(MPI_Comm comm, const GroupConfig& config);
+
 }  // namespace moedist::mpi
