@@ -3,7 +3,8 @@
 // Each rank is a process driving one GPU; several ranks may share a GPU. The ranks of a host map each
 // other's device windows through CUDA IPC and write rows straight into their receivers' windows, as
 // NVLink peers do. A call enqueues kernels on the caller's stream and returns without waiting: no host
-// synchronization and no allocation, so dispatch and combine can be captured in a CUDA graph. Shapes are
+// synchronization and no allocation, so dispatch and combine can be captured in a CUDA graph (a group
+// across hosts, moedist/cuda_mpi.h, is the exception: its calls wait between steps). Shapes are
 // static: the group is created for the largest call (max_bs, k, h) and sizes its windows by the
 // contract's capacity A for it.
 //

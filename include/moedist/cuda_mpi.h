@@ -1,10 +1,11 @@
 // CUDA groups whose ranks meet over MPI (built with both the CUDA backend and MPI: MOEDIST_HAVE_CUDA and
-// MOEDIST_HAVE_MPI). The group is the same CudaGroup as CudaGroup::join makes, with the same calls and
-// errors; only the bootstrap differs: the ranks exchange their windows' IPC handles over a private
-// duplicate of the caller's communicator instead of the shared-memory bootstrap and a job name.
+// MOEDIST_HAVE_MPI), on one host or across hosts. The group is the same CudaGroup as CudaGroup::join
+// makes, with the same calls, results and errors; the ranks meet over a private duplicate of the
+// caller's communicator instead of the shared-memory bootstrap and a job name.
 //
-// MPI's threading rules are moedist::join_mpi's (moedist/mpi.h): MPI initialized before, finalized after
-// the group is destroyed (destruction meets the other ranks over MPI one last time).
+// MPI's rules are moedist::join_mpi's (moedist/mpi.h): MPI initialized before joining and finalized after
+// the group is destroyed (destruction meets the other ranks over MPI one last time); join, the calls of a
+// group across hosts and destruction make MPI calls from the calling thread, one at a time.
 #pragma once
 
 #include <mpi.h>
@@ -20,11 +21,14 @@ namespace moedist::cuda {
 // of the group, in any order (each rank's place is ep_rank_id * max(T, 1) + tp_rank_id). Collective over
 // `comm`; options.wait bounds every wait of joining as of the calls.
 //
-// Hosts: every rank must be on one host (hostname and boot id), or on one virtual host when
+// Hosts: the ranks may be on several hosts (hostname and boot id), or on virtual hosts when
 // `ranks_per_node` (0: MOEDIST_RANKS_PER_NODE when set) splits a node's ranks into hosts as
-// moedist::join_mpi does. A group across hosts is refused on every rank with ErrorCode::unsupported
-// naming two ranks on different hosts, before any device memory is allocated: the CUDA backend does not
-// carry rows between hosts yet (docs/cuda.md, "Not done yet").
+// moedist::join_mpi does. Within a host the ranks share windows through CUDA IPC; between hosts, records
+// and rows travel through MPI, each token once to each other host that holds one of its targets, and
+// results stay the oracle's, bit for bit (docs/cuda.md, "Across hosts"). Such a group needs the same
+// number of ranks on every host and each TP pair on one host (ErrorCode::unsupported on every rank
+// otherwise, before any device memory is allocated). Its calls wait for the stream between their steps:
+// they return when their work is done and cannot be captured in a CUDA graph (unsupported).
 std::unique_ptr<CudaGroup> join_mpi(MPI_Comm comm, const GroupConfig& config, const CudaGroupOptions& options,
                                     int ranks_per_node = 0);
 

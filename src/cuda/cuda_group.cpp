@@ -16,6 +16,7 @@
 #include "cuda/call_args.h"
 #include "cuda/device_guard.h"
 #include "cuda/group_join.h"
+#include "cuda/host_bridge.h"
 #include "cuda/kernels.h"
 #include "cuda/status_errors.h"
 #include "cuda/window_layout.h"
@@ -93,6 +94,7 @@ struct CudaGroup::State {
   CudaGroupOptions options;
   contract::Topology topo;
   std::unique_ptr<Transport> bootstrap;  // kept until destruction: the last barrier before freeing
+  std::unique_ptr<cuda::HostBridge> bridge;  // a group across hosts: what crosses them (null on one host)
   cuda::WindowOffsets off;
   cuda::DeviceGroup dev;
   cuda::SortScratch sort;
@@ -152,6 +154,7 @@ struct CudaGroup::State {
       } catch (...) {  // a peer that is gone cannot touch the window either
       }
     }
+    bridge.reset();
     for (std::byte* p : opened) {
       if (p != nullptr) cudaIpcCloseMemHandle(p);
     }
@@ -175,12 +178,25 @@ struct CudaGroup::State {
     throw Error(ErrorCode::internal, broken);
   }
 
+  // A step of a call across hosts (host_bridge.h): a message that did not come (PeerError, timeout) or a
+  // CUDA failure between the kernel steps leaves the group out of step with its peers.
+  template <class Step>
+  void across_hosts(const Step& step) {
+    try {
+      step();
+    } catch (const Error& e) {
+      broken = concat("rank ", dev.me, ": a call across hosts failed: ", e.what(), "; this group is unusable");
+      throw;
+    }
+  }
+
   void throw_if_failed() const {
     if (!broken.empty()) throw Error(ErrorCode::internal, broken);
     cuda::throw_status_error(seen, dev.me, last_shape.k);
   }
 };
 
+// Windows of this host's ranks only: another host's rank stays null (its rows go through the bridge).
 template <class Record>
 void open_peer_windows(CudaGroup::State& s, const std::vector<Record>& all, int me, int world) {
   s.opened.assign(static_cast<std::size_t>(world), nullptr);
@@ -190,14 +206,16 @@ void open_peer_windows(CudaGroup::State& s, const std::vector<Record>& all, int 
       bases[static_cast<std::size_t>(r)] = s.window;
       continue;
     }
+    if (s.bootstrap->host_of(r) != s.bootstrap->host_of(me)) continue;
     void* peer = nullptr;
     const cudaError_t err = cudaIpcOpenMemHandle(&peer, all[static_cast<std::size_t>(r)].handle, cudaIpcMemLazyEnablePeerAccess);
     if (err != cudaSuccess) {
       cudaGetLastError();
-      throw PeerError(ErrorCode::unsupported, r, "cuda.join",
-                      concat("rank ", me, " (device ", s.options.device, ") cannot open the window of rank ", r, " (device ",
-                             all[static_cast<std::size_t>(r)].fields[13], ") through CUDA IPC: ", cudaGetErrorString(err),
-                             "; ranks of one CUDA group must be on one host, on GPUs with peer access"));
+      throw PeerError(
+          ErrorCode::unsupported, r, "cuda.join",
+          concat("rank ", me, " (device ", s.options.device, ") cannot open the window of rank ", r, " (device ",
+                 all[static_cast<std::size_t>(r)].fields[13], ") through CUDA IPC: ", cudaGetErrorString(err),
+                 "; ranks of one CUDA group on one host must be on GPUs with peer access"));
     }
     s.opened[static_cast<std::size_t>(r)] = static_cast<std::byte*>(peer);
     bases[static_cast<std::size_t>(r)] = static_cast<std::byte*>(peer);
@@ -269,6 +287,24 @@ void allocate_group_memory(CudaGroup::State& s, const contract::Topology& topo, 
   check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (join)");
 }
 
+// A group across hosts: each rank's proxy on another host is the rank with its local index there, so
+// every host has as many ranks; a TP pair writes into each other's windows, so it shares a host.
+void require_bridgeable_hosts(const Transport& t, const contract::Topology& topo) {
+  if (t.host_count() <= 1) return;
+  std::vector<int> ranks(static_cast<std::size_t>(t.host_count()), 0);
+  for (int r = 0; r < t.size(); ++r) ++ranks[static_cast<std::size_t>(t.host_of(r))];
+  for (int h = 1; h < t.host_count(); ++h) {
+    if (ranks[static_cast<std::size_t>(h)] != ranks[0])
+      fail(ErrorCode::unsupported, "ranks per host",
+           concat(ranks[0], " on ", t.host_name(0), ", ", ranks[static_cast<std::size_t>(h)], " on ", t.host_name(h)),
+           "must be the same on every host of a CUDA group across hosts");
+  }
+  for (int ep = 0; ep < topo.W && topo.T == 2; ++ep) {
+    if (t.host_of(topo.global_rank(ep, 0)) != t.host_of(topo.global_rank(ep, 1)))
+      fail(ErrorCode::unsupported, concat("the TP pair of EP rank ", ep), "split across hosts", "must share a host");
+  }
+}
+
 CudaGroup::CudaGroup(std::unique_ptr<State> state) : state_(std::move(state)) {}
 CudaGroup::~CudaGroup() = default;
 
@@ -326,16 +362,7 @@ std::unique_ptr<CudaGroup> GroupJoin::join(const GroupConfig& config, const Cuda
 
   s.bootstrap = bootstrap(opts);
   // Every rank sees the same host map, so all of them refuse together, before any device memory exists.
-  for (int r = 1; r < world; ++r) {
-    if (s.bootstrap->host_of(r) != s.bootstrap->host_of(0)) {
-      throw PeerError(
-          ErrorCode::unsupported, r, "cuda.join",
-          concat("rank ", global_rank(config), ": rank 0 is on ", s.bootstrap->host_name(s.bootstrap->host_of(0)),
-                 " but rank ", r, " on ", s.bootstrap->host_name(s.bootstrap->host_of(r)),
-                 "; the CUDA backend does not carry rows between hosts yet: all ranks of a CUDA group must be on one "
-                 "host"));
-    }
-  }
+  require_bridgeable_hosts(*s.bootstrap, topo);
 
   // Each phase below meets every peer even when this rank's local step failed (a failed word in its
   // record), so that all ranks leave join with an error together instead of waiting in another phase.
@@ -401,6 +428,8 @@ std::unique_ptr<CudaGroup> GroupJoin::join(const GroupConfig& config, const Cuda
   try {
     open_peer_windows(s, all, me, world);
     allocate_group_memory(s, topo, config, world, me);
+    if (s.bootstrap->host_count() > 1)
+      s.bridge = std::make_unique<cuda::HostBridge>(*s.bootstrap, s.dev, topo, opts.max_bs, opts.k, opts.h, s.window);
   } catch (...) {
     local_error = std::current_exception();
     ready.failed = 1;
@@ -452,6 +481,15 @@ void require_dispatch_tensors(int dev, const TensorView& x, const TensorView& ex
   require_device_tensor("expert_scales", expert_scales.data, expert_scales.numel(), dev);
 }
 
+// A call of a group across hosts waits for its stream between steps: a graph cannot capture it.
+void refuse_capture_across_hosts(cudaStream_t stream, const char* call) {
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(stream, &capturing), "cudaStreamIsCapturing");
+  if (capturing != cudaStreamCaptureStatusNone)
+    fail(ErrorCode::unsupported, "stream", "capturing a CUDA graph",
+         concat(call, " of a CUDA group across hosts waits for its stream between steps and cannot be captured"));
+}
+
 // Enqueues a dispatch whose arguments (but the output pointers) are `a`, and returns its outputs.
 CudaDispatchResult run_dispatch(CudaGroup::State& s, cuda::DispatchArgs& a, const contract::CallShape& shape,
                                 DType dtype, int quant_mode, bool has_expert_scales, Stream stream) {
@@ -461,9 +499,19 @@ CudaDispatchResult run_dispatch(CudaGroup::State& s, cuda::DispatchArgs& a, cons
   a.expert_token_nums = static_cast<std::int64_t*>(s.token_nums_out);
   a.ep_recv_counts = static_cast<std::int32_t*>(s.recv_counts_out);
   a.tp_recv_counts = topo.T == 2 ? static_cast<std::int32_t*>(s.tp_counts_out) : nullptr;
-  require_no_pending_error(version == 2 ? "dispatch_v2" : "dispatch");
-  s.enqueue_or_break(cuda::enqueue_dispatch(s.dev, a, s.sort, s.mirror, reinterpret_cast<cudaStream_t>(stream)),
-                     version == 2 ? "dispatch_v2" : "dispatch");
+  const char* call = version == 2 ? "dispatch_v2" : "dispatch";
+  require_no_pending_error(call);
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
+  if (s.bridge) {
+    refuse_capture_across_hosts(st, call);
+    s.enqueue_or_break(cuda::enqueue_dispatch_records(s.dev, a, s.sort, st), call);
+    s.across_hosts([&] { s.bridge->exchange_records(st); });
+    s.enqueue_or_break(cuda::enqueue_dispatch_rows(s.dev, a, st), call);
+    s.across_hosts([&] { s.bridge->carry_rows(a, st); });
+    s.enqueue_or_break(cuda::enqueue_dispatch_finish(s.dev, a, s.mirror, st), call);
+  } else {
+    s.enqueue_or_break(cuda::enqueue_dispatch(s.dev, a, s.sort, s.mirror, st), call);
+  }
   s.dispatched = true;
   s.combined_since_dispatch = false;
   s.last_shape = shape;
@@ -593,7 +641,15 @@ TensorView run_combine(CudaGroup& group, CudaGroup::State& s, cuda::CombineArgs&
   a.out_col_stride = out.strides[1];
   const char* call = a.version == 2 ? "combine_v2" : "combine";
   require_no_pending_error(call);
-  s.enqueue_or_break(cuda::enqueue_combine(s.dev, a, s.mirror, reinterpret_cast<cudaStream_t>(stream)), call);
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
+  if (s.bridge) {
+    refuse_capture_across_hosts(st, call);
+    s.enqueue_or_break(cuda::enqueue_combine_front(s.dev, a, st), call);
+    s.across_hosts([&] { s.bridge->carry_combine_rows(a, st); });
+    s.enqueue_or_break(cuda::enqueue_combine_back(s.dev, a, s.mirror, st), call);
+  } else {
+    s.enqueue_or_break(cuda::enqueue_combine(s.dev, a, s.mirror, st), call);
+  }
   s.combined_since_dispatch = true;
   return out;
 }

@@ -143,6 +143,24 @@ struct DeviceGroup {
   std::int64_t* source_bs = nullptr;   // [W] BS of each EP rank of this lane (triples name its tokens)
   std::int64_t* found_rows = nullptr;  // [max BS * (K + Sn)] the holder's row of each of this rank's slots
   float* const_logits = nullptr;       // [max BS * K * 2] <alpha_1, x>, <alpha_2, x> of const entries
+  // A group across hosts (docs/cuda.md, "Across hosts"): windows of other hosts' ranks are null in
+  // `windows`; the rows this rank reduces from them arrive through their hosts' proxies, one per (token,
+  // slot) at (b * remote_slots + slot), with (V2) the holder's index entry for the slot and the holders'
+  // counts of this rank's rows. All null in a group on one host.
+  std::int64_t remote_slots = 0;          // K + max(1, Sn): the slots of a token (V1: K + its shared expert)
+  std::byte* remote_rows = nullptr;       // [max BS * remote_slots] rows of combine_pitch bytes
+  std::uint64_t* remote_index = nullptr;  // [max BS * remote_slots] V2: the holder's tagged index entry
+  std::int64_t* remote_counts = nullptr;  // [W] V2: the rows a holder on another host has of this rank
+  std::int64_t* remote_failed = nullptr;  // [world] per proxy: nonzero when it reported a failure
+};
+
+// A row a source rank needs from a holder on another host, asked of the holder's host's proxy: V1 names
+// the row, V2 the source's (b, slot), which the proxy looks up in the holder's index.
+struct RemoteRequest {
+  std::int32_t holder = -1;  // global rank of the holder; -1: none (the slot's row is not remote)
+  std::int32_t source_ep = 0;
+  std::int64_t b = 0, slot = 0;
+  std::int64_t row = -1;  // V1: the row in the holder's combine region; V2: -1
 };
 
 // A (BS,) or (BS, K) bool mask (x_active_mask) in device memory; absent when data is null.

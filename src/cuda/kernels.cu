@@ -265,6 +265,7 @@ __global__ void publish_record(DeviceGroup g, DispatchArgs a) {
   __syncthreads();
   const RecordHeader header = record_header_of(a, failed, active);
   for (int r = 0; r < g.world; ++r) {
+    if (!on_this_host(g, r)) continue;  // the host sends it there (cuda_group.cpp)
     std::byte* slot = inbox_slot(g, r, g.me);
     if (threadIdx.x == 0) *reinterpret_cast<RecordHeader*>(slot) = header;
     auto* counts = reinterpret_cast<std::int32_t*>(slot + sizeof(RecordHeader));
@@ -272,7 +273,9 @@ __global__ void publish_record(DeviceGroup g, DispatchArgs a) {
   }
   __threadfence_system();
   __syncthreads();
-  for (int r = threadIdx.x; r < g.world; r += blockDim.x) store_release(flag_at(g, r, g.off.count_flags, g.me), flag_word(seq, failed));
+  for (int r = threadIdx.x; r < g.world; r += blockDim.x) {
+    if (on_this_host(g, r)) store_release(flag_at(g, r, g.off.count_flags, g.me), flag_word(seq, failed));
+  }
 }
 
 __global__ void plan_layout(DeviceGroup g, DispatchArgs a) {
@@ -391,7 +394,10 @@ __global__ void finish_dispatch(DeviceGroup g, PerfOut perf) {
   const std::uint64_t seq = status_seq(g.status);
   const bool failed = status_failed(g.status);
   __threadfence_system();
-  for (int r = threadIdx.x; r < g.world; r += blockDim.x) store_release(flag_at(g, r, g.off.rows_flags, g.me), flag_word(seq, failed));
+  for (int r = threadIdx.x; r < g.world; r += blockDim.x) {
+    if (on_this_host(g, r)) store_release(flag_at(g, r, g.off.rows_flags, g.me), flag_word(seq, failed));
+  }
+  // A rank of another host: its proxy here raised its flag after writing its rows (raise_flags).
   const std::uint64_t start = global_timer_ns();
   for (int r = threadIdx.x; r < g.world; r += blockDim.x) wait_flag(g, flag_at(g, g.me, g.off.rows_flags, r), seq, start, r, Phase::dispatch_rows, perf);
 }
@@ -477,21 +483,23 @@ __global__ void exchange_combine_flags(DeviceGroup g, PerfOut perf) {
   const bool failed = status_failed(g.status);
   __threadfence_system();
   for (int d = threadIdx.x; d < g.W; d += blockDim.x) {
-    store_release(flag_at(g, global_rank(g, d, g.tp_rank), g.off.combine_flags, g.me), flag_word(seq, failed));
+    const int r = global_rank(g, d, g.tp_rank);
+    if (on_this_host(g, r)) store_release(flag_at(g, r, g.off.combine_flags, g.me), flag_word(seq, failed));
   }
+  // Rows of other hosts' ranks come through their proxies after this exchange (remote_rows).
   const std::uint64_t start = global_timer_ns();
   for (int d = threadIdx.x; d < g.W; d += blockDim.x) {
     const int r = global_rank(g, d, g.tp_rank);
-    wait_flag(g, flag_at(g, g.me, g.off.combine_flags, r), seq, start, r, Phase::combine_rows, perf);
+    if (on_this_host(g, r)) wait_flag(g, flag_at(g, g.me, g.off.combine_flags, r), seq, start, r, Phase::combine_rows, perf);
   }
 }
 
 // Chunk c (n elements) of row `row` staged in EP rank ep's combine region (this lane), in 16-bit form:
 // the stored values, or (comm_quant_mode 2) the dequantized int8 ones.
 template <bool VEC>
-__device__ __forceinline__ void load_staged_chunk(const DeviceGroup& g, const CombineArgs& a, int ep, std::int64_t row, std::int64_t c,
-                                                  int n, std::uint16_t y[kChunk]) {
-  const std::byte* at = g.windows[global_rank(g, ep, g.tp_rank)] + g.off.combine_rows + static_cast<std::size_t>(row) * g.off.combine_pitch;
+__device__ __forceinline__ void load_staged_chunk(const DeviceGroup& g, const CombineArgs& a, int ep, std::int64_t row, std::int64_t b,
+                                                  std::int64_t slot, std::int64_t c, int n, std::uint16_t y[kChunk]) {
+  const std::byte* at = staged_row(g, ep, row, b, slot);
   const std::int64_t i0 = c * kChunk;
   if (a.comm_quant == 2) {
     std::int8_t q[kChunk];
@@ -518,7 +526,7 @@ __global__ void __launch_bounds__(1024) reduce_tokens(DeviceGroup g, CombineArgs
     for (int u = 0; u < kChunk; ++u) acc[u] = 0.0f;
     for (int i = 0; i < n_targets; ++i) {
       std::uint16_t y[kChunk];
-      load_staged_chunk<VEC>(g, a, targets[i].ep, targets[i].row, c, n, y);
+      load_staged_chunk<VEC>(g, a, targets[i].ep, targets[i].row, b, i, c, n, y);
       accumulate_chunk(bf16, acc, y, n, i < a.k, targets[i].weight);
     }
     std::uint16_t out[kChunk];
@@ -613,7 +621,7 @@ __global__ void __launch_bounds__(1024) reduce_tokens_v2(DeviceGroup g, CombineA
       if (t.kind == TermKind::none) continue;
       std::uint16_t y[kChunk], v[kChunk];
       if (t.kind == TermKind::expert_row) {
-        load_staged_chunk<VEC>(g, a, t.ep, t.row, c, n, y);
+        load_staged_chunk<VEC>(g, a, t.ep, t.row, b, s, c, n, y);
       } else {  // the caller's rows: any strides
         std::int64_t cs = 1;
         const std::uint16_t* row = term_row(a, t, b, &cs);
@@ -629,6 +637,61 @@ __global__ void __launch_bounds__(1024) reduce_tokens_v2(DeviceGroup g, CombineA
     for (int u = 0; u < kChunk; ++u) out[u] = f32_to_half_rne(bf16, acc[u]);
     store_half8<VEC>(a.out + b * a.out_row_stride, a.out_col_stride, i0, n, out);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Across hosts (docs/cuda.md, "Across hosts"): the steps the host orchestration enqueues between its
+// messages.
+
+// A proxy raises `slot`'s flag word in `region` of every rank of its host, on a rank of another host's
+// behalf (its records or rows are in place); the host raises a record's count flag in its own window.
+__global__ void raise_flags(DeviceGroup g, std::size_t region, int slot, std::uint64_t word) {
+  __threadfence_system();
+  for (int r = threadIdx.x; r < g.world; r += blockDim.x) {
+    if (on_this_host(g, r)) store_release(flag_at(g, r, region, slot), word);
+  }
+}
+
+// A source rank, after the combine flags: what each (token, slot) asks of another host.
+__global__ void list_remote_requests(DeviceGroup g, CombineArgs a, RemoteRequest* out) {
+  const std::int64_t i = thread_index();
+  if (i >= a.bs * g.remote_slots) return;
+  out[i] = remote_request_of(g, a, i / g.remote_slots, i % g.remote_slots);
+}
+
+// A proxy: block i copies the row request i names (zeros when it names none) and its index entry; the
+// threads past the requests of block 0 read the holders' counts of the source's rows (V2).
+__global__ void gather_requested_rows(DeviceGroup g, const RemoteRequest* requests, std::int64_t n, int version, int source_ep,
+                                      std::byte* rows, std::uint64_t* entries, std::int64_t* counts) {
+  const std::uint64_t seq = status_seq(g.status);
+  if (blockIdx.x == 0 && version == 2 && source_ep >= 0 && source_ep < g.W) {
+    for (int d = threadIdx.x; d < g.W; d += blockDim.x) {
+      const int holder = global_rank(g, d, g.tp_rank);
+      counts[d] = on_this_host(g, holder) ? index_counts_of(g, holder)[source_ep] : 0;
+    }
+  }
+  for (std::int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+    std::uint64_t entry = 0;
+    const std::byte* from = requested_row(g, requests[i], version, seq, &entry);
+    if (threadIdx.x == 0) entries[i] = entry;
+    std::byte* to = rows + static_cast<std::size_t>(i) * g.off.combine_pitch;
+    for (std::size_t u = threadIdx.x; u < g.off.combine_pitch; u += blockDim.x) to[u] = from != nullptr ? from[u] : std::byte{0};
+  }
+}
+
+// A source rank, before its reduce: a proxy that reported a failure fails this rank's call, naming it.
+__global__ void absorb_remote_failures(DeviceGroup g) {
+  for (int r = threadIdx.x; r < g.world; r += blockDim.x) {
+    if (g.remote_failed[r] != 0) record_failure(g.status, ErrorCode::peer_failed, r, Phase::combine_rows, Rule::peer_failed);
+  }
+}
+
+// A sender's x rows and expert_scales in contiguous form, for its messages to other hosts.
+__global__ void compact_inputs(DispatchArgs a, std::uint16_t* x, float* expert_scales) {
+  const std::int64_t i = thread_index();
+  if (i < a.bs * a.h) x[i] = a.x[(i / a.h) * a.x_row_stride + (i % a.h) * a.x_col_stride];
+  if (expert_scales != nullptr && i < a.bs * a.k)
+    expert_scales[i] = a.expert_scales[(i / a.k) * a.expert_scales_row_stride + (i % a.k) * a.expert_scales_col_stride];
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
@@ -655,8 +718,7 @@ cudaError_t sort_scratch_bytes(std::int64_t max_entries, int key_bits, std::size
 #endif
 }
 
-cudaError_t enqueue_dispatch(const DeviceGroup& g, const DispatchArgs& a, const SortScratch& sort, Status* status_mirror,
-                             cudaStream_t stream) {
+cudaError_t enqueue_dispatch_records(const DeviceGroup& g, const DispatchArgs& a, const SortScratch& sort, cudaStream_t stream) {
   const std::int64_t n = a.bs * a.k;
   MOEDIST_LAUNCH(begin_call, 1, 1, 0, stream)(g);
   if (a.version == 2) MOEDIST_LAUNCH(check_dispatch_ids_v2, blocks_for(a.bs, 128), 128, 0, stream)(g, a);
@@ -674,20 +736,72 @@ cudaError_t enqueue_dispatch(const DeviceGroup& g, const DispatchArgs& a, const 
   MOEDIST_LAUNCH(index_and_count, blocks_for(std::max<std::int64_t>(n, g.E), 256), 256, 0, stream)(g, a);
   if (a.version == 2) MOEDIST_LAUNCH(number_active_tokens, 1, 256, 0, stream)(g, a);
   MOEDIST_LAUNCH(publish_record, 1, 256, 0, stream)(g, a);
-  MOEDIST_LAUNCH(plan_layout, 1, 256, 0, stream)(g, a);
+  return cudaGetLastError();
+}
+
+cudaError_t enqueue_write_rows(const DeviceGroup& g, const DispatchArgs& a, cudaStream_t stream) {
   const bool vec = a.x_col_stride == 1 && a.h % kChunk == 0 && aligned16(a.x) && (a.x_row_stride * 2) % 16 == 0 &&
                    (a.quant == 2 ? a.h % 16 == 0 : true);
   if (a.bs > 0) {
     if (vec) MOEDIST_LAUNCH(write_rows<true>, static_cast<unsigned>(a.bs), threads_for(a.h), targets_bytes(a.k), stream)(g, a);
     else MOEDIST_LAUNCH(write_rows<false>, static_cast<unsigned>(a.bs), threads_for(a.h), targets_bytes(a.k), stream)(g, a);
   }
+  return cudaGetLastError();
+}
+
+cudaError_t enqueue_dispatch_rows(const DeviceGroup& g, const DispatchArgs& a, cudaStream_t stream) {
+  MOEDIST_LAUNCH(plan_layout, 1, 256, 0, stream)(g, a);
+  return enqueue_write_rows(g, a, stream);
+}
+
+cudaError_t enqueue_dispatch_finish(const DeviceGroup& g, const DispatchArgs& a, Status* status_mirror, cudaStream_t stream) {
   MOEDIST_LAUNCH(finish_dispatch, 1, 256, 0, stream)(g, a.perf);
   cudaError_t launched = cudaGetLastError();
   if (launched != cudaSuccess) return launched;
   return cudaMemcpyAsync(status_mirror, g.status, sizeof(Status), cudaMemcpyDeviceToHost, stream);
 }
 
-cudaError_t enqueue_combine(const DeviceGroup& g, const CombineArgs& a, Status* status_mirror, cudaStream_t stream) {
+cudaError_t enqueue_dispatch(const DeviceGroup& g, const DispatchArgs& a, const SortScratch& sort, Status* status_mirror,
+                             cudaStream_t stream) {
+  cudaError_t err = enqueue_dispatch_records(g, a, sort, stream);
+  if (err == cudaSuccess) err = enqueue_dispatch_rows(g, a, stream);
+  if (err == cudaSuccess) err = enqueue_dispatch_finish(g, a, status_mirror, stream);
+  return err;
+}
+
+cudaError_t enqueue_raise_flags(const DeviceGroup& g, std::size_t region, int slot, std::uint64_t word, cudaStream_t stream) {
+  MOEDIST_LAUNCH(raise_flags, 1, 256, 0, stream)(g, region, slot, word);
+  return cudaGetLastError();
+}
+
+cudaError_t enqueue_compact_inputs(const DispatchArgs& a, std::uint16_t* x, float* expert_scales, cudaStream_t stream) {
+  const std::int64_t n = std::max(a.bs * a.h, a.bs * a.k);
+  if (n > 0) MOEDIST_LAUNCH(compact_inputs, blocks_for(n, 256), 256, 0, stream)(a, x, expert_scales);
+  return cudaGetLastError();
+}
+
+cudaError_t enqueue_remote_requests(const DeviceGroup& g, const CombineArgs& a, RemoteRequest* out, cudaStream_t stream) {
+  const std::int64_t n = a.bs * g.remote_slots;
+  if (n > 0) MOEDIST_LAUNCH(list_remote_requests, blocks_for(n, 256), 256, 0, stream)(g, a, out);
+  return cudaGetLastError();
+}
+
+cudaError_t enqueue_gather_requested_rows(const DeviceGroup& g, const RemoteRequest* requests, std::int64_t n, int version,
+                                          int source_ep, std::byte* rows, std::uint64_t* entries, std::int64_t* counts,
+                                          cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(std::max<std::int64_t>(1, std::min<std::int64_t>(n, 264)));
+  MOEDIST_LAUNCH(gather_requested_rows, grid, 256, 0, stream)(g, requests, n, version, source_ep, rows, entries, counts);
+  return cudaGetLastError();
+}
+
+namespace {
+bool combine_vec(const CombineArgs& a) {
+  return a.expand_x_col_stride == 1 && a.h % 16 == 0 && aligned16(a.expand_x) && (a.expand_x_row_stride * 2) % 16 == 0 &&
+         a.out_col_stride == 1 && aligned16(a.out) && (a.out_row_stride * 2) % 16 == 0;
+}
+}  // namespace
+
+cudaError_t enqueue_combine_front(const DeviceGroup& g, const CombineArgs& a, cudaStream_t stream) {
   const std::int64_t n = a.bs * a.k;
   const bool v2 = a.version == 2;
   MOEDIST_LAUNCH(begin_call, 1, 1, 0, stream)(g);
@@ -698,8 +812,7 @@ cudaError_t enqueue_combine(const DeviceGroup& g, const CombineArgs& a, Status* 
     if (n > 0) MOEDIST_LAUNCH(check_combine_args, blocks_for(n, 256), 256, 0, stream)(g, a);
     MOEDIST_LAUNCH(finish_combine_checks, 1, 1, 0, stream)(g, a);
   }
-  const bool vec = a.expand_x_col_stride == 1 && a.h % 16 == 0 && aligned16(a.expand_x) && (a.expand_x_row_stride * 2) % 16 == 0 &&
-                   a.out_col_stride == 1 && aligned16(a.out) && (a.out_row_stride * 2) % 16 == 0;
+  const bool vec = combine_vec(a);
   const int threads = threads_for(a.h);
   // Row loops stride over a fixed grid: the row counts live on the GPU (static shapes for graphs).
   const unsigned grid = 264;
@@ -720,6 +833,14 @@ cudaError_t enqueue_combine(const DeviceGroup& g, const CombineArgs& a, Status* 
     else MOEDIST_LAUNCH(stage_rows<false>, grid, threads, 0, stream)(g, a);
   }
   MOEDIST_LAUNCH(exchange_combine_flags, 1, 256, 0, stream)(g, a.perf);
+  return cudaGetLastError();
+}
+
+cudaError_t enqueue_combine_back(const DeviceGroup& g, const CombineArgs& a, Status* status_mirror, cudaStream_t stream) {
+  const bool v2 = a.version == 2;
+  const bool vec = combine_vec(a);
+  const int threads = threads_for(a.h);
+  if (g.remote_failed != nullptr) MOEDIST_LAUNCH(absorb_remote_failures, 1, 256, 0, stream)(g);
   if (v2) {
     MOEDIST_LAUNCH(find_rows, blocks_for(a.bs * g.off.index_slots + g.W, 256), 256, 0, stream)(g, a);
     MOEDIST_LAUNCH(report_found, 1, 1, 0, stream)(g, a);
@@ -737,6 +858,11 @@ cudaError_t enqueue_combine(const DeviceGroup& g, const CombineArgs& a, Status* 
   cudaError_t launched = cudaGetLastError();
   if (launched != cudaSuccess) return launched;
   return cudaMemcpyAsync(status_mirror, g.status, sizeof(Status), cudaMemcpyDeviceToHost, stream);
+}
+
+cudaError_t enqueue_combine(const DeviceGroup& g, const CombineArgs& a, Status* status_mirror, cudaStream_t stream) {
+  const cudaError_t err = enqueue_combine_front(g, a, stream);
+  return err == cudaSuccess ? enqueue_combine_back(g, a, status_mirror, stream) : err;
 }
 
 }  // namespace moedist::cuda

@@ -95,6 +95,8 @@ MOEDIST_HD void record_wait(const PerfOut& perf, int ep, std::uint64_t waited_ns
 }
 
 MOEDIST_HD int global_rank(const DeviceGroup& g, int ep, int tp) { return ep * g.T + tp; }
+// Whether `rank` is on this rank's host: its window is mapped here (other hosts' are null).
+MOEDIST_HD bool on_this_host(const DeviceGroup& g, int rank) { return g.windows[rank] != nullptr; }
 MOEDIST_HD std::uint64_t* flag_at(const DeviceGroup& g, int rank, std::size_t region, int slot) {
   return reinterpret_cast<std::uint64_t*>(g.windows[rank] + region) + slot;
 }
@@ -476,7 +478,7 @@ MOEDIST_HD int targets_of(const DeviceGroup& g, const Args& a, std::int64_t b, T
 
 // V2: where a target's triple goes (its copy in the target itself; the TP peer's copy has none, V2 §3.6).
 MOEDIST_HD std::int32_t* triple_at(const DeviceGroup& g, const Target& tg) {
-  if (tg.row < 0 || tg.row >= g.off.dispatch_rows) return nullptr;
+  if (tg.row < 0 || tg.row >= g.off.dispatch_rows || !on_this_host(g, global_rank(g, tg.ep, g.tp_rank))) return nullptr;
   return reinterpret_cast<std::int32_t*>(g.windows[global_rank(g, tg.ep, g.tp_rank)] + g.off.assist) + 3 * tg.row;
 }
 MOEDIST_HD void write_triple(const DeviceGroup& g, const Target& tg, std::int64_t b) {
@@ -489,11 +491,12 @@ MOEDIST_HD void write_triple(const DeviceGroup& g, const Target& tg, std::int64_
 
 // Address of a target's row in `region` (row pitch `pitch`): copy 0 in the target itself, copy 1 in the
 // target's TP peer after that peer's own rows. nullptr if the row is outside the window (it cannot be
-// after plan_destination's checks; the test keeps a bad address from ever being formed).
+// after plan_destination's checks; the test keeps a bad address from ever being formed), and for a
+// target on another host (its host's proxy writes it there).
 MOEDIST_HD std::byte* target_row(const DeviceGroup& g, const Target& tg, int copy, std::size_t region, std::size_t pitch) {
   const int lane = copy == 0 ? g.tp_rank : 1 - g.tp_rank;
   const std::int64_t row = tg.row + (copy == 0 ? 0 : g.tp_shift[tg.ep]);
-  if (row < 0 || row >= g.off.dispatch_rows) return nullptr;
+  if (row < 0 || row >= g.off.dispatch_rows || !on_this_host(g, global_rank(g, tg.ep, lane))) return nullptr;
   return g.windows[global_rank(g, tg.ep, lane)] + region + static_cast<std::size_t>(row) * pitch;
 }
 
@@ -719,17 +722,24 @@ MOEDIST_HD std::uint64_t find_row(const DeviceGroup& g, const CombineArgs& a, st
                                   std::uint64_t seq) {
   const int d = holder_of_slot(g, a, b, s);
   if (d < 0) return kNoMark;
-  const std::uint64_t entry = index_of(g, global_rank(g, d, g.tp_rank))[index_entry(g, g.ep_rank, b, s)];
+  const int holder = global_rank(g, d, g.tp_rank);
+  const std::uint64_t entry = on_this_host(g, holder) ? index_of(g, holder)[index_entry(g, g.ep_rank, b, s)]
+                                                      : g.remote_index[b * g.remote_slots + s];
   if (!tag_is(entry, seq)) return mark_of(1, b * g.off.index_slots + s);
   g.found_rows[b * g.off.index_slots + s] = static_cast<std::int64_t>(entry & 0xffffffffu);
   return kNoMark;
+}
+// The rows holder d (EP rank, this lane) has of this rank: in its window, or as its host's proxy said.
+MOEDIST_HD std::int64_t holder_count(const DeviceGroup& g, int d) {
+  const int holder = global_rank(g, d, g.tp_rank);
+  return on_this_host(g, holder) ? index_counts_of(g, holder)[g.ep_rank] : g.remote_counts[d];
 }
 // Holder d must hold exactly the rows this rank's dispatch record sent it: kNoMark, or the mark
 // (category 0, the CPU path's first check) naming d.
 MOEDIST_HD std::uint64_t holder_count_mark(const DeviceGroup& g, int d) {
   std::int64_t sent = 0;
   for (int l = 0; l < (d < g.S ? 1 : g.L); ++l) sent += g.record[d * g.L + l];
-  return index_counts_of(g, global_rank(g, d, g.tp_rank))[g.ep_rank] == sent ? kNoMark : mark_of(0, d);
+  return holder_count(g, d) == sent ? kNoMark : mark_of(0, d);
 }
 MOEDIST_HD void report_find_mark(const DeviceGroup& g, const CombineArgs& a, std::uint64_t mark) {
   const std::int64_t entry = mark_entry(mark);
@@ -739,7 +749,7 @@ MOEDIST_HD void report_find_mark(const DeviceGroup& g, const CombineArgs& a, std
     std::int64_t sent = 0;
     for (int l = 0; l < (d < g.S ? 1 : g.L); ++l) sent += g.record[d * g.L + l];
     return record_failure(g.status, ErrorCode::invalid_argument, holder, ph, Rule::rows_count_differ, d,
-                          index_counts_of(g, holder)[g.ep_rank], sent);
+                          holder_count(g, d), sent);
   }
   const std::int64_t b = entry / g.off.index_slots, s = entry % g.off.index_slots;
   record_failure(g.status, ErrorCode::invalid_argument, global_rank(g, holder_of_slot(g, a, b, s), g.tp_rank), ph,
@@ -831,6 +841,63 @@ MOEDIST_HD void accumulate_term(bool bf16, float acc[kChunk], const TermV2& t, c
       acc[u] =
           t.weighted ? accumulate_weighted(acc[u], bf16, y[u], t.weight) : accumulate_unweighted(acc[u], bf16, y[u]);
   }
+}
+
+// ---- across hosts ----
+
+// Where slot `slot` of token b comes back from: row `row` of EP rank ep's combine region (this lane) when
+// ep is on this host, else the copy its host's proxy sent.
+MOEDIST_HD const std::byte* staged_row(const DeviceGroup& g, int ep, std::int64_t row, std::int64_t b,
+                                       std::int64_t slot) {
+  const int holder = global_rank(g, ep, g.tp_rank);
+  if (on_this_host(g, holder))
+    return g.windows[holder] + g.off.combine_rows + static_cast<std::size_t>(row) * g.off.combine_pitch;
+  return g.remote_rows + static_cast<std::size_t>(b * g.remote_slots + slot) * g.off.combine_pitch;
+}
+
+// What slot `slot` of token b asks of another host (holder -1: nothing, its row is on this host or none
+// comes back). V1: the row its target got; V2: the slot, found by the proxy in the holder's index.
+MOEDIST_HD RemoteRequest remote_request_of(const DeviceGroup& g, const CombineArgs& a, std::int64_t b,
+                                           std::int64_t slot) {
+  RemoteRequest q;
+  if (a.version == 2) {
+    if (slot >= a.k + g.Sn) return q;
+    const int d = holder_of_slot(g, a, b, slot);
+    if (d < 0 || on_this_host(g, global_rank(g, d, g.tp_rank))) return q;
+    q.holder = global_rank(g, d, g.tp_rank);
+  } else {
+    if (slot >= target_count(g, a.k, 1)) return q;
+    const Target tg = call_target(g, a, b, slot);
+    if (on_this_host(g, global_rank(g, tg.ep, g.tp_rank))) return q;
+    q.holder = global_rank(g, tg.ep, g.tp_rank);
+    q.row = tg.row;
+  }
+  q.source_ep = g.ep_rank;
+  q.b = b;
+  q.slot = slot;
+  return q;
+}
+
+// A proxy answering request q (sent by another host: every field is checked before it forms an
+// address): the staged row it names, or nullptr when it names none (a V2 slot the holder's index has
+// no row of call `seq` for: *entry says so, and the source reports the missing row). *entry is the
+// holder's index entry (V2), 0 for V1.
+MOEDIST_HD const std::byte* requested_row(const DeviceGroup& g, const RemoteRequest& q, int version, std::uint64_t seq,
+                                          std::uint64_t* entry) {
+  *entry = 0;
+  // A holder of this host and of this rank's TP lane: the ones whose combine flags this rank waited for.
+  if (q.holder < 0 || q.holder >= g.world || q.holder % g.T != g.tp_rank || !on_this_host(g, q.holder)) return nullptr;
+  std::int64_t row = q.row;
+  if (version == 2) {
+    if (q.source_ep < 0 || q.source_ep >= g.W || q.b < 0 || q.b >= g.off.index_tokens || q.slot < 0 ||
+        q.slot >= g.off.index_slots)
+      return nullptr;
+    *entry = index_of(g, q.holder)[index_entry(g, q.source_ep, q.b, q.slot)];
+    if (!tag_is(*entry, seq)) return nullptr;
+    row = static_cast<std::int64_t>(*entry & 0xffffffffu);
+  }
+  if (row < 0 || row >= g.off.receive_rows) return nullptr;
+  return g.windows[q.holder] + g.off.combine_rows + static_cast<std::size_t>(row) * g.off.combine_pitch;
 }
 
 }  // namespace moedist::cuda

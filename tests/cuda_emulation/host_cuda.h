@@ -412,6 +412,7 @@ struct Launch {
   Kernel kernel;
   unsigned grid, threads;
   std::size_t dynamic_bytes;
+  cudaStream_t stream;  // unused: work runs when it is enqueued (every stream is idle)
   template <class... Args>
   void operator()(Args... args) const {
     const Launch self = *this;
@@ -439,8 +440,11 @@ inline void sort_pairs(const std::int32_t* keys_in, std::int32_t* keys_out, cons
 #define threadIdx (::emu::current_thread_idx())
 
 // NOLINTBEGIN(bugprone-macro-parentheses): a kernel's name, taken by address
-#define MOEDIST_LAUNCH(kernel, grid, threads, dynamic_bytes, stream) \
-  emu::Launch<decltype(&kernel)>{&kernel, static_cast<unsigned>(grid), static_cast<unsigned>(threads), static_cast<std::size_t>(dynamic_bytes)}
+#define MOEDIST_LAUNCH(kernel, grid, threads, dynamic_bytes, stream)                                               \
+  emu::Launch<decltype(&kernel)> {                                                                                 \
+    &kernel, static_cast<unsigned>(grid), static_cast<unsigned>(threads), static_cast<std::size_t>(dynamic_bytes), \
+        stream                                                                                                     \
+  }
 // NOLINTEND(bugprone-macro-parentheses)
 
 // NOLINTBEGIN(bugprone-reserved-identifier): CUDA's intrinsics, by their names

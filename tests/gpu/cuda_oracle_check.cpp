@@ -547,10 +547,84 @@ int run_oracle_cases(int cases, int v2_cases, std::uint64_t seed, bool small, bo
 }
 
 #if MOEDIST_HAVE_MPI
+// The typed errors of a group joined over MPI, on one host or across hosts (where the last rank is on
+// another host than rank 0, and its failure reaches rank 0 through the bridge): a bad id on the last
+// rank (it names the id; every other rank names it, peer_failed), then the last rank absent from a call
+// (every other rank names it, timeout). Returns the failures this rank saw.
+long run_mpi_error_cases(int me, int size, std::chrono::milliseconds timeout) {
+  std::mt19937_64 rng(78);
+  const casefile::Case c = mt::uniform_case(rng, size, 32, 2);
+  const std::int64_t k = c.ranks[0].expert_ids.cols();
+  cuda::CudaGroupOptions o;
+  o.k = k;
+  o.h = c.ranks[0].x.cols();
+  o.max_bs = 2;
+  const casefile::RankInputs& in = c.ranks[static_cast<std::size_t>(me)];
+  const int last = size - 1;
+  long failures = 0;
+  const auto expect = [&](const std::string& got, const std::string& want, const char* what) {
+    if (got == want) return;
+    ++failures;
+    std::printf("FAIL %s, rank %d: got \"%s\", want \"%s\"\n", what, me, got.c_str(), want.c_str());
+  };
+  {
+    o.wait.timeout = timeout;
+    auto group = cuda::join_mpi(MPI_COMM_WORLD, mt::rank_config(c, me), o);
+    Tensor ids = mt::copy_rows(in.expert_ids.view(), 2);
+    if (me == last) ids.data<std::int32_t>()[k] = c.moe_expert_num + 3;  // expert_ids[1, 0]
+    DeviceTensor dx, dids;
+    dx.allocate(in.x, 0, 1);
+    dx.upload(in.x);
+    dids.allocate(ids, 0, 1);
+    dids.upload(ids);
+    std::string seen;
+    try {
+      group->dispatch(dx.view(2), dids.view(2), {}, nullptr);
+      group->synchronize(nullptr);
+      seen = "no error";
+    } catch (const ValidationError& e) {
+      seen = "validation " + e.parameter() + " = " + e.value();
+    } catch (const PeerError& e) {
+      seen = peer_and_code(e);
+    }
+    expect(seen,
+           me == last ? "validation expert_ids[1, 0] = " + std::to_string(c.moe_expert_num + 3)
+                      : "peer " + std::to_string(last) + " peer_failed",
+           "a bad id on the last rank");
+  }
+  {
+    o.wait.timeout = std::chrono::milliseconds(2000);
+    auto group = cuda::join_mpi(MPI_COMM_WORLD, mt::rank_config(c, me), o);
+    std::string seen = "absent";
+    if (me != last) {
+      DeviceTensor dx, dids;
+      dx.allocate(in.x, 0, 1);
+      dx.upload(in.x);
+      dids.allocate(in.expert_ids, 0, 1);
+      dids.upload(in.expert_ids);
+      try {  // across hosts the host's exchange notices first (dispatch throws), on one host the GPU
+        group->dispatch(dx.view(2), dids.view(2), {}, nullptr);
+        group->synchronize(nullptr);
+        seen = "no error";
+      } catch (const PeerError& e) {
+        seen = peer_and_code(e);
+      } catch (const Error& e) {
+        seen = std::string("other error: ") + e.what();
+      }
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(4000));
+    }
+    expect(seen, me == last ? "absent" : "peer " + std::to_string(last) + " timeout", "the last rank absent");
+  }
+  return failures;
+}
+
 // --mpi, one process per rank under mpirun: the random cases with the ranks joined by cuda::join_mpi
-// over MPI_COMM_WORLD (every case has as many ranks as the job), then join_mpi's refusals: ranks on
-// two (virtual) hosts, a communicator of the wrong size. Every rank prints its own mismatches; rank 0
-// the verdict over all of them.
+// over MPI_COMM_WORLD (every case has as many ranks as the job), then join_mpi's refusals: hosts of
+// different sizes, a TP pair split across hosts, a communicator of the wrong size. With
+// MOEDIST_RANKS_PER_NODE the ranks form virtual hosts and every call crosses them through the MPI
+// transport; a case that would capture graphs must then be refused by name. Every rank prints its own
+// mismatches; rank 0 the verdict over all of them.
 int run_mpi_cases(int cases, int v2_cases, std::uint64_t seed, std::chrono::milliseconds timeout, bool plant_fault) {
   int me = 0, size = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &me);
@@ -560,7 +634,10 @@ int run_mpi_cases(int cases, int v2_cases, std::uint64_t seed, std::chrono::mill
   base.timeout = timeout;
   base.over_mpi = true;
   base.plant_fault = plant_fault;
-  long failures = 0, checked = 0;
+  const char* rpn_text = std::getenv("MOEDIST_RANKS_PER_NODE");
+  const int rpn = rpn_text != nullptr ? std::atoi(rpn_text) : 0;
+  const int hosts = rpn > 0 && rpn < size ? (size + rpn - 1) / rpn : 1;
+  long failures = 0, checked = 0, refused_captures = 0;
   for (int i = 0; i < cases + v2_cases; ++i) {
     const bool v2 = i >= cases;
     const OracleCase oc = draw_case(i, v2, v2 ? rng_v2 : rng_v1, true, size, base);
@@ -570,7 +647,15 @@ int run_mpi_cases(int cases, int v2_cases, std::uint64_t seed, std::chrono::mill
     } catch (const std::exception& e) {
       result = std::string("threw: ") + e.what();
     }
-    checked += static_cast<long>(oc.calls.size());
+    if (hosts > 1 && oc.mode.graph) {  // a call across hosts waits for its stream: no graph can hold it
+      result = result.rfind("threw: ", 0) == 0 && result.find("cannot be captured") != std::string::npos
+                   ? ""
+                   : "graph capture across hosts was not refused (" + (result.empty() ? "it ran" : result) + ")";
+      refused_captures += result.empty() ? 1 : 0;
+      checked += result.empty() ? 3 : 0;  // the three calls it would have made, each refused
+    } else {
+      checked += static_cast<long>(oc.calls.size());
+    }
     if (!result.empty()) {
       ++failures;
       std::printf("MISMATCH %s rank %d: %s\n", describe_case(i, oc).c_str(), me, result.c_str());
@@ -578,6 +663,8 @@ int run_mpi_cases(int cases, int v2_cases, std::uint64_t seed, std::chrono::mill
       std::printf("%s: ok on rank 0\n", describe_case(i, oc).c_str());
     }
   }
+
+  failures += run_mpi_error_cases(me, size, timeout);
 
   // The refusals: every rank gets the same typed error.
   GroupConfig config;
@@ -604,10 +691,21 @@ int run_mpi_cases(int cases, int v2_cases, std::uint64_t seed, std::chrono::mill
       std::printf("FAIL %s, rank %d: %s\n", what, me, got.c_str());
     }
   };
-  if (size % 2 == 0) {
+  if (size >= 3) {
     expect(
-        "two virtual hosts", [&] { cuda::join_mpi(MPI_COMM_WORLD, config, options, size / 2); }, ErrorCode::unsupported,
-        "does not carry rows between hosts yet");
+        "hosts of different sizes", [&] { cuda::join_mpi(MPI_COMM_WORLD, config, options, size - 1); },
+        ErrorCode::unsupported, "must be the same on every host");
+  }
+  if (size % 2 == 0) {
+    GroupConfig tp = config;
+    tp.ep_world_size = size / 2;
+    tp.moe_expert_num = size / 2;
+    tp.tp_world_size = 2;
+    tp.ep_rank_id = me / 2;
+    tp.tp_rank_id = me % 2;
+    expect(
+        "a TP pair split across hosts", [&] { cuda::join_mpi(MPI_COMM_WORLD, tp, options, 1); }, ErrorCode::unsupported,
+        "must share a host");
   }
   GroupConfig larger = config;
   larger.ep_world_size = size + 1;
@@ -621,8 +719,9 @@ int run_mpi_cases(int cases, int v2_cases, std::uint64_t seed, std::chrono::mill
   const bool pass = sums[0] == 0 && sums[1] >= static_cast<long>(size) * (cases + v2_cases) * 3;
   if (me == 0) {
     std::printf(
-        "gpu oracle over MPI: %d ranks, %d V1 and %d V2 cases x 3 calls, %ld rank-calls checked, %ld mismatches: %s\n",
-        size, cases, v2_cases, sums[1], sums[0], pass ? "PASS" : "FAIL");
+        "gpu oracle over MPI: %d ranks on %d hosts, %d V1 and %d V2 cases x 3 calls, %ld rank-calls checked (%ld graph "
+        "captures refused on rank 0), %ld mismatches: %s\n",
+        size, hosts, cases, v2_cases, sums[1], refused_captures, sums[0], pass ? "PASS" : "FAIL");
   }
   return pass ? 0 : 1;
 }

@@ -1,0 +1,448 @@
+// The host's part of a call of a CUDA group across hosts (host_bridge.h; docs/cuda.md, "Across hosts").
+#include "cuda/host_bridge.h"
+
+#include <algorithm>
+#include <cstring>
+#include <set>
+
+#include "common/format.h"
+#include "cuda/device_guard.h"
+#include "cuda/kernels.h"
+#include "cuda/protocol.h"
+#include "moedist/error.h"
+#include "ops/host_messages.h"
+
+namespace moedist::cuda {
+
+namespace {
+
+// Dispatch, sender -> proxy: this header, then (unless the sender failed) its routing state, its
+// expert_scales, the rows of its tokens with a target on the proxy's host and the smooth-scale rows
+// those targets need.
+struct RowsHeader {
+  std::uint64_t word = 0;  // the sender's flag word of this call: (seq << 1) | failed
+  std::int64_t bs = 0;
+  std::int32_t k = 0, h = 0, version = 0, quant = 0, bf16 = 0, has_expert_scales = 0, has_scales = 0;
+  std::int32_t rows = 0, scale_rows = 0, unused = 0;
+};
+// Combine, source -> proxy: this header, then n RemoteRequest.
+struct RequestsHeader {
+  std::uint64_t seq = 0;
+  std::int64_t n = 0;
+};
+// Combine, proxy -> source: this header, then n index entries, W holder counts and n rows.
+struct ReplyHeader {
+  std::int64_t failed = 0;
+  std::int64_t n = 0;
+};
+
+template <class T>
+void copy_out(std::vector<std::byte>& message, const T* device, std::int64_t n) {
+  if (n <= 0) return;
+  check_cuda(cudaMemcpy(append(message, sizeof(T) * static_cast<std::size_t>(n)), device,
+                        sizeof(T) * static_cast<std::size_t>(n), cudaMemcpyDeviceToHost),
+             "cudaMemcpy (a message to another host)");
+}
+template <class T>
+void put(std::vector<std::byte>& message, const T& value) {
+  std::memcpy(append(message, sizeof(T)), &value, sizeof(T));
+}
+void upload(void* device, const void* host, std::size_t bytes) {
+  if (bytes > 0)
+    check_cuda(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy (a message from another host)");
+}
+
+}  // namespace
+
+template <class T>
+T* HostBridge::device_array(std::int64_t n) {
+  void* p = nullptr;
+  check_cuda(cudaMalloc(&p, static_cast<std::size_t>(std::max<std::int64_t>(n, 1)) * sizeof(T)),
+             "cudaMalloc (buffers between hosts)");
+  allocations_.push_back(p);
+  return static_cast<T*>(p);
+}
+
+HostBridge::HostBridge(Transport& transport, DeviceGroup& group, const contract::Topology& topo, std::int64_t max_bs,
+                       std::int64_t k, std::int64_t h, std::byte* window)
+    : transport_(transport), g_(group), topo_(topo), max_bs_(max_bs), k_(k), h_(h), window_(window) {
+  scale_rows_ = topo.E + std::max(1, topo.Sn);
+  const int world = transport.size(), me = transport.rank();
+  std::vector<int> local_index(static_cast<std::size_t>(world));
+  std::vector<int> seen(static_cast<std::size_t>(transport.host_count()), 0);
+  for (int r = 0; r < world; ++r)
+    local_index[static_cast<std::size_t>(r)] = seen[static_cast<std::size_t>(transport.host_of(r))]++;
+  host_slot_.assign(static_cast<std::size_t>(transport.host_count()), -1);
+  for (int host = 0; host < transport.host_count(); ++host) {
+    if (host == transport.host_of(me)) continue;
+    for (int r = 0; r < world; ++r) {
+      if (transport.host_of(r) == host &&
+          local_index[static_cast<std::size_t>(r)] == local_index[static_cast<std::size_t>(me)]) {
+        host_slot_[static_cast<std::size_t>(host)] = static_cast<int>(proxies_.size());
+        proxies_.push_back(r);
+      }
+    }
+  }
+  const std::int64_t slots = k + std::max(1, topo.Sn);
+  const std::int64_t entries = contract::sat_mul(max_bs, slots);
+  const auto pitch = static_cast<std::int64_t>(g_.off.combine_pitch);
+  g_.remote_slots = slots;
+  g_.remote_rows = device_array<std::byte>(contract::sat_mul(entries, pitch));
+  g_.remote_index = device_array<std::uint64_t>(entries);
+  g_.remote_counts = device_array<std::int64_t>(topo.W);
+  g_.remote_failed = device_array<std::int64_t>(world);
+  x_compact_ = device_array<std::uint16_t>(max_bs * h);
+  es_compact_ = device_array<float>(max_bs * k);
+  as_ = g_;
+  as_.dispatch_ids = device_array<std::int32_t>(max_bs * k);
+  as_.dispatch_expand_idx = device_array<std::int32_t>(max_bs * k);
+  as_.token_slot = device_array<std::int32_t>(max_bs);
+  as_.block_start = device_array<std::int64_t>(topo.count_record_len());
+  as_.tp_shift = device_array<std::int64_t>(topo.W);
+  as_.shared_start = device_array<std::int64_t>(std::max(topo.S, 1));
+  as_.status = device_array<Status>(1);
+  x_stage_ = device_array<std::uint16_t>(max_bs * h);
+  es_stage_ = device_array<float>(max_bs * k);
+  scales_stage_ = device_array<float>(scale_rows_ * h);
+  requests_ = device_array<RemoteRequest>(entries);
+  proxy_requests_ = device_array<RemoteRequest>(entries);
+  gathered_rows_ = device_array<std::byte>(contract::sat_mul(entries, pitch));
+  gathered_entries_ = device_array<std::uint64_t>(entries);
+  gathered_counts_ = device_array<std::int64_t>(topo.W);
+  void* pinned = nullptr;
+  pinned_bytes_ = static_cast<std::size_t>(max_bs * h) * 2 + static_cast<std::size_t>(max_bs * k) * 4;
+  check_cuda(cudaHostAlloc(&pinned, std::max<std::size_t>(pinned_bytes_, 1), cudaHostAllocDefault),
+             "cudaHostAlloc (rows between hosts)");
+  pinned_ = static_cast<std::byte*>(pinned);
+}
+
+HostBridge::~HostBridge() {
+  for (void* p : allocations_) cudaFree(p);
+  if (pinned_ != nullptr) cudaFreeHost(pinned_);
+  cudaGetLastError();
+}
+
+Status HostBridge::read_status() const {
+  Status st;
+  check_cuda(cudaMemcpy(&st, g_.status, sizeof(st), cudaMemcpyDeviceToHost), "cudaMemcpy (status)");
+  return st;
+}
+
+void HostBridge::exchange_records(cudaStream_t stream) {
+  check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (records to other hosts)");
+  const int world = g_.world, me = g_.me;
+  const std::size_t stride = g_.off.record_stride, each = stride + sizeof(std::uint64_t);
+  std::byte* inbox = window_ + g_.off.inbox;
+  auto* count_flags = reinterpret_cast<std::uint64_t*>(window_ + g_.off.count_flags);
+  // What this rank published to itself: its record and its count flag of this call.
+  std::vector<std::byte> mine(each);
+  check_cuda(cudaMemcpy(mine.data(), inbox + static_cast<std::size_t>(me) * stride, stride, cudaMemcpyDeviceToHost),
+             "cudaMemcpy (record)");
+  check_cuda(cudaMemcpy(mine.data() + stride, count_flags + me, sizeof(std::uint64_t), cudaMemcpyDeviceToHost),
+             "cudaMemcpy (record)");
+  std::vector<std::byte> all(each * static_cast<std::size_t>(world));
+  transport_.allgather(mine.data(), each, all.data(), "cuda.records");
+  for (int r = 0; r < world; ++r) {
+    if (transport_.host_of(r) == transport_.host_of(me)) continue;
+    const std::byte* theirs = all.data() + each * static_cast<std::size_t>(r);
+    upload(inbox + static_cast<std::size_t>(r) * stride, theirs, stride);
+    upload(count_flags + r, theirs + stride, sizeof(std::uint64_t));  // after the record: the copies are in order
+  }
+}
+
+void HostBridge::carry_rows(const DispatchArgs& a, cudaStream_t stream) {
+  check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (rows to other hosts)");
+  const Status st = read_status();
+  RowsHeader head;
+  head.word = flag_word(st.seq, st.code != 0);
+  const std::size_t hosts = proxies_.size();
+  std::vector<std::vector<std::byte>> messages(hosts);
+  if (st.code != 0) {
+    for (auto& m : messages) put(m, head);
+  } else {
+    head.bs = a.bs;
+    head.k = static_cast<std::int32_t>(a.k);
+    head.h = static_cast<std::int32_t>(a.h);
+    head.version = a.version;
+    head.quant = a.quant;
+    head.bf16 = a.bf16;
+    head.has_expert_scales = a.expert_scales != nullptr ? 1 : 0;
+    head.has_scales = a.quant == 2 && a.scales != nullptr ? 1 : 0;
+    const std::int64_t n = a.bs * a.k;
+    // The routing state the kernels left, and the inputs in contiguous form, staged in pinned memory.
+    check_cuda(enqueue_compact_inputs(a, x_compact_, head.has_expert_scales != 0 ? es_compact_ : nullptr, stream),
+               "compacting rows");
+    check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (rows to other hosts)");
+    auto* x_host = reinterpret_cast<std::uint16_t*>(pinned_);
+    auto* es_host = reinterpret_cast<float*>(pinned_ + static_cast<std::size_t>(max_bs_ * h_) * 2);
+    check_cuda(cudaMemcpy(x_host, x_compact_, static_cast<std::size_t>(a.bs * a.h) * 2, cudaMemcpyDeviceToHost),
+               "cudaMemcpy (rows)");
+    if (head.has_expert_scales != 0)
+      check_cuda(cudaMemcpy(es_host, es_compact_, static_cast<std::size_t>(n) * 4, cudaMemcpyDeviceToHost),
+                 "cudaMemcpy (expert_scales)");
+    std::vector<std::int32_t> ids(static_cast<std::size_t>(n)), idx(static_cast<std::size_t>(n)),
+        slot(static_cast<std::size_t>(a.bs));
+    std::vector<std::int64_t> block_start(static_cast<std::size_t>(topo_.count_record_len())),
+        tp_shift(static_cast<std::size_t>(topo_.W)), shared_start(static_cast<std::size_t>(std::max(topo_.S, 1)));
+    const auto down = [](auto& v, const auto* device) {
+      if (!v.empty())
+        check_cuda(cudaMemcpy(v.data(), device, v.size() * sizeof(v[0]), cudaMemcpyDeviceToHost),
+                   "cudaMemcpy (routing state)");
+    };
+    down(ids, g_.dispatch_ids);
+    down(idx, g_.dispatch_expand_idx);
+    if (a.version == 2) down(slot, g_.token_slot);
+    down(block_start, g_.block_start);
+    down(tp_shift, g_.tp_shift);
+    down(shared_start, g_.shared_start);
+    // Which tokens (and smooth-scale rows) each other host needs: the targets as the kernels find them.
+    DeviceGroup hg = g_;
+    hg.dispatch_ids = ids.data();
+    hg.dispatch_expand_idx = idx.data();
+    hg.token_slot = slot.data();
+    hg.block_start = block_start.data();
+    hg.tp_shift = tp_shift.data();
+    hg.shared_start = shared_start.data();
+    DispatchArgs ha = a;
+    ha.expert_scales = head.has_expert_scales != 0 ? es_host : nullptr;
+    ha.expert_scales_row_stride = a.k;
+    ha.expert_scales_col_stride = 1;
+    std::vector<std::vector<std::int32_t>> tokens(hosts);
+    std::vector<std::set<std::int64_t>> smooth(hosts);
+    std::vector<Target> targets(static_cast<std::size_t>(target_count(hg, a.k, a.version)));
+    for (std::int64_t b = 0; b < a.bs; ++b) {
+      const int count = targets_of(hg, ha, b, targets.data());
+      std::vector<bool> wanted(hosts, false);
+      for (int j = 0; j < count; ++j) {
+        const Target& tg = targets[static_cast<std::size_t>(j)];
+        if (tg.ep < 0) continue;
+        const int slot_of_host =
+            host_slot_[static_cast<std::size_t>(transport_.host_of(topo_.global_rank(tg.ep, topo_.tp_rank)))];
+        if (slot_of_host < 0) continue;  // this host: written already
+        wanted[static_cast<std::size_t>(slot_of_host)] = true;
+        if (head.has_scales != 0) smooth[static_cast<std::size_t>(slot_of_host)].insert(tg.smooth_row);
+      }
+      for (std::size_t i = 0; i < hosts; ++i) {
+        if (wanted[i]) tokens[i].push_back(static_cast<std::int32_t>(b));
+      }
+    }
+    const std::size_t row_bytes = contract::align_up(static_cast<std::size_t>(a.h) * 2, 4);
+    for (std::size_t i = 0; i < hosts; ++i) {
+      std::vector<std::byte>& m = messages[i];
+      RowsHeader hd = head;
+      hd.rows = static_cast<std::int32_t>(tokens[i].size());
+      hd.scale_rows = static_cast<std::int32_t>(smooth[i].size());
+      put(m, hd);
+      std::memcpy(append(m, ids.size() * 4), ids.data(), ids.size() * 4);
+      std::memcpy(append(m, idx.size() * 4), idx.data(), idx.size() * 4);
+      std::memcpy(append(m, slot.size() * 4), slot.data(), slot.size() * 4);
+      std::memcpy(append(m, block_start.size() * 8), block_start.data(), block_start.size() * 8);
+      std::memcpy(append(m, tp_shift.size() * 8), tp_shift.data(), tp_shift.size() * 8);
+      std::memcpy(append(m, shared_start.size() * 8), shared_start.data(), shared_start.size() * 8);
+      if (head.has_expert_scales != 0)
+        std::memcpy(append(m, static_cast<std::size_t>(n) * 4), es_host, static_cast<std::size_t>(n) * 4);
+      for (const std::int32_t b : tokens[i]) {
+        put(m, b);
+        std::memcpy(append(m, row_bytes), x_host + b * a.h, static_cast<std::size_t>(a.h) * 2);
+      }
+      for (const std::int64_t row : smooth[i]) {
+        put(m, static_cast<std::int32_t>(row));
+        check_cuda(cudaMemcpy(append(m, static_cast<std::size_t>(a.h) * 4), a.scales + row * a.scales_row_stride,
+                              static_cast<std::size_t>(a.h) * 4, cudaMemcpyDeviceToHost),
+                   "cudaMemcpy (scales)");
+      }
+    }
+  }
+  std::vector<Transport::Outgoing> out;
+  for (std::size_t i = 0; i < hosts; ++i) out.push_back({proxies_[i], messages[i].data(), messages[i].size()});
+  std::vector<std::vector<std::byte>> in(hosts);
+  transport_.exchange(out, proxies_, in, "cuda.rows");
+  for (std::size_t i = 0; i < hosts; ++i) proxy_rows(proxies_[i], in[i], stream);
+}
+
+// As sender's proxy: checks its message, stages its state and rows, runs write_rows as the sender, and
+// raises its rows flag in every window of this host (with the failed bit when it failed or its message
+// broke a rule).
+void HostBridge::proxy_rows(int sender, const std::vector<std::byte>& message, cudaStream_t stream) {
+  MessageReader in(message);
+  RowsHeader hd;
+  bool ok = in.read(&hd);
+  std::uint64_t word = ok ? hd.word : 0;
+  const bool sender_failed = (word & 1u) != 0;
+  ok = ok && !sender_failed && hd.bs >= 0 && hd.bs <= max_bs_ && hd.k == k_ && hd.h == h_ &&
+       (hd.version == 1 || hd.version == 2) && (hd.quant == 0 || hd.quant == 2) && (hd.bf16 == 0 || hd.bf16 == 1) &&
+       (hd.has_expert_scales == 0 || hd.has_expert_scales == 1) &&
+       (hd.has_scales == 0 || (hd.has_scales == 1 && hd.quant == 2)) && hd.rows >= 0 && hd.rows <= hd.bs &&
+       hd.scale_rows >= 0 && hd.scale_rows <= scale_rows_;
+  if (ok) {
+    const std::int64_t n = hd.bs * hd.k;
+    const auto* ids = reinterpret_cast<const std::int32_t*>(in.take(static_cast<std::size_t>(n) * 4));
+    const std::byte* idx = in.take(static_cast<std::size_t>(n) * 4);
+    const std::byte* slot = in.take(static_cast<std::size_t>(hd.bs) * 4);
+    const std::byte* block_start = in.take(static_cast<std::size_t>(topo_.count_record_len()) * 8);
+    const std::byte* tp_shift = in.take(static_cast<std::size_t>(topo_.W) * 8);
+    const std::byte* shared_start = in.take(static_cast<std::size_t>(std::max(topo_.S, 1)) * 8);
+    const std::byte* es = hd.has_expert_scales != 0 ? in.take(static_cast<std::size_t>(n) * 4) : nullptr;
+    ok = ids != nullptr && idx != nullptr && slot != nullptr && block_start != nullptr && tp_shift != nullptr &&
+         shared_start != nullptr && (hd.has_expert_scales == 0 || es != nullptr);
+    // An id names a block of block_start: it must be an expert wherever a row is sent for it (every
+    // entry in V1; V2's sent entries, slot >= 0).
+    for (std::int64_t t = 0; ok && t < n; ++t) {
+      std::int32_t id = 0, at = 0;
+      std::memcpy(&id, ids + t, 4);
+      std::memcpy(&at, idx + 4 * t, 4);
+      if ((hd.version == 1 || at >= 0) && (id < 0 || id >= topo_.E)) ok = false;
+    }
+    if (ok) {
+      upload(as_.dispatch_ids, ids, static_cast<std::size_t>(n) * 4);
+      upload(as_.dispatch_expand_idx, idx, static_cast<std::size_t>(n) * 4);
+      upload(as_.token_slot, slot, static_cast<std::size_t>(hd.bs) * 4);
+      upload(as_.block_start, block_start, static_cast<std::size_t>(topo_.count_record_len()) * 8);
+      upload(as_.tp_shift, tp_shift, static_cast<std::size_t>(topo_.W) * 8);
+      upload(as_.shared_start, shared_start, static_cast<std::size_t>(std::max(topo_.S, 1)) * 8);
+      if (es != nullptr) upload(es_stage_, es, static_cast<std::size_t>(n) * 4);
+    }
+    const std::size_t row_bytes = contract::align_up(static_cast<std::size_t>(h_) * 2, 4);
+    for (std::int32_t i = 0; ok && i < hd.rows; ++i) {
+      std::int32_t b = -1;
+      const std::byte* row = in.read(&b) ? in.take(row_bytes) : nullptr;
+      ok = row != nullptr && b >= 0 && b < hd.bs;
+      if (ok) upload(x_stage_ + b * h_, row, static_cast<std::size_t>(h_) * 2);
+    }
+    for (std::int32_t i = 0; ok && i < hd.scale_rows; ++i) {
+      std::int32_t r = -1;
+      const std::byte* row = in.read(&r) ? in.take(static_cast<std::size_t>(h_) * 4) : nullptr;
+      ok = row != nullptr && r >= 0 && r < scale_rows_;
+      if (ok) upload(scales_stage_ + r * h_, row, static_cast<std::size_t>(h_) * 4);
+    }
+    ok = ok && in.done();
+  }
+  if (ok) {
+    DeviceGroup as = as_;
+    as.ep_rank = sender / topo_.T;
+    as.tp_rank = sender % topo_.T;
+    as.me = sender;
+    check_cuda(cudaMemset(as.status, 0, sizeof(Status)), "cudaMemset (status)");
+    DispatchArgs a;
+    a.x = x_stage_;
+    a.x_row_stride = h_;
+    a.x_col_stride = 1;
+    a.scales = hd.has_scales != 0 ? scales_stage_ : nullptr;
+    a.scales_row_stride = h_;
+    a.expert_scales = hd.has_expert_scales != 0 ? es_stage_ : nullptr;
+    a.expert_scales_row_stride = hd.k;
+    a.expert_scales_col_stride = 1;
+    a.bs = hd.bs;
+    a.k = hd.k;
+    a.h = hd.h;
+    a.bf16 = hd.bf16;
+    a.quant = hd.quant;
+    a.version = hd.version;
+    check_cuda(enqueue_write_rows(as, a, stream), "write_rows (as a proxy)");
+  } else if (!sender_failed) {
+    word |= 1u;  // its message broke a rule: the ranks of this host name it as failed
+    if (word == 1u) word = flag_word(read_status().seq, true);
+  }
+  check_cuda(enqueue_raise_flags(g_, g_.off.rows_flags, sender, word, stream), "raise_flags (as a proxy)");
+  check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (rows from other hosts)");
+}
+
+void HostBridge::carry_combine_rows(const CombineArgs& a, cudaStream_t stream) {
+  check_cuda(enqueue_remote_requests(g_, a, requests_, stream), "listing the rows of other hosts");
+  check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (rows from other hosts)");
+  const Status st = read_status();
+  const std::int64_t total = a.bs * g_.remote_slots;
+  std::vector<RemoteRequest> all(static_cast<std::size_t>(total));
+  if (total > 0)
+    check_cuda(cudaMemcpy(all.data(), requests_, all.size() * sizeof(RemoteRequest), cudaMemcpyDeviceToHost),
+               "cudaMemcpy (requests)");
+  const std::size_t hosts = proxies_.size();
+  std::vector<std::vector<std::int64_t>> where(hosts);  // per host: the (token, slot) of each request, in order
+  std::vector<std::vector<std::byte>> requests(hosts);
+  for (std::size_t i = 0; i < hosts; ++i) put(requests[i], RequestsHeader{st.seq, 0});
+  for (std::int64_t i = 0; i < total; ++i) {
+    const RemoteRequest& q = all[static_cast<std::size_t>(i)];
+    if (q.holder < 0 || q.holder >= g_.world) continue;
+    const int slot_of_host = host_slot_[static_cast<std::size_t>(transport_.host_of(q.holder))];
+    if (slot_of_host < 0) continue;
+    where[static_cast<std::size_t>(slot_of_host)].push_back(i);
+    put(requests[static_cast<std::size_t>(slot_of_host)], q);
+  }
+  for (std::size_t i = 0; i < hosts; ++i) {
+    const auto count = static_cast<std::int64_t>(where[i].size());
+    std::memcpy(requests[i].data() + offsetof(RequestsHeader, n), &count, sizeof(count));
+  }
+  std::vector<Transport::Outgoing> out;
+  for (std::size_t i = 0; i < hosts; ++i) out.push_back({proxies_[i], requests[i].data(), requests[i].size()});
+  std::vector<std::vector<std::byte>> asked(hosts);
+  transport_.exchange(out, proxies_, asked, "cuda.combine_requests");
+  std::vector<std::vector<std::byte>> replies(hosts);
+  for (std::size_t i = 0; i < hosts; ++i) replies[i] = answer_requests(proxies_[i], asked[i], a.version, stream);
+  out.clear();
+  for (std::size_t i = 0; i < hosts; ++i) out.push_back({proxies_[i], replies[i].data(), replies[i].size()});
+  std::vector<std::vector<std::byte>> answers(hosts);
+  transport_.exchange(out, proxies_, answers, "cuda.combine_rows");
+
+  // The answers into remote_rows, remote_index, remote_counts and remote_failed, each in one copy.
+  const std::size_t pitch = g_.off.combine_pitch;
+  std::vector<std::byte> rows(static_cast<std::size_t>(total) * pitch);
+  std::vector<std::uint64_t> index(static_cast<std::size_t>(total), 0);
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(topo_.W), 0), failed(static_cast<std::size_t>(g_.world), 0);
+  for (std::size_t i = 0; i < hosts; ++i) {
+    MessageReader in(answers[i]);
+    ReplyHeader hd;
+    const auto n = static_cast<std::int64_t>(where[i].size());
+    const bool ok = in.read(&hd) && hd.n == n && hd.failed == 0 &&
+                    in.left() == static_cast<std::size_t>(n) * (8 + pitch) + static_cast<std::size_t>(topo_.W) * 8;
+    if (!ok) {
+      failed[static_cast<std::size_t>(proxies_[i])] = 1;
+      continue;
+    }
+    const std::byte* entries = in.take(static_cast<std::size_t>(n) * 8);
+    const std::byte* their_counts = in.take(static_cast<std::size_t>(topo_.W) * 8);
+    const std::byte* their_rows = in.take(static_cast<std::size_t>(n) * pitch);
+    for (std::int64_t r = 0; r < n; ++r) {
+      const auto at = static_cast<std::size_t>(where[i][static_cast<std::size_t>(r)]);
+      std::memcpy(&index[at], entries + 8 * r, 8);
+      std::memcpy(rows.data() + at * pitch, their_rows + static_cast<std::size_t>(r) * pitch, pitch);
+    }
+    for (int d = 0; d < topo_.W; ++d) {
+      if (transport_.host_of(topo_.global_rank(d, topo_.tp_rank)) == transport_.host_of(proxies_[i]))
+        std::memcpy(&counts[static_cast<std::size_t>(d)], their_counts + 8 * d, 8);
+    }
+  }
+  upload(g_.remote_rows, rows.data(), rows.size());
+  upload(g_.remote_index, index.data(), index.size() * 8);
+  upload(g_.remote_counts, counts.data(), counts.size() * 8);
+  upload(g_.remote_failed, failed.data(), failed.size() * 8);
+}
+
+// As source's proxy: the rows its requests name, from this host's holders (checked by the kernel),
+// with the holders' index entries and counts of the source's rows; failed when this rank has failed
+// or the request message breaks a rule.
+std::vector<std::byte> HostBridge::answer_requests(int source, const std::vector<std::byte>& message, int version,
+                                                   cudaStream_t stream) {
+  MessageReader in(message);
+  RequestsHeader hd;
+  const std::int64_t most = max_bs_ * g_.remote_slots;
+  bool ok =
+      in.read(&hd) && hd.n >= 0 && hd.n <= most && in.left() == static_cast<std::size_t>(hd.n) * sizeof(RemoteRequest);
+  ok = ok && read_status().code == 0;
+  const std::int64_t n = ok ? hd.n : 0;
+  const std::size_t pitch = g_.off.combine_pitch;
+  std::vector<std::byte> reply;
+  put(reply, ReplyHeader{ok ? 0 : 1, n});
+  if (!ok) return reply;
+  upload(proxy_requests_, in.take(static_cast<std::size_t>(n) * sizeof(RemoteRequest)),
+         static_cast<std::size_t>(n) * sizeof(RemoteRequest));
+  check_cuda(enqueue_gather_requested_rows(g_, proxy_requests_, n, version, source / topo_.T, gathered_rows_,
+                                           gathered_entries_, gathered_counts_, stream),
+             "gathering rows for another host");
+  check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (rows for other hosts)");
+  copy_out(reply, gathered_entries_, n);
+  copy_out(reply, gathered_counts_, topo_.W);
+  copy_out(reply, gathered_rows_, static_cast<std::int64_t>(static_cast<std::size_t>(n) * pitch));
+  return reply;
+}
+
+}  // namespace moedist::cuda
