@@ -72,6 +72,17 @@ struct CudaDispatchResult {
   std::int64_t A = 0;            // the contract's capacity for this call
 };
 
+// What a rank sent to other hosts in its latest call, in a group across hosts (moedist/cuda_mpi.h;
+// zeros on one host).
+struct CudaHostTraffic {
+  // Dispatch: rows of this rank's tokens, each sent once to each other host that holds one of its targets
+  // (node-aware: not once per target rank).
+  std::int64_t token_rows = 0;
+  // Every byte of the messages it sent to ranks of other hosts: records, rows with their routing state,
+  // row requests and answers.
+  std::int64_t bytes = 0;
+};
+
 class CudaGroup {
  public:
   // Joins the group of job `job` (every process of the job calls it with its own config): the ranks of
@@ -133,6 +144,8 @@ class CudaGroup {
   // The latest dispatch's valid rows (own + TP peer's), as of the last synchronize() (0 before the
   // first; a dispatch not yet synchronized does not change it).
   std::int64_t last_valid_rows() const;
+  // What crossed hosts in this rank's latest call (known when the call returns: calls across hosts wait).
+  CudaHostTraffic last_host_traffic() const;
 
   struct State;
 

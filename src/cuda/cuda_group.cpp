@@ -744,4 +744,8 @@ void CudaGroup::check() const { state_->throw_if_failed(); }
 
 std::int64_t CudaGroup::last_valid_rows() const { return state_->seen.valid_rows; }
 
+CudaHostTraffic CudaGroup::last_host_traffic() const {
+  return state_->bridge ? state_->bridge->traffic() : CudaHostTraffic{};
+}
+
 }  // namespace moedist::cuda

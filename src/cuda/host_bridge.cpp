@@ -6,35 +6,16 @@
 #include <set>
 
 #include "common/format.h"
+#include "cuda/bridge_messages.h"
 #include "cuda/device_guard.h"
 #include "cuda/kernels.h"
 #include "cuda/protocol.h"
 #include "moedist/error.h"
-#include "ops/host_messages.h"
+#include "ops/host_messages.h"  // append
 
 namespace moedist::cuda {
 
 namespace {
-
-// Dispatch, sender -> proxy: this header, then (unless the sender failed) its routing state, its
-// expert_scales, the rows of its tokens with a target on the proxy's host and the smooth-scale rows
-// those targets need.
-struct RowsHeader {
-  std::uint64_t word = 0;  // the sender's flag word of this call: (seq << 1) | failed
-  std::int64_t bs = 0;
-  std::int32_t k = 0, h = 0, version = 0, quant = 0, bf16 = 0, has_expert_scales = 0, has_scales = 0;
-  std::int32_t rows = 0, scale_rows = 0, unused = 0;
-};
-// Combine, source -> proxy: this header, then n RemoteRequest.
-struct RequestsHeader {
-  std::uint64_t seq = 0;
-  std::int64_t n = 0;
-};
-// Combine, proxy -> source: this header, then n index entries, W holder counts and n rows.
-struct ReplyHeader {
-  std::int64_t failed = 0;
-  std::int64_t n = 0;
-};
 
 template <class T>
 void copy_out(std::vector<std::byte>& message, const T* device, std::int64_t n) {
@@ -67,6 +48,7 @@ HostBridge::HostBridge(Transport& transport, DeviceGroup& group, const contract:
                        std::int64_t k, std::int64_t h, std::byte* window)
     : transport_(transport), g_(group), topo_(topo), max_bs_(max_bs), k_(k), h_(h), window_(window) {
   scale_rows_ = topo.E + std::max(1, topo.Sn);
+  limits_ = BridgeLimits{max_bs, k, h, scale_rows_, topo.E, topo.W, topo.S, topo.count_record_len()};
   const int world = transport.size(), me = transport.rank();
   std::vector<int> local_index(static_cast<std::size_t>(world));
   std::vector<int> seen(static_cast<std::size_t>(transport.host_count()), 0);
@@ -142,6 +124,9 @@ void HostBridge::exchange_records(cudaStream_t stream) {
              "cudaMemcpy (record)");
   std::vector<std::byte> all(each * static_cast<std::size_t>(world));
   transport_.allgather(mine.data(), each, all.data(), "cuda.records");
+  traffic_ = {};  // a new call
+  for (int r = 0; r < world; ++r)
+    traffic_.bytes += transport_.host_of(r) != transport_.host_of(me) ? static_cast<std::int64_t>(each) : 0;
   for (int r = 0; r < world; ++r) {
     if (transport_.host_of(r) == transport_.host_of(me)) continue;
     const std::byte* theirs = all.data() + each * static_cast<std::size_t>(r);
@@ -158,7 +143,7 @@ void HostBridge::carry_rows(const DispatchArgs& a, cudaStream_t stream) {
   const std::size_t hosts = proxies_.size();
   std::vector<std::vector<std::byte>> messages(hosts);
   if (st.code != 0) {
-    for (auto& m : messages) put(m, head);
+    for (auto& m : messages) write_rows_message(m, head, {}, limits_);
   } else {
     head.bs = a.bs;
     head.k = static_cast<std::int32_t>(a.k);
@@ -207,7 +192,7 @@ void HostBridge::carry_rows(const DispatchArgs& a, cudaStream_t stream) {
     ha.expert_scales = head.has_expert_scales != 0 ? es_host : nullptr;
     ha.expert_scales_row_stride = a.k;
     ha.expert_scales_col_stride = 1;
-    std::vector<std::vector<std::int32_t>> tokens(hosts);
+    std::vector<RowsContent> content(hosts);
     std::vector<std::set<std::int64_t>> smooth(hosts);
     std::vector<Target> targets(static_cast<std::size_t>(target_count(hg, a.k, a.version)));
     for (std::int64_t b = 0; b < a.bs; ++b) {
@@ -223,38 +208,44 @@ void HostBridge::carry_rows(const DispatchArgs& a, cudaStream_t stream) {
         if (head.has_scales != 0) smooth[static_cast<std::size_t>(slot_of_host)].insert(tg.smooth_row);
       }
       for (std::size_t i = 0; i < hosts; ++i) {
-        if (wanted[i]) tokens[i].push_back(static_cast<std::int32_t>(b));
+        if (wanted[i]) content[i].tokens.push_back(static_cast<std::int32_t>(b));  // once per host
       }
     }
-    const std::size_t row_bytes = contract::align_up(static_cast<std::size_t>(a.h) * 2, 4);
+    // The smooth-scale rows any host needs, copied once.
+    std::set<std::int64_t> all_smooth;
+    for (const auto& rows : smooth) all_smooth.insert(rows.begin(), rows.end());
+    std::vector<float> smooth_rows(all_smooth.size() * static_cast<std::size_t>(a.h));
+    std::vector<std::int64_t> smooth_index(all_smooth.begin(), all_smooth.end());
+    for (std::size_t r = 0; r < smooth_index.size(); ++r) {
+      check_cuda(cudaMemcpy(smooth_rows.data() + r * static_cast<std::size_t>(a.h),
+                            a.scales + smooth_index[r] * a.scales_row_stride, static_cast<std::size_t>(a.h) * 4,
+                            cudaMemcpyDeviceToHost),
+                 "cudaMemcpy (scales)");
+    }
     for (std::size_t i = 0; i < hosts; ++i) {
-      std::vector<std::byte>& m = messages[i];
-      RowsHeader hd = head;
-      hd.rows = static_cast<std::int32_t>(tokens[i].size());
-      hd.scale_rows = static_cast<std::int32_t>(smooth[i].size());
-      put(m, hd);
-      std::memcpy(append(m, ids.size() * 4), ids.data(), ids.size() * 4);
-      std::memcpy(append(m, idx.size() * 4), idx.data(), idx.size() * 4);
-      std::memcpy(append(m, slot.size() * 4), slot.data(), slot.size() * 4);
-      std::memcpy(append(m, block_start.size() * 8), block_start.data(), block_start.size() * 8);
-      std::memcpy(append(m, tp_shift.size() * 8), tp_shift.data(), tp_shift.size() * 8);
-      std::memcpy(append(m, shared_start.size() * 8), shared_start.data(), shared_start.size() * 8);
-      if (head.has_expert_scales != 0)
-        std::memcpy(append(m, static_cast<std::size_t>(n) * 4), es_host, static_cast<std::size_t>(n) * 4);
-      for (const std::int32_t b : tokens[i]) {
-        put(m, b);
-        std::memcpy(append(m, row_bytes), x_host + b * a.h, static_cast<std::size_t>(a.h) * 2);
-      }
+      RowsContent& c = content[i];
+      c.ids = ids;
+      c.expand_idx = idx;
+      c.token_slot = slot;
+      c.block_start = block_start;
+      c.tp_shift = tp_shift;
+      c.shared_start = shared_start;
+      if (head.has_expert_scales != 0) c.expert_scales = {es_host, static_cast<std::size_t>(n)};
+      c.x = {x_host, static_cast<std::size_t>(a.bs * a.h)};
       for (const std::int64_t row : smooth[i]) {
-        put(m, static_cast<std::int32_t>(row));
-        check_cuda(cudaMemcpy(append(m, static_cast<std::size_t>(a.h) * 4), a.scales + row * a.scales_row_stride,
-                              static_cast<std::size_t>(a.h) * 4, cudaMemcpyDeviceToHost),
-                   "cudaMemcpy (scales)");
+        const auto at = static_cast<std::size_t>(std::lower_bound(smooth_index.begin(), smooth_index.end(), row) -
+                                                 smooth_index.begin());
+        c.smooth.emplace_back(static_cast<std::int32_t>(row), smooth_rows.data() + at * static_cast<std::size_t>(a.h));
       }
+      traffic_.token_rows += static_cast<std::int64_t>(c.tokens.size());
+      write_rows_message(messages[i], head, c, limits_);
     }
   }
   std::vector<Transport::Outgoing> out;
-  for (std::size_t i = 0; i < hosts; ++i) out.push_back({proxies_[i], messages[i].data(), messages[i].size()});
+  for (std::size_t i = 0; i < hosts; ++i) {
+    out.push_back({proxies_[i], messages[i].data(), messages[i].size()});
+    traffic_.bytes += static_cast<std::int64_t>(messages[i].size());
+  }
   std::vector<std::vector<std::byte>> in(hosts);
   transport_.exchange(out, proxies_, in, "cuda.rows");
   for (std::size_t i = 0; i < hosts; ++i) proxy_rows(proxies_[i], in[i], stream);
@@ -264,58 +255,22 @@ void HostBridge::carry_rows(const DispatchArgs& a, cudaStream_t stream) {
 // raises its rows flag in every window of this host (with the failed bit when it failed or its message
 // broke a rule).
 void HostBridge::proxy_rows(int sender, const std::vector<std::byte>& message, cudaStream_t stream) {
-  MessageReader in(message);
-  RowsHeader hd;
-  bool ok = in.read(&hd);
-  std::uint64_t word = ok ? hd.word : 0;
+  std::uint64_t word = rows_message_word(message);
   const bool sender_failed = (word & 1u) != 0;
-  ok = ok && !sender_failed && hd.bs >= 0 && hd.bs <= max_bs_ && hd.k == k_ && hd.h == h_ &&
-       (hd.version == 1 || hd.version == 2) && (hd.quant == 0 || hd.quant == 2) && (hd.bf16 == 0 || hd.bf16 == 1) &&
-       (hd.has_expert_scales == 0 || hd.has_expert_scales == 1) &&
-       (hd.has_scales == 0 || (hd.has_scales == 1 && hd.quant == 2)) && hd.rows >= 0 && hd.rows <= hd.bs &&
-       hd.scale_rows >= 0 && hd.scale_rows <= scale_rows_;
+  RowsMessage m;
+  const bool ok = !sender_failed && read_rows_message(message, limits_, &m);
+  const RowsHeader& hd = m.head;
   if (ok) {
     const std::int64_t n = hd.bs * hd.k;
-    const auto* ids = reinterpret_cast<const std::int32_t*>(in.take(static_cast<std::size_t>(n) * 4));
-    const std::byte* idx = in.take(static_cast<std::size_t>(n) * 4);
-    const std::byte* slot = in.take(static_cast<std::size_t>(hd.bs) * 4);
-    const std::byte* block_start = in.take(static_cast<std::size_t>(topo_.count_record_len()) * 8);
-    const std::byte* tp_shift = in.take(static_cast<std::size_t>(topo_.W) * 8);
-    const std::byte* shared_start = in.take(static_cast<std::size_t>(std::max(topo_.S, 1)) * 8);
-    const std::byte* es = hd.has_expert_scales != 0 ? in.take(static_cast<std::size_t>(n) * 4) : nullptr;
-    ok = ids != nullptr && idx != nullptr && slot != nullptr && block_start != nullptr && tp_shift != nullptr &&
-         shared_start != nullptr && (hd.has_expert_scales == 0 || es != nullptr);
-    // An id names a block of block_start: it must be an expert wherever a row is sent for it (every
-    // entry in V1; V2's sent entries, slot >= 0).
-    for (std::int64_t t = 0; ok && t < n; ++t) {
-      std::int32_t id = 0, at = 0;
-      std::memcpy(&id, ids + t, 4);
-      std::memcpy(&at, idx + 4 * t, 4);
-      if ((hd.version == 1 || at >= 0) && (id < 0 || id >= topo_.E)) ok = false;
-    }
-    if (ok) {
-      upload(as_.dispatch_ids, ids, static_cast<std::size_t>(n) * 4);
-      upload(as_.dispatch_expand_idx, idx, static_cast<std::size_t>(n) * 4);
-      upload(as_.token_slot, slot, static_cast<std::size_t>(hd.bs) * 4);
-      upload(as_.block_start, block_start, static_cast<std::size_t>(topo_.count_record_len()) * 8);
-      upload(as_.tp_shift, tp_shift, static_cast<std::size_t>(topo_.W) * 8);
-      upload(as_.shared_start, shared_start, static_cast<std::size_t>(std::max(topo_.S, 1)) * 8);
-      if (es != nullptr) upload(es_stage_, es, static_cast<std::size_t>(n) * 4);
-    }
-    const std::size_t row_bytes = contract::align_up(static_cast<std::size_t>(h_) * 2, 4);
-    for (std::int32_t i = 0; ok && i < hd.rows; ++i) {
-      std::int32_t b = -1;
-      const std::byte* row = in.read(&b) ? in.take(row_bytes) : nullptr;
-      ok = row != nullptr && b >= 0 && b < hd.bs;
-      if (ok) upload(x_stage_ + b * h_, row, static_cast<std::size_t>(h_) * 2);
-    }
-    for (std::int32_t i = 0; ok && i < hd.scale_rows; ++i) {
-      std::int32_t r = -1;
-      const std::byte* row = in.read(&r) ? in.take(static_cast<std::size_t>(h_) * 4) : nullptr;
-      ok = row != nullptr && r >= 0 && r < scale_rows_;
-      if (ok) upload(scales_stage_ + r * h_, row, static_cast<std::size_t>(h_) * 4);
-    }
-    ok = ok && in.done();
+    upload(as_.dispatch_ids, m.ids, static_cast<std::size_t>(n) * 4);
+    upload(as_.dispatch_expand_idx, m.expand_idx, static_cast<std::size_t>(n) * 4);
+    upload(as_.token_slot, m.token_slot, static_cast<std::size_t>(hd.bs) * 4);
+    upload(as_.block_start, m.block_start, static_cast<std::size_t>(topo_.count_record_len()) * 8);
+    upload(as_.tp_shift, m.tp_shift, static_cast<std::size_t>(topo_.W) * 8);
+    upload(as_.shared_start, m.shared_start, static_cast<std::size_t>(std::max(topo_.S, 1)) * 8);
+    if (m.expert_scales != nullptr) upload(es_stage_, m.expert_scales, static_cast<std::size_t>(n) * 4);
+    for (const auto& [b, row] : m.rows) upload(x_stage_ + b * h_, row, static_cast<std::size_t>(h_) * 2);
+    for (const auto& [r, row] : m.scale_rows) upload(scales_stage_ + r * h_, row, static_cast<std::size_t>(h_) * 4);
   }
   if (ok) {
     DeviceGroup as = as_;
@@ -348,6 +303,7 @@ void HostBridge::proxy_rows(int sender, const std::vector<std::byte>& message, c
 }
 
 void HostBridge::carry_combine_rows(const CombineArgs& a, cudaStream_t stream) {
+  traffic_ = {};  // a new call
   check_cuda(enqueue_remote_requests(g_, a, requests_, stream), "listing the rows of other hosts");
   check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (rows from other hosts)");
   const Status st = read_status();
@@ -358,28 +314,31 @@ void HostBridge::carry_combine_rows(const CombineArgs& a, cudaStream_t stream) {
                "cudaMemcpy (requests)");
   const std::size_t hosts = proxies_.size();
   std::vector<std::vector<std::int64_t>> where(hosts);  // per host: the (token, slot) of each request, in order
-  std::vector<std::vector<std::byte>> requests(hosts);
-  for (std::size_t i = 0; i < hosts; ++i) put(requests[i], RequestsHeader{st.seq, 0});
+  std::vector<std::vector<RemoteRequest>> lists(hosts);
   for (std::int64_t i = 0; i < total; ++i) {
     const RemoteRequest& q = all[static_cast<std::size_t>(i)];
     if (q.holder < 0 || q.holder >= g_.world) continue;
     const int slot_of_host = host_slot_[static_cast<std::size_t>(transport_.host_of(q.holder))];
     if (slot_of_host < 0) continue;
     where[static_cast<std::size_t>(slot_of_host)].push_back(i);
-    put(requests[static_cast<std::size_t>(slot_of_host)], q);
+    lists[static_cast<std::size_t>(slot_of_host)].push_back(q);
   }
-  for (std::size_t i = 0; i < hosts; ++i) {
-    const auto count = static_cast<std::int64_t>(where[i].size());
-    std::memcpy(requests[i].data() + offsetof(RequestsHeader, n), &count, sizeof(count));
-  }
+  std::vector<std::vector<std::byte>> requests(hosts);
+  for (std::size_t i = 0; i < hosts; ++i) write_requests(requests[i], st.seq, lists[i]);
   std::vector<Transport::Outgoing> out;
-  for (std::size_t i = 0; i < hosts; ++i) out.push_back({proxies_[i], requests[i].data(), requests[i].size()});
+  for (std::size_t i = 0; i < hosts; ++i) {
+    out.push_back({proxies_[i], requests[i].data(), requests[i].size()});
+    traffic_.bytes += static_cast<std::int64_t>(requests[i].size());
+  }
   std::vector<std::vector<std::byte>> asked(hosts);
   transport_.exchange(out, proxies_, asked, "cuda.combine_requests");
   std::vector<std::vector<std::byte>> replies(hosts);
   for (std::size_t i = 0; i < hosts; ++i) replies[i] = answer_requests(proxies_[i], asked[i], a.version, stream);
   out.clear();
-  for (std::size_t i = 0; i < hosts; ++i) out.push_back({proxies_[i], replies[i].data(), replies[i].size()});
+  for (std::size_t i = 0; i < hosts; ++i) {
+    out.push_back({proxies_[i], replies[i].data(), replies[i].size()});
+    traffic_.bytes += static_cast<std::int64_t>(replies[i].size());
+  }
   std::vector<std::vector<std::byte>> answers(hosts);
   transport_.exchange(out, proxies_, answers, "cuda.combine_rows");
 
@@ -389,18 +348,15 @@ void HostBridge::carry_combine_rows(const CombineArgs& a, cudaStream_t stream) {
   std::vector<std::uint64_t> index(static_cast<std::size_t>(total), 0);
   std::vector<std::int64_t> counts(static_cast<std::size_t>(topo_.W), 0), failed(static_cast<std::size_t>(g_.world), 0);
   for (std::size_t i = 0; i < hosts; ++i) {
-    MessageReader in(answers[i]);
-    ReplyHeader hd;
     const auto n = static_cast<std::int64_t>(where[i].size());
-    const bool ok = in.read(&hd) && hd.n == n && hd.failed == 0 &&
-                    in.left() == static_cast<std::size_t>(n) * (8 + pitch) + static_cast<std::size_t>(topo_.W) * 8;
-    if (!ok) {
+    ReplyView reply;
+    if (!read_reply(answers[i], n, topo_.W, pitch, &reply)) {  // the proxy failed, or its answer is malformed
       failed[static_cast<std::size_t>(proxies_[i])] = 1;
       continue;
     }
-    const std::byte* entries = in.take(static_cast<std::size_t>(n) * 8);
-    const std::byte* their_counts = in.take(static_cast<std::size_t>(topo_.W) * 8);
-    const std::byte* their_rows = in.take(static_cast<std::size_t>(n) * pitch);
+    const std::byte* entries = reply.entries;
+    const std::byte* their_counts = reply.counts;
+    const std::byte* their_rows = reply.rows;
     for (std::int64_t r = 0; r < n; ++r) {
       const auto at = static_cast<std::size_t>(where[i][static_cast<std::size_t>(r)]);
       std::memcpy(&index[at], entries + 8 * r, 8);
@@ -422,19 +378,15 @@ void HostBridge::carry_combine_rows(const CombineArgs& a, cudaStream_t stream) {
 // or the request message breaks a rule.
 std::vector<std::byte> HostBridge::answer_requests(int source, const std::vector<std::byte>& message, int version,
                                                    cudaStream_t stream) {
-  MessageReader in(message);
-  RequestsHeader hd;
-  const std::int64_t most = max_bs_ * g_.remote_slots;
-  bool ok =
-      in.read(&hd) && hd.n >= 0 && hd.n <= most && in.left() == static_cast<std::size_t>(hd.n) * sizeof(RemoteRequest);
-  ok = ok && read_status().code == 0;
-  const std::int64_t n = ok ? hd.n : 0;
+  std::int64_t n = 0;
+  const std::byte* requests = read_requests(message, max_bs_ * g_.remote_slots, &n);
+  const bool ok = requests != nullptr && read_status().code == 0;
+  if (!ok) n = 0;
   const std::size_t pitch = g_.off.combine_pitch;
   std::vector<std::byte> reply;
   put(reply, ReplyHeader{ok ? 0 : 1, n});
   if (!ok) return reply;
-  upload(proxy_requests_, in.take(static_cast<std::size_t>(n) * sizeof(RemoteRequest)),
-         static_cast<std::size_t>(n) * sizeof(RemoteRequest));
+  upload(proxy_requests_, requests, static_cast<std::size_t>(n) * sizeof(RemoteRequest));
   check_cuda(enqueue_gather_requested_rows(g_, proxy_requests_, n, version, source / topo_.T, gathered_rows_,
                                            gathered_entries_, gathered_counts_, stream),
              "gathering rows for another host");

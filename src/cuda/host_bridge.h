@@ -23,7 +23,9 @@
 #include <vector>
 
 #include "contract/layout.h"
+#include "cuda/bridge_messages.h"
 #include "cuda/device_state.h"
+#include "moedist/cuda.h"
 #include "transport/transport.h"
 
 namespace moedist::cuda {
@@ -46,6 +48,8 @@ class HostBridge {
   void carry_rows(const DispatchArgs& a, cudaStream_t stream);
   // After enqueue_combine_front: the rows this rank reduces from other hosts into remote_rows.
   void carry_combine_rows(const CombineArgs& a, cudaStream_t stream);
+  // What this rank sent to other hosts in its latest call (dispatch: from exchange_records on).
+  CudaHostTraffic traffic() const { return traffic_; }
 
  private:
   template <class T>
@@ -61,9 +65,11 @@ class HostBridge {
   std::int64_t max_bs_, k_, h_;
   std::byte* window_;
   std::int64_t scale_rows_;     // rows of a `scales` argument the group allows: E + max(1, Sn)
+  BridgeLimits limits_;         // what a message from another host is checked against
   std::vector<int> proxies_;    // per other host, its rank with this rank's local index (both ways)
   std::vector<int> host_slot_;  // per host, its place in proxies_ (-1: this rank's host)
   std::vector<void*> allocations_;
+  CudaHostTraffic traffic_;
   std::byte* pinned_ = nullptr;  // outgoing messages, grown on demand
   std::size_t pinned_bytes_ = 0;
   // A sender's inputs, compacted.

@@ -21,6 +21,7 @@
 #include <functional>
 #include <numeric>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -144,7 +145,11 @@ struct Mode {
   // shows that the comparison sees a wrong bit (every case must then fail).
   bool plant_fault = false;
   bool over_mpi = false;  // --mpi: the ranks are MPI_COMM_WORLD's and join with cuda::join_mpi
+  int ranks_per_host = 0;  // --mpi on virtual hosts of this many ranks (global rank g on host g / it)
 };
+
+// Across hosts: how many dispatches had their token rows to other hosts counted against the expected.
+long node_aware_checks = 0;
 
 std::unique_ptr<cuda::CudaGroup> join_group(const GroupConfig& config, const std::string& job,
                                             const cuda::CudaGroupOptions& options, const Mode& mode) {
@@ -303,6 +308,27 @@ std::string run_rank(const std::vector<casefile::Case>& calls, const std::vector
     }
     group->synchronize(s);
     const std::int64_t valid = group->last_valid_rows(), h = options.h, bs = in.x.rows();
+    // Node-aware (V1 without shared experts, where every entry is sent): each token crosses to each
+    // other host that holds one of its experts once, not once per expert or rank there.
+    if (mode.ranks_per_host > 0 && !v2 && c.shared_expert_rank_num == 0) {
+      const int experts_per_rank = c.moe_expert_num / c.ep_world_size;
+      std::int64_t want = 0;
+      for (std::int64_t b = 0; b < bs; ++b) {
+        std::set<int> hosts;
+        for (std::int64_t j = 0; j < in.expert_ids.cols(); ++j) {
+          const int ep = in.expert_ids.data<std::int32_t>()[b * in.expert_ids.cols() + j] / experts_per_rank;
+          hosts.insert((ep * T + g % T) / mode.ranks_per_host);
+        }
+        hosts.erase(g / mode.ranks_per_host);
+        want += static_cast<std::int64_t>(hosts.size());
+      }
+      const std::int64_t sent = group->last_host_traffic().token_rows;
+      if (sent != want)
+        return "call " + std::to_string(call) + ": rank " + std::to_string(g) + " sent " + std::to_string(sent) +
+               " token rows to other hosts, not one per token and other host with one of its experts (" +
+               std::to_string(want) + ")";
+      ++node_aware_checks;
+    }
 
     casefile::RankOutputs got;
     got.expand_x = download(d.expand_x, valid);
@@ -637,6 +663,7 @@ int run_mpi_cases(int cases, int v2_cases, std::uint64_t seed, std::chrono::mill
   const char* rpn_text = std::getenv("MOEDIST_RANKS_PER_NODE");
   const int rpn = rpn_text != nullptr ? std::atoi(rpn_text) : 0;
   const int hosts = rpn > 0 && rpn < size ? (size + rpn - 1) / rpn : 1;
+  base.ranks_per_host = hosts > 1 ? rpn : 0;
   long failures = 0, checked = 0, refused_captures = 0;
   for (int i = 0; i < cases + v2_cases; ++i) {
     const bool v2 = i >= cases;
@@ -714,14 +741,16 @@ int run_mpi_cases(int cases, int v2_cases, std::uint64_t seed, std::chrono::mill
       "a communicator of the wrong size", [&] { cuda::join_mpi(MPI_COMM_WORLD, larger, options); },
       ErrorCode::config_mismatch, "must equal the size of comm");
 
-  long totals[2] = {failures, checked}, sums[2] = {0, 0};
-  MPI_Allreduce(totals, sums, 2, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);  // every rank exits with the verdict
-  const bool pass = sums[0] == 0 && sums[1] >= static_cast<long>(size) * (cases + v2_cases) * 3;
+  long totals[3] = {failures, checked, node_aware_checks}, sums[3] = {0, 0, 0};
+  MPI_Allreduce(totals, sums, 3, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);  // every rank exits with the verdict
+  // Across hosts, a run that counted no dispatch's rows to other hosts would not show node-awareness.
+  const bool pass =
+      sums[0] == 0 && sums[1] >= static_cast<long>(size) * (cases + v2_cases) * 3 && (hosts == 1 || sums[2] > 0);
   if (me == 0) {
     std::printf(
         "gpu oracle over MPI: %d ranks on %d hosts, %d V1 and %d V2 cases x 3 calls, %ld rank-calls checked (%ld graph "
-        "captures refused on rank 0), %ld mismatches: %s\n",
-        size, hosts, cases, v2_cases, sums[1], refused_captures, sums[0], pass ? "PASS" : "FAIL");
+        "captures refused on rank 0, %ld dispatches' rows to other hosts counted), %ld mismatches: %s\n",
+        size, hosts, cases, v2_cases, sums[1], refused_captures, sums[2], sums[0], pass ? "PASS" : "FAIL");
   }
   return pass ? 0 : 1;
 }
