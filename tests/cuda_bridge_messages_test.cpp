@@ -14,11 +14,10 @@ namespace moedist::cuda {
 namespace {
 
 // A group of W = 4 EP ranks, 2 experts each (E = 8), no shared-expert ranks; K = 2, H = 3, max_bs 4.
-BridgeLimits limits() { return BridgeLimits{4, 2, 3, 8 + 1, 8, 4, 0, 8}; }
+BridgeLimits limits() { return BridgeLimits{4, 2, 3, 8 + 1, 8, 0, 2}; }
 
 struct Sender {
   std::vector<std::int32_t> ids{0, 7, 3, 4, 5, 1}, expand_idx{0, 0, 0, 0, 1, 0}, token_slot{0, 0, 0};
-  std::vector<std::int64_t> block_start{0, 1, 2, 3, 4, 5, 6, 7}, tp_shift{0, 0, 0, 0}, shared_start{0};
   std::vector<float> expert_scales{0.5f, 0.25f, 1.0f, 2.0f, 3.0f, 4.0f};
   std::vector<std::uint16_t> x{1, 2, 3, 4, 5, 6, 7, 8, 9};  // (BS = 3, H = 3)
   std::vector<float> smooth_row = {1.5f, 2.5f, 3.5f};
@@ -41,9 +40,6 @@ struct Sender {
     c.ids = ids;
     c.expand_idx = expand_idx;
     c.token_slot = token_slot;
-    c.block_start = block_start;
-    c.tp_shift = tp_shift;
-    c.shared_start = shared_start;
     c.expert_scales = expert_scales;
     c.x = x;
     c.tokens = {0, 2};
@@ -74,8 +70,6 @@ TEST(CudaBridgeMessages, RowsReadBackAsWritten) {
     EXPECT_EQ(at<std::int32_t>(r.expand_idx, t), s.expand_idx[t]);
     EXPECT_EQ(at<float>(r.expert_scales, t), s.expert_scales[t]);
   }
-  for (std::size_t i = 0; i < s.block_start.size(); ++i)
-    EXPECT_EQ(at<std::int64_t>(r.block_start, i), s.block_start[i]);
   ASSERT_EQ(r.rows.size(), 2u);
   EXPECT_EQ(r.rows[0].first, 0);
   EXPECT_EQ(r.rows[1].first, 2);
@@ -136,8 +130,8 @@ TEST(CudaBridgeMessages, RowsThatBreakARuleAreRefused) {
     std::int32_t bad = -1;
     std::memcpy(m.data() + ids_at, &bad, 4);
   });
-  // The rows start after the routing state: 6 ids, 6 expand_idx, 3 token numbers, 8 + 4 + 1 int64, 6 floats.
-  const std::size_t rows_at = ids_at + 4 * (6 + 6 + 3) + 8 * (8 + 4 + 1) + 4 * 6;
+  // The rows start after the routing state: 6 ids, 6 expand_idx, 3 token numbers, 6 expert_scales.
+  const std::size_t rows_at = ids_at + 4 * (6 + 6 + 3) + 4 * 6;
   refused("a row of a token past BS", [&](auto& m) {
     std::int32_t bad = 3;
     std::memcpy(m.data() + rows_at, &bad, 4);
@@ -176,20 +170,68 @@ TEST(CudaBridgeMessages, V2ChecksTheIdsOfSentEntriesOnly) {
   EXPECT_FALSE(read_rows_message(s.message(h), limits(), &r));
 }
 
+// A message must be of the call its sender published, and name only rows inside the sender's blocks.
+TEST(CudaBridgeMessages, RowsMustAgreeWithTheSendersRecord) {
+  const Sender s;
+  RowsMessage m;
+  const std::vector<std::byte> bytes = s.message(s.head());
+  ASSERT_TRUE(read_rows_message(bytes, limits(), &m));
+  RecordHeader rec;
+  rec.bs = 3;
+  rec.k = 2;
+  rec.h = 3;
+  rec.version = 1;
+  rec.mode = 2;
+  rec.has_expert_scales = 1;
+  rec.active = 3;
+  // Rows per expert (S = 0, 2 experts per rank: entry e is expert e): expert 5 gets two (expand_idx 0, 1).
+  std::vector<std::int32_t> counts{1, 1, 0, 1, 1, 2, 0, 1};
+  EXPECT_TRUE(rows_agree_with_record(m, rec, counts, 5, limits()));
+  EXPECT_FALSE(rows_agree_with_record(m, rec, counts, 6, limits())) << "another call";
+  const auto differs = [&](const char* what,
+                           const std::function<void(RecordHeader&, std::vector<std::int32_t>&)>& edit) {
+    RecordHeader r = rec;
+    std::vector<std::int32_t> c = counts;
+    edit(r, c);
+    EXPECT_FALSE(rows_agree_with_record(m, r, c, 5, limits())) << what;
+  };
+  differs("the record failed", [](RecordHeader& r, auto&) { r.failed = 1; });
+  differs("another BS", [](RecordHeader& r, auto&) { r.bs = 2; });
+  differs("another quant mode", [](RecordHeader& r, auto&) { r.mode = 0; });
+  differs("another version", [](RecordHeader& r, auto&) { r.version = 2; });
+  differs("no expert_scales", [](RecordHeader& r, auto&) { r.has_expert_scales = 0; });
+  differs("a row past its block", [](RecordHeader&, std::vector<std::int32_t>& c) { c[5] = 1; });
+  differs("a short record", [](RecordHeader&, std::vector<std::int32_t>& c) { c.resize(7); });
+  // V2: a token number below the active tokens, or -1.
+  Sender v2 = s;
+  v2.token_slot = {0, -1, 1};
+  RowsHeader h = v2.head();
+  h.version = 2;
+  const std::vector<std::byte> v2_bytes = v2.message(h);
+  ASSERT_TRUE(read_rows_message(v2_bytes, limits(), &m));
+  rec.version = 2;
+  rec.active = 2;
+  EXPECT_TRUE(rows_agree_with_record(m, rec, counts, 5, limits()));
+  rec.active = 1;
+  EXPECT_FALSE(rows_agree_with_record(m, rec, counts, 5, limits())) << "a token number past the active tokens";
+}
+
 TEST(CudaBridgeMessages, RequestsAndRepliesAreCheckedForSize) {
   std::vector<RemoteRequest> list(3);
   list[1].holder = 5;
   std::vector<std::byte> m;
   write_requests(m, 7, list);
   std::int64_t n = -1;
-  const std::byte* got = read_requests(m, 3, &n);
+  const std::byte* got = read_requests(m, 3, 7, &n);
   ASSERT_NE(got, nullptr);
   EXPECT_EQ(n, 3);
   EXPECT_EQ(at<RemoteRequest>(got, 1).holder, 5);
-  EXPECT_EQ(read_requests(m, 2, &n), nullptr) << "more requests than a source can have";
+  EXPECT_EQ(read_requests(m, 2, 7, &n), nullptr) << "more requests than a source can have";
+  EXPECT_EQ(n, 0);
+  EXPECT_EQ(read_requests(m, 3, 8, &n), nullptr) << "requests of another call";
   EXPECT_EQ(n, 0);
   m.pop_back();
-  EXPECT_EQ(read_requests(m, 3, &n), nullptr) << "a short message";
+  EXPECT_EQ(read_requests(m, 3, 7, &n), nullptr) << "a short message";
 
   const std::size_t pitch = 16;
   const int W = 4;

@@ -27,8 +27,9 @@ namespace moedist::cuda {
 // and rows travel through MPI, each token once to each other host that holds one of its targets, and
 // results stay the oracle's, bit for bit (docs/cuda.md, "Across hosts"). Such a group needs the same
 // number of ranks on every host and each TP pair on one host (ErrorCode::unsupported on every rank
-// otherwise, before any device memory is allocated). Its calls wait for the stream between their steps:
-// they return when their work is done and cannot be captured in a CUDA graph (unsupported).
+// otherwise, before any device memory is allocated). Its calls wait for the stream between their steps
+// while the host exchanges messages, so they cannot be captured in a CUDA graph (unsupported); their last
+// kernels are enqueued as on one host, and synchronize() reports what the GPU saw, as always.
 std::unique_ptr<CudaGroup> join_mpi(MPI_Comm comm, const GroupConfig& config, const CudaGroupOptions& options,
                                     int ranks_per_node = 0);
 

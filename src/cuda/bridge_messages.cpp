@@ -35,9 +35,6 @@ void write_rows_message(std::vector<std::byte>& m, RowsHeader head, const RowsCo
   put_all(m, c.ids);
   put_all(m, c.expand_idx);
   put_all(m, c.token_slot);
-  put_all(m, c.block_start);
-  put_all(m, c.tp_shift);
-  put_all(m, c.shared_start);
   if (head.has_expert_scales != 0) put_all(m, c.expert_scales);
   const std::size_t values = static_cast<std::size_t>(limits.h) * 2;
   for (const std::int32_t b : c.tokens) {
@@ -72,12 +69,8 @@ bool read_rows_message(const std::vector<std::byte>& message, const BridgeLimits
   out->ids = in.take(count_of(n, 4));
   out->expand_idx = in.take(count_of(n, 4));
   out->token_slot = in.take(count_of(hd.bs, 4));
-  out->block_start = in.take(count_of(lim.record_len, 8));
-  out->tp_shift = in.take(count_of(lim.W, 8));
-  out->shared_start = in.take(count_of(std::max(lim.S, 1), 8));
   out->expert_scales = hd.has_expert_scales != 0 ? in.take(count_of(n, 4)) : nullptr;
-  if (out->ids == nullptr || out->expand_idx == nullptr || out->token_slot == nullptr || out->block_start == nullptr ||
-      out->tp_shift == nullptr || out->shared_start == nullptr ||
+  if (out->ids == nullptr || out->expand_idx == nullptr || out->token_slot == nullptr ||
       (hd.has_expert_scales != 0 && out->expert_scales == nullptr))
     return false;
   for (std::int64_t t = 0; t < n; ++t) {
@@ -103,16 +96,41 @@ bool read_rows_message(const std::vector<std::byte>& message, const BridgeLimits
   return in.done();
 }
 
+bool rows_agree_with_record(const RowsMessage& m, const RecordHeader& rec, std::span<const std::int32_t> counts,
+                            std::uint64_t seq, const BridgeLimits& lim) {
+  const RowsHeader& hd = m.head;
+  if ((hd.word >> 1) != seq || rec.failed != 0 || hd.bs != rec.bs || hd.k != rec.k || hd.h != rec.h ||
+      hd.version != rec.version || hd.quant != rec.mode || hd.has_expert_scales != rec.has_expert_scales)
+    return false;
+  for (std::int64_t t = 0; t < hd.bs * hd.k; ++t) {
+    std::int32_t id = 0, slot = 0;
+    std::memcpy(&id, m.ids + 4 * t, 4);
+    std::memcpy(&slot, m.expand_idx + 4 * t, 4);
+    if (hd.version == 2 && slot < 0) continue;  // not sent
+    // read_rows_message saw the id in [0, E): its block is (S + id / L, id % L).
+    const auto entry = static_cast<std::size_t>((lim.S + id / lim.L) * lim.L + id % lim.L);
+    if (entry >= counts.size() || slot < 0 || slot >= counts[entry]) return false;
+  }
+  for (std::int64_t b = 0; b < hd.bs && hd.version == 2; ++b) {
+    std::int32_t token = 0;
+    std::memcpy(&token, m.token_slot + 4 * b, 4);
+    if (token < -1 || token >= rec.active) return false;
+  }
+  return true;
+}
+
 void write_requests(std::vector<std::byte>& m, std::uint64_t seq, std::span<const RemoteRequest> requests) {
   put(m, RequestsHeader{seq, static_cast<std::int64_t>(requests.size())});
   put_all(m, requests);
 }
 
-const std::byte* read_requests(const std::vector<std::byte>& message, std::int64_t most, std::int64_t* n) {
+const std::byte* read_requests(const std::vector<std::byte>& message, std::int64_t most, std::uint64_t seq,
+                               std::int64_t* n) {
   *n = 0;
   MessageReader in(message);
   RequestsHeader hd;
-  if (!in.read(&hd) || hd.n < 0 || hd.n > most || in.left() != count_of(hd.n, sizeof(RemoteRequest))) return nullptr;
+  if (!in.read(&hd) || hd.seq != seq || hd.n < 0 || hd.n > most || in.left() != count_of(hd.n, sizeof(RemoteRequest)))
+    return nullptr;
   *n = hd.n;
   return in.take(in.left());
 }

@@ -15,10 +15,10 @@ namespace moedist::cuda {
 
 // Dispatch, sender -> its proxy on another host: this header, then (unless the sender failed: its flag
 // word's failed bit, and nothing after the header) its routing state (ids and expand_idx [BS*K] int32,
-// the V2 token numbers [BS] int32, its block starts [W*L], TP shifts [W] and shared-rank starts
-// [max(S,1)] int64), its expert_scales [BS*K] float when it has them, then `rows` rows (the token b,
-// int32, and its H 16-bit values, padded to 4 bytes) and `scale_rows` smooth-scale rows (the row, int32,
-// and H floats).
+// the V2 token numbers [BS] int32), its expert_scales [BS*K] float when it has them, then `rows` rows
+// (the token b, int32, and its H 16-bit values, padded to 4 bytes) and `scale_rows` smooth-scale rows
+// (the row, int32, and H floats). Where the sender's blocks start on each rank the proxy computes
+// itself from the records (the same plan the sender made).
 struct RowsHeader {
   std::uint64_t word = 0;  // the sender's flag word of this call: (seq << 1) | failed
   std::int64_t bs = 0;
@@ -29,7 +29,6 @@ struct RowsHeader {
 // The sender's routing state and inputs, as the kernels left them (host copies).
 struct RowsContent {
   std::span<const std::int32_t> ids, expand_idx, token_slot;
-  std::span<const std::int64_t> block_start, tp_shift, shared_start;
   std::span<const float> expert_scales;                       // empty without them
   std::span<const std::uint16_t> x;                           // (BS, H), contiguous
   std::vector<std::int32_t> tokens;                           // the rows to send, ascending
@@ -40,14 +39,13 @@ struct RowsContent {
 struct BridgeLimits {
   std::int64_t max_bs = 0, k = 0, h = 0;
   std::int64_t scale_rows = 0;  // rows a `scales` argument may have: E + max(1, Sn)
-  int E = 0, W = 0, S = 0, record_len = 0;
+  int E = 0, S = 0, L = 0;
 };
 
 // A rows message that passed the checks: views into it.
 struct RowsMessage {
   RowsHeader head;
-  const std::byte *ids = nullptr, *expand_idx = nullptr, *token_slot = nullptr, *block_start = nullptr,
-                  *tp_shift = nullptr, *shared_start = nullptr, *expert_scales = nullptr;
+  const std::byte *ids = nullptr, *expand_idx = nullptr, *token_slot = nullptr, *expert_scales = nullptr;
   std::vector<std::pair<std::int32_t, const std::byte*>> rows;        // (token b, H 16-bit values)
   std::vector<std::pair<std::int32_t, const std::byte*>> scale_rows;  // (row, H floats)
 };
@@ -61,6 +59,12 @@ void write_rows_message(std::vector<std::byte>& message, RowsHeader head, const 
 bool read_rows_message(const std::vector<std::byte>& message, const BridgeLimits& limits, RowsMessage* out);
 // The flag word a rows message carries, or 0 when it has no header.
 std::uint64_t rows_message_word(const std::vector<std::byte>& message);
+// Whether a read rows message agrees with what its sender published for call `seq`: the call (its seq,
+// BS, K, H, operator version, quant mode, expert_scales given) is its record's, and every row index it
+// names lies in its block: expand_idx of a sent entry below the rows its record sends that expert
+// (`counts`: the record's W * L entries), a V2 token number below its active tokens (or -1).
+bool rows_agree_with_record(const RowsMessage& m, const RecordHeader& record, std::span<const std::int32_t> counts,
+                            std::uint64_t seq, const BridgeLimits& limits);
 
 // Combine, source -> proxy: this header, then n RemoteRequest (the proxy's kernel checks each one).
 struct RequestsHeader {
@@ -68,8 +72,10 @@ struct RequestsHeader {
   std::int64_t n = 0;
 };
 void write_requests(std::vector<std::byte>& message, std::uint64_t seq, std::span<const RemoteRequest> requests);
-// The requests (n RemoteRequest, as bytes) of a well-formed message of at most `most`, or nullptr (n = 0).
-const std::byte* read_requests(const std::vector<std::byte>& message, std::int64_t most, std::int64_t* n);
+// The requests (n RemoteRequest, as bytes) of a well-formed message of call `seq` with at most `most` of
+// them, or nullptr (n = 0).
+const std::byte* read_requests(const std::vector<std::byte>& message, std::int64_t most, std::uint64_t seq,
+                               std::int64_t* n);
 
 // Combine, proxy -> source: this header, then n index entries (uint64), W holder counts (int64) and n
 // rows of `pitch` bytes; failed != 0: the proxy failed, and nothing follows.

@@ -73,6 +73,7 @@ struct Status {
   std::int64_t own_rows = 0, peer_rows = 0;           // ... and its split (T == 2)
   std::uint64_t seq = 0;                              // calls issued on the device so far
   std::int64_t active_tokens = 0;                     // V2 dispatch: this rank's active tokens (scratch)
+  std::int64_t combine_signalled_failed = 0;          // the failed bit this rank's combine flags carried
 };
 
 // What a rank publishes to every rank at the start of a dispatch (into slot [rank] of their inbox).

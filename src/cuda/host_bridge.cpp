@@ -28,6 +28,21 @@ template <class T>
 void put(std::vector<std::byte>& message, const T& value) {
   std::memcpy(append(message, sizeof(T)), &value, sizeof(T));
 }
+// The DeviceGroup through which protocol.h sees a sender's routing state held on the host.
+DeviceGroup routed_as(DeviceGroup g, int sender, int T, std::vector<std::int32_t>& ids, std::vector<std::int32_t>& idx,
+                      std::vector<std::int32_t>& slot, std::vector<std::int64_t>& block_start,
+                      std::vector<std::int64_t>& tp_shift, std::vector<std::int64_t>& shared_start) {
+  g.ep_rank = sender / T;
+  g.tp_rank = sender % T;
+  g.dispatch_ids = ids.data();
+  g.dispatch_expand_idx = idx.data();
+  g.token_slot = slot.data();
+  g.block_start = block_start.data();
+  g.tp_shift = tp_shift.data();
+  g.shared_start = shared_start.data();
+  return g;
+}
+
 void upload(void* device, const void* host, std::size_t bytes) {
   if (bytes > 0)
     check_cuda(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy (a message from another host)");
@@ -48,7 +63,7 @@ HostBridge::HostBridge(Transport& transport, DeviceGroup& group, const contract:
                        std::int64_t k, std::int64_t h, std::byte* window)
     : transport_(transport), g_(group), topo_(topo), max_bs_(max_bs), k_(k), h_(h), window_(window) {
   scale_rows_ = topo.E + std::max(1, topo.Sn);
-  limits_ = BridgeLimits{max_bs, k, h, scale_rows_, topo.E, topo.W, topo.S, topo.count_record_len()};
+  limits_ = BridgeLimits{max_bs, k, h, scale_rows_, topo.E, topo.S, topo.L};
   const int world = transport.size(), me = transport.rank();
   std::vector<int> local_index(static_cast<std::size_t>(world));
   std::vector<int> seen(static_cast<std::size_t>(transport.host_count()), 0);
@@ -92,7 +107,8 @@ HostBridge::HostBridge(Transport& transport, DeviceGroup& group, const contract:
   gathered_entries_ = device_array<std::uint64_t>(entries);
   gathered_counts_ = device_array<std::int64_t>(topo.W);
   void* pinned = nullptr;
-  pinned_bytes_ = static_cast<std::size_t>(max_bs * h) * 2 + static_cast<std::size_t>(max_bs * k) * 4;
+  pinned_bytes_ =
+      contract::align_up(static_cast<std::size_t>(max_bs * h) * 2, 16) + static_cast<std::size_t>(max_bs * k) * 4;
   check_cuda(cudaHostAlloc(&pinned, std::max<std::size_t>(pinned_bytes_, 1), cudaHostAllocDefault),
              "cudaHostAlloc (rows between hosts)");
   pinned_ = static_cast<std::byte*>(pinned);
@@ -108,6 +124,54 @@ Status HostBridge::read_status() const {
   Status st;
   check_cuda(cudaMemcpy(&st, g_.status, sizeof(st), cudaMemcpyDeviceToHost), "cudaMemcpy (status)");
   return st;
+}
+
+HostBridge::HostNeeds HostBridge::needs_by_host(const DeviceGroup& hg, const DispatchArgs& ha,
+                                                bool smooth_scales) const {
+  HostNeeds needs;
+  needs.tokens.resize(static_cast<std::size_t>(transport_.host_count()));
+  needs.smooth.resize(static_cast<std::size_t>(transport_.host_count()));
+  DispatchArgs unweighted = ha;  // weights play no part in where a row goes
+  unweighted.expert_scales = nullptr;
+  std::vector<Target> targets(static_cast<std::size_t>(target_count(hg, ha.k, ha.version)));
+  std::vector<bool> wanted(needs.tokens.size());
+  for (std::int64_t b = 0; b < ha.bs; ++b) {
+    const int count = targets_of(hg, unweighted, b, targets.data());
+    std::fill(wanted.begin(), wanted.end(), false);
+    for (int j = 0; j < count; ++j) {
+      const Target& tg = targets[static_cast<std::size_t>(j)];
+      if (tg.ep < 0) continue;
+      const auto host = static_cast<std::size_t>(transport_.host_of(topo_.global_rank(tg.ep, hg.tp_rank)));
+      wanted[host] = true;
+      if (smooth_scales) needs.smooth[host].insert(tg.smooth_row);
+    }
+    for (std::size_t host = 0; host < wanted.size(); ++host) {
+      if (wanted[host]) needs.tokens[host].push_back(static_cast<std::int32_t>(b));  // once per host
+    }
+  }
+  return needs;
+}
+
+void HostBridge::plan_as(int sender, int version, std::vector<std::int64_t>* block_start,
+                         std::vector<std::int64_t>* tp_shift, std::vector<std::int64_t>* shared_start) const {
+  block_start->assign(static_cast<std::size_t>(topo_.count_record_len()), 0);
+  tp_shift->assign(static_cast<std::size_t>(topo_.W), 0);
+  shared_start->assign(static_cast<std::size_t>(std::max(topo_.S, 1)), 0);
+  std::vector<std::byte*> windows(static_cast<std::size_t>(g_.world), nullptr);
+  windows[static_cast<std::size_t>(g_.me)] = const_cast<std::byte*>(inbox_image_.data());  // read only: the records
+  Status scratch;  // the sender checked its capacities itself; a failure here changes no start
+  DeviceGroup pg = g_;
+  pg.windows = windows.data();
+  pg.status = &scratch;
+  pg.ep_rank = sender / topo_.T;
+  pg.tp_rank = sender % topo_.T;
+  pg.block_start = block_start->data();
+  pg.tp_shift = tp_shift->data();
+  pg.shared_start = shared_start->data();
+  DispatchArgs pa;
+  pa.version = version;
+  pa.capacity_moe = pa.capacity_shared = std::int64_t{1} << 62;
+  for (int d = 0; d < topo_.W; ++d) plan_destination(pg, pa, d);
 }
 
 void HostBridge::exchange_records(cudaStream_t stream) {
@@ -127,6 +191,11 @@ void HostBridge::exchange_records(cudaStream_t stream) {
   traffic_ = {};  // a new call
   for (int r = 0; r < world; ++r)
     traffic_.bytes += transport_.host_of(r) != transport_.host_of(me) ? static_cast<std::int64_t>(each) : 0;
+  // Every rank's record, laid out as in a window's inbox, for planning as a sender (plan_as).
+  inbox_image_.assign(g_.off.inbox + stride * static_cast<std::size_t>(world), std::byte{0});
+  for (int r = 0; r < world; ++r)
+    std::memcpy(inbox_image_.data() + g_.off.inbox + stride * static_cast<std::size_t>(r),
+                all.data() + each * static_cast<std::size_t>(r), stride);
   for (int r = 0; r < world; ++r) {
     if (transport_.host_of(r) == transport_.host_of(me)) continue;
     const std::byte* theirs = all.data() + each * static_cast<std::size_t>(r);
@@ -159,7 +228,8 @@ void HostBridge::carry_rows(const DispatchArgs& a, cudaStream_t stream) {
                "compacting rows");
     check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (rows to other hosts)");
     auto* x_host = reinterpret_cast<std::uint16_t*>(pinned_);
-    auto* es_host = reinterpret_cast<float*>(pinned_ + static_cast<std::size_t>(max_bs_ * h_) * 2);
+    auto* es_host =
+        reinterpret_cast<float*>(pinned_ + contract::align_up(static_cast<std::size_t>(max_bs_ * h_) * 2, 16));
     check_cuda(cudaMemcpy(x_host, x_compact_, static_cast<std::size_t>(a.bs * a.h) * 2, cudaMemcpyDeviceToHost),
                "cudaMemcpy (rows)");
     if (head.has_expert_scales != 0)
@@ -181,35 +251,19 @@ void HostBridge::carry_rows(const DispatchArgs& a, cudaStream_t stream) {
     down(tp_shift, g_.tp_shift);
     down(shared_start, g_.shared_start);
     // Which tokens (and smooth-scale rows) each other host needs: the targets as the kernels find them.
-    DeviceGroup hg = g_;
-    hg.dispatch_ids = ids.data();
-    hg.dispatch_expand_idx = idx.data();
-    hg.token_slot = slot.data();
-    hg.block_start = block_start.data();
-    hg.tp_shift = tp_shift.data();
-    hg.shared_start = shared_start.data();
+    const DeviceGroup hg = routed_as(g_, g_.me, topo_.T, ids, idx, slot, block_start, tp_shift, shared_start);
     DispatchArgs ha = a;
     ha.expert_scales = head.has_expert_scales != 0 ? es_host : nullptr;
     ha.expert_scales_row_stride = a.k;
     ha.expert_scales_col_stride = 1;
     std::vector<RowsContent> content(hosts);
     std::vector<std::set<std::int64_t>> smooth(hosts);
-    std::vector<Target> targets(static_cast<std::size_t>(target_count(hg, a.k, a.version)));
-    for (std::int64_t b = 0; b < a.bs; ++b) {
-      const int count = targets_of(hg, ha, b, targets.data());
-      std::vector<bool> wanted(hosts, false);
-      for (int j = 0; j < count; ++j) {
-        const Target& tg = targets[static_cast<std::size_t>(j)];
-        if (tg.ep < 0) continue;
-        const int slot_of_host =
-            host_slot_[static_cast<std::size_t>(transport_.host_of(topo_.global_rank(tg.ep, topo_.tp_rank)))];
-        if (slot_of_host < 0) continue;  // this host: written already
-        wanted[static_cast<std::size_t>(slot_of_host)] = true;
-        if (head.has_scales != 0) smooth[static_cast<std::size_t>(slot_of_host)].insert(tg.smooth_row);
-      }
-      for (std::size_t i = 0; i < hosts; ++i) {
-        if (wanted[i]) content[i].tokens.push_back(static_cast<std::int32_t>(b));  // once per host
-      }
+    const HostNeeds needs = needs_by_host(hg, ha, head.has_scales != 0);
+    for (int host = 0; host < transport_.host_count(); ++host) {
+      const int i = host_slot_[static_cast<std::size_t>(host)];
+      if (i < 0) continue;  // this host: written already
+      content[static_cast<std::size_t>(i)].tokens = needs.tokens[static_cast<std::size_t>(host)];
+      smooth[static_cast<std::size_t>(i)] = needs.smooth[static_cast<std::size_t>(host)];
     }
     // The smooth-scale rows any host needs, copied once.
     std::set<std::int64_t> all_smooth;
@@ -227,9 +281,6 @@ void HostBridge::carry_rows(const DispatchArgs& a, cudaStream_t stream) {
       c.ids = ids;
       c.expand_idx = idx;
       c.token_slot = slot;
-      c.block_start = block_start;
-      c.tp_shift = tp_shift;
-      c.shared_start = shared_start;
       if (head.has_expert_scales != 0) c.expert_scales = {es_host, static_cast<std::size_t>(n)};
       c.x = {x_host, static_cast<std::size_t>(a.bs * a.h)};
       for (const std::int64_t row : smooth[i]) {
@@ -257,17 +308,52 @@ void HostBridge::carry_rows(const DispatchArgs& a, cudaStream_t stream) {
 void HostBridge::proxy_rows(int sender, const std::vector<std::byte>& message, cudaStream_t stream) {
   std::uint64_t word = rows_message_word(message);
   const bool sender_failed = (word & 1u) != 0;
+  const std::uint64_t seq = read_status().seq;
+  const std::byte* record =
+      inbox_image_.data() + g_.off.inbox + g_.off.record_stride * static_cast<std::size_t>(sender);
+  RecordHeader rec;
+  std::memcpy(&rec, record, sizeof(rec));
+  std::vector<std::int32_t> counts(static_cast<std::size_t>(topo_.count_record_len()));
+  std::memcpy(counts.data(), record + sizeof(RecordHeader), counts.size() * 4);
   RowsMessage m;
-  const bool ok = !sender_failed && read_rows_message(message, limits_, &m);
+  bool ok =
+      !sender_failed && read_rows_message(message, limits_, &m) && rows_agree_with_record(m, rec, counts, seq, limits_);
   const RowsHeader& hd = m.head;
+  std::vector<std::int64_t> block_start, tp_shift, shared_start;
+  std::vector<std::int32_t> ids, idx, slot;
+  if (ok) {
+    // Where the sender's blocks start: planned here from the records, as the sender planned them.
+    plan_as(sender, hd.version, &block_start, &tp_shift, &shared_start);
+    const std::int64_t n = hd.bs * hd.k;
+    ids.resize(static_cast<std::size_t>(n));
+    idx.resize(static_cast<std::size_t>(n));
+    slot.resize(static_cast<std::size_t>(hd.bs));
+    std::memcpy(ids.data(), m.ids, ids.size() * 4);
+    std::memcpy(idx.data(), m.expand_idx, idx.size() * 4);
+    std::memcpy(slot.data(), m.token_slot, slot.size() * 4);
+    // It must bring every row (and smooth-scale row) that has a target on this host, and no other.
+    const DeviceGroup hg = routed_as(g_, sender, topo_.T, ids, idx, slot, block_start, tp_shift, shared_start);
+    DispatchArgs ha;
+    ha.bs = hd.bs;
+    ha.k = hd.k;
+    ha.version = hd.version;
+    const HostNeeds needs = needs_by_host(hg, ha, hd.has_scales != 0);
+    const int here = transport_.host_of(g_.me);
+    std::vector<std::int32_t> brought;
+    for (const auto& row : m.rows) brought.push_back(row.first);
+    std::set<std::int64_t> scales_brought;
+    for (const auto& row : m.scale_rows) scales_brought.insert(row.first);
+    ok = brought == needs.tokens[static_cast<std::size_t>(here)] &&
+         scales_brought == needs.smooth[static_cast<std::size_t>(here)] && scales_brought.size() == m.scale_rows.size();
+  }
   if (ok) {
     const std::int64_t n = hd.bs * hd.k;
-    upload(as_.dispatch_ids, m.ids, static_cast<std::size_t>(n) * 4);
-    upload(as_.dispatch_expand_idx, m.expand_idx, static_cast<std::size_t>(n) * 4);
-    upload(as_.token_slot, m.token_slot, static_cast<std::size_t>(hd.bs) * 4);
-    upload(as_.block_start, m.block_start, static_cast<std::size_t>(topo_.count_record_len()) * 8);
-    upload(as_.tp_shift, m.tp_shift, static_cast<std::size_t>(topo_.W) * 8);
-    upload(as_.shared_start, m.shared_start, static_cast<std::size_t>(std::max(topo_.S, 1)) * 8);
+    upload(as_.dispatch_ids, ids.data(), static_cast<std::size_t>(n) * 4);
+    upload(as_.dispatch_expand_idx, idx.data(), static_cast<std::size_t>(n) * 4);
+    upload(as_.token_slot, slot.data(), static_cast<std::size_t>(hd.bs) * 4);
+    upload(as_.block_start, block_start.data(), block_start.size() * 8);
+    upload(as_.tp_shift, tp_shift.data(), tp_shift.size() * 8);
+    upload(as_.shared_start, shared_start.data(), shared_start.size() * 8);
     if (m.expert_scales != nullptr) upload(es_stage_, m.expert_scales, static_cast<std::size_t>(n) * 4);
     for (const auto& [b, row] : m.rows) upload(x_stage_ + b * h_, row, static_cast<std::size_t>(h_) * 2);
     for (const auto& [r, row] : m.scale_rows) upload(scales_stage_ + r * h_, row, static_cast<std::size_t>(h_) * 4);
@@ -295,8 +381,7 @@ void HostBridge::proxy_rows(int sender, const std::vector<std::byte>& message, c
     a.version = hd.version;
     check_cuda(enqueue_write_rows(as, a, stream), "write_rows (as a proxy)");
   } else if (!sender_failed) {
-    word |= 1u;  // its message broke a rule: the ranks of this host name it as failed
-    if (word == 1u) word = flag_word(read_status().seq, true);
+    word = flag_word(seq, true);  // its message broke a rule: the ranks of this host name it as failed
   }
   check_cuda(enqueue_raise_flags(g_, g_.off.rows_flags, sender, word, stream), "raise_flags (as a proxy)");
   check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (rows from other hosts)");
@@ -307,6 +392,17 @@ void HostBridge::carry_combine_rows(const CombineArgs& a, cudaStream_t stream) {
   check_cuda(enqueue_remote_requests(g_, a, requests_, stream), "listing the rows of other hosts");
   check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (rows from other hosts)");
   const Status st = read_status();
+  // Whether each rank had failed when it signalled its combine flags (a failure of its own, not one it
+  // saw in a peer): on one host the flags carry it; across hosts this all-gather does, so that every rank
+  // of a TP lane names a failed rank of its lane, as on one host.
+  const std::int64_t mine = st.combine_signalled_failed;
+  std::vector<std::int64_t> failed(static_cast<std::size_t>(g_.world), 0);
+  transport_.allgather(&mine, sizeof(mine), failed.data(), "cuda.combine_status");
+  for (int r = 0; r < g_.world; ++r) {
+    const bool elsewhere = transport_.host_of(r) != transport_.host_of(g_.me);
+    traffic_.bytes += elsewhere ? static_cast<std::int64_t>(sizeof(mine)) : 0;
+    if (!elsewhere || r % topo_.T != topo_.tp_rank) failed[static_cast<std::size_t>(r)] = 0;
+  }
   const std::int64_t total = a.bs * g_.remote_slots;
   std::vector<RemoteRequest> all(static_cast<std::size_t>(total));
   if (total > 0)
@@ -333,7 +429,8 @@ void HostBridge::carry_combine_rows(const CombineArgs& a, cudaStream_t stream) {
   std::vector<std::vector<std::byte>> asked(hosts);
   transport_.exchange(out, proxies_, asked, "cuda.combine_requests");
   std::vector<std::vector<std::byte>> replies(hosts);
-  for (std::size_t i = 0; i < hosts; ++i) replies[i] = answer_requests(proxies_[i], asked[i], a.version, stream);
+  for (std::size_t i = 0; i < hosts; ++i)
+    replies[i] = answer_requests(proxies_[i], asked[i], a.version, st.seq, stream);
   out.clear();
   for (std::size_t i = 0; i < hosts; ++i) {
     out.push_back({proxies_[i], replies[i].data(), replies[i].size()});
@@ -346,7 +443,7 @@ void HostBridge::carry_combine_rows(const CombineArgs& a, cudaStream_t stream) {
   const std::size_t pitch = g_.off.combine_pitch;
   std::vector<std::byte> rows(static_cast<std::size_t>(total) * pitch);
   std::vector<std::uint64_t> index(static_cast<std::size_t>(total), 0);
-  std::vector<std::int64_t> counts(static_cast<std::size_t>(topo_.W), 0), failed(static_cast<std::size_t>(g_.world), 0);
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(topo_.W), 0);
   for (std::size_t i = 0; i < hosts; ++i) {
     const auto n = static_cast<std::int64_t>(where[i].size());
     ReplyView reply;
@@ -360,6 +457,8 @@ void HostBridge::carry_combine_rows(const CombineArgs& a, cudaStream_t stream) {
     for (std::int64_t r = 0; r < n; ++r) {
       const auto at = static_cast<std::size_t>(where[i][static_cast<std::size_t>(r)]);
       std::memcpy(&index[at], entries + 8 * r, 8);
+      if (a.version != 2 && index[at] != 1)
+        failed[static_cast<std::size_t>(proxies_[i])] = 1;  // V1: a row it did not find
       std::memcpy(rows.data() + at * pitch, their_rows + static_cast<std::size_t>(r) * pitch, pitch);
     }
     for (int d = 0; d < topo_.W; ++d) {
@@ -374,13 +473,14 @@ void HostBridge::carry_combine_rows(const CombineArgs& a, cudaStream_t stream) {
 }
 
 // As source's proxy: the rows its requests name, from this host's holders (checked by the kernel),
-// with the holders' index entries and counts of the source's rows; failed when this rank has failed
-// or the request message breaks a rule.
+// with the holders' index entries and counts of the source's rows.
 std::vector<std::byte> HostBridge::answer_requests(int source, const std::vector<std::byte>& message, int version,
-                                                   cudaStream_t stream) {
+                                                   std::uint64_t seq, cudaStream_t stream) {
   std::int64_t n = 0;
-  const std::byte* requests = read_requests(message, max_bs_ * g_.remote_slots, &n);
-  const bool ok = requests != nullptr && read_status().code == 0;
+  const std::byte* requests = read_requests(message, max_bs_ * g_.remote_slots, seq, &n);
+  // A failure of this rank or of a holder reaches the source through the combine all-gather, naming the
+  // rank that failed; the answer fails only for a request message that breaks a rule.
+  const bool ok = requests != nullptr;
   if (!ok) n = 0;
   const std::size_t pitch = g_.off.combine_pitch;
   std::vector<std::byte> reply;

@@ -11,7 +11,8 @@
 //             slot, looked up in the holder's index); they send the rows as staged (not partial sums),
 //             and the reduce reads them from remote_rows in top-k order.
 //
-// Everything a peer sends is checked before it is used as a size or an index. A message that breaks a
+// Everything a peer sends is checked (bridge_messages.h; against the sender's record; the proxy plans
+// the sender's block starts itself) before it is used as a size or an index. A message that breaks a
 // rule makes its sender count as failed: its flags carry the failed bit and the ranks name it.
 // The host waits for the stream between the steps, so such calls cannot be captured in a CUDA graph.
 #pragma once
@@ -20,6 +21,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <set>
 #include <vector>
 
 #include "contract/layout.h"
@@ -55,9 +57,20 @@ class HostBridge {
   template <class T>
   T* device_array(std::int64_t n);
   Status read_status() const;
+  // Per host: the tokens of a sender (hg, ha: its routing state) with a target there, ascending, and the
+  // smooth-scale rows those targets need.
+  struct HostNeeds {
+    std::vector<std::vector<std::int32_t>> tokens;
+    std::vector<std::set<std::int64_t>> smooth;
+  };
+  HostNeeds needs_by_host(const DeviceGroup& hg, const DispatchArgs& ha, bool smooth_scales) const;
+  // Where rank `sender`'s blocks start on every rank (plan_destination on this call's records, as the
+  // sender planned them).
+  void plan_as(int sender, int version, std::vector<std::int64_t>* block_start, std::vector<std::int64_t>* tp_shift,
+               std::vector<std::int64_t>* shared_start) const;
   void proxy_rows(int sender, const std::vector<std::byte>& message, cudaStream_t stream);
   std::vector<std::byte> answer_requests(int source, const std::vector<std::byte>& message, int version,
-                                         cudaStream_t stream);
+                                         std::uint64_t seq, cudaStream_t stream);
 
   Transport& transport_;
   DeviceGroup& g_;
@@ -69,6 +82,7 @@ class HostBridge {
   std::vector<int> proxies_;    // per other host, its rank with this rank's local index (both ways)
   std::vector<int> host_slot_;  // per host, its place in proxies_ (-1: this rank's host)
   std::vector<void*> allocations_;
+  std::vector<std::byte> inbox_image_;  // this call's records of every rank, at the inbox's offset
   CudaHostTraffic traffic_;
   std::byte* pinned_ = nullptr;  // outgoing messages, grown on demand
   std::size_t pinned_bytes_ = 0;

@@ -389,10 +389,20 @@ __global__ void __launch_bounds__(1024, 2) write_rows(DeviceGroup g, DispatchArg
   __threadfence_system();
 }
 
+// Whether this rank had failed when the block began, read once for all its threads: a thread that read
+// it after another thread saw a peer's failure while waiting would signal that failure as this rank's
+// own, and its peers would name this rank instead of the one that failed.
+__device__ bool failed_before_waiting(const DeviceGroup& g) {
+  __shared__ int failed;
+  if (threadIdx.x == 0) failed = status_failed(g.status) ? 1 : 0;
+  __syncthreads();
+  return failed != 0;
+}
+
 // Signals "my rows of this call are written" to every rank, then waits for every rank's rows.
 __global__ void finish_dispatch(DeviceGroup g, PerfOut perf) {
   const std::uint64_t seq = status_seq(g.status);
-  const bool failed = status_failed(g.status);
+  const bool failed = failed_before_waiting(g);
   __threadfence_system();
   for (int r = threadIdx.x; r < g.world; r += blockDim.x) {
     if (on_this_host(g, r)) store_release(flag_at(g, r, g.off.rows_flags, g.me), flag_word(seq, failed));
@@ -480,12 +490,13 @@ __global__ void __launch_bounds__(1024) stage_rows(DeviceGroup g, CombineArgs a)
 // Signals "my rows are staged" to the ranks of this EP group, then waits for all of them.
 __global__ void exchange_combine_flags(DeviceGroup g, PerfOut perf) {
   const std::uint64_t seq = status_seq(g.status);
-  const bool failed = status_failed(g.status);
+  const bool failed = failed_before_waiting(g);
   __threadfence_system();
   for (int d = threadIdx.x; d < g.W; d += blockDim.x) {
     const int r = global_rank(g, d, g.tp_rank);
     if (on_this_host(g, r)) store_release(flag_at(g, r, g.off.combine_flags, g.me), flag_word(seq, failed));
   }
+  if (threadIdx.x == 0) g.status->combine_signalled_failed = failed ? 1 : 0;  // for the ranks of other hosts
   // Rows of other hosts' ranks come through their proxies after this exchange (remote_rows).
   const std::uint64_t start = global_timer_ns();
   for (int d = threadIdx.x; d < g.W; d += blockDim.x) {
@@ -653,10 +664,11 @@ __global__ void raise_flags(DeviceGroup g, std::size_t region, int slot, std::ui
 }
 
 // A source rank, after the combine flags: what each (token, slot) asks of another host.
+// After a failure of this call (or of the group) nothing is asked: the ids may be the bad ones.
 __global__ void list_remote_requests(DeviceGroup g, CombineArgs a, RemoteRequest* out) {
   const std::int64_t i = thread_index();
   if (i >= a.bs * g.remote_slots) return;
-  out[i] = remote_request_of(g, a, i / g.remote_slots, i % g.remote_slots);
+  out[i] = status_failed(g.status) ? RemoteRequest{} : remote_request_of(g, a, i / g.remote_slots, i % g.remote_slots);
 }
 
 // A proxy: block i copies the row request i names (zeros when it names none) and its index entry; the
@@ -664,15 +676,16 @@ __global__ void list_remote_requests(DeviceGroup g, CombineArgs a, RemoteRequest
 __global__ void gather_requested_rows(DeviceGroup g, const RemoteRequest* requests, std::int64_t n, int version, int source_ep,
                                       std::byte* rows, std::uint64_t* entries, std::int64_t* counts) {
   const std::uint64_t seq = status_seq(g.status);
-  if (blockIdx.x == 0 && version == 2 && source_ep >= 0 && source_ep < g.W) {
+  if (blockIdx.x == 0) {
     for (int d = threadIdx.x; d < g.W; d += blockDim.x) {
       const int holder = global_rank(g, d, g.tp_rank);
-      counts[d] = on_this_host(g, holder) ? index_counts_of(g, holder)[source_ep] : 0;
+      const bool counted = version == 2 && source_ep >= 0 && source_ep < g.W && on_this_host(g, holder);
+      counts[d] = counted ? index_counts_of(g, holder)[source_ep] : 0;
     }
   }
   for (std::int64_t i = blockIdx.x; i < n; i += gridDim.x) {
     std::uint64_t entry = 0;
-    const std::byte* from = requested_row(g, requests[i], version, seq, &entry);
+    const std::byte* from = requested_row(g, requests[i], version, seq, source_ep, &entry);
     if (threadIdx.x == 0) entries[i] = entry;
     std::byte* to = rows + static_cast<std::size_t>(i) * g.off.combine_pitch;
     for (std::size_t u = threadIdx.x; u < g.off.combine_pitch; u += blockDim.x) to[u] = from != nullptr ? from[u] : std::byte{0};

@@ -863,12 +863,12 @@ MOEDIST_HD RemoteRequest remote_request_of(const DeviceGroup& g, const CombineAr
   if (a.version == 2) {
     if (slot >= a.k + g.Sn) return q;
     const int d = holder_of_slot(g, a, b, slot);
-    if (d < 0 || on_this_host(g, global_rank(g, d, g.tp_rank))) return q;
+    if (d < 0 || d >= g.W || on_this_host(g, global_rank(g, d, g.tp_rank))) return q;
     q.holder = global_rank(g, d, g.tp_rank);
   } else {
     if (slot >= target_count(g, a.k, 1)) return q;
     const Target tg = call_target(g, a, b, slot);
-    if (on_this_host(g, global_rank(g, tg.ep, g.tp_rank))) return q;
+    if (tg.ep < 0 || tg.ep >= g.W || on_this_host(g, global_rank(g, tg.ep, g.tp_rank))) return q;
     q.holder = global_rank(g, tg.ep, g.tp_rank);
     q.row = tg.row;
   }
@@ -878,13 +878,14 @@ MOEDIST_HD RemoteRequest remote_request_of(const DeviceGroup& g, const CombineAr
   return q;
 }
 
-// A proxy answering request q (sent by another host: every field is checked before it forms an
-// address): the staged row it names, or nullptr when it names none (a V2 slot the holder's index has
-// no row of call `seq` for: *entry says so, and the source reports the missing row). *entry is the
-// holder's index entry (V2), 0 for V1.
+// A proxy answering request q of EP rank `source_ep` (sent by another host: every field is checked before
+// it forms an address): the staged row it names, or nullptr when it names none. *entry is the holder's
+// index entry for V2 (for a slot the holder has no row of call `seq` for, a tag of another call: the
+// source reports the missing row), and for V1 1 when the row is there, 0 when not.
 MOEDIST_HD const std::byte* requested_row(const DeviceGroup& g, const RemoteRequest& q, int version, std::uint64_t seq,
-                                          std::uint64_t* entry) {
+                                          int source_ep, std::uint64_t* entry) {
   *entry = 0;
+  if (q.source_ep != source_ep) return nullptr;  // a source asks for its own rows only
   // A holder of this host and of this rank's TP lane: the ones whose combine flags this rank waited for.
   if (q.holder < 0 || q.holder >= g.world || q.holder % g.T != g.tp_rank || !on_this_host(g, q.holder)) return nullptr;
   std::int64_t row = q.row;
@@ -897,6 +898,7 @@ MOEDIST_HD const std::byte* requested_row(const DeviceGroup& g, const RemoteRequ
     row = static_cast<std::int64_t>(*entry & 0xffffffffu);
   }
   if (row < 0 || row >= g.off.receive_rows) return nullptr;
+  if (version != 2) *entry = 1;
   return g.windows[q.holder] + g.off.combine_rows + static_cast<std::size_t>(row) * g.off.combine_pitch;
 }
 

@@ -642,6 +642,44 @@ long run_mpi_error_cases(int me, int size, std::chrono::milliseconds timeout) {
     }
     expect(seen, me == last ? "absent" : "peer " + std::to_string(last) + " timeout", "the last rank absent");
   }
+  {
+    // The last rank's combine names other ids than its dispatch: it names the entry, and every other rank
+    // names it (on one host through the combine flags, across hosts through the bridge's all-gather).
+    o.wait.timeout = timeout;
+    auto group = cuda::join_mpi(MPI_COMM_WORLD, mt::rank_config(c, me), o);
+    DeviceTensor dx, dids, other_ids, weights;
+    dx.allocate(in.x, 0, 1);
+    dx.upload(in.x);
+    dids.allocate(in.expert_ids, 0, 1);
+    dids.upload(in.expert_ids);
+    Tensor changed = mt::copy_rows(in.expert_ids.view(), in.expert_ids.rows());
+    if (me == last && changed.numel() > 0)
+      changed.data<std::int32_t>()[0] = (changed.data<std::int32_t>()[0] + 1) % c.moe_expert_num;
+    other_ids.allocate(changed, 0, 1);
+    other_ids.upload(changed);
+    Tensor ones(DType::fp32, in.x.rows(), k);
+    std::fill_n(ones.data<float>(), ones.numel(), 1.0f);
+    weights.allocate(ones, 0, 1);
+    weights.upload(ones);
+    std::string seen;
+    try {
+      const cuda::CudaDispatchResult d = group->dispatch(dx.view(2), dids.view(2), {}, nullptr);
+      group->combine(d.expand_x, other_ids.view(2), d.expand_idx, d.ep_recv_counts, weights.view(2), {}, nullptr);
+      group->synchronize(nullptr);
+      seen = "no error";
+    } catch (const ValidationError& e) {
+      seen = "validation";
+    } catch (const PeerError& e) {
+      seen = peer_and_code(e);
+    }
+    const bool differs = in.expert_ids.numel() > 0;  // a rank without tokens has no id to change
+    expect(seen,
+           me == last ? (differs ? "validation" : "no error")
+                      : (c.ranks[static_cast<std::size_t>(last)].expert_ids.numel() > 0
+                             ? "peer " + std::to_string(last) + " peer_failed"
+                             : "no error"),
+           "the last rank's combine differs from its dispatch");
+  }
   return failures;
 }
 
