@@ -93,7 +93,7 @@ struct CudaGroup::State {
   GroupConfig config;
   CudaGroupOptions options;
   contract::Topology topo;
-  std::unique_ptr<Transport> bootstrap;  // kept until destruction: the last barrier before freeing
+  std::unique_ptr<Transport> bootstrap;      // kept until destruction: the last barrier before freeing
   std::unique_ptr<cuda::HostBridge> bridge;  // a group across hosts: what crosses them (null on one host)
   cuda::WindowOffsets off;
   cuda::DeviceGroup dev;

@@ -144,7 +144,7 @@ struct Mode {
   // --plant-fault: one bit of each rank's downloaded output flipped before the comparison, so a run
   // shows that the comparison sees a wrong bit (every case must then fail).
   bool plant_fault = false;
-  bool over_mpi = false;  // --mpi: the ranks are MPI_COMM_WORLD's and join with cuda::join_mpi
+  bool over_mpi = false;   // --mpi: the ranks are MPI_COMM_WORLD's and join with cuda::join_mpi
   int ranks_per_host = 0;  // --mpi on virtual hosts of this many ranks (global rank g on host g / it)
 };
 
