@@ -325,12 +325,13 @@ void HostBridge::proxy_rows(int sender, const std::vector<std::byte>& message, c
     // Where the sender's blocks start: planned here from the records, as the sender planned them.
     plan_as(sender, hd.version, &block_start, &tp_shift, &shared_start);
     const std::int64_t n = hd.bs * hd.k;
-    ids.resize(static_cast<std::size_t>(n));
-    idx.resize(static_cast<std::size_t>(n));
-    slot.resize(static_cast<std::size_t>(hd.bs));
-    std::memcpy(ids.data(), m.ids, ids.size() * 4);
-    std::memcpy(idx.data(), m.expand_idx, idx.size() * 4);
-    std::memcpy(slot.data(), m.token_slot, slot.size() * 4);
+    const auto take = [](std::vector<std::int32_t>& to, const std::byte* from, std::int64_t count) {
+      to.resize(static_cast<std::size_t>(count));
+      if (count > 0) std::memcpy(to.data(), from, to.size() * 4);  // (an empty vector's data() may be null)
+    };
+    take(ids, m.ids, n);
+    take(idx, m.expand_idx, n);
+    take(slot, m.token_slot, hd.bs);
     // It must bring every row (and smooth-scale row) that has a target on this host, and no other.
     const DeviceGroup hg = routed_as(g_, sender, topo_.T, ids, idx, slot, block_start, tp_shift, shared_start);
     DispatchArgs ha;
