@@ -235,18 +235,18 @@ TEST(CudaBridgeMessages, RequestsAndRepliesAreCheckedForSize) {
 
   const std::size_t pitch = 16;
   const int W = 4;
-  const auto reply = [&](std::int64_t failed, std::int64_t count, std::size_t body) {
-    std::vector<std::byte> r(sizeof(ReplyHeader) + body);
-    const ReplyHeader hd{failed, count};
-    std::memcpy(r.data(), &hd, sizeof(hd));
+  const auto reply = [&](bool failed, std::int64_t count, std::size_t body) {
+    std::vector<std::byte> r;
+    write_reply_header(r, failed, count);
+    r.resize(r.size() + body);
     return r;
   };
   ReplyView view;
-  EXPECT_TRUE(read_reply(reply(0, 2, 2 * (8 + pitch) + W * 8), 2, W, pitch, &view));
+  EXPECT_TRUE(read_reply(reply(false, 2, 2 * (8 + pitch) + W * 8), 2, W, pitch, &view));
   EXPECT_EQ(view.rows - view.entries, static_cast<std::ptrdiff_t>(2 * 8 + W * 8));
-  EXPECT_FALSE(read_reply(reply(1, 0, 0), 2, W, pitch, &view)) << "a failed proxy";
-  EXPECT_FALSE(read_reply(reply(0, 1, 1 * (8 + pitch) + W * 8), 2, W, pitch, &view)) << "fewer rows than asked";
-  EXPECT_FALSE(read_reply(reply(0, 2, 2 * (8 + pitch) + W * 8 + 1), 2, W, pitch, &view)) << "a byte too many";
+  EXPECT_FALSE(read_reply(reply(true, 0, 0), 2, W, pitch, &view)) << "a failed proxy";
+  EXPECT_FALSE(read_reply(reply(false, 1, 1 * (8 + pitch) + W * 8), 2, W, pitch, &view)) << "fewer rows than asked";
+  EXPECT_FALSE(read_reply(reply(false, 2, 2 * (8 + pitch) + W * 8 + 1), 2, W, pitch, &view)) << "a byte too many";
 }
 
 }  // namespace

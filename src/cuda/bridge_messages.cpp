@@ -135,6 +135,10 @@ const std::byte* read_requests(const std::vector<std::byte>& message, std::int64
   return in.take(in.left());
 }
 
+void write_reply_header(std::vector<std::byte>& m, bool failed, std::int64_t n) {
+  put(m, ReplyHeader{failed ? 1 : 0, n});
+}
+
 bool read_reply(const std::vector<std::byte>& message, std::int64_t n, int W, std::size_t pitch, ReplyView* out) {
   MessageReader in(message);
   ReplyHeader hd;

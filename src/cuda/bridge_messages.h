@@ -88,6 +88,8 @@ struct ReplyView {
   const std::byte* counts = nullptr;
   const std::byte* rows = nullptr;
 };
+// Begins an answer to n requests (failed: the request message broke a rule; nothing may follow).
+void write_reply_header(std::vector<std::byte>& message, bool failed, std::int64_t n);
 // Whether `message` answers n requests in full and without a failure, for a group of W EP ranks.
 bool read_reply(const std::vector<std::byte>& message, std::int64_t n, int W, std::size_t pitch, ReplyView* out);
 

@@ -24,10 +24,6 @@ void copy_out(std::vector<std::byte>& message, const T* device, std::int64_t n) 
                         sizeof(T) * static_cast<std::size_t>(n), cudaMemcpyDeviceToHost),
              "cudaMemcpy (a message to another host)");
 }
-template <class T>
-void put(std::vector<std::byte>& message, const T& value) {
-  std::memcpy(append(message, sizeof(T)), &value, sizeof(T));
-}
 // The DeviceGroup through which protocol.h sees a sender's routing state held on the host.
 DeviceGroup routed_as(DeviceGroup g, int sender, int T, std::vector<std::int32_t>& ids, std::vector<std::int32_t>& idx,
                       std::vector<std::int32_t>& slot, std::vector<std::int64_t>& block_start,
@@ -61,9 +57,13 @@ T* HostBridge::device_array(std::int64_t n) {
 
 HostBridge::HostBridge(Transport& transport, DeviceGroup& group, const contract::Topology& topo, std::int64_t max_bs,
                        std::int64_t k, std::int64_t h, std::byte* window)
-    : transport_(transport), g_(group), topo_(topo), max_bs_(max_bs), k_(k), h_(h), window_(window) {
-  scale_rows_ = topo.E + std::max(1, topo.Sn);
-  limits_ = BridgeLimits{max_bs, k, h, scale_rows_, topo.E, topo.S, topo.L};
+    : transport_(transport),
+      g_(group),
+      topo_(topo),
+      max_bs_(max_bs),
+      h_(h),
+      window_(window),
+      limits_{max_bs, k, h, topo.E + std::max(1, topo.Sn), topo.E, topo.S, topo.L} {
   const int world = transport.size(), me = transport.rank();
   std::vector<int> local_index(static_cast<std::size_t>(world));
   std::vector<int> seen(static_cast<std::size_t>(transport.host_count()), 0);
@@ -100,18 +100,20 @@ HostBridge::HostBridge(Transport& transport, DeviceGroup& group, const contract:
   as_.status = device_array<Status>(1);
   x_stage_ = device_array<std::uint16_t>(max_bs * h);
   es_stage_ = device_array<float>(max_bs * k);
-  scales_stage_ = device_array<float>(scale_rows_ * h);
+  scales_stage_ = device_array<float>(limits_.scale_rows * h);
   requests_ = device_array<RemoteRequest>(entries);
   proxy_requests_ = device_array<RemoteRequest>(entries);
   gathered_rows_ = device_array<std::byte>(contract::sat_mul(entries, pitch));
   gathered_entries_ = device_array<std::uint64_t>(entries);
   gathered_counts_ = device_array<std::int64_t>(topo.W);
   void* pinned = nullptr;
-  pinned_bytes_ =
-      contract::align_up(static_cast<std::size_t>(max_bs * h) * 2, 16) + static_cast<std::size_t>(max_bs * k) * 4;
-  check_cuda(cudaHostAlloc(&pinned, std::max<std::size_t>(pinned_bytes_, 1), cudaHostAllocDefault),
+  const std::size_t x_bytes = contract::align_up(static_cast<std::size_t>(max_bs * h) * 2, 16);
+  check_cuda(cudaHostAlloc(&pinned, std::max<std::size_t>(x_bytes + static_cast<std::size_t>(max_bs * k) * 4, 1),
+                           cudaHostAllocDefault),
              "cudaHostAlloc (rows between hosts)");
   pinned_ = static_cast<std::byte*>(pinned);
+  x_pinned_ = reinterpret_cast<std::uint16_t*>(pinned_);
+  es_pinned_ = reinterpret_cast<float*>(pinned_ + x_bytes);
 }
 
 HostBridge::~HostBridge() {
@@ -174,6 +176,18 @@ void HostBridge::plan_as(int sender, int version, std::vector<std::int64_t>* blo
   for (int d = 0; d < topo_.W; ++d) plan_destination(pg, pa, d);
 }
 
+std::vector<std::vector<std::byte>> HostBridge::exchange_with_proxies(
+    const std::vector<std::vector<std::byte>>& messages, std::string_view phase) {
+  std::vector<Transport::Outgoing> out;
+  for (std::size_t i = 0; i < proxies_.size(); ++i) {
+    out.push_back({proxies_[i], messages[i].data(), messages[i].size()});
+    traffic_.bytes += static_cast<std::int64_t>(messages[i].size());
+  }
+  std::vector<std::vector<std::byte>> in(proxies_.size());
+  transport_.exchange(out, proxies_, in, phase);
+  return in;
+}
+
 void HostBridge::exchange_records(cudaStream_t stream) {
   check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (records to other hosts)");
   const int world = g_.world, me = g_.me;
@@ -227,9 +241,8 @@ void HostBridge::carry_rows(const DispatchArgs& a, cudaStream_t stream) {
     check_cuda(enqueue_compact_inputs(a, x_compact_, head.has_expert_scales != 0 ? es_compact_ : nullptr, stream),
                "compacting rows");
     check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (rows to other hosts)");
-    auto* x_host = reinterpret_cast<std::uint16_t*>(pinned_);
-    auto* es_host =
-        reinterpret_cast<float*>(pinned_ + contract::align_up(static_cast<std::size_t>(max_bs_ * h_) * 2, 16));
+    std::uint16_t* x_host = x_pinned_;
+    float* es_host = es_pinned_;
     check_cuda(cudaMemcpy(x_host, x_compact_, static_cast<std::size_t>(a.bs * a.h) * 2, cudaMemcpyDeviceToHost),
                "cudaMemcpy (rows)");
     if (head.has_expert_scales != 0)
@@ -292,13 +305,7 @@ void HostBridge::carry_rows(const DispatchArgs& a, cudaStream_t stream) {
       write_rows_message(messages[i], head, c, limits_);
     }
   }
-  std::vector<Transport::Outgoing> out;
-  for (std::size_t i = 0; i < hosts; ++i) {
-    out.push_back({proxies_[i], messages[i].data(), messages[i].size()});
-    traffic_.bytes += static_cast<std::int64_t>(messages[i].size());
-  }
-  std::vector<std::vector<std::byte>> in(hosts);
-  transport_.exchange(out, proxies_, in, "cuda.rows");
+  const std::vector<std::vector<std::byte>> in = exchange_with_proxies(messages, "cuda.rows");
   for (std::size_t i = 0; i < hosts; ++i) proxy_rows(proxies_[i], in[i], stream);
 }
 
@@ -422,23 +429,11 @@ void HostBridge::carry_combine_rows(const CombineArgs& a, cudaStream_t stream) {
   }
   std::vector<std::vector<std::byte>> requests(hosts);
   for (std::size_t i = 0; i < hosts; ++i) write_requests(requests[i], st.seq, lists[i]);
-  std::vector<Transport::Outgoing> out;
-  for (std::size_t i = 0; i < hosts; ++i) {
-    out.push_back({proxies_[i], requests[i].data(), requests[i].size()});
-    traffic_.bytes += static_cast<std::int64_t>(requests[i].size());
-  }
-  std::vector<std::vector<std::byte>> asked(hosts);
-  transport_.exchange(out, proxies_, asked, "cuda.combine_requests");
+  const std::vector<std::vector<std::byte>> asked = exchange_with_proxies(requests, "cuda.combine_requests");
   std::vector<std::vector<std::byte>> replies(hosts);
   for (std::size_t i = 0; i < hosts; ++i)
     replies[i] = answer_requests(proxies_[i], asked[i], a.version, st.seq, stream);
-  out.clear();
-  for (std::size_t i = 0; i < hosts; ++i) {
-    out.push_back({proxies_[i], replies[i].data(), replies[i].size()});
-    traffic_.bytes += static_cast<std::int64_t>(replies[i].size());
-  }
-  std::vector<std::vector<std::byte>> answers(hosts);
-  transport_.exchange(out, proxies_, answers, "cuda.combine_rows");
+  const std::vector<std::vector<std::byte>> answers = exchange_with_proxies(replies, "cuda.combine_rows");
 
   // The answers into remote_rows, remote_index, remote_counts and remote_failed, each in one copy.
   const std::size_t pitch = g_.off.combine_pitch;
@@ -485,7 +480,7 @@ std::vector<std::byte> HostBridge::answer_requests(int source, const std::vector
   if (!ok) n = 0;
   const std::size_t pitch = g_.off.combine_pitch;
   std::vector<std::byte> reply;
-  put(reply, ReplyHeader{ok ? 0 : 1, n});
+  write_reply_header(reply, !ok, n);
   if (!ok) return reply;
   upload(proxy_requests_, requests, static_cast<std::size_t>(n) * sizeof(RemoteRequest));
   check_cuda(enqueue_gather_requested_rows(g_, proxy_requests_, n, version, source / topo_.T, gathered_rows_,

@@ -22,6 +22,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <set>
+#include <string_view>
 #include <vector>
 
 #include "contract/layout.h"
@@ -68,6 +69,9 @@ class HostBridge {
   // sender planned them).
   void plan_as(int sender, int version, std::vector<std::int64_t>* block_start, std::vector<std::int64_t>* tp_shift,
                std::vector<std::int64_t>* shared_start) const;
+  // One round with the proxies: messages[i] to proxies_[i] (counted in traffic_), and theirs back.
+  std::vector<std::vector<std::byte>> exchange_with_proxies(const std::vector<std::vector<std::byte>>& messages,
+                                                            std::string_view phase);
   void proxy_rows(int sender, const std::vector<std::byte>& message, cudaStream_t stream);
   std::vector<std::byte> answer_requests(int source, const std::vector<std::byte>& message, int version,
                                          std::uint64_t seq, cudaStream_t stream);
@@ -75,17 +79,18 @@ class HostBridge {
   Transport& transport_;
   DeviceGroup& g_;
   contract::Topology topo_;
-  std::int64_t max_bs_, k_, h_;
+  std::int64_t max_bs_, h_;
   std::byte* window_;
-  std::int64_t scale_rows_;     // rows of a `scales` argument the group allows: E + max(1, Sn)
   BridgeLimits limits_;         // what a message from another host is checked against
   std::vector<int> proxies_;    // per other host, its rank with this rank's local index (both ways)
   std::vector<int> host_slot_;  // per host, its place in proxies_ (-1: this rank's host)
   std::vector<void*> allocations_;
   std::vector<std::byte> inbox_image_;  // this call's records of every rank, at the inbox's offset
   CudaHostTraffic traffic_;
-  std::byte* pinned_ = nullptr;  // outgoing messages, grown on demand
-  std::size_t pinned_bytes_ = 0;
+  // A sender's compacted x and expert_scales on their way out, in one pinned allocation.
+  std::byte* pinned_ = nullptr;
+  std::uint16_t* x_pinned_ = nullptr;
+  float* es_pinned_ = nullptr;
   // A sender's inputs, compacted.
   std::uint16_t* x_compact_ = nullptr;
   float* es_compact_ = nullptr;
