@@ -577,7 +577,7 @@ int run_oracle_cases(int cases, int v2_cases, std::uint64_t seed, bool small, bo
 // another host than rank 0, and its failure reaches rank 0 through the bridge): a bad id on the last
 // rank (it names the id; every other rank names it, peer_failed), then the last rank absent from a call
 // (every other rank names it, timeout). Returns the failures this rank saw.
-long run_mpi_error_cases(int me, int size, std::chrono::milliseconds timeout) {
+long run_mpi_error_cases(int me, int size, int hosts, std::chrono::milliseconds timeout) {
   std::mt19937_64 rng(78);
   const casefile::Case c = mt::uniform_case(rng, size, 32, 2);
   const std::int64_t k = c.ranks[0].expert_ids.cols();
@@ -636,6 +636,20 @@ long run_mpi_error_cases(int me, int size, std::chrono::milliseconds timeout) {
         seen = peer_and_code(e);
       } catch (const Error& e) {
         seen = std::string("other error: ") + e.what();
+      }
+      // The group stays failed: the next call is refused with what broke it (across hosts, the host's
+      // exchange left the group out of step; on one host, the GPU's status).
+      std::string again = "accepted";
+      try {
+        group->dispatch(dx.view(2), dids.view(2), {}, nullptr);
+      } catch (const Error& e) {
+        again = e.what();
+      }
+      const std::string why = hosts > 1 ? "a call across hosts failed" : "did not arrive within";
+      if (again.find(why) == std::string::npos || (hosts > 1 && again.find("unusable") == std::string::npos)) {
+        ++failures;
+        std::printf("FAIL the call after the absent rank's timeout, rank %d: got \"%s\", want \"%s\"\n", me,
+                    again.c_str(), why.c_str());
       }
     } else {
       std::this_thread::sleep_for(std::chrono::milliseconds(4000));
@@ -729,7 +743,7 @@ int run_mpi_cases(int cases, int v2_cases, std::uint64_t seed, std::chrono::mill
     }
   }
 
-  failures += run_mpi_error_cases(me, size, timeout);
+  failures += run_mpi_error_cases(me, size, hosts, timeout);
 
   // The refusals: every rank gets the same typed error.
   GroupConfig config;
@@ -778,6 +792,9 @@ int run_mpi_cases(int cases, int v2_cases, std::uint64_t seed, std::chrono::mill
   expect(
       "a communicator of the wrong size", [&] { cuda::join_mpi(MPI_COMM_WORLD, larger, options); },
       ErrorCode::config_mismatch, "must equal the size of comm");
+  expect(
+      "a negative ranks_per_node", [&] { cuda::join_mpi(MPI_COMM_WORLD, config, options, -1); },
+      ErrorCode::invalid_argument, "ranks_per_node = -1: must be >= 0");
 
   long totals[3] = {failures, checked, node_aware_checks}, sums[3] = {0, 0, 0};
   MPI_Allreduce(totals, sums, 3, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);  // every rank exits with the verdict
